@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The whole pipeline on a built-in default that needs no download (called by `make demo`):
+# synthetic person images + backgrounds + a random-weight PATH-B checkpoint in the released
+# layout -> FFCV -> teacher cache (Zarr) -> verify/info -> student training -> export -> reload.
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+OUT=${DEMO_DIR:-demo_out}
+mkdir -p "$OUT"
+step() { printf '\n=== %s\n' "$*"; }
+
+step "1/7 built-in inputs: synthetic persons, backgrounds, random PATH-B checkpoint"
+"$PY" -m cache_teacher demo-data "$OUT/inputs"
+
+step "2/7 pack images and backgrounds into FFCV"
+"$PY" -m cache_teacher pack "$OUT/inputs/persons" "$OUT/persons.beton"
+"$PY" -m cache_teacher pack "$OUT/inputs/backgrounds" "$OUT/backgrounds.beton"
+
+step "3/7 picture of what teacher and student see"
+"$PY" -m cache_teacher.views_cli grid --images "$OUT/persons.beton" --backgrounds "$OUT/backgrounds.beton" --out "$OUT/views.png"
+
+step "4/7 run the teacher once, write the target store"
+"$PY" -m cache_teacher run --teacher path-b --weights "$OUT/inputs/path-b.pth" \
+  --images "$OUT/persons.beton" --backgrounds "$OUT/backgrounds.beton" \
+  --views-per-image 2 --out "$OUT/targets.zarr"
+
+step "5/7 verify and describe the store"
+"$PY" -m cache_teacher verify "$OUT/targets.zarr" --weights "$OUT/inputs/path-b.pth"
+"$PY" -m cache_teacher info "$OUT/targets.zarr"
+
+step "6/7 train the default student (path-b_vit-ti) from the cache"
+"$PY" -m train_student --recipe path-b_vit-ti --store "$OUT/targets.zarr" \
+  --images "$OUT/persons.beton" --backgrounds "$OUT/backgrounds.beton" --out "$OUT/run" \
+  --batch-size 4 --max-steps 200
+
+step "7/7 reload the exported student through timm"
+"$PY" - "$OUT/run" <<'PYEOF'
+import sys, pathlib, torch
+from dpal.students import load_student
+run = pathlib.Path(sys.argv[1])
+for name in ("student", "student_ema"):
+    model = load_student(run / name)
+    with torch.no_grad():
+        out = model.forward_features(torch.randn(1, 3, 256, 128))
+    print(f"{name}: {type(model).__name__}, {sum(p.numel() for p in model.parameters())/1e6:.2f}M params, features {tuple(out.shape)}")
+PYEOF
+printf '\nDemo finished. Outputs in %s (views.png, targets.zarr, run/ with loss plot and exports).\n' "$OUT"
