@@ -1,0 +1,100 @@
+"""DPAL losses (spec section 6) and the relation matrix the teacher targets are made of.
+
+`relation_kl_reference` is the plain-PyTorch reference the fused Triton relation loss must match;
+callers go through `dpal.dispatch.relation_kl`, which picks the kernel where one applies.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dpal.config import OptimConfig
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    # Softmax over 257 logits loses too much in bf16/fp16; float64 inputs stay float64 (tests).
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def relation_logits(tokens: torch.Tensor) -> torch.Tensor:
+    """Scaled token similarities F F^T / sqrt(D) of tokens [B,N,D] -> [B,N,N] (float32 or float64)."""
+    tokens = _at_least_float32(tokens)
+    return tokens @ tokens.transpose(-1, -2) / math.sqrt(tokens.shape[-1])
+
+
+def relation_matrix(tokens: torch.Tensor) -> torch.Tensor:
+    """Row-stochastic token relation softmax(F F^T / sqrt(D)) of tokens [B,N,D] -> [B,N,N]."""
+    return relation_logits(tokens).softmax(dim=-1)
+
+
+def dequantize_rows(target: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A stored target -> float (float32 at least): float16/32/64 as is, int8 q with a scale per row
+    (per last-axis vector, shape target.shape[:-1]) as q * scale. Used for relation and local targets."""
+    if target.dtype == torch.int8:
+        if row_scale is None:
+            raise ValueError("target is int8 but no row scale was given; int8 targets are stored as "
+                             "q * row scale (store arrays 'relation_scale' / 'local_scale')")
+        if row_scale.shape != target.shape[:-1]:
+            raise ValueError(f"row scale has shape {tuple(row_scale.shape)}, expected "
+                             f"{tuple(target.shape[:-1])} (one scale per target row)")
+        scale = _at_least_float32(row_scale)
+        return target.to(scale.dtype) * scale[..., None]
+    if not target.is_floating_point():
+        raise ValueError(f"target dtype {target.dtype} is not supported; use float16/bfloat16/float32/"
+                         "float64 values or int8 with row scales")
+    if row_scale is not None:
+        raise ValueError(f"a row scale is only meaningful for int8 targets; got a {target.dtype} target with one")
+    return _at_least_float32(target)
+
+
+def relation_kl_reference(y: torch.Tensor, target: torch.Tensor,
+                          target_row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(R_t || R_s) with R_s = softmax(Y Y^T / sqrt(D)): summed over the last axis, mean over rows and batch.
+
+    y [B,N,D] (the decoder output on the crowd view), target [B,N,N] probabilities (float) or int8 with
+    target_row_scale [B,N] meaning p = q * scale. Entries with p = 0 contribute 0 (x log x -> 0).
+    """
+    if target.shape != (*y.shape[:-1], y.shape[-2]):
+        raise ValueError(f"relation target has shape {tuple(target.shape)}, expected "
+                         f"{(*y.shape[:-1], y.shape[-2])} for tokens of shape {tuple(y.shape)}")
+    log_student = relation_logits(y).log_softmax(dim=-1)
+    p = dequantize_rows(target, target_row_scale).to(log_student.dtype)
+    kl_rows = (torch.xlogy(p, p) - p * log_student).sum(dim=-1)
+    return kl_rows.mean()
+
+
+def global_loss(student_globals: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """Mean over the student's global outputs (global view + each local crop) of MSE to the teacher's.
+
+    Each output is [B,D_t] (or [B,1,D_t]); MSE is the mean over features and batch.
+    """
+    if not student_globals:
+        raise ValueError("global_loss needs at least one student global output")
+    target = target.reshape(target.shape[0], -1)
+    losses = [F.mse_loss(_at_least_float32(s.reshape(target.shape)), _at_least_float32(target))
+              for s in student_globals]
+    return torch.stack(losses).mean()
+
+
+def local_loss(student_local: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MSE(m * s_l, m * t_l) over batch, tokens and features; student/target [B,N,D_t], mask [B,N]."""
+    if mask.shape != student_local.shape[:-1] or target.shape != student_local.shape:
+        raise ValueError(f"local_loss shapes disagree: student {tuple(student_local.shape)}, "
+                         f"target {tuple(target.shape)}, mask {tuple(mask.shape)} (expected [B,N,D], [B,N,D], [B,N])")
+    s = _at_least_float32(student_local)
+    m = mask.to(s.dtype)[..., None]
+    return F.mse_loss(m * s, m * target.to(s.dtype))
+
+
+def moe_weight(epoch: int | float, optim: OptimConfig) -> float:
+    """Weight of the MoE gate's aux loss: optim.moe_weight[0] before moe_switch_epoch, [1] from then on."""
+    before, after = optim.moe_weight
+    return before if epoch < optim.moe_switch_epoch else after
+
+
+def total_loss(terms: dict[str, torch.Tensor], moe_loss_weight: float) -> torch.Tensor:
+    """total = L_global + L_local + L_relation + w_moe * L_moe + L_exp (terms keyed by those names)."""
+    return (terms["global"] + terms["local"] + terms["relation"]
+            + moe_loss_weight * terms["moe"] + terms["experts"])

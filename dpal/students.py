@@ -1,0 +1,322 @@
+"""Student backbones (spec section 2) and their export format.
+
+A student is a timm model (`Student.backbone`, timm state-dict names) plus the two architecture details
+timm's constructors cannot express, applied after `timm.create_model` by `create_backbone`:
+
+- ViT: the last block has the teacher's head count (12 for PATH-B, 16 for PATH-L) while the others keep
+  the student's own (ViT-Ti 6, not timm's 3). The width is unchanged, so keys and shapes are timm's.
+- Swin: grid-adaptive shifted windows (`_GridWindowSwinBlock`), so 128x96 local crops (final grid 4x3)
+  and 256x128 views (8x4) get windows clipped to the map instead of windows mostly made of padding.
+
+An export (`export_student`) is the timm state dict as safetensors plus a JSON config beside it that
+names the timm model and every argument that differs from its defaults; `load_student` rebuilds the
+backbone through the same `create_backbone`, so its forward equals the trained one's.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from timm.layers import Attention
+from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
+from torch import nn
+
+from dpal.checkpoints import CheckpointError
+from dpal.config import Recipe, StudentSpec, TeacherSpec
+
+EXPORT_FORMAT = "dpal-student"
+EXPORT_FORMAT_VERSION = 1
+TRAIN_SIZE = (256, 128)  # (H, W) of the global view: the resolution the position grid is learned at
+VIT_PATCH = 16
+SWIN_WINDOW = 7
+SWIN_STRIDE = 32  # patch 4, three 2x merges
+_METADATA_KEY = "dpal_student_config"
+_EXPORT_LAYOUT = (f"{EXPORT_FORMAT} v{EXPORT_FORMAT_VERSION}: NAME.safetensors (timm state dict) + NAME.json "
+                  f"(timm_name, timm_kwargs, last_block_heads, window_attention)")
+
+
+class StudentTokens(NamedTuple):
+    cls: torch.Tensor  # [B, 1, D_s]: ViT CLS token after the final norm; Swin: mean of final tokens
+    patches: torch.Tensor  # [B, N, D_s]: patch tokens after the final norm (Swin: final stage, stride 32)
+    grid: tuple[int, int]  # (h, w) of the patch tokens
+
+
+# --------------------------------------------------------------------------------- Swin windows
+
+class _GridWindowSwinBlock(SwinTransformerBlock):
+    """timm's Swin block whose windows adapt to the actual feature grid (same parameters and names).
+
+    timm fixes window and shift from the construction size and rolls before padding, so on grids that are
+    not window multiples (all of 256x128's: 64x32 ... 8x4) the cyclic shift wraps rows across the border
+    without masking them, and padded zeros join real tokens' attention. Here, per forward:
+    - along an axis that fits into one window (8x4 -> width 4; 4x3 -> both) there is a single window and
+      no shift, as in the original Swin for small maps (shifting would only wrap the map onto itself);
+    - otherwise the map is padded to window multiples, then shifted (Swin-det order), and the mask keeps
+      the shifted regions apart as usual;
+    - padded positions are masked out as keys, so every real token attends to real tokens only.
+    A window clipped to an a x b grid is exactly a 7x7 window whose other positions are masked, so the
+    7x7 relative-position tables (timm's shapes) serve every grid.
+    """
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        _, height, width, channels = x.shape
+        win_h, win_w = self.window_size
+        shift = (self.shift_size[0] if height > win_h else 0, self.shift_size[1] if width > win_w else 0)
+        x = F.pad(x, (0, 0, 0, (-width) % win_w, 0, (-height) % win_h))
+        padded_h, padded_w = x.shape[1], x.shape[2]
+        if any(shift):
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        mask = _window_mask(height, width, (win_h, win_w), shift)
+        if mask is not None:
+            mask = mask.to(device=x.device, dtype=x.dtype)
+        windows = window_partition(x, (win_h, win_w)).view(-1, win_h * win_w, channels)
+        windows = self.attn(windows, mask=mask).view(-1, win_h, win_w, channels)
+        x = window_reverse(windows, (win_h, win_w), padded_h, padded_w)
+        if any(shift):
+            x = torch.roll(x, shifts=shift, dims=(1, 2))
+        return x[:, :height, :width].contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _window_mask(height: int, width: int, window: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor | None:
+    """Additive mask [num_windows, area, area] (0 / -100 as Swin) for a padded, shifted map; None if not needed.
+
+    Labels are built on the padded map in shifted coordinates: Swin's three regions per shifted axis, and
+    one extra label for padded positions. Tokens attend only to tokens with the same label.
+    """
+    win_h, win_w = window
+    padded_h, padded_w = height + (-height) % win_h, width + (-width) % win_w
+    if padded_h == height and padded_w == width and not any(shift):
+        return None
+
+    def axis_regions(size: int, win: int, s: int) -> torch.Tensor:
+        regions = torch.zeros(size, dtype=torch.long)
+        if s:
+            regions[size - win:size - s] = 1
+            regions[size - s:] = 2
+        return regions
+
+    labels = axis_regions(padded_h, win_h, shift[0])[:, None] * 3 + axis_regions(padded_w, win_w, shift[1])[None, :]
+    padded = torch.ones(padded_h, padded_w, dtype=torch.bool)
+    padded[:height, :width] = False
+    padded = torch.roll(padded, shifts=(-shift[0], -shift[1]), dims=(0, 1))
+    labels = labels.masked_fill(padded, -1)
+    labels = window_partition(labels[None, :, :, None], window).reshape(-1, win_h * win_w)
+    same = labels[:, :, None] == labels[:, None, :]
+    return torch.zeros(same.shape).masked_fill_(~same, -100.0)
+
+
+# --------------------------------------------------------------------------------- building
+
+def student_config(recipe: Recipe) -> dict:
+    """The architecture of a recipe's student as plain JSON-able data (what an export carries)."""
+    spec = recipe.student
+    if spec.arch == "vit":
+        kwargs = {"img_size": list(TRAIN_SIZE), "num_heads": spec.num_heads, "drop_path_rate": spec.drop_path,
+                  "dynamic_img_size": True, "num_classes": 0}
+        extra_arch = {"last_block_heads": recipe.student_last_heads}
+    elif spec.arch == "swin":
+        kwargs = {"img_size": list(TRAIN_SIZE), "drop_path_rate": spec.drop_path, "strict_img_size": False,
+                  "always_partition": True, "num_classes": 0}
+        extra_arch = {"window_attention": "grid-adaptive"}
+    else:
+        raise ValueError(f"student {spec.name}: unknown architecture {spec.arch!r} (expected 'vit' or 'swin')")
+    return {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "student": spec.name,
+            "arch": spec.arch, "width": spec.width, "timm_name": spec.timm_name, "timm_kwargs": kwargs,
+            **extra_arch, "timm_version": timm.__version__}
+
+
+def create_backbone(config: dict) -> nn.Module:
+    """timm model of a student config (random timm init); the one constructor behind build and load."""
+    kwargs = dict(config["timm_kwargs"])
+    kwargs["img_size"] = tuple(kwargs["img_size"])
+    model = timm.create_model(config["timm_name"], pretrained=False, **kwargs)
+    if model.num_features != config["width"]:
+        raise ValueError(f"{config['timm_name']} gives width {model.num_features}, config says {config['width']}")
+    if config["arch"] == "vit":
+        last = model.blocks[-1]
+        heads = config["last_block_heads"]
+        if heads is not None and heads != last.attn.num_heads:
+            # timm has one head count for all blocks; the last block's attention is rebuilt with the
+            # teacher's count. Same qkv / proj shapes, so the state-dict keys and shapes stay timm's.
+            last.attn = Attention(config["width"], num_heads=heads, qkv_bias=last.attn.qkv.bias is not None)
+    elif config["arch"] == "swin":
+        if config.get("window_attention") != "grid-adaptive":
+            raise ValueError(f"unknown Swin window_attention {config.get('window_attention')!r}")
+        for stage in model.layers:
+            for block in stage.blocks:
+                block.__class__ = _GridWindowSwinBlock  # same parameters, grid-adaptive windows
+    return model
+
+
+def _init_vit_mae(model: nn.Module) -> None:
+    """MAE's init: xavier-uniform linears (and patch projection, flattened), zero biases, unit LayerNorms,
+    CLS N(0, 0.02); the position embedding keeps timm's truncated normal (0.02)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    proj = model.patch_embed.proj.weight
+    nn.init.xavier_uniform_(proj.data.view(proj.shape[0], -1))
+    nn.init.zeros_(model.patch_embed.proj.bias)
+    nn.init.normal_(model.cls_token, std=0.02)
+
+
+class Student(nn.Module):
+    """A student backbone (timm model in `.backbone`) giving `StudentTokens` for any view size."""
+
+    def __init__(self, config: dict, spec: StudentSpec | None = None):
+        super().__init__()
+        self.config = config
+        self.spec = spec
+        self.arch = config["arch"]
+        self.token_stride = VIT_PATCH if self.arch == "vit" else SWIN_STRIDE
+        self.backbone = create_backbone(config)
+
+    def forward(self, images: torch.Tensor) -> StudentTokens:
+        height, width = images.shape[-2:]
+        if images.dim() != 4 or height % self.token_stride or width % self.token_stride:
+            raise ValueError(f"student {self.config['student']} needs images [B, 3, H, W] with H and W multiples "
+                             f"of {self.token_stride}, got {tuple(images.shape)}")
+        features = self.backbone.forward_features(images)
+        grid = (height // self.token_stride, width // self.token_stride)
+        if self.arch == "vit":
+            # dynamic_img_size: timm resizes the learned 16x8 position grid 2-D bicubic to this view's grid.
+            return StudentTokens(features[:, :1], features[:, 1:], grid)
+        patches = features.flatten(1, 2)
+        return StudentTokens(patches.mean(dim=1, keepdim=True), patches, grid)
+
+    def local_tokens(self, out: StudentTokens, teacher: TeacherSpec) -> torch.Tensor:
+        """Patch tokens on the teacher's token grid for the same view: [B, N_t, D_s].
+
+        Swin (stride 32) under a ViT teacher (stride 16): final tokens upsampled 2x bicubic."""
+        if teacher.token_stride == self.token_stride:
+            return out.patches
+        scale = self.token_stride / teacher.token_stride
+        if scale != 2:
+            raise ValueError(f"student stride {self.token_stride} vs teacher {teacher.name} stride "
+                             f"{teacher.token_stride}: only equal strides or a 2x upsample are defined")
+        grid_h, grid_w = out.grid
+        tokens = out.patches.transpose(1, 2).unflatten(2, (grid_h, grid_w))
+        tokens = F.interpolate(tokens, size=(2 * grid_h, 2 * grid_w), mode="bicubic", align_corners=False)
+        return tokens.flatten(2).transpose(1, 2)
+
+    def relation_tokens(self, out: StudentTokens, teacher: TeacherSpec) -> torch.Tensor:
+        """Crowd-view tokens matching the teacher's relation tokens: [B, N_c, D_s].
+
+        ViT teacher: [CLS slot, tokens on its grid] (Swin student: [mean, upsampled 16x16] = 257);
+        Swin teacher: the final tokens only (8x8, no CLS)."""
+        tokens = self.local_tokens(out, teacher)
+        return torch.cat([out.cls, tokens], dim=1) if teacher.has_cls else tokens
+
+
+def build_student(recipe: Recipe) -> Student:
+    """The recipe's student, randomly initialised (ViT: MAE init; Swin: timm's init), in train mode."""
+    student = Student(student_config(recipe), recipe.student)
+    if student.arch == "vit":
+        _init_vit_mae(student.backbone)
+    return student
+
+
+# --------------------------------------------------------------------------------- export / load
+
+def _export_paths(path) -> tuple[Path, Path]:
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json"):
+        path = path.with_suffix("")
+    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+
+
+def export_student(student: Student, path, *, extra: dict | None = None) -> tuple[Path, Path]:
+    """Write NAME.safetensors (the backbone's timm state dict) and NAME.json (its architecture + extra).
+
+    `path` is NAME, NAME.safetensors or NAME.json. The same config is stored in the safetensors metadata,
+    so the weights file alone is also self-describing. Works for the EMA copy (a Student) as well.
+    Returns (weights path, config path)."""
+    weights_path, config_path = _export_paths(path)
+    config = dict(student.config)
+    if extra is not None:
+        config["extra"] = extra
+    text = json.dumps(config, indent=2, sort_keys=True)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in student.backbone.state_dict().items()}
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    # Write both under temporary names first: a crash never leaves a new config beside old weights.
+    save_file(tensors, str(weights_path) + ".tmp", metadata={_METADATA_KEY: text})
+    Path(str(config_path) + ".tmp").write_text(text + "\n")
+    Path(str(weights_path) + ".tmp").replace(weights_path)
+    Path(str(config_path) + ".tmp").replace(config_path)
+    return weights_path, config_path
+
+
+def read_student_config(path) -> dict:
+    """The config of an export (the JSON beside the weights; the weights' metadata if the JSON is absent)."""
+    weights_path, config_path = _export_paths(path)
+    if not weights_path.is_file():
+        raise CheckpointError(weights_path, _EXPORT_LAYOUT, "no such file")
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            embedded = (handle.metadata() or {}).get(_METADATA_KEY)
+    except Exception as error:
+        raise CheckpointError(weights_path, _EXPORT_LAYOUT, f"not a readable safetensors file: {error}") from error
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
+            raise CheckpointError(config_path, _EXPORT_LAYOUT, f"config is not valid JSON: {error}") from error
+        if embedded is not None and json.loads(embedded) != config:
+            raise CheckpointError(config_path, _EXPORT_LAYOUT,
+                                  f"config differs from the one stored in {weights_path.name}: the two files come "
+                                  f"from different exports; export again or remove the stale JSON")
+    elif embedded is not None:
+        config = json.loads(embedded)
+    else:
+        raise CheckpointError(config_path, _EXPORT_LAYOUT, "no JSON config beside the weights and none embedded")
+    if config.get("format") != EXPORT_FORMAT or config.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise CheckpointError(config_path, _EXPORT_LAYOUT,
+                              f"format {config.get('format')!r} version {config.get('format_version')!r} is not "
+                              f"{EXPORT_FORMAT!r} version {EXPORT_FORMAT_VERSION}")
+    return config
+
+
+def load_student(path) -> nn.Module:
+    """Rebuild an exported student as a timm model (eval mode) whose forward equals the trained backbone's.
+
+    `path` is NAME, NAME.safetensors or NAME.json of an `export_student` export. Every key and shape must
+    match the architecture in the config, otherwise a CheckpointError lists the differences."""
+    weights_path, _ = _export_paths(path)
+    config = read_student_config(path)
+    model = create_backbone(config)
+    with safe_open(str(weights_path), framework="pt") as handle:
+        state_dict = {k: handle.get_tensor(k) for k in handle.keys()}
+    load_exact(model, state_dict, weights_path, _EXPORT_LAYOUT, f"student {config['student']}")
+    return model.eval()
+
+
+def load_exact(model: nn.Module, state_dict: dict, path, layout: str, what: str) -> None:
+    """load_state_dict(strict) with a CheckpointError naming missing, unexpected and wrongly shaped keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f"{k} (file {list(state_dict[k].shape)}, model {list(expected[k].shape)})"
+             for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        problem = f"does not match {what}"
+        if wrong:
+            problem += f"; wrong shapes ({len(wrong)}): " + ", ".join(wrong[:8])
+        raise CheckpointError(path, layout, problem, missing=missing, unexpected=unexpected)
+    model.load_state_dict(state_dict, strict=True)
+
+
+__all__ = ["EXPORT_FORMAT_VERSION", "Student", "StudentTokens", "build_student", "create_backbone",
+           "export_student", "load_exact", "load_student", "read_student_config", "student_config"]

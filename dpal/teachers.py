@@ -1,0 +1,215 @@
+"""Frozen teachers (spec section 1): PATH-B / PATH-L on timm's VisionTransformer, SOLIDER-B on timm's Swin.
+
+A teacher turns normalized images into its final-norm tokens (`Teacher.forward`) and a global view plus a
+crowd view into the three distillation targets (`teacher_targets`). Checkpoint layouts live in
+`dpal.checkpoints`; this module builds the matching timm model and loads it exactly (every key used,
+every shape checked, otherwise a `CheckpointError` naming the keys).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import NamedTuple
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
+from torch import nn
+
+from dpal.checkpoints import (
+    LAYOUT_SOLIDER,
+    CheckpointError,
+    load_checkpoint_file,
+    path_to_timm,
+    pos_embed_grid,
+    solider_backbone,
+    solider_to_timm,
+    timm_to_path_release,
+    timm_to_solider_release,
+)
+from dpal.config import TeacherSpec
+from dpal.losses import relation_matrix
+from dpal.recipes import TEACHERS
+
+SWIN_WINDOW = 7
+_DEFAULT_VIT_POS_GRID = 14  # timm's ViT/16 at 224: the grid PATH-B's released pos_embed has
+
+
+class TeacherTokens(NamedTuple):
+    tokens: torch.Tensor  # [B, T, D_t] after the final norm; ViT: CLS first
+    grid: tuple[int, int]  # (h, w) of the patch tokens
+
+
+class TeacherTargets(NamedTuple):
+    global_: torch.Tensor  # [B, D_t]: CLS (ViT) or mean of final tokens (Swin)
+    local: torch.Tensor  # [B, N, D_t]: patch tokens of the global view
+    relation: torch.Tensor  # [B, Nc, Nc] float32 row probabilities over all crowd-view tokens
+
+
+class _SoliderWindowBlock(SwinTransformerBlock):
+    """timm's Swin block with SOLIDER's (mmdet's) window layout for grids that are not window multiples.
+
+    mmdet pads the feature map to window multiples first and then shifts, so the padded positions take part in
+    the shifted windows; timm shifts first and pads afterwards, which groups different tokens at 256x128
+    (stage grids 64x32 ... 8x4, none a multiple of 7). The teacher must reproduce SOLIDER's features.
+    """
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        _, height, width, channels = x.shape
+        win_h, win_w = self.window_size
+        x = F.pad(x, (0, 0, 0, (-width) % win_w, 0, (-height) % win_h))
+        padded_h, padded_w = x.shape[1], x.shape[2]
+        shift = self.shift_size
+        mask = None
+        if any(shift):
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+            mask = self.get_attn_mask(x)
+        windows = window_partition(x, self.window_size).view(-1, self.window_area, channels)
+        windows = self.attn(windows, mask=mask).view(-1, win_h, win_w, channels)
+        x = window_reverse(windows, self.window_size, padded_h, padded_w)
+        if any(shift):
+            x = torch.roll(x, shifts=shift, dims=(1, 2))
+        return x[:, :height, :width].contiguous()
+
+
+class Teacher(nn.Module):
+    """A frozen teacher backbone (timm model in `.model`, timm state-dict names); always in eval mode."""
+
+    def __init__(self, spec: TeacherSpec, model: nn.Module, *, semantic_weight: float | None = None):
+        super().__init__()
+        self.spec = spec
+        self.model = model
+        self.semantic_weight = semantic_weight  # SOLIDER's s folded into the weights (None for ViTs)
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "Teacher":
+        # Project choice (spec section 1): the teacher never runs drop-path or dropout, whatever the caller does.
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> TeacherTokens:
+        height, width = images.shape[-2:]
+        stride = self.spec.token_stride
+        if images.dim() != 4 or height % stride or width % stride:
+            raise ValueError(f"{self.spec.name} needs images [B, 3, H, W] with H and W multiples of {stride}, "
+                             f"got {tuple(images.shape)}")
+        features = self.model.forward_features(images)
+        if self.spec.arch == "vit":
+            # timm (dynamic_img_size) resizes the position grid 2-D bicubic to this view's grid.
+            return TeacherTokens(features, (height // stride, width // stride))
+        batch, grid_h, grid_w, channels = features.shape
+        return TeacherTokens(features.reshape(batch, grid_h * grid_w, channels), (grid_h, grid_w))
+
+
+def _resolve_spec(name: str | TeacherSpec) -> TeacherSpec:
+    """A teacher name of dpal.recipes.TEACHERS, or a TeacherSpec (its width/depth/heads define the model)."""
+    if isinstance(name, TeacherSpec):
+        return name
+    try:
+        return TEACHERS[name]
+    except KeyError:
+        raise KeyError(f"unknown teacher {name!r}; valid teachers: {', '.join(TEACHERS)}") from None
+
+
+def _swin_stages(spec: TeacherSpec) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Swin family layout from the spec: depths (2, 2, depth-6, 2), heads doubling to num_heads, width/8 embed."""
+    if spec.depth <= 6 or spec.width % 8 or spec.num_heads % 8:
+        raise ValueError(f"{spec.name}: a Swin teacher needs depth > 6 and width, num_heads divisible by 8")
+    heads = tuple(spec.num_heads // 2 ** (3 - i) for i in range(4))
+    return (2, 2, spec.depth - 6, 2), heads, spec.width // 8
+
+
+def _create_model(spec: TeacherSpec, *, pos_grid: int = _DEFAULT_VIT_POS_GRID) -> nn.Module:
+    if spec.arch == "vit":
+        return timm.create_model(
+            spec.timm_name, pretrained=False, num_classes=0, img_size=pos_grid * spec.patch_size,
+            patch_size=spec.patch_size, embed_dim=spec.width, depth=spec.depth, num_heads=spec.num_heads,
+            qkv_bias=True, dynamic_img_size=True, drop_path_rate=0.0)
+    if spec.arch != "swin":
+        raise ValueError(f"{spec.name}: unknown teacher architecture {spec.arch!r} (expected 'vit' or 'swin')")
+    depths, heads, embed_dim = _swin_stages(spec)
+    # always_partition keeps 7x7 windows (and shift 3) on grids smaller than a window, as SOLIDER does.
+    model = timm.create_model(
+        spec.timm_name, pretrained=False, num_classes=0, patch_size=spec.patch_size, embed_dim=embed_dim,
+        depths=depths, num_heads=heads, window_size=SWIN_WINDOW, strict_img_size=False, always_partition=True,
+        drop_path_rate=0.0)
+    for stage in model.layers:
+        for block in stage.blocks:
+            block.__class__ = _SoliderWindowBlock  # same parameters, SOLIDER's pad-then-shift windows
+        if not isinstance(stage.downsample, nn.Identity):
+            # SOLIDER's semantic-weight affine after each downsample is folded into the reduction: it needs a bias.
+            old = stage.downsample.reduction
+            stage.downsample.reduction = nn.Linear(old.in_features, old.out_features, bias=True)
+            with torch.no_grad():
+                stage.downsample.reduction.weight.copy_(old.weight)
+                stage.downsample.reduction.bias.zero_()
+    return model
+
+
+def build_teacher(name: str | TeacherSpec, *, semantic_weight: float = 0.0) -> Teacher:
+    """A randomly initialised, frozen teacher (timm init); SOLIDER's semantic weight is recorded only."""
+    spec = _resolve_spec(name)
+    return Teacher(spec, _create_model(spec), semantic_weight=semantic_weight if spec.arch == "swin" else None)
+
+
+def load_teacher(name: str | TeacherSpec, path, *, solider_weights: str = "teacher",
+                 semantic_weight: float = 0.0) -> Teacher:
+    """Load a released checkpoint (any layout of spec section 1) into a frozen, eval-mode teacher.
+
+    solider_weights picks SOLIDER's 'teacher' (default, as SOLIDER's tools) or 'student' container;
+    semantic_weight is SOLIDER's s in [0, 1] folded into the weights (default 0.0, as the original DPAL).
+    """
+    spec = _resolve_spec(name)
+    checkpoint = load_checkpoint_file(path)
+    if spec.arch == "vit":
+        state_dict, layout = path_to_timm(checkpoint, path)
+        model = _create_model(spec, pos_grid=pos_embed_grid(state_dict, path, layout))
+    else:
+        layout = f"{LAYOUT_SOLIDER} (container {solider_weights!r})"
+        state_dict = solider_to_timm(solider_backbone(checkpoint, path, weights=solider_weights), path,
+                                     semantic_weight=semantic_weight)
+        model = _create_model(spec)
+    _load_exactly(model, state_dict, path, layout, spec)
+    return Teacher(spec, model, semantic_weight=semantic_weight if spec.arch == "swin" else None)
+
+
+def _load_exactly(model: nn.Module, state_dict: dict, path, layout: str, spec: TeacherSpec) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [f"{k} (file {list(state_dict[k].shape)}, {spec.name} needs {list(expected[k].shape)})"
+                   for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        problem = (f"does not match {spec.name} ({spec.arch}, width {spec.width}, depth {spec.depth}); "
+                   f"key names below are after mapping onto timm's modules")
+        if wrong_shape:
+            problem += f"; wrong shapes ({len(wrong_shape)}): " + ", ".join(wrong_shape[:8])
+        raise CheckpointError(path, layout, problem, missing=missing, unexpected=unexpected)
+    model.load_state_dict(state_dict, strict=True)
+
+
+@torch.no_grad()
+def teacher_targets(teacher: Teacher, global_views: torch.Tensor, crowd_views: torch.Tensor) -> TeacherTargets:
+    """Per view set: global target, patch tokens of the global view, relation over all crowd-view tokens."""
+    tokens = teacher(global_views).tokens.float()
+    if teacher.spec.has_cls:
+        global_, local = tokens[:, 0], tokens[:, 1:]
+    else:
+        global_, local = tokens.mean(dim=1), tokens
+    relation = relation_matrix(teacher(crowd_views).tokens.float())
+    return TeacherTargets(global_.contiguous(), local.contiguous(), relation)
+
+
+def release_checkpoint(teacher: Teacher) -> dict:
+    """The teacher's weights in a real released layout: raw PATH multitask, or SOLIDER's mmdet layout."""
+    state_dict = {k: v.detach().cpu() for k, v in teacher.model.state_dict().items()}
+    if teacher.spec.arch == "vit":
+        return timm_to_path_release(state_dict)
+    index = {f"layers.{i}.blocks.{j}.": block.attn.relative_position_index.cpu()
+             for i, stage in enumerate(teacher.model.layers) for j, block in enumerate(stage.blocks)}
+    args = argparse.Namespace(arch=teacher.spec.timm_name, semantic_weight=teacher.semantic_weight)
+    return timm_to_solider_release(state_dict, relative_position_index=index, args=args)
+
+
+__all__ = ["CheckpointError", "Teacher", "TeacherTargets", "TeacherTokens", "build_teacher", "load_teacher",
+           "release_checkpoint", "teacher_targets"]

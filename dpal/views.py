@@ -1,0 +1,631 @@
+"""View sets as data: every random decision of DPAL_SPEC.md section 3 is sampled once into a float32
+record, and the pixels are a pure, batched function of (image, background, record).
+
+The teacher is run on exactly what ``render_view_sets`` returns, and the trainer calls the same function
+on the same records to rebuild the same pixels; a cached target is never flipped or re-cropped.
+
+Record layout (``VIEW_PARAMS_VERSION`` = 1)
+-------------------------------------------
+Each rendered crop (the global view, the crowd view's background, the crowd view's first pasted person,
+every local crop) is described by one 17-field *crop block*:
+
+====  ============  ====================================================================================
+ off  field         meaning
+====  ============  ====================================================================================
+   0  scale         crop area as a fraction of the source image's area (RandomResizedCrop scale)
+   1  aspect        crop aspect ratio, width / height, in pixels of the source
+   2  pos_y         vertical position in [0, 1]: top = round(pos_y * (H - crop_h))
+   3  pos_x         horizontal position in [0, 1]: left = round(pos_x * (W - crop_w))
+   4  flip          1 = mirror horizontally (after resizing)
+   5  jitter        1 = colour jitter applied (else 6..9 hold the neutral 1, 1, 1, 0)
+   6  brightness    brightness factor
+   7  contrast      contrast factor
+   8  saturation    saturation factor
+   9  hue           hue shift in turns
+  10  order_0       jitter op applied first (0 brightness, 1 contrast, 2 saturation, 3 hue)
+  11  order_1       ... second
+  12  order_2       ... third
+  13  order_3       ... fourth
+  14  gray          1 = converted to 3-channel grayscale (after the jitter)
+  15  blur_sigma    Gaussian blur sigma in pixels of the rendered crop; 0 = no blur
+  16  solarize      1 = solarized (crowd background only; always 0 elsewhere)
+====  ============  ====================================================================================
+
+A *view set* record (``VIEW_SET_FIELDS`` = 57 float32, names in ``VIEW_SET_FIELD_NAMES``):
+
+======  ==================  ========================================================================
+ index  field               meaning
+======  ==================  ========================================================================
+     0  version             ``VIEW_PARAMS_VERSION``
+  1-17  global.*            crop block of the 256x128 global view, cut from the person image
+ 18-34  background.*        crop block of the 256x256 crowd canvas, cut from the background image
+ 35-51  person.*            crop block of the first pasted person: a 128x96 local-style crop of the
+                            same person image, drawn for the crowd view
+    52  background_index    index into the background pool
+    53  paste_y1            top of the first person on the canvas, pixels
+    54  paste_x1            left of the first person
+    55  paste_y2            top of the second person (the global view resized to 128x96)
+    56  paste_x2            left of the second person, in [paste_x1 + 96, 158]
+======  ==================  ========================================================================
+
+A *local crop* record (``LOCAL_CROP_FIELDS`` = 18): ``version`` then one crop block. Local crops are
+drawn fresh every epoch (``sample_local_crops``) and never stored.
+
+Crop boxes are relative, not pixels: area fraction, aspect and position fractions are resolved against
+each source image's own size when rendering, so an image stored at another resolution (same aspect)
+renders the same view. RandomResizedCrop samples (area, log-aspect) once; a box that does not fit the
+image is shrunk, keeping its aspect, until it fits (torchvision instead retries 10 times then falls
+back to a centre crop, which would need the image size at sampling time).
+
+Rendering order per crop (torchvision's order): crop + resize (antialiased bicubic, flip folded in) ->
+colour jitter in the stored op order -> grayscale -> Gaussian blur -> solarize. The crowd canvas then
+gets the two persons blended in (``person_alpha`` person + rest background), and every view is
+normalized with the ImageNet mean / std.
+
+Numeric domain: float32 in [0, 1] from the uint8 decode (``x * (1/255)``, as torchvision's
+``to_dtype``) to the final normalization, never re-quantized to uint8 between ops, i.e. exactly
+torchvision's float-tensor semantics (each op clamps to [0, 1]; bicubic overshoot is clamped after
+resizing). Re-quantizing after every op (torchvision's uint8 path) would turn float differences of
+1e-7 between devices into whole 1/255 steps that compound through the ops; in float the CPU and CUDA
+renders differ by ~1e-6, and since the teacher sees the same float view there is nothing to gain.
+
+Batching and exactness: images differ in size, so the crops are cut on the host and zero-padded into
+one uint8 batch (one transfer); resizing and blurring are separable linear maps applied as batched
+float32 matmuls with per-sample weight matrices (weights in float64, PIL/PyTorch antialiased bicubic
+with a = -0.5), with TF32 switched off for them. Colour ops, grayscale, solarize and blending run on
+the whole batch (per-sample factors; per-op subsets picked on the host, so no device sync). The same
+records on the same device give bit-identical pixels; a different batch composition changes padding
+and matmul blocking, which moves pixels by ~1e-7, far below the CPU/CUDA tolerance of 1/255.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from dpal.config import ViewConfig
+
+VIEW_PARAMS_VERSION = 1
+
+CROP_BLOCK_NAMES = (
+    "scale", "aspect", "pos_y", "pos_x", "flip", "jitter", "brightness", "contrast", "saturation", "hue",
+    "order_0", "order_1", "order_2", "order_3", "gray", "blur_sigma", "solarize",
+)
+_SCALE, _ASPECT, _POS_Y, _POS_X, _FLIP, _JITTER = 0, 1, 2, 3, 4, 5
+_FACTORS = slice(6, 10)  # brightness, contrast, saturation, hue
+_ORDER = slice(10, 14)
+_GRAY, _BLUR_SIGMA, _SOLARIZE = 14, 15, 16
+CROP_BLOCK_FIELDS = len(CROP_BLOCK_NAMES)
+
+VIEW_SET_FIELD_NAMES = (
+    ("version",)
+    + tuple(f"global.{name}" for name in CROP_BLOCK_NAMES)
+    + tuple(f"background.{name}" for name in CROP_BLOCK_NAMES)
+    + tuple(f"person.{name}" for name in CROP_BLOCK_NAMES)
+    + ("background_index", "paste_y1", "paste_x1", "paste_y2", "paste_x2")
+)
+VIEW_SET_FIELDS = len(VIEW_SET_FIELD_NAMES)
+_GLOBAL_BLOCK = slice(1, 1 + CROP_BLOCK_FIELDS)
+_BACKGROUND_BLOCK = slice(_GLOBAL_BLOCK.stop, _GLOBAL_BLOCK.stop + CROP_BLOCK_FIELDS)
+_PERSON_BLOCK = slice(_BACKGROUND_BLOCK.stop, _BACKGROUND_BLOCK.stop + CROP_BLOCK_FIELDS)
+_BACKGROUND_INDEX = _PERSON_BLOCK.stop
+_PASTE = slice(_BACKGROUND_INDEX + 1, _BACKGROUND_INDEX + 5)  # y1, x1, y2, x2
+
+LOCAL_CROP_FIELD_NAMES = ("version",) + CROP_BLOCK_NAMES
+LOCAL_CROP_FIELDS = len(LOCAL_CROP_FIELD_NAMES)
+
+# float32 holds every integer up to 2**24 exactly; a larger pool index would be silently rounded.
+_MAX_BACKGROUNDS = 2**24
+# PIL / PyTorch antialiased bicubic uses a = -0.5 (the non-antialiased path uses -0.75).
+_CUBIC_A = -0.5
+
+
+class ViewParamsError(ValueError):
+    """A view parameter record that this code cannot render (wrong version, shape or content)."""
+
+
+class RenderedViews(NamedTuple):
+    global_view: torch.Tensor  # [n, 3, 256, 128] float32, normalized
+    crowd: torch.Tensor  # [n, 3, 256, 256] float32, normalized
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+def to_rgb_uint8(array) -> torch.Tensor:
+    """A decoded image (numpy array or tensor) as a uint8 ``[H, W, 3]`` tensor.
+
+    Grey ``[H, W]`` / ``[H, W, 1]`` is repeated to three channels; RGBA drops alpha (as PIL's
+    ``convert('RGB')``); RGB is returned as is (no copy).
+    """
+    image = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array)
+    if image.dtype != torch.uint8:
+        raise ValueError(f"image must be uint8 (decoded 8-bit pixels), got dtype {image.dtype} "
+                         f"with shape {tuple(image.shape)}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] (grey, RGB, RGBA), "
+                         f"got shape {tuple(image.shape)}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image is empty (shape {tuple(image.shape)}): it was not decoded")
+    if image.shape[2] == 1:
+        return image.expand(-1, -1, 3)
+    return image[:, :, :3]
+
+
+def check_view_params(params, fields: int = VIEW_SET_FIELDS, what: str = "view set") -> torch.Tensor:
+    """``params`` as a float32 CPU tensor ``[..., fields]`` after checking its width and version.
+
+    Raises ``ViewParamsError`` naming the problem (and what to do) otherwise.
+    """
+    params = torch.as_tensor(params)
+    if params.ndim < 1 or params.shape[-1] != fields:
+        raise ViewParamsError(
+            f"{what} parameters must have {fields} float32 fields in the last axis (record version "
+            f"{VIEW_PARAMS_VERSION}), got shape {tuple(params.shape)}")
+    if params.dtype != torch.float32:
+        raise ViewParamsError(f"{what} parameters must be float32, got {params.dtype}")
+    params = params.detach().cpu()
+    versions = params[..., 0]
+    if versions.numel() and not bool((versions == VIEW_PARAMS_VERSION).all()):
+        found = sorted({float(v) for v in versions.unique()[:5]})
+        raise ViewParamsError(
+            f"{what} parameters have record version {found}, this code renders version "
+            f"{VIEW_PARAMS_VERSION}: re-create them with this version of dpal.views (for a target "
+            f"store, re-run cache_teacher)")
+    if not bool(torch.isfinite(params).all()):
+        raise ViewParamsError(f"{what} parameters contain NaN or infinite values")
+    return params
+
+
+def background_indices(params) -> torch.Tensor:
+    """Index into the background pool of each view set: LongTensor ``[n]``."""
+    params = check_view_params(params)
+    return params[:, _BACKGROUND_INDEX].long()
+
+
+# --------------------------------------------------------------------------------------- sampling
+
+def _uniform(u: torch.Tensor, bounds: Sequence[float]) -> torch.Tensor:
+    return bounds[0] + u * (bounds[1] - bounds[0])
+
+
+def _sample_crop_blocks(generator: torch.Generator, n: int, cfg: ViewConfig, *, scale, aspect,
+                        blur_p: float, solarize_p: float = 0.0) -> torch.Tensor:
+    """``n`` crop blocks (float64 ``[n, 17]``): RandomResizedCrop, flip, jitter, grayscale, blur, solarize."""
+    u = torch.rand(n, 18, generator=generator, dtype=torch.float64, device=generator.device).cpu()
+    order = torch.rand(n, 4, generator=generator, dtype=torch.float64, device=generator.device).cpu()
+    block = torch.zeros(n, CROP_BLOCK_FIELDS, dtype=torch.float64)
+    block[:, _SCALE] = _uniform(u[:, 0], scale)
+    block[:, _ASPECT] = torch.exp(_uniform(u[:, 1], (math.log(aspect[0]), math.log(aspect[1]))))
+    block[:, _POS_Y] = u[:, 2]
+    block[:, _POS_X] = u[:, 3]
+    block[:, _FLIP] = (u[:, 4] < cfg.flip_p).double()
+    jitter = u[:, 5] < cfg.jitter_p
+    brightness, contrast, saturation, hue = cfg.jitter
+    factors = torch.stack([
+        _uniform(u[:, 6], (max(0.0, 1 - brightness), 1 + brightness)),
+        _uniform(u[:, 7], (max(0.0, 1 - contrast), 1 + contrast)),
+        _uniform(u[:, 8], (max(0.0, 1 - saturation), 1 + saturation)),
+        _uniform(u[:, 9], (-hue, hue)),
+    ], dim=1)
+    neutral = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    block[:, _JITTER] = jitter.double()
+    block[:, _FACTORS] = torch.where(jitter[:, None], factors, neutral)
+    block[:, _ORDER] = order.argsort(dim=1).double()  # a uniform random permutation, like randperm
+    block[:, _GRAY] = (u[:, 10] < cfg.gray_p).double()
+    block[:, _BLUR_SIGMA] = torch.where(u[:, 11] < blur_p, _uniform(u[:, 12], cfg.blur_sigma), 0.0)
+    block[:, _SOLARIZE] = (u[:, 13] < solarize_p).double()
+    return block
+
+
+def _check_canvas_geometry(cfg: ViewConfig) -> None:
+    canvas_h, canvas_w = cfg.crowd_size
+    person_h, person_w = cfg.local_size
+    problems = []
+    if cfg.paste_y[0] < 0 or cfg.paste_y[1] + person_h > canvas_h:
+        problems.append(f"paste_y {cfg.paste_y} puts a {person_h}-high person outside the {canvas_h}-high canvas")
+    if cfg.first_person_x[0] < 0 or cfg.first_person_x[1] + person_w > cfg.second_person_x_max:
+        problems.append(f"first_person_x {cfg.first_person_x} leaves no room for the second person "
+                        f"before second_person_x_max {cfg.second_person_x_max}")
+    if cfg.second_person_x_max + person_w > canvas_w:
+        problems.append(f"second_person_x_max {cfg.second_person_x_max} puts the second person outside "
+                        f"the {canvas_w}-wide canvas")
+    if problems:
+        raise ValueError("ViewConfig crowd geometry is invalid: " + "; ".join(problems))
+
+
+def _randint(u: torch.Tensor, low: torch.Tensor | int, high: torch.Tensor | int) -> torch.Tensor:
+    """Integers uniform in [low, high] (inclusive) from uniforms in [0, 1)."""
+    return low + torch.floor(u * (torch.as_tensor(high) - low + 1)).clamp_(max=torch.as_tensor(high) - low)
+
+
+def sample_view_sets(generator: torch.Generator, n: int, *, num_backgrounds: int,
+                     cfg: ViewConfig = ViewConfig()) -> torch.Tensor:
+    """Draw ``n`` view sets (global view + crowd view) as float32 records ``[n, VIEW_SET_FIELDS]`` (CPU).
+
+    Every random decision comes from ``generator``: the same generator state gives the same records.
+    """
+    if num_backgrounds < 1:
+        raise ValueError("the background pool is empty: the crowd view needs at least one background "
+                         "image (num_backgrounds >= 1)")
+    if num_backgrounds > _MAX_BACKGROUNDS:
+        raise ValueError(f"num_backgrounds {num_backgrounds} exceeds {_MAX_BACKGROUNDS}, the largest pool "
+                         f"a float32 record indexes exactly")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    _check_canvas_geometry(cfg)
+    global_ = _sample_crop_blocks(generator, n, cfg, scale=cfg.global_scale, aspect=cfg.person_aspect,
+                                  blur_p=cfg.global_blur_p)
+    background = _sample_crop_blocks(generator, n, cfg, scale=cfg.background_scale,
+                                     aspect=cfg.background_aspect, blur_p=cfg.background_blur_p,
+                                     solarize_p=cfg.background_solarize_p)
+    person = _sample_crop_blocks(generator, n, cfg, scale=cfg.local_scale, aspect=cfg.person_aspect,
+                                 blur_p=cfg.local_blur_p)
+    u = torch.rand(n, 5, generator=generator, dtype=torch.float64, device=generator.device).cpu()
+    person_w = cfg.local_size[1]
+    records = torch.zeros(n, VIEW_SET_FIELDS, dtype=torch.float64)
+    records[:, 0] = VIEW_PARAMS_VERSION
+    records[:, _GLOBAL_BLOCK] = global_
+    records[:, _BACKGROUND_BLOCK] = background
+    records[:, _PERSON_BLOCK] = person
+    records[:, _BACKGROUND_INDEX] = _randint(u[:, 0], 0, num_backgrounds - 1)
+    x1 = _randint(u[:, 2], *cfg.first_person_x)
+    records[:, _PASTE] = torch.stack([
+        _randint(u[:, 1], *cfg.paste_y), x1,
+        _randint(u[:, 3], *cfg.paste_y), _randint(u[:, 4], x1 + person_w, cfg.second_person_x_max),
+    ], dim=1)
+    return records.float()
+
+
+def sample_local_crops(generator: torch.Generator, n: int, cfg: ViewConfig = ViewConfig()) -> torch.Tensor:
+    """Draw ``cfg.num_local`` local crops for each of ``n`` images: float32 ``[n, num_local, LOCAL_CROP_FIELDS]``."""
+    blocks = _sample_crop_blocks(generator, n * cfg.num_local, cfg, scale=cfg.local_scale,
+                                 aspect=cfg.person_aspect, blur_p=cfg.local_blur_p)
+    records = torch.cat([torch.full((len(blocks), 1), float(VIEW_PARAMS_VERSION), dtype=torch.float64),
+                         blocks], dim=1)
+    return records.float().reshape(n, cfg.num_local, LOCAL_CROP_FIELDS)
+
+
+# ------------------------------------------------------------------------------------- geometry
+
+def crop_boxes(blocks: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Pixel boxes ``[n, 4]`` (top, left, height, width; int64) of crop blocks on sources of the given sizes.
+
+    The box has area ``scale * H * W`` and aspect ``aspect`` (w/h); if it does not fit it is shrunk,
+    keeping its aspect, until it does; then it is placed at the stored position fractions.
+    """
+    blocks = blocks.double()
+    heights, widths = heights.double(), widths.double()
+    area = blocks[:, _SCALE] * heights * widths
+    crop_w = torch.sqrt(area * blocks[:, _ASPECT])
+    crop_h = torch.sqrt(area / blocks[:, _ASPECT])
+    shrink = torch.minimum(torch.ones_like(crop_w), torch.minimum(widths / crop_w, heights / crop_h))
+    crop_w = torch.round(crop_w * shrink).clamp(min=1.0).minimum(widths)
+    crop_h = torch.round(crop_h * shrink).clamp(min=1.0).minimum(heights)
+    top = torch.round(blocks[:, _POS_Y] * (heights - crop_h))
+    left = torch.round(blocks[:, _POS_X] * (widths - crop_w))
+    return torch.stack([top, left, crop_h, crop_w], dim=1).long()
+
+
+def _cubic(x: torch.Tensor) -> torch.Tensor:
+    """Keys cubic convolution kernel with a = -0.5 (PIL's and PyTorch's antialiased bicubic)."""
+    x = x.abs()
+    a = _CUBIC_A
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def _dense_rows(index: torch.Tensor, weight: torch.Tensor, in_len: int, device) -> torch.Tensor:
+    """Dense float32 ``[n, out, in_len]`` from taps ``index/weight [n, out, K]`` (zero-weight taps allowed)."""
+    dense = torch.zeros(index.shape[0], index.shape[1], in_len, dtype=torch.float32, device=device)
+    # scatter_add: repeated (zero-weight or reflected) taps add up; adding 0.0 is exact in any order.
+    return dense.scatter_add_(2, index.to(device, non_blocking=True), weight.float().to(device, non_blocking=True))
+
+
+def resize_weights(lengths: torch.Tensor, out_len: int, in_len: int, device=None,
+                   flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Antialiased bicubic resampling matrices ``[n, out_len, in_len]`` (float32).
+
+    Sample ``i`` maps its first ``lengths[i]`` input pixels (the rest is padding) onto ``out_len``
+    pixels, as PyTorch's ``interpolate(mode='bicubic', antialias=True, align_corners=False)``: support
+    2 * scale when downsampling, weights renormalized at the borders. ``flip[i]`` mirrors the output.
+    """
+    lengths = lengths.double()
+    scale = lengths / out_len
+    stretch = scale.clamp(min=1.0)  # the kernel widens when downsampling (antialiasing)
+    support = 2.0 * stretch
+    centre = scale[:, None] * (torch.arange(out_len, dtype=torch.float64) + 0.5)  # [n, out]
+    first = torch.trunc(centre - support[:, None] + 0.5).clamp(min=0)
+    last = torch.minimum(torch.trunc(centre + support[:, None] + 0.5), lengths[:, None])
+    taps = int((last - first).max().item()) if len(lengths) else 0
+    index = first[:, :, None] + torch.arange(taps, dtype=torch.float64)  # [n, out, K]
+    weight = _cubic((index - centre[:, :, None] + 0.5) / stretch[:, None, None])
+    weight = torch.where(index < last[:, :, None], weight, torch.zeros_like(weight))
+    weight = weight / weight.sum(dim=2, keepdim=True)
+    index = index.clamp(max=in_len - 1).long()
+    if flip is not None:
+        mirrored = flip.bool()[:, None, None]
+        index = torch.where(mirrored, index.flip(1), index)
+        weight = torch.where(mirrored, weight.flip(1), weight)
+    return _dense_rows(index, weight, in_len, device)
+
+
+def blur_weights(sigmas: torch.Tensor, length: int, kernel_size: int, device=None) -> torch.Tensor:
+    """Gaussian blur along one axis as matrices ``[n, length, length]`` with reflect borders.
+
+    Kernel as torchvision's ``gaussian_blur``: ``kernel_size`` taps, exp(-t^2 / (2 sigma^2)) normalized.
+    """
+    radius = kernel_size // 2
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigmas.double()[:, None]) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # [n, K]
+    source = torch.arange(length)[:, None] + torch.arange(-radius, radius + 1)  # [length, K]
+    source = source.abs()  # reflect at the start: -1 -> 1
+    source = torch.where(source > length - 1, 2 * (length - 1) - source, source)  # reflect at the end
+    index = source.expand(len(sigmas), -1, -1)
+    weight = kernel[:, None, :].expand(-1, length, -1)
+    return _dense_rows(index, weight, length, device)
+
+
+@contextlib.contextmanager
+def _ieee_fp32_matmul(device: torch.device):
+    """TF32 would round the pixels to 10 mantissa bits; force full float32 matmuls on CUDA meanwhile."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+
+
+def apply_separable(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``rows @ x @ cols^T`` per sample and channel: x ``[n, C, H, W]``, rows ``[n|1, h, H]``, cols ``[n|1, w, W]``."""
+    rows, cols = rows[:, None], cols[:, None]
+    height, width = x.shape[-2:]
+    out_h, out_w = rows.shape[-2], cols.shape[-2]
+    with _ieee_fp32_matmul(x.device):
+        # Contract the axis that shrinks the work most first.
+        if out_h * height * width + out_h * width * out_w <= height * width * out_w + out_h * height * out_w:
+            return torch.matmul(torch.matmul(rows, x), cols.transpose(-1, -2))
+        return torch.matmul(rows, torch.matmul(x, cols.transpose(-1, -2)))
+
+
+# ----------------------------------------------------------------------------------- colour ops
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luma ``[n, 1, H, W]`` with torchvision's weights and operation order."""
+    r, g, b = x.unbind(dim=-3)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3)
+
+
+def _per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return values.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _blend(image: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    return (image * ratio + other * (1.0 - ratio)).clamp_(0.0, 1.0)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (x * _per_sample(factor, x)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(x, mean, _per_sample(factor, x))
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(x, grayscale(x), _per_sample(factor, x))
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r, g, b = x.unbind(dim=-3)
+    low, value = torch.aminmax(x, dim=-3)
+    grey = value == low  # hue and saturation undefined: set to 0 without dividing by 0
+    spread = value - low
+    saturation = spread / torch.where(grey, torch.ones_like(value), value)
+    divisor = torch.where(grey, torch.ones_like(spread), spread)
+    rc, gc, bc = (value - r) / divisor, (value - g) / divisor, (value - b) / divisor
+    red_max = value == r
+    green_max = (value == g) & ~red_max
+    blue_max = ~red_max & ~green_max
+    hue = (bc - gc) * red_max + (2.0 + rc - bc) * green_max + (4.0 + gc - rc) * blue_max
+    hue = torch.fmod(hue * (1.0 / 6.0) + 1.0, 1.0)
+    return hue, saturation, value
+
+
+def _hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    sector6 = hue * 6.0
+    sector = torch.floor(sector6)
+    frac = sector6 - sector
+    sector = sector.long().remainder(6)
+    one_minus_s = 1.0 - saturation
+    p = (one_minus_s * value).clamp(0.0, 1.0)
+    q = ((1.0 - saturation * frac) * value).clamp(0.0, 1.0)
+    t = ((saturation * frac + one_minus_s) * value).clamp(0.0, 1.0)
+    candidates = torch.stack([value, p, q, t], dim=-3)  # [n, 4, H, W]
+    # Which of (v, p, q, t) is R, G and B in each of the six hue sectors.
+    pick = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=hue.device)
+    return candidates.gather(-3, pick[:, sector].movedim(0, -3))
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    hue, saturation, value = _rgb_to_hsv(x)
+    hue = (hue + _per_sample(shift, hue)).remainder(1.0)
+    return _hsv_to_rgb(hue, saturation, value)
+
+
+def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
+def normalize(x: torch.Tensor, cfg: ViewConfig = ViewConfig()) -> torch.Tensor:
+    mean = torch.tensor(cfg.mean, dtype=x.dtype, device=x.device)[:, None, None]
+    std = torch.tensor(cfg.std, dtype=x.dtype, device=x.device)[:, None, None]
+    return (x - mean) / std
+
+
+def denormalize(x: torch.Tensor, cfg: ViewConfig = ViewConfig()) -> torch.Tensor:
+    """Inverse of ``normalize`` (for pictures), clamped to [0, 1]."""
+    mean = torch.tensor(cfg.mean, dtype=x.dtype, device=x.device)[:, None, None]
+    std = torch.tensor(cfg.std, dtype=x.dtype, device=x.device)[:, None, None]
+    return (x * std + mean).clamp(0.0, 1.0)
+
+
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def _apply_to_subset(x: torch.Tensor, selected: torch.Tensor, op, *args) -> torch.Tensor:
+    """``x[selected] = op(x[selected], *args[selected])``; ``selected`` is a host bool mask."""
+    if not bool(selected.any()):
+        return x
+    if bool(selected.all()):
+        return op(x, *args)
+    index = selected.nonzero().squeeze(1)
+    device_index = index.to(x.device, non_blocking=True)
+    subset_args = [a[index] if isinstance(a, torch.Tensor) else a for a in args]
+    return x.index_copy(0, device_index, op(x.index_select(0, device_index), *subset_args))
+
+
+def _blur(x: torch.Tensor, sigmas: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    height, width = x.shape[-2:]
+    rows = blur_weights(sigmas, height, kernel_size, x.device)
+    cols = blur_weights(sigmas, width, kernel_size, x.device)
+    return apply_separable(x, rows, cols)
+
+
+def blur_kernel_size(cfg: ViewConfig) -> int:
+    """Odd kernel covering +-3 sigma of the largest sigma (13 taps for sigma <= 2)."""
+    return 2 * math.ceil(3 * cfg.blur_sigma[1]) + 1
+
+
+def _appearance(x: torch.Tensor, blocks: torch.Tensor, cfg: ViewConfig) -> torch.Tensor:
+    """Colour jitter (stored op order), grayscale, blur, solarize of resized crops in [0, 1]."""
+    jitter = blocks[:, _JITTER] > 0.5
+    factors = blocks[:, _FACTORS].float()
+    order = blocks[:, _ORDER].long()
+    for step in range(4):
+        for op_id, op in enumerate(_JITTER_OPS):
+            x = _apply_to_subset(x, jitter & (order[:, step] == op_id), op, factors[:, op_id])
+    x = _apply_to_subset(x, blocks[:, _GRAY] > 0.5, lambda y: grayscale(y).expand_as(y).contiguous())
+    sigma = blocks[:, _BLUR_SIGMA]
+    x = _apply_to_subset(x, sigma > 0, _blur, sigma, blur_kernel_size(cfg))
+    return _apply_to_subset(x, blocks[:, _SOLARIZE] > 0.5, solarize, cfg.solarize_threshold / 255.0)
+
+
+def _pack_crops(images: Sequence[torch.Tensor], boxes: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The crops zero-padded into one float batch ``[n, 3, Hmax, Wmax]`` in [0, 1] on ``device``."""
+    max_h, max_w = int(boxes[:, 2].max()), int(boxes[:, 3].max())
+    host = images[0].device
+    packed = torch.zeros(len(images), max_h, max_w, 3, dtype=torch.uint8, device=host,
+                         pin_memory=host.type == "cpu" and device.type == "cuda")
+    for i, (image, (top, left, h, w)) in enumerate(zip(images, boxes.tolist())):
+        packed[i, :h, :w] = image[top:top + h, left:left + w]
+    packed = packed.to(device, non_blocking=True)
+    return packed.permute(0, 3, 1, 2).to(torch.float32).mul_(1.0 / 255)
+
+
+def render_crops(images: Sequence[torch.Tensor], blocks: torch.Tensor, out_size: tuple[int, int],
+                 cfg: ViewConfig, device: torch.device) -> torch.Tensor:
+    """Crops ``[n, 3, h, w]`` in [0, 1] (not normalized) of RGB uint8 images, one crop block each."""
+    heights = torch.tensor([image.shape[0] for image in images], dtype=torch.float64)
+    widths = torch.tensor([image.shape[1] for image in images], dtype=torch.float64)
+    boxes = crop_boxes(blocks, heights, widths)
+    x = _pack_crops(images, boxes, device)
+    rows = resize_weights(boxes[:, 2], out_size[0], x.shape[-2], device)
+    cols = resize_weights(boxes[:, 3], out_size[1], x.shape[-1], device, flip=blocks[:, _FLIP] > 0.5)
+    x = apply_separable(x, rows, cols).clamp_(0.0, 1.0)  # bicubic overshoots
+    return _appearance(x, blocks, cfg)
+
+
+def paste_persons(canvas: torch.Tensor, persons: Sequence[torch.Tensor], positions: torch.Tensor,
+                  alpha: float) -> torch.Tensor:
+    """Blend ``alpha * person + (1 - alpha) * canvas`` at per-sample (y, x) positions ``[n, 2 * len(persons)]``."""
+    canvas = canvas.clone()
+    batch = torch.arange(len(canvas), device=canvas.device)[:, None, None]
+    positions = positions.long().to(canvas.device)
+    for k, person in enumerate(persons):
+        rows = positions[:, 2 * k, None] + torch.arange(person.shape[-2], device=canvas.device)  # [n, h]
+        cols = positions[:, 2 * k + 1, None] + torch.arange(person.shape[-1], device=canvas.device)  # [n, w]
+        where = (batch, slice(None), rows[:, :, None], cols[:, None, :])  # picks [n, h, w, C]
+        region = canvas[where]
+        canvas[where] = person.permute(0, 2, 3, 1) * alpha + region * (1.0 - alpha)
+    return canvas
+
+
+def _as_images(images: Sequence, what: str) -> list[torch.Tensor]:
+    converted = []
+    for i, image in enumerate(images):
+        try:
+            converted.append(to_rgb_uint8(image))
+        except ValueError as error:
+            raise ValueError(f"{what}[{i}]: {error}") from None
+    return converted
+
+
+def _target_device(images: list[torch.Tensor], device) -> torch.device:
+    return torch.device(device) if device is not None else images[0].device
+
+
+def render_view_sets(images: Sequence, backgrounds: Sequence, params, cfg: ViewConfig = ViewConfig(),
+                     device=None) -> RenderedViews:
+    """Render view sets: the normalized global views ``[n, 3, 256, 128]`` and crowd views ``[n, 3, 256, 256]``.
+
+    ``images[i]`` is the person image of view set ``i``; ``backgrounds[i]`` is
+    ``pool[background_indices(params)[i]]``. Images are uint8 ``[H, W, C]`` (any size; grey/RGBA are
+    converted). ``device`` defaults to the images' device. Pure: no randomness, no state.
+    """
+    params = check_view_params(params)
+    if params.ndim != 2:
+        raise ViewParamsError(f"view set parameters must be [n, {VIEW_SET_FIELDS}], got {tuple(params.shape)}")
+    n = len(params)
+    if len(backgrounds) == 0 and n > 0:
+        raise ValueError("the background pool is empty: render_view_sets needs backgrounds[i] for every view set")
+    if len(images) != n or len(backgrounds) != n:
+        raise ValueError(f"{n} view set records need {n} images and {n} backgrounds, got {len(images)} images "
+                         f"and {len(backgrounds)} backgrounds")
+    if n == 0:
+        dev = torch.device(device or "cpu")
+        return RenderedViews(torch.zeros(0, 3, *cfg.global_size, device=dev),
+                             torch.zeros(0, 3, *cfg.crowd_size, device=dev))
+    images, backgrounds = _as_images(images, "images"), _as_images(backgrounds, "backgrounds")
+    device = _target_device(images, device)
+    records = params.double()
+    global_view = render_crops(images, records[:, _GLOBAL_BLOCK], cfg.global_size, cfg, device)
+    first_person = render_crops(images, records[:, _PERSON_BLOCK], cfg.local_size, cfg, device)
+    canvas = render_crops(backgrounds, records[:, _BACKGROUND_BLOCK], cfg.crowd_size, cfg, device)
+    # The second person is the global view itself, shrunk to a person-sized patch.
+    second_person = apply_separable(
+        global_view,
+        resize_weights(torch.tensor([cfg.global_size[0]]), cfg.local_size[0], cfg.global_size[0], device),
+        resize_weights(torch.tensor([cfg.global_size[1]]), cfg.local_size[1], cfg.global_size[1], device),
+    ).clamp_(0.0, 1.0)
+    crowd = paste_persons(canvas, [first_person, second_person], records[:, _PASTE], cfg.person_alpha)
+    return RenderedViews(normalize(global_view, cfg), normalize(crowd, cfg))
+
+
+def render_local_crops(images: Sequence, params, cfg: ViewConfig = ViewConfig(), device=None) -> torch.Tensor:
+    """Normalized local crops ``[n, num_local, 3, 128, 96]`` of ``images`` from ``sample_local_crops`` records."""
+    params = check_view_params(params, LOCAL_CROP_FIELDS, "local crop")
+    if params.ndim != 3:
+        raise ViewParamsError(f"local crop parameters must be [n, num_local, {LOCAL_CROP_FIELDS}], "
+                              f"got {tuple(params.shape)}")
+    n, num_local = params.shape[:2]
+    if len(images) != n:
+        raise ValueError(f"{n} local crop records need {n} images, got {len(images)}")
+    if n * num_local == 0:
+        return torch.zeros(n, num_local, 3, *cfg.local_size, device=torch.device(device or "cpu"))
+    images = _as_images(images, "images")
+    device = _target_device(images, device)
+    repeated = [image for image in images for _ in range(num_local)]
+    crops = render_crops(repeated, params.reshape(n * num_local, -1)[:, 1:].double(), cfg.local_size, cfg, device)
+    return normalize(crops, cfg).reshape(n, num_local, 3, *cfg.local_size)

@@ -1,0 +1,371 @@
+"""Benchmark of the fused ops against eager and torch.compile'd references: `python -m kernels.bench`.
+
+For each recipe's shapes (batch 256, bf16) it times forward+backward (median, triton.testing.do_bench),
+measures peak memory, and reports achieved TFLOP/s and GB/s against ceilings measured on the same device
+(a large bf16 matmul, a large copy). It prints a table, a table of analytic floors at the ViT-Ti target
+shapes, and writes everything as JSON with --json. Without a GPU it runs the same code in Triton's
+interpreter at toy shapes and says so: those timings measure the interpreter, not the kernels.
+
+FLOPs are the useful GEMM FLOPs (forward, plus twice that for backward) — what any implementation must do;
+the fused ops execute more (they recompute instead of storing), which is why both counts are reported.
+Bytes are the compulsory traffic of an implementation that keeps only W_b (decoder) or nothing N x N
+(relation) between forward and backward; see `decoder_bytes` / `relation_bytes`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from kernels._common import INTERPRETED
+from kernels.decoder_experts import expert_path
+from kernels.relation_loss import relation_kl
+from dpal.decoder import expert_path_reference
+from dpal.losses import relation_kl_reference, relation_matrix
+from dpal.recipes import RECIPES
+
+PATTERNS = 3
+RECIPE_TOKENS = (1, 48, 128, 257)  # CLS-only calls, local crop (8x6), global view (16x8), crowd view + CLS
+TARGET_RECIPE = "path-b_vit-ti"  # the issue's H100 targets are stated at ViT-Ti shapes
+H100_DATASHEET = {"tflops_bf16_dense": 989.0, "gbps": 3350.0}  # SXM5; used for floors when no GPU is here
+
+
+def decoder_flops(batch, dim, out_dim, tokens, patterns=PATTERNS) -> dict[str, float]:
+    expert = 2.0 * batch * patterns * dim * dim * out_dim
+    output = 2.0 * batch * tokens * dim * out_dim
+    # The fused op runs the expert GEMM six times (stats + mix forward; two recomputes + two cuBLAS
+    # GEMMs on du backward) and the output GEMM three times, like eager.
+    return {"useful": 3.0 * (expert + output), "fused_executed": 6.0 * expert + 3.0 * output}
+
+
+def decoder_bytes(batch, dim, out_dim, tokens, itemsize, patterns=PATTERNS) -> float:
+    features = dim * out_dim
+    weight = 3.0 * features * dim  # read forward, read backward, gradient written
+    mixed = 6.0 * batch * features  # W_b written, read by bmm, read twice in backward; dW_b written + read
+    tokens_in = 3.0 * batch * tokens * dim  # h read forward and backward, dh written
+    tokens_out = 4.0 * batch * tokens * out_dim  # z written + read back, y written, dy read
+    queries = 3.0 * batch * patterns * dim
+    return itemsize * (weight + mixed + tokens_in + tokens_out + queries)
+
+
+def relation_flops(batch, tokens, dim) -> dict[str, float]:
+    logits = 2.0 * batch * tokens * tokens * dim
+    # Useful: S forward, then dY = (G + G^T) Y once (S is symmetric). Fused also recomputes S backward.
+    return {"useful": 2.0 * logits, "fused_executed": 3.0 * logits}
+
+
+def relation_bytes(batch, tokens, dim, itemsize, target_itemsize) -> float:
+    return itemsize * 3.0 * batch * tokens * dim + target_itemsize * 2.0 * batch * tokens * tokens
+
+
+@dataclass
+class Case:
+    op: str
+    shape: dict
+    recipes: list[str]
+    make_inputs: Callable[[], tuple[list[torch.Tensor], list[torch.Tensor]]]  # (inputs, grads of outputs)
+    impls: dict[str, Callable]
+    flops: dict[str, float]
+    bytes: float
+
+
+@dataclass
+class Result:
+    op: str
+    shape: dict
+    recipes: list[str]
+    impl: str
+    ms: float | None = None
+    peak_mib: float | None = None
+    tflops: float | None = None
+    gbps: float | None = None
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _decoder_inputs(batch, dim, out_dim, tokens, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dt).requires_grad_()
+
+    features = dim * out_dim
+    inputs = [randn(batch, PATTERNS, dim), torch.randn(batch, PATTERNS, generator=g).softmax(-1).to(device, dtype)
+              .requires_grad_(), randn(batch, tokens, dim), randn(features, dim, scale=dim ** -0.5),
+              randn(features, scale=0.02), randn(features, scale=0.1).detach().add_(1).requires_grad_(),
+              randn(features, scale=0.1), randn(out_dim, scale=0.1).detach().add_(1).requires_grad_(),
+              randn(out_dim, scale=0.1)]
+    grads = [torch.randn(batch, tokens, out_dim, generator=g).to(device, dtype), torch.ones((), device=device)]
+    return inputs, grads
+
+
+def _relation_inputs(batch, tokens, dim, dtype, target_format, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    y = torch.randn(batch, tokens, dim, generator=g).to(device, dtype).requires_grad_()
+    probs = relation_matrix(torch.randn(batch, tokens, dim, generator=g).to(device))
+    if target_format == "int8":
+        scale = probs.amax(-1) / 127
+        inputs = [y, torch.round(probs / scale[..., None]).to(torch.int8), scale]
+    else:
+        inputs = [y, probs.to(getattr(torch, target_format)), None]
+    return inputs, [torch.ones((), device=device)]
+
+
+def _decoder_call(fn):
+    def call(*inputs):
+        y, loss = fn(*inputs, eps=1e-6)
+        return [y, loss]
+    return call
+
+
+def _relation_call(fn):
+    def call(y, target, scale):
+        return [fn(y, target, scale)]
+    return call
+
+
+def _compiled(fn, enabled):
+    return torch.compile(fn) if enabled else None
+
+
+def build_cases(on_gpu: bool, batch: int, compile_refs: bool, device) -> list[Case]:
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if on_gpu:
+        decoder_shapes: dict[tuple[int, int], list[str]] = {}
+        relation_shapes: dict[tuple[int, int], list[str]] = {}
+        for name, r in RECIPES.items():
+            decoder_shapes.setdefault((r.decoder.in_dim, r.decoder.out_dim), []).append(name)
+            tokens = 257 if r.teacher.has_cls else 64  # ViT crowd view 16x16 + CLS; Swin 8x8 final grid
+            relation_shapes.setdefault((tokens, r.decoder.out_dim), []).append(name)
+        token_counts = RECIPE_TOKENS
+    else:  # interpreter: toy shapes that still have ragged tiles
+        decoder_shapes = {(24, 40): ["toy"]}
+        relation_shapes = {(70, 40): ["toy"], (64, 24): ["toy"]}
+        token_counts = (1, 9)
+
+    ref_decoder = _decoder_call(expert_path_reference)
+    ref_relation = _relation_call(relation_kl_reference)
+    compiled_decoder = _compiled(expert_path_reference, compile_refs)
+    compiled_relation = _compiled(relation_kl_reference, compile_refs)
+    cases = []
+    for (dim, out_dim), recipes in sorted(decoder_shapes.items()):
+        for tokens in token_counts:
+            impls = {"eager": ref_decoder, "fused": _decoder_call(expert_path)}
+            if compiled_decoder is not None:
+                impls["compile"] = _decoder_call(compiled_decoder)
+            cases.append(Case(
+                "decoder", dict(batch=batch, dim=dim, out_dim=out_dim, tokens=tokens, dtype=str(dtype)), recipes,
+                lambda d=dim, o=out_dim, t=tokens: _decoder_inputs(batch, d, o, t, dtype, device), impls,
+                decoder_flops(batch, dim, out_dim, tokens), decoder_bytes(batch, dim, out_dim, tokens, itemsize)))
+    for (tokens, dim), recipes in sorted(relation_shapes.items()):
+        for target_format in ("float16", "int8"):
+            impls = {"eager": ref_relation, "fused": _relation_call(relation_kl)}
+            if compiled_relation is not None:
+                impls["compile"] = _relation_call(compiled_relation)
+            target_itemsize = 1 if target_format == "int8" else 2
+            cases.append(Case(
+                "relation", dict(batch=batch, tokens=tokens, dim=dim, dtype=str(dtype), target=target_format),
+                recipes, lambda t=tokens, d=dim, f=target_format: _relation_inputs(batch, t, d, dtype, f, device),
+                impls, relation_flops(batch, tokens, dim), relation_bytes(batch, tokens, dim, itemsize,
+                                                                          target_itemsize)))
+    return cases
+
+
+def _time_ms(step, leaves, on_gpu, reps) -> float:
+    if on_gpu:
+        import triton.testing
+        return float(triton.testing.do_bench(step, grad_to_none=leaves, return_mode="median"))
+    step()  # warm-up (and the interpreter's first-call overhead)
+    times = []
+    for _ in range(reps):
+        for t in leaves:
+            t.grad = None
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def run_case(case: Case, impl: str, on_gpu: bool, reps: int) -> Result:
+    result = Result(case.op, case.shape, case.recipes, impl)
+    try:
+        inputs, grads = case.make_inputs()
+        leaves = [t for t in inputs if t is not None and t.requires_grad]
+        fn = case.impls[impl]
+
+        def step():
+            outputs = fn(*inputs)
+            torch.autograd.backward(outputs, [g.to(o.dtype) for o, g in zip(outputs, grads)])
+
+        if on_gpu:
+            step()
+            for t in leaves:
+                t.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            result.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        result.ms = _time_ms(step, leaves, on_gpu, reps)
+        seconds = result.ms / 1e3
+        result.tflops = case.flops["useful"] / seconds / 1e12
+        result.gbps = case.bytes / seconds / 1e9
+    except torch.cuda.OutOfMemoryError:
+        result.error = "out of memory"
+    except Exception as exc:  # noqa: BLE001 — one failing implementation must not hide the others' numbers
+        result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    finally:
+        if on_gpu:
+            torch.cuda.empty_cache()
+    return result
+
+
+def measure_ceilings(on_gpu: bool, device) -> dict:
+    """Achievable matmul TFLOP/s and copy GB/s on this device (the denominators of the % columns)."""
+    if on_gpu:
+        import triton.testing
+        n = 8192
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        matmul_ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+        src = torch.empty(2 ** 30, device=device, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+        del a, b, src, dst
+        torch.cuda.empty_cache()
+        return {"matmul_tflops": 2 * n ** 3 / (matmul_ms / 1e3) / 1e12, "matmul": f"bf16 {n}^3",
+                "copy_gbps": 2 * 2 ** 30 / (copy_ms / 1e3) / 1e9, "copy": "1 GiB"}
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    src = torch.empty(2 ** 27, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    matmul_s = min(_seconds(lambda: a @ b) for _ in range(5))
+    copy_s = min(_seconds(lambda: dst.copy_(src)) for _ in range(5))
+    return {"matmul_tflops": 2 * n ** 3 / matmul_s / 1e12, "matmul": f"fp32 {n}^3 (CPU)",
+            "copy_gbps": 2 * 2 ** 27 / copy_s / 1e9, "copy": "128 MiB (CPU)"}
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def target_floors(ceilings: dict | None) -> list[dict]:
+    """FLOP and byte floors at the ViT-Ti target shapes (batch 256, bf16), against measured or datasheet ceilings."""
+    recipe = RECIPES[TARGET_RECIPE]
+    dim, out_dim = recipe.decoder.in_dim, recipe.decoder.out_dim
+    tflops = ceilings["matmul_tflops"] if ceilings else H100_DATASHEET["tflops_bf16_dense"]
+    gbps = ceilings["copy_gbps"] if ceilings else H100_DATASHEET["gbps"]
+    rows = []
+    for tokens in RECIPE_TOKENS:
+        flops = decoder_flops(256, dim, out_dim, tokens)
+        rows.append(dict(op="decoder", shape=f"B256 D{dim} Do{out_dim} L{tokens}", gflop_useful=flops["useful"] / 1e9,
+                         gflop_fused=flops["fused_executed"] / 1e9, mb=decoder_bytes(256, dim, out_dim, tokens, 2) / 1e6))
+    for fmt, t_size in (("float16", 2), ("int8", 1)):
+        flops = relation_flops(256, 257, out_dim)
+        rows.append(dict(op="relation", shape=f"B256 N257 D{out_dim} {fmt}", gflop_useful=flops["useful"] / 1e9,
+                         gflop_fused=flops["fused_executed"] / 1e9, mb=relation_bytes(256, 257, out_dim, 2, t_size) / 1e6))
+    for row in rows:
+        row["floor_ms_compute"] = row["gflop_useful"] / tflops
+        row["floor_ms_fused_compute"] = row["gflop_fused"] / tflops
+        row["floor_ms_memory"] = row["mb"] / gbps
+        row["ceilings"] = "measured here" if ceilings else "H100 SXM datasheet (989 TF/s bf16, 3.35 TB/s)"
+    return rows
+
+
+def _fmt(value, spec, missing="-"):
+    return missing if value is None else format(value, spec)
+
+
+def print_table(results: list[Result], ceilings: dict, on_gpu: bool) -> None:
+    by_case: dict[str, dict[str, Result]] = {}
+    for r in results:
+        by_case.setdefault(json.dumps(r.shape, sort_keys=True) + r.op, {})[r.impl] = r
+    header = (f"{'op':9} {'shape':44} {'impl':8} {'ms':>9} {'x compile':>9} {'peak MiB':>9} {'mem/eager':>9} "
+              f"{'TFLOP/s':>8} {'%peak':>6} {'GB/s':>8} {'%copy':>6}")
+    print(header)
+    print("-" * len(header))
+    for impls in by_case.values():
+        compiled, eager = impls.get("compile"), impls.get("eager")
+        for name in ("eager", "compile", "fused"):
+            r = impls.get(name)
+            if r is None:
+                continue
+            shape = " ".join(f"{k}={v}" for k, v in r.shape.items() if k != "dtype")
+            if r.error:
+                print(f"{r.op:9} {shape:44} {name:8} error: {r.error}")
+                continue
+            speedup = compiled.ms / r.ms if compiled and compiled.ms and r.ms else None
+            mem_ratio = r.peak_mib / eager.peak_mib if eager and eager.peak_mib and r.peak_mib is not None else None
+            print(f"{r.op:9} {shape:44} {name:8} {r.ms:9.3f} {_fmt(speedup, '9.2f'):>9} "
+                  f"{_fmt(r.peak_mib, '9.1f'):>9} {_fmt(mem_ratio, '9.2f'):>9} {r.tflops:8.3f} "
+                  f"{100 * r.tflops / ceilings['matmul_tflops']:6.1f} {r.gbps:8.2f} "
+                  f"{100 * r.gbps / ceilings['copy_gbps']:6.1f}")
+    print(f"ceilings: matmul {ceilings['matmul_tflops']:.2f} TFLOP/s ({ceilings['matmul']}), "
+          f"copy {ceilings['copy_gbps']:.1f} GB/s ({ceilings['copy']})")
+
+
+def print_floors(rows: list[dict]) -> None:
+    print(f"\nfloors at the {TARGET_RECIPE} target shapes (bf16; ceilings: {rows[0]['ceilings']})")
+    print(f"{'op':9} {'shape':28} {'GFLOP useful':>12} {'GFLOP fused':>11} {'MB':>8} "
+          f"{'ms@peak':>8} {'fused ms@peak':>13} {'ms@copy':>8}")
+    for r in rows:
+        print(f"{r['op']:9} {r['shape']:28} {r['gflop_useful']:12.1f} {r['gflop_fused']:11.1f} {r['mb']:8.1f} "
+              f"{r['floor_ms_compute']:8.3f} {r['floor_ms_fused_compute']:13.3f} {r['floor_ms_memory']:8.3f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--op", choices=("all", "decoder", "relation"), default="all", help="which op to time")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size (default: 256 on a GPU, 2 in the interpreter)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile'd reference (compiling every shape takes minutes)")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions without a GPU (GPU: do_bench)")
+    args = parser.parse_args(argv)
+
+    on_gpu = torch.cuda.is_available() and not INTERPRETED
+    device = torch.device("cuda" if on_gpu else "cpu")
+    batch = args.batch or (256 if on_gpu else 2)
+    if on_gpu:
+        print(f"device: {torch.cuda.get_device_name(device)}; batch {batch}, bf16, recipe shapes")
+    else:
+        print("NO GPU: the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1) on the CPU at toy\n"
+              "shapes, in float32. These timings measure the interpreter and the CPU, not the kernels; run on a\n"
+              "CUDA machine for the recipe shapes.\n")
+    ceilings = measure_ceilings(on_gpu, device)
+    cases = [c for c in build_cases(on_gpu, batch, not args.no_compile, device) if args.op in ("all", c.op)]
+    results = []
+    for case in cases:
+        for impl in case.impls:
+            results.append(run_case(case, impl, on_gpu, args.reps))
+            print(f"  {case.op} {case.shape} {impl}: "
+                  + (results[-1].error or f"{results[-1].ms:.3f} ms"), file=sys.stderr, flush=True)
+    print_table(results, ceilings, on_gpu)
+    floors = target_floors(ceilings if on_gpu else None)
+    print_floors(floors)
+    if args.json:
+        report = {"device": torch.cuda.get_device_name(device) if on_gpu else f"cpu ({platform.processor() or 'unknown'})",
+                  "interpreted": not on_gpu, "torch": torch.__version__, "ceilings": ceilings,
+                  "results": [asdict(r) for r in results], "target_floors": floors}
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,436 @@
+"""Fused decoder expert path: matches `dpal.decoder.expert_path_reference` without [B, P, D, D_o] tensors.
+
+Math (c_e = s_e / mix_divisor, M = D * D_o, u = q_e W^T + b, g = GELU(u), per (b, e) mean mu_e and
+reciprocal std r_e of g over all M values, xhat = (g - mu_e) r_e):
+
+    W_b[m]   = gamma[m] * sum_e c_e xhat_e[m] + beta[m] * sum_e c_e
+    loss     = weight * mean_b sum_m W_b[m]^2
+    y        = LN_o(GELU(h @ W_b))
+
+Forward: two passes of one GEMM-shaped kernel over tiles (samples x M), each recomputing u from q and W
+in registers: pass 1 writes per-tile variance partials (mean, M2; merged with Chan's formula), pass 2
+writes W_b [B, M] and per-tile sums of W_b^2. Nothing of size [B, P, M] is written, and none is saved:
+backward keeps q, s, the parameters, (mu, r) [B, P] and W_b.
+
+Backward, with dW = dL/dW_b + 2 weight / B * dloss * W_b:
+    A_e = sum_m dW gamma xhat_e,  Bs = sum_m dW gamma,  C = sum_m dW beta   (pass 1, recomputes u)
+    ds_e = (A_e + C) / mix_divisor
+    du_e = GELU'(u) * r_e c_e (dW gamma - Bs / M - xhat_e A_e / M)          (pass 2, recomputes u)
+    dgamma = sum_b dW sum_e c_e xhat_e,  dbeta = sum_b dW sum_e c_e      (pass 2 epilogue)
+du exists only one column chunk at a time (at most `_DU_CHUNK_ELEMENTS` values) and is consumed by two
+cuBLAS GEMMs (dq += du W_chunk, dW_expert[chunk] = du^T q) before the next chunk is made.
+
+The output stage is a batched cuBLAS GEMM (h @ W_b, kept by autograd as usual) followed by a fused
+GELU + LayerNorm row kernel whose backward recomputes GELU and the normalised row from z = h @ W_b.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import (INTERPRETED, check_device, mma, check_dtype, check_shape, dot_precision,
+                             num_programs_for_rows)
+
+OP = "fused expert path"
+
+# Tile shape of the expert GEMM passes: rows are samples (one tl.dot per pattern query), columns the
+# D * D_o output features, K the query width. 64 x 128 x 64 keeps three bf16 tiles + one fp32
+# accumulator well inside an H100 SM's registers/shared memory with 8 warps.
+_BLOCK_B = 64
+_BLOCK_M = 128
+_BLOCK_K = 64
+_NUM_WARPS = 8
+_NUM_STAGES = 3
+# Largest transient du chunk in backward (values): 2^25 bf16 = 64 MiB, a small fraction of what eager
+# keeps, while chunks stay wide enough (>= thousands of columns) for the cuBLAS GEMMs that consume them.
+_DU_CHUNK_ELEMENTS = 1 << 25
+
+@triton.jit
+def _gelu(u):
+    return 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(u):
+    return 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476)) + u * 0.3989422804014327 * tl.exp(-0.5 * u * u)
+
+
+@triton.jit
+def _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P: tl.constexpr, D, M,
+                          BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """u = q[b, e] . W[m] + bias[m] for a tile of samples x output features, fp32."""
+    acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    q_rows = (offs_b.to(tl.int64) * P + e) * D
+    w_rows = offs_m.to(tl.int64) * D
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        q = tl.load(q_ptr + q_rows[:, None] + offs_k[None, :],
+                    mask=(offs_b[:, None] < B) & (offs_k[None, :] < D), other=0.0)
+        w = tl.load(w_ptr + w_rows[None, :] + offs_k[:, None],
+                    mask=(offs_k[:, None] < D) & (offs_m[None, :] < M), other=0.0)
+        acc = mma(q, w, acc, DOT_PRECISION, UPCAST_DOT)
+    bias = tl.load(bias_ptr + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)
+    return acc + bias[None, :]
+
+
+@triton.jit
+def _expert_stats_kernel(q_ptr, w_ptr, bias_ptr, tile_mean_ptr, tile_m2_ptr, B, D, M, n_tiles,
+                         P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Per (b, e, column tile): mean and sum of squared deviations of GELU(u) over the tile's columns."""
+    pid_b = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_ok = (offs_m < M)[None, :]
+    count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    row_ok = offs_b < B
+    for e in tl.static_range(P):
+        u = _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P, D, M,
+                                  BLOCK_B, BLOCK_M, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+        g = tl.where(col_ok, _gelu(u), 0.0)
+        tile_mean = tl.sum(g, axis=1) / count
+        dev = tl.where(col_ok, g - tile_mean[:, None], 0.0)
+        out = (offs_b * P + e) * n_tiles + pid_m
+        tl.store(tile_mean_ptr + out, tile_mean, mask=row_ok)
+        tl.store(tile_m2_ptr + out, tl.sum(dev * dev, axis=1), mask=row_ok)
+
+
+@triton.jit
+def _expert_mix_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+                       mixed_ptr, sq_partial_ptr, inv_mix, B, D, M, n_tiles,
+                       P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """W_b tile = gamma * sum_e c_e xhat_e + beta * sum_e c_e, plus per-tile row sums of W_b^2."""
+    pid_b = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_b < B
+    col_ok = offs_m < M
+    acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    c_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for e in tl.static_range(P):
+        u = _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P, D, M,
+                                  BLOCK_B, BLOCK_M, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+        mu = tl.load(mean_ptr + offs_b * P + e, mask=row_ok, other=0.0)
+        r = tl.load(rstd_ptr + offs_b * P + e, mask=row_ok, other=0.0)
+        c = tl.load(scores_ptr + offs_b * P + e, mask=row_ok, other=0.0).to(tl.float32) * inv_mix
+        acc += (c * r)[:, None] * (_gelu(u) - mu[:, None])
+        c_sum += c
+    gamma = tl.load(gamma_ptr + offs_m, mask=col_ok, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + offs_m, mask=col_ok, other=0.0).to(tl.float32)
+    mixed = (acc * gamma[None, :] + c_sum[:, None] * beta[None, :]).to(mixed_ptr.dtype.element_ty)
+    ok = row_ok[:, None] & col_ok[None, :]
+    tl.store(mixed_ptr + offs_b.to(tl.int64)[:, None] * M + offs_m[None, :], mixed, mask=ok)
+    # The loss is taken of the stored (rounded) W_b, the same values backward differentiates through.
+    stored = tl.where(ok, mixed.to(tl.float32), 0.0)
+    tl.store(sq_partial_ptr + offs_b * n_tiles + pid_m, tl.sum(stored * stored, axis=1), mask=row_ok)
+
+
+@triton.jit
+def _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef_ptr, offs_b, offs_m, B, M, m_stop):
+    """dW = dL/dW_b + (2 weight / B) dloss W_b for a tile of W_b [B, M] (zero outside rows < B, columns < m_stop)."""
+    ok = (offs_b < B)[:, None] & (offs_m < m_stop)[None, :]
+    at = offs_b.to(tl.int64)[:, None] * M + offs_m[None, :]
+    grad = tl.load(grad_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    mixed = tl.load(mixed_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    return grad + tl.load(loss_coef_ptr) * mixed
+
+
+@triton.jit
+def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+                              grad_ptr, mixed_ptr, loss_coef_ptr, partial_ptr, B, D, M, n_tiles,
+                              P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Per (b, column tile): A_e = sum dW gamma xhat_e (slots 0..P-1), sum dW gamma (P), sum dW beta (P+1)."""
+    pid_b = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_b < B
+    col_ok = offs_m < M
+    d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef_ptr, offs_b, offs_m, B, M, M)
+    gamma = tl.load(gamma_ptr + offs_m, mask=col_ok, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + offs_m, mask=col_ok, other=0.0).to(tl.float32)
+    d_gamma_scaled = d_mixed * gamma[None, :]
+    slot = offs_b * (P + 2) * n_tiles + pid_m
+    tl.store(partial_ptr + slot + P * n_tiles, tl.sum(d_gamma_scaled, axis=1), mask=row_ok)
+    tl.store(partial_ptr + slot + (P + 1) * n_tiles, tl.sum(d_mixed * beta[None, :], axis=1), mask=row_ok)
+    for e in tl.static_range(P):
+        u = _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P, D, M,
+                                  BLOCK_B, BLOCK_M, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+        mu = tl.load(mean_ptr + offs_b * P + e, mask=row_ok, other=0.0)
+        r = tl.load(rstd_ptr + offs_b * P + e, mask=row_ok, other=0.0)
+        xhat = (_gelu(u) - mu[:, None]) * r[:, None]
+        tl.store(partial_ptr + slot + e * n_tiles, tl.sum(d_gamma_scaled * xhat, axis=1), mask=row_ok)
+
+
+@triton.jit
+def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, gamma_ptr,
+                        grad_ptr, mixed_ptr, loss_coef_ptr, a_mean_ptr, b_mean_ptr,
+                        du_ptr, d_gamma_partial_ptr, d_beta_partial_ptr,
+                        inv_mix, B, D, M, m_start, m_stop, du_row_stride,
+                        P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """du for columns [m_start, m_stop) into a chunk buffer (rows b*P+e, column m - m_start); dgamma/dbeta partials."""
+    pid_b = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_m = m_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_b < B
+    col_ok = offs_m < m_stop
+    d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef_ptr, offs_b, offs_m, B, M, m_stop)
+    gamma = tl.load(gamma_ptr + offs_m, mask=col_ok, other=0.0).to(tl.float32)
+    d_gamma_scaled = d_mixed * gamma[None, :]
+    b_mean = tl.load(b_mean_ptr + offs_b, mask=row_ok, other=0.0)
+    mixed_xhat = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    c_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    ok = row_ok[:, None] & col_ok[None, :]
+    for e in tl.static_range(P):
+        u = _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P, D, M,
+                                  BLOCK_B, BLOCK_M, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+        mu = tl.load(mean_ptr + offs_b * P + e, mask=row_ok, other=0.0)
+        r = tl.load(rstd_ptr + offs_b * P + e, mask=row_ok, other=0.0)
+        c = tl.load(scores_ptr + offs_b * P + e, mask=row_ok, other=0.0).to(tl.float32) * inv_mix
+        a_mean = tl.load(a_mean_ptr + offs_b * P + e, mask=row_ok, other=0.0)
+        xhat = (_gelu(u) - mu[:, None]) * r[:, None]
+        dg = (r * c)[:, None] * (d_gamma_scaled - b_mean[:, None] - xhat * a_mean[:, None])
+        du = (dg * _gelu_grad(u)).to(du_ptr.dtype.element_ty)
+        du_rows = (offs_b.to(tl.int64) * P + e) * du_row_stride
+        tl.store(du_ptr + du_rows[:, None] + (offs_m - m_start)[None, :], du, mask=ok)
+        mixed_xhat += c[:, None] * xhat
+        c_sum += c
+    tl.store(d_gamma_partial_ptr + pid_b * M + offs_m, tl.sum(d_mixed * mixed_xhat, axis=0), mask=col_ok)
+    tl.store(d_beta_partial_ptr + pid_b * M + offs_m, tl.sum(d_mixed * c_sum[:, None], axis=0), mask=col_ok)
+
+
+@triton.jit
+def _gelu_layer_norm_fwd_kernel(z_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, width, eps,
+                                BLOCK: tl.constexpr):
+    """One row: y = LN(GELU(z)) * w + b; keeps the row's mean and reciprocal std for backward."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < width
+    a = _gelu(tl.load(z_ptr + row * width + cols, mask=ok, other=0.0).to(tl.float32))
+    mean = tl.sum(tl.where(ok, a, 0.0), axis=0) / width
+    dev = tl.where(ok, a - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=0) / width + eps)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * width + cols, (dev * rstd * w + b).to(y_ptr.dtype.element_ty), mask=ok)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _gelu_layer_norm_bwd_kernel(z_ptr, dy_ptr, dz_ptr, w_ptr, mean_ptr, rstd_ptr, dw_partial_ptr,
+                                db_partial_ptr, n_rows, width, rows_per_program,
+                                BLOCK: tl.constexpr):
+    """Rows [pid * rows_per_program, ...): dz (GELU recomputed from z) and per-program dw/db partials."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < width
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    db = tl.zeros((BLOCK,), dtype=tl.float32)
+    first = pid * rows_per_program
+    for row in range(first, tl.minimum(first + rows_per_program, n_rows)):
+        at = row * width + cols  # < 2^31: B * L * D_o stays far below it at every recipe shape
+        z = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        xhat = tl.where(ok, (_gelu(z) - tl.load(mean_ptr + row)) * rstd, 0.0)
+        dxhat = dy * w
+        da = rstd * (dxhat - tl.sum(dxhat, axis=0) / width - xhat * (tl.sum(dxhat * xhat, axis=0) / width))
+        tl.store(dz_ptr + at, (da * _gelu_grad(z)).to(dz_ptr.dtype.element_ty), mask=ok)
+        dw += dy * xhat
+        db += dy
+    tl.store(dw_partial_ptr + pid * width + cols, dw, mask=ok)
+    tl.store(db_partial_ptr + pid * width + cols, db, mask=ok)
+
+
+def _expert_grid(batch: int, columns: int) -> tuple[int, int]:
+    return triton.cdiv(batch, _BLOCK_B), triton.cdiv(columns, _BLOCK_M)
+
+
+def _block_k(dim: int) -> int:
+    return max(16, min(_BLOCK_K, triton.next_power_of_2(dim)))
+
+
+class ExpertMixFunction(torch.autograd.Function):
+    """(queries, scores, expert Linear, LN_E) -> (W_b [B, D*D_o], experts_loss); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, queries, scores, weight, bias, norm_weight, norm_bias, mix_divisor, loss_weight, eps):
+        batch, patterns, dim = queries.shape
+        features = weight.shape[0]
+        n_tiles = triton.cdiv(features, _BLOCK_M)
+        grid = _expert_grid(batch, features)
+        f32 = dict(device=queries.device, dtype=torch.float32)
+        meta = dict(P=patterns, BLOCK_B=_BLOCK_B, BLOCK_M=_BLOCK_M, BLOCK_K=_block_k(dim),
+                    DOT_PRECISION=dot_precision(queries.dtype), UPCAST_DOT=INTERPRETED, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+
+        tile_mean = torch.empty(batch, patterns, n_tiles, **f32)
+        tile_m2 = torch.empty(batch, patterns, n_tiles, **f32)
+        _expert_stats_kernel[grid](queries, weight, bias, tile_mean, tile_m2, batch, dim, features, n_tiles,
+                                   **meta)
+        # Chan's merge of the per-tile (count, mean, M2) in float64: exact enough for any D*D_o.
+        counts = torch.full((n_tiles,), _BLOCK_M, device=queries.device, dtype=torch.float64)
+        counts[-1] = features - _BLOCK_M * (n_tiles - 1)
+        tile_mean, tile_m2 = tile_mean.double(), tile_m2.double()
+        mean = (tile_mean * counts).sum(-1) / features
+        m2 = tile_m2.sum(-1) + ((tile_mean - mean[..., None]).square() * counts).sum(-1)
+        rstd = torch.rsqrt(m2 / features + eps).float()
+        mean = mean.float()
+
+        mixed = torch.empty(batch, features, device=queries.device, dtype=queries.dtype)
+        sq_partial = torch.empty(batch, n_tiles, **f32)
+        _expert_mix_kernel[grid](queries, weight, bias, scores, mean, rstd, norm_weight, norm_bias, mixed,
+                                 sq_partial, 1.0 / mix_divisor, batch, dim, features, n_tiles, **meta)
+        experts_loss = loss_weight * sq_partial.sum() / batch
+
+        ctx.save_for_backward(queries, scores, weight, bias, norm_weight, norm_bias, mean, rstd, mixed)
+        ctx.mix_divisor, ctx.loss_weight, ctx.meta = mix_divisor, loss_weight, meta
+        return mixed, experts_loss.to(queries.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_mixed, grad_loss):
+        queries, scores, weight, bias, norm_weight, norm_bias, mean, rstd, mixed = ctx.saved_tensors
+        meta = ctx.meta
+        batch, patterns, dim = queries.shape
+        features = weight.shape[0]
+        n_tiles = triton.cdiv(features, _BLOCK_M)
+        f32 = dict(device=queries.device, dtype=torch.float32)
+        grad_mixed = torch.zeros_like(mixed) if grad_mixed is None else grad_mixed.contiguous()
+        grad_loss = torch.zeros((), **f32) if grad_loss is None else grad_loss.float()
+        loss_coef = (2.0 * ctx.loss_weight / batch) * grad_loss.reshape(())
+
+        partial = torch.empty(batch, patterns + 2, n_tiles, **f32)
+        _expert_grad_stats_kernel[_expert_grid(batch, features)](
+            queries, weight, bias, mean, rstd, norm_weight, norm_bias, grad_mixed, mixed, loss_coef, partial,
+            batch, dim, features, n_tiles, **meta)
+        sums = partial.sum(-1)
+        a_sums, gamma_sums, beta_sums = sums[:, :patterns], sums[:, patterns], sums[:, patterns + 1]
+        grad_scores = (a_sums + beta_sums[:, None]) / ctx.mix_divisor
+        a_mean = (a_sums / features).contiguous()
+        b_mean = (gamma_sums / features).contiguous()
+
+        n_row_blocks = triton.cdiv(batch, _BLOCK_B)
+        d_gamma_partial = torch.empty(n_row_blocks, features, **f32)
+        d_beta_partial = torch.empty(n_row_blocks, features, **f32)
+        grad_queries = torch.zeros(batch * patterns, dim, **f32)
+        grad_weight = torch.empty_like(weight)
+        grad_bias = torch.empty(features, **f32)
+        q_rows = queries.view(batch * patterns, dim)
+        chunk = max(_BLOCK_M, _DU_CHUNK_ELEMENTS // (batch * patterns) // _BLOCK_M * _BLOCK_M)
+        du = torch.empty(batch * patterns, min(chunk, features), device=queries.device, dtype=queries.dtype)
+        for m_start in range(0, features, chunk):
+            m_stop = min(m_start + chunk, features)
+            du_chunk = du[:, :m_stop - m_start]
+            _expert_grad_kernel[_expert_grid(batch, m_stop - m_start)](
+                queries, weight, bias, scores, mean, rstd, norm_weight, grad_mixed, mixed, loss_coef,
+                a_mean, b_mean, du_chunk, d_gamma_partial, d_beta_partial, 1.0 / ctx.mix_divisor,
+                batch, dim, features, m_start, m_stop, du.stride(0), **meta)
+            grad_queries += (du_chunk @ weight[m_start:m_stop]).float()
+            torch.mm(du_chunk.t(), q_rows, out=grad_weight[m_start:m_stop])
+            grad_bias[m_start:m_stop] = du_chunk.sum(0, dtype=torch.float32)
+        return (grad_queries.view_as(queries).to(queries.dtype), grad_scores.to(scores.dtype), grad_weight,
+                grad_bias.to(bias.dtype), d_gamma_partial.sum(0).to(norm_weight.dtype),
+                d_beta_partial.sum(0).to(norm_bias.dtype), None, None, None)
+
+
+class GeluLayerNormFunction(torch.autograd.Function):
+    """y = LayerNorm(GELU(z)) over the last axis of z [R, O], with weight/bias [O]."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, eps):
+        rows, width = z.shape
+        block = triton.next_power_of_2(width)
+        num_warps = min(max(block // 256, 1), 8)
+        y = torch.empty_like(z)
+        mean = torch.empty(rows, device=z.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        _gelu_layer_norm_fwd_kernel[(rows,)](z, y, weight, bias, mean, rstd, width, eps, BLOCK=block,
+                                             num_warps=num_warps)
+        ctx.save_for_backward(z, weight, mean, rstd)
+        ctx.num_warps = num_warps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        z, weight, mean, rstd = ctx.saved_tensors
+        rows, width = z.shape
+        programs = num_programs_for_rows(rows, z.device)
+        rows_per_program = triton.cdiv(rows, programs)
+        programs = triton.cdiv(rows, rows_per_program)
+        dz = torch.empty_like(z)
+        dw_partial = torch.empty(programs, width, device=z.device, dtype=torch.float32)
+        db_partial = torch.empty_like(dw_partial)
+        _gelu_layer_norm_bwd_kernel[(programs,)](z, grad_y.contiguous(), dz, weight, mean, rstd, dw_partial,
+                                                 db_partial, rows, width, rows_per_program,
+                                                 BLOCK=triton.next_power_of_2(width), num_warps=ctx.num_warps)
+        return dz, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype), None
+
+
+def _check_inputs(queries, scores, h, expert_weight, expert_bias, expert_norm_weight, expert_norm_bias,
+                  out_norm_weight, out_norm_bias) -> None:
+    check_device(OP, queries=queries, scores=scores, h=h, expert_weight=expert_weight, expert_bias=expert_bias,
+                 expert_norm_weight=expert_norm_weight, expert_norm_bias=expert_norm_bias,
+                 out_norm_weight=out_norm_weight, out_norm_bias=out_norm_bias)
+    if queries.dim() != 3 or h.dim() != 3:
+        raise ValueError(f"{OP}: queries must be [B,P,D] and h [B,L,D]; got {tuple(queries.shape)} "
+                         f"and {tuple(h.shape)}")
+    batch, patterns, dim = queries.shape
+    out_dim = out_norm_weight.shape[0] if out_norm_weight.dim() == 1 else -1
+    if out_dim <= 0:
+        raise ValueError(f"{OP}: out_norm_weight must be [D_o]; got {tuple(out_norm_weight.shape)}")
+    if batch == 0 or h.shape[1] == 0:
+        raise ValueError(f"{OP}: empty batch or token axis (queries {tuple(queries.shape)}, h {tuple(h.shape)})")
+    check_shape(OP, "scores", scores, (batch, patterns))
+    check_shape(OP, "h", h, (batch, h.shape[1], dim))
+    check_shape(OP, "expert_weight", expert_weight, (dim * out_dim, dim))
+    for name, t, n in (("expert_bias", expert_bias, dim * out_dim), ("expert_norm_weight", expert_norm_weight,
+                       dim * out_dim), ("expert_norm_bias", expert_norm_bias, dim * out_dim),
+                       ("out_norm_bias", out_norm_bias, out_dim)):
+        check_shape(OP, name, t, (n,))
+    for name, t in (("queries", queries), ("scores", scores), ("h", h), ("expert_weight", expert_weight),
+                    ("expert_bias", expert_bias), ("expert_norm_weight", expert_norm_weight),
+                    ("expert_norm_bias", expert_norm_bias), ("out_norm_weight", out_norm_weight),
+                    ("out_norm_bias", out_norm_bias)):
+        check_dtype(OP, name, t)
+    mixed = {name: t.dtype for name, t in (("queries", queries), ("h", h), ("expert_weight", expert_weight))}
+    if len(set(mixed.values())) != 1:
+        raise TypeError(f"{OP}: the GEMM operands must share one dtype (cast them, or run under autocast); got "
+                        + ", ".join(f"{n}={str(d).removeprefix('torch.')}" for n, d in mixed.items()))
+
+
+def expert_path(queries: torch.Tensor, scores: torch.Tensor, h: torch.Tensor,
+                expert_weight: torch.Tensor, expert_bias: torch.Tensor,
+                expert_norm_weight: torch.Tensor, expert_norm_bias: torch.Tensor,
+                out_norm_weight: torch.Tensor, out_norm_bias: torch.Tensor, *,
+                mix_divisor: float = 256.0, experts_loss_weight: float = 0.025,
+                eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused `dpal.decoder.expert_path_reference` (same arguments, same results up to rounding).
+
+    Under CUDA autocast the GEMM operands (queries, h, expert_weight) are cast to the autocast dtype, as
+    the reference's matmuls would be; the small vectors are read in whatever float dtype they have.
+    """
+    if queries.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        queries, h, expert_weight = queries.to(dtype), h.to(dtype), expert_weight.to(dtype)
+    _check_inputs(queries, scores, h, expert_weight, expert_bias, expert_norm_weight, expert_norm_bias,
+                  out_norm_weight, out_norm_bias)
+    batch, _, dim = queries.shape
+    out_dim = out_norm_weight.shape[0]
+    with torch.autocast(queries.device.type, enabled=False):
+        mixed, experts_loss = ExpertMixFunction.apply(
+            queries.contiguous(), scores.contiguous(), expert_weight.contiguous(), expert_bias.contiguous(),
+            expert_norm_weight.contiguous(), expert_norm_bias.contiguous(), float(mix_divisor),
+            float(experts_loss_weight), float(eps))
+        z = torch.bmm(h, mixed.view(batch, dim, out_dim))
+        y = GeluLayerNormFunction.apply(z.view(-1, out_dim), out_norm_weight.contiguous(),
+                                        out_norm_bias.contiguous(), float(eps))
+    return y.view(batch, -1, out_dim), experts_loss

@@ -1,0 +1,175 @@
+"""Fused relation loss: matches `dpal.losses.relation_kl_reference` without storing student logits.
+
+With S = Y Y^T / sqrt(D) per sample, p the target rows (int8 targets dequantized in the kernel as
+q * row scale), P_i = sum_j p_ij and lse_i = logsumexp_j S_ij:
+
+    KL_i = sum_j xlogy(p_ij, p_ij) - sum_j p_ij S_ij + P_i lse_i        loss = mean_{b,i} KL_i
+
+Forward: one program per (sample, block of rows) sweeps the column blocks with an online logsumexp
+(flash-attention style); S tiles live only in registers. It keeps lse and P [B, N] for backward.
+Backward: dKL/dS_ij = P_i softmax_ij - p_ij =: G_ij, and since S is symmetric,
+dY = (G + G^T) Y / sqrt(D) (times the incoming gradient / (B N)). One program per (sample, I, J) tile
+recomputes S_IJ and writes (G_IJ + G_JI^T) scaled — G_JI^T comes from the same S tile with the column
+rows' lse and the transposed target tile — and a batched cuBLAS GEMM multiplies it by Y. The only
+N x N buffer is that gradient, in Y's dtype, the size of the target itself, alive during backward only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import INTERPRETED, check_device, check_dtype, check_shape, dot_precision, mma
+
+OP = "fused relation KL"
+
+_BLOCK_I = 64
+_BLOCK_J = 64
+_BLOCK_K = 64
+_NUM_WARPS = 4
+_NUM_STAGES = 3
+TARGET_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+
+
+@triton.jit
+def _scaled_logits(y_ptr, offs_i, offs_j, N, D, scale, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                   BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """S tile = Y_I Y_J^T * scale for one sample (y_ptr at the sample), fp32."""
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < D
+        a = tl.load(y_ptr + offs_i[:, None] * D + offs_k[None, :], mask=(offs_i[:, None] < N) & k_ok[None, :],
+                    other=0.0)
+        b = tl.load(y_ptr + offs_j[None, :] * D + offs_k[:, None], mask=(offs_j[None, :] < N) & k_ok[:, None],
+                    other=0.0)
+        acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
+    return acc * scale
+
+
+@triton.jit
+def _target_tile(t_ptr, row_scale_ptr, rows, cols, N, QUANTIZED: tl.constexpr):
+    """Target probabilities p[rows, cols] of one sample as fp32 (0 outside), dequantized when int8."""
+    ok = (rows[:, None] < N) & (cols[None, :] < N)
+    p = tl.load(t_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0).to(tl.float32)
+    if QUANTIZED:
+        p = p * tl.load(row_scale_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+    return p
+
+
+@triton.jit
+def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, kl_ptr, lse_ptr, mass_ptr, N, D, scale,
+                            QUANTIZED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    y_ptr += b * N * D
+    t_ptr += b * N * N
+    row_scale_ptr += b * N
+    running_max = tl.full((BLOCK_I,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    p_logit = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    p_log_p = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    mass = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    for j0 in range(0, N, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        col_ok = (offs_j < N)[None, :]
+        s = _scaled_logits(y_ptr, offs_i, offs_j, N, D, scale, BLOCK_I, BLOCK_J, BLOCK_K, DOT_PRECISION,
+                           UPCAST_DOT)
+        new_max = tl.maximum(running_max, tl.max(tl.where(col_ok, s, float("-inf")), axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + \
+            tl.sum(tl.where(col_ok, tl.exp(s - new_max[:, None]), 0.0), axis=1)
+        running_max = new_max
+        p = _target_tile(t_ptr, row_scale_ptr, offs_i, offs_j, N, QUANTIZED)
+        p_logit += tl.sum(p * s, axis=1)  # p = 0 on padded columns, where s is finite
+        p_log_p += tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), axis=1)
+        mass += tl.sum(p, axis=1)
+    lse = running_max + tl.log(running_sum)
+    row_ok = offs_i < N
+    tl.store(kl_ptr + b * N + offs_i, p_log_p - p_logit + mass * lse, mask=row_ok)
+    tl.store(lse_ptr + b * N + offs_i, lse, mask=row_ok)
+    tl.store(mass_ptr + b * N + offs_i, mass, mask=row_ok)
+
+
+@triton.jit
+def _relation_kl_bwd_kernel(y_ptr, t_ptr, row_scale_ptr, lse_ptr, mass_ptr, grad_ptr, out_ptr, N, D, scale,
+                            QUANTIZED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """out[b, I, J] = d loss / d S_IJ + (d loss / d S_JI)^T, already multiplied by the scale of S."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    y_ptr += b * N * D
+    t_ptr += b * N * N
+    row_scale_ptr += b * N
+    s = _scaled_logits(y_ptr, offs_i, offs_j, N, D, scale, BLOCK_I, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+    row_ok = offs_i < N
+    col_ok = offs_j < N
+    lse_i = tl.load(lse_ptr + b * N + offs_i, mask=row_ok, other=0.0)
+    lse_j = tl.load(lse_ptr + b * N + offs_j, mask=col_ok, other=0.0)
+    mass_i = tl.load(mass_ptr + b * N + offs_i, mask=row_ok, other=0.0)
+    mass_j = tl.load(mass_ptr + b * N + offs_j, mask=col_ok, other=0.0)
+    p_ij = _target_tile(t_ptr, row_scale_ptr, offs_i, offs_j, N, QUANTIZED)
+    p_ji = tl.trans(_target_tile(t_ptr, row_scale_ptr, offs_j, offs_i, N, QUANTIZED))
+    g = mass_i[:, None] * tl.exp(s - lse_i[:, None]) - p_ij + mass_j[None, :] * tl.exp(s - lse_j[None, :]) - p_ji
+    g = g * (tl.load(grad_ptr) * scale)
+    ok = row_ok[:, None] & col_ok[None, :]
+    tl.store(out_ptr + b * N * N + offs_i[:, None] * N + offs_j[None, :], g.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _meta(dtype: torch.dtype, dim: int, quantized: bool) -> dict:
+    return dict(QUANTIZED=quantized, BLOCK_I=_BLOCK_I, BLOCK_J=_BLOCK_J,
+                BLOCK_K=max(16, min(_BLOCK_K, triton.next_power_of_2(dim))), DOT_PRECISION=dot_precision(dtype),
+                UPCAST_DOT=INTERPRETED, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+
+
+class RelationKLFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, target, row_scale):
+        batch, n, dim = y.shape
+        quantized = row_scale is not None
+        row_scale_arg = row_scale if quantized else target  # never read when not quantized
+        meta = _meta(y.dtype, dim, quantized)
+        scale = 1.0 / math.sqrt(dim)
+        f32 = dict(device=y.device, dtype=torch.float32)
+        kl_rows, lse, mass = (torch.empty(batch, n, **f32) for _ in range(3))
+        _relation_kl_fwd_kernel[(batch, triton.cdiv(n, _BLOCK_I))](
+            y, target, row_scale_arg, kl_rows, lse, mass, n, dim, scale, **meta)
+        ctx.save_for_backward(y, target, row_scale_arg, lse, mass)
+        ctx.meta, ctx.scale = meta, scale
+        return kl_rows.sum() / (batch * n)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        y, target, row_scale_arg, lse, mass = ctx.saved_tensors
+        batch, n, dim = y.shape
+        grad_scaled = (grad_loss.float() / (batch * n)).reshape(())
+        grad_logits = torch.empty(batch, n, n, device=y.device, dtype=y.dtype)
+        _relation_kl_bwd_kernel[(batch, triton.cdiv(n, _BLOCK_I), triton.cdiv(n, _BLOCK_J))](
+            y, target, row_scale_arg, lse, mass, grad_scaled, grad_logits, n, dim, ctx.scale, **ctx.meta)
+        return torch.bmm(grad_logits, y), None, None
+
+
+def relation_kl(y: torch.Tensor, target: torch.Tensor,
+                target_row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused `dpal.losses.relation_kl_reference` (same arguments; float32 scalar result)."""
+    tensors = dict(y=y, target=target) | ({} if target_row_scale is None else dict(target_row_scale=target_row_scale))
+    check_device(OP, **tensors)
+    if y.dim() != 3 or y.shape[1] == 0 or y.shape[0] == 0 or y.shape[2] == 0:
+        raise ValueError(f"{OP}: y must be a non-empty [B,N,D] tensor; got shape {tuple(y.shape)}")
+    batch, n, _ = y.shape
+    check_dtype(OP, "y", y)
+    check_dtype(OP, "target", target, TARGET_DTYPES)
+    check_shape(OP, "target", target, (batch, n, n))
+    if (target.dtype == torch.int8) != (target_row_scale is not None):
+        raise ValueError(f"{OP}: int8 targets need target_row_scale [B,N] (p = q * scale) and float targets "
+                         f"take none; got target {target.dtype} with "
+                         f"{'no scale' if target_row_scale is None else 'a scale'}")
+    if target_row_scale is not None:
+        check_shape(OP, "target_row_scale", target_row_scale, (batch, n))
+        check_dtype(OP, "target_row_scale", target_row_scale, (torch.float32, torch.float16, torch.bfloat16))
+        target_row_scale = target_row_scale.contiguous()
+    with torch.autocast(y.device.type, enabled=False):
+        return RelationKLFunction.apply(y.contiguous(), target.contiguous(), target_row_scale)

@@ -1,0 +1,116 @@
+"""Fused decoder expert path vs `dpal.decoder.expert_path_reference` in float64, forward and backward.
+
+On CPU the Triton kernels run in the interpreter at small shapes (ragged tiles, L = 1, several row and
+column blocks, chunked backward); with CUDA the same comparison runs at the recipes' shapes.
+"""
+import pytest
+import torch
+
+import kernels  # noqa: F401  (selects Triton's interpreter when CUDA is absent)
+from dpal.decoder import expert_path_reference
+from dpal.recipes import RECIPES
+from kernels import decoder_experts
+from kernels.decoder_experts import expert_path
+
+# Relative-error ceilings: fp32 kernels accumulate in fp32 (IEEE dots); bf16 outputs and the stored W_b
+# carry bf16 rounding (2^-9) and the bf16 GEMMs in backward round their outputs too.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+NAMES = ("queries", "scores", "h", "expert_weight", "expert_bias", "expert_norm_weight", "expert_norm_bias",
+         "out_norm_weight", "out_norm_bias")
+GEMM_OPERANDS = {"queries", "h", "expert_weight"}
+EPS = 1e-6  # the decoder's LayerNorm eps
+
+
+def _inputs(batch, patterns, dim, out_dim, tokens, generator):
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+
+    features = dim * out_dim
+    return {"queries": randn(batch, patterns, dim), "scores": randn(batch, patterns).softmax(-1),
+            "h": randn(batch, tokens, dim), "expert_weight": randn(features, dim, scale=dim ** -0.5),
+            "expert_bias": randn(features, scale=0.1), "expert_norm_weight": 1 + 0.2 * randn(features),
+            "expert_norm_bias": 0.2 * randn(features), "out_norm_weight": 1 + 0.2 * randn(out_dim),
+            "out_norm_bias": 0.2 * randn(out_dim)}
+
+
+def _relative_error(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _check_against_reference(shape, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    base = _inputs(*shape, generator)
+    # Kernel inputs: GEMM operands in the test dtype, the small vectors in fp32 (as under autocast).
+    ours = {n: t.to(device, dtype if n in GEMM_OPERANDS else torch.float32).requires_grad_() for n, t in base.items()}
+    # The reference sees exactly the rounded values the kernel sees, in float64.
+    ref = {n: t.detach().double().cpu().requires_grad_() for n, t in ours.items()}
+    grad_y = torch.randn(shape[0], shape[4], shape[3], generator=generator, dtype=torch.float64)
+    grad_loss = 3.0
+
+    y_ref, loss_ref = expert_path_reference(*ref.values(), eps=EPS)
+    ((y_ref * grad_y).sum() + grad_loss * loss_ref).backward()
+    y, loss = expert_path(*ours.values(), eps=EPS)
+    ((y.double() * grad_y.to(device)).sum() + grad_loss * loss.double()).backward()
+
+    tol = TOLERANCE[dtype]
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    errors = {"y": _relative_error(y.cpu(), y_ref.detach()), "loss": _relative_error(loss.cpu(), loss_ref.detach())}
+    errors.update({f"d_{n}": _relative_error(ours[n].grad.cpu(), ref[n].grad) for n in NAMES})
+    assert all(ours[n].grad.dtype == ours[n].dtype for n in NAMES)
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol} for {shape} {dtype}: {bad}"
+
+
+# (B, P, D, D_o, L): ragged column tiles (D*D_o not a multiple of 128), ragged K (D not a power of 2),
+# L = 1 (CLS-only calls), and B > 64 for more than one row block.
+CPU_SHAPES = [(3, 3, 16, 8, 1), (5, 3, 24, 20, 7), (4, 3, 12, 44, 9), (67, 3, 8, 20, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference_small(shape, dtype):
+    if torch.cuda.is_available():
+        pytest.skip("small interpreter shapes are for CPU; the CUDA test covers recipe shapes")
+    _check_against_reference(shape, dtype, "cpu")
+
+
+def test_chunked_backward_matches_reference(monkeypatch):
+    # Backward makes du one column chunk at a time; force several chunks, the last one ragged.
+    monkeypatch.setattr(decoder_experts, "_DU_CHUNK_ELEMENTS", 5 * 3 * 128)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check_against_reference((5, 3, 20, 30, 4), torch.float32, device)
+
+
+def _recipe_shapes():
+    shapes = sorted({(r.decoder.in_dim, r.decoder.out_dim) for r in RECIPES.values()})
+    return [(64, 3, d, o, tokens) for d, o in shapes for tokens in (1, 257)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="recipe shapes need CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", _recipe_shapes(), ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference_recipe_shapes(shape, dtype):
+    _check_against_reference(shape, dtype, "cuda")
+
+
+def _valid_inputs(**overrides):
+    inputs = {n: t.float() for n, t in _inputs(2, 3, 8, 4, 3, torch.Generator().manual_seed(1)).items()}
+    inputs.update(overrides)
+    return inputs
+
+
+def test_unsupported_dtype_is_named():
+    with pytest.raises(TypeError, match=r"queries has dtype torch.float64; supported: float32, bfloat16"):
+        expert_path(*_valid_inputs(queries=torch.zeros(2, 3, 8, dtype=torch.float64)).values())
+
+
+def test_mixed_gemm_dtypes_are_named():
+    with pytest.raises(TypeError, match=r"share one dtype.*h=bfloat16"):
+        expert_path(*_valid_inputs(h=torch.zeros(2, 3, 8, dtype=torch.bfloat16)).values())
+
+
+def test_wrong_shape_is_named():
+    with pytest.raises(ValueError, match=r"expert_weight has shape \(32, 7\), expected \(32, 8\)"):
+        expert_path(*_valid_inputs(expert_weight=torch.zeros(32, 7)).values())
+    with pytest.raises(ValueError, match=r"scores has shape \(2, 2\), expected \(2, 3\)"):
+        expert_path(*_valid_inputs(scores=torch.zeros(2, 2)).values())

@@ -1,0 +1,121 @@
+"""DPAL losses (spec section 6) against direct float64 computations on fresh random inputs."""
+import math
+
+import pytest
+import torch
+
+from dpal import dispatch
+from dpal.config import OptimConfig
+from dpal.losses import (global_loss, local_loss, moe_weight, relation_kl_reference, relation_matrix,
+                         total_loss)
+
+
+def _direct_relation(tokens):
+    b, n, d = tokens.shape
+    out = torch.empty(b, n, n, dtype=torch.float64)
+    for i in range(b):
+        for r in range(n):
+            logits = [float(tokens[i, r].double() @ tokens[i, c].double()) / math.sqrt(d) for c in range(n)]
+            top = max(logits)
+            exps = [math.exp(v - top) for v in logits]
+            out[i, r] = torch.tensor(exps, dtype=torch.float64) / sum(exps)
+    return out
+
+
+def _direct_kl(target_probs, student_probs):
+    b, n, _ = target_probs.shape
+    total = 0.0
+    for i in range(b):
+        for r in range(n):
+            total += sum(float(p) * (math.log(float(p)) - math.log(float(q)))
+                         for p, q in zip(target_probs[i, r], student_probs[i, r]) if p > 0)
+    return total / (b * n)
+
+
+@pytest.mark.parametrize("b,n,d", [(2, 5, 7), (1, 17, 16), (3, 1, 4)])
+def test_relation_matrix_matches_direct_softmax(b, n, d):
+    tokens = torch.randn(b, n, d, dtype=torch.float64)
+    got = relation_matrix(tokens)
+    torch.testing.assert_close(got, _direct_relation(tokens), rtol=1e-12, atol=1e-14)
+    assert relation_matrix(tokens.float()).dtype == torch.float32
+    assert relation_matrix(tokens.bfloat16()).dtype == torch.float32  # softmax never in bf16
+
+
+@pytest.mark.parametrize("b,n,d", [(2, 6, 8), (1, 13, 5)])
+def test_relation_kl_matches_direct_float_target(b, n, d):
+    y = torch.randn(b, n, d, dtype=torch.float64)
+    target = relation_matrix(torch.randn(b, n, 3, dtype=torch.float64) * 2)
+    target[0, 0] = 0.0  # a row with exact zeros must contribute 0 * log 0 = 0, not nan
+    target[0, 0, 1] = 1.0
+    got = relation_kl_reference(y, target)
+    expected = _direct_kl(target, _direct_relation(y))
+    assert math.isclose(float(got), expected, rel_tol=1e-10)
+    # the dispatched op is the same function here (no CUDA)
+    assert math.isclose(float(dispatch.relation_kl(y, target)), expected, rel_tol=1e-10)
+
+
+def test_relation_kl_int8_target_with_row_scale():
+    b, n, d = 2, 9, 6
+    y = torch.randn(b, n, d, dtype=torch.float64)
+    probs = relation_matrix(torch.randn(b, n, 4, dtype=torch.float64))
+    scale = probs.amax(dim=-1) / 127
+    q = torch.round(probs / scale[..., None]).to(torch.int8)
+    got = relation_kl_reference(y, q, scale)
+    expected = _direct_kl(q.double() * scale[..., None], _direct_relation(y))
+    assert math.isclose(float(got), expected, rel_tol=1e-10)
+    with pytest.raises(ValueError, match="row scale"):
+        relation_kl_reference(y, q)
+    with pytest.raises(ValueError, match="shape"):
+        relation_kl_reference(y, q, scale[:, :-1])
+
+
+def test_relation_kl_float16_target_and_gradient():
+    y = torch.randn(2, 7, 5, requires_grad=True)
+    target = relation_matrix(torch.randn(2, 7, 5)).half()
+    loss = relation_kl_reference(y, target)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+    expected = _direct_kl(target.double(), _direct_relation(y.detach()))
+    assert math.isclose(float(loss.detach()), expected, rel_tol=1e-5)
+    # KL of a distribution with itself is zero
+    same = relation_kl_reference(y.detach().double(), relation_matrix(y.detach().double()))
+    assert abs(float(same)) < 1e-12
+
+
+def test_relation_kl_rejects_mismatched_target():
+    with pytest.raises(ValueError, match="expected"):
+        relation_kl_reference(torch.randn(2, 5, 3), torch.rand(2, 5, 4))
+    with pytest.raises(ValueError, match="not supported"):
+        relation_kl_reference(torch.randn(2, 5, 3), torch.ones(2, 5, 5, dtype=torch.int32))
+
+
+def test_global_loss_is_mean_of_per_view_mse():
+    b, d = 4, 6
+    target = torch.randn(b, d, dtype=torch.float64)
+    views = [torch.randn(b, 1, d, dtype=torch.float64) for _ in range(3)]
+    expected = sum(float(((v[:, 0] - target) ** 2).sum()) / (b * d) for v in views) / 3
+    assert math.isclose(float(global_loss(views, target)), expected, rel_tol=1e-12)
+    with pytest.raises(ValueError):
+        global_loss([], target)
+
+
+def test_local_loss_is_masked_mse():
+    b, n, d = 3, 7, 5
+    s, t = torch.randn(b, n, d, dtype=torch.float64), torch.randn(b, n, d, dtype=torch.float64)
+    mask = torch.rand(b, n, dtype=torch.float64)
+    direct = sum(float((mask[i, j] * s[i, j, k] - mask[i, j] * t[i, j, k]) ** 2)
+                 for i in range(b) for j in range(n) for k in range(d)) / (b * n * d)
+    assert math.isclose(float(local_loss(s, t, mask)), direct, rel_tol=1e-12)
+    # a float16 mask / target (as stored) is accepted
+    got16 = local_loss(s.float(), t.half(), mask.half())
+    assert math.isclose(float(got16), direct, rel_tol=2e-3)
+    with pytest.raises(ValueError, match="mask"):
+        local_loss(s, t, mask[:, :-1])
+
+
+def test_moe_weight_schedule_and_total():
+    optim = OptimConfig()
+    assert [moe_weight(e, optim) for e in (0, 19, 19.99, 20, 199)] == [0.1, 0.1, 0.1, 0.01, 0.01]
+    terms = {"global": 1.0, "local": 2.0, "relation": 3.0, "moe": 4.0, "experts": 5.0}
+    terms = {k: torch.tensor(v) for k, v in terms.items()}
+    assert math.isclose(float(total_loss(terms, 0.1)), 1 + 2 + 3 + 0.4 + 5, rel_tol=1e-6)

@@ -1,0 +1,239 @@
+"""Students: head counts, init, 2-D position resizing, grid-adaptive Swin windows, token selection for
+each teacher kind, and the export round trip (safetensors + JSON) through `load_student`."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformerBlock
+
+from dpal.checkpoints import CheckpointError
+from dpal.recipes import RECIPES, get_recipe
+from dpal.students import (
+    _GridWindowSwinBlock,
+    build_student,
+    export_student,
+    load_student,
+    read_student_config,
+)
+
+VIEW_SIZES = [(256, 128), (128, 96), (256, 256)]
+
+
+@pytest.fixture(scope="module")
+def vit_ti():
+    torch.manual_seed(0)
+    return build_student(get_recipe("path-b_vit-ti")).eval()
+
+
+@pytest.fixture(scope="module")
+def swin_t():
+    torch.manual_seed(1)
+    return build_student(get_recipe("path-b_swin-t")).eval()
+
+
+@pytest.mark.parametrize("recipe_name", [n for n in RECIPES if RECIPES[n].student.arch == "vit"])
+def test_vit_head_counts_and_mae_init(recipe_name):
+    recipe = get_recipe(recipe_name)
+    torch.manual_seed(0)
+    backbone = build_student(recipe).backbone
+    heads = [block.attn.num_heads for block in backbone.blocks]
+    assert heads == [recipe.student.num_heads] * 11 + [recipe.teacher.num_heads]
+    assert backbone.embed_dim == recipe.student.width
+    assert all(block.drop_path1.__class__.__name__ == "Identity" for block in backbone.blocks)  # drop-path 0
+    # MAE init: xavier-uniform linears with zero bias, CLS N(0, 0.02).
+    qkv = backbone.blocks[3].attn.qkv
+    bound = math.sqrt(6.0 / (qkv.in_features + qkv.out_features))
+    assert qkv.weight.abs().max() <= bound and qkv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert torch.count_nonzero(qkv.bias) == 0
+    assert backbone.cls_token.std().item() == pytest.approx(0.02, rel=0.5)
+    # The state dict is timm's: a stock model of the same family has the same keys and shapes.
+    stock = timm.create_model(recipe.student.timm_name, pretrained=False, num_classes=0, img_size=(256, 128),
+                              device="meta")
+    assert {k: v.shape for k, v in stock.state_dict().items()} == {k: v.shape for k, v in backbone.state_dict().items()}
+
+
+def test_vit_position_grid_resized_2d_bicubic(vit_ti):
+    backbone = copy.deepcopy(vit_ti.backbone)
+    dim = backbone.embed_dim
+    with torch.no_grad():
+        # A position embedding that varies only along rows: a 2-D resize keeps every row constant, a 1-D
+        # resize of the flattened 16*8 sequence (the original code) would mix neighbouring rows.
+        rows = torch.randn(16, 1, dim).expand(16, 8, dim)
+        backbone.pos_embed[0, 1:] = rows.reshape(128, dim)
+        backbone.cls_token.zero_()
+    for grid in [(8, 6), (16, 16), (16, 8)]:
+        zeros = torch.zeros(1, *grid, dim)
+        resized = backbone._pos_embed(zeros)[0, 1:].reshape(*grid, dim)
+        expected = F.interpolate(rows.permute(2, 0, 1)[None], size=grid, mode="bicubic", antialias=True)
+        torch.testing.assert_close(resized, expected[0].permute(1, 2, 0), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(resized, resized[:, :1].expand_as(resized), atol=1e-6)
+        assert torch.equal(backbone._pos_embed(zeros)[0, 0], backbone.pos_embed[0, 0])  # CLS position kept
+
+
+def _reference_window_attention(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
+    """Shifted-window attention written per token: a token attends to the real tokens of its window.
+
+    Along an axis longer than the window, windows start at the shift offset (partial windows at both ends);
+    along an axis that fits into one window there is one window. Relative-position bias from the 13x13 table."""
+    batch, height, width, channels = x.shape
+    win = block.window_size[0]
+    heads = block.attn.num_heads
+
+    def groups(size: int, shift: int) -> torch.Tensor:
+        r = torch.arange(size)
+        if size <= win:
+            return torch.zeros(size, dtype=torch.long)
+        return (r + win - shift) // win if shift else r // win
+
+    gh, gw = groups(height, block.shift_size[0]), groups(width, block.shift_size[1])
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    ys, xs, gh, gw = ys.flatten(), xs.flatten(), gh[ys.flatten()], gw[xs.flatten()]
+    allowed = (gh[:, None] == gh[None, :]) & (gw[:, None] == gw[None, :])
+    table = block.attn.relative_position_bias_table  # [(2*win-1)^2, heads]
+    index = (ys[:, None] - ys[None, :] + win - 1) * (2 * win - 1) + (xs[:, None] - xs[None, :] + win - 1)
+    bias = table[index.where(allowed, 0)].permute(2, 0, 1)  # heads, N, N (pairs in different windows: masked)
+    tokens = x.reshape(batch, height * width, channels).double()
+    qkv = F.linear(tokens, block.attn.qkv.weight.double(), block.attn.qkv.bias.double())
+    q, k, v = qkv.reshape(batch, -1, 3, heads, channels // heads).permute(2, 0, 3, 1, 4)
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(channels // heads) + bias.double()
+    attention = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    out = (attention @ v).transpose(1, 2).reshape(batch, height * width, channels)
+    out = F.linear(out, block.attn.proj.weight.double(), block.attn.proj.bias.double())
+    return out.reshape(batch, height, width, channels)
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+@pytest.mark.parametrize("grid", [(4, 3), (8, 4), (8, 8), (16, 8), (10, 15)])
+def test_swin_windows_adapt_to_grid(grid, shift):
+    torch.manual_seed(2)
+    block = SwinTransformerBlock(32, input_resolution=(64, 32), num_heads=2, window_size=7, shift_size=shift,
+                                 always_partition=True, dynamic_mask=True)
+    with torch.no_grad():
+        block.attn.relative_position_bias_table.normal_(std=0.5)
+    block.__class__ = _GridWindowSwinBlock
+    x = torch.randn(2, *grid, 32)
+    torch.testing.assert_close(block._attn(x).double(), _reference_window_attention(block, x), rtol=1e-4, atol=1e-5)
+
+
+def test_swin_outputs_for_every_view_size(swin_t):
+    assert [b.attn.num_heads for b in swin_t.backbone.layers[-1].blocks] == [24, 24]
+    assert isinstance(swin_t.backbone.layers[0].blocks[0].drop_path1, torch.nn.Identity)  # rate 0 at the start
+    assert swin_t.backbone.layers[-1].blocks[-1].drop_path2.drop_prob == pytest.approx(0.1)  # timm's linear rule
+    torch.manual_seed(3)
+    for height, width in VIEW_SIZES:
+        images = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            out = swin_t(images)
+        grid = (height // 32, width // 32)
+        assert out.grid == grid and out.patches.shape == (2, grid[0] * grid[1], 768)
+        torch.testing.assert_close(out.cls, out.patches.mean(dim=1, keepdim=True))
+        if (height, width) == (128, 96):  # the most padded grids: nothing leaks between batch-mates
+            with torch.no_grad():
+                alone = swin_t(images[1:])
+            torch.testing.assert_close(alone.patches, out.patches[1:], rtol=1e-4, atol=1e-4)
+
+
+def test_tokens_for_each_teacher_kind(vit_ti, swin_t):
+    path_b, solider = get_recipe("path-b_vit-ti").teacher, get_recipe("solider-b_swin-t").teacher
+    torch.manual_seed(4)
+    crowd, global_view = torch.randn(1, 3, 256, 256), torch.randn(1, 3, 256, 128)
+    with torch.no_grad():
+        vit_crowd, swin_crowd, swin_global = vit_ti(crowd), swin_t(crowd), swin_t(global_view)
+    # ViT student, ViT teacher: [CLS, 256 patches]; local = the patch tokens themselves.
+    relation = vit_ti.relation_tokens(vit_crowd, path_b)
+    assert relation.shape == (1, 257, 192) and torch.equal(relation[:, 0], vit_crowd.cls[:, 0])
+    assert vit_ti.local_tokens(vit_crowd, path_b) is vit_crowd.patches
+    # Swin student, ViT teacher: final 8x4 tokens upsampled 2x bicubic to the 16x8 grid, mean in the CLS slot.
+    local = swin_t.local_tokens(swin_global, path_b)
+    grid = swin_global.patches.reshape(1, 8, 4, 768).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, scale_factor=2, mode="bicubic").flatten(2).transpose(1, 2)
+    torch.testing.assert_close(local, expected)
+    relation = swin_t.relation_tokens(swin_crowd, path_b)
+    assert relation.shape == (1, 257, 768)
+    torch.testing.assert_close(relation[:, :1], swin_crowd.patches.mean(dim=1, keepdim=True))
+    # Swin student, Swin teacher: the 8x8 final tokens on both sides, no CLS slot.
+    assert swin_t.relation_tokens(swin_crowd, solider).shape == (1, 64, 768)
+    assert swin_t.local_tokens(swin_global, solider).shape == (1, 32, 768)
+
+
+def _perturbed(student):
+    """A copy with every parameter moved (stands for training or the EMA average)."""
+    moved = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return moved
+
+
+def test_vit_export_round_trip_carries_architecture(vit_ti, tmp_path):
+    torch.manual_seed(5)
+    trained, ema = _perturbed(vit_ti), _perturbed(vit_ti)
+    weights, config_path = export_student(trained, tmp_path / "student", extra={"recipe": "path-b_vit-ti"})
+    export_student(ema, tmp_path / "student_ema.safetensors")
+    config = json.loads(config_path.read_text())
+    assert weights.name == "student.safetensors" and config_path.name == "student.json"
+    assert config["timm_name"] == "vit_tiny_patch16_224" and config["timm_kwargs"]["num_heads"] == 6
+    assert config["last_block_heads"] == 12 and config["timm_kwargs"]["img_size"] == [256, 128]
+    assert config["extra"] == {"recipe": "path-b_vit-ti"}
+
+    images = torch.randn(2, 3, 256, 128)
+    for source, name in [(trained, "student"), (ema, "student_ema.json")]:
+        model = load_student(tmp_path / name)
+        assert [b.attn.num_heads for b in model.blocks] == [6] * 11 + [12] and not model.training
+        with torch.no_grad():
+            expected = source.backbone.forward_features(images)
+            torch.testing.assert_close(model.forward_features(images), expected, rtol=0, atol=0)
+            torch.testing.assert_close(model(images), expected[:, 0], rtol=0, atol=0)  # timm's CLS pooling
+            crop = torch.randn(1, 3, 128, 96)  # other grids resize the 16x8 positions the same way
+            torch.testing.assert_close(model.forward_features(crop), source.backbone.forward_features(crop))
+
+    # Why the config must carry the heads: a stock ViT-Ti (3 heads) loads the same keys strictly and
+    # computes something else.
+    stock = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=(256, 128)).eval()
+    stock.load_state_dict(trained.backbone.state_dict(), strict=True)
+    with torch.no_grad():
+        assert not torch.allclose(stock.forward_features(images), trained.backbone.forward_features(images), atol=1e-3)
+
+
+def test_swin_export_round_trip(swin_t, tmp_path):
+    trained = swin_t  # random weights (the round trip is what is tested)
+    export_student(trained, tmp_path / "swin")
+    model = load_student(tmp_path / "swin.safetensors")
+    assert read_student_config(tmp_path / "swin")["timm_kwargs"]["drop_path_rate"] == pytest.approx(0.1)
+    for height, width in [(256, 128), (128, 96)]:
+        images = torch.randn(1, 3, height, width)
+        with torch.no_grad():
+            torch.testing.assert_close(model.forward_features(images), trained.backbone.forward_features(images),
+                                       rtol=0, atol=0)
+
+
+def test_bad_exports_are_named(vit_ti, tmp_path):
+    weights, config_path = export_student(vit_ti, tmp_path / "a")
+    # Stale JSON beside other weights: refused, not silently mixed.
+    export_student(build_student(get_recipe("path-l_vit-ti")), tmp_path / "b")
+    (tmp_path / "b.json").replace(tmp_path / "a.json")
+    with pytest.raises(CheckpointError, match="differs from the one stored in a.safetensors"):
+        load_student(weights)
+    # The weights alone are self-describing.
+    (tmp_path / "a.json").unlink()
+    assert [b.attn.num_heads for b in load_student(weights).blocks][-1] == 12
+    # Weights that do not fit the architecture: the keys are listed.
+    from safetensors.torch import load_file, save_file
+    state = load_file(weights)
+    state["head.weight"] = torch.zeros(3, 192)
+    save_file({k: v for k, v in state.items() if not k.startswith("blocks.11.")}, weights)  # metadata dropped
+    config_path.write_text(json.dumps(read_student_config(tmp_path / "b")))
+    with pytest.raises(CheckpointError, match=r"missing keys \(\d+\): blocks\.11\.(.|\n)*unexpected keys \(1\): head"):
+        load_student(weights)
+    # Truncated file.
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_student(weights)
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_student(tmp_path / "missing")

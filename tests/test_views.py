@@ -1,0 +1,349 @@
+"""dpal.views against torchvision.transforms.v2.functional, op by op and composed, plus sampling and errors."""
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import InterpolationMode
+
+from dpal import views as V
+from dpal.config import ViewConfig
+
+# Small output sizes keep the tests fast on CPU; every code path is the one used at 256x128.
+SMALL = ViewConfig(global_size=(32, 16), local_size=(16, 12), crowd_size=(32, 32), paste_y=(0, 14),
+                   first_person_x=(0, 6), second_person_x_max=20)
+# torchvision resizes with PyTorch's sparse separable kernel, we with dense float32 matmuls: the sums
+# run in another order (and PyTorch upsampling weights are float32), so pixels differ by a few ulps.
+RESIZE_TOL = 1e-5
+# Composed pipelines: the hue op (rgb -> hsv -> rgb) can amplify such differences by a few times.
+PIPELINE_TOL = 5e-5
+
+
+def random_image(generator, height, width, channels=3):
+    """Smooth colour gradients plus noise: hue, saturation and blur all have something to act on."""
+    ys = torch.linspace(0, 1, height)[:, None, None]
+    xs = torch.linspace(0, 1, width)[None, :, None]
+    phase = torch.rand(1, 1, channels, generator=generator) * 6
+    base = 0.5 + 0.4 * torch.sin(6 * ys + 4 * xs + phase)
+    noise = 0.1 * torch.rand(height, width, channels, generator=generator)
+    return ((base + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def random_images(seed, count, low=20, high=90):
+    generator = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(low, high, (count, 2), generator=generator).tolist()
+    return [random_image(generator, h, w) for h, w in sizes]
+
+
+def to_float(image):
+    return TF.to_dtype(image.permute(2, 0, 1), torch.float32, scale=True)
+
+
+def reference_crop(image, block, out_size, cfg):
+    """The crop as torchvision composes it from the same parameters (float path)."""
+    block = block.double()
+    top, left, h, w = V.crop_boxes(block[None], torch.tensor([image.shape[0]]), torch.tensor([image.shape[1]]))[0]
+    x = TF.resized_crop(to_float(image), int(top), int(left), int(h), int(w), list(out_size),
+                        interpolation=InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
+    if block[4] > 0.5:
+        x = TF.horizontal_flip(x)
+    if block[5] > 0.5:
+        ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+        for op_id in block[10:14].long().tolist():
+            x = ops[op_id](x, float(block[6 + op_id]))
+    if block[14] > 0.5:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if block[15] > 0:
+        k = V.blur_kernel_size(cfg)
+        x = TF.gaussian_blur(x, [k, k], [float(block[15])] * 2)
+    if block[16] > 0.5:
+        x = TF.solarize(x, cfg.solarize_threshold / 255)
+    return x
+
+
+def reference_view_set(image, background, record, cfg):
+    record = record.double()
+    global_view = reference_crop(image, record[1:18], cfg.global_size, cfg)
+    canvas = reference_crop(background, record[18:35], cfg.crowd_size, cfg).clone()
+    first = reference_crop(image, record[35:52], cfg.local_size, cfg)
+    second = TF.resize(global_view, list(cfg.local_size), interpolation=InterpolationMode.BICUBIC,
+                       antialias=True).clamp(0, 1)
+    (ph, pw), alpha = cfg.local_size, cfg.person_alpha
+    for person, (y, x) in ((first, record[53:55]), (second, record[55:57])):
+        y, x = int(y), int(x)
+        region = canvas[:, y:y + ph, x:x + pw]
+        canvas[:, y:y + ph, x:x + pw] = person * alpha + region * (1 - alpha)
+    return (TF.normalize(global_view, list(cfg.mean), list(cfg.std)),
+            TF.normalize(canvas, list(cfg.mean), list(cfg.std)))
+
+
+# ------------------------------------------------------------------------------------ record layout
+
+def test_record_layout_is_documented_in_order():
+    assert V.VIEW_SET_FIELDS == len(V.VIEW_SET_FIELD_NAMES) == 57
+    assert V.LOCAL_CROP_FIELDS == len(V.LOCAL_CROP_FIELD_NAMES) == 18
+    assert len(set(V.VIEW_SET_FIELD_NAMES)) == V.VIEW_SET_FIELDS
+    doc = V.__doc__
+    positions = [doc.index(f"  {name} ") for name in V.CROP_BLOCK_NAMES]
+    assert positions == sorted(positions)
+    block_rows = re.findall(r"^\s+(\d+)\s+(\w+)\s", doc.split("A *view set* record")[0], flags=re.M)
+    assert [(int(i), name) for i, name in block_rows] == list(enumerate(V.CROP_BLOCK_NAMES))
+    for index, name in enumerate(V.VIEW_SET_FIELD_NAMES):
+        if "." not in name:
+            assert re.search(rf"^\s+{index}\s+{name}\s", doc, flags=re.M), name
+
+
+# ----------------------------------------------------------------------------------------- sampling
+
+def test_sampling_is_seeded():
+    a = V.sample_view_sets(torch.Generator().manual_seed(3), 16, num_backgrounds=5)
+    b = V.sample_view_sets(torch.Generator().manual_seed(3), 16, num_backgrounds=5)
+    c = V.sample_view_sets(torch.Generator().manual_seed(4), 16, num_backgrounds=5)
+    assert a.dtype == torch.float32 and a.shape == (16, V.VIEW_SET_FIELDS)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    la = V.sample_local_crops(torch.Generator().manual_seed(3), 16)
+    assert torch.equal(la, V.sample_local_crops(torch.Generator().manual_seed(3), 16))
+    assert la.shape == (16, 2, V.LOCAL_CROP_FIELDS)
+
+
+def check_blocks(blocks, cfg, *, scale, aspect, blur_p, solarize_p):
+    n = len(blocks)
+    tol = 4 / math.sqrt(n)  # ~8 standard deviations of a frequency estimate
+    assert blocks[:, 0].min() >= scale[0] and blocks[:, 0].max() <= scale[1]
+    assert blocks[:, 1].min() >= aspect[0] - 1e-6 and blocks[:, 1].max() <= aspect[1] + 1e-6
+    assert blocks[:, 2:4].min() >= 0 and blocks[:, 2:4].max() <= 1
+    assert abs(blocks[:, 4].mean() - cfg.flip_p) < tol
+    jitter = blocks[:, 5] > 0.5
+    assert abs(jitter.float().mean() - cfg.jitter_p) < tol
+    b, c, s, h = cfg.jitter
+    for column, (low, high) in zip(range(6, 10), [(1 - b, 1 + b), (1 - c, 1 + c), (1 - s, 1 + s), (-h, h)]):
+        values = blocks[jitter, column]
+        assert values.min() >= low - 1e-6 and values.max() <= high + 1e-6
+        assert values.max() - values.min() > 0.9 * (high - low)
+    assert torch.equal(blocks[~jitter, 6:10], torch.tensor([1.0, 1.0, 1.0, 0.0]).expand(int((~jitter).sum()), 4))
+    assert torch.equal(blocks[:, 10:14].sort(dim=1).values, torch.arange(4.0).expand(n, 4))
+    assert len({tuple(row) for row in blocks[:, 10:14].tolist()}) == 24  # every order occurs
+    assert abs(blocks[:, 14].mean() - cfg.gray_p) < tol
+    blurred = blocks[:, 15] > 0
+    assert abs(blurred.float().mean() - blur_p) < tol
+    if blurred.any():
+        assert blocks[blurred, 15].min() >= cfg.blur_sigma[0] and blocks[blurred, 15].max() <= cfg.blur_sigma[1]
+    assert abs(blocks[:, 16].mean() - solarize_p) < tol
+
+
+def test_sampled_decisions_follow_the_spec():
+    cfg = ViewConfig()
+    records = V.sample_view_sets(torch.Generator().manual_seed(0), 4000, num_backgrounds=7, cfg=cfg)
+    assert (records[:, 0] == V.VIEW_PARAMS_VERSION).all()
+    check_blocks(records[:, 1:18], cfg, scale=cfg.global_scale, aspect=cfg.person_aspect, blur_p=1.0,
+                 solarize_p=0.0)
+    check_blocks(records[:, 18:35], cfg, scale=cfg.background_scale, aspect=cfg.background_aspect,
+                 blur_p=0.1, solarize_p=0.2)
+    check_blocks(records[:, 35:52], cfg, scale=cfg.local_scale, aspect=cfg.person_aspect, blur_p=0.5,
+                 solarize_p=0.0)
+    index = V.background_indices(records)
+    assert index.dtype == torch.int64 and set(index.tolist()) == set(range(7))
+    y1, x1, y2, x2 = records[:, 53:57].T
+    for y in (y1, y2):
+        assert y.min() == 0 and y.max() == 126 and torch.equal(y, y.round())
+    assert x1.min() == 0 and x1.max() == 62
+    assert (x2 >= x1 + 96).all() and x2.max() == 158
+    locals_ = V.sample_local_crops(torch.Generator().manual_seed(1), 2000, cfg)
+    assert (locals_[..., 0] == V.VIEW_PARAMS_VERSION).all()
+    check_blocks(locals_.reshape(-1, 18)[:, 1:], cfg, scale=cfg.local_scale, aspect=cfg.person_aspect,
+                 blur_p=0.5, solarize_p=0.0)
+
+
+def test_crop_boxes_are_relative_to_the_source():
+    records = V.sample_view_sets(torch.Generator().manual_seed(5), 500, num_backgrounds=1)
+    blocks = records[:, 1:18].double()
+    heights, widths = torch.full((500,), 300.0), torch.full((500,), 140.0)
+    top, left, h, w = V.crop_boxes(blocks, heights, widths).T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 300).all() and (left + w <= 140).all()
+    aspect = w / h
+    assert ((aspect - blocks[:, 1]).abs() < 0.02).all()  # aspect kept, also when shrunk to fit
+    wanted = blocks[:, 0] * 300 * 140
+    fits = ((wanted * blocks[:, 1]).sqrt() <= 140) & ((wanted / blocks[:, 1]).sqrt() <= 300)
+    area = (h * w).double() / (300 * 140)
+    assert ((area - blocks[:, 0])[fits].abs() < 0.02).all()
+    assert (area[~fits] < blocks[~fits, 0]).all() and (~fits).any()
+    # The same record on the image stored at twice the resolution picks the same region.
+    top2, left2, h2, w2 = V.crop_boxes(blocks, heights * 2, widths * 2).T
+    for a, b in ((top, top2), (left, left2), (h, h2), (w, w2)):
+        assert ((2 * a - b).abs() <= 2).all()
+
+
+# --------------------------------------------------------------------------- ops vs torchvision
+
+@pytest.mark.parametrize("size,out,flip", [((300, 150), (256, 128), False), ((61, 37), (128, 96), True),
+                                           ((90, 160), (64, 64), False), ((17, 9), (16, 12), True)])
+def test_resized_crop_matches_torchvision(size, out, flip):
+    """Downsampling (antialiased) and upsampling, odd sizes, crops padded inside a larger batch."""
+    generator = torch.Generator().manual_seed(sum(size))
+    images = [random_image(generator, *size), random_image(generator, size[0] + 13, size[1] + 7)]
+    blocks = torch.zeros(2, 17, dtype=torch.float64)
+    blocks[:, :4] = torch.tensor([[0.6, 0.5, 0.3, 0.8], [0.9, 0.45, 0.5, 0.5]])
+    blocks[:, 4] = float(flip)
+    blocks[:, 5:10] = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0])
+    blocks[:, 10:14] = torch.arange(4.0)
+    ours = V.render_crops(images, blocks, out, ViewConfig(), torch.device("cpu"))
+    for i, image in enumerate(images):
+        expected = reference_crop(image, blocks[i], out, ViewConfig())
+        assert (ours[i] - expected).abs().max() < RESIZE_TOL
+
+
+def test_colour_ops_match_torchvision_per_sample():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.stack([to_float(random_image(generator, 24, 20)) for _ in range(6)])
+    factor = torch.tensor([0.6, 0.8, 1.0, 1.2, 1.4, 0.95])
+    shift = torch.tensor([-0.1, -0.05, 0.0, 0.03, 0.1, 0.5 - 1e-3])
+    for ours, theirs, values in ((V.adjust_brightness, TF.adjust_brightness, factor),
+                                 (V.adjust_contrast, TF.adjust_contrast, factor),
+                                 (V.adjust_saturation, TF.adjust_saturation, factor),
+                                 (V.adjust_hue, TF.adjust_hue, shift)):
+        expected = torch.stack([theirs(x[i], float(values[i])) for i in range(6)])
+        assert (ours(x, values) - expected).abs().max() <= 1e-6, ours.__name__
+    assert torch.equal(V.grayscale(x).expand_as(x), TF.rgb_to_grayscale(x, num_output_channels=3))
+    assert torch.equal(V.solarize(x, 128 / 255), TF.solarize(x, 128 / 255))
+    cfg = ViewConfig()
+    std, mean = torch.tensor(cfg.std)[:, None, None], torch.tensor(cfg.mean)[:, None, None]
+    assert torch.allclose(V.normalize(x), TF.normalize(x, list(cfg.mean), list(cfg.std)), atol=1e-6)
+    assert torch.allclose(V.denormalize(V.normalize(x)), x, atol=1e-6) and std.shape == mean.shape
+
+
+def test_gaussian_blur_with_per_sample_sigma_matches_torchvision():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.stack([to_float(random_image(generator, 30, 14)) for _ in range(4)])
+    sigmas = torch.tensor([0.1, 0.7, 1.3, 2.0], dtype=torch.float64)
+    k = V.blur_kernel_size(ViewConfig())
+    assert k == 13
+    rows, cols = V.blur_weights(sigmas, 30, k), V.blur_weights(sigmas, 14, k)
+    ours = V.apply_separable(x, rows, cols)
+    expected = torch.stack([TF.gaussian_blur(x[i], [k, k], [float(sigmas[i])] * 2) for i in range(4)])
+    assert (ours - expected).abs().max() < 1e-6
+
+
+def test_every_jitter_order_matches_torchvision():
+    """All 24 op orders, with flip, grayscale, blur and solarize mixed in, against a per-sample composition."""
+    generator = torch.Generator().manual_seed(2)
+    images = [random_image(generator, 40 + i, 25 + i % 7) for i in range(24)]
+    blocks = torch.zeros(24, 17, dtype=torch.float64)
+    blocks[:, 0:4] = torch.tensor([0.7, 0.5, 0.4, 0.6])
+    blocks[:, 4] = torch.arange(24) % 2
+    blocks[:, 5] = 1.0
+    blocks[:, 6:10] = torch.tensor([1.3, 0.7, 1.2, 0.08])
+    blocks[:, 10:14] = torch.tensor([list(p) for p in __import__("itertools").permutations(range(4))],
+                                    dtype=torch.float64)
+    blocks[:, 14] = (torch.arange(24) % 5 == 0).double()
+    blocks[:, 15] = torch.where(torch.arange(24) % 3 == 0, 1.1, 0.0)
+    blocks[:, 16] = (torch.arange(24) % 4 == 1).double()
+    ours = V.render_crops(images, blocks, (20, 16), ViewConfig(), torch.device("cpu"))
+    for i, image in enumerate(images):
+        expected = reference_crop(image, blocks[i], (20, 16), ViewConfig())
+        assert (ours[i] - expected).abs().max() < PIPELINE_TOL, i
+    # The order matters: brightness-then-contrast is not contrast-then-brightness.
+    assert (ours[0] - ours[6]).abs().max() > 1e-3
+
+
+def test_view_sets_match_torchvision_reference():
+    images, backgrounds = random_images(0, 6), random_images(1, 6, 30, 120)
+    records = V.sample_view_sets(torch.Generator().manual_seed(7), 6, num_backgrounds=6, cfg=SMALL)
+    pool_index = V.background_indices(records)
+    chosen = [backgrounds[i] for i in pool_index.tolist()]
+    views = V.render_view_sets(images, chosen, records, SMALL)
+    assert views.global_view.shape == (6, 3, 32, 16) and views.crowd.shape == (6, 3, 32, 32)
+    for i in range(6):
+        global_view, crowd = reference_view_set(images[i], chosen[i], records[i], SMALL)
+        assert (views.global_view[i] - global_view).abs().max() < PIPELINE_TOL / min(SMALL.std)
+        assert (views.crowd[i] - crowd).abs().max() < PIPELINE_TOL / min(SMALL.std)
+
+
+def test_default_sizes_and_local_crops():
+    images, backgrounds = random_images(3, 2, 100, 200), random_images(4, 2, 100, 300)
+    generator = torch.Generator().manual_seed(8)
+    records = V.sample_view_sets(generator, 2, num_backgrounds=2)
+    views = V.render_view_sets(images, backgrounds, records)
+    assert views.global_view.shape == (2, 3, 256, 128) and views.crowd.shape == (2, 3, 256, 256)
+    assert views.global_view.dtype == torch.float32
+    local_records = V.sample_local_crops(generator, 2)
+    crops = V.render_local_crops(images, local_records)
+    assert crops.shape == (2, 2, 3, 128, 96)
+    for i in range(2):
+        for j in range(2):
+            expected = TF.normalize(reference_crop(images[i], local_records[i, j, 1:], (128, 96), ViewConfig()),
+                                    list(ViewConfig().mean), list(ViewConfig().std))
+            assert (crops[i, j] - expected).abs().max() < PIPELINE_TOL / min(ViewConfig().std)
+
+
+# -------------------------------------------------------------------------------------- exactness
+
+def test_same_parameters_give_bit_identical_pixels():
+    images, backgrounds = random_images(5, 5), random_images(6, 5, 30, 120)
+    records = V.sample_view_sets(torch.Generator().manual_seed(9), 5, num_backgrounds=5, cfg=SMALL)
+    first = V.render_view_sets(images, backgrounds, records, SMALL)
+    again = V.render_view_sets([im.clone() for im in images], backgrounds, records.clone(), SMALL)
+    assert torch.equal(first.global_view, again.global_view) and torch.equal(first.crowd, again.crowd)
+    # Other batch-mates change padding and matmul blocking only: far below one grey level.
+    alone = V.render_view_sets(images[2:3], backgrounds[2:3], records[2:3], SMALL)
+    assert (alone.global_view[0] - first.global_view[2]).abs().max() < 1e-5
+    assert (alone.crowd[0] - first.crowd[2]).abs().max() < 1e-5
+
+
+def test_grey_and_rgba_inputs_render_like_rgb():
+    rgb = random_images(10, 2)
+    grey_arrays = [im[:, :, 0].numpy() for im in rgb]
+    grey_as_rgb = [torch.from_numpy(g)[:, :, None].repeat(1, 1, 3) for g in grey_arrays]
+    rgba = [torch.cat([im, torch.full_like(im[:, :, :1], 7)], dim=2) for im in rgb]
+    records = V.sample_view_sets(torch.Generator().manual_seed(11), 2, num_backgrounds=1, cfg=SMALL)
+    a = V.render_view_sets(grey_arrays, rgba, records, SMALL)
+    b = V.render_view_sets(grey_as_rgb, rgb, records, SMALL)
+    assert torch.equal(a.global_view, b.global_view) and torch.equal(a.crowd, b.crowd)
+    assert V.to_rgb_uint8(np.zeros((4, 5, 1), np.uint8)).shape == (4, 5, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu_within_one_grey_level():
+    images, backgrounds = random_images(12, 8, 60, 300), random_images(13, 8, 100, 400)
+    generator = torch.Generator().manual_seed(12)
+    records = V.sample_view_sets(generator, 8, num_backgrounds=8)
+    local_records = V.sample_local_crops(generator, 8)
+    cpu = V.render_view_sets(images, backgrounds, records)
+    gpu = V.render_view_sets(images, backgrounds, records, device="cuda")
+    gpu_again = V.render_view_sets([im.cuda() for im in images], [b.cuda() for b in backgrounds], records)
+    assert torch.equal(gpu.global_view, gpu_again.global_view) and torch.equal(gpu.crowd, gpu_again.crowd)
+    for ours, theirs in ((cpu.global_view, gpu.global_view), (cpu.crowd, gpu.crowd),
+                         (V.render_local_crops(images, local_records),
+                          V.render_local_crops(images, local_records, device="cuda"))):
+        difference = (V.denormalize(ours) - V.denormalize(theirs.cpu())).abs().max()
+        assert difference <= 1 / 255
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+def test_bad_records_are_rejected_with_the_reason():
+    images, backgrounds = random_images(14, 2), random_images(15, 2)
+    records = V.sample_view_sets(torch.Generator().manual_seed(0), 2, num_backgrounds=2, cfg=SMALL)
+    old = records.clone()
+    old[:, 0] = 0
+    with pytest.raises(V.ViewParamsError, match="version"):
+        V.render_view_sets(images, backgrounds, old, SMALL)
+    with pytest.raises(V.ViewParamsError, match="57"):
+        V.render_view_sets(images, backgrounds, records[:, :40], SMALL)
+    with pytest.raises(V.ViewParamsError, match="float32"):
+        V.render_view_sets(images, backgrounds, records.double(), SMALL)
+    with pytest.raises(V.ViewParamsError, match="local crop"):
+        V.render_local_crops(images, records, SMALL)
+    with pytest.raises(ValueError, match="background pool is empty"):
+        V.render_view_sets(images, [], records, SMALL)
+    with pytest.raises(ValueError, match="background pool is empty"):
+        V.sample_view_sets(torch.Generator(), 2, num_backgrounds=0)
+    with pytest.raises(ValueError, match=r"images\[1\].*not decoded"):
+        V.render_view_sets([images[0], np.zeros((0, 0, 3), np.uint8)], backgrounds, records, SMALL)
+    with pytest.raises(ValueError, match=r"images\[0\].*uint8"):
+        V.render_view_sets([images[0].float(), images[1]], backgrounds, records, SMALL)
+    with pytest.raises(ValueError, match="2 images"):
+        V.render_view_sets(images[:1], backgrounds, records, SMALL)
+    with pytest.raises(ValueError, match="crowd geometry"):
+        V.sample_view_sets(torch.Generator(), 2, num_backgrounds=1, cfg=ViewConfig(paste_y=(0, 200)))

@@ -1,0 +1,101 @@
+"""`python -m train_student`: train a DPAL student from a cached teacher store (see --help)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dpal.recipes import RECIPES, list_recipes
+
+EXAMPLE = """examples:
+  python -m train_student --list-recipes
+  python -m train_student --recipe path-b_vit-ti --store targets.zarr --images persons.beton \\
+      --backgrounds backgrounds.beton --out runs/vit-ti
+  torchrun --nproc_per_node 8 -m train_student --recipe path-b_vit-ti ... --out runs/vit-ti
+  python -m train_student --recipe path-b_vit-ti ... --out runs/vit-ti --resume
+  python -m train_student --recipe path-b_vit-ti --teacher-online --teacher-weights path-b.pth \\
+      --images persons.beton --backgrounds backgrounds.beton --out runs/online
+  python -m train_student bench --recipe path-b_vit-ti --store targets.zarr --images persons.beton \\
+      --backgrounds backgrounds.beton --teacher-weights path-b.pth --out bench.json
+"""
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", metavar="NAME", choices=list_recipes(),
+                        help=f"teacher_student recipe, one of: {', '.join(RECIPES)}")
+    parser.add_argument("--store", metavar="STORE.zarr",
+                        help="target store written by `python -m cache_teacher run` (not with --teacher-online)")
+    parser.add_argument("--images", metavar="IMAGES.beton",
+                        help="the images file the store was cached from (`python -m cache_teacher pack`)")
+    parser.add_argument("--backgrounds", metavar="BG.beton",
+                        help="the background pool the store's crowd views were drawn from")
+    parser.add_argument("--batch-size", type=int, metavar="N",
+                        help="global batch per optimizer step, summed over ranks and accumulation steps "
+                             "(default: the recipe's per-GPU batch x ranks x accumulation steps)")
+    parser.add_argument("--accum-steps", type=int, metavar="N", help="gradient accumulation steps (default: recipe)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="training device (auto: CUDA when visible)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="FFCV decoding threads per rank (default: CPU cores / local ranks)")
+    parser.add_argument("--window-images", type=int, default=1024, metavar="N",
+                        help="images shuffled together inside a window of store blocks; larger mixes better "
+                             "and holds more target rows in memory (default 1024)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of init, data order and random views")
+    parser.add_argument("--reference-path", action="store_true",
+                        help="force the plain-PyTorch reference ops instead of the fused Triton kernels")
+    parser.add_argument("--teacher-weights", metavar="W.pth",
+                        help="teacher checkpoint for --teacher-online (and for the bench's online step)")
+
+
+def training_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train_student", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Distil a DPAL student from cached teacher targets: FFCV feeds the images, the stored view "
+                    "parameters re-render the teacher's exact views on the training device, the targets come "
+                    "from the Zarr store. Every default comes from the recipe (spec sections 5-7); flags only "
+                    "override. Subcommand: `bench` (python -m train_student bench --help).",
+        epilog=EXAMPLE)
+    parser.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
+    add_data_arguments(parser)
+    parser.add_argument("--out", metavar="RUN_DIR",
+                        help="run folder: checkpoint.pt, run.json, metrics.csv, tensorboard/, loss.png, "
+                             "student/ and student_ema/ exports")
+    parser.add_argument("--resume", action="store_true", help="continue the run recorded in --out exactly")
+    group = parser.add_argument_group("optimisation overrides (default: the recipe)")
+    group.add_argument("--epochs", type=int)
+    group.add_argument("--warmup-epochs", type=int)
+    group.add_argument("--blr", type=float, help="base lr; lr = blr * global batch / 256")
+    group.add_argument("--lr", type=float, help="absolute peak lr (replaces the blr rule)")
+    group.add_argument("--min-lr", type=float)
+    group.add_argument("--weight-decay", type=float)
+    group.add_argument("--max-steps", type=int, metavar="N",
+                       help="stop after N optimizer steps in total (the schedule still spans --epochs)")
+    group.add_argument("--checkpoint-every", type=int, default=1000, metavar="N",
+                       help="write checkpoint.pt atomically every N steps (and always at the end)")
+    group.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
+    group.add_argument("--teacher-online", action="store_true",
+                       help="baseline without a store: run the teacher on fresh views at every step "
+                            "(needs --teacher-weights)")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from train_student.bench import main as bench_main
+        return bench_main(argv[1:])
+    parser = training_parser()
+    args = parser.parse_args(argv)
+    if args.list_recipes:
+        print("\n".join(list_recipes()))
+        return 0
+    required = ["--recipe", "--images", "--backgrounds", "--out"] + ([] if args.teacher_online else ["--store"])
+    missing = [flag for flag in required if getattr(args, flag[2:].replace("-", "_")) is None]
+    if missing:
+        parser.error(f"missing {', '.join(missing)} (see --help)")
+    from train_student.train import run_training
+    return run_training(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Run folder bookkeeping: atomic checkpoints, exact resume state, and refusing to mix runs.
+
+A checkpoint is written to a temporary file in the run folder, flushed and fsynced, then renamed
+over `checkpoint.pt` (and the folder fsynced): a kill at any moment leaves either the previous
+complete checkpoint or the new one, never a torn file. Nothing here is written after a failed step,
+so a run that dies (NaN loss, crash, kill) never replaces the last good checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+RUN_CONFIG_NAME = "run.json"
+CHECKPOINT_FORMAT = 1
+
+
+class RunFolderError(ValueError):
+    """The output folder cannot be used as asked (holds another run, or nothing to resume)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call `write(file_object)` into a temporary sibling of `path`, make it durable, rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> Path:
+    """Atomically replace RUN_DIR/checkpoint.pt by `state` (tensors, numbers, strings, nested dicts/lists)."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    atomic_write_bytes(path, lambda handle: torch.save({"format": CHECKPOINT_FORMAT, **state}, handle))
+    return path
+
+
+def load_checkpoint(run_dir: Path) -> dict:
+    """The state saved by `save_checkpoint`; a clear error if it is missing or unreadable."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise RunFolderError(f"--resume: {path} does not exist; the run in {run_dir} has not saved a "
+                             f"checkpoint yet (start it again without --resume, after removing the folder)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RunFolderError(f"--resume: {path} cannot be read ({exc})") from exc
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise RunFolderError(f"--resume: {path} has checkpoint format {state.get('format')!r}, "
+                             f"this trainer writes format {CHECKPOINT_FORMAT}")
+    return state
+
+
+def prepare_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumable_keys: set[str]) -> None:
+    """Create or re-open RUN_DIR for a run described by `run_config` (JSON-serialisable).
+
+    A fresh run needs a folder that is absent or empty; a resumed run needs the same configuration as
+    the one recorded, except `resumable_keys` (e.g. the step limit, logging intervals).
+    """
+    run_dir = Path(run_dir)
+    config_path = run_dir / RUN_CONFIG_NAME
+    if resume:
+        if not config_path.is_file():
+            raise RunFolderError(f"--resume: {run_dir} holds no run ({RUN_CONFIG_NAME} missing); "
+                                 f"start a new run there without --resume")
+        recorded = json.loads(config_path.read_text())
+        differences = sorted(key for key in set(recorded) | set(run_config)
+                             if key not in resumable_keys and recorded.get(key) != run_config.get(key))
+        if differences:
+            detail = "; ".join(f"{key}: recorded {recorded.get(key)!r}, now {run_config.get(key)!r}"
+                               for key in differences)
+            raise RunFolderError(f"--resume: the run in {run_dir} was started with other settings ({detail}); "
+                                 f"resume with the recorded settings or start a new run in another folder")
+        merged = {**recorded, **{key: run_config[key] for key in resumable_keys if key in run_config}}
+        atomic_write_bytes(config_path, lambda handle: handle.write(json.dumps(merged, indent=2).encode()))
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        what = "another run" if config_path.is_file() else "other files"
+        raise RunFolderError(f"output folder {run_dir} already holds {what}; pass --resume to continue the run "
+                             f"recorded there, or choose an empty/new --out (nothing was written)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(config_path, lambda handle: handle.write(json.dumps(run_config, indent=2).encode()))
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The RNG streams a training step consumes (drop-path draws); data randomness is seeded per step."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,0 +1,330 @@
+"""The training data feed: which image each rank sees when, its images from FFCV, its targets from Zarr.
+
+Traversal order (`epoch_stream`, `rank_order`): the store's chunks hold `chunk_images` consecutive
+images, so reading it block-wise is only efficient if images of a block are consumed close together.
+Each epoch therefore permutes the blocks, groups them into windows of about `window_images` images,
+and shuffles the images inside each window (seeded by (seed, epoch), the same on every rank). The
+resulting global stream is cut into global micro-batches; rank r takes the r-th contiguous slice of
+each. A global batch is thus the same set of images whatever the number of ranks, which is what makes
+N-rank and 1-rank training match.
+
+One view set per image and epoch (`view_set_of`): image i uses stored set (offset_i + epoch) mod K, so
+every stored set is used once every K epochs and consecutive epochs differ.
+
+`TargetPrefetcher` is a background thread that walks the same order, reads each needed block once
+(a small pool of reader threads runs ahead; Zarr decompression releases the GIL), keeps only the rows
+this rank will use, and assembles per-batch target tensors (pinned when a GPU trains) in a bounded
+queue. `CachedFeed` zips those with the FFCV image batches (same order) and background images.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from queue import Empty, Full, Queue
+
+import numpy as np
+import torch
+from ffcv.loader import Loader
+from ffcv.traversal_order.base import TraversalOrder
+
+from cache_teacher.ffcv_images import ImageFile, image_pipelines, unflatten_images
+from dpal.config import ViewConfig
+from dpal.views import background_indices, sample_local_crops, sample_view_sets
+
+# Stored arrays one training sample needs, besides the view parameters; int8 stores add the scales.
+TARGET_ARRAYS = ("global", "local", "mask", "relation")
+INT8_SCALE_ARRAYS = ("local_scale", "relation_scale")
+
+# Distinct streams derived from the run seed (numpy SeedSequence entropy words).
+_ORDER_STREAM, _VIEW_SET_STREAM, _LOCAL_CROP_STREAM, _ONLINE_VIEW_STREAM = 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class FeedPlan:
+    """Everything that fixes which images a rank sees at which step (pure arithmetic, no I/O)."""
+
+    num_images: int
+    chunk_images: int  # images per store block (1 when there is no store)
+    micro_batch: int  # images per rank per forward/backward
+    world_size: int
+    rank: int
+    accum_steps: int
+    seed: int
+    window_images: int  # images shuffled together; bounds the rows held in memory
+
+    @property
+    def global_micro_batch(self) -> int:
+        return self.micro_batch * self.world_size
+
+    @property
+    def global_batch(self) -> int:
+        return self.global_micro_batch * self.accum_steps
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (the incomplete last global batch of an epoch is dropped)."""
+        return self.num_images // self.global_batch
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.accum_steps
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_images // self.chunk_images)
+
+    def epoch_stream(self, epoch: int) -> np.ndarray:
+        """All image indices in this epoch's global order: shuffled blocks, shuffled within windows."""
+        rng = np.random.default_rng([self.seed, _ORDER_STREAM, epoch])
+        blocks = rng.permutation(self.num_blocks)
+        window_blocks = max(1, self.window_images // self.chunk_images)
+        parts = []
+        for start in range(0, self.num_blocks, window_blocks):
+            window = blocks[start:start + window_blocks]
+            images = (window[:, None] * self.chunk_images + np.arange(self.chunk_images)).reshape(-1)
+            parts.append(rng.permutation(images[images < self.num_images]))
+        return np.concatenate(parts)
+
+    def rank_order(self, epoch: int) -> np.ndarray:
+        """This rank's images for the epoch, micro-batch after micro-batch (length micro_batches * micro_batch)."""
+        usable = self.micro_batches_per_epoch * self.global_micro_batch
+        per_micro = self.epoch_stream(epoch)[:usable].reshape(-1, self.world_size, self.micro_batch)
+        return np.ascontiguousarray(per_micro[:, self.rank].reshape(-1))
+
+    def rank_slice(self) -> slice:
+        """Where this rank's rows sit inside a global micro-batch."""
+        return slice(self.rank * self.micro_batch, (self.rank + 1) * self.micro_batch)
+
+
+def view_set_of(images: np.ndarray, epoch: int, views_per_image: int, seed: int) -> np.ndarray:
+    """Stored view set used for each image in an epoch: (offset_i + epoch) mod K, offset fixed per run."""
+    # Offsets for a million images cost 8 MB; computing them for the whole file keeps this O(1) per call
+    # site and identical on every rank.
+    offsets = np.random.default_rng([seed, _VIEW_SET_STREAM]).integers(views_per_image, size=int(images.max()) + 1)
+    return (offsets[images] + epoch) % views_per_image
+
+
+def micro_batch_generator(seed: int, stream: int, epoch: int, micro_step: int) -> torch.Generator:
+    """A torch generator private to one global micro-batch (all ranks draw the same numbers, then slice)."""
+    words = np.random.SeedSequence([seed, stream, epoch, micro_step]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+
+
+def local_crop_params(plan: FeedPlan, cfg: ViewConfig, epoch: int, micro_step: int) -> torch.Tensor:
+    """Fresh local-crop parameters for this rank's micro-batch: drawn per epoch and step, never cached."""
+    generator = micro_batch_generator(plan.seed, _LOCAL_CROP_STREAM, epoch, micro_step)
+    return sample_local_crops(generator, plan.global_micro_batch, cfg)[plan.rank_slice()]
+
+
+def online_view_params(plan: FeedPlan, cfg: ViewConfig, epoch: int, micro_step: int,
+                       num_backgrounds: int) -> torch.Tensor:
+    """Fresh view sets for the online-teacher baseline (no store: drawn at every step)."""
+    generator = micro_batch_generator(plan.seed, _ONLINE_VIEW_STREAM, epoch, micro_step)
+    return sample_view_sets(generator, plan.global_micro_batch, num_backgrounds=num_backgrounds,
+                            cfg=cfg)[plan.rank_slice()]
+
+
+class PlannedOrder(TraversalOrder):
+    """FFCV traversal order that replays `FeedPlan.rank_order`, optionally from a batch inside an epoch."""
+
+    def __init__(self, plan: FeedPlan):
+        self.plan = plan
+        self.resume_at: tuple[int, int] | None = None  # (epoch, micro-batches already done in it)
+
+    def __call__(self, loader) -> "PlannedOrder":
+        # ffcv 1.0.2's Loader accepts an *instance* of TraversalOrder and then calls it with itself.
+        super().__init__(loader)
+        return self
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        order = self.plan.rank_order(epoch)
+        if self.resume_at is not None and self.resume_at[0] == epoch:
+            order = order[self.resume_at[1] * self.plan.micro_batch:]
+        return order
+
+
+class BackgroundPool:
+    """Decoded background images by index; all kept decoded when they fit `cache_bytes`."""
+
+    def __init__(self, path, cache_bytes: int = 2 << 30):
+        self.file = ImageFile(path)
+        decoded_bytes = int((self.file.heights * self.file.widths * 3).sum())
+        self._cache: dict[int, torch.Tensor] | None = {} if decoded_bytes <= cache_bytes else None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.file.num_images
+
+    def get(self, index: int) -> torch.Tensor:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        image = torch.from_numpy(self.file.image(index))
+        if self._cache is not None:
+            with self._lock:
+                self._cache[index] = image
+        return image
+
+    def batch(self, view_params: torch.Tensor) -> list[torch.Tensor]:
+        return [self.get(int(i)) for i in background_indices(view_params)]
+
+
+@dataclass
+class FeedBatch:
+    """One micro-batch for one rank, still on the host (pinned when training on a GPU)."""
+
+    epoch: int
+    micro_step: int  # index of the micro-batch inside the epoch
+    indices: torch.Tensor  # [b] image indices in the images file
+    images: list[torch.Tensor]  # uint8 [H, W, 3] each
+    backgrounds: list[torch.Tensor]  # uint8 [H, W, 3], backgrounds[i] for sample i
+    view_params: torch.Tensor  # [b, VIEW_SET_FIELDS]
+    local_params: torch.Tensor  # [b, num_local, LOCAL_CROP_FIELDS]
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)  # store arrays; empty when online
+    view_sets: torch.Tensor | None = None  # [b] stored set used per sample
+
+
+class TargetPrefetcher:
+    """Background thread turning store blocks into this rank's per-batch target tensors, in order."""
+
+    def __init__(self, store, plan: FeedPlan, cfg: ViewConfig, backgrounds: BackgroundPool, epoch: int,
+                 start_micro: int, *, pin: bool, queue_batches: int = 4, read_threads: int = 2,
+                 read_ahead_blocks: int = 4):
+        self.store, self.plan, self.cfg, self.backgrounds = store, plan, cfg, backgrounds
+        self.epoch, self.start_micro, self.pin = epoch, start_micro, pin
+        self.read_threads, self.read_ahead_blocks = read_threads, read_ahead_blocks
+        self.arrays = ("view_params",) + TARGET_ARRAYS + (
+            INT8_SCALE_ARRAYS if store.attrs["target_format"] == "int8" else ())
+        self.queue: Queue = Queue(maxsize=queue_batches)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dpal-target-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._produce()
+        except BaseException as exc:  # handed to the consumer, which re-raises it with its traceback
+            self.queue.put(exc)
+
+    def _produce(self) -> None:
+        plan, chunk = self.plan, self.plan.chunk_images
+        order = plan.rank_order(self.epoch)[self.start_micro * plan.micro_batch:]
+        view_sets = view_set_of(order, self.epoch, int(self.store.attrs["views_per_image"]), plan.seed)
+        wanted = dict(zip(order.tolist(), view_sets.tolist()))
+        block_sequence = list(dict.fromkeys((order // chunk).tolist()))  # first-need order, each once
+        rows: dict[int, dict[str, np.ndarray]] = {}  # image -> its arrays for its view set, until used
+        with ThreadPoolExecutor(self.read_threads, thread_name_prefix="dpal-zarr") as pool:
+            pending: deque = deque()
+            upcoming = iter(block_sequence)
+
+            def keep_reads_in_flight():
+                while len(pending) < self.read_ahead_blocks:
+                    block = next(upcoming, None)
+                    if block is None:
+                        return
+                    pending.append((block, pool.submit(self.store.read_block, block)))
+
+            for micro, start in enumerate(range(0, len(order), plan.micro_batch), start=self.start_micro):
+                batch_images = order[start:start + plan.micro_batch]
+                while any(int(i) not in rows for i in batch_images):
+                    keep_reads_in_flight()
+                    block, future = pending.popleft()
+                    data = future.result()
+                    for image in range(block * chunk, min((block + 1) * chunk, plan.num_images)):
+                        if image in wanted:
+                            rows[image] = {name: data[name][image - block * chunk, wanted[image]]
+                                           for name in self.arrays}
+                keep_reads_in_flight()
+                batch = self._assemble(micro, batch_images, [wanted[int(i)] for i in batch_images],
+                                       [rows.pop(int(i)) for i in batch_images])
+                while not self._stop.is_set():
+                    try:
+                        self.queue.put(batch, timeout=0.5)
+                        break
+                    except Full:  # the trainer is busy; check for shutdown and retry
+                        continue
+                if self._stop.is_set():
+                    return
+        self.queue.put(None)
+
+    def _assemble(self, micro: int, images: np.ndarray, view_sets: list[int], rows: list[dict]) -> dict:
+        stacked = {name: self._tensor(np.stack([row[name] for row in rows])) for name in self.arrays}
+        view_params = stacked.pop("view_params")
+        return {"micro_step": micro, "indices": torch.from_numpy(images.astype(np.int64)),
+                "view_sets": torch.tensor(view_sets), "view_params": view_params, "targets": stacked,
+                "local_params": local_crop_params(self.plan, self.cfg, self.epoch, micro),
+                "backgrounds": self.backgrounds.batch(view_params)}
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        return tensor.pin_memory() if self.pin else tensor
+
+    def get(self) -> dict | None:
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self.queue.get(timeout=0.1)
+            except Empty:
+                pass
+
+
+def make_image_loader(images_path, plan: FeedPlan, *, workers: int) -> tuple[Loader, PlannedOrder]:
+    """FFCV loader over the images file in the plan's order (one rank, one micro-batch per iteration)."""
+    order = PlannedOrder(plan)
+    loader = Loader(str(images_path), batch_size=plan.micro_batch, num_workers=workers, order=order,
+                    pipelines=image_pipelines(images_path), drop_last=True, os_cache=True, batches_ahead=3)
+    return loader, order
+
+
+class CachedFeed:
+    """Micro-batches of (images from FFCV, targets and view parameters from the store) for one rank."""
+
+    def __init__(self, images_path, store, backgrounds: BackgroundPool, plan: FeedPlan, cfg: ViewConfig,
+                 *, workers: int, pin: bool):
+        self.store, self.backgrounds, self.plan, self.cfg, self.pin = store, backgrounds, plan, cfg, pin
+        self.loader, self.order = make_image_loader(images_path, plan, workers=workers)
+
+    def epoch(self, epoch: int, start_micro: int = 0):
+        """Yield this rank's FeedBatches of `epoch`, starting after `start_micro` micro-batches."""
+        self.order.resume_at = (epoch, start_micro)
+        self.loader.next_epoch = epoch
+        prefetcher = TargetPrefetcher(self.store, self.plan, self.cfg, self.backgrounds, epoch, start_micro,
+                                      pin=self.pin)
+        try:
+            for flat, heights, widths in self.loader:
+                item = prefetcher.get()
+                yield FeedBatch(epoch=epoch, micro_step=item["micro_step"], indices=item["indices"],
+                                images=unflatten_images(flat, heights, widths),
+                                backgrounds=item["backgrounds"], view_params=item["view_params"],
+                                local_params=item["local_params"], targets=item["targets"],
+                                view_sets=item["view_sets"])
+        finally:
+            prefetcher.close()
+
+
+class OnlineFeed:
+    """Micro-batches for the online-teacher baseline: images from FFCV, fresh view sets at every step."""
+
+    def __init__(self, images_path, backgrounds: BackgroundPool, plan: FeedPlan, cfg: ViewConfig, *,
+                 workers: int):
+        self.backgrounds, self.plan, self.cfg = backgrounds, plan, cfg
+        self.loader, self.order = make_image_loader(images_path, plan, workers=workers)
+
+    def epoch(self, epoch: int, start_micro: int = 0):
+        self.order.resume_at = (epoch, start_micro)
+        self.loader.next_epoch = epoch
+        order = self.plan.rank_order(epoch)
+        for micro, (flat, heights, widths) in enumerate(self.loader, start=start_micro):
+            view_params = online_view_params(self.plan, self.cfg, epoch, micro, len(self.backgrounds))
+            indices = order[micro * self.plan.micro_batch:(micro + 1) * self.plan.micro_batch]
+            yield FeedBatch(epoch=epoch, micro_step=micro, indices=torch.from_numpy(indices.astype(np.int64)),
+                            images=unflatten_images(flat, heights, widths),
+                            backgrounds=self.backgrounds.batch(view_params), view_params=view_params,
+                            local_params=local_crop_params(self.plan, self.cfg, epoch, micro))

@@ -1,0 +1,86 @@
+"""Per-step metrics: a CSV file (one row per optimizer step), TensorBoard events, and a PNG loss plot.
+
+On resume the CSV keeps only the rows up to the checkpoint's step and TensorBoard purges later events,
+so a resumed run's logs read exactly like those of a run that was never interrupted.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+METRICS_CSV = "metrics.csv"
+LOSS_PLOT = "loss.png"
+LOSS_COLUMNS = ("loss", "global", "local", "relation", "moe", "experts")
+COLUMNS = ("step", "epoch") + LOSS_COLUMNS + ("lr", "ema_momentum", "moe_weight", "grad_norm",
+                                              "samples_per_s", "data_wait_share")
+
+
+class MetricsLog:
+    """Append-only CSV + TensorBoard writer for the rank that logs (rank 0)."""
+
+    def __init__(self, run_dir: Path, *, resume_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter  # heavy import; only the logging rank pays it
+
+        self.path = Path(run_dir) / METRICS_CSV
+        if resume_step is None or not self.path.exists():
+            self.path.write_text(",".join(COLUMNS) + "\n")
+        else:
+            self._truncate_after(resume_step)
+        self._file = open(self.path, "a", newline="")
+        self._csv = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"),
+                                 purge_step=None if resume_step is None else resume_step + 1)
+
+    def _truncate_after(self, step: int) -> None:
+        with open(self.path, newline="") as handle:
+            rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
+        with open(self.path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def log(self, row: dict) -> None:
+        # Full float precision (repr) so that logs can be compared exactly (resume test).
+        self._csv.writerow({key: (repr(float(value)) if isinstance(value, float) else value)
+                            for key, value in row.items()})
+        self._file.flush()
+        for key, value in row.items():
+            if key != "step":
+                group = "loss" if key in LOSS_COLUMNS else "train"
+                self._tb.add_scalar(f"{group}/{key}", value, row["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The CSV written by MetricsLog as a list of rows of floats."""
+    with open(path, newline="") as handle:
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
+def plot_losses(csv_path: Path, png_path: Path) -> None:
+    """Loss curves (total and each term, log scale) plus the learning rate, from the metrics CSV."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(csv_path)
+    steps = [row["step"] for row in rows]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 1))
+    for column in LOSS_COLUMNS:
+        ax_loss.plot(steps, [row[column] for row in rows], label=column, linewidth=2.0 if column == "loss" else 1.0)
+    ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(loc="upper right", ncol=3)
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot(steps, [row["lr"] for row in rows], color="black")
+    ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.grid(alpha=0.3)
+    fig.suptitle(f"{Path(csv_path).parent.name}: {len(rows)} steps")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,389 @@
+"""Student training from cached teacher targets (or, as a baseline, from a teacher run at every step).
+
+Reads top to bottom like nanoGPT's train.py: set up ranks and devices, check the inputs, build the
+student, decoder, EMA and optimizer, restore a checkpoint if resuming, then loop over epochs and
+micro-batches: render the views from their parameters on the training device, compute the loss terms
+with `dpal.distill.distill_step_losses`, step AdamW, update the EMA, log, checkpoint. At the end:
+a final checkpoint, the student and its EMA exported through `dpal.students.export_student`, and a
+PNG of the loss curves.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from cache_teacher.ffcv_images import ImageFile, images_fingerprint
+from dpal import dispatch
+from dpal.config import Recipe
+from dpal.decoder import DynamicPatternDecoder
+from dpal.distill import distill_step_losses
+from dpal.losses import moe_weight
+from dpal.recipes import get_recipe
+from dpal.students import build_student, export_student
+from dpal.views import render_local_crops, render_view_sets
+from train_student.checkpoint import (CHECKPOINT_NAME, load_checkpoint, prepare_run_folder, rng_state,
+                                      save_checkpoint, set_rng_state)
+from train_student.data import BackgroundPool, CachedFeed, FeedBatch, FeedPlan, OnlineFeed
+from train_student.metrics import LOSS_PLOT, METRICS_CSV, MetricsLog, plot_losses
+
+# Settings that may differ when a run is resumed (they do not change what is computed).
+RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "workers", "progress", "reference_path"}
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must act on (message says what and what was kept)."""
+
+
+class Distiller(torch.nn.Module):
+    """Student + decoder as one module, so DDP sees every trained parameter in one forward."""
+
+    def __init__(self, recipe: Recipe):
+        super().__init__()
+        self.teacher_spec = recipe.teacher
+        self.student = build_student(recipe)
+        self.decoder = DynamicPatternDecoder(recipe.decoder)
+
+    def forward(self, views: dict, targets: dict, moe_loss_weight: float) -> dict[str, torch.Tensor]:
+        return distill_step_losses(self.student, self.decoder, self.teacher_spec, **views, **targets,
+                                   moe_loss_weight=moe_loss_weight)
+
+
+def apply_overrides(recipe: Recipe, args: argparse.Namespace) -> Recipe:
+    """The recipe with the CLI's optimisation overrides (every unset flag keeps the recipe's value)."""
+    optim = {"epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "base_lr": args.blr,
+             "min_lr": args.min_lr, "weight_decay": args.weight_decay, "accum_steps": args.accum_steps}
+    optim = {key: value for key, value in optim.items() if value is not None}
+    return dataclasses.replace(recipe, optim=dataclasses.replace(recipe.optim, **optim))
+
+
+def learning_rate(step: int, *, peak: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to `peak` over warmup_steps, then half-cosine to min_lr at total_steps (per iteration)."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def ema_momentum(step: int, *, start: float, end: float, total_steps: int) -> float:
+    """Cosine from `start` at step 0 to `end` at the last step, per iteration over the whole run."""
+    return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * min(step / max(1, total_steps), 1.0)))
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on every parameter of >= 2 dims (pos_embed, cls_token and decoder queries included);
+    biases and norm weights (1-D) exempt, as in the published recipe."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def images_to_device(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Variable-size uint8 images to the device in one pinned, non-blocking copy."""
+    if device.type != "cuda":
+        return images
+    staging = torch.empty(sum(image.numel() for image in images), dtype=torch.uint8, pin_memory=True)
+    offset = 0
+    for image in images:
+        staging[offset:offset + image.numel()].copy_(image.reshape(-1))
+        offset += image.numel()
+    on_device = staging.to(device, non_blocking=True)
+    out, offset = [], 0
+    for image in images:
+        out.append(on_device[offset:offset + image.numel()].view(image.shape))
+        offset += image.numel()
+    return out
+
+
+def render_batch(batch: FeedBatch, recipe: Recipe, device: torch.device) -> dict[str, torch.Tensor]:
+    """The views of one micro-batch, re-rendered on the training device from their parameters."""
+    images = images_to_device(batch.images, device)
+    views = render_view_sets(images, images_to_device(batch.backgrounds, device), batch.view_params,
+                             recipe.views, device=device)
+    local_views = render_local_crops(images, batch.local_params, recipe.views, device=device)
+    return {"global_view": views.global_view, "local_views": local_views, "crowd_view": views.crowd}
+
+
+def cached_targets(batch: FeedBatch, device: torch.device) -> dict[str, torch.Tensor]:
+    """Store arrays -> distill_step_losses target arguments, copied to the device without blocking."""
+    names = {"global": "global_target", "local": "local_target", "mask": "local_mask",
+             "relation": "relation_target", "local_scale": "local_scale", "relation_scale": "relation_scale"}
+    return {names[key]: value.to(device, non_blocking=True) for key, value in batch.targets.items()}
+
+
+def setup_distributed(device_arg: str) -> tuple[int, int, int, torch.device]:
+    """(rank, world_size, local_rank, device); joins the torchrun process group when launched by it."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for but no CUDA device is visible")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return rank, world_size, local_rank, device
+
+
+def run_config(args: argparse.Namespace, recipe: Recipe, global_batch: int, images_fingerprint: str,
+               store_identity: dict | None) -> dict:
+    """What defines a run (recorded in RUN_DIR/run.json; a resume must match it)."""
+    return {"recipe": recipe.name, "optim": dataclasses.asdict(recipe.optim), "global_batch": global_batch,
+            "seed": args.seed, "window_images": args.window_images, "lr": args.lr,
+            "images": str(Path(args.images).resolve()), "images_fingerprint": images_fingerprint,
+            "backgrounds": str(Path(args.backgrounds).resolve()),
+            "store": None if args.teacher_online else str(Path(args.store).resolve()), "store_identity": store_identity,
+            "teacher_online": args.teacher_online,
+            "teacher_weights": str(Path(args.teacher_weights).resolve()) if args.teacher_online else None,
+            "max_steps": args.max_steps, "checkpoint_every": args.checkpoint_every, "workers": args.workers,
+            "progress": args.progress, "reference_path": args.reference_path}
+
+
+def train(args: argparse.Namespace) -> Path:
+    # ---------------------------------------------------------------- ranks, device, recipe
+    rank, world_size, local_rank, device = setup_distributed(args.device)
+    master = rank == 0
+    recipe = apply_overrides(get_recipe(args.recipe), args)
+    optim = recipe.optim
+    if args.reference_path:
+        dispatch.force_reference(True)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    global_batch = args.batch_size or optim.batch_per_gpu * world_size * optim.accum_steps
+    if global_batch % (world_size * optim.accum_steps):
+        raise TrainingError(f"--batch-size {global_batch} is not divisible by {world_size} ranks x "
+                            f"{optim.accum_steps} accumulation steps; choose a multiple of "
+                            f"{world_size * optim.accum_steps}")
+    micro_batch = global_batch // (world_size * optim.accum_steps)
+
+    # ---------------------------------------------------------------- inputs (all checked before writing)
+    fingerprint = images_fingerprint(args.images)
+    backgrounds = BackgroundPool(args.backgrounds)
+    teacher = store = store_identity = None
+    if args.teacher_online:
+        from dpal.shape_mask import fit_shape_mask, shape_mask
+        from dpal.teachers import load_teacher, teacher_targets
+        if not args.teacher_weights:
+            raise TrainingError("--teacher-online needs --teacher-weights W.pth (the teacher's released checkpoint)")
+        teacher = load_teacher(recipe.teacher.name, args.teacher_weights).to(device)
+        num_images, chunk_images = ImageFile(args.images).num_images, 1
+        teacher_grid = tuple(size // recipe.teacher.token_stride for size in recipe.views.global_size)
+    else:
+        from cache_teacher.store import open_store
+        store = open_store(args.store)
+        store.check_compatible(recipe, recipe.views, fingerprint)
+        num_images, chunk_images = store.num_images, store.chunk_images
+        store_identity = {key: store.attrs[key] for key in ("teacher", "checkpoint_sha256", "target_format",
+                                                            "views_per_image", "format_version")}
+    plan = FeedPlan(num_images=num_images, chunk_images=chunk_images, micro_batch=micro_batch,
+                    world_size=world_size, rank=rank, accum_steps=optim.accum_steps, seed=args.seed,
+                    window_images=args.window_images)
+    if plan.steps_per_epoch < 1:
+        raise TrainingError(f"global batch {global_batch} is larger than the {num_images} images of "
+                            f"{args.images}; use a smaller --batch-size")
+    total_steps = optim.epochs * plan.steps_per_epoch
+    warmup_steps = optim.warmup_epochs * plan.steps_per_epoch
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    peak_lr = args.lr if args.lr is not None else optim.base_lr * global_batch / 256
+
+    run_dir = Path(args.out)
+    config = run_config(args, recipe, global_batch, fingerprint, store_identity)
+    if master:
+        prepare_run_folder(run_dir, config, resume=args.resume, resumable_keys=RESUMABLE_KEYS)
+    if world_size > 1:
+        dist.barrier()  # the folder is checked and prepared before any rank reads from it
+
+    # ---------------------------------------------------------------- model, EMA, optimizer
+    torch.manual_seed(args.seed)  # identical init everywhere (DDP also broadcasts rank 0's weights)
+    model = Distiller(recipe).to(device)
+    ema_student = copy.deepcopy(model.student).requires_grad_(False)
+    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=peak_lr, betas=optim.betas,
+                                  fused=device.type == "cuda")
+    step = 0
+    if args.resume:
+        state = load_checkpoint(run_dir)
+        model.student.load_state_dict(state["student"])
+        model.decoder.load_state_dict(state["decoder"])
+        ema_student.load_state_dict(state["student_ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        rng_states = state["rng"]
+        if len(rng_states) == world_size:
+            set_rng_state(rng_states[rank], device)
+        else:
+            torch.manual_seed(args.seed + 1000 * step + rank)
+    else:
+        torch.manual_seed(args.seed + 1 + rank)  # per-rank stream for drop-path draws
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world_size > 1 else model
+    autocast = torch.autocast("cuda", dtype=getattr(torch, optim.amp_dtype)) if device.type == "cuda" \
+        else nullcontext()
+    student_params, ema_params = list(model.student.parameters()), list(ema_student.parameters())
+
+    # ---------------------------------------------------------------- data feed
+    pin = device.type == "cuda"
+    if args.teacher_online:
+        feed = OnlineFeed(args.images, backgrounds, plan, recipe.views, workers=args.workers)
+        mask_calibration = None
+    else:
+        feed = CachedFeed(args.images, store, backgrounds, plan, recipe.views, workers=args.workers, pin=pin)
+
+    def checkpoint_state() -> dict:
+        rng_states = [rng_state(device)]
+        if world_size > 1:
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, rng_states[0])
+            rng_states = gathered
+        return {"recipe": recipe.name, "step": step, "student": model.student.state_dict(),
+                "decoder": model.decoder.state_dict(), "student_ema": ema_student.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng": rng_states}
+
+    log = MetricsLog(run_dir, resume_step=step if args.resume else None) if master else None
+    progress = None
+    if master and args.progress:
+        from tqdm import tqdm
+        progress = tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True,
+                        desc=f"{recipe.name} (global batch {global_batch})")
+
+    # ---------------------------------------------------------------- training loop
+    ddp_model.train()
+    saved_step = step if args.resume else None
+    epoch, start_micro = divmod(step, plan.steps_per_epoch)
+    start_micro *= optim.accum_steps
+    step_start, data_wait = time.perf_counter(), 0.0
+    sums = None
+    micro_in_step = 0
+    try:
+        while step < last_step:
+            batches = iter(feed.epoch(epoch, start_micro))
+            while step < last_step:
+                wait_start = time.perf_counter()
+                batch = next(batches, None)
+                data_wait += time.perf_counter() - wait_start
+                if batch is None:
+                    break
+                views = render_batch(batch, recipe, device)
+                if teacher is not None:
+                    with torch.no_grad(), autocast:
+                        teacher_out = teacher_targets(teacher, views["global_view"], views["crowd_view"])
+                    if mask_calibration is None:
+                        mask_calibration = fit_shape_mask(teacher_out.local.float(), teacher_grid)
+                    targets = {"global_target": teacher_out.global_, "local_target": teacher_out.local,
+                               "local_mask": shape_mask(teacher_out.local.float(), mask_calibration),
+                               "relation_target": teacher_out.relation}
+                else:
+                    targets = cached_targets(batch, device)
+                micro_in_step += 1
+                last_micro = micro_in_step == optim.accum_steps
+                sync = nullcontext() if last_micro or world_size == 1 else ddp_model.no_sync()
+                with sync:
+                    with autocast:
+                        terms = ddp_model(views, targets, moe_weight(epoch, optim))
+                    (terms["total"] / optim.accum_steps).backward()
+                detached = torch.stack([terms[key].detach().float() for key in
+                                        ("total", "global", "local", "relation", "moe", "experts")])
+                sums = detached if sums is None else sums + detached
+                if not last_micro:
+                    continue
+
+                # one optimizer step
+                means = sums / optim.accum_steps
+                if world_size > 1:
+                    dist.all_reduce(means, op=dist.ReduceOp.AVG)
+                values = means.tolist()
+                if not all(math.isfinite(v) for v in values):
+                    kept = (f"the last good checkpoint {run_dir / CHECKPOINT_NAME} (step {saved_step}) is kept"
+                            if saved_step is not None else "no checkpoint had been written yet")
+                    raise TrainingError(f"loss is not finite at step {step + 1} (epoch {epoch}): "
+                                        f"total={values[0]}, terms global={values[1]} local={values[2]} "
+                                        f"relation={values[3]} moe={values[4]} experts={values[5]}; training "
+                                        f"stopped, {kept}. Check the store's targets and the learning rate.")
+                lr = learning_rate(step, peak=peak_lr, min_lr=optim.min_lr, warmup_steps=warmup_steps,
+                                   total_steps=total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                momentum = ema_momentum(step, start=optim.ema_momentum[0], end=optim.ema_momentum[1],
+                                        total_steps=total_steps)
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema_params, student_params, 1.0 - momentum)
+                step += 1
+                now = time.perf_counter()
+                elapsed = now - step_start
+                if log is not None:
+                    log.log({"step": step, "epoch": epoch, "loss": values[0], "global": values[1],
+                             "local": values[2], "relation": values[3], "moe": values[4], "experts": values[5],
+                             "lr": lr, "ema_momentum": momentum, "moe_weight": moe_weight(epoch, optim),
+                             "grad_norm": float(grad_norm), "samples_per_s": global_batch / elapsed,
+                             "data_wait_share": data_wait / elapsed})
+                if progress is not None:
+                    progress.set_postfix(loss=f"{values[0]:.4f}", lr=f"{lr:.2e}",
+                                         samples_s=f"{global_batch / elapsed:.1f}", refresh=False)
+                    progress.update(1)
+                step_start, data_wait, sums, micro_in_step = now, 0.0, None, 0
+                if args.checkpoint_every and step % args.checkpoint_every == 0 and step < last_step:
+                    state = checkpoint_state()
+                    if master:
+                        save_checkpoint(run_dir, state)
+                    saved_step = step
+            batches.close()
+            epoch, start_micro = epoch + 1, 0
+    finally:
+        if progress is not None:
+            progress.close()
+        if log is not None:
+            log.close()
+
+    # ---------------------------------------------------------------- end: checkpoint, exports, plot
+    state = checkpoint_state()
+    if master:
+        save_checkpoint(run_dir, state)
+        extra = {"recipe": recipe.name, "step": step, "global_batch": global_batch}
+        export_student(model.student, run_dir / "student", extra=extra)
+        export_student(ema_student, run_dir / "student_ema", extra={**extra, "ema": True})
+        plot_losses(run_dir / METRICS_CSV, run_dir / LOSS_PLOT)
+        print(f"finished {step} steps; run folder {run_dir}: {CHECKPOINT_NAME}, student/, student_ema/, "
+              f"{METRICS_CSV}, {LOSS_PLOT}, tensorboard/")
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return run_dir
+
+
+def run_training(args: argparse.Namespace) -> int:
+    """CLI entry: train, turning the errors a user must act on into one clear line and exit status 2."""
+    from cache_teacher.ffcv_images import ImagesFileError
+    from train_student.checkpoint import RunFolderError
+
+    if args.workers is None:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        args.workers = max(1, (os.cpu_count() or 1) // local_ranks)
+    user_errors = (TrainingError, RunFolderError, ImagesFileError, *_store_errors())
+    try:
+        train(args)
+    except user_errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """The store reader's error types (a missing, truncated, foreign or incompatible store)."""
+    import cache_teacher.store as store_module
+
+    return tuple(value for value in vars(store_module).values()
+                 if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == store_module.__name__)
