@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from ffcv.fields import BytesField, IntField
 from ffcv.fields.basics import IntDecoder
+from ffcv.fields.bytes import BytesDecoder
 from ffcv.libffcv import imdecode
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from ffcv.reader import Reader
 
@@ -64,11 +64,12 @@ def _field_metadata(reader: Reader, name: str) -> np.ndarray:
     return reader.metadata[f"f{reader.field_names.index(name)}"]
 
 
-class JPEGImageDecoder(Operation):
+class JPEGImageDecoder(BytesDecoder):
     """FFCV decoder for the ``image`` field: each sample becomes a flat uint8 row, image bytes first.
 
     Shapes come from the file's height/width metadata (read once here), because an FFCV decoder only
-    sees its own field's metadata.
+    sees its own field's metadata. It subclasses ``BytesDecoder`` because FFCV only accepts, as a
+    pipeline's first step, an instance of the field's decoder class.
     """
 
     def __init__(self, path: str | os.PathLike):

@@ -30,7 +30,7 @@ LAYOUT_SOLIDER = ("SOLIDER {'teacher' | 'student': {'backbone.' or 'module.backb
 ANY_TEACHER_LAYOUT = f"one of: {LAYOUT_PATH_TIMM}; {LAYOUT_PATH_MULTITASK}; {LAYOUT_SOLIDER}"
 
 _PATH_MULTITASK_PREFIX = "module.backbone_module."
-_SOLIDER_PREFIXES = ("module.backbone.", "backbone.")  # DDP-wrapped first: 'backbone.' is its suffix
+_SOLIDER_PREFIXES = ("module.backbone.", "backbone.")  # SOLIDER's student is DDP-wrapped, its teacher not
 # mmdet's nn.Unfold orders a 2x2 patch-merging group as (c, kh, kw) -> index c*4 + kh*2 + kw; timm (and the
 # original Swin) concatenates the four positions (kh, kw) = (0,0), (1,0), (0,1), (1,1), each with all C
 # channels. This permutation maps one position order onto the other (it is its own inverse).
@@ -66,13 +66,21 @@ def load_checkpoint_file(path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... depending on damage
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(path, ANY_TEACHER_LAYOUT,
-                              f"not a readable PyTorch checkpoint (truncated, another file type, or holding "
-                              f"objects other than tensors and argparse.Namespace): {first_line}") from error
+        raise CheckpointError(path, ANY_TEACHER_LAYOUT, _unreadable_reason(error)) from error
     if not isinstance(obj, dict):
         raise CheckpointError(path, ANY_TEACHER_LAYOUT, f"top level is a {type(obj).__name__}, not a dict")
     return obj
+
+
+def _unreadable_reason(error: Exception) -> str:
+    text = str(error)
+    if refused := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+        return (f"holds a pickled object of class {refused.group(1)}; only tensors, plain containers and "
+                f"argparse.Namespace are unpickled (never arbitrary code): re-save the weights alone, e.g. "
+                f"torch.save({{'model': state_dict}}, path)")
+    first_line = text.strip().splitlines()[0][:200] if text.strip() else ""
+    return (f"not a readable PyTorch checkpoint (a truncated or damaged copy, or another file type; copy or "
+            f"download it again): {type(error).__name__}: {first_line}")
 
 
 def _top_keys(ckpt: dict) -> str:
@@ -248,11 +256,17 @@ def _fold_semantic_affine(converted: dict, semantic: dict, stage: int, s: float,
     reduction_key = f"layers.{stage + 1}.downsample.reduction.weight"
     if reduction_key not in converted:
         return  # no downsample to fold into: the caller reports its keys as missing and these as unexpected
+    reduction = converted[reduction_key]
+    width = reduction.shape[0]
+    wrong = [f"{n} {list(semantic[n].shape)}" for n, shape in zip(names, [(width, 2), (width,)] * 2)
+             if tuple(semantic[n].shape) != shape]
+    if wrong:
+        raise CheckpointError(path, LAYOUT_SOLIDER, f"semantic-weight layers of stage {stage} do not fit its "
+                              f"downsample to {width} channels: " + ", ".join(wrong))
     w_weight, w_bias, b_weight, b_bias = (semantic.pop(n).double() for n in names)
     condition = torch.tensor([s, 1.0 - s], dtype=torch.float64)
     scale = F.softplus(w_weight @ condition + w_bias)
     shift = b_weight @ condition + b_bias
-    reduction = converted[reduction_key]
     converted[reduction_key] = (reduction.double() * scale[:, None]).to(reduction.dtype)
     converted[f"layers.{stage + 1}.downsample.reduction.bias"] = shift.to(reduction.dtype)
 

@@ -17,10 +17,12 @@ STUDENTS: dict[str, StudentSpec] = {
     "vit-s": StudentSpec("vit-s", "vit", "vit_small_patch16_224", width=384, num_heads=6, drop_path=0.0),
     "vit-b": StudentSpec("vit-b", "vit", "vit_base_patch16_224", width=768, num_heads=12, drop_path=0.0,
                          inter_dim=192),
+    # Swin students down-project to 192 before the decoder, as the original's Swin decoder (down_dim) did:
+    # at D 768 its expert generator (D -> D*D_t) alone would hold ~450M (PATH-B) / ~600M (SOLIDER-B) weights.
     "swin-t": StudentSpec("swin-t", "swin", "swin_tiny_patch4_window7_224", width=768, num_heads=24,
-                          drop_path=0.1),
+                          drop_path=0.1, inter_dim=192),
     "swin-s": StudentSpec("swin-s", "swin", "swin_small_patch4_window7_224", width=768, num_heads=24,
-                          drop_path=0.1),
+                          drop_path=0.1, inter_dim=192),
 }
 
 # Students trained at 128 per GPU with 2 accumulation steps (spec section 7).

@@ -73,7 +73,9 @@ class _GridWindowSwinBlock(SwinTransformerBlock):
         padded_h, padded_w = x.shape[1], x.shape[2]
         if any(shift):
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        mask = _window_mask(height, width, (win_h, win_w), shift)
+        # Eager: one cached CPU mask per grid. Compiled: traced as constants (dynamo bypasses lru_cache anyway).
+        build_mask = _window_mask.__wrapped__ if torch.compiler.is_compiling() else _window_mask
+        mask = build_mask(height, width, (win_h, win_w), shift)
         if mask is not None:
             mask = mask.to(device=x.device, dtype=x.dtype)
         windows = window_partition(x, (win_h, win_w)).view(-1, win_h * win_w, channels)
@@ -242,8 +244,10 @@ def export_student(student: Student, path, *, extra: dict | None = None) -> tupl
     """Write NAME.safetensors (the backbone's timm state dict) and NAME.json (its architecture + extra).
 
     `path` is NAME, NAME.safetensors or NAME.json. The same config is stored in the safetensors metadata,
-    so the weights file alone is also self-describing. Works for the EMA copy (a Student) as well.
+    so the weights file alone is also self-describing. Works for the EMA copy (a Student, or a wrapper of one
+    with `.module`) as well.
     Returns (weights path, config path)."""
+    student = getattr(student, "module", student)  # DistributedDataParallel / AveragedModel wrappers
     weights_path, config_path = _export_paths(path)
     config = dict(student.config)
     if extra is not None:

@@ -149,6 +149,8 @@ def _create_model(spec: TeacherSpec, *, pos_grid: int = _DEFAULT_VIT_POS_GRID) -
 def build_teacher(name: str | TeacherSpec, *, semantic_weight: float = 0.0) -> Teacher:
     """A randomly initialised, frozen teacher (timm init); SOLIDER's semantic weight is recorded only."""
     spec = _resolve_spec(name)
+    if not 0.0 <= semantic_weight <= 1.0:
+        raise ValueError(f"semantic_weight must lie in [0, 1] (SOLIDER's s), got {semantic_weight}")
     return Teacher(spec, _create_model(spec), semantic_weight=semantic_weight if spec.arch == "swin" else None)
 
 

@@ -80,6 +80,7 @@ and matmul blocking, which moves pixels by ~1e-7, far below the CPU/CUDA toleran
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import NamedTuple, Sequence
 
@@ -140,7 +141,11 @@ def to_rgb_uint8(array) -> torch.Tensor:
     Grey ``[H, W]`` / ``[H, W, 1]`` is repeated to three channels; RGBA drops alpha (as PIL's
     ``convert('RGB')``); RGB is returned as is (no copy).
     """
-    image = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array)
+    if not isinstance(array, torch.Tensor):
+        array = np.asarray(array)
+        # Read-only buffers (PIL, memory maps) are copied: torch cannot wrap them safely.
+        array = torch.from_numpy(array if array.flags.writeable else array.copy())
+    image = array
     if image.dtype != torch.uint8:
         raise ValueError(f"image must be uint8 (decoded 8-bit pixels), got dtype {image.dtype} "
                          f"with shape {tuple(image.shape)}")
@@ -321,9 +326,12 @@ def _cubic(x: torch.Tensor) -> torch.Tensor:
 
 
 def _dense_rows(index: torch.Tensor, weight: torch.Tensor, in_len: int, device) -> torch.Tensor:
-    """Dense float32 ``[n, out, in_len]`` from taps ``index/weight [n, out, K]`` (zero-weight taps allowed)."""
+    """Dense float32 ``[n, out, in_len]`` from taps ``index/weight [n, out, K]`` with distinct nonzero taps.
+
+    Taps past the border are clamped onto the last pixel with weight 0: ``scatter_add_`` then adds exact
+    zeros only, so the result does not depend on the (atomic, unordered on CUDA) order of the adds.
+    """
     dense = torch.zeros(index.shape[0], index.shape[1], in_len, dtype=torch.float32, device=device)
-    # scatter_add: repeated (zero-weight or reflected) taps add up; adding 0.0 is exact in any order.
     return dense.scatter_add_(2, index.to(device, non_blocking=True), weight.float().to(device, non_blocking=True))
 
 
@@ -355,21 +363,35 @@ def resize_weights(lengths: torch.Tensor, out_len: int, in_len: int, device=None
     return _dense_rows(index, weight, in_len, device)
 
 
+@functools.lru_cache(maxsize=16)
+def _reflect_taps(length: int, kernel_size: int) -> torch.Tensor:
+    """One-hot ``[K, length * length]``: tap k of output pixel p reads pixel ``reflect(p + k - K // 2)``."""
+    radius = kernel_size // 2
+    if radius >= length:
+        raise ValueError(f"a {kernel_size}-tap blur needs views longer than {radius} pixels, got {length}")
+    source = torch.arange(length)[:, None] + torch.arange(-radius, radius + 1)  # [length, K]
+    source = source.abs()  # reflect at the start: -1 -> 1
+    source = torch.where(source > length - 1, 2 * (length - 1) - source, source)  # reflect at the end
+    taps = torch.zeros(kernel_size, length, length)
+    taps[torch.arange(kernel_size)[None, :], torch.arange(length)[:, None], source] = 1.0
+    return taps.reshape(kernel_size, length * length)
+
+
 def blur_weights(sigmas: torch.Tensor, length: int, kernel_size: int, device=None) -> torch.Tensor:
     """Gaussian blur along one axis as matrices ``[n, length, length]`` with reflect borders.
 
     Kernel as torchvision's ``gaussian_blur``: ``kernel_size`` taps, exp(-t^2 / (2 sigma^2)) normalized.
+    Near a border two taps can read the same pixel; their weights are summed by a matmul with a fixed
+    one-hot tap pattern, a deterministic order on every device.
     """
     radius = kernel_size // 2
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (offsets / sigmas.double()[:, None]) ** 2)
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # [n, K]
-    source = torch.arange(length)[:, None] + torch.arange(-radius, radius + 1)  # [length, K]
-    source = source.abs()  # reflect at the start: -1 -> 1
-    source = torch.where(source > length - 1, 2 * (length - 1) - source, source)  # reflect at the end
-    index = source.expand(len(sigmas), -1, -1)
-    weight = kernel[:, None, :].expand(-1, length, -1)
-    return _dense_rows(index, weight, length, device)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).float()  # [n, K]
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    taps = _reflect_taps(length, kernel_size).to(device, non_blocking=True)
+    with _ieee_fp32_matmul(device):
+        return (kernel.to(device, non_blocking=True) @ taps).reshape(len(sigmas), length, length)
 
 
 @contextlib.contextmanager

@@ -20,8 +20,10 @@ Backward, with dW = dL/dW_b + 2 weight / B * dloss * W_b:
 du exists only one column chunk at a time (at most `_DU_CHUNK_ELEMENTS` values) and is consumed by two
 cuBLAS GEMMs (dq += du W_chunk, dW_expert[chunk] = du^T q) before the next chunk is made.
 
-The output stage is a batched cuBLAS GEMM (h @ W_b, kept by autograd as usual) followed by a fused
-GELU + LayerNorm row kernel whose backward recomputes GELU and the normalised row from z = h @ W_b.
+The output stage is a batched cuBLAS GEMM z = h @ W_b and a fused GELU + LayerNorm row kernel; backward
+recomputes z (one GEMM) rather than keeping [B, L, D_o] alive, and overwrites it with dz in place.
+
+Memory kept from forward to backward: W_b [B, D*D_o] and [B, P] statistics, beyond the inputs.
 """
 from __future__ import annotations
 
@@ -34,17 +36,18 @@ from kernels._common import (INTERPRETED, check_device, mma, check_dtype, check_
 
 OP = "fused expert path"
 
-# Tile shape of the expert GEMM passes: rows are samples (one tl.dot per pattern query), columns the
-# D * D_o output features, K the query width. 64 x 128 x 64 keeps three bf16 tiles + one fp32
-# accumulator well inside an H100 SM's registers/shared memory with 8 warps.
-_BLOCK_B = 64
+# Expert GEMM passes: rows are samples (one tl.dot per pattern query), columns the D * D_o output
+# features in tiles of _BLOCK_M (fixed: per-tile partial statistics are indexed by it), K the query
+# width. Row-block height, K step, warps and stages are autotuned per (D, M) on the GPU; the interpreter
+# takes one config (it would otherwise run every config, slowly, for nothing).
 _BLOCK_M = 128
-_BLOCK_K = 64
-_NUM_WARPS = 8
-_NUM_STAGES = 3
-# Largest transient du chunk in backward (values): 2^25 bf16 = 64 MiB, a small fraction of what eager
+_EXPERT_CONFIGS = [triton.Config({"BLOCK_B": 64, "BLOCK_K": 32}, num_warps=4)] if INTERPRETED else [
+    triton.Config({"BLOCK_B": b, "BLOCK_K": k}, num_warps=w, num_stages=s)
+    for b, k, w, s in ((64, 64, 8, 3), (64, 32, 4, 4), (128, 64, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3))]
+_MIN_BLOCK_B = min(c.kwargs["BLOCK_B"] for c in _EXPERT_CONFIGS)
+# Largest transient du chunk in backward (values): 2^24 bf16 = 32 MiB, a small fraction of what eager
 # keeps, while chunks stay wide enough (>= thousands of columns) for the cuBLAS GEMMs that consume them.
-_DU_CHUNK_ELEMENTS = 1 << 25
+_DU_CHUNK_ELEMENTS = 1 << 24
 
 @triton.jit
 def _gelu(u):
@@ -75,6 +78,7 @@ def _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P: tl.co
     return acc + bias[None, :]
 
 
+@triton.autotune(configs=_EXPERT_CONFIGS, key=["D", "M"])
 @triton.jit
 def _expert_stats_kernel(q_ptr, w_ptr, bias_ptr, tile_mean_ptr, tile_m2_ptr, B, D, M, n_tiles,
                          P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -98,6 +102,7 @@ def _expert_stats_kernel(q_ptr, w_ptr, bias_ptr, tile_mean_ptr, tile_m2_ptr, B, 
         tl.store(tile_m2_ptr + out, tl.sum(dev * dev, axis=1), mask=row_ok)
 
 
+@triton.autotune(configs=_EXPERT_CONFIGS, key=["D", "M"])
 @triton.jit
 def _expert_mix_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
                        mixed_ptr, sq_partial_ptr, inv_mix, B, D, M, n_tiles,
@@ -140,6 +145,7 @@ def _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef_ptr, offs_b, offs_m, B, M, m
     return grad + tl.load(loss_coef_ptr) * mixed
 
 
+@triton.autotune(configs=_EXPERT_CONFIGS, key=["D", "M"])
 @triton.jit
 def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
                               grad_ptr, mixed_ptr, loss_coef_ptr, partial_ptr, B, D, M, n_tiles,
@@ -168,6 +174,9 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_
         tl.store(partial_ptr + slot + e * n_tiles, tl.sum(d_gamma_scaled * xhat, axis=1), mask=row_ok)
 
 
+# The dgamma/dbeta partials have one row per row block; rows a smaller-BLOCK_B config wrote while tuning
+# must not survive into the sum, hence reset_to_zero (buffers are allocated zeroed as well).
+@triton.autotune(configs=_EXPERT_CONFIGS, key=["D", "M"], reset_to_zero=["d_gamma_partial_ptr", "d_beta_partial_ptr"])
 @triton.jit
 def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, gamma_ptr,
                         grad_ptr, mixed_ptr, loss_coef_ptr, a_mean_ptr, b_mean_ptr,
@@ -208,28 +217,33 @@ def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, 
 
 
 @triton.jit
-def _gelu_layer_norm_fwd_kernel(z_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, width, eps,
-                                BLOCK: tl.constexpr):
-    """One row: y = LN(GELU(z)) * w + b; keeps the row's mean and reciprocal std for backward."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    ok = cols < width
-    a = _gelu(tl.load(z_ptr + row * width + cols, mask=ok, other=0.0).to(tl.float32))
-    mean = tl.sum(tl.where(ok, a, 0.0), axis=0) / width
+def _gelu_layer_norm_row(z, ok, width, eps):
+    """xhat = LN(GELU(z)) of one row before the affine part (fp32, zero outside the row) and its 1/std."""
+    a = tl.where(ok, _gelu(z), 0.0)
+    mean = tl.sum(a, axis=0) / width
     dev = tl.where(ok, a - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=0) / width + eps)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * width + cols, (dev * rstd * w + b).to(y_ptr.dtype.element_ty), mask=ok)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
+    return dev * rstd, rstd
 
 
 @triton.jit
-def _gelu_layer_norm_bwd_kernel(z_ptr, dy_ptr, dz_ptr, w_ptr, mean_ptr, rstd_ptr, dw_partial_ptr,
-                                db_partial_ptr, n_rows, width, rows_per_program,
-                                BLOCK: tl.constexpr):
-    """Rows [pid * rows_per_program, ...): dz (GELU recomputed from z) and per-program dw/db partials."""
+def _gelu_layer_norm_fwd_kernel(z_ptr, y_ptr, w_ptr, b_ptr, width, eps, BLOCK: tl.constexpr):
+    """One row: y = LN(GELU(z)) * w + b."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < width
+    z = tl.load(z_ptr + row * width + cols, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    xhat, _ = _gelu_layer_norm_row(z, ok, width, eps)
+    tl.store(y_ptr + row * width + cols, (xhat * w + b).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gelu_layer_norm_bwd_kernel(z_ptr, dy_ptr, w_ptr, dw_partial_ptr, db_partial_ptr, n_rows, width, eps,
+                                rows_per_program, BLOCK: tl.constexpr):
+    """Rows [pid * rows_per_program, ...): overwrites z with dz (each row is read before it is written)
+    and writes per-program dw/db partials. Row statistics are recomputed from z, nothing is saved."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < width
@@ -241,23 +255,18 @@ def _gelu_layer_norm_bwd_kernel(z_ptr, dy_ptr, dz_ptr, w_ptr, mean_ptr, rstd_ptr
         at = row * width + cols  # < 2^31: B * L * D_o stays far below it at every recipe shape
         z = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + at, mask=ok, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row)
-        xhat = tl.where(ok, (_gelu(z) - tl.load(mean_ptr + row)) * rstd, 0.0)
+        xhat, rstd = _gelu_layer_norm_row(z, ok, width, eps)
         dxhat = dy * w
         da = rstd * (dxhat - tl.sum(dxhat, axis=0) / width - xhat * (tl.sum(dxhat * xhat, axis=0) / width))
-        tl.store(dz_ptr + at, (da * _gelu_grad(z)).to(dz_ptr.dtype.element_ty), mask=ok)
+        tl.store(z_ptr + at, (da * _gelu_grad(z)).to(z_ptr.dtype.element_ty), mask=ok)
         dw += dy * xhat
         db += dy
     tl.store(dw_partial_ptr + pid * width + cols, dw, mask=ok)
     tl.store(db_partial_ptr + pid * width + cols, db, mask=ok)
 
 
-def _expert_grid(batch: int, columns: int) -> tuple[int, int]:
-    return triton.cdiv(batch, _BLOCK_B), triton.cdiv(columns, _BLOCK_M)
-
-
-def _block_k(dim: int) -> int:
-    return max(16, min(_BLOCK_K, triton.next_power_of_2(dim)))
+def _expert_grid(batch: int, columns: int):
+    return lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(columns, _BLOCK_M))
 
 
 class ExpertMixFunction(torch.autograd.Function):
@@ -270,8 +279,8 @@ class ExpertMixFunction(torch.autograd.Function):
         n_tiles = triton.cdiv(features, _BLOCK_M)
         grid = _expert_grid(batch, features)
         f32 = dict(device=queries.device, dtype=torch.float32)
-        meta = dict(P=patterns, BLOCK_B=_BLOCK_B, BLOCK_M=_BLOCK_M, BLOCK_K=_block_k(dim),
-                    DOT_PRECISION=dot_precision(queries.dtype), UPCAST_DOT=INTERPRETED, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+        meta = dict(P=patterns, BLOCK_M=_BLOCK_M, DOT_PRECISION=dot_precision(queries.dtype),
+                    UPCAST_DOT=INTERPRETED)
 
         tile_mean = torch.empty(batch, patterns, n_tiles, **f32)
         tile_m2 = torch.empty(batch, patterns, n_tiles, **f32)
@@ -318,9 +327,9 @@ class ExpertMixFunction(torch.autograd.Function):
         a_mean = (a_sums / features).contiguous()
         b_mean = (gamma_sums / features).contiguous()
 
-        n_row_blocks = triton.cdiv(batch, _BLOCK_B)
-        d_gamma_partial = torch.empty(n_row_blocks, features, **f32)
-        d_beta_partial = torch.empty(n_row_blocks, features, **f32)
+        n_row_blocks = triton.cdiv(batch, _MIN_BLOCK_B)  # enough rows for any tuned BLOCK_B; unused stay 0
+        d_gamma_partial = torch.zeros(n_row_blocks, features, **f32)
+        d_beta_partial = torch.zeros(n_row_blocks, features, **f32)
         grad_queries = torch.zeros(batch * patterns, dim, **f32)
         grad_weight = torch.empty_like(weight)
         grad_bias = torch.empty(features, **f32)
@@ -342,37 +351,46 @@ class ExpertMixFunction(torch.autograd.Function):
                 d_beta_partial.sum(0).to(norm_bias.dtype), None, None, None)
 
 
-class GeluLayerNormFunction(torch.autograd.Function):
-    """y = LayerNorm(GELU(z)) over the last axis of z [R, O], with weight/bias [O]."""
+class OutputProjectionFunction(torch.autograd.Function):
+    """y = LayerNorm(GELU(h @ W_b)) with h [B, L, D], W_b [B, D, D_o]; saves only h and W_b.
+
+    Backward recomputes z = h @ W_b (one batched GEMM, cheaper than keeping [B, L, D_o] alive until
+    backward) and turns it into dz in place, so the output stage adds no activation memory of its own.
+    """
 
     @staticmethod
-    def forward(ctx, z, weight, bias, eps):
-        rows, width = z.shape
+    def forward(ctx, h, mixed, weight, bias, eps):
+        z = torch.bmm(h, mixed)
+        rows, width = z.numel() // z.shape[-1], z.shape[-1]
         block = triton.next_power_of_2(width)
-        num_warps = min(max(block // 256, 1), 8)
         y = torch.empty_like(z)
-        mean = torch.empty(rows, device=z.device, dtype=torch.float32)
-        rstd = torch.empty_like(mean)
-        _gelu_layer_norm_fwd_kernel[(rows,)](z, y, weight, bias, mean, rstd, width, eps, BLOCK=block,
-                                             num_warps=num_warps)
-        ctx.save_for_backward(z, weight, mean, rstd)
-        ctx.num_warps = num_warps
+        _gelu_layer_norm_fwd_kernel[(rows,)](z, y, weight, bias, width, eps, BLOCK=block,
+                                             num_warps=_row_warps(block))
+        ctx.save_for_backward(h, mixed, weight)
+        ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        z, weight, mean, rstd = ctx.saved_tensors
-        rows, width = z.shape
-        programs = num_programs_for_rows(rows, z.device)
+        h, mixed, weight = ctx.saved_tensors
+        dz = torch.bmm(h, mixed)
+        rows, width = dz.numel() // dz.shape[-1], dz.shape[-1]
+        programs = num_programs_for_rows(rows, dz.device)
         rows_per_program = triton.cdiv(rows, programs)
         programs = triton.cdiv(rows, rows_per_program)
-        dz = torch.empty_like(z)
-        dw_partial = torch.empty(programs, width, device=z.device, dtype=torch.float32)
+        dw_partial = torch.empty(programs, width, device=dz.device, dtype=torch.float32)
         db_partial = torch.empty_like(dw_partial)
-        _gelu_layer_norm_bwd_kernel[(programs,)](z, grad_y.contiguous(), dz, weight, mean, rstd, dw_partial,
-                                                 db_partial, rows, width, rows_per_program,
-                                                 BLOCK=triton.next_power_of_2(width), num_warps=ctx.num_warps)
-        return dz, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype), None
+        block = triton.next_power_of_2(width)
+        _gelu_layer_norm_bwd_kernel[(programs,)](dz, grad_y.contiguous(), weight, dw_partial, db_partial, rows,
+                                                 width, ctx.eps, rows_per_program, BLOCK=block,
+                                                 num_warps=_row_warps(block))
+        grad_h = torch.bmm(dz, mixed.transpose(1, 2))
+        grad_mixed = torch.bmm(h.transpose(1, 2), dz)
+        return grad_h, grad_mixed, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype), None
+
+
+def _row_warps(block: int) -> int:
+    return min(max(block // 256, 1), 8)
 
 
 def _check_inputs(queries, scores, h, expert_weight, expert_bias, expert_norm_weight, expert_norm_bias,
@@ -430,7 +448,6 @@ def expert_path(queries: torch.Tensor, scores: torch.Tensor, h: torch.Tensor,
             queries.contiguous(), scores.contiguous(), expert_weight.contiguous(), expert_bias.contiguous(),
             expert_norm_weight.contiguous(), expert_norm_bias.contiguous(), float(mix_divisor),
             float(experts_loss_weight), float(eps))
-        z = torch.bmm(h, mixed.view(batch, dim, out_dim))
-        y = GeluLayerNormFunction.apply(z.view(-1, out_dim), out_norm_weight.contiguous(),
-                                        out_norm_bias.contiguous(), float(eps))
-    return y.view(batch, -1, out_dim), experts_loss
+        y = OutputProjectionFunction.apply(h.contiguous(), mixed.view(batch, dim, out_dim),
+                                           out_norm_weight.contiguous(), out_norm_bias.contiguous(), float(eps))
+    return y, experts_loss

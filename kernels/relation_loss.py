@@ -25,11 +25,11 @@ from kernels._common import INTERPRETED, check_device, check_dtype, check_shape,
 
 OP = "fused relation KL"
 
-_BLOCK_I = 64
-_BLOCK_J = 64
-_BLOCK_K = 64
-_NUM_WARPS = 4
-_NUM_STAGES = 3
+# Tiles (rows I x columns J, K step over D) are autotuned per (N, D) on the GPU; one config when interpreted.
+_CONFIGS = [triton.Config({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_K": 32}, num_warps=4)] if INTERPRETED else [
+    triton.Config({"BLOCK_I": i, "BLOCK_J": j, "BLOCK_K": k}, num_warps=w, num_stages=st)
+    for i, j, k, w, st in ((64, 64, 64, 4, 3), (64, 64, 32, 4, 4), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3),
+                           (32, 64, 64, 4, 3), (32, 32, 64, 4, 3))]
 TARGET_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 
 
@@ -59,6 +59,7 @@ def _target_tile(t_ptr, row_scale_ptr, rows, cols, N, QUANTIZED: tl.constexpr):
     return p
 
 
+@triton.autotune(configs=_CONFIGS, key=["N", "D"])
 @triton.jit
 def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, kl_ptr, lse_ptr, mass_ptr, N, D, scale,
                             QUANTIZED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -93,6 +94,7 @@ def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, kl_ptr, lse_ptr, mass_p
     tl.store(mass_ptr + b * N + offs_i, mass, mask=row_ok)
 
 
+@triton.autotune(configs=_CONFIGS, key=["N", "D"])
 @triton.jit
 def _relation_kl_bwd_kernel(y_ptr, t_ptr, row_scale_ptr, lse_ptr, mass_ptr, grad_ptr, out_ptr, N, D, scale,
                             QUANTIZED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -119,10 +121,8 @@ def _relation_kl_bwd_kernel(y_ptr, t_ptr, row_scale_ptr, lse_ptr, mass_ptr, grad
     tl.store(out_ptr + b * N * N + offs_i[:, None] * N + offs_j[None, :], g.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _meta(dtype: torch.dtype, dim: int, quantized: bool) -> dict:
-    return dict(QUANTIZED=quantized, BLOCK_I=_BLOCK_I, BLOCK_J=_BLOCK_J,
-                BLOCK_K=max(16, min(_BLOCK_K, triton.next_power_of_2(dim))), DOT_PRECISION=dot_precision(dtype),
-                UPCAST_DOT=INTERPRETED, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+def _meta(dtype: torch.dtype, quantized: bool) -> dict:
+    return dict(QUANTIZED=quantized, DOT_PRECISION=dot_precision(dtype), UPCAST_DOT=INTERPRETED)
 
 
 class RelationKLFunction(torch.autograd.Function):
@@ -131,14 +131,14 @@ class RelationKLFunction(torch.autograd.Function):
         batch, n, dim = y.shape
         quantized = row_scale is not None
         row_scale_arg = row_scale if quantized else target  # never read when not quantized
-        meta = _meta(y.dtype, dim, quantized)
+        constants = _meta(y.dtype, quantized)
         scale = 1.0 / math.sqrt(dim)
         f32 = dict(device=y.device, dtype=torch.float32)
         kl_rows, lse, mass = (torch.empty(batch, n, **f32) for _ in range(3))
-        _relation_kl_fwd_kernel[(batch, triton.cdiv(n, _BLOCK_I))](
-            y, target, row_scale_arg, kl_rows, lse, mass, n, dim, scale, **meta)
+        _relation_kl_fwd_kernel[lambda meta: (batch, triton.cdiv(n, meta["BLOCK_I"]))](
+            y, target, row_scale_arg, kl_rows, lse, mass, n, dim, scale, **constants)
         ctx.save_for_backward(y, target, row_scale_arg, lse, mass)
-        ctx.meta, ctx.scale = meta, scale
+        ctx.constants, ctx.scale = constants, scale
         return kl_rows.sum() / (batch * n)
 
     @staticmethod
@@ -147,8 +147,8 @@ class RelationKLFunction(torch.autograd.Function):
         batch, n, dim = y.shape
         grad_scaled = (grad_loss.float() / (batch * n)).reshape(())
         grad_logits = torch.empty(batch, n, n, device=y.device, dtype=y.dtype)
-        _relation_kl_bwd_kernel[(batch, triton.cdiv(n, _BLOCK_I), triton.cdiv(n, _BLOCK_J))](
-            y, target, row_scale_arg, lse, mass, grad_scaled, grad_logits, n, dim, ctx.scale, **ctx.meta)
+        _relation_kl_bwd_kernel[lambda meta: (batch, triton.cdiv(n, meta["BLOCK_I"]), triton.cdiv(n, meta["BLOCK_J"]))](
+            y, target, row_scale_arg, lse, mass, grad_scaled, grad_logits, n, dim, ctx.scale, **ctx.constants)
         return torch.bmm(grad_logits, y), None, None
 
 

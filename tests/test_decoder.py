@@ -1,4 +1,5 @@
 """Dynamic pattern decoder (spec section 5) against direct float64 computations on fresh random inputs."""
+import importlib
 import math
 
 import pytest
@@ -128,6 +129,15 @@ def test_decoder_matches_direct_spec_computation(inter, length):
         torch.testing.assert_close(out.y, y, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(out.aux_loss, aux, rtol=1e-9, atol=0)
         torch.testing.assert_close(out.experts_loss, loss, rtol=1e-9, atol=0)
+
+
+def test_force_reference_from_environment(monkeypatch):
+    monkeypatch.setenv("DPAL_FORCE_REFERENCE", "1")
+    importlib.reload(dispatch)
+    assert dispatch.reference_forced()
+    monkeypatch.setenv("DPAL_FORCE_REFERENCE", "0")
+    importlib.reload(dispatch)
+    assert not dispatch.reference_forced()
 
 
 def test_force_reference_switch_keeps_numerics():

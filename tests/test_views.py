@@ -347,3 +347,50 @@ def test_bad_records_are_rejected_with_the_reason():
         V.render_view_sets(images[:1], backgrounds, records, SMALL)
     with pytest.raises(ValueError, match="crowd geometry"):
         V.sample_view_sets(torch.Generator(), 2, num_backgrounds=1, cfg=ViewConfig(paste_y=(0, 200)))
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+def write_images(folder, sizes, seed):
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(random_image(generator, h, w).numpy()).save(folder / f"{i}.png")
+
+
+def test_grid_command_writes_a_picture_and_names_bad_input(tmp_path, capsys):
+    from PIL import Image
+
+    from cache_teacher import views_cli
+
+    write_images(tmp_path / "persons", [(160, 70), (120, 64)], seed=1)
+    Image.fromarray(np.zeros((50, 40), np.uint8)).save(tmp_path / "persons" / "grey.png")
+    write_images(tmp_path / "backgrounds", [(200, 260)], seed=2)
+    out = tmp_path / "views.png"
+    command = ["grid", "--images", str(tmp_path / "persons"), "--backgrounds", str(tmp_path / "backgrounds"),
+               "--num", "3", "--out", str(out)]
+    views_cli.main(command)
+    with Image.open(out) as picture:
+        assert picture.mode == "RGB" and picture.height >= 3 * 256 and picture.width > 256 + 128 + 96
+    (tmp_path / "backgrounds" / "0.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit) as exit_info:
+        views_cli.main(command)
+    assert exit_info.value.code == 2
+    assert "0.png could not be decoded" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(views_cli.ImageSourceError, match="holds no images.*pool is empty"):
+        views_cli.ImageSource(tmp_path / "empty", "--backgrounds")
+
+
+def test_bench_command_prints_a_table_and_writes_json(tmp_path, capsys):
+    import json
+
+    from cache_teacher import views_cli
+
+    report = tmp_path / "bench.json"
+    views_cli.main(["bench", "--batch", "2", "--repeats", "1", "--devices", "cpu", "--json", str(report)])
+    assert "view sets/s" in capsys.readouterr().out
+    row = json.loads(report.read_text())["results"][0]
+    assert row["device"] == "cpu" and row["batch"] == 2 and row["view_sets_per_s"] > 0

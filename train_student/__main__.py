@@ -75,6 +75,8 @@ def training_parser() -> argparse.ArgumentParser:
     group.add_argument("--teacher-online", action="store_true",
                        help="baseline without a store: run the teacher on fresh views at every step "
                             "(needs --teacher-weights)")
+    group.add_argument("--calibration-images", type=int, default=256, metavar="N",
+                       help="--teacher-online: images whose teacher tokens calibrate the shape mask (default 256)")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 

@@ -27,6 +27,7 @@ from queue import Empty, Full, Queue
 import numpy as np
 import torch
 from ffcv.loader import Loader
+from ffcv.pipeline import PipelineSpec
 from ffcv.traversal_order.base import TraversalOrder
 
 from cache_teacher.ffcv_images import ImageFile, image_pipelines, unflatten_images
@@ -278,8 +279,12 @@ class TargetPrefetcher:
 def make_image_loader(images_path, plan: FeedPlan, *, workers: int) -> tuple[Loader, PlannedOrder]:
     """FFCV loader over the images file in the plan's order (one rank, one micro-batch per iteration)."""
     order = PlannedOrder(plan)
+    # Each pipeline's first op is its decoder. Declared explicitly because FFCV only recognises a leading
+    # decoder that subclasses the field's default one, and would otherwise run it as a 2-argument transform.
+    pipelines = {name: PipelineSpec(name, decoder=ops[0], transforms=list(ops[1:]))
+                 for name, ops in image_pipelines(images_path).items()}
     loader = Loader(str(images_path), batch_size=plan.micro_batch, num_workers=workers, order=order,
-                    pipelines=image_pipelines(images_path), drop_last=True, os_cache=True, batches_ahead=3)
+                    pipelines=pipelines, drop_last=True, os_cache=True, batches_ahead=3)
     return loader, order
 
 

@@ -121,6 +121,30 @@ def cached_targets(batch: FeedBatch, device: torch.device) -> dict[str, torch.Te
     return {names[key]: value.to(device, non_blocking=True) for key, value in batch.targets.items()}
 
 
+def fit_online_mask_calibration(teacher, images_path, backgrounds: BackgroundPool, recipe: Recipe,
+                                device: torch.device, *, count: int, seed: int, batch: int):
+    """Shape-mask calibration for the online baseline, fitted once on the teacher's global-view tokens of
+    the first `count` images (fixed view sets), so that every rank and every resume uses the same one."""
+    from dpal.shape_mask import fit_shape_mask
+    from dpal.teachers import teacher_targets
+    from dpal.views import sample_view_sets
+
+    image_file = ImageFile(images_path)
+    count = min(count, image_file.num_images)
+    params = sample_view_sets(torch.Generator().manual_seed(seed), count, num_backgrounds=len(backgrounds),
+                              cfg=recipe.views)
+    grid = tuple(size // recipe.teacher.token_stride for size in recipe.views.global_size)
+    tokens = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    for start in range(0, count, batch):
+        chunk = params[start:start + batch]
+        images = [torch.from_numpy(image_file.image(i)) for i in range(start, start + len(chunk))]
+        views = render_view_sets(images, backgrounds.batch(chunk), chunk, recipe.views, device=device)
+        with torch.no_grad(), autocast:
+            tokens.append(teacher_targets(teacher, views.global_view, views.crowd).local.float().cpu())
+    return fit_shape_mask(torch.cat(tokens), grid)
+
+
 def setup_distributed(device_arg: str) -> tuple[int, int, int, torch.device]:
     """(rank, world_size, local_rank, device); joins the torchrun process group when launched by it."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -144,7 +168,7 @@ def run_config(args: argparse.Namespace, recipe: Recipe, global_batch: int, imag
             "images": str(Path(args.images).resolve()), "images_fingerprint": images_fingerprint,
             "backgrounds": str(Path(args.backgrounds).resolve()),
             "store": None if args.teacher_online else str(Path(args.store).resolve()), "store_identity": store_identity,
-            "teacher_online": args.teacher_online,
+            "teacher_online": args.teacher_online, "calibration_images": args.calibration_images,
             "teacher_weights": str(Path(args.teacher_weights).resolve()) if args.teacher_online else None,
             "max_steps": args.max_steps, "checkpoint_every": args.checkpoint_every, "workers": args.workers,
             "progress": args.progress, "reference_path": args.reference_path}
@@ -173,13 +197,12 @@ def train(args: argparse.Namespace) -> Path:
     backgrounds = BackgroundPool(args.backgrounds)
     teacher = store = store_identity = None
     if args.teacher_online:
-        from dpal.shape_mask import fit_shape_mask, shape_mask
+        from dpal.shape_mask import shape_mask
         from dpal.teachers import load_teacher, teacher_targets
         if not args.teacher_weights:
             raise TrainingError("--teacher-online needs --teacher-weights W.pth (the teacher's released checkpoint)")
         teacher = load_teacher(recipe.teacher.name, args.teacher_weights).to(device)
         num_images, chunk_images = ImageFile(args.images).num_images, 1
-        teacher_grid = tuple(size // recipe.teacher.token_stride for size in recipe.views.global_size)
     else:
         from cache_teacher.store import open_store
         store = open_store(args.store)
@@ -236,7 +259,9 @@ def train(args: argparse.Namespace) -> Path:
     pin = device.type == "cuda"
     if args.teacher_online:
         feed = OnlineFeed(args.images, backgrounds, plan, recipe.views, workers=args.workers)
-        mask_calibration = None
+        mask_calibration = fit_online_mask_calibration(teacher, args.images, backgrounds, recipe, device,
+                                                       count=args.calibration_images, seed=args.seed,
+                                                       batch=micro_batch)
     else:
         feed = CachedFeed(args.images, store, backgrounds, plan, recipe.views, workers=args.workers, pin=pin)
 
@@ -278,8 +303,6 @@ def train(args: argparse.Namespace) -> Path:
                 if teacher is not None:
                     with torch.no_grad(), autocast:
                         teacher_out = teacher_targets(teacher, views["global_view"], views["crowd_view"])
-                    if mask_calibration is None:
-                        mask_calibration = fit_shape_mask(teacher_out.local.float(), teacher_grid)
                     targets = {"global_target": teacher_out.global_, "local_target": teacher_out.local,
                                "local_mask": shape_mask(teacher_out.local.float(), mask_calibration),
                                "relation_target": teacher_out.relation}
@@ -367,12 +390,13 @@ def train(args: argparse.Namespace) -> Path:
 def run_training(args: argparse.Namespace) -> int:
     """CLI entry: train, turning the errors a user must act on into one clear line and exit status 2."""
     from cache_teacher.ffcv_images import ImagesFileError
+    from cache_teacher.store import StoreError
     from train_student.checkpoint import RunFolderError
 
     if args.workers is None:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         args.workers = max(1, (os.cpu_count() or 1) // local_ranks)
-    user_errors = (TrainingError, RunFolderError, ImagesFileError, *_store_errors())
+    user_errors = (TrainingError, RunFolderError, ImagesFileError, StoreError)
     try:
         train(args)
     except user_errors as exc:
@@ -380,10 +404,3 @@ def run_training(args: argparse.Namespace) -> int:
         return 2
     return 0
 
-
-def _store_errors() -> tuple[type[BaseException], ...]:
-    """The store reader's error types (a missing, truncated, foreign or incompatible store)."""
-    import cache_teacher.store as store_module
-
-    return tuple(value for value in vars(store_module).values()
-                 if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == store_module.__name__)

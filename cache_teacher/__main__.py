@@ -1,0 +1,145 @@
+"""cache_teacher: the one-off stage. Pack images into FFCV, run a teacher once, write a Zarr target store.
+
+Typical use:
+  python -m cache_teacher pack LUPerson/ images.beton
+  python -m cache_teacher pack backgrounds/ backgrounds.beton
+  python -m cache_teacher run --teacher path-b --weights path-b.pth --images images.beton \\
+      --backgrounds backgrounds.beton --views-per-image 4 --out path-b.zarr       (--dry-run: storage needed)
+  torchrun --nproc_per_node 8 -m cache_teacher run ...                             (same store, N GPUs)
+  python -m cache_teacher verify path-b.zarr --weights path-b.pth
+  python -m cache_teacher info path-b.zarr
+`run` is resumable: kill it at any moment and rerun the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dpal.config import TeacherSpec
+from dpal.recipes import TEACHERS
+
+
+def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
+    from cache_teacher.pack import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE
+    from cache_teacher.run import DEFAULT_CALIBRATION_IMAGES
+    from cache_teacher.store import TARGET_FORMATS
+
+    parser = argparse.ArgumentParser(prog="python -m cache_teacher", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pack = commands.add_parser("pack", help="folder tree of JPEG/PNG images -> FFCV .beton (+ manifest, skip report)",
+                               description="Pack a folder tree of JPEG/PNG images into an FFCV file. JPEGs within "
+                               "--max-side are stored byte for byte; PNG/RGBA/oversized images are converted to "
+                               "RGB JPEG. Unreadable files are skipped and listed in OUT.beton.skipped.tsv; "
+                               "OUT.beton.manifest.tsv maps sample index -> source path.")
+    pack.add_argument("src", help="source folder (searched recursively for .jpg/.jpeg/.png)")
+    pack.add_argument("out", help="output .beton file")
+    pack.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
+                      help=f"longest side kept, larger images are shrunk (default {DEFAULT_MAX_SIDE})")
+    pack.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY,
+                      help=f"quality of re-encoded images (default {DEFAULT_JPEG_QUALITY})")
+    pack.add_argument("--workers", type=int, default=None, help="processes (default: number of CPUs, max 8)")
+
+    run = commands.add_parser("run", help="run a teacher once over K view sets per image, write the target store",
+                              description="Draw K view sets per image (seeded by image index), render them, run the "
+                              "teacher and write a compressed Zarr v3 store. Resumable (rerun the same command); "
+                              "under torchrun the shards are split across ranks.")
+    run.add_argument("--teacher", required=True, choices=sorted(teachers))
+    run.add_argument("--weights", required=True, help="released teacher checkpoint (.pth)")
+    run.add_argument("--images", required=True, help="person images .beton (from `pack`)")
+    run.add_argument("--backgrounds", required=True, help="background pool .beton (from `pack`)")
+    run.add_argument("--views-per-image", "-K", type=int, required=True, help="view sets per image (K >= 1)")
+    run.add_argument("--out", required=True, help="store folder, e.g. path-b.zarr (created, or resumed)")
+    run.add_argument("--format", dest="target_format", choices=TARGET_FORMATS, default="float16",
+                     help="float16 (lossless compression) or int8 with per-row scales (default float16)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the view sets (default 0)")
+    run.add_argument("--batch-size", type=int, default=None, help="view sets per teacher batch (default 128 CUDA, 8 CPU)")
+    run.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
+                     help=f"images whose first view set calibrates the shape mask (default {DEFAULT_CALIBRATION_IMAGES})")
+    run.add_argument("--chunk-images", type=int, default=None,
+                     help="images per chunk (default: smallest power of two with >= 1 MiB chunks)")
+    run.add_argument("--shard-images", type=int, default=None,
+                     help="images per shard, the unit of work and resume (default ~256 MiB of targets)")
+    run.add_argument("--limit-images", type=int, default=None, help="cache only the first N images (a trial)")
+    run.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    run.add_argument("--dry-run", action="store_true", help="print the storage needed and exit")
+    run.add_argument("--skip-space-check", action="store_true", help="do not refuse when the free space looks short")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    verify = commands.add_parser("verify", help="check completeness + checksums, re-render a sample and rerun the teacher",
+                                 description="Exit status 0 only if every shard is finished and intact and a random "
+                                 "sample of stored view sets matches a fresh teacher run within the format's limits.")
+    verify.add_argument("store")
+    verify.add_argument("--weights", required=True, help="the checkpoint the store was made with")
+    verify.add_argument("--images", default=None, help="default: the path recorded in the store")
+    verify.add_argument("--backgrounds", default=None, help="default: the path recorded in the store")
+    verify.add_argument("--samples", type=int, default=8, help="view sets to re-render (default 8)")
+    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--device", default=None)
+
+    info = commands.add_parser("info", help="what a store holds: identity, progress, bytes per view set, compression")
+    info.add_argument("store")
+
+    bench = commands.add_parser("bench", help="teacher-forward-only vs full caching pipeline throughput (table + JSON)")
+    bench.add_argument("--teacher", required=True, choices=sorted(TEACHERS))
+    bench.add_argument("--weights", required=True)
+    bench.add_argument("--images", required=True)
+    bench.add_argument("--backgrounds", required=True)
+    bench.add_argument("--batch-size", type=int, default=None)
+    bench.add_argument("--iterations", type=int, default=5, help="teacher-only batches timed (default 5)")
+    bench.add_argument("--num-images", type=int, default=None, help="images through the full pipeline")
+    bench.add_argument("--views-per-image", type=int, default=2)
+    bench.add_argument("--format", dest="target_format", choices=TARGET_FORMATS, default="float16")
+    bench.add_argument("--device", default=None)
+    bench.add_argument("--json", dest="json_out", default="cache_bench.json", help="default cache_bench.json")
+
+    demo = commands.add_parser("demo-data", help="write built-in inputs: synthetic persons, backgrounds, random teacher")
+    demo.add_argument("out_dir")
+    demo.add_argument("--persons", type=int, default=None)
+    demo.add_argument("--backgrounds", type=int, default=None)
+    demo.add_argument("--teacher", choices=sorted(TEACHERS), default="path-b")
+    return parser
+
+
+def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
+    args = _parser(teachers).parse_args(argv)
+    from dpal.checkpoints import CheckpointError
+    from cache_teacher.ffcv_images import ImagesFileError
+    from cache_teacher.pack import PackError
+    from cache_teacher.run import RunError
+    from cache_teacher.store import StoreError
+
+    try:
+        if args.command == "pack":
+            from cache_teacher.pack import pack
+            pack(args.src, args.out, max_side=args.max_side, quality=args.jpeg_quality, workers=args.workers)
+        elif args.command == "run":
+            from cache_teacher.run import RunConfig, run
+            fields = {k: v for k, v in vars(args).items() if k != "command"}
+            run(RunConfig(**fields), teachers=teachers)
+        elif args.command == "verify":
+            from cache_teacher.verify import verify
+            passed, _ = verify(args.store, args.weights, images=args.images, backgrounds=args.backgrounds,
+                               samples=args.samples, seed=args.seed, device=args.device, teachers=teachers)
+            return 0 if passed else 1
+        elif args.command == "info":
+            from cache_teacher.verify import info
+            info(args.store)
+        elif args.command == "bench":
+            from cache_teacher.bench import bench
+            bench(args.teacher, args.weights, args.images, args.backgrounds, batch_size=args.batch_size,
+                  iterations=args.iterations, num_images=args.num_images, views_per_image=args.views_per_image,
+                  target_format=args.target_format, device=args.device, json_out=args.json_out)
+        elif args.command == "demo-data":
+            from cache_teacher.demo_data import DEFAULT_BACKGROUNDS, DEFAULT_PERSONS, write_demo_data
+            write_demo_data(args.out_dir, persons=args.persons or DEFAULT_PERSONS,
+                            backgrounds=args.backgrounds or DEFAULT_BACKGROUNDS, teacher=args.teacher)
+    except (CheckpointError, ImagesFileError, PackError, RunError, StoreError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""`python -m cache_teacher bench`: teacher-forward-only throughput vs the full caching pipeline, one run.
+
+teacher only: `teacher_targets` on one pre-rendered batch, repeated (the ceiling).
+full pipeline: the real `run` code path into a fresh store (decode + render + teacher + shape mask +
+encode + compress + fsync + write). Target on a GPU: full >= 90% of teacher-only. Prints a table, writes JSON.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cache_teacher.ffcv_images import ImageFile
+from cache_teacher.run import RunConfig, TargetComputer, image_view_params, run
+from dpal.config import ViewConfig
+from dpal.recipes import TEACHERS
+from dpal.teachers import load_teacher
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(teacher: str, weights: str, images: str, backgrounds: str, *, batch_size: int | None = None,
+          iterations: int = 5, num_images: int | None = None, views_per_image: int = 2,
+          target_format: str = "float16", device: str | None = None, json_out: str | None = None) -> dict:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch = batch_size or (128 if dev.type == "cuda" else 8)
+    spec, cfg = TEACHERS[teacher], ViewConfig()
+    image_file, background_file = ImageFile(images), ImageFile(backgrounds)
+    computer = TargetComputer(load_teacher(spec, weights).to(dev), background_file, cfg, dev, batch)
+
+    params = torch.stack([image_view_params(0, i % len(image_file), 1, len(background_file), cfg)[0]
+                          for i in range(batch)])
+    views = [torch.from_numpy(image_file.image(i % len(image_file))) for i in range(batch)]
+    computer.targets(views, params)  # warm-up (allocations, autotuning)
+    from dpal.teachers import teacher_targets
+    from dpal.views import background_indices, render_view_sets
+    rendered = render_view_sets(views, [computer.background(int(i)) for i in background_indices(params)], params,
+                                cfg, device=dev)
+    _sync(dev)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            teacher_targets(computer.teacher, rendered.global_view, rendered.crowd)
+    _sync(dev)
+    teacher_rate = iterations * batch / (time.perf_counter() - start)
+
+    count = min(num_images or max(1, iterations * batch // views_per_image), len(image_file))
+    with tempfile.TemporaryDirectory() as tmp:
+        subset_cfg = RunConfig(teacher=teacher, weights=weights, images=images, backgrounds=backgrounds,
+                               views_per_image=views_per_image, out=str(Path(tmp) / "bench.zarr"),
+                               target_format=target_format, batch_size=batch, device=str(dev), progress=False,
+                               calibration_images=min(count, batch), limit_images=count)
+        summary = run(subset_cfg)
+    pipeline_rate = summary["computed_view_sets"] / summary["seconds"]
+    result = {"teacher": teacher, "device": str(dev), "batch_size": batch, "target_format": target_format,
+              "teacher_only_view_sets_per_s": teacher_rate, "pipeline_view_sets_per_s": pipeline_rate,
+              "pipeline_fraction": pipeline_rate / teacher_rate, "pipeline_view_sets": summary["computed_view_sets"]}
+    print(f"{'stage':<34}{'view sets/s':>14}")
+    print(f"{'teacher forward only':<34}{teacher_rate:>14.2f}")
+    print(f"{'full pipeline (render..write)':<34}{pipeline_rate:>14.2f}")
+    print(f"pipeline reaches {100 * result['pipeline_fraction']:.1f}% of teacher-only throughput "
+          f"({dev}, batch {batch}, {target_format}, target on GPU: >= 90%)")
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {json_out}")
+    return result
+

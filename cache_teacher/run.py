@@ -1,0 +1,327 @@
+"""`python -m cache_teacher run`: draw K view sets per image, run the teacher once, write the target store.
+
+Determinism: the K view sets of image i come from a generator seeded by (seed, i) alone, and every shard is
+computed with the same batch boundaries (relative to the shard) however the work is split, resumed or
+distributed; so a resumed run, a run on N ranks and an uninterrupted single run write the same targets.
+Work is split by shard ownership (shard s belongs to rank s mod world size); each shard has one writer.
+The next shard's images are decoded in a background thread and the previous shard is compressed and
+written in another while the teacher runs, so the teacher stays busy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from cache_teacher.ffcv_images import ImageFile, images_fingerprint
+from cache_teacher.store import (
+    IDENTITY_KEYS, SPEC_VERSION, STORE_FORMAT_VERSION, StoreError, StoreLayout, StoreWriter, _check_format_version,
+    describe_differences, file_sha256, layout_from_attrs, plan_layout, quantize_rows, read_attrs, teacher_spec_dict,
+    token_counts, view_config_dict)
+from dpal.config import TeacherSpec, ViewConfig
+from dpal.recipes import TEACHERS
+from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
+from dpal.teachers import Teacher, load_teacher, teacher_targets
+from dpal.views import VIEW_SET_FIELDS, background_indices, render_view_sets, sample_view_sets
+
+DEFAULT_CALIBRATION_IMAGES = 256
+
+
+class RunError(ValueError):
+    """Bad input or environment for `run`; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    teacher: str
+    weights: str
+    images: str
+    backgrounds: str
+    views_per_image: int
+    out: str
+    target_format: str = "float16"
+    seed: int = 0
+    batch_size: int | None = None  # view sets per teacher batch; default 128 on CUDA, 8 on CPU
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES
+    chunk_images: int | None = None
+    shard_images: int | None = None
+    device: str | None = None
+    dry_run: bool = False
+    skip_space_check: bool = False
+    progress: bool = True
+    limit_images: int | None = None  # cache only the first N images (a trial run; recorded in the store)
+
+
+def view_generator(seed: int, image_index: int) -> torch.Generator:
+    """The generator of one image's view sets: a function of (seed, image index) only."""
+    state = np.random.SeedSequence([seed, image_index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def image_view_params(seed: int, image_index: int, views_per_image: int, num_backgrounds: int,
+                      cfg: ViewConfig) -> torch.Tensor:
+    return sample_view_sets(view_generator(seed, image_index), views_per_image, num_backgrounds=num_backgrounds,
+                            cfg=cfg)
+
+
+def calibration_indices(num_images: int, count: int, seed: int) -> list[int]:
+    """A deterministic random sample of images (their first view set calibrates the shape mask)."""
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:min(count, num_images)].tolist())
+
+
+class TargetComputer:
+    """Renders view sets and turns them into stored target rows (one device, one teacher)."""
+
+    def __init__(self, teacher: Teacher, backgrounds: ImageFile, cfg: ViewConfig, device: torch.device,
+                 batch_size: int):
+        self.teacher, self.backgrounds, self.cfg = teacher, backgrounds, cfg
+        self.device, self.batch_size = device, batch_size
+        self.background = lru_cache(maxsize=4096)(lambda index: torch.from_numpy(backgrounds.image(index)))
+
+    def targets(self, images: list[torch.Tensor], params: torch.Tensor):
+        """Teacher targets (float32, on the device) for view sets ``params`` of ``images`` (aligned lists)."""
+        backgrounds = [self.background(int(i)) for i in background_indices(params)]
+        views = render_view_sets(images, backgrounds, params, self.cfg, device=self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return teacher_targets(self.teacher, views.global_view, views.crowd)
+
+    def calibrate(self, images: ImageFile, indices: list[int], seed: int, views_per_image: int,
+                  grid: tuple[int, int]) -> ShapeMaskCalibration:
+        tokens = []
+        for start in tqdm(range(0, len(indices), self.batch_size), desc="shape-mask calibration", unit="batch",
+                          disable=not _is_rank0()):
+            chunk = indices[start:start + self.batch_size]
+            params = torch.stack([image_view_params(seed, i, views_per_image, len(self.backgrounds), self.cfg)[0]
+                                  for i in chunk])
+            tokens.append(self.targets([torch.from_numpy(images.image(i)) for i in chunk], params).local.float().cpu())
+        return fit_shape_mask(torch.cat(tokens), grid)
+
+    def shard_rows(self, images: list[np.ndarray], params: torch.Tensor, calibration: ShapeMaskCalibration,
+                   target_format: str, progress=None) -> dict[str, np.ndarray]:
+        """Stored arrays for the images of one shard; params [n, K, F]. Batches start at the shard start."""
+        n, k = params.shape[:2]
+        flat = params.reshape(n * k, -1)
+        owner = torch.arange(n).repeat_interleave(k)
+        tensors = [torch.from_numpy(image) for image in images]
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, n * k, self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            out = self.targets([tensors[i] for i in owner[rows].tolist()], flat[rows])
+            encoded = {"global": out.global_.half(), "mask": shape_mask(out.local, calibration).half()}
+            if target_format == "int8":
+                encoded["local"], encoded["local_scale"] = quantize_rows(out.local)
+                encoded["relation"], encoded["relation_scale"] = quantize_rows(out.relation)
+            else:
+                encoded["local"], encoded["relation"] = out.local.half(), out.relation.half()
+            for name, value in encoded.items():
+                parts.setdefault(name, []).append(value.cpu())
+            if progress is not None:
+                progress.update(len(flat[rows]))
+        arrays = {name: torch.cat(values).reshape(n, k, *values[0].shape[1:]).numpy() for name, values in parts.items()}
+        arrays["view_params"] = params.numpy()
+        return arrays
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _init_distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return ""
+
+
+def storage_table(layout: StoreLayout) -> str:
+    per_set = layout.bytes_per_view_set()
+    total_sets = layout.num_images * layout.views_per_image
+    lines = [f"{'array':<15}{'bytes/view set':>16}{'total (uncompressed)':>24}"]
+    lines += [f"{name:<15}{size:>16,}{_format_bytes(size * total_sets):>24}" for name, size in per_set.items()]
+    lines.append(f"{'all':<15}{sum(per_set.values()):>16,}{_format_bytes(sum(per_set.values()) * total_sets):>24}")
+    return "\n".join(lines)
+
+
+def _open_inputs(cfg: RunConfig) -> tuple[ImageFile, ImageFile]:
+    images, backgrounds = ImageFile(cfg.images), ImageFile(cfg.backgrounds)
+    if len(images) == 0:
+        raise RunError(f"images file {cfg.images} holds no images")
+    if len(backgrounds) == 0:
+        raise RunError(f"backgrounds file {cfg.backgrounds} holds no images; the crowd view needs a background pool")
+    return images, backgrounds
+
+
+def _check_output(out: Path, needed_bytes: int, skip_space_check: bool) -> None:
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise RunError(f"output folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise RunError(f"cannot write {out}: {parent if not out.exists() else out} is not writable")
+    free = shutil.disk_usage(parent).free
+    if not skip_space_check and needed_bytes > free:
+        raise RunError(f"{out} needs up to {_format_bytes(needed_bytes)} (uncompressed bound, see --dry-run) but "
+                       f"only {_format_bytes(free)} is free on that disk; free space, or pass --skip-space-check "
+                       f"if you know compression will make it fit")
+
+
+def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
+    """Create or resume the store of ``cfg``; returns a summary. Safe to kill at any moment and rerun."""
+    if cfg.teacher not in teachers:
+        raise RunError(f"unknown teacher {cfg.teacher!r}; choose one of {', '.join(teachers)}")
+    spec, view_cfg = teachers[cfg.teacher], ViewConfig()
+    if cfg.views_per_image < 1:
+        raise RunError(f"--views-per-image must be >= 1 (got {cfg.views_per_image})")
+    images, backgrounds = _open_inputs(cfg)
+    num_images = len(images) if cfg.limit_images is None else min(cfg.limit_images, len(images))
+    if num_images < 1:
+        raise RunError(f"--limit-images must be >= 1 (got {cfg.limit_images})")
+    layout = plan_layout(spec, view_cfg, num_images=num_images, views_per_image=cfg.views_per_image,
+                         view_fields=VIEW_SET_FIELDS, target_format=cfg.target_format,
+                         chunk_images=cfg.chunk_images, shard_images=cfg.shard_images)
+    total_bytes = sum(layout.bytes_per_view_set().values()) * layout.num_images * layout.views_per_image
+    if cfg.dry_run:
+        print(f"dry run: teacher {spec.name}, {layout.num_images} images x K={layout.views_per_image} view sets, "
+              f"format {layout.target_format}; {layout.num_shards} shards of {layout.shard_images} images, chunks "
+              f"of {layout.chunk_images} images\n{storage_table(layout)}\nneeds at most {_format_bytes(total_bytes)} "
+              f"(uncompressed bound; float16 tokens compress losslessly by a few percent to ~15%)")
+        return {"dry_run": True, "bytes": total_bytes, "layout": dataclasses.asdict(layout)}
+    weights = Path(cfg.weights)
+    if not weights.is_file():
+        raise RunError(f"teacher checkpoint {weights} does not exist")
+    out = Path(cfg.out)
+
+    rank, world, local_rank = _init_distributed()
+    device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    batch_size = cfg.batch_size or (128 if device.type == "cuda" else 8)
+    grid, _, crowd_tokens = token_counts(spec, view_cfg)
+    identity = {
+        "format_version": STORE_FORMAT_VERSION, "spec_version": SPEC_VERSION,
+        "view_params_version": _view_params_version(), "teacher": spec.name, "teacher_spec": teacher_spec_dict(spec),
+        "checkpoint_sha256": file_sha256(weights), "view_config": view_config_dict(view_cfg),
+        "images_fingerprint": images_fingerprint(cfg.images),
+        "backgrounds_fingerprint": images_fingerprint(cfg.backgrounds),
+        "num_images": layout.num_images, "num_backgrounds": len(backgrounds),
+        "views_per_image": layout.views_per_image, "target_format": layout.target_format, "seed": cfg.seed,
+        "token_grid": list(grid), "chunk_images": layout.chunk_images, "shard_images": layout.shard_images,
+        "calibration_images": min(cfg.calibration_images, layout.num_images),
+        "teacher_precision": "bfloat16" if device.type == "cuda" else "float32",
+    }
+    identity_keys = IDENTITY_KEYS + ("teacher_precision",)
+    if out.exists():
+        _check_resumable(out, identity, identity_keys)
+    _check_output(out, 0 if out.exists() else total_bytes, cfg.skip_space_check)
+
+    teacher = load_teacher(spec, weights).to(device)
+    computer = TargetComputer(teacher, backgrounds, view_cfg, device, batch_size)
+    if not out.exists() and rank == 0:
+        for stale in out.parent.glob(f"{out.name}.creating-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        calibration = computer.calibrate(images, calibration_indices(layout.num_images, cfg.calibration_images,
+                                                                     cfg.seed),
+                                         cfg.seed, layout.views_per_image, grid)
+        attrs = dict(identity, mask_calibration=calibration.to_dict(), view_fields=VIEW_SET_FIELDS,
+                     crowd_tokens=crowd_tokens, images_path=str(cfg.images), backgrounds_path=str(cfg.backgrounds))
+        StoreWriter.create(out, attrs, layout)
+    _barrier()
+    attrs = read_attrs(out)
+    writer = StoreWriter(out, attrs, layout_from_attrs(attrs))
+    calibration = ShapeMaskCalibration.from_dict(attrs["mask_calibration"])
+    owned = [s for s in range(layout.num_shards) if s % world == rank]
+    todo = [s for s in owned if not writer.is_done(s)]
+    sets_in = lambda shards: sum(np.subtract(*layout.shard_range(s)[::-1]) for s in shards) * layout.views_per_image
+    started = time.perf_counter()
+    try:
+        _process_shards(todo, images, writer, computer, calibration, cfg.seed, view_cfg, layout,
+                        tqdm(total=sets_in(owned), initial=sets_in(owned) - sets_in(todo), unit="view set",
+                             desc=f"cache {spec.name}" + (f" rank {rank}/{world}" if world > 1 else ""),
+                             disable=not cfg.progress, smoothing=0.1, dynamic_ncols=True))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RunError(f"disk full while writing {out}: finished shards are kept and the interrupted one is not "
+                           f"marked done; free space and rerun the same command to resume") from exc
+        raise
+    elapsed = time.perf_counter() - started
+    _barrier()
+    done = sum(writer.is_done(s) for s in range(layout.num_shards))
+    if rank == 0:
+        print(f"{out}: {done}/{layout.num_shards} shards done; this run computed {sets_in(todo)} view sets in "
+              f"{elapsed:.1f} s on {world} rank(s)")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return {"out": str(out), "shards_done": done, "num_shards": layout.num_shards, "computed_view_sets": sets_in(todo),
+            "seconds": elapsed}
+
+
+def _view_params_version() -> int:
+    from dpal.views import VIEW_PARAMS_VERSION
+    return VIEW_PARAMS_VERSION
+
+
+def _check_resumable(out: Path, identity: dict, keys) -> None:
+    """An existing store may only be resumed by exactly the run that created it."""
+    stored = read_attrs(out)
+    _check_format_version(stored, out)
+    problems = describe_differences(stored, identity, keys)
+    if problems:
+        raise RunError(f"{out} already holds a store made by a different run; refusing to mix targets: "
+                       + "; ".join(problems) + ". Use another --out, or delete the old store.")
+
+
+def _process_shards(todo: list[int], images: ImageFile, writer: StoreWriter, computer: TargetComputer,
+                    calibration: ShapeMaskCalibration, seed: int, view_cfg: ViewConfig, layout: StoreLayout,
+                    progress) -> None:
+    """Decode the next shard and write the previous one in background threads while the teacher runs."""
+    def load(shard):
+        start, stop = layout.shard_range(shard)
+        params = torch.stack([image_view_params(seed, i, layout.views_per_image, len(computer.backgrounds),
+                                                view_cfg) for i in range(start, stop)])
+        return [images.image(i) for i in range(start, stop)], params
+
+    with progress, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer_thread:
+        pending_write = None
+        next_load = reader.submit(load, todo[0]) if todo else None
+        for position, shard in enumerate(todo):
+            shard_images, params = next_load.result()
+            if position + 1 < len(todo):
+                next_load = reader.submit(load, todo[position + 1])
+            rows = computer.shard_rows(shard_images, params, calibration, layout.target_format, progress)
+            if pending_write is not None:
+                pending_write.result()
+            pending_write = writer_thread.submit(writer.write_shard, shard, rows)
+        if pending_write is not None:
+            pending_write.result()
+
+
+def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
+    from cache_teacher.__main__ import main as cli_main
+    return cli_main(["run", *(argv if argv is not None else sys.argv[1:])], teachers=teachers)

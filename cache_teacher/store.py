@@ -1,0 +1,397 @@
+"""The teacher target store: schema, writer, block reader (one Zarr v3 group per teacher run).
+
+Layout of STORE.zarr (arrays indexed [image, view_set, ...], I images, K view sets per image):
+  view_params [I, K, F] float32      every random decision of the view set (dpal.views records)
+  global      [I, K, D] float16      global target (CLS / mean token)
+  local       [I, K, N, D]           patch tokens of the global view: float16, or int8 + local_scale [I, K, N]
+  mask        [I, K, N] float16      shape mask in [0, 1] (calibration in the attributes)
+  relation    [I, K, Nc, Nc]         crowd-view relation probabilities: float16, or int8 + relation_scale [I, K, Nc]
+  dpal_progress/shard_NNNNNN.json    one marker per finished shard (file sizes + sha256 of its shard files)
+Group attribute ``dpal_store`` holds the identity of the run (teacher, checkpoint sha256, view config, image
+file fingerprint, format, ...): `check_compatible` / `compare_identity` refuse anything that differs.
+
+Chunks hold ``chunk_images`` whole images (all K view sets, whole rows), sized so a `local` chunk is >= 1 MiB:
+the trainer reads one chunk per array per block. Chunks are grouped into Zarr shards of ``shard_images``
+images (one file per array and shard): the unit of work, of writing (exactly one writer), of durability
+and of resume. A shard is written whole, fsynced, its files hashed, and only then is its marker written
+(atomically); a shard without a marker is rewritten from scratch on resume, so a killed run never leaves
+a half-written shard that reads as complete. Compression is lossless (Blosc/zstd with byte shuffle); the
+int8 format quantizes per row: q = round(x / s), s = max|row| / 127, x ~= q * s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+from zarr.storage import LocalStore
+
+from dpal.config import Recipe, TeacherSpec, ViewConfig
+
+STORE_FORMAT_VERSION = 1
+SPEC_VERSION = 1  # revision of DPAL_SPEC.md whose targets the store holds
+ATTRS_KEY = "dpal_store"
+PROGRESS_DIR = "dpal_progress"
+TARGET_FORMATS = ("float16", "int8")
+MIN_CHUNK_BYTES = 1 << 20
+DEFAULT_SHARD_BYTES = 256 << 20  # uncompressed bytes of one shard across arrays: the unit of work
+INT8_MAX = 127
+
+
+class StoreError(ValueError):
+    """A store that is missing, incomplete, corrupt, from another format, or made by another run."""
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Shapes of a store; everything else about arrays follows from it."""
+
+    num_images: int
+    views_per_image: int
+    view_fields: int
+    width: int  # D_t
+    tokens: int  # N: patch tokens of the global view
+    crowd_tokens: int  # Nc: all tokens of the crowd view
+    target_format: str
+    chunk_images: int
+    shard_images: int
+
+    def array_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape after [I, K], dtype)."""
+        target = "int8" if self.target_format == "int8" else "float16"
+        specs = {
+            "view_params": ((self.view_fields,), "float32"),
+            "global": ((self.width,), "float16"),
+            "local": ((self.tokens, self.width), target),
+            "mask": ((self.tokens,), "float16"),
+            "relation": ((self.crowd_tokens, self.crowd_tokens), target),
+        }
+        if self.target_format == "int8":
+            specs["local_scale"] = ((self.tokens,), "float32")
+            specs["relation_scale"] = ((self.crowd_tokens,), "float32")
+        return specs
+
+    def bytes_per_view_set(self) -> dict[str, int]:
+        """Uncompressed bytes of each array per view set."""
+        return {name: int(np.prod(shape)) * np.dtype(dtype).itemsize
+                for name, (shape, dtype) in self.array_specs().items()}
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_images / self.shard_images)
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.num_images / self.chunk_images)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_images
+        return start, min(start + self.shard_images, self.num_images)
+
+
+def token_counts(spec: TeacherSpec, cfg: ViewConfig) -> tuple[tuple[int, int], int, int]:
+    """(token grid of the global view, N, Nc) of a teacher for the configured view sizes."""
+    grid = (cfg.global_size[0] // spec.token_stride, cfg.global_size[1] // spec.token_stride)
+    crowd = (cfg.crowd_size[0] // spec.token_stride) * (cfg.crowd_size[1] // spec.token_stride)
+    return grid, grid[0] * grid[1], crowd + int(spec.has_cls)
+
+
+def plan_layout(spec: TeacherSpec, cfg: ViewConfig, *, num_images: int, views_per_image: int, view_fields: int,
+                target_format: str, chunk_images: int | None = None, shard_images: int | None = None) -> StoreLayout:
+    """Chunk = smallest power of two of images whose `local` chunk is >= 1 MiB; shard ~256 MiB of chunks."""
+    if views_per_image < 1:
+        raise StoreError(f"--views-per-image must be >= 1, got {views_per_image}")
+    if target_format not in TARGET_FORMATS:
+        raise StoreError(f"unknown target format {target_format!r}; choose one of {', '.join(TARGET_FORMATS)}")
+    _, tokens, crowd_tokens = token_counts(spec, cfg)
+    probe = StoreLayout(num_images, views_per_image, view_fields, spec.width, tokens, crowd_tokens, target_format, 1, 1)
+    per_image = {k: v * views_per_image for k, v in probe.bytes_per_view_set().items()}
+    if chunk_images is None:
+        chunk_images = 1 << max(0, math.ceil(math.log2(MIN_CHUNK_BYTES / per_image["local"])))
+    if chunk_images < 1:
+        raise StoreError(f"chunk_images must be >= 1, got {chunk_images}")
+    if shard_images is None:
+        chunks = max(1, DEFAULT_SHARD_BYTES // (sum(per_image.values()) * chunk_images))
+        shard_images = chunk_images * chunks
+    if shard_images < chunk_images or shard_images % chunk_images:
+        raise StoreError(f"shard_images ({shard_images}) must be a positive multiple of chunk_images ({chunk_images})")
+    return dataclasses.replace(probe, chunk_images=chunk_images, shard_images=shard_images)
+
+
+def _compressor(dtype: str) -> BloscCodec:
+    # Byte shuffle groups the exponent/high bytes of float16/float32 values: the main win for lossless tokens.
+    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle" if np.dtype(dtype).itemsize > 1 else "noshuffle")
+
+
+def _json_normal(value):
+    """Tuples -> lists etc., so attributes compare equal after a JSON round trip."""
+    return json.loads(json.dumps(value))
+
+
+def view_config_dict(cfg: ViewConfig) -> dict:
+    return _json_normal(dataclasses.asdict(cfg))
+
+
+def view_config_from_dict(data: dict) -> ViewConfig:
+    fields = {f.name: f for f in dataclasses.fields(ViewConfig)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise StoreError(f"store view_config has fields this version does not know: {sorted(unknown)}")
+    return ViewConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def describe_differences(stored: dict, expected: dict, keys) -> list[str]:
+    out = []
+    for key in keys:
+        if stored.get(key) != expected.get(key):
+            if isinstance(stored.get(key), dict) and isinstance(expected.get(key), dict):
+                sub = [k for k in sorted(set(stored[key]) | set(expected[key]))
+                       if stored[key].get(k) != expected[key].get(k)]
+                out.append(f"{key} differs in {', '.join(f'{k} (store {stored[key].get(k)!r}, now '
+                                                     f'{expected[key].get(k)!r})' for k in sub)}")
+            else:
+                out.append(f"{key}: store has {stored.get(key)!r}, this run has {expected.get(key)!r}")
+    return out
+
+
+# Keys of the attributes that define what a store holds; a resumed run must match all of them.
+IDENTITY_KEYS = ("format_version", "spec_version", "view_params_version", "teacher", "teacher_spec",
+                 "checkpoint_sha256", "view_config", "images_fingerprint", "backgrounds_fingerprint",
+                 "num_images", "num_backgrounds", "views_per_image", "target_format", "seed",
+                 "token_grid", "chunk_images", "shard_images", "calibration_images")
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
+
+
+def _check_format_version(attrs: dict, path: Path) -> None:
+    version = attrs.get("format_version")
+    if version != STORE_FORMAT_VERSION:
+        raise StoreError(f"{path} was written in store format {version}; this version reads format "
+                         f"{STORE_FORMAT_VERSION}. Re-run `python -m cache_teacher run` into a new --out folder.")
+
+
+def read_attrs(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        raise StoreError(f"{path} is not a Zarr store (no zarr.json); create it with `python -m cache_teacher run`")
+    attrs = json.loads(meta.read_text()).get("attributes", {}).get(ATTRS_KEY)
+    if attrs is None:
+        raise StoreError(f"{path} is a Zarr group but not a DPAL target store (no '{ATTRS_KEY}' attribute)")
+    return attrs
+
+
+class StoreWriter:
+    """Creates a store atomically and writes whole shards, each durable before its marker."""
+
+    def __init__(self, path: Path, attrs: dict, layout: StoreLayout):
+        self.path, self.attrs, self.layout = Path(path), attrs, layout
+        group = zarr.open_group(LocalStore(self.path), mode="r+", zarr_format=3)
+        self.arrays = {name: group[name] for name in layout.array_specs()}
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, attrs: dict, layout: StoreLayout) -> "StoreWriter":
+        """Build the empty store under a temporary name, fsync it, then rename: it appears complete or not at all."""
+        path = Path(path)
+        staging = path.with_name(f"{path.name}.creating-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        group = zarr.open_group(LocalStore(staging), mode="w", zarr_format=3)
+        lead = (layout.num_images, layout.views_per_image)
+        for name, (shape, dtype) in layout.array_specs().items():
+            group.create_array(name, shape=lead + shape, dtype=dtype, fill_value=0,
+                               chunks=(layout.chunk_images, layout.views_per_image) + shape,
+                               shards=(layout.shard_images, layout.views_per_image) + shape,
+                               compressors=_compressor(dtype), config={"write_empty_chunks": True})
+        group.attrs[ATTRS_KEY] = attrs
+        (staging / PROGRESS_DIR).mkdir()
+        _fsync_tree(staging)
+        os.rename(staging, path)
+        _fsync_path(path.parent)
+        return cls(path, attrs, layout)
+
+    def shard_files(self, shard: int) -> dict[str, Path]:
+        coords = (shard,) + (0,) * (len(self.arrays["view_params"].shape) - 1)
+        return {name: self.path / name / array.metadata.encode_chunk_key(coords[:array.ndim])
+                for name, array in self.arrays.items()}
+
+    def marker_path(self, shard: int) -> Path:
+        return self.path / PROGRESS_DIR / f"shard_{shard:06d}.json"
+
+    def is_done(self, shard: int) -> bool:
+        return self.marker_path(shard).is_file()
+
+    def write_shard(self, shard: int, data: dict[str, np.ndarray]) -> None:
+        start, stop = self.layout.shard_range(shard)
+        files = self.shard_files(shard)
+        for path in files.values():  # leftovers of a killed write: never merged, always replaced
+            path.unlink(missing_ok=True)
+        for name, array in self.arrays.items():
+            block = data[name]
+            if block.shape != (stop - start,) + array.shape[1:]:
+                raise StoreError(f"shard {shard}: {name} has shape {block.shape}, expected "
+                                 f"{(stop - start,) + array.shape[1:]}")
+            array[start:stop] = block
+        record = {"shard": shard, "images": [start, stop], "files": {}}
+        for name, path in files.items():
+            _fsync_path(path)
+            for folder in (path.parent, *path.parent.parents):
+                _fsync_path(folder)
+                if folder == self.path:
+                    break
+            record["files"][name] = {"key": path.relative_to(self.path).as_posix(),
+                                     "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        marker = self.marker_path(shard)
+        partial = marker.with_suffix(".json.partial")
+        with open(partial, "w") as handle:
+            json.dump(record, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, marker)
+        _fsync_path(marker.parent)
+
+
+def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: values ~= q * scale, scale = max|row| / 127 (all-zero rows: scale 0)."""
+    scale = values.abs().amax(dim=-1) / INT8_MAX
+    q = torch.where(scale[..., None] > 0, values / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None],
+                    torch.zeros_like(values))
+    return q.round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale.float()
+
+
+def dequantize_rows(q: np.ndarray | torch.Tensor, scale: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(q).float() * torch.as_tensor(scale).float()[..., None]
+
+
+class TargetStore:
+    """Read side: attributes, and block reads of `chunk_images` consecutive images (all arrays)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.attrs = read_attrs(self.path)
+        _check_format_version(self.attrs, self.path)
+        group = zarr.open_group(LocalStore(self.path, read_only=True), mode="r", zarr_format=3)
+        self.layout = layout_from_attrs(self.attrs)
+        try:
+            self.arrays = {name: group[name] for name in self.layout.array_specs()}
+        except KeyError as exc:
+            raise StoreError(f"{self.path} lacks array {exc}; the store is damaged, re-run the cache") from None
+
+    @property
+    def num_images(self) -> int:
+        return self.layout.num_images
+
+    @property
+    def chunk_images(self) -> int:
+        return self.layout.chunk_images
+
+    @property
+    def views_per_image(self) -> int:
+        return self.layout.views_per_image
+
+    @property
+    def target_format(self) -> str:
+        return self.layout.target_format
+
+    @property
+    def num_blocks(self) -> int:
+        return self.layout.num_blocks
+
+    @property
+    def view_config(self) -> ViewConfig:
+        return view_config_from_dict(self.attrs["view_config"])
+
+    def done_shards(self) -> set[int]:
+        folder = self.path / PROGRESS_DIR
+        return {int(p.stem.split("_")[1]) for p in folder.glob("shard_*.json")} if folder.is_dir() else set()
+
+    def missing_shards(self) -> list[int]:
+        done = self.done_shards()
+        return [s for s in range(self.layout.num_shards) if s not in done]
+
+    def marker(self, shard: int) -> dict:
+        return json.loads((self.path / PROGRESS_DIR / f"shard_{shard:06d}.json").read_text())
+
+    def require_complete(self) -> None:
+        missing = self.missing_shards()
+        if missing:
+            raise StoreError(f"{self.path} is incomplete: {len(missing)} of {self.layout.num_shards} shards not "
+                             f"written (first: {missing[:5]}); re-run the same `python -m cache_teacher run` "
+                             f"command to finish it")
+
+    def read_block(self, block_index: int) -> dict[str, np.ndarray]:
+        """All arrays for images [b * chunk_images, (b + 1) * chunk_images) (the last block may be shorter)."""
+        if not 0 <= block_index < self.num_blocks:
+            raise IndexError(f"block {block_index} out of range (store has {self.num_blocks} blocks)")
+        start = block_index * self.chunk_images
+        stop = min(start + self.chunk_images, self.num_images)
+        return {name: array[start:stop] for name, array in self.arrays.items()}
+
+    def read_images(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return {name: array[start:stop] for name, array in self.arrays.items()}
+
+    def check_compatible(self, recipe: Recipe, views_cfg: ViewConfig, images_fingerprint: str) -> None:
+        """Refuse a store that was not made for this recipe's teacher, these views and this images file."""
+        expected = {"teacher": recipe.teacher.name, "teacher_spec": teacher_spec_dict(recipe.teacher),
+                    "view_config": view_config_dict(views_cfg), "images_fingerprint": images_fingerprint}
+        problems = describe_differences(self.attrs, expected, expected)
+        from dpal.views import VIEW_PARAMS_VERSION
+        if self.attrs.get("view_params_version") != VIEW_PARAMS_VERSION:
+            problems.append(f"view_params_version: store has {self.attrs.get('view_params_version')}, "
+                            f"this code renders version {VIEW_PARAMS_VERSION}")
+        if self.attrs.get("spec_version") != SPEC_VERSION:
+            problems.append(f"spec_version: store has {self.attrs.get('spec_version')}, this code is {SPEC_VERSION}")
+        if problems:
+            raise StoreError(f"target store {self.path} does not fit recipe {recipe.name}: " + "; ".join(problems))
+
+
+def teacher_spec_dict(spec: TeacherSpec) -> dict:
+    return _json_normal(dataclasses.asdict(spec))
+
+
+def layout_from_attrs(attrs: dict) -> StoreLayout:
+    return StoreLayout(num_images=attrs["num_images"], views_per_image=attrs["views_per_image"],
+                       view_fields=attrs["view_fields"], width=attrs["teacher_spec"]["width"],
+                       tokens=attrs["token_grid"][0] * attrs["token_grid"][1], crowd_tokens=attrs["crowd_tokens"],
+                       target_format=attrs["target_format"], chunk_images=attrs["chunk_images"],
+                       shard_images=attrs["shard_images"])
+
+
+def open_store(path: str | os.PathLike, *, require_complete: bool = True) -> TargetStore:
+    """Open a store for reading; by default refuse one whose shards are not all finished."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"target store {path} does not exist; create it with `python -m cache_teacher run`")
+    store = TargetStore(path)
+    if require_complete:
+        store.require_complete()
+    return store

@@ -1,0 +1,157 @@
+"""`verify` (is the store complete, intact and faithful?) and `info` (what does it hold, at what cost?)."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache_teacher.ffcv_images import ImageFile, images_fingerprint
+from cache_teacher.run import TargetComputer, _format_bytes, image_view_params
+from cache_teacher.store import TargetStore, dequantize_rows, file_sha256, open_store
+from dpal.config import TeacherSpec
+from dpal.recipes import TEACHERS
+from dpal.shape_mask import ShapeMaskCalibration, shape_mask
+from dpal.teachers import load_teacher
+
+# Stored-vs-recomputed limits per format: float16 rounding (and bf16 on CUDA, recomputed the same way)
+# stays far inside them; int8 adds per-row quantization error.
+THRESHOLDS = {
+    "float16": {"min_cosine": 0.999, "max_relation_kl": 1e-3, "max_mask_abs": 0.02},
+    "int8": {"min_cosine": 0.995, "max_relation_kl": 1e-2, "max_mask_abs": 0.02},
+}
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+
+
+def _stored_targets(rows: dict[str, np.ndarray], target_format: str) -> dict[str, torch.Tensor]:
+    if target_format == "int8":
+        local = dequantize_rows(rows["local"], rows["local_scale"])
+        relation = dequantize_rows(rows["relation"], rows["relation_scale"])
+    else:
+        local, relation = torch.from_numpy(rows["local"]).float(), torch.from_numpy(rows["relation"]).float()
+    return {"global": torch.from_numpy(rows["global"]).float(), "local": local,
+            "mask": torch.from_numpy(rows["mask"]).float(), "relation": relation}
+
+
+def check_integrity(store: TargetStore) -> list[str]:
+    """Missing shards and shard files whose size or sha256 differ from their marker."""
+    problems = [f"shard {s} not finished" for s in store.missing_shards()]
+    for shard in sorted(store.done_shards()):
+        for name, entry in store.marker(shard)["files"].items():
+            path = store.path / entry["key"]
+            if not path.is_file():
+                problems.append(f"shard {shard}: {name} file {entry['key']} is missing")
+            elif path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+                problems.append(f"shard {shard}: {name} file {entry['key']} does not match its checksum")
+    return problems
+
+
+def verify(store_path: str, weights: str, *, images: str | None = None, backgrounds: str | None = None,
+           samples: int = 8, seed: int = 0, device: str | None = None, batch_size: int = 8,
+           teachers: dict[str, TeacherSpec] = TEACHERS) -> tuple[bool, list[dict]]:
+    """Returns (passed, table rows); prints the table."""
+    store = open_store(store_path, require_complete=False)
+    attrs = store.attrs
+    problems = check_integrity(store)
+    print(f"integrity: {store.layout.num_shards - len(store.missing_shards())}/{store.layout.num_shards} shards "
+          f"finished, checksums {'OK' if not problems else 'FAILED'}")
+    for problem in problems[:20]:
+        print(f"  {problem}")
+    if problems:
+        return False, []
+    images_path, backgrounds_path = images or attrs["images_path"], backgrounds or attrs["backgrounds_path"]
+    for path, key in ((images_path, "images_fingerprint"), (backgrounds_path, "backgrounds_fingerprint")):
+        if images_fingerprint(path) != attrs[key]:
+            raise ValueError(f"{path} is not the file the store was made from ({key} differs); pass the right file")
+    if file_sha256(weights) != attrs["checkpoint_sha256"]:
+        raise ValueError(f"{weights} is not the checkpoint the store was made with (sha256 differs)")
+    spec = teachers[attrs["teacher"]] if attrs["teacher"] in teachers else TeacherSpec(**attrs["teacher_spec"])
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    computer = TargetComputer(load_teacher(spec, weights).to(dev), ImageFile(backgrounds_path), store.view_config,
+                              dev, batch_size)
+    image_file = ImageFile(images_path)
+    calibration = ShapeMaskCalibration.from_dict(attrs["mask_calibration"])
+    k = store.views_per_image
+    picks = sorted(random.Random(seed).sample(range(store.num_images * k), min(samples, store.num_images * k)))
+    stats: dict[str, list[float]] = {}
+    for start in range(0, len(picks), batch_size):
+        chunk = picks[start:start + batch_size]
+        rows = [store.read_images(p // k, p // k + 1) for p in chunk]
+        params = torch.stack([torch.from_numpy(r["view_params"][0, p % k]) for r, p in zip(rows, chunk)])
+        resampled = torch.stack([image_view_params(attrs["seed"], p // k, k, attrs["num_backgrounds"],
+                                                   store.view_config)[p % k] for p in chunk])
+        stats.setdefault("view_params_equal", []).append(float(torch.equal(params, resampled)))
+        fresh = computer.targets([torch.from_numpy(image_file.image(p // k)) for p in chunk], params)
+        fresh_mask = shape_mask(fresh.local, calibration).cpu()
+        for r, p, i in zip(rows, chunk, range(len(chunk))):
+            stored = _stored_targets({n: v[0, p % k] for n, v in r.items()}, store.target_format)
+            new = {"global": fresh.global_[i].cpu(), "local": fresh.local[i].cpu(), "relation": fresh.relation[i].cpu()}
+            stats.setdefault("global_cosine", []).append(float(_cosine(stored["global"], new["global"])))
+            stats.setdefault("global_max_abs", []).append(float((stored["global"] - new["global"]).abs().max()))
+            stats.setdefault("local_cosine", []).append(float(_cosine(stored["local"], new["local"]).min()))
+            stats.setdefault("local_max_abs", []).append(float((stored["local"] - new["local"]).abs().max()))
+            stats.setdefault("mask_max_abs", []).append(float((stored["mask"] - fresh_mask[i]).abs().max()))
+            stats.setdefault("relation_max_abs", []).append(float((stored["relation"] - new["relation"]).abs().max()))
+            # KL(recomputed || stored) per row, the direction of the training loss (teacher -> stored target)
+            kl = (new["relation"] * (new["relation"].clamp_min(1e-12).log()
+                                      - stored["relation"].clamp_min(1e-12).log())).sum(-1)
+            stats.setdefault("relation_kl", []).append(float(kl.max()))
+    limits = THRESHOLDS[store.target_format]
+    checks = {"view_params_equal": ("min", 1.0), "global_cosine": ("min", limits["min_cosine"]),
+              "local_cosine": ("min", limits["min_cosine"]), "mask_max_abs": ("max", limits["max_mask_abs"]),
+              "relation_kl": ("max", limits["max_relation_kl"])}
+    table, passed = [], True
+    print(f"re-rendered {len(picks)} random view sets, teacher rerun on {dev}:")
+    print(f"{'metric':<20}{'worst':>14}{'mean':>14}{'limit':>14}  result")
+    for name, values in stats.items():
+        kind, limit = checks.get(name, (None, None))
+        worst = min(values) if kind == "min" else max(values)
+        ok = limit is None or (worst >= limit if kind == "min" else worst <= limit)
+        passed &= ok
+        limit_text = "" if limit is None else f"{'>=' if kind == 'min' else '<='} {limit:g}"
+        print(f"{name:<20}{worst:>14.6g}{np.mean(values):>14.6g}{limit_text:>14}  {'ok' if ok else 'FAIL'}")
+        table.append({"metric": name, "worst": worst, "mean": float(np.mean(values)), "limit": limit, "ok": ok})
+    print("verify: " + ("PASSED" if passed else "FAILED"))
+    return passed, table
+
+
+def info(store_path: str) -> dict:
+    """Print what the store holds: identity, progress, and per array shape, bytes per view set and compression."""
+    store = open_store(store_path, require_complete=False)
+    attrs, layout = store.attrs, store.layout
+    view_sets = layout.num_images * layout.views_per_image
+    done = store.done_shards()
+    print(f"store {store.path}")
+    print(f"  teacher {attrs['teacher']} (checkpoint sha256 {attrs['checkpoint_sha256'][:16]}..., precision "
+          f"{attrs.get('teacher_precision')}), format {attrs['target_format']}, store format v{attrs['format_version']}, "
+          f"spec v{attrs['spec_version']}, view params v{attrs['view_params_version']}")
+    print(f"  {layout.num_images} images x K={layout.views_per_image} = {view_sets} view sets, token grid "
+          f"{attrs['token_grid']}, {layout.crowd_tokens} crowd tokens, seed {attrs['seed']}")
+    print(f"  chunks of {layout.chunk_images} images, {len(done)}/{layout.num_shards} shards of {layout.shard_images} "
+          f"images finished; images {attrs.get('images_path')} ({attrs['num_backgrounds']} backgrounds from "
+          f"{attrs.get('backgrounds_path')})")
+    rows, total_raw, total_stored = [], 0, 0
+    print(f"  {'array':<15}{'shape':<24}{'dtype':<9}{'raw B/view set':>15}{'stored B/view set':>19}{'ratio':>8}")
+    for name, array in store.arrays.items():
+        raw_per_set = int(np.prod(array.shape[2:])) * array.dtype.itemsize
+        files = [f for f in (store.path / name / "c").rglob("*") if f.is_file()] if (store.path / name / "c").exists() else []
+        stored = sum(f.stat().st_size for f in files)
+        written_sets = sum(np.subtract(*layout.shard_range(s)[::-1]) for s in done) * layout.views_per_image
+        stored_per_set = stored / written_sets if written_sets else float("nan")
+        ratio = raw_per_set / stored_per_set if written_sets else float("nan")
+        total_raw += raw_per_set
+        total_stored += stored_per_set if written_sets else 0
+        print(f"  {name:<15}{str(tuple(array.shape)):<24}{str(array.dtype):<9}{raw_per_set:>15,}"
+              f"{stored_per_set:>19,.0f}{ratio:>8.3f}")
+        rows.append({"array": name, "shape": list(array.shape), "dtype": str(array.dtype),
+                     "raw_bytes_per_view_set": raw_per_set, "stored_bytes_per_view_set": stored_per_set,
+                     "compression_ratio": ratio})
+    ratio = total_raw / total_stored if total_stored else float("nan")
+    print(f"  {'all':<15}{'':<24}{'':<9}{total_raw:>15,}{total_stored:>19,.0f}{ratio:>8.3f}")
+    print(f"  on disk: {_format_bytes(sum(f.stat().st_size for f in Path(store.path).rglob('*') if f.is_file()))}")
+    return {"arrays": rows, "raw_bytes_per_view_set": total_raw, "stored_bytes_per_view_set": total_stored,
+            "compression_ratio": ratio, "shards_done": len(done), "num_shards": layout.num_shards}

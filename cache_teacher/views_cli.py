@@ -1,0 +1,262 @@
+"""View rendering tools: a speed benchmark and a picture of what teacher and student see.
+
+  python -m cache_teacher.views_cli bench [--batch 256] [--devices cpu,cuda] [--json bench.json]
+  python -m cache_teacher.views_cli grid --images PERSONS --backgrounds BACKGROUNDS --out views.png
+
+PERSONS / BACKGROUNDS: an FFCV images file (.beton, from ``python -m cache_teacher pack``), a folder of
+JPEG/PNG images, or a single image file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from dpal.config import ViewConfig
+from dpal.views import (denormalize, render_local_crops, render_view_sets, sample_local_crops, sample_view_sets,
+                        to_rgb_uint8)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+class ImageSourceError(ValueError):
+    """An image source that cannot be read: the message names the path and what is wrong."""
+
+
+# ---------------------------------------------------------------------------------------- sources
+
+class ImageSource:
+    """Random access to decoded RGB uint8 images from a .beton, a folder or a single image file."""
+
+    def __init__(self, path: str | Path, what: str):
+        self.path, self.what = Path(path), what
+        if not self.path.exists():
+            raise ImageSourceError(f"{what} {self.path} does not exist")
+        if self.path.suffix == ".beton":
+            from cache_teacher.ffcv_images import ImageFile  # FFCV is only needed for .beton sources
+
+            self._file = ImageFile(self.path)
+            self._files = None
+            count = len(self._file)
+        else:
+            self._file = None
+            if self.path.is_dir():
+                self._files = sorted(p for p in self.path.rglob("*")
+                                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            else:
+                self._files = [self.path]
+            count = len(self._files)
+        if count == 0:
+            raise ImageSourceError(f"{what} {self.path} holds no images (looked for .beton or "
+                                   f"{sorted(IMAGE_SUFFIXES)} files): the pool is empty")
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def image(self, index: int) -> torch.Tensor:
+        if self._file is not None:
+            return to_rgb_uint8(self._file.image(index))
+        path = self._files[index]
+        try:
+            with Image.open(path) as img:
+                img.load()
+                pixels = np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB", "RGBA") else img)
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise ImageSourceError(f"{self.what} image {path} could not be decoded ({error}); "
+                                   f"remove or replace the file") from None
+        return to_rgb_uint8(pixels)
+
+
+# ------------------------------------------------------------------------------------------ grid
+
+def _to_uint8_hwc(view: torch.Tensor, cfg: ViewConfig) -> np.ndarray:
+    return (denormalize(view.cpu(), cfg) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def grid(args: argparse.Namespace) -> None:
+    cfg = ViewConfig()
+    persons, backgrounds = ImageSource(args.images, "--images"), ImageSource(args.backgrounds, "--backgrounds")
+    generator = torch.Generator().manual_seed(args.seed)
+    count = min(args.num, len(persons))
+    chosen = torch.randperm(len(persons), generator=generator)[:count].tolist()
+    images = [persons.image(i) for i in chosen]
+    records = sample_view_sets(generator, count, num_backgrounds=len(backgrounds), cfg=cfg)
+    pool = [backgrounds.image(i) for i in records[:, 52].long().tolist()]
+    views = render_view_sets(images, pool, records, cfg)
+    local_crops = render_local_crops(images, sample_local_crops(generator, count, cfg), cfg)
+
+    # One row per view set: source (fitted to the view height) | global | local crops | crowd.
+    gap, height = 6, cfg.crowd_size[0]
+    rows = []
+    for i in range(count):
+        source = Image.fromarray(images[i].numpy())
+        source = np.asarray(source.resize((max(1, round(source.width * height / source.height)), height),
+                                          Image.Resampling.BICUBIC))
+        stacked = np.full((height, cfg.local_size[1], 3), 255, np.uint8)
+        for j in range(min(cfg.num_local, height // cfg.local_size[0])):
+            stacked[j * cfg.local_size[0]:(j + 1) * cfg.local_size[0]] = _to_uint8_hwc(local_crops[i, j], cfg)
+        tiles = [source, _to_uint8_hwc(views.global_view[i], cfg), stacked, _to_uint8_hwc(views.crowd[i], cfg)]
+        row = []
+        for tile in tiles:
+            row += [tile, np.full((height, gap, 3), 255, np.uint8)]
+        rows += [np.concatenate(row[:-1], axis=1), np.full((gap, sum(t.shape[1] for t in row[:-1]), 3), 255, np.uint8)]
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows[:-1], axis=0)).save(out)
+    print(f"wrote {out}: {count} view sets, columns = source image | global view (teacher + student) | "
+          f"{cfg.num_local} local crops (student) | crowd view (teacher + student)")
+
+
+# ----------------------------------------------------------------------------------------- bench
+
+def _synthetic_pool(generator: torch.Generator, count: int, heights: tuple[int, int],
+                    aspects: tuple[float, float]) -> list[torch.Tensor]:
+    """Random-content images of realistic sizes (rendering cost depends on sizes, not content)."""
+    pool = []
+    for _ in range(count):
+        h = int(torch.randint(heights[0], heights[1] + 1, (1,), generator=generator))
+        aspect = aspects[0] + float(torch.rand(1, generator=generator)) * (aspects[1] - aspects[0])
+        pool.append(torch.randint(0, 256, (h, max(8, round(h * aspect)), 3), dtype=torch.uint8, generator=generator))
+    return pool
+
+
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _student_step_seconds(views, local_crops, device: torch.device, repeats: int) -> float:
+    """Forward + backward of the ViT-Ti student on the same views (global, crowd, local crops), bf16 autocast."""
+    from dpal.recipes import get_recipe
+    from dpal.students import build_student
+
+    student = build_student(get_recipe("path-b_vit-ti")).to(device)
+    crops = local_crops.flatten(0, 1)
+
+    def step():
+        student.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = sum(out.patches.float().mean() + out.cls.float().mean()
+                       for out in (student(views.global_view), student(views.crowd), student(crops)))
+        loss.backward()
+
+    return _timed(step, device, repeats)
+
+
+def bench(args: argparse.Namespace) -> None:
+    cfg = ViewConfig()
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.images:
+        persons, backgrounds = ImageSource(args.images, "--images"), ImageSource(args.backgrounds, "--backgrounds")
+        images = [persons.image(i % len(persons)) for i in range(args.batch)]
+        pool = [backgrounds.image(i) for i in range(min(len(backgrounds), args.batch))]
+        source = f"{args.images} + {args.backgrounds}"
+    else:
+        images = _synthetic_pool(generator, args.batch, (128, 384), (0.35, 0.65))  # LUPerson-like crops
+        pool = _synthetic_pool(generator, min(64, args.batch), (256, 512), (0.75, 1.5))
+        source = "synthetic: persons 128-384 px high (w/h 0.35-0.65), backgrounds 256-512 px (w/h 0.75-1.5)"
+    records = sample_view_sets(generator, args.batch, num_backgrounds=len(pool), cfg=cfg)
+    local_records = sample_local_crops(generator, args.batch, cfg)
+    chosen = [pool[i] for i in records[:, 52].long().tolist()]
+
+    results = []
+    for name in args.devices.split(","):
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print(f"skipping {name}: no CUDA device", file=sys.stderr)
+            continue
+        row = {"device": name, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+               else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "batch": args.batch}
+        row["view_sets_s"] = _timed(lambda: render_view_sets(images, chosen, records, cfg, device), device,
+                                    args.repeats)
+        row["local_crops_s"] = _timed(lambda: render_local_crops(images, local_records, cfg, device), device,
+                                      args.repeats)
+        row["total_s"] = row["view_sets_s"] + row["local_crops_s"]
+        row["view_sets_per_s"] = args.batch / row["total_s"]
+        if args.student_step == "on" or (args.student_step == "auto" and device.type == "cuda"):
+            views = render_view_sets(images, chosen, records, cfg, device)
+            crops = render_local_crops(images, local_records, cfg, device)
+            row["student_step_s"] = _student_step_seconds(views, crops, device, args.repeats)
+            row["render_fraction_of_student_step"] = row["total_s"] / row["student_step_s"]
+        results.append(row)
+
+    header = f"{'device':<8}{'batch':>6}{'global+crowd ms':>17}{'2 local ms':>12}{'total ms':>10}{'view sets/s':>13}"
+    header += f"{'student step ms':>17}{'render/step':>13}"
+    print(f"rendering views (each view set = global 256x128 + crowd 256x256 + {cfg.num_local} local 128x96); "
+          f"median of {args.repeats}; images: {source}")
+    print(header)
+    for row in results:
+        step = row.get("student_step_s")
+        print(f"{row['device']:<8}{row['batch']:>6}{row['view_sets_s'] * 1e3:>17.1f}{row['local_crops_s'] * 1e3:>12.1f}"
+              f"{row['total_s'] * 1e3:>10.1f}{row['view_sets_per_s']:>13.1f}"
+              + (f"{step * 1e3:>17.1f}{row['render_fraction_of_student_step']:>12.1%}" if step else f"{'-':>17}{'-':>13}"))
+    if args.json:
+        report = {"benchmark": "dpal.views render", "torch": torch.__version__, "images": source,
+                  "repeats": args.repeats, "results": results}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cache_teacher.views_cli", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    b = commands.add_parser("bench", help="views per second of render_view_sets + render_local_crops",
+                            description="Time one training batch of views: render_view_sets (global + crowd) "
+                            "and render_local_crops (2 per image), per device; print a table, optionally JSON. "
+                            "On CUDA it also times a ViT-Ti student forward+backward on the same views, the "
+                            "step the rendering must stay well under (target: < 10%%).")
+    b.add_argument("--batch", type=int, default=256, help="view sets per batch (default 256, the recipe's)")
+    default_devices = "cpu,cuda" if torch.cuda.is_available() else "cpu"
+    b.add_argument("--devices", default=default_devices, help=f"comma-separated (default {default_devices})")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, after one warm-up")
+    b.add_argument("--images", help="person images to render instead of synthetic ones (.beton / folder)")
+    b.add_argument("--backgrounds", help="background pool for --images")
+    b.add_argument("--student-step", choices=("auto", "on", "off"), default="auto",
+                   help="also time a ViT-Ti student forward+backward (auto: on CUDA only)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", help="write the results here as JSON")
+
+    g = commands.add_parser("grid", help="PNG grid of view sets: source, global, local crops, crowd",
+                            description="Render a few view sets exactly as the cache does and save them "
+                            "de-normalized side by side: source image | global view | local crops | crowd view.")
+    g.add_argument("--images", required=True, help="person images: .beton, folder or image file")
+    g.add_argument("--backgrounds", required=True, help="background pool: .beton, folder or image file")
+    g.add_argument("--num", type=int, default=6, help="view sets to show (default 6)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="views.png", help="PNG to write (default views.png)")
+
+    args = parser.parse_args(argv)
+    if args.command == "bench" and bool(args.images) != bool(args.backgrounds):
+        parser.error("bench: give both --images and --backgrounds, or neither (synthetic images)")
+    try:
+        (bench if args.command == "bench" else grid)(args)
+    except ImageSourceError as error:
+        parser.exit(2, f"error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""train_student pieces that are pure arithmetic: traversal order, view-set choice, schedules, decay groups,
+atomic checkpoints and run-folder refusals (the end-to-end behaviour is in test_train_cli.py)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dpal.config import ViewConfig
+from train_student.checkpoint import RunFolderError, load_checkpoint, prepare_run_folder, save_checkpoint
+from train_student.data import FeedPlan, local_crop_params, view_set_of
+from train_student.train import ema_momentum, learning_rate, param_groups
+
+
+def _plan(**overrides):
+    settings = dict(num_images=103, chunk_images=4, micro_batch=3, world_size=1, rank=0, accum_steps=2, seed=7,
+                    window_images=12)
+    settings.update(overrides)
+    return FeedPlan(**settings)
+
+
+def test_epoch_stream_is_a_permutation_that_keeps_blocks_within_windows():
+    plan = _plan()
+    stream = plan.epoch_stream(3)
+    assert sorted(stream.tolist()) == list(range(103))
+    whole = _plan(num_images=96).epoch_stream(3)  # whole blocks only, so windows are aligned
+    window = plan.window_images  # 3 blocks of 4 images
+    for start in range(0, 96, window):
+        assert len(set((whole[start:start + window] // plan.chunk_images).tolist())) == 3
+    # consecutive blocks are not simply walked in order, and epochs differ
+    assert not np.array_equal(stream, np.arange(103))
+    assert not np.array_equal(plan.epoch_stream(3), plan.epoch_stream(4))
+    assert np.array_equal(plan.epoch_stream(3), _plan().epoch_stream(3))
+
+
+def test_ranks_split_each_global_batch_like_one_process():
+    one = _plan(micro_batch=6, world_size=1)
+    two = [_plan(micro_batch=3, world_size=2, rank=r) for r in range(2)]
+    assert one.steps_per_epoch == two[0].steps_per_epoch == 103 // 12
+    single = one.rank_order(5).reshape(-1, 6)
+    split = [p.rank_order(5).reshape(-1, 3) for p in two]
+    assert np.array_equal(single, np.concatenate(split, axis=1))
+    assert not set(split[0].ravel()) & set(split[1].ravel())
+
+
+def test_view_set_cycles_through_all_stored_sets_across_epochs():
+    images = np.arange(50)
+    chosen = np.stack([view_set_of(images, epoch, 3, seed=1) for epoch in range(6)])
+    for column in chosen.T:
+        assert sorted(column[:3].tolist()) == [0, 1, 2]
+        assert np.array_equal(column[:3], column[3:])
+    assert len(set(chosen[0].tolist())) == 3  # not all images use the same set in an epoch
+
+
+def test_local_crops_are_fresh_per_epoch_and_rank_slices_agree():
+    cfg = ViewConfig()
+    one = local_crop_params(_plan(micro_batch=4), cfg, epoch=0, micro_step=2)
+    halves = [local_crop_params(_plan(micro_batch=2, world_size=2, rank=r), cfg, epoch=0, micro_step=2)
+              for r in range(2)]
+    assert torch.equal(one, torch.cat(halves))
+    assert not torch.equal(one, local_crop_params(_plan(micro_batch=4), cfg, epoch=1, micro_step=2))
+
+
+def test_lr_warms_up_linearly_then_follows_a_half_cosine():
+    lrs = [learning_rate(s, peak=1.0, min_lr=0.1, warmup_steps=4, total_steps=20) for s in range(21)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0)
+    assert lrs[12] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[20] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_ema_momentum_goes_from_start_to_one_by_cosine():
+    values = [ema_momentum(s, start=0.996, end=1.0, total_steps=10) for s in range(11)]
+    assert values[0] == pytest.approx(0.996) and values[10] == pytest.approx(1.0)
+    assert values[5] == pytest.approx(0.998)
+
+
+def test_weight_decay_on_matrices_not_on_biases_or_norms():
+    module = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5))
+    module.register_parameter("queries", torch.nn.Parameter(torch.zeros(3, 5)))
+    decay, no_decay = param_groups(module, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(module[0].weight), id(module.queries)}
+    assert {id(p) for p in no_decay["params"]} == {id(module[0].bias), id(module[1].weight), id(module[1].bias)}
+
+
+def test_checkpoint_is_replaced_atomically_and_run_folders_are_not_mixed(tmp_path):
+    run = tmp_path / "run"
+    prepare_run_folder(run, {"recipe": "a", "max_steps": 5}, resume=False, resumable_keys={"max_steps"})
+    save_checkpoint(run, {"step": 1, "w": torch.ones(3)})
+    save_checkpoint(run, {"step": 2, "w": torch.zeros(3)})
+    state = load_checkpoint(run)
+    assert state["step"] == 2 and torch.equal(state["w"], torch.zeros(3))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "run.json"]  # no temporary left
+    with pytest.raises(RunFolderError, match="already holds another run"):
+        prepare_run_folder(run, {"recipe": "a", "max_steps": 5}, resume=False, resumable_keys={"max_steps"})
+    with pytest.raises(RunFolderError, match="recipe: recorded 'a', now 'b'"):
+        prepare_run_folder(run, {"recipe": "b", "max_steps": 5}, resume=True, resumable_keys={"max_steps"})
+    prepare_run_folder(run, {"recipe": "a", "max_steps": 9}, resume=True, resumable_keys={"max_steps"})
+    with pytest.raises(RunFolderError, match="holds no run"):
+        prepare_run_folder(tmp_path / "other", {"recipe": "a"}, resume=True, resumable_keys=set())
