@@ -250,7 +250,8 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
                                                                      cfg.seed),
                                          cfg.seed, layout.views_per_image, grid)
         attrs = dict(identity, mask_calibration=calibration.to_dict(), view_fields=VIEW_SET_FIELDS,
-                     crowd_tokens=crowd_tokens, images_path=str(cfg.images), backgrounds_path=str(cfg.backgrounds))
+                     crowd_tokens=crowd_tokens, images_path=str(cfg.images), backgrounds_path=str(cfg.backgrounds),
+                     batch_size=batch_size)
         StoreWriter.create(out, attrs, layout)
     _barrier()
     attrs = read_attrs(out)
@@ -274,8 +275,8 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
     _barrier()
     done = sum(writer.is_done(s) for s in range(layout.num_shards))
     if rank == 0:
-        print(f"{out}: {done}/{layout.num_shards} shards done; this run computed {sets_in(todo)} view sets in "
-              f"{elapsed:.1f} s on {world} rank(s)")
+        print(f"{out}: {done}/{layout.num_shards} shards done; rank 0 computed {sets_in(todo)} view sets in "
+              f"{elapsed:.1f} s ({world} rank(s))")
     if dist.is_initialized():
         dist.destroy_process_group()
     return {"out": str(out), "shards_done": done, "num_shards": layout.num_shards, "computed_view_sets": sets_in(todo),

@@ -150,16 +150,18 @@ def view_config_from_dict(data: dict) -> ViewConfig:
 
 
 def describe_differences(stored: dict, expected: dict, keys) -> list[str]:
+    """One readable line per key whose value differs (dict values: the differing sub-keys)."""
     out = []
     for key in keys:
-        if stored.get(key) != expected.get(key):
-            if isinstance(stored.get(key), dict) and isinstance(expected.get(key), dict):
-                sub = [k for k in sorted(set(stored[key]) | set(expected[key]))
-                       if stored[key].get(k) != expected[key].get(k)]
-                out.append(f"{key} differs in {', '.join(f'{k} (store {stored[key].get(k)!r}, now '
-                                                     f'{expected[key].get(k)!r})' for k in sub)}")
-            else:
-                out.append(f"{key}: store has {stored.get(key)!r}, this run has {expected.get(key)!r}")
+        have, want = stored.get(key), expected.get(key)
+        if have == want:
+            continue
+        if isinstance(have, dict) and isinstance(want, dict):
+            sub = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+            details = ", ".join(f"{k} (store {have.get(k)!r}, this run {want.get(k)!r})" for k in sub)
+            out.append(f"{key} differs in {details}")
+        else:
+            out.append(f"{key}: store has {have!r}, this run has {want!r}")
     return out
 
 
@@ -240,8 +242,7 @@ class StoreWriter:
         return cls(path, attrs, layout)
 
     def shard_files(self, shard: int) -> dict[str, Path]:
-        coords = (shard,) + (0,) * (len(self.arrays["view_params"].shape) - 1)
-        return {name: self.path / name / array.metadata.encode_chunk_key(coords[:array.ndim])
+        return {name: self.path / name / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
                 for name, array in self.arrays.items()}
 
     def marker_path(self, shard: int) -> Path:

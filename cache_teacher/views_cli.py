@@ -20,8 +20,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from dpal.config import ViewConfig
-from dpal.views import (denormalize, render_local_crops, render_view_sets, sample_local_crops, sample_view_sets,
-                        to_rgb_uint8)
+from dpal.views import (background_indices, denormalize, render_local_crops, render_view_sets,
+                        sample_local_crops, sample_view_sets, to_rgb_uint8)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -89,7 +89,7 @@ def grid(args: argparse.Namespace) -> None:
     chosen = torch.randperm(len(persons), generator=generator)[:count].tolist()
     images = [persons.image(i) for i in chosen]
     records = sample_view_sets(generator, count, num_backgrounds=len(backgrounds), cfg=cfg)
-    pool = [backgrounds.image(i) for i in records[:, 52].long().tolist()]
+    pool = [backgrounds.image(i) for i in background_indices(records).tolist()]
     views = render_view_sets(images, pool, records, cfg)
     local_crops = render_local_crops(images, sample_local_crops(generator, count, cfg), cfg)
 
@@ -177,7 +177,7 @@ def bench(args: argparse.Namespace) -> None:
         source = "synthetic: persons 128-384 px high (w/h 0.35-0.65), backgrounds 256-512 px (w/h 0.75-1.5)"
     records = sample_view_sets(generator, args.batch, num_backgrounds=len(pool), cfg=cfg)
     local_records = sample_local_crops(generator, args.batch, cfg)
-    chosen = [pool[i] for i in records[:, 52].long().tolist()]
+    chosen = [pool[i] for i in background_indices(records).tolist()]
 
     results = []
     for name in args.devices.split(","):
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
                             description="Time one training batch of views: render_view_sets (global + crowd) "
                             "and render_local_crops (2 per image), per device; print a table, optionally JSON. "
                             "On CUDA it also times a ViT-Ti student forward+backward on the same views, the "
-                            "step the rendering must stay well under (target: < 10%%).")
+                            "step the rendering must stay well under (target: < 10%).")
     b.add_argument("--batch", type=int, default=256, help="view sets per batch (default 256, the recipe's)")
     default_devices = "cpu,cuda" if torch.cuda.is_available() else "cpu"
     b.add_argument("--devices", default=default_devices, help=f"comma-separated (default {default_devices})")

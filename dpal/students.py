@@ -73,11 +73,11 @@ class _GridWindowSwinBlock(SwinTransformerBlock):
         padded_h, padded_w = x.shape[1], x.shape[2]
         if any(shift):
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        # Eager: one cached CPU mask per grid. Compiled: traced as constants (dynamo bypasses lru_cache anyway).
+        # Eager: one cached mask per grid and device. Compiled: traced as constants (dynamo bypasses lru_cache).
         build_mask = _window_mask.__wrapped__ if torch.compiler.is_compiling() else _window_mask
-        mask = build_mask(height, width, (win_h, win_w), shift)
+        mask = build_mask(height, width, (win_h, win_w), shift, x.device)
         if mask is not None:
-            mask = mask.to(device=x.device, dtype=x.dtype)
+            mask = mask.to(x.dtype)
         windows = window_partition(x, (win_h, win_w)).view(-1, win_h * win_w, channels)
         windows = self.attn(windows, mask=mask).view(-1, win_h, win_w, channels)
         x = window_reverse(windows, (win_h, win_w), padded_h, padded_w)
@@ -87,7 +87,8 @@ class _GridWindowSwinBlock(SwinTransformerBlock):
 
 
 @functools.lru_cache(maxsize=64)
-def _window_mask(height: int, width: int, window: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor | None:
+def _window_mask(height: int, width: int, window: tuple[int, int], shift: tuple[int, int],
+                 device: torch.device) -> torch.Tensor | None:
     """Additive mask [num_windows, area, area] (0 / -100 as Swin) for a padded, shifted map; None if not needed.
 
     Labels are built on the padded map in shifted coordinates: Swin's three regions per shifted axis, and
@@ -99,20 +100,20 @@ def _window_mask(height: int, width: int, window: tuple[int, int], shift: tuple[
         return None
 
     def axis_regions(size: int, win: int, s: int) -> torch.Tensor:
-        regions = torch.zeros(size, dtype=torch.long)
+        regions = torch.zeros(size, dtype=torch.long, device=device)
         if s:
             regions[size - win:size - s] = 1
             regions[size - s:] = 2
         return regions
 
     labels = axis_regions(padded_h, win_h, shift[0])[:, None] * 3 + axis_regions(padded_w, win_w, shift[1])[None, :]
-    padded = torch.ones(padded_h, padded_w, dtype=torch.bool)
+    padded = torch.ones(padded_h, padded_w, dtype=torch.bool, device=device)
     padded[:height, :width] = False
     padded = torch.roll(padded, shifts=(-shift[0], -shift[1]), dims=(0, 1))
     labels = labels.masked_fill(padded, -1)
     labels = window_partition(labels[None, :, :, None], window).reshape(-1, win_h * win_w)
     same = labels[:, :, None] == labels[:, None, :]
-    return torch.zeros(same.shape).masked_fill_(~same, -100.0)
+    return torch.zeros(same.shape, device=device).masked_fill_(~same, -100.0)
 
 
 # --------------------------------------------------------------------------------- building
@@ -300,7 +301,12 @@ def load_student(path) -> nn.Module:
     match the architecture in the config, otherwise a CheckpointError lists the differences."""
     weights_path, _ = _export_paths(path)
     config = read_student_config(path)
-    model = create_backbone(config)
+    with torch.device("meta"):  # every parameter comes from the file: skip the random init
+        model = create_backbone(config)
+    model = model.to_empty(device="cpu")
+    for module in model.modules():  # index buffers are not saved: timm recomputes them
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
     with safe_open(str(weights_path), framework="pt") as handle:
         state_dict = {k: handle.get_tensor(k) for k in handle.keys()}
     load_exact(model, state_dict, weights_path, _EXPORT_LAYOUT, f"student {config['student']}")

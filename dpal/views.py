@@ -42,9 +42,10 @@ A *view set* record (``VIEW_SET_FIELDS`` = 57 float32, names in ``VIEW_SET_FIELD
  35-51  person.*            crop block of the first pasted person: a 128x96 local-style crop of the
                             same person image, drawn for the crowd view
     52  background_index    index into the background pool
-    53  paste_y1            top of the first person on the canvas, pixels
+    53  paste_y1            top of the first person on the canvas, pixels, in [0, 126]
     54  paste_x1            left of the first person
-    55  paste_y2            top of the second person (the global view resized to 128x96)
+    55  paste_y2            top of the second person (the global view resized to 128x96),
+                            drawn independently of paste_y1
     56  paste_x2            left of the second person, in [paste_x1 + 96, 158]
 ======  ==================  ========================================================================
 
@@ -58,24 +59,27 @@ image is shrunk, keeping its aspect, until it fits (torchvision instead retries 
 back to a centre crop, which would need the image size at sampling time).
 
 Rendering order per crop (torchvision's order): crop + resize (antialiased bicubic, flip folded in) ->
-colour jitter in the stored op order -> grayscale -> Gaussian blur -> solarize. The crowd canvas then
-gets the two persons blended in (``person_alpha`` person + rest background), and every view is
-normalized with the ImageNet mean / std.
+colour jitter in the stored op order -> grayscale -> Gaussian blur (13 taps, reflect borders) ->
+solarize. The crowd canvas then gets the two persons blended in (``person_alpha`` person + rest
+background), and every view is normalized with the ImageNet mean / std.
 
 Numeric domain: float32 in [0, 1] from the uint8 decode (``x * (1/255)``, as torchvision's
 ``to_dtype``) to the final normalization, never re-quantized to uint8 between ops, i.e. exactly
 torchvision's float-tensor semantics (each op clamps to [0, 1]; bicubic overshoot is clamped after
 resizing). Re-quantizing after every op (torchvision's uint8 path) would turn float differences of
-1e-7 between devices into whole 1/255 steps that compound through the ops; in float the CPU and CUDA
-renders differ by ~1e-6, and since the teacher sees the same float view there is nothing to gain.
+1e-7 between devices into whole 1/255 steps that compound through the ops; in float, CPU and CUDA
+renders differ by float rounding only (bounded by a test at 1/255), and since the teacher sees the same
+float view there is nothing to gain from quantizing.
 
 Batching and exactness: images differ in size, so the crops are cut on the host and zero-padded into
-one uint8 batch (one transfer); resizing and blurring are separable linear maps applied as batched
-float32 matmuls with per-sample weight matrices (weights in float64, PIL/PyTorch antialiased bicubic
-with a = -0.5), with TF32 switched off for them. Colour ops, grayscale, solarize and blending run on
-the whole batch (per-sample factors; per-op subsets picked on the host, so no device sync). The same
-records on the same device give bit-identical pixels; a different batch composition changes padding
-and matmul blocking, which moves pixels by ~1e-7, far below the CPU/CUDA tolerance of 1/255.
+uint8 batches (one transfer each), grouped by crop size so that padding stays small; resizing and
+blurring are separable linear maps applied as batched float32 matmuls with per-sample weight matrices
+(weights in float64, PIL/PyTorch antialiased bicubic with a = -0.5; blur kernels as torchvision's),
+with TF32 switched off around them (a process-wide flag: do not render from two threads at once).
+Colour ops, grayscale, solarize and blending run on the whole batch with per-sample factors; the
+subsets an op applies to are picked on the host from the records, so nothing waits on the device. The
+same records on the same device give bit-identical pixels; a different batch composition changes
+padding and matmul blocking, which moves pixels by ~1e-7, far below the CPU/CUDA tolerance of 1/255.
 """
 from __future__ import annotations
 
@@ -120,6 +124,8 @@ LOCAL_CROP_FIELDS = len(LOCAL_CROP_FIELD_NAMES)
 
 # float32 holds every integer up to 2**24 exactly; a larger pool index would be silently rounded.
 _MAX_BACKGROUNDS = 2**24
+# Crops resized together (see render_crops).
+_RESIZE_GROUP = 32
 # PIL / PyTorch antialiased bicubic uses a = -0.5 (the non-antialiased path uses -0.75).
 _CUBIC_A = -0.5
 
@@ -562,10 +568,18 @@ def render_crops(images: Sequence[torch.Tensor], blocks: torch.Tensor, out_size:
     heights = torch.tensor([image.shape[0] for image in images], dtype=torch.float64)
     widths = torch.tensor([image.shape[1] for image in images], dtype=torch.float64)
     boxes = crop_boxes(blocks, heights, widths)
-    x = _pack_crops(images, boxes, device)
-    rows = resize_weights(boxes[:, 2], out_size[0], x.shape[-2], device)
-    cols = resize_weights(boxes[:, 3], out_size[1], x.shape[-1], device, flip=blocks[:, _FLIP] > 0.5)
-    x = apply_separable(x, rows, cols).clamp_(0.0, 1.0)  # bicubic overshoots
+    flips = blocks[:, _FLIP] > 0.5
+    x = torch.empty(len(images), 3, *out_size, dtype=torch.float32, device=device)
+    # Resize in groups of similar crop size: padding to the largest crop of a group (wasted matmul work
+    # and memory) stays small, and memory stays bounded for any batch size.
+    by_size = torch.argsort(boxes[:, 2] * boxes[:, 3], stable=True)
+    for start in range(0, len(images), _RESIZE_GROUP):
+        group = by_size[start:start + _RESIZE_GROUP]
+        crops = _pack_crops([images[i] for i in group.tolist()], boxes[group], device)
+        rows = resize_weights(boxes[group, 2], out_size[0], crops.shape[-2], device)
+        cols = resize_weights(boxes[group, 3], out_size[1], crops.shape[-1], device, flip=flips[group])
+        x[group.to(device, non_blocking=True)] = apply_separable(crops, rows, cols)
+    x.clamp_(0.0, 1.0)  # bicubic overshoots
     return _appearance(x, blocks, cfg)
 
 

@@ -44,7 +44,13 @@ _BLOCK_M = 128
 _EXPERT_CONFIGS = [triton.Config({"BLOCK_B": 64, "BLOCK_K": 32}, num_warps=4)] if INTERPRETED else [
     triton.Config({"BLOCK_B": b, "BLOCK_K": k}, num_warps=w, num_stages=s)
     for b, k, w, s in ((64, 64, 8, 3), (64, 32, 4, 4), (128, 64, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3))]
-_MIN_BLOCK_B = min(c.kwargs["BLOCK_B"] for c in _EXPERT_CONFIGS)
+# The du pass keeps more tiles live (dW, u, xhat, du); its partials are per row block, so it may also
+# narrow its column tile.
+_GRAD_CONFIGS = [triton.Config({"BLOCK_B": 64, "BLOCK_K": 32, "BLOCK_M": _BLOCK_M}, num_warps=4)] if INTERPRETED else [
+    triton.Config({"BLOCK_B": b, "BLOCK_K": k, "BLOCK_M": m}, num_warps=w, num_stages=s)
+    for b, k, m, w, s in ((64, 64, 128, 8, 3), (64, 64, 64, 4, 3), (64, 32, 64, 4, 4), (32, 64, 128, 4, 3),
+                          (128, 64, 64, 8, 3), (16, 64, 128, 4, 3))]
+_MIN_BLOCK_B = min(c.kwargs["BLOCK_B"] for c in _EXPERT_CONFIGS + _GRAD_CONFIGS)
 # Largest transient du chunk in backward (values): 2^24 bf16 = 32 MiB, a small fraction of what eager
 # keeps, while chunks stay wide enough (>= thousands of columns) for the cuBLAS GEMMs that consume them.
 _DU_CHUNK_ELEMENTS = 1 << 24
@@ -176,7 +182,7 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_
 
 # The dgamma/dbeta partials have one row per row block; rows a smaller-BLOCK_B config wrote while tuning
 # must not survive into the sum, hence reset_to_zero (buffers are allocated zeroed as well).
-@triton.autotune(configs=_EXPERT_CONFIGS, key=["D", "M"], reset_to_zero=["d_gamma_partial_ptr", "d_beta_partial_ptr"])
+@triton.autotune(configs=_GRAD_CONFIGS, key=["D", "M"], reset_to_zero=["d_gamma_partial_ptr", "d_beta_partial_ptr"])
 @triton.jit
 def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, gamma_ptr,
                         grad_ptr, mixed_ptr, loss_coef_ptr, a_mean_ptr, b_mean_ptr,
@@ -193,10 +199,10 @@ def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, 
     col_ok = offs_m < m_stop
     d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef_ptr, offs_b, offs_m, B, M, m_stop)
     gamma = tl.load(gamma_ptr + offs_m, mask=col_ok, other=0.0).to(tl.float32)
-    d_gamma_scaled = d_mixed * gamma[None, :]
     b_mean = tl.load(b_mean_ptr + offs_b, mask=row_ok, other=0.0)
-    mixed_xhat = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    c_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    # Column sums accumulate as [BLOCK_M] vectors, not tiles: fewer live registers per program.
+    d_gamma = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    d_beta = tl.zeros((BLOCK_M,), dtype=tl.float32)
     ok = row_ok[:, None] & col_ok[None, :]
     for e in tl.static_range(P):
         u = _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P, D, M,
@@ -206,14 +212,15 @@ def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, 
         c = tl.load(scores_ptr + offs_b * P + e, mask=row_ok, other=0.0).to(tl.float32) * inv_mix
         a_mean = tl.load(a_mean_ptr + offs_b * P + e, mask=row_ok, other=0.0)
         xhat = (_gelu(u) - mu[:, None]) * r[:, None]
-        dg = (r * c)[:, None] * (d_gamma_scaled - b_mean[:, None] - xhat * a_mean[:, None])
+        dg = (r * c)[:, None] * (d_mixed * gamma[None, :] - b_mean[:, None] - xhat * a_mean[:, None])
         du = (dg * _gelu_grad(u)).to(du_ptr.dtype.element_ty)
         du_rows = (offs_b.to(tl.int64) * P + e) * du_row_stride
         tl.store(du_ptr + du_rows[:, None] + (offs_m - m_start)[None, :], du, mask=ok)
-        mixed_xhat += c[:, None] * xhat
-        c_sum += c
-    tl.store(d_gamma_partial_ptr + pid_b * M + offs_m, tl.sum(d_mixed * mixed_xhat, axis=0), mask=col_ok)
-    tl.store(d_beta_partial_ptr + pid_b * M + offs_m, tl.sum(d_mixed * c_sum[:, None], axis=0), mask=col_ok)
+        weighted = d_mixed * c[:, None]
+        d_gamma += tl.sum(weighted * xhat, axis=0)
+        d_beta += tl.sum(weighted, axis=0)
+    tl.store(d_gamma_partial_ptr + pid_b * M + offs_m, d_gamma, mask=col_ok)
+    tl.store(d_beta_partial_ptr + pid_b * M + offs_m, d_beta, mask=col_ok)
 
 
 @triton.jit
@@ -266,7 +273,7 @@ def _gelu_layer_norm_bwd_kernel(z_ptr, dy_ptr, w_ptr, dw_partial_ptr, db_partial
 
 
 def _expert_grid(batch: int, columns: int):
-    return lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(columns, _BLOCK_M))
+    return lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(columns, meta["BLOCK_M"]))
 
 
 class ExpertMixFunction(torch.autograd.Function):
@@ -342,7 +349,8 @@ class ExpertMixFunction(torch.autograd.Function):
             _expert_grad_kernel[_expert_grid(batch, m_stop - m_start)](
                 queries, weight, bias, scores, mean, rstd, norm_weight, grad_mixed, mixed, loss_coef,
                 a_mean, b_mean, du_chunk, d_gamma_partial, d_beta_partial, 1.0 / ctx.mix_divisor,
-                batch, dim, features, m_start, m_stop, du.stride(0), **meta)
+                batch, dim, features, m_start, m_stop, du.stride(0),
+                **{k: v for k, v in meta.items() if k != "BLOCK_M"})
             grad_queries += (du_chunk @ weight[m_start:m_stop]).float()
             torch.mm(du_chunk.t(), q_rows, out=grad_weight[m_start:m_stop])
             grad_bias[m_start:m_stop] = du_chunk.sum(0, dtype=torch.float32)

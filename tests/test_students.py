@@ -37,25 +37,15 @@ def swin_t():
     return build_student(get_recipe("path-b_swin-t")).eval()
 
 
-@pytest.mark.parametrize("recipe_name", [n for n in RECIPES if RECIPES[n].student.arch == "vit"])
-def test_vit_head_counts_and_mae_init(recipe_name):
-    recipe = get_recipe(recipe_name)
-    torch.manual_seed(0)
-    backbone = build_student(recipe).backbone
-    heads = [block.attn.num_heads for block in backbone.blocks]
-    assert heads == [recipe.student.num_heads] * 11 + [recipe.teacher.num_heads]
-    assert backbone.embed_dim == recipe.student.width
-    assert all(block.drop_path1.__class__.__name__ == "Identity" for block in backbone.blocks)  # drop-path 0
-    # MAE init: xavier-uniform linears with zero bias, CLS N(0, 0.02).
-    qkv = backbone.blocks[3].attn.qkv
-    bound = math.sqrt(6.0 / (qkv.in_features + qkv.out_features))
-    assert qkv.weight.abs().max() <= bound and qkv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
-    assert torch.count_nonzero(qkv.bias) == 0
+def test_vit_mae_init(vit_ti):
+    """MAE's init: xavier-uniform linears with zero bias, CLS N(0, 0.02)."""
+    backbone = vit_ti.backbone
+    for linear in [backbone.blocks[3].attn.qkv, backbone.blocks[-1].attn.qkv, backbone.blocks[5].mlp.fc2]:
+        bound = math.sqrt(6.0 / (linear.in_features + linear.out_features))
+        assert linear.weight.abs().max() <= bound
+        assert linear.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+        assert torch.count_nonzero(linear.bias) == 0
     assert backbone.cls_token.std().item() == pytest.approx(0.02, rel=0.5)
-    # The state dict is timm's: a stock model of the same family has the same keys and shapes.
-    stock = timm.create_model(recipe.student.timm_name, pretrained=False, num_classes=0, img_size=(256, 128),
-                              device="meta")
-    assert {k: v.shape for k, v in stock.state_dict().items()} == {k: v.shape for k, v in backbone.state_dict().items()}
 
 
 def test_vit_position_grid_resized_2d_bicubic(vit_ti):
@@ -127,13 +117,14 @@ def test_swin_outputs_for_every_view_size(swin_t):
     assert swin_t.backbone.layers[-1].blocks[-1].drop_path2.drop_prob == pytest.approx(0.1)  # timm's linear rule
     torch.manual_seed(3)
     for height, width in VIEW_SIZES:
-        images = torch.randn(2, 3, height, width)
+        batch = 2 if (height, width) == (128, 96) else 1
+        images = torch.randn(batch, 3, height, width)
         with torch.no_grad():
             out = swin_t(images)
         grid = (height // 32, width // 32)
-        assert out.grid == grid and out.patches.shape == (2, grid[0] * grid[1], 768)
+        assert out.grid == grid and out.patches.shape == (batch, grid[0] * grid[1], 768)
         torch.testing.assert_close(out.cls, out.patches.mean(dim=1, keepdim=True))
-        if (height, width) == (128, 96):  # the most padded grids: nothing leaks between batch-mates
+        if batch == 2:  # the most padded grids: nothing leaks between batch-mates
             with torch.no_grad():
                 alone = swin_t(images[1:])
             torch.testing.assert_close(alone.patches, out.patches[1:], rtol=1e-4, atol=1e-4)
@@ -162,18 +153,40 @@ def test_tokens_for_each_teacher_kind(vit_ti, swin_t):
     assert swin_t.local_tokens(swin_global, solider).shape == (1, 32, 768)
 
 
-def _perturbed(student):
+def test_every_recipe_architecture_and_token_shapes():
+    """Every recipe's student on every view size, on the meta device (architecture and shapes, no compute)."""
+    for recipe in RECIPES.values():
+        with torch.device("meta"):
+            student = build_student(recipe)
+            global_out, local_out, crowd_out = (student(torch.empty(2, 3, h, w)) for h, w in VIEW_SIZES)
+            stock = timm.create_model(recipe.student.timm_name, pretrained=False, num_classes=0, img_size=(256, 128))
+        backbone, teacher, width = student.backbone, recipe.teacher, recipe.student.width
+        # The state dict is timm's: a stock model of the same family has the same keys and shapes.
+        assert {k: v.shape for k, v in stock.state_dict().items()} == \
+            {k: v.shape for k, v in backbone.state_dict().items()}, recipe.name
+        if recipe.student.arch == "vit":
+            heads = [block.attn.num_heads for block in backbone.blocks]
+            assert heads == [recipe.student.num_heads] * 11 + [teacher.num_heads], recipe.name
+            assert all(isinstance(block.drop_path1, torch.nn.Identity) for block in backbone.blocks)  # rate 0
+        grid = (256 // teacher.token_stride, 128 // teacher.token_stride)
+        crowd_tokens = (256 // teacher.token_stride) ** 2 + teacher.has_cls
+        assert student.local_tokens(global_out, teacher).shape == (2, grid[0] * grid[1], width), recipe.name
+        assert student.relation_tokens(crowd_out, teacher).shape == (2, crowd_tokens, width), recipe.name
+        assert local_out.cls.shape == (2, 1, width) and global_out.patches.shape[-1] == recipe.decoder.student_dim
+
+
+def _moved(student, scale, shift):
     """A copy with every parameter moved (stands for training or the EMA average)."""
     moved = copy.deepcopy(student)
     with torch.no_grad():
         for p in moved.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+            p.mul_(scale).add_(shift)
     return moved
 
 
 def test_vit_export_round_trip_carries_architecture(vit_ti, tmp_path):
     torch.manual_seed(5)
-    trained, ema = _perturbed(vit_ti), _perturbed(vit_ti)
+    trained, ema = _moved(vit_ti, 0.9, 0.01), _moved(vit_ti, 1.1, -0.01)
     weights, config_path = export_student(trained, tmp_path / "student", extra={"recipe": "path-b_vit-ti"})
     export_student(ema, tmp_path / "student_ema.safetensors")
     config = json.loads(config_path.read_text())

@@ -225,8 +225,9 @@ def test_gaussian_blur_with_per_sample_sigma_matches_torchvision():
     assert (ours - expected).abs().max() < 1e-6
 
 
-def test_every_jitter_order_matches_torchvision():
+def test_every_jitter_order_matches_torchvision(monkeypatch):
     """All 24 op orders, with flip, grayscale, blur and solarize mixed in, against a per-sample composition."""
+    monkeypatch.setattr(V, "_RESIZE_GROUP", 5)  # several size groups, the last one partial
     generator = torch.Generator().manual_seed(2)
     images = [random_image(generator, 40 + i, 25 + i % 7) for i in range(24)]
     blocks = torch.zeros(24, 17, dtype=torch.float64)
@@ -247,7 +248,8 @@ def test_every_jitter_order_matches_torchvision():
     assert (ours[0] - ours[6]).abs().max() > 1e-3
 
 
-def test_view_sets_match_torchvision_reference():
+def test_view_sets_match_torchvision_reference(monkeypatch):
+    monkeypatch.setattr(V, "_RESIZE_GROUP", 4)
     images, backgrounds = random_images(0, 6), random_images(1, 6, 30, 120)
     records = V.sample_view_sets(torch.Generator().manual_seed(7), 6, num_backgrounds=6, cfg=SMALL)
     pool_index = V.background_indices(records)
@@ -289,6 +291,20 @@ def test_same_parameters_give_bit_identical_pixels():
     alone = V.render_view_sets(images[2:3], backgrounds[2:3], records[2:3], SMALL)
     assert (alone.global_view[0] - first.global_view[2]).abs().max() < 1e-5
     assert (alone.crowd[0] - first.crowd[2]).abs().max() < 1e-5
+
+
+def test_any_size_and_aspect_renders():
+    generator = torch.Generator().manual_seed(16)
+    images = [random_image(generator, h, w) for h, w in ((6, 200), (300, 8), (3, 3), (1, 1))]
+    backgrounds = [random_image(generator, h, w) for h, w in ((2, 500), (40, 1), (3, 3), (700, 30))]
+    records = V.sample_view_sets(generator, 4, num_backgrounds=4, cfg=SMALL)
+    views = V.render_view_sets(images, backgrounds, records, SMALL)
+    crops = V.render_local_crops(images, V.sample_local_crops(generator, 4, SMALL), SMALL)
+    for x in (views.global_view, views.crowd, crops):
+        pixels = V.denormalize(x)
+        assert torch.isfinite(x).all() and (V.normalize(pixels) - x).abs().max() < 1e-5  # within [0, 1]
+    one_pixel = V.denormalize(views.global_view[3])  # a 1x1 image renders as a flat (jittered) colour
+    assert (one_pixel - one_pixel[:, :1, :1]).abs().max() < 1e-5
 
 
 def test_grey_and_rgba_inputs_render_like_rgb():

@@ -88,6 +88,17 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def apply_update(optimizer: torch.optim.Optimizer, lr: float, student_params: list, ema_params: list,
+                 momentum: float) -> None:
+    """AdamW step at `lr`, then EMA <- momentum * EMA + (1 - momentum) * student."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, student_params, 1.0 - momentum)
+
+
 def images_to_device(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Variable-size uint8 images to the device in one pinned, non-blocking copy."""
     if device.type != "cuda":
@@ -145,6 +156,25 @@ def fit_online_mask_calibration(teacher, images_path, backgrounds: BackgroundPoo
     return fit_shape_mask(torch.cat(tokens), grid)
 
 
+def batch_losses(model: torch.nn.Module, batch: FeedBatch, recipe: Recipe, device: torch.device, autocast,
+                 moe_loss_weight: float, *, teacher=None, mask_calibration=None) -> dict[str, torch.Tensor]:
+    """Render the micro-batch's views on the device, get its targets (from the store, or from the teacher
+    when one is given: the online baseline), and compute every loss term through the model."""
+    views = render_batch(batch, recipe, device)
+    if teacher is None:
+        targets = cached_targets(batch, device)
+    else:
+        from dpal.shape_mask import shape_mask
+        from dpal.teachers import teacher_targets
+
+        with torch.no_grad(), autocast:
+            out = teacher_targets(teacher, views["global_view"], views["crowd_view"])
+        targets = {"global_target": out.global_, "local_target": out.local, "relation_target": out.relation,
+                   "local_mask": shape_mask(out.local.float(), mask_calibration)}
+    with autocast:
+        return model(views, targets, moe_loss_weight)
+
+
 def setup_distributed(device_arg: str) -> tuple[int, int, int, torch.device]:
     """(rank, world_size, local_rank, device); joins the torchrun process group when launched by it."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -197,8 +227,7 @@ def train(args: argparse.Namespace) -> Path:
     backgrounds = BackgroundPool(args.backgrounds)
     teacher = store = store_identity = None
     if args.teacher_online:
-        from dpal.shape_mask import shape_mask
-        from dpal.teachers import load_teacher, teacher_targets
+        from dpal.teachers import load_teacher
         if not args.teacher_weights:
             raise TrainingError("--teacher-online needs --teacher-weights W.pth (the teacher's released checkpoint)")
         teacher = load_teacher(recipe.teacher.name, args.teacher_weights).to(device)
@@ -207,6 +236,11 @@ def train(args: argparse.Namespace) -> Path:
         from cache_teacher.store import open_store
         store = open_store(args.store)
         store.check_compatible(recipe, recipe.views, fingerprint)
+        # The stored view parameters index the background pool they were drawn from: another pool would
+        # silently give other crowd views than the teacher saw.
+        if store.attrs.get("backgrounds_fingerprint") != images_fingerprint(args.backgrounds):
+            raise TrainingError(f"--backgrounds {args.backgrounds} is not the background pool the store "
+                                f"{args.store} was cached with ({store.attrs.get('backgrounds_path')}); pass that file")
         num_images, chunk_images = store.num_images, store.chunk_images
         store_identity = {key: store.attrs[key] for key in ("teacher", "checkpoint_sha256", "target_format",
                                                             "views_per_image", "format_version")}
@@ -263,6 +297,7 @@ def train(args: argparse.Namespace) -> Path:
                                                        count=args.calibration_images, seed=args.seed,
                                                        batch=micro_batch)
     else:
+        mask_calibration = None
         feed = CachedFeed(args.images, store, backgrounds, plan, recipe.views, workers=args.workers, pin=pin)
 
     def checkpoint_state() -> dict:
@@ -299,21 +334,12 @@ def train(args: argparse.Namespace) -> Path:
                 data_wait += time.perf_counter() - wait_start
                 if batch is None:
                     break
-                views = render_batch(batch, recipe, device)
-                if teacher is not None:
-                    with torch.no_grad(), autocast:
-                        teacher_out = teacher_targets(teacher, views["global_view"], views["crowd_view"])
-                    targets = {"global_target": teacher_out.global_, "local_target": teacher_out.local,
-                               "local_mask": shape_mask(teacher_out.local.float(), mask_calibration),
-                               "relation_target": teacher_out.relation}
-                else:
-                    targets = cached_targets(batch, device)
                 micro_in_step += 1
                 last_micro = micro_in_step == optim.accum_steps
                 sync = nullcontext() if last_micro or world_size == 1 else ddp_model.no_sync()
                 with sync:
-                    with autocast:
-                        terms = ddp_model(views, targets, moe_weight(epoch, optim))
+                    terms = batch_losses(ddp_model, batch, recipe, device, autocast, moe_weight(epoch, optim),
+                                         teacher=teacher, mask_calibration=mask_calibration)
                     (terms["total"] / optim.accum_steps).backward()
                 detached = torch.stack([terms[key].detach().float() for key in
                                         ("total", "global", "local", "relation", "moe", "experts")])
@@ -335,15 +361,10 @@ def train(args: argparse.Namespace) -> Path:
                                         f"stopped, {kept}. Check the store's targets and the learning rate.")
                 lr = learning_rate(step, peak=peak_lr, min_lr=optim.min_lr, warmup_steps=warmup_steps,
                                    total_steps=total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
                 momentum = ema_momentum(step, start=optim.ema_momentum[0], end=optim.ema_momentum[1],
                                         total_steps=total_steps)
-                with torch.no_grad():
-                    torch._foreach_lerp_(ema_params, student_params, 1.0 - momentum)
+                apply_update(optimizer, lr, student_params, ema_params, momentum)
                 step += 1
                 now = time.perf_counter()
                 elapsed = now - step_start
@@ -379,7 +400,7 @@ def train(args: argparse.Namespace) -> Path:
         export_student(model.student, run_dir / "student", extra=extra)
         export_student(ema_student, run_dir / "student_ema", extra={**extra, "ema": True})
         plot_losses(run_dir / METRICS_CSV, run_dir / LOSS_PLOT)
-        print(f"finished {step} steps; run folder {run_dir}: {CHECKPOINT_NAME}, student/, student_ema/, "
+        print(f"finished {step} steps; run folder {run_dir}: {CHECKPOINT_NAME}, student.*, student_ema.* (timm exports), "
               f"{METRICS_CSV}, {LOSS_PLOT}, tensorboard/")
     if world_size > 1:
         dist.barrier()

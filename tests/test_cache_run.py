@@ -1,0 +1,218 @@
+"""cache_teacher run / verify / info end to end on real .beton files, real stores and real processes.
+
+A small ViT teacher (same code path as PATH-B: released-layout checkpoint, load_teacher, render, targets)
+keeps the CPU time low; PATH-B itself is exercised by the dry run here and by `make demo`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache_teacher.__main__ import main
+from cache_teacher.demo_data import write_backgrounds, write_person_images
+from cache_teacher.pack import pack
+from cache_teacher.run import RunConfig, RunError, run
+from cache_teacher.store import open_store
+from cache_teacher.verify import info, verify
+from dpal.config import TeacherSpec
+from dpal.recipes import TEACHERS
+from dpal.teachers import build_teacher, release_checkpoint
+from dpal.views import VIEW_SET_FIELDS
+
+TINY = TeacherSpec("tiny-vit", "vit", "vit_base_patch16_224", width=32, depth=2, num_heads=2, patch_size=16,
+                   token_stride=16, has_cls=True)
+TEACHERS_WITH_TINY = dict(TEACHERS, **{TINY.name: TINY})
+NUM_IMAGES = 10
+# The CLI with the tiny teacher registered, for real subprocesses (plain python and torchrun).
+CLI_SCRIPT = f"""
+import sys
+from cache_teacher.__main__ import main
+from dpal.config import TeacherSpec
+from dpal.recipes import TEACHERS
+tiny = TeacherSpec(**{TINY.__dict__!r})
+sys.exit(main(sys.argv[1:], teachers=dict(TEACHERS, **{{tiny.name: tiny}})))
+"""
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    rng = np.random.default_rng(3)
+    write_person_images(root / "persons", NUM_IMAGES, rng)
+    write_backgrounds(root / "backgrounds", 4, rng)
+    pack(root / "persons", root / "persons.beton", workers=2, progress=False)
+    pack(root / "backgrounds", root / "backgrounds.beton", workers=2, progress=False)
+    torch.manual_seed(0)
+    torch.save(release_checkpoint(build_teacher(TINY)), root / "tiny.pth")
+    (root / "cli.py").write_text(CLI_SCRIPT)
+    return root
+
+
+def _config(root: Path, out: str, **changes) -> RunConfig:
+    base = dict(teacher=TINY.name, weights=str(root / "tiny.pth"), images=str(root / "persons.beton"),
+                backgrounds=str(root / "backgrounds.beton"), views_per_image=2, out=str(root / out),
+                chunk_images=2, shard_images=2, calibration_images=6, batch_size=3, progress=False)
+    return RunConfig(**{**base, **changes})
+
+
+def _cli_args(cfg: RunConfig) -> list[str]:
+    return ["run", "--teacher", cfg.teacher, "--weights", cfg.weights, "--images", cfg.images, "--backgrounds",
+            cfg.backgrounds, "-K", str(cfg.views_per_image), "--out", cfg.out, "--chunk-images",
+            str(cfg.chunk_images), "--shard-images", str(cfg.shard_images), "--calibration-images",
+            str(cfg.calibration_images), "--batch-size", str(cfg.batch_size), "--no-progress"]
+
+
+def _assert_same_store(a: str, b: str) -> None:
+    first, second = open_store(a), open_store(b)
+    identity = {k: v for k, v in first.attrs.items() if not k.endswith("_path")}
+    assert identity == {k: v for k, v in second.attrs.items() if not k.endswith("_path")}
+    for name, array in first.arrays.items():
+        assert np.array_equal(array[:], second.arrays[name][:]), name
+
+
+@pytest.fixture(scope="module")
+def reference(inputs):
+    cfg = _config(inputs, "reference.zarr")
+    summary = run(cfg, teachers=TEACHERS_WITH_TINY)
+    assert summary["shards_done"] == summary["num_shards"] == 5
+    return cfg
+
+
+def test_store_contents(reference):
+    store = open_store(reference.out)
+    attrs = store.attrs
+    assert attrs["teacher"] == "tiny-vit" and attrs["target_format"] == "float16" and attrs["views_per_image"] == 2
+    assert len(attrs["checkpoint_sha256"]) == 64 and attrs["token_grid"] == [16, 8]
+    assert set(attrs["mask_calibration"]) == {"mean", "direction", "low", "high"}
+    block = store.read_block(0)
+    assert block["local"].shape == (2, 2, 128, 32) and block["local"].dtype == np.float16
+    assert block["relation"].shape == (2, 2, 257, 257)
+    assert np.allclose(block["relation"].astype(np.float64).sum(-1), 1.0, atol=2e-2)
+    assert 0 <= block["mask"].min() and block["mask"].max() <= 1
+    assert not np.array_equal(block["view_params"][0, 0], block["view_params"][0, 1])  # K distinct view sets
+
+
+def test_killed_run_resumes_bit_identical(inputs, reference):
+    cfg = _config(inputs, "killed.zarr")  # same command (batch size included: GEMM rounding depends on it)
+    command = [sys.executable, str(inputs / "cli.py"), *_cli_args(cfg)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    progress = Path(cfg.out) / "dpal_progress"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if progress.is_dir() and len(list(progress.glob("*.json"))) >= 1:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, f"run ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(list(progress.glob("*.json")))
+    assert 1 <= done < 5
+    with pytest.raises(Exception, match="incomplete"):
+        open_store(cfg.out)
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "5/5 shards done" in resumed.stdout
+    _assert_same_store(reference.out, cfg.out)
+
+
+def test_two_rank_torchrun_equals_one_process(inputs, reference):
+    cfg = _config(inputs, "ranks.zarr")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533",
+                             str(inputs / "cli.py"), *_cli_args(cfg)], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    markers = [json.loads(p.read_text()) for p in sorted((Path(cfg.out) / "dpal_progress").glob("*.json"))]
+    assert [m["shard"] for m in markers] == list(range(5))
+    _assert_same_store(reference.out, cfg.out)
+
+
+def test_unmarked_shard_is_rewritten_from_scratch(inputs, reference, tmp_path):
+    import shutil
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(reference.out, copy)
+    (copy / "dpal_progress" / "shard_000002.json").unlink()
+    damaged = copy / "local" / "c" / "2" / "0" / "0" / "0"
+    damaged.write_bytes(damaged.read_bytes()[:50])  # a write cut short by a crash
+    summary = run(_config(inputs, str(copy)), teachers=TEACHERS_WITH_TINY)
+    assert summary["computed_view_sets"] == 4
+    _assert_same_store(reference.out, str(copy))
+
+
+def test_verify_and_info(inputs, reference, tmp_path, capsys):
+    passed, table = verify(reference.out, reference.weights, samples=4, teachers=TEACHERS_WITH_TINY)
+    assert passed and {row["metric"] for row in table} >= {"global_cosine", "local_cosine", "relation_kl"}
+    summary = info(reference.out)
+    assert summary["shards_done"] == 5 and summary["compression_ratio"] > 1.0
+    assert "bytes/view set" in capsys.readouterr().out.replace("B/view set", "bytes/view set")
+    import shutil
+    copy = tmp_path / "corrupt.zarr"
+    shutil.copytree(reference.out, copy)
+    target = copy / "relation" / "c" / "1" / "0" / "0" / "0"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert main(["verify", str(copy), "--weights", reference.weights], teachers=TEACHERS_WITH_TINY) == 1
+    assert "does not match its checksum" in capsys.readouterr().out
+
+
+def test_int8_format_verifies(inputs):
+    cfg = _config(inputs, "int8.zarr", target_format="int8", shard_images=4, chunk_images=4, limit_images=4)
+    run(cfg, teachers=TEACHERS_WITH_TINY)
+    store = open_store(cfg.out)
+    assert store.arrays["local"].dtype == np.int8 and store.arrays["relation_scale"].shape == (4, 2, 257)
+    passed, _ = verify(cfg.out, cfg.weights, samples=3, teachers=TEACHERS_WITH_TINY)
+    assert passed
+
+
+def test_no_mixing_and_bad_input(inputs, reference, tmp_path, capsys):
+    for change, expected in [(dict(views_per_image=3), "views_per_image: store has 2, this run has 3"),
+                             (dict(target_format="int8"), "target_format: store has 'float16'"),
+                             (dict(seed=1), "seed: store has 0"),
+                             (dict(images=str(inputs / "backgrounds.beton")), "images_fingerprint")]:
+        with pytest.raises(RunError, match=expected):
+            run(_config(inputs, "reference.zarr", **change), teachers=TEACHERS_WITH_TINY)
+    other_weights = tmp_path / "other.pth"
+    torch.manual_seed(1)
+    torch.save(release_checkpoint(build_teacher(TINY)), other_weights)
+    with pytest.raises(RunError, match="checkpoint_sha256"):
+        run(_config(inputs, "reference.zarr", weights=str(other_weights)), teachers=TEACHERS_WITH_TINY)
+    args = _cli_args(_config(inputs, str(tmp_path / "new.zarr")))
+    bad = {"--views-per-image": ["-K", "0"], "--teacher": ["--teacher", "path-b"]}
+    assert main(args + bad["--views-per-image"], teachers=TEACHERS_WITH_TINY) == 2
+    assert "--views-per-image must be >= 1" in capsys.readouterr().err
+    assert main(args + bad["--teacher"], teachers=TEACHERS_WITH_TINY) == 2  # tiny checkpoint is not PATH-B
+    err = capsys.readouterr().err
+    assert "path-b" in err and "missing" in err.lower()
+    assert not (tmp_path / "new.zarr").exists()
+    assert main(args + ["--images", str(tmp_path / "none.beton")], teachers=TEACHERS_WITH_TINY) == 2
+    assert "does not exist" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root ignores permissions
+            assert main(args + ["--out", str(locked / "s.zarr")], teachers=TEACHERS_WITH_TINY) == 2
+            assert "not writable" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_dry_run_reports_path_b_storage(inputs, capsys):
+    cfg = _config(inputs, "dry.zarr", teacher="path-b", dry_run=True, chunk_images=None, shard_images=None)
+    summary = run(cfg)
+    out = capsys.readouterr().out
+    assert "local" in out and "relation" in out and "needs at most" in out
+    per_set = VIEW_SET_FIELDS * 4 + 768 * 2 + 128 * 768 * 2 + 128 * 2 + 257 * 257 * 2
+    assert summary["bytes"] == per_set * NUM_IMAGES * 2
+    assert not (inputs / "dry.zarr").exists()

@@ -1,0 +1,126 @@
+"""cache_teacher.store: layout planning, int8 rows, atomic creation, durable shards, reader refusals."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cache_teacher.store import (
+    ATTRS_KEY, MIN_CHUNK_BYTES, StoreError, StoreWriter, dequantize_rows, open_store, plan_layout, quantize_rows,
+    teacher_spec_dict, view_config_dict)
+from dpal.config import TeacherSpec, ViewConfig
+from dpal.recipes import TEACHERS, get_recipe
+
+SMALL = TeacherSpec("small-vit", "vit", "vit_base_patch16_224", width=16, depth=1, num_heads=1, patch_size=16,
+                    token_stride=16, has_cls=True)
+
+
+@pytest.mark.parametrize("teacher", ["path-b", "path-l", "solider-b"])
+@pytest.mark.parametrize("target_format", ["float16", "int8"])
+def test_default_chunks_are_at_least_1mib_of_whole_images(teacher, target_format):
+    layout = plan_layout(TEACHERS[teacher], ViewConfig(), num_images=1000, views_per_image=3, view_fields=57,
+                         target_format=target_format)
+    per_image_local = layout.bytes_per_view_set()["local"] * 3
+    assert layout.chunk_images * per_image_local >= MIN_CHUNK_BYTES
+    assert (layout.chunk_images // 2) * per_image_local < MIN_CHUNK_BYTES  # smallest such power of two
+    assert layout.shard_images % layout.chunk_images == 0
+    if teacher == "path-b":
+        assert layout.tokens == 128 and layout.crowd_tokens == 257 and layout.width == 768
+    if teacher == "solider-b":
+        assert layout.tokens == 32 and layout.crowd_tokens == 64
+
+
+def test_bad_layout_arguments():
+    with pytest.raises(StoreError, match="views-per-image"):
+        plan_layout(SMALL, ViewConfig(), num_images=4, views_per_image=0, view_fields=57, target_format="float16")
+    with pytest.raises(StoreError, match="unknown target format"):
+        plan_layout(SMALL, ViewConfig(), num_images=4, views_per_image=1, view_fields=57, target_format="bf16")
+    with pytest.raises(StoreError, match="multiple of chunk_images"):
+        plan_layout(SMALL, ViewConfig(), num_images=4, views_per_image=1, view_fields=57, target_format="int8",
+                    chunk_images=2, shard_images=3)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 7, 257), (1, 1)])
+def test_int8_rows_roundtrip_within_half_a_step(shape):
+    values = torch.randn(shape) * torch.rand(shape[:-1] + (1,)) * 10
+    values[..., 0] = 0
+    q, scale = quantize_rows(values)
+    assert q.dtype == torch.int8 and scale.shape == shape[:-1]
+    error = (dequantize_rows(q, scale) - values).abs()
+    assert (error <= scale[..., None] / 2 + 1e-6).all()
+    zeros_q, zeros_scale = quantize_rows(torch.zeros(2, 4))
+    assert (zeros_q == 0).all() and (zeros_scale == 0).all()
+
+
+def _attrs(layout, **changes):
+    attrs = {"format_version": 1, "spec_version": 1, "view_params_version": 1, "teacher": SMALL.name,
+             "teacher_spec": teacher_spec_dict(SMALL), "view_config": view_config_dict(ViewConfig()),
+             "images_fingerprint": "abc", "num_images": layout.num_images, "views_per_image": layout.views_per_image,
+             "target_format": layout.target_format, "token_grid": [16, 8], "crowd_tokens": layout.crowd_tokens,
+             "view_fields": layout.view_fields, "chunk_images": layout.chunk_images,
+             "shard_images": layout.shard_images}
+    return {**attrs, **changes}
+
+
+def _rows(layout, start, stop, seed):
+    rng = np.random.default_rng(seed)
+    return {name: rng.normal(size=(stop - start, layout.views_per_image) + shape).astype(dtype)
+            for name, (shape, dtype) in layout.array_specs().items()}
+
+
+def test_store_write_read_blocks_and_completion(tmp_path):
+    layout = plan_layout(SMALL, ViewConfig(), num_images=7, views_per_image=2, view_fields=57,
+                         target_format="int8", chunk_images=2, shard_images=4)
+    writer = StoreWriter.create(tmp_path / "s.zarr", _attrs(layout), layout)
+    assert not list(tmp_path.glob("*.creating-*"))
+    with pytest.raises(StoreError, match="incomplete: 2 of 2 shards"):
+        open_store(tmp_path / "s.zarr")
+    first = _rows(layout, 0, 4, 0)
+    writer.write_shard(0, first)
+    with pytest.raises(StoreError, match="incomplete: 1 of 2"):
+        open_store(tmp_path / "s.zarr")
+    last = _rows(layout, 4, 7, 1)
+    writer.write_shard(1, last)
+    marker = json.loads((tmp_path / "s.zarr" / "dpal_progress" / "shard_000001.json").read_text())
+    assert marker["images"] == [4, 7] and set(marker["files"]) == set(layout.array_specs())
+    store = open_store(tmp_path / "s.zarr")
+    assert store.num_blocks == 4 and store.chunk_images == 2
+    block = store.read_block(3)  # the short last block
+    assert all(v.shape[0] == 1 for v in block.values())
+    for name in layout.array_specs():
+        assert np.array_equal(store.read_block(1)[name], first[name][2:4])
+        assert np.array_equal(block[name], last[name][2:3])
+    assert store.arrays["local"].dtype == np.int8 and "relation_scale" in store.arrays
+    with pytest.raises(IndexError):
+        store.read_block(4)
+
+
+def test_reader_refuses_mismatch_old_format_and_foreign_folders(tmp_path):
+    layout = plan_layout(SMALL, ViewConfig(), num_images=2, views_per_image=1, view_fields=57,
+                         target_format="float16", chunk_images=2, shard_images=2)
+    writer = StoreWriter.create(tmp_path / "s.zarr", _attrs(layout), layout)
+    writer.write_shard(0, _rows(layout, 0, 2, 0))
+    store = open_store(tmp_path / "s.zarr")
+    recipe = get_recipe("path-b_vit-ti")
+    with pytest.raises(StoreError, match="teacher: store has 'small-vit', this run has 'path-b'"):
+        store.check_compatible(recipe, ViewConfig(), "abc")
+    with pytest.raises(StoreError, match="images_fingerprint"):
+        store.check_compatible(recipe, ViewConfig(), "other")
+    with pytest.raises(StoreError, match=r"view_config differs in gray_p \(store 0.2, this run 0.5\)"):
+        store.check_compatible(recipe, ViewConfig(gray_p=0.5), "abc")
+    old = StoreWriter.create(tmp_path / "old.zarr", _attrs(layout, format_version=0), layout)
+    old.write_shard(0, _rows(layout, 0, 2, 0))
+    with pytest.raises(StoreError, match="store format 0; this version reads format 1"):
+        open_store(tmp_path / "old.zarr")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(StoreError, match="not a Zarr store"):
+        open_store(tmp_path / "plain")
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store(tmp_path / "missing.zarr")
+    meta = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())
+    del meta["attributes"][ATTRS_KEY]
+    (tmp_path / "s.zarr" / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="not a DPAL target store"):
+        open_store(tmp_path / "s.zarr")

@@ -1,0 +1,150 @@
+"""`python -m train_student bench`: what the cache buys, measured in one run on one device and batch.
+
+Three figures: samples/s of the data feed alone on the CPU (FFCV decoding + Zarr block reads + batch
+assembly, no model), of a training step with cached targets (views re-rendered from stored
+parameters, student + decoder forward/backward, AdamW, EMA), and of the same step with the teacher
+computing the targets online (the original loop). Steps are timed on batches fetched beforehand, so
+the step figures are compute only; the feed figure says whether the loader keeps up with them.
+Prints a table and writes the figures as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from dpal.recipes import get_recipe, list_recipes
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train_student bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", required=True, choices=list_recipes(), metavar="NAME",
+                   help=f"one of: {', '.join(list_recipes())}")
+    p.add_argument("--store", required=True, metavar="STORE.zarr")
+    p.add_argument("--images", required=True, metavar="IMAGES.beton")
+    p.add_argument("--backgrounds", required=True, metavar="BG.beton")
+    p.add_argument("--teacher-weights", required=True, metavar="W.pth", help="teacher checkpoint for the online step")
+    p.add_argument("--batch-size", type=int, help="per-device batch (default: the recipe's per-GPU batch)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per mode (default 10)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--feed-batches", type=int, default=50, help="timed feed batches (default 50)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="FFCV decoding threads")
+    p.add_argument("--calibration-images", type=int, default=256, help="shape-mask calibration for the online step")
+    p.add_argument("--reference-path", action="store_true", help="force the plain-PyTorch reference ops")
+    p.add_argument("--out", default="train_bench.json", metavar="JSON", help="where to write the figures")
+    return p
+
+
+def _batches(feed, count: int, *, keep: bool):
+    """`count` micro-batches, cycling through epochs; kept ones own their images (FFCV reuses its buffers)."""
+    epoch = 0
+    while count > 0:
+        for batch in feed.epoch(epoch):
+            yield dataclasses.replace(batch, images=[image.clone() for image in batch.images]) if keep else batch
+            count -= 1
+            if count == 0:
+                return
+        epoch += 1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(model, optimizer, ema, batches, recipe, device, warmup: int, **online) -> float:
+    """Samples/s of full training steps (render, targets, forward, backward, AdamW, EMA) on given batches."""
+    from train_student.train import apply_update, batch_losses
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    student_params, ema_params = list(model.student.parameters()), list(ema.parameters())
+    for index, batch in enumerate(batches):
+        if index == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        terms = batch_losses(model, batch, recipe, device, autocast, 0.1, **online)
+        terms["total"].backward()
+        apply_update(optimizer, 1e-4, student_params, ema_params, 0.996)
+    _sync(device)
+    timed = len(batches) - warmup
+    return timed * len(batches[0].indices) / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from cache_teacher.ffcv_images import ImageFile, images_fingerprint
+    from cache_teacher.store import open_store
+    from dpal import dispatch
+    from dpal.teachers import load_teacher
+    from train_student.data import BackgroundPool, CachedFeed, FeedPlan, OnlineFeed
+    from train_student.train import Distiller, fit_online_mask_calibration, param_groups, setup_distributed
+
+    if args.reference_path:
+        dispatch.force_reference(True)
+    _, _, _, device = setup_distributed(args.device)
+    recipe = get_recipe(args.recipe)
+    batch = args.batch_size or recipe.optim.batch_per_gpu
+    store = open_store(args.store)
+    store.check_compatible(recipe, recipe.views, images_fingerprint(args.images))
+    backgrounds = BackgroundPool(args.backgrounds)
+    plan = FeedPlan(num_images=store.num_images, chunk_images=store.chunk_images, micro_batch=batch, world_size=1,
+                    rank=0, accum_steps=1, seed=0, window_images=1024)
+    if plan.steps_per_epoch < 1:
+        raise SystemExit(f"error: batch {batch} is larger than the store's {store.num_images} images")
+
+    # 1. the feed alone, on the CPU (first batch untimed: FFCV compiles its pipeline then)
+    feed = CachedFeed(args.images, store, backgrounds, plan, recipe.views, workers=args.workers, pin=False)
+    feed_batches = _batches(feed, args.feed_batches + 1, keep=False)
+    next(feed_batches)
+    start = time.perf_counter()
+    fed = sum(len(b.indices) for b in feed_batches)
+    feed_rate = fed / (time.perf_counter() - start)
+
+    # 2. cached-target steps and 3. online-teacher steps, same model, device and batch size
+    total = args.warmup_steps + args.steps
+    cached_feed = CachedFeed(args.images, store, backgrounds, plan, recipe.views, workers=args.workers,
+                             pin=device.type == "cuda")
+    cached_batches = list(_batches(cached_feed, total, keep=True))
+    online_plan = dataclasses.replace(plan, num_images=ImageFile(args.images).num_images, chunk_images=1)
+    online_batches = list(_batches(OnlineFeed(args.images, backgrounds, online_plan, recipe.views,
+                                              workers=args.workers), total, keep=True))
+    torch.manual_seed(0)
+    model = Distiller(recipe).to(device)
+    ema = copy.deepcopy(model.student).requires_grad_(False)
+    optimizer = torch.optim.AdamW(param_groups(model, recipe.optim.weight_decay), lr=1e-4,
+                                  betas=recipe.optim.betas, fused=device.type == "cuda")
+    cached_rate = time_steps(model, optimizer, ema, cached_batches, recipe, device, args.warmup_steps)
+    teacher = load_teacher(recipe.teacher.name, args.teacher_weights).to(device)
+    calibration = fit_online_mask_calibration(teacher, args.images, backgrounds, recipe, device,
+                                              count=args.calibration_images, seed=0, batch=batch)
+    online_rate = time_steps(model, optimizer, ema, online_batches, recipe, device, args.warmup_steps,
+                             teacher=teacher, mask_calibration=calibration)
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    result = {"recipe": recipe.name, "device": device_name, "batch": batch, "steps": args.steps,
+              "target_format": store.attrs["target_format"], "reference_path": dispatch.reference_forced(),
+              "feed_samples_per_s": feed_rate, "feed_workers": args.workers,
+              "cached_step_samples_per_s": cached_rate, "online_step_samples_per_s": online_rate,
+              "speedup": cached_rate / online_rate}
+    rows = [("data feed alone (CPU: FFCV + Zarr + batch assembly)", f"{feed_rate:,.1f}"),
+            ("training step, cached targets", f"{cached_rate:,.2f}"),
+            ("training step, --teacher-online", f"{online_rate:,.2f}"),
+            ("speed-up of the cache", f"{result['speedup']:.2f}x")]
+    width = max(len(name) for name, _ in rows)
+    print(f"train_student bench: {recipe.name}, batch {batch}, {device_name}, {store.attrs['target_format']} targets")
+    print(f"| {'measure':<{width}} | samples/s |")
+    print(f"|{'-' * (width + 2)}|-----------|")
+    for name, value in rows:
+        print(f"| {name:<{width}} | {value:>9} |")
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"figures written to {args.out}")
+    return 0
