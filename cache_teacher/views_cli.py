@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -130,18 +131,25 @@ def _synthetic_pool(generator: torch.Generator, count: int, heights: tuple[int, 
     return pool
 
 
-def _timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
+def _timed(fn, device: torch.device, repeats: int, cpu_seconds: list | None = None) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` runs (after one warm-up).
+
+    ``cpu_seconds`` receives the median process CPU time: on a shared machine wall time also counts
+    other processes, CPU time does not.
+    """
     fn()
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    if cpu_seconds is not None:
+        cpu_seconds.append(float(np.median(cpu_times)))
     return float(np.median(times))
 
 
@@ -187,12 +195,14 @@ def bench(args: argparse.Namespace) -> None:
             continue
         row = {"device": name, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
                else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "batch": args.batch}
+               "load_average_1min": os.getloadavg()[0], "batch": args.batch}
+        cpu_seconds = []
         row["view_sets_s"] = _timed(lambda: render_view_sets(images, chosen, records, cfg, device), device,
-                                    args.repeats)
+                                    args.repeats, cpu_seconds)
         row["local_crops_s"] = _timed(lambda: render_local_crops(images, local_records, cfg, device), device,
-                                      args.repeats)
+                                      args.repeats, cpu_seconds)
         row["total_s"] = row["view_sets_s"] + row["local_crops_s"]
+        row["total_process_cpu_s"] = sum(cpu_seconds)
         row["view_sets_per_s"] = args.batch / row["total_s"]
         if args.student_step == "on" or (args.student_step == "auto" and device.type == "cuda"):
             views = render_view_sets(images, chosen, records, cfg, device)

@@ -19,7 +19,7 @@ from dpal.checkpoints import CheckpointError, load_checkpoint_file
 from dpal.config import Recipe
 from dpal.decoder import DynamicPatternDecoder
 from dpal.recipes import get_recipe
-from dpal.students import Student, build_student
+from dpal.students import Student, build_student, materialize
 
 ORIGINAL_LAYOUT = ("original DPAL training checkpoint {'student': {'module.backbone.<timm ViT name>', "
                    "'module.adapter.<LossMOEDecoder name>'}, 'teacher': the EMA copy (same keys without "
@@ -84,6 +84,9 @@ def resolve_recipe(checkpoint: dict, recipe: Recipe | str | None, path) -> Recip
     """The recipe of an original checkpoint: given, or from its args.model; both must agree when present."""
     model_name = getattr(checkpoint.get("args"), "model", None)
     from_args = ORIGINAL_MODELS.get(model_name) if model_name is not None else None
+    if isinstance(model_name, str) and "swin" in model_name.lower():
+        raise CheckpointError(path, ORIGINAL_LAYOUT, f"args.model {model_name!r} is a Swin student; only the "
+                              f"original's ViT students can be converted (its Swin students have no equivalent here)")
     if recipe is None:
         if from_args is None:
             known = ", ".join(f"{k} -> {v}" for k, v in ORIGINAL_MODELS.items())
@@ -165,7 +168,9 @@ def load_original_checkpoint(path, recipe: Recipe | str | None = None, *, weight
         raise CheckpointError(path, ORIGINAL_LAYOUT,
                               f"no {container_name!r} dict of tensors (weights={weights!r}); top-level keys: {top}")
     recipe = resolve_recipe(checkpoint, recipe, path)
-    student, decoder = build_student(recipe), DynamicPatternDecoder(recipe.decoder)
+    with torch.device("meta"):  # every parameter comes from the checkpoint: skip the random init
+        student, decoder = build_student(recipe), DynamicPatternDecoder(recipe.decoder)
+    student, decoder = materialize(student), materialize(decoder)
     student_state, decoder_state = convert_original_state(container, recipe, student, decoder, path, container_name)
     student.load_state_dict(student_state, strict=True)
     decoder.load_state_dict(decoder_state, strict=True)

@@ -303,14 +303,21 @@ def load_student(path) -> nn.Module:
     config = read_student_config(path)
     with torch.device("meta"):  # every parameter comes from the file: skip the random init
         model = create_backbone(config)
-    model = model.to_empty(device="cpu")
-    for module in model.modules():  # index buffers are not saved: timm recomputes them
-        if hasattr(module, "init_non_persistent_buffers"):
-            module.init_non_persistent_buffers()
+    model = materialize(model)
     with safe_open(str(weights_path), framework="pt") as handle:
         state_dict = {k: handle.get_tensor(k) for k in handle.keys()}
     load_exact(model, state_dict, weights_path, _EXPORT_LAYOUT, f"student {config['student']}")
     return model.eval()
+
+
+def materialize(module: nn.Module) -> nn.Module:
+    """A module built on the meta device -> CPU storage left uninitialised (for a load that sets every
+    parameter), with the non-persistent index buffers that timm recomputes rather than saves."""
+    module = module.to_empty(device="cpu")
+    for submodule in module.modules():
+        if hasattr(submodule, "init_non_persistent_buffers"):
+            submodule.init_non_persistent_buffers()
+    return module
 
 
 def load_exact(model: nn.Module, state_dict: dict, path, layout: str, what: str) -> None:
@@ -329,4 +336,4 @@ def load_exact(model: nn.Module, state_dict: dict, path, layout: str, what: str)
 
 
 __all__ = ["EXPORT_FORMAT_VERSION", "Student", "StudentTokens", "build_student", "create_backbone",
-           "export_student", "load_exact", "load_student", "read_student_config", "student_config"]
+           "export_student", "load_exact", "load_student", "materialize", "read_student_config", "student_config"]

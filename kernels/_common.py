@@ -72,3 +72,29 @@ def num_programs_for_rows(n_rows: int, device: torch.device) -> int:
     if device.type == "cuda":
         return max(1, min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
     return max(1, min(n_rows, 4))
+
+
+def compile_for_gpu(kernel, arg_types: dict[str, str], constexprs: dict, *, arch: int = 90, config_index: int = 0):
+    """Compile a kernel to a cubin for CUDA sm_<arch> with Triton's compiler and ptxas; no GPU needed.
+
+    For an autotuned kernel, config `config_index` supplies its tile constexprs, warps and stages.
+    `arg_types` maps each runtime argument to a Triton type ('*bf16', 'i32', 'fp32', ...). The kernel
+    must have been defined with TRITON_INTERPRET unset or 0 (interpreted kernels have no IR to lower).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    configs = getattr(kernel, "configs", None)
+    fn = kernel.fn if configs is not None else kernel
+    if not isinstance(fn, JITFunction):
+        raise RuntimeError("kernel was defined under TRITON_INTERPRET=1; compile it in a process with "
+                           "TRITON_INTERPRET=0")
+    constexprs, options = dict(constexprs), {}
+    if configs is not None:
+        config = configs[config_index]
+        constexprs.update(config.kwargs)
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    signature = {name: "constexpr" if name in constexprs else arg_types[name] for name in fn.arg_names}
+    return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
+                          options=options)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (INTERPRETED, check_device, mma, check_dtype, check_shape, dot_precision,
+from kernels._common import (INTERPRETED, check_device, check_dtype, check_shape, dot_precision, mma,
                              num_programs_for_rows)
 
 OP = "fused expert path"
@@ -48,12 +48,13 @@ _EXPERT_CONFIGS = [triton.Config({"BLOCK_B": 64, "BLOCK_K": 32}, num_warps=4)] i
 # narrow its column tile.
 _GRAD_CONFIGS = [triton.Config({"BLOCK_B": 64, "BLOCK_K": 32, "BLOCK_M": _BLOCK_M}, num_warps=4)] if INTERPRETED else [
     triton.Config({"BLOCK_B": b, "BLOCK_K": k, "BLOCK_M": m}, num_warps=w, num_stages=s)
-    for b, k, m, w, s in ((64, 64, 128, 8, 3), (64, 64, 64, 4, 3), (64, 32, 64, 4, 4), (32, 64, 128, 4, 3),
-                          (128, 64, 64, 8, 3), (16, 64, 128, 4, 3))]
+    for b, k, m, w, s in ((64, 64, 128, 8, 3), (64, 64, 64, 8, 3), (32, 64, 64, 8, 3), (32, 32, 64, 4, 3),
+                          (16, 64, 64, 4, 3), (16, 64, 128, 4, 3))]
 _MIN_BLOCK_B = min(c.kwargs["BLOCK_B"] for c in _EXPERT_CONFIGS + _GRAD_CONFIGS)
 # Largest transient du chunk in backward (values): 2^24 bf16 = 32 MiB, a small fraction of what eager
 # keeps, while chunks stay wide enough (>= thousands of columns) for the cuBLAS GEMMs that consume them.
 _DU_CHUNK_ELEMENTS = 1 << 24
+
 
 @triton.jit
 def _gelu(u):
@@ -180,17 +181,19 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_
         tl.store(partial_ptr + slot + e * n_tiles, tl.sum(d_gamma_scaled * xhat, axis=1), mask=row_ok)
 
 
-# The dgamma/dbeta partials have one row per row block; rows a smaller-BLOCK_B config wrote while tuning
+# The column-sum partials have one row per row block; rows a smaller-BLOCK_B config wrote while tuning
 # must not survive into the sum, hence reset_to_zero (buffers are allocated zeroed as well).
-@triton.autotune(configs=_GRAD_CONFIGS, key=["D", "M"], reset_to_zero=["d_gamma_partial_ptr", "d_beta_partial_ptr"])
+@triton.autotune(configs=_GRAD_CONFIGS, key=["D", "M"],
+                 reset_to_zero=["d_gamma_partial_ptr", "d_beta_partial_ptr", "d_bias_partial_ptr"])
 @triton.jit
 def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, gamma_ptr,
                         grad_ptr, mixed_ptr, loss_coef_ptr, a_mean_ptr, b_mean_ptr,
-                        du_ptr, d_gamma_partial_ptr, d_beta_partial_ptr,
+                        du_ptr, d_gamma_partial_ptr, d_beta_partial_ptr, d_bias_partial_ptr,
                         inv_mix, B, D, M, m_start, m_stop, du_row_stride,
                         P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """du for columns [m_start, m_stop) into a chunk buffer (rows b*P+e, column m - m_start); dgamma/dbeta partials."""
+    """du for columns [m_start, m_stop) into a chunk buffer (rows b*P+e, column m - m_start), and per
+    row block partial column sums for dgamma, dbeta and the expert bias gradient."""
     pid_b = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -203,6 +206,7 @@ def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, 
     # Column sums accumulate as [BLOCK_M] vectors, not tiles: fewer live registers per program.
     d_gamma = tl.zeros((BLOCK_M,), dtype=tl.float32)
     d_beta = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    d_bias = tl.zeros((BLOCK_M,), dtype=tl.float32)
     ok = row_ok[:, None] & col_ok[None, :]
     for e in tl.static_range(P):
         u = _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P, D, M,
@@ -213,14 +217,16 @@ def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, 
         a_mean = tl.load(a_mean_ptr + offs_b * P + e, mask=row_ok, other=0.0)
         xhat = (_gelu(u) - mu[:, None]) * r[:, None]
         dg = (r * c)[:, None] * (d_mixed * gamma[None, :] - b_mean[:, None] - xhat * a_mean[:, None])
-        du = (dg * _gelu_grad(u)).to(du_ptr.dtype.element_ty)
+        du = tl.where(ok, dg * _gelu_grad(u), 0.0)
         du_rows = (offs_b.to(tl.int64) * P + e) * du_row_stride
-        tl.store(du_ptr + du_rows[:, None] + (offs_m - m_start)[None, :], du, mask=ok)
+        tl.store(du_ptr + du_rows[:, None] + (offs_m - m_start)[None, :], du.to(du_ptr.dtype.element_ty), mask=ok)
+        d_bias += tl.sum(du, axis=0)
         weighted = d_mixed * c[:, None]
         d_gamma += tl.sum(weighted * xhat, axis=0)
         d_beta += tl.sum(weighted, axis=0)
     tl.store(d_gamma_partial_ptr + pid_b * M + offs_m, d_gamma, mask=col_ok)
     tl.store(d_beta_partial_ptr + pid_b * M + offs_m, d_beta, mask=col_ok)
+    tl.store(d_bias_partial_ptr + pid_b * M + offs_m, d_bias, mask=col_ok)
 
 
 @triton.jit
@@ -286,13 +292,13 @@ class ExpertMixFunction(torch.autograd.Function):
         n_tiles = triton.cdiv(features, _BLOCK_M)
         grid = _expert_grid(batch, features)
         f32 = dict(device=queries.device, dtype=torch.float32)
-        meta = dict(P=patterns, BLOCK_M=_BLOCK_M, DOT_PRECISION=dot_precision(queries.dtype),
+        constants = dict(P=patterns, BLOCK_M=_BLOCK_M, DOT_PRECISION=dot_precision(queries.dtype),
                     UPCAST_DOT=INTERPRETED)
 
         tile_mean = torch.empty(batch, patterns, n_tiles, **f32)
         tile_m2 = torch.empty(batch, patterns, n_tiles, **f32)
         _expert_stats_kernel[grid](queries, weight, bias, tile_mean, tile_m2, batch, dim, features, n_tiles,
-                                   **meta)
+                                   **constants)
         # Chan's merge of the per-tile (count, mean, M2) in float64: exact enough for any D*D_o.
         counts = torch.full((n_tiles,), _BLOCK_M, device=queries.device, dtype=torch.float64)
         counts[-1] = features - _BLOCK_M * (n_tiles - 1)
@@ -305,17 +311,17 @@ class ExpertMixFunction(torch.autograd.Function):
         mixed = torch.empty(batch, features, device=queries.device, dtype=queries.dtype)
         sq_partial = torch.empty(batch, n_tiles, **f32)
         _expert_mix_kernel[grid](queries, weight, bias, scores, mean, rstd, norm_weight, norm_bias, mixed,
-                                 sq_partial, 1.0 / mix_divisor, batch, dim, features, n_tiles, **meta)
+                                 sq_partial, 1.0 / mix_divisor, batch, dim, features, n_tiles, **constants)
         experts_loss = loss_weight * sq_partial.sum() / batch
 
         ctx.save_for_backward(queries, scores, weight, bias, norm_weight, norm_bias, mean, rstd, mixed)
-        ctx.mix_divisor, ctx.loss_weight, ctx.meta = mix_divisor, loss_weight, meta
-        return mixed, experts_loss.to(queries.dtype)
+        ctx.mix_divisor, ctx.loss_weight, ctx.constants = mix_divisor, loss_weight, constants
+        return mixed, experts_loss  # float32, whatever the compute dtype: it is one number
 
     @staticmethod
     def backward(ctx, grad_mixed, grad_loss):
         queries, scores, weight, bias, norm_weight, norm_bias, mean, rstd, mixed = ctx.saved_tensors
-        meta = ctx.meta
+        constants = ctx.constants
         batch, patterns, dim = queries.shape
         features = weight.shape[0]
         n_tiles = triton.cdiv(features, _BLOCK_M)
@@ -327,7 +333,7 @@ class ExpertMixFunction(torch.autograd.Function):
         partial = torch.empty(batch, patterns + 2, n_tiles, **f32)
         _expert_grad_stats_kernel[_expert_grid(batch, features)](
             queries, weight, bias, mean, rstd, norm_weight, norm_bias, grad_mixed, mixed, loss_coef, partial,
-            batch, dim, features, n_tiles, **meta)
+            batch, dim, features, n_tiles, **constants)
         sums = partial.sum(-1)
         a_sums, gamma_sums, beta_sums = sums[:, :patterns], sums[:, patterns], sums[:, patterns + 1]
         grad_scores = (a_sums + beta_sums[:, None]) / ctx.mix_divisor
@@ -337,9 +343,9 @@ class ExpertMixFunction(torch.autograd.Function):
         n_row_blocks = triton.cdiv(batch, _MIN_BLOCK_B)  # enough rows for any tuned BLOCK_B; unused stay 0
         d_gamma_partial = torch.zeros(n_row_blocks, features, **f32)
         d_beta_partial = torch.zeros(n_row_blocks, features, **f32)
+        d_bias_partial = torch.zeros(n_row_blocks, features, **f32)
         grad_queries = torch.zeros(batch * patterns, dim, **f32)
         grad_weight = torch.empty_like(weight)
-        grad_bias = torch.empty(features, **f32)
         q_rows = queries.view(batch * patterns, dim)
         chunk = max(_BLOCK_M, _DU_CHUNK_ELEMENTS // (batch * patterns) // _BLOCK_M * _BLOCK_M)
         du = torch.empty(batch * patterns, min(chunk, features), device=queries.device, dtype=queries.dtype)
@@ -348,14 +354,13 @@ class ExpertMixFunction(torch.autograd.Function):
             du_chunk = du[:, :m_stop - m_start]
             _expert_grad_kernel[_expert_grid(batch, m_stop - m_start)](
                 queries, weight, bias, scores, mean, rstd, norm_weight, grad_mixed, mixed, loss_coef,
-                a_mean, b_mean, du_chunk, d_gamma_partial, d_beta_partial, 1.0 / ctx.mix_divisor,
+                a_mean, b_mean, du_chunk, d_gamma_partial, d_beta_partial, d_bias_partial, 1.0 / ctx.mix_divisor,
                 batch, dim, features, m_start, m_stop, du.stride(0),
-                **{k: v for k, v in meta.items() if k != "BLOCK_M"})
+                **{k: v for k, v in constants.items() if k != "BLOCK_M"})  # BLOCK_M is tuned here
             grad_queries += (du_chunk @ weight[m_start:m_stop]).float()
             torch.mm(du_chunk.t(), q_rows, out=grad_weight[m_start:m_stop])
-            grad_bias[m_start:m_stop] = du_chunk.sum(0, dtype=torch.float32)
         return (grad_queries.view_as(queries).to(queries.dtype), grad_scores.to(scores.dtype), grad_weight,
-                grad_bias.to(bias.dtype), d_gamma_partial.sum(0).to(norm_weight.dtype),
+                d_bias_partial.sum(0).to(bias.dtype), d_gamma_partial.sum(0).to(norm_weight.dtype),
                 d_beta_partial.sum(0).to(norm_bias.dtype), None, None, None)
 
 

@@ -28,8 +28,8 @@ OP = "fused relation KL"
 # Tiles (rows I x columns J, K step over D) are autotuned per (N, D) on the GPU; one config when interpreted.
 _CONFIGS = [triton.Config({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_K": 32}, num_warps=4)] if INTERPRETED else [
     triton.Config({"BLOCK_I": i, "BLOCK_J": j, "BLOCK_K": k}, num_warps=w, num_stages=st)
-    for i, j, k, w, st in ((64, 64, 64, 4, 3), (64, 64, 32, 4, 4), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3),
-                           (32, 64, 64, 4, 3), (32, 32, 64, 4, 3))]
+    for i, j, k, w, st in ((64, 64, 64, 4, 3), (64, 64, 64, 8, 3), (64, 64, 32, 8, 4), (128, 64, 64, 8, 3),
+                           (64, 128, 64, 8, 3), (32, 64, 64, 8, 3), (32, 64, 64, 4, 3), (32, 32, 64, 4, 3))]
 TARGET_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 
 

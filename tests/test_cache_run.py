@@ -79,6 +79,15 @@ def _assert_same_store(a: str, b: str) -> None:
         assert np.array_equal(array[:], second.arrays[name][:]), name
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Same thread count as the subprocesses (OMP_NUM_THREADS=1): CPU GEMM rounding may depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(inputs):
     cfg = _config(inputs, "reference.zarr")
@@ -104,7 +113,8 @@ def test_store_contents(reference):
 def test_killed_run_resumes_bit_identical(inputs, reference):
     cfg = _config(inputs, "killed.zarr")  # same command (batch size included: GEMM rounding depends on it)
     command = [sys.executable, str(inputs / "cli.py"), *_cli_args(cfg)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     progress = Path(cfg.out) / "dpal_progress"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
@@ -118,7 +128,7 @@ def test_killed_run_resumes_bit_identical(inputs, reference):
     assert 1 <= done < 5
     with pytest.raises(Exception, match="incomplete"):
         open_store(cfg.out)
-    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "5/5 shards done" in resumed.stdout
     _assert_same_store(reference.out, cfg.out)

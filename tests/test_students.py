@@ -159,7 +159,9 @@ def test_every_recipe_architecture_and_token_shapes():
         with torch.device("meta"):
             student = build_student(recipe)
             global_out, local_out, crowd_out = (student(torch.empty(2, 3, h, w)) for h, w in VIEW_SIZES)
-            stock = timm.create_model(recipe.student.timm_name, pretrained=False, num_classes=0, img_size=(256, 128))
+            # ViT: at the training size (position grid 16x8). Swin: timm's own 224 model (7x7 windows everywhere).
+            size = {"img_size": (256, 128)} if recipe.student.arch == "vit" else {}
+            stock = timm.create_model(recipe.student.timm_name, pretrained=False, num_classes=0, **size)
         backbone, teacher, width = student.backbone, recipe.teacher, recipe.student.width
         # The state dict is timm's: a stock model of the same family has the same keys and shapes.
         assert {k: v.shape for k, v in stock.state_dict().items()} == \

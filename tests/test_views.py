@@ -329,6 +329,14 @@ def test_cuda_matches_cpu_within_one_grey_level():
     gpu = V.render_view_sets(images, backgrounds, records, device="cuda")
     gpu_again = V.render_view_sets([im.cuda() for im in images], [b.cuda() for b in backgrounds], records)
     assert torch.equal(gpu.global_view, gpu_again.global_view) and torch.equal(gpu.crowd, gpu_again.crowd)
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"  # a trainer's setting must not leak into the pixels
+    try:
+        with_tf32 = V.render_view_sets(images, backgrounds, records, device="cuda")
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+    assert torch.equal(with_tf32.global_view, gpu.global_view) and torch.equal(with_tf32.crowd, gpu.crowd)
     for ours, theirs in ((cpu.global_view, gpu.global_view), (cpu.crowd, gpu.crowd),
                          (V.render_local_crops(images, local_records),
                           V.render_local_crops(images, local_records, device="cuda"))):

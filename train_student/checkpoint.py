@@ -76,6 +76,7 @@ def prepare_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumab
     """
     run_dir = Path(run_dir)
     config_path = run_dir / RUN_CONFIG_NAME
+    run_config = json.loads(json.dumps(run_config))  # tuples -> lists, as the recorded copy reads back
     if resume:
         if not config_path.is_file():
             raise RunFolderError(f"--resume: {run_dir} holds no run ({RUN_CONFIG_NAME} missing); "
