@@ -22,7 +22,7 @@ from dpal.recipes import TEACHERS
 def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     from cache_teacher.pack import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE
     from cache_teacher.run import DEFAULT_CALIBRATION_IMAGES
-    from cache_teacher.store import TARGET_FORMATS
+    from cache_teacher.store import CODECS, TARGET_FORMATS
 
     parser = argparse.ArgumentParser(prog="python -m cache_teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,10 +53,16 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="store folder, e.g. path-b.zarr (created, or resumed)")
     run.add_argument("--format", dest="target_format", choices=TARGET_FORMATS, default="float16",
                      help="float16 (lossless compression) or int8 with per-row scales (default float16)")
+    run.add_argument("--codec", choices=CODECS, default="lz4",
+                     help="lossless Blosc codec: lz4 (default; fast to read every epoch) or zstd (smaller, ~4x "
+                     "slower to decode)")
     run.add_argument("--seed", type=int, default=0, help="seed of the view sets (default 0)")
-    run.add_argument("--batch-size", type=int, default=None, help="view sets per teacher batch (default 128 CUDA, 8 CPU)")
+    run.add_argument("--batch-size", type=int, default=None,
+                     help="view sets per teacher batch (default 128 CUDA, 8 CPU); keep it when resuming for "
+                     "bit-identical targets (GEMM rounding depends on the batch shape)")
     run.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
-                     help=f"images whose first view set calibrates the shape mask (default {DEFAULT_CALIBRATION_IMAGES})")
+                     help="images whose first view set calibrates the shape mask "
+                     f"(default {DEFAULT_CALIBRATION_IMAGES})")
     run.add_argument("--chunk-images", type=int, default=None,
                      help="images per chunk (default: smallest power of two with >= 1 MiB chunks)")
     run.add_argument("--shard-images", type=int, default=None,
@@ -67,7 +73,8 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     run.add_argument("--skip-space-check", action="store_true", help="do not refuse when the free space looks short")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
-    verify = commands.add_parser("verify", help="check completeness + checksums, re-render a sample and rerun the teacher",
+    verify = commands.add_parser("verify",
+                                 help="check completeness + checksums, re-render a sample and rerun the teacher",
                                  description="Exit status 0 only if every shard is finished and intact and a random "
                                  "sample of stored view sets matches a fresh teacher run within the format's limits.")
     verify.add_argument("store")
@@ -94,7 +101,8 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None)
     bench.add_argument("--json", dest="json_out", default="cache_bench.json", help="default cache_bench.json")
 
-    demo = commands.add_parser("demo-data", help="write built-in inputs: synthetic persons, backgrounds, random teacher")
+    demo = commands.add_parser("demo-data",
+                               help="write built-in inputs: synthetic persons, backgrounds, random teacher")
     demo.add_argument("out_dir")
     demo.add_argument("--persons", type=int, default=None)
     demo.add_argument("--backgrounds", type=int, default=None)

@@ -27,14 +27,15 @@ from tqdm import tqdm
 
 from cache_teacher.ffcv_images import ImageFile, images_fingerprint
 from cache_teacher.store import (
-    IDENTITY_KEYS, SPEC_VERSION, STORE_FORMAT_VERSION, StoreError, StoreLayout, StoreWriter, _check_format_version,
+    CODECS, IDENTITY_KEYS, SPEC_VERSION, STORE_FORMAT_VERSION, StoreLayout, StoreWriter, check_format_version,
     describe_differences, file_sha256, layout_from_attrs, plan_layout, quantize_rows, read_attrs, teacher_spec_dict,
     token_counts, view_config_dict)
 from dpal.config import TeacherSpec, ViewConfig
 from dpal.recipes import TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
 from dpal.teachers import Teacher, load_teacher, teacher_targets
-from dpal.views import VIEW_SET_FIELDS, background_indices, render_view_sets, sample_view_sets
+from dpal.views import (VIEW_PARAMS_VERSION, VIEW_SET_FIELDS, background_indices, render_view_sets,
+                        sample_view_sets)
 
 DEFAULT_CALIBRATION_IMAGES = 256
 
@@ -52,6 +53,7 @@ class RunConfig:
     views_per_image: int
     out: str
     target_format: str = "float16"
+    codec: str = "lz4"
     seed: int = 0
     batch_size: int | None = None  # view sets per teacher batch; default 128 on CUDA, 8 on CPU
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES
@@ -91,22 +93,32 @@ class TargetComputer:
         self.device, self.batch_size = device, batch_size
         self.background = lru_cache(maxsize=4096)(lambda index: torch.from_numpy(backgrounds.image(index)))
 
+    def _views(self, images: list[torch.Tensor], params: torch.Tensor):
+        backgrounds = [self.background(int(i)) for i in background_indices(params)]
+        return render_view_sets(images, backgrounds, params, self.cfg, device=self.device)
+
+    def _precision(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
     def targets(self, images: list[torch.Tensor], params: torch.Tensor):
         """Teacher targets (float32, on the device) for view sets ``params`` of ``images`` (aligned lists)."""
-        backgrounds = [self.background(int(i)) for i in background_indices(params)]
-        views = render_view_sets(images, backgrounds, params, self.cfg, device=self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        views = self._views(images, params)
+        with self._precision():
             return teacher_targets(self.teacher, views.global_view, views.crowd)
 
     def calibrate(self, images: ImageFile, indices: list[int], seed: int, views_per_image: int,
                   grid: tuple[int, int]) -> ShapeMaskCalibration:
+        """Fit the shape mask on the global-view patch tokens of each sampled image's first view set."""
         tokens = []
         for start in tqdm(range(0, len(indices), self.batch_size), desc="shape-mask calibration", unit="batch",
                           disable=not _is_rank0()):
             chunk = indices[start:start + self.batch_size]
             params = torch.stack([image_view_params(seed, i, views_per_image, len(self.backgrounds), self.cfg)[0]
                                   for i in chunk])
-            tokens.append(self.targets([torch.from_numpy(images.image(i)) for i in chunk], params).local.float().cpu())
+            views = self._views([torch.from_numpy(images.image(i)) for i in chunk], params)
+            with self._precision():  # only the global view is needed: a third of a full teacher pass
+                out = self.teacher(views.global_view).tokens.float()
+            tokens.append(out[:, int(self.teacher.spec.has_cls):].cpu())
         return fit_shape_mask(torch.cat(tokens), grid)
 
     def shard_rows(self, images: list[np.ndarray], params: torch.Tensor, calibration: ShapeMaskCalibration,
@@ -199,6 +211,8 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
     spec, view_cfg = teachers[cfg.teacher], ViewConfig()
     if cfg.views_per_image < 1:
         raise RunError(f"--views-per-image must be >= 1 (got {cfg.views_per_image})")
+    if cfg.codec not in CODECS:
+        raise RunError(f"unknown codec {cfg.codec!r}; choose one of {', '.join(CODECS)}")
     images, backgrounds = _open_inputs(cfg)
     num_images = len(images) if cfg.limit_images is None else min(cfg.limit_images, len(images))
     if num_images < 1:
@@ -226,14 +240,14 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
     grid, _, crowd_tokens = token_counts(spec, view_cfg)
     identity = {
         "format_version": STORE_FORMAT_VERSION, "spec_version": SPEC_VERSION,
-        "view_params_version": _view_params_version(), "teacher": spec.name, "teacher_spec": teacher_spec_dict(spec),
+        "view_params_version": VIEW_PARAMS_VERSION, "teacher": spec.name, "teacher_spec": teacher_spec_dict(spec),
         "checkpoint_sha256": file_sha256(weights), "view_config": view_config_dict(view_cfg),
         "images_fingerprint": images_fingerprint(cfg.images),
         "backgrounds_fingerprint": images_fingerprint(cfg.backgrounds),
         "num_images": layout.num_images, "num_backgrounds": len(backgrounds),
         "views_per_image": layout.views_per_image, "target_format": layout.target_format, "seed": cfg.seed,
         "token_grid": list(grid), "chunk_images": layout.chunk_images, "shard_images": layout.shard_images,
-        "calibration_images": min(cfg.calibration_images, layout.num_images),
+        "calibration_images": min(cfg.calibration_images, layout.num_images), "codec": cfg.codec,
         "teacher_precision": "bfloat16" if device.type == "cuda" else "float32",
     }
     identity_keys = IDENTITY_KEYS + ("teacher_precision",)
@@ -259,7 +273,10 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
     calibration = ShapeMaskCalibration.from_dict(attrs["mask_calibration"])
     owned = [s for s in range(layout.num_shards) if s % world == rank]
     todo = [s for s in owned if not writer.is_done(s)]
-    sets_in = lambda shards: sum(np.subtract(*layout.shard_range(s)[::-1]) for s in shards) * layout.views_per_image
+
+    def sets_in(shards: list[int]) -> int:
+        return sum(stop - start for start, stop in map(layout.shard_range, shards)) * layout.views_per_image
+
     started = time.perf_counter()
     try:
         _process_shards(todo, images, writer, computer, calibration, cfg.seed, view_cfg, layout,
@@ -283,15 +300,10 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
             "seconds": elapsed}
 
 
-def _view_params_version() -> int:
-    from dpal.views import VIEW_PARAMS_VERSION
-    return VIEW_PARAMS_VERSION
-
-
 def _check_resumable(out: Path, identity: dict, keys) -> None:
     """An existing store may only be resumed by exactly the run that created it."""
     stored = read_attrs(out)
-    _check_format_version(stored, out)
+    check_format_version(stored, out)
     problems = describe_differences(stored, identity, keys)
     if problems:
         raise RunError(f"{out} already holds a store made by a different run; refusing to mix targets: "

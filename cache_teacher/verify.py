@@ -138,7 +138,8 @@ def info(store_path: str) -> dict:
     done = store.done_shards()
     print(f"store {store.path}")
     print(f"  teacher {attrs['teacher']} (checkpoint sha256 {attrs['checkpoint_sha256'][:16]}..., precision "
-          f"{attrs.get('teacher_precision')}), format {attrs['target_format']}, store format v{attrs['format_version']}, "
+          f"{attrs.get('teacher_precision')}), format {attrs['target_format']} ({attrs.get('codec')}), "
+          f"store format v{attrs['format_version']}, "
           f"spec v{attrs['spec_version']}, view params v{attrs['view_params_version']}")
     print(f"  {layout.num_images} images x K={layout.views_per_image} = {view_sets} view sets, token grid "
           f"{attrs['token_grid']}, {layout.crowd_tokens} crowd tokens, seed {attrs['seed']}")
@@ -149,8 +150,7 @@ def info(store_path: str) -> dict:
     print(f"  {'array':<15}{'shape':<24}{'dtype':<9}{'raw B/view set':>15}{'stored B/view set':>19}{'ratio':>8}")
     for name, array in store.arrays.items():
         raw_per_set = int(np.prod(array.shape[2:])) * array.dtype.itemsize
-        files = [f for f in (store.path / name / "c").rglob("*") if f.is_file()] if (store.path / name / "c").exists() else []
-        stored = sum(f.stat().st_size for f in files)
+        stored = sum(f.stat().st_size for f in (store.path / name).rglob("*") if f.is_file() and f.name != "zarr.json")
         written_sets = sum(np.subtract(*layout.shard_range(s)[::-1]) for s in done) * layout.views_per_image
         stored_per_set = stored / written_sets if written_sets else float("nan")
         ratio = raw_per_set / stored_per_set if written_sets else float("nan")

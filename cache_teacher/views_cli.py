@@ -218,9 +218,13 @@ def bench(args: argparse.Namespace) -> None:
     print(header)
     for row in results:
         step = row.get("student_step_s")
-        print(f"{row['device']:<8}{row['batch']:>6}{row['view_sets_s'] * 1e3:>17.1f}{row['local_crops_s'] * 1e3:>12.1f}"
-              f"{row['total_s'] * 1e3:>10.1f}{row['view_sets_per_s']:>13.1f}"
-              + (f"{step * 1e3:>17.1f}{row['render_fraction_of_student_step']:>12.1%}" if step else f"{'-':>17}{'-':>13}"))
+        line = (f"{row['device']:<8}{row['batch']:>6}{row['view_sets_s'] * 1e3:>17.1f}"
+                f"{row['local_crops_s'] * 1e3:>12.1f}{row['total_s'] * 1e3:>10.1f}{row['view_sets_per_s']:>13.1f}")
+        if step:
+            line += f"{step * 1e3:>17.1f}{row['render_fraction_of_student_step']:>13.1%}"
+        else:
+            line += f"{'-':>17}{'-':>13}"
+        print(line)
     if args.json:
         report = {"benchmark": "dpal.views render", "torch": torch.__version__, "images": source,
                   "repeats": args.repeats, "results": results}

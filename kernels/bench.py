@@ -131,8 +131,18 @@ def _relation_call(fn):
     return call
 
 
-def _compiled(fn, enabled):
-    return torch.compile(fn) if enabled else None
+def _compiled(fn):
+    """torch.compile'd fn specialised to the case's shapes: dynamo's caches are cleared first, so no case
+    inherits a dynamic-shape graph from the previous one or runs eager past the recompile limit."""
+    compiled = None
+
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if compiled is None:
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, dynamic=False)
+        return compiled(*args, **kwargs)
+    return call
 
 
 def build_cases(on_gpu: bool, batch: int, compile_refs: bool, device) -> list[Case]:
@@ -153,14 +163,12 @@ def build_cases(on_gpu: bool, batch: int, compile_refs: bool, device) -> list[Ca
 
     ref_decoder = _decoder_call(expert_path_reference)
     ref_relation = _relation_call(relation_kl_reference)
-    compiled_decoder = _compiled(expert_path_reference, compile_refs)
-    compiled_relation = _compiled(relation_kl_reference, compile_refs)
     cases = []
     for (dim, out_dim), recipes in sorted(decoder_shapes.items()):
         for tokens in token_counts:
             impls = {"eager": ref_decoder, "fused": _decoder_call(expert_path)}
-            if compiled_decoder is not None:
-                impls["compile"] = _decoder_call(compiled_decoder)
+            if compile_refs:
+                impls["compile"] = _decoder_call(_compiled(expert_path_reference))
             cases.append(Case(
                 "decoder", dict(batch=batch, dim=dim, out_dim=out_dim, tokens=tokens, dtype=str(dtype)), recipes,
                 lambda d=dim, o=out_dim, t=tokens: _decoder_inputs(batch, d, o, t, dtype, device), impls,
@@ -168,8 +176,8 @@ def build_cases(on_gpu: bool, batch: int, compile_refs: bool, device) -> list[Ca
     for (tokens, dim), recipes in sorted(relation_shapes.items()):
         for target_format in ("float16", "int8"):
             impls = {"eager": ref_relation, "fused": _relation_call(relation_kl)}
-            if compiled_relation is not None:
-                impls["compile"] = _relation_call(compiled_relation)
+            if compile_refs:
+                impls["compile"] = _relation_call(_compiled(relation_kl_reference))
             target_itemsize = 1 if target_format == "int8" else 2
             cases.append(Case(
                 "relation", dict(batch=batch, tokens=tokens, dim=dim, dtype=str(dtype), target=target_format),
@@ -344,6 +352,8 @@ def main(argv=None) -> int:
     if on_gpu:
         print(f"device: {torch.cuda.get_device_name(device)}; batch {batch}, bf16, recipe shapes")
     else:
+        # One thread: on a small shared CPU, OpenMP threads waiting on each other dominate toy-shape timings.
+        torch.set_num_threads(1)
         print("NO GPU: the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1) on the CPU at toy\n"
               "shapes, in float32. These timings measure the interpreter and the CPU, not the kernels; run on a\n"
               "CUDA machine for the recipe shapes.\n")

@@ -16,7 +16,8 @@ Backward, with dW = dL/dW_b + 2 weight / B * dloss * W_b:
     A_e = sum_m dW gamma xhat_e,  Bs = sum_m dW gamma,  C = sum_m dW beta   (pass 1, recomputes u)
     ds_e = (A_e + C) / mix_divisor
     du_e = GELU'(u) * r_e c_e (dW gamma - Bs / M - xhat_e A_e / M)          (pass 2, recomputes u)
-    dgamma = sum_b dW sum_e c_e xhat_e,  dbeta = sum_b dW sum_e c_e      (pass 2 epilogue)
+    dgamma = sum_b dW sum_e c_e xhat_e,  dbeta = sum_b dW sum_e c_e,  dbias = sum_{b,e} du_e
+                                                                       (pass 2 column sums)
 du exists only one column chunk at a time (at most `_DU_CHUNK_ELEMENTS` values) and is consumed by two
 cuBLAS GEMMs (dq += du W_chunk, dW_expert[chunk] = du^T q) before the next chunk is made.
 
@@ -287,6 +288,10 @@ class ExpertMixFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, scores, weight, bias, norm_weight, norm_bias, mix_divisor, loss_weight, eps):
+        # A float32 expert weight (the parameter, under autocast) is rounded to the compute dtype here and
+        # again in backward: a transient copy each time, never one kept per decoder call for backward.
+        # (Rounding tile by tile inside the kernels instead doubles the W tile's registers; they spill.)
+        weight_compute = weight.to(queries.dtype)
         batch, patterns, dim = queries.shape
         features = weight.shape[0]
         n_tiles = triton.cdiv(features, _BLOCK_M)
@@ -297,7 +302,7 @@ class ExpertMixFunction(torch.autograd.Function):
 
         tile_mean = torch.empty(batch, patterns, n_tiles, **f32)
         tile_m2 = torch.empty(batch, patterns, n_tiles, **f32)
-        _expert_stats_kernel[grid](queries, weight, bias, tile_mean, tile_m2, batch, dim, features, n_tiles,
+        _expert_stats_kernel[grid](queries, weight_compute, bias, tile_mean, tile_m2, batch, dim, features, n_tiles,
                                    **constants)
         # Chan's merge of the per-tile (count, mean, M2) in float64: exact enough for any D*D_o.
         counts = torch.full((n_tiles,), _BLOCK_M, device=queries.device, dtype=torch.float64)
@@ -310,7 +315,7 @@ class ExpertMixFunction(torch.autograd.Function):
 
         mixed = torch.empty(batch, features, device=queries.device, dtype=queries.dtype)
         sq_partial = torch.empty(batch, n_tiles, **f32)
-        _expert_mix_kernel[grid](queries, weight, bias, scores, mean, rstd, norm_weight, norm_bias, mixed,
+        _expert_mix_kernel[grid](queries, weight_compute, bias, scores, mean, rstd, norm_weight, norm_bias, mixed,
                                  sq_partial, 1.0 / mix_divisor, batch, dim, features, n_tiles, **constants)
         experts_loss = loss_weight * sq_partial.sum() / batch
 
@@ -322,6 +327,7 @@ class ExpertMixFunction(torch.autograd.Function):
     def backward(ctx, grad_mixed, grad_loss):
         queries, scores, weight, bias, norm_weight, norm_bias, mean, rstd, mixed = ctx.saved_tensors
         constants = ctx.constants
+        weight_compute = weight.to(queries.dtype)
         batch, patterns, dim = queries.shape
         features = weight.shape[0]
         n_tiles = triton.cdiv(features, _BLOCK_M)
@@ -332,7 +338,7 @@ class ExpertMixFunction(torch.autograd.Function):
 
         partial = torch.empty(batch, patterns + 2, n_tiles, **f32)
         _expert_grad_stats_kernel[_expert_grid(batch, features)](
-            queries, weight, bias, mean, rstd, norm_weight, norm_bias, grad_mixed, mixed, loss_coef, partial,
+            queries, weight_compute, bias, mean, rstd, norm_weight, norm_bias, grad_mixed, mixed, loss_coef, partial,
             batch, dim, features, n_tiles, **constants)
         sums = partial.sum(-1)
         a_sums, gamma_sums, beta_sums = sums[:, :patterns], sums[:, patterns], sums[:, patterns + 1]
@@ -353,12 +359,12 @@ class ExpertMixFunction(torch.autograd.Function):
             m_stop = min(m_start + chunk, features)
             du_chunk = du[:, :m_stop - m_start]
             _expert_grad_kernel[_expert_grid(batch, m_stop - m_start)](
-                queries, weight, bias, scores, mean, rstd, norm_weight, grad_mixed, mixed, loss_coef,
+                queries, weight_compute, bias, scores, mean, rstd, norm_weight, grad_mixed, mixed, loss_coef,
                 a_mean, b_mean, du_chunk, d_gamma_partial, d_beta_partial, d_bias_partial, 1.0 / ctx.mix_divisor,
                 batch, dim, features, m_start, m_stop, du.stride(0),
                 **{k: v for k, v in constants.items() if k != "BLOCK_M"})  # BLOCK_M is tuned here
-            grad_queries += (du_chunk @ weight[m_start:m_stop]).float()
-            torch.mm(du_chunk.t(), q_rows, out=grad_weight[m_start:m_stop])
+            grad_queries += (du_chunk @ weight_compute[m_start:m_stop]).float()
+            grad_weight[m_start:m_stop] = du_chunk.t() @ q_rows
         return (grad_queries.view_as(queries).to(queries.dtype), grad_scores.to(scores.dtype), grad_weight,
                 d_bias_partial.sum(0).to(bias.dtype), d_gamma_partial.sum(0).to(norm_weight.dtype),
                 d_beta_partial.sum(0).to(norm_bias.dtype), None, None, None)
@@ -432,10 +438,10 @@ def _check_inputs(queries, scores, h, expert_weight, expert_bias, expert_norm_we
                     ("expert_norm_bias", expert_norm_bias), ("out_norm_weight", out_norm_weight),
                     ("out_norm_bias", out_norm_bias)):
         check_dtype(OP, name, t)
-    mixed = {name: t.dtype for name, t in (("queries", queries), ("h", h), ("expert_weight", expert_weight))}
-    if len(set(mixed.values())) != 1:
-        raise TypeError(f"{OP}: the GEMM operands must share one dtype (cast them, or run under autocast); got "
-                        + ", ".join(f"{n}={str(d).removeprefix('torch.')}" for n, d in mixed.items()))
+    if queries.dtype != h.dtype or expert_weight.dtype not in (queries.dtype, torch.float32):
+        raise TypeError(f"{OP}: queries and h must share one dtype, and expert_weight must have it too or be "
+                        f"float32 (cast, or run under autocast); got queries={str(queries.dtype)[6:]}, "
+                        f"h={str(h.dtype)[6:]}, expert_weight={str(expert_weight.dtype)[6:]}")
 
 
 def expert_path(queries: torch.Tensor, scores: torch.Tensor, h: torch.Tensor,
@@ -446,12 +452,13 @@ def expert_path(queries: torch.Tensor, scores: torch.Tensor, h: torch.Tensor,
                 eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused `dpal.decoder.expert_path_reference` (same arguments, same results up to rounding).
 
-    Under CUDA autocast the GEMM operands (queries, h, expert_weight) are cast to the autocast dtype, as
-    the reference's matmuls would be; the small vectors are read in whatever float dtype they have.
+    The compute dtype is that of queries and h; under CUDA autocast both are cast to the autocast dtype, as
+    the reference's matmuls would be. expert_weight may stay float32 (rounded to the compute dtype inside
+    the op); the small vectors are read in whatever float dtype they have.
     """
     if queries.is_cuda and torch.is_autocast_enabled("cuda"):
         dtype = torch.get_autocast_dtype("cuda")
-        queries, h, expert_weight = queries.to(dtype), h.to(dtype), expert_weight.to(dtype)
+        queries, h = queries.to(dtype), h.to(dtype)
     _check_inputs(queries, scores, h, expert_weight, expert_bias, expert_norm_weight, expert_norm_bias,
                   out_norm_weight, out_norm_bias)
     batch, _, dim = queries.shape

@@ -121,7 +121,7 @@ def _relation_kl_bwd_kernel(y_ptr, t_ptr, row_scale_ptr, lse_ptr, mass_ptr, grad
     tl.store(out_ptr + b * N * N + offs_i[:, None] * N + offs_j[None, :], g.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _meta(dtype: torch.dtype, quantized: bool) -> dict:
+def _constants(dtype: torch.dtype, quantized: bool) -> dict:
     return dict(QUANTIZED=quantized, DOT_PRECISION=dot_precision(dtype), UPCAST_DOT=INTERPRETED)
 
 
@@ -131,7 +131,7 @@ class RelationKLFunction(torch.autograd.Function):
         batch, n, dim = y.shape
         quantized = row_scale is not None
         row_scale_arg = row_scale if quantized else target  # never read when not quantized
-        constants = _meta(y.dtype, quantized)
+        constants = _constants(y.dtype, quantized)
         scale = 1.0 / math.sqrt(dim)
         f32 = dict(device=y.device, dtype=torch.float32)
         kl_rows, lse, mass = (torch.empty(batch, n, **f32) for _ in range(3))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from cache_teacher.__main__ import main
 from cache_teacher.demo_data import write_backgrounds, write_person_images
 from cache_teacher.pack import pack
 from cache_teacher.run import RunConfig, RunError, run
-from cache_teacher.store import open_store
+from cache_teacher.store import StoreError, open_store
 from cache_teacher.verify import info, verify
 from dpal.config import TeacherSpec
 from dpal.recipes import TEACHERS
@@ -126,7 +127,7 @@ def test_killed_run_resumes_bit_identical(inputs, reference):
     process.wait()
     done = len(list(progress.glob("*.json")))
     assert 1 <= done < 5
-    with pytest.raises(Exception, match="incomplete"):
+    with pytest.raises(StoreError, match="incomplete"):
         open_store(cfg.out)
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -148,7 +149,6 @@ def test_two_rank_torchrun_equals_one_process(inputs, reference):
 
 
 def test_unmarked_shard_is_rewritten_from_scratch(inputs, reference, tmp_path):
-    import shutil
     copy = tmp_path / "copy.zarr"
     shutil.copytree(reference.out, copy)
     (copy / "dpal_progress" / "shard_000002.json").unlink()
@@ -165,7 +165,6 @@ def test_verify_and_info(inputs, reference, tmp_path, capsys):
     summary = info(reference.out)
     assert summary["shards_done"] == 5 and summary["compression_ratio"] > 1.0
     assert "bytes/view set" in capsys.readouterr().out.replace("B/view set", "bytes/view set")
-    import shutil
     copy = tmp_path / "corrupt.zarr"
     shutil.copytree(reference.out, copy)
     target = copy / "relation" / "c" / "1" / "0" / "0" / "0"
@@ -177,10 +176,12 @@ def test_verify_and_info(inputs, reference, tmp_path, capsys):
 
 
 def test_int8_format_verifies(inputs):
-    cfg = _config(inputs, "int8.zarr", target_format="int8", shard_images=4, chunk_images=4, limit_images=4)
+    cfg = _config(inputs, "int8.zarr", target_format="int8", codec="zstd", shard_images=4, chunk_images=4,
+                  limit_images=4)
     run(cfg, teachers=TEACHERS_WITH_TINY)
     store = open_store(cfg.out)
     assert store.arrays["local"].dtype == np.int8 and store.arrays["relation_scale"].shape == (4, 2, 257)
+    assert store.attrs["codec"] == "zstd" and "zstd" in str(store.arrays["relation"].compressors)
     passed, _ = verify(cfg.out, cfg.weights, samples=3, teachers=TEACHERS_WITH_TINY)
     assert passed
 
@@ -189,6 +190,7 @@ def test_no_mixing_and_bad_input(inputs, reference, tmp_path, capsys):
     for change, expected in [(dict(views_per_image=3), "views_per_image: store has 2, this run has 3"),
                              (dict(target_format="int8"), "target_format: store has 'float16'"),
                              (dict(seed=1), "seed: store has 0"),
+                             (dict(codec="zstd"), "codec: store has 'lz4'"),
                              (dict(images=str(inputs / "backgrounds.beton")), "images_fingerprint")]:
         with pytest.raises(RunError, match=expected):
             run(_config(inputs, "reference.zarr", **change), teachers=TEACHERS_WITH_TINY)
@@ -197,6 +199,15 @@ def test_no_mixing_and_bad_input(inputs, reference, tmp_path, capsys):
     torch.save(release_checkpoint(build_teacher(TINY)), other_weights)
     with pytest.raises(RunError, match="checkpoint_sha256"):
         run(_config(inputs, "reference.zarr", weights=str(other_weights)), teachers=TEACHERS_WITH_TINY)
+    with pytest.raises(RunError, match="free on that disk"):
+        run(_config(inputs, str(tmp_path / "huge.zarr"), views_per_image=10**7), teachers=TEACHERS_WITH_TINY)
+    old = tmp_path / "old.zarr"
+    shutil.copytree(reference.out, old)
+    meta = json.loads((old / "zarr.json").read_text())
+    meta["attributes"]["dpal_store"]["format_version"] = 0
+    (old / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="store format 0"):
+        run(_config(inputs, str(old)), teachers=TEACHERS_WITH_TINY)
     args = _cli_args(_config(inputs, str(tmp_path / "new.zarr")))
     bad = {"--views-per-image": ["-K", "0"], "--teacher": ["--teacher", "path-b"]}
     assert main(args + bad["--views-per-image"], teachers=TEACHERS_WITH_TINY) == 2

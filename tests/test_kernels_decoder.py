@@ -1,7 +1,7 @@
 """Fused decoder expert path vs `dpal.decoder.expert_path_reference` in float64, forward and backward.
 
 On CPU the Triton kernels run in the interpreter at small shapes (ragged tiles, L = 1, several row and
-column blocks, chunked backward); with CUDA the same comparison runs at the recipes' shapes.
+column blocks, chunked backward); with CUDA they run compiled, and the recipes' shapes are added.
 """
 import os
 import subprocess
@@ -41,11 +41,13 @@ def _relative_error(out, ref):
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-def _check_against_reference(shape, dtype, device, seed=0):
+def _check_against_reference(shape, dtype, device, seed=0, weight_dtype=None):
     generator = torch.Generator().manual_seed(seed)
     base = _inputs(*shape, generator)
     # Kernel inputs: GEMM operands in the test dtype, the small vectors in fp32 (as under autocast).
-    ours = {n: t.to(device, dtype if n in GEMM_OPERANDS else torch.float32).requires_grad_() for n, t in base.items()}
+    dtypes = {n: dtype if n in GEMM_OPERANDS else torch.float32 for n in base}
+    dtypes["expert_weight"] = weight_dtype or dtype
+    ours = {n: t.to(device, dtypes[n]).requires_grad_() for n, t in base.items()}
     # The reference sees exactly the rounded values the kernel sees, in float64.
     ref = {n: t.detach().double().cpu().requires_grad_() for n, t in ours.items()}
     grad_y = torch.randn(shape[0], shape[4], shape[3], generator=generator, dtype=torch.float64)
@@ -73,9 +75,13 @@ CPU_SHAPES = [(3, 3, 16, 8, 1), (5, 3, 24, 20, 7), (4, 3, 12, 44, 9), (67, 3, 8,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference_small(shape, dtype):
-    if torch.cuda.is_available():
-        pytest.skip("small interpreter shapes are for CPU; the CUDA test covers recipe shapes")
-    _check_against_reference(shape, dtype, "cpu")
+    _check_against_reference(shape, dtype, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_float32_expert_weight_with_bf16_activations():
+    # The autocast layout: the fp32 parameter goes in as is and is rounded per tile inside the kernels.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check_against_reference((5, 3, 24, 20, 7), torch.bfloat16, device, weight_dtype=torch.float32)
 
 
 def test_chunked_backward_matches_reference(monkeypatch):
@@ -114,9 +120,11 @@ def test_decoder_dispatches_to_fused_op_on_cuda(monkeypatch):
         results[forced] = (out, {n: p.grad.clone() for n, p in decoder.named_parameters() if p.grad is not None})
     (fused, fused_grads), (ref, ref_grads) = results[False], results[True]
     assert type(fused.y.grad_fn).__name__.startswith(decoder_experts.OutputProjectionFunction.__name__)
-    assert _relative_error(fused.y, ref.y.double()) < TOLERANCE[torch.float32]
+    # Both sides are fp32 here; the reference's own rounding (LayerNorm sums over D*D_o values, small
+    # gradients of the expert parameters) dominates the difference, hence a looser bound than vs float64.
+    assert _relative_error(fused.y, ref.y.double()) < 1e-4
     assert fused_grads.keys() == ref_grads.keys()
-    bad = {n: e for n in ref_grads if (e := _relative_error(fused_grads[n], ref_grads[n].double())) > 1e-4}
+    bad = {n: e for n in ref_grads if (e := _relative_error(fused_grads[n], ref_grads[n].double())) > 1e-3}
     assert not bad, bad
 
 
@@ -132,7 +140,9 @@ def test_unsupported_dtype_is_named():
 
 
 def test_mixed_gemm_dtypes_are_named():
-    with pytest.raises(TypeError, match=r"share one dtype.*h=bfloat16"):
+    with pytest.raises(TypeError, match=r"expert_weight must have it too or be float32.*expert_weight=float16"):
+        expert_path(*_valid_inputs(expert_weight=torch.zeros(32, 8, dtype=torch.float16)).values())
+    with pytest.raises(TypeError, match=r"queries and h must share one dtype.*h=bfloat16"):
         expert_path(*_valid_inputs(h=torch.zeros(2, 3, 8, dtype=torch.bfloat16)).values())
 
 
@@ -144,8 +154,8 @@ def test_wrong_shape_is_named():
 
 
 def _compile_every_kernel_for_h100():
-    """Run as a script (TRITON_INTERPRET=0) by the test below: lower each kernel to an sm_90 cubin, in bf16
-    (the training dtype; fp32 lowers the same code with other dot inputs)."""
+    """Run as a script (TRITON_INTERPRET=0) by the test below: lower each kernel to an sm_90 cubin for bf16
+    activations (the training dtype; fp32 lowers the same code with other dot inputs)."""
     from kernels._common import compile_for_gpu
 
     types = {name: "i32" for name in ("B", "D", "M", "n_tiles", "m_start", "m_stop", "du_row_stride", "n_rows",
@@ -153,11 +163,11 @@ def _compile_every_kernel_for_h100():
     types |= {name: "fp32" for name in ("inv_mix", "eps")}
     types |= {name: "*bf16" for name in ("q_ptr", "w_ptr", "mixed_ptr", "grad_ptr", "du_ptr", "z_ptr", "y_ptr",
                                          "dy_ptr")}
-    types |= {name: "*fp32" for name in ("bias_ptr", "tile_mean_ptr", "tile_m2_ptr", "scores_ptr", "mean_ptr",
-                                         "rstd_ptr", "gamma_ptr", "beta_ptr", "sq_partial_ptr", "loss_coef_ptr",
-                                         "partial_ptr", "a_mean_ptr", "b_mean_ptr", "d_gamma_partial_ptr",
-                                         "d_beta_partial_ptr", "d_bias_partial_ptr", "b_ptr", "dw_partial_ptr",
-                                         "db_partial_ptr")}
+    types |= {name: "*fp32" for name in ("bias_ptr", "tile_mean_ptr", "tile_m2_ptr", "scores_ptr",
+                                         "mean_ptr", "rstd_ptr", "gamma_ptr", "beta_ptr", "sq_partial_ptr",
+                                         "loss_coef_ptr", "partial_ptr", "a_mean_ptr", "b_mean_ptr",
+                                         "d_gamma_partial_ptr", "d_beta_partial_ptr", "d_bias_partial_ptr", "b_ptr",
+                                         "dw_partial_ptr", "db_partial_ptr")}
     expert = dict(P=3, BLOCK_M=decoder_experts._BLOCK_M, DOT_PRECISION="ieee", UPCAST_DOT=False)
     for kernel in (decoder_experts._expert_stats_kernel, decoder_experts._expert_mix_kernel,
                    decoder_experts._expert_grad_stats_kernel):

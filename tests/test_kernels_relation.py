@@ -59,9 +59,7 @@ CPU_SHAPES = [(2, 3, 8), (2, 5, 16), (3, 70, 40), (2, 64, 24)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference_small(shape, dtype, fmt):
-    if torch.cuda.is_available():
-        pytest.skip("small interpreter shapes are for CPU; the CUDA test covers recipe shapes")
-    _check_against_reference(shape, dtype, fmt, "cpu")
+    _check_against_reference(shape, dtype, fmt, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="recipe shapes need CUDA")

@@ -19,6 +19,9 @@ import zarr
 from train_student.__main__ import main
 from train_student.metrics import LOSS_COLUMNS, read_metrics
 
+# FFCV's JIT-compiled JPEG decoder trips a harmless numba finalizer KeyError when collected in-process.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 NUM_IMAGES = 6
 STEPS = 4
 TRAIN_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}

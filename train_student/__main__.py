@@ -35,7 +35,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="training device (auto: CUDA when visible)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="FFCV decoding threads per rank (default: CPU cores / local ranks)")
+                        help="FFCV decoding threads per rank (default: CPU cores / local ranks on GPUs, 1 when "
+                             "training on the CPU, whose cores the model needs)")
     parser.add_argument("--window-images", type=int, default=1024, metavar="N",
                         help="images shuffled together inside a window of store blocks; larger mixes better "
                              "and holds more target rows in memory (default 1024)")
@@ -57,8 +58,9 @@ def training_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
     add_data_arguments(parser)
     parser.add_argument("--out", metavar="RUN_DIR",
-                        help="run folder: checkpoint.pt, run.json, metrics.csv, tensorboard/, loss.png, "
-                             "student/ and student_ema/ exports")
+                        help="run folder: checkpoint.pt, run.json, metrics.csv, tensorboard/, loss.png and the "
+                             "exports student.{safetensors,json}, student_ema.{safetensors,json} "
+                             "(dpal.students.load_student rebuilds them as timm models)")
     parser.add_argument("--resume", action="store_true", help="continue the run recorded in --out exactly")
     group = parser.add_argument_group("optimisation overrides (default: the recipe)")
     group.add_argument("--epochs", type=int)
@@ -67,6 +69,7 @@ def training_parser() -> argparse.ArgumentParser:
     group.add_argument("--lr", type=float, help="absolute peak lr (replaces the blr rule)")
     group.add_argument("--min-lr", type=float)
     group.add_argument("--weight-decay", type=float)
+    group = parser.add_argument_group("run control")
     group.add_argument("--max-steps", type=int, metavar="N",
                        help="stop after N optimizer steps in total (the schedule still spans --epochs)")
     group.add_argument("--checkpoint-every", type=int, default=1000, metavar="N",

@@ -37,7 +37,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--feed-batches", type=int, default=50, help="timed feed batches (default 50)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="FFCV decoding threads")
+    p.add_argument("--workers", type=int, help="FFCV decoding threads beside the timed steps (default: as for training)")
+    p.add_argument("--feed-workers", type=int, default=os.cpu_count(),
+                   help="FFCV decoding threads for the feed-alone figure (default: all cores)")
     p.add_argument("--calibration-images", type=int, default=256, help="shape-mask calibration for the online step")
     p.add_argument("--reference-path", action="store_true", help="force the plain-PyTorch reference ops")
     p.add_argument("--out", default="train_bench.json", metavar="JSON", help="where to write the figures")
@@ -86,10 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     from dpal import dispatch
     from dpal.teachers import load_teacher
     from train_student.data import BackgroundPool, CachedFeed, FeedPlan, OnlineFeed
-    from train_student.train import Distiller, fit_online_mask_calibration, param_groups, setup_distributed
+    from train_student.train import (Distiller, default_workers, fit_online_mask_calibration, param_groups,
+                                     setup_distributed)
 
     if args.reference_path:
         dispatch.force_reference(True)
+    if args.workers is None:
+        args.workers = default_workers(args.device)
     _, _, _, device = setup_distributed(args.device)
     recipe = get_recipe(args.recipe)
     batch = args.batch_size or recipe.optim.batch_per_gpu
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: batch {batch} is larger than the store's {store.num_images} images")
 
     # 1. the feed alone, on the CPU (first batch untimed: FFCV compiles its pipeline then)
-    feed = CachedFeed(args.images, store, backgrounds, plan, recipe.views, workers=args.workers, pin=False)
+    feed = CachedFeed(args.images, store, backgrounds, plan, recipe.views, workers=args.feed_workers, pin=False)
     feed_batches = _batches(feed, args.feed_batches + 1, keep=False)
     next(feed_batches)
     start = time.perf_counter()
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     result = {"recipe": recipe.name, "device": device_name, "batch": batch, "steps": args.steps,
               "target_format": store.attrs["target_format"], "reference_path": dispatch.reference_forced(),
-              "feed_samples_per_s": feed_rate, "feed_workers": args.workers,
+              "feed_samples_per_s": feed_rate, "feed_workers": args.feed_workers,
               "cached_step_samples_per_s": cached_rate, "online_step_samples_per_s": online_rate,
               "speedup": cached_rate / online_rate}
     rows = [("data feed alone (CPU: FFCV + Zarr + batch assembly)", f"{feed_rate:,.1f}"),

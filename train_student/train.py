@@ -408,6 +408,16 @@ def train(args: argparse.Namespace) -> Path:
     return run_dir
 
 
+def default_workers(device_arg: str) -> int:
+    """FFCV decoding threads per rank: the cores left per rank on GPU machines, 1 when training on the CPU.
+
+    Training on the CPU needs its cores for the model: FFCV's decoding threads competing with torch's
+    made steps several times slower on a 2-core machine, and one decoding thread keeps up there."""
+    if device_arg == "cpu" or (device_arg == "auto" and not torch.cuda.is_available()):
+        return 1
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def run_training(args: argparse.Namespace) -> int:
     """CLI entry: train, turning the errors a user must act on into one clear line and exit status 2."""
     from cache_teacher.ffcv_images import ImagesFileError
@@ -415,8 +425,7 @@ def run_training(args: argparse.Namespace) -> int:
     from train_student.checkpoint import RunFolderError
 
     if args.workers is None:
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        args.workers = max(1, (os.cpu_count() or 1) // local_ranks)
+        args.workers = default_workers(args.device)
     user_errors = (TrainingError, RunFolderError, ImagesFileError, StoreError)
     try:
         train(args)
