@@ -175,15 +175,12 @@ class BackgroundPool:
 class FeedBatch:
     """One micro-batch for one rank, still on the host (pinned when training on a GPU)."""
 
-    epoch: int
-    micro_step: int  # index of the micro-batch inside the epoch
     indices: torch.Tensor  # [b] image indices in the images file
     images: list[torch.Tensor]  # uint8 [H, W, 3] each
     backgrounds: list[torch.Tensor]  # uint8 [H, W, 3], backgrounds[i] for sample i
     view_params: torch.Tensor  # [b, VIEW_SET_FIELDS]
     local_params: torch.Tensor  # [b, num_local, LOCAL_CROP_FIELDS]
     targets: dict[str, torch.Tensor] = field(default_factory=dict)  # store arrays; empty when online
-    view_sets: torch.Tensor | None = None  # [b] stored set used per sample
 
 
 class TargetPrefetcher:
@@ -237,8 +234,7 @@ class TargetPrefetcher:
                             rows[image] = {name: data[name][image - block * chunk, wanted[image]]
                                            for name in self.arrays}
                 keep_reads_in_flight()
-                batch = self._assemble(micro, batch_images, [wanted[int(i)] for i in batch_images],
-                                       [rows.pop(int(i)) for i in batch_images])
+                batch = self._assemble(micro, batch_images, [rows.pop(int(i)) for i in batch_images])
                 while not self._stop.is_set():
                     try:
                         self.queue.put(batch, timeout=0.5)
@@ -249,11 +245,10 @@ class TargetPrefetcher:
                     return
         self.queue.put(None)
 
-    def _assemble(self, micro: int, images: np.ndarray, view_sets: list[int], rows: list[dict]) -> dict:
+    def _assemble(self, micro: int, images: np.ndarray, rows: list[dict]) -> dict:
         stacked = {name: self._tensor(np.stack([row[name] for row in rows])) for name in self.arrays}
         view_params = stacked.pop("view_params")
-        return {"micro_step": micro, "indices": torch.from_numpy(images.astype(np.int64)),
-                "view_sets": torch.tensor(view_sets), "view_params": view_params, "targets": stacked,
+        return {"indices": torch.from_numpy(images.astype(np.int64)), "view_params": view_params, "targets": stacked,
                 "local_params": local_crop_params(self.plan, self.cfg, self.epoch, micro),
                 "backgrounds": self.backgrounds.batch(view_params)}
 
@@ -281,7 +276,8 @@ def make_image_loader(images_path, plan: FeedPlan, *, workers: int) -> tuple[Loa
     order = PlannedOrder(plan)
     # Each pipeline's first op is its decoder. Declared explicitly because FFCV only recognises a leading
     # decoder that subclasses the field's default one, and would otherwise run it as a 2-argument transform.
-    pipelines = {name: PipelineSpec(name, decoder=ops[0], transforms=list(ops[1:]))
+    pipelines = {name: ops if isinstance(ops, PipelineSpec) else PipelineSpec(name, decoder=ops[0],
+                                                                              transforms=list(ops[1:]))
                  for name, ops in image_pipelines(images_path).items()}
     loader = Loader(str(images_path), batch_size=plan.micro_batch, num_workers=workers, order=order,
                     pipelines=pipelines, drop_last=True, os_cache=True, batches_ahead=3)
@@ -305,11 +301,9 @@ class CachedFeed:
         try:
             for flat, heights, widths in self.loader:
                 item = prefetcher.get()
-                yield FeedBatch(epoch=epoch, micro_step=item["micro_step"], indices=item["indices"],
-                                images=unflatten_images(flat, heights, widths),
+                yield FeedBatch(indices=item["indices"], images=unflatten_images(flat, heights, widths),
                                 backgrounds=item["backgrounds"], view_params=item["view_params"],
-                                local_params=item["local_params"], targets=item["targets"],
-                                view_sets=item["view_sets"])
+                                local_params=item["local_params"], targets=item["targets"])
         finally:
             prefetcher.close()
 
@@ -329,7 +323,7 @@ class OnlineFeed:
         for micro, (flat, heights, widths) in enumerate(self.loader, start=start_micro):
             view_params = online_view_params(self.plan, self.cfg, epoch, micro, len(self.backgrounds))
             indices = order[micro * self.plan.micro_batch:(micro + 1) * self.plan.micro_batch]
-            yield FeedBatch(epoch=epoch, micro_step=micro, indices=torch.from_numpy(indices.astype(np.int64)),
+            yield FeedBatch(indices=torch.from_numpy(indices.astype(np.int64)),
                             images=unflatten_images(flat, heights, widths),
                             backgrounds=self.backgrounds.batch(view_params), view_params=view_params,
                             local_params=local_crop_params(self.plan, self.cfg, epoch, micro))
