@@ -21,7 +21,7 @@ step "3/7 picture of what teacher and student see"
 step "4/7 run the teacher once, write the target store"
 "$PY" -m cache_teacher run --teacher path-b --weights "$OUT/inputs/path-b.pth" \
   --images "$OUT/persons.beton" --backgrounds "$OUT/backgrounds.beton" \
-  --views-per-image 2 --out "$OUT/targets.zarr"
+  --views-per-image 2 --calibration-images 16 --out "$OUT/targets.zarr"
 
 step "5/7 verify and describe the store"
 "$PY" -m cache_teacher verify "$OUT/targets.zarr" --weights "$OUT/inputs/path-b.pth"

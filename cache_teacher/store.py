@@ -125,7 +125,7 @@ def plan_layout(spec: TeacherSpec, cfg: ViewConfig, *, num_images: int, views_pe
         raise StoreError(f"chunk_images must be >= 1, got {chunk_images}")
     if shard_images is None:
         chunks = max(1, DEFAULT_SHARD_BYTES // (sum(per_image.values()) * chunk_images))
-        shard_images = chunk_images * chunks
+        shard_images = chunk_images * min(chunks, math.ceil(num_images / chunk_images))
     if shard_images < chunk_images or shard_images % chunk_images:
         raise StoreError(f"shard_images ({shard_images}) must be a positive multiple of chunk_images ({chunk_images})")
     return dataclasses.replace(probe, chunk_images=chunk_images, shard_images=shard_images)

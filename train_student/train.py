@@ -352,16 +352,18 @@ def train(args: argparse.Namespace) -> Path:
                 if world_size > 1:
                     dist.all_reduce(means, op=dist.ReduceOp.AVG)
                 values = means.tolist()
-                if not all(math.isfinite(v) for v in values):
+                grad_norm = float(torch.nn.utils.get_total_norm(
+                    [p.grad for p in model.parameters() if p.grad is not None]))
+                if not all(math.isfinite(v) for v in values + [grad_norm]):
                     kept = (f"the last good checkpoint {run_dir / CHECKPOINT_NAME} (step {saved_step}) is kept"
                             if saved_step is not None else "no checkpoint had been written yet")
-                    raise TrainingError(f"loss is not finite at step {step + 1} (epoch {epoch}): "
+                    raise TrainingError(f"loss or gradient is not finite at step {step + 1} (epoch {epoch}): "
                                         f"total={values[0]}, terms global={values[1]} local={values[2]} "
-                                        f"relation={values[3]} moe={values[4]} experts={values[5]}; training "
-                                        f"stopped, {kept}. Check the store's targets and the learning rate.")
+                                        f"relation={values[3]} moe={values[4]} experts={values[5]}, "
+                                        f"grad norm={grad_norm}; training stopped, {kept}. Check the store's "
+                                        f"targets and the learning rate.")
                 lr = learning_rate(step, peak=peak_lr, min_lr=optim.min_lr, warmup_steps=warmup_steps,
                                    total_steps=total_steps)
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
                 momentum = ema_momentum(step, start=optim.ema_momentum[0], end=optim.ema_momentum[1],
                                         total_steps=total_steps)
                 apply_update(optimizer, lr, student_params, ema_params, momentum)
@@ -372,7 +374,7 @@ def train(args: argparse.Namespace) -> Path:
                     log.log({"step": step, "epoch": epoch, "loss": values[0], "global": values[1],
                              "local": values[2], "relation": values[3], "moe": values[4], "experts": values[5],
                              "lr": lr, "ema_momentum": momentum, "moe_weight": moe_weight(epoch, optim),
-                             "grad_norm": float(grad_norm), "samples_per_s": global_batch / elapsed,
+                             "grad_norm": grad_norm, "samples_per_s": global_batch / elapsed,
                              "data_wait_share": data_wait / elapsed})
                 if progress is not None:
                     progress.set_postfix(loss=f"{values[0]:.4f}", lr=f"{lr:.2e}",
