@@ -10,10 +10,13 @@ Layout of STORE.zarr (arrays indexed [image, view_set, ...], I images, K view se
 Group attribute ``dpal_store`` holds the identity of the run (teacher, checkpoint sha256, view config, image
 file fingerprint, format, ...): `check_compatible` / `compare_identity` refuse anything that differs.
 
-Chunks hold ``chunk_images`` whole images (all K view sets, whole rows), sized so a `local` chunk is >= 1 MiB:
-the trainer reads one chunk per array per block. Chunks are grouped into Zarr shards of ``shard_images``
-images (one file per array and shard): the unit of work, of writing (exactly one writer), of durability
-and of resume. A shard is written whole, fsynced, its files hashed, and only then is its marker written
+Chunks are view-set-major: a chunk holds ONE view set of ``chunk_images`` consecutive images (shape
+[chunk_images, 1, ...], whole rows), sized so a `local` chunk is >= 1 MiB. The trainer uses one view set
+per image and epoch, and picks it per block, so a block read (`read_block(block, view_set)`) decompresses
+exactly one chunk per array and nothing it does not use (format 1 stored all K sets in a chunk, so every
+read decompressed K times the needed bytes). Chunks are grouped into Zarr shards of ``shard_images``
+images and all K view sets (one file per array and shard): the unit of work, of writing (exactly one
+writer), of durability and of resume. A shard is written whole, fsynced, its files hashed, and only then is its marker written
 (atomically); a shard without a marker is rewritten from scratch on resume, so a killed run never leaves
 a half-written shard that reads as complete. Compression is lossless Blosc with byte shuffle: lz4 by
 default (decodes at ~1 GB/s per core, so the trainer's CPU feed keeps up; float16 tokens shrink ~5-15%,
@@ -31,16 +34,19 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import google_crc32c
+import numcodecs.blosc
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
 from dpal.config import Recipe, TeacherSpec, ViewConfig
 from dpal.views import VIEW_PARAMS_VERSION
 
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2  # 2: chunks hold one view set (view-set-major); 1: chunks held all K
 SPEC_VERSION = 1  # revision of DPAL_SPEC.md whose targets the store holds
 ATTRS_KEY = "dpal_store"
 PROGRESS_DIR = "dpal_progress"
@@ -111,16 +117,17 @@ def token_counts(spec: TeacherSpec, cfg: ViewConfig) -> tuple[tuple[int, int], i
 
 def plan_layout(spec: TeacherSpec, cfg: ViewConfig, *, num_images: int, views_per_image: int, view_fields: int,
                 target_format: str, chunk_images: int | None = None, shard_images: int | None = None) -> StoreLayout:
-    """Chunk = smallest power of two of images whose `local` chunk is >= 1 MiB; shard ~256 MiB of chunks."""
+    """Chunk = smallest power of two of images whose `local` chunk (one view set) is >= 1 MiB; shard ~256 MiB."""
     if views_per_image < 1:
         raise StoreError(f"--views-per-image must be >= 1, got {views_per_image}")
     if target_format not in TARGET_FORMATS:
         raise StoreError(f"unknown target format {target_format!r}; choose one of {', '.join(TARGET_FORMATS)}")
     _, tokens, crowd_tokens = token_counts(spec, cfg)
     probe = StoreLayout(num_images, views_per_image, view_fields, spec.width, tokens, crowd_tokens, target_format, 1, 1)
-    per_image = {k: v * views_per_image for k, v in probe.bytes_per_view_set().items()}
+    per_view_set = probe.bytes_per_view_set()
+    per_image = {k: v * views_per_image for k, v in per_view_set.items()}
     if chunk_images is None:
-        chunk_images = 1 << max(0, math.ceil(math.log2(MIN_CHUNK_BYTES / per_image["local"])))
+        chunk_images = 1 << max(0, math.ceil(math.log2(MIN_CHUNK_BYTES / per_view_set["local"])))
     if chunk_images < 1:
         raise StoreError(f"chunk_images must be >= 1, got {chunk_images}")
     if shard_images is None:
@@ -205,7 +212,8 @@ def check_format_version(attrs: dict, path: Path) -> None:
     version = attrs.get("format_version")
     if version != STORE_FORMAT_VERSION:
         raise StoreError(f"{path} was written in store format {version}; this version reads format "
-                         f"{STORE_FORMAT_VERSION}. Re-run `python -m cache_teacher run` into a new --out folder.")
+                         f"{STORE_FORMAT_VERSION} (one view set per chunk) and cannot use it. Re-run "
+                         f"`python -m cache_teacher run` into a new --out folder to rebuild the store.")
 
 
 def read_attrs(path: str | os.PathLike) -> dict:
@@ -238,7 +246,7 @@ class StoreWriter:
         codec = attrs.get("codec", CODECS[0])
         for name, (shape, dtype) in layout.array_specs().items():
             group.create_array(name, shape=lead + shape, dtype=dtype, fill_value=0,
-                               chunks=(layout.chunk_images, layout.views_per_image) + shape,
+                               chunks=(layout.chunk_images, 1) + shape,
                                shards=(layout.shard_images, layout.views_per_image) + shape,
                                compressors=_compressor(dtype, codec), config={"write_empty_chunks": True})
         group.attrs[ATTRS_KEY] = attrs
@@ -300,8 +308,68 @@ def dequantize_rows(q: np.ndarray | torch.Tensor, scale: np.ndarray | torch.Tens
     return torch.as_tensor(q).float() * torch.as_tensor(scale).float()[..., None]
 
 
+class ShardedChunkReader:
+    """Reads one inner chunk of a sharded Zarr v3 array straight from its shard file, synchronously.
+
+    Why not `array[...]`: zarr-python 3 routes every read through its asyncio loop and thread hops, ~0.75 ms
+    of CPU per chunk whatever its size, i.e. more than decompressing a 1.5 MiB lz4 chunk; the trainer reads
+    five chunks per block of a few images, so that overhead alone would cap the feed below 2,000 images/s on
+    two cores. This follows the sharding spec for the layout `StoreWriter.create` writes (index of
+    (offset, nbytes) uint64 pairs at the end of the shard, CRC32C-checked; chunks bytes(little) + Blosc) and
+    decompresses into the output array with the GIL released. `array[...]` stays the reference (tests).
+    """
+
+    def __init__(self, array: zarr.Array, array_path: Path):
+        codecs = array.metadata.codecs
+        sharding = codecs[0] if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec) else None
+        if (sharding is None or sharding.index_location != ShardingCodecIndexLocation.end
+                or [type(c) for c in sharding.codecs] != [BytesCodec, BloscCodec]
+                or [type(c) for c in sharding.index_codecs] != [BytesCodec, Crc32cCodec]):
+            raise StoreError(f"{array_path} is not laid out as `python -m cache_teacher run` writes it (sharded "
+                             f"Blosc chunks); re-run the cache into a new --out folder")
+        self.array, self.path = array, array_path
+        self.chunk_shape = tuple(sharding.chunk_shape)
+        shard_shape = tuple(array.metadata.chunk_grid.chunk_shape)
+        self.chunks_per_shard = tuple(s // c for s, c in zip(shard_shape, self.chunk_shape))
+        self.dtype = np.dtype(array.dtype).newbyteorder("<")
+        self.index_bytes = 16 * math.prod(self.chunks_per_shard) + 4  # + CRC32C
+        self._indexes: dict[tuple[int, ...], np.ndarray] = {}  # shard -> [chunks..., 2]; shards never change
+
+    def _index(self, shard: tuple[int, ...], fd: int, file: Path) -> np.ndarray:
+        index = self._indexes.get(shard)
+        if index is None:
+            size = os.fstat(fd).st_size
+            raw = os.pread(fd, self.index_bytes, size - self.index_bytes) if size >= self.index_bytes else b""
+            if len(raw) != self.index_bytes or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                raise StoreError(f"{file}: shard index is damaged; run `python -m cache_teacher verify`, then re-run "
+                                 f"the cache into a new --out folder")
+            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.chunks_per_shard + (2,))
+            self._indexes[shard] = index
+        return index
+
+    def read(self, chunk: tuple[int, ...]) -> np.ndarray:
+        """The whole chunk at chunk-grid coordinates `chunk` (a chunk past the array's end is padded)."""
+        shard = tuple(c // n for c, n in zip(chunk, self.chunks_per_shard))
+        file = self.path / self.array.metadata.encode_chunk_key(shard)
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except FileNotFoundError:
+            raise StoreError(f"{file} is missing; the store is damaged, re-run the cache") from None
+        try:
+            offset, nbytes = (int(v) for v in self._index(shard, fd, file)[tuple(
+                c % n for c, n in zip(chunk, self.chunks_per_shard))])
+            if offset == nbytes == 2 ** 64 - 1:
+                raise StoreError(f"{file}: chunk {chunk} was never written; the store is damaged, re-run the cache")
+            data = os.pread(fd, nbytes, offset)
+        finally:
+            os.close(fd)
+        out = np.empty(self.chunk_shape, self.dtype)
+        numcodecs.blosc.decompress(data, out)
+        return out
+
+
 class TargetStore:
-    """Read side: attributes, and block reads of `chunk_images` consecutive images (all arrays)."""
+    """Read side: attributes, and block reads of one view set of `chunk_images` consecutive images (all arrays)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -313,6 +381,7 @@ class TargetStore:
             self.arrays = {name: group[name] for name in self.layout.array_specs()}
         except KeyError as exc:
             raise StoreError(f"{self.path} lacks array {exc}; the store is damaged, re-run the cache") from None
+        self.chunk_readers = {name: ShardedChunkReader(array, self.path / name) for name, array in self.arrays.items()}
 
     @property
     def num_images(self) -> int:
@@ -356,13 +425,16 @@ class TargetStore:
                              f"written (first: {missing[:5]}); re-run the same `python -m cache_teacher run` "
                              f"command to finish it")
 
-    def read_block(self, block_index: int) -> dict[str, np.ndarray]:
-        """All arrays for images [b * chunk_images, (b + 1) * chunk_images) (the last block may be shorter)."""
+    def read_block(self, block_index: int, view_set: int) -> dict[str, np.ndarray]:
+        """View set `view_set` of images [b * chunk_images, (b + 1) * chunk_images) (the last block may be
+        shorter), every array as [images, ...]: exactly one chunk read per array."""
         if not 0 <= block_index < self.num_blocks:
             raise IndexError(f"block {block_index} out of range (store has {self.num_blocks} blocks)")
-        start = block_index * self.chunk_images
-        stop = min(start + self.chunk_images, self.num_images)
-        return {name: array[start:stop] for name, array in self.arrays.items()}
+        if not 0 <= view_set < self.views_per_image:
+            raise IndexError(f"view set {view_set} out of range (store has {self.views_per_image} per image)")
+        rows = min(self.chunk_images, self.num_images - block_index * self.chunk_images)
+        return {name: reader.read((block_index, view_set) + (0,) * (len(reader.chunk_shape) - 2))[:rows, 0]
+                for name, reader in self.chunk_readers.items()}
 
     def read_images(self, start: int, stop: int) -> dict[str, np.ndarray]:
         return {name: array[start:stop] for name, array in self.arrays.items()}

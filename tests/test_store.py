@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cache_teacher.store import (
-    ATTRS_KEY, MIN_CHUNK_BYTES, StoreError, StoreWriter, dequantize_rows, open_store, plan_layout, quantize_rows,
-    teacher_spec_dict, view_config_dict)
+    ATTRS_KEY, MIN_CHUNK_BYTES, STORE_FORMAT_VERSION, StoreError, StoreWriter, dequantize_rows, open_store,
+    plan_layout, quantize_rows, teacher_spec_dict, view_config_dict)
 from dpal.config import TeacherSpec, ViewConfig
 from dpal.recipes import TEACHERS, get_recipe
 
@@ -19,12 +19,12 @@ SMALL = TeacherSpec("small-vit", "vit", "vit_base_patch16_224", width=16, depth=
 
 @pytest.mark.parametrize("teacher", ["path-b", "path-l", "solider-b"])
 @pytest.mark.parametrize("target_format", ["float16", "int8"])
-def test_default_chunks_are_at_least_1mib_of_whole_images(teacher, target_format):
+def test_default_chunks_are_at_least_1mib_of_one_view_set(teacher, target_format):
     layout = plan_layout(TEACHERS[teacher], ViewConfig(), num_images=1000, views_per_image=3, view_fields=57,
                          target_format=target_format)
-    per_image_local = layout.bytes_per_view_set()["local"] * 3
-    assert layout.chunk_images * per_image_local >= MIN_CHUNK_BYTES
-    assert (layout.chunk_images // 2) * per_image_local < MIN_CHUNK_BYTES  # smallest such power of two
+    local = layout.bytes_per_view_set()["local"]  # a chunk holds one view set of chunk_images images
+    assert layout.chunk_images * local >= MIN_CHUNK_BYTES
+    assert (layout.chunk_images // 2) * local < MIN_CHUNK_BYTES  # smallest such power of two
     assert layout.shard_images % layout.chunk_images == 0
     if teacher == "path-b":
         assert layout.tokens == 128 and layout.crowd_tokens == 257 and layout.width == 768
@@ -55,7 +55,7 @@ def test_int8_rows_roundtrip_within_half_a_step(shape):
 
 
 def _attrs(layout, **changes):
-    attrs = {"format_version": 1, "spec_version": 1, "view_params_version": 1, "teacher": SMALL.name,
+    attrs = {"format_version": STORE_FORMAT_VERSION, "spec_version": 1, "view_params_version": 1, "teacher": SMALL.name,
              "teacher_spec": teacher_spec_dict(SMALL), "view_config": view_config_dict(ViewConfig()),
              "images_fingerprint": "abc", "num_images": layout.num_images, "views_per_image": layout.views_per_image,
              "target_format": layout.target_format, "token_grid": [16, 8], "crowd_tokens": layout.crowd_tokens,
@@ -87,14 +87,42 @@ def test_store_write_read_blocks_and_completion(tmp_path):
     assert marker["images"] == [4, 7] and set(marker["files"]) == set(layout.array_specs())
     store = open_store(tmp_path / "s.zarr")
     assert store.num_blocks == 4 and store.chunk_images == 2
-    block = store.read_block(3)  # the short last block
+    block = store.read_block(3, 1)  # the short last block
     assert all(v.shape[0] == 1 for v in block.values())
     for name in layout.array_specs():
-        assert np.array_equal(store.read_block(1)[name], first[name][2:4])
-        assert np.array_equal(block[name], last[name][2:3])
+        assert np.array_equal(store.read_block(1, 0)[name], first[name][2:4, 0])
+        assert np.array_equal(block[name], last[name][2:3, 1])
     assert store.arrays["local"].dtype == np.int8 and "relation_scale" in store.arrays
-    with pytest.raises(IndexError):
-        store.read_block(4)
+    with pytest.raises(IndexError, match="block 4 out of range"):
+        store.read_block(4, 0)
+    with pytest.raises(IndexError, match="view set 2 out of range"):
+        store.read_block(0, 2)
+
+
+def test_block_read_returns_exactly_the_view_set_asked_for(tmp_path):
+    layout = plan_layout(SMALL, ViewConfig(), num_images=10, views_per_image=3, view_fields=57,
+                         target_format="float16", chunk_images=4, shard_images=8)
+    assert layout.num_shards == 2 and layout.num_blocks == 3  # blocks span shards; the last one is short
+    writer = StoreWriter.create(tmp_path / "s.zarr", _attrs(layout), layout)
+    rows = [_rows(layout, *layout.shard_range(shard), seed=shard) for shard in range(2)]
+    for shard in range(2):
+        writer.write_shard(shard, rows[shard])
+    written = {name: np.concatenate([part[name] for part in rows]) for name in layout.array_specs()}
+    # each view set of each image differs from the others, so a wrong set or row cannot go unnoticed
+    assert all(not np.array_equal(written["local"][i, a], written["local"][i, b])
+               for i in range(10) for a in range(3) for b in range(a))
+    store = open_store(tmp_path / "s.zarr")
+    for block in range(3):
+        start, stop = block * 4, min(block * 4 + 4, 10)
+        for view_set in range(3):
+            got = store.read_block(block, view_set)
+            assert set(got) == set(layout.array_specs())
+            for name, array in store.arrays.items():
+                assert got[name].dtype == array.dtype
+                assert np.array_equal(got[name], written[name][start:stop, view_set])
+                assert np.array_equal(got[name], array[start:stop, view_set])  # zarr's own read agrees
+    # the store really is view-set-major: one chunk holds one view set
+    assert store.arrays["local"].chunks == (4, 1) + layout.array_specs()["local"][0]
 
 
 def test_reader_refuses_mismatch_old_format_and_foreign_folders(tmp_path):
@@ -110,9 +138,10 @@ def test_reader_refuses_mismatch_old_format_and_foreign_folders(tmp_path):
         store.check_compatible(recipe, ViewConfig(), "other")
     with pytest.raises(StoreError, match=r"view_config differs in gray_p \(store 0.2, this run 0.5\)"):
         store.check_compatible(recipe, ViewConfig(gray_p=0.5), "abc")
-    old = StoreWriter.create(tmp_path / "old.zarr", _attrs(layout, format_version=0), layout)
+    old = StoreWriter.create(tmp_path / "old.zarr", _attrs(layout, format_version=1), layout)
     old.write_shard(0, _rows(layout, 0, 2, 0))
-    with pytest.raises(StoreError, match="store format 0; this version reads format 1"):
+    with pytest.raises(StoreError, match=r"store format 1; this version reads format 2 .*Re-run "
+                                         r"`python -m cache_teacher run`"):
         open_store(tmp_path / "old.zarr")
     (tmp_path / "plain").mkdir()
     with pytest.raises(StoreError, match="not a Zarr store"):

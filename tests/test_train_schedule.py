@@ -8,7 +8,7 @@ import torch
 
 from dpal.config import ViewConfig
 from train_student.checkpoint import RunFolderError, load_checkpoint, prepare_run_folder, save_checkpoint
-from train_student.data import FeedPlan, local_crop_params, view_set_of
+from train_student.data import FeedPlan, block_view_sets, local_crop_params
 from train_student.train import ema_momentum, learning_rate, param_groups
 
 
@@ -44,12 +44,15 @@ def test_ranks_split_each_global_batch_like_one_process():
 
 
 def test_view_set_cycles_through_all_stored_sets_across_epochs():
-    images = np.arange(50)
-    chosen = np.stack([view_set_of(images, epoch, 3, seed=1) for epoch in range(6)])
-    for column in chosen.T:
+    plan = _plan(num_images=200, chunk_images=4, seed=1)  # 50 blocks
+    chosen = np.stack([block_view_sets(plan, epoch, 3) for epoch in range(6)])
+    assert chosen.shape == (6, 50)
+    for column in chosen.T:  # every block, hence every image, changes set each epoch and uses all K
         assert sorted(column[:3].tolist()) == [0, 1, 2]
         assert np.array_equal(column[:3], column[3:])
-    assert len(set(chosen[0].tolist())) == 3  # not all images use the same set in an epoch
+    assert len(set(chosen[0].tolist())) == 3  # not all blocks use the same set in an epoch
+    assert np.array_equal(chosen[2], block_view_sets(_plan(num_images=200, chunk_images=4, seed=1, rank=1,
+                                                           world_size=2), 2, 3))  # same on every rank
 
 
 def test_local_crops_are_fresh_per_epoch_and_rank_slices_agree():

@@ -31,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, metavar="STORE.zarr")
     p.add_argument("--images", required=True, metavar="IMAGES.beton")
     p.add_argument("--backgrounds", required=True, metavar="BG.beton")
-    p.add_argument("--teacher-weights", required=True, metavar="W.pth", help="teacher checkpoint for the online step")
+    p.add_argument("--teacher-weights", metavar="W.pth", help="teacher checkpoint for the online step (required "
+                   "unless --feed-only)")
     p.add_argument("--batch-size", type=int, help="per-device batch (default: the recipe's per-GPU batch)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per mode (default 10)")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (default 2)")
@@ -42,6 +43,7 @@ def parser() -> argparse.ArgumentParser:
                    help="FFCV decoding threads for the feed-alone figure (default: all cores)")
     p.add_argument("--calibration-images", type=int, default=256, help="shape-mask calibration for the online step")
     p.add_argument("--reference-path", action="store_true", help="force the plain-PyTorch reference ops")
+    p.add_argument("--feed-only", action="store_true", help="measure only the data feed (no model, no teacher)")
     p.add_argument("--out", default="train_bench.json", metavar="JSON", help="where to write the figures")
     return p
 
@@ -81,15 +83,45 @@ def time_steps(model, optimizer, ema, batches, recipe, device, warmup: int, **on
     return timed * len(batches[0].indices) / (time.perf_counter() - start)
 
 
+def training_step_rates(args, recipe, store, backgrounds, plan, device, batch: int) -> dict:
+    """Samples/s of the cached-target step and of the online-teacher step, same model, device and batch."""
+    from cache_teacher.ffcv_images import ImageFile
+    from dpal.teachers import load_teacher
+    from train_student.data import CachedFeed, OnlineFeed
+    from train_student.train import Distiller, fit_online_mask_calibration, param_groups
+
+    total = args.warmup_steps + args.steps
+    cached_feed = CachedFeed(args.images, store, backgrounds, plan, recipe.views, workers=args.workers,
+                             pin=device.type == "cuda")
+    cached_batches = list(_batches(cached_feed, total, keep=True))
+    online_plan = dataclasses.replace(plan, num_images=ImageFile(args.images).num_images, chunk_images=1)
+    online_batches = list(_batches(OnlineFeed(args.images, backgrounds, online_plan, recipe.views,
+                                              workers=args.workers), total, keep=True))
+    torch.manual_seed(0)
+    model = Distiller(recipe).to(device)
+    ema = copy.deepcopy(model.student).requires_grad_(False)
+    optimizer = torch.optim.AdamW(param_groups(model, recipe.optim.weight_decay), lr=1e-4,
+                                  betas=recipe.optim.betas, fused=device.type == "cuda")
+    cached_rate = time_steps(model, optimizer, ema, cached_batches, recipe, device, args.warmup_steps)
+    teacher = load_teacher(recipe.teacher.name, args.teacher_weights).to(device)
+    calibration = fit_online_mask_calibration(teacher, args.images, backgrounds, recipe, device,
+                                              count=args.calibration_images, seed=0, batch=batch)
+    online_rate = time_steps(model, optimizer, ema, online_batches, recipe, device, args.warmup_steps,
+                             teacher=teacher, mask_calibration=calibration)
+    return {"cached_step_samples_per_s": cached_rate, "online_step_samples_per_s": online_rate,
+            "speedup": cached_rate / online_rate}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    from cache_teacher.ffcv_images import ImageFile, images_fingerprint
+    cli = parser()
+    args = cli.parse_args(argv)
+    if args.teacher_weights is None and not args.feed_only:
+        cli.error("--teacher-weights is required (or pass --feed-only)")
+    from cache_teacher.ffcv_images import images_fingerprint
     from cache_teacher.store import open_store
     from dpal import dispatch
-    from dpal.teachers import load_teacher
-    from train_student.data import BackgroundPool, CachedFeed, FeedPlan, OnlineFeed
-    from train_student.train import (Distiller, default_workers, fit_online_mask_calibration, param_groups,
-                                     setup_distributed)
+    from train_student.data import BackgroundPool, CachedFeed, FeedPlan
+    from train_student.train import default_workers, setup_distributed
 
     if args.reference_path:
         dispatch.force_reference(True)
@@ -110,46 +142,29 @@ def main(argv: list[str] | None = None) -> int:
     feed = CachedFeed(args.images, store, backgrounds, plan, recipe.views, workers=args.feed_workers, pin=False)
     feed_batches = _batches(feed, args.feed_batches + 1, keep=False)
     next(feed_batches)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     fed = sum(len(b.indices) for b in feed_batches)
-    feed_rate = fed / (time.perf_counter() - start)
-
-    # 2. cached-target steps and 3. online-teacher steps, same model, device and batch size
-    total = args.warmup_steps + args.steps
-    cached_feed = CachedFeed(args.images, store, backgrounds, plan, recipe.views, workers=args.workers,
-                             pin=device.type == "cuda")
-    cached_batches = list(_batches(cached_feed, total, keep=True))
-    online_plan = dataclasses.replace(plan, num_images=ImageFile(args.images).num_images, chunk_images=1)
-    online_batches = list(_batches(OnlineFeed(args.images, backgrounds, online_plan, recipe.views,
-                                              workers=args.workers), total, keep=True))
-    torch.manual_seed(0)
-    model = Distiller(recipe).to(device)
-    ema = copy.deepcopy(model.student).requires_grad_(False)
-    optimizer = torch.optim.AdamW(param_groups(model, recipe.optim.weight_decay), lr=1e-4,
-                                  betas=recipe.optim.betas, fused=device.type == "cuda")
-    cached_rate = time_steps(model, optimizer, ema, cached_batches, recipe, device, args.warmup_steps)
-    teacher = load_teacher(recipe.teacher.name, args.teacher_weights).to(device)
-    calibration = fit_online_mask_calibration(teacher, args.images, backgrounds, recipe, device,
-                                              count=args.calibration_images, seed=0, batch=batch)
-    online_rate = time_steps(model, optimizer, ema, online_batches, recipe, device, args.warmup_steps,
-                             teacher=teacher, mask_calibration=calibration)
-
+    feed_seconds, feed_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+    feed_rate = fed / feed_seconds
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     result = {"recipe": recipe.name, "device": device_name, "batch": batch, "steps": args.steps,
               "target_format": store.attrs["target_format"], "reference_path": dispatch.reference_forced(),
               "feed_samples_per_s": feed_rate, "feed_workers": args.feed_workers,
-              "cached_step_samples_per_s": cached_rate, "online_step_samples_per_s": online_rate,
-              "speedup": cached_rate / online_rate}
-    rows = [("data feed alone (CPU: FFCV + Zarr + batch assembly)", f"{feed_rate:,.1f}"),
-            ("training step, cached targets", f"{cached_rate:,.2f}"),
-            ("training step, --teacher-online", f"{online_rate:,.2f}"),
-            ("speed-up of the cache", f"{result['speedup']:.2f}x")]
+              "feed_cpu_ms_per_sample": 1000 * feed_cpu_seconds / fed}
+    rows = [("data feed alone (CPU: FFCV + Zarr + batch assembly)", f"{feed_rate:,.1f}")]
+
+    if not args.feed_only:  # 2. cached-target steps and 3. online-teacher steps, same model, device and batch
+        result.update(training_step_rates(args, recipe, store, backgrounds, plan, device, batch))
+        rows += [("training step, cached targets", f"{result['cached_step_samples_per_s']:,.2f}"),
+                 ("training step, --teacher-online", f"{result['online_step_samples_per_s']:,.2f}"),
+                 ("speed-up of the cache", f"{result['speedup']:.2f}x")]
     width = max(len(name) for name, _ in rows)
     print(f"train_student bench: {recipe.name}, batch {batch}, {device_name}, {store.attrs['target_format']} targets")
     print(f"| {'measure':<{width}} | samples/s |")
     print(f"|{'-' * (width + 2)}|-----------|")
     for name, value in rows:
         print(f"| {name:<{width}} | {value:>9} |")
+    print(f"data feed: {result['feed_cpu_ms_per_sample']:.3f} ms of CPU time (all threads) per sample")
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"figures written to {args.out}")
     return 0

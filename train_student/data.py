@@ -8,13 +8,16 @@ resulting global stream is cut into global micro-batches; rank r takes the r-th 
 each. A global batch is thus the same set of images whatever the number of ranks, which is what makes
 N-rank and 1-rank training match.
 
-One view set per image and epoch (`view_set_of`): image i uses stored set (offset_i + epoch) mod K, so
-every stored set is used once every K epochs and consecutive epochs differ.
+One view set per block and epoch (`block_view_sets`): the images of block b use stored set
+(offset_b + epoch) mod K, offset_b drawn once from the seed. So every image's view set changes from one
+epoch to the next, each stored set is used once every K epochs, resume replays the same choice, and a
+block needs exactly one chunk per array of the store (its chunks hold one view set each).
 
 `TargetPrefetcher` is a background thread that walks the same order, reads each needed block once
-(a small pool of reader threads runs ahead; Zarr decompression releases the GIL), keeps only the rows
-this rank will use, and assembles per-batch target tensors (pinned when a GPU trains) in a bounded
-queue. `CachedFeed` zips those with the FFCV image batches (same order) and background images.
+(a small pool of reader threads runs ahead; decompression releases the GIL), and gathers each batch's
+rows straight into per-batch target tensors (pinned when a GPU trains; one vectorised copy per block and
+array, no per-sample Python) in a bounded queue. `CachedFeed` zips those with the FFCV image batches
+(same order) and background images.
 """
 from __future__ import annotations
 
@@ -27,7 +30,6 @@ from queue import Empty, Full, Queue
 import numpy as np
 import torch
 from ffcv.loader import Loader
-from ffcv.pipeline import PipelineSpec
 from ffcv.traversal_order.base import TraversalOrder
 
 from cache_teacher.ffcv_images import ImageFile, image_pipelines, unflatten_images
@@ -99,12 +101,10 @@ class FeedPlan:
         return slice(self.rank * self.micro_batch, (self.rank + 1) * self.micro_batch)
 
 
-def view_set_of(images: np.ndarray, epoch: int, views_per_image: int, seed: int) -> np.ndarray:
-    """Stored view set used for each image in an epoch: (offset_i + epoch) mod K, offset fixed per run."""
-    # Offsets for a million images cost 8 MB; computing them for the whole file keeps this O(1) per call
-    # site and identical on every rank.
-    offsets = np.random.default_rng([seed, _VIEW_SET_STREAM]).integers(views_per_image, size=int(images.max()) + 1)
-    return (offsets[images] + epoch) % views_per_image
+def block_view_sets(plan: FeedPlan, epoch: int, views_per_image: int) -> np.ndarray:
+    """Stored view set used by every image of each block in an epoch: (offset_b + epoch) mod K, [num_blocks]."""
+    offsets = np.random.default_rng([plan.seed, _VIEW_SET_STREAM]).integers(views_per_image, size=plan.num_blocks)
+    return (offsets + epoch) % views_per_image
 
 
 def micro_batch_generator(seed: int, stream: int, epoch: int, micro_step: int) -> torch.Generator:
@@ -208,33 +208,34 @@ class TargetPrefetcher:
     def _produce(self) -> None:
         plan, chunk = self.plan, self.plan.chunk_images
         order = plan.rank_order(self.epoch)[self.start_micro * plan.micro_batch:]
-        view_sets = view_set_of(order, self.epoch, int(self.store.attrs["views_per_image"]), plan.seed)
-        wanted = dict(zip(order.tolist(), view_sets.tolist()))
-        block_sequence = list(dict.fromkeys((order // chunk).tolist()))  # first-need order, each once
-        rows: dict[int, dict[str, np.ndarray]] = {}  # image -> its arrays for its view set, until used
-        with ThreadPoolExecutor(self.read_threads, thread_name_prefix="dpal-zarr") as pool:
+        view_sets = block_view_sets(plan, self.epoch, self.store.views_per_image)
+        order_blocks = order // chunk
+        unused = np.bincount(order_blocks, minlength=plan.num_blocks)  # images of each block still to batch
+        loaded: dict[int, dict[str, np.ndarray]] = {}  # block -> its arrays (its view set), until used up
+        with ThreadPoolExecutor(self.read_threads, thread_name_prefix="dpal-store") as pool:
             pending: deque = deque()
-            upcoming = iter(block_sequence)
+            upcoming = iter(dict.fromkeys(order_blocks.tolist()))  # first-need order, each block once
 
             def keep_reads_in_flight():
                 while len(pending) < self.read_ahead_blocks:
                     block = next(upcoming, None)
                     if block is None:
                         return
-                    pending.append((block, pool.submit(self.store.read_block, block)))
+                    pending.append((block, pool.submit(self.store.read_block, block, int(view_sets[block]))))
 
             for micro, start in enumerate(range(0, len(order), plan.micro_batch), start=self.start_micro):
-                batch_images = order[start:start + plan.micro_batch]
-                while any(int(i) not in rows for i in batch_images):
-                    keep_reads_in_flight()
-                    block, future = pending.popleft()
-                    data = future.result()
-                    for image in range(block * chunk, min((block + 1) * chunk, plan.num_images)):
-                        if image in wanted:
-                            rows[image] = {name: data[name][image - block * chunk, wanted[image]]
-                                           for name in self.arrays}
+                images, blocks = order[start:start + plan.micro_batch], order_blocks[start:start + plan.micro_batch]
+                needed, first, counts = np.unique(blocks, return_index=True, return_counts=True)
+                for block in needed.tolist():
+                    while block not in loaded:
+                        keep_reads_in_flight()
+                        done, future = pending.popleft()
+                        loaded[done] = future.result()
                 keep_reads_in_flight()
-                batch = self._assemble(micro, batch_images, [rows.pop(int(i)) for i in batch_images])
+                batch = self._assemble(micro, images, blocks, needed, loaded)
+                unused[needed] -= counts
+                for block in needed[unused[needed] == 0].tolist():
+                    del loaded[block]
                 while not self._stop.is_set():
                     try:
                         self.queue.put(batch, timeout=0.5)
@@ -245,16 +246,26 @@ class TargetPrefetcher:
                     return
         self.queue.put(None)
 
-    def _assemble(self, micro: int, images: np.ndarray, rows: list[dict]) -> dict:
-        stacked = {name: self._tensor(np.stack([row[name] for row in rows])) for name in self.arrays}
+    def _assemble(self, micro: int, images: np.ndarray, blocks: np.ndarray, needed: np.ndarray,
+                  loaded: dict[int, dict[str, np.ndarray]]) -> dict:
+        """Gather the batch's rows into fresh (pinned) tensors: one fancy-indexed copy per block and array."""
+        by_block = np.argsort(blocks, kind="stable")
+        bounds = np.searchsorted(blocks[by_block], needed, side="right")
+        groups = [(loaded[block], by_block[lo:hi], images[by_block[lo:hi]] - block * self.plan.chunk_images)
+                  for block, lo, hi in zip(needed.tolist(), [0, *bounds[:-1].tolist()], bounds.tolist())]
+        stacked = {}
+        for name in self.arrays:
+            sample = groups[0][0][name]
+            tensor = torch.empty((len(images),) + sample.shape[1:], dtype=torch.from_numpy(sample[:0]).dtype,
+                                 pin_memory=self.pin)
+            out = tensor.numpy()
+            for data, rows, offsets in groups:
+                out[rows] = data[name][offsets]
+            stacked[name] = tensor
         view_params = stacked.pop("view_params")
         return {"indices": torch.from_numpy(images.astype(np.int64)), "view_params": view_params, "targets": stacked,
                 "local_params": local_crop_params(self.plan, self.cfg, self.epoch, micro),
                 "backgrounds": self.backgrounds.batch(view_params)}
-
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-        return tensor.pin_memory() if self.pin else tensor
 
     def get(self) -> dict | None:
         item = self.queue.get()
@@ -274,13 +285,8 @@ class TargetPrefetcher:
 def make_image_loader(images_path, plan: FeedPlan, *, workers: int) -> tuple[Loader, PlannedOrder]:
     """FFCV loader over the images file in the plan's order (one rank, one micro-batch per iteration)."""
     order = PlannedOrder(plan)
-    # Each pipeline's first op is its decoder. Declared explicitly because FFCV only recognises a leading
-    # decoder that subclasses the field's default one, and would otherwise run it as a 2-argument transform.
-    pipelines = {name: ops if isinstance(ops, PipelineSpec) else PipelineSpec(name, decoder=ops[0],
-                                                                              transforms=list(ops[1:]))
-                 for name, ops in image_pipelines(images_path).items()}
     loader = Loader(str(images_path), batch_size=plan.micro_batch, num_workers=workers, order=order,
-                    pipelines=pipelines, drop_last=True, os_cache=True, batches_ahead=3)
+                    pipelines=image_pipelines(images_path), drop_last=True, os_cache=True, batches_ahead=3)
     return loader, order
 
 
