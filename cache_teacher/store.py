@@ -16,11 +16,12 @@ per image and epoch, and picks it per block, so a block read (`read_block(block,
 exactly one chunk per array and nothing it does not use (format 1 stored all K sets in a chunk, so every
 read decompressed K times the needed bytes). Chunks are grouped into Zarr shards of ``shard_images``
 images and all K view sets (one file per array and shard): the unit of work, of writing (exactly one
-writer), of durability and of resume. A shard is written whole, fsynced, its files hashed, and only then is its marker written
-(atomically); a shard without a marker is rewritten from scratch on resume, so a killed run never leaves
-a half-written shard that reads as complete. Compression is lossless Blosc with byte shuffle: lz4 by
-default (decodes at ~1 GB/s per core, so the trainer's CPU feed keeps up; float16 tokens shrink ~5-15%,
-relations ~30%), or zstd (~1.2x / ~1.7x smaller, ~4x slower to decode) when disk matters more. The
+writer), of durability and of resume. A shard is written whole, fsynced, its files hashed, and only then is
+its marker written (atomically); a shard without a marker is rewritten from scratch on resume, so a killed
+run never leaves a half-written shard that reads as complete. Compression is lossless Blosc with byte shuffle: lz4 by
+default (a PATH-B float16 block read, one view set of 8 images, costs ~0.07 ms of CPU per image, so the
+trainer's CPU feed keeps up; float16 tokens shrink ~5-15%, relations ~30%), or zstd (~1.2x / ~1.7x smaller,
+but ~5x the decode CPU, ~0.33 ms per image: a third of the 2-core feed budget) when disk matters more. The
 int8 format quantizes per row: q = round(x / s), s = max|row| / 127, x ~= q * s.
 """
 from __future__ import annotations

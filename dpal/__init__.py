@@ -3,6 +3,13 @@ shape mask and checkpoint formats. The stages (`cache_teacher`, `train_student`)
 
 `dpal.load_student(path)` rebuilds an exported student (or its EMA) as a plain timm model.
 """
-from dpal.students import export_student, load_student
-
 __all__ = ["export_student", "load_student"]
+
+
+def __getattr__(name: str):
+    # Lazy: importing timm also imports triton, which must not happen before `kernels` has chosen
+    # Triton's interpreter on machines without CUDA; `import dpal` therefore stays light.
+    if name in __all__:
+        from dpal import students
+        return getattr(students, name)
+    raise AttributeError(f"module 'dpal' has no attribute {name!r}")

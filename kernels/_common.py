@@ -7,11 +7,17 @@ kernels run (slowly, exactly) in Triton's interpreter on CPU tensors instead of 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    if "triton" in sys.modules:
+        # Its kernels (tl.zeros included) were already built for compilation, which cannot run here.
+        raise ImportError("triton was imported (e.g. by timm) before `kernels` on a machine without CUDA, so "
+                          "Triton's interpreter can no longer be selected: import kernels first, or set "
+                          "TRITON_INTERPRET=1 before starting Python")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import triton  # noqa: E402  (after the interpreter choice above)
 import triton.language as tl  # noqa: E402

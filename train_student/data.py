@@ -21,6 +21,8 @@ array, no per-sample Python) in a bounded queue. `CachedFeed` zips those with th
 """
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -290,6 +292,30 @@ def make_image_loader(images_path, plan: FeedPlan, *, workers: int) -> tuple[Loa
     return loader, order
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def reuse_freed_batch_memory() -> None:
+    """Let glibc keep freed large blocks for reuse instead of unmapping them (process-wide; Linux/glibc only).
+
+    Each pageable batch holds ~80 MB of PATH-B targets in tensors above glibc's mmap threshold, so by default
+    every batch is a fresh mmap whose pages are faulted in and zeroed by the kernel, then unmapped when the
+    step drops it: that cost 60% of the feed's batch assembly (~0.2 ms of CPU per sample). With large blocks
+    served from the heap and not trimmed, the next batch reuses the freed pages. Resident memory then stays
+    at its peak (a few batches), as it would anyway during training. Pinned batches (GPU training) come
+    from torch's caching host allocator and do not need this.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): keep the allocator's defaults
+        return
+    limit = 2 ** 32 - 1
+    libc.mallopt(_M_MMAP_THRESHOLD, limit)
+    libc.mallopt(_M_TRIM_THRESHOLD, limit)
+
+
 class CachedFeed:
     """Micro-batches of (images from FFCV, targets and view parameters from the store) for one rank."""
 
@@ -297,6 +323,8 @@ class CachedFeed:
                  *, workers: int, pin: bool):
         self.store, self.backgrounds, self.plan, self.cfg, self.pin = store, backgrounds, plan, cfg, pin
         self.loader, self.order = make_image_loader(images_path, plan, workers=workers)
+        if not pin:
+            reuse_freed_batch_memory()
 
     def epoch(self, epoch: int, start_micro: int = 0):
         """Yield this rank's FeedBatches of `epoch`, starting after `start_micro` micro-batches."""
