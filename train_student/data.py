@@ -227,7 +227,7 @@ class TargetPrefetcher:
 
             for micro, start in enumerate(range(0, len(order), plan.micro_batch), start=self.start_micro):
                 images, blocks = order[start:start + plan.micro_batch], order_blocks[start:start + plan.micro_batch]
-                needed, first, counts = np.unique(blocks, return_index=True, return_counts=True)
+                needed, counts = np.unique(blocks, return_counts=True)
                 for block in needed.tolist():
                     while block not in loaded:
                         keep_reads_in_flight()
