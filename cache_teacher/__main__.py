@@ -20,6 +20,7 @@ from dpal.recipes import TEACHERS
 
 
 def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
+    from cache_teacher.options import add_teacher_option_arguments
     from cache_teacher.pack import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE
     from cache_teacher.run import DEFAULT_CALIBRATION_IMAGES
     from cache_teacher.store import CODECS, TARGET_FORMATS
@@ -72,6 +73,7 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the storage needed and exit")
     run.add_argument("--skip-space-check", action="store_true", help="do not refuse when the free space looks short")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_teacher_option_arguments(run)
 
     verify = commands.add_parser("verify",
                                  help="check completeness + checksums, re-render a sample and rerun the teacher",
@@ -100,6 +102,7 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     bench.add_argument("--format", dest="target_format", choices=TARGET_FORMATS, default="float16")
     bench.add_argument("--device", default=None)
     bench.add_argument("--json", dest="json_out", default="cache_bench.json", help="default cache_bench.json")
+    add_teacher_option_arguments(bench)
 
     demo = commands.add_parser("demo-data",
                                help="write built-in inputs: synthetic persons, backgrounds, random teacher")
@@ -111,7 +114,12 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
 
 
 def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
-    args = _parser(teachers).parse_args(argv)
+    from cache_teacher.options import parse_teacher_options
+
+    parser = _parser(teachers)
+    args = parser.parse_args(argv)
+    if args.command in ("run", "bench"):
+        args.teacher_options = parse_teacher_options(parser, args, teachers[args.teacher])
     from dpal.checkpoints import CheckpointError
     from cache_teacher.ffcv_images import ImagesFileError
     from cache_teacher.pack import PackError
@@ -124,7 +132,7 @@ def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
             pack(args.src, args.out, max_side=args.max_side, quality=args.jpeg_quality, workers=args.workers)
         elif args.command == "run":
             from cache_teacher.run import RunConfig, run
-            fields = {k: v for k, v in vars(args).items() if k != "command"}
+            fields = {k: v for k, v in vars(args).items() if k not in ("command", "teacher_options")}
             run(RunConfig(**fields), teachers=teachers)
         elif args.command == "verify":
             from cache_teacher.verify import verify
@@ -138,7 +146,8 @@ def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
             from cache_teacher.bench import bench
             bench(args.teacher, args.weights, args.images, args.backgrounds, batch_size=args.batch_size,
                   iterations=args.iterations, num_images=args.num_images, views_per_image=args.views_per_image,
-                  target_format=args.target_format, device=args.device, json_out=args.json_out)
+                  target_format=args.target_format, device=args.device, json_out=args.json_out,
+                  teacher_options=args.teacher_options)
         elif args.command == "demo-data":
             from cache_teacher.demo_data import DEFAULT_BACKGROUNDS, DEFAULT_PERSONS, write_demo_data
             write_demo_data(args.out_dir, persons=args.persons or DEFAULT_PERSONS,

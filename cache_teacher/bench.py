@@ -27,12 +27,13 @@ def _sync(device: torch.device) -> None:
 
 def bench(teacher: str, weights: str, images: str, backgrounds: str, *, batch_size: int | None = None,
           iterations: int = 5, num_images: int | None = None, views_per_image: int = 2,
-          target_format: str = "float16", device: str | None = None, json_out: str | None = None) -> dict:
+          target_format: str = "float16", device: str | None = None, json_out: str | None = None,
+          teacher_options: dict | None = None) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch = batch_size or (128 if dev.type == "cuda" else 8)
     spec, cfg = TEACHERS[teacher], ViewConfig()
     image_file, background_file = ImageFile(images), ImageFile(backgrounds)
-    computer = TargetComputer(load_teacher(spec, weights).to(dev), background_file, cfg, dev, batch)
+    computer = TargetComputer(load_teacher(spec, weights, **(teacher_options or {})).to(dev), background_file, cfg, dev, batch)
 
     params = torch.stack([image_view_params(0, i % len(image_file), 1, len(background_file), cfg)[0]
                           for i in range(batch)])

@@ -33,7 +33,7 @@ from cache_teacher.store import (
 from dpal.config import TeacherSpec, ViewConfig
 from dpal.recipes import TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
-from dpal.teachers import Teacher, load_teacher, teacher_targets
+from dpal.teachers import Teacher, load_teacher, teacher_options, teacher_targets
 from dpal.views import (VIEW_PARAMS_VERSION, VIEW_SET_FIELDS, background_indices, render_view_sets,
                         sample_view_sets)
 
@@ -64,6 +64,8 @@ class RunConfig:
     skip_space_check: bool = False
     progress: bool = True
     limit_images: int | None = None  # cache only the first N images (a trial run; recorded in the store)
+    solider_weights: str = "teacher"  # SOLIDER container: 'teacher' (SOLIDER's tools) or 'student' (original DPAL)
+    semantic_weight: float = 0.0  # SOLIDER's s, folded into the weights
 
 
 def view_generator(seed: int, image_index: int) -> torch.Generator:
@@ -249,13 +251,15 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
         "token_grid": list(grid), "chunk_images": layout.chunk_images, "shard_images": layout.shard_images,
         "calibration_images": min(cfg.calibration_images, layout.num_images), "codec": cfg.codec,
         "teacher_precision": "bfloat16" if device.type == "cuda" else "float32",
+        "teacher_options": teacher_options(spec, solider_weights=cfg.solider_weights,
+                                           semantic_weight=cfg.semantic_weight),
     }
     identity_keys = IDENTITY_KEYS + ("teacher_precision",)
     if out.exists():
         _check_resumable(out, identity, identity_keys)
     _check_output(out, 0 if out.exists() else total_bytes, cfg.skip_space_check)
 
-    teacher = load_teacher(spec, weights).to(device)
+    teacher = load_teacher(spec, weights, **identity["teacher_options"]).to(device)
     computer = TargetComputer(teacher, backgrounds, view_cfg, device, batch_size)
     if not out.exists() and rank == 0:
         for stale in out.parent.glob(f"{out.name}.creating-*"):

@@ -183,7 +183,8 @@ def describe_differences(stored: dict, expected: dict, keys) -> list[str]:
 IDENTITY_KEYS = ("format_version", "spec_version", "view_params_version", "teacher", "teacher_spec",
                  "checkpoint_sha256", "view_config", "images_fingerprint", "backgrounds_fingerprint",
                  "num_images", "num_backgrounds", "views_per_image", "target_format", "seed",
-                 "token_grid", "chunk_images", "shard_images", "calibration_images", "codec")
+                 "token_grid", "chunk_images", "shard_images", "calibration_images", "codec",
+                 "teacher_options")
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:

@@ -73,7 +73,7 @@ def verify(store_path: str, weights: str, *, images: str | None = None, backgrou
         raise StoreError(f"{weights} is not the checkpoint the store was made with (sha256 differs)")
     spec = teachers[attrs["teacher"]] if attrs["teacher"] in teachers else TeacherSpec(**attrs["teacher_spec"])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    computer = TargetComputer(load_teacher(spec, weights).to(dev), ImageFile(backgrounds_path), store.view_config,
+    computer = TargetComputer(load_teacher(spec, weights, **attrs["teacher_options"]).to(dev), ImageFile(backgrounds_path), store.view_config,
                               dev, batch_size)
     image_file = ImageFile(images_path)
     calibration = ShapeMaskCalibration.from_dict(attrs["mask_calibration"])

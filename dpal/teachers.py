@@ -154,6 +154,25 @@ def build_teacher(name: str | TeacherSpec, *, semantic_weight: float = 0.0) -> T
     return Teacher(spec, _create_model(spec), semantic_weight=semantic_weight if spec.arch == "swin" else None)
 
 
+SOLIDER_CONTAINERS = ("teacher", "student")
+
+
+def teacher_options(name: str | TeacherSpec, *, solider_weights: str = "teacher",
+                    semantic_weight: float = 0.0) -> dict:
+    """The `load_teacher` keyword arguments that change this teacher's outputs, validated: SOLIDER's weight
+    container and semantic weight, nothing for PATH. Stores record them, so targets are never mixed."""
+    spec = _resolve_spec(name)
+    if spec.arch != "swin":
+        if solider_weights != "teacher" or semantic_weight != 0.0:
+            raise ValueError(f"--solider-weights and --semantic-weight apply to SOLIDER teachers only, not {spec.name}")
+        return {}
+    if solider_weights not in SOLIDER_CONTAINERS:
+        raise ValueError(f"solider_weights must be one of {', '.join(SOLIDER_CONTAINERS)}, got {solider_weights!r}")
+    if not 0.0 <= semantic_weight <= 1.0:
+        raise ValueError(f"semantic_weight must lie in [0, 1], got {semantic_weight}")
+    return {"solider_weights": solider_weights, "semantic_weight": float(semantic_weight)}
+
+
 def load_teacher(name: str | TeacherSpec, path, *, solider_weights: str = "teacher",
                  semantic_weight: float = 0.0) -> Teacher:
     """Load a released checkpoint (any layout of spec section 1) into a frozen, eval-mode teacher.

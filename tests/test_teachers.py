@@ -558,3 +558,18 @@ def test_arbitrary_pickled_objects_are_refused(tmp_path):
     assert_names(error, path, "Payload", "only tensors")
     allowed = write(tmp_path, "namespace.pth", {"args": argparse.Namespace(lr=0.1), "epoch": 1})
     assert load_checkpoint_file(allowed)["args"].lr == 0.1
+
+
+def test_teacher_options_apply_to_solider_only_and_are_validated():
+    from dpal.teachers import teacher_options
+
+    assert teacher_options("path-b") == {}
+    assert teacher_options("solider-b") == {"solider_weights": "teacher", "semantic_weight": 0.0}
+    assert teacher_options("solider-b", solider_weights="student", semantic_weight=0.6) == {
+        "solider_weights": "student", "semantic_weight": 0.6}
+    with pytest.raises(ValueError, match="SOLIDER teachers only, not path-l"):
+        teacher_options("path-l", semantic_weight=0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        teacher_options("solider-b", semantic_weight=1.5)
+    with pytest.raises(ValueError, match="solider_weights must be one of"):
+        teacher_options("solider-b", solider_weights="ema")

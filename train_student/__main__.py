@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cache_teacher.options import add_teacher_option_arguments, parse_teacher_options
 from dpal.recipes import RECIPES, list_recipes
 
 EXAMPLE = """examples:
@@ -45,6 +46,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="force the plain-PyTorch reference ops instead of the fused Triton kernels")
     parser.add_argument("--teacher-weights", metavar="W.pth",
                         help="teacher checkpoint for --teacher-online (and for the bench's online step)")
+    add_teacher_option_arguments(parser)
 
 
 def training_parser() -> argparse.ArgumentParser:
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [flag for flag in required if getattr(args, flag[2:].replace("-", "_")) is None]
     if missing:
         parser.error(f"missing {', '.join(missing)} (see --help)")
+    args.teacher_options = parse_teacher_options(parser, args, RECIPES[args.recipe].teacher)
     from train_student.train import run_training
     return run_training(args)
 

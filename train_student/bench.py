@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from cache_teacher.options import add_teacher_option_arguments, parse_teacher_options
 from dpal.recipes import get_recipe, list_recipes
 
 
@@ -42,6 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--feed-workers", type=int, default=os.cpu_count(),
                    help="FFCV decoding threads for the feed-alone figure (default: all cores)")
     p.add_argument("--calibration-images", type=int, default=256, help="shape-mask calibration for the online step")
+    add_teacher_option_arguments(p)
     p.add_argument("--reference-path", action="store_true", help="force the plain-PyTorch reference ops")
     p.add_argument("--feed-only", action="store_true", help="measure only the data feed (no model, no teacher)")
     p.add_argument("--out", default="train_bench.json", metavar="JSON", help="where to write the figures")
@@ -103,7 +105,7 @@ def training_step_rates(args, recipe, store, backgrounds, plan, device, batch: i
     optimizer = torch.optim.AdamW(param_groups(model, recipe.optim.weight_decay), lr=1e-4,
                                   betas=recipe.optim.betas, fused=device.type == "cuda")
     cached_rate = time_steps(model, optimizer, ema, cached_batches, recipe, device, args.warmup_steps)
-    teacher = load_teacher(recipe.teacher.name, args.teacher_weights).to(device)
+    teacher = load_teacher(recipe.teacher.name, args.teacher_weights, **args.teacher_options).to(device)
     calibration = fit_online_mask_calibration(teacher, args.images, backgrounds, recipe, device,
                                               count=args.calibration_images, seed=0, batch=batch)
     online_rate = time_steps(model, optimizer, ema, online_batches, recipe, device, args.warmup_steps,
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = cli.parse_args(argv)
     if args.teacher_weights is None and not args.feed_only:
         cli.error("--teacher-weights is required (or pass --feed-only)")
+    args.teacher_options = parse_teacher_options(cli, args, get_recipe(args.recipe).teacher)
     from cache_teacher.ffcv_images import images_fingerprint
     from cache_teacher.store import open_store
     from dpal import dispatch

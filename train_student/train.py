@@ -200,6 +200,7 @@ def run_config(args: argparse.Namespace, recipe: Recipe, global_batch: int, imag
             "store": None if args.teacher_online else str(Path(args.store).resolve()), "store_identity": store_identity,
             "teacher_online": args.teacher_online, "calibration_images": args.calibration_images,
             "teacher_weights": str(Path(args.teacher_weights).resolve()) if args.teacher_online else None,
+            "teacher_options": args.teacher_options if args.teacher_online else None,
             "max_steps": args.max_steps, "checkpoint_every": args.checkpoint_every, "workers": args.workers,
             "progress": args.progress, "reference_path": args.reference_path}
 
@@ -230,7 +231,7 @@ def train(args: argparse.Namespace) -> Path:
         from dpal.teachers import load_teacher
         if not args.teacher_weights:
             raise TrainingError("--teacher-online needs --teacher-weights W.pth (the teacher's released checkpoint)")
-        teacher = load_teacher(recipe.teacher.name, args.teacher_weights).to(device)
+        teacher = load_teacher(recipe.teacher.name, args.teacher_weights, **args.teacher_options).to(device)
         num_images, chunk_images = ImageFile(args.images).num_images, 1
     else:
         from cache_teacher.store import open_store
