@@ -195,7 +195,7 @@ def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -203,11 +203,26 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call `write(file_object)` into a temporary sibling of `path`, make it durable, rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+
+
 def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
-            _fsync_path(Path(folder) / name)
-        _fsync_path(Path(folder))
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
 
 
 def check_format_version(attrs: dict, path: Path) -> None:
@@ -255,7 +270,7 @@ class StoreWriter:
         (staging / PROGRESS_DIR).mkdir()
         _fsync_tree(staging)
         os.rename(staging, path)
-        _fsync_path(path.parent)
+        fsync_path(path.parent)
         return cls(path, attrs, layout)
 
     def shard_files(self, shard: int) -> dict[str, Path]:
@@ -281,21 +296,14 @@ class StoreWriter:
             array[start:stop] = block
         record = {"shard": shard, "images": [start, stop], "files": {}}
         for name, path in files.items():
-            _fsync_path(path)
+            fsync_path(path)
             for folder in (path.parent, *path.parent.parents):
-                _fsync_path(folder)
+                fsync_path(folder)
                 if folder == self.path:
                     break
             record["files"][name] = {"key": path.relative_to(self.path).as_posix(),
                                      "bytes": path.stat().st_size, "sha256": file_sha256(path)}
-        marker = self.marker_path(shard)
-        partial = marker.with_suffix(".json.partial")
-        with open(partial, "w") as handle:
-            json.dump(record, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, marker)
-        _fsync_path(marker.parent)
+        atomic_write_bytes(self.marker_path(shard), lambda handle: handle.write(json.dumps(record).encode()))
 
 
 def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -325,3 +325,19 @@ def _identity_semantic_layers(stage: int, *, shift: torch.Tensor) -> dict:
         f"semantic_embed_b.{stage}.weight": torch.zeros(width, 2),
         f"semantic_embed_b.{stage}.bias": shift.detach().clone().float(),
     }
+
+
+def load_exact(model: torch.nn.Module, state_dict: dict, path, layout: str, name: str, *, detail: str = "") -> None:
+    """load_state_dict(strict=True), but a mismatch raises a CheckpointError naming the file, the layout and
+    every missing, unexpected and wrongly shaped key (`name` is what the file was expected to hold)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [f"{k} (file {list(state_dict[k].shape)}, {name} needs {list(expected[k].shape)})"
+                   for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        problem = f"does not match {name}{detail}"
+        if wrong_shape:
+            problem += f"; wrong shapes ({len(wrong_shape)}): " + ", ".join(wrong_shape[:8])
+        raise CheckpointError(path, layout, problem, missing=missing, unexpected=unexpected)
+    model.load_state_dict(state_dict, strict=True)

@@ -28,7 +28,7 @@ from timm.layers import Attention
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import nn
 
-from dpal.checkpoints import CheckpointError
+from dpal.checkpoints import CheckpointError, load_exact
 from dpal.config import Recipe, StudentSpec, TeacherSpec
 
 EXPORT_FORMAT = "dpal-student"
@@ -320,20 +320,5 @@ def materialize(module: nn.Module) -> nn.Module:
     return module
 
 
-def load_exact(model: nn.Module, state_dict: dict, path, layout: str, what: str) -> None:
-    """load_state_dict(strict) with a CheckpointError naming missing, unexpected and wrongly shaped keys."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [f"{k} (file {list(state_dict[k].shape)}, model {list(expected[k].shape)})"
-             for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        problem = f"does not match {what}"
-        if wrong:
-            problem += f"; wrong shapes ({len(wrong)}): " + ", ".join(wrong[:8])
-        raise CheckpointError(path, layout, problem, missing=missing, unexpected=unexpected)
-    model.load_state_dict(state_dict, strict=True)
-
-
 __all__ = ["EXPORT_FORMAT_VERSION", "Student", "StudentTokens", "build_student", "create_backbone",
-           "export_student", "load_exact", "load_student", "materialize", "read_student_config", "student_config"]
+           "export_student", "load_student", "materialize", "read_student_config", "student_config"]

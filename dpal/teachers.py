@@ -20,6 +20,7 @@ from dpal.checkpoints import (
     LAYOUT_SOLIDER,
     CheckpointError,
     load_checkpoint_file,
+    load_exact,
     path_to_timm,
     pos_embed_grid,
     solider_backbone,
@@ -190,23 +191,10 @@ def load_teacher(name: str | TeacherSpec, path, *, solider_weights: str = "teach
         state_dict = solider_to_timm(solider_backbone(checkpoint, path, weights=solider_weights), path,
                                      semantic_weight=semantic_weight)
         model = _create_model(spec)
-    _load_exactly(model, state_dict, path, layout, spec)
+    load_exact(model, state_dict, path, layout, spec.name,
+               detail=f" ({spec.arch}, width {spec.width}, depth {spec.depth}); key names below are after "
+                      "mapping onto timm's modules")
     return Teacher(spec, model, semantic_weight=semantic_weight if spec.arch == "swin" else None)
-
-
-def _load_exactly(model: nn.Module, state_dict: dict, path, layout: str, spec: TeacherSpec) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [f"{k} (file {list(state_dict[k].shape)}, {spec.name} needs {list(expected[k].shape)})"
-                   for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
-    if missing or unexpected or wrong_shape:
-        problem = (f"does not match {spec.name} ({spec.arch}, width {spec.width}, depth {spec.depth}); "
-                   f"key names below are after mapping onto timm's modules")
-        if wrong_shape:
-            problem += f"; wrong shapes ({len(wrong_shape)}): " + ", ".join(wrong_shape[:8])
-        raise CheckpointError(path, layout, problem, missing=missing, unexpected=unexpected)
-    model.load_state_dict(state_dict, strict=True)
 
 
 @torch.no_grad()

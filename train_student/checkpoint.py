@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from cache_teacher.store import atomic_write_bytes
+
 CHECKPOINT_NAME = "checkpoint.pt"
 RUN_CONFIG_NAME = "run.json"
 CHECKPOINT_FORMAT = 1
@@ -20,29 +22,6 @@ CHECKPOINT_FORMAT = 1
 
 class RunFolderError(ValueError):
     """The output folder cannot be used as asked (holds another run, or nothing to resume)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call `write(file_object)` into a temporary sibling of `path`, make it durable, rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> Path:
