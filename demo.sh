@@ -31,7 +31,7 @@ step "5/7 verify and describe the store"
 step "6/7 train the default student (path-b_vit-ti) from the cache"
 "$PY" -m train_student --recipe path-b_vit-ti --store "$OUT/targets.zarr" \
   --images "$OUT/persons.beton" --backgrounds "$OUT/backgrounds.beton" --out "$OUT/run" \
-  --batch-size 2 --epochs 8 --warmup-epochs 1 --lr 5e-4  # 192 steps: a short real schedule on 2 CPU cores
+  --batch-size 2 --epochs 10 --warmup-epochs 1 --lr 5e-4  # 240 steps: a short real schedule on 2 CPU cores
 
 step "7/7 reload the exported student through timm"
 "$PY" - "$OUT/run" <<'PYEOF'

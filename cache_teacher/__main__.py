@@ -59,8 +59,9 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
                      "slower to decode)")
     run.add_argument("--seed", type=int, default=0, help="seed of the view sets (default 0)")
     run.add_argument("--batch-size", type=int, default=None,
-                     help="view sets per teacher batch (default 128 CUDA, 8 CPU); keep it when resuming for "
-                     "bit-identical targets (GEMM rounding depends on the batch shape)")
+                     help="view sets per teacher batch (default 128 CUDA, 8 CPU; a resumed run uses the store's). "
+                     "A resume with another batch size is refused: GEMM rounding depends on the batch shape, "
+                     "and a store must not mix two")
     run.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
                      help="images whose first view set calibrates the shape mask "
                      f"(default {DEFAULT_CALIBRATION_IMAGES})")

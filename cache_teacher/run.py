@@ -238,7 +238,10 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
     device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    batch_size = cfg.batch_size or (128 if device.type == "cuda" else 8)
+    resumed = read_attrs(out) if out.exists() else {}
+    # A resumed run keeps the store's batch size unless told otherwise: GEMM rounding depends on the batch
+    # shape, so a store written with two batch sizes would not equal one written in a single run.
+    batch_size = cfg.batch_size or resumed.get("batch_size") or (128 if device.type == "cuda" else 8)
     grid, _, crowd_tokens = token_counts(spec, view_cfg)
     identity = {
         "format_version": STORE_FORMAT_VERSION, "spec_version": SPEC_VERSION,
@@ -253,8 +256,9 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
         "teacher_precision": "bfloat16" if device.type == "cuda" else "float32",
         "teacher_options": teacher_options(spec, solider_weights=cfg.solider_weights,
                                            semantic_weight=cfg.semantic_weight),
+        "batch_size": batch_size,
     }
-    identity_keys = IDENTITY_KEYS + ("teacher_precision",)
+    identity_keys = IDENTITY_KEYS + ("teacher_precision", "batch_size")
     if out.exists():
         _check_resumable(out, identity, identity_keys)
     _check_output(out, 0 if out.exists() else total_bytes, cfg.skip_space_check)
@@ -269,8 +273,7 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
                                          cfg.seed, layout.views_per_image, grid)
         attrs = dict(identity, mask_calibration=calibration.to_dict(), view_fields=VIEW_SET_FIELDS,
                      crowd_tokens=crowd_tokens, images_path=str(Path(cfg.images).resolve()),
-                     backgrounds_path=str(Path(cfg.backgrounds).resolve()),
-                     batch_size=batch_size)
+                     backgrounds_path=str(Path(cfg.backgrounds).resolve()))
         StoreWriter.create(out, attrs, layout)
     _barrier()
     attrs = read_attrs(out)

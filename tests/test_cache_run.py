@@ -191,9 +191,13 @@ def test_no_mixing_and_bad_input(inputs, reference, tmp_path, capsys):
                              (dict(target_format="int8"), "target_format: store has 'float16'"),
                              (dict(seed=1), "seed: store has 0"),
                              (dict(codec="zstd"), "codec: store has 'lz4'"),
+                             (dict(batch_size=4), "batch_size: store has 3, this run has 4"),
                              (dict(images=str(inputs / "backgrounds.beton")), "images_fingerprint")]:
         with pytest.raises(RunError, match=expected):
             run(_config(inputs, "reference.zarr", **change), teachers=TEACHERS_WITH_TINY)
+    # Without --batch-size a resume adopts the store's batch size (here: nothing left to do).
+    assert run(_config(inputs, "reference.zarr", batch_size=None), teachers=TEACHERS_WITH_TINY)[
+        "computed_view_sets"] == 0
     other_weights = tmp_path / "other.pth"
     torch.manual_seed(1)
     torch.save(release_checkpoint(build_teacher(TINY)), other_weights)
