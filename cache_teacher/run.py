@@ -31,6 +31,7 @@ from cache_teacher.store import (
     describe_differences, file_sha256, layout_from_attrs, plan_layout, quantize_rows, read_attrs, teacher_spec_dict,
     token_counts, view_config_dict)
 from dpal.config import TeacherSpec, ViewConfig
+from dpal.losses import quantize_relation
 from dpal.recipes import TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
 from dpal.teachers import Teacher, load_teacher, teacher_options, teacher_targets
@@ -137,7 +138,7 @@ class TargetComputer:
             encoded = {"global": out.global_.half(), "mask": shape_mask(out.local, calibration).half()}
             if target_format == "int8":
                 encoded["local"], encoded["local_scale"] = quantize_rows(out.local)
-                encoded["relation"], encoded["relation_scale"] = quantize_rows(out.relation)
+                encoded["relation"], encoded["relation_scale"] = quantize_relation(out.relation)
             else:
                 encoded["local"], encoded["relation"] = out.local.half(), out.relation.half()
             for name, value in encoded.items():

@@ -47,7 +47,9 @@ from zarr.storage import LocalStore
 from dpal.config import Recipe, TeacherSpec, ViewConfig
 from dpal.views import VIEW_PARAMS_VERSION
 
-STORE_FORMAT_VERSION = 2  # 2: chunks hold one view set (view-set-major); 1: chunks held all K
+# 3: int8 relation rows are log-domain codes (`dpal.losses.quantize_relation`); 2: chunks hold one view set
+# (view-set-major), int8 relation rows were linear; 1: chunks held all K view sets of their images.
+STORE_FORMAT_VERSION = 3
 SPEC_VERSION = 1  # revision of DPAL_SPEC.md whose targets the store holds
 ATTRS_KEY = "dpal_store"
 PROGRESS_DIR = "dpal_progress"
@@ -229,7 +231,7 @@ def check_format_version(attrs: dict, path: Path) -> None:
     version = attrs.get("format_version")
     if version != STORE_FORMAT_VERSION:
         raise StoreError(f"{path} was written in store format {version}; this version reads format "
-                         f"{STORE_FORMAT_VERSION} (one view set per chunk) and cannot use it. Re-run "
+                         f"{STORE_FORMAT_VERSION} and cannot use it. Re-run "
                          f"`python -m cache_teacher run` into a new --out folder to rebuild the store.")
 
 

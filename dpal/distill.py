@@ -24,8 +24,8 @@ def distill_step_losses(student: torch.nn.Module, decoder: DynamicPatternDecoder
 
     Views: global_view [B,3,256,128], local_views [B,V,3,128,96] (V local crops, may be 0),
     crowd_view [B,3,256,256]. Targets: global_target [B,D_t], local_target [B,N,D_t] (int8 with
-    local_scale [B,N] allowed), local_mask [B,N], relation_target [B,Nc,Nc] probabilities (int8 with
-    relation_scale [B,Nc] allowed). moe_loss_weight: `dpal.losses.moe_weight(epoch, optim)`.
+    local_scale [B,N] allowed), local_mask [B,N], relation_target [B,Nc,Nc] probabilities (int8 codes of
+    `dpal.losses.quantize_relation` with relation_scale [B,Nc] allowed). moe_loss_weight: `dpal.losses.moe_weight(epoch, optim)`.
 
     Returns {'global', 'local', 'relation', 'moe' (unweighted mean gate CE), 'experts', 'total'};
     total = global + local + relation + moe_loss_weight * moe + experts.

@@ -29,9 +29,41 @@ def relation_matrix(tokens: torch.Tensor) -> torch.Tensor:
     return relation_logits(tokens).softmax(dim=-1)
 
 
+# Project choice: int8 relation targets code each row's log-probabilities, not its probabilities.
+# A linear code of p (q * max / 127) zeroes every entry below max / 254, which is most of a 257-token
+# row, and costs KL ~0.2 (as much as the relation loss itself late in training). In the log domain
+# the rounding error is relative: a step of RELATION_LOG_RANGE / 255 nats bounds each entry's error to
+# about +-4% and the KL to step^2 / 8 ~ 8e-4. Entries more than RELATION_LOG_RANGE nats below the row's largest are raised to
+# that floor (at most 256 * e^-20 ~ 5e-7 of extra mass).
+RELATION_LOG_RANGE = 20.0
+
+
+def quantize_relation(probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row distributions [..., N] -> (int8 q, float32 scale [...]) with softmax(q * scale) ~= p.
+
+    log p is shifted so that its row maximum becomes code 127 and the floor RELATION_LOG_RANGE nats
+    below becomes -128; softmax ignores the shift. A uniform row gets scale 0 (softmax(0) is uniform).
+    """
+    log_p = probabilities.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+    top = log_p.amax(dim=-1, keepdim=True)
+    log_p = torch.maximum(log_p, top - RELATION_LOG_RANGE)
+    scale = (top - log_p.amin(dim=-1, keepdim=True)) / 255
+    codes = torch.where(scale > 0, (log_p - top) / scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    return (codes.round() + 127).clamp(-128, 127).to(torch.int8), scale.squeeze(-1)
+
+
+def relation_probabilities(target: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A stored relation target -> row probabilities: float targets as they are, int8 codes from
+    `quantize_relation` as softmax(q * scale) (float32 at least)."""
+    if target.dtype == torch.int8:
+        return dequantize_rows(target, row_scale).softmax(dim=-1)
+    return dequantize_rows(target, row_scale)
+
+
 def dequantize_rows(target: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """A stored target -> float (float32 at least): float16/32/64 as is, int8 q with a scale per row
-    (per last-axis vector, shape target.shape[:-1]) as q * scale. Used for relation and local targets."""
+    (per last-axis vector, shape target.shape[:-1]) as q * scale. Local targets are stored so; int8
+    relation targets are log-domain codes (`relation_probabilities`)."""
     if target.dtype == torch.int8:
         if row_scale is None:
             raise ValueError("target is int8 but no row scale was given; int8 targets are stored as "
@@ -53,14 +85,15 @@ def relation_kl_reference(y: torch.Tensor, target: torch.Tensor,
                           target_row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """KL(R_t || R_s) with R_s = softmax(Y Y^T / sqrt(D)): summed over the last axis, mean over rows and batch.
 
-    y [B,N,D] (the decoder output on the crowd view), target [B,N,N] probabilities (float) or int8 with
-    target_row_scale [B,N] meaning p = q * scale. Entries with p = 0 contribute 0 (x log x -> 0).
+    y [B,N,D] (the decoder output on the crowd view), target [B,N,N] probabilities (float), or int8
+    codes with target_row_scale [B,N] meaning p = softmax(q * scale) (`quantize_relation`). Entries with
+    p = 0 contribute 0 (x log x -> 0).
     """
     if target.shape != (*y.shape[:-1], y.shape[-2]):
         raise ValueError(f"relation target has shape {tuple(target.shape)}, expected "
                          f"{(*y.shape[:-1], y.shape[-2])} for tokens of shape {tuple(y.shape)}")
     log_student = relation_logits(y).log_softmax(dim=-1)
-    p = dequantize_rows(target, target_row_scale).to(log_student.dtype)
+    p = relation_probabilities(target, target_row_scale).to(log_student.dtype)
     kl_rows = (torch.xlogy(p, p) - p * log_student).sum(dim=-1)
     return kl_rows.mean()
 

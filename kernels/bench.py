@@ -28,7 +28,7 @@ from kernels._common import INTERPRETED
 from kernels.decoder_experts import expert_path
 from kernels.relation_loss import relation_kl
 from dpal.decoder import expert_path_reference
-from dpal.losses import relation_kl_reference, relation_matrix
+from dpal.losses import quantize_relation, relation_kl_reference, relation_matrix
 from dpal.recipes import RECIPES
 
 PATTERNS = 3
@@ -111,8 +111,7 @@ def _relation_inputs(batch, tokens, dim, dtype, target_format, device, seed=0):
     y = torch.randn(batch, tokens, dim, generator=g).to(device, dtype).requires_grad_()
     probs = relation_matrix(torch.randn(batch, tokens, dim, generator=g).to(device))
     if target_format == "int8":
-        scale = probs.amax(-1) / 127
-        inputs = [y, torch.round(probs / scale[..., None]).to(torch.int8), scale]
+        inputs = [y, *quantize_relation(probs)]
     else:
         inputs = [y, probs.to(getattr(torch, target_format)), None]
     return inputs, [torch.ones((), device=device)]

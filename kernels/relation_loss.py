@@ -1,12 +1,13 @@
 """Fused relation loss: matches `dpal.losses.relation_kl_reference` without storing student logits.
 
-With S = Y Y^T / sqrt(D) per sample, p the target rows (int8 targets dequantized in the kernel as
-q * row scale), P_i = sum_j p_ij and lse_i = logsumexp_j S_ij:
+With S = Y Y^T / sqrt(D) per sample, p the target rows (int8 targets are log-domain codes, decoded in
+the kernel as p = exp(q * row scale - lse_t) with lse_t = logsumexp_j q_ij * scale_i from a pre-pass
+over the int8 row), P_i = sum_j p_ij and lse_i = logsumexp_j S_ij:
 
     KL_i = sum_j xlogy(p_ij, p_ij) - sum_j p_ij S_ij + P_i lse_i        loss = mean_{b,i} KL_i
 
 Forward: one program per (sample, block of rows) sweeps the column blocks with an online logsumexp
-(flash-attention style); S tiles live only in registers. It keeps lse and P [B, N] for backward.
+(flash-attention style); S tiles live only in registers. It keeps lse, P and lse_t [B, N] for backward.
 Backward: dKL/dS_ij = P_i softmax_ij - p_ij =: G_ij, and since S is symmetric,
 dY = (G + G^T) Y / sqrt(D) (times the incoming gradient / (B N)). One program per (sample, I, J) tile
 recomputes S_IJ and writes (G_IJ + G_JI^T) scaled — G_JI^T comes from the same S tile with the column
@@ -50,18 +51,38 @@ def _scaled_logits(y_ptr, offs_i, offs_j, N, D, scale, BLOCK_I: tl.constexpr, BL
 
 
 @triton.jit
-def _target_tile(t_ptr, row_scale_ptr, rows, cols, N, QUANTIZED: tl.constexpr):
-    """Target probabilities p[rows, cols] of one sample as fp32 (0 outside), dequantized when int8."""
+def _target_log_normalizer(t_ptr, row_scale_ptr, rows, N, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """lse_t = logsumexp_j q_ij * scale_i of int8 log-domain target rows (0 for rows past N)."""
+    row_ok = rows < N
+    row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    running_max = tl.full((BLOCK_I,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    for j0 in range(0, N, BLOCK_J):
+        cols = j0 + tl.arange(0, BLOCK_J)
+        codes = tl.load(t_ptr + rows[:, None] * N + cols[None, :], mask=row_ok[:, None] & (cols < N)[None, :],
+                        other=0).to(tl.float32)
+        logits = tl.where((cols < N)[None, :], codes * row_scale[:, None], float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        running_max = new_max
+    return running_max + tl.log(running_sum)
+
+
+@triton.jit
+def _target_tile(t_ptr, row_scale_ptr, target_lse, rows, cols, N, QUANTIZED: tl.constexpr):
+    """Target probabilities p[rows, cols] of one sample as fp32 (0 outside); int8 codes decode as
+    exp(q * scale - lse_t) with target_lse = lse_t of `rows`."""
     ok = (rows[:, None] < N) & (cols[None, :] < N)
     p = tl.load(t_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0).to(tl.float32)
     if QUANTIZED:
-        p = p * tl.load(row_scale_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+        row_scale = tl.load(row_scale_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        p = tl.where(ok, tl.exp(p * row_scale[:, None] - target_lse[:, None]), 0.0)
     return p
 
 
 @triton.autotune(configs=_CONFIGS, key=["N", "D"])
 @triton.jit
-def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, kl_ptr, lse_ptr, mass_ptr, N, D, scale,
+def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, kl_ptr, lse_ptr, mass_ptr, target_lse_ptr, N, D, scale,
                             QUANTIZED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                             BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -69,6 +90,9 @@ def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, kl_ptr, lse_ptr, mass_p
     y_ptr += b * N * D
     t_ptr += b * N * N
     row_scale_ptr += b * N
+    target_lse = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    if QUANTIZED:
+        target_lse = _target_log_normalizer(t_ptr, row_scale_ptr, offs_i, N, BLOCK_I, BLOCK_J)
     running_max = tl.full((BLOCK_I,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_I,), dtype=tl.float32)
     p_logit = tl.zeros((BLOCK_I,), dtype=tl.float32)
@@ -83,7 +107,7 @@ def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, kl_ptr, lse_ptr, mass_p
         running_sum = running_sum * tl.exp(running_max - new_max) + \
             tl.sum(tl.where(col_ok, tl.exp(s - new_max[:, None]), 0.0), axis=1)
         running_max = new_max
-        p = _target_tile(t_ptr, row_scale_ptr, offs_i, offs_j, N, QUANTIZED)
+        p = _target_tile(t_ptr, row_scale_ptr, target_lse, offs_i, offs_j, N, QUANTIZED)
         p_logit += tl.sum(p * s, axis=1)  # p = 0 on padded columns, where s is finite
         p_log_p += tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), axis=1)
         mass += tl.sum(p, axis=1)
@@ -92,11 +116,13 @@ def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, kl_ptr, lse_ptr, mass_p
     tl.store(kl_ptr + b * N + offs_i, p_log_p - p_logit + mass * lse, mask=row_ok)
     tl.store(lse_ptr + b * N + offs_i, lse, mask=row_ok)
     tl.store(mass_ptr + b * N + offs_i, mass, mask=row_ok)
+    tl.store(target_lse_ptr + b * N + offs_i, target_lse, mask=row_ok)
 
 
 @triton.autotune(configs=_CONFIGS, key=["N", "D"])
 @triton.jit
-def _relation_kl_bwd_kernel(y_ptr, t_ptr, row_scale_ptr, lse_ptr, mass_ptr, grad_ptr, out_ptr, N, D, scale,
+def _relation_kl_bwd_kernel(y_ptr, t_ptr, row_scale_ptr, lse_ptr, mass_ptr, target_lse_ptr, grad_ptr, out_ptr, N,
+                            D, scale,
                             QUANTIZED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                             BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """out[b, I, J] = d loss / d S_IJ + (d loss / d S_JI)^T, already multiplied by the scale of S."""
@@ -113,8 +139,10 @@ def _relation_kl_bwd_kernel(y_ptr, t_ptr, row_scale_ptr, lse_ptr, mass_ptr, grad
     lse_j = tl.load(lse_ptr + b * N + offs_j, mask=col_ok, other=0.0)
     mass_i = tl.load(mass_ptr + b * N + offs_i, mask=row_ok, other=0.0)
     mass_j = tl.load(mass_ptr + b * N + offs_j, mask=col_ok, other=0.0)
-    p_ij = _target_tile(t_ptr, row_scale_ptr, offs_i, offs_j, N, QUANTIZED)
-    p_ji = tl.trans(_target_tile(t_ptr, row_scale_ptr, offs_j, offs_i, N, QUANTIZED))
+    target_lse_i = tl.load(target_lse_ptr + b * N + offs_i, mask=row_ok, other=0.0)
+    target_lse_j = tl.load(target_lse_ptr + b * N + offs_j, mask=col_ok, other=0.0)
+    p_ij = _target_tile(t_ptr, row_scale_ptr, target_lse_i, offs_i, offs_j, N, QUANTIZED)
+    p_ji = tl.trans(_target_tile(t_ptr, row_scale_ptr, target_lse_j, offs_j, offs_i, N, QUANTIZED))
     g = mass_i[:, None] * tl.exp(s - lse_i[:, None]) - p_ij + mass_j[None, :] * tl.exp(s - lse_j[None, :]) - p_ji
     g = g * (tl.load(grad_ptr) * scale)
     ok = row_ok[:, None] & col_ok[None, :]
@@ -134,21 +162,22 @@ class RelationKLFunction(torch.autograd.Function):
         constants = _constants(y.dtype, quantized)
         scale = 1.0 / math.sqrt(dim)
         f32 = dict(device=y.device, dtype=torch.float32)
-        kl_rows, lse, mass = (torch.empty(batch, n, **f32) for _ in range(3))
+        kl_rows, lse, mass, target_lse = (torch.empty(batch, n, **f32) for _ in range(4))
         _relation_kl_fwd_kernel[lambda meta: (batch, triton.cdiv(n, meta["BLOCK_I"]))](
-            y, target, row_scale_arg, kl_rows, lse, mass, n, dim, scale, **constants)
-        ctx.save_for_backward(y, target, row_scale_arg, lse, mass)
+            y, target, row_scale_arg, kl_rows, lse, mass, target_lse, n, dim, scale, **constants)
+        ctx.save_for_backward(y, target, row_scale_arg, lse, mass, target_lse)
         ctx.constants, ctx.scale = constants, scale
         return kl_rows.sum() / (batch * n)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        y, target, row_scale_arg, lse, mass = ctx.saved_tensors
+        y, target, row_scale_arg, lse, mass, target_lse = ctx.saved_tensors
         batch, n, dim = y.shape
         grad_scaled = (grad_loss.float() / (batch * n)).reshape(())
         grad_logits = torch.empty(batch, n, n, device=y.device, dtype=y.dtype)
         _relation_kl_bwd_kernel[lambda meta: (batch, triton.cdiv(n, meta["BLOCK_I"]), triton.cdiv(n, meta["BLOCK_J"]))](
-            y, target, row_scale_arg, lse, mass, grad_scaled, grad_logits, n, dim, ctx.scale, **ctx.constants)
+            y, target, row_scale_arg, lse, mass, target_lse, grad_scaled, grad_logits, n, dim, ctx.scale,
+            **ctx.constants)
         return torch.bmm(grad_logits, y), None, None
 
 
@@ -164,7 +193,7 @@ def relation_kl(y: torch.Tensor, target: torch.Tensor,
     check_dtype(OP, "target", target, TARGET_DTYPES)
     check_shape(OP, "target", target, (batch, n, n))
     if (target.dtype == torch.int8) != (target_row_scale is not None):
-        raise ValueError(f"{OP}: int8 targets need target_row_scale [B,N] (p = q * scale) and float targets "
+        raise ValueError(f"{OP}: int8 targets need target_row_scale [B,N] (p = softmax(q * scale)) and float targets "
                          f"take none; got target {target.dtype} with "
                          f"{'no scale' if target_row_scale is None else 'a scale'}")
     if target_row_scale is not None:

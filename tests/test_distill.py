@@ -6,7 +6,7 @@ import torch
 
 from dpal.decoder import DynamicPatternDecoder
 from dpal.distill import distill_step_losses
-from dpal.losses import global_loss, local_loss, relation_kl_reference, relation_matrix
+from dpal.losses import global_loss, local_loss, quantize_relation, relation_kl_reference, relation_matrix
 from dpal.recipes import get_recipe
 from dpal.students import build_student
 
@@ -87,8 +87,7 @@ def test_int8_targets_with_scales_equal_their_dequantized_floats(vit_ti):
     views, targets = _inputs(recipe, seed=3, batch=2, num_local=1)
     local_scale = targets["local_target"].abs().amax(-1) / 127
     local_q = torch.round(targets["local_target"] / local_scale[..., None]).to(torch.int8)
-    relation_scale = targets["relation_target"].amax(-1) / 127
-    relation_q = torch.round(targets["relation_target"] / relation_scale[..., None]).to(torch.int8)
+    relation_q, relation_scale = quantize_relation(targets["relation_target"])
     common = dict(global_target=targets["global_target"], local_mask=targets["local_mask"], moe_loss_weight=0.1)
     with torch.no_grad():
         quantized = distill_step_losses(student, decoder, recipe.teacher, **views, **common,
@@ -96,7 +95,7 @@ def test_int8_targets_with_scales_equal_their_dequantized_floats(vit_ti):
                                         relation_target=relation_q, relation_scale=relation_scale)
         floats = distill_step_losses(student, decoder, recipe.teacher, **views, **common,
                                      local_target=local_q.float() * local_scale[..., None],
-                                     relation_target=relation_q.float() * relation_scale[..., None])
+                                     relation_target=(relation_q.float() * relation_scale[..., None]).softmax(-1))
     for key in floats:
         torch.testing.assert_close(quantized[key], floats[key], msg=key)
 

@@ -1,6 +1,6 @@
 """Fused relation KL vs `dpal.losses.relation_kl_reference` in float64, forward and backward.
 
-Targets are compared as stored (float32, float16, or int8 with row scales): the reference sees the same
+Targets are compared as stored (float32, float16, or int8 log-domain codes with row scales): the reference sees the same
 stored target, so the error measured is the kernel's alone.
 """
 import os
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from dpal.losses import relation_kl_reference, relation_matrix
+from dpal.losses import quantize_relation, relation_kl_reference, relation_matrix
 from kernels import relation_loss
 from kernels.relation_loss import relation_kl
 
@@ -19,11 +19,10 @@ TARGET_FORMATS = ["float32", "float16", "int8"]
 
 
 def _stored_target(probs, fmt):
-    """Target as the store keeps it: float16, or int8 q with per-row scale (p = q * scale)."""
+    """Target as the store keeps it: float16, or int8 log-domain codes with row scales."""
     if fmt != "int8":
         return probs.to(getattr(torch, fmt)), None
-    scale = probs.amax(-1) / 127
-    return torch.round(probs / scale[..., None]).to(torch.int8), scale.float()
+    return quantize_relation(probs)
 
 
 def _check_against_reference(shape, dtype, fmt, device, seed=0):
@@ -93,7 +92,7 @@ def _compile_every_kernel_for_h100():
     for target, quantized in (("*fp16", False), ("*i8", True)):
         types = {"y_ptr": "*bf16", "out_ptr": "*bf16", "t_ptr": target, "N": "i32", "D": "i32", "scale": "fp32",
                  "row_scale_ptr": "*fp32" if quantized else target}
-        types |= {name: "*fp32" for name in ("kl_ptr", "lse_ptr", "mass_ptr", "grad_ptr")}
+        types |= {name: "*fp32" for name in ("kl_ptr", "lse_ptr", "mass_ptr", "target_lse_ptr", "grad_ptr")}
         for kernel in (relation_loss._relation_kl_fwd_kernel, relation_loss._relation_kl_bwd_kernel):
             compile_for_gpu(kernel, types, dict(QUANTIZED=quantized, DOT_PRECISION="ieee", UPCAST_DOT=False))
 

@@ -6,8 +6,8 @@ import torch
 
 from dpal import dispatch
 from dpal.config import OptimConfig
-from dpal.losses import (global_loss, local_loss, moe_weight, relation_kl_reference, relation_matrix,
-                         total_loss)
+from dpal.losses import (RELATION_LOG_RANGE, global_loss, local_loss, moe_weight, quantize_relation,
+                         relation_kl_reference, relation_matrix, relation_probabilities, total_loss)
 
 
 def _direct_relation(tokens):
@@ -54,19 +54,44 @@ def test_relation_kl_matches_direct_float_target(b, n, d):
     assert math.isclose(float(dispatch.relation_kl(y, target)), expected, rel_tol=1e-10)
 
 
-def test_relation_kl_int8_target_with_row_scale():
+def test_relation_kl_int8_target_is_softmax_of_codes_times_row_scale():
     b, n, d = 2, 9, 6
     y = torch.randn(b, n, d, dtype=torch.float64)
-    probs = relation_matrix(torch.randn(b, n, 4, dtype=torch.float64))
-    scale = probs.amax(dim=-1) / 127
-    q = torch.round(probs / scale[..., None]).to(torch.int8)
+    q, scale = quantize_relation(relation_matrix(torch.randn(b, n, 4, dtype=torch.float64)))
+    scale = scale.double()  # a float64 scale decodes in float64
+    logits = q.double() * scale[..., None]
+    decoded = logits.exp() / logits.exp().sum(-1, keepdim=True)
     got = relation_kl_reference(y, q, scale)
-    expected = _direct_kl(q.double() * scale[..., None], _direct_relation(y))
+    expected = _direct_kl(decoded, _direct_relation(y))
     assert math.isclose(float(got), expected, rel_tol=1e-10)
     with pytest.raises(ValueError, match="row scale"):
         relation_kl_reference(y, q)
     with pytest.raises(ValueError, match="shape"):
         relation_kl_reference(y, q, scale[:, :-1])
+
+
+def test_quantize_relation_keeps_small_probabilities():
+    """Log-domain int8 codes: relative error per entry within half a step, KL ~1e-4, where a linear
+    code (q * row max / 127) would zero most of a 257-token row."""
+    tokens = torch.randn(4, 257, 64, dtype=torch.float64) * 1.5
+    probs = relation_matrix(tokens)
+    q, scale = quantize_relation(probs)
+    assert q.dtype == torch.int8 and scale.shape == (4, 257) and int(q.max()) == 127 and int(q.min()) >= -128
+    decoded = relation_probabilities(q, scale).double()
+    kl = _direct_kl(probs, decoded)
+    assert 0 < kl < 1e-3
+    kept = probs.log() >= probs.log().amax(-1, keepdim=True) - RELATION_LOG_RANGE
+    log_ratio = decoded.log() - probs.log()
+    # each kept entry is off by at most half a step, besides its row's common normalisation shift
+    spread = log_ratio.where(kept, -math.inf).amax(-1) - log_ratio.where(kept, math.inf).amin(-1)
+    assert bool((spread <= scale.double() * 1.001 + 1e-9).all())
+    linear_zeroed = (torch.round(probs / (probs.amax(-1, keepdim=True) / 127)) == 0).double().mean()
+    assert float(linear_zeroed) > 0.5 and bool((decoded > 0).all())
+    uniform_q, uniform_scale = quantize_relation(torch.full((2, 5), 0.2))
+    assert torch.equal(uniform_scale, torch.zeros(2))
+    assert torch.allclose(relation_probabilities(uniform_q, uniform_scale), torch.full((2, 5), 0.2))
+    floored_q, _ = quantize_relation(torch.tensor([[1.0, 0.0, 1e-30]]))  # below the floor: code -128
+    assert floored_q.tolist() == [[127, -128, -128]]
 
 
 def test_relation_kl_float16_target_and_gradient():

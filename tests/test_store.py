@@ -138,10 +138,10 @@ def test_reader_refuses_mismatch_old_format_and_foreign_folders(tmp_path):
         store.check_compatible(recipe, ViewConfig(), "other")
     with pytest.raises(StoreError, match=r"view_config differs in gray_p \(store 0.2, this run 0.5\)"):
         store.check_compatible(recipe, ViewConfig(gray_p=0.5), "abc")
-    old = StoreWriter.create(tmp_path / "old.zarr", _attrs(layout, format_version=1), layout)
+    old = StoreWriter.create(tmp_path / "old.zarr", _attrs(layout, format_version=STORE_FORMAT_VERSION - 1), layout)
     old.write_shard(0, _rows(layout, 0, 2, 0))
-    with pytest.raises(StoreError, match=r"store format 1; this version reads format 2 .*Re-run "
-                                         r"`python -m cache_teacher run`"):
+    with pytest.raises(StoreError, match=rf"store format {STORE_FORMAT_VERSION - 1}; this version reads format "
+                                         rf"{STORE_FORMAT_VERSION} .*Re-run `python -m cache_teacher run`"):
         open_store(tmp_path / "old.zarr")
     (tmp_path / "plain").mkdir()
     with pytest.raises(StoreError, match="not a Zarr store"):

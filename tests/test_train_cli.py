@@ -99,6 +99,26 @@ def test_run_logs_every_step_and_exports_timm_students(reference_run):
     assert ema_differs
 
 
+def test_int8_store_trains_like_the_float16_store(artefacts, reference_run):
+    """Same teacher, views and data order; only the target format differs. The first step's losses
+    agree up to int8 rounding (local: half a step per value; relation: log-domain codes)."""
+    from cache_teacher.__main__ import main as cache_main
+
+    store = artefacts["root"] / "int8.zarr"
+    assert cache_main(["run", "--teacher", "path-b", "--weights", artefacts["weights"], "--images",
+                       str(artefacts["images"]), "--backgrounds", str(artefacts["backgrounds"]), "-K", "2",
+                       "--chunk-images", "2", "--calibration-images", "2", "--format", "int8", "--out", str(store),
+                       "--no-progress"]) == 0
+    out = artefacts["root"] / "int8_run"
+    done = _python("-m", "train_student", *_train_args(artefacts, out, "--max-steps", "1", store=store))
+    assert done.returncode == 0, done.stderr
+    (int8_row,), float16_row = read_metrics(out / "metrics.csv"), read_metrics(reference_run / "metrics.csv")[0]
+    assert int8_row["global"] == float16_row["global"] and int8_row["moe"] == float16_row["moe"]
+    assert int8_row["local"] == pytest.approx(float16_row["local"], rel=1e-2)
+    assert int8_row["relation"] == pytest.approx(float16_row["relation"], rel=1e-2)
+    assert int8_row["relation"] != float16_row["relation"]  # the int8 targets were really read
+
+
 def test_killed_run_resumes_to_the_same_losses(artefacts, reference_run):
     out = artefacts["root"] / "killed"
     process = subprocess.Popen([sys.executable, "-m", "train_student", *_train_args(artefacts, out)],
