@@ -227,3 +227,7 @@ def test_bench_compares_cached_and_online_steps_and_the_feed(artefacts, tmp_path
         assert result[key] > 0
     assert result["speedup"] == pytest.approx(result["cached_step_samples_per_s"] / result["online_step_samples_per_s"])
     assert "samples/s" in capsys.readouterr().out
+    missing = tmp_path / "missing.zarr"
+    assert main(["bench", "--recipe", "path-b_vit-ti", "--store", str(missing), "--images", str(artefacts["images"]),
+                 "--backgrounds", str(artefacts["backgrounds"]), "--feed-only"]) == 2
+    assert f"error: target store {missing} does not exist" in capsys.readouterr().err  # one line, no traceback

@@ -120,11 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.teacher_weights is None and not args.feed_only:
         cli.error("--teacher-weights is required (or pass --feed-only)")
     args.teacher_options = parse_teacher_options(cli, args, get_recipe(args.recipe).teacher)
+    from train_student.train import exit_status
+    return exit_status(lambda: bench(args))
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Measure, print the table and write the JSON (see the module docstring)."""
     from cache_teacher.ffcv_images import images_fingerprint
     from cache_teacher.store import open_store
     from dpal import dispatch
     from train_student.data import BackgroundPool, CachedFeed, FeedPlan
-    from train_student.train import default_workers, setup_distributed
+    from train_student.train import TrainingError, default_workers, setup_distributed
 
     if args.reference_path:
         dispatch.force_reference(True)
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = FeedPlan(num_images=store.num_images, chunk_images=store.chunk_images, micro_batch=batch, world_size=1,
                     rank=0, accum_steps=1, seed=0, window_images=1024)
     if plan.steps_per_epoch < 1:
-        raise SystemExit(f"error: batch {batch} is larger than the store's {store.num_images} images")
+        raise TrainingError(f"batch {batch} is larger than the store's {store.num_images} images")
 
     # 1. the feed alone, on the CPU (first batch untimed: FFCV compiles its pipeline then)
     feed = CachedFeed(args.images, store, backgrounds, plan, recipe.views, workers=args.feed_workers, pin=False)
@@ -170,4 +176,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data feed: {result['feed_cpu_ms_per_sample']:.3f} ms of CPU time (all threads) per sample")
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"figures written to {args.out}")
-    return 0

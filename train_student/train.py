@@ -421,19 +421,25 @@ def default_workers(device_arg: str) -> int:
     return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def run_training(args: argparse.Namespace) -> int:
-    """CLI entry: train, turning the errors a user must act on into one clear line and exit status 2."""
+def exit_status(work) -> int:
+    """Run a CLI command's work(); the errors a user must act on (bad store, images, checkpoint, run
+    folder) become one clear line on stderr and exit status 2 instead of a traceback."""
     from cache_teacher.ffcv_images import ImagesFileError
     from cache_teacher.store import StoreError
+    from dpal.checkpoints import CheckpointError
     from train_student.checkpoint import RunFolderError
 
-    if args.workers is None:
-        args.workers = default_workers(args.device)
-    user_errors = (TrainingError, RunFolderError, ImagesFileError, StoreError)
     try:
-        train(args)
-    except user_errors as exc:
+        work()
+    except (TrainingError, RunFolderError, ImagesFileError, StoreError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_training(args: argparse.Namespace) -> int:
+    """CLI entry: train (see `exit_status`)."""
+    if args.workers is None:
+        args.workers = default_workers(args.device)
+    return exit_status(lambda: train(args))
 
