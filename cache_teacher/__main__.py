@@ -92,7 +92,7 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     info.add_argument("store")
 
     bench = commands.add_parser("bench", help="teacher-forward-only vs full caching pipeline throughput (table + JSON)")
-    bench.add_argument("--teacher", required=True, choices=sorted(TEACHERS))
+    bench.add_argument("--teacher", required=True, choices=sorted(teachers))
     bench.add_argument("--weights", required=True)
     bench.add_argument("--images", required=True)
     bench.add_argument("--backgrounds", required=True)
@@ -148,7 +148,7 @@ def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
             bench(args.teacher, args.weights, args.images, args.backgrounds, batch_size=args.batch_size,
                   iterations=args.iterations, num_images=args.num_images, views_per_image=args.views_per_image,
                   target_format=args.target_format, device=args.device, json_out=args.json_out,
-                  teacher_options=args.teacher_options)
+                  teacher_options=args.teacher_options, teachers=teachers)
         elif args.command == "demo-data":
             from cache_teacher.demo_data import DEFAULT_BACKGROUNDS, DEFAULT_PERSONS, write_demo_data
             write_demo_data(args.out_dir, persons=args.persons or DEFAULT_PERSONS,

@@ -15,7 +15,7 @@ import torch
 
 from cache_teacher.ffcv_images import ImageFile
 from cache_teacher.run import RunConfig, TargetComputer, image_view_params, run
-from dpal.config import ViewConfig
+from dpal.config import TeacherSpec, ViewConfig
 from dpal.recipes import TEACHERS
 from dpal.teachers import load_teacher
 
@@ -28,10 +28,10 @@ def _sync(device: torch.device) -> None:
 def bench(teacher: str, weights: str, images: str, backgrounds: str, *, batch_size: int | None = None,
           iterations: int = 5, num_images: int | None = None, views_per_image: int = 2,
           target_format: str = "float16", device: str | None = None, json_out: str | None = None,
-          teacher_options: dict | None = None) -> dict:
+          teacher_options: dict | None = None, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch = batch_size or (128 if dev.type == "cuda" else 8)
-    spec, cfg = TEACHERS[teacher], ViewConfig()
+    spec, cfg = teachers[teacher], ViewConfig()
     image_file, background_file = ImageFile(images), ImageFile(backgrounds)
     computer = TargetComputer(load_teacher(spec, weights, **(teacher_options or {})).to(dev), background_file, cfg, dev, batch)
 
@@ -57,7 +57,7 @@ def bench(teacher: str, weights: str, images: str, backgrounds: str, *, batch_si
                                views_per_image=views_per_image, out=str(Path(tmp) / "bench.zarr"),
                                target_format=target_format, batch_size=batch, device=str(dev), progress=False,
                                calibration_images=min(count, batch), limit_images=count)
-        summary = run(subset_cfg)
+        summary = run(subset_cfg, teachers=teachers)
     pipeline_rate = summary["computed_view_sets"] / summary["seconds"]
     result = {"teacher": teacher, "device": str(dev), "batch_size": batch, "target_format": target_format,
               "teacher_only_view_sets_per_s": teacher_rate, "pipeline_view_sets_per_s": pipeline_rate,

@@ -234,6 +234,19 @@ def test_no_mixing_and_bad_input(inputs, reference, tmp_path, capsys):
         locked.chmod(0o700)
 
 
+def test_bench_compares_teacher_only_and_pipeline(inputs, tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    assert main(["bench", "--teacher", TINY.name, "--weights", str(inputs / "tiny.pth"), "--images",
+                 str(inputs / "persons.beton"), "--backgrounds", str(inputs / "backgrounds.beton"), "--batch-size", "2",
+                 "--iterations", "1", "--num-images", "2", "--format", "int8", "--json", str(report)],
+                teachers=TEACHERS_WITH_TINY) == 0
+    result = json.loads(report.read_text())
+    assert result["teacher_only_view_sets_per_s"] > 0 and result["pipeline_view_sets"] == 4  # 2 images x K=2
+    assert result["pipeline_fraction"] == pytest.approx(result["pipeline_view_sets_per_s"]
+                                                        / result["teacher_only_view_sets_per_s"])
+    assert "pipeline reaches" in capsys.readouterr().out
+
+
 def test_dry_run_reports_path_b_storage(inputs, capsys):
     cfg = _config(inputs, "dry.zarr", teacher="path-b", dry_run=True, chunk_images=None, shard_images=None)
     summary = run(cfg)
