@@ -3,10 +3,6 @@
 On CPU the Triton kernels run in the interpreter at small shapes (ragged tiles, L = 1, several row and
 column blocks, chunked backward); with CUDA they run compiled, and the recipes' shapes are added.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -151,40 +147,3 @@ def test_wrong_shape_is_named():
         expert_path(*_valid_inputs(expert_weight=torch.zeros(32, 7)).values())
     with pytest.raises(ValueError, match=r"scores has shape \(2, 2\), expected \(2, 3\)"):
         expert_path(*_valid_inputs(scores=torch.zeros(2, 2)).values())
-
-
-def _compile_every_kernel_for_h100():
-    """Run as a script (TRITON_INTERPRET=0) by the test below: lower each kernel to an sm_90 cubin for bf16
-    activations (the training dtype; fp32 lowers the same code with other dot inputs)."""
-    from kernels._common import compile_for_gpu
-
-    types = {name: "i32" for name in ("B", "D", "M", "n_tiles", "m_start", "m_stop", "du_row_stride", "n_rows",
-                                      "width", "rows_per_program")}
-    types |= {name: "fp32" for name in ("inv_mix", "eps")}
-    types |= {name: "*bf16" for name in ("q_ptr", "w_ptr", "mixed_ptr", "grad_ptr", "du_ptr", "z_ptr", "y_ptr",
-                                         "dy_ptr")}
-    types |= {name: "*fp32" for name in ("bias_ptr", "tile_mean_ptr", "tile_m2_ptr", "scores_ptr",
-                                         "mean_ptr", "rstd_ptr", "gamma_ptr", "beta_ptr", "sq_partial_ptr",
-                                         "loss_coef_ptr", "partial_ptr", "a_mean_ptr", "b_mean_ptr",
-                                         "d_gamma_partial_ptr", "d_beta_partial_ptr", "d_bias_partial_ptr", "b_ptr",
-                                         "dw_partial_ptr", "db_partial_ptr")}
-    expert = dict(P=3, BLOCK_M=decoder_experts._BLOCK_M, DOT_PRECISION="ieee", UPCAST_DOT=False)
-    for kernel in (decoder_experts._expert_stats_kernel, decoder_experts._expert_mix_kernel,
-                   decoder_experts._expert_grad_stats_kernel):
-        compile_for_gpu(kernel, types, expert)
-    compile_for_gpu(decoder_experts._expert_grad_kernel, types, {k: v for k, v in expert.items() if k != "BLOCK_M"})
-    # The row kernels' w_ptr is the LayerNorm weight (an fp32 parameter), not a GEMM operand.
-    for kernel in (decoder_experts._gelu_layer_norm_fwd_kernel, decoder_experts._gelu_layer_norm_bwd_kernel):
-        compile_for_gpu(kernel, types | {"w_ptr": "*fp32"}, dict(BLOCK=1024))
-
-
-def test_kernels_compile_for_h100():
-    # The interpreter never lowers kernels to PTX; this runs the real compiler (to an sm_90 cubin, via
-    # ptxas) in a child process where the kernels are defined compiled, so GPU-only errors show up here.
-    result = subprocess.run([sys.executable, __file__], env=dict(os.environ, TRITON_INTERPRET="0"),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-
-
-if __name__ == "__main__":
-    _compile_every_kernel_for_h100()
