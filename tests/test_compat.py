@@ -22,31 +22,16 @@ from dpal.config import DecoderSpec
 from dpal.decoder import DynamicPatternDecoder
 from dpal.recipes import get_recipe
 from dpal.students import build_student
+from test_teachers import RefAttention  # fused-qkv attention with timm's names, as the original's
 
 EPS = 1e-6  # the original's norm_layer
-
-
-class OriginalAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (rows q, k, v) and an output projection."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        batch, length, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        weights = (q @ k.transpose(-1, -2) / math.sqrt(dim // self.heads)).softmax(dim=-1)
-        return self.proj((weights @ v).transpose(1, 2).reshape(batch, length, dim))
 
 
 class OriginalBlock(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=EPS), nn.LayerNorm(dim, eps=EPS)
-        self.attn = OriginalAttention(dim, heads)
+        self.attn = RefAttention(dim, heads)
         self.mlp = nn.Module()
         self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
 
@@ -102,7 +87,7 @@ class OriginalAdapter(nn.Module):
         if inter_dim:
             self.down_dim = nn.Linear(student_dim, inter_dim)
         self.norm1, self.norm2, self.norm3, self.norm4, self.norm5 = (nn.LayerNorm(dim, eps=EPS) for _ in range(5))
-        self.attn, self.attn2 = OriginalAttention(dim, heads), OriginalAttention(dim, heads)
+        self.attn, self.attn2 = RefAttention(dim, heads), RefAttention(dim, heads)
         self.gate = OriginalGate(dim)
         self.after_experts = nn.Module()
         self.after_experts.norm = nn.LayerNorm(out_dim, eps=EPS)
