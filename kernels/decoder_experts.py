@@ -86,6 +86,12 @@ def _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P: tl.co
     return acc + bias[None, :]
 
 
+@triton.jit
+def _expert_row_value(ptr, offs_b, e, P: tl.constexpr, row_ok):
+    """One fp32 value per sample of a [B, P] per-expert buffer (LN statistics, gate scores), for expert e."""
+    return tl.load(ptr + offs_b * P + e, mask=row_ok, other=0.0).to(tl.float32)
+
+
 @triton.autotune(configs=_EXPERT_CONFIGS, key=["D", "M"])
 @triton.jit
 def _expert_stats_kernel(q_ptr, w_ptr, bias_ptr, tile_mean_ptr, tile_m2_ptr, B, D, M, n_tiles,
@@ -128,9 +134,9 @@ def _expert_mix_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, g
     for e in tl.static_range(P):
         u = _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P, D, M,
                                   BLOCK_B, BLOCK_M, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
-        mu = tl.load(mean_ptr + offs_b * P + e, mask=row_ok, other=0.0)
-        r = tl.load(rstd_ptr + offs_b * P + e, mask=row_ok, other=0.0)
-        c = tl.load(scores_ptr + offs_b * P + e, mask=row_ok, other=0.0).to(tl.float32) * inv_mix
+        mu = _expert_row_value(mean_ptr, offs_b, e, P, row_ok)
+        r = _expert_row_value(rstd_ptr, offs_b, e, P, row_ok)
+        c = _expert_row_value(scores_ptr, offs_b, e, P, row_ok) * inv_mix
         acc += (c * r)[:, None] * (_gelu(u) - mu[:, None])
         c_sum += c
     gamma = tl.load(gamma_ptr + offs_m, mask=col_ok, other=0.0).to(tl.float32)
@@ -176,8 +182,8 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_
     for e in tl.static_range(P):
         u = _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P, D, M,
                                   BLOCK_B, BLOCK_M, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
-        mu = tl.load(mean_ptr + offs_b * P + e, mask=row_ok, other=0.0)
-        r = tl.load(rstd_ptr + offs_b * P + e, mask=row_ok, other=0.0)
+        mu = _expert_row_value(mean_ptr, offs_b, e, P, row_ok)
+        r = _expert_row_value(rstd_ptr, offs_b, e, P, row_ok)
         xhat = (_gelu(u) - mu[:, None]) * r[:, None]
         tl.store(partial_ptr + slot + e * n_tiles, tl.sum(d_gamma_scaled * xhat, axis=1), mask=row_ok)
 
@@ -212,10 +218,10 @@ def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, 
     for e in tl.static_range(P):
         u = _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P, D, M,
                                   BLOCK_B, BLOCK_M, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
-        mu = tl.load(mean_ptr + offs_b * P + e, mask=row_ok, other=0.0)
-        r = tl.load(rstd_ptr + offs_b * P + e, mask=row_ok, other=0.0)
-        c = tl.load(scores_ptr + offs_b * P + e, mask=row_ok, other=0.0).to(tl.float32) * inv_mix
-        a_mean = tl.load(a_mean_ptr + offs_b * P + e, mask=row_ok, other=0.0)
+        mu = _expert_row_value(mean_ptr, offs_b, e, P, row_ok)
+        r = _expert_row_value(rstd_ptr, offs_b, e, P, row_ok)
+        c = _expert_row_value(scores_ptr, offs_b, e, P, row_ok) * inv_mix
+        a_mean = _expert_row_value(a_mean_ptr, offs_b, e, P, row_ok)
         xhat = (_gelu(u) - mu[:, None]) * r[:, None]
         dg = (r * c)[:, None] * (d_mixed * gamma[None, :] - b_mean[:, None] - xhat * a_mean[:, None])
         du = tl.where(ok, dg * _gelu_grad(u), 0.0)
