@@ -34,7 +34,7 @@ from dpal.config import TeacherSpec, ViewConfig
 from dpal.losses import quantize_relation
 from dpal.recipes import TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
-from dpal.teachers import Teacher, load_teacher, teacher_options, teacher_targets
+from dpal.teachers import Teacher, global_view_targets, load_teacher, teacher_options, teacher_targets
 from dpal.views import (VIEW_PARAMS_VERSION, VIEW_SET_FIELDS, background_indices, render_view_sets,
                         sample_view_sets)
 
@@ -119,9 +119,8 @@ class TargetComputer:
             params = torch.stack([image_view_params(seed, i, views_per_image, len(self.backgrounds), self.cfg)[0]
                                   for i in chunk])
             views = self._views([torch.from_numpy(images.image(i)) for i in chunk], params)
-            with self._precision():  # only the global view is needed: a third of a full teacher pass
-                out = self.teacher(views.global_view).tokens.float()
-            tokens.append(out[:, int(self.teacher.spec.has_cls):].cpu())
+            with self._precision():
+                tokens.append(global_view_targets(self.teacher, views.global_view)[1].cpu())
         return fit_shape_mask(torch.cat(tokens), grid)
 
     def shard_rows(self, images: list[np.ndarray], params: torch.Tensor, calibration: ShapeMaskCalibration,

@@ -198,13 +198,19 @@ def load_teacher(name: str | TeacherSpec, path, *, solider_weights: str = "teach
 
 
 @torch.no_grad()
-def teacher_targets(teacher: Teacher, global_views: torch.Tensor, crowd_views: torch.Tensor) -> TeacherTargets:
-    """Per view set: global target, patch tokens of the global view, relation over all crowd-view tokens."""
+def global_view_targets(teacher: Teacher, global_views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global target [B,D], patch tokens [B,N,D]) of the global views, float32: a third of a full teacher
+    pass, all the shape-mask calibration needs."""
     tokens = teacher(global_views).tokens.float()
     if teacher.spec.has_cls:
-        global_, local = tokens[:, 0], tokens[:, 1:]
-    else:
-        global_, local = tokens.mean(dim=1), tokens
+        return tokens[:, 0], tokens[:, 1:]
+    return tokens.mean(dim=1), tokens
+
+
+@torch.no_grad()
+def teacher_targets(teacher: Teacher, global_views: torch.Tensor, crowd_views: torch.Tensor) -> TeacherTargets:
+    """Per view set: global target, patch tokens of the global view, relation over all crowd-view tokens."""
+    global_, local = global_view_targets(teacher, global_views)
     relation = relation_matrix(teacher(crowd_views).tokens.float())
     return TeacherTargets(global_.contiguous(), local.contiguous(), relation)
 

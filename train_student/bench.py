@@ -10,12 +10,10 @@ Prints a table and writes the figures as JSON.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -69,9 +67,9 @@ def _sync(device: torch.device) -> None:
 
 def time_steps(model, optimizer, ema, batches, recipe, device, warmup: int, **online) -> float:
     """Samples/s of full training steps (render, targets, forward, backward, AdamW, EMA) on given batches."""
-    from train_student.train import apply_update, batch_losses
+    from train_student.train import apply_update, batch_losses, make_autocast
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = make_autocast(device, recipe.optim)
     student_params, ema_params = list(model.student.parameters()), list(ema.parameters())
     for index, batch in enumerate(batches):
         if index == warmup:
@@ -90,7 +88,7 @@ def training_step_rates(args, recipe, store, backgrounds, plan, device, batch: i
     from cache_teacher.ffcv_images import ImageFile
     from dpal.teachers import load_teacher
     from train_student.data import CachedFeed, OnlineFeed
-    from train_student.train import Distiller, fit_online_mask_calibration, param_groups
+    from train_student.train import build_distiller, fit_online_mask_calibration
 
     total = args.warmup_steps + args.steps
     cached_feed = CachedFeed(args.images, store, backgrounds, plan, recipe.views, workers=args.workers,
@@ -100,10 +98,7 @@ def training_step_rates(args, recipe, store, backgrounds, plan, device, batch: i
     online_batches = list(_batches(OnlineFeed(args.images, backgrounds, online_plan, recipe.views,
                                               workers=args.workers), total, keep=True))
     torch.manual_seed(0)
-    model = Distiller(recipe).to(device)
-    ema = copy.deepcopy(model.student).requires_grad_(False)
-    optimizer = torch.optim.AdamW(param_groups(model, recipe.optim.weight_decay), lr=1e-4,
-                                  betas=recipe.optim.betas, fused=device.type == "cuda")
+    model, ema, optimizer = build_distiller(recipe, device, 1e-4)
     cached_rate = time_steps(model, optimizer, ema, cached_batches, recipe, device, args.warmup_steps)
     teacher = load_teacher(recipe.teacher.name, args.teacher_weights, **args.teacher_options).to(device)
     calibration = fit_online_mask_calibration(teacher, args.images, backgrounds, recipe, device,
@@ -136,7 +131,7 @@ def bench(args: argparse.Namespace) -> None:
         dispatch.force_reference(True)
     if args.workers is None:
         args.workers = default_workers(args.device)
-    _, _, _, device = setup_distributed(args.device)
+    _, _, device = setup_distributed(args.device)
     recipe = get_recipe(args.recipe)
     batch = args.batch_size or recipe.optim.batch_per_gpu
     store = open_store(args.store)

@@ -8,7 +8,6 @@ so a run that dies (NaN loss, crash, kill) never replaces the last good checkpoi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch

@@ -38,10 +38,6 @@ from cache_teacher.ffcv_images import ImageFile, image_pipelines, unflatten_imag
 from dpal.config import ViewConfig
 from dpal.views import background_indices, sample_local_crops, sample_view_sets
 
-# Stored arrays one training sample needs, besides the view parameters; int8 stores add the scales.
-TARGET_ARRAYS = ("global", "local", "mask", "relation")
-INT8_SCALE_ARRAYS = ("local_scale", "relation_scale")
-
 # Distinct streams derived from the run seed (numpy SeedSequence entropy words).
 _ORDER_STREAM, _VIEW_SET_STREAM, _LOCAL_CROP_STREAM, _ONLINE_VIEW_STREAM = 1, 2, 3, 4
 
@@ -194,8 +190,7 @@ class TargetPrefetcher:
         self.store, self.plan, self.cfg, self.backgrounds = store, plan, cfg, backgrounds
         self.epoch, self.start_micro, self.pin = epoch, start_micro, pin
         self.read_threads, self.read_ahead_blocks = read_threads, read_ahead_blocks
-        self.arrays = ("view_params",) + TARGET_ARRAYS + (
-            INT8_SCALE_ARRAYS if store.attrs["target_format"] == "int8" else ())
+        self.arrays = tuple(store.arrays)  # every stored array: view parameters, targets, int8 row scales
         self.queue: Queue = Queue(maxsize=queue_batches)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dpal-target-prefetch", daemon=True)

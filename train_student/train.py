@@ -24,21 +24,29 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from cache_teacher.ffcv_images import ImageFile, images_fingerprint
+from cache_teacher.store import token_counts
 from dpal import dispatch
-from dpal.config import Recipe
+from dpal.config import OptimConfig, Recipe
 from dpal.decoder import DynamicPatternDecoder
 from dpal.distill import distill_step_losses
 from dpal.losses import moe_weight
 from dpal.recipes import get_recipe
+from dpal.shape_mask import fit_shape_mask, shape_mask
 from dpal.students import build_student, export_student
-from dpal.views import render_local_crops, render_view_sets
+from dpal.teachers import global_view_targets, teacher_targets
+from dpal.views import render_local_crops, render_view_sets, sample_view_sets
 from train_student.checkpoint import (CHECKPOINT_NAME, load_checkpoint, prepare_run_folder, rng_state,
                                       save_checkpoint, set_rng_state)
 from train_student.data import BackgroundPool, CachedFeed, FeedBatch, FeedPlan, OnlineFeed
-from train_student.metrics import LOSS_PLOT, METRICS_CSV, MetricsLog, plot_losses
+from train_student.metrics import LOSS_COLUMNS, LOSS_PLOT, METRICS_CSV, MetricsLog, plot_losses
 
 # Settings that may differ when a run is resumed (they do not change what is computed).
 RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "workers", "progress", "reference_path"}
+# `distill_step_losses` keys in the metrics' column order (its "total" is the CSV's "loss").
+TERM_KEYS = ("total",) + LOSS_COLUMNS[1:]
+# Store array -> `distill_step_losses` argument.
+TARGET_ARGUMENTS = {"global": "global_target", "local": "local_target", "mask": "local_mask",
+                    "relation": "relation_target", "local_scale": "local_scale", "relation_scale": "relation_scale"}
 
 
 class TrainingError(RuntimeError):
@@ -118,42 +126,40 @@ def images_to_device(images: list[torch.Tensor], device: torch.device) -> list[t
 
 def render_batch(batch: FeedBatch, recipe: Recipe, device: torch.device) -> dict[str, torch.Tensor]:
     """The views of one micro-batch, re-rendered on the training device from their parameters."""
-    images = images_to_device(batch.images, device)
-    views = render_view_sets(images, images_to_device(batch.backgrounds, device), batch.view_params,
-                             recipe.views, device=device)
+    on_device = images_to_device(batch.images + batch.backgrounds, device)  # one staging copy for both
+    images, backgrounds = on_device[:len(batch.images)], on_device[len(batch.images):]
+    views = render_view_sets(images, backgrounds, batch.view_params, recipe.views, device=device)
     local_views = render_local_crops(images, batch.local_params, recipe.views, device=device)
     return {"global_view": views.global_view, "local_views": local_views, "crowd_view": views.crowd}
 
 
 def cached_targets(batch: FeedBatch, device: torch.device) -> dict[str, torch.Tensor]:
     """Store arrays -> distill_step_losses target arguments, copied to the device without blocking."""
-    names = {"global": "global_target", "local": "local_target", "mask": "local_mask",
-             "relation": "relation_target", "local_scale": "local_scale", "relation_scale": "relation_scale"}
-    return {names[key]: value.to(device, non_blocking=True) for key, value in batch.targets.items()}
+    return {TARGET_ARGUMENTS[key]: value.to(device, non_blocking=True) for key, value in batch.targets.items()}
+
+
+def make_autocast(device: torch.device, optim: OptimConfig):
+    """Autocast to the recipe's mixed-precision dtype on CUDA; none on the CPU, which trains in float32."""
+    return torch.autocast("cuda", dtype=getattr(torch, optim.amp_dtype)) if device.type == "cuda" else nullcontext()
 
 
 def fit_online_mask_calibration(teacher, images_path, backgrounds: BackgroundPool, recipe: Recipe,
                                 device: torch.device, *, count: int, seed: int, batch: int):
     """Shape-mask calibration for the online baseline, fitted once on the teacher's global-view tokens of
     the first `count` images (fixed view sets), so that every rank and every resume uses the same one."""
-    from dpal.shape_mask import fit_shape_mask
-    from dpal.teachers import teacher_targets
-    from dpal.views import sample_view_sets
-
     image_file = ImageFile(images_path)
     count = min(count, image_file.num_images)
     params = sample_view_sets(torch.Generator().manual_seed(seed), count, num_backgrounds=len(backgrounds),
                               cfg=recipe.views)
-    grid = tuple(size // recipe.teacher.token_stride for size in recipe.views.global_size)
     tokens = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = make_autocast(device, recipe.optim)
     for start in range(0, count, batch):
         chunk = params[start:start + batch]
         images = [torch.from_numpy(image_file.image(i)) for i in range(start, start + len(chunk))]
         views = render_view_sets(images, backgrounds.batch(chunk), chunk, recipe.views, device=device)
         with torch.no_grad(), autocast:
-            tokens.append(teacher_targets(teacher, views.global_view, views.crowd).local.float().cpu())
-    return fit_shape_mask(torch.cat(tokens), grid)
+            tokens.append(global_view_targets(teacher, views.global_view)[1].cpu())
+    return fit_shape_mask(torch.cat(tokens), token_counts(recipe.teacher, recipe.views)[0])
 
 
 def batch_losses(model: torch.nn.Module, batch: FeedBatch, recipe: Recipe, device: torch.device, autocast,
@@ -164,9 +170,6 @@ def batch_losses(model: torch.nn.Module, batch: FeedBatch, recipe: Recipe, devic
     if teacher is None:
         targets = cached_targets(batch, device)
     else:
-        from dpal.shape_mask import shape_mask
-        from dpal.teachers import teacher_targets
-
         with torch.no_grad(), autocast:
             out = teacher_targets(teacher, views["global_view"], views["crowd_view"])
         targets = {"global_target": out.global_, "local_target": out.local, "relation_target": out.relation,
@@ -175,8 +178,17 @@ def batch_losses(model: torch.nn.Module, batch: FeedBatch, recipe: Recipe, devic
         return model(views, targets, moe_loss_weight)
 
 
-def setup_distributed(device_arg: str) -> tuple[int, int, int, torch.device]:
-    """(rank, world_size, local_rank, device); joins the torchrun process group when launched by it."""
+def build_distiller(recipe: Recipe, device: torch.device, lr: float):
+    """(Distiller on the device, its student's EMA copy, AdamW over the spec's parameter groups)."""
+    model = Distiller(recipe).to(device)
+    ema_student = copy.deepcopy(model.student).requires_grad_(False)
+    optimizer = torch.optim.AdamW(param_groups(model, recipe.optim.weight_decay), lr=lr, betas=recipe.optim.betas,
+                                  fused=device.type == "cuda")
+    return model, ema_student, optimizer
+
+
+def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); joins the torchrun process group when launched by it."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
@@ -187,7 +199,7 @@ def setup_distributed(device_arg: str) -> tuple[int, int, int, torch.device]:
         torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return rank, world_size, local_rank, device
+    return rank, world_size, device
 
 
 def run_config(args: argparse.Namespace, recipe: Recipe, global_batch: int, images_fingerprint: str,
@@ -207,7 +219,7 @@ def run_config(args: argparse.Namespace, recipe: Recipe, global_batch: int, imag
 
 def train(args: argparse.Namespace) -> Path:
     # ---------------------------------------------------------------- ranks, device, recipe
-    rank, world_size, local_rank, device = setup_distributed(args.device)
+    rank, world_size, device = setup_distributed(args.device)
     master = rank == 0
     recipe = apply_overrides(get_recipe(args.recipe), args)
     optim = recipe.optim
@@ -265,10 +277,7 @@ def train(args: argparse.Namespace) -> Path:
 
     # ---------------------------------------------------------------- model, EMA, optimizer
     torch.manual_seed(args.seed)  # identical init everywhere (DDP also broadcasts rank 0's weights)
-    model = Distiller(recipe).to(device)
-    ema_student = copy.deepcopy(model.student).requires_grad_(False)
-    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=peak_lr, betas=optim.betas,
-                                  fused=device.type == "cuda")
+    model, ema_student, optimizer = build_distiller(recipe, device, peak_lr)
     step = 0
     if args.resume:
         state = load_checkpoint(run_dir)
@@ -286,9 +295,9 @@ def train(args: argparse.Namespace) -> Path:
         torch.manual_seed(args.seed + 1 + rank)  # per-rank stream for drop-path draws
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world_size > 1 else model
-    autocast = torch.autocast("cuda", dtype=getattr(torch, optim.amp_dtype)) if device.type == "cuda" \
-        else nullcontext()
+    autocast = make_autocast(device, optim)
     student_params, ema_params = list(model.student.parameters()), list(ema_student.parameters())
+    trained_params = list(model.parameters())
 
     # ---------------------------------------------------------------- data feed
     pin = device.type == "cuda"
@@ -328,6 +337,7 @@ def train(args: argparse.Namespace) -> Path:
     micro_in_step = 0
     try:
         while step < last_step:
+            moe_loss_weight = moe_weight(epoch, optim)
             batches = iter(feed.epoch(epoch, start_micro))
             while step < last_step:
                 wait_start = time.perf_counter()
@@ -339,11 +349,10 @@ def train(args: argparse.Namespace) -> Path:
                 last_micro = micro_in_step == optim.accum_steps
                 sync = nullcontext() if last_micro or world_size == 1 else ddp_model.no_sync()
                 with sync:
-                    terms = batch_losses(ddp_model, batch, recipe, device, autocast, moe_weight(epoch, optim),
+                    terms = batch_losses(ddp_model, batch, recipe, device, autocast, moe_loss_weight,
                                          teacher=teacher, mask_calibration=mask_calibration)
                     (terms["total"] / optim.accum_steps).backward()
-                detached = torch.stack([terms[key].detach().float() for key in
-                                        ("total", "global", "local", "relation", "moe", "experts")])
+                detached = torch.stack([terms[key].detach().float() for key in TERM_KEYS])
                 sums = detached if sums is None else sums + detached
                 if not last_micro:
                     continue
@@ -352,9 +361,8 @@ def train(args: argparse.Namespace) -> Path:
                 means = sums / optim.accum_steps
                 if world_size > 1:
                     dist.all_reduce(means, op=dist.ReduceOp.AVG)
-                values = means.tolist()
-                grad_norm = float(torch.nn.utils.get_total_norm(
-                    [p.grad for p in model.parameters() if p.grad is not None]))
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trained_params if p.grad is not None])
+                *values, grad_norm = torch.cat([means, grad_norm.reshape(1).float()]).tolist()  # one host sync
                 if not all(math.isfinite(v) for v in values + [grad_norm]):
                     kept = (f"the last good checkpoint {run_dir / CHECKPOINT_NAME} (step {saved_step}) is kept"
                             if saved_step is not None else "no checkpoint had been written yet")
@@ -372,9 +380,8 @@ def train(args: argparse.Namespace) -> Path:
                 now = time.perf_counter()
                 elapsed = now - step_start
                 if log is not None:
-                    log.log({"step": step, "epoch": epoch, "loss": values[0], "global": values[1],
-                             "local": values[2], "relation": values[3], "moe": values[4], "experts": values[5],
-                             "lr": lr, "ema_momentum": momentum, "moe_weight": moe_weight(epoch, optim),
+                    log.log({"step": step, "epoch": epoch, **dict(zip(LOSS_COLUMNS, values)),
+                             "lr": lr, "ema_momentum": momentum, "moe_weight": moe_loss_weight,
                              "grad_norm": grad_norm, "samples_per_s": global_batch / elapsed,
                              "data_wait_share": data_wait / elapsed})
                 if progress is not None:
