@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from cache_teacher.ffcv_images import ImageFile
-from cache_teacher.run import RunConfig, TargetComputer, image_view_params, run
+from cache_teacher.run import RunConfig, TargetComputer, default_batch_size, image_view_params, run
 from dpal.config import TeacherSpec, ViewConfig
 from dpal.recipes import TEACHERS
-from dpal.teachers import load_teacher
+from dpal.teachers import load_teacher, teacher_targets
 
 
 def _sync(device: torch.device) -> None:
@@ -30,7 +30,7 @@ def bench(teacher: str, weights: str, images: str, backgrounds: str, *, batch_si
           target_format: str = "float16", device: str | None = None, json_out: str | None = None,
           teacher_options: dict | None = None, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    batch = batch_size or (128 if dev.type == "cuda" else 8)
+    batch = batch_size or default_batch_size(dev)
     spec, cfg = teachers[teacher], ViewConfig()
     image_file, background_file = ImageFile(images), ImageFile(backgrounds)
     computer = TargetComputer(load_teacher(spec, weights, **(teacher_options or {})).to(dev), background_file, cfg, dev, batch)
@@ -39,14 +39,11 @@ def bench(teacher: str, weights: str, images: str, backgrounds: str, *, batch_si
                           for i in range(batch)])
     views = [torch.from_numpy(image_file.image(i % len(image_file))) for i in range(batch)]
     computer.targets(views, params)  # warm-up (allocations, autotuning)
-    from dpal.teachers import teacher_targets
-    from dpal.views import background_indices, render_view_sets
-    rendered = render_view_sets(views, [computer.background(int(i)) for i in background_indices(params)], params,
-                                cfg, device=dev)
+    rendered = computer.render(views, params)
     _sync(dev)
     start = time.perf_counter()
     for _ in range(iterations):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with computer.precision():
             teacher_targets(computer.teacher, rendered.global_view, rendered.crowd)
     _sync(dev)
     teacher_rate = iterations * batch / (time.perf_counter() - start)

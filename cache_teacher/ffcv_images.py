@@ -144,10 +144,8 @@ class ImageFile:
         """Decoded RGB uint8 ``[H, W, 3]``, bit-identical to what ``JPEGImageDecoder`` produces."""
         if not 0 <= index < self.num_images:
             raise IndexError(f"image {index} out of range for {self.path} ({self.num_images} images)")
-        height, width = int(self.heights[index]), int(self.widths[index])
-        out = np.empty((height, width, 3), dtype=np.uint8)
-        source = np.ascontiguousarray(self.jpeg_bytes(index))
-        if imdecode(source, out, height, width, height, width, 0, 0, 1, 1, False, False) != 0:
+        out = decode_jpeg(self.jpeg_bytes(index), int(self.heights[index]), int(self.widths[index]))
+        if out is None:
             raise ImagesFileError(f"image {index} of {self.path} could not be decoded")
         return out
 

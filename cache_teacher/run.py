@@ -13,7 +13,6 @@ import dataclasses
 import errno
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,11 +26,10 @@ from tqdm import tqdm
 
 from cache_teacher.ffcv_images import ImageFile, images_fingerprint
 from cache_teacher.store import (
-    CODECS, IDENTITY_KEYS, SPEC_VERSION, STORE_FORMAT_VERSION, StoreLayout, StoreWriter, check_format_version,
-    describe_differences, file_sha256, layout_from_attrs, plan_layout, quantize_rows, read_attrs, teacher_spec_dict,
-    token_counts, view_config_dict)
+    CODECS, SPEC_VERSION, STORE_FORMAT_VERSION, StoreLayout, StoreWriter, check_format_version, config_dict,
+    describe_differences, file_sha256, plan_layout, read_attrs, token_counts)
 from dpal.config import TeacherSpec, ViewConfig
-from dpal.losses import quantize_relation
+from dpal.losses import quantize_relation, quantize_rows
 from dpal.recipes import TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
 from dpal.teachers import Teacher, global_view_targets, load_teacher, teacher_options, teacher_targets
@@ -87,6 +85,11 @@ def calibration_indices(num_images: int, count: int, seed: int) -> list[int]:
     return sorted(order[:min(count, num_images)].tolist())
 
 
+def default_batch_size(device: torch.device) -> int:
+    """View sets per teacher batch when --batch-size is not given."""
+    return 128 if device.type == "cuda" else 8
+
+
 class TargetComputer:
     """Renders view sets and turns them into stored target rows (one device, one teacher)."""
 
@@ -96,17 +99,18 @@ class TargetComputer:
         self.device, self.batch_size = device, batch_size
         self.background = lru_cache(maxsize=4096)(lambda index: torch.from_numpy(backgrounds.image(index)))
 
-    def _views(self, images: list[torch.Tensor], params: torch.Tensor):
+    def render(self, images: list[torch.Tensor], params: torch.Tensor):
         backgrounds = [self.background(int(i)) for i in background_indices(params)]
         return render_view_sets(images, backgrounds, params, self.cfg, device=self.device)
 
-    def _precision(self):
+    def precision(self):
+        """bf16 autocast for the teacher on CUDA; float32 on the CPU."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def targets(self, images: list[torch.Tensor], params: torch.Tensor):
         """Teacher targets (float32, on the device) for view sets ``params`` of ``images`` (aligned lists)."""
-        views = self._views(images, params)
-        with self._precision():
+        views = self.render(images, params)
+        with self.precision():
             return teacher_targets(self.teacher, views.global_view, views.crowd)
 
     def calibrate(self, images: ImageFile, indices: list[int], seed: int, views_per_image: int,
@@ -118,8 +122,8 @@ class TargetComputer:
             chunk = indices[start:start + self.batch_size]
             params = torch.stack([image_view_params(seed, i, views_per_image, len(self.backgrounds), self.cfg)[0]
                                   for i in chunk])
-            views = self._views([torch.from_numpy(images.image(i)) for i in chunk], params)
-            with self._precision():
+            views = self.render([torch.from_numpy(images.image(i)) for i in chunk], params)
+            with self.precision():
                 tokens.append(global_view_targets(self.teacher, views.global_view)[1].cpu())
         return fit_shape_mask(torch.cat(tokens), grid)
 
@@ -168,11 +172,13 @@ def _barrier() -> None:
 
 
 def _format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    return ""
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
 
 
 def storage_table(layout: StoreLayout) -> str:
@@ -241,12 +247,12 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
     resumed = read_attrs(out) if out.exists() else {}
     # A resumed run keeps the store's batch size unless told otherwise: GEMM rounding depends on the batch
     # shape, so a store written with two batch sizes would not equal one written in a single run.
-    batch_size = cfg.batch_size or resumed.get("batch_size") or (128 if device.type == "cuda" else 8)
+    batch_size = cfg.batch_size or resumed.get("batch_size") or default_batch_size(device)
     grid, _, crowd_tokens = token_counts(spec, view_cfg)
     identity = {
         "format_version": STORE_FORMAT_VERSION, "spec_version": SPEC_VERSION,
-        "view_params_version": VIEW_PARAMS_VERSION, "teacher": spec.name, "teacher_spec": teacher_spec_dict(spec),
-        "checkpoint_sha256": file_sha256(weights), "view_config": view_config_dict(view_cfg),
+        "view_params_version": VIEW_PARAMS_VERSION, "teacher": spec.name, "teacher_spec": config_dict(spec),
+        "checkpoint_sha256": file_sha256(weights), "view_config": config_dict(view_cfg),
         "images_fingerprint": images_fingerprint(cfg.images),
         "backgrounds_fingerprint": images_fingerprint(cfg.backgrounds),
         "num_images": layout.num_images, "num_backgrounds": len(backgrounds),
@@ -258,9 +264,8 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
                                            semantic_weight=cfg.semantic_weight),
         "batch_size": batch_size,
     }
-    identity_keys = IDENTITY_KEYS + ("teacher_precision", "batch_size")
-    if out.exists():
-        _check_resumable(out, identity, identity_keys)
+    if resumed:
+        _check_resumable(out, resumed, identity)
     _check_output(out, 0 if out.exists() else total_bytes, cfg.skip_space_check)
 
     teacher = load_teacher(spec, weights, **identity["teacher_options"]).to(device)
@@ -276,8 +281,8 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
                      backgrounds_path=str(Path(cfg.backgrounds).resolve()))
         StoreWriter.create(out, attrs, layout)
     _barrier()
-    attrs = read_attrs(out)
-    writer = StoreWriter(out, attrs, layout_from_attrs(attrs))
+    attrs = resumed or read_attrs(out)  # read back only when this run (or rank 0) just created the store
+    writer = StoreWriter(out, layout)  # the identity check pinned every layout field
     calibration = ShapeMaskCalibration.from_dict(attrs["mask_calibration"])
     owned = [s for s in range(layout.num_shards) if s % world == rank]
     todo = [s for s in owned if not writer.is_done(s)]
@@ -308,11 +313,10 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
             "seconds": elapsed}
 
 
-def _check_resumable(out: Path, identity: dict, keys) -> None:
-    """An existing store may only be resumed by exactly the run that created it."""
-    stored = read_attrs(out)
+def _check_resumable(out: Path, stored: dict, identity: dict) -> None:
+    """An existing store (attributes `stored`) may only be resumed by exactly the run that created it."""
     check_format_version(stored, out)
-    problems = describe_differences(stored, identity, keys)
+    problems = describe_differences(stored, identity, identity)
     if problems:
         raise RunError(f"{out} already holds a store made by a different run; refusing to mix targets: "
                        + "; ".join(problems) + ". Use another --out, or delete the old store.")
@@ -341,8 +345,3 @@ def _process_shards(todo: list[int], images: ImageFile, writer: StoreWriter, com
             pending_write = writer_thread.submit(writer.write_shard, shard, rows)
         if pending_write is not None:
             pending_write.result()
-
-
-def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
-    from cache_teacher.__main__ import main as cli_main
-    return cli_main(["run", *(argv if argv is not None else sys.argv[1:])], teachers=teachers)

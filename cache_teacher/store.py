@@ -8,7 +8,7 @@ Layout of STORE.zarr (arrays indexed [image, view_set, ...], I images, K view se
   relation    [I, K, Nc, Nc]         crowd-view relation probabilities: float16, or int8 + relation_scale [I, K, Nc]
   dpal_progress/shard_NNNNNN.json    one marker per finished shard (file sizes + sha256 of its shard files)
 Group attribute ``dpal_store`` holds the identity of the run (teacher, checkpoint sha256, view config, image
-file fingerprint, format, ...): `check_compatible` / `compare_identity` refuse anything that differs.
+file fingerprint, format, ...): `check_compatible` (and a resumed `run`) refuse anything that differs.
 
 Chunks are view-set-major: a chunk holds ONE view set of ``chunk_images`` consecutive images (shape
 [chunk_images, 1, ...], whole rows), sized so a `local` chunk is >= 1 MiB. The trainer uses one view set
@@ -38,7 +38,6 @@ from pathlib import Path
 import google_crc32c
 import numcodecs.blosc
 import numpy as np
-import torch
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
@@ -57,7 +56,6 @@ TARGET_FORMATS = ("float16", "int8")
 CODECS = ("lz4", "zstd")
 MIN_CHUNK_BYTES = 1 << 20
 DEFAULT_SHARD_BYTES = 256 << 20  # uncompressed bytes of one shard across arrays: the unit of work
-INT8_MAX = 127
 
 
 class StoreError(ValueError):
@@ -153,8 +151,9 @@ def _json_normal(value):
     return json.loads(json.dumps(value))
 
 
-def view_config_dict(cfg: ViewConfig) -> dict:
-    return _json_normal(dataclasses.asdict(cfg))
+def config_dict(config) -> dict:
+    """A config dataclass (ViewConfig, TeacherSpec) as it reads back from the store's JSON attributes."""
+    return _json_normal(dataclasses.asdict(config))
 
 
 def view_config_from_dict(data: dict) -> ViewConfig:
@@ -179,14 +178,6 @@ def describe_differences(stored: dict, expected: dict, keys) -> list[str]:
         else:
             out.append(f"{key}: store has {have!r}, this run has {want!r}")
     return out
-
-
-# Keys of the attributes that define what a store holds; a resumed run must match all of them.
-IDENTITY_KEYS = ("format_version", "spec_version", "view_params_version", "teacher", "teacher_spec",
-                 "checkpoint_sha256", "view_config", "images_fingerprint", "backgrounds_fingerprint",
-                 "num_images", "num_backgrounds", "views_per_image", "target_format", "seed",
-                 "token_grid", "chunk_images", "shard_images", "calibration_images", "codec",
-                 "teacher_options")
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -249,8 +240,8 @@ def read_attrs(path: str | os.PathLike) -> dict:
 class StoreWriter:
     """Creates a store atomically and writes whole shards, each durable before its marker."""
 
-    def __init__(self, path: Path, attrs: dict, layout: StoreLayout):
-        self.path, self.attrs, self.layout = Path(path), attrs, layout
+    def __init__(self, path: Path, layout: StoreLayout):
+        self.path, self.layout = Path(path), layout
         group = zarr.open_group(LocalStore(self.path), mode="r+", zarr_format=3)
         self.arrays = {name: group[name] for name in layout.array_specs()}
 
@@ -273,7 +264,7 @@ class StoreWriter:
         _fsync_tree(staging)
         os.rename(staging, path)
         fsync_path(path.parent)
-        return cls(path, attrs, layout)
+        return cls(path, layout)
 
     def shard_files(self, shard: int) -> dict[str, Path]:
         return {name: self.path / name / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
@@ -308,18 +299,6 @@ class StoreWriter:
         atomic_write_bytes(self.marker_path(shard), lambda handle: handle.write(json.dumps(record).encode()))
 
 
-def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8: values ~= q * scale, scale = max|row| / 127 (all-zero rows: scale 0)."""
-    scale = values.abs().amax(dim=-1) / INT8_MAX
-    q = torch.where(scale[..., None] > 0, values / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None],
-                    torch.zeros_like(values))
-    return q.round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale.float()
-
-
-def dequantize_rows(q: np.ndarray | torch.Tensor, scale: np.ndarray | torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(q).float() * torch.as_tensor(scale).float()[..., None]
-
-
 class ShardedChunkReader:
     """Reads one inner chunk of a sharded Zarr v3 array straight from its shard file, synchronously.
 
@@ -346,6 +325,7 @@ class ShardedChunkReader:
         self.dtype = np.dtype(array.dtype).newbyteorder("<")
         self.index_bytes = 16 * math.prod(self.chunks_per_shard) + 4  # + CRC32C
         self._indexes: dict[tuple[int, ...], np.ndarray] = {}  # shard -> [chunks..., 2]; shards never change
+        self._files: dict[tuple[int, ...], Path] = {}  # shard -> its file (the key encoding costs µs per read)
 
     def _index(self, shard: tuple[int, ...], fd: int, file: Path) -> np.ndarray:
         index = self._indexes.get(shard)
@@ -362,7 +342,9 @@ class ShardedChunkReader:
     def read(self, chunk: tuple[int, ...]) -> np.ndarray:
         """The whole chunk at chunk-grid coordinates `chunk` (a chunk past the array's end is padded)."""
         shard = tuple(c // n for c, n in zip(chunk, self.chunks_per_shard))
-        file = self.path / self.array.metadata.encode_chunk_key(shard)
+        file = self._files.get(shard)
+        if file is None:
+            file = self._files[shard] = self.path / self.array.metadata.encode_chunk_key(shard)
         try:
             fd = os.open(file, os.O_RDONLY)
         except FileNotFoundError:
@@ -453,8 +435,8 @@ class TargetStore:
 
     def check_compatible(self, recipe: Recipe, views_cfg: ViewConfig, images_fingerprint: str) -> None:
         """Refuse a store that was not made for this recipe's teacher, these views and this images file."""
-        expected = {"teacher": recipe.teacher.name, "teacher_spec": teacher_spec_dict(recipe.teacher),
-                    "view_config": view_config_dict(views_cfg), "images_fingerprint": images_fingerprint}
+        expected = {"teacher": recipe.teacher.name, "teacher_spec": config_dict(recipe.teacher),
+                    "view_config": config_dict(views_cfg), "images_fingerprint": images_fingerprint}
         problems = describe_differences(self.attrs, expected, expected)
         if self.attrs.get("view_params_version") != VIEW_PARAMS_VERSION:
             problems.append(f"view_params_version: store has {self.attrs.get('view_params_version')}, "
@@ -463,10 +445,6 @@ class TargetStore:
             problems.append(f"spec_version: store has {self.attrs.get('spec_version')}, this code is {SPEC_VERSION}")
         if problems:
             raise StoreError(f"target store {self.path} does not fit recipe {recipe.name}: " + "; ".join(problems))
-
-
-def teacher_spec_dict(spec: TeacherSpec) -> dict:
-    return _json_normal(dataclasses.asdict(spec))
 
 
 def layout_from_attrs(attrs: dict) -> StoreLayout:

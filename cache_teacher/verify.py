@@ -9,9 +9,9 @@ import torch
 
 from cache_teacher.ffcv_images import ImageFile, images_fingerprint
 from cache_teacher.run import TargetComputer, _format_bytes, image_view_params
-from cache_teacher.store import StoreError, TargetStore, dequantize_rows, file_sha256, open_store
+from cache_teacher.store import StoreError, TargetStore, file_sha256, open_store
 from dpal.config import TeacherSpec
-from dpal.losses import relation_probabilities
+from dpal.losses import dequantize_rows, relation_probabilities
 from dpal.recipes import TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, shape_mask
 from dpal.teachers import load_teacher
@@ -32,7 +32,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _stored_targets(rows: dict[str, np.ndarray], target_format: str) -> dict[str, torch.Tensor]:
     if target_format == "int8":
-        local = dequantize_rows(rows["local"], rows["local_scale"])
+        local = dequantize_rows(torch.from_numpy(rows["local"]), torch.from_numpy(rows["local_scale"]))
         relation = relation_probabilities(torch.from_numpy(rows["relation"]), torch.from_numpy(rows["relation_scale"]))
     else:
         local, relation = torch.from_numpy(rows["local"]).float(), torch.from_numpy(rows["relation"]).float()

@@ -60,6 +60,15 @@ def relation_probabilities(target: torch.Tensor, row_scale: torch.Tensor | None 
     return dequantize_rows(target, row_scale)
 
 
+def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 (the int8 local targets): values ~= q * scale, scale = max|row| / 127
+    (all-zero rows: scale 0); `dequantize_rows` is the inverse."""
+    scale = values.abs().amax(dim=-1) / 127
+    q = torch.where(scale[..., None] > 0, values / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None],
+                    torch.zeros_like(values))
+    return q.round_().clamp_(-127, 127).to(torch.int8), scale.float()
+
+
 def dequantize_rows(target: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """A stored target -> float (float32 at least): float16/32/64 as is, int8 q with a scale per row
     (per last-axis vector, shape target.shape[:-1]) as q * scale. Local targets are stored so; int8

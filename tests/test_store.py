@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cache_teacher.store import (
-    ATTRS_KEY, MIN_CHUNK_BYTES, STORE_FORMAT_VERSION, StoreError, StoreWriter, dequantize_rows, open_store,
-    plan_layout, quantize_rows, teacher_spec_dict, view_config_dict)
+    ATTRS_KEY, MIN_CHUNK_BYTES, STORE_FORMAT_VERSION, StoreError, StoreWriter, config_dict, open_store, plan_layout)
 from dpal.config import TeacherSpec, ViewConfig
+from dpal.losses import dequantize_rows, quantize_rows
 from dpal.recipes import TEACHERS, get_recipe
 
 SMALL = TeacherSpec("small-vit", "vit", "vit_base_patch16_224", width=16, depth=1, num_heads=1, patch_size=16,
@@ -56,7 +56,7 @@ def test_int8_rows_roundtrip_within_half_a_step(shape):
 
 def _attrs(layout, **changes):
     attrs = {"format_version": STORE_FORMAT_VERSION, "spec_version": 1, "view_params_version": 1, "teacher": SMALL.name,
-             "teacher_spec": teacher_spec_dict(SMALL), "view_config": view_config_dict(ViewConfig()),
+             "teacher_spec": config_dict(SMALL), "view_config": config_dict(ViewConfig()),
              "images_fingerprint": "abc", "num_images": layout.num_images, "views_per_image": layout.views_per_image,
              "target_format": layout.target_format, "token_grid": [16, 8], "crowd_tokens": layout.crowd_tokens,
              "view_fields": layout.view_fields, "chunk_images": layout.chunk_images,
