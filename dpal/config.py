@@ -101,13 +101,9 @@ class OptimConfig:
     moe_switch_epoch: int = 20
     amp_dtype: str = "bfloat16"
 
-    @property
-    def global_batch(self) -> int:
-        return self.batch_per_gpu * self.num_gpus * self.accum_steps
-
-    @property
-    def lr(self) -> float:
-        return self.base_lr * self.global_batch / 256
+    def peak_lr(self, global_batch: int) -> float:
+        """The linear scaling rule: base_lr at a global batch of 256."""
+        return self.base_lr * global_batch / 256
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ backbone through the same `create_backbone`, so its forward equals the trained o
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -25,17 +24,16 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from timm.layers import Attention
-from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import nn
 
 from dpal.checkpoints import CheckpointError, load_exact
 from dpal.config import Recipe, StudentSpec, TeacherSpec
+from dpal.swin import PaddedWindowBlock
 
 EXPORT_FORMAT = "dpal-student"
 EXPORT_FORMAT_VERSION = 1
 TRAIN_SIZE = (256, 128)  # (H, W) of the global view: the resolution the position grid is learned at
 VIT_PATCH = 16
-SWIN_WINDOW = 7
 SWIN_STRIDE = 32  # patch 4, three 2x merges
 _METADATA_KEY = "dpal_student_config"
 _EXPORT_LAYOUT = (f"{EXPORT_FORMAT} v{EXPORT_FORMAT_VERSION}: NAME.safetensors (timm state dict) + NAME.json "
@@ -50,7 +48,7 @@ class StudentTokens(NamedTuple):
 
 # --------------------------------------------------------------------------------- Swin windows
 
-class _GridWindowSwinBlock(SwinTransformerBlock):
+class _GridWindowSwinBlock(PaddedWindowBlock):
     """timm's Swin block whose windows adapt to the actual feature grid (same parameters and names).
 
     timm fixes window and shift from the construction size and rolls before padding, so on grids that are
@@ -65,55 +63,10 @@ class _GridWindowSwinBlock(SwinTransformerBlock):
     7x7 relative-position tables (timm's shapes) serve every grid.
     """
 
-    def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        _, height, width, channels = x.shape
+    def _shift_and_mask_grid(self, height: int, width: int, padded_h: int, padded_w: int):
         win_h, win_w = self.window_size
         shift = (self.shift_size[0] if height > win_h else 0, self.shift_size[1] if width > win_w else 0)
-        x = F.pad(x, (0, 0, 0, (-width) % win_w, 0, (-height) % win_h))
-        padded_h, padded_w = x.shape[1], x.shape[2]
-        if any(shift):
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        # Eager: one cached mask per grid and device. Compiled: traced as constants (dynamo bypasses lru_cache).
-        build_mask = _window_mask.__wrapped__ if torch.compiler.is_compiling() else _window_mask
-        mask = build_mask(height, width, (win_h, win_w), shift, x.device)
-        if mask is not None:
-            mask = mask.to(x.dtype)
-        windows = window_partition(x, (win_h, win_w)).view(-1, win_h * win_w, channels)
-        windows = self.attn(windows, mask=mask).view(-1, win_h, win_w, channels)
-        x = window_reverse(windows, (win_h, win_w), padded_h, padded_w)
-        if any(shift):
-            x = torch.roll(x, shifts=shift, dims=(1, 2))
-        return x[:, :height, :width].contiguous()
-
-
-@functools.lru_cache(maxsize=64)
-def _window_mask(height: int, width: int, window: tuple[int, int], shift: tuple[int, int],
-                 device: torch.device) -> torch.Tensor | None:
-    """Additive mask [num_windows, area, area] (0 / -100 as Swin) for a padded, shifted map; None if not needed.
-
-    Labels are built on the padded map in shifted coordinates: Swin's three regions per shifted axis, and
-    one extra label for padded positions. Tokens attend only to tokens with the same label.
-    """
-    win_h, win_w = window
-    padded_h, padded_w = height + (-height) % win_h, width + (-width) % win_w
-    if padded_h == height and padded_w == width and not any(shift):
-        return None
-
-    def axis_regions(size: int, win: int, s: int) -> torch.Tensor:
-        regions = torch.zeros(size, dtype=torch.long, device=device)
-        if s:
-            regions[size - win:size - s] = 1
-            regions[size - s:] = 2
-        return regions
-
-    labels = axis_regions(padded_h, win_h, shift[0])[:, None] * 3 + axis_regions(padded_w, win_w, shift[1])[None, :]
-    padded = torch.ones(padded_h, padded_w, dtype=torch.bool, device=device)
-    padded[:height, :width] = False
-    padded = torch.roll(padded, shifts=(-shift[0], -shift[1]), dims=(0, 1))
-    labels = labels.masked_fill(padded, -1)
-    labels = window_partition(labels[None, :, :, None], window).reshape(-1, win_h * win_w)
-    same = labels[:, :, None] == labels[:, None, :]
-    return torch.zeros(same.shape, device=device).masked_fill_(~same, -100.0)
+        return shift, (height, width)  # the real grid: padded positions get their own mask label
 
 
 # --------------------------------------------------------------------------------- building

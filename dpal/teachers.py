@@ -13,7 +13,6 @@ from typing import NamedTuple
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import nn
 
 from dpal.checkpoints import (
@@ -31,8 +30,8 @@ from dpal.checkpoints import (
 from dpal.config import TeacherSpec
 from dpal.losses import relation_matrix
 from dpal.recipes import TEACHERS
+from dpal.swin import SWIN_WINDOW, PaddedWindowBlock
 
-SWIN_WINDOW = 7
 _DEFAULT_VIT_POS_GRID = 14  # timm's ViT/16 at 224: the grid PATH-B's released pos_embed has
 
 
@@ -47,7 +46,7 @@ class TeacherTargets(NamedTuple):
     relation: torch.Tensor  # [B, Nc, Nc] float32 row probabilities over all crowd-view tokens
 
 
-class _SoliderWindowBlock(SwinTransformerBlock):
+class _SoliderWindowBlock(PaddedWindowBlock):
     """timm's Swin block with SOLIDER's (mmdet's) window layout for grids that are not window multiples.
 
     mmdet pads the feature map to window multiples first and then shifts, so the padded positions take part in
@@ -55,22 +54,8 @@ class _SoliderWindowBlock(SwinTransformerBlock):
     (stage grids 64x32 ... 8x4, none a multiple of 7). The teacher must reproduce SOLIDER's features.
     """
 
-    def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        _, height, width, channels = x.shape
-        win_h, win_w = self.window_size
-        x = F.pad(x, (0, 0, 0, (-width) % win_w, 0, (-height) % win_h))
-        padded_h, padded_w = x.shape[1], x.shape[2]
-        shift = self.shift_size
-        mask = None
-        if any(shift):
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-            mask = self.get_attn_mask(x)
-        windows = window_partition(x, self.window_size).view(-1, self.window_area, channels)
-        windows = self.attn(windows, mask=mask).view(-1, win_h, win_w, channels)
-        x = window_reverse(windows, self.window_size, padded_h, padded_w)
-        if any(shift):
-            x = torch.roll(x, shifts=shift, dims=(1, 2))
-        return x[:, :height, :width].contiguous()
+    def _shift_and_mask_grid(self, height: int, width: int, padded_h: int, padded_w: int):
+        return tuple(self.shift_size), (padded_h, padded_w)  # padded positions are ordinary tokens here
 
 
 class Teacher(nn.Module):

@@ -386,8 +386,9 @@ def resize_weights(lengths: torch.Tensor, out_len: int, in_len: int, device=None
 
 
 @functools.lru_cache(maxsize=16)
-def _reflect_taps(length: int, kernel_size: int) -> torch.Tensor:
-    """One-hot ``[K, length * length]``: tap k of output pixel p reads pixel ``reflect(p + k - K // 2)``."""
+def _reflect_taps(length: int, kernel_size: int, device: torch.device) -> torch.Tensor:
+    """One-hot ``[K, length * length]`` on `device`: tap k of output pixel p reads pixel
+    ``reflect(p + k - K // 2)``. Cached per device: every batch blurs the same few view sizes."""
     radius = kernel_size // 2
     if radius >= length:
         raise ValueError(f"a {kernel_size}-tap blur needs views longer than {radius} pixels, got {length}")
@@ -396,7 +397,7 @@ def _reflect_taps(length: int, kernel_size: int) -> torch.Tensor:
     source = torch.where(source > length - 1, 2 * (length - 1) - source, source)  # reflect at the end
     taps = torch.zeros(kernel_size, length, length)
     taps[torch.arange(kernel_size)[None, :], torch.arange(length)[:, None], source] = 1.0
-    return taps.reshape(kernel_size, length * length)
+    return _upload(taps.reshape(kernel_size, length * length), device)
 
 
 def blur_weights(sigmas: torch.Tensor, length: int, kernel_size: int, device=None) -> torch.Tensor:
@@ -411,7 +412,7 @@ def blur_weights(sigmas: torch.Tensor, length: int, kernel_size: int, device=Non
     kernel = torch.exp(-0.5 * (offsets / sigmas.double()[:, None]) ** 2)
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).float()  # [n, K]
     device = torch.device(device) if device is not None else torch.device("cpu")
-    taps = _upload(_reflect_taps(length, kernel_size), device)
+    taps = _reflect_taps(length, kernel_size, device)
     with _ieee_fp32_matmul(device):
         return (_upload(kernel, device) @ taps).reshape(len(sigmas), length, length)
 

@@ -266,7 +266,7 @@ def train(args: argparse.Namespace) -> Path:
     total_steps = optim.epochs * plan.steps_per_epoch
     warmup_steps = optim.warmup_epochs * plan.steps_per_epoch
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    peak_lr = args.lr if args.lr is not None else optim.base_lr * global_batch / 256
+    peak_lr = args.lr if args.lr is not None else optim.peak_lr(global_batch)
 
     run_dir = Path(args.out)
     config = run_config(args, recipe, global_batch, fingerprint, store_identity)
