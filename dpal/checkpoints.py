@@ -56,19 +56,20 @@ def _key_preview(keys: list[str], limit: int = 24) -> str:
     return shown if len(keys) <= limit else f"{shown}, ... and {len(keys) - limit} more"
 
 
-def load_checkpoint_file(path) -> dict:
-    """Read a .pth file without running arbitrary pickled code: tensors, containers and argparse.Namespace only."""
+def load_checkpoint_file(path, layout: str = ANY_TEACHER_LAYOUT) -> dict:
+    """Read a .pth file without running arbitrary pickled code: tensors, containers and argparse.Namespace only.
+    `layout`: what the caller expects, named in the error when the file cannot be read."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(path, ANY_TEACHER_LAYOUT, "no such file")
+        raise CheckpointError(path, layout, "no such file")
     try:
         # SOLIDER files keep their training arguments as an argparse.Namespace; nothing else is allowed.
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... depending on damage
-        raise CheckpointError(path, ANY_TEACHER_LAYOUT, _unreadable_reason(error)) from error
+        raise CheckpointError(path, layout, _unreadable_reason(error)) from error
     if not isinstance(obj, dict):
-        raise CheckpointError(path, ANY_TEACHER_LAYOUT, f"top level is a {type(obj).__name__}, not a dict")
+        raise CheckpointError(path, layout, f"top level is a {type(obj).__name__}, not a dict")
     return obj
 
 

@@ -156,11 +156,7 @@ def load_original_checkpoint(path, recipe: Recipe | str | None = None, *, weight
     if weights not in CONTAINERS:
         raise ValueError(f"weights must be one of {', '.join(CONTAINERS)}, got {weights!r}")
     path = Path(path)
-    try:
-        checkpoint = load_checkpoint_file(path)
-    except CheckpointError as error:  # same problem, stated against the layout expected here
-        problem = str(error).splitlines()[0].removeprefix(f"{path}: ")
-        raise CheckpointError(path, ORIGINAL_LAYOUT, problem) from error
+    checkpoint = load_checkpoint_file(path, ORIGINAL_LAYOUT)
     container_name = CONTAINERS[weights]
     container = checkpoint.get(container_name)
     if not isinstance(container, dict) or not all(isinstance(v, torch.Tensor) for v in container.values()):

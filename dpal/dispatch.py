@@ -37,15 +37,13 @@ def expert_path(queries: torch.Tensor, scores: torch.Tensor, h: torch.Tensor,
     CUDA tensors go to the fused Triton op (`kernels.decoder_experts`), which raises, naming the input,
     on a dtype or shape it does not support rather than silently changing numerics; others to the reference.
     """
+    implementation = decoder.expert_path_reference
     if queries.is_cuda and not _force_reference:
         from kernels import decoder_experts  # Triton is only needed (and imported) on the CUDA path
-        return decoder_experts.expert_path(queries, scores, h, expert_weight, expert_bias, expert_norm_weight,
-                                           expert_norm_bias, out_norm_weight, out_norm_bias,
-                                           mix_divisor=mix_divisor, experts_loss_weight=experts_loss_weight,
-                                           eps=eps)
-    return decoder.expert_path_reference(queries, scores, h, expert_weight, expert_bias, expert_norm_weight,
-                                         expert_norm_bias, out_norm_weight, out_norm_bias,
-                                         mix_divisor=mix_divisor, experts_loss_weight=experts_loss_weight, eps=eps)
+        implementation = decoder_experts.expert_path
+    return implementation(queries, scores, h, expert_weight, expert_bias, expert_norm_weight, expert_norm_bias,
+                          out_norm_weight, out_norm_bias, mix_divisor=mix_divisor,
+                          experts_loss_weight=experts_loss_weight, eps=eps)
 
 
 def relation_kl(y: torch.Tensor, target: torch.Tensor,

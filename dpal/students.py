@@ -27,7 +27,7 @@ from timm.layers import Attention
 from torch import nn
 
 from dpal.checkpoints import CheckpointError, load_exact
-from dpal.config import Recipe, StudentSpec, TeacherSpec
+from dpal.config import Recipe, TeacherSpec
 from dpal.swin import PaddedWindowBlock
 
 EXPORT_FORMAT = "dpal-student"
@@ -132,10 +132,9 @@ def _init_vit_mae(model: nn.Module) -> None:
 class Student(nn.Module):
     """A student backbone (timm model in `.backbone`) giving `StudentTokens` for any view size."""
 
-    def __init__(self, config: dict, spec: StudentSpec | None = None):
+    def __init__(self, config: dict):
         super().__init__()
         self.config = config
-        self.spec = spec
         self.arch = config["arch"]
         self.token_stride = VIT_PATCH if self.arch == "vit" else SWIN_STRIDE
         self.backbone = create_backbone(config)
@@ -179,7 +178,7 @@ class Student(nn.Module):
 
 def build_student(recipe: Recipe) -> Student:
     """The recipe's student, randomly initialised (ViT: MAE init; Swin: timm's init), in train mode."""
-    student = Student(student_config(recipe), recipe.student)
+    student = Student(student_config(recipe))
     if student.arch == "vit":
         _init_vit_mae(student.backbone)
     return student

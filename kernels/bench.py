@@ -27,7 +27,7 @@ import torch
 from kernels._common import INTERPRETED
 from kernels.decoder_experts import expert_path
 from kernels.relation_loss import relation_kl
-from dpal.decoder import expert_path_reference
+from dpal.decoder import LAYER_NORM_EPS, expert_path_reference
 from dpal.losses import quantize_relation, relation_kl_reference, relation_matrix
 from dpal.recipes import RECIPES
 
@@ -119,7 +119,7 @@ def _relation_inputs(batch, tokens, dim, dtype, target_format, device, seed=0):
 
 def _decoder_call(fn):
     def call(*inputs):
-        y, loss = fn(*inputs, eps=1e-6)
+        y, loss = fn(*inputs, eps=LAYER_NORM_EPS)
         return [y, loss]
     return call
 
@@ -296,7 +296,7 @@ def _fmt(value, spec, missing="-"):
     return missing if value is None else format(value, spec)
 
 
-def print_table(results: list[Result], ceilings: dict, on_gpu: bool) -> None:
+def print_table(results: list[Result], ceilings: dict) -> None:
     by_case: dict[str, dict[str, Result]] = {}
     for r in results:
         by_case.setdefault(json.dumps(r.shape, sort_keys=True) + r.op, {})[r.impl] = r
@@ -364,7 +364,7 @@ def main(argv=None) -> int:
             results.append(run_case(case, impl, on_gpu, args.reps))
             print(f"  {case.op} {case.shape} {impl}: "
                   + (results[-1].error or f"{results[-1].ms:.3f} ms"), file=sys.stderr, flush=True)
-    print_table(results, ceilings, on_gpu)
+    print_table(results, ceilings)
     floors = target_floors(ceilings if on_gpu else None)
     print_floors(floors)
     if args.json:
