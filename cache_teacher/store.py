@@ -433,11 +433,17 @@ class TargetStore:
     def read_images(self, start: int, stop: int) -> dict[str, np.ndarray]:
         return {name: array[start:stop] for name, array in self.arrays.items()}
 
-    def check_compatible(self, recipe: Recipe, views_cfg: ViewConfig, images_fingerprint: str) -> None:
-        """Refuse a store that was not made for this recipe's teacher, these views and this images file."""
+    def check_compatible(self, recipe: Recipe, views_cfg: ViewConfig, images_fingerprint: str,
+                         backgrounds_fingerprint: str | None = None) -> None:
+        """Refuse a store that was not made for this recipe's teacher, these views, this images file and (when
+        given) this background pool: the stored view parameters index the pool they were drawn from, so
+        another pool would silently give other crowd views than the teacher saw."""
         expected = {"teacher": recipe.teacher.name, "teacher_spec": config_dict(recipe.teacher),
                     "view_config": config_dict(views_cfg), "images_fingerprint": images_fingerprint}
         problems = describe_differences(self.attrs, expected, expected)
+        if backgrounds_fingerprint is not None and self.attrs.get("backgrounds_fingerprint") != backgrounds_fingerprint:
+            problems.append(f"the background pool is not the one it was cached with "
+                            f"({self.attrs.get('backgrounds_path')}); pass that file as --backgrounds")
         if self.attrs.get("view_params_version") != VIEW_PARAMS_VERSION:
             problems.append(f"view_params_version: store has {self.attrs.get('view_params_version')}, "
                             f"this code renders version {VIEW_PARAMS_VERSION}")

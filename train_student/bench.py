@@ -135,7 +135,7 @@ def bench(args: argparse.Namespace) -> None:
     recipe = get_recipe(args.recipe)
     batch = args.batch_size or recipe.optim.batch_per_gpu
     store = open_store(args.store)
-    store.check_compatible(recipe, recipe.views, images_fingerprint(args.images))
+    store.check_compatible(recipe, recipe.views, images_fingerprint(args.images), images_fingerprint(args.backgrounds))
     backgrounds = BackgroundPool(args.backgrounds)
     plan = FeedPlan(num_images=store.num_images, chunk_images=store.chunk_images, micro_batch=batch, world_size=1,
                     rank=0, accum_steps=1, seed=0, window_images=1024)

@@ -248,12 +248,7 @@ def train(args: argparse.Namespace) -> Path:
     else:
         from cache_teacher.store import open_store
         store = open_store(args.store)
-        store.check_compatible(recipe, recipe.views, fingerprint)
-        # The stored view parameters index the background pool they were drawn from: another pool would
-        # silently give other crowd views than the teacher saw.
-        if store.attrs.get("backgrounds_fingerprint") != images_fingerprint(args.backgrounds):
-            raise TrainingError(f"--backgrounds {args.backgrounds} is not the background pool the store "
-                                f"{args.store} was cached with ({store.attrs.get('backgrounds_path')}); pass that file")
+        store.check_compatible(recipe, recipe.views, fingerprint, images_fingerprint(args.backgrounds))
         num_images, chunk_images = store.num_images, store.chunk_images
         store_identity = {key: store.attrs[key] for key in ("teacher", "checkpoint_sha256", "target_format",
                                                             "views_per_image", "format_version")}
