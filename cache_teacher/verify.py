@@ -30,14 +30,12 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
 
 
-def _stored_targets(rows: dict[str, np.ndarray], target_format: str) -> dict[str, torch.Tensor]:
-    if target_format == "int8":
-        local = dequantize_rows(torch.from_numpy(rows["local"]), torch.from_numpy(rows["local_scale"]))
-        relation = relation_probabilities(torch.from_numpy(rows["relation"]), torch.from_numpy(rows["relation_scale"]))
-    else:
-        local, relation = torch.from_numpy(rows["local"]).float(), torch.from_numpy(rows["relation"]).float()
-    return {"global": torch.from_numpy(rows["global"]).float(), "local": local,
-            "mask": torch.from_numpy(rows["mask"]).float(), "relation": relation}
+def _stored_targets(rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """One stored view set as float targets: int8 rows decoded with their scales (present only in int8 stores)."""
+    tensors = {name: torch.from_numpy(value) for name, value in rows.items()}
+    return {"global": tensors["global"].float(), "mask": tensors["mask"].float(),
+            "local": dequantize_rows(tensors["local"], tensors.get("local_scale")),
+            "relation": relation_probabilities(tensors["relation"], tensors.get("relation_scale"))}
 
 
 def check_integrity(store: TargetStore) -> list[str]:
@@ -74,7 +72,8 @@ def verify(store_path: str, weights: str, *, images: str | None = None, backgrou
         raise StoreError(f"{weights} is not the checkpoint the store was made with (sha256 differs)")
     spec = teachers[attrs["teacher"]] if attrs["teacher"] in teachers else TeacherSpec(**attrs["teacher_spec"])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    computer = TargetComputer(load_teacher(spec, weights, **attrs["teacher_options"]).to(dev), ImageFile(backgrounds_path), store.view_config,
+    view_cfg = store.view_config  # parsed from the attributes once
+    computer = TargetComputer(load_teacher(spec, weights, **attrs["teacher_options"]).to(dev), ImageFile(backgrounds_path), view_cfg,
                               dev, batch_size)
     image_file = ImageFile(images_path)
     calibration = ShapeMaskCalibration.from_dict(attrs["mask_calibration"])
@@ -86,13 +85,13 @@ def verify(store_path: str, weights: str, *, images: str | None = None, backgrou
         rows = [store.read_images(p // k, p // k + 1) for p in chunk]
         params = torch.stack([torch.from_numpy(r["view_params"][0, p % k]) for r, p in zip(rows, chunk)])
         resampled = torch.stack([image_view_params(attrs["seed"], p // k, k, attrs["num_backgrounds"],
-                                                   store.view_config)[p % k] for p in chunk])
+                                                   view_cfg)[p % k] for p in chunk])
         stats.setdefault("view_params_equal", []).append(float(torch.equal(params, resampled)))
         fresh = computer.targets([torch.from_numpy(image_file.image(p // k)) for p in chunk], params)
         fresh_mask = shape_mask(fresh.local, calibration).cpu()
         for r, p, i in zip(rows, chunk, range(len(chunk))):
             row = {n: v[0, p % k] for n, v in r.items()}
-            stored = _stored_targets(row, store.target_format)
+            stored = _stored_targets(row)
             new = {"global": fresh.global_[i].cpu(), "local": fresh.local[i].cpu(), "relation": fresh.relation[i].cpu()}
             stats.setdefault("global_cosine", []).append(float(_cosine(stored["global"], new["global"])))
             stats.setdefault("global_max_abs", []).append(float((stored["global"] - new["global"]).abs().max()))
