@@ -8,11 +8,13 @@ every shape checked, otherwise a `CheckpointError` naming the keys).
 from __future__ import annotations
 
 import argparse
+import math
 from typing import NamedTuple
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from dpal.checkpoints import (
@@ -58,6 +60,32 @@ class _SoliderWindowBlock(PaddedWindowBlock):
         return tuple(self.shift_size), (padded_h, padded_w)  # padded positions are ordinary tokens here
 
 
+def interpolate_pos_encoding(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The teacher's position embedding [1, 1+OH*OW, D] (CLS position first, square stored grid) resized to
+    a view's patch grid (h0, w0) as the original resized it (DINO's `interpolate_pos_encoding`, spec 1):
+    bicubic with scale_factor ((h0 + 0.1) / OH, (w0 + 0.1) / OW), align_corners False, no antialias; the CLS
+    position is kept. The scale factor, not the exact size, sets the sampling positions, so this differs
+    from resizing to (h0, w0); the 0.1 only makes floor(OH * scale) come out as h0."""
+    side = math.isqrt(pos_embed.shape[1] - 1)
+    height, width = grid
+    if (height, width) == (side, side):
+        return pos_embed  # DINO returns the stored embedding unchanged at its own grid
+    stored = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(stored, scale_factor=((height + 0.1) / side, (width + 0.1) / side), mode="bicubic",
+                            align_corners=False)
+    return torch.cat([pos_embed[:, :1], resized.flatten(2).transpose(1, 2)], dim=1)
+
+
+class _DinoPositionViT(VisionTransformer):
+    """timm's ViT (dynamic_img_size: patch tokens arrive as [B, H, W, D]) with the position grid resized by
+    `interpolate_pos_encoding` instead of timm's antialiased resample: the targets the original computed."""
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, channels = x.shape
+        tokens = torch.cat([self.cls_token.expand(batch, -1, -1), x.reshape(batch, -1, channels)], dim=1)
+        return self.pos_drop(tokens + interpolate_pos_encoding(self.pos_embed, (height, width)))
+
+
 class Teacher(nn.Module):
     """A frozen teacher backbone (timm model in `.model`, timm state-dict names); always in eval mode."""
 
@@ -81,7 +109,7 @@ class Teacher(nn.Module):
                              f"got {tuple(images.shape)}")
         features = self.model.forward_features(images)
         if self.spec.arch == "vit":
-            # timm (dynamic_img_size) resizes the position grid 2-D bicubic to this view's grid.
+            # _DinoPositionViT resizes the position grid to this view's grid as the original did.
             return TeacherTokens(features, (height // stride, width // stride))
         batch, grid_h, grid_w, channels = features.shape
         return TeacherTokens(features.reshape(batch, grid_h * grid_w, channels), (grid_h, grid_w))
@@ -107,10 +135,12 @@ def _swin_stages(spec: TeacherSpec) -> tuple[tuple[int, ...], tuple[int, ...], i
 
 def _create_model(spec: TeacherSpec, *, pos_grid: int = _DEFAULT_VIT_POS_GRID) -> nn.Module:
     if spec.arch == "vit":
-        return timm.create_model(
+        model = timm.create_model(
             spec.timm_name, pretrained=False, num_classes=0, img_size=pos_grid * spec.patch_size,
             patch_size=spec.patch_size, embed_dim=spec.width, depth=spec.depth, num_heads=spec.num_heads,
             qkv_bias=True, dynamic_img_size=True, drop_path_rate=0.0)
+        model.__class__ = _DinoPositionViT  # same parameters, the original's position-grid resize
+        return model
     if spec.arch != "swin":
         raise ValueError(f"{spec.name}: unknown teacher architecture {spec.arch!r} (expected 'vit' or 'swin')")
     depths, heads, embed_dim = _swin_stages(spec)

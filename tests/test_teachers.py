@@ -78,7 +78,8 @@ class RefViTBlock(nn.Module):
 
 
 class RefViT(nn.Module):
-    """ViT/16 with CLS and a learned position grid resized 2-D bicubic to the input's patch grid."""
+    """ViT/16 with CLS and a learned position grid resized to the input's patch grid as the original did
+    (DINO's interpolate_pos_encoding, spec 1): bicubic by scale factor (grid + 0.1) / stored grid, no antialias."""
 
     def __init__(self, dim, depth, heads, grid):
         super().__init__()
@@ -94,7 +95,9 @@ class RefViT(nn.Module):
         x = self.patch_embed.proj(x)
         b, d, h, w = x.shape
         grid_pos = self.pos_embed[:, 1:].reshape(1, self.grid, self.grid, d).permute(0, 3, 1, 2)
-        grid_pos = F.interpolate(grid_pos, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+        grid_pos = F.interpolate(grid_pos, scale_factor=((h + 0.1) / self.grid, (w + 0.1) / self.grid),
+                                 mode="bicubic", align_corners=False)
+        assert grid_pos.shape[-2:] == (h, w)
         pos = torch.cat([self.pos_embed[:, :1], grid_pos.flatten(2).transpose(1, 2)], dim=1)
         x = torch.cat([self.cls_token.expand(b, -1, -1), x.flatten(2).transpose(1, 2)], dim=1) + pos
         for block in self.blocks:
@@ -296,9 +299,10 @@ def test_path_l_multitask_at_480_resizes_30x30_grid(tmp_path):
     torch.save(multitask_layout(ref), tmp_path / "path_l.pth")
     teacher = load_teacher(SMALL_VIT, tmp_path / "path_l.pth")
     assert teacher.model.pos_embed.shape == (1, 901, SMALL_VIT.width)
-    x = images((256, 128))
-    with torch.no_grad():
-        assert_tokens_close(teacher(x).tokens, ref(x))
+    for size in VIEW_SIZES:
+        x = images(size)
+        with torch.no_grad():
+            assert_tokens_close(teacher(x).tokens, ref(x))
 
 
 def test_path_release_is_multitask_layout_and_round_trips(tmp_path):
