@@ -112,9 +112,10 @@ def create_backbone(config: dict) -> nn.Module:
     return model
 
 
-def _init_vit_mae(model: nn.Module) -> None:
-    """MAE's init: xavier-uniform linears (and patch projection, flattened), zero biases, unit LayerNorms,
-    CLS N(0, 0.02); the position embedding keeps timm's truncated normal (0.02)."""
+def _init_vit_original(model: nn.Module) -> None:
+    """The original DPAL's init (spec 2): xavier-uniform linears (and patch projection, flattened), zero
+    Linear biases, unit LayerNorms, CLS N(0, 0.02), position embedding U[0, 1) (the original's `torch.rand`,
+    never re-initialised); the patch projection's bias keeps PyTorch's default, as there."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
@@ -125,8 +126,8 @@ def _init_vit_mae(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
     proj = model.patch_embed.proj.weight
     nn.init.xavier_uniform_(proj.data.view(proj.shape[0], -1))
-    nn.init.zeros_(model.patch_embed.proj.bias)
     nn.init.normal_(model.cls_token, std=0.02)
+    nn.init.uniform_(model.pos_embed, 0.0, 1.0)
 
 
 class Student(nn.Module):
@@ -177,10 +178,10 @@ class Student(nn.Module):
 
 
 def build_student(recipe: Recipe) -> Student:
-    """The recipe's student, randomly initialised (ViT: MAE init; Swin: timm's init), in train mode."""
+    """The recipe's student, randomly initialised (ViT: the original's init; Swin: timm's init), in train mode."""
     student = Student(student_config(recipe))
     if student.arch == "vit":
-        _init_vit_mae(student.backbone)
+        _init_vit_original(student.backbone)
     return student
 
 

@@ -37,8 +37,9 @@ def swin_t():
     return build_student(get_recipe("path-b_swin-t")).eval()
 
 
-def test_vit_mae_init(vit_ti):
-    """MAE's init: xavier-uniform linears with zero bias, CLS N(0, 0.02)."""
+def test_vit_init_is_the_originals(vit_ti):
+    """The original's init: xavier-uniform linears with zero bias, CLS N(0, 0.02), pos_embed U[0, 1),
+    patch-projection bias at PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     backbone = vit_ti.backbone
     for linear in [backbone.blocks[3].attn.qkv, backbone.blocks[-1].attn.qkv, backbone.blocks[5].mlp.fc2]:
         bound = math.sqrt(6.0 / (linear.in_features + linear.out_features))
@@ -46,6 +47,16 @@ def test_vit_mae_init(vit_ti):
         assert linear.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
         assert torch.count_nonzero(linear.bias) == 0
     assert backbone.cls_token.std().item() == pytest.approx(0.02, rel=0.5)
+    pos = backbone.pos_embed
+    assert pos.shape == (1, 129, 192) and pos.min() >= 0 and pos.max() < 1
+    assert pos.mean().item() == pytest.approx(0.5, abs=0.01) and pos.std().item() == pytest.approx(
+        math.sqrt(1 / 12), rel=0.02)
+    proj = backbone.patch_embed.proj
+    bound = 1 / math.sqrt(proj.weight[0].numel())
+    assert proj.bias.abs().max() <= bound and proj.bias.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.2)
+    xavier = math.sqrt(6.0 / (proj.weight[0].numel() + proj.out_channels))
+    assert proj.weight.abs().max() <= xavier and proj.weight.std().item() == pytest.approx(xavier / math.sqrt(3),
+                                                                                          rel=0.05)
 
 
 def test_vit_position_grid_resized_2d_bicubic(vit_ti):
