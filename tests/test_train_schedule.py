@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from dpal.config import ViewConfig
+from dpal.decoder import DynamicPatternDecoder
+from dpal.recipes import get_recipe
 from train_student.checkpoint import RunFolderError, load_checkpoint, prepare_run_folder, save_checkpoint
 from train_student.data import FeedPlan, block_view_sets, local_crop_params
 from train_student.train import ema_momentum, learning_rate, param_groups
@@ -66,7 +68,7 @@ def test_local_crops_are_fresh_per_epoch_and_rank_slices_agree():
 
 def test_lr_warms_up_linearly_then_follows_a_half_cosine():
     lrs = [learning_rate(s, peak=1.0, min_lr=0.1, warmup_steps=4, total_steps=20) for s in range(21)]
-    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[:4] == pytest.approx([0.0, 0.25, 0.5, 0.75])  # from 0: step i of W gets peak * i / W
     assert lrs[4] == pytest.approx(1.0)
     assert lrs[12] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lrs[20] == pytest.approx(0.1)
@@ -86,6 +88,18 @@ def test_weight_decay_on_matrices_not_on_biases_or_norms():
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(module[0].weight), id(module.queries)}
     assert {id(p) for p in no_decay["params"]} == {id(module[0].bias), id(module[1].weight), id(module[1].bias)}
+
+
+def test_gate_token_is_decayed_like_the_originals_moe_tokens():
+    decoder = DynamicPatternDecoder(get_recipe("path-b_vit-ti").decoder)
+    holder = torch.nn.Module()
+    holder.decoder = decoder  # as the Distiller holds it: the name is "decoder.gate_token"
+    decay, no_decay = param_groups(holder, 0.05)
+    decayed, exempt = {id(p) for p in decay["params"]}, {id(p) for p in no_decay["params"]}
+    assert decoder.gate_token.ndim == 1 and id(decoder.gate_token) in decayed
+    assert {id(decoder.pattern_queries), id(decoder.gate_weight), id(decoder.expert_proj.weight)} <= decayed
+    assert {id(decoder.expert_proj.bias), id(decoder.gate_norm.weight), id(decoder.out_norm.bias)} <= exempt
+    assert len(decayed) + len(exempt) == len(list(decoder.parameters()))
 
 
 def test_checkpoint_is_replaced_atomically_and_run_folders_are_not_mixed(tmp_path):

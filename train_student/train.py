@@ -76,9 +76,10 @@ def apply_overrides(recipe: Recipe, args: argparse.Namespace) -> Recipe:
 
 
 def learning_rate(step: int, *, peak: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to `peak` over warmup_steps, then half-cosine to min_lr at total_steps (per iteration)."""
+    """Linear warm-up from 0 (step i of W gets peak * i / W, as the original's lr_sched), then half-cosine
+    to min_lr at total_steps (per iteration)."""
     if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
+        return peak * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
@@ -88,11 +89,18 @@ def ema_momentum(step: int, *, start: float, end: float, total_steps: int) -> fl
     return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * min(step / max(1, total_steps), 1.0)))
 
 
+# 1-D here but [1, 1, D] in the original (its `gate.moe_tokens`), so decayed like the other matrices (spec 7).
+_DECAYED_VECTORS = ("gate_token",)
+
+
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on every parameter of >= 2 dims (pos_embed, cls_token and decoder queries included);
-    biases and norm weights (1-D) exempt, as in the published recipe."""
-    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    """Weight decay on every parameter of >= 2 dims (pos_embed, cls_token and decoder queries included) and
+    on the decoder's gate token; biases and norm weights (1-D) exempt, as in the published recipe."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            decayed = param.ndim >= 2 or name.rsplit(".", 1)[-1] in _DECAYED_VECTORS
+            (decay if decayed else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
