@@ -19,9 +19,13 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
 
 
 def relation_logits(tokens: torch.Tensor) -> torch.Tensor:
-    """Scaled token similarities F F^T / sqrt(D) of tokens [B,N,D] -> [B,N,N] (float32 or float64)."""
+    """Scaled token similarities F F^T / sqrt(D) of tokens [B,N,D] -> [B,N,N] (float32 or float64).
+
+    Project choice (spec 6): float32 even under autocast, which would round the product to bf16 (a logit
+    near 28 in steps of 0.125). The softmax of float32 logits stays float32 under autocast as well."""
     tokens = _at_least_float32(tokens)
-    return tokens @ tokens.transpose(-1, -2) / math.sqrt(tokens.shape[-1])
+    with torch.autocast(tokens.device.type, enabled=False):
+        return tokens @ tokens.transpose(-1, -2) / math.sqrt(tokens.shape[-1])
 
 
 def relation_matrix(tokens: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,25 @@ def test_relation_matrix_matches_direct_softmax(b, n, d):
     assert relation_matrix(tokens.bfloat16()).dtype == torch.float32  # softmax never in bf16
 
 
+@pytest.mark.parametrize("b,n,d", [(2, 257, 64), (3, 31, 48)])
+def test_relation_logits_stay_float32_under_bf16_autocast(b, n, d):
+    """Spec 6: autocast must not round Y Y^T to bf16 (a logit near 28 would move in steps of 0.125)."""
+    g = torch.Generator().manual_seed(1000 * n + d)
+    # rows of norm^2 ~ 28 sqrt(d): diagonal logits near 28, as a trained decoder output gives
+    y = torch.randn(b, n, d, generator=g) * math.sqrt(28 / math.sqrt(d))
+    target = relation_matrix(torch.randn(b, n, d, generator=g))
+    y32 = y.clone().requires_grad_(True)
+    expected = relation_kl_reference(y32, target)
+    expected.backward()
+    y_autocast = y.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probabilities = relation_matrix(y)
+        got = relation_kl_reference(y_autocast, target)
+    got.backward()  # outside autocast, as the training loop does
+    assert torch.equal(got, expected) and torch.equal(y_autocast.grad, y32.grad)
+    assert torch.equal(probabilities, relation_matrix(y)) and probabilities.dtype == torch.float32
+
+
 @pytest.mark.parametrize("b,n,d", [(2, 6, 8), (1, 13, 5)])
 def test_relation_kl_matches_direct_float_target(b, n, d):
     y = torch.randn(b, n, d, dtype=torch.float64)

@@ -418,6 +418,21 @@ def test_teacher_targets(spec):
     torch.testing.assert_close(targets.relation.sum(-1), torch.ones(2, expected.shape[1]))
 
 
+@pytest.mark.parametrize("spec", [SMALL_VIT, SMALL_SWIN], ids=["vit", "swin"])
+def test_teacher_relation_logits_are_float32_under_bf16_autocast(spec):
+    """Spec 6: R_t under the caching / online teacher's bf16 autocast = softmax of float32 F F^T of the tokens
+    that autocast run gives, not of logits rounded to bf16."""
+    teacher = randomize_(build_teacher(spec), seed=11)
+    global_views, crowd_views = images((256, 128), seed=12), images((256, 256), seed=13)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        targets = teacher_targets(teacher, global_views, crowd_views)
+        crowd = teacher(crowd_views).tokens
+    f = crowd.double()
+    expected = torch.softmax(f @ f.transpose(1, 2) / math.sqrt(spec.width), dim=-1)
+    assert targets.relation.dtype == torch.float32
+    torch.testing.assert_close(targets.relation.double(), expected, rtol=1e-5, atol=1e-7)
+
+
 def test_teacher_is_frozen_and_stays_in_eval():
     teacher = build_teacher(SMALL_VIT)
     teacher.train()
