@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from cache_teacher.ffcv_images import ImageFile, images_fingerprint
 from cache_teacher.store import (
-    CODECS, SPEC_VERSION, STORE_FORMAT_VERSION, StoreLayout, StoreWriter, check_format_version, config_dict,
-    describe_differences, file_sha256, plan_layout, read_attrs, token_counts)
+    CODECS, SPEC_VERSION, STORE_FORMAT_VERSION, StoreLayout, StoreWriter, check_format_version, check_spec_version,
+    config_dict, describe_differences, file_sha256, plan_layout, read_attrs, token_counts)
 from dpal.config import TeacherSpec, ViewConfig
 from dpal.losses import quantize_relation, quantize_rows
 from dpal.recipes import TEACHERS
@@ -316,6 +316,7 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
 def _check_resumable(out: Path, stored: dict, identity: dict) -> None:
     """An existing store (attributes `stored`) may only be resumed by exactly the run that created it."""
     check_format_version(stored, out)
+    check_spec_version(stored, out)
     problems = describe_differences(stored, identity, identity)
     if problems:
         raise RunError(f"{out} already holds a store made by a different run; refusing to mix targets: "

@@ -49,7 +49,9 @@ from dpal.views import VIEW_PARAMS_VERSION
 # 3: int8 relation rows are log-domain codes (`dpal.losses.quantize_relation`); 2: chunks hold one view set
 # (view-set-major), int8 relation rows were linear; 1: chunks held all K view sets of their images.
 STORE_FORMAT_VERSION = 3
-SPEC_VERSION = 1  # revision of DPAL_SPEC.md whose targets the store holds
+SPEC_VERSION = 2  # revision of DPAL_SPEC.md whose targets the store holds
+# What the targets of an older spec revision got wrong (DPAL_SPEC.md "Revisions"), for the refusal.
+_STALE_SPEC_TARGETS = {1: "old teacher position-embedding resize"}
 ATTRS_KEY = "dpal_store"
 PROGRESS_DIR = "dpal_progress"
 TARGET_FORMATS = ("float16", "int8")
@@ -226,6 +228,15 @@ def check_format_version(attrs: dict, path: Path) -> None:
                          f"`python -m cache_teacher run` into a new --out folder to rebuild the store.")
 
 
+def check_spec_version(attrs: dict, path: Path) -> None:
+    version = attrs.get("spec_version")
+    if version != SPEC_VERSION:
+        why = _STALE_SPEC_TARGETS.get(version, "targets of another spec revision")
+        raise StoreError(f"{path} was written under spec v{version} ({why}); this code computes spec "
+                         f"v{SPEC_VERSION} targets. Rebuild it with `python -m cache_teacher run` into a new --out "
+                         f"folder.")
+
+
 def read_attrs(path: str | os.PathLike) -> dict:
     path = Path(path)
     meta = path / "zarr.json"
@@ -369,6 +380,7 @@ class TargetStore:
         self.path = Path(path)
         self.attrs = read_attrs(self.path)
         check_format_version(self.attrs, self.path)
+        check_spec_version(self.attrs, self.path)
         group = zarr.open_group(LocalStore(self.path, read_only=True), mode="r", zarr_format=3)
         self.layout = layout_from_attrs(self.attrs)
         try:
@@ -447,8 +459,6 @@ class TargetStore:
         if self.attrs.get("view_params_version") != VIEW_PARAMS_VERSION:
             problems.append(f"view_params_version: store has {self.attrs.get('view_params_version')}, "
                             f"this code renders version {VIEW_PARAMS_VERSION}")
-        if self.attrs.get("spec_version") != SPEC_VERSION:
-            problems.append(f"spec_version: store has {self.attrs.get('spec_version')}, this code is {SPEC_VERSION}")
         if problems:
             raise StoreError(f"target store {self.path} does not fit recipe {recipe.name}: " + "; ".join(problems))
 

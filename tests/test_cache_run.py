@@ -213,6 +213,21 @@ def test_no_mixing_and_bad_input(inputs, reference, tmp_path, capsys):
     (old / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(StoreError, match="store format 0"):
         run(_config(inputs, str(old)), teachers=TEACHERS_WITH_TINY)
+    # Spec v1 targets come from the old teacher position-embedding resize: no resume, no read, no verify.
+    v1 = tmp_path / "v1.zarr"
+    shutil.copytree(reference.out, v1)
+    meta = json.loads((v1 / "zarr.json").read_text())
+    meta["attributes"]["dpal_store"]["spec_version"] = 1
+    (v1 / "zarr.json").write_text(json.dumps(meta))
+    refusal = r"written under spec v1 \(old teacher position-embedding resize\).* `python -m cache_teacher run`"
+    with pytest.raises(StoreError, match=refusal):
+        run(_config(inputs, str(v1)), teachers=TEACHERS_WITH_TINY)
+    with pytest.raises(StoreError, match=refusal):
+        open_store(v1)
+    capsys.readouterr()
+    assert main(["verify", str(v1), "--weights", reference.weights], teachers=TEACHERS_WITH_TINY) == 2
+    err = capsys.readouterr().err.strip()
+    assert "spec v1" in err and "cache_teacher run" in err and "\n" not in err
     args = _cli_args(_config(inputs, str(tmp_path / "new.zarr")))
     bad = {"--views-per-image": ["-K", "0"], "--teacher": ["--teacher", "path-b"]}
     assert main(args + bad["--views-per-image"], teachers=TEACHERS_WITH_TINY) == 2

@@ -181,6 +181,15 @@ def test_refusals_name_the_problem(artefacts, tmp_path, capsys):
     status, err = _refusal(capsys, _train_args(artefacts, tmp_path / "d", store=unfinished))
     assert status == 2 and "incomplete" in err
 
+    spec_v1 = tmp_path / "spec_v1.zarr"  # targets of the old teacher position-embedding resize
+    shutil.copytree(artefacts["store"], spec_v1)
+    meta = json.loads((spec_v1 / "zarr.json").read_text())
+    meta["attributes"]["dpal_store"]["spec_version"] = 1
+    (spec_v1 / "zarr.json").write_text(json.dumps(meta))
+    status, err = _refusal(capsys, _train_args(artefacts, tmp_path / "d1", store=spec_v1))
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "spec_v1.zarr was written under spec v1" in err
+    assert "Rebuild it with `python -m cache_teacher run`" in err and not (tmp_path / "d1").exists()
+
     truncated = tmp_path / "truncated.beton"
     truncated.write_bytes(artefacts["images"].read_bytes()[:5000])
     args = _train_args(artefacts, tmp_path / "e")
