@@ -241,5 +241,5 @@ def release_checkpoint(teacher: Teacher) -> dict:
     return timm_to_solider_release(state_dict, relative_position_index=index, args=args)
 
 
-__all__ = ["CheckpointError", "Teacher", "TeacherTargets", "TeacherTokens", "build_teacher", "load_teacher",
-           "release_checkpoint", "teacher_targets"]
+__all__ = ["CheckpointError", "Teacher", "TeacherTargets", "TeacherTokens", "build_teacher", "interpolate_pos_encoding",
+           "load_teacher", "release_checkpoint", "teacher_targets"]

@@ -17,7 +17,8 @@ from torch import nn
 
 from dpal.checkpoints import CheckpointError, load_checkpoint_file
 from dpal.config import TeacherSpec
-from dpal.teachers import Teacher, build_teacher, load_teacher, release_checkpoint, teacher_targets
+from dpal.teachers import (Teacher, build_teacher, interpolate_pos_encoding, load_teacher, release_checkpoint,
+                           teacher_targets)
 
 SMALL_VIT = TeacherSpec("path-small", "vit", "vit_base_patch16_224", width=64, depth=2, num_heads=4,
                         patch_size=16, token_stride=16, has_cls=True)
@@ -292,6 +293,24 @@ def test_path_layouts_load_to_reference(tmp_path, layout):
         assert out.tokens.shape == (2, 1 + out.grid[0] * out.grid[1], SMALL_VIT.width)
         with torch.no_grad():
             assert_tokens_close(out.tokens, ref(x))
+
+
+@pytest.mark.parametrize("stored", [14, 30])
+def test_position_grid_resize_is_dinos_interpolate_pos_encoding(stored):
+    """Spec 1: bicubic by scale factor (grid + 0.1) / stored, no antialias, CLS position kept; unchanged at
+    the stored grid (DINO returns it as is). timm's antialiased resize to the exact size differs."""
+    pos_embed = torch.randn(1, 1 + stored * stored, 24, generator=torch.Generator().manual_seed(stored),
+                            dtype=torch.float64)
+    grid_part = pos_embed[:, 1:].reshape(1, stored, stored, 24).permute(0, 3, 1, 2)
+    for h, w in [(16, 8), (16, 16), (8, 6), (2 * stored, stored + 3)]:
+        got = interpolate_pos_encoding(pos_embed, (h, w))
+        expected = F.interpolate(grid_part, scale_factor=((h + 0.1) / stored, (w + 0.1) / stored), mode="bicubic",
+                                 align_corners=False)
+        assert got.shape == (1, 1 + h * w, 24) and torch.equal(got[:, :1], pos_embed[:, :1])
+        torch.testing.assert_close(got[:, 1:], expected.flatten(2).transpose(1, 2), rtol=1e-12, atol=1e-12)
+        exact_size = F.interpolate(grid_part, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+        assert (got[:, 1:] - exact_size.flatten(2).transpose(1, 2)).abs().max() > 1e-2
+    assert interpolate_pos_encoding(pos_embed, (stored, stored)) is pos_embed
 
 
 def test_path_l_multitask_at_480_resizes_30x30_grid(tmp_path):
