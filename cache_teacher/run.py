@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from cache_teacher.ffcv_images import ImageFile, images_fingerprint
 from cache_teacher.store import (
-    CODECS, SPEC_VERSION, STORE_FORMAT_VERSION, StoreLayout, StoreWriter, WriterBusyError, check_format_version,
+    CODECS, SPEC_VERSION, STORE_FORMAT_VERSION, StoreLayout, StoreWriter, WriterRefusedError, check_format_version,
     config_dict, describe_differences, file_sha256, job_writer_lock, plan_layout, read_attrs, store_lock_path,
     token_counts)
 from dpal.config import TeacherSpec, ViewConfig
@@ -253,7 +253,7 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
     _check_output(out, 0 if out.exists() else total_bytes, cfg.skip_space_check)
     try:
         lock = job_writer_lock(store_lock_path(out), f"store {out}")
-    except WriterBusyError as exc:
+    except WriterRefusedError as exc:
         raise RunError(str(exc)) from None
     try:  # everything below, the identity check first, happens under the lock
         resumed = read_attrs(out) if out.exists() else {}

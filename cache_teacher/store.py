@@ -217,8 +217,8 @@ def file_crc32c(path: str | os.PathLike, block: int = 1 << 22) -> int:
     return crc
 
 
-class WriterBusyError(ValueError):
-    """Another process (another job) is writing the store or run folder."""
+class WriterRefusedError(ValueError):
+    """Another process (another job) is writing the store or run folder, or its check under the lock failed."""
 
 
 class WriterLock:
@@ -260,20 +260,30 @@ class WriterLock:
         self.release()
 
 
-def job_writer_lock(path: str | os.PathLike, what: str) -> WriterLock:
-    """The writer lock for this process, or for this torchrun job: rank 0 takes it and every rank learns the
-    outcome, so the ranks of one job write together and any other process or job is refused (WriterBusyError
-    on every rank, nothing written). Release it (or use it as a context manager) when the writing is done."""
+def job_writer_lock(path: str | os.PathLike, what: str, check=None) -> WriterLock:
+    """The writer lock for this process, or for this torchrun job: rank 0 takes it, then runs `check()` (the
+    identity check, which must see what the previous holder left) under it, and every rank learns the outcome.
+    So the ranks of one job write together, and any other process or job is refused (WriterRefusedError on
+    every rank, with the one-line reason; a ValueError from `check` is such a reason and frees the lock).
+    Release the lock (or use it as a context manager) when the writing is done."""
     import torch.distributed as dist
 
     lock = WriterLock(path, what)
-    refusal = lock.acquire() if not dist.is_initialized() or dist.get_rank() == 0 else None
+    refusal = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        refusal = lock.acquire()
+        if refusal is None and check is not None:
+            try:
+                check()
+            except ValueError as exc:
+                lock.release()
+                refusal = str(exc)
     if dist.is_initialized():
         shared = [refusal]
         dist.broadcast_object_list(shared, src=0)
         refusal = shared[0]
     if refusal is not None:
-        raise WriterBusyError(refusal)
+        raise WriterRefusedError(refusal)
     return lock
 
 
