@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_teacher.ffcv_images import ImageFile, images_fingerprint
+from cache_teacher.ffcv_images import ImageFile, check_images, images_fingerprint
 from cache_teacher.run import TargetComputer, _format_bytes, image_view_params
 from cache_teacher.store import StoreError, TargetStore, file_sha256, open_store, repair_hint, shard_file_problems
 from dpal.config import TeacherSpec
@@ -62,6 +62,7 @@ def verify(store_path: str, weights: str, *, images: str | None = None, backgrou
         return False, []
     images_path, backgrounds_path = images or attrs["images_path"], backgrounds or attrs["backgrounds_path"]
     for path, key in ((images_path, "images_fingerprint"), (backgrounds_path, "backgrounds_fingerprint")):
+        check_images(path, progress=True)  # every image's bytes against its CRC32C from `pack`
         if images_fingerprint(path) != attrs[key]:
             raise StoreError(f"{path} is not the file the store was made from ({key} differs); pass the right file")
     if file_sha256(weights) != attrs["checkpoint_sha256"]:

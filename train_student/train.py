@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from cache_teacher.ffcv_images import ImageFile, images_fingerprint
+from cache_teacher.ffcv_images import ImageFile, check_images, images_fingerprint
 from cache_teacher.store import token_counts
 from dpal import dispatch
 from dpal.config import OptimConfig, Recipe
@@ -242,6 +242,8 @@ def _train(args: argparse.Namespace, held: ExitStack) -> Path:
 
     # ---------------------------------------------------------------- inputs (all checked before writing)
     fingerprint = images_fingerprint(args.images)
+    for path in (args.images, args.backgrounds):  # every image against its CRC32C from `pack` (README: cost)
+        check_images(path, progress=master and args.progress)
     backgrounds = BackgroundPool(args.backgrounds)
     teacher = store = store_identity = None
     if args.teacher_online:
