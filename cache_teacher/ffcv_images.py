@@ -156,14 +156,18 @@ class ImageFile:
     def __len__(self) -> int:
         return self.num_images
 
+    def span(self, index: int) -> tuple[int, int]:
+        """(file offset, byte length) of image `index`'s JPEG bytes."""
+        return int(self._ptrs[index]), int(self._sizes[index])
+
     def jpeg_bytes(self, index: int) -> np.ndarray:
-        start = int(self._ptrs[index])
-        return self._data[start:start + int(self._sizes[index])]
+        start, size = self.span(index)
+        return self._data[start:start + size]
 
     def intact(self, index: int) -> bool:
         """Whether image `index`'s bytes still have the CRC32C recorded when it was packed."""
-        start = int(self._ptrs[index])
-        return google_crc32c.value(self._mapped[start:start + int(self._sizes[index])]) == int(self._crcs[index])
+        start, size = self.span(index)
+        return google_crc32c.value(self._mapped[start:start + size]) == int(self._crcs[index])
 
     def damaged(self, indices=None) -> list[int]:
         """The images (all, or `indices`) whose bytes no longer match their recorded CRC32C (~4 us per 16 KB

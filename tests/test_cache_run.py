@@ -20,6 +20,7 @@ import torch
 
 from cache_teacher.__main__ import main
 from cache_teacher.demo_data import write_backgrounds, write_person_images
+from cache_teacher.ffcv_images import ImageFile
 from cache_teacher.pack import pack
 from cache_teacher.run import RunConfig, RunError, run
 from cache_teacher.store import StoreError, open_store
@@ -219,7 +220,16 @@ def test_verify_and_info(inputs, reference, tmp_path, capsys):
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
     assert main(["verify", str(copy), "--weights", reference.weights], teachers=TEACHERS_WITH_TINY) == 1
-    assert "does not match its checksum" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "does not match its checksum" in printed and "verify: FAILED; repair the store by re-running" in printed
+    images = tmp_path / "damaged.beton"  # every image is checked, not a sample of blocks
+    data = bytearray((inputs / "persons.beton").read_bytes())
+    start, size = ImageFile(inputs / "persons.beton").span(7)
+    data[start + size // 2] ^= 0x01
+    images.write_bytes(bytes(data))
+    assert main(["verify", reference.out, "--weights", reference.weights, "--images", str(images)],
+                teachers=TEACHERS_WITH_TINY) == 2
+    assert f"error: {images}: 1 of {NUM_IMAGES} images are damaged" in capsys.readouterr().err
 
 
 def test_int8_format_verifies(inputs):

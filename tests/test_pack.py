@@ -135,8 +135,7 @@ def test_a_damaged_image_is_found_by_the_full_check(packed, tmp_path):
     root, _ = packed
     damaged = tmp_path / "damaged.beton"
     shutil.copy(root / "persons.beton", damaged)
-    intact = ImageFile(damaged)
-    start, size = int(intact._ptrs[3]), int(intact._sizes[3])
+    start, size = ImageFile(damaged).span(3)
     with open(damaged, "r+b") as handle:  # one flipped bit in the middle of image 3's JPEG data
         handle.seek(start + size // 2)
         byte = handle.read(1)[0]

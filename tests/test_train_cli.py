@@ -119,15 +119,21 @@ def test_int8_store_trains_like_the_float16_store(artefacts, reference_run):
     assert int8_row["relation"] != float16_row["relation"]  # the int8 targets were really read
 
 
-def test_killed_run_resumes_to_the_same_losses(artefacts, reference_run):
-    out = artefacts["root"] / "killed"
+def _training_at_step(artefacts, out, steps: int) -> subprocess.Popen:
+    """A real training subprocess, returned once it has logged `steps` steps (or ended)."""
     process = subprocess.Popen([sys.executable, "-m", "train_student", *_train_args(artefacts, out)],
                                env=TRAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        if (out / "metrics.csv").exists() and len(read_metrics(out / "metrics.csv")) >= 3:
-            break  # step 2 is checkpointed; step 3 is done but not saved
+        if (out / "metrics.csv").exists() and len(read_metrics(out / "metrics.csv")) >= steps:
+            break
         time.sleep(0.05)
+    return process
+
+
+def test_killed_run_resumes_to_the_same_losses(artefacts, reference_run):
+    out = artefacts["root"] / "killed"
+    process = _training_at_step(artefacts, out, 3)  # step 2 is checkpointed; step 3 is done but not saved
     assert process.poll() is None, "training ended before it could be killed: " + process.stderr.read().decode()
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -281,13 +287,7 @@ def test_a_second_process_on_a_run_folder_is_refused(artefacts, reference_run):
     """Two real trainings on one --out: the second (--resume or not) is refused in one line while the first
     runs (they used to both exit 0 and interleave metrics.csv); the first, stopped meanwhile, is undisturbed."""
     out = artefacts["root"] / "contended"
-    first = subprocess.Popen([sys.executable, "-m", "train_student", *_train_args(artefacts, out)],
-                             env=TRAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and first.poll() is None:
-        if (out / "metrics.csv").exists() and len(read_metrics(out / "metrics.csv")) >= 1:
-            break
-        time.sleep(0.05)
+    first = _training_at_step(artefacts, out, 1)
     first.send_signal(signal.SIGSTOP)
     try:
         assert first.poll() is None, "training ended before the second started: " + first.stderr.read().decode()
@@ -300,3 +300,21 @@ def test_a_second_process_on_a_run_folder_is_refused(artefacts, reference_run):
         assert f"error: run folder {out} is being written by pid {first.pid} on " in second.stderr
     assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-3000:]
     assert _compared(read_metrics(out / "metrics.csv")) == _compared(read_metrics(reference_run / "metrics.csv"))
+
+
+def test_a_damaged_image_is_refused_at_training_start(artefacts, tmp_path, capsys):
+    from cache_teacher.ffcv_images import ImageFile
+
+    images = tmp_path / "damaged.beton"
+    shutil.copy(artefacts["images"], images)
+    start, size = ImageFile(images).span(4)
+    position = start + size // 2
+    data = bytearray(images.read_bytes())
+    data[position] ^= 0x20  # one bit in the middle of image 4's JPEG data
+    images.write_bytes(bytes(data))
+    args = _train_args(artefacts, tmp_path / "run")
+    args[args.index("--images") + 1] = str(images)
+    status, err = _refusal(capsys, args)
+    assert status == 2 and err.count("\n") == 1
+    assert f"{images}: 1 of {NUM_IMAGES} images are damaged (CRC32C mismatch; first: [4]); re-pack it" in err
+    assert not (tmp_path / "run").exists()
