@@ -291,13 +291,15 @@ def test_a_second_process_on_a_run_folder_is_refused(artefacts, reference_run):
     first.send_signal(signal.SIGSTOP)
     try:
         assert first.poll() is None, "training ended before the second started: " + first.stderr.read().decode()
-        seconds = [_python("-m", "train_student", *_train_args(artefacts, out, *extra), timeout=300)
-                   for extra in (("--resume",), ())]
+        seconds = [subprocess.Popen([sys.executable, "-m", "train_student", *_train_args(artefacts, out, *extra)],
+                                    env=TRAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                   for extra in (("--resume",), ())]  # both at once
+        errors = [second.communicate(timeout=300)[1] for second in seconds]
     finally:
         first.send_signal(signal.SIGCONT)
-    for second in seconds:
-        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr[-3000:]
-        assert f"error: run folder {out} is being written by pid {first.pid} on " in second.stderr
+    for second, err in zip(seconds, errors):
+        assert second.returncode == 2 and err.count("\n") == 1, err[-3000:]
+        assert f"error: run folder {out} is being written by pid {first.pid} on " in err
     assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-3000:]
     assert _compared(read_metrics(out / "metrics.csv")) == _compared(read_metrics(reference_run / "metrics.csv"))
 
