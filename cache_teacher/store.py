@@ -41,6 +41,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,6 +245,9 @@ class WriterLock:
             os.close(fd)
             return (f"{self.what} is being written by {holder} (lock {self.path}); wait for it to finish or stop it "
                     f"first: one writer at a time (nothing was written)")
+        except OSError as exc:  # a file system without flock (e.g. Lustre mounted with noflock): say so, go on
+            print(f"warning: cannot lock {self.path} ({exc.strerror}); make sure no other process writes "
+                  f"{self.what}", file=sys.stderr)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._fd = fd
