@@ -29,12 +29,14 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    pack = commands.add_parser("pack", help="folder tree of JPEG/PNG images -> FFCV .beton (+ manifest, skip report)",
-                               description="Pack a folder tree of JPEG/PNG images into an FFCV file. JPEGs within "
-                               "--max-side are stored byte for byte; PNG/RGBA/oversized images are converted to "
-                               "RGB JPEG. Unreadable files are skipped and listed in OUT.beton.skipped.tsv; "
-                               "OUT.beton.manifest.tsv maps sample index -> source path.")
-    pack.add_argument("src", help="source folder (searched recursively for .jpg/.jpeg/.png)")
+    pack = commands.add_parser("pack", help="folder tree of images -> FFCV .beton (+ manifest, skip report)",
+                               description="Pack a folder tree of images into an FFCV file. JPEGs within "
+                               "--max-side are stored byte for byte; PNG/GIF/WebP/BMP, RGBA, 16-bit and oversized "
+                               "images are converted to RGB JPEG; each image's CRC32C is recorded. The same folder "
+                               "always gives the byte-identical file. Unreadable files and files of other types are "
+                               "listed in OUT.beton.skipped.tsv; OUT.beton.manifest.tsv maps sample index -> source "
+                               "path (escaped: any file name round-trips, see cache_teacher.pack.read_manifest).")
+    pack.add_argument("src", help="source folder (searched recursively for .jpg/.jpeg/.png/.gif/.webp/.bmp)")
     pack.add_argument("out", help="output .beton file")
     pack.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
                       help=f"longest side kept, larger images are shrunk (default {DEFAULT_MAX_SIDE})")

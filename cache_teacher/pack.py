@@ -1,19 +1,25 @@
-"""`python -m cache_teacher pack SRC_DIR OUT.beton`: a folder tree of JPEG/PNG images -> FFCV images file.
+r"""`python -m cache_teacher pack SRC_DIR OUT.beton`: a folder tree of images -> FFCV images file.
 
-JPEGs that libjpeg-turbo decodes, in RGB or grey, and within ``--max-side`` are stored byte for byte
-(no generation loss, no encode time); everything else (PNG, RGBA/palette/CMYK, oversized) is
-converted to RGB, shrunk to ``--max-side`` (area interpolation) and encoded once as JPEG.
-Two passes: a parallel scan that fully decodes every file (so a corrupt file is found and skipped
-here, never at training time), then FFCV's writer. Next to OUT.beton:
+Reads .jpg/.jpeg/.png/.gif/.webp/.bmp files, by content, not by name (a WebP named .jpg is a WebP; animated
+GIF/WebP: the first frame). JPEGs that libjpeg-turbo decodes, in RGB or grey, and within ``--max-side`` are
+stored byte for byte (no generation loss, no encode time); everything else (PNG, GIF, WebP, RGBA/palette/CMYK,
+16-bit, oversized) is converted to 8-bit RGB (16-bit greyscale scaled by 255/65535, not clipped), shrunk to
+``--max-side`` (area interpolation) and encoded once as JPEG. Every image's CRC32C is stored with it.
+Two passes: a parallel scan that fully decodes every file (so a corrupt file is found and skipped here,
+never at training time) and re-encodes what needs it, then FFCV's writer in one process over the files in
+sorted order: the same folder always packs to the byte-identical file. Next to OUT.beton:
   OUT.beton.manifest.tsv  index -> source path (relative to SRC_DIR), size, how it was stored;
-  OUT.beton.skipped.tsv   every unreadable file with the reason.
-The .beton appears only when complete (written under a temporary name, then renamed).
+  OUT.beton.skipped.tsv   every file not packed (unreadable, or not an image type) with the reason.
+Paths in both are escaped so that any file name round-trips (`escape_path` / `read_manifest`): backslash,
+tab, newline, carriage return and other control bytes become \\, \t, \n, \r, \xHH, and bytes that are not
+UTF-8 become \xHH (80-ff). The .beton appears only when complete (written under a temporary name, renamed).
 """
 from __future__ import annotations
 
 import io
 import multiprocessing as mp
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +28,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from cache_teacher.ffcv_images import decode_jpeg, image_fields
+from cache_teacher.ffcv_images import decode_jpeg, image_fields, jpeg_crc32c
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
 DEFAULT_MAX_SIDE = 512
 DEFAULT_JPEG_QUALITY = 95
+MANIFEST_HEADER = "index\tsource_path\theight\twidth\tstored"
+_SIXTEEN_BIT_GREY = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # PIL modes of 16-bit greyscale PNG/TIFF
 
 
 class PackError(ValueError):
@@ -35,19 +43,73 @@ class PackError(ValueError):
 
 @dataclass(frozen=True)
 class ScannedImage:
-    path: str  # relative to the source folder, '/'-separated
+    path: str  # relative to the source folder, '/'-separated (os.fsdecode: undecodable bytes as surrogates)
     height: int
     width: int
     kept: bool  # True: original JPEG bytes stored as-is
+    spooled: tuple[int, int] | None = None  # re-encoded JPEG: (offset, size) in the scan's spool file
 
 
-def find_images(src: Path) -> list[Path]:
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPE = re.compile(r"\\(\\|t|n|r|x[0-9a-f]{2})")
+
+
+def escape_path(path: str) -> str:
+    """A file name as one printable TSV field, any bytes: see the module docstring; `unescape_path` inverts it."""
+    out = []
+    for char in path:
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif "\udc80" <= char <= "\udcff":  # a byte that is not UTF-8 (os.fsdecode's surrogateescape)
+            out.append(f"\\x{ord(char) - 0xdc00:02x}")
+        elif ord(char) < 0x20 or ord(char) == 0x7f:
+            out.append(f"\\x{ord(char):02x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def unescape_path(field: str) -> str:
+    """The exact file name (os.fsdecode form: `os.fsencode` gives its bytes) of an `escape_path` field."""
+    def one(match: re.Match) -> str:
+        code = match.group(1)
+        if code[0] != "x":
+            return {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}[code]
+        value = int(code[1:], 16)
+        return chr(0xdc00 + value) if value >= 0x80 else chr(value)
+    return _UNESCAPE.sub(one, field)
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    index: int
+    source_path: str  # os.fsdecode form; SRC_DIR / source_path is the file
+    height: int
+    width: int
+    stored: str  # "original" or "re-encoded"
+
+
+def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
+    """The rows of an OUT.beton.manifest.tsv, paths unescaped."""
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    if lines[0] != MANIFEST_HEADER:
+        raise PackError(f"{path} is not a manifest written by `python -m cache_teacher pack`")
+    rows = []
+    for line in filter(None, lines[1:]):
+        index, source, height, width, stored = line.split("\t")
+        rows.append(ManifestRow(int(index), unescape_path(source), int(height), int(width), stored))
+    return rows
+
+
+def find_images(src: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) under `src`, each in sorted order."""
     if not src.is_dir():
         raise PackError(f"source folder {src} does not exist or is not a folder")
-    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise PackError(f"source folder {src} holds no JPEG/PNG images (looked for {sorted(IMAGE_SUFFIXES)})")
-    return files
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise PackError(f"source folder {src} holds no images (looked for {sorted(IMAGE_SUFFIXES)})")
+    return images, [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
 
 
 def _keepable_jpeg(path: Path, max_side: int) -> tuple[np.ndarray, int, int] | None:
@@ -60,11 +122,20 @@ def _keepable_jpeg(path: Path, max_side: int) -> tuple[np.ndarray, int, int] | N
     return (data, height, width) if decode_jpeg(data, height, width) is not None else None
 
 
+def _rgb(img: Image.Image) -> np.ndarray:
+    """8-bit RGB pixels of any PIL image (first frame of an animation; alpha dropped)."""
+    if img.mode in _SIXTEEN_BIT_GREY:
+        # PIL's convert("RGB") clips 16-bit values at 255 (a 16-bit grey photo comes out almost all white)
+        grey = np.asarray(img).astype(np.float64) * (255 / 65535)
+        return np.repeat(np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))  # grey, palette, CMYK, alpha (dropped), 16-bit RGB -> RGB
+
+
 def _reencoded(path: Path, max_side: int, quality: int) -> np.ndarray:
     """RGB uint8 [H, W, 3] JPEG bytes of any readable image, max side bounded."""
     with Image.open(path) as img:
         img.load()  # full decode: truncated or corrupt files raise here
-        rgb = np.asarray(img.convert("RGB"))  # grey, palette, CMYK, alpha (dropped) -> RGB
+        rgb = _rgb(img)
     scale = max_side / max(rgb.shape[:2])
     if scale < 1:
         size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
@@ -88,33 +159,34 @@ def prepare_image(path: Path, max_side: int, quality: int) -> tuple[np.ndarray, 
     return jpeg, height, width, False
 
 
-def _scan_one(args) -> tuple[str, ScannedImage | None, str]:
+def _scan_one(args) -> tuple[str, tuple[int, int, bool, bytes] | None, str]:
+    """(relative path, (height, width, kept, re-encoded JPEG bytes or b""), "") or (path, None, reason)."""
     path, rel, max_side, quality = args
     try:
-        _, height, width, kept = prepare_image(path, max_side, quality)
-        return rel, ScannedImage(rel, height, width, kept), ""
+        jpeg, height, width, kept = prepare_image(path, max_side, quality)
+        return rel, (height, width, kept, b"" if kept else jpeg.tobytes()), ""
     except (OSError, ValueError, SyntaxError, EOFError, cv2.error, Image.DecompressionBombError) as exc:
         # what PIL / OpenCV raise for unreadable files: skip and report, never abort the pack
-        return rel, None, f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("\t", " ")
+        return rel, None, f"{type(exc).__name__}: {exc}"
 
 
 class _PackedImages:
-    """Indexed dataset for FFCV's writer over the scanned, readable files."""
+    """Indexed dataset for FFCV's writer: kept JPEGs from the source, re-encoded ones from the scan's spool."""
 
-    def __init__(self, src: Path, scanned: list[ScannedImage], max_side: int, quality: int):
-        self.src, self.scanned, self.max_side, self.quality = src, scanned, max_side, quality
+    def __init__(self, src: Path, scanned: list[ScannedImage], spool: Path):
+        self.src, self.scanned, self.spool = src, scanned, spool
 
     def __len__(self) -> int:
         return len(self.scanned)
 
     def __getitem__(self, index: int):
         item = self.scanned[index]
-        path = self.src / item.path
         if item.kept:
-            jpeg = np.fromfile(path, dtype=np.uint8)
+            jpeg = np.fromfile(self.src / item.path, dtype=np.uint8)
         else:
-            jpeg = _reencoded(path, self.max_side, self.quality)
-        return jpeg, item.height, item.width
+            offset, size = item.spooled
+            jpeg = np.fromfile(self.spool, dtype=np.uint8, count=size, offset=offset)
+        return jpeg, item.height, item.width, jpeg_crc32c(jpeg)
 
 
 def _check_output(out: Path) -> None:
@@ -127,6 +199,12 @@ def _check_output(out: Path) -> None:
         raise PackError(f"output {out} should end in .beton")
 
 
+def _write_text_atomically(path: Path, lines: list[str]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(partial, path)
+
+
 def pack(src: str | os.PathLike, out: str | os.PathLike, *, max_side: int = DEFAULT_MAX_SIDE,
          quality: int = DEFAULT_JPEG_QUALITY, workers: int | None = None, progress: bool = True) -> dict:
     """Pack ``src`` into ``out``; returns a summary dict (packed, kept, reencoded, skipped, paths)."""
@@ -136,37 +214,47 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, max_side: int = DEFA
     if max_side < 16:
         raise PackError(f"--max-side {max_side} is too small (use >= 16; default {DEFAULT_MAX_SIDE})")
     _check_output(out)
-    files = find_images(src)
+    files, others = find_images(src)
     workers = workers or min(os.cpu_count() or 1, 8)
     jobs = [(path, path.relative_to(src).as_posix(), max_side, quality) for path in files]
-    scanned, skipped = [], []
-    with mp.get_context("fork").Pool(workers) as pool:
-        for rel, item, reason in tqdm(pool.imap(_scan_one, jobs, chunksize=16), total=len(jobs), unit="img",
-                                      desc=f"scan {src.name}", disable=not progress):
-            (scanned.append(item) if item is not None else skipped.append((rel, reason)))
-
     report = out.with_name(out.name + ".skipped.tsv")
     manifest = out.with_name(out.name + ".manifest.tsv")
-    with open(report, "w") as handle:
-        handle.write("source_path\treason\n")
-        handle.writelines(f"{rel}\t{reason}\n" for rel, reason in skipped)
-    if not scanned:
-        raise PackError(f"none of the {len(files)} images under {src} could be read; see {report}")
-
     partial = out.with_name(out.name + ".partial")
-    writer = DatasetWriter(str(partial), image_fields(), num_workers=workers)
-    writer.from_indexed_dataset(_PackedImages(src, scanned, max_side, quality), chunksize=64)
-    with open(manifest, "w") as handle:
-        handle.write("index\tsource_path\theight\twidth\tstored\n")
-        handle.writelines(f"{i}\t{s.path}\t{s.height}\t{s.width}\t{'original' if s.kept else 're-encoded'}\n"
-                          for i, s in enumerate(scanned))
-    with open(partial, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, out)
+    spool = out.with_name(out.name + ".reencoded.partial")
+    scanned, skipped = [], [(p.relative_to(src).as_posix(), f"not an image type pack reads ({p.suffix or 'no suffix'})")
+                            for p in others]
+    try:
+        with mp.get_context("fork").Pool(workers) as pool, open(spool, "wb") as spooled:
+            for rel, item, reason in tqdm(pool.imap(_scan_one, jobs, chunksize=16), total=len(jobs), unit="img",
+                                          desc=f"scan {escape_path(src.name)}", disable=not progress):
+                if item is None:
+                    skipped.append((rel, reason))
+                    continue
+                height, width, kept, jpeg = item
+                scanned.append(ScannedImage(rel, height, width, kept, None if kept else (spooled.tell(), len(jpeg))))
+                spooled.write(jpeg)
+        skipped.sort()
+        _write_text_atomically(report, ["source_path\treason"] + [f"{escape_path(rel)}\t{escape_path(reason)}"
+                                                                   for rel, reason in skipped])
+        if not scanned:
+            raise PackError(f"none of the {len(files)} images under {src} could be read; see {report}")
+        # One writer process: FFCV's parallel writer places samples in pages in whatever order its workers
+        # finish, so the same folder would give different bytes; the expensive part (decode, re-encode) ran above.
+        writer = DatasetWriter(str(partial), image_fields(), num_workers=1)
+        writer.from_indexed_dataset(_PackedImages(src, scanned, spool), chunksize=64)
+        _write_text_atomically(manifest, [MANIFEST_HEADER] + [
+            f"{i}\t{escape_path(s.path)}\t{s.height}\t{s.width}\t{'original' if s.kept else 're-encoded'}"
+            for i, s in enumerate(scanned)])
+        with open(partial, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+        spool.unlink(missing_ok=True)
     kept = sum(s.kept for s in scanned)
     summary = {"packed": len(scanned), "kept": kept, "reencoded": len(scanned) - kept, "skipped": len(skipped),
                "out": str(out), "manifest": str(manifest), "skipped_report": str(report)}
     print(f"packed {len(scanned)} images into {out} ({kept} JPEG kept as-is, {len(scanned) - kept} re-encoded, "
-          f"max side {max_side}); skipped {len(skipped)} unreadable"
-          + (f" (listed in {report})" if skipped else "") + f"; manifest: {manifest}")
+          f"max side {max_side}); skipped {len(skipped)} files (unreadable or not images)"
+          + (f", listed in {report}" if skipped else "") + f"; manifest: {manifest}")
     return summary

@@ -3,7 +3,10 @@
 Determinism: the K view sets of image i come from a generator seeded by (seed, i) alone, and every shard is
 computed with the same batch boundaries (relative to the shard) however the work is split, resumed or
 distributed; so a resumed run, a run on N ranks and an uninterrupted single run write the same targets.
-Work is split by shard ownership (shard s belongs to rank s mod world size); each shard has one writer.
+Work is split by shard ownership (shard s belongs to rank s mod world size); each shard has one writer,
+and each store one job: rank 0 holds the store's writer lock for the whole run (`job_writer_lock`), so a
+second `run` on the same --out is refused before it reads or writes anything. A rerun rechecks every finished
+shard against its recorded CRC32C and rewrites those that fail (the repair of a damaged store).
 The next shard's images are decoded in a background thread and the previous shard is compressed and
 written in another while the teacher runs, so the teacher stays busy.
 """
@@ -13,7 +16,9 @@ import dataclasses
 import errno
 import os
 import shutil
+import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,8 +31,9 @@ from tqdm import tqdm
 
 from cache_teacher.ffcv_images import ImageFile, images_fingerprint
 from cache_teacher.store import (
-    CODECS, SPEC_VERSION, STORE_FORMAT_VERSION, StoreLayout, StoreWriter, check_format_version, check_spec_version,
-    config_dict, describe_differences, file_sha256, plan_layout, read_attrs, token_counts)
+    CODECS, SPEC_VERSION, STORE_FORMAT_VERSION, StoreLayout, StoreWriter, WriterRefusedError, check_format_version,
+    check_spec_version, config_dict, describe_differences, file_sha256, job_writer_lock, plan_layout, read_attrs,
+    store_lock_path, token_counts)
 from dpal.config import TeacherSpec, ViewConfig
 from dpal.losses import quantize_relation, quantize_rows
 from dpal.recipes import TEACHERS
@@ -244,73 +250,96 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
     device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    resumed = read_attrs(out) if out.exists() else {}
-    # A resumed run keeps the store's batch size unless told otherwise: GEMM rounding depends on the batch
-    # shape, so a store written with two batch sizes would not equal one written in a single run.
-    batch_size = cfg.batch_size or resumed.get("batch_size") or default_batch_size(device)
-    grid, _, crowd_tokens = token_counts(spec, view_cfg)
-    identity = {
-        "format_version": STORE_FORMAT_VERSION, "spec_version": SPEC_VERSION,
-        "view_params_version": VIEW_PARAMS_VERSION, "teacher": spec.name, "teacher_spec": config_dict(spec),
-        "checkpoint_sha256": file_sha256(weights), "view_config": config_dict(view_cfg),
-        "images_fingerprint": images_fingerprint(cfg.images),
-        "backgrounds_fingerprint": images_fingerprint(cfg.backgrounds),
-        "num_images": layout.num_images, "num_backgrounds": len(backgrounds),
-        "views_per_image": layout.views_per_image, "target_format": layout.target_format, "seed": cfg.seed,
-        "token_grid": list(grid), "chunk_images": layout.chunk_images, "shard_images": layout.shard_images,
-        "calibration_images": min(cfg.calibration_images, layout.num_images), "codec": cfg.codec,
-        "teacher_precision": "bfloat16" if device.type == "cuda" else "float32",
-        "teacher_options": teacher_options(spec, solider_weights=cfg.solider_weights,
-                                           semantic_weight=cfg.semantic_weight),
-        "batch_size": batch_size,
-    }
-    if resumed:
-        _check_resumable(out, resumed, identity)
     _check_output(out, 0 if out.exists() else total_bytes, cfg.skip_space_check)
-
-    teacher = load_teacher(spec, weights, **identity["teacher_options"]).to(device)
-    computer = TargetComputer(teacher, backgrounds, view_cfg, device, batch_size)
-    if not out.exists() and rank == 0:
-        for stale in out.parent.glob(f"{out.name}.creating-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        calibration = computer.calibrate(images, calibration_indices(layout.num_images, cfg.calibration_images,
-                                                                     cfg.seed),
-                                         cfg.seed, layout.views_per_image, grid)
-        attrs = dict(identity, mask_calibration=calibration.to_dict(), view_fields=VIEW_SET_FIELDS,
-                     crowd_tokens=crowd_tokens, images_path=str(Path(cfg.images).resolve()),
-                     backgrounds_path=str(Path(cfg.backgrounds).resolve()))
-        StoreWriter.create(out, attrs, layout)
-    _barrier()
-    attrs = resumed or read_attrs(out)  # read back only when this run (or rank 0) just created the store
-    writer = StoreWriter(out, layout)  # the identity check pinned every layout field
-    calibration = ShapeMaskCalibration.from_dict(attrs["mask_calibration"])
-    owned = [s for s in range(layout.num_shards) if s % world == rank]
-    todo = [s for s in owned if not writer.is_done(s)]
-
-    def sets_in(shards: list[int]) -> int:
-        return sum(stop - start for start, stop in map(layout.shard_range, shards)) * layout.views_per_image
-
-    started = time.perf_counter()
     try:
-        _process_shards(todo, images, writer, computer, calibration, cfg.seed, view_cfg, layout,
-                        tqdm(total=sets_in(owned), initial=sets_in(owned) - sets_in(todo), unit="view set",
-                             desc=f"cache {spec.name}" + (f" rank {rank}/{world}" if world > 1 else ""),
-                             disable=not cfg.progress, smoothing=0.1, dynamic_ncols=True))
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RunError(f"disk full while writing {out}: finished shards are kept and the interrupted one is not "
-                           f"marked done; free space and rerun the same command to resume") from exc
-        raise
-    elapsed = time.perf_counter() - started
-    _barrier()
-    done = sum(writer.is_done(s) for s in range(layout.num_shards))
-    if rank == 0:
-        print(f"{out}: {done}/{layout.num_shards} shards done; rank 0 computed {sets_in(todo)} view sets in "
-              f"{elapsed:.1f} s ({world} rank(s))")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return {"out": str(out), "shards_done": done, "num_shards": layout.num_shards, "computed_view_sets": sets_in(todo),
-            "seconds": elapsed}
+        lock = job_writer_lock(store_lock_path(out), f"store {out}")
+    except WriterRefusedError as exc:
+        raise RunError(str(exc)) from None
+    try:  # everything below, the identity check first, happens under the lock
+        resumed = read_attrs(out) if out.exists() else {}
+        # A resumed run keeps the store's batch size unless told otherwise: GEMM rounding depends on the batch
+        # shape, so a store written with two batch sizes would not equal one written in a single run.
+        batch_size = cfg.batch_size or resumed.get("batch_size") or default_batch_size(device)
+        grid, _, crowd_tokens = token_counts(spec, view_cfg)
+        identity = {
+            "format_version": STORE_FORMAT_VERSION, "spec_version": SPEC_VERSION,
+            "view_params_version": VIEW_PARAMS_VERSION, "teacher": spec.name, "teacher_spec": config_dict(spec),
+            "checkpoint_sha256": file_sha256(weights), "view_config": config_dict(view_cfg),
+            "images_fingerprint": images_fingerprint(cfg.images),
+            "backgrounds_fingerprint": images_fingerprint(cfg.backgrounds),
+            "num_images": layout.num_images, "num_backgrounds": len(backgrounds),
+            "views_per_image": layout.views_per_image, "target_format": layout.target_format, "seed": cfg.seed,
+            "token_grid": list(grid), "chunk_images": layout.chunk_images, "shard_images": layout.shard_images,
+            "calibration_images": min(cfg.calibration_images, layout.num_images), "codec": cfg.codec,
+            "teacher_precision": "bfloat16" if device.type == "cuda" else "float32",
+            "teacher_options": teacher_options(spec, solider_weights=cfg.solider_weights,
+                                               semantic_weight=cfg.semantic_weight),
+            "batch_size": batch_size,
+        }
+        if resumed:
+            _check_resumable(out, resumed, identity)
+
+        teacher = load_teacher(spec, weights, **identity["teacher_options"]).to(device)
+        computer = TargetComputer(teacher, backgrounds, view_cfg, device, batch_size)
+        if not out.exists() and rank == 0:
+            for stale in out.parent.glob(f"{out.name}.creating-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            calibration = computer.calibrate(images, calibration_indices(layout.num_images, cfg.calibration_images,
+                                                                         cfg.seed),
+                                             cfg.seed, layout.views_per_image, grid)
+            attrs = dict(identity, mask_calibration=calibration.to_dict(), view_fields=VIEW_SET_FIELDS,
+                         crowd_tokens=crowd_tokens, images_path=str(Path(cfg.images).resolve()),
+                         backgrounds_path=str(Path(cfg.backgrounds).resolve()), store_id=uuid.uuid4().hex)
+            StoreWriter.create(out, attrs, layout)
+        _barrier()
+        attrs = resumed or read_attrs(out)  # read back only when this run (or rank 0) just created the store
+        writer = StoreWriter(out, layout)  # the identity check pinned every layout field
+        calibration = ShapeMaskCalibration.from_dict(attrs["mask_calibration"])
+        owned = [s for s in range(layout.num_shards) if s % world == rank]
+        repaired = _forget_damaged_shards(writer, [s for s in owned if writer.is_done(s)], cfg.progress)
+        todo = [s for s in owned if not writer.is_done(s)]
+
+        def sets_in(shards: list[int]) -> int:
+            return sum(stop - start for start, stop in map(layout.shard_range, shards)) * layout.views_per_image
+
+        started = time.perf_counter()
+        try:
+            _process_shards(todo, images, writer, computer, calibration, cfg.seed, view_cfg, layout,
+                            tqdm(total=sets_in(owned), initial=sets_in(owned) - sets_in(todo), unit="view set",
+                                 desc=f"cache {spec.name}" + (f" rank {rank}/{world}" if world > 1 else ""),
+                                 disable=not cfg.progress, smoothing=0.1, dynamic_ncols=True))
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise RunError(f"disk full while writing {out}: finished shards are kept and the interrupted one is "
+                               f"not marked done; free space and rerun the same command to resume") from exc
+            raise
+        elapsed = time.perf_counter() - started
+        _barrier()
+        done = sum(writer.is_done(s) for s in range(layout.num_shards))
+        if rank == 0:
+            print(f"{out}: {done}/{layout.num_shards} shards done; rank 0 computed {sets_in(todo)} view sets in "
+                  f"{elapsed:.1f} s ({world} rank(s))"
+                  + (f"; rewrote {len(repaired)} damaged shard(s) {repaired}" if repaired else ""))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return {"out": str(out), "shards_done": done, "num_shards": layout.num_shards,
+                "computed_view_sets": sets_in(todo), "seconds": elapsed, "repaired_shards": repaired}
+    finally:
+        lock.release()
+
+
+def _forget_damaged_shards(writer: StoreWriter, finished: list[int], progress: bool) -> list[int]:
+    """Recheck finished shards against their markers' CRC32Cs; drop the markers of damaged ones (rewritten next)."""
+    with ThreadPoolExecutor(4) as pool:  # CRC32C releases the GIL on large blocks; mostly I/O-bound anyway
+        problems = list(tqdm(pool.map(writer.damaged_files, finished), total=len(finished), unit="shard",
+                             desc="recheck finished shards", disable=not progress or not finished))
+    damaged = [shard for shard, found in zip(finished, problems) if found]
+    for shard, found in zip(finished, problems):
+        for problem in found:
+            print(f"{problem}; rewriting shard {shard}", file=sys.stderr)
+    for shard in damaged:
+        writer.forget(shard)
+    return damaged
 
 
 def _check_resumable(out: Path, stored: dict, identity: dict) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_teacher.ffcv_images import ImageFile, images_fingerprint
+from cache_teacher.ffcv_images import ImageFile, check_images, images_fingerprint
 from cache_teacher.run import TargetComputer, _format_bytes, image_view_params
-from cache_teacher.store import StoreError, TargetStore, file_sha256, open_store
+from cache_teacher.store import StoreError, TargetStore, file_sha256, open_store, repair_hint, shard_file_problems
 from dpal.config import TeacherSpec
 from dpal.losses import dequantize_rows, relation_probabilities
 from dpal.recipes import TEACHERS
@@ -39,15 +39,10 @@ def _stored_targets(rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def check_integrity(store: TargetStore) -> list[str]:
-    """Missing shards and shard files whose size or sha256 differ from their marker."""
+    """Missing shards and shard files whose size or CRC32C differ from their marker."""
     problems = [f"shard {s} not finished" for s in store.missing_shards()]
     for shard in sorted(store.done_shards()):
-        for name, entry in store.marker(shard)["files"].items():
-            path = store.path / entry["key"]
-            if not path.is_file():
-                problems.append(f"shard {shard}: {name} file {entry['key']} is missing")
-            elif path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
-                problems.append(f"shard {shard}: {name} file {entry['key']} does not match its checksum")
+        problems += shard_file_problems(store.path, store.marker(shard))
     return problems
 
 
@@ -63,9 +58,11 @@ def verify(store_path: str, weights: str, *, images: str | None = None, backgrou
     for problem in problems[:20]:
         print(f"  {problem}")
     if problems:
+        print(f"verify: FAILED; {repair_hint(store.path)}")
         return False, []
     images_path, backgrounds_path = images or attrs["images_path"], backgrounds or attrs["backgrounds_path"]
     for path, key in ((images_path, "images_fingerprint"), (backgrounds_path, "backgrounds_fingerprint")):
+        check_images(path, progress=True)  # every image's bytes against its CRC32C from `pack`
         if images_fingerprint(path) != attrs[key]:
             raise StoreError(f"{path} is not the file the store was made from ({key} differs); pass the right file")
     if file_sha256(weights) != attrs["checkpoint_sha256"]:

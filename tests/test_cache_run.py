@@ -20,6 +20,7 @@ import torch
 
 from cache_teacher.__main__ import main
 from cache_teacher.demo_data import write_backgrounds, write_person_images
+from cache_teacher.ffcv_images import ImageFile
 from cache_teacher.pack import pack
 from cache_teacher.run import RunConfig, RunError, run
 from cache_teacher.store import StoreError, open_store
@@ -74,8 +75,8 @@ def _cli_args(cfg: RunConfig) -> list[str]:
 
 def _assert_same_store(a: str, b: str) -> None:
     first, second = open_store(a), open_store(b)
-    identity = {k: v for k, v in first.attrs.items() if not k.endswith("_path")}
-    assert identity == {k: v for k, v in second.attrs.items() if not k.endswith("_path")}
+    identity = {k: v for k, v in first.attrs.items() if not k.endswith("_path") and k != "store_id"}
+    assert identity == {k: v for k, v in second.attrs.items() if not k.endswith("_path") and k != "store_id"}
     for name, array in first.arrays.items():
         assert np.array_equal(array[:], second.arrays[name][:]), name
 
@@ -159,6 +160,53 @@ def test_unmarked_shard_is_rewritten_from_scratch(inputs, reference, tmp_path):
     _assert_same_store(reference.out, str(copy))
 
 
+def test_rerun_detects_and_rewrites_a_damaged_shard(inputs, reference, tmp_path, capsys):
+    copy = tmp_path / "damaged.zarr"
+    shutil.copytree(reference.out, copy)
+    target = copy / "global" / "c" / "3" / "0" / "0"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 3] ^= 0x10  # one flipped bit inside a chunk
+    target.write_bytes(bytes(data))
+    store = open_store(copy)
+    with pytest.raises(StoreError, match=rf"{target}: chunk .* is damaged .*re-running the `python -m cache_teacher run`"):
+        for block in range(store.num_blocks):
+            for view_set in range(store.views_per_image):
+                store.read_block(block, view_set)
+    assert main(_cli_args(_config(inputs, str(copy))), teachers=TEACHERS_WITH_TINY) == 0
+    printed = capsys.readouterr()
+    assert f"shard 3: global file {target} does not match its checksum; rewriting shard 3" in printed.err
+    assert "5/5 shards done" in printed.out and "rewrote 1 damaged shard(s) [3]" in printed.out
+    _assert_same_store(reference.out, str(copy))
+
+
+def test_second_writer_of_a_store_is_refused_while_the_first_runs(inputs, reference):
+    """Two real `run` processes on one --out: the second is refused in one line, before writing anything (it
+    used to pass the existence check, skip the identity check and mix its shards in), whether or not the first
+    has created the store yet; the first, stopped meanwhile, then finishes the same store as an undisturbed run."""
+    cfg = _config(inputs, "contended.zarr")
+    command = [sys.executable, str(inputs / "cli.py"), *_cli_args(cfg)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    lock = inputs / ".contended.zarr.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None:
+        if lock.is_file() and lock.read_text().startswith(f"pid {first.pid} "):
+            break
+        time.sleep(0.005)
+    first.send_signal(signal.SIGSTOP)  # holds the lock, frozen at an arbitrary point of its run
+    try:
+        assert first.poll() is None, f"first run ended early: {first.stderr.read().decode()[-2000:]}"
+        second = subprocess.run([*command, "--seed", "1"], capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+    assert f"store {cfg.out} is being written by pid {first.pid} on " in second.stderr
+    assert not list(inputs.glob("contended.zarr.creating-*"))
+    assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-3000:]
+    _assert_same_store(reference.out, cfg.out)
+
+
 def test_verify_and_info(inputs, reference, tmp_path, capsys):
     passed, table = verify(reference.out, reference.weights, samples=4, teachers=TEACHERS_WITH_TINY)
     assert passed and {row["metric"] for row in table} >= {"global_cosine", "local_cosine", "relation_kl"}
@@ -172,7 +220,16 @@ def test_verify_and_info(inputs, reference, tmp_path, capsys):
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
     assert main(["verify", str(copy), "--weights", reference.weights], teachers=TEACHERS_WITH_TINY) == 1
-    assert "does not match its checksum" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "does not match its checksum" in printed and "verify: FAILED; repair the store by re-running" in printed
+    images = tmp_path / "damaged.beton"  # every image is checked, not a sample of blocks
+    data = bytearray((inputs / "persons.beton").read_bytes())
+    start, size = ImageFile(inputs / "persons.beton").span(7)
+    data[start + size // 2] ^= 0x01
+    images.write_bytes(bytes(data))
+    assert main(["verify", reference.out, "--weights", reference.weights, "--images", str(images)],
+                teachers=TEACHERS_WITH_TINY) == 2
+    assert f"error: {images}: 1 of {NUM_IMAGES} images are damaged" in capsys.readouterr().err
 
 
 def test_int8_format_verifies(inputs):

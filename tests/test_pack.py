@@ -1,17 +1,20 @@
 """cache_teacher pack + ffcv_images: real .beton files written from a real folder tree, read back two ways."""
 from __future__ import annotations
 
+import os
 import shutil
 
 import cv2
 import numpy as np
 import pytest
 from ffcv.loader import Loader, OrderOption
+from PIL import Image
 
 from cache_teacher.__main__ import main
 from cache_teacher.demo_data import write_backgrounds, write_person_images
-from cache_teacher.ffcv_images import ImageFile, ImagesFileError, image_pipelines, images_fingerprint, unflatten_images
-from cache_teacher.pack import PackError, pack
+from cache_teacher.ffcv_images import (ImageFile, ImagesFileError, check_images, image_pipelines, images_fingerprint,
+                                       unflatten_images)
+from cache_teacher.pack import PackError, escape_path, pack, read_manifest, unescape_path
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +89,7 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     with pytest.raises(PackError, match="does not exist"):
         pack(tmp_path / "missing", tmp_path / "x.beton")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(PackError, match="no JPEG/PNG"):
+    with pytest.raises(PackError, match="holds no images"):
         pack(tmp_path / "empty", tmp_path / "x.beton")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "a.jpg").write_bytes(b"not a jpeg")
@@ -94,9 +97,132 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
         pack(tmp_path / "broken", tmp_path / "x.beton", workers=1, progress=False)
     assert not (tmp_path / "x.beton").exists()
     assert main(["pack", str(tmp_path / "empty"), str(tmp_path / "x.beton")]) == 2
-    assert "no JPEG/PNG" in capsys.readouterr().err
+    assert "holds no images" in capsys.readouterr().err
     with pytest.raises(ImagesFileError, match="does not exist"):
         ImageFile(tmp_path / "nothing.beton")
     shutil.copy(__file__, tmp_path / "fake.beton")
     with pytest.raises(ImagesFileError, match="not a readable FFCV file"):
         ImageFile(tmp_path / "fake.beton")
+
+
+def _varied_images(folder, count, rng):
+    """`count` small images with distinct content: JPEGs (kept) and every 7th a PNG (re-encoded)."""
+    folder.mkdir(parents=True)
+    for i in range(count):
+        image = (rng.random((48, 32, 3)) * 255).astype(np.uint8)
+        cv2.imwrite(str(folder / f"{i:04d}.{'png' if i % 7 == 0 else 'jpg'}"), image)
+
+
+def test_packing_the_same_folder_twice_gives_the_same_bytes(tmp_path):
+    """FFCV's parallel writer placed samples in whatever order its workers finished (so a re-pack changed the
+    file and a store made from it was refused); now the default workers give byte-identical files."""
+    _varied_images(tmp_path / "src", 300, np.random.default_rng(0))
+    packs = []
+    for attempt in range(3):
+        out = tmp_path / f"copy{attempt}" / "images.beton"
+        out.parent.mkdir()
+        pack(tmp_path / "src", out, progress=False)
+        packs.append(out)
+    first = packs[0].read_bytes()
+    for out in packs[1:]:
+        assert out.read_bytes() == first
+        assert (out.parent / "images.beton.manifest.tsv").read_bytes() == \
+            (packs[0].parent / "images.beton.manifest.tsv").read_bytes()
+    assert images_fingerprint(packs[1]) == images_fingerprint(packs[0])
+
+
+def test_a_damaged_image_is_found_by_the_full_check(packed, tmp_path):
+    root, _ = packed
+    damaged = tmp_path / "damaged.beton"
+    shutil.copy(root / "persons.beton", damaged)
+    start, size = ImageFile(damaged).span(3)
+    with open(damaged, "r+b") as handle:  # one flipped bit in the middle of image 3's JPEG data
+        handle.seek(start + size // 2)
+        byte = handle.read(1)[0]
+        handle.seek(start + size // 2)
+        handle.write(bytes([byte ^ 0x08]))
+    check_images(root / "persons.beton")
+    with pytest.raises(ImagesFileError, match=rf"{damaged}: 1 of 10 images are damaged .*first: \[3\]\).*re-pack"):
+        check_images(damaged)
+    images = ImageFile(damaged)
+    with pytest.raises(ImagesFileError, match=rf"image 3 of {damaged} is damaged"):
+        images.image(3)
+    assert np.array_equal(images.image(2), ImageFile(root / "persons.beton").image(2))
+
+
+def test_sixteen_bit_greyscale_png_is_scaled_not_clipped(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (96, 1))  # black -> white, left to right
+    cv2.imwrite(str(src / "grey16.png"), ramp)  # a 16-bit greyscale PNG
+    with Image.open(src / "grey16.png") as img:
+        assert img.mode in ("I;16", "I")
+    cv2.imwrite(str(src / "rgb16.png"), np.repeat(ramp[..., None], 3, axis=2))  # 16-bit RGB: already right
+    pack(src, tmp_path / "out.beton", workers=1, progress=False)
+    images = ImageFile(tmp_path / "out.beton")
+    expected = np.rint(ramp / 257.0)
+    for index in range(2):
+        grey = images.image(index).astype(float).mean(axis=2)
+        assert np.abs(grey - expected).mean() < 2.0, index  # JPEG error only (it was 95% white)
+
+
+def test_gif_webp_and_other_files_are_packed_or_listed(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(2)
+    colours = {}
+    for name, fmt in (("a.gif", "GIF"), ("b.webp", "WEBP"), ("c_webp_named.jpg", "WEBP")):
+        colour = rng.integers(0, 256, 3).astype(np.uint8)
+        colours[name] = colour
+        Image.fromarray(np.broadcast_to(colour, (40, 24, 3)).copy()).save(src / name, format=fmt, lossless=True)
+    frames = [Image.fromarray(np.full((40, 24, 3), value, np.uint8)) for value in (30, 220)]
+    frames[0].save(src / "d_animated.gif", save_all=True, append_images=frames[1:])
+    colours["d_animated.gif"] = np.full(3, 30)  # the first frame
+    (src / "notes.txt").write_text("not an image")
+    (src / "e.tiff").write_bytes((src / "a.gif").read_bytes())
+    summary = pack(src, tmp_path / "out.beton", workers=1, progress=False)
+    assert summary["packed"] == 4 and summary["skipped"] == 2
+    rows = read_manifest(tmp_path / "out.beton.manifest.tsv")
+    images = ImageFile(tmp_path / "out.beton")
+    for row in rows:
+        assert row.stored == "re-encoded"
+        pixels = images.image(row.index).reshape(-1, 3).astype(int)
+        assert np.abs(pixels - colours[row.source_path]).max() <= 6, row.source_path
+    report = (tmp_path / "out.beton.skipped.tsv").read_text().splitlines()
+    assert report[1:] == ["e.tiff\tnot an image type pack reads (.tiff)", "notes.txt\tnot an image type pack reads (.txt)"]
+
+
+def test_manifest_round_trips_any_file_name_and_odd_names_do_not_break_pack(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub\tdir").mkdir(parents=True)
+    names = [b"tab\there.jpg", b"new\nline.jpg", b"cr\rreturn.jpg", b"back\\slash\\x41\\t.jpg", b"caf\xe9-latin1.jpg",
+             b"ctrl\x01\x7f.jpg", "ünïcode-名前.jpg".encode(), b"sub\tdir/inner\xff\xfe.png", b" lead space .jpg"]
+    colours = {}
+    for i, name in enumerate(names):
+        colour = np.array([20 * i + 10, 255 - 20 * i, (70 * i) % 256], np.uint8)
+        colours[name] = colour
+        ok, data = cv2.imencode(os.fsdecode(name)[-4:], np.broadcast_to(colour[::-1], (32, 16, 3)).copy())
+        assert ok
+        with open(os.path.join(os.fsencode(src), name), "wb") as handle:
+            handle.write(data.tobytes())
+    with open(os.path.join(os.fsencode(src), b"broken\xff\n.jpg"), "wb") as handle:
+        handle.write(b"not a jpeg")
+    with open(os.path.join(os.fsencode(src), b"readme\xfe.txt"), "wb") as handle:
+        handle.write(b"text")
+    summary = pack(src, tmp_path / "out.beton", workers=2, progress=False)
+    assert summary["packed"] == len(names) and summary["skipped"] == 2
+    assert not list(tmp_path.glob("*.partial"))
+    manifest = (tmp_path / "out.beton.manifest.tsv").read_text(encoding="utf-8")
+    assert len(manifest.splitlines()) == len(names) + 1  # one line per image, whatever the names hold
+    rows = read_manifest(tmp_path / "out.beton.manifest.tsv")
+    assert sorted(os.fsencode(row.source_path) for row in rows) == sorted(names)
+    images = ImageFile(tmp_path / "out.beton")
+    for row in rows:
+        assert (src / row.source_path).is_file()
+        pixels = images.image(row.index).reshape(-1, 3).astype(int)
+        assert np.abs(pixels - colours[os.fsencode(row.source_path)]).max() <= 8, row.source_path
+    report = [line.split("\t") for line in (tmp_path / "out.beton.skipped.tsv").read_text().splitlines()[1:]]
+    assert sorted(os.fsencode(unescape_path(path)) for path, _ in report) == [b"broken\xff\n.jpg", b"readme\xfe.txt"]
+    for text in ("a\\b", "\t\n\r", "\\x41", "caf\udce9", "\x00\x1f\x7f", "名前"):
+        assert unescape_path(escape_path(text)) == text
+        assert "\t" not in escape_path(text) and "\n" not in escape_path(text)

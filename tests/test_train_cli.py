@@ -119,15 +119,21 @@ def test_int8_store_trains_like_the_float16_store(artefacts, reference_run):
     assert int8_row["relation"] != float16_row["relation"]  # the int8 targets were really read
 
 
-def test_killed_run_resumes_to_the_same_losses(artefacts, reference_run):
-    out = artefacts["root"] / "killed"
+def _training_at_step(artefacts, out, steps: int) -> subprocess.Popen:
+    """A real training subprocess, returned once it has logged `steps` steps (or ended)."""
     process = subprocess.Popen([sys.executable, "-m", "train_student", *_train_args(artefacts, out)],
                                env=TRAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        if (out / "metrics.csv").exists() and len(read_metrics(out / "metrics.csv")) >= 3:
-            break  # step 2 is checkpointed; step 3 is done but not saved
+        if (out / "metrics.csv").exists() and len(read_metrics(out / "metrics.csv")) >= steps:
+            break
         time.sleep(0.05)
+    return process
+
+
+def test_killed_run_resumes_to_the_same_losses(artefacts, reference_run):
+    out = artefacts["root"] / "killed"
+    process = _training_at_step(artefacts, out, 3)  # step 2 is checkpointed; step 3 is done but not saved
     assert process.poll() is None, "training ended before it could be killed: " + process.stderr.read().decode()
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -240,3 +246,86 @@ def test_bench_compares_cached_and_online_steps_and_the_feed(artefacts, tmp_path
     assert main(["bench", "--recipe", "path-b_vit-ti", "--store", str(missing), "--images", str(artefacts["images"]),
                  "--backgrounds", str(artefacts["backgrounds"]), "--feed-only"]) == 2
     assert f"error: target store {missing} does not exist" in capsys.readouterr().err  # one line, no traceback
+
+
+def _flip_a_bit_in_every_chunk(shard_file):
+    """Damage each chunk of a shard file once, in its payload, leaving the (CRC-checked) shard index intact."""
+    data = bytearray(shard_file.read_bytes())
+    meta = json.loads((shard_file.parents[3] / "zarr.json").read_text())  # ARRAY/c/i/j/k
+    inner = meta["codecs"][0]["configuration"]["chunk_shape"]
+    chunks = int(np.prod([s // c for s, c in zip(meta["chunk_grid"]["configuration"]["chunk_shape"], inner)]))
+    index = np.frombuffer(bytes(data[-(16 * chunks + 4):-4]), dtype="<u8").reshape(chunks, 2)
+    for offset, nbytes in index:
+        data[int(offset + nbytes // 2)] ^= 0x04
+    shard_file.write_bytes(bytes(data))
+
+
+def test_a_damaged_store_chunk_stops_training_naming_the_file(artefacts, tmp_path, capsys):
+    store = tmp_path / "damaged.zarr"
+    shutil.copytree(artefacts["store"], store)
+    shard = store / "global" / "c" / "0" / "0" / "0"
+    _flip_a_bit_in_every_chunk(shard)
+    status, err = _refusal(capsys, _train_args(artefacts, tmp_path / "run", store=store))
+    assert status == 2 and err.count("\n") == 1
+    assert f"{shard}: chunk" in err and "is damaged (CRC32C mismatch)" in err
+    assert f"re-running the `python -m cache_teacher run` command that made it (same arguments, --out {store})" in err
+    assert not (tmp_path / "run" / "student.safetensors").exists()
+
+
+def test_resume_refuses_a_store_rebuilt_at_the_same_path(artefacts, tmp_path, capsys):
+    from cache_teacher.__main__ import main as cache_main
+
+    store = tmp_path / "bound.zarr"
+    shutil.copytree(artefacts["store"], store)
+    run = tmp_path / "run"
+    assert main(_train_args(artefacts, run, "--max-steps", "2", store=store)) == 0
+    shutil.rmtree(store)
+    assert cache_main(["run", "--teacher", "path-b", "--weights", artefacts["weights"], "--images",
+                       str(artefacts["images"]), "--backgrounds", str(artefacts["backgrounds"]), "-K", "2",
+                       "--chunk-images", "2", "--calibration-images", "2", "--seed", "1", "--limit-images", "4",
+                       "--out", str(store), "--no-progress"]) == 0
+    capsys.readouterr()
+    status, err = _refusal(capsys, _train_args(artefacts, run, "--resume", store=store))
+    assert status == 2 and "was started with other settings" in err
+    assert "store_identity.store_id: recorded '" in err
+    assert "store_identity.seed: recorded 0, now 1" in err and "store_identity.num_images: recorded 6, now 4" in err
+    assert "store_identity.mask_calibration" in err and len(err) < 3000  # named, not printed in full
+
+
+def test_a_second_process_on_a_run_folder_is_refused(artefacts, reference_run):
+    """Two real trainings on one --out: the second (--resume or not) is refused in one line while the first
+    runs (they used to both exit 0 and interleave metrics.csv); the first, stopped meanwhile, is undisturbed."""
+    out = artefacts["root"] / "contended"
+    first = _training_at_step(artefacts, out, 1)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        assert first.poll() is None, "training ended before the second started: " + first.stderr.read().decode()
+        seconds = [subprocess.Popen([sys.executable, "-m", "train_student", *_train_args(artefacts, out, *extra)],
+                                    env=TRAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                   for extra in (("--resume",), ())]  # both at once
+        errors = [second.communicate(timeout=300)[1] for second in seconds]
+    finally:
+        first.send_signal(signal.SIGCONT)
+    for second, err in zip(seconds, errors):
+        assert second.returncode == 2 and err.count("\n") == 1, err[-3000:]
+        assert f"error: run folder {out} is being written by pid {first.pid} on " in err
+    assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-3000:]
+    assert _compared(read_metrics(out / "metrics.csv")) == _compared(read_metrics(reference_run / "metrics.csv"))
+
+
+def test_a_damaged_image_is_refused_at_training_start(artefacts, tmp_path, capsys):
+    from cache_teacher.ffcv_images import ImageFile
+
+    images = tmp_path / "damaged.beton"
+    shutil.copy(artefacts["images"], images)
+    start, size = ImageFile(images).span(4)
+    position = start + size // 2
+    data = bytearray(images.read_bytes())
+    data[position] ^= 0x20  # one bit in the middle of image 4's JPEG data
+    images.write_bytes(bytes(data))
+    args = _train_args(artefacts, tmp_path / "run")
+    args[args.index("--images") + 1] = str(images)
+    status, err = _refusal(capsys, args)
+    assert status == 2 and err.count("\n") == 1
+    assert f"{images}: 1 of {NUM_IMAGES} images are damaged (CRC32C mismatch; first: [4]); re-pack it" in err
+    assert not (tmp_path / "run").exists()

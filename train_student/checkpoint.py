@@ -4,6 +4,10 @@ A checkpoint is written to a temporary file in the run folder, flushed and fsync
 over `checkpoint.pt` (and the folder fsynced): a kill at any moment leaves either the previous
 complete checkpoint or the new one, never a torn file. Nothing here is written after a failed step,
 so a run that dies (NaN loss, crash, kill) never replaces the last good checkpoint.
+
+One writer per run folder: `claim_run_folder` takes the folder's lock (RUN_DIR/.lock, held by rank 0 for the
+whole run) before it checks the recorded configuration, so a second process or job on the same folder is
+refused in one line instead of interleaving metrics and checkpoints.
 """
 from __future__ import annotations
 
@@ -12,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from cache_teacher.store import atomic_write_bytes
+from cache_teacher.store import WriterLock, atomic_write_bytes, job_writer_lock
 
 CHECKPOINT_NAME = "checkpoint.pt"
 RUN_CONFIG_NAME = "run.json"
+LOCK_NAME = ".lock"
 CHECKPOINT_FORMAT = 1
 
 
@@ -60,22 +65,54 @@ def prepare_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumab
             raise RunFolderError(f"--resume: {run_dir} holds no run ({RUN_CONFIG_NAME} missing); "
                                  f"start a new run there without --resume")
         recorded = json.loads(config_path.read_text())
-        differences = sorted(key for key in set(recorded) | set(run_config)
-                             if key not in resumable_keys and recorded.get(key) != run_config.get(key))
+        differences = describe_changes(recorded, run_config, (set(recorded) | set(run_config)) - resumable_keys)
         if differences:
-            detail = "; ".join(f"{key}: recorded {recorded.get(key)!r}, now {run_config.get(key)!r}"
-                               for key in differences)
+            detail = "; ".join(differences)
             raise RunFolderError(f"--resume: the run in {run_dir} was started with other settings ({detail}); "
                                  f"resume with the recorded settings or start a new run in another folder")
         merged = {**recorded, **{key: run_config[key] for key in resumable_keys if key in run_config}}
         atomic_write_bytes(config_path, lambda handle: handle.write(json.dumps(merged, indent=2).encode()))
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(entry.name != LOCK_NAME for entry in run_dir.iterdir()):
         what = "another run" if config_path.is_file() else "other files"
         raise RunFolderError(f"output folder {run_dir} already holds {what}; pass --resume to continue the run "
                              f"recorded there, or choose an empty/new --out (nothing was written)")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(config_path, lambda handle: handle.write(json.dumps(run_config, indent=2).encode()))
+
+
+def describe_changes(recorded: dict, now: dict, keys, prefix: str = "") -> list[str]:
+    """One line per differing key, nested dicts (the store's identity) down to the differing leaf."""
+    lines = []
+    for key in sorted(keys):
+        have, want = recorded.get(key), now.get(key)
+        if have == want:
+            continue
+        if isinstance(have, dict) and isinstance(want, dict):
+            lines += describe_changes(have, want, set(have) | set(want), f"{prefix}{key}.")
+        elif len(repr(have)) + len(repr(want)) > 200:  # e.g. a calibration vector: name it, do not print it
+            lines.append(f"{prefix}{key} differs")
+        else:
+            lines.append(f"{prefix}{key}: recorded {have!r}, now {want!r}")
+    return lines
+
+
+def claim_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumable_keys: set[str]) -> WriterLock:
+    """Take RUN_DIR's writer lock for this run (all ranks of one torchrun job together), then
+    `prepare_run_folder` under it; a refusal (busy, or the folder's check) is RunFolderError on every rank.
+    Keep the returned lock until the run ends."""
+    import torch.distributed as dist
+
+    run_dir = Path(run_dir)
+    if resume and not run_dir.is_dir():
+        raise RunFolderError(f"--resume: {run_dir} does not exist; start a new run there without --resume")
+    if not resume and (not dist.is_initialized() or dist.get_rank() == 0):
+        run_dir.mkdir(parents=True, exist_ok=True)  # the lock file lives inside
+    try:
+        return job_writer_lock(run_dir / LOCK_NAME, f"run folder {run_dir}", check=lambda: prepare_run_folder(
+            run_dir, run_config, resume=resume, resumable_keys=resumable_keys))
+    except ValueError as exc:
+        raise RunFolderError(str(exc)) from None
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

@@ -16,14 +16,14 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from cache_teacher.ffcv_images import ImageFile, images_fingerprint
+from cache_teacher.ffcv_images import ImageFile, check_images, images_fingerprint
 from cache_teacher.store import token_counts
 from dpal import dispatch
 from dpal.config import OptimConfig, Recipe
@@ -35,8 +35,8 @@ from dpal.shape_mask import fit_shape_mask, shape_mask
 from dpal.students import build_student, export_student
 from dpal.teachers import global_view_targets, teacher_targets
 from dpal.views import render_local_crops, render_view_sets, sample_view_sets
-from train_student.checkpoint import (CHECKPOINT_NAME, load_checkpoint, prepare_run_folder, rng_state,
-                                      save_checkpoint, set_rng_state)
+from train_student.checkpoint import (CHECKPOINT_NAME, claim_run_folder, load_checkpoint, rng_state, save_checkpoint,
+                                      set_rng_state)
 from train_student.data import BackgroundPool, CachedFeed, FeedBatch, FeedPlan, OnlineFeed
 from train_student.metrics import LOSS_COLUMNS, LOSS_PLOT, METRICS_CSV, MetricsLog, plot_losses
 
@@ -226,6 +226,11 @@ def run_config(args: argparse.Namespace, recipe: Recipe, global_batch: int, imag
 
 
 def train(args: argparse.Namespace) -> Path:
+    with ExitStack() as held:  # the run folder's writer lock, from the folder's check to the end of the run
+        return _train(args, held)
+
+
+def _train(args: argparse.Namespace, held: ExitStack) -> Path:
     # ---------------------------------------------------------------- ranks, device, recipe
     rank, world_size, device = setup_distributed(args.device)
     master = rank == 0
@@ -245,6 +250,8 @@ def train(args: argparse.Namespace) -> Path:
 
     # ---------------------------------------------------------------- inputs (all checked before writing)
     fingerprint = images_fingerprint(args.images)
+    for path in (args.images, args.backgrounds):  # every image against its CRC32C from `pack` (README: cost)
+        check_images(path, progress=master and args.progress)
     backgrounds = BackgroundPool(args.backgrounds)
     teacher = store = store_identity = None
     if args.teacher_online:
@@ -258,8 +265,8 @@ def train(args: argparse.Namespace) -> Path:
         store = open_store(args.store)
         store.check_compatible(recipe, recipe.views, fingerprint, images_fingerprint(args.backgrounds))
         num_images, chunk_images = store.num_images, store.chunk_images
-        store_identity = {key: store.attrs[key] for key in ("teacher", "checkpoint_sha256", "target_format",
-                                                            "views_per_image", "format_version")}
+        # The run is bound to this exact store: its unique id, seed, image count, ... (all but file locations).
+        store_identity = {key: value for key, value in store.attrs.items() if not key.endswith("_path")}
     plan = FeedPlan(num_images=num_images, chunk_images=chunk_images, micro_batch=micro_batch,
                     world_size=world_size, rank=rank, accum_steps=optim.accum_steps, seed=args.seed,
                     window_images=args.window_images)
@@ -273,10 +280,8 @@ def train(args: argparse.Namespace) -> Path:
 
     run_dir = Path(args.out)
     config = run_config(args, recipe, global_batch, fingerprint, store_identity)
-    if master:
-        prepare_run_folder(run_dir, config, resume=args.resume, resumable_keys=RESUMABLE_KEYS)
-    if world_size > 1:
-        dist.barrier()  # the folder is checked and prepared before any rank reads from it
+    # Rank 0 locks the folder (a second process or job is refused), then checks and prepares it.
+    held.enter_context(claim_run_folder(run_dir, config, resume=args.resume, resumable_keys=RESUMABLE_KEYS))
 
     # ---------------------------------------------------------------- model, EMA, optimizer
     torch.manual_seed(args.seed)  # identical init everywhere (DDP also broadcasts rank 0's weights)
