@@ -71,15 +71,21 @@ resizing). Re-quantizing after every op (torchvision's uint8 path) would turn fl
 renders differ by float rounding only (bounded by a test at 1/255), and since the teacher sees the same
 float view there is nothing to gain from quantizing.
 
-Batching and exactness: images differ in size, so the crops are cut on the host and zero-padded into
-uint8 batches (one transfer each), grouped by crop size so that padding stays small; resizing and
-blurring are separable linear maps applied as batched float32 matmuls with per-sample weight matrices
-(weights in float64, PIL/PyTorch antialiased bicubic with a = -0.5; blur kernels as torchvision's),
-with TF32 switched off around them (a process-wide flag: do not render from two threads at once).
-Colour ops, grayscale, solarize and blending run on the whole batch with per-sample factors; the
-subsets an op applies to are picked on the host from the records, so nothing waits on the device. The
-same records on the same device give bit-identical pixels; a different batch composition changes
-padding and matmul blocking, which moves pixels by ~1e-7, far below the CPU/CUDA tolerance of 1/255.
+Batching and exactness: a render call is planned on the host (``plan_view_sets``,
+``plan_local_crops``: crop boxes, resize and blur weights, which colour op runs on which samples, all
+staged in one buffer, pinned for CUDA) and executed on the device (``execute_view_sets``,
+``execute_local_crops``) with no host round trip, so planning can run ahead on another thread. The
+images of a call are packed into one uint8 buffer (``pack_images``, one transfer) and every crop of the
+call is cut from it by one gather, grouped by crop size and zero-padded per group of 32 so that padding
+stays small; resizing and blurring are separable linear maps applied as batched float32 matmuls with
+per-sample weight matrices (weights in float64, PIL/PyTorch antialiased bicubic with a = -0.5; blur
+kernels as torchvision's), with TF32 switched off around them (a process-wide flag: do not execute two
+renders from two threads at once; planning is host-only and may). Colour ops, grayscale, solarize and
+blending run on the whole batch with per-sample factors; the subsets an op applies to are picked by the
+plan, so nothing waits on the device. The same records on the same device give bit-identical pixels; a
+different batch composition changes padding and matmul blocking, which moves pixels by ~1e-7, far below
+the CPU/CUDA tolerance of 1/255. The group matmul shapes are therefore part of the pixels: the device
+work grows by a few operators per 32 crops, everything else is a fixed sequence per call.
 """
 from __future__ import annotations
 
@@ -696,7 +702,7 @@ def _plan_colour(tensors: _PlanTensors, blocks: torch.Tensor, cfg: ViewConfig) -
     """
     steps = []
 
-    def add(op: str, selected: torch.Tensor, argument: torch.Tensor | None = None) -> None:
+    def add(op: str, selected: torch.Tensor, argument: torch.Tensor | None = None, prepare=None) -> None:
         if not bool(selected.any()):
             return
         index = None
@@ -704,6 +710,8 @@ def _plan_colour(tensors: _PlanTensors, blocks: torch.Tensor, cfg: ViewConfig) -
             chosen = selected.nonzero().squeeze(1)
             index = tensors.add(chosen)
             argument = argument[chosen] if argument is not None else None
+        if prepare is not None:  # computed from the subset's values only, as the op itself would
+            argument = prepare(argument)
         steps.append(_ColourStep(op, index, tensors.add(argument) if argument is not None else None))
 
     jitter = blocks[:, _JITTER] > 0.5
@@ -714,12 +722,7 @@ def _plan_colour(tensors: _PlanTensors, blocks: torch.Tensor, cfg: ViewConfig) -
             add(op.__name__, jitter & (order[:, step] == op_id), factors[:, op_id])
     add("grayscale", blocks[:, _GRAY] > 0.5)
     sigma = blocks[:, _BLUR_SIGMA]
-    blurred = sigma > 0
-    if bool(blurred.any()):
-        # Kernels from exactly the subset's sigmas (as many as the subset), as blur_weights computes them.
-        chosen = blurred.nonzero().squeeze(1)
-        kernels = _blur_kernels(sigma if bool(blurred.all()) else sigma[chosen], blur_kernel_size(cfg))
-        steps.append(_ColourStep("blur", None if bool(blurred.all()) else tensors.add(chosen), tensors.add(kernels)))
+    add("blur", sigma > 0, sigma, prepare=lambda sigmas: _blur_kernels(sigmas, blur_kernel_size(cfg)))
     add("solarize", blocks[:, _SOLARIZE] > 0.5)
     return tuple(steps)
 
@@ -806,7 +809,9 @@ class RenderPlan(NamedTuple):
     """Everything one render call does, decided on the host: staged tensors plus the shape of the work.
 
     Build with ``plan_view_sets`` / ``plan_local_crops`` (host only, no device), move with ``to`` (one
-    copy), run with ``execute_view_sets`` / ``execute_local_crops`` on the packed images' device.
+    copy), run with ``execute_view_sets`` / ``execute_local_crops`` on the packed images' device. A
+    prefetcher that copies plan and pixels on a side stream makes the render stream wait on an event
+    after the copy and calls ``record_stream`` on both device buffers, as for any cross-stream tensor.
     """
     staged: StagedTensors
     crops: tuple[_CropPlan, ...]  # view sets: global, first person, canvas; local crops: one
@@ -887,8 +892,8 @@ def execute_local_crops(pixels: torch.Tensor, plan: RenderPlan) -> torch.Tensor:
 def _packed_on(images: list[torch.Tensor], device) -> tuple[PackedImages, torch.device]:
     """The images packed and moved to the render device (default: theirs), and that device."""
     device = torch.device(device) if device is not None else images[0].device
-    packed = pack_images(images, pin_memory=device.type == "cuda")
-    return packed.to(device, non_blocking=True), device
+    on_cuda = device.type == "cuda"  # a non-blocking copy to the host could be read before it lands
+    return pack_images(images, pin_memory=on_cuda).to(device, non_blocking=on_cuda), device
 
 
 def render_crops(images: Sequence[torch.Tensor], blocks: torch.Tensor, out_size: tuple[int, int],
