@@ -502,13 +502,13 @@ def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     low, value = torch.aminmax(x, dim=-3)
     grey = value == low  # hue and saturation undefined: set to 0 without dividing by 0
     spread = value - low
-    saturation = spread / torch.where(grey, torch.ones_like(value), value)
-    divisor = torch.where(grey, torch.ones_like(spread), spread)
+    saturation = spread / torch.where(grey, 1.0, value)
+    divisor = torch.where(grey, 1.0, spread)
     rc, gc, bc = (value - r) / divisor, (value - g) / divisor, (value - b) / divisor
-    red_max = value == r
-    green_max = (value == g) & ~red_max
-    blue_max = ~red_max & ~green_max
-    hue = (bc - gc) * red_max + (2.0 + rc - bc) * green_max + (4.0 + gc - rc) * blue_max
+    # The sector of the largest channel (red first, then green), selected rather than summed as
+    # torchvision does (sector * mask, added up): the same value but for the sign of a zero hue, which
+    # the fmod below maps to +0 either way, in fewer operators.
+    hue = torch.where(value == r, bc - gc, torch.where(value == g, 2.0 + rc - bc, 4.0 + gc - rc))
     hue = torch.fmod(hue * (1.0 / 6.0) + 1.0, 1.0)
     return hue, saturation, value
 
