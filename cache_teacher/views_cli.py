@@ -1,6 +1,7 @@
 """View rendering tools: a speed benchmark and a picture of what teacher and student see.
 
   python -m cache_teacher.views_cli bench [--batch 256] [--devices cpu,cuda] [--json bench.json]
+  python -m cache_teacher.views_cli bench --count-ops [8,64,256] [--json ops.json]
   python -m cache_teacher.views_cli grid --images PERSONS --backgrounds BACKGROUNDS --out views.png
 
 PERSONS / BACKGROUNDS: an FFCV images file (.beton, from ``python -m cache_teacher pack``), a folder of
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from dpal.config import ViewConfig
 from dpal.views import (background_indices, denormalize, render_local_crops, render_view_sets,
@@ -171,7 +174,99 @@ def _student_step_seconds(views, local_crops, device: torch.device, repeats: int
     return _timed(step, device, repeats)
 
 
+# Operators that launch no kernel: views and bare allocations.
+_NO_KERNEL_OPS = {"aten._unsafe_view", "aten._reshape_alias", "aten.alias", "aten.detach", "aten.lift_fresh",
+                  "aten.empty", "aten.empty_like", "aten.empty_strided"}
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operators a render dispatches (after composite ops are decomposed), split into those
+    touching a tensor on ``device`` (one kernel launch or copy each, on a GPU) and host-only ones."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device, self.device_ops, self.host_ops = device, {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        if func.is_view or name in _NO_KERNEL_OPS:
+            return out
+        if any(isinstance(t, torch.Tensor) and t.device.type == self.device.type
+               for t in tree_leaves((args, kwargs, out))):
+            self.device_ops[name] = self.device_ops.get(name, 0) + 1
+        else:
+            self.host_ops += 1
+        return out
+
+
+def _cuda_launches(fn) -> int:
+    """Kernels, copies and memsets the CUDA profiler sees during ``fn()``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def count_ops(batches: list[int], devices: list[torch.device], seed: int, renderers=None) -> list[dict]:
+    """Operators per render call (view sets; local crops) for each batch size, images already on the device.
+
+    The ``meta`` device stands in for a GPU on any machine: a meta tensor holds no data, so every operator
+    that touches one is device work (a kernel or a copy on CUDA), and everything else is host work.
+    ``renderers`` (render_view_sets, render_local_crops) defaults to dpal.views's: pass another version's
+    to compare.
+    """
+    render_sets, render_local = renderers or (render_view_sets, render_local_crops)
+    cfg, rows = ViewConfig(), []
+    for batch in batches:
+        generator = torch.Generator().manual_seed(seed)
+        images = _synthetic_pool(generator, batch, (128, 384), (0.35, 0.65))
+        pool = _synthetic_pool(generator, min(64, batch), (256, 512), (0.75, 1.5))
+        records = sample_view_sets(generator, batch, num_backgrounds=len(pool), cfg=cfg)
+        local_records = sample_local_crops(generator, batch, cfg)
+        chosen = [pool[i] for i in background_indices(records).tolist()]
+        for device in devices:
+            on_device = [image.to(device) for image in images]  # as the trainer holds them
+            backgrounds = [image.to(device) for image in chosen]
+            calls = {"view_sets": lambda: render_sets(on_device, backgrounds, records, cfg, device),
+                     "local_crops": lambda: render_local(on_device, local_records, cfg, device)}
+            for call, fn in calls.items():
+                fn()  # warm-up: device constants are cached on first use
+                with _OpCounter(device) as counter:
+                    fn()
+                row = {"device": str(device), "batch": batch, "call": call,
+                       "device_ops": sum(counter.device_ops.values()), "host_ops": counter.host_ops,
+                       "device_ops_by_name": dict(sorted(counter.device_ops.items(), key=lambda kv: -kv[1]))}
+                if device.type == "cuda":
+                    row["cuda_launches"] = _cuda_launches(fn)
+                rows.append(row)
+    return rows
+
+
+def _print_count_ops(rows: list[dict]) -> None:
+    print("operators per render call, images already on the device (device ops: one kernel or copy each "
+          "on a GPU; meta = a stand-in device that runs no kernels)")
+    print(f"{'device':<8}{'batch':>6}  {'call':<12}{'device ops':>11}{'host ops':>10}{'cuda launches':>15}")
+    for row in rows:
+        print(f"{row['device']:<8}{row['batch']:>6}  {row['call']:<12}{row['device_ops']:>11}{row['host_ops']:>10}"
+              f"{row.get('cuda_launches', '-'):>15}")
+
+
 def bench(args: argparse.Namespace) -> None:
+    if args.count_ops:
+        devices = [torch.device("meta")] + [torch.device(name) for name in args.devices.split(",")
+                                            if name.startswith("cuda") and torch.cuda.is_available()]
+        rows = count_ops([int(b) for b in args.count_ops.split(",")], devices, args.seed)
+        _print_count_ops(rows)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"benchmark": "dpal.views operators per render call",
+                                                   "torch": torch.__version__, "results": rows}, indent=2))
+            print(f"wrote {args.json}")
+        return
     cfg = ViewConfig()
     generator = torch.Generator().manual_seed(args.seed)
     if args.images:
@@ -251,6 +346,10 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--backgrounds", help="background pool for --images")
     b.add_argument("--student-step", choices=("auto", "on", "off"), default="auto",
                    help="also time a ViT-Ti student forward+backward (auto: on CUDA only)")
+    b.add_argument("--count-ops", nargs="?", const="8,64,256", metavar="BATCHES",
+                   help="instead of timing, count the operators of each render call for these batch sizes "
+                   "(default 8,64,256): device ops (kernel launches or copies on a GPU; counted on the meta "
+                   "device, plus CUDA when --devices has it) and host ops")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", help="write the results here as JSON")
 

@@ -71,15 +71,21 @@ resizing). Re-quantizing after every op (torchvision's uint8 path) would turn fl
 renders differ by float rounding only (bounded by a test at 1/255), and since the teacher sees the same
 float view there is nothing to gain from quantizing.
 
-Batching and exactness: images differ in size, so the crops are cut on the host and zero-padded into
-uint8 batches (one transfer each), grouped by crop size so that padding stays small; resizing and
-blurring are separable linear maps applied as batched float32 matmuls with per-sample weight matrices
-(weights in float64, PIL/PyTorch antialiased bicubic with a = -0.5; blur kernels as torchvision's),
-with TF32 switched off around them (a process-wide flag: do not render from two threads at once).
-Colour ops, grayscale, solarize and blending run on the whole batch with per-sample factors; the
-subsets an op applies to are picked on the host from the records, so nothing waits on the device. The
-same records on the same device give bit-identical pixels; a different batch composition changes
-padding and matmul blocking, which moves pixels by ~1e-7, far below the CPU/CUDA tolerance of 1/255.
+Batching and exactness: a render call is planned on the host (``plan_view_sets``,
+``plan_local_crops``: crop boxes, resize and blur weights, which colour op runs on which samples, all
+staged in one buffer, pinned for CUDA) and executed on the device (``execute_view_sets``,
+``execute_local_crops``) with no host round trip, so planning can run ahead on another thread. The
+images of a call are packed into one uint8 buffer (``pack_images``, one transfer) and every crop of the
+call is cut from it by one gather, grouped by crop size and zero-padded per group of 32 so that padding
+stays small; resizing and blurring are separable linear maps applied as batched float32 matmuls with
+per-sample weight matrices (weights in float64, PIL/PyTorch antialiased bicubic with a = -0.5; blur
+kernels as torchvision's), with TF32 switched off around them (a process-wide flag: do not execute two
+renders from two threads at once; planning is host-only and may). Colour ops, grayscale, solarize and
+blending run on the whole batch with per-sample factors; the subsets an op applies to are picked by the
+plan, so nothing waits on the device. The same records on the same device give bit-identical pixels; a
+different batch composition changes padding and matmul blocking, which moves pixels by ~1e-7, far below
+the CPU/CUDA tolerance of 1/255. The group matmul shapes are therefore part of the pixels: the device
+work grows by a few operators per 32 crops, everything else is a fixed sequence per call.
 """
 from __future__ import annotations
 
@@ -356,13 +362,12 @@ def _dense_rows(index: torch.Tensor, weight: torch.Tensor, in_len: int, device) 
     return dense[:, :, :in_len]
 
 
-def resize_weights(lengths: torch.Tensor, out_len: int, in_len: int, device=None,
-                   flip: torch.Tensor | None = None) -> torch.Tensor:
-    """Antialiased bicubic resampling matrices ``[n, out_len, in_len]`` (float32).
+def _resize_taps(lengths: torch.Tensor, out_len: int, in_len: int,
+                 flip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The taps of ``resize_weights`` on the host: input index (int64) and float64 weight ``[n, out_len, K]``.
 
-    Sample ``i`` maps its first ``lengths[i]`` input pixels (the rest is padding) onto ``out_len``
-    pixels, as PyTorch's ``interpolate(mode='bicubic', antialias=True, align_corners=False)``: support
-    2 * scale when downsampling, weights renormalized at the borders. ``flip[i]`` mirrors the output.
+    ``K`` is the widest support among the ``n`` rows; taps past a row's support have weight 0 and the
+    distinct indices ``in_len + k`` (scratch columns).
     """
     lengths = lengths.double()
     scale = lengths / out_len
@@ -382,7 +387,18 @@ def resize_weights(lengths: torch.Tensor, out_len: int, in_len: int, device=None
         mirrored = flip.bool()[:, None, None]
         index = torch.where(mirrored, index.flip(1), index)
         weight = torch.where(mirrored, weight.flip(1), weight)
-    return _dense_rows(index, weight, in_len, device)
+    return index, weight
+
+
+def resize_weights(lengths: torch.Tensor, out_len: int, in_len: int, device=None,
+                   flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Antialiased bicubic resampling matrices ``[n, out_len, in_len]`` (float32).
+
+    Sample ``i`` maps its first ``lengths[i]`` input pixels (the rest is padding) onto ``out_len``
+    pixels, as PyTorch's ``interpolate(mode='bicubic', antialias=True, align_corners=False)``: support
+    2 * scale when downsampling, weights renormalized at the borders. ``flip[i]`` mirrors the output.
+    """
+    return _dense_rows(*_resize_taps(lengths, out_len, in_len, flip), in_len, device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -400,6 +416,21 @@ def _reflect_taps(length: int, kernel_size: int, device: torch.device) -> torch.
     return _upload(taps.reshape(kernel_size, length * length), device)
 
 
+def _blur_kernels(sigmas: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Normalized float32 Gaussian kernels ``[n, kernel_size]`` as torchvision's, computed on the host."""
+    radius = kernel_size // 2
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigmas.double()[:, None]) ** 2)
+    return (kernel / kernel.sum(dim=1, keepdim=True)).float()
+
+
+def _blur_matrices(kernels: torch.Tensor, length: int) -> torch.Tensor:
+    """Blur matrices ``[n, length, length]`` on the kernels' device from float32 kernels ``[n, K]``."""
+    taps = _reflect_taps(length, kernels.shape[1], kernels.device)
+    with _ieee_fp32_matmul(kernels.device):
+        return (kernels @ taps).reshape(len(kernels), length, length)
+
+
 def blur_weights(sigmas: torch.Tensor, length: int, kernel_size: int, device=None) -> torch.Tensor:
     """Gaussian blur along one axis as matrices ``[n, length, length]`` with reflect borders.
 
@@ -407,14 +438,8 @@ def blur_weights(sigmas: torch.Tensor, length: int, kernel_size: int, device=Non
     Near a border two taps can read the same pixel; their weights are summed by a matmul with a fixed
     one-hot tap pattern, a deterministic order on every device.
     """
-    radius = kernel_size // 2
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigmas.double()[:, None]) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).float()  # [n, K]
     device = torch.device(device) if device is not None else torch.device("cpu")
-    taps = _reflect_taps(length, kernel_size, device)
-    with _ieee_fp32_matmul(device):
-        return (_upload(kernel, device) @ taps).reshape(len(sigmas), length, length)
+    return _blur_matrices(_upload(_blur_kernels(sigmas, kernel_size), device), length)
 
 
 @contextlib.contextmanager
@@ -477,15 +502,21 @@ def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     low, value = torch.aminmax(x, dim=-3)
     grey = value == low  # hue and saturation undefined: set to 0 without dividing by 0
     spread = value - low
-    saturation = spread / torch.where(grey, torch.ones_like(value), value)
-    divisor = torch.where(grey, torch.ones_like(spread), spread)
+    saturation = spread / torch.where(grey, 1.0, value)
+    divisor = torch.where(grey, 1.0, spread)
     rc, gc, bc = (value - r) / divisor, (value - g) / divisor, (value - b) / divisor
-    red_max = value == r
-    green_max = (value == g) & ~red_max
-    blue_max = ~red_max & ~green_max
-    hue = (bc - gc) * red_max + (2.0 + rc - bc) * green_max + (4.0 + gc - rc) * blue_max
+    # The sector of the largest channel (red first, then green), selected rather than summed as
+    # torchvision does (sector * mask, added up): the same value but for the sign of a zero hue, which
+    # the fmod below maps to +0 either way, in fewer operators.
+    hue = torch.where(value == r, bc - gc, torch.where(value == g, 2.0 + rc - bc, 4.0 + gc - rc))
     hue = torch.fmod(hue * (1.0 / 6.0) + 1.0, 1.0)
     return hue, saturation, value
+
+
+@functools.lru_cache(maxsize=8)
+def _hsv_sector_table(device: torch.device) -> torch.Tensor:
+    """Which of (v, p, q, t) is R, G and B in each of the six hue sectors; uploaded once per device."""
+    return _upload(torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]]), device)
 
 
 def _hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -498,9 +529,7 @@ def _hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor
     q = ((1.0 - saturation * frac) * value).clamp(0.0, 1.0)
     t = ((saturation * frac + one_minus_s) * value).clamp(0.0, 1.0)
     candidates = torch.stack([value, p, q, t], dim=-3)  # [n, 4, H, W]
-    # Which of (v, p, q, t) is R, G and B in each of the six hue sectors.
-    pick = _upload(torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]]), hue.device)
-    return candidates.gather(-3, pick[:, sector].movedim(0, -3))
+    return candidates.gather(-3, _hsv_sector_table(hue.device)[:, sector].movedim(0, -3))
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -513,44 +542,33 @@ def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(x >= threshold, 1.0 - x, x)
 
 
+@functools.lru_cache(maxsize=16)
+def _channel_constants(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Per-channel constants ``[C, 1, 1]``, uploaded once per device (not once per call)."""
+    return _upload(torch.tensor(values, dtype=dtype), device)[:, None, None]
+
+
 def normalize(x: torch.Tensor, cfg: ViewConfig = ViewConfig()) -> torch.Tensor:
-    mean = _upload(torch.tensor(cfg.mean, dtype=x.dtype), x.device)[:, None, None]
-    std = _upload(torch.tensor(cfg.std, dtype=x.dtype), x.device)[:, None, None]
-    return (x - mean) / std
+    return (x - _channel_constants(cfg.mean, x.dtype, x.device)) / _channel_constants(cfg.std, x.dtype, x.device)
 
 
 def denormalize(x: torch.Tensor, cfg: ViewConfig = ViewConfig()) -> torch.Tensor:
     """Inverse of ``normalize`` (for pictures), clamped to [0, 1]."""
-    mean = _upload(torch.tensor(cfg.mean, dtype=x.dtype), x.device)[:, None, None]
-    std = _upload(torch.tensor(cfg.std, dtype=x.dtype), x.device)[:, None, None]
+    mean, std = _channel_constants(cfg.mean, x.dtype, x.device), _channel_constants(cfg.std, x.dtype, x.device)
     return (x * std + mean).clamp(0.0, 1.0)
 
 
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
-def _apply_to_subset(x: torch.Tensor, selected: torch.Tensor, op, *args) -> torch.Tensor:
-    """``x[selected] = op(x[selected], *args[selected])``, in place on ``x`` (a batch this module owns).
-
-    ``selected`` is a host bool mask, so choosing the subset never waits on the device.
-    """
-    if not bool(selected.any()):
-        return x
-    if bool(selected.all()):
-        return op(x, *args)
-    index = selected.nonzero().squeeze(1)
-    device_index = _upload(index, x.device)
-    subset_args = [a[index] if isinstance(a, torch.Tensor) else a for a in args]
-    # Advanced indexing, not index_select / index_copy: several times faster on CPU, same on CUDA.
-    x[device_index] = op(x[device_index], *subset_args)
-    return x
+def _grayscale_rgb(x: torch.Tensor) -> torch.Tensor:
+    return grayscale(x).expand_as(x).contiguous()
 
 
-def _blur(x: torch.Tensor, sigmas: torch.Tensor, kernel_size: int) -> torch.Tensor:
+def _blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Per-sample Gaussian blur of ``x [n, C, H, W]`` with float32 kernels ``[n, K]`` on x's device."""
     height, width = x.shape[-2:]
-    rows = blur_weights(sigmas, height, kernel_size, x.device)
-    cols = blur_weights(sigmas, width, kernel_size, x.device)
-    return apply_separable(x, rows, cols)
+    return apply_separable(x, _blur_matrices(kernels, height), _blur_matrices(kernels, width))
 
 
 def blur_kernel_size(cfg: ViewConfig) -> int:
@@ -558,51 +576,334 @@ def blur_kernel_size(cfg: ViewConfig) -> int:
     return 2 * math.ceil(3 * cfg.blur_sigma[1]) + 1
 
 
-def _appearance(x: torch.Tensor, blocks: torch.Tensor, cfg: ViewConfig) -> torch.Tensor:
-    """Colour jitter (stored op order), grayscale, blur, solarize of resized crops in [0, 1]."""
+# ------------------------------------------------------------------------------------- render plans
+#
+# A render call is split in two: ``plan_*`` decides everything on the host from the records and the
+# images' sizes (crop boxes, the crop gather, resize and blur weights, which colour op runs on which
+# samples) and stages it as tensors in one byte buffer (pinned when the target is CUDA); ``execute_*``
+# runs the device work from that plan with a fixed sequence of operators and no host round trip. A
+# prefetcher can therefore plan (and upload) batch N+1 on another thread while step N computes.
+
+class PackedImages(NamedTuple):
+    """Variable-size RGB images in one buffer, the source every crop of a render call is gathered from.
+
+    ``pixels`` is uint8 ``[P, 3]``: the rows of image ``i`` start at pixel ``offsets[i]``, one image
+    after another, followed by zero pixels as wide as the widest image, so that a window of any crop
+    width starting in any row stays inside. ``offsets``, ``heights``, ``widths`` are int64 host tensors:
+    planning reads them, the device never does.
+    """
+    pixels: torch.Tensor
+    offsets: torch.Tensor
+    heights: torch.Tensor
+    widths: torch.Tensor
+
+    def to(self, device, non_blocking: bool = False) -> "PackedImages":
+        return self._replace(pixels=self.pixels.to(device, non_blocking=non_blocking))
+
+    def select(self, start: int, stop: int) -> "PackedImages":
+        """Images ``start..stop-1`` (the same pixel buffer)."""
+        return self._replace(offsets=self.offsets[start:stop], heights=self.heights[start:stop],
+                             widths=self.widths[start:stop])
+
+
+def pack_images(images: Sequence, what: str = "images", pin_memory: bool = False) -> PackedImages:
+    """Pack decoded images (any mix of grey / RGB / RGBA uint8, see ``to_rgb_uint8``) into one buffer.
+
+    The buffer is built where the images are (one concatenation); ``pin_memory`` pins it when they are on
+    the host, for a non-blocking copy to the device with ``PackedImages.to``.
+    """
+    images = _as_images(images, what)
+    heights = torch.tensor([image.shape[0] for image in images], dtype=torch.int64)
+    widths = torch.tensor([image.shape[1] for image in images], dtype=torch.int64)
+    sizes = heights * widths
+    total, pad = int(sizes.sum()), int(widths.max())
+    source = images[0].device
+    pixels = torch.empty(total + pad, 3, dtype=torch.uint8, device=source,
+                         pin_memory=pin_memory and source.type == "cpu")
+    torch.cat([image.reshape(-1, 3) for image in images], out=pixels[:total])
+    pixels[total:] = 0
+    return PackedImages(pixels, torch.cumsum(sizes, 0) - sizes, heights, widths)
+
+
+class StagedTensors:
+    """Host tensors of several dtypes laid out in one byte buffer: a whole plan moves in one copy."""
+
+    _ALIGN = 16  # bytes; every dtype staged here can be viewed at such an offset
+
+    def __init__(self, buffer: torch.Tensor, layout: tuple[tuple[int, torch.dtype, tuple[int, ...]], ...]):
+        self.buffer, self.layout = buffer, layout
+
+    @classmethod
+    def stage(cls, tensors: Sequence[torch.Tensor], pin_memory: bool) -> "StagedTensors":
+        layout, offset = [], 0
+        for tensor in tensors:
+            layout.append((offset, tensor.dtype, tuple(tensor.shape)))
+            offset += -(-tensor.numel() * tensor.element_size() // cls._ALIGN) * cls._ALIGN
+        staged = cls(torch.empty(offset, dtype=torch.uint8, pin_memory=pin_memory), tuple(layout))
+        for key, tensor in enumerate(tensors):
+            staged[key].copy_(tensor)
+        return staged
+
+    def __getitem__(self, key: int) -> torch.Tensor:
+        offset, dtype, shape = self.layout[key]
+        nbytes = math.prod(shape) * dtype.itemsize
+        return self.buffer[offset:offset + nbytes].view(dtype).view(shape)
+
+    def to(self, device, non_blocking: bool = False) -> "StagedTensors":
+        return StagedTensors(self.buffer.to(device, non_blocking=non_blocking), self.layout)
+
+
+class _PlanTensors:
+    """Collects the tensors of a plan; each ``add`` returns the key it is staged under."""
+
+    def __init__(self):
+        self.tensors: list[torch.Tensor] = []
+
+    def add(self, tensor: torch.Tensor) -> int:
+        self.tensors.append(tensor.contiguous())
+        return len(self.tensors) - 1
+
+
+class _ResizeGroup(NamedTuple):
+    """Up to ``_RESIZE_GROUP`` crops of similar size, zero-padded to the group's largest crop."""
+    order: slice  # positions in the plan's size order (staged ``_CropPlan.order``)
+    rows: slice  # rows of the gathered crop pixels
+    height: int  # padded crop height and width
+    width: int
+    row_weights: slice  # flat ranges of the dense resize matrices [count, out_h, height], [count, out_w, width]
+    col_weights: slice
+
+
+class _ColourStep(NamedTuple):
+    op: str  # key of _PLANNED_OPS
+    index: int | None  # staged int64 sample index of the subset; None = every sample
+    argument: int | None  # staged per-sample argument (factor, hue shift or blur kernel) of the subset
+
+
+class _CropPlan(NamedTuple):
+    count: int
+    out_size: tuple[int, int]
+    window: int  # crop pixels gathered per row: the widest crop of the call
+    window_starts: int  # staged int64 [rows]: first pixel of each gathered row
+    order: int  # staged int64 [count]: crop index of each position in size order
+    groups: tuple[_ResizeGroup, ...]
+    weight_count: int  # float32 cells of all groups' dense resize matrices
+    weight_index: int  # staged int64 / float32: the nonzero cells and their weights
+    weight_values: int
+    colour: tuple[_ColourStep, ...]
+    solarize_threshold: float
+
+
+def _plan_colour(tensors: _PlanTensors, blocks: torch.Tensor, cfg: ViewConfig) -> tuple[_ColourStep, ...]:
+    """Colour jitter (stored op order), grayscale, blur, solarize: each op on the subset that has it.
+
+    The subsets are picked here, on the host, so the device never waits to learn a subset's size; an
+    op nobody has is dropped, an op everybody has runs on the whole batch.
+    """
+    steps = []
+
+    def add(op: str, selected: torch.Tensor, argument: torch.Tensor | None = None, prepare=None) -> None:
+        if not bool(selected.any()):
+            return
+        index = None
+        if not bool(selected.all()):
+            chosen = selected.nonzero().squeeze(1)
+            index = tensors.add(chosen)
+            argument = argument[chosen] if argument is not None else None
+        if prepare is not None:  # computed from the subset's values only, as the op itself would
+            argument = prepare(argument)
+        steps.append(_ColourStep(op, index, tensors.add(argument) if argument is not None else None))
+
     jitter = blocks[:, _JITTER] > 0.5
     factors = blocks[:, _FACTORS].float()
     order = blocks[:, _ORDER].long()
     for step in range(4):
         for op_id, op in enumerate(_JITTER_OPS):
-            x = _apply_to_subset(x, jitter & (order[:, step] == op_id), op, factors[:, op_id])
-    x = _apply_to_subset(x, blocks[:, _GRAY] > 0.5, lambda y: grayscale(y).expand_as(y).contiguous())
+            add(op.__name__, jitter & (order[:, step] == op_id), factors[:, op_id])
+    add("grayscale", blocks[:, _GRAY] > 0.5)
     sigma = blocks[:, _BLUR_SIGMA]
-    x = _apply_to_subset(x, sigma > 0, _blur, sigma, blur_kernel_size(cfg))
-    return _apply_to_subset(x, blocks[:, _SOLARIZE] > 0.5, solarize, cfg.solarize_threshold / 255.0)
+    add("blur", sigma > 0, sigma, prepare=lambda sigmas: _blur_kernels(sigmas, blur_kernel_size(cfg)))
+    add("solarize", blocks[:, _SOLARIZE] > 0.5)
+    return tuple(steps)
 
 
-def _pack_crops(images: Sequence[torch.Tensor], boxes: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The crops zero-padded into one float batch ``[n, 3, Hmax, Wmax]`` in [0, 1] on ``device``."""
-    max_h, max_w = int(boxes[:, 2].max()), int(boxes[:, 3].max())
-    host = images[0].device
-    packed = torch.zeros(len(images), max_h, max_w, 3, dtype=torch.uint8, device=host,
-                         pin_memory=host.type == "cpu" and device.type == "cuda")
-    for i, (image, (top, left, h, w)) in enumerate(zip(images, boxes.tolist())):
-        packed[i, :h, :w] = image[top:top + h, left:left + w]
-    packed = packed.to(device, non_blocking=True)
-    return packed.permute(0, 3, 1, 2).to(torch.float32).mul_(1.0 / 255)
+def _plan_crops(tensors: _PlanTensors, sources: PackedImages, source_index: torch.Tensor, blocks: torch.Tensor,
+                out_size: tuple[int, int], cfg: ViewConfig) -> _CropPlan:
+    """Plan crops ``[n, 3, *out_size]``: crop ``i`` cuts ``blocks[i]`` from source ``source_index[i]``."""
+    heights, widths = sources.heights[source_index], sources.widths[source_index]
+    boxes = crop_boxes(blocks, heights.double(), widths.double())
+    tops, lefts, crop_h, crop_w = boxes.unbind(1)
+    row_starts = sources.offsets[source_index] + tops * widths + lefts  # first pixel of each crop
+    flips = blocks[:, _FLIP] > 0.5
+    # Resize in groups of similar crop size: padding to the largest crop of a group (wasted matmul work)
+    # stays small. The group shapes are the matmul shapes, so they are what makes pixels bit-exact.
+    by_size = torch.argsort(crop_h * crop_w, stable=True)
+    out_h, out_w = out_size
+    groups, window_starts, weight_index, weight_values = [], [], [], []
+    rows = cells = 0
+    for start in range(0, len(blocks), _RESIZE_GROUP):  # a loop over groups (n / 32), not over crops
+        group = by_size[start:start + _RESIZE_GROUP]
+        count = len(group)
+        height, width = int(crop_h[group].max()), int(crop_w[group].max())
+        # Row y of a crop is gathered from its source row (padding rows repeat its last row: the resize
+        # weights of every padding row and column are exactly 0, so what they hold never matters).
+        y = torch.arange(height).minimum(crop_h[group, None] - 1)
+        window_starts.append((row_starts[group, None] + y * widths[group, None]).reshape(-1))
+        row_weights = slice(cells, cells + count * out_h * height)
+        col_weights = slice(row_weights.stop, row_weights.stop + count * out_w * width)
+        for weights, (index, weight) in ((row_weights, _resize_taps(crop_h[group], out_h, height)),
+                                         (col_weights, _resize_taps(crop_w[group], out_w, width, flip=flips[group]))):
+            in_len = (weights.stop - weights.start) // (count * index.shape[1])
+            cell = weights.start + torch.arange(count * index.shape[1]).reshape(count, -1, 1) * in_len + index
+            inside = index < in_len  # scratch-column taps (weight 0) are left out
+            weight_index.append(cell[inside])
+            weight_values.append(weight.float()[inside])
+        groups.append(_ResizeGroup(slice(start, start + count), slice(rows, rows + count * height), height, width,
+                                   row_weights, col_weights))
+        rows, cells = rows + count * height, col_weights.stop
+    return _CropPlan(
+        count=len(blocks), out_size=out_size, window=int(crop_w.max()),
+        window_starts=tensors.add(torch.cat(window_starts)), order=tensors.add(by_size), groups=tuple(groups),
+        weight_count=cells, weight_index=tensors.add(torch.cat(weight_index)),
+        weight_values=tensors.add(torch.cat(weight_values)), colour=_plan_colour(tensors, blocks, cfg),
+        solarize_threshold=cfg.solarize_threshold / 255.0)
+
+
+_PLANNED_OPS = {op.__name__: op for op in _JITTER_OPS} | {"grayscale": _grayscale_rgb, "blur": _blur}
+
+
+def _execute_crops(pixels: torch.Tensor, plan: _CropPlan, staged: StagedTensors) -> torch.Tensor:
+    """Crops ``[n, 3, h, w]`` in [0, 1] (not normalized): one gather, the group matmuls, the colour ops."""
+    device = pixels.device
+    # One gather for every crop of the call: overlapping windows of ``window`` pixels, one per row start.
+    flat = pixels.reshape(-1)
+    windows = flat.as_strided((len(pixels) - plan.window + 1, plan.window * 3), (3, 1))
+    gathered = windows[staged[plan.window_starts]]  # [rows, window * 3]
+    dense = torch.zeros(plan.weight_count, dtype=torch.float32, device=device)
+    dense.put_(staged[plan.weight_index], staged[plan.weight_values])
+    order = staged[plan.order]
+    out_h, out_w = plan.out_size
+    x = torch.empty(plan.count, 3, out_h, out_w, dtype=torch.float32, device=device)
+    for group in plan.groups:  # a loop over groups (n / 32): their padded shapes fix the matmul shapes
+        count = group.order.stop - group.order.start
+        crops = gathered[group.rows].view(count, group.height, plan.window, 3)[:, :, :group.width]
+        crops = crops.permute(0, 3, 1, 2).to(torch.float32).mul_(1.0 / 255)
+        rows = dense[group.row_weights].view(count, out_h, group.height)
+        cols = dense[group.col_weights].view(count, out_w, group.width)
+        x[order[group.order]] = apply_separable(crops, rows, cols)
+    x.clamp_(0.0, 1.0)  # bicubic overshoots
+    for step in plan.colour:
+        op = (functools.partial(solarize, threshold=plan.solarize_threshold) if step.op == "solarize"
+              else _PLANNED_OPS[step.op])
+        arguments = () if step.argument is None else (staged[step.argument],)
+        if step.index is None:
+            x = op(x, *arguments)
+        else:
+            # Advanced indexing, not index_select / index_copy: several times faster on CPU, same on CUDA.
+            index = staged[step.index]
+            x[index] = op(x[index], *arguments)
+    return x
+
+
+class RenderPlan(NamedTuple):
+    """Everything one render call does, decided on the host: staged tensors plus the shape of the work.
+
+    Build with ``plan_view_sets`` / ``plan_local_crops`` (host only, no device), move with ``to`` (one
+    copy), run with ``execute_view_sets`` / ``execute_local_crops`` on the packed images' device. A
+    prefetcher that copies plan and pixels on a side stream makes the render stream wait on an event
+    after the copy and calls ``record_stream`` on both device buffers, as for any cross-stream tensor.
+    """
+    staged: StagedTensors
+    crops: tuple[_CropPlan, ...]  # view sets: global, first person, canvas; local crops: one
+    paste: int | None  # staged int64 [n, 4] paste positions (view sets)
+    num_local: int
+    cfg: ViewConfig
+
+    def to(self, device, non_blocking: bool = False) -> "RenderPlan":
+        return self._replace(staged=self.staged.to(device, non_blocking=non_blocking))
+
+
+def _check_sources(sources: PackedImages, n: int, what: str, records: str) -> None:
+    if len(sources.offsets) != n:
+        raise ValueError(f"{n} {records} records need {n} {what}, got {len(sources.offsets)} {what}")
+
+
+def plan_view_sets(images: PackedImages, backgrounds: PackedImages, params, cfg: ViewConfig = ViewConfig(),
+                   pin_memory: bool = False) -> RenderPlan:
+    """Plan ``render_view_sets`` on the host: crop ``i`` reads ``images`` entry ``i`` and ``backgrounds``
+    entry ``i`` (both may be selections of one ``PackedImages``). ``pin_memory`` for a CUDA target."""
+    params = check_view_params(params)
+    if params.ndim != 2 or len(params) == 0:
+        raise ViewParamsError(f"view set parameters must be [n >= 1, {VIEW_SET_FIELDS}], got {tuple(params.shape)}")
+    n = len(params)
+    _check_sources(images, n, "images", "view set")
+    _check_sources(backgrounds, n, "backgrounds", "view set")
+    records = params.double()
+    tensors = _PlanTensors()
+    every = torch.arange(n)
+    crops = (_plan_crops(tensors, images, every, records[:, _GLOBAL_BLOCK], cfg.global_size, cfg),
+             _plan_crops(tensors, images, every, records[:, _PERSON_BLOCK], cfg.local_size, cfg),
+             _plan_crops(tensors, backgrounds, every, records[:, _BACKGROUND_BLOCK], cfg.crowd_size, cfg))
+    paste = tensors.add(records[:, _PASTE].long())
+    return RenderPlan(StagedTensors.stage(tensors.tensors, pin_memory), crops, paste, 0, cfg)
+
+
+def plan_local_crops(images: PackedImages, params, cfg: ViewConfig = ViewConfig(),
+                     pin_memory: bool = False) -> RenderPlan:
+    """Plan ``render_local_crops`` on the host (``params`` ``[n, num_local, LOCAL_CROP_FIELDS]``, n >= 1)."""
+    params = check_view_params(params, LOCAL_CROP_FIELDS, "local crop")
+    if params.ndim != 3 or params.shape[0] * params.shape[1] == 0:
+        raise ViewParamsError(f"local crop parameters must be [n >= 1, num_local >= 1, {LOCAL_CROP_FIELDS}], "
+                              f"got {tuple(params.shape)}")
+    n, num_local = params.shape[:2]
+    _check_sources(images, n, "images", "local crop")
+    tensors = _PlanTensors()
+    crops = _plan_crops(tensors, images, torch.arange(n).repeat_interleave(num_local),
+                        params.reshape(n * num_local, -1)[:, 1:].double(), cfg.local_size, cfg)
+    return RenderPlan(StagedTensors.stage(tensors.tensors, pin_memory), (crops,), None, num_local, cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def _second_person_weights(cfg: ViewConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global view shrunk to a person-sized patch: the same two matrices for every batch."""
+    (global_h, global_w), (local_h, local_w) = cfg.global_size, cfg.local_size
+    return (resize_weights(torch.tensor([global_h]), local_h, global_h, device),
+            resize_weights(torch.tensor([global_w]), local_w, global_w, device))
+
+
+def execute_view_sets(pixels: torch.Tensor, plan: RenderPlan) -> RenderedViews:
+    """Run a ``plan_view_sets`` plan on ``pixels`` (its ``PackedImages.pixels``, on the plan's device)."""
+    staged, cfg = plan.staged, plan.cfg
+    global_view, first_person, canvas = (_execute_crops(pixels, crops, staged) for crops in plan.crops)
+    # The second person is the global view itself, shrunk to a person-sized patch.
+    second_person = apply_separable(global_view, *_second_person_weights(cfg, pixels.device)).clamp_(0.0, 1.0)
+    crowd = paste_persons(canvas, [first_person, second_person], staged[plan.paste], cfg.person_alpha)
+    return RenderedViews(normalize(global_view, cfg), normalize(crowd, cfg))
+
+
+def execute_local_crops(pixels: torch.Tensor, plan: RenderPlan) -> torch.Tensor:
+    """Run a ``plan_local_crops`` plan: normalized crops ``[n, num_local, 3, *local_size]``."""
+    crops = normalize(_execute_crops(pixels, plan.crops[0], plan.staged), plan.cfg)
+    return crops.reshape(-1, plan.num_local, 3, *plan.cfg.local_size)
+
+
+# ----------------------------------------------------------------------------------- render calls
+
+def _packed_on(images: list[torch.Tensor], device) -> tuple[PackedImages, torch.device]:
+    """The images packed and moved to the render device (default: theirs), and that device."""
+    device = torch.device(device) if device is not None else images[0].device
+    on_cuda = device.type == "cuda"  # a non-blocking copy to the host could be read before it lands
+    return pack_images(images, pin_memory=on_cuda).to(device, non_blocking=on_cuda), device
 
 
 def render_crops(images: Sequence[torch.Tensor], blocks: torch.Tensor, out_size: tuple[int, int],
                  cfg: ViewConfig, device: torch.device) -> torch.Tensor:
     """Crops ``[n, 3, h, w]`` in [0, 1] (not normalized) of RGB uint8 images, one crop block each."""
-    heights = torch.tensor([image.shape[0] for image in images], dtype=torch.float64)
-    widths = torch.tensor([image.shape[1] for image in images], dtype=torch.float64)
-    boxes = crop_boxes(blocks, heights, widths)
-    flips = blocks[:, _FLIP] > 0.5
-    x = torch.empty(len(images), 3, *out_size, dtype=torch.float32, device=device)
-    # Resize in groups of similar crop size: padding to the largest crop of a group (wasted matmul work
-    # and memory) stays small, and memory stays bounded for any batch size.
-    by_size = torch.argsort(boxes[:, 2] * boxes[:, 3], stable=True)
-    for start in range(0, len(images), _RESIZE_GROUP):
-        group = by_size[start:start + _RESIZE_GROUP]
-        crops = _pack_crops([images[i] for i in group.tolist()], boxes[group], device)
-        rows = resize_weights(boxes[group, 2], out_size[0], crops.shape[-2], device)
-        cols = resize_weights(boxes[group, 3], out_size[1], crops.shape[-1], device, flip=flips[group])
-        x[_upload(group, device)] = apply_separable(crops, rows, cols)
-    x.clamp_(0.0, 1.0)  # bicubic overshoots
-    return _appearance(x, blocks, cfg)
+    packed, device = _packed_on(_as_images(images, "images"), device)
+    tensors = _PlanTensors()
+    crops = _plan_crops(tensors, packed, torch.arange(len(blocks)), blocks.double(), out_size, cfg)
+    staged = StagedTensors.stage(tensors.tensors, device.type == "cuda").to(device, non_blocking=True)
+    return _execute_crops(packed.pixels, crops, staged)
 
 
 def paste_persons(canvas: torch.Tensor, persons: Sequence[torch.Tensor], positions: torch.Tensor,
@@ -630,17 +931,14 @@ def _as_images(images: Sequence, what: str) -> list[torch.Tensor]:
     return converted
 
 
-def _target_device(images: list[torch.Tensor], device) -> torch.device:
-    return torch.device(device) if device is not None else images[0].device
-
-
 def render_view_sets(images: Sequence, backgrounds: Sequence, params, cfg: ViewConfig = ViewConfig(),
                      device=None) -> RenderedViews:
     """Render view sets: the normalized global views ``[n, 3, 256, 128]`` and crowd views ``[n, 3, 256, 256]``.
 
     ``images[i]`` is the person image of view set ``i``; ``backgrounds[i]`` is
     ``pool[background_indices(params)[i]]``. Images are uint8 ``[H, W, C]`` (any size; grey/RGBA are
-    converted). ``device`` defaults to the images' device. Pure: no randomness, no state.
+    converted). ``device`` defaults to the images' device. Pure: no randomness, no state. The same as
+    ``plan_view_sets`` then ``execute_view_sets`` on the images packed by ``pack_images``.
     """
     params = check_view_params(params)
     if params.ndim != 2:
@@ -656,23 +954,16 @@ def render_view_sets(images: Sequence, backgrounds: Sequence, params, cfg: ViewC
         return RenderedViews(torch.zeros(0, 3, *cfg.global_size, device=dev),
                              torch.zeros(0, 3, *cfg.crowd_size, device=dev))
     images, backgrounds = _as_images(images, "images"), _as_images(backgrounds, "backgrounds")
-    device = _target_device(images, device)
-    records = params.double()
-    global_view = render_crops(images, records[:, _GLOBAL_BLOCK], cfg.global_size, cfg, device)
-    first_person = render_crops(images, records[:, _PERSON_BLOCK], cfg.local_size, cfg, device)
-    canvas = render_crops(backgrounds, records[:, _BACKGROUND_BLOCK], cfg.crowd_size, cfg, device)
-    # The second person is the global view itself, shrunk to a person-sized patch.
-    second_person = apply_separable(
-        global_view,
-        resize_weights(torch.tensor([cfg.global_size[0]]), cfg.local_size[0], cfg.global_size[0], device),
-        resize_weights(torch.tensor([cfg.global_size[1]]), cfg.local_size[1], cfg.global_size[1], device),
-    ).clamp_(0.0, 1.0)
-    crowd = paste_persons(canvas, [first_person, second_person], records[:, _PASTE], cfg.person_alpha)
-    return RenderedViews(normalize(global_view, cfg), normalize(crowd, cfg))
+    packed, device = _packed_on(images + backgrounds, device)
+    plan = plan_view_sets(packed.select(0, n), packed.select(n, 2 * n), params, cfg, device.type == "cuda")
+    return execute_view_sets(packed.pixels, plan.to(device, non_blocking=True))
 
 
 def render_local_crops(images: Sequence, params, cfg: ViewConfig = ViewConfig(), device=None) -> torch.Tensor:
-    """Normalized local crops ``[n, num_local, 3, 128, 96]`` of ``images`` from ``sample_local_crops`` records."""
+    """Normalized local crops ``[n, num_local, 3, 128, 96]`` of ``images`` from ``sample_local_crops`` records.
+
+    The same as ``plan_local_crops`` then ``execute_local_crops``.
+    """
     params = check_view_params(params, LOCAL_CROP_FIELDS, "local crop")
     if params.ndim != 3:
         raise ViewParamsError(f"local crop parameters must be [n, num_local, {LOCAL_CROP_FIELDS}], "
@@ -682,8 +973,6 @@ def render_local_crops(images: Sequence, params, cfg: ViewConfig = ViewConfig(),
         raise ValueError(f"{n} local crop records need {n} images, got {len(images)}")
     if n * num_local == 0:
         return torch.zeros(n, num_local, 3, *cfg.local_size, device=torch.device(device or "cpu"))
-    images = _as_images(images, "images")
-    device = _target_device(images, device)
-    repeated = [image for image in images for _ in range(num_local)]
-    crops = render_crops(repeated, params.reshape(n * num_local, -1)[:, 1:].double(), cfg.local_size, cfg, device)
-    return normalize(crops, cfg).reshape(n, num_local, 3, *cfg.local_size)
+    packed, device = _packed_on(_as_images(images, "images"), device)
+    plan = plan_local_crops(packed, params, cfg, device.type == "cuda")
+    return execute_local_crops(packed.pixels, plan.to(device, non_blocking=True))

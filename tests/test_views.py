@@ -3,6 +3,10 @@ import itertools
 import json
 import math
 import re
+import subprocess
+import threading
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,6 +297,112 @@ def test_same_parameters_give_bit_identical_pixels():
     assert (alone.crowd[0] - first.crowd[2]).abs().max() < 1e-5
 
 
+# The commit whose rendered pixels this version must reproduce bit for bit. Change it only together with
+# a deliberate change of the pixels (and a new VIEW_PARAMS_VERSION if stored records render differently).
+PIXELS_COMMIT = "62fb34c0331ccb8baaa5d473d429c177a7866a68"
+
+
+def views_at_commit(commit):
+    """dpal/views.py as it was at ``commit``, loaded as a module (it imports today's dpal.config)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        source = subprocess.run(["git", "-C", str(root), "show", f"{commit}:dpal/views.py"], capture_output=True,
+                                text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        pytest.skip(f"needs the git history with commit {commit[:12]} ({error})")
+    module = types.ModuleType("views_at_commit")
+    exec(compile(source, f"dpal/views.py@{commit[:12]}", "exec"), module.__dict__)
+    return module
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_pixels_are_bit_identical_to_the_reference_commit(monkeypatch, device):
+    """Every view kind (global, crowd with its background and both persons, local crops) renders exactly
+    (torch.equal) as the renderer of PIXELS_COMMIT did, on fresh random images and records.
+
+    The reference is that commit's dpal/views.py, read from git and run in this process on the same
+    inputs, rather than stored golden tensors: float rounding inside matmuls and reductions depends on
+    the CPU (vector width, thread count), so only a same-machine comparison can demand bit equality.
+    Batch sizes cover one sample (ops that everybody or nobody has), partial resize groups and several
+    groups (the group size is lowered to 4 in both versions to get many groups cheaply), at the test
+    sizes and once at the real 256x128 / 256x256 / 128x96 sizes.
+    """
+    reference = views_at_commit(PIXELS_COMMIT)
+    for module in (V, reference):
+        monkeypatch.setattr(module, "_RESIZE_GROUP", 4)
+    cases = [(SMALL, n, 90, 120) for n in (1, 3, 9, 17)] + [(ViewConfig(), 6, 300, 400)]
+    for seed, (cfg, n, high, background_high) in enumerate(cases):
+        images, pool = random_images(40 + seed, n, 20, high), random_images(60 + seed, 4, 30, background_high)
+        generator = torch.Generator().manual_seed(seed)
+        records = V.sample_view_sets(generator, n, num_backgrounds=len(pool), cfg=cfg)
+        local_records = V.sample_local_crops(generator, n, cfg)
+        backgrounds = [pool[i] for i in V.background_indices(records).tolist()]
+        ours = V.render_view_sets(images, backgrounds, records, cfg, device)
+        theirs = reference.render_view_sets(images, backgrounds, records, cfg, device)
+        assert torch.equal(ours.global_view, theirs.global_view), (cfg, n)
+        assert torch.equal(ours.crowd, theirs.crowd), (cfg, n)
+        assert torch.equal(V.render_local_crops(images, local_records, cfg, device),
+                           reference.render_local_crops(images, local_records, cfg, device)), (cfg, n)
+
+
+def test_planned_on_another_thread_then_executed_on_the_device():
+    """A prefetcher's split: pack + plan on a worker thread (host only), move, execute later; the pixels
+    are those of render_view_sets / render_local_crops. The device half also runs on the meta device,
+    whose tensors hold no data: so it never reads a device value back to the host (no sync)."""
+    images, pool = random_images(20, 5), random_images(21, 3, 30, 120)
+    generator = torch.Generator().manual_seed(22)
+    records = V.sample_view_sets(generator, 5, num_backgrounds=3, cfg=SMALL)
+    local_records = V.sample_local_crops(generator, 5, SMALL)
+    backgrounds = [pool[i] for i in V.background_indices(records).tolist()]
+    prepared = {}
+
+    def prepare():
+        packed = V.pack_images(images + backgrounds)
+        prepared["packed"] = packed
+        prepared["sets"] = V.plan_view_sets(packed.select(0, 5), packed.select(5, 10), records, SMALL)
+        prepared["local"] = V.plan_local_crops(packed.select(0, 5), local_records, SMALL)
+
+    worker = threading.Thread(target=prepare)
+    worker.start()
+    worker.join()
+    pixels = prepared["packed"].pixels
+    views = V.execute_view_sets(pixels, prepared["sets"])
+    expected = V.render_view_sets(images, backgrounds, records, SMALL)
+    assert torch.equal(views.global_view, expected.global_view) and torch.equal(views.crowd, expected.crowd)
+    assert torch.equal(V.execute_local_crops(pixels, prepared["local"]), V.render_local_crops(images, local_records, SMALL))
+
+    meta = torch.device("meta")
+    on_meta = V.execute_view_sets(pixels.to(meta), prepared["sets"].to(meta))
+    assert on_meta.global_view.device == meta and on_meta.crowd.shape == expected.crowd.shape
+    assert V.execute_local_crops(pixels.to(meta), prepared["local"].to(meta)).shape == (5, 2, 3, *SMALL.local_size)
+    with pytest.raises(V.ViewParamsError, match="n >= 1"):
+        V.plan_view_sets(prepared["packed"].select(0, 0), prepared["packed"].select(0, 0), records[:0], SMALL)
+    with pytest.raises(ValueError, match="5 view set records need 5 backgrounds, got 4"):
+        V.plan_view_sets(prepared["packed"].select(0, 5), prepared["packed"].select(5, 9), records, SMALL)
+
+
+def test_device_work_does_not_grow_with_the_samples_of_a_group():
+    """The crops of a render call are packed by one gather, not one copy each: within one resize group
+    (up to 32 crops) three times the samples (the same records repeated, so the same colour-op subsets
+    are partial) dispatch exactly the same device operators, counted on the meta device."""
+    from cache_teacher.views_cli import _OpCounter
+
+    images, pool = random_images(30, 5), random_images(31, 5, 30, 120)
+    records = V.sample_view_sets(torch.Generator().manual_seed(32), 5, num_backgrounds=5, cfg=SMALL)
+    local_records = V.sample_local_crops(torch.Generator().manual_seed(33), 5, SMALL)
+    meta = torch.device("meta")
+    counts = []
+    for repeat in (1, 1, 3):  # 5 and 15 view sets, 10 and 30 local crops; the first run caches constants
+        on_meta = [image.to(meta) for image in images * repeat]
+        backgrounds = [pool[i].to(meta) for i in V.background_indices(records).tolist() * repeat]
+        with _OpCounter(meta) as counter:
+            V.render_view_sets(on_meta, backgrounds, records.repeat(repeat, 1), SMALL)
+            V.render_local_crops(on_meta, local_records.repeat(repeat, 1, 1), SMALL)
+        counts.append(counter.device_ops)
+    assert counts[1] == counts[2]
+
+
 def test_any_size_and_aspect_renders():
     generator = torch.Generator().manual_seed(16)
     images = [random_image(generator, h, w) for h, w in ((6, 200), (300, 8), (3, 3), (1, 1))]
@@ -416,3 +526,15 @@ def test_bench_command_prints_a_table_and_writes_json(tmp_path, capsys):
     assert "view sets/s" in capsys.readouterr().out
     row = json.loads(report.read_text())["results"][0]
     assert row["device"] == "cpu" and row["batch"] == 2 and row["view_sets_per_s"] > 0
+
+
+def test_bench_counts_operators_per_render_call(tmp_path, capsys):
+    from cache_teacher import views_cli
+
+    report = tmp_path / "ops.json"
+    views_cli.main(["bench", "--count-ops", "2,3", "--devices", "cpu", "--json", str(report)])
+    assert "device ops" in capsys.readouterr().out
+    rows = json.loads(report.read_text())["results"]
+    assert [(row["batch"], row["call"]) for row in rows] == [(2, "view_sets"), (2, "local_crops"),
+                                                           (3, "view_sets"), (3, "local_crops")]
+    assert all(row["device"] == "meta" and row["device_ops"] > 0 and row["host_ops"] > 0 for row in rows)
