@@ -91,11 +91,14 @@ def dot_operands(dtype: torch.dtype) -> str:
     return "bf16" if dtype == torch.bfloat16 else "fp16"
 
 
-def num_programs_for_rows(n_rows: int, device: torch.device) -> int:
+def multiprocessors(device: torch.device) -> int | None:
+    """SM count of a CUDA device; None for the interpreter."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+def num_programs_for_rows(n_rows: int, sm_count: int | None) -> int:
     """Persistent-style grid for row reductions: a few programs per SM on a GPU, a handful when interpreted."""
-    if device.type == "cuda":
-        return max(1, min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(n_rows, 4))
+    return max(1, min(n_rows, 4 * sm_count if sm_count else 4))
 
 
 @dataclass(frozen=True)

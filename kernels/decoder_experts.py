@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import (INTERPRETED, KernelConfig, check_device, check_dtype, check_shape, dot_operands,
-                             dot_precision, launch, mma, num_programs_for_rows)
+                             dot_precision, launch, mma, multiprocessors, num_programs_for_rows)
 
 OP = "fused expert path"
 
@@ -285,10 +285,9 @@ def _gelu_layer_norm_bwd_kernel(z_ptr, dy_ptr, w_ptr, dw_partial_ptr, db_partial
     tl.store(db_partial_ptr + pid * width + cols, db, mask=ok)
 
 
-def pick_config(kernel: str, dim: int, features: int, dtype: torch.dtype) -> KernelConfig:
-    """The pinned config of an expert kernel ("stats", "mix", "grad_stats", "grad") for D = dim,
-    M = features and activations of `dtype`; the passes other than "grad" get BLOCK_M = _BLOCK_M."""
-    kind = dot_operands(dtype)
+def pick_config(kernel: str, dim: int, features: int, kind: str) -> KernelConfig:
+    """The pinned config of an expert kernel ("stats", "mix", "grad_stats", "grad") for D = dim, M = features
+    and dots on `kind` (`kernels._common.dot_operands`); the passes other than "grad" get BLOCK_M = _BLOCK_M."""
     config = PINNED_CONFIGS.get((kernel, dim, features, kind), DEFAULT_CONFIGS[kernel][kind])
     return config if kernel == "grad" else KernelConfig(config.tiles + (("BLOCK_M", _BLOCK_M),), config.num_warps,
                                                         config.num_stages)
@@ -303,9 +302,9 @@ def du_chunk_columns(batch: int, patterns: int, features: int) -> int:
     return min(features, max(_BLOCK_M, _DU_CHUNK_ELEMENTS // (batch * patterns) // _BLOCK_M * _BLOCK_M))
 
 
-def row_programs(rows: int, device: torch.device) -> tuple[int, int]:
+def row_programs(rows: int, sm_count: int | None) -> tuple[int, int]:
     """(programs, rows per program) of the GELU + LayerNorm backward row kernel."""
-    programs = num_programs_for_rows(rows, device)
+    programs = num_programs_for_rows(rows, sm_count)
     rows_per_program = triton.cdiv(rows, programs)
     return triton.cdiv(rows, rows_per_program), rows_per_program
 
@@ -324,7 +323,8 @@ class ExpertMixFunction(torch.autograd.Function):
         n_tiles = triton.cdiv(features, _BLOCK_M)
         f32 = dict(device=queries.device, dtype=torch.float32)
         constants = dict(P=patterns, DOT_PRECISION=dot_precision(queries.dtype), UPCAST_DOT=INTERPRETED)
-        stats_config, mix_config = (pick_config(k, dim, features, queries.dtype) for k in ("stats", "mix"))
+        kind = dot_operands(queries.dtype)
+        stats_config, mix_config = (pick_config(k, dim, features, kind) for k in ("stats", "mix"))
 
         tile_mean = torch.empty(batch, patterns, n_tiles, **f32)
         tile_m2 = torch.empty(batch, patterns, n_tiles, **f32)
@@ -364,7 +364,8 @@ class ExpertMixFunction(torch.autograd.Function):
         loss_coef = (2.0 * ctx.loss_weight / batch) * grad_loss.reshape(())
 
         partial = torch.empty(batch, patterns + 2, n_tiles, **f32)
-        config = pick_config("grad_stats", dim, features, queries.dtype)
+        kind = dot_operands(queries.dtype)
+        config = pick_config("grad_stats", dim, features, kind)
         launch(_expert_grad_stats_kernel, _expert_grid(batch, features, config), config,
                queries, weight_compute, bias, mean, rstd, norm_weight, norm_bias, grad_mixed, mixed, loss_coef, partial,
                batch, dim, features, n_tiles, **constants)
@@ -374,7 +375,7 @@ class ExpertMixFunction(torch.autograd.Function):
         a_mean = (a_sums / features).contiguous()
         b_mean = (gamma_sums / features).contiguous()
 
-        config = pick_config("grad", dim, features, queries.dtype)
+        config = pick_config("grad", dim, features, kind)
         n_row_blocks = triton.cdiv(batch, config["BLOCK_B"])  # each (row block, column) is written once
         d_gamma_partial = torch.empty(n_row_blocks, features, **f32)
         d_beta_partial = torch.empty(n_row_blocks, features, **f32)
@@ -412,7 +413,7 @@ class OutputProjectionFunction(torch.autograd.Function):
         block = triton.next_power_of_2(width)
         y = torch.empty_like(z)
         _gelu_layer_norm_fwd_kernel[(rows,)](z, y, weight, bias, width, eps, BLOCK=block,
-                                             num_warps=_row_warps(block))
+                                             num_warps=row_warps(block))
         ctx.save_for_backward(h, mixed, weight)
         ctx.eps = eps
         return y
@@ -422,19 +423,19 @@ class OutputProjectionFunction(torch.autograd.Function):
         h, mixed, weight = ctx.saved_tensors
         dz = torch.bmm(h, mixed)
         rows, width = dz.numel() // dz.shape[-1], dz.shape[-1]
-        programs, rows_per_program = row_programs(rows, dz.device)
+        programs, rows_per_program = row_programs(rows, multiprocessors(dz.device))
         dw_partial = torch.empty(programs, width, device=dz.device, dtype=torch.float32)
         db_partial = torch.empty_like(dw_partial)
         block = triton.next_power_of_2(width)
         _gelu_layer_norm_bwd_kernel[(programs,)](dz, grad_y.contiguous(), weight, dw_partial, db_partial, rows,
                                                  width, ctx.eps, rows_per_program, BLOCK=block,
-                                                 num_warps=_row_warps(block))
+                                                 num_warps=row_warps(block))
         grad_h = torch.bmm(dz, mixed.transpose(1, 2))
         grad_mixed = torch.bmm(h.transpose(1, 2), dz)
         return grad_h, grad_mixed, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype), None
 
 
-def _row_warps(block: int) -> int:
+def row_warps(block: int) -> int:
     return min(max(block // 256, 1), 8)
 
 

@@ -161,9 +161,9 @@ def _constants(dtype: torch.dtype, quantized: bool) -> dict:
     return dict(QUANTIZED=quantized, DOT_PRECISION=dot_precision(dtype), UPCAST_DOT=INTERPRETED)
 
 
-def pick_config(kernel: str, n: int, dim: int, dtype: torch.dtype) -> KernelConfig:
-    """The pinned config of kernel "fwd" or "bwd" for [B, n, dim] tokens of `dtype` (see PINNED_CONFIGS)."""
-    kind = dot_operands(dtype)
+def pick_config(kernel: str, n: int, dim: int, kind: str) -> KernelConfig:
+    """The pinned config of kernel "fwd" or "bwd" for [B, n, dim] tokens whose dots run on `kind`
+    (`kernels._common.dot_operands`); see PINNED_CONFIGS."""
     return PINNED_CONFIGS.get((kernel, n, dim, kind), DEFAULT_CONFIGS[kind])
 
 
@@ -177,7 +177,7 @@ class RelationKLFunction(torch.autograd.Function):
         scale = 1.0 / math.sqrt(dim)
         f32 = dict(device=y.device, dtype=torch.float32)
         cross, lse, mass, target_lse = (torch.empty(batch, n, **f32) for _ in range(4))
-        config = pick_config("fwd", n, dim, y.dtype)
+        config = pick_config("fwd", n, dim, dot_operands(y.dtype))
         launch(_relation_kl_fwd_kernel, (batch, triton.cdiv(n, config["BLOCK_I"])), config,
                y, target, row_scale_arg, cross, lse, mass, target_lse, n, dim, scale, **constants)
         ctx.save_for_backward(y, target, row_scale_arg, lse, mass, target_lse)
@@ -190,7 +190,7 @@ class RelationKLFunction(torch.autograd.Function):
         batch, n, dim = y.shape
         grad_scaled = (grad_loss.float() / (batch * n)).reshape(())
         grad_logits = torch.empty(batch, n, n, device=y.device, dtype=y.dtype)
-        config = pick_config("bwd", n, dim, y.dtype)
+        config = pick_config("bwd", n, dim, dot_operands(y.dtype))
         launch(_relation_kl_bwd_kernel, (batch, triton.cdiv(n, config["BLOCK_I"]), triton.cdiv(n, config["BLOCK_J"])),
                config, y, target, row_scale_arg, lse, mass, target_lse, grad_scaled, grad_logits, n, dim, ctx.scale,
                **ctx.constants)

@@ -7,7 +7,7 @@ then `triton.compile` lowers it through ptxas. `cubin_facts` reads the cubin wit
 (`cuobjdump`, `nvdisasm`): registers, stack frame, local-memory instructions (register spills show up as
 STL/LDL), warpgroup MMAs (HGMMA, what Hopper's tensor cores run at full rate) and the older HMMA.
 
-`sweep` compiles many launches in forked children, two at a time by default, so that a compiler crash
+`sweep` compiles many launches (listed by `kernels.sweep`) in forked children, two at a time by default, so that a compiler crash
 (Triton asserts abort the process) becomes one failed row instead of ending the sweep.
 
 The kernels must have been defined compiled, i.e. in a process with TRITON_INTERPRET=0; `python -m
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import pickle
 import re
 import subprocess
 import tempfile
@@ -71,10 +70,10 @@ def _placeholder(dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(16, dtype=dtype)  # only its dtype and (aligned) address are looked at
 
 
-def compile_launch(launch: Launch):
-    """triton.compile of `launch` for sm_90 with the JIT's own specialisation of its arguments."""
+def _bind(launch: Launch):
+    """The JIT's view of `launch`: (function, backend, target, signature, constexprs, attrs, options)."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     fn = launch.kernel
@@ -87,8 +86,21 @@ def compile_launch(launch: Launch):
     args = {k: _placeholder(v) if isinstance(v, torch.dtype) else v for k, v in launch.args.items()}
     options = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
     bound, specialization, parsed = binder(**args, **options)
-    parsed, signature, constexprs, attrs = fn._pack_args(backend, options, bound, specialization, parsed)
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=parsed.__dict__)
+    return fn, backend, target, specialization, fn._pack_args(backend, options, bound, specialization, parsed)
+
+
+def specialization_key(launch: Launch) -> tuple:
+    """Equal for launches the JIT compiles to the same binary (dtypes, integer specialisation, constexprs)."""
+    fn, _, _, specialization, (options, *_) = _bind(launch)
+    return fn.__name__, tuple(map(str, specialization)), options.num_warps, options.num_stages
+
+
+def compile_launch(launch: Launch):
+    """triton.compile of `launch` for sm_90 with the JIT's own specialisation of its arguments."""
+    from triton.compiler import ASTSource
+
+    fn, _, target, _, (options, signature, constexprs, attrs) = _bind(launch)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 def _tool(name: str, *args: str) -> str:
@@ -153,8 +165,4 @@ def sweep(launches: list[Launch], workers: int = 2, timeout_s: float = 600.0) ->
     return results
 
 
-__all__ = ["ARCH", "CubinFacts", "Launch", "compile_launch", "cubin_facts", "sweep"]
-
-if __name__ == "__main__":
-    # Only as a guard: the launches of the ops are listed by `kernels.sweep`.
-    raise SystemExit("use `python -m kernels.sweep`")
+__all__ = ["ARCH", "CubinFacts", "Launch", "compile_launch", "cubin_facts", "specialization_key", "sweep"]
