@@ -40,22 +40,22 @@ OP = "fused expert path"
 # Expert GEMM passes: rows are samples (one tl.dot per pattern query), columns the D * D_o output
 # features in tiles of _BLOCK_M (fixed: per-tile partial statistics are indexed by it), K the query width.
 # Configs are pinned per (kernel, D, M, dot operands) from the sm_90 compile facts (`make check-sm90`;
-# README "Kernel configurations"), never tuned at run time: the same shapes run the same code (and
-# summation order) on every rank and resume. Rule for shapes off the table: the default of the operand
-# kind. Tiles keep >= 64 rows per warpgroup (wgmma); the dropped ones spilled registers (mix 64x32 w4,
-# 128x64 w8; grad 64x128 w8).
+# README "Kernel configurations on sm_90"), never tuned at run time: the same shapes run the same code
+# (and summation order) on every rank and resume. Rule for shapes off the table: the default of the
+# operand kind. Tensor-core tiles keep 64 rows (one wgmma M per warpgroup) and 8 warps: with 4 warps,
+# 128 rows or (TF32) K steps of 64 the mix pass and the du pass spill (see the README).
 _BLOCK_M = 128
-_PASS_TILES = KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64)
-_GRAD_TILES = KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=64)
-_FMA_PASS_TILES = KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=32)
-_FMA_GRAD_TILES = KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=32, BLOCK_M=64)
-DEFAULT_CONFIGS = {kernel: {kind: (fma if kind == "fp32" else tiles) for kind in ("bf16", "fp16", "tf32", "fp32")}
-                   for kernel, tiles, fma in (("stats", _PASS_TILES, _FMA_PASS_TILES),
-                                              ("mix", _PASS_TILES, _FMA_PASS_TILES),
-                                              ("grad_stats", _PASS_TILES, _FMA_PASS_TILES),
-                                              ("grad", _GRAD_TILES, _FMA_GRAD_TILES))}
+_BF16_PASS = KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64)
+DEFAULT_CONFIGS = {
+    "stats": {"bf16": _BF16_PASS, "fp16": _BF16_PASS, "tf32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=32),
+              "fp32": KernelConfig.of(8, 3, BLOCK_B=32, BLOCK_K=32)},
+    "grad": {"bf16": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=64),
+             "fp16": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=64),
+             "tf32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=32, BLOCK_M=64),
+             "fp32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=64)}}
+DEFAULT_CONFIGS["mix"] = DEFAULT_CONFIGS["grad_stats"] = DEFAULT_CONFIGS["stats"]  # same GEMM, similar epilogues
 # The recipes' (D, D_o): ViT-Ti, ViT-B and the Swin students (192) or ViT-S (384), PATH-B (768) or
-# PATH-L / SOLIDER-B (1024) teachers.
+# PATH-L / SOLIDER-B (1024) teachers. Every recipe shape has its operand kind's default today.
 PINNED_CONFIGS = {(kernel, dim, dim * out_dim, kind): config
                   for kernel, by_kind in DEFAULT_CONFIGS.items() for kind, config in by_kind.items()
                   for dim, out_dim in ((192, 768), (192, 1024), (384, 768))}
