@@ -123,7 +123,9 @@ class KernelConfig:
 
     @property
     def label(self) -> str:
-        return "x".join(str(v) for _, v in self.tiles) + f" w{self.num_warps} s{self.num_stages}"
+        """E.g. "B64 K64 M128 w8 s3": each BLOCK_X tile, then warps and pipeline stages."""
+        tiles = " ".join(f"{name.removeprefix('BLOCK').removeprefix('_')}{value}" for name, value in self.tiles)
+        return f"{tiles} w{self.num_warps} s{self.num_stages}"
 
 
 def launch(kernel, grid: tuple[int, ...], config: KernelConfig, *args, **constexprs) -> None:

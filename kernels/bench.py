@@ -6,6 +6,11 @@ measures peak memory, and reports achieved TFLOP/s and GB/s against ceilings mea
 shapes, and writes everything as JSON with --json. Without a GPU it runs the same code in Triton's
 interpreter at toy shapes and says so: those timings measure the interpreter, not the kernels.
 
+It also prints a static cost report that needs no GPU: each kernel at the ViT-Ti shapes compiled for
+sm_90 (`kernels.sweep --quick`), with registers, spills, wgmma/mma.sync counts, executed SASS per element
+(static counts by loop depth times trip counts) and the predicted time, the largest of the issue-bound,
+FLOP-bound and byte-bound times at the H100 and H200 datasheet ceilings (JSON key "static").
+
 FLOPs are the useful GEMM FLOPs (forward, plus twice that for backward) — what any implementation must do;
 the fused ops execute more (they recompute instead of storing), which is why both counts are reported.
 Bytes are the compulsory traffic of an implementation that keeps only W_b (decoder) or nothing N x N
@@ -15,11 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -333,6 +342,39 @@ def print_floors(rows: list[dict]) -> None:
               f"{r['floor_ms_compute']:8.3f} {r['floor_ms_fused_compute']:13.3f} {r['floor_ms_memory']:8.3f}")
 
 
+def static_report() -> dict:
+    """Compile facts and predicted times of every kernel at the ViT-Ti shapes (batch 256, and the stacked CLS
+    call at 768), from the sm_90 compile sweep in a child process (`kernels.sweep --quick`; no GPU needed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sweep.json"
+        done = subprocess.run([sys.executable, "-m", "kernels.sweep", "--quick", "--json", str(path)],
+                              env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True)
+        if not path.exists():
+            return {"error": f"kernels.sweep exited {done.returncode}: {done.stderr.strip()[-300:]}"}
+        report = json.loads(path.read_text())
+    shapes = ("B256 D192 Do768 L257", "B768 D192 Do768 L1", "B256 N257 D768")
+    report["costs"] = [c for c in report["costs"] if c["case"].startswith(shapes)]
+    report["ceilings"] = "datasheet: 989 TF/s dense bf16 (H100 SXM, H200); 3.35 TB/s (H100), 4.8 TB/s (H200); " \
+                         "issue 132 SMs x 4 warp instructions per clock at 1.98 GHz"
+    return report
+
+
+def print_static(report: dict) -> None:
+    print("\nstatic cost at the path-b_vit-ti shapes, from the sm_90 cubins (no GPU; `make check-sm90` for all)")
+    if "error" in report:
+        print(f"  unavailable: {report['error']}")
+        return
+    print(f"{'kernel':20} {'operands':17} {'call':24} {'config':15} {'regs':>4} {'spill':>5} {'HGMMA':>5} "
+          f"{'HMMA':>4} {'SASS/el':>7} {'floor H100':>10} {'pred H100':>9} {'floor H200':>10} {'pred H200':>9}")
+    for c in report["costs"]:
+        call = c["case"].replace(" Do768", "").replace(" D768", "")
+        print(f"{c['kernel']:20} {c['operands']:17} {call:24} {c['config']:15} {c['registers']:4} {c['spills']:5} "
+              f"{c['hgmma']:5} {c['hmma']:4} {c['sass_per_element']:7.1f} {c['floor_ms_H100']:10.3f} "
+              f"{c['predicted_ms_H100']:9.3f} {c['floor_ms_H200']:10.3f} {c['predicted_ms_H200']:9.3f}")
+    print(f"ms; floor = max(useful dot FLOPs, compulsory bytes) at the {report['ceilings']}; predicted = max(floor, "
+          "executed SASS at that issue rate). cuBLAS GEMMs (output projection, du products) are not included.")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -343,6 +385,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile'd reference (compiling every shape takes minutes)")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions without a GPU (GPU: do_bench)")
+    parser.add_argument("--no-static", action="store_true",
+                        help="skip the static cost report (registers, spills, SASS per element, predicted time "
+                             "from the sm_90 cubins; compiling takes a minute)")
     args = parser.parse_args(argv)
 
     on_gpu = torch.cuda.is_available() and not INTERPRETED
@@ -367,11 +412,16 @@ def main(argv=None) -> int:
     print_table(results, ceilings)
     floors = target_floors(ceilings if on_gpu else None)
     print_floors(floors)
+    static = None if args.no_static else static_report()
+    if static is not None:
+        print_static(static)
     if args.json:
         device_name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({platform.processor() or 'unknown'})"
         report = {"device": device_name,
                   "interpreted": not on_gpu, "torch": torch.__version__, "ceilings": ceilings,
                   "results": [asdict(r) for r in results], "target_floors": floors}
+        if static is not None:
+            report["static"] = static
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"\nwrote {args.json}")

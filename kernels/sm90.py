@@ -43,6 +43,7 @@ class Launch:
     config: str  # the config's label, for tables
     case: str  # what the arguments stand for (shape, dtypes), for tables
     tensor_core: bool  # the kernel's dots can run on tensor cores (bf16/fp16, or fp32 as tf32)
+    programs: int = 1  # grid size, for executed-instruction estimates
 
     @property
     def kernel_name(self) -> str:
@@ -60,6 +61,9 @@ class CubinFacts:
     instructions: int  # SASS instructions in the kernel, static count
     shared_bytes: int
     counts: dict = field(default_factory=dict)  # SASS opcode -> static count
+    # Static instructions at loop depth 0 (straight-line code), 1 (inside one loop), 2 ...; loops are the
+    # backward branches of the SASS. With trip counts per depth this gives the executed count.
+    by_loop_depth: list = field(default_factory=list)
 
     @property
     def spills(self) -> int:
@@ -108,6 +112,25 @@ def _tool(name: str, *args: str) -> str:
 
 
 _OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH_TARGET = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
+
+
+def _loop_depths(sass: str) -> list[int]:
+    """Static instruction count per loop-nesting depth: a loop is a branch back to an earlier label."""
+    labels, loops, index = {}, [], 0
+    for line in sass.splitlines():
+        if (label := _LABEL.match(line.strip())) is not None:
+            labels[label.group(1)] = index
+        elif _OPCODE.search(line):
+            target = _BRANCH_TARGET.search(line)
+            if target and labels.get(target.group(1), index) < index:  # backward, and not a branch to itself
+                loops.append((labels[target.group(1)], index))
+            index += 1
+    depths = [0] * (max((sum(a <= i <= b for a, b in loops) for i in range(index)), default=0) + 1)
+    for i in range(index):
+        depths[sum(a <= i <= b for a, b in loops)] += 1
+    return depths
 
 
 def cubin_facts(compiled) -> CubinFacts:
@@ -123,7 +146,8 @@ def cubin_facts(compiled) -> CubinFacts:
     return CubinFacts(registers=int(resources["REG"]), stack_bytes=int(resources["STACK"]),
                       local_loads=counts.get("LDL", 0), local_stores=counts.get("STL", 0),
                       hgmma=counts.get("HGMMA", 0), hmma=counts.get("HMMA", 0),
-                      instructions=sum(counts.values()), shared_bytes=compiled.metadata.shared, counts=counts)
+                      instructions=sum(counts.values()), shared_bytes=compiled.metadata.shared, counts=counts,
+                      by_loop_depth=_loop_depths(sass))
 
 
 def _compile_in_child(launch: Launch, conn) -> None:

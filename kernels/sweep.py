@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -65,9 +66,9 @@ def relation_shapes() -> list[tuple[int, int, int]]:
                     r.decoder.out_dim) for r in RECIPES.values()})
 
 
-def _launch(op, kernel, args, config: KernelConfig, case, tensor_core):
+def _launch(op, kernel, args, config: KernelConfig, case, tensor_core, grid):
     return Launch(op, kernel, args | dict(config.tiles), config.num_warps, config.num_stages, config.label, case,
-                  tensor_core)
+                  tensor_core, math.prod(grid))
 
 
 def decoder_launches(batch, dim, out_dim, tokens, kind) -> list[Launch]:
@@ -77,19 +78,22 @@ def decoder_launches(batch, dim, out_dim, tokens, kind) -> list[Launch]:
     case = f"B{batch} D{dim} Do{out_dim} L{tokens}"
     common = dict(q_ptr=dtype, w_ptr=dtype, bias_ptr=F32, B=batch, D=dim, M=features, P=PATTERNS,
                   DOT_PRECISION=precision, UPCAST_DOT=False)
+    tensor_core = kind != "fp32"  # IEEE fp32 dots run on FMA units by design
     row_stats = dict(mean_ptr=F32, rstd_ptr=F32, gamma_ptr=F32)
+    stats, mix, grad_stats, grad = (dec.pick_config(k, dim, features, kind)
+                                    for k in ("stats", "mix", "grad_stats", "grad"))
     launches = [
         _launch("decoder", dec._expert_stats_kernel,
                 common | dict(tile_mean_ptr=F32, tile_m2_ptr=F32, n_tiles=n_tiles),
-                dec.pick_config("stats", dim, features, kind), case, True),
+                stats, case, tensor_core, dec._expert_grid(batch, features, stats)),
         _launch("decoder", dec._expert_mix_kernel,
                 common | row_stats | dict(scores_ptr=F32, beta_ptr=F32, mixed_ptr=dtype, sq_partial_ptr=F32,
                                           inv_mix=1 / 256, n_tiles=n_tiles),
-                dec.pick_config("mix", dim, features, kind), case, True),
+                mix, case, tensor_core, dec._expert_grid(batch, features, mix)),
         _launch("decoder", dec._expert_grad_stats_kernel,
                 common | row_stats | dict(beta_ptr=F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=F32,
                                           partial_ptr=F32, n_tiles=n_tiles),
-                dec.pick_config("grad_stats", dim, features, kind), case, True)]
+                grad_stats, case, tensor_core, dec._expert_grid(batch, features, grad_stats))]
     chunk = dec.du_chunk_columns(batch, PATTERNS, features)
     for m_start in range(0, features, chunk):
         launches.append(_launch(
@@ -98,7 +102,7 @@ def decoder_launches(batch, dim, out_dim, tokens, kind) -> list[Launch]:
                                       a_mean_ptr=F32, b_mean_ptr=F32, du_ptr=dtype, d_gamma_partial_ptr=F32,
                                       d_beta_partial_ptr=F32, d_bias_partial_ptr=F32, inv_mix=1 / 256,
                                       m_start=m_start, m_stop=min(m_start + chunk, features), du_row_stride=chunk),
-            dec.pick_config("grad", dim, features, kind), case + f" du[{m_start}:]", True))
+            grad, case + f" du[{m_start}:]", tensor_core, dec._expert_grid(batch, min(chunk, features - m_start), grad)))
     if kind == "tf32":
         return launches  # the row kernels have no dots: their fp32 code is the "fp32" kind's
     rows, block = batch * tokens, triton.next_power_of_2(out_dim)
@@ -107,11 +111,11 @@ def decoder_launches(batch, dim, out_dim, tokens, kind) -> list[Launch]:
     launches += [
         _launch("decoder", dec._gelu_layer_norm_fwd_kernel,
                 dict(z_ptr=dtype, y_ptr=dtype, w_ptr=F32, b_ptr=F32, width=out_dim, eps=1e-6), row_config, case,
-                False),
+                False, (rows,)),
         _launch("decoder", dec._gelu_layer_norm_bwd_kernel,
                 dict(z_ptr=dtype, dy_ptr=dtype, w_ptr=F32, dw_partial_ptr=F32, db_partial_ptr=F32, n_rows=rows,
                      width=out_dim, eps=1e-6, rows_per_program=rows_per_program), row_config,
-                case + f" {programs}x{rows_per_program} rows", False)]
+                case + f" {programs}x{rows_per_program} rows", False, (programs,))]
     return launches
 
 
@@ -123,10 +127,12 @@ def relation_launches(batch, n, dim, kind, target) -> list[Launch]:
     common = dict(y_ptr=dtype, t_ptr=target_dtype, row_scale_ptr=F32 if quantized else target_dtype,
                   lse_ptr=F32, mass_ptr=F32, target_lse_ptr=F32, N=n, D=dim, scale=dim ** -0.5,
                   QUANTIZED=quantized, DOT_PRECISION=precision, UPCAST_DOT=False)
-    return [_launch("relation", rel._relation_kl_fwd_kernel, common | dict(cross_ptr=F32),
-                    rel.pick_config("fwd", n, dim, kind), case, True),
-            _launch("relation", rel._relation_kl_bwd_kernel, common | dict(grad_ptr=F32, out_ptr=dtype),
-                    rel.pick_config("bwd", n, dim, kind), case, True)]
+    fwd, bwd = rel.pick_config("fwd", n, dim, kind), rel.pick_config("bwd", n, dim, kind)
+    tensor_core = kind != "fp32"  # IEEE fp32 dots run on FMA units by design
+    return [_launch("relation", rel._relation_kl_fwd_kernel, common | dict(cross_ptr=F32), fwd, case, tensor_core,
+                    (batch, triton.cdiv(n, fwd["BLOCK_I"]))),
+            _launch("relation", rel._relation_kl_bwd_kernel, common | dict(grad_ptr=F32, out_ptr=dtype), bwd, case,
+                    tensor_core, (batch, triton.cdiv(n, bwd["BLOCK_I"]), triton.cdiv(n, bwd["BLOCK_J"])))]
 
 
 def all_launches(quick: bool) -> list[Launch]:
@@ -143,6 +149,65 @@ def all_launches(quick: bool) -> list[Launch]:
                 for target in ("fp32", "fp16", "int8") if quick else TARGETS:
                     launches += relation_launches(batch, n, dim, kind, target)
     return launches
+
+
+# Datasheet ceilings: dense bf16 tensor-core FLOP/s and memory bandwidth (H100 SXM, H200), and the issue
+# rate of both: 132 SMs x 4 schedulers x 1 warp instruction per clock at the 1.98 GHz boost clock.
+CEILINGS = {"H100": {"flops": 989e12, "bytes": 3.35e12}, "H200": {"flops": 989e12, "bytes": 4.8e12}}
+ISSUE_RATE = 132 * 4 * 1.98e9  # warp instructions per second
+
+
+def _loop_trips(launch: Launch) -> list[int]:
+    """Trip counts of the kernel's loops by nesting depth (outermost first), from its arguments."""
+    a, name = launch.args, launch.kernel_name
+    if name.startswith("expert_"):
+        return [triton.cdiv(a["D"], a["BLOCK_K"])]  # the K loop, once per pattern (unrolled)
+    if name == "relation_kl_fwd":  # column blocks (and the int8 pre-pass), then K inside
+        return [triton.cdiv(a["N"], a["BLOCK_J"]), triton.cdiv(a["D"], a["BLOCK_K"])]
+    if name == "relation_kl_bwd":
+        return [triton.cdiv(a["D"], a["BLOCK_K"])]
+    if name == "gelu_layer_norm_bwd":
+        return [a["rows_per_program"]]
+    return []
+
+
+def _work(launch: Launch) -> dict:
+    """Elements (of u, S or z), useful dot FLOPs and compulsory bytes of one launch."""
+    a, name = launch.args, launch.kernel_name
+    size = torch.empty((), dtype=a.get("q_ptr", a.get("y_ptr", a.get("z_ptr")))).element_size()
+    if name.startswith("expert_"):
+        batch, dim = a["B"], a["D"]
+        columns = a["m_stop"] - a["m_start"] if name == "expert_grad" else a["M"]
+        rows = batch * PATTERNS
+        moved = {"expert_stats": rows * dim + columns * dim, "expert_mix": rows * dim + columns * dim + batch * columns,
+                 "expert_grad_stats": rows * dim + columns * dim + 2 * batch * columns,
+                 "expert_grad": rows * dim + columns * dim + 2 * batch * columns + rows * columns}[name]
+        return dict(elements=rows * columns, flops=2.0 * rows * columns * dim, bytes=size * moved)
+    if name.startswith("relation_kl"):
+        batch = launch.programs // (triton.cdiv(a["N"], a["BLOCK_I"]) *
+                                    (triton.cdiv(a["N"], a["BLOCK_J"]) if name.endswith("bwd") else 1))
+        pairs, target_size = batch * a["N"] ** 2, torch.empty((), dtype=a["t_ptr"]).element_size()
+        moved = size * batch * a["N"] * a["D"] + target_size * pairs + (size * pairs if name.endswith("bwd") else 0)
+        return dict(elements=pairs, flops=2.0 * pairs * a["D"], bytes=moved)
+    rows = a.get("n_rows", launch.programs)
+    return dict(elements=rows * a["width"], flops=0.0, bytes=size * rows * a["width"] * (3 if "bwd" in name else 2))
+
+
+def estimated_cost(launch: Launch, facts: CubinFacts) -> dict:
+    """Executed SASS (static counts by loop depth x trip counts x warps x programs) and the predicted time:
+    the largest of issue-bound, FLOP-bound and byte-bound times at the datasheet ceilings."""
+    trips, per_warp, weight = _loop_trips(launch), 0, 1
+    for depth, count in enumerate(facts.by_loop_depth):
+        weight = math.prod(trips[:depth]) if depth <= len(trips) else weight
+        per_warp += count * weight
+    warp_instructions = per_warp * launch.num_warps * launch.programs
+    work = _work(launch)
+    cost = dict(work, warp_instructions=warp_instructions,
+                sass_per_element=warp_instructions * 32 / work["elements"], issue_ms=1e3 * warp_instructions / ISSUE_RATE)
+    for gpu, ceiling in CEILINGS.items():
+        cost[f"floor_ms_{gpu}"] = 1e3 * max(work["flops"] / ceiling["flops"], work["bytes"] / ceiling["bytes"])
+        cost[f"predicted_ms_{gpu}"] = max(cost["issue_ms"], cost[f"floor_ms_{gpu}"])
+    return cost
 
 
 @dataclass
@@ -182,12 +247,16 @@ def _operands(launch: Launch) -> str:
     return kind
 
 
-def run(launches: list[Launch], workers: int) -> list[Row]:
+def run(launches: list[Launch], workers: int, costs: list | None = None) -> list[Row]:
+    """One row per distinct compile; `costs`, when given, receives (launch, facts, estimated_cost) per launch."""
     groups: dict[tuple, list[Launch]] = {}
     for launch in launches:
         groups.setdefault(specialization_key(launch), []).append(launch)
     firsts = [group[0] for group in groups.values()]
     results = sweep(firsts, workers=workers)
+    if costs is not None:
+        costs.extend((launch, result, estimated_cost(launch, result))
+                     for group, result in zip(groups.values(), results) if not isinstance(result, str) for launch in group)
     rows = []
     for group, result in zip(groups.values(), results):
         first = group[0]
@@ -195,6 +264,25 @@ def run(launches: list[Launch], workers: int) -> list[Row]:
                         first.tensor_core, None if isinstance(result, str) else result,
                         result if isinstance(result, str) else None))
     return rows
+
+
+def aggregate_costs(costs: list) -> list[dict]:
+    """Per (kernel, operands, call): the du pass's chunk launches summed into one call."""
+    calls: dict[tuple, dict] = {}
+    for launch, facts, cost in costs:
+        key = (launch.kernel_name, _operands(launch), launch.case.split(" du[")[0])
+        if key not in calls:
+            calls[key] = dict(kernel=key[0], operands=key[1], case=key[2], config=launch.config, launches=0,
+                              registers=facts.registers, spills=facts.spills, hgmma=facts.hgmma, hmma=facts.hmma,
+                              static_sass=facts.instructions, **{k: 0.0 for k in cost if k != "sass_per_element"})
+        total = calls[key]
+        total["launches"] += 1
+        for name, value in cost.items():
+            if name != "sass_per_element":
+                total[name] += value
+    for total in calls.values():
+        total["sass_per_element"] = total["warp_instructions"] * 32 / total["elements"]
+    return list(calls.values())
 
 
 def print_table(rows: list[Row]) -> None:
@@ -222,7 +310,8 @@ def main(argv=None) -> int:
                          "`TRITON_INTERPRET=0 python -m kernels.sweep`")
     start = time.perf_counter()
     launches = all_launches(args.quick)
-    rows = run(launches, args.workers)
+    costs: list = []
+    rows = run(launches, args.workers, costs)
     seconds = time.perf_counter() - start
     print_table(rows)
     failed = [r for r in rows if r.problems]
@@ -231,7 +320,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "seconds": seconds, "quick": args.quick,
-                       "rows": [asdict(r) | {"problems": r.problems} for r in rows]}, f, indent=2)
+                       "rows": [asdict(r) | {"problems": r.problems} for r in rows],
+                       "costs": aggregate_costs(costs)}, f, indent=2)
     return 1 if failed else 0
 
 

@@ -58,8 +58,8 @@ def test_sweep_catches_spills_and_missing_wgmma():
     done = subprocess.run([sys.executable, "-c", script], env=COMPILED, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     lines = dict(line.split(" | ") for line in done.stdout.strip().splitlines())
-    assert "register spills" in lines["64x64x32 w4 s3"]
-    assert "no wgmma (HGMMA) in SASS" in lines["32x32x64 w4 s3"] and "spills" not in lines["32x32x64 w4 s3"]
+    assert "register spills" in lines["I64 J64 K32 w4 s3"]
+    assert "no wgmma (HGMMA) in SASS" in lines["I32 J32 K64 w4 s3"] and "spills" not in lines["I32 J32 K64 w4 s3"]
 
 
 def test_configs_are_pinned_and_shared_by_every_call():
