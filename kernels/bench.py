@@ -1,6 +1,8 @@
 """Benchmark of the fused ops against eager and torch.compile'd references: `python -m kernels.bench`.
 
-For each recipe's shapes (batch 256, bf16) it times forward+backward (median, triton.testing.do_bench),
+For each recipe's shapes (batch 256, and the stacked CLS call at 768 rows, L = 1; bf16 activations and fp32
+parameters under bf16 autocast, as training runs, so the expert weight's cast is timed too) it times
+forward+backward (median, triton.testing.do_bench),
 measures peak memory, and reports achieved TFLOP/s and GB/s against ceilings measured on the same device
 (a large bf16 matmul, a large copy). It prints a table, a table of analytic floors at the ViT-Ti target
 shapes, and writes everything as JSON with --json. Without a GPU it runs the same code in Triton's
@@ -42,6 +44,7 @@ from dpal.recipes import RECIPES
 
 PATTERNS = 3
 RECIPE_TOKENS = (1, 48, 128, 257)  # CLS-only calls, local crop (8x6), global view (16x8), crowd view + CLS
+CLS_STACK = 3  # the CLS tokens of the global view and the 2 local crops, decoded as one call of 3 x batch rows
 TARGET_RECIPE = "path-b_vit-ti"  # the issue's H100 targets are stated at ViT-Ti shapes
 H100_DATASHEET = {"tflops_bf16_dense": 989.0, "gbps": 3350.0}  # SXM5; used for floors when no GPU is here
 
@@ -100,14 +103,16 @@ class Result:
 
 
 def _decoder_inputs(batch, dim, out_dim, tokens, dtype, device, seed=0):
+    """Activations (queries, h) in `dtype`; gate scores and parameters in float32, as training holds them
+    under autocast, so every implementation pays for its cast of the expert weight to bf16."""
     g = torch.Generator(device="cpu").manual_seed(seed)
 
-    def randn(*shape, scale=1.0, dt=dtype):
+    def randn(*shape, scale=1.0, dt=torch.float32):
         return (torch.randn(*shape, generator=g) * scale).to(device, dt).requires_grad_()
 
     features = dim * out_dim
-    inputs = [randn(batch, PATTERNS, dim), torch.randn(batch, PATTERNS, generator=g).softmax(-1).to(device, dtype)
-              .requires_grad_(), randn(batch, tokens, dim), randn(features, dim, scale=dim ** -0.5),
+    inputs = [randn(batch, PATTERNS, dim, dt=dtype), torch.randn(batch, PATTERNS, generator=g).softmax(-1)
+              .to(device).requires_grad_(), randn(batch, tokens, dim, dt=dtype), randn(features, dim, scale=dim ** -0.5),
               randn(features, scale=0.02), randn(features, scale=0.1).detach().add_(1).requires_grad_(),
               randn(features, scale=0.1), randn(out_dim, scale=0.1).detach().add_(1).requires_grad_(),
               randn(out_dim, scale=0.1)]
@@ -153,6 +158,14 @@ def _compiled(fn):
     return call
 
 
+def _under_autocast(fn):
+    """fn run as training runs it on a GPU: under bf16 autocast (references and fused ops alike)."""
+    def call(*args):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fn(*args)
+    return call
+
+
 def build_cases(on_gpu: bool, batch: int, compile_refs: bool, device) -> list[Case]:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -172,20 +185,25 @@ def build_cases(on_gpu: bool, batch: int, compile_refs: bool, device) -> list[Ca
     ref_decoder = _decoder_call(expert_path_reference)
     ref_relation = _relation_call(relation_kl_reference)
     cases = []
+    # On a GPU every implementation runs under bf16 autocast, as training does (the references' GEMMs in
+    # bf16, the fused op casting the fp32 expert weight itself); the stacked CLS call (the CLS tokens of
+    # the global view and the 2 local crops: 3 x batch rows, L = 1) is timed as its own case.
+    wrap = _under_autocast if on_gpu else (lambda fn: fn)
+    calls = [(batch, tokens) for tokens in token_counts] + ([(CLS_STACK * batch, 1)] if on_gpu else [])
     for (dim, out_dim), recipes in sorted(decoder_shapes.items()):
-        for tokens in token_counts:
-            impls = {"eager": ref_decoder, "fused": _decoder_call(expert_path)}
+        for rows, tokens in calls:
+            impls = {"eager": wrap(ref_decoder), "fused": wrap(_decoder_call(expert_path))}
             if compile_refs:
-                impls["compile"] = _decoder_call(_compiled(expert_path_reference))
+                impls["compile"] = wrap(_decoder_call(_compiled(expert_path_reference)))
             cases.append(Case(
-                "decoder", dict(batch=batch, dim=dim, out_dim=out_dim, tokens=tokens, dtype=str(dtype)), recipes,
-                lambda d=dim, o=out_dim, t=tokens: _decoder_inputs(batch, d, o, t, dtype, device), impls,
-                decoder_flops(batch, dim, out_dim, tokens), decoder_bytes(batch, dim, out_dim, tokens, itemsize)))
+                "decoder", dict(batch=rows, dim=dim, out_dim=out_dim, tokens=tokens, dtype=str(dtype)), recipes,
+                lambda r=rows, d=dim, o=out_dim, t=tokens: _decoder_inputs(r, d, o, t, dtype, device), impls,
+                decoder_flops(rows, dim, out_dim, tokens), decoder_bytes(rows, dim, out_dim, tokens, itemsize)))
     for (tokens, dim), recipes in sorted(relation_shapes.items()):
         for target_format in ("float16", "int8"):
-            impls = {"eager": ref_relation, "fused": _relation_call(relation_kl)}
+            impls = {"eager": wrap(ref_relation), "fused": wrap(_relation_call(relation_kl))}
             if compile_refs:
-                impls["compile"] = _relation_call(_compiled(relation_kl_reference))
+                impls["compile"] = wrap(_relation_call(_compiled(relation_kl_reference)))
             target_itemsize = 1 if target_format == "int8" else 2
             cases.append(Case(
                 "relation", dict(batch=batch, tokens=tokens, dim=dim, dtype=str(dtype), target=target_format),

@@ -46,7 +46,7 @@ OPERANDS = {"bf16": (torch.bfloat16, "ieee"), "fp16": (torch.float16, "ieee"), "
             "tf32": (F32, "tf32")}
 TARGETS = {"fp32": F32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 TOKENS = (1, 48, 128, 257)  # CLS-only calls, local crop (8x6), global view (16x8), crowd view + CLS
-CLS_STACK = 3  # the CLS tokens of the three views go through the decoder as one call of 3 x batch rows
+CLS_STACK = 3  # the global view's and the 2 local crops' CLS tokens go through the decoder as one call
 
 
 def decoder_shapes() -> list[tuple[int, int, int, int]]:
