@@ -16,7 +16,6 @@ kernels.sm90` and the tests start such a process.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import re
 import subprocess
 import tempfile
