@@ -30,3 +30,9 @@ demo: $(INSTALLED)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
+
+# sm_90 compile sweep (no GPU needed): every fused kernel x every config it may pick x recipe shapes x
+# dtypes, compiled for H100/H200 and read back (registers, spills, wgmma). `make test` runs its --quick part.
+.PHONY: check-sm90
+check-sm90: $(INSTALLED)
+	TRITON_INTERPRET=0 $(PY) -m kernels.sweep

@@ -20,14 +20,15 @@ from typing import NamedTuple
 
 import timm
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from timm.layers import Attention
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from dpal.checkpoints import CheckpointError, load_exact
 from dpal.config import Recipe, TeacherSpec
+from dpal.resize import bicubic_resize
 from dpal.swin import PaddedWindowBlock
 
 EXPORT_FORMAT = "dpal-student"
@@ -69,6 +70,25 @@ class _GridWindowSwinBlock(PaddedWindowBlock):
         return shift, (height, width)  # the real grid: padded positions get their own mask label
 
 
+class _MatrixResizeViT(VisionTransformer):
+    """timm's ViT whose position-grid resize runs as two GEMMs (`dpal.resize`), not F.interpolate.
+
+    Same parameters and numerics (antialiased bicubic, float32) as timm's dynamic_img_size path, but
+    with a deterministic backward, so `--deterministic` training works on CUDA. Written for the students'
+    layout, checked in `create_backbone`: one class token that has a position embedding, no registers.
+    """
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, channels = x.shape
+        prefix, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        if (height, width) != tuple(self.patch_embed.grid_size):
+            grid = bicubic_resize(grid.view(1, *self.patch_embed.grid_size, channels), (height, width),
+                                  antialias=True)
+        pos_embed = torch.cat([prefix, grid.reshape(1, height * width, channels)], dim=1)
+        x = torch.cat([self.cls_token.expand(batch, -1, -1), x.view(batch, -1, channels)], dim=1)
+        return self.pos_drop(x + pos_embed)
+
+
 # --------------------------------------------------------------------------------- building
 
 def student_config(recipe: Recipe) -> dict:
@@ -97,6 +117,10 @@ def create_backbone(config: dict) -> nn.Module:
     if model.num_features != config["width"]:
         raise ValueError(f"{config['timm_name']} gives width {model.num_features}, config says {config['width']}")
     if config["arch"] == "vit":
+        if model.cls_token is None or model.reg_token is not None or model.no_embed_class:
+            raise ValueError(f"{config['timm_name']}: the student ViT needs one class token inside the position "
+                             "embedding and no register tokens")
+        model.__class__ = _MatrixResizeViT  # same parameters, position grid resized by GEMMs
         last = model.blocks[-1]
         heads = config["last_block_heads"]
         if heads is not None and heads != last.attn.num_heads:
@@ -148,7 +172,7 @@ class Student(nn.Module):
         features = self.backbone.forward_features(images)
         grid = (height // self.token_stride, width // self.token_stride)
         if self.arch == "vit":
-            # dynamic_img_size: timm resizes the learned 16x8 position grid 2-D bicubic to this view's grid.
+            # The learned 16x8 position grid is resized 2-D bicubic to this view's grid (_MatrixResizeViT).
             return StudentTokens(features[:, :1], features[:, 1:], grid)
         patches = features.flatten(1, 2)
         return StudentTokens(patches.mean(dim=1, keepdim=True), patches, grid)
@@ -164,9 +188,8 @@ class Student(nn.Module):
             raise ValueError(f"student stride {self.token_stride} vs teacher {teacher.name} stride "
                              f"{teacher.token_stride}: only equal strides or a 2x upsample are defined")
         grid_h, grid_w = out.grid
-        tokens = out.patches.transpose(1, 2).unflatten(2, (grid_h, grid_w))
-        tokens = F.interpolate(tokens, size=(2 * grid_h, 2 * grid_w), mode="bicubic", align_corners=False)
-        return tokens.flatten(2).transpose(1, 2)
+        tokens = bicubic_resize(out.patches.unflatten(1, (grid_h, grid_w)), (2 * grid_h, 2 * grid_w), antialias=False)
+        return tokens.flatten(1, 2)
 
     def relation_tokens(self, out: StudentTokens, teacher: TeacherSpec) -> torch.Tensor:
         """Crowd-view tokens matching the teacher's relation tokens: [B, N_c, D_s].

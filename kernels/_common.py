@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,8 @@ import triton.language as tl  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# The GPU the kernels' pinned configurations are compiled and checked for (`make check-sm90`).
+SUPPORTED_CAPABILITY = (9, 0)
 # Tensor-core inputs the kernels accept; float64 has no tensor-core path (use the dpal reference).
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -42,6 +45,11 @@ def check_device(op: str, **tensors: torch.Tensor) -> torch.device:
     if first.type != "cuda" and not (INTERPRETED and first.type == "cpu"):
         raise ValueError(f"{op}: tensors are on {first}; the fused op runs on CUDA tensors (or on CPU "
                          "tensors under TRITON_INTERPRET=1); use the dpal reference via dpal.dispatch elsewhere")
+    if first.type == "cuda" and torch.cuda.get_device_capability(first) != SUPPORTED_CAPABILITY:
+        major, minor = torch.cuda.get_device_capability(first)
+        raise ValueError(f"{op}: {first} is {torch.cuda.get_device_name(first)} (sm_{major}{minor}); the kernels' "
+                         f"configurations are pinned and checked for sm_90 (H100, H200) only: run the reference "
+                         f"there (--reference-path, or DPAL_FORCE_REFERENCE=1)")
     return first
 
 
@@ -73,34 +81,54 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def num_programs_for_rows(n_rows: int, device: torch.device) -> int:
+def dot_operands(dtype: torch.dtype) -> str:
+    """What the kernels' dots run on for inputs of `dtype` (a key of the pinned-config tables): "bf16" or
+    "fp16" (tensor cores), "tf32" (float32 on tensor cores, torch's TF32 switch on) or "fp32" (IEEE, FMA)."""
+    if dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"no fused-kernel configuration for {dtype}; supported: {_dtype_names(COMPUTE_DTYPES)}")
+    if dtype == torch.float32:
+        return "tf32" if dot_precision(dtype) == "tf32" else "fp32"
+    return "bf16" if dtype == torch.bfloat16 else "fp16"
+
+
+def multiprocessors(device: torch.device) -> int | None:
+    """SM count of a CUDA device; None for the interpreter."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+def num_programs_for_rows(n_rows: int, sm_count: int | None) -> int:
     """Persistent-style grid for row reductions: a few programs per SM on a GPU, a handful when interpreted."""
-    if device.type == "cuda":
-        return max(1, min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(n_rows, 4))
+    return max(1, min(n_rows, 4 * sm_count if sm_count else 4))
 
 
-def compile_for_gpu(kernel, arg_types: dict[str, str], constexprs: dict, *, arch: int = 90, config_index: int = 0):
-    """Compile a kernel to a cubin for CUDA sm_<arch> with Triton's compiler and ptxas; no GPU needed.
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes (constexprs), warps and pipeline stages of one kernel launch.
 
-    For an autotuned kernel, config `config_index` supplies its tile constexprs, warps and stages.
-    `arg_types` maps each runtime argument to a Triton type ('*bf16', 'i32', 'fp32', ...). The kernel
-    must have been defined with TRITON_INTERPRET unset or 0 (interpreted kernels have no IR to lower).
+    Every op pins its configs per shape and dtype in a table (no autotuning): the same inputs run the same
+    code, hence the same summation order, on every rank and on every resume. Each shipped config is
+    compiled for sm_90 by the sweep (`kernels.sweep`, `make check-sm90`): no spills, and warpgroup MMAs
+    (wgmma) wherever its dots can use tensor cores.
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
+    tiles: tuple[tuple[str, int], ...]
+    num_warps: int
+    num_stages: int
 
-    configs = getattr(kernel, "configs", None)
-    fn = kernel.fn if configs is not None else kernel
-    if not isinstance(fn, JITFunction):
-        raise RuntimeError("kernel was defined under TRITON_INTERPRET=1; compile it in a process with "
-                           "TRITON_INTERPRET=0")
-    constexprs, options = dict(constexprs), {}
-    if configs is not None:
-        config = configs[config_index]
-        constexprs.update(config.kwargs)
-        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-    signature = {name: "constexpr" if name in constexprs else arg_types[name] for name in fn.arg_names}
-    return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
-                          options=options)
+    @classmethod
+    def of(cls, num_warps: int, num_stages: int, **tiles: int) -> "KernelConfig":
+        return cls(tuple(tiles.items()), num_warps, num_stages)
+
+    def __getitem__(self, name: str) -> int:
+        return dict(self.tiles)[name]
+
+    @property
+    def label(self) -> str:
+        """E.g. "B64 K64 M128 w8 s3": each BLOCK_X tile, then warps and pipeline stages."""
+        tiles = " ".join(f"{name.removeprefix('BLOCK').removeprefix('_')}{value}" for name, value in self.tiles)
+        return f"{tiles} w{self.num_warps} s{self.num_stages}"
+
+
+def launch(kernel, grid: tuple[int, ...], config: KernelConfig, *args, **constexprs) -> None:
+    """kernel[grid](*args) with `config`'s tiles, warps and stages (the interpreter ignores the last two)."""
+    kernel[grid](*args, **dict(config.tiles), **constexprs, num_warps=config.num_warps,
+                 num_stages=config.num_stages)

@@ -1,10 +1,17 @@
 """Benchmark of the fused ops against eager and torch.compile'd references: `python -m kernels.bench`.
 
-For each recipe's shapes (batch 256, bf16) it times forward+backward (median, triton.testing.do_bench),
+For each recipe's shapes (batch 256, and the stacked CLS call at 768 rows, L = 1; bf16 activations and fp32
+parameters under bf16 autocast, as training runs, so the expert weight's cast is timed too) it times
+forward+backward (median, triton.testing.do_bench),
 measures peak memory, and reports achieved TFLOP/s and GB/s against ceilings measured on the same device
 (a large bf16 matmul, a large copy). It prints a table, a table of analytic floors at the ViT-Ti target
 shapes, and writes everything as JSON with --json. Without a GPU it runs the same code in Triton's
 interpreter at toy shapes and says so: those timings measure the interpreter, not the kernels.
+
+It also prints a static cost report that needs no GPU: each kernel at the ViT-Ti shapes compiled for
+sm_90 (`kernels.sweep --quick`), with registers, spills, wgmma/mma.sync counts, executed SASS per element
+(static counts by loop depth times trip counts) and the predicted time, the largest of the issue-bound,
+FLOP-bound and byte-bound times at the H100 and H200 datasheet ceilings (JSON key "static").
 
 FLOPs are the useful GEMM FLOPs (forward, plus twice that for backward) — what any implementation must do;
 the fused ops execute more (they recompute instead of storing), which is why both counts are reported.
@@ -15,11 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -33,6 +44,7 @@ from dpal.recipes import RECIPES
 
 PATTERNS = 3
 RECIPE_TOKENS = (1, 48, 128, 257)  # CLS-only calls, local crop (8x6), global view (16x8), crowd view + CLS
+CLS_STACK = 3  # the CLS tokens of the global view and the 2 local crops, decoded as one call of 3 x batch rows
 TARGET_RECIPE = "path-b_vit-ti"  # the issue's H100 targets are stated at ViT-Ti shapes
 H100_DATASHEET = {"tflops_bf16_dense": 989.0, "gbps": 3350.0}  # SXM5; used for floors when no GPU is here
 
@@ -91,14 +103,16 @@ class Result:
 
 
 def _decoder_inputs(batch, dim, out_dim, tokens, dtype, device, seed=0):
+    """Activations (queries, h) in `dtype`; gate scores and parameters in float32, as training holds them
+    under autocast, so every implementation pays for its cast of the expert weight to bf16."""
     g = torch.Generator(device="cpu").manual_seed(seed)
 
-    def randn(*shape, scale=1.0, dt=dtype):
+    def randn(*shape, scale=1.0, dt=torch.float32):
         return (torch.randn(*shape, generator=g) * scale).to(device, dt).requires_grad_()
 
     features = dim * out_dim
-    inputs = [randn(batch, PATTERNS, dim), torch.randn(batch, PATTERNS, generator=g).softmax(-1).to(device, dtype)
-              .requires_grad_(), randn(batch, tokens, dim), randn(features, dim, scale=dim ** -0.5),
+    inputs = [randn(batch, PATTERNS, dim, dt=dtype), torch.randn(batch, PATTERNS, generator=g).softmax(-1)
+              .to(device).requires_grad_(), randn(batch, tokens, dim, dt=dtype), randn(features, dim, scale=dim ** -0.5),
               randn(features, scale=0.02), randn(features, scale=0.1).detach().add_(1).requires_grad_(),
               randn(features, scale=0.1), randn(out_dim, scale=0.1).detach().add_(1).requires_grad_(),
               randn(out_dim, scale=0.1)]
@@ -144,6 +158,14 @@ def _compiled(fn):
     return call
 
 
+def _under_autocast(fn):
+    """fn run as training runs it on a GPU: under bf16 autocast (references and fused ops alike)."""
+    def call(*args):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fn(*args)
+    return call
+
+
 def build_cases(on_gpu: bool, batch: int, compile_refs: bool, device) -> list[Case]:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -163,20 +185,25 @@ def build_cases(on_gpu: bool, batch: int, compile_refs: bool, device) -> list[Ca
     ref_decoder = _decoder_call(expert_path_reference)
     ref_relation = _relation_call(relation_kl_reference)
     cases = []
+    # On a GPU every implementation runs under bf16 autocast, as training does (the references' GEMMs in
+    # bf16, the fused op casting the fp32 expert weight itself); the stacked CLS call (the CLS tokens of
+    # the global view and the 2 local crops: 3 x batch rows, L = 1) is timed as its own case.
+    wrap = _under_autocast if on_gpu else (lambda fn: fn)
+    calls = [(batch, tokens) for tokens in token_counts] + ([(CLS_STACK * batch, 1)] if on_gpu else [])
     for (dim, out_dim), recipes in sorted(decoder_shapes.items()):
-        for tokens in token_counts:
-            impls = {"eager": ref_decoder, "fused": _decoder_call(expert_path)}
+        for rows, tokens in calls:
+            impls = {"eager": wrap(ref_decoder), "fused": wrap(_decoder_call(expert_path))}
             if compile_refs:
-                impls["compile"] = _decoder_call(_compiled(expert_path_reference))
+                impls["compile"] = wrap(_decoder_call(_compiled(expert_path_reference)))
             cases.append(Case(
-                "decoder", dict(batch=batch, dim=dim, out_dim=out_dim, tokens=tokens, dtype=str(dtype)), recipes,
-                lambda d=dim, o=out_dim, t=tokens: _decoder_inputs(batch, d, o, t, dtype, device), impls,
-                decoder_flops(batch, dim, out_dim, tokens), decoder_bytes(batch, dim, out_dim, tokens, itemsize)))
+                "decoder", dict(batch=rows, dim=dim, out_dim=out_dim, tokens=tokens, dtype=str(dtype)), recipes,
+                lambda r=rows, d=dim, o=out_dim, t=tokens: _decoder_inputs(r, d, o, t, dtype, device), impls,
+                decoder_flops(rows, dim, out_dim, tokens), decoder_bytes(rows, dim, out_dim, tokens, itemsize)))
     for (tokens, dim), recipes in sorted(relation_shapes.items()):
         for target_format in ("float16", "int8"):
-            impls = {"eager": ref_relation, "fused": _relation_call(relation_kl)}
+            impls = {"eager": wrap(ref_relation), "fused": wrap(_relation_call(relation_kl))}
             if compile_refs:
-                impls["compile"] = _relation_call(_compiled(relation_kl_reference))
+                impls["compile"] = wrap(_relation_call(_compiled(relation_kl_reference)))
             target_itemsize = 1 if target_format == "int8" else 2
             cases.append(Case(
                 "relation", dict(batch=batch, tokens=tokens, dim=dim, dtype=str(dtype), target=target_format),
@@ -333,6 +360,39 @@ def print_floors(rows: list[dict]) -> None:
               f"{r['floor_ms_compute']:8.3f} {r['floor_ms_fused_compute']:13.3f} {r['floor_ms_memory']:8.3f}")
 
 
+def static_report() -> dict:
+    """Compile facts and predicted times of every kernel at the ViT-Ti shapes (batch 256, and the stacked CLS
+    call at 768), from the sm_90 compile sweep in a child process (`kernels.sweep --quick`; no GPU needed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sweep.json"
+        done = subprocess.run([sys.executable, "-m", "kernels.sweep", "--quick", "--json", str(path)],
+                              env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True)
+        if not path.exists():
+            return {"error": f"kernels.sweep exited {done.returncode}: {done.stderr.strip()[-300:]}"}
+        report = json.loads(path.read_text())
+    shapes = ("B256 D192 Do768 L257", "B768 D192 Do768 L1", "B256 N257 D768")
+    report["costs"] = [c for c in report["costs"] if c["case"].startswith(shapes)]
+    report["ceilings"] = "datasheet: 989 TF/s dense bf16 (H100 SXM, H200); 3.35 TB/s (H100), 4.8 TB/s (H200); " \
+                         "issue 132 SMs x 4 warp instructions per clock at 1.98 GHz"
+    return report
+
+
+def print_static(report: dict) -> None:
+    print("\nstatic cost at the path-b_vit-ti shapes, from the sm_90 cubins (no GPU; `make check-sm90` for all)")
+    if "error" in report:
+        print(f"  unavailable: {report['error']}")
+        return
+    print(f"{'kernel':20} {'operands':17} {'call':24} {'config':15} {'regs':>4} {'spill':>5} {'HGMMA':>5} "
+          f"{'HMMA':>4} {'SASS/el':>7} {'floor H100':>10} {'pred H100':>9} {'floor H200':>10} {'pred H200':>9}")
+    for c in report["costs"]:
+        call = c["case"].replace(" Do768", "").replace(" D768", "")
+        print(f"{c['kernel']:20} {c['operands']:17} {call:24} {c['config']:15} {c['registers']:4} {c['spills']:5} "
+              f"{c['hgmma']:5} {c['hmma']:4} {c['sass_per_element']:7.1f} {c['floor_ms_H100']:10.3f} "
+              f"{c['predicted_ms_H100']:9.3f} {c['floor_ms_H200']:10.3f} {c['predicted_ms_H200']:9.3f}")
+    print(f"ms; floor = max(useful dot FLOPs, compulsory bytes) at the {report['ceilings']}; predicted = max(floor, "
+          "executed SASS at that issue rate). cuBLAS GEMMs (output projection, du products) are not included.")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -343,6 +403,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile'd reference (compiling every shape takes minutes)")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions without a GPU (GPU: do_bench)")
+    parser.add_argument("--no-static", action="store_true",
+                        help="skip the static cost report (registers, spills, SASS per element, predicted time "
+                             "from the sm_90 cubins; compiling takes a minute)")
     args = parser.parse_args(argv)
 
     on_gpu = torch.cuda.is_available() and not INTERPRETED
@@ -367,11 +430,16 @@ def main(argv=None) -> int:
     print_table(results, ceilings)
     floors = target_floors(ceilings if on_gpu else None)
     print_floors(floors)
+    static = None if args.no_static else static_report()
+    if static is not None:
+        print_static(static)
     if args.json:
         device_name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({platform.processor() or 'unknown'})"
         report = {"device": device_name,
                   "interpreted": not on_gpu, "torch": torch.__version__, "ceilings": ceilings,
                   "results": [asdict(r) for r in results], "target_floors": floors}
+        if static is not None:
+            report["static"] = static
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"\nwrote {args.json}")

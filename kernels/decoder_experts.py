@@ -32,26 +32,33 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (INTERPRETED, check_device, check_dtype, check_shape, dot_precision, mma,
-                             num_programs_for_rows)
+from kernels._common import (INTERPRETED, KernelConfig, check_device, check_dtype, check_shape, dot_operands,
+                             dot_precision, launch, mma, multiprocessors, num_programs_for_rows)
 
 OP = "fused expert path"
 
 # Expert GEMM passes: rows are samples (one tl.dot per pattern query), columns the D * D_o output
-# features in tiles of _BLOCK_M (fixed: per-tile partial statistics are indexed by it), K the query
-# width. Row-block height, K step, warps and stages are autotuned per (D, M) on the GPU; the interpreter
-# takes one config (it would otherwise run every config, slowly, for nothing).
+# features in tiles of _BLOCK_M (fixed: per-tile partial statistics are indexed by it), K the query width.
+# Configs are pinned per (kernel, D, M, dot operands) from the sm_90 compile facts (`make check-sm90`;
+# README "Kernel configurations on sm_90"), never tuned at run time: the same shapes run the same code
+# (and summation order) on every rank and resume. Rule for shapes off the table: the default of the
+# operand kind. Tensor-core tiles keep 64 rows (one wgmma M per warpgroup) and 8 warps: with 4 warps,
+# 128 rows or (TF32) K steps of 64 the mix pass and the du pass spill (see the README).
 _BLOCK_M = 128
-_EXPERT_CONFIGS = [triton.Config({"BLOCK_B": 64, "BLOCK_K": 32}, num_warps=4)] if INTERPRETED else [
-    triton.Config({"BLOCK_B": b, "BLOCK_K": k}, num_warps=w, num_stages=s)
-    for b, k, w, s in ((64, 64, 8, 3), (64, 32, 4, 4), (128, 64, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3))]
-# The du pass keeps more tiles live (dW, u, xhat, du); its partials are per row block, so it may also
-# narrow its column tile.
-_GRAD_CONFIGS = [triton.Config({"BLOCK_B": 64, "BLOCK_K": 32, "BLOCK_M": _BLOCK_M}, num_warps=4)] if INTERPRETED else [
-    triton.Config({"BLOCK_B": b, "BLOCK_K": k, "BLOCK_M": m}, num_warps=w, num_stages=s)
-    for b, k, m, w, s in ((64, 64, 128, 8, 3), (64, 64, 64, 8, 3), (32, 64, 64, 8, 3), (32, 32, 64, 4, 3),
-                          (16, 64, 64, 4, 3), (16, 64, 128, 4, 3))]
-_MIN_BLOCK_B = min(c.kwargs["BLOCK_B"] for c in _EXPERT_CONFIGS + _GRAD_CONFIGS)
+_BF16_PASS = KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64)
+DEFAULT_CONFIGS = {
+    "stats": {"bf16": _BF16_PASS, "fp16": _BF16_PASS, "tf32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=32),
+              "fp32": KernelConfig.of(8, 3, BLOCK_B=32, BLOCK_K=32)},
+    "grad": {"bf16": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=64),
+             "fp16": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=64),
+             "tf32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=32, BLOCK_M=64),
+             "fp32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=64)}}
+DEFAULT_CONFIGS["mix"] = DEFAULT_CONFIGS["grad_stats"] = DEFAULT_CONFIGS["stats"]  # same GEMM, similar epilogues
+# The recipes' (D, D_o): ViT-Ti, ViT-B and the Swin students (192) or ViT-S (384), PATH-B (768) or
+# PATH-L / SOLIDER-B (1024) teachers. Every recipe shape has its operand kind's default today.
+PINNED_CONFIGS = {(kernel, dim, dim * out_dim, kind): config
+                  for kernel, by_kind in DEFAULT_CONFIGS.items() for kind, config in by_kind.items()
+                  for dim, out_dim in ((192, 768), (192, 1024), (384, 768))}
 # Largest transient du chunk in backward (values): 2^24 bf16 = 32 MiB, a small fraction of what eager
 # keeps, while chunks stay wide enough (>= thousands of columns) for the cuBLAS GEMMs that consume them.
 _DU_CHUNK_ELEMENTS = 1 << 24
@@ -92,7 +99,6 @@ def _expert_row_value(ptr, offs_b, e, P: tl.constexpr, row_ok):
     return tl.load(ptr + offs_b * P + e, mask=row_ok, other=0.0).to(tl.float32)
 
 
-@triton.autotune(configs=_EXPERT_CONFIGS, key=["D", "M"])
 @triton.jit
 def _expert_stats_kernel(q_ptr, w_ptr, bias_ptr, tile_mean_ptr, tile_m2_ptr, B, D, M, n_tiles,
                          P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -116,7 +122,6 @@ def _expert_stats_kernel(q_ptr, w_ptr, bias_ptr, tile_mean_ptr, tile_m2_ptr, B, 
         tl.store(tile_m2_ptr + out, tl.sum(dev * dev, axis=1), mask=row_ok)
 
 
-@triton.autotune(configs=_EXPERT_CONFIGS, key=["D", "M"])
 @triton.jit
 def _expert_mix_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
                        mixed_ptr, sq_partial_ptr, inv_mix, B, D, M, n_tiles,
@@ -159,7 +164,6 @@ def _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef_ptr, offs_b, offs_m, B, M, m
     return grad + tl.load(loss_coef_ptr) * mixed
 
 
-@triton.autotune(configs=_EXPERT_CONFIGS, key=["D", "M"])
 @triton.jit
 def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
                               grad_ptr, mixed_ptr, loss_coef_ptr, partial_ptr, B, D, M, n_tiles,
@@ -188,10 +192,6 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_
         tl.store(partial_ptr + slot + e * n_tiles, tl.sum(d_gamma_scaled * xhat, axis=1), mask=row_ok)
 
 
-# The column-sum partials have one row per row block; rows a smaller-BLOCK_B config wrote while tuning
-# must not survive into the sum, hence reset_to_zero (buffers are allocated zeroed as well).
-@triton.autotune(configs=_GRAD_CONFIGS, key=["D", "M"],
-                 reset_to_zero=["d_gamma_partial_ptr", "d_beta_partial_ptr", "d_bias_partial_ptr"])
 @triton.jit
 def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, gamma_ptr,
                         grad_ptr, mixed_ptr, loss_coef_ptr, a_mean_ptr, b_mean_ptr,
@@ -285,8 +285,28 @@ def _gelu_layer_norm_bwd_kernel(z_ptr, dy_ptr, w_ptr, dw_partial_ptr, db_partial
     tl.store(db_partial_ptr + pid * width + cols, db, mask=ok)
 
 
-def _expert_grid(batch: int, columns: int):
-    return lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(columns, meta["BLOCK_M"]))
+def pick_config(kernel: str, dim: int, features: int, kind: str) -> KernelConfig:
+    """The pinned config of an expert kernel ("stats", "mix", "grad_stats", "grad") for D = dim, M = features
+    and dots on `kind` (`kernels._common.dot_operands`); the passes other than "grad" get BLOCK_M = _BLOCK_M."""
+    config = PINNED_CONFIGS.get((kernel, dim, features, kind), DEFAULT_CONFIGS[kernel][kind])
+    return config if kernel == "grad" else KernelConfig(config.tiles + (("BLOCK_M", _BLOCK_M),), config.num_warps,
+                                                        config.num_stages)
+
+
+def _expert_grid(batch: int, columns: int, config: KernelConfig) -> tuple[int, int]:
+    return triton.cdiv(batch, config["BLOCK_B"]), triton.cdiv(columns, config["BLOCK_M"])
+
+
+def du_chunk_columns(batch: int, patterns: int, features: int) -> int:
+    """Columns of du made per backward chunk: at most _DU_CHUNK_ELEMENTS values, a multiple of _BLOCK_M."""
+    return min(features, max(_BLOCK_M, _DU_CHUNK_ELEMENTS // (batch * patterns) // _BLOCK_M * _BLOCK_M))
+
+
+def row_programs(rows: int, sm_count: int | None) -> tuple[int, int]:
+    """(programs, rows per program) of the GELU + LayerNorm backward row kernel."""
+    programs = num_programs_for_rows(rows, sm_count)
+    rows_per_program = triton.cdiv(rows, programs)
+    return triton.cdiv(rows, rows_per_program), rows_per_program
 
 
 class ExpertMixFunction(torch.autograd.Function):
@@ -301,15 +321,15 @@ class ExpertMixFunction(torch.autograd.Function):
         batch, patterns, dim = queries.shape
         features = weight.shape[0]
         n_tiles = triton.cdiv(features, _BLOCK_M)
-        grid = _expert_grid(batch, features)
         f32 = dict(device=queries.device, dtype=torch.float32)
-        constants = dict(P=patterns, BLOCK_M=_BLOCK_M, DOT_PRECISION=dot_precision(queries.dtype),
-                    UPCAST_DOT=INTERPRETED)
+        constants = dict(P=patterns, DOT_PRECISION=dot_precision(queries.dtype), UPCAST_DOT=INTERPRETED)
+        kind = dot_operands(queries.dtype)
+        stats_config, mix_config = (pick_config(k, dim, features, kind) for k in ("stats", "mix"))
 
         tile_mean = torch.empty(batch, patterns, n_tiles, **f32)
         tile_m2 = torch.empty(batch, patterns, n_tiles, **f32)
-        _expert_stats_kernel[grid](queries, weight_compute, bias, tile_mean, tile_m2, batch, dim, features, n_tiles,
-                                   **constants)
+        launch(_expert_stats_kernel, _expert_grid(batch, features, stats_config), stats_config,
+               queries, weight_compute, bias, tile_mean, tile_m2, batch, dim, features, n_tiles, **constants)
         # Chan's merge of the per-tile (count, mean, M2) in float64: exact enough for any D*D_o.
         counts = torch.full((n_tiles,), _BLOCK_M, device=queries.device, dtype=torch.float64)
         counts[-1] = features - _BLOCK_M * (n_tiles - 1)
@@ -321,8 +341,9 @@ class ExpertMixFunction(torch.autograd.Function):
 
         mixed = torch.empty(batch, features, device=queries.device, dtype=queries.dtype)
         sq_partial = torch.empty(batch, n_tiles, **f32)
-        _expert_mix_kernel[grid](queries, weight_compute, bias, scores, mean, rstd, norm_weight, norm_bias, mixed,
-                                 sq_partial, 1.0 / mix_divisor, batch, dim, features, n_tiles, **constants)
+        launch(_expert_mix_kernel, _expert_grid(batch, features, mix_config), mix_config,
+               queries, weight_compute, bias, scores, mean, rstd, norm_weight, norm_bias, mixed, sq_partial,
+               1.0 / mix_divisor, batch, dim, features, n_tiles, **constants)
         experts_loss = loss_weight * sq_partial.sum() / batch
 
         ctx.save_for_backward(queries, scores, weight, bias, norm_weight, norm_bias, mean, rstd, mixed)
@@ -343,32 +364,34 @@ class ExpertMixFunction(torch.autograd.Function):
         loss_coef = (2.0 * ctx.loss_weight / batch) * grad_loss.reshape(())
 
         partial = torch.empty(batch, patterns + 2, n_tiles, **f32)
-        _expert_grad_stats_kernel[_expert_grid(batch, features)](
-            queries, weight_compute, bias, mean, rstd, norm_weight, norm_bias, grad_mixed, mixed, loss_coef, partial,
-            batch, dim, features, n_tiles, **constants)
+        kind = dot_operands(queries.dtype)
+        config = pick_config("grad_stats", dim, features, kind)
+        launch(_expert_grad_stats_kernel, _expert_grid(batch, features, config), config,
+               queries, weight_compute, bias, mean, rstd, norm_weight, norm_bias, grad_mixed, mixed, loss_coef, partial,
+               batch, dim, features, n_tiles, **constants)
         sums = partial.sum(-1)
         a_sums, gamma_sums, beta_sums = sums[:, :patterns], sums[:, patterns], sums[:, patterns + 1]
         grad_scores = (a_sums + beta_sums[:, None]) / ctx.mix_divisor
         a_mean = (a_sums / features).contiguous()
         b_mean = (gamma_sums / features).contiguous()
 
-        n_row_blocks = triton.cdiv(batch, _MIN_BLOCK_B)  # enough rows for any tuned BLOCK_B; unused stay 0
-        d_gamma_partial = torch.zeros(n_row_blocks, features, **f32)
-        d_beta_partial = torch.zeros(n_row_blocks, features, **f32)
-        d_bias_partial = torch.zeros(n_row_blocks, features, **f32)
+        config = pick_config("grad", dim, features, kind)
+        n_row_blocks = triton.cdiv(batch, config["BLOCK_B"])  # each (row block, column) is written once
+        d_gamma_partial = torch.empty(n_row_blocks, features, **f32)
+        d_beta_partial = torch.empty(n_row_blocks, features, **f32)
+        d_bias_partial = torch.empty(n_row_blocks, features, **f32)
         grad_queries = torch.zeros(batch * patterns, dim, **f32)
         grad_weight = torch.empty_like(weight)
         q_rows = queries.view(batch * patterns, dim)
-        chunk = max(_BLOCK_M, _DU_CHUNK_ELEMENTS // (batch * patterns) // _BLOCK_M * _BLOCK_M)
-        du = torch.empty(batch * patterns, min(chunk, features), device=queries.device, dtype=queries.dtype)
+        chunk = du_chunk_columns(batch, patterns, features)
+        du = torch.empty(batch * patterns, chunk, device=queries.device, dtype=queries.dtype)
         for m_start in range(0, features, chunk):
             m_stop = min(m_start + chunk, features)
             du_chunk = du[:, :m_stop - m_start]
-            _expert_grad_kernel[_expert_grid(batch, m_stop - m_start)](
-                queries, weight_compute, bias, scores, mean, rstd, norm_weight, grad_mixed, mixed, loss_coef,
-                a_mean, b_mean, du_chunk, d_gamma_partial, d_beta_partial, d_bias_partial, 1.0 / ctx.mix_divisor,
-                batch, dim, features, m_start, m_stop, du.stride(0),
-                **{k: v for k, v in constants.items() if k != "BLOCK_M"})  # BLOCK_M is tuned here
+            launch(_expert_grad_kernel, _expert_grid(batch, m_stop - m_start, config), config,
+                   queries, weight_compute, bias, scores, mean, rstd, norm_weight, grad_mixed, mixed, loss_coef,
+                   a_mean, b_mean, du_chunk, d_gamma_partial, d_beta_partial, d_bias_partial, 1.0 / ctx.mix_divisor,
+                   batch, dim, features, m_start, m_stop, du.stride(0), **constants)
             grad_queries += (du_chunk @ weight_compute[m_start:m_stop]).float()
             grad_weight[m_start:m_stop] = du_chunk.t() @ q_rows
         return (grad_queries.view_as(queries).to(queries.dtype), grad_scores.to(scores.dtype), grad_weight,
@@ -390,7 +413,7 @@ class OutputProjectionFunction(torch.autograd.Function):
         block = triton.next_power_of_2(width)
         y = torch.empty_like(z)
         _gelu_layer_norm_fwd_kernel[(rows,)](z, y, weight, bias, width, eps, BLOCK=block,
-                                             num_warps=_row_warps(block))
+                                             num_warps=row_warps(block))
         ctx.save_for_backward(h, mixed, weight)
         ctx.eps = eps
         return y
@@ -400,21 +423,19 @@ class OutputProjectionFunction(torch.autograd.Function):
         h, mixed, weight = ctx.saved_tensors
         dz = torch.bmm(h, mixed)
         rows, width = dz.numel() // dz.shape[-1], dz.shape[-1]
-        programs = num_programs_for_rows(rows, dz.device)
-        rows_per_program = triton.cdiv(rows, programs)
-        programs = triton.cdiv(rows, rows_per_program)
+        programs, rows_per_program = row_programs(rows, multiprocessors(dz.device))
         dw_partial = torch.empty(programs, width, device=dz.device, dtype=torch.float32)
         db_partial = torch.empty_like(dw_partial)
         block = triton.next_power_of_2(width)
         _gelu_layer_norm_bwd_kernel[(programs,)](dz, grad_y.contiguous(), weight, dw_partial, db_partial, rows,
                                                  width, ctx.eps, rows_per_program, BLOCK=block,
-                                                 num_warps=_row_warps(block))
+                                                 num_warps=row_warps(block))
         grad_h = torch.bmm(dz, mixed.transpose(1, 2))
         grad_mixed = torch.bmm(h.transpose(1, 2), dz)
         return grad_h, grad_mixed, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype), None
 
 
-def _row_warps(block: int) -> int:
+def row_warps(block: int) -> int:
     return min(max(block // 256, 1), 8)
 
 

@@ -7,7 +7,8 @@ over the int8 row), P_i = sum_j p_ij and lse_i = logsumexp_j S_ij:
     KL_i = sum_j xlogy(p_ij, p_ij) - sum_j p_ij S_ij + P_i lse_i        loss = mean_{b,i} KL_i
 
 Forward: one program per (sample, block of rows) sweeps the column blocks with an online logsumexp
-(flash-attention style); S tiles live only in registers. It keeps lse, P and lse_t [B, N] for backward.
+(flash-attention style); S tiles live only in registers. It writes cross_i = sum_j xlogy(p, p) - p S per
+row (the loss is sum_i cross_i + P_i lse_i, formed outside) and keeps lse, P and lse_t [B, N] for backward.
 Backward: dKL/dS_ij = P_i softmax_ij - p_ij =: G_ij, and since S is symmetric,
 dY = (G + G^T) Y / sqrt(D) (times the incoming gradient / (B N)). One program per (sample, I, J) tile
 recomputes S_IJ and writes (G_IJ + G_JI^T) scaled — G_JI^T comes from the same S tile with the column
@@ -22,15 +23,27 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRETED, check_device, check_dtype, check_shape, dot_precision, mma
+from kernels._common import (INTERPRETED, KernelConfig, check_device, check_dtype, check_shape, dot_operands,
+                             dot_precision, launch, mma)
 
 OP = "fused relation KL"
 
-# Tiles (rows I x columns J, K step over D) are autotuned per (N, D) on the GPU; one config when interpreted.
-_CONFIGS = [triton.Config({"BLOCK_I": 64, "BLOCK_J": 64, "BLOCK_K": 32}, num_warps=4)] if INTERPRETED else [
-    triton.Config({"BLOCK_I": i, "BLOCK_J": j, "BLOCK_K": k}, num_warps=w, num_stages=st)
-    for i, j, k, w, st in ((64, 64, 64, 4, 3), (64, 64, 64, 8, 3), (64, 64, 32, 8, 4), (128, 64, 64, 8, 3),
-                           (64, 128, 64, 8, 3), (32, 64, 64, 8, 3), (32, 64, 64, 4, 3), (32, 32, 64, 4, 3))]
+# Tiles (rows I x columns J, K step over D), pinned per (kernel, N, D, dot operands) from the sm_90 compile
+# facts (`make check-sm90`; README "Kernel configurations"): 64 x 64 tiles with 8 warps are the only ones
+# that neither spill nor lose wgmma for every target dtype (larger tiles and 4 warps reach 255 registers and
+# spill with fp32 or int8 targets). fp32 operands without TF32 (IEEE dots on FMA units) take K steps of 16.
+# Shapes off the table take the default of their operand kind; the choice never depends on timing.
+_TENSOR_CORE_TILES = KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=64)
+_FMA_TILES = KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=16)
+DEFAULT_CONFIGS = {"bf16": _TENSOR_CORE_TILES, "fp16": _TENSOR_CORE_TILES, "tf32": _TENSOR_CORE_TILES,
+                   "fp32": _FMA_TILES}
+# The recipes' shapes: N = 257 (ViT teachers: CLS + 16x16 crowd grid) or 64 (SOLIDER: 8x8), D = 768 or 1024.
+# One exception to the kind's default: at N = 64 (N a multiple of 16, so the compiler specialises it) the
+# IEEE forward with K steps of 16 is held to 128 registers and spills with fp16/bf16 targets; K steps of 32
+# do not (112-146 registers).
+PINNED_CONFIGS = {(kernel, n, dim, kind): DEFAULT_CONFIGS[kind] for kernel in ("fwd", "bwd")
+                  for n, dim in ((257, 768), (257, 1024), (64, 1024)) for kind in DEFAULT_CONFIGS}
+PINNED_CONFIGS[("fwd", 64, 1024, "fp32")] = KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=32)
 TARGET_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 
 
@@ -80,11 +93,13 @@ def _target_tile(t_ptr, row_scale_ptr, target_lse, rows, cols, N, QUANTIZED: tl.
     return p
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "D"])
 @triton.jit
-def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, kl_ptr, lse_ptr, mass_ptr, target_lse_ptr, N, D, scale,
+def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, cross_ptr, lse_ptr, mass_ptr, target_lse_ptr, N, D, scale,
                             QUANTIZED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                             BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Per row: cross = sum_j p log p - p S, lse, P and lse_t; KL_i = cross_i + P_i lse_i is formed by the
+    caller. (Each row sum leaves the loop into exactly one store: Triton's thread-locality pass on sm_90
+    asserts when a reduction carried through a loop has two uses after it.)"""
     b = tl.program_id(0).to(tl.int64)
     offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     y_ptr += b * N * D
@@ -95,8 +110,7 @@ def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, kl_ptr, lse_ptr, mass_p
         target_lse = _target_log_normalizer(t_ptr, row_scale_ptr, offs_i, N, BLOCK_I, BLOCK_J)
     running_max = tl.full((BLOCK_I,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_I,), dtype=tl.float32)
-    p_logit = tl.zeros((BLOCK_I,), dtype=tl.float32)
-    p_log_p = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    cross = tl.zeros((BLOCK_I,), dtype=tl.float32)
     mass = tl.zeros((BLOCK_I,), dtype=tl.float32)
     for j0 in range(0, N, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
@@ -108,18 +122,16 @@ def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, kl_ptr, lse_ptr, mass_p
             tl.sum(tl.where(col_ok, tl.exp(s - new_max[:, None]), 0.0), axis=1)
         running_max = new_max
         p = _target_tile(t_ptr, row_scale_ptr, target_lse, offs_i, offs_j, N, QUANTIZED)
-        p_logit += tl.sum(p * s, axis=1)  # p = 0 on padded columns, where s is finite
-        p_log_p += tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), axis=1)
+        # p = 0 on padded columns (where s is finite) and wherever the target is exactly 0 (x log x -> 0).
+        cross += tl.sum(tl.where(p > 0, p * (tl.log(tl.where(p > 0, p, 1.0)) - s), 0.0), axis=1)
         mass += tl.sum(p, axis=1)
-    lse = running_max + tl.log(running_sum)
     row_ok = offs_i < N
-    tl.store(kl_ptr + b * N + offs_i, p_log_p - p_logit + mass * lse, mask=row_ok)
-    tl.store(lse_ptr + b * N + offs_i, lse, mask=row_ok)
+    tl.store(cross_ptr + b * N + offs_i, cross, mask=row_ok)
+    tl.store(lse_ptr + b * N + offs_i, running_max + tl.log(running_sum), mask=row_ok)
     tl.store(mass_ptr + b * N + offs_i, mass, mask=row_ok)
     tl.store(target_lse_ptr + b * N + offs_i, target_lse, mask=row_ok)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "D"])
 @triton.jit
 def _relation_kl_bwd_kernel(y_ptr, t_ptr, row_scale_ptr, lse_ptr, mass_ptr, target_lse_ptr, grad_ptr, out_ptr, N,
                             D, scale,
@@ -153,6 +165,12 @@ def _constants(dtype: torch.dtype, quantized: bool) -> dict:
     return dict(QUANTIZED=quantized, DOT_PRECISION=dot_precision(dtype), UPCAST_DOT=INTERPRETED)
 
 
+def pick_config(kernel: str, n: int, dim: int, kind: str) -> KernelConfig:
+    """The pinned config of kernel "fwd" or "bwd" for [B, n, dim] tokens whose dots run on `kind`
+    (`kernels._common.dot_operands`); see PINNED_CONFIGS."""
+    return PINNED_CONFIGS.get((kernel, n, dim, kind), DEFAULT_CONFIGS[kind])
+
+
 class RelationKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, target, row_scale):
@@ -162,12 +180,13 @@ class RelationKLFunction(torch.autograd.Function):
         constants = _constants(y.dtype, quantized)
         scale = 1.0 / math.sqrt(dim)
         f32 = dict(device=y.device, dtype=torch.float32)
-        kl_rows, lse, mass, target_lse = (torch.empty(batch, n, **f32) for _ in range(4))
-        _relation_kl_fwd_kernel[lambda meta: (batch, triton.cdiv(n, meta["BLOCK_I"]))](
-            y, target, row_scale_arg, kl_rows, lse, mass, target_lse, n, dim, scale, **constants)
+        cross, lse, mass, target_lse = (torch.empty(batch, n, **f32) for _ in range(4))
+        config = pick_config("fwd", n, dim, dot_operands(y.dtype))
+        launch(_relation_kl_fwd_kernel, (batch, triton.cdiv(n, config["BLOCK_I"])), config,
+               y, target, row_scale_arg, cross, lse, mass, target_lse, n, dim, scale, **constants)
         ctx.save_for_backward(y, target, row_scale_arg, lse, mass, target_lse)
         ctx.constants, ctx.scale = constants, scale
-        return kl_rows.sum() / (batch * n)
+        return (cross + mass * lse).sum() / (batch * n)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -175,9 +194,10 @@ class RelationKLFunction(torch.autograd.Function):
         batch, n, dim = y.shape
         grad_scaled = (grad_loss.float() / (batch * n)).reshape(())
         grad_logits = torch.empty(batch, n, n, device=y.device, dtype=y.dtype)
-        _relation_kl_bwd_kernel[lambda meta: (batch, triton.cdiv(n, meta["BLOCK_I"]), triton.cdiv(n, meta["BLOCK_J"]))](
-            y, target, row_scale_arg, lse, mass, target_lse, grad_scaled, grad_logits, n, dim, ctx.scale,
-            **ctx.constants)
+        config = pick_config("bwd", n, dim, dot_operands(y.dtype))
+        launch(_relation_kl_bwd_kernel, (batch, triton.cdiv(n, config["BLOCK_I"]), triton.cdiv(n, config["BLOCK_J"])),
+               config, y, target, row_scale_arg, lse, mass, target_lse, grad_scaled, grad_logits, n, dim, ctx.scale,
+               **ctx.constants)
         return torch.bmm(grad_logits, y), None, None
 
 

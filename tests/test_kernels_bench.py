@@ -2,7 +2,7 @@
 
 No timing is asserted (speed targets live in the benchmark's output, not in tests); this keeps the
 command itself from rotting: every op and target format is timed, nothing errors, and the floors table
-is there.
+is there, and the static cost report from the sm_90 cubins is complete.
 """
 import json
 import subprocess
@@ -25,3 +25,9 @@ def test_bench_without_gpu_says_so_and_writes_every_row(tmp_path):
     floors = result["target_floors"]
     assert {row["op"] for row in floors} == {"decoder", "relation"}
     assert all(row["floor_ms_compute"] > 0 for row in floors)
+    static = result["static"]
+    kernels = {row["kernel"] for row in static["costs"]}
+    assert {"expert_mix", "expert_grad", "relation_kl_fwd", "relation_kl_bwd", "gelu_layer_norm_bwd"} <= kernels
+    assert all(row["spills"] == 0 and row["predicted_ms_H200"] >= row["floor_ms_H200"] > 0 and
+               row["sass_per_element"] > 0 for row in static["costs"])
+    assert "static cost" in done.stdout

@@ -1,56 +1,143 @@
-"""Every Triton kernel lowers to an sm_90 (H100) cubin with the real compiler, on a machine without a GPU.
+"""The fused kernels compile for sm_90 (H100/H200) without spills and with wgmma, on a machine without a GPU.
 
-The interpreter that runs the kernels' numerical tests never lowers them to PTX; this test runs Triton's
-compiler and ptxas in a child process where the kernels are defined compiled (TRITON_INTERPRET=0), so
-GPU-only errors (types, layouts, shared memory) show up here.
+The interpreter that runs the kernels' numerical tests never lowers them to PTX; these tests run Triton's
+compiler and ptxas in child processes where the kernels are defined compiled (TRITON_INTERPRET=0).
+`make test` runs the sweep's representative part (every kernel once, bf16 activations, every target
+format, the B = 256 and the stacked-CLS B = 768, L = 1 calls); `make check-sm90` runs all of it.
+A second check compiles two configs the project dropped, to show the sweep's checks catch what they claim.
 """
+import json
 import os
 import subprocess
 import sys
+import textwrap
+
+import torch
 
 from kernels import decoder_experts, relation_loss
-from kernels._common import compile_for_gpu
+from kernels.sweep import all_launches, operand_kind
+
+COMPILED = dict(os.environ, TRITON_INTERPRET="0")
+KERNELS = {"expert_stats", "expert_mix", "expert_grad_stats", "expert_grad", "gelu_layer_norm_fwd",
+           "gelu_layer_norm_bwd", "relation_kl_fwd", "relation_kl_bwd"}
 
 
-def _compile_decoder_kernels():
-    """Each decoder kernel for bf16 activations (the training dtype; fp32 lowers the same code
-    with other dot inputs)."""
-    types = {name: "i32" for name in ("B", "D", "M", "n_tiles", "m_start", "m_stop", "du_row_stride", "n_rows",
-                                      "width", "rows_per_program")}
-    types |= {name: "fp32" for name in ("inv_mix", "eps")}
-    types |= {name: "*bf16" for name in ("q_ptr", "w_ptr", "mixed_ptr", "grad_ptr", "du_ptr", "z_ptr", "y_ptr",
-                                         "dy_ptr")}
-    types |= {name: "*fp32" for name in ("bias_ptr", "tile_mean_ptr", "tile_m2_ptr", "scores_ptr",
-                                         "mean_ptr", "rstd_ptr", "gamma_ptr", "beta_ptr", "sq_partial_ptr",
-                                         "loss_coef_ptr", "partial_ptr", "a_mean_ptr", "b_mean_ptr",
-                                         "d_gamma_partial_ptr", "d_beta_partial_ptr", "d_bias_partial_ptr", "b_ptr",
-                                         "dw_partial_ptr", "db_partial_ptr")}
-    expert = dict(P=3, BLOCK_M=decoder_experts._BLOCK_M, DOT_PRECISION="ieee", UPCAST_DOT=False)
-    for kernel in (decoder_experts._expert_stats_kernel, decoder_experts._expert_mix_kernel,
-                   decoder_experts._expert_grad_stats_kernel):
-        compile_for_gpu(kernel, types, expert)
-    compile_for_gpu(decoder_experts._expert_grad_kernel, types, {k: v for k, v in expert.items() if k != "BLOCK_M"})
-    # The row kernels' w_ptr is the LayerNorm weight (an fp32 parameter), not a GEMM operand.
-    for kernel in (decoder_experts._gelu_layer_norm_fwd_kernel, decoder_experts._gelu_layer_norm_bwd_kernel):
-        compile_for_gpu(kernel, types | {"w_ptr": "*fp32"}, dict(BLOCK=1024))
+def test_quick_sweep_compiles_every_kernel_for_sm90(tmp_path):
+    report = tmp_path / "sweep.json"
+    done = subprocess.run([sys.executable, "-m", "kernels.sweep", "--quick", "--json", str(report)], env=COMPILED,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    rows = json.loads(report.read_text())["rows"]
+    assert {row["kernel"] for row in rows} == KERNELS
+    assert all(not row["problems"] and row["facts"]["local_loads"] == row["facts"]["local_stores"] == 0
+               for row in rows)
+    assert all(row["facts"]["hgmma"] > 0 for row in rows if row["tensor_core"])
+    relation_targets = {row["operands"] for row in rows if row["kernel"] == "relation_kl_fwd"}
+    assert relation_targets == {f"bf16 / target {t}" for t in ("fp32", "fp16", "int8")}
+    cases = {case for row in rows for case in row["cases"]}
+    assert {"B768 D192 Do768 L1", "B256 D192 Do768 L257"} <= cases
 
 
-def _compile_relation_kernels():
-    """Both relation kernels for bf16 tokens with float16 and with int8 targets."""
-    for target, quantized in (("*fp16", False), ("*i8", True)):
-        types = {"y_ptr": "*bf16", "out_ptr": "*bf16", "t_ptr": target, "N": "i32", "D": "i32", "scale": "fp32",
-                 "row_scale_ptr": "*fp32" if quantized else target}
-        types |= {name: "*fp32" for name in ("kl_ptr", "lse_ptr", "mass_ptr", "target_lse_ptr", "grad_ptr")}
-        for kernel in (relation_loss._relation_kl_fwd_kernel, relation_loss._relation_kl_bwd_kernel):
-            compile_for_gpu(kernel, types, dict(QUANTIZED=quantized, DOT_PRECISION="ieee", UPCAST_DOT=False))
+def test_sweep_catches_spills_and_missing_wgmma():
+    # Relation forward 64x64x32 with 4 warps and int8 targets spills (it was shipped once); a 32-row tile
+    # compiles to warp-level mma.sync (HMMA), not wgmma.
+    script = textwrap.dedent("""
+        import torch
+        from kernels._common import KernelConfig
+        from kernels import relation_loss
+        from kernels.sweep import relation_launches, run
+        spilling = KernelConfig.of(4, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=32)
+        narrow = KernelConfig.of(4, 3, BLOCK_I=32, BLOCK_J=32, BLOCK_K=64)
+        launches = []
+        for config in (spilling, narrow):
+            relation_loss.PINNED_CONFIGS[("fwd", 257, 768, "bf16")] = config
+            launches.append(relation_launches(256, 257, 768, "bf16", "int8")[0])
+        for row in run(launches, workers=2):
+            print(row.config, "|", "; ".join(row.problems))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], env=COMPILED, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = dict(line.split(" | ") for line in done.stdout.strip().splitlines())
+    assert "register spills" in lines["I64 J64 K32 w4 s3"]
+    assert "no wgmma (HGMMA) in SASS" in lines["I32 J32 K64 w4 s3"] and "spills" not in lines["I32 J32 K64 w4 s3"]
 
 
-def test_kernels_compile_for_h100():
-    result = subprocess.run([sys.executable, __file__], env=dict(os.environ, TRITON_INTERPRET="0"),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+def test_configs_are_pinned_and_shared_by_every_call():
+    # No autotuner: the config is a pure function of (kernel, shape, dtype), so ranks and resumes agree.
+    for module in (decoder_experts, relation_loss):
+        assert not any(type(v).__name__ == "Autotuner" for v in vars(module).values())
+    assert relation_loss.pick_config("fwd", 257, 768, "bf16") == relation_loss.PINNED_CONFIGS[("fwd", 257, 768, "bf16")]
+    # Off the table: the operand kind's default.
+    assert relation_loss.pick_config("bwd", 70, 40, "fp32") == relation_loss.DEFAULT_CONFIGS["fp32"]
+    assert decoder_experts.pick_config("grad", 24, 480, "tf32") == decoder_experts.DEFAULT_CONFIGS["grad"]["tf32"]
+    # Every config either table holds (pinned or default) is one the full sweep compiles, for that kernel
+    # and operand kind.
+    swept = {(launch.kernel_name, operand_kind(launch), 
+              tuple(sorted((k, v) for k, v in launch.args.items() if k.startswith("BLOCK_") and k != "BLOCK")),
+              launch.num_warps, launch.num_stages) for launch in all_launches(quick=False)}
+
+    def assert_swept(kernel_name, kind, config):
+        key = (kernel_name, kind, tuple(sorted(config.tiles)), config.num_warps, config.num_stages)
+        assert key in swept, key
+
+    for (kernel, n, dim, kind), config in relation_loss.PINNED_CONFIGS.items():
+        assert_swept(f"relation_kl_{kernel}", kind, config)
+    for kernel in ("fwd", "bwd"):
+        for kind, config in relation_loss.DEFAULT_CONFIGS.items():
+            assert_swept(f"relation_kl_{kernel}", kind, config)
+    for kernel, dim, features, kind in decoder_experts.PINNED_CONFIGS:
+        assert_swept(f"expert_{kernel}", kind, decoder_experts.pick_config(kernel, dim, features, kind))
+    for kernel, by_kind in decoder_experts.DEFAULT_CONFIGS.items():
+        for kind in by_kind:
+            assert_swept(f"expert_{kernel}", kind, decoder_experts.pick_config(kernel, 1, 1, kind))
 
 
-if __name__ == "__main__":
-    _compile_decoder_kernels()
-    _compile_relation_kernels()
+def _described(kernel_name, args: dict) -> tuple:
+    """A launch as comparable data: tensors by dtype, floats rounded; the interpreter-only switch dropped."""
+    def value(v):
+        if isinstance(v, torch.Tensor):
+            return str(v.dtype)
+        if isinstance(v, torch.dtype):
+            return str(v)
+        return round(v, 6) if isinstance(v, float) else v
+    return kernel_name, tuple(sorted((k, value(v)) for k, v in args.items() if k != "UPCAST_DOT"))
+
+
+def _record_launches(monkeypatch, module) -> list:
+    recorded, real = [], module.launch
+
+    def record(kernel, grid, config, *args, **constexprs):
+        name = kernel.fn.__name__.strip("_").removesuffix("_kernel")
+        recorded.append(_described(name, dict(zip(kernel.arg_names, args)) | dict(config.tiles) | constexprs))
+        real(kernel, grid, config, *args, **constexprs)
+    monkeypatch.setattr(module, "launch", record)
+    return recorded
+
+
+def test_sweep_lists_what_the_ops_launch(monkeypatch):
+    # The ops run (interpreted) at small shapes; every launch they make must be one the sweep lists for
+    # that shape, with the same argument dtypes, integers, tiles, warps and stages.
+    from dpal.losses import quantize_relation, relation_matrix
+    from kernels.sweep import decoder_launches, relation_launches
+
+    recorded = _record_launches(monkeypatch, relation_loss)
+    y = torch.randn(2, 70, 40, dtype=torch.bfloat16, requires_grad=True)
+    codes, scale = quantize_relation(relation_matrix(torch.randn(2, 70, 40)))
+    relation_loss.relation_kl(y, codes, scale).backward()
+    listed = [_described(l.kernel_name, l.args) for l in relation_launches(2, 70, 40, "bf16", "int8")]
+    assert recorded == listed
+
+    recorded = _record_launches(monkeypatch, decoder_experts)
+    batch, dim, out_dim, tokens = 5, 24, 20, 7
+    features = dim * out_dim
+    inputs = [torch.randn(batch, 3, dim, dtype=torch.bfloat16), torch.rand(batch, 3).softmax(-1),
+              torch.randn(batch, tokens, dim, dtype=torch.bfloat16),
+              torch.randn(features, dim, dtype=torch.bfloat16) / dim ** 0.5, torch.zeros(features),
+              torch.ones(features), torch.zeros(features), torch.ones(out_dim), torch.zeros(out_dim)]
+    for t in inputs:
+        t.requires_grad_()
+    y, loss = decoder_experts.expert_path(*inputs)
+    (y.float().square().mean() + loss).backward()
+    listed = [_described(l.kernel_name, l.args) for l in decoder_launches(batch, dim, out_dim, tokens, "bf16")
+              if "DOT_PRECISION" in l.args]  # the row kernels are launched directly, with the width's warps
+    assert recorded == listed

@@ -1,0 +1,53 @@
+"""Fixed-size bicubic resizes of token grids as two matrix products (deterministic in backward).
+
+`F.interpolate(..., mode="bicubic")` has no deterministic CUDA backward (its backward scatters with
+atomics), so `torch.use_deterministic_algorithms(True)` refuses it at the first backward. The resizes the
+students need are fixed per (input size, output size): the ViT position grid (antialiased, as timm's
+`resample_abs_pos_embed`) and the Swin tokens' 2x upsample (plain bicubic). Bicubic resampling is
+separable, out = A_h X A_w^T, so each is two GEMMs with matrices made once per size pair by resizing an
+identity with the very same `F.interpolate` call (in float64): the result equals F.interpolate's up to
+float rounding, and the GEMMs' backward is deterministic.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=None)
+def _axis_matrix_cpu(in_size: int, out_size: int, antialias: bool) -> torch.Tensor:
+    """[out_size, in_size] float64: row o holds the weights F.interpolate gives output o along one axis."""
+    # Image k of the batch is e_k along the height, repeated over a width of 2 that stays 2 (scale 1 is the
+    # identity there), so image k resized is column k. (Width 2, not 1: PyTorch's antialiased path
+    # averages everything when a dimension has size 1.)
+    identity = torch.eye(in_size, dtype=torch.float64, device="cpu").view(in_size, 1, in_size, 1).expand(-1, -1, -1, 2)
+    resized = F.interpolate(identity, size=(out_size, 2), mode="bicubic", align_corners=False, antialias=antialias)
+    return resized[:, 0, :, 0].t().contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_matrix(in_size: int, out_size: int, antialias: bool, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    return _axis_matrix_cpu(in_size, out_size, antialias).to(device, dtype)
+
+
+def bicubic_resize(grid: torch.Tensor, size: tuple[int, int], *, antialias: bool) -> torch.Tensor:
+    """F.interpolate(mode="bicubic", align_corners=False, antialias=antialias) of a channels-last grid.
+
+    grid [B, H, W, C] -> [B, size[0], size[1], C], computed in float32 (as timm and F.interpolate do,
+    whatever autocast says) and returned in grid's dtype.
+    """
+    height, width = grid.shape[1:3]
+    kwargs = dict(device=grid.device, dtype=torch.float32)
+    rows = _axis_matrix(height, size[0], antialias, **kwargs)
+    cols = _axis_matrix(width, size[1], antialias, **kwargs)
+    # Autocast would round the GEMMs' operands to bf16; it exists on CUDA and CPU only (not on meta).
+    no_autocast = torch.autocast(grid.device.type, enabled=False) if grid.device.type in ("cuda", "cpu") \
+        else contextlib.nullcontext()
+    with no_autocast:
+        out = torch.einsum("oh,bhwc->bowc", rows, grid.float())
+        out = torch.einsum("pw,bowc->bopc", cols, out)
+    return out.to(grid.dtype)

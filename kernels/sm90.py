@@ -1,0 +1,191 @@
+"""What a kernel launch becomes on an H100/H200 (sm_90), read without a GPU.
+
+`compile_launch` compiles one launch exactly as Triton's JIT would for it on an sm_90 device: the same
+binder turns the launch's arguments (pointer dtypes, integer values, constexprs, warps, stages) into the
+signature and the specialisation attributes (16-divisible integers and pointers, integers equal to 1),
+then `triton.compile` lowers it through ptxas. `cubin_facts` reads the cubin with the tools Triton ships
+(`cuobjdump`, `nvdisasm`): registers, stack frame, local-memory instructions (register spills show up as
+STL/LDL), warpgroup MMAs (HGMMA, what Hopper's tensor cores run at full rate) and the older HMMA.
+
+`sweep` compiles many launches (listed by `kernels.sweep`) in forked children, two at a time by default, so that a compiler crash
+(Triton asserts abort the process) becomes one failed row instead of ending the sweep.
+
+The kernels must have been defined compiled, i.e. in a process with TRITON_INTERPRET=0; `python -m
+kernels.sm90` and the tests start such a process.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import triton
+
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+ARCH = 90
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the op issues it: runtime arguments by name (a torch.dtype stands for a
+    tensor of that dtype, 16-byte aligned as torch allocates them; ints and floats are passed as such),
+    the constexprs (tiles from the pinned config, dtype switches) and the launch options."""
+    op: str
+    kernel: object  # a @triton.jit function defined with TRITON_INTERPRET=0
+    args: dict
+    num_warps: int
+    num_stages: int
+    config: str  # the config's label, for tables
+    case: str  # what the arguments stand for (shape, dtypes), for tables
+    tensor_core: bool  # the kernel's dots can run on tensor cores (bf16/fp16, or fp32 as tf32)
+    programs: int = 1  # grid size, for executed-instruction estimates
+
+    @property
+    def kernel_name(self) -> str:
+        return self.kernel.__name__.strip("_").removesuffix("_kernel")
+
+
+@dataclass
+class CubinFacts:
+    registers: int
+    stack_bytes: int
+    local_loads: int  # LDL in SASS: a spilled register (or a register array indexed at run time) read back
+    local_stores: int  # STL
+    hgmma: int  # warpgroup MMA instructions (sm_90 tensor cores at full rate)
+    hmma: int  # warp-level mma.sync instructions (the pre-Hopper path)
+    instructions: int  # SASS instructions in the kernel, static count
+    shared_bytes: int
+    counts: dict = field(default_factory=dict)  # SASS opcode -> static count
+    # Static instructions at loop depth 0 (straight-line code), 1 (inside one loop), 2 ...; loops are the
+    # backward branches of the SASS. With trip counts per depth this gives the executed count.
+    by_loop_depth: list = field(default_factory=list)
+
+    @property
+    def spills(self) -> int:
+        return self.local_loads + self.local_stores
+
+
+def _placeholder(dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(16, dtype=dtype)  # only its dtype and (aligned) address are looked at
+
+
+def _bind(launch: Launch):
+    """The JIT's view of `launch`: (function, backend, target, signature, constexprs, attrs, options)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    fn = launch.kernel
+    if not isinstance(fn, JITFunction):
+        raise RuntimeError(f"{launch.kernel_name} was defined under TRITON_INTERPRET=1; compile it in a process "
+                           "with TRITON_INTERPRET=0")
+    target = GPUTarget("cuda", ARCH, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    args = {k: _placeholder(v) if isinstance(v, torch.dtype) else v for k, v in launch.args.items()}
+    options = dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
+    bound, specialization, parsed = binder(**args, **options)
+    return fn, backend, target, specialization, fn._pack_args(backend, options, bound, specialization, parsed)
+
+
+def specialization_key(launch: Launch) -> tuple:
+    """Equal for launches the JIT compiles to the same binary (dtypes, integer specialisation, constexprs)."""
+    fn, _, _, specialization, (options, *_) = _bind(launch)
+    return fn.__name__, tuple(map(str, specialization)), options.num_warps, options.num_stages
+
+
+def compile_launch(launch: Launch):
+    """triton.compile of `launch` for sm_90 with the JIT's own specialisation of its arguments."""
+    from triton.compiler import ASTSource
+
+    fn, _, target, _, (options, signature, constexprs, attrs) = _bind(launch)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def _tool(name: str, *args: str) -> str:
+    return subprocess.run([str(TOOLS / name), *args], check=True, capture_output=True, text=True).stdout
+
+
+_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH_TARGET = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
+
+
+def _loop_depths(sass: str) -> list[int]:
+    """Static instruction count per loop-nesting depth: a loop is a branch back to an earlier label."""
+    labels, loops, index = {}, [], 0
+    for line in sass.splitlines():
+        if (label := _LABEL.match(line.strip())) is not None:
+            labels[label.group(1)] = index
+        elif _OPCODE.search(line):
+            target = _BRANCH_TARGET.search(line)
+            if target and labels.get(target.group(1), index) < index:  # backward, and not a branch to itself
+                loops.append((labels[target.group(1)], index))
+            index += 1
+    depths = [0] * (max((sum(a <= i <= b for a, b in loops) for i in range(index)), default=0) + 1)
+    for i in range(index):
+        depths[sum(a <= i <= b for a, b in loops)] += 1
+    return depths
+
+
+def cubin_facts(compiled) -> CubinFacts:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = _tool("cuobjdump", "--dump-resource-usage", f.name)
+        sass = _tool("nvdisasm", "-c", f.name)
+    resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    counts: dict[str, int] = {}
+    for opcode in _OPCODE.findall(sass):
+        counts[opcode] = counts.get(opcode, 0) + 1
+    return CubinFacts(registers=int(resources["REG"]), stack_bytes=int(resources["STACK"]),
+                      local_loads=counts.get("LDL", 0), local_stores=counts.get("STL", 0),
+                      hgmma=counts.get("HGMMA", 0), hmma=counts.get("HMMA", 0),
+                      instructions=sum(counts.values()), shared_bytes=compiled.metadata.shared, counts=counts,
+                      by_loop_depth=_loop_depths(sass))
+
+
+def _compile_in_child(launch: Launch, conn) -> None:
+    try:
+        conn.send(("ok", asdict(cubin_facts(compile_launch(launch)))))
+    except Exception as exc:  # noqa: BLE001 — reported to the parent as this launch's result
+        conn.send(("error", f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc) else ''}"))
+    finally:
+        conn.close()
+
+
+def sweep(launches: list[Launch], workers: int = 2, timeout_s: float = 600.0) -> list[CubinFacts | str]:
+    """cubin facts for each launch, or an error line (compile error, or the compiler process dying)."""
+    context = multiprocessing.get_context("fork")  # inherits the compiled kernel definitions
+    results: list[CubinFacts | str | None] = [None] * len(launches)
+    pending = list(enumerate(launches))
+    running = []
+    while pending or running:
+        while pending and len(running) < workers:
+            index, launch = pending.pop(0)
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(target=_compile_in_child, args=(launch, send), daemon=True)
+            process.start()
+            send.close()
+            running.append((index, process, receive))
+        index, process, receive = running.pop(0)
+        if receive.poll(timeout_s):
+            try:
+                status, value = receive.recv()
+            except EOFError:
+                status, value = "error", None
+        else:
+            status, value = "error", f"no result within {timeout_s:.0f} s"
+        process.join(10)
+        if value is None:
+            value = f"compiler process died (exit code {process.exitcode}): an assertion inside Triton"
+        results[index] = CubinFacts(**value) if status == "ok" else value
+        receive.close()
+    return results
+
+
+__all__ = ["ARCH", "CubinFacts", "Launch", "compile_launch", "cubin_facts", "specialization_key", "sweep"]

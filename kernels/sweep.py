@@ -1,0 +1,329 @@
+"""The sm_90 compile sweep: every fused kernel, with every config it may pick, at the recipes' shapes.
+
+    TRITON_INTERPRET=0 python -m kernels.sweep              # everything (`make check-sm90`)
+    TRITON_INTERPRET=0 python -m kernels.sweep --quick      # the representative part `make test` runs
+    TRITON_INTERPRET=0 python -m kernels.sweep --json PATH  # also write the rows as JSON
+
+No GPU is needed: each launch is compiled for sm_90 as Triton's JIT would compile it on an H100/H200
+(`kernels.sm90`), and its cubin is read. A launch fails on a compile error, on any local-memory
+instruction (a register spill), and, when its dots can use tensor cores, on SASS without HGMMA (wgmma).
+Exit status 1 if any launch fails; a table (kernel, operands, config, registers, spills, wgmma) is
+printed last.
+
+The launches are listed here as the ops issue them: the ops' own config pickers, chunking and row-split
+rules give the tiles and integer arguments, at
+- decoder (D, D_o) of every recipe, batch 256 (128 for the half-batch students), tokens L = 1, 48, 128,
+  257, and the stacked CLS call (B = 768, L = 1);
+- relation (N, D) of every recipe at batch 256;
+- activations in bf16, fp16, fp32 (IEEE dots) and fp32 with TF32; relation targets in fp32, fp16, bf16 and
+  int8 (with float32 row scales).
+Launches the JIT would specialise identically (same dtypes, same 16-divisibility of the integers, same
+constexprs) compile once; a row lists the cases it stands for.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+
+from dpal.recipes import RECIPES
+from kernels import decoder_experts as dec, relation_loss as rel
+from kernels._common import KernelConfig
+from kernels.sm90 import CubinFacts, Launch, specialization_key, sweep
+
+PATTERNS = 3
+H100_SMS = 132  # H100 SXM and H200 alike: the row kernel's grid depends on it
+F32 = torch.float32
+# Activation dtype and whether torch's TF32 switch is on, per operand kind (`kernels._common.dot_operands`).
+OPERANDS = {"bf16": (torch.bfloat16, "ieee"), "fp16": (torch.float16, "ieee"), "fp32": (F32, "ieee"),
+            "tf32": (F32, "tf32")}
+TARGETS = {"fp32": F32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+TOKENS = (1, 48, 128, 257)  # CLS-only calls, local crop (8x6), global view (16x8), crowd view + CLS
+CLS_STACK = 3  # the global view's and the 2 local crops' CLS tokens go through the decoder as one call
+
+
+def decoder_shapes() -> list[tuple[int, int, int, int]]:
+    """(batch, D, D_o, L) of every decoder call the recipes make."""
+    shapes = set()
+    for recipe in RECIPES.values():
+        batch = recipe.optim.batch_per_gpu
+        dim, out_dim = recipe.decoder.in_dim, recipe.decoder.out_dim
+        shapes.update((batch, dim, out_dim, tokens) for tokens in TOKENS)
+        shapes.add((CLS_STACK * batch, dim, out_dim, 1))
+    return sorted(shapes)
+
+
+def relation_shapes() -> list[tuple[int, int, int]]:
+    """(batch, N, D) of every relation call: the teacher's relation tokens, the decoder's output width."""
+    return sorted({(r.optim.batch_per_gpu, (256 // r.teacher.token_stride) ** 2 + r.teacher.has_cls,
+                    r.decoder.out_dim) for r in RECIPES.values()})
+
+
+def _launch(op, kernel, args, config: KernelConfig, case, tensor_core, grid):
+    return Launch(op, kernel, args | dict(config.tiles), config.num_warps, config.num_stages, config.label, case,
+                  tensor_core, math.prod(grid))
+
+
+def decoder_launches(batch, dim, out_dim, tokens, kind) -> list[Launch]:
+    dtype, precision = OPERANDS[kind]
+    features = dim * out_dim
+    n_tiles = triton.cdiv(features, dec._BLOCK_M)
+    case = f"B{batch} D{dim} Do{out_dim} L{tokens}"
+    common = dict(q_ptr=dtype, w_ptr=dtype, bias_ptr=F32, B=batch, D=dim, M=features, P=PATTERNS,
+                  DOT_PRECISION=precision, UPCAST_DOT=False)
+    tensor_core = kind != "fp32"  # IEEE fp32 dots run on FMA units by design
+    row_stats = dict(mean_ptr=F32, rstd_ptr=F32, gamma_ptr=F32)
+    stats, mix, grad_stats, grad = (dec.pick_config(k, dim, features, kind)
+                                    for k in ("stats", "mix", "grad_stats", "grad"))
+    launches = [
+        _launch("decoder", dec._expert_stats_kernel,
+                common | dict(tile_mean_ptr=F32, tile_m2_ptr=F32, n_tiles=n_tiles),
+                stats, case, tensor_core, dec._expert_grid(batch, features, stats)),
+        _launch("decoder", dec._expert_mix_kernel,
+                common | row_stats | dict(scores_ptr=F32, beta_ptr=F32, mixed_ptr=dtype, sq_partial_ptr=F32,
+                                          inv_mix=1 / 256, n_tiles=n_tiles),
+                mix, case, tensor_core, dec._expert_grid(batch, features, mix)),
+        _launch("decoder", dec._expert_grad_stats_kernel,
+                common | row_stats | dict(beta_ptr=F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=F32,
+                                          partial_ptr=F32, n_tiles=n_tiles),
+                grad_stats, case, tensor_core, dec._expert_grid(batch, features, grad_stats))]
+    chunk = dec.du_chunk_columns(batch, PATTERNS, features)
+    for m_start in range(0, features, chunk):
+        launches.append(_launch(
+            "decoder", dec._expert_grad_kernel,
+            common | row_stats | dict(scores_ptr=F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=F32,
+                                      a_mean_ptr=F32, b_mean_ptr=F32, du_ptr=dtype, d_gamma_partial_ptr=F32,
+                                      d_beta_partial_ptr=F32, d_bias_partial_ptr=F32, inv_mix=1 / 256,
+                                      m_start=m_start, m_stop=min(m_start + chunk, features), du_row_stride=chunk),
+            grad, case + f" du[{m_start}:]", tensor_core, dec._expert_grid(batch, min(chunk, features - m_start), grad)))
+    if kind == "tf32":
+        return launches  # the row kernels have no dots: their fp32 code is the "fp32" kind's
+    rows, block = batch * tokens, triton.next_power_of_2(out_dim)
+    row_config = KernelConfig.of(dec.row_warps(block), 3, BLOCK=block)  # 3: Triton's default stages
+    programs, rows_per_program = dec.row_programs(rows, H100_SMS)
+    launches += [
+        _launch("decoder", dec._gelu_layer_norm_fwd_kernel,
+                dict(z_ptr=dtype, y_ptr=dtype, w_ptr=F32, b_ptr=F32, width=out_dim, eps=1e-6), row_config, case,
+                False, (rows,)),
+        _launch("decoder", dec._gelu_layer_norm_bwd_kernel,
+                dict(z_ptr=dtype, dy_ptr=dtype, w_ptr=F32, dw_partial_ptr=F32, db_partial_ptr=F32, n_rows=rows,
+                     width=out_dim, eps=1e-6, rows_per_program=rows_per_program), row_config,
+                case + f" {programs}x{rows_per_program} rows", False, (programs,))]
+    return launches
+
+
+def relation_launches(batch, n, dim, kind, target) -> list[Launch]:
+    dtype, precision = OPERANDS[kind]
+    target_dtype = TARGETS[target]
+    quantized = target == "int8"
+    case = f"B{batch} N{n} D{dim} target {target}"
+    common = dict(y_ptr=dtype, t_ptr=target_dtype, row_scale_ptr=F32 if quantized else target_dtype,
+                  lse_ptr=F32, mass_ptr=F32, target_lse_ptr=F32, N=n, D=dim, scale=dim ** -0.5,
+                  QUANTIZED=quantized, DOT_PRECISION=precision, UPCAST_DOT=False)
+    fwd, bwd = rel.pick_config("fwd", n, dim, kind), rel.pick_config("bwd", n, dim, kind)
+    tensor_core = kind != "fp32"  # IEEE fp32 dots run on FMA units by design
+    return [_launch("relation", rel._relation_kl_fwd_kernel, common | dict(cross_ptr=F32), fwd, case, tensor_core,
+                    (batch, triton.cdiv(n, fwd["BLOCK_I"]))),
+            _launch("relation", rel._relation_kl_bwd_kernel, common | dict(grad_ptr=F32, out_ptr=dtype), bwd, case,
+                    tensor_core, (batch, triton.cdiv(n, bwd["BLOCK_I"]), triton.cdiv(n, bwd["BLOCK_J"])))]
+
+
+def all_launches(quick: bool) -> list[Launch]:
+    """The whole sweep, or (quick) bf16 activations at the ViT-Ti shapes (B 256 and the B 768 CLS stack)
+    with every target format: each kernel once, with the config training picks."""
+    launches = []
+    kinds = ("bf16",) if quick else tuple(OPERANDS)
+    for kind in kinds:
+        for batch, dim, out_dim, tokens in decoder_shapes():
+            if not quick or (dim, out_dim) == (192, 768) and (tokens, batch) in ((257, 256), (1, 768)):
+                launches += decoder_launches(batch, dim, out_dim, tokens, kind)
+        for batch, n, dim in relation_shapes():
+            if not quick or (n, dim) == (257, 768):
+                for target in ("fp32", "fp16", "int8") if quick else TARGETS:
+                    launches += relation_launches(batch, n, dim, kind, target)
+    return launches
+
+
+# Datasheet ceilings: dense bf16 tensor-core FLOP/s and memory bandwidth (H100 SXM, H200), and the issue
+# rate of both: 132 SMs x 4 schedulers x 1 warp instruction per clock at the 1.98 GHz boost clock.
+CEILINGS = {"H100": {"flops": 989e12, "bytes": 3.35e12}, "H200": {"flops": 989e12, "bytes": 4.8e12}}
+ISSUE_RATE = 132 * 4 * 1.98e9  # warp instructions per second
+
+
+def _loop_trips(launch: Launch) -> list[int]:
+    """Trip counts of the kernel's loops by nesting depth (outermost first), from its arguments."""
+    a, name = launch.args, launch.kernel_name
+    if name.startswith("expert_"):
+        return [triton.cdiv(a["D"], a["BLOCK_K"])]  # the K loop, once per pattern (unrolled)
+    if name == "relation_kl_fwd":  # column blocks (and the int8 pre-pass), then K inside
+        return [triton.cdiv(a["N"], a["BLOCK_J"]), triton.cdiv(a["D"], a["BLOCK_K"])]
+    if name == "relation_kl_bwd":
+        return [triton.cdiv(a["D"], a["BLOCK_K"])]
+    if name == "gelu_layer_norm_bwd":
+        return [a["rows_per_program"]]
+    return []
+
+
+def _work(launch: Launch) -> dict:
+    """Elements (of u, S or z), useful dot FLOPs and compulsory bytes of one launch."""
+    a, name = launch.args, launch.kernel_name
+    size = torch.empty((), dtype=a.get("q_ptr", a.get("y_ptr", a.get("z_ptr")))).element_size()
+    if name.startswith("expert_"):
+        batch, dim = a["B"], a["D"]
+        columns = a["m_stop"] - a["m_start"] if name == "expert_grad" else a["M"]
+        rows = batch * PATTERNS
+        moved = {"expert_stats": rows * dim + columns * dim, "expert_mix": rows * dim + columns * dim + batch * columns,
+                 "expert_grad_stats": rows * dim + columns * dim + 2 * batch * columns,
+                 "expert_grad": rows * dim + columns * dim + 2 * batch * columns + rows * columns}[name]
+        return dict(elements=rows * columns, flops=2.0 * rows * columns * dim, bytes=size * moved)
+    if name.startswith("relation_kl"):
+        batch = launch.programs // (triton.cdiv(a["N"], a["BLOCK_I"]) *
+                                    (triton.cdiv(a["N"], a["BLOCK_J"]) if name.endswith("bwd") else 1))
+        pairs, target_size = batch * a["N"] ** 2, torch.empty((), dtype=a["t_ptr"]).element_size()
+        moved = size * batch * a["N"] * a["D"] + target_size * pairs + (size * pairs if name.endswith("bwd") else 0)
+        return dict(elements=pairs, flops=2.0 * pairs * a["D"], bytes=moved)
+    rows = a.get("n_rows", launch.programs)
+    return dict(elements=rows * a["width"], flops=0.0, bytes=size * rows * a["width"] * (3 if "bwd" in name else 2))
+
+
+def estimated_cost(launch: Launch, facts: CubinFacts) -> dict:
+    """Executed SASS (static counts by loop depth x trip counts x warps x programs) and the predicted time:
+    the largest of issue-bound, FLOP-bound and byte-bound times at the datasheet ceilings."""
+    trips, per_warp, weight = _loop_trips(launch), 0, 1
+    for depth, count in enumerate(facts.by_loop_depth):
+        weight = math.prod(trips[:depth]) if depth <= len(trips) else weight
+        per_warp += count * weight
+    warp_instructions = per_warp * launch.num_warps * launch.programs
+    work = _work(launch)
+    cost = dict(work, warp_instructions=warp_instructions,
+                sass_per_element=warp_instructions * 32 / work["elements"], issue_ms=1e3 * warp_instructions / ISSUE_RATE)
+    for gpu, ceiling in CEILINGS.items():
+        cost[f"floor_ms_{gpu}"] = 1e3 * max(work["flops"] / ceiling["flops"], work["bytes"] / ceiling["bytes"])
+        cost[f"predicted_ms_{gpu}"] = max(cost["issue_ms"], cost[f"floor_ms_{gpu}"])
+    return cost
+
+
+@dataclass
+class Row:
+    kernel: str
+    operands: str
+    config: str
+    cases: list[str]
+    tensor_core: bool
+    facts: CubinFacts | None
+    error: str | None
+
+    @property
+    def problems(self) -> list[str]:
+        if self.error:
+            return [self.error]
+        found = []
+        if self.facts.spills:
+            found.append(f"{self.facts.local_loads} LDL + {self.facts.local_stores} STL (register spills)")
+        if self.tensor_core and not self.facts.hgmma:
+            found.append(f"no wgmma (HGMMA) in SASS ({self.facts.hmma} HMMA)")
+        return found
+
+
+def operand_kind(launch: Launch) -> str:
+    """The OPERANDS key of a launch: its first tensor's dtype and its dot precision."""
+    first = next(v for v in launch.args.values() if isinstance(v, torch.dtype))
+    precision = launch.args.get("DOT_PRECISION", "ieee")
+    return next(k for k, (dt, prec) in OPERANDS.items() if dt == first and prec == precision)
+
+
+def _operands(launch: Launch) -> str:
+    args = launch.args
+    kind = operand_kind(launch)
+    if "t_ptr" in args:
+        kind += " / target " + next(k for k, dt in TARGETS.items() if dt == args["t_ptr"])
+    return kind
+
+
+def run(launches: list[Launch], workers: int, costs: list | None = None) -> list[Row]:
+    """One row per distinct compile; `costs`, when given, receives (launch, facts, estimated_cost) per launch."""
+    groups: dict[tuple, list[Launch]] = {}
+    for launch in launches:
+        groups.setdefault(specialization_key(launch), []).append(launch)
+    firsts = [group[0] for group in groups.values()]
+    results = sweep(firsts, workers=workers)
+    if costs is not None:
+        costs.extend((launch, result, estimated_cost(launch, result))
+                     for group, result in zip(groups.values(), results) if not isinstance(result, str) for launch in group)
+    rows = []
+    for group, result in zip(groups.values(), results):
+        first = group[0]
+        rows.append(Row(first.kernel_name, _operands(first), first.config, sorted({g.case for g in group}),
+                        first.tensor_core, None if isinstance(result, str) else result,
+                        result if isinstance(result, str) else None))
+    return rows
+
+
+def aggregate_costs(costs: list) -> list[dict]:
+    """Per (kernel, operands, call): the du pass's chunk launches summed into one call."""
+    calls: dict[tuple, dict] = {}
+    for launch, facts, cost in costs:
+        key = (launch.kernel_name, _operands(launch), launch.case.split(" du[")[0])
+        if key not in calls:
+            calls[key] = dict(kernel=key[0], operands=key[1], case=key[2], config=launch.config, launches=0,
+                              registers=facts.registers, spills=facts.spills, hgmma=facts.hgmma, hmma=facts.hmma,
+                              static_sass=facts.instructions, **{k: 0.0 for k in cost if k != "sass_per_element"})
+        total = calls[key]
+        total["launches"] += 1
+        for name, value in cost.items():
+            if name != "sass_per_element":
+                total[name] += value
+    for total in calls.values():
+        total["sass_per_element"] = total["warp_instructions"] * 32 / total["elements"]
+    return list(calls.values())
+
+
+def print_table(rows: list[Row]) -> None:
+    header = (f"{'kernel':22} {'operands':18} {'config':18} {'regs':>4} {'spill':>5} {'HGMMA':>5} {'HMMA':>4} "
+              f"{'SASS':>5} {'cases':>5}  result")
+    print(header)
+    print("-" * len(header))
+    for row in sorted(rows, key=lambda r: (r.kernel, r.operands, r.config)):
+        f = row.facts
+        numbers = (f"{f.registers:4} {f.spills:5} {f.hgmma:5} {f.hmma:4} {f.instructions:5}" if f else
+                   f"{'-':>4} {'-':>5} {'-':>5} {'-':>4} {'-':>5}")
+        print(f"{row.kernel:22} {row.operands:18} {row.config:18} {numbers} {len(row.cases):5}  "
+              + ("; ".join(row.problems) or "ok"))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only the representative part (make test)")
+    parser.add_argument("--json", metavar="PATH", help="also write every row as JSON to PATH")
+    parser.add_argument("--workers", type=int, default=2, help="compiler processes at a time (default 2)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("kernels.sweep compiles the kernels, so they must not be interpreted: run it as "
+                         "`TRITON_INTERPRET=0 python -m kernels.sweep`")
+    start = time.perf_counter()
+    launches = all_launches(args.quick)
+    costs: list = []
+    rows = run(launches, args.workers, costs)
+    seconds = time.perf_counter() - start
+    print_table(rows)
+    failed = [r for r in rows if r.problems]
+    print(f"\n{len(launches)} launches, {len(rows)} distinct compiles for sm_90 in {seconds:.0f} s "
+          f"(triton {triton.__version__}); {len(failed)} failed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "seconds": seconds, "quick": args.quick,
+                       "rows": [asdict(r) | {"problems": r.problems} for r in rows],
+                       "costs": aggregate_costs(costs)}, f, indent=2)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
