@@ -1,0 +1,93 @@
+"""The offline wheelhouse (`make wheelhouse`) installs with `pip install --no-index` into a fresh Python 3.12
+environment that has only what the GPU image has, and FFCV from it decodes a .beton written by our `pack`.
+
+The GPU image is stood in for by `.venv-oldest` (torch 2.11, triton 3.6, timm, numpy, numba, opencv headless,
+... and none of the wheelhouse's packages), put on the fresh environment's path by a .pth file. Both folders
+are built once by make (ignored by git) and reused: cold, about 1 minute for the wheelhouse (FFCV compiles)
+and 2 for .venv-oldest; warm, this test takes about 30 s.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+WHEELHOUSE = REPO / "wheelhouse" / "py3.12"
+IMAGE_VENV = REPO / ".venv-oldest"
+
+
+def _make(*targets: str) -> None:
+    # PY: this interpreter runs the build script; INSTALLED empty: the project .venv is not (re)made from here.
+    done = subprocess.run(["make", "-s", f"PY={sys.executable}", "INSTALLED=", *targets], cwd=REPO,
+                          capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+
+@pytest.fixture(scope="module")
+def fresh_env(tmp_path_factory):
+    _make("wheelhouse/py3.12/requirements.txt", ".venv-oldest/.installed")
+    fresh = tmp_path_factory.mktemp("wheelhouse") / "fresh"
+    subprocess.run([str(IMAGE_VENV / "bin" / "python"), "-m", "venv", str(fresh)], check=True, timeout=300)
+    python = fresh / "bin" / "python"
+    image_site = subprocess.run([str(IMAGE_VENV / "bin" / "python"), "-c", "import site; print(site.getsitepackages()[0])"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    fresh_site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    Path(fresh_site, "gpu_image.pth").write_text(image_site + "\n")
+    # Offline, dependencies resolved: every one is in the wheelhouse or in the image layer.
+    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index", "--find-links", str(WHEELHOUSE),
+                           "-r", str(WHEELHOUSE / "requirements.txt")], capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return python, Path(fresh_site)
+
+
+def test_wheelhouse_is_small_and_its_packages_import_with_their_own_libraries(fresh_env):
+    python, fresh_site = fresh_env
+    sizes = sum(p.stat().st_size for p in WHEELHOUSE.glob("*.whl"))
+    assert 0 < sizes < 60 * 2 ** 20
+    probe = ("import json, ffcv, zarr, numcodecs, google_crc32c\n"
+             "maps = open('/proc/self/maps').read().split()\n"
+             "print(json.dumps({'ffcv': ffcv.__file__, 'zarr': zarr.__file__, 'numcodecs': numcodecs.__file__,"
+             " 'native': sorted({p for p in maps if 'opencv' in p or 'turbojpeg' in p})}))\n")
+    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    for name in ("ffcv", "zarr", "numcodecs"):
+        assert found[name].startswith(str(fresh_site)), found  # from the wheelhouse, not from the image layer
+    # FFCV's native code runs on the libraries it carries, not on this machine's OpenCV / libjpeg-turbo.
+    assert found["native"] and all("/ffcv.libs/" in path for path in found["native"]), found["native"]
+
+
+def test_ffcv_from_the_wheelhouse_decodes_a_beton_written_by_pack(fresh_env, tmp_path):
+    import cv2
+
+    from cache_teacher.ffcv_images import ImageFile
+
+    python, _ = fresh_env
+    rng = np.random.default_rng(0)
+    (tmp_path / "src").mkdir()
+    for index, (h, w) in enumerate([(64, 32), (50, 41), (80, 30)]):  # different sizes, as persons come
+        cv2.imwrite(str(tmp_path / "src" / f"{index}.jpg"), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    beton = tmp_path / "images.beton"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([str(python), "-m", "cache_teacher", "pack", str(tmp_path / "src"), str(beton)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "decoded.npz"
+    decode = ("import sys, numpy as np\nfrom cache_teacher.ffcv_images import ImageFile\n"
+              "f = ImageFile(sys.argv[1])\n"
+              "np.savez(sys.argv[2], *[f.image(i) for i in range(f.num_images)])\n")
+    done = subprocess.run([str(python), "-c", decode, str(beton), str(out)], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    there = np.load(out)
+    here = ImageFile(str(beton))
+    assert len(there.files) == here.num_images == 3
+    for index in range(3):
+        assert np.array_equal(there[f"arr_{index}"], here.image(index))
