@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "acceptance" / "gpu_check.py"
 
 
-def _run(*args, timeout=900):
+def _run(*args, timeout=2000):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=REPO,
                           timeout=timeout)
 

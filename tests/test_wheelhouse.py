@@ -91,3 +91,11 @@ def test_ffcv_from_the_wheelhouse_decodes_a_beton_written_by_pack(fresh_env, tmp
     assert len(there.files) == here.num_images == 3
     for index in range(3):
         assert np.array_equal(there[f"arr_{index}"], here.image(index))
+
+
+def test_unsupported_python_version_is_named_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "acceptance" / "wheelhouse.py"), "--python", "3.9", "--out",
+                           str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and not (tmp_path / "w").exists()
+    assert done.stderr.strip() == ("wheelhouse: Python 3.9 is not supported for the wheelhouse; supported: "
+                                   "3.11, 3.12, 3.13")
