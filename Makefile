@@ -56,7 +56,7 @@ wheelhouse/py%/requirements.txt: acceptance/wheelhouse.py acceptance/wheelhouse.
 	$(PY) acceptance/wheelhouse.py --python $* --out wheelhouse/py$*
 
 # The GPU image's packages at the oldest supported versions: requirements.txt without what the wheelhouse brings.
-$(OLDEST)/.installed: requirements.txt acceptance/wheelhouse.txt | $(INSTALLED)
+$(OLDEST)/.installed: requirements.txt acceptance/wheelhouse.txt Makefile | $(INSTALLED)
 	@test -x $(OLDEST)/bin/python || "$$($(PY) acceptance/wheelhouse.py --python 3.12 --print-python)" -m venv $(OLDEST)
 	grep -v -i -E "^($$(sed -n 's/==.*//p' acceptance/wheelhouse.txt | paste -sd '|'))[<>=!~ ]" requirements.txt \
 	  > $(OLDEST)/image-requirements.txt

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -119,7 +120,8 @@ class Runner:
         return rc, "\n".join(tail)
 
     def step(self, name: str, needs: tuple[str, ...] = ()):
-        """Decorator-free step runner: `with runner.step(...) as s:` is avoided so a failure cannot escape."""
+        """`with runner.step(name) as step:` runs one step; `step` is None when it is skipped (a needed step is
+        not ok, or the budget is spent). An exception inside is recorded as the step's failure, and the run goes on."""
         return _StepContext(self, name, needs)
 
     def status_of(self, name: str) -> str | None:
@@ -157,8 +159,10 @@ class _StepContext:
         step = self.step
         step.seconds = round(time.monotonic() - self.start, 1)
         if exc is not None:
+            if not isinstance(exc, Exception):
+                return False  # Ctrl-C and exits stop the run
             step.status = "failed"
-            step.detail = f"{exc_type.__name__}: {exc}"[-600:]
+            step.detail = str(exc) if isinstance(exc, StepFailed) else f"{exc_type.__name__}: {exc}"
         elif step.status == "pending":
             step.status = "ok"
         print(f"[gpu-check]    {step.status} ({step.seconds:.1f} s) {step.detail.splitlines()[0] if step.detail else ''}",
@@ -264,10 +268,14 @@ def prepare_inputs(runner: Runner, step: Step, sizes: Sizes) -> dict:
     return paths
 
 
+CUDA_CASE = re.compile(r'not torch\.cuda\.is_available\(\)|"cuda" if torch\.cuda\.is_available\(\)')
+
+
 def cuda_test_files() -> list[str]:
-    """Every test file with CUDA cases (they call torch.cuda.is_available()); new ones join by themselves."""
+    """Every test file with CUDA cases (skipped without CUDA, or run on it when there is one); new ones join
+    by themselves."""
     return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
-                  if "torch.cuda.is_available()" in p.read_text())
+                  if CUDA_CASE.search(p.read_text()))
 
 
 def run_cuda_tests(runner: Runner, step: Step, run_them: bool) -> None:
@@ -282,8 +290,9 @@ def run_cuda_tests(runner: Runner, step: Step, run_them: bool) -> None:
         suite = ElementTree.parse(junit).getroot()
         suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
         counts.update({key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")})
-    else:  # --collect-only writes no report: count the collected ids
-        counts["collected"] = sum(1 for line in tail.splitlines() if "::" in line)
+    else:  # --collect-only writes no report; its last line says "N tests collected in ..."
+        collected = re.search(r"(\d+) tests? collected", tail)
+        counts["collected"] = int(collected.group(1)) if collected else 0
     step.figures = counts
     if run_them:
         counts["passed"] = counts.get("tests", 0) - counts.get("failures", 0) - counts.get("errors", 0) \
