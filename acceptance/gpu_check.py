@@ -39,6 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 WHEELHOUSE_MODULES = ("ffcv", "zarr", "numcodecs", "google_crc32c")
+STEP_KEYS = ("cuda-tests", "train", "cache", "kernels")  # for --only
 # What the project imports at run time that the GPU image is assumed to have (not in the wheelhouse).
 IMAGE_MODULES = ("torch", "torchvision", "triton", "timm", "numpy", "numba", "cv2", "PIL", "safetensors", "tqdm",
                  "psutil", "yaml", "packaging", "matplotlib", "pytest")
@@ -433,7 +434,13 @@ def main(argv: list[str] | None = None) -> int:
                         "are not importable (installed into OUT/site, offline)")
     parser.add_argument("--out", type=Path, default=Path("gpu_check_out"), help="results folder (default gpu_check_out)")
     parser.add_argument("--budget-s", type=float, help="overall time budget in seconds (default: 470 full, 1800 tiny)")
+    parser.add_argument("--only", metavar="STEP,...", help=f"run only these of {', '.join(STEP_KEYS)} (the environment "
+                        "step always runs, and the inputs when train or cache needs them); default: all")
     args = parser.parse_args(argv)
+    only = set(STEP_KEYS) if args.only is None else set(args.only.split(","))
+    if not only <= set(STEP_KEYS):
+        parser.error(f"--only: unknown step(s) {', '.join(sorted(only - set(STEP_KEYS)))}; "
+                     f"known: {', '.join(STEP_KEYS)}")
 
     has_gpu = _has_gpu()
     mode = args.mode if args.mode != "auto" else ("full" if has_gpu else "tiny")
@@ -453,23 +460,27 @@ def main(argv: list[str] | None = None) -> int:
     with runner.step("environment") as step:
         if step:
             check_environment(runner, step, args.wheelhouse)
-    with runner.step("CUDA tests", needs=("environment",)) as step:
-        if step:
-            run_cuda_tests(runner, step, sizes.run_cuda_tests)
+    if "cuda-tests" in only:
+        with runner.step("CUDA tests", needs=("environment",)) as step:
+            if step:
+                run_cuda_tests(runner, step, sizes.run_cuda_tests)
     paths: dict = {}
-    with runner.step("inputs", needs=("environment",)) as step:
-        if step:
-            paths = prepare_inputs(runner, step, sizes)
-    for recipe in sizes.recipes:
+    if only & {"train", "cache"}:
+        with runner.step("inputs", needs=("environment",)) as step:
+            if step:
+                paths = prepare_inputs(runner, step, sizes)
+    for recipe in sizes.recipes if "train" in only else ():
         with runner.step(f"train {recipe}", needs=("inputs",)) as step:
             if step:
                 run_train_bench(runner, step, recipe, paths, sizes)
-    with runner.step("cache pipeline", needs=("inputs",)) as step:
-        if step:
-            run_cache_bench(runner, step, paths, sizes)
-    with runner.step("kernels", needs=("environment",)) as step:
-        if step:
-            run_kernel_bench(runner, step, sizes.kernel_runs)
+    if "cache" in only:
+        with runner.step("cache pipeline", needs=("inputs",)) as step:
+            if step:
+                run_cache_bench(runner, step, paths, sizes)
+    if "kernels" in only:
+        with runner.step("kernels", needs=("environment",)) as step:
+            if step:
+                run_kernel_bench(runner, step, sizes.kernel_runs)
     runner.save()
     print_tables(runner)
     return 0 if all(s.status == "ok" for s in runner.steps) else 1

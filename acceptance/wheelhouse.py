@@ -12,7 +12,8 @@ A GPU machine that cannot reach a registry gets, from the folder this writes, ev
 
 Not included, because the image has them (the assumption `acceptance/gpu_check.py` checks there): torch,
 torchvision, triton, timm, numpy, numba/llvmlite, pillow, opencv-python-headless, tqdm, psutil, pyyaml,
-packaging, typing-extensions, safetensors, matplotlib, tensorboard, pytest.
+packaging, typing-extensions, safetensors, matplotlib, tensorboard, pytest, and setuptools (FFCV 1.0.2 imports
+distutils, which Python 3.12 has only through setuptools' shim).
 
 The folder also gets `requirements.txt` (exact pins, for `pip install --no-index --find-links DIR -r
 DIR/requirements.txt`). The build fails, naming the size, when the wheels exceed the limit (60 MiB: the
