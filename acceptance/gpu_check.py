@@ -40,6 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 WHEELHOUSE_MODULES = ("ffcv", "zarr", "numcodecs", "google_crc32c")
 STEP_KEYS = ("cuda-tests", "train", "cache", "kernels")  # for --only
+OLDEST_SUPPORTED = {"torch": (2, 11), "triton": (3, 6), "timm": (1, 0, 21)}  # requirements.txt's lower bounds
 # What the project imports at run time that the GPU image is assumed to have (not in the wheelhouse).
 IMAGE_MODULES = ("torch", "torchvision", "triton", "timm", "numpy", "numba", "cv2", "PIL", "safetensors", "tqdm",
                  "psutil", "yaml", "packaging", "matplotlib", "pytest")
@@ -232,6 +233,15 @@ def check_environment(runner: Runner, step: Step, wheelhouse: Path | None) -> No
                    + (f"; installed {', '.join(missing)} from {wheelhouse}" if missing else ""))
     if info["missing"]:
         raise StepFailed("cannot import: " + "; ".join(f"{k} ({v})" for k, v in info["missing"].items()))
+    too_old = [f"{name} {info[name]} (needs >= {'.'.join(map(str, oldest))})"
+               for name, oldest in OLDEST_SUPPORTED.items() if _version(info[name]) < oldest]
+    if too_old:
+        raise StepFailed(f"older than supported: {', '.join(too_old)}")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """'2.11.0+cu130' -> (2, 11, 0)."""
+    return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:3])
 
 
 def _teacher(recipe: str) -> str:
