@@ -349,13 +349,15 @@ def run_kernel_bench(runner: Runner, step: Step, runs: tuple[tuple[str, ...], ..
         step.status = "failed"
 
 
-def _accuracy(row: dict) -> tuple[float | None, bool]:
-    """(largest relative error the row reports, whether it reports a NaN), from whatever keys it has."""
-    flat = {**row.get("extra", {}), **{k: v for k, v in row.items() if k != "extra"}}
+def _accuracy(row: dict) -> tuple[float | None, bool | None]:
+    """(largest relative error the row reports, whether it reports a NaN), from whatever keys it has; None
+    where it has no such key (kernels.bench's rows grow: read them defensively)."""
+    flat = {**(row.get("extra") or {}), **{k: v for k, v in row.items() if k != "extra"}}
     errors = [v for k, v in flat.items() if "rel" in k and "err" in k and isinstance(v, (int, float))]
-    nan = any(bool(v) for k, v in flat.items() if "nan" in k.lower() and isinstance(v, (bool, int)))
-    nan = nan or any(isinstance(v, float) and v != v for v in errors)
-    return (max(errors) if errors else None), nan
+    flags = [bool(v) for k, v in flat.items() if "nan" in k.lower() and isinstance(v, (bool, int))]
+    if not errors and not flags:
+        return None, None
+    return (max(errors) if errors else None), any(flags) or any(v != v for v in errors)
 
 
 def run_cache_bench(runner: Runner, step: Step, paths: dict, sizes: Sizes) -> None:
@@ -366,8 +368,9 @@ def run_cache_bench(runner: Runner, step: Step, paths: dict, sizes: Sizes) -> No
                                           *sizes.cache_args], 180)
     _require(rc, "cache_teacher bench", tail)
     step.figures = json.loads(report.read_text())
-    step.detail = (f"pipeline {step.figures['pipeline_view_sets_per_s']:.1f} vs teacher-only "
-                   f"{step.figures['teacher_only_view_sets_per_s']:.1f} view sets/s")
+    f = step.figures
+    step.detail = (f"pipeline {f['pipeline_view_sets_per_s']:.1f} vs teacher-only {f['teacher_only_view_sets_per_s']:.1f} "
+                   f"view sets/s ({100 * f['pipeline_fraction']:.0f}%), batch {f['batch_size']}")
 
 
 def run_train_bench(runner: Runner, step: Step, recipe: str, paths: dict, sizes: Sizes) -> None:
@@ -400,7 +403,7 @@ def print_tables(runner: Runner) -> None:
             rel, nan = _accuracy(row)
             print(f"{row.get('op', '?'):9} {shape[:40]:40} {str(row.get('impl', '?'))[:16]:16} "
                   f"{_num(row.get('ms'), '9.3f'):>9} {_num(row.get('peak_mib'), '9.1f'):>9} "
-                  f"{_num(rel, '11.2e'):>11} {'yes' if nan else 'no':>4}  {row.get('error') or ''}")
+                  f"{_num(rel, '11.2e'):>11} {'-' if nan is None else 'yes' if nan else 'no':>4}  {row.get('error') or ''}")
     env = runner.report.get("environment", {})
     print(f"\ngpu-check ({runner.mode} mode): {env.get('gpu') or 'no GPU'}, Python {env.get('python', '?')}, "
           f"torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, timm {env.get('timm', '?')}; "
