@@ -44,7 +44,7 @@ OLDEST := .venv-oldest
 # numpy < 2.4: Triton 3.6's CPU interpreter converts 1-element arrays to int, which numpy 2.4 refuses (the
 # compiled GPU path does not, so the GPU image's newer numpy is fine there).
 # psutil: FFCV needs it, the GPU image has it, and requirements.txt leaves it to FFCV.
-OLDEST_PINS := torch==2.11.0 torchvision==0.26.0 triton==3.6.0 timm==1.0.21 'numpy<2.4' psutil
+OLDEST_PINS := torch==2.11.0 torchvision==0.26.0 triton==3.6.0 timm==1.0.23 'numpy<2.4' psutil
 OLDEST_SITE := $(OLDEST)/wheelhouse-site
 GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 GPU_CHECK_OUT ?= gpu_check_out
