@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-SYS_PKGS := libopencv-dev libturbojpeg0-dev pkg-config
+SYS_PKGS := libopencv-dev libturbojpeg0-dev pkg-config patchelf  # patchelf: make wheelhouse
 INSTALLED := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -36,3 +36,48 @@ clean-demo:
 .PHONY: check-sm90
 check-sm90: $(INSTALLED)
 	TRITON_INTERPRET=0 $(PY) -m kernels.sweep
+
+# ---------------------------------------------------------------- GPU readiness (issue 12, parts 3-5)
+# `make wheelhouse`: offline wheels (FFCV with its libraries bundled, zarr, numcodecs, google-crc32c, ...) for
+# the GPU machine's Python (WHEELHOUSE_PYTHON, default 3.12) in wheelhouse/pyX.Y; fails over 60 MiB.
+# `make test-oldest`: the unit and kernel tests (Triton interpreter) in .venv-oldest, a Python 3.12 venv with
+# the oldest supported torch/torchvision/triton/timm and the GPU image's other packages, plus the wheelhouse.
+# `make gpu-check`: the acceptance run (acceptance/gpu_check.py); on a GPU machine it needs no .venv: the
+# image's python3 and the wheelhouse are enough. Without a GPU it runs its tiny CPU mode.
+WHEELHOUSE_PYTHON ?= 3.12
+WHEELHOUSE := wheelhouse/py$(WHEELHOUSE_PYTHON)
+OLDEST := .venv-oldest
+# numpy < 2.4: Triton 3.6's CPU interpreter converts 1-element arrays to int, which numpy 2.4 refuses (the
+# compiled GPU path does not, so the GPU image's newer numpy is fine there).
+# psutil: FFCV needs it, the GPU image has it, and requirements.txt leaves it to FFCV.
+OLDEST_PINS := torch==2.11.0 torchvision==0.26.0 triton==3.6.0 timm==1.0.23 'numpy<2.4' psutil
+OLDEST_SITE := $(OLDEST)/wheelhouse-site
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_OUT ?= gpu_check_out
+
+.PHONY: wheelhouse test-oldest gpu-check
+
+wheelhouse: $(WHEELHOUSE)/requirements.txt
+
+wheelhouse/py%/requirements.txt: acceptance/wheelhouse.py acceptance/wheelhouse.txt | $(INSTALLED)
+	$(PY) acceptance/wheelhouse.py --python $* --out wheelhouse/py$*
+
+# The GPU image's packages at the oldest supported versions: requirements.txt without what the wheelhouse brings.
+$(OLDEST)/.installed: requirements.txt acceptance/wheelhouse.txt Makefile | $(INSTALLED)
+	@test -x $(OLDEST)/bin/python || "$$($(PY) acceptance/wheelhouse.py --python 3.12 --print-python)" -m venv $(OLDEST)
+	grep -v -i -E "^($$(sed -n 's/==.*//p' acceptance/wheelhouse.txt | paste -sd '|'))[<>=!~ ]" requirements.txt \
+	  > $(OLDEST)/image-requirements.txt
+	$(OLDEST)/bin/python -m pip install -q -r $(OLDEST)/image-requirements.txt $(OLDEST_PINS)
+	@touch $@
+
+test-oldest: $(OLDEST)/.installed wheelhouse/py3.12/requirements.txt
+	rm -rf $(OLDEST_SITE)
+	$(OLDEST)/bin/python -m pip install -q --no-index --no-deps --target $(OLDEST_SITE) \
+	  --find-links wheelhouse/py3.12 -r wheelhouse/py3.12/requirements.txt
+	@$(OLDEST)/bin/python -c "import torch, triton, timm, torchvision; print('test-oldest: torch', \
+	  torch.__version__, 'torchvision', torchvision.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
+	PYTHONPATH=$(CURDIR):$(CURDIR)/$(OLDEST_SITE) $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider tests
+
+gpu-check:
+	$(GPU_CHECK_PY) acceptance/gpu_check.py $(if $(wildcard $(WHEELHOUSE)/requirements.txt),--wheelhouse $(WHEELHOUSE)) \
+	  --out $(GPU_CHECK_OUT)

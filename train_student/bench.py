@@ -5,6 +5,8 @@ assembly, no model), of a training step with cached targets (views re-rendered f
 parameters, student + decoder forward/backward, AdamW, EMA), and of the same step with the teacher
 computing the targets online (the original loop). Steps are timed on batches fetched beforehand, so
 the step figures are compute only; the feed figure says whether the loader keeps up with them.
+A fourth run pulls the cached-target steps' batches from the live feed, as training does, and reports
+the shares of its step time spent waiting for data and rendering the views.
 Prints a table and writes the figures as JSON.
 """
 from __future__ import annotations
@@ -83,6 +85,37 @@ def time_steps(model, optimizer, ema, batches, recipe, device, warmup: int, **on
     return timed * len(batches[0].indices) / (time.perf_counter() - start)
 
 
+def live_step_shares(model, optimizer, ema, feed, recipe, device, warmup: int, steps: int) -> dict:
+    """Cached-target steps on batches pulled from the feed as training pulls them: samples/s, and the shares
+    of that time spent waiting for the next batch and rendering its views. The render is timed on its own,
+    synchronised, on the same batch just before the step (which renders it again); that extra render is
+    not counted in the step time."""
+    from train_student.train import apply_update, batch_losses, make_autocast, render_batch
+
+    autocast = make_autocast(device, recipe.optim)
+    student_params, ema_params = list(model.student.parameters()), list(ema.parameters())
+    batches = _batches(feed, warmup + steps, keep=False)
+    waited = rendering = elapsed = 0.0
+    samples = 0
+    for index in range(warmup + steps):
+        start = time.perf_counter()
+        batch = next(batches)
+        fetched = time.perf_counter()
+        render_batch(batch, recipe, device)
+        _sync(device)
+        rendered = time.perf_counter()
+        terms = batch_losses(model, batch, recipe, device, autocast, 0.1)
+        terms["total"].backward()
+        apply_update(optimizer, 1e-4, student_params, ema_params, 0.996)
+        _sync(device)
+        if index >= warmup:
+            waited, rendering = waited + fetched - start, rendering + rendered - fetched
+            elapsed += time.perf_counter() - start - (rendered - fetched)
+            samples += len(batch.indices)
+    return {"live_step_samples_per_s": samples / elapsed, "data_wait_share": waited / elapsed,
+            "render_share": rendering / elapsed}
+
+
 def training_step_rates(args, recipe, store, backgrounds, plan, device, batch: int) -> dict:
     """Samples/s of the cached-target step and of the online-teacher step, same model, device and batch."""
     from cache_teacher.ffcv_images import ImageFile
@@ -100,13 +133,14 @@ def training_step_rates(args, recipe, store, backgrounds, plan, device, batch: i
     torch.manual_seed(0)
     model, ema, optimizer = build_distiller(recipe, device, 1e-4)
     cached_rate = time_steps(model, optimizer, ema, cached_batches, recipe, device, args.warmup_steps)
+    live = live_step_shares(model, optimizer, ema, cached_feed, recipe, device, args.warmup_steps, args.steps)
     teacher = load_teacher(recipe.teacher.name, args.teacher_weights, **args.teacher_options).to(device)
     calibration = fit_online_mask_calibration(teacher, args.images, backgrounds, recipe, device,
                                               count=args.calibration_images, seed=0, batch=batch)
     online_rate = time_steps(model, optimizer, ema, online_batches, recipe, device, args.warmup_steps,
                              teacher=teacher, mask_calibration=calibration)
     return {"cached_step_samples_per_s": cached_rate, "online_step_samples_per_s": online_rate,
-            "speedup": cached_rate / online_rate}
+            "speedup": cached_rate / online_rate, **live}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +195,9 @@ def bench(args: argparse.Namespace) -> None:
         result.update(training_step_rates(args, recipe, store, backgrounds, plan, device, batch))
         rows += [("training step, cached targets", f"{result['cached_step_samples_per_s']:,.2f}"),
                  ("training step, --teacher-online", f"{result['online_step_samples_per_s']:,.2f}"),
-                 ("speed-up of the cache", f"{result['speedup']:.2f}x")]
+                 ("speed-up of the cache", f"{result['speedup']:.2f}x"),
+                 ("training step, cached targets, batches from the live feed",
+                  f"{result['live_step_samples_per_s']:,.2f}")]
     width = max(len(name) for name, _ in rows)
     print(f"train_student bench: {recipe.name}, batch {batch}, {device_name}, {store.attrs['target_format']} targets")
     print(f"| {'measure':<{width}} | samples/s |")
@@ -169,5 +205,8 @@ def bench(args: argparse.Namespace) -> None:
     for name, value in rows:
         print(f"| {name:<{width}} | {value:>9} |")
     print(f"data feed: {result['feed_cpu_ms_per_sample']:.3f} ms of CPU time (all threads) per sample")
+    if not args.feed_only:
+        print(f"live-feed step time: {100 * result['data_wait_share']:.1f}% waiting for data, "
+              f"{100 * result['render_share']:.1f}% rendering views")
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"figures written to {args.out}")
