@@ -65,7 +65,10 @@ FULL = Sizes(persons=512, backgrounds=16, views_per_image=1,
              cache_args=("--iterations", "5"),
              train_args=("--batch-size", "256", "--steps", "10", "--warmup-steps", "2", "--feed-batches", "20",
                          "--calibration-images", "256"),
-             kernel_runs=(("--no-compile",), ()), run_cuda_tests=True, budget_s=470,
+             # torch.compile of every shape would not fit the budget: the compiled references are timed at
+             # the shapes that hold the speed targets.
+             kernel_runs=(("--no-compile",), ("--recipe", "path-b_vit-ti", "--no-static")), run_cuda_tests=True,
+             budget_s=470,
              recipes=("path-b_vit-ti", "path-l_vit-ti"), timeout_scale=1.0)
 TINY = Sizes(persons=6, backgrounds=2, views_per_image=1,
              cache_args=("--batch-size", "2", "--iterations", "1", "--num-images", "2"),

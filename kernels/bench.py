@@ -8,6 +8,13 @@ measures peak memory, and reports achieved TFLOP/s and GB/s against ceilings mea
 shapes, and writes everything as JSON with --json. Without a GPU it runs the same code in Triton's
 interpreter at toy shapes and says so: those timings measure the interpreter, not the kernels.
 
+On a GPU the implementations are: `eager` and `compile` (the reference in float32, as the plain method
+runs), `eager_autocast` and `compile_autocast` (the reference under bf16 autocast, as training runs it: the
+speed target is against `compile_autocast`), and `fused` (under autocast). Every row also carries its
+accuracy: the largest error of its outputs and input gradients against the reference evaluated in float64
+on the same inputs, relative to that output's largest magnitude (`max_rel_err`), and whether any NaN or
+infinity came out (`nan`).
+
 It also prints a static cost report that needs no GPU: each kernel at the ViT-Ti shapes compiled for
 sm_90 (`kernels.sweep --quick`), with registers, spills, wgmma/mma.sync counts, executed SASS per element
 (static counts by loop depth times trip counts) and the predicted time, the largest of the issue-bound,
@@ -84,6 +91,7 @@ class Case:
     recipes: list[str]
     make_inputs: Callable[[], tuple[list[torch.Tensor], list[torch.Tensor]]]  # (inputs, grads of outputs)
     impls: dict[str, Callable]
+    reference: Callable  # the plain-PyTorch reference, evaluated in float64 for every row's accuracy
     flops: dict[str, float]
     bytes: float
 
@@ -98,6 +106,8 @@ class Result:
     peak_mib: float | None = None
     tflops: float | None = None
     gbps: float | None = None
+    max_rel_err: float | None = None
+    nan: bool | None = None
     error: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -166,6 +176,31 @@ def _under_autocast(fn):
     return call
 
 
+IMPLEMENTATIONS = ("eager", "compile", "eager_autocast", "compile_autocast", "fused")  # table order
+
+
+def _cast_floats(fn, dtype):
+    """fn with its floating-point tensor inputs cast to `dtype` (differentiably: gradients reach the leaves)."""
+    def call(*args):
+        return fn(*[a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
+    return call
+
+
+def _implementations(reference, fused, on_gpu: bool, compile_refs: bool) -> dict[str, Callable]:
+    """The implementations timed for one case; see the module docstring for what each name means."""
+    if not on_gpu:  # the interpreter runs in float32 throughout: no autocast variants
+        impls = {"eager": reference, "fused": fused}
+        if compile_refs:
+            impls["compile"] = _compiled(reference)
+        return impls
+    impls = {"eager": _cast_floats(reference, torch.float32), "eager_autocast": _under_autocast(reference),
+             "fused": _under_autocast(fused)}
+    if compile_refs:
+        impls["compile"] = _cast_floats(_compiled(reference), torch.float32)
+        impls["compile_autocast"] = _under_autocast(_compiled(reference))
+    return impls
+
+
 def build_cases(on_gpu: bool, batch: int, compile_refs: bool, device) -> list[Case]:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -185,30 +220,25 @@ def build_cases(on_gpu: bool, batch: int, compile_refs: bool, device) -> list[Ca
     ref_decoder = _decoder_call(expert_path_reference)
     ref_relation = _relation_call(relation_kl_reference)
     cases = []
-    # On a GPU every implementation runs under bf16 autocast, as training does (the references' GEMMs in
-    # bf16, the fused op casting the fp32 expert weight itself); the stacked CLS call (the CLS tokens of
-    # the global view and the 2 local crops: 3 x batch rows, L = 1) is timed as its own case.
-    wrap = _under_autocast if on_gpu else (lambda fn: fn)
+    # The stacked CLS call (the CLS tokens of the global view and the 2 local crops: 3 x batch rows, L = 1)
+    # is timed as its own case.
     calls = [(batch, tokens) for tokens in token_counts] + ([(CLS_STACK * batch, 1)] if on_gpu else [])
     for (dim, out_dim), recipes in sorted(decoder_shapes.items()):
         for rows, tokens in calls:
-            impls = {"eager": wrap(ref_decoder), "fused": wrap(_decoder_call(expert_path))}
-            if compile_refs:
-                impls["compile"] = wrap(_decoder_call(_compiled(expert_path_reference)))
+            impls = _implementations(ref_decoder, _decoder_call(expert_path), on_gpu, compile_refs)
             cases.append(Case(
                 "decoder", dict(batch=rows, dim=dim, out_dim=out_dim, tokens=tokens, dtype=str(dtype)), recipes,
                 lambda r=rows, d=dim, o=out_dim, t=tokens: _decoder_inputs(r, d, o, t, dtype, device), impls,
+                ref_decoder,
                 decoder_flops(rows, dim, out_dim, tokens), decoder_bytes(rows, dim, out_dim, tokens, itemsize)))
     for (tokens, dim), recipes in sorted(relation_shapes.items()):
         for target_format in ("float16", "int8"):
-            impls = {"eager": wrap(ref_relation), "fused": wrap(_relation_call(relation_kl))}
-            if compile_refs:
-                impls["compile"] = wrap(_relation_call(_compiled(relation_kl_reference)))
+            impls = _implementations(ref_relation, _relation_call(relation_kl), on_gpu, compile_refs)
             target_itemsize = 1 if target_format == "int8" else 2
             cases.append(Case(
                 "relation", dict(batch=batch, tokens=tokens, dim=dim, dtype=str(dtype), target=target_format),
                 recipes, lambda t=tokens, d=dim, f=target_format: _relation_inputs(batch, t, d, dtype, f, device),
-                impls, relation_flops(batch, tokens, dim), relation_bytes(batch, tokens, dim, itemsize,
+                impls, ref_relation, relation_flops(batch, tokens, dim), relation_bytes(batch, tokens, dim, itemsize,
                                                                           target_itemsize)))
     return cases
 
@@ -228,12 +258,42 @@ def _time_ms(step, leaves, on_gpu, reps) -> float:
     return 1e3 * statistics.median(times)
 
 
+def _outputs_and_grads(fn, inputs, grads, dtype=None) -> list[torch.Tensor]:
+    """fn's outputs and the gradients of its differentiable inputs, for upstream gradients `grads`; with
+    `dtype`, on detached copies of the inputs whose floating-point tensors are cast to it."""
+    if dtype is not None:
+        inputs = [t.detach().to(dtype).requires_grad_(t.requires_grad) if t is not None and t.is_floating_point()
+                  else t for t in inputs]
+    leaves = [t for t in inputs if t is not None and t.requires_grad]
+    for t in leaves:
+        t.grad = None
+    outputs = fn(*inputs)
+    torch.autograd.backward(outputs, [g.to(o.dtype) for o, g in zip(outputs, grads)])
+    return [o.detach() for o in outputs] + [t.grad for t in leaves]
+
+
+def accuracy(case: Case, impl: str, inputs, grads, exact: list[torch.Tensor]) -> tuple[float, bool]:
+    """(largest error of impl's outputs and input gradients against `exact` (the float64 reference), each
+    relative to the largest magnitude of its exact value; whether impl gave any NaN or infinity)."""
+    got = _outputs_and_grads(case.impls[impl], inputs, grads)
+    worst, nonfinite = 0.0, False
+    for value, ref in zip(got, exact):
+        value = value.double()
+        nonfinite |= not bool(torch.isfinite(value).all())
+        scale = ref.abs().max().item() or 1.0
+        worst = max(worst, (value - ref).abs().max().item() / scale)
+    return worst, nonfinite
+
+
 def run_case(case: Case, impl: str, on_gpu: bool, reps: int) -> Result:
     result = Result(case.op, case.shape, case.recipes, impl)
     try:
         inputs, grads = case.make_inputs()
         leaves = [t for t in inputs if t is not None and t.requires_grad]
         fn = case.impls[impl]
+        exact = _outputs_and_grads(case.reference, inputs, grads, dtype=torch.float64)
+        result.max_rel_err, result.nan = accuracy(case, impl, inputs, grads, exact)
+        del exact
 
         def step():
             outputs = fn(*inputs)
@@ -327,28 +387,31 @@ def print_table(results: list[Result], ceilings: dict) -> None:
     by_case: dict[str, dict[str, Result]] = {}
     for r in results:
         by_case.setdefault(json.dumps(r.shape, sort_keys=True) + r.op, {})[r.impl] = r
-    header = (f"{'op':9} {'shape':44} {'impl':8} {'ms':>9} {'x compile':>9} {'peak MiB':>9} {'mem/eager':>9} "
-              f"{'TFLOP/s':>8} {'%peak':>6} {'GB/s':>8} {'%copy':>6}")
+    header = (f"{'op':9} {'shape':44} {'impl':16} {'ms':>9} {'x compile':>9} {'peak MiB':>9} {'mem/eager':>9} "
+              f"{'TFLOP/s':>8} {'%peak':>6} {'GB/s':>8} {'%copy':>6} {'rel err':>8} {'NaN':>3}")
     print(header)
     print("-" * len(header))
     for impls in by_case.values():
-        compiled, eager = impls.get("compile"), impls.get("eager")
-        for name in ("eager", "compile", "fused"):
+        # The speed target is against the compiled reference as training runs it (under autocast on a GPU).
+        compiled, eager = impls.get("compile_autocast") or impls.get("compile"), impls.get("eager")
+        for name in IMPLEMENTATIONS:
             r = impls.get(name)
             if r is None:
                 continue
             shape = " ".join(f"{k}={v}" for k, v in r.shape.items() if k != "dtype")
             if r.error:
-                print(f"{r.op:9} {shape:44} {name:8} error: {r.error}")
+                print(f"{r.op:9} {shape:44} {name:16} error: {r.error}")
                 continue
             speedup = compiled.ms / r.ms if compiled and compiled.ms and r.ms else None
             mem_ratio = r.peak_mib / eager.peak_mib if eager and eager.peak_mib and r.peak_mib is not None else None
-            print(f"{r.op:9} {shape:44} {name:8} {r.ms:9.3f} {_fmt(speedup, '9.2f'):>9} "
+            print(f"{r.op:9} {shape:44} {name:16} {r.ms:9.3f} {_fmt(speedup, '9.2f'):>9} "
                   f"{_fmt(r.peak_mib, '9.1f'):>9} {_fmt(mem_ratio, '9.2f'):>9} {r.tflops:8.3f} "
                   f"{100 * r.tflops / ceilings['matmul_tflops']:6.1f} {r.gbps:8.2f} "
-                  f"{100 * r.gbps / ceilings['copy_gbps']:6.1f}")
+                  f"{100 * r.gbps / ceilings['copy_gbps']:6.1f} {_fmt(r.max_rel_err, '8.1e'):>8} "
+                  f"{'-' if r.nan is None else 'yes' if r.nan else 'no':>3}")
     print(f"ceilings: matmul {ceilings['matmul_tflops']:.2f} TFLOP/s ({ceilings['matmul']}), "
-          f"copy {ceilings['copy_gbps']:.1f} GB/s ({ceilings['copy']})")
+          f"copy {ceilings['copy_gbps']:.1f} GB/s ({ceilings['copy']}); x compile: against "
+          "compile_autocast where timed; rel err: outputs and input gradients against float64")
 
 
 def print_floors(rows: list[dict]) -> None:
@@ -398,6 +461,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--op", choices=("all", "decoder", "relation"), default="all", help="which op to time")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                        help="only the shapes this recipe runs (default: every recipe's shapes); on a GPU, "
+                             f"{TARGET_RECIPE} holds the speed and memory targets")
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size (default: 256 on a GPU, 2 in the interpreter)")
     parser.add_argument("--no-compile", action="store_true",
@@ -420,7 +486,8 @@ def main(argv=None) -> int:
               "shapes, in float32. These timings measure the interpreter and the CPU, not the kernels; run on a\n"
               "CUDA machine for the recipe shapes.\n")
     ceilings = measure_ceilings(on_gpu, device)
-    cases = [c for c in build_cases(on_gpu, batch, not args.no_compile, device) if args.op in ("all", c.op)]
+    cases = [c for c in build_cases(on_gpu, batch, not args.no_compile, device) if args.op in ("all", c.op)
+             and (args.recipe is None or args.recipe in c.recipes or c.recipes == ["toy"])]
     results = []
     for case in cases:
         for impl in case.impls:

@@ -1,8 +1,8 @@
 """`python -m kernels.bench` runs end to end without a GPU and writes a complete report.
 
 No timing is asserted (speed targets live in the benchmark's output, not in tests); this keeps the
-command itself from rotting: every op and target format is timed, nothing errors, and the floors table
-is there, and the static cost report from the sm_90 cubins is complete.
+command itself from rotting: every op and target format is timed and checked against float64, nothing errors, and the floors
+table is there, and the static cost report from the sm_90 cubins is complete.
 """
 import json
 import subprocess
@@ -22,6 +22,8 @@ def test_bench_without_gpu_says_so_and_writes_every_row(tmp_path):
     assert {(row["op"], row["impl"]) for row in rows} == {(op, impl) for op in ("decoder", "relation")
                                                           for impl in ("eager", "fused")}
     assert {row["shape"]["target"] for row in rows if row["op"] == "relation"} == {"float16", "int8"}
+    # Every row is checked against the float64 reference (float32 in the interpreter: within rounding).
+    assert all(row["nan"] is False and 0 <= row["max_rel_err"] < 1e-4 for row in rows)
     floors = result["target_floors"]
     assert {row["op"] for row in floors} == {"decoder", "relation"}
     assert all(row["floor_ms_compute"] > 0 for row in floors)
