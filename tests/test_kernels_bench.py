@@ -1,8 +1,8 @@
 """`python -m kernels.bench` runs end to end without a GPU and writes a complete report.
 
 No timing is asserted (speed targets live in the benchmark's output, not in tests); this keeps the
-command itself from rotting: every op and target format is timed and checked against float64, nothing errors, and the floors
-table is there, and the static cost report from the sm_90 cubins is complete.
+command itself from rotting: every op and target format is timed and checked against float64, nothing
+errors, the floors table is there, and the static cost report from the sm_90 cubins is complete.
 """
 import json
 import subprocess
