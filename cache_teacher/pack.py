@@ -23,13 +23,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from cache_teacher.ffcv_images import decode_jpeg, image_fields
+from cache_teacher.options import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE
+from dpal.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-DEFAULT_MAX_SIDE = 512
-DEFAULT_JPEG_QUALITY = 95
 
 
-class PackError(ValueError):
+class PackError(UserError):
     """Bad input to `pack`: the message names the path and what to do."""
 
 

@@ -43,7 +43,9 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
+from cache_teacher.options import CODECS, TARGET_FORMATS
 from dpal.config import Recipe, TeacherSpec, ViewConfig
+from dpal.errors import UserError
 from dpal.views import VIEW_PARAMS_VERSION
 
 # 3: int8 relation rows are log-domain codes (`dpal.losses.quantize_relation`); 2: chunks hold one view set
@@ -52,13 +54,11 @@ STORE_FORMAT_VERSION = 3
 SPEC_VERSION = 1  # revision of DPAL_SPEC.md whose targets the store holds
 ATTRS_KEY = "dpal_store"
 PROGRESS_DIR = "dpal_progress"
-TARGET_FORMATS = ("float16", "int8")
-CODECS = ("lz4", "zstd")
 MIN_CHUNK_BYTES = 1 << 20
 DEFAULT_SHARD_BYTES = 256 << 20  # uncompressed bytes of one shard across arrays: the unit of work
 
 
-class StoreError(ValueError):
+class StoreError(UserError):
     """A store that is missing, incomplete, corrupt, from another format, or made by another run."""
 
 
@@ -209,6 +209,12 @@ def atomic_write_bytes(path: Path, write) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_path(path.parent)
+
+
+def temporary_siblings(path: Path) -> list[Path]:
+    """The temporary files `atomic_write_bytes` left beside `path` when killed during a write."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.tmp-*"))
 
 
 def _fsync_tree(root: Path) -> None:
