@@ -232,12 +232,33 @@ def check_format_version(attrs: dict, path: Path) -> None:
                          f"`python -m cache_teacher run` into a new --out folder to rebuild the store.")
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object file of a store (zarr.json, a shard marker); a damaged one is a StoreError naming it."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{path} is damaged (not valid JSON: {exc}); the store cannot be trusted, re-run "
+                         f"`python -m cache_teacher run` into a new --out folder") from None
+    if not isinstance(value, dict):
+        raise StoreError(f"{path} is damaged (not a JSON object); re-run the cache into a new --out folder")
+    return value
+
+
+def _open_group(path: Path, mode: str):
+    """The store's Zarr group; damaged metadata (a truncated zarr.json) is a StoreError naming the file."""
+    for meta in [path / "zarr.json", *sorted(path.glob("*/zarr.json"))]:
+        read_json(meta)  # zarr's own errors do not name the file
+    return zarr.open_group(LocalStore(path, read_only=mode == "r"), mode=mode, zarr_format=3)
+
+
 def read_attrs(path: str | os.PathLike) -> dict:
     path = Path(path)
     meta = path / "zarr.json"
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path} is a file, not a store folder; choose another --out")
     if not meta.is_file():
         raise StoreError(f"{path} is not a Zarr store (no zarr.json); create it with `python -m cache_teacher run`")
-    attrs = json.loads(meta.read_text()).get("attributes", {}).get(ATTRS_KEY)
+    attrs = read_json(meta).get("attributes", {}).get(ATTRS_KEY)
     if attrs is None:
         raise StoreError(f"{path} is a Zarr group but not a DPAL target store (no '{ATTRS_KEY}' attribute)")
     return attrs
@@ -248,7 +269,7 @@ class StoreWriter:
 
     def __init__(self, path: Path, layout: StoreLayout):
         self.path, self.layout = Path(path), layout
-        group = zarr.open_group(LocalStore(self.path), mode="r+", zarr_format=3)
+        group = _open_group(self.path, "r+")
         self.arrays = {name: group[name] for name in layout.array_specs()}
 
     @classmethod
@@ -257,18 +278,23 @@ class StoreWriter:
         path = Path(path)
         staging = path.with_name(f"{path.name}.creating-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        group = zarr.open_group(LocalStore(staging), mode="w", zarr_format=3)
-        lead = (layout.num_images, layout.views_per_image)
-        codec = attrs.get("codec", CODECS[0])
-        for name, (shape, dtype) in layout.array_specs().items():
-            group.create_array(name, shape=lead + shape, dtype=dtype, fill_value=0,
-                               chunks=(layout.chunk_images, 1) + shape,
-                               shards=(layout.shard_images, layout.views_per_image) + shape,
-                               compressors=_compressor(dtype, codec), config={"write_empty_chunks": True})
-        group.attrs[ATTRS_KEY] = attrs
-        (staging / PROGRESS_DIR).mkdir()
-        _fsync_tree(staging)
-        os.rename(staging, path)
+        try:
+            group = zarr.open_group(LocalStore(staging), mode="w", zarr_format=3)
+            lead = (layout.num_images, layout.views_per_image)
+            codec = attrs.get("codec", CODECS[0])
+            for name, (shape, dtype) in layout.array_specs().items():
+                group.create_array(name, shape=lead + shape, dtype=dtype, fill_value=0,
+                                   chunks=(layout.chunk_images, 1) + shape,
+                                   shards=(layout.shard_images, layout.views_per_image) + shape,
+                                   compressors=_compressor(dtype, codec), config={"write_empty_chunks": True})
+            group.attrs[ATTRS_KEY] = attrs
+            (staging / PROGRESS_DIR).mkdir()
+            _fsync_tree(staging)
+            os.rename(staging, path)
+        except OSError as exc:  # a full disk, a vanished folder: nothing is left behind, nothing was created
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StoreError(f"cannot create store {path}: {exc.strerror or exc}; nothing was created, fix that "
+                             f"and run the same command again") from None
         fsync_path(path.parent)
         return cls(path, layout)
 
@@ -364,7 +390,11 @@ class ShardedChunkReader:
         finally:
             os.close(fd)
         out = np.empty(self.chunk_shape, self.dtype)
-        numcodecs.blosc.decompress(data, out)
+        try:
+            numcodecs.blosc.decompress(data, out)
+        except (RuntimeError, ValueError) as exc:  # a damaged Blosc header or payload
+            raise StoreError(f"{file}: chunk {chunk} does not decompress ({exc}); the store is damaged: run "
+                             f"`python -m cache_teacher verify`, then re-run the cache") from None
         return out
 
 
@@ -375,7 +405,7 @@ class TargetStore:
         self.path = Path(path)
         self.attrs = read_attrs(self.path)
         check_format_version(self.attrs, self.path)
-        group = zarr.open_group(LocalStore(self.path, read_only=True), mode="r", zarr_format=3)
+        group = _open_group(self.path, "r")
         self.layout = layout_from_attrs(self.attrs)
         try:
             self.arrays = {name: group[name] for name in self.layout.array_specs()}
@@ -416,7 +446,7 @@ class TargetStore:
         return [s for s in range(self.layout.num_shards) if s not in done]
 
     def marker(self, shard: int) -> dict:
-        return json.loads((self.path / PROGRESS_DIR / f"shard_{shard:06d}.json").read_text())
+        return read_json(self.path / PROGRESS_DIR / f"shard_{shard:06d}.json")
 
     def require_complete(self) -> None:
         missing = self.missing_shards()

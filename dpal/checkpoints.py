@@ -344,7 +344,8 @@ def _identity_semantic_layers(stage: int, *, shift: torch.Tensor) -> dict:
 
 def load_exact(model: torch.nn.Module, state_dict: dict, path, layout: str, name: str, *, detail: str = "") -> None:
     """load_state_dict(strict=True), but a mismatch raises a CheckpointError naming the file, the layout and
-    every missing, unexpected and wrongly shaped key (`name` is what the file was expected to hold)."""
+    every missing, unexpected and wrongly shaped key (`name` is what the file was expected to hold); so do
+    NaN or infinite values."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -355,4 +356,8 @@ def load_exact(model: torch.nn.Module, state_dict: dict, path, layout: str, name
         if wrong_shape:
             problem += f"; wrong shapes ({len(wrong_shape)}): " + ", ".join(wrong_shape[:8])
         raise CheckpointError(path, layout, problem, missing=missing, unexpected=unexpected)
+    not_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not_finite:  # a damaged or diverged file: every target or feature computed from it would be NaN / inf
+        raise CheckpointError(path, layout, f"holds NaN or infinite values in {len(not_finite)} tensor(s): "
+                              f"{_key_preview(not_finite, 8)}; use an intact copy of the weights")
     model.load_state_dict(state_dict, strict=True)
