@@ -59,7 +59,7 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     run.add_argument("--codec", choices=CODECS, default="lz4",
                      help="lossless Blosc codec: lz4 (default; fast to read every epoch) or zstd (smaller, ~4x "
                      "slower to decode)")
-    run.add_argument("--seed", type=SEED, default=0, help="seed of the view sets (0..2^32-1, default 0)")
+    run.add_argument("--seed", type=SEED, default=0, help="seed of the view sets (0..4294967295, default 0)")
     run.add_argument("--batch-size", type=POSITIVE, default=None, metavar="N",
                      help="view sets per teacher batch (>= 1; default 128 CUDA, 8 CPU; a resumed run uses the "
                      "store's). A resume with another batch size is refused: GEMM rounding depends on the batch "
@@ -70,7 +70,7 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     run.add_argument("--chunk-images", type=POSITIVE, default=None, metavar="N",
                      help="images per chunk (>= 1, default: smallest power of two with >= 1 MiB chunks)")
     run.add_argument("--shard-images", type=POSITIVE, default=None, metavar="N",
-                     help="images per shard, the unit of work and resume (a multiple of --chunk-images; default "
+                     help="images per shard, the unit of work and resume (>= 1, a multiple of --chunk-images; default "
                      "~256 MiB of targets)")
     run.add_argument("--limit-images", type=POSITIVE, default=None, metavar="N",
                      help="cache only the first N images (>= 1; a trial)")
@@ -92,7 +92,7 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
                         help="background pool .beton (default: the path recorded in the store)")
     verify.add_argument("--samples", type=POSITIVE, default=8, metavar="N",
                         help="view sets to re-render and compare (>= 1, default 8)")
-    verify.add_argument("--seed", type=SEED, default=0, help="seed of the sample drawn (0..2^32-1, default 0)")
+    verify.add_argument("--seed", type=SEED, default=0, help="seed of the sample drawn (0..4294967295, default 0)")
     verify.add_argument("--device", type=device_name, default=None,
                         help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
 

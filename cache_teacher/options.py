@@ -62,11 +62,12 @@ def real(low: float | None = None, high: float | None = None, *, low_open: bool 
 
 
 def _range_text(low, high, *, low_open: bool = False) -> str:
+    lo, hi = (f"{x:g}" if isinstance(x, float) else str(x) for x in (low, high))
     if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        return f"{lo}..{hi}" if not low_open else f"in ({lo}, {hi}]"
     if low is not None:
-        return f"{'>' if low_open else '>='} {low:g}"
-    return f"<= {high:g}" if high is not None else "any value"
+        return f"{'>' if low_open else '>='} {lo}"
+    return f"<= {hi}" if high is not None else "any value"
 
 
 POSITIVE = integer(1)
@@ -98,7 +99,7 @@ def add_teacher_option_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SOLIDER-B only: which weights of the checkpoint to use, 'teacher' (default, as "
                         "SOLIDER's own tools) or 'student' (what the original DPAL used)")
     parser.add_argument("--semantic-weight", type=real(0.0, 1.0), default=0.0, metavar="S",
-                        help="SOLIDER-B only: semantic weight s in [0, 1] folded into the weights (default 0.0, "
+                        help="SOLIDER-B only: semantic weight s in 0..1 folded into the weights (default 0.0, "
                         "as the original DPAL)")
 
 

@@ -45,7 +45,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images shuffled together inside a window of store blocks; larger mixes better "
                              "and holds more target rows in memory (>= 1, default 1024)")
     parser.add_argument("--seed", type=SEED, default=0,
-                        help="seed of init, data order and random views (0..2^32-1, default 0)")
+                        help="seed of init, data order and random views (0..4294967295, default 0)")
     parser.add_argument("--reference-path", action="store_true",
                         help="force the plain-PyTorch reference ops instead of the fused Triton kernels")
     parser.add_argument("--teacher-weights", metavar="W.pth",
@@ -71,7 +71,7 @@ def training_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("optimisation overrides (default: the recipe)")
     group.add_argument("--epochs", type=POSITIVE, metavar="N", help="epochs of the schedule (>= 1)")
     group.add_argument("--warmup-epochs", type=NON_NEGATIVE, metavar="N",
-                       help="epochs of linear lr warm-up (0..--epochs)")
+                       help="epochs of linear lr warm-up (>= 0, at most --epochs)")
     group.add_argument("--blr", type=real(0.0, low_open=True), metavar="LR",
                        help="base lr (> 0); lr = blr * global batch / 256")
     group.add_argument("--lr", type=real(0.0, low_open=True), metavar="LR",
