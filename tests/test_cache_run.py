@@ -255,3 +255,72 @@ def test_dry_run_reports_path_b_storage(inputs, capsys):
     per_set = VIEW_SET_FIELDS * 4 + 768 * 2 + 128 * 768 * 2 + 128 * 2 + 257 * 257 * 2
     assert summary["bytes"] == per_set * NUM_IMAGES * 2
     assert not (inputs / "dry.zarr").exists()
+
+
+def _first_chunk_offset(shard_file: Path, chunks: int) -> int:
+    """Byte offset of the first chunk in a shard file (index of `chunks` (offset, nbytes) pairs + CRC32C at the end)."""
+    raw = shard_file.read_bytes()[-(16 * chunks + 4):-4]
+    return int(np.frombuffer(raw, dtype="<u8").reshape(-1, 2)[0, 0])
+
+
+def test_damaged_files_and_wrong_paths_are_one_line_naming_them(inputs, reference, tmp_path, capsys):
+    def refused(argv) -> str:
+        assert main(argv, teachers=TEACHERS_WITH_TINY) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.startswith("error: "), err
+        return err.splitlines()[0]
+
+    args = _cli_args(_config(inputs, str(tmp_path / "new.zarr")))
+    for damaged in ("zarr.json", "local/zarr.json"):  # the group's and an array's metadata, cut short
+        copy = tmp_path / f"truncated-{damaged.replace('/', '-')}.zarr"
+        shutil.copytree(reference.out, copy)
+        (copy / damaged).write_bytes((copy / damaged).read_bytes()[:40])
+        assert str(copy / damaged) in refused(["info", str(copy)])
+        assert str(copy / damaged) in refused(args[:args.index("--out") + 1] + [str(copy)] + args[args.index("--out") + 2:])
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a store")
+    assert "is a file" in refused(args + ["--out", str(a_file)])
+    assert "is a directory" in refused(args + ["--weights", str(tmp_path)])
+    poisoned = torch.load(inputs / "tiny.pth", weights_only=True)
+    weights = next(value for value in poisoned.values() if isinstance(value, dict))
+    name = next(key for key in weights if key.endswith("blocks.1.mlp.fc1.weight"))
+    weights[name][3, 5] = float("nan")
+    torch.save(poisoned, tmp_path / "nan.pth")
+    line = refused(args + ["--weights", str(tmp_path / "nan.pth")])
+    assert "nan.pth" in line and "NaN" in line and "blocks.1.mlp.fc1.weight" in line
+    assert not (tmp_path / "new.zarr").exists()
+
+    # A damaged Blosc header in a shard file: the read names the file instead of a codec error.
+    copy = tmp_path / "blosc.zarr"
+    shutil.copytree(reference.out, copy)
+    shard_file = copy / "global" / "c" / "0" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    offset = _first_chunk_offset(shard_file, chunks=2)  # shard of 2 images x K=2, chunks of 2 images x 1 set
+    data[offset:offset + 16] = bytes(16)
+    shard_file.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=str(shard_file)):
+        open_store(copy).read_block(0, 0)
+
+
+def test_signals_stop_the_run_in_one_line_and_it_resumes_bit_identical(inputs, reference):
+    cfg = _config(inputs, "signalled.zarr")
+    command = [sys.executable, str(inputs / "cli.py"), *_cli_args(cfg)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    progress = Path(cfg.out) / "dpal_progress"
+    for signum, shards in ((signal.SIGINT, 1), (signal.SIGTERM, 3)):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            if progress.is_dir() and len(list(progress.glob("*.json"))) >= shards:
+                break
+            time.sleep(0.01)
+        assert process.poll() is None, f"run ended before the signal: {process.stderr.read()[-2000:]}"
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 128 + signum, err
+        assert "Traceback" not in err and err.splitlines()[-1] == (f"interrupted: stopped by {signal.Signals(signum).name}; finished shards of {cfg.out} "
+                               f"are kept, rerun the same command to resume"), err
+        assert len(list(progress.glob("*.json"))) < 5
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_store(reference.out, cfg.out)
