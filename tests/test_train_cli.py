@@ -231,3 +231,71 @@ def test_bench_compares_cached_and_online_steps_and_the_feed(artefacts, tmp_path
     assert main(["bench", "--recipe", "path-b_vit-ti", "--store", str(missing), "--images", str(artefacts["images"]),
                  "--backgrounds", str(artefacts["backgrounds"]), "--feed-only"]) == 2
     assert f"error: target store {missing} does not exist" in capsys.readouterr().err  # one line, no traceback
+
+
+def _wait_for(process, ready, what: str, timeout: float = 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.02)
+    assert process.poll() is None, f"training ended before {what}: " + process.stderr.read()
+
+
+def _rows(out):
+    path = out / "metrics.csv"
+    return len(read_metrics(path)) if path.exists() else -1
+
+
+def test_signals_checkpoint_at_the_step_boundary_and_resume_to_the_same_losses(artefacts, reference_run):
+    """SIGINT during step 1 of a fresh run, SIGTERM during step 3 of its resume: each stops after that step
+    with a checkpoint and one line; the second resume finishes with the uninterrupted run's losses."""
+    out = artefacts["root"] / "signalled"
+    for signum, resume, ready, stop_step in ((signal.SIGINT, [], lambda: _rows(out) >= 0, 1),
+                                             (signal.SIGTERM, ["--resume"], lambda: _rows(out) >= 2, 3)):
+        process = subprocess.Popen([sys.executable, "-m", "train_student", *_train_args(artefacts, out, *resume)],
+                                   env=TRAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _wait_for(process, ready, f"the {signal.Signals(signum).name}")
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 128 + signum and "Traceback" not in err, err
+        assert err.splitlines()[-1] == (f"interrupted: stopped by {signal.Signals(signum).name} after step {stop_step}; "
+                                        f"checkpoint {out / 'checkpoint.pt'} written: continue with the same command "
+                                        f"and --resume"), err
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == stop_step == _rows(out)
+    stale = out / ".checkpoint.pt.tmp-424242"  # what a kill during a save leaves
+    stale.write_bytes(b"partial checkpoint")
+    resumed = _python("-m", "train_student", *_train_args(artefacts, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert not stale.exists()
+    assert _compared(read_metrics(out / "metrics.csv")) == _compared(read_metrics(reference_run / "metrics.csv"))
+
+
+def test_user_errors_are_one_line_and_a_failed_start_leaves_no_run_folder(artefacts, tmp_path, capsys):
+    def refused(argv) -> str:
+        status, err = _refusal(capsys, argv)
+        assert status == 2 and "Traceback" not in err and err.startswith("error: "), err
+        return err.splitlines()[0]
+
+    truncated = tmp_path / "truncated.zarr"
+    shutil.copytree(artefacts["store"], truncated)
+    (truncated / "local" / "zarr.json").write_text('{"shape": [6, 2')
+    assert str(truncated / "local" / "zarr.json") in refused(_train_args(artefacts, tmp_path / "a", store=truncated))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert "is a file" in refused(_train_args(artefacts, a_file))
+
+    # A chunk that fails to decompress at step 1: the file is named, and the run folder, which holds no
+    # checkpoint, is removed so that the corrected command is not refused.
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(artefacts["store"], damaged)
+    shard_file = damaged / "global" / "c" / "0" / "0" / "0"  # one shard: 3 blocks of 2 images x K=2 chunks
+    data = bytearray(shard_file.read_bytes())
+    index = np.frombuffer(bytes(data[-(16 * 6 + 4):-4]), dtype="<u8").reshape(6, 2)
+    for offset, _ in index:
+        data[int(offset):int(offset) + 16] = bytes(16)  # every chunk's Blosc header
+    shard_file.write_bytes(bytes(data))
+    for out in (tmp_path / "new-run", tmp_path / "empty-run"):
+        if out.name == "empty-run":
+            out.mkdir()
+        line = refused(_train_args(artefacts, out, store=damaged))
+        assert str(shard_file) in line and "does not decompress" in line
+        assert out.exists() == (out.name == "empty-run") and not (out.exists() and any(out.iterdir()))

@@ -341,6 +341,14 @@ def train(args: argparse.Namespace) -> Path:
                 "decoder": model.decoder.state_dict(), "student_ema": ema_student.state_dict(),
                 "optimizer": optimizer.state_dict(), "rng": rng_states}
 
+    saved_step = step if args.resume else None
+
+    def kept() -> str:
+        return (f"the last checkpoint {run_dir / CHECKPOINT_NAME} (step {saved_step}) is kept"
+                if saved_step is not None else "no checkpoint had been written yet, nothing of the run is kept")
+
+    stop = StopRequest(kept)  # from here on a signal stops at a step boundary, with a checkpoint
+    stop.install()
     log = MetricsLog(run_dir, resume_step=step if args.resume else None) if master else None
     progress = None
     if master and args.progress:
@@ -350,14 +358,6 @@ def train(args: argparse.Namespace) -> Path:
 
     # ---------------------------------------------------------------- training loop
     ddp_model.train()
-    saved_step = step if args.resume else None
-
-    def kept() -> str:
-        return (f"the last checkpoint {run_dir / CHECKPOINT_NAME} (step {saved_step}) is kept"
-                if saved_step is not None else "no checkpoint had been written yet, nothing of the run is kept")
-
-    stop = StopRequest(kept)
-    stop.install()
     epoch, start_micro = divmod(step, plan.steps_per_epoch)
     start_micro *= optim.accum_steps
     step_start, data_wait = time.perf_counter(), 0.0
@@ -475,7 +475,7 @@ def run_training(args: argparse.Namespace) -> int:
     fresh = not args.resume and int(os.environ.get("RANK", "0")) == 0 and not (run_dir.is_dir() and
                                                                                  any(run_dir.iterdir()))
     existed = run_dir.exists()
-    status = exit_status(lambda: train(args))
+    status = exit_status(lambda: train(args) and 0)  # train returns the run folder
     if status != 0 and fresh and run_dir.is_dir() and not (run_dir / CHECKPOINT_NAME).exists():
         if existed:
             for entry in run_dir.iterdir():
