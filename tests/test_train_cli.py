@@ -5,6 +5,7 @@ Everything is tiny (6 images, 2 view sets, global batch 2, a few steps) but runs
 """
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -299,3 +300,39 @@ def test_user_errors_are_one_line_and_a_failed_start_leaves_no_run_folder(artefa
         line = refused(_train_args(artefacts, out, store=damaged))
         assert str(shard_file) in line and "does not decompress" in line
         assert out.exists() == (out.name == "empty-run") and not (out.exists() and any(out.iterdir()))
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
+                           capture_output=True) if shutil.which("unshare") else None
+    return probe is not None and probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -rm` to mount a small tmpfs (a real full disk)")
+def test_full_disk_is_one_line_naming_the_file(artefacts, tmp_path):
+    """A real full disk (tiny tmpfs in a private mount namespace) while creating a store and while saving a
+    checkpoint: one line naming the file; no staging folder and no run folder without a checkpoint left."""
+    tiny_store_disk, tiny_run_disk = tmp_path / "store-disk", tmp_path / "run-disk"
+    tiny_store_disk.mkdir()
+    tiny_run_disk.mkdir()
+    store, run = tiny_store_disk / "s.zarr", tiny_run_disk / "run"
+    cache = [sys.executable, "-m", "cache_teacher", "run", "--teacher", "path-b", "--weights", artefacts["weights"],
+             "--images", str(artefacts["images"]), "--backgrounds", str(artefacts["backgrounds"]), "-K", "2",
+             "--chunk-images", "2", "--calibration-images", "2", "--out", str(store), "--skip-space-check",
+             "--no-progress"]
+    train = [sys.executable, "-m", "train_student",
+             *_train_args(artefacts, run, "--checkpoint-every", "1", "--max-steps", "2")]
+    script = (f'mount -t tmpfs -o size=8k tmpfs {tiny_store_disk} && mount -t tmpfs -o size=1m tmpfs {tiny_run_disk} '
+              f'&& {{ {" ".join(map(shlex.quote, cache))}; echo "cache status $?"; '
+              f'ls -A {tiny_store_disk}; {" ".join(map(shlex.quote, train))}; echo "train status $?"; '
+              f'ls -A {tiny_run_disk}; }}')
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=TRAIN_ENV, capture_output=True, text=True,
+                            timeout=900)
+    lines = result.stderr.splitlines()
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "cache status 2" in result.stdout and "train status 2" in result.stdout, result.stdout + result.stderr
+    assert f"error: cannot create store {store}: No space left on device" in result.stderr, result.stderr
+    assert any(line.startswith(f"error: cannot write checkpoint {run / 'checkpoint.pt'} (") and
+               "No space left on device" in line for line in lines), result.stderr
+    listed = result.stdout.split("cache status 2", 1)[1]
+    assert "creating" not in listed and "run" not in listed.split("train status 2")[1], result.stdout

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from cache_teacher.options import os_error_line
 from cache_teacher.store import atomic_write_bytes, temporary_siblings
 from dpal.checkpoints import unreadable_reason
 from dpal.errors import UserError
@@ -30,13 +29,37 @@ def save_checkpoint(run_dir: Path, state: dict) -> Path:
     """Atomically replace RUN_DIR/checkpoint.pt by `state` (tensors, numbers, strings, nested dicts/lists);
     a failed write (full disk, ...) is one RunFolderError and leaves the previous checkpoint in place."""
     path = Path(run_dir) / CHECKPOINT_NAME
+    writer = _WriteErrors()
     try:
-        atomic_write_bytes(path, lambda handle: torch.save({"format": CHECKPOINT_FORMAT, **state}, handle))
-    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write of its zip as RuntimeError
-        reason = os_error_line(exc) if isinstance(exc, OSError) else str(exc).strip().splitlines()[0]
+        atomic_write_bytes(path, lambda handle: torch.save({"format": CHECKPOINT_FORMAT, **state}, writer.wrap(handle)))
+    except (OSError, RuntimeError) as exc:
+        failure = writer.error or exc
+        reason = failure.strerror if isinstance(failure, OSError) else str(failure).strip().splitlines()[0]
         raise RunFolderError(f"cannot write checkpoint {path} ({reason}); the previous checkpoint, if any, is "
                              f"kept: free space and continue with --resume") from exc
     return path
+
+
+class _WriteErrors:
+    """A file wrapper that remembers the OSError of a failed write: torch.save reports it only as a
+    RuntimeError about the zip position, which would hide a full disk."""
+
+    def __init__(self):
+        self.handle, self.error = None, None
+
+    def wrap(self, handle):
+        self.handle = handle
+        return self
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def load_checkpoint(run_dir: Path) -> dict:
