@@ -324,3 +324,28 @@ def test_signals_stop_the_run_in_one_line_and_it_resumes_bit_identical(inputs, r
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_store(reference.out, cfg.out)
+
+
+def two_node_torchrun(port: int, command: list[str], env: dict, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Two torchrun launchers on this machine as two "nodes" of one job (--nnodes 2, one process each, c10d
+    rendezvous on 127.0.0.1): what a two-machine cluster job runs, with its own launcher per node."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    launcher = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                f"127.0.0.1:{port}", "--rdzv-id", f"dpal-test-{port}", "--max-restarts", "0"]
+    nodes = [subprocess.Popen(launcher + command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    results = []
+    for node in nodes:
+        out, err = node.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(node.args, node.returncode, out, err))
+    return results
+
+
+def test_two_nodes_write_the_same_store_as_one_process(inputs, reference):
+    cfg = _config(inputs, "two-nodes.zarr")
+    nodes = two_node_torchrun(29541, [str(inputs / "cli.py"), *_cli_args(cfg)], dict(os.environ, OMP_NUM_THREADS="1"))
+    for node in nodes:
+        assert node.returncode == 0, node.stderr[-3000:]
+    markers = [json.loads(p.read_text()) for p in sorted((Path(cfg.out) / "dpal_progress").glob("*.json"))]
+    assert [m["shard"] for m in markers] == list(range(5))
+    _assert_same_store(reference.out, cfg.out)
