@@ -150,6 +150,9 @@ def os_error_line(exc: OSError) -> str:
 def exit_status(work) -> int:
     """Run a command's work(): its status (None: 0); a `UserError` or an OSError (missing or unwritable path,
     full disk, ...) becomes one line on stderr and status 2; a stopping signal, one line and 128 + its number."""
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is printed escaped, never a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return work() or 0
     except UserError as exc:

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,7 +293,11 @@ class StoreWriter:
             _fsync_tree(staging)
             os.rename(staging, path)
         except OSError as exc:  # a full disk, a vanished folder: nothing is left behind, nothing was created
-            shutil.rmtree(staging, ignore_errors=True)
+            for _ in range(100):  # zarr's other metadata writes may still land for a moment after the failed one
+                shutil.rmtree(staging, ignore_errors=True)
+                if not staging.exists():
+                    break
+                time.sleep(0.02)
             raise StoreError(f"cannot create store {path}: {exc.strerror or exc}; nothing was created, fix that "
                              f"and run the same command again") from None
         fsync_path(path.parent)

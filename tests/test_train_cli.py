@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -336,3 +337,34 @@ def test_full_disk_is_one_line_naming_the_file(artefacts, tmp_path):
                "No space left on device" in line for line in lines), result.stderr
     listed = result.stdout.split("cache status 2", 1)[1]
     assert "creating" not in listed and "run" not in listed.split("train status 2")[1], result.stdout
+
+
+def test_two_nodes_stop_together_on_one_nodes_sigterm_and_match_one_process(artefacts, reference_run):
+    """Scale check: two torchrun launchers as two nodes (c10d rendezvous on 127.0.0.1). The second node is
+    preempted (SIGTERM to its launcher) during training: both ranks stop after the same step, rank 0 writes
+    the checkpoint; the two-node resume then gives the one-process losses at the same global batch."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    launcher = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                "127.0.0.1:29561", "--max-restarts", "0"]
+    out = artefacts["root"] / "two-nodes"
+    for attempt, resume in enumerate(([], ["--resume"])):
+        command = launcher + ["--rdzv-id", f"two-nodes-{attempt}", "-m", "train_student",
+                              *_train_args(artefacts, out, "--device", "cpu", *resume)]
+        first = subprocess.Popen(command, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)  # the first launcher hosts the rendezvous store; the second node is the one preempted
+        second = subprocess.Popen(command, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if not resume:
+            _wait_for(second, lambda: _rows(out) >= 1, "the SIGTERM", timeout=600)
+            second.send_signal(signal.SIGTERM)
+        errs = [node.communicate(timeout=900)[1] for node in (first, second)]
+        if resume:
+            assert first.returncode == second.returncode == 0, errs[0][-3000:] + errs[1][-3000:]
+            continue
+        stopped = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+        assert 1 < stopped < STEPS and _rows(out) == stopped
+        for err in errs:  # each rank says where it stopped, both at the same step (torchrun itself then
+            # reports the worker's status 143 as a failure, with its own launcher traceback)
+            assert f"interrupted: stopped by SIGTERM after step {stopped}; checkpoint" in err, err[-3000:]
+            assert "train_student/" not in err, err[-3000:]
+    two_nodes, single = _compared(read_metrics(out / "metrics.csv")), _compared(read_metrics(reference_run / "metrics.csv"))
+    np.testing.assert_allclose(np.array(two_nodes), np.array(single), rtol=1e-4, atol=1e-7)  # as the 2-rank test
