@@ -215,8 +215,9 @@ def test_no_mixing_and_bad_input(inputs, reference, tmp_path, capsys):
         run(_config(inputs, str(old)), teachers=TEACHERS_WITH_TINY)
     args = _cli_args(_config(inputs, str(tmp_path / "new.zarr")))
     bad = {"--views-per-image": ["-K", "0"], "--teacher": ["--teacher", "path-b"]}
-    assert main(args + bad["--views-per-image"], teachers=TEACHERS_WITH_TINY) == 2
-    assert "--views-per-image must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused while the command line is read
+        main(args + bad["--views-per-image"], teachers=TEACHERS_WITH_TINY)
+    assert "-K: 0 is out of range: must be >= 1" in capsys.readouterr().err
     assert main(args + bad["--teacher"], teachers=TEACHERS_WITH_TINY) == 2  # tiny checkpoint is not PATH-B
     err = capsys.readouterr().err
     assert "path-b" in err and "missing" in err.lower()
