@@ -350,3 +350,12 @@ def test_two_nodes_write_the_same_store_as_one_process(inputs, reference):
     markers = [json.loads(p.read_text()) for p in sorted((Path(cfg.out) / "dpal_progress").glob("*.json"))]
     assert [m["shard"] for m in markers] == list(range(5))
     _assert_same_store(reference.out, cfg.out)
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_escaped(reference, tmp_path):
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/store-\xff.zarr"))
+    shutil.copytree(reference.out, odd)
+    result = subprocess.run([sys.executable, "-m", "cache_teacher", "info", str(odd)], capture_output=True,
+                            env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+    assert b"store-\\udcff.zarr" in result.stdout
