@@ -133,15 +133,16 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
 
 
 def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
-    from cache_teacher.options import exit_status, parse_teacher_options, raise_on_signals
+    from cache_teacher.options import exit_status, parse_teacher_options
 
     parser = _parser(teachers)
     args = parser.parse_args(argv)
     if args.command in ("run", "bench"):
         args.teacher_options = parse_teacher_options(parser, args, teachers[args.teacher])
-    if args.command == "run":  # a stopped run keeps its finished shards: say so, and how to go on
-        raise_on_signals(lambda: f"; finished shards of {args.out} are kept, rerun the same command to resume")
-    return exit_status(lambda: _command(args, teachers))
+    # A stopped run keeps its finished shards: say so, and how to go on.
+    stop_message = f"; finished shards of {args.out} are kept, rerun the same command to resume" \
+        if args.command == "run" else None
+    return exit_status(lambda: _command(args, teachers), stop_message=stop_message)
 
 
 def _command(args: argparse.Namespace, teachers: dict[str, TeacherSpec]) -> int:

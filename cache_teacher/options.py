@@ -123,16 +123,6 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def raise_on_signals(describe=lambda: "") -> None:
-    """SIGINT and SIGTERM raise `Interrupted` in the main thread (SIGTERM would otherwise kill silently,
-    SIGINT print a traceback); `describe()` adds what was kept."""
-    def handler(signum, frame):
-        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}{describe()}")
-
-    for signum in INTERRUPT_STATUS:
-        signal.signal(signum, handler)
-
-
 def _ignore_signals() -> None:
     for signum in INTERRUPT_STATUS:
         signal.signal(signum, signal.SIG_IGN)
@@ -147,9 +137,21 @@ def os_error_line(exc: OSError) -> str:
     return f"{where}{reason}"
 
 
-def exit_status(work) -> int:
+def exit_status(work, *, stop_message: str | None = None) -> int:
     """Run a command's work(): its status (None: 0); a `UserError` or an OSError (missing or unwritable path,
-    full disk, ...) becomes one line on stderr and status 2; a stopping signal, one line and 128 + its number."""
+    full disk, ...) becomes one line on stderr and status 2; a stopping signal, one line and 128 + its number.
+
+    With `stop_message`, SIGINT and SIGTERM raise `Interrupted` (SIGTERM would otherwise kill silently, SIGINT
+    print a traceback), the message saying what was kept; `work` may install its own handlers (training
+    defers the stop to a step boundary). The previous handlers are restored on return, so that a caller in
+    the same process (a test) and the processes it forks later are not affected."""
+    previous = {signum: signal.getsignal(signum) for signum in INTERRUPT_STATUS}
+    if stop_message is not None:
+        def stop(signum, frame):
+            raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}{stop_message}")
+
+        for signum in INTERRUPT_STATUS:
+            signal.signal(signum, stop)
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is printed escaped, never a crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
@@ -169,3 +171,6 @@ def exit_status(work) -> int:
         _ignore_signals()
         print("interrupted: stopped by SIGINT", file=sys.stderr)
         return INTERRUPT_STATUS[signal.SIGINT]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

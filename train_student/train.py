@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from cache_teacher.ffcv_images import ImageFile, images_fingerprint
-from cache_teacher.options import Interrupted, exit_status, raise_on_signals
+from cache_teacher.options import Interrupted, exit_status
 from cache_teacher.store import token_counts
 from dpal import dispatch
 from dpal.config import OptimConfig, Recipe
@@ -470,12 +470,12 @@ def run_training(args: argparse.Namespace) -> int:
     worth keeping, and a leftover run.json would refuse the corrected command)."""
     if args.workers is None:
         args.workers = default_workers(args.device)
-    raise_on_signals(lambda: " before training started; nothing was trained")
     run_dir = Path(args.out)
     fresh = not args.resume and int(os.environ.get("RANK", "0")) == 0 and not (run_dir.is_dir() and
                                                                                  any(run_dir.iterdir()))
     existed = run_dir.exists()
-    status = exit_status(lambda: train(args) and 0)  # train returns the run folder
+    status = exit_status(lambda: train(args) and 0,  # train returns the run folder
+                         stop_message=" before training started; nothing was trained")
     if status != 0 and fresh and run_dir.is_dir() and not (run_dir / CHECKPOINT_NAME).exists():
         if existed:
             for entry in run_dir.iterdir():
