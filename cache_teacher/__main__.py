@@ -20,10 +20,10 @@ from dpal.recipes import TEACHERS
 
 
 def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
-    from cache_teacher.options import add_teacher_option_arguments
-    from cache_teacher.pack import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE
-    from cache_teacher.run import DEFAULT_CALIBRATION_IMAGES
-    from cache_teacher.store import CODECS, TARGET_FORMATS
+    # Only light modules here (no torch, zarr or FFCV): `--help` answers at once.
+    from cache_teacher.options import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE,
+                                       NON_NEGATIVE, POSITIVE, SEED, TARGET_FORMATS, add_teacher_option_arguments,
+                                       device_name, integer)
 
     parser = argparse.ArgumentParser(prog="python -m cache_teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,41 +38,46 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
                                "path (escaped: any file name round-trips, see cache_teacher.pack.read_manifest).")
     pack.add_argument("src", help="source folder (searched recursively for .jpg/.jpeg/.png/.gif/.webp/.bmp)")
     pack.add_argument("out", help="output .beton file")
-    pack.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
-                      help=f"longest side kept, larger images are shrunk (default {DEFAULT_MAX_SIDE})")
-    pack.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY,
-                      help=f"quality of re-encoded images (default {DEFAULT_JPEG_QUALITY})")
-    pack.add_argument("--workers", type=int, default=None, help="processes (default: number of CPUs, max 8)")
+    pack.add_argument("--max-side", type=integer(16), default=DEFAULT_MAX_SIDE, metavar="PIXELS",
+                      help=f"longest side kept, larger images are shrunk (>= 16, default {DEFAULT_MAX_SIDE})")
+    pack.add_argument("--jpeg-quality", type=integer(1, 100), default=DEFAULT_JPEG_QUALITY, metavar="Q",
+                      help=f"JPEG quality of re-encoded images (1..100, default {DEFAULT_JPEG_QUALITY})")
+    pack.add_argument("--workers", type=POSITIVE, default=None, metavar="N",
+                      help="processes (>= 1, default: number of CPUs, max 8)")
 
     run = commands.add_parser("run", help="run a teacher once over K view sets per image, write the target store",
                               description="Draw K view sets per image (seeded by image index), render them, run the "
-                              "teacher and write a compressed Zarr v3 store. Resumable (rerun the same command); "
-                              "under torchrun the shards are split across ranks.")
-    run.add_argument("--teacher", required=True, choices=sorted(teachers))
+                              "teacher and write a compressed Zarr v3 store. Resumable (rerun the same command; "
+                              "SIGINT/SIGTERM stop it cleanly); under torchrun the shards are split across ranks.")
+    run.add_argument("--teacher", required=True, choices=sorted(teachers), help="teacher architecture")
     run.add_argument("--weights", required=True, help="released teacher checkpoint (.pth)")
     run.add_argument("--images", required=True, help="person images .beton (from `pack`)")
     run.add_argument("--backgrounds", required=True, help="background pool .beton (from `pack`)")
-    run.add_argument("--views-per-image", "-K", type=int, required=True, help="view sets per image (K >= 1)")
+    run.add_argument("--views-per-image", "-K", type=POSITIVE, required=True, metavar="K",
+                     help="view sets per image (>= 1)")
     run.add_argument("--out", required=True, help="store folder, e.g. path-b.zarr (created, or resumed)")
     run.add_argument("--format", dest="target_format", choices=TARGET_FORMATS, default="float16",
                      help="float16 (lossless compression) or int8 with per-row scales (default float16)")
     run.add_argument("--codec", choices=CODECS, default="lz4",
                      help="lossless Blosc codec: lz4 (default; fast to read every epoch) or zstd (smaller, ~4x "
                      "slower to decode)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the view sets (default 0)")
-    run.add_argument("--batch-size", type=int, default=None,
-                     help="view sets per teacher batch (default 128 CUDA, 8 CPU; a resumed run uses the store's). "
-                     "A resume with another batch size is refused: GEMM rounding depends on the batch shape, "
-                     "and a store must not mix two")
-    run.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
+    run.add_argument("--seed", type=SEED, default=0, help="seed of the view sets (0..4294967295, default 0)")
+    run.add_argument("--batch-size", type=POSITIVE, default=None, metavar="N",
+                     help="view sets per teacher batch (>= 1; default 128 CUDA, 8 CPU; a resumed run uses the "
+                     "store's). A resume with another batch size is refused: GEMM rounding depends on the batch "
+                     "shape, and a store must not mix two")
+    run.add_argument("--calibration-images", type=POSITIVE, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
                      help="images whose first view set calibrates the shape mask "
-                     f"(default {DEFAULT_CALIBRATION_IMAGES})")
-    run.add_argument("--chunk-images", type=int, default=None,
-                     help="images per chunk (default: smallest power of two with >= 1 MiB chunks)")
-    run.add_argument("--shard-images", type=int, default=None,
-                     help="images per shard, the unit of work and resume (default ~256 MiB of targets)")
-    run.add_argument("--limit-images", type=int, default=None, help="cache only the first N images (a trial)")
-    run.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+                     f"(>= 1, default {DEFAULT_CALIBRATION_IMAGES})")
+    run.add_argument("--chunk-images", type=POSITIVE, default=None, metavar="N",
+                     help="images per chunk (>= 1, default: smallest power of two with >= 1 MiB chunks)")
+    run.add_argument("--shard-images", type=POSITIVE, default=None, metavar="N",
+                     help="images per shard, the unit of work and resume (>= 1, a multiple of --chunk-images; default "
+                     "~256 MiB of targets)")
+    run.add_argument("--limit-images", type=POSITIVE, default=None, metavar="N",
+                     help="cache only the first N images (>= 1; a trial)")
+    run.add_argument("--device", type=device_name, default=None,
+                     help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
     run.add_argument("--dry-run", action="store_true", help="print the storage needed and exit")
     run.add_argument("--skip-space-check", action="store_true", help="do not refuse when the free space looks short")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -82,82 +87,93 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
                                  help="check completeness + checksums, re-render a sample and rerun the teacher",
                                  description="Exit status 0 only if every shard is finished and intact and a random "
                                  "sample of stored view sets matches a fresh teacher run within the format's limits.")
-    verify.add_argument("store")
+    verify.add_argument("store", help="store folder written by `run`")
     verify.add_argument("--weights", required=True, help="the checkpoint the store was made with")
-    verify.add_argument("--images", default=None, help="default: the path recorded in the store")
-    verify.add_argument("--backgrounds", default=None, help="default: the path recorded in the store")
-    verify.add_argument("--samples", type=int, default=8, help="view sets to re-render (default 8)")
-    verify.add_argument("--seed", type=int, default=0)
-    verify.add_argument("--device", default=None)
+    verify.add_argument("--images", default=None, help="images .beton (default: the path recorded in the store)")
+    verify.add_argument("--backgrounds", default=None,
+                        help="background pool .beton (default: the path recorded in the store)")
+    verify.add_argument("--samples", type=POSITIVE, default=8, metavar="N",
+                        help="view sets to re-render and compare (>= 1, default 8)")
+    verify.add_argument("--seed", type=SEED, default=0, help="seed of the sample drawn (0..4294967295, default 0)")
+    verify.add_argument("--device", type=device_name, default=None,
+                        help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
 
     info = commands.add_parser("info", help="what a store holds: identity, progress, bytes per view set, compression")
-    info.add_argument("store")
+    info.add_argument("store", help="store folder written by `run`")
 
     bench = commands.add_parser("bench", help="teacher-forward-only vs full caching pipeline throughput (table + JSON)")
-    bench.add_argument("--teacher", required=True, choices=sorted(teachers))
-    bench.add_argument("--weights", required=True)
-    bench.add_argument("--images", required=True)
-    bench.add_argument("--backgrounds", required=True)
-    bench.add_argument("--batch-size", type=int, default=None)
-    bench.add_argument("--iterations", type=int, default=5, help="teacher-only batches timed (default 5)")
-    bench.add_argument("--num-images", type=int, default=None, help="images through the full pipeline")
-    bench.add_argument("--views-per-image", type=int, default=2)
-    bench.add_argument("--format", dest="target_format", choices=TARGET_FORMATS, default="float16")
-    bench.add_argument("--device", default=None)
-    bench.add_argument("--json", dest="json_out", default="cache_bench.json", help="default cache_bench.json")
+    bench.add_argument("--teacher", required=True, choices=sorted(teachers), help="teacher architecture")
+    bench.add_argument("--weights", required=True, help="teacher checkpoint (.pth)")
+    bench.add_argument("--images", required=True, help="person images .beton (from `pack`)")
+    bench.add_argument("--backgrounds", required=True, help="background pool .beton (from `pack`)")
+    bench.add_argument("--batch-size", type=POSITIVE, default=None, metavar="N",
+                       help="view sets per teacher batch (>= 1; default 128 CUDA, 8 CPU)")
+    bench.add_argument("--iterations", type=POSITIVE, default=5, metavar="N",
+                       help="teacher-only batches timed (>= 1, default 5)")
+    bench.add_argument("--num-images", type=POSITIVE, default=None, metavar="N",
+                       help="images through the full pipeline (>= 1, default: iterations x batch / K)")
+    bench.add_argument("--views-per-image", type=POSITIVE, default=2, metavar="K",
+                       help="view sets per image in the pipeline (>= 1, default 2)")
+    bench.add_argument("--format", dest="target_format", choices=TARGET_FORMATS, default="float16",
+                       help="target format written by the pipeline (default float16)")
+    bench.add_argument("--device", type=device_name, default=None,
+                       help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    bench.add_argument("--json", dest="json_out", default="cache_bench.json",
+                       help="where to write the figures (default cache_bench.json)")
     add_teacher_option_arguments(bench)
 
     demo = commands.add_parser("demo-data",
                                help="write built-in inputs: synthetic persons, backgrounds, random teacher")
-    demo.add_argument("out_dir")
-    demo.add_argument("--persons", type=int, default=None)
-    demo.add_argument("--backgrounds", type=int, default=None)
-    demo.add_argument("--teacher", choices=sorted(TEACHERS), default="path-b")
+    demo.add_argument("out_dir", help="folder to write persons/, backgrounds/ and TEACHER.pth into")
+    demo.add_argument("--persons", type=POSITIVE, default=None, metavar="N",
+                      help="synthetic person images (>= 1, default: the demo's count)")
+    demo.add_argument("--backgrounds", type=POSITIVE, default=None, metavar="N",
+                      help="background images (>= 1, default: the demo's count)")
+    demo.add_argument("--teacher", choices=sorted(TEACHERS), default="path-b",
+                      help="architecture of the random-weight teacher checkpoint (default path-b)")
     return parser
 
 
 def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
-    from cache_teacher.options import parse_teacher_options
+    from cache_teacher.options import exit_status, parse_teacher_options
 
     parser = _parser(teachers)
     args = parser.parse_args(argv)
     if args.command in ("run", "bench"):
         args.teacher_options = parse_teacher_options(parser, args, teachers[args.teacher])
-    from dpal.checkpoints import CheckpointError
-    from cache_teacher.ffcv_images import ImagesFileError
-    from cache_teacher.pack import PackError
-    from cache_teacher.run import RunError
-    from cache_teacher.store import StoreError
+    # A stopped run keeps its finished shards: say so, and how to go on.
+    stop_message = f"; finished shards of {args.out} are kept, rerun the same command to resume" \
+        if args.command == "run" else None
+    return exit_status(lambda: _command(args, teachers), stop_message=stop_message)
 
-    try:
-        if args.command == "pack":
-            from cache_teacher.pack import pack
-            pack(args.src, args.out, max_side=args.max_side, quality=args.jpeg_quality, workers=args.workers)
-        elif args.command == "run":
-            from cache_teacher.run import RunConfig, run
-            fields = {k: v for k, v in vars(args).items() if k not in ("command", "teacher_options")}
-            run(RunConfig(**fields), teachers=teachers)
-        elif args.command == "verify":
-            from cache_teacher.verify import verify
-            passed, _ = verify(args.store, args.weights, images=args.images, backgrounds=args.backgrounds,
-                               samples=args.samples, seed=args.seed, device=args.device, teachers=teachers)
-            return 0 if passed else 1
-        elif args.command == "info":
-            from cache_teacher.verify import info
-            info(args.store)
-        elif args.command == "bench":
-            from cache_teacher.bench import bench
-            bench(args.teacher, args.weights, args.images, args.backgrounds, batch_size=args.batch_size,
-                  iterations=args.iterations, num_images=args.num_images, views_per_image=args.views_per_image,
-                  target_format=args.target_format, device=args.device, json_out=args.json_out,
-                  teacher_options=args.teacher_options, teachers=teachers)
-        elif args.command == "demo-data":
-            from cache_teacher.demo_data import DEFAULT_BACKGROUNDS, DEFAULT_PERSONS, write_demo_data
-            write_demo_data(args.out_dir, persons=args.persons or DEFAULT_PERSONS,
-                            backgrounds=args.backgrounds or DEFAULT_BACKGROUNDS, teacher=args.teacher)
-    except (CheckpointError, ImagesFileError, PackError, RunError, StoreError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def _command(args: argparse.Namespace, teachers: dict[str, TeacherSpec]) -> int:
+    """Run one parsed command; its exit status (1: `verify` found a problem)."""
+    if args.command == "pack":
+        from cache_teacher.pack import pack
+        pack(args.src, args.out, max_side=args.max_side, quality=args.jpeg_quality, workers=args.workers)
+    elif args.command == "run":
+        from cache_teacher.run import RunConfig, run
+        fields = {k: v for k, v in vars(args).items() if k not in ("command", "teacher_options")}
+        run(RunConfig(**fields), teachers=teachers)
+    elif args.command == "verify":
+        from cache_teacher.verify import verify
+        passed, _ = verify(args.store, args.weights, images=args.images, backgrounds=args.backgrounds,
+                           samples=args.samples, seed=args.seed, device=args.device, teachers=teachers)
+        return 0 if passed else 1
+    elif args.command == "info":
+        from cache_teacher.verify import info
+        info(args.store)
+    elif args.command == "bench":
+        from cache_teacher.bench import bench
+        bench(args.teacher, args.weights, args.images, args.backgrounds, batch_size=args.batch_size,
+              iterations=args.iterations, num_images=args.num_images, views_per_image=args.views_per_image,
+              target_format=args.target_format, device=args.device, json_out=args.json_out,
+              teacher_options=args.teacher_options, teachers=teachers)
+    elif args.command == "demo-data":
+        from cache_teacher.demo_data import DEFAULT_BACKGROUNDS, DEFAULT_PERSONS, write_demo_data
+        write_demo_data(args.out_dir, persons=args.persons or DEFAULT_PERSONS,
+                        backgrounds=args.backgrounds or DEFAULT_BACKGROUNDS, teacher=args.teacher)
     return 0
 
 

@@ -40,6 +40,8 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.state import State
 from ffcv.reader import Reader  # noqa: E402
 
+from dpal.errors import UserError, file_problem  # noqa: E402
+
 # Importing FFCV sets torch's intra-op threads to 1 (ffcv.pipeline.compiler); that would make the teacher
 # forward of the cache stage 2x slower on 2 cores. Undo it (FFCV's Loader sets its own count when built).
 torch.set_num_threads(_TORCH_THREADS)
@@ -61,14 +63,14 @@ REPACK_HINT = ("re-pack it from its source folder with `python -m cache_teacher 
                "the same folder gives the same file, so stores and runs made from it still fit)")
 
 
-class ImagesFileError(ValueError):
+class ImagesFileError(UserError):
     """An images file is missing or not in the layout this module writes."""
 
 
 def _open_reader(path: str | os.PathLike) -> Reader:
     path = Path(path)
-    if not path.is_file():
-        raise ImagesFileError(f"images file {path} does not exist; create it with "
+    if problem := file_problem(path):
+        raise ImagesFileError(f"images file {path} {problem}; create it with "
                               f"`python -m cache_teacher pack SRC_DIR {path.name}`")
     try:
         reader = Reader(str(path))

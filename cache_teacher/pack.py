@@ -29,15 +29,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from cache_teacher.ffcv_images import decode_jpeg, image_fields, jpeg_crc32c
+from cache_teacher.options import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE
+from dpal.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
-DEFAULT_MAX_SIDE = 512
-DEFAULT_JPEG_QUALITY = 95
 MANIFEST_HEADER = "index\tsource_path\theight\twidth\tstored"
 _SIXTEEN_BIT_GREY = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # PIL modes of 16-bit greyscale PNG/TIFF
 
 
-class PackError(ValueError):
+class PackError(UserError):
     """Bad input to `pack`: the message names the path and what to do."""
 
 

@@ -30,11 +30,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cache_teacher.ffcv_images import ImageFile, images_fingerprint
+from cache_teacher.options import DEFAULT_CALIBRATION_IMAGES
 from cache_teacher.store import (
     CODECS, SPEC_VERSION, STORE_FORMAT_VERSION, StoreLayout, StoreWriter, WriterRefusedError, check_format_version,
     check_spec_version, config_dict, describe_differences, file_sha256, job_writer_lock, plan_layout, read_attrs,
     store_lock_path, token_counts)
 from dpal.config import TeacherSpec, ViewConfig
+from dpal.errors import UserError, file_problem
 from dpal.losses import quantize_relation, quantize_rows
 from dpal.recipes import TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
@@ -42,10 +44,8 @@ from dpal.teachers import Teacher, global_view_targets, load_teacher, teacher_op
 from dpal.views import (VIEW_PARAMS_VERSION, VIEW_SET_FIELDS, background_indices, render_view_sets,
                         sample_view_sets)
 
-DEFAULT_CALIBRATION_IMAGES = 256
 
-
-class RunError(ValueError):
+class RunError(UserError):
     """Bad input or environment for `run`; the message says what to do."""
 
 
@@ -242,8 +242,8 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
               f"(uncompressed bound; lossless compression saves ~10% with lz4, ~30% with zstd on PATH-B float16)")
         return {"dry_run": True, "bytes": total_bytes, "layout": dataclasses.asdict(layout)}
     weights = Path(cfg.weights)
-    if not weights.is_file():
-        raise RunError(f"teacher checkpoint {weights} does not exist")
+    if problem := file_problem(weights):
+        raise RunError(f"teacher checkpoint {weights} {problem}")
     out = Path(cfg.out)
 
     rank, world, local_rank = _init_distributed()

@@ -42,6 +42,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,9 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
+from cache_teacher.options import CODECS, TARGET_FORMATS
 from dpal.config import Recipe, TeacherSpec, ViewConfig
+from dpal.errors import UserError
 from dpal.views import VIEW_PARAMS_VERSION
 
 # 4: every chunk ends in its CRC32C, shard markers record file CRC32Cs, attributes hold a unique store_id;
@@ -65,13 +68,11 @@ SPEC_VERSION = 2  # revision of DPAL_SPEC.md whose targets the store holds
 _STALE_SPEC_TARGETS = {1: "old teacher position-embedding resize"}
 ATTRS_KEY = "dpal_store"
 PROGRESS_DIR = "dpal_progress"
-TARGET_FORMATS = ("float16", "int8")
-CODECS = ("lz4", "zstd")
 MIN_CHUNK_BYTES = 1 << 20
 DEFAULT_SHARD_BYTES = 256 << 20  # uncompressed bytes of one shard across arrays: the unit of work
 
 
-class StoreError(ValueError):
+class StoreError(UserError):
     """A store that is missing, incomplete, corrupt, from another format, or made by another run."""
 
 
@@ -221,7 +222,7 @@ def file_crc32c(path: str | os.PathLike, block: int = 1 << 22) -> int:
     return crc
 
 
-class WriterRefusedError(ValueError):
+class WriterRefusedError(UserError):
     """Another process (another job) is writing the store or run folder, or its check under the lock failed."""
 
 
@@ -323,6 +324,12 @@ def atomic_write_bytes(path: Path, write) -> None:
     fsync_path(path.parent)
 
 
+def temporary_siblings(path: Path) -> list[Path]:
+    """The temporary files `atomic_write_bytes` left beside `path` when killed during a write."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.tmp-*"))
+
+
 def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
@@ -347,12 +354,33 @@ def check_spec_version(attrs: dict, path: Path) -> None:
                          f"folder.")
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object file of a store (zarr.json, a shard marker); a damaged one is a StoreError naming it."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{path} is damaged (not valid JSON: {exc}); the store cannot be trusted, re-run "
+                         f"`python -m cache_teacher run` into a new --out folder") from None
+    if not isinstance(value, dict):
+        raise StoreError(f"{path} is damaged (not a JSON object); re-run the cache into a new --out folder")
+    return value
+
+
+def _open_group(path: Path, mode: str):
+    """The store's Zarr group; damaged metadata (a truncated zarr.json) is a StoreError naming the file."""
+    for meta in [path / "zarr.json", *sorted(path.glob("*/zarr.json"))]:
+        read_json(meta)  # zarr's own errors do not name the file
+    return zarr.open_group(LocalStore(path, read_only=mode == "r"), mode=mode, zarr_format=3)
+
+
 def read_attrs(path: str | os.PathLike) -> dict:
     path = Path(path)
     meta = path / "zarr.json"
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path} is a file, not a store folder; choose another --out")
     if not meta.is_file():
         raise StoreError(f"{path} is not a Zarr store (no zarr.json); create it with `python -m cache_teacher run`")
-    attrs = json.loads(meta.read_text()).get("attributes", {}).get(ATTRS_KEY)
+    attrs = read_json(meta).get("attributes", {}).get(ATTRS_KEY)
     if attrs is None:
         raise StoreError(f"{path} is a Zarr group but not a DPAL target store (no '{ATTRS_KEY}' attribute)")
     return attrs
@@ -363,7 +391,7 @@ class StoreWriter:
 
     def __init__(self, path: Path, layout: StoreLayout):
         self.path, self.layout = Path(path), layout
-        group = zarr.open_group(LocalStore(self.path), mode="r+", zarr_format=3)
+        group = _open_group(self.path, "r+")
         self.arrays = {name: group[name] for name in layout.array_specs()}
 
     @classmethod
@@ -372,18 +400,27 @@ class StoreWriter:
         path = Path(path)
         staging = path.with_name(f"{path.name}.creating-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        group = zarr.open_group(LocalStore(staging), mode="w", zarr_format=3)
-        lead = (layout.num_images, layout.views_per_image)
-        codec = attrs.get("codec", CODECS[0])
-        for name, (shape, dtype) in layout.array_specs().items():
-            group.create_array(name, shape=lead + shape, dtype=dtype, fill_value=0,
-                               chunks=(layout.chunk_images, 1) + shape,
-                               shards=(layout.shard_images, layout.views_per_image) + shape,
-                               compressors=_chunk_codecs(dtype, codec), config={"write_empty_chunks": True})
-        group.attrs[ATTRS_KEY] = attrs
-        (staging / PROGRESS_DIR).mkdir()
-        _fsync_tree(staging)
-        os.rename(staging, path)
+        try:
+            group = zarr.open_group(LocalStore(staging), mode="w", zarr_format=3)
+            lead = (layout.num_images, layout.views_per_image)
+            codec = attrs.get("codec", CODECS[0])
+            for name, (shape, dtype) in layout.array_specs().items():
+                group.create_array(name, shape=lead + shape, dtype=dtype, fill_value=0,
+                                   chunks=(layout.chunk_images, 1) + shape,
+                                   shards=(layout.shard_images, layout.views_per_image) + shape,
+                                   compressors=_chunk_codecs(dtype, codec), config={"write_empty_chunks": True})
+            group.attrs[ATTRS_KEY] = attrs
+            (staging / PROGRESS_DIR).mkdir()
+            _fsync_tree(staging)
+            os.rename(staging, path)
+        except OSError as exc:  # a full disk, a vanished folder: nothing is left behind, nothing was created
+            for _ in range(100):  # zarr's other metadata writes may still land for a moment after the failed one
+                shutil.rmtree(staging, ignore_errors=True)
+                if not staging.exists():
+                    break
+                time.sleep(0.02)
+            raise StoreError(f"cannot create store {path}: {exc.strerror or exc}; nothing was created, fix that "
+                             f"and run the same command again") from None
         fsync_path(path.parent)
         return cls(path, layout)
 
@@ -508,7 +545,10 @@ class ShardedChunkReader:
         if len(data) != nbytes or nbytes < 4 or google_crc32c.value(payload) != int.from_bytes(data[-4:], "little"):
             raise StoreError(f"{file}: chunk {chunk} is damaged (CRC32C mismatch); {repair_hint(self.store)}")
         out = np.empty(self.chunk_shape, self.dtype)
-        numcodecs.blosc.decompress(payload, out)
+        try:
+            numcodecs.blosc.decompress(payload, out)
+        except (RuntimeError, ValueError) as exc:  # a damaged Blosc header or payload
+            raise StoreError(f"{file}: chunk {chunk} does not decompress ({exc}); {repair_hint(self.store)}") from None
         return out
 
 
@@ -520,7 +560,7 @@ class TargetStore:
         self.attrs = read_attrs(self.path)
         check_format_version(self.attrs, self.path)
         check_spec_version(self.attrs, self.path)
-        group = zarr.open_group(LocalStore(self.path, read_only=True), mode="r", zarr_format=3)
+        group = _open_group(self.path, "r")
         self.layout = layout_from_attrs(self.attrs)
         try:
             self.arrays = {name: group[name] for name in self.layout.array_specs()}
@@ -561,7 +601,7 @@ class TargetStore:
         return [s for s in range(self.layout.num_shards) if s not in done]
 
     def marker(self, shard: int) -> dict:
-        return json.loads((self.path / PROGRESS_DIR / f"shard_{shard:06d}.json").read_text())
+        return read_json(self.path / PROGRESS_DIR / f"shard_{shard:06d}.json")
 
     def require_complete(self) -> None:
         missing = self.missing_shards()

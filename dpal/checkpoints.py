@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
 import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from dpal.errors import UserError, file_problem
 
 LAYOUT_PATH_TIMM = "PATH {'model': {<timm ViT name>: tensor}} with pos_embed [1, 1+N, D]"
 LAYOUT_PATH_MULTITASK = ("PATH multitask {'state_dict': {'module.backbone_module.<timm ViT name>': tensor}} "
@@ -37,7 +40,7 @@ _SOLIDER_PREFIXES = ("module.backbone.", "backbone.")  # SOLIDER's student is DD
 _UNFOLD_TO_CONCAT_POSITIONS = [0, 2, 1, 3]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used: names the file, the layout expected, and the offending keys."""
 
     def __init__(self, path, layout: str, problem: str, *, missing=(), unexpected=()):
@@ -60,28 +63,39 @@ def load_checkpoint_file(path, layout: str = ANY_TEACHER_LAYOUT) -> dict:
     """Read a .pth file without running arbitrary pickled code: tensors, containers and argparse.Namespace only.
     `layout`: what the caller expects, named in the error when the file cannot be read."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, layout, "no such file")
+    if problem := file_problem(path):
+        raise CheckpointError(path, layout, problem)
     try:
         # SOLIDER files keep their training arguments as an argparse.Namespace; nothing else is allowed.
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... depending on damage
-        raise CheckpointError(path, layout, _unreadable_reason(error)) from error
+        raise CheckpointError(path, layout, unreadable_reason(error)) from error
     if not isinstance(obj, dict):
         raise CheckpointError(path, layout, f"top level is a {type(obj).__name__}, not a dict")
     return obj
 
 
-def _unreadable_reason(error: Exception) -> str:
+def unreadable_reason(error: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, as the end of a sentence that starts with its path.
+
+    The safe loader raises UnpicklingError for pickled objects it does not allow (a class, or a function
+    such as os.system: what a malicious file holds) before creating any of them; the file was not loaded
+    and nothing in it ran. torch's own text ends in advice to load with weights_only=False, i.e. to run
+    whatever the file holds: it is never passed on."""
     text = str(error)
-    if refused := re.search(r"Unsupported global: GLOBAL (\S+)", text):
-        return (f"holds a pickled object of class {refused.group(1)}; only tensors, plain containers and "
-                f"argparse.Namespace are unpickled (never arbitrary code): re-save the weights alone, e.g. "
+    if isinstance(error, pickle.UnpicklingError) and (found := re.search(r"GLOBAL (\S+)", text)):
+        return (f"holds objects that are not allowed in a checkpoint (the global {found.group(1)}); it was NOT "
+                f"loaded and nothing in it ran: only tensors, plain containers and argparse.Namespace are read. "
+                f"Use a file from a trusted source, saved as tensors only, e.g. "
                 f"torch.save({{'model': state_dict}}, path)")
-    first_line = text.strip().splitlines()[0][:200] if text.strip() else ""
-    return (f"not a readable PyTorch checkpoint (a truncated or damaged copy, or another file type; copy or "
-            f"download it again): {type(error).__name__}: {first_line}")
+    if isinstance(error, pickle.UnpicklingError):  # torch's first line would be the weights_only=False advice
+        found = re.search(r"Unsupported operand (\S+)", text)
+        detail = f"pickle instruction {found.group(1)} refused" if found else "refused by the safe loader"
+    else:
+        detail = f"{type(error).__name__}: {text.strip().splitlines()[0][:200] if text.strip() else ''}"
+    return (f"not a readable PyTorch checkpoint (a truncated or damaged copy, a plain pickle, or another file "
+            f"type; copy or download it again), it was NOT loaded: {detail}")
 
 
 def _top_keys(ckpt: dict) -> str:
@@ -330,7 +344,8 @@ def _identity_semantic_layers(stage: int, *, shift: torch.Tensor) -> dict:
 
 def load_exact(model: torch.nn.Module, state_dict: dict, path, layout: str, name: str, *, detail: str = "") -> None:
     """load_state_dict(strict=True), but a mismatch raises a CheckpointError naming the file, the layout and
-    every missing, unexpected and wrongly shaped key (`name` is what the file was expected to hold)."""
+    every missing, unexpected and wrongly shaped key (`name` is what the file was expected to hold); so do
+    NaN or infinite values."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -341,4 +356,8 @@ def load_exact(model: torch.nn.Module, state_dict: dict, path, layout: str, name
         if wrong_shape:
             problem += f"; wrong shapes ({len(wrong_shape)}): " + ", ".join(wrong_shape[:8])
         raise CheckpointError(path, layout, problem, missing=missing, unexpected=unexpected)
+    not_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not_finite:  # a damaged or diverged file: every target or feature computed from it would be NaN / inf
+        raise CheckpointError(path, layout, f"holds NaN or infinite values in {len(not_finite)} tensor(s): "
+                              f"{_key_preview(not_finite, 8)}; use an intact copy of the weights")
     model.load_state_dict(state_dict, strict=True)

@@ -29,6 +29,8 @@ from torch import nn
 from dpal.checkpoints import CheckpointError, load_exact
 from dpal.config import Recipe, TeacherSpec
 from dpal.resize import bicubic_resize
+from dpal.errors import file_problem
+from dpal.recipes import STUDENTS
 from dpal.swin import PaddedWindowBlock
 
 EXPORT_FORMAT = "dpal-student"
@@ -90,6 +92,12 @@ class _MatrixResizeViT(VisionTransformer):
 
 
 # --------------------------------------------------------------------------------- building
+
+# The timm arguments an export may carry, per architecture (`student_config` writes exactly these). A config
+# is data from a file: anything else (e.g. timm's `checkpoint_path`, which loads an arbitrary file) is refused.
+TIMM_KWARGS = {"vit": {"img_size", "num_heads", "drop_path_rate", "dynamic_img_size", "num_classes"},
+               "swin": {"img_size", "drop_path_rate", "strict_img_size", "always_partition", "num_classes"}}
+
 
 def student_config(recipe: Recipe) -> dict:
     """The architecture of a recipe's student as plain JSON-able data (what an export carries)."""
@@ -243,8 +251,8 @@ def export_student(student: Student, path, *, extra: dict | None = None) -> tupl
 def read_student_config(path) -> dict:
     """The config of an export (the JSON beside the weights; the weights' metadata if the JSON is absent)."""
     weights_path, config_path = _export_paths(path)
-    if not weights_path.is_file():
-        raise CheckpointError(weights_path, _EXPORT_LAYOUT, "no such file")
+    if problem := file_problem(weights_path):
+        raise CheckpointError(weights_path, _EXPORT_LAYOUT, problem)
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
             embedded = (handle.metadata() or {}).get(_METADATA_KEY)
@@ -267,6 +275,15 @@ def read_student_config(path) -> dict:
         raise CheckpointError(config_path, _EXPORT_LAYOUT,
                               f"format {config.get('format')!r} version {config.get('format_version')!r} is not "
                               f"{EXPORT_FORMAT!r} version {EXPORT_FORMAT_VERSION}")
+    known_names = {student.timm_name for student in STUDENTS.values()}
+    if config.get("timm_name") not in known_names or config.get("arch") not in TIMM_KWARGS:
+        raise CheckpointError(config_path, _EXPORT_LAYOUT, f"timm_name {config.get('timm_name')!r} / arch "
+                              f"{config.get('arch')!r} is not a student architecture ({', '.join(sorted(known_names))})")
+    kwargs = config.get("timm_kwargs")
+    unknown = sorted(set(kwargs) - TIMM_KWARGS[config["arch"]]) if isinstance(kwargs, dict) else ["(not a dict)"]
+    if unknown:
+        raise CheckpointError(config_path, _EXPORT_LAYOUT, f"timm_kwargs holds arguments an export never carries: "
+                              f"{', '.join(unknown)}; refused (a config must not make timm load other files)")
     return config
 
 

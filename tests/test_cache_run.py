@@ -287,8 +287,9 @@ def test_no_mixing_and_bad_input(inputs, reference, tmp_path, capsys):
     assert "spec v1" in err and "cache_teacher run" in err and "\n" not in err
     args = _cli_args(_config(inputs, str(tmp_path / "new.zarr")))
     bad = {"--views-per-image": ["-K", "0"], "--teacher": ["--teacher", "path-b"]}
-    assert main(args + bad["--views-per-image"], teachers=TEACHERS_WITH_TINY) == 2
-    assert "--views-per-image must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused while the command line is read
+        main(args + bad["--views-per-image"], teachers=TEACHERS_WITH_TINY)
+    assert "-K: 0 is out of range: must be >= 1" in capsys.readouterr().err
     assert main(args + bad["--teacher"], teachers=TEACHERS_WITH_TINY) == 2  # tiny checkpoint is not PATH-B
     err = capsys.readouterr().err
     assert "path-b" in err and "missing" in err.lower()
@@ -327,3 +328,106 @@ def test_dry_run_reports_path_b_storage(inputs, capsys):
     per_set = VIEW_SET_FIELDS * 4 + 768 * 2 + 128 * 768 * 2 + 128 * 2 + 257 * 257 * 2
     assert summary["bytes"] == per_set * NUM_IMAGES * 2
     assert not (inputs / "dry.zarr").exists()
+
+
+def _first_chunk_offset(shard_file: Path, chunks: int) -> int:
+    """Byte offset of the first chunk in a shard file (index of `chunks` (offset, nbytes) pairs + CRC32C at the end)."""
+    raw = shard_file.read_bytes()[-(16 * chunks + 4):-4]
+    return int(np.frombuffer(raw, dtype="<u8").reshape(-1, 2)[0, 0])
+
+
+def test_damaged_files_and_wrong_paths_are_one_line_naming_them(inputs, reference, tmp_path, capsys):
+    def refused(argv) -> str:
+        assert main(argv, teachers=TEACHERS_WITH_TINY) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.startswith("error: "), err
+        return err.splitlines()[0]
+
+    args = _cli_args(_config(inputs, str(tmp_path / "new.zarr")))
+    for damaged in ("zarr.json", "local/zarr.json"):  # the group's and an array's metadata, cut short
+        copy = tmp_path / f"truncated-{damaged.replace('/', '-')}.zarr"
+        shutil.copytree(reference.out, copy)
+        (copy / damaged).write_bytes((copy / damaged).read_bytes()[:40])
+        assert str(copy / damaged) in refused(["info", str(copy)])
+        assert str(copy / damaged) in refused(args[:args.index("--out") + 1] + [str(copy)] + args[args.index("--out") + 2:])
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a store")
+    assert "is a file" in refused(args + ["--out", str(a_file)])
+    assert "is a directory" in refused(args + ["--weights", str(tmp_path)])
+    poisoned = torch.load(inputs / "tiny.pth", weights_only=True)
+    weights = next(value for value in poisoned.values() if isinstance(value, dict))
+    name = next(key for key in weights if key.endswith("blocks.1.mlp.fc1.weight"))
+    weights[name][3, 5] = float("nan")
+    torch.save(poisoned, tmp_path / "nan.pth")
+    line = refused(args + ["--weights", str(tmp_path / "nan.pth")])
+    assert "nan.pth" in line and "NaN" in line and "blocks.1.mlp.fc1.weight" in line
+    assert not (tmp_path / "new.zarr").exists()
+
+    # A damaged Blosc header in a shard file: the read names the file instead of a codec error.
+    copy = tmp_path / "blosc.zarr"
+    shutil.copytree(reference.out, copy)
+    shard_file = copy / "global" / "c" / "0" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    offset = _first_chunk_offset(shard_file, chunks=2)  # shard of 2 images x K=2, chunks of 2 images x 1 set
+    data[offset:offset + 16] = bytes(16)
+    shard_file.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=str(shard_file)):
+        open_store(copy).read_block(0, 0)
+
+
+def test_signals_stop_the_run_in_one_line_and_it_resumes_bit_identical(inputs, reference):
+    cfg = _config(inputs, "signalled.zarr")
+    command = [sys.executable, str(inputs / "cli.py"), *_cli_args(cfg)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    progress = Path(cfg.out) / "dpal_progress"
+    for signum, shards in ((signal.SIGINT, 1), (signal.SIGTERM, 3)):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            if progress.is_dir() and len(list(progress.glob("*.json"))) >= shards:
+                break
+            time.sleep(0.01)
+        assert process.poll() is None, f"run ended before the signal: {process.stderr.read()[-2000:]}"
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 128 + signum, err
+        assert "Traceback" not in err and err.splitlines()[-1] == (f"interrupted: stopped by {signal.Signals(signum).name}; finished shards of {cfg.out} "
+                               f"are kept, rerun the same command to resume"), err
+        assert len(list(progress.glob("*.json"))) < 5
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_store(reference.out, cfg.out)
+
+
+def two_node_torchrun(port: int, command: list[str], env: dict, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Two torchrun launchers on this machine as two "nodes" of one job (--nnodes 2, one process each, c10d
+    rendezvous on 127.0.0.1): what a two-machine cluster job runs, with its own launcher per node."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    launcher = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                f"127.0.0.1:{port}", "--rdzv-id", f"dpal-test-{port}", "--max-restarts", "0"]
+    nodes = [subprocess.Popen(launcher + command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    results = []
+    for node in nodes:
+        out, err = node.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(node.args, node.returncode, out, err))
+    return results
+
+
+def test_two_nodes_write_the_same_store_as_one_process(inputs, reference):
+    cfg = _config(inputs, "two-nodes.zarr")
+    nodes = two_node_torchrun(29541, [str(inputs / "cli.py"), *_cli_args(cfg)], dict(os.environ, OMP_NUM_THREADS="1"))
+    for node in nodes:
+        assert node.returncode == 0, node.stderr[-3000:]
+    markers = [json.loads(p.read_text()) for p in sorted((Path(cfg.out) / "dpal_progress").glob("*.json"))]
+    assert [m["shard"] for m in markers] == list(range(5))
+    _assert_same_store(reference.out, cfg.out)
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_escaped(reference, tmp_path):
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/store-\xff.zarr"))
+    shutil.copytree(reference.out, odd)
+    result = subprocess.run([sys.executable, "-m", "cache_teacher", "info", str(odd)], capture_output=True,
+                            env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+    assert b"store-\\udcff.zarr" in result.stdout

@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from timm.models.swin_transformer import SwinTransformerBlock
 
 from dpal.checkpoints import CheckpointError
@@ -250,7 +251,6 @@ def test_bad_exports_are_named(vit_ti, tmp_path):
     (tmp_path / "a.json").unlink()
     assert [b.attn.num_heads for b in load_student(weights).blocks][-1] == 12
     # Weights that do not fit the architecture: the keys are listed.
-    from safetensors.torch import load_file, save_file
     state = load_file(weights)
     state["head.weight"] = torch.zeros(3, 192)
     save_file({k: v for k, v in state.items() if not k.startswith("blocks.11.")}, weights)  # metadata dropped
@@ -261,5 +261,23 @@ def test_bad_exports_are_named(vit_ti, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_student(weights)
-    with pytest.raises(CheckpointError, match="no such file"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         load_student(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("change", [{"timm_kwargs": {"checkpoint_path": "OTHER"}},
+                                    {"timm_kwargs": {"pretrained_cfg_overlay": {"file": "OTHER"}}},
+                                    {"timm_name": "resnet50"}])
+def test_export_config_cannot_make_timm_load_other_files(vit_ti, tmp_path, change):
+    """The JSON of an export is data: only the architecture arguments an export carries reach timm."""
+    weights, config_path = export_student(vit_ti, tmp_path / "student")
+    other = tmp_path / "other.pth"  # a file timm would load (and then refuse) if the key reached it
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, other)
+    config = json.loads(config_path.read_text())
+    for key, value in change.items():
+        config[key] = {**config[key], **{k: (str(other) if v == "OTHER" else v) for k, v in value.items()}} \
+            if isinstance(value, dict) else value
+    config_path.write_text(json.dumps(config))
+    save_file({k: v for k, v in load_file(weights).items()}, weights)  # drop the embedded copy of the config
+    with pytest.raises(CheckpointError, match="refused|not a student architecture"):
+        load_student(weights)

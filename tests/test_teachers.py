@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import pickle
 
 import pytest
 import timm
@@ -578,7 +580,7 @@ def test_not_a_checkpoint(tmp_path, content):
 def test_missing_file_and_non_dict(tmp_path):
     with pytest.raises(CheckpointError) as error:
         load_teacher("path-b", tmp_path / "absent.pth")
-    assert_names(error, tmp_path / "absent.pth", "no such file")
+    assert_names(error, tmp_path / "absent.pth", "does not exist")
     path = write(tmp_path, "tensor.pth", torch.zeros(3))
     with pytest.raises(CheckpointError) as error:
         load_checkpoint_file(path)
@@ -596,6 +598,33 @@ def test_arbitrary_pickled_objects_are_refused(tmp_path):
     assert_names(error, path, "Payload", "only tensors")
     allowed = write(tmp_path, "namespace.pth", {"args": argparse.Namespace(lr=0.1), "epoch": 1})
     assert load_checkpoint_file(allowed)["args"].lr == 0.1
+
+
+class SystemCall:
+    def __reduce__(self):  # what a malicious checkpoint holds: a call run while unpickling
+        return os.system, ("echo should never run",)
+
+
+class Evaluation:
+    def __reduce__(self):
+        return eval, ("1 + 1",)
+
+
+@pytest.mark.parametrize("how, payload, named", [("torch.save", SystemCall(), "posix.system"),
+                                                 ("torch.save", Evaluation(), "eval"),
+                                                 ("pickle.dump", SystemCall(), "pickle instruction 149 refused")])
+def test_malicious_checkpoint_gets_a_truthful_refusal(tmp_path, how, payload, named):
+    path = tmp_path / "malicious.pth"
+    if how == "torch.save":
+        torch.save({"model": {"w": torch.zeros(1)}, "extra": payload}, path)
+    else:
+        with open(path, "wb") as handle:
+            pickle.dump({"model": payload}, handle)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint_file(path)
+    assert_names(error, path, named, "NOT loaded")
+    assert "weights_only" not in str(error.value)
+    assert ("not allowed" in str(error.value)) == (how == "torch.save")  # a global named: refused as not allowed
 
 
 def test_teacher_options_apply_to_solider_only_and_are_validated():

@@ -5,11 +5,13 @@ Everything is tiny (6 images, 2 view sets, global batch 2, a few steps) but runs
 """
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -329,3 +331,138 @@ def test_a_damaged_image_is_refused_at_training_start(artefacts, tmp_path, capsy
     assert status == 2 and err.count("\n") == 1
     assert f"{images}: 1 of {NUM_IMAGES} images are damaged (CRC32C mismatch; first: [4]); re-pack it" in err
     assert not (tmp_path / "run").exists()
+
+
+def _wait_for(process, ready, what: str, timeout: float = 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.02)
+    assert process.poll() is None, f"training ended before {what}: " + process.stderr.read()
+
+
+def _rows(out):
+    path = out / "metrics.csv"
+    return len(read_metrics(path)) if path.exists() else -1
+
+
+def test_signals_checkpoint_at_the_step_boundary_and_resume_to_the_same_losses(artefacts, reference_run):
+    """SIGINT during step 1 of a fresh run, SIGTERM during step 3 of its resume: each stops after that step
+    with a checkpoint and one line; the second resume finishes with the uninterrupted run's losses."""
+    out = artefacts["root"] / "signalled"
+    for signum, resume, ready, stop_step in ((signal.SIGINT, [], lambda: _rows(out) >= 0, 1),
+                                             (signal.SIGTERM, ["--resume"], lambda: _rows(out) >= 2, 3)):
+        process = subprocess.Popen([sys.executable, "-m", "train_student", *_train_args(artefacts, out, *resume)],
+                                   env=TRAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _wait_for(process, ready, f"the {signal.Signals(signum).name}")
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 128 + signum and "Traceback" not in err, err
+        assert err.splitlines()[-1] == (f"interrupted: stopped by {signal.Signals(signum).name} after step {stop_step}; "
+                                        f"checkpoint {out / 'checkpoint.pt'} written: continue with the same command "
+                                        f"and --resume"), err
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == stop_step == _rows(out)
+    stale = out / ".checkpoint.pt.tmp-424242"  # what a kill during a save leaves
+    stale.write_bytes(b"partial checkpoint")
+    resumed = _python("-m", "train_student", *_train_args(artefacts, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert not stale.exists()
+    assert _compared(read_metrics(out / "metrics.csv")) == _compared(read_metrics(reference_run / "metrics.csv"))
+
+
+def test_user_errors_are_one_line_and_a_failed_start_leaves_no_run_folder(artefacts, tmp_path, capsys):
+    def refused(argv) -> str:
+        status, err = _refusal(capsys, argv)
+        assert status == 2 and "Traceback" not in err and err.startswith("error: "), err
+        return err.splitlines()[0]
+
+    truncated = tmp_path / "truncated.zarr"
+    shutil.copytree(artefacts["store"], truncated)
+    (truncated / "local" / "zarr.json").write_text('{"shape": [6, 2')
+    assert str(truncated / "local" / "zarr.json") in refused(_train_args(artefacts, tmp_path / "a", store=truncated))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert "is a file" in refused(_train_args(artefacts, a_file))
+
+    # A chunk that fails to decompress at step 1: the file is named, and the run folder, which holds no
+    # checkpoint, is removed so that the corrected command is not refused.
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(artefacts["store"], damaged)
+    shard_file = damaged / "global" / "c" / "0" / "0" / "0"  # one shard: 3 blocks of 2 images x K=2 chunks
+    data = bytearray(shard_file.read_bytes())
+    index = np.frombuffer(bytes(data[-(16 * 6 + 4):-4]), dtype="<u8").reshape(6, 2)
+    for offset, _ in index:
+        data[int(offset):int(offset) + 16] = bytes(16)  # every chunk's Blosc header
+    shard_file.write_bytes(bytes(data))
+    for out in (tmp_path / "new-run", tmp_path / "empty-run"):
+        if out.name == "empty-run":
+            out.mkdir()
+        line = refused(_train_args(artefacts, out, store=damaged))
+        assert str(shard_file) in line and "does not decompress" in line
+        assert out.exists() == (out.name == "empty-run") and not (out.exists() and any(out.iterdir()))
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
+                           capture_output=True) if shutil.which("unshare") else None
+    return probe is not None and probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -rm` to mount a small tmpfs (a real full disk)")
+def test_full_disk_is_one_line_naming_the_file(artefacts, tmp_path):
+    """A real full disk (tiny tmpfs in a private mount namespace) while creating a store and while saving a
+    checkpoint: one line naming the file; no staging folder and no run folder without a checkpoint left."""
+    tiny_store_disk, tiny_run_disk = tmp_path / "store-disk", tmp_path / "run-disk"
+    tiny_store_disk.mkdir()
+    tiny_run_disk.mkdir()
+    store, run = tiny_store_disk / "s.zarr", tiny_run_disk / "run"
+    cache = [sys.executable, "-m", "cache_teacher", "run", "--teacher", "path-b", "--weights", artefacts["weights"],
+             "--images", str(artefacts["images"]), "--backgrounds", str(artefacts["backgrounds"]), "-K", "2",
+             "--chunk-images", "2", "--calibration-images", "2", "--out", str(store), "--skip-space-check",
+             "--no-progress"]
+    train = [sys.executable, "-m", "train_student",
+             *_train_args(artefacts, run, "--checkpoint-every", "1", "--max-steps", "2")]
+    script = (f'mount -t tmpfs -o size=8k tmpfs {tiny_store_disk} && mount -t tmpfs -o size=1m tmpfs {tiny_run_disk} '
+              f'&& {{ {" ".join(map(shlex.quote, cache))}; echo "cache status $?"; '
+              f'ls -A {tiny_store_disk}; {" ".join(map(shlex.quote, train))}; echo "train status $?"; '
+              f'ls -A {tiny_run_disk}; }}')
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=TRAIN_ENV, capture_output=True, text=True,
+                            timeout=900)
+    lines = result.stderr.splitlines()
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "cache status 2" in result.stdout and "train status 2" in result.stdout, result.stdout + result.stderr
+    assert f"error: cannot create store {store}: No space left on device" in result.stderr, result.stderr
+    assert any(line.startswith(f"error: cannot write checkpoint {run / 'checkpoint.pt'} (") and
+               "No space left on device" in line for line in lines), result.stderr
+    listed = result.stdout.split("cache status 2", 1)[1]
+    assert "creating" not in listed and "run" not in listed.split("train status 2")[1], result.stdout
+
+
+def test_two_nodes_stop_together_on_one_nodes_sigterm_and_match_one_process(artefacts, reference_run):
+    """Scale check: two torchrun launchers as two nodes (c10d rendezvous on 127.0.0.1). The second node is
+    preempted (SIGTERM to its launcher) during training: both ranks stop after the same step, rank 0 writes
+    the checkpoint; the two-node resume then gives the one-process losses at the same global batch."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    launcher = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                "127.0.0.1:29561", "--max-restarts", "0"]
+    out = artefacts["root"] / "two-nodes"
+    for attempt, resume in enumerate(([], ["--resume"])):
+        command = launcher + ["--rdzv-id", f"two-nodes-{attempt}", "-m", "train_student",
+                              *_train_args(artefacts, out, "--device", "cpu", *resume)]
+        first = subprocess.Popen(command, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)  # the first launcher hosts the rendezvous store; the second node is the one preempted
+        second = subprocess.Popen(command, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if not resume:
+            _wait_for(second, lambda: _rows(out) >= 1, "the SIGTERM", timeout=600)
+            second.send_signal(signal.SIGTERM)
+        errs = [node.communicate(timeout=900)[1] for node in (first, second)]
+        if resume:
+            assert first.returncode == second.returncode == 0, errs[0][-3000:] + errs[1][-3000:]
+            continue
+        stopped = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+        assert 1 < stopped < STEPS and _rows(out) == stopped
+        for err in errs:  # each rank says where it stopped, both at the same step (torchrun itself then
+            # reports the worker's status 143 as a failure, with its own launcher traceback)
+            assert f"interrupted: stopped by SIGTERM after step {stopped}; checkpoint" in err, err[-3000:]
+            assert "train_student/" not in err, err[-3000:]
+    two_nodes, single = _compared(read_metrics(out / "metrics.csv")), _compared(read_metrics(reference_run / "metrics.csv"))
+    np.testing.assert_allclose(np.array(two_nodes), np.array(single), rtol=1e-4, atol=1e-7)  # as the 2-rank test

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cache_teacher.options import add_teacher_option_arguments, parse_teacher_options
+from cache_teacher.options import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, SEED,
+                                   add_teacher_option_arguments, parse_teacher_options, real)
 from dpal.recipes import RECIPES, list_recipes
 
 EXAMPLE = """examples:
@@ -29,19 +30,22 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the images file the store was cached from (`python -m cache_teacher pack`)")
     parser.add_argument("--backgrounds", metavar="BG.beton",
                         help="the background pool the store's crowd views were drawn from")
-    parser.add_argument("--batch-size", type=int, metavar="N",
-                        help="global batch per optimizer step, summed over ranks and accumulation steps "
-                             "(default: the recipe's per-GPU batch x ranks x accumulation steps)")
-    parser.add_argument("--accum-steps", type=int, metavar="N", help="gradient accumulation steps (default: recipe)")
+    parser.add_argument("--batch-size", type=POSITIVE, metavar="N",
+                        help="global batch per optimizer step, summed over ranks and accumulation steps (>= 1, "
+                             "a multiple of ranks x accumulation steps; default: the recipe's per-GPU batch x "
+                             "ranks x accumulation steps)")
+    parser.add_argument("--accum-steps", type=POSITIVE, metavar="N",
+                        help="gradient accumulation steps (>= 1, default: recipe)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="training device (auto: CUDA when visible)")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="FFCV decoding threads per rank (default: CPU cores / local ranks on GPUs, 1 when "
+    parser.add_argument("--workers", type=POSITIVE, default=None, metavar="N",
+                        help="FFCV decoding threads per rank (>= 1; default: CPU cores / local ranks on GPUs, 1 when "
                              "training on the CPU, whose cores the model needs)")
-    parser.add_argument("--window-images", type=int, default=1024, metavar="N",
+    parser.add_argument("--window-images", type=POSITIVE, default=1024, metavar="N",
                         help="images shuffled together inside a window of store blocks; larger mixes better "
-                             "and holds more target rows in memory (default 1024)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of init, data order and random views")
+                             "and holds more target rows in memory (>= 1, default 1024)")
+    parser.add_argument("--seed", type=SEED, default=0,
+                        help="seed of init, data order and random views (0..4294967295, default 0)")
     parser.add_argument("--reference-path", action="store_true",
                         help="force the plain-PyTorch reference ops instead of the fused Triton kernels")
     parser.add_argument("--teacher-weights", metavar="W.pth",
@@ -65,23 +69,28 @@ def training_parser() -> argparse.ArgumentParser:
                              "(dpal.students.load_student rebuilds them as timm models)")
     parser.add_argument("--resume", action="store_true", help="continue the run recorded in --out exactly")
     group = parser.add_argument_group("optimisation overrides (default: the recipe)")
-    group.add_argument("--epochs", type=int)
-    group.add_argument("--warmup-epochs", type=int)
-    group.add_argument("--blr", type=float, help="base lr; lr = blr * global batch / 256")
-    group.add_argument("--lr", type=float, help="absolute peak lr (replaces the blr rule)")
-    group.add_argument("--min-lr", type=float)
-    group.add_argument("--weight-decay", type=float)
+    group.add_argument("--epochs", type=POSITIVE, metavar="N", help="epochs of the schedule (>= 1)")
+    group.add_argument("--warmup-epochs", type=NON_NEGATIVE, metavar="N",
+                       help="epochs of linear lr warm-up (>= 0, at most --epochs)")
+    group.add_argument("--blr", type=real(0.0, low_open=True), metavar="LR",
+                       help="base lr (> 0); lr = blr * global batch / 256")
+    group.add_argument("--lr", type=real(0.0, low_open=True), metavar="LR",
+                       help="absolute peak lr (> 0; replaces the blr rule)")
+    group.add_argument("--min-lr", type=real(0.0), metavar="LR", help="lr at the end of the cosine (>= 0)")
+    group.add_argument("--weight-decay", type=real(0.0), metavar="WD", help="AdamW weight decay (>= 0)")
     group = parser.add_argument_group("run control")
-    group.add_argument("--max-steps", type=int, metavar="N",
-                       help="stop after N optimizer steps in total (the schedule still spans --epochs)")
-    group.add_argument("--checkpoint-every", type=int, default=1000, metavar="N",
-                       help="write checkpoint.pt atomically every N steps (and always at the end)")
+    group.add_argument("--max-steps", type=POSITIVE, metavar="N",
+                       help="stop after N optimizer steps in total (>= 1; the schedule still spans --epochs)")
+    group.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=1000, metavar="N",
+                       help="write checkpoint.pt atomically every N steps (>= 0; 0: only at the end, which is "
+                            "always written; SIGINT/SIGTERM also write one, at the next step boundary)")
     group.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
     group.add_argument("--teacher-online", action="store_true",
                        help="baseline without a store: run the teacher on fresh views at every step "
                             "(needs --teacher-weights)")
-    group.add_argument("--calibration-images", type=int, default=256, metavar="N",
-                       help="--teacher-online: images whose teacher tokens calibrate the shape mask (default 256)")
+    group.add_argument("--calibration-images", type=POSITIVE, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+                       help="--teacher-online: images whose teacher tokens calibrate the shape mask "
+                            f"(>= 1, default {DEFAULT_CALIBRATION_IMAGES})")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
@@ -100,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     missing = [flag for flag in required if getattr(args, flag[2:].replace("-", "_")) is None]
     if missing:
         parser.error(f"missing {', '.join(missing)} (see --help)")
+    optim = RECIPES[args.recipe].optim
+    epochs = args.epochs or optim.epochs
+    warmup = optim.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs
+    if warmup > epochs:
+        parser.error(f"the warm-up ({warmup} epochs) is longer than the run ({epochs} epochs); pass "
+                     f"--warmup-epochs <= {epochs} or more --epochs")
     args.teacher_options = parse_teacher_options(parser, args, RECIPES[args.recipe].teacher)
     from train_student.train import run_training
     return run_training(args)

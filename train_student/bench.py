@@ -18,9 +18,8 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
-from cache_teacher.options import add_teacher_option_arguments, parse_teacher_options
+from cache_teacher.options import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, add_teacher_option_arguments,
+                                   parse_teacher_options)
 from dpal.recipes import get_recipe, list_recipes
 
 
@@ -29,20 +28,29 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", required=True, choices=list_recipes(), metavar="NAME",
                    help=f"one of: {', '.join(list_recipes())}")
-    p.add_argument("--store", required=True, metavar="STORE.zarr")
-    p.add_argument("--images", required=True, metavar="IMAGES.beton")
-    p.add_argument("--backgrounds", required=True, metavar="BG.beton")
+    p.add_argument("--store", required=True, metavar="STORE.zarr", help="target store from `cache_teacher run`")
+    p.add_argument("--images", required=True, metavar="IMAGES.beton", help="the images file the store was cached from")
+    p.add_argument("--backgrounds", required=True, metavar="BG.beton",
+                   help="the background pool the store was cached with")
     p.add_argument("--teacher-weights", metavar="W.pth", help="teacher checkpoint for the online step (required "
                    "unless --feed-only)")
-    p.add_argument("--batch-size", type=int, help="per-device batch (default: the recipe's per-GPU batch)")
-    p.add_argument("--steps", type=int, default=10, help="timed training steps per mode (default 10)")
-    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--feed-batches", type=int, default=50, help="timed feed batches (default 50)")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    p.add_argument("--workers", type=int, help="FFCV decoding threads beside the timed steps (default: as for training)")
-    p.add_argument("--feed-workers", type=int, default=os.cpu_count(),
-                   help="FFCV decoding threads for the feed-alone figure (default: all cores)")
-    p.add_argument("--calibration-images", type=int, default=256, help="shape-mask calibration for the online step")
+    p.add_argument("--batch-size", type=POSITIVE, metavar="N",
+                   help="per-device batch (>= 1, default: the recipe's per-GPU batch)")
+    p.add_argument("--steps", type=POSITIVE, default=10, metavar="N",
+                   help="timed training steps per mode (>= 1, default 10)")
+    p.add_argument("--warmup-steps", type=NON_NEGATIVE, default=2, metavar="N",
+                   help="untimed steps first (>= 0, default 2)")
+    p.add_argument("--feed-batches", type=POSITIVE, default=50, metavar="N",
+                   help="timed feed batches (>= 1, default 50)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="device of the timed steps (auto: CUDA when visible)")
+    p.add_argument("--workers", type=POSITIVE, metavar="N",
+                   help="FFCV decoding threads beside the timed steps (>= 1, default: as for training)")
+    p.add_argument("--feed-workers", type=POSITIVE, default=os.cpu_count(), metavar="N",
+                   help="FFCV decoding threads for the feed-alone figure (>= 1, default: all cores)")
+    p.add_argument("--calibration-images", type=POSITIVE, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+                   help=f"shape-mask calibration images for the online step (>= 1, default "
+                        f"{DEFAULT_CALIBRATION_IMAGES})")
     add_teacher_option_arguments(p)
     p.add_argument("--reference-path", action="store_true", help="force the plain-PyTorch reference ops")
     p.add_argument("--feed-only", action="store_true", help="measure only the data feed (no model, no teacher)")
@@ -62,7 +70,9 @@ def _batches(feed, count: int, *, keep: bool):
         epoch += 1
 
 
-def _sync(device: torch.device) -> None:
+def _sync(device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -118,6 +128,8 @@ def live_step_shares(model, optimizer, ema, feed, recipe, device, warmup: int, s
 
 def training_step_rates(args, recipe, store, backgrounds, plan, device, batch: int) -> dict:
     """Samples/s of the cached-target step and of the online-teacher step, same model, device and batch."""
+    import torch
+
     from cache_teacher.ffcv_images import ImageFile
     from dpal.teachers import load_teacher
     from train_student.data import CachedFeed, OnlineFeed
@@ -149,12 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.teacher_weights is None and not args.feed_only:
         cli.error("--teacher-weights is required (or pass --feed-only)")
     args.teacher_options = parse_teacher_options(cli, args, get_recipe(args.recipe).teacher)
-    from train_student.train import exit_status
+    from cache_teacher.options import exit_status
     return exit_status(lambda: bench(args))
 
 
 def bench(args: argparse.Namespace) -> None:
     """Measure, print the table and write the JSON (see the module docstring)."""
+    import torch
+
     from cache_teacher.ffcv_images import images_fingerprint
     from cache_teacher.store import open_store
     from dpal import dispatch

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from cache_teacher.store import WriterLock, atomic_write_bytes, job_writer_lock
+from cache_teacher.store import WriterLock, atomic_write_bytes, job_writer_lock, temporary_siblings
+from dpal.checkpoints import unreadable_reason
+from dpal.errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 RUN_CONFIG_NAME = "run.json"
@@ -24,15 +26,45 @@ LOCK_NAME = ".lock"
 CHECKPOINT_FORMAT = 1
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError):
     """The output folder cannot be used as asked (holds another run, or nothing to resume)."""
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> Path:
-    """Atomically replace RUN_DIR/checkpoint.pt by `state` (tensors, numbers, strings, nested dicts/lists)."""
+    """Atomically replace RUN_DIR/checkpoint.pt by `state` (tensors, numbers, strings, nested dicts/lists);
+    a failed write (full disk, ...) is one RunFolderError and leaves the previous checkpoint in place."""
     path = Path(run_dir) / CHECKPOINT_NAME
-    atomic_write_bytes(path, lambda handle: torch.save({"format": CHECKPOINT_FORMAT, **state}, handle))
+    writer = _WriteErrors()
+    try:
+        atomic_write_bytes(path, lambda handle: torch.save({"format": CHECKPOINT_FORMAT, **state}, writer.wrap(handle)))
+    except (OSError, RuntimeError) as exc:
+        failure = writer.error or exc
+        reason = failure.strerror if isinstance(failure, OSError) else str(failure).strip().splitlines()[0]
+        raise RunFolderError(f"cannot write checkpoint {path} ({reason}); the previous checkpoint, if any, is "
+                             f"kept: free space and continue with --resume") from exc
     return path
+
+
+class _WriteErrors:
+    """A file wrapper that remembers the OSError of a failed write: torch.save reports it only as a
+    RuntimeError about the zip position, which would hide a full disk."""
+
+    def __init__(self):
+        self.handle, self.error = None, None
+
+    def wrap(self, handle):
+        self.handle = handle
+        return self
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def load_checkpoint(run_dir: Path) -> dict:
@@ -43,10 +75,10 @@ def load_checkpoint(run_dir: Path) -> dict:
                              f"checkpoint yet (start it again without --resume, after removing the folder)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise RunFolderError(f"--resume: {path} cannot be read ({exc})") from exc
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise RunFolderError(f"--resume: {path} has checkpoint format {state.get('format')!r}, "
+    except Exception as exc:  # damaged, foreign, or holding objects that are not allowed (never unpickled)
+        raise RunFolderError(f"--resume: {path}: {unreadable_reason(exc)}") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise RunFolderError(f"--resume: {path} has checkpoint format {getattr(state, 'get', dict().get)('format')!r}, "
                              f"this trainer writes format {CHECKPOINT_FORMAT}")
     return state
 
@@ -64,7 +96,13 @@ def prepare_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumab
         if not config_path.is_file():
             raise RunFolderError(f"--resume: {run_dir} holds no run ({RUN_CONFIG_NAME} missing); "
                                  f"start a new run there without --resume")
-        recorded = json.loads(config_path.read_text())
+        try:
+            recorded = json.loads(config_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RunFolderError(f"--resume: {config_path} is damaged ({exc}); the run cannot be checked, start "
+                                 f"a new run in another folder") from exc
+        for stale in temporary_siblings(run_dir / CHECKPOINT_NAME):  # left by a kill during a save
+            stale.unlink(missing_ok=True)
         differences = describe_changes(recorded, run_config, (set(recorded) | set(run_config)) - resumable_keys)
         if differences:
             detail = "; ".join(differences)
@@ -73,6 +111,8 @@ def prepare_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumab
         merged = {**recorded, **{key: run_config[key] for key in resumable_keys if key in run_config}}
         atomic_write_bytes(config_path, lambda handle: handle.write(json.dumps(merged, indent=2).encode()))
         return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"--out {run_dir} is a file, not a folder; choose a new or empty folder")
     if run_dir.exists() and any(entry.name != LOCK_NAME for entry in run_dir.iterdir()):
         what = "another run" if config_path.is_file() else "other files"
         raise RunFolderError(f"output folder {run_dir} already holds {what}; pass --resume to continue the run "

@@ -14,6 +14,8 @@ import copy
 import dataclasses
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 from contextlib import ExitStack, nullcontext
@@ -24,11 +26,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from cache_teacher.ffcv_images import ImageFile, check_images, images_fingerprint
+from cache_teacher.options import Interrupted, exit_status
 from cache_teacher.store import token_counts
 from dpal import dispatch
 from dpal.config import OptimConfig, Recipe
 from dpal.decoder import DynamicPatternDecoder
 from dpal.distill import distill_step_losses
+from dpal.errors import UserError
 from dpal.losses import moe_weight
 from dpal.recipes import get_recipe
 from dpal.shape_mask import fit_shape_mask, shape_mask
@@ -49,8 +53,30 @@ TARGET_ARGUMENTS = {"global": "global_target", "local": "local_target", "mask": 
                     "relation": "relation_target", "local_scale": "local_scale", "relation_scale": "relation_scale"}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """Training stopped for a reason the user must act on (message says what and what was kept)."""
+
+
+class StopRequest:
+    """SIGINT / SIGTERM during the training loop: remembered, and acted on at the next optimizer step
+    boundary (all ranks agree through the step's all-reduce), where a checkpoint is written and the run
+    stops; a second signal stops at once, without saving."""
+
+    def __init__(self, describe_kept):
+        self.signum: int | None = None
+        self.describe_kept = describe_kept
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} again before the step "
+                                      f"ended, without saving; {self.describe_kept()}")
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              f"(send it again to stop at once without saving)", file=sys.stderr)
 
 
 class Distiller(torch.nn.Module):
@@ -275,7 +301,7 @@ def _train(args: argparse.Namespace, held: ExitStack) -> Path:
                             f"{args.images}; use a smaller --batch-size")
     total_steps = optim.epochs * plan.steps_per_epoch
     warmup_steps = optim.warmup_epochs * plan.steps_per_epoch
-    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    last_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
     peak_lr = args.lr if args.lr is not None else optim.peak_lr(global_batch)
 
     run_dir = Path(args.out)
@@ -328,6 +354,14 @@ def _train(args: argparse.Namespace, held: ExitStack) -> Path:
                 "decoder": model.decoder.state_dict(), "student_ema": ema_student.state_dict(),
                 "optimizer": optimizer.state_dict(), "rng": rng_states}
 
+    saved_step = step if args.resume else None
+
+    def kept() -> str:
+        return (f"the last checkpoint {run_dir / CHECKPOINT_NAME} (step {saved_step}) is kept"
+                if saved_step is not None else "no checkpoint had been written yet, nothing of the run is kept")
+
+    stop = StopRequest(kept)  # from here on a signal stops at a step boundary, with a checkpoint
+    stop.install()
     log = MetricsLog(run_dir, resume_step=step if args.resume else None) if master else None
     progress = None
     if master and args.progress:
@@ -337,7 +371,6 @@ def _train(args: argparse.Namespace, held: ExitStack) -> Path:
 
     # ---------------------------------------------------------------- training loop
     ddp_model.train()
-    saved_step = step if args.resume else None
     epoch, start_micro = divmod(step, plan.steps_per_epoch)
     start_micro *= optim.accum_steps
     step_start, data_wait = time.perf_counter(), 0.0
@@ -365,19 +398,18 @@ def _train(args: argparse.Namespace, held: ExitStack) -> Path:
                 if not last_micro:
                     continue
 
-                # one optimizer step
-                means = sums / optim.accum_steps
+                # one optimizer step; the stop vote rides on the loss all-reduce: > 0 if any rank was signalled
+                stop_vote = torch.tensor([float(stop.signum is not None)], device=sums.device)
+                means = torch.cat([sums / optim.accum_steps, stop_vote])
                 if world_size > 1:
                     dist.all_reduce(means, op=dist.ReduceOp.AVG)
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trained_params if p.grad is not None])
-                *values, grad_norm = torch.cat([means, grad_norm.reshape(1).float()]).tolist()  # one host sync
+                *values, stop_vote, grad_norm = torch.cat([means, grad_norm.reshape(1).float()]).tolist()  # one sync
                 if not all(math.isfinite(v) for v in values + [grad_norm]):
-                    kept = (f"the last good checkpoint {run_dir / CHECKPOINT_NAME} (step {saved_step}) is kept"
-                            if saved_step is not None else "no checkpoint had been written yet")
                     raise TrainingError(f"loss or gradient is not finite at step {step + 1} (epoch {epoch}): "
                                         f"total={values[0]}, terms global={values[1]} local={values[2]} "
                                         f"relation={values[3]} moe={values[4]} experts={values[5]}, "
-                                        f"grad norm={grad_norm}; training stopped, {kept}. Check the store's "
+                                        f"grad norm={grad_norm}; training stopped, {kept()}. Check the store's "
                                         f"targets and the learning rate.")
                 lr = learning_rate(step, peak=peak_lr, min_lr=optim.min_lr, warmup_steps=warmup_steps,
                                    total_steps=total_steps)
@@ -397,11 +429,20 @@ def _train(args: argparse.Namespace, held: ExitStack) -> Path:
                                          samples_s=f"{global_batch / elapsed:.1f}", refresh=False)
                     progress.update(1)
                 step_start, data_wait, sums, micro_in_step = now, 0.0, None, 0
-                if args.checkpoint_every and step % args.checkpoint_every == 0 and step < last_step:
+                stopping = stop_vote > 0 and step < last_step
+                if stopping or (args.checkpoint_every and step % args.checkpoint_every == 0 and step < last_step):
                     state = checkpoint_state()
                     if master:
                         save_checkpoint(run_dir, state)
                     saved_step = step
+                if stopping:
+                    if world_size > 1:  # no rank exits (making torchrun stop the others) before the save is done
+                        dist.barrier()
+                        dist.destroy_process_group()
+                    signum = stop.signum or signal.SIGTERM  # a rank that was not signalled itself follows the others
+                    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint "
+                                              f"{run_dir / CHECKPOINT_NAME} written: continue with the same command "
+                                              f"and --resume")
             batches.close()
             epoch, start_micro = epoch + 1, 0
     finally:
@@ -436,25 +477,23 @@ def default_workers(device_arg: str) -> int:
     return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def exit_status(work) -> int:
-    """Run a CLI command's work(); the errors a user must act on (bad store, images, checkpoint, run
-    folder) become one clear line on stderr and exit status 2 instead of a traceback."""
-    from cache_teacher.ffcv_images import ImagesFileError
-    from cache_teacher.store import StoreError
-    from dpal.checkpoints import CheckpointError
-    from train_student.checkpoint import RunFolderError
-
-    try:
-        work()
-    except (TrainingError, RunFolderError, ImagesFileError, StoreError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def run_training(args: argparse.Namespace) -> int:
-    """CLI entry: train (see `exit_status`)."""
+    """CLI entry: train; errors and signals become one line and an exit status (`exit_status`). A fresh run
+    that fails or is stopped before its first checkpoint leaves no run folder behind (nothing of it is
+    worth keeping, and a leftover run.json would refuse the corrected command)."""
     if args.workers is None:
         args.workers = default_workers(args.device)
-    return exit_status(lambda: train(args))
+    run_dir = Path(args.out)
+    fresh = not args.resume and int(os.environ.get("RANK", "0")) == 0 and not (run_dir.is_dir() and
+                                                                                 any(run_dir.iterdir()))
+    existed = run_dir.exists()
+    status = exit_status(lambda: train(args) and 0,  # train returns the run folder
+                         stop_message=" before training started; nothing was trained")
+    if status != 0 and fresh and run_dir.is_dir() and not (run_dir / CHECKPOINT_NAME).exists():
+        if existed:
+            for entry in run_dir.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        else:
+            shutil.rmtree(run_dir)
+    return status
 
