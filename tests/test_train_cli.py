@@ -383,8 +383,9 @@ def test_user_errors_are_one_line_and_a_failed_start_leaves_no_run_folder(artefa
     a_file.write_text("")
     assert "is a file" in refused(_train_args(artefacts, a_file))
 
-    # A chunk that fails to decompress at step 1: the file is named, and the run folder, which holds no
-    # checkpoint, is removed so that the corrected command is not refused.
+    # Damaged chunks (their Blosc headers zeroed; each chunk's CRC32C catches it before decompression) at
+    # step 1: the file is named, and the run folder, which holds no checkpoint, is removed (or left as empty
+    # as it was, but for its lock file) so that the corrected command is not refused.
     damaged = tmp_path / "damaged.zarr"
     shutil.copytree(artefacts["store"], damaged)
     shard_file = damaged / "global" / "c" / "0" / "0" / "0"  # one shard: 3 blocks of 2 images x K=2 chunks
@@ -397,8 +398,9 @@ def test_user_errors_are_one_line_and_a_failed_start_leaves_no_run_folder(artefa
         if out.name == "empty-run":
             out.mkdir()
         line = refused(_train_args(artefacts, out, store=damaged))
-        assert str(shard_file) in line and "does not decompress" in line
-        assert out.exists() == (out.name == "empty-run") and not (out.exists() and any(out.iterdir()))
+        assert str(shard_file) in line and "is damaged (CRC32C mismatch)" in line
+        assert out.exists() == (out.name == "empty-run")
+        assert not (out.exists() and any(entry.name != ".lock" for entry in out.iterdir()))
 
 
 def _can_mount_tmpfs() -> bool:

@@ -111,8 +111,6 @@ def prepare_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumab
         merged = {**recorded, **{key: run_config[key] for key in resumable_keys if key in run_config}}
         atomic_write_bytes(config_path, lambda handle: handle.write(json.dumps(merged, indent=2).encode()))
         return
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunFolderError(f"--out {run_dir} is a file, not a folder; choose a new or empty folder")
     if run_dir.exists() and any(entry.name != LOCK_NAME for entry in run_dir.iterdir()):
         what = "another run" if config_path.is_file() else "other files"
         raise RunFolderError(f"output folder {run_dir} already holds {what}; pass --resume to continue the run "
@@ -144,6 +142,8 @@ def claim_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumable
     import torch.distributed as dist
 
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():  # before the lock file is made inside it
+        raise RunFolderError(f"--out {run_dir} is a file, not a folder; choose a new or empty folder")
     if resume and not run_dir.is_dir():
         raise RunFolderError(f"--resume: {run_dir} does not exist; start a new run there without --resume")
     if not resume and (not dist.is_initialized() or dist.get_rank() == 0):
