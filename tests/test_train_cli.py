@@ -121,15 +121,23 @@ def test_int8_store_trains_like_the_float16_store(artefacts, reference_run):
     assert int8_row["relation"] != float16_row["relation"]  # the int8 targets were really read
 
 
+def _rows(out):
+    path = out / "metrics.csv"
+    return len(read_metrics(path)) if path.exists() else -1
+
+
+def _poll_until(process, ready, timeout: float) -> None:
+    """Wait until ready() holds, the process ends, or the timeout passes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.02)
+
+
 def _training_at_step(artefacts, out, steps: int) -> subprocess.Popen:
     """A real training subprocess, returned once it has logged `steps` steps (or ended)."""
     process = subprocess.Popen([sys.executable, "-m", "train_student", *_train_args(artefacts, out)],
                                env=TRAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if (out / "metrics.csv").exists() and len(read_metrics(out / "metrics.csv")) >= steps:
-            break
-        time.sleep(0.05)
+    _poll_until(process, lambda: _rows(out) >= steps, timeout=120)
     return process
 
 
@@ -334,15 +342,8 @@ def test_a_damaged_image_is_refused_at_training_start(artefacts, tmp_path, capsy
 
 
 def _wait_for(process, ready, what: str, timeout: float = 300):
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None and not ready():
-        time.sleep(0.02)
+    _poll_until(process, ready, timeout)
     assert process.poll() is None, f"training ended before {what}: " + process.stderr.read()
-
-
-def _rows(out):
-    path = out / "metrics.csv"
-    return len(read_metrics(path)) if path.exists() else -1
 
 
 def test_signals_checkpoint_at_the_step_boundary_and_resume_to_the_same_losses(artefacts, reference_run):
