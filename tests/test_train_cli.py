@@ -258,16 +258,24 @@ def test_bench_compares_cached_and_online_steps_and_the_feed(artefacts, tmp_path
     assert f"error: target store {missing} does not exist" in capsys.readouterr().err  # one line, no traceback
 
 
-def _flip_a_bit_in_every_chunk(shard_file):
-    """Damage each chunk of a shard file once, in its payload, leaving the (CRC-checked) shard index intact."""
+def _damage_every_chunk(shard_file, damage):
+    """damage(data, offset, nbytes) applied to each chunk of a shard file in place, found through the shard
+    index (which is left intact)."""
     data = bytearray(shard_file.read_bytes())
     meta = json.loads((shard_file.parents[3] / "zarr.json").read_text())  # ARRAY/c/i/j/k
     inner = meta["codecs"][0]["configuration"]["chunk_shape"]
     chunks = int(np.prod([s // c for s, c in zip(meta["chunk_grid"]["configuration"]["chunk_shape"], inner)]))
     index = np.frombuffer(bytes(data[-(16 * chunks + 4):-4]), dtype="<u8").reshape(chunks, 2)
     for offset, nbytes in index:
-        data[int(offset + nbytes // 2)] ^= 0x04
+        damage(data, int(offset), int(nbytes))
     shard_file.write_bytes(bytes(data))
+
+
+def _flip_a_bit_in_every_chunk(shard_file):
+    """Damage each chunk of a shard file once, in its payload, leaving the (CRC-checked) shard index intact."""
+    def flip(data, offset, nbytes):
+        data[offset + nbytes // 2] ^= 0x04
+    _damage_every_chunk(shard_file, flip)
 
 
 def test_a_damaged_store_chunk_stops_training_naming_the_file(artefacts, tmp_path, capsys):
@@ -390,11 +398,10 @@ def test_user_errors_are_one_line_and_a_failed_start_leaves_no_run_folder(artefa
     damaged = tmp_path / "damaged.zarr"
     shutil.copytree(artefacts["store"], damaged)
     shard_file = damaged / "global" / "c" / "0" / "0" / "0"  # one shard: 3 blocks of 2 images x K=2 chunks
-    data = bytearray(shard_file.read_bytes())
-    index = np.frombuffer(bytes(data[-(16 * 6 + 4):-4]), dtype="<u8").reshape(6, 2)
-    for offset, _ in index:
-        data[int(offset):int(offset) + 16] = bytes(16)  # every chunk's Blosc header
-    shard_file.write_bytes(bytes(data))
+
+    def zero_blosc_header(data, offset, nbytes):
+        data[offset:offset + 16] = bytes(16)
+    _damage_every_chunk(shard_file, zero_blosc_header)
     for out in (tmp_path / "new-run", tmp_path / "empty-run"):
         if out.name == "empty-run":
             out.mkdir()
