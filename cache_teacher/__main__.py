@@ -21,7 +21,7 @@ from dpal.recipes import TEACHERS
 
 def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     # Only light modules here (no torch, zarr or FFCV): `--help` answers at once.
-    from cache_teacher.options import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE,
+    from formats.cli import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE,
                                        NON_NEGATIVE, POSITIVE, SEED, TARGET_FORMATS, add_teacher_option_arguments,
                                        device_name, integer)
 
@@ -135,7 +135,7 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
 
 
 def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
-    from cache_teacher.options import exit_status, parse_teacher_options
+    from formats.cli import exit_status, parse_teacher_options
 
     parser = _parser(teachers)
     args = parser.parse_args(argv)

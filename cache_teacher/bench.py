@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cache_teacher.ffcv_images import ImageFile
+from formats.images import ImageFile
 from cache_teacher.run import RunConfig, TargetComputer, default_batch_size, image_view_params, run
 from dpal.config import TeacherSpec, ViewConfig
 from dpal.recipes import TEACHERS

@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from cache_teacher.ffcv_images import decode_jpeg, image_fields, jpeg_crc32c
-from cache_teacher.options import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE
+from formats.images import decode_jpeg, image_fields, jpeg_crc32c
+from formats.cli import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE
 from dpal.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}

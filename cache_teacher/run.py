@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cache_teacher.ffcv_images import ImageFile, images_fingerprint
-from cache_teacher.options import DEFAULT_CALIBRATION_IMAGES
-from cache_teacher.store import (
+from formats.images import ImageFile, images_fingerprint
+from formats.cli import DEFAULT_CALIBRATION_IMAGES
+from formats.store import (
     CODECS, SPEC_VERSION, STORE_FORMAT_VERSION, StoreLayout, StoreWriter, WriterRefusedError, check_format_version,
     check_spec_version, config_dict, describe_differences, file_sha256, job_writer_lock, plan_layout, read_attrs,
     store_lock_path, token_counts)

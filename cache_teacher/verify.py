@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_teacher.ffcv_images import ImageFile, check_images, images_fingerprint
+from formats.images import ImageFile, check_images, images_fingerprint
 from cache_teacher.run import TargetComputer, _format_bytes, image_view_params
-from cache_teacher.store import StoreError, TargetStore, file_sha256, open_store, repair_hint, shard_file_problems
+from formats.store import StoreError, TargetStore, file_sha256, open_store, repair_hint, shard_file_problems
 from dpal.config import TeacherSpec
 from dpal.losses import dequantize_rows, relation_probabilities
 from dpal.recipes import TEACHERS

@@ -44,7 +44,7 @@ class ImageSource:
         if not self.path.exists():
             raise ImageSourceError(f"{what} {self.path} does not exist")
         if self.path.suffix == ".beton":
-            from cache_teacher.ffcv_images import ImageFile  # FFCV is only needed for .beton sources
+            from formats.images import ImageFile  # FFCV is only needed for .beton sources
 
             self._file = ImageFile(self.path)
             self._files = None

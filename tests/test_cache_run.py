@@ -20,10 +20,10 @@ import torch
 
 from cache_teacher.__main__ import main
 from cache_teacher.demo_data import write_backgrounds, write_person_images
-from cache_teacher.ffcv_images import ImageFile
+from formats.images import ImageFile
 from cache_teacher.pack import pack
 from cache_teacher.run import RunConfig, RunError, run
-from cache_teacher.store import StoreError, open_store
+from formats.store import StoreError, open_store
 from cache_teacher.verify import info, verify
 from dpal.config import TeacherSpec
 from dpal.recipes import TEACHERS

@@ -12,7 +12,7 @@ from PIL import Image
 
 from cache_teacher.__main__ import main
 from cache_teacher.demo_data import write_backgrounds, write_person_images
-from cache_teacher.ffcv_images import (ImageFile, ImagesFileError, check_images, image_pipelines, images_fingerprint,
+from formats.images import (ImageFile, ImagesFileError, check_images, image_pipelines, images_fingerprint,
                                        unflatten_images)
 from cache_teacher.pack import PackError, escape_path, pack, read_manifest, unescape_path
 

@@ -1,4 +1,4 @@
-"""cache_teacher.store: layout planning, int8 rows, atomic creation, durable shards, reader refusals."""
+"""formats.store: layout planning, int8 rows, atomic creation, durable shards, reader refusals."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache_teacher.store import (
+from formats.store import (
     ATTRS_KEY, MIN_CHUNK_BYTES, SPEC_VERSION, STORE_FORMAT_VERSION, StoreError, StoreWriter, config_dict, open_store,
     plan_layout)
 from dpal.config import TeacherSpec, ViewConfig

@@ -332,7 +332,7 @@ def test_a_second_process_on_a_run_folder_is_refused(artefacts, reference_run):
 
 
 def test_a_damaged_image_is_refused_at_training_start(artefacts, tmp_path, capsys):
-    from cache_teacher.ffcv_images import ImageFile
+    from formats.images import ImageFile
 
     images = tmp_path / "damaged.beton"
     shutil.copy(artefacts["images"], images)

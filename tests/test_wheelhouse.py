@@ -79,7 +79,7 @@ def test_wheelhouse_is_small_and_its_packages_import_with_their_own_libraries(fr
 def test_ffcv_from_the_wheelhouse_decodes_a_beton_written_by_pack(fresh_env, tmp_path):
     import cv2
 
-    from cache_teacher.ffcv_images import ImageFile
+    from formats.images import ImageFile
 
     python, _ = fresh_env
     rng = np.random.default_rng(0)
@@ -92,7 +92,7 @@ def test_ffcv_from_the_wheelhouse_decodes_a_beton_written_by_pack(fresh_env, tmp
                           capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "decoded.npz"
-    decode = ("import sys, numpy as np\nfrom cache_teacher.ffcv_images import ImageFile\n"
+    decode = ("import sys, numpy as np\nfrom formats.images import ImageFile\n"
               "f = ImageFile(sys.argv[1])\n"
               "np.savez(sys.argv[2], *[f.image(i) for i in range(f.num_images)])\n")
     done = subprocess.run([str(python), "-c", decode, str(beton), str(out)], capture_output=True, text=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cache_teacher.options import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, SEED,
+from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, SEED,
                                    add_teacher_option_arguments, parse_teacher_options, real)
 from dpal.recipes import RECIPES, list_recipes
 

@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from cache_teacher.options import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, add_teacher_option_arguments,
+from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, add_teacher_option_arguments,
                                    parse_teacher_options)
 from dpal.recipes import get_recipe, list_recipes
 
@@ -130,7 +130,7 @@ def training_step_rates(args, recipe, store, backgrounds, plan, device, batch: i
     """Samples/s of the cached-target step and of the online-teacher step, same model, device and batch."""
     import torch
 
-    from cache_teacher.ffcv_images import ImageFile
+    from formats.images import ImageFile
     from dpal.teachers import load_teacher
     from train_student.data import CachedFeed, OnlineFeed
     from train_student.train import build_distiller, fit_online_mask_calibration
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.teacher_weights is None and not args.feed_only:
         cli.error("--teacher-weights is required (or pass --feed-only)")
     args.teacher_options = parse_teacher_options(cli, args, get_recipe(args.recipe).teacher)
-    from cache_teacher.options import exit_status
+    from formats.cli import exit_status
     return exit_status(lambda: bench(args))
 
 
@@ -169,8 +169,8 @@ def bench(args: argparse.Namespace) -> None:
     """Measure, print the table and write the JSON (see the module docstring)."""
     import torch
 
-    from cache_teacher.ffcv_images import images_fingerprint
-    from cache_teacher.store import open_store
+    from formats.images import images_fingerprint
+    from formats.store import open_store
     from dpal import dispatch
     from train_student.data import BackgroundPool, CachedFeed, FeedPlan
     from train_student.train import TrainingError, default_workers, setup_distributed

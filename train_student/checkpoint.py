@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cache_teacher.store import WriterLock, atomic_write_bytes, job_writer_lock, temporary_siblings
+from formats.store import WriterLock, atomic_write_bytes, job_writer_lock, temporary_siblings
 from dpal.checkpoints import unreadable_reason
 from dpal.errors import UserError
 

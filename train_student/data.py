@@ -34,7 +34,7 @@ import torch
 from ffcv.loader import Loader
 from ffcv.traversal_order.base import TraversalOrder
 
-from cache_teacher.ffcv_images import ImageFile, image_pipelines, unflatten_images
+from formats.images import ImageFile, image_pipelines, unflatten_images
 from dpal.config import ViewConfig
 from dpal.views import background_indices, sample_local_crops, sample_view_sets
 

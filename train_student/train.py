@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from cache_teacher.ffcv_images import ImageFile, check_images, images_fingerprint
-from cache_teacher.options import Interrupted, exit_status
-from cache_teacher.store import token_counts
+from formats.images import ImageFile, check_images, images_fingerprint
+from formats.cli import Interrupted, exit_status
+from formats.store import token_counts
 from dpal import dispatch
 from dpal.config import OptimConfig, Recipe
 from dpal.decoder import DynamicPatternDecoder
@@ -287,7 +287,7 @@ def _train(args: argparse.Namespace, held: ExitStack) -> Path:
         teacher = load_teacher(recipe.teacher.name, args.teacher_weights, **args.teacher_options).to(device)
         num_images, chunk_images = ImageFile(args.images).num_images, 1
     else:
-        from cache_teacher.store import open_store
+        from formats.store import open_store
         store = open_store(args.store)
         store.check_compatible(recipe, recipe.views, fingerprint, images_fingerprint(args.backgrounds))
         num_images, chunk_images = store.num_images, store.chunk_images

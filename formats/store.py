@@ -54,7 +54,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
-from cache_teacher.options import CODECS, TARGET_FORMATS
+from formats.cli import CODECS, TARGET_FORMATS
 from dpal.config import Recipe, TeacherSpec, ViewConfig
 from dpal.errors import UserError
 from dpal.views import VIEW_PARAMS_VERSION
