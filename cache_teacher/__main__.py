@@ -16,14 +16,13 @@ import argparse
 import sys
 
 from dpal.config import TeacherSpec
-from dpal.recipes import TEACHERS
+from dpal.recipes import TEACHERS, list_recipes
 
 
 def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     # Only light modules here (no torch, zarr or FFCV): `--help` answers at once.
-    from formats.cli import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE,
-                                       NON_NEGATIVE, POSITIVE, SEED, TARGET_FORMATS, add_teacher_option_arguments,
-                                       device_name, integer)
+    from formats.cli import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE, NON_NEGATIVE,
+                             POSITIVE, SEED, TARGET_FORMATS, add_teacher_option_arguments, device_name, integer)
 
     parser = argparse.ArgumentParser(prog="python -m cache_teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,6 +55,10 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     run.add_argument("--views-per-image", "-K", type=POSITIVE, required=True, metavar="K",
                      help="view sets per image (>= 1)")
     run.add_argument("--out", required=True, help="store folder, e.g. path-b.zarr (created, or resumed)")
+    run.add_argument("--views", choices=list_recipes(), default=None, metavar="RECIPE",
+                     help="cache the view sets of this recipe's view configuration (its teacher must be --teacher; "
+                     "default: the configuration the recipes of --teacher use). The store records it, and training "
+                     f"refuses a store cached with other views than its recipe's. Recipes: {', '.join(list_recipes())}")
     run.add_argument("--format", dest="target_format", choices=TARGET_FORMATS, default="float16",
                      help="float16 (lossless compression) or int8 with per-row scales (default float16)")
     run.add_argument("--codec", choices=CODECS, default="lz4",

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from formats.images import ImageFile
-from cache_teacher.run import RunConfig, TargetComputer, default_batch_size, image_view_params, run
-from dpal.config import TeacherSpec, ViewConfig
+from cache_teacher.run import RunConfig, TargetComputer, cached_views, default_batch_size, run
+from dpal.config import TeacherSpec
 from dpal.recipes import TEACHERS
 from dpal.teachers import load_teacher, teacher_targets
+from formats.images import ImageFile
+from formats.view_records import image_view_params
 
 
 def _sync(device: torch.device) -> None:
@@ -31,7 +32,7 @@ def bench(teacher: str, weights: str, images: str, backgrounds: str, *, batch_si
           teacher_options: dict | None = None, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch = batch_size or default_batch_size(dev)
-    spec, cfg = teachers[teacher], ViewConfig()
+    spec, cfg = teachers[teacher], cached_views(teacher)
     image_file, background_file = ImageFile(images), ImageFile(backgrounds)
     computer = TargetComputer(load_teacher(spec, weights, **(teacher_options or {})).to(dev), background_file, cfg, dev, batch)
 

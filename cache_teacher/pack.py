@@ -28,9 +28,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from formats.images import decode_jpeg, image_fields, jpeg_crc32c
-from formats.cli import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE
 from dpal.errors import UserError
+from formats.cli import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE
+from formats.images import decode_jpeg, image_fields, jpeg_crc32c
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
 MANIFEST_HEADER = "index\tsource_path\theight\twidth\tstored"

@@ -1,6 +1,7 @@
 """`python -m cache_teacher run`: draw K view sets per image, run the teacher once, write the target store.
 
-Determinism: the K view sets of image i come from a generator seeded by (seed, i) alone, and every shard is
+Determinism: the K view sets of image i come from a generator seeded by (seed, i) alone
+(`formats.view_records`), and every shard is
 computed with the same batch boundaries (relative to the shard) however the work is split, resumed or
 distributed; so a resumed run, a run on N ranks and an uninterrupted single run write the same targets.
 Work is split by shard ownership (shard s belongs to rank s mod world size); each shard has one writer,
@@ -29,20 +30,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from formats.images import ImageFile, images_fingerprint
-from formats.cli import DEFAULT_CALIBRATION_IMAGES
-from formats.store import (
-    CODECS, SPEC_VERSION, STORE_FORMAT_VERSION, StoreLayout, StoreWriter, WriterRefusedError, check_format_version,
-    check_spec_version, config_dict, describe_differences, file_sha256, job_writer_lock, plan_layout, read_attrs,
-    store_lock_path, token_counts)
 from dpal.config import TeacherSpec, ViewConfig
 from dpal.errors import UserError, file_problem
-from dpal.losses import quantize_relation, quantize_rows
-from dpal.recipes import TEACHERS
+from dpal.recipes import RECIPES, TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
 from dpal.teachers import Teacher, global_view_targets, load_teacher, teacher_options, teacher_targets
-from dpal.views import (VIEW_PARAMS_VERSION, VIEW_SET_FIELDS, background_indices, render_view_sets,
-                        sample_view_sets)
+from dpal.views import VIEW_SET_FIELDS, background_indices, render_view_sets
+from formats.cli import CODECS, DEFAULT_CALIBRATION_IMAGES
+from formats.durable import WriterRefusedError, job_writer_lock
+from formats.images import ImageFile, images_fingerprint
+from formats.store import (StoreLayout, StoreSpec, StoreWriter, check_format_version, check_spec_version,
+                           describe_differences, file_sha256, plan_layout, read_attrs, store_lock_path, token_counts)
+from formats.targets import VIEW_PARAMS_ARRAY, Targets
+from formats.view_records import calibration_indices, image_view_params
 
 
 class RunError(UserError):
@@ -71,24 +71,25 @@ class RunConfig:
     limit_images: int | None = None  # cache only the first N images (a trial run; recorded in the store)
     solider_weights: str = "teacher"  # SOLIDER container: 'teacher' (SOLIDER's tools) or 'student' (original DPAL)
     semantic_weight: float = 0.0  # SOLIDER's s, folded into the weights
+    views: str | None = None  # recipe whose view configuration to cache (default: that of --teacher's recipes)
 
 
-def view_generator(seed: int, image_index: int) -> torch.Generator:
-    """The generator of one image's view sets: a function of (seed, image index) only."""
-    state = np.random.SeedSequence([seed, image_index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-def image_view_params(seed: int, image_index: int, views_per_image: int, num_backgrounds: int,
-                      cfg: ViewConfig) -> torch.Tensor:
-    return sample_view_sets(view_generator(seed, image_index), views_per_image, num_backgrounds=num_backgrounds,
-                            cfg=cfg)
-
-
-def calibration_indices(num_images: int, count: int, seed: int) -> list[int]:
-    """A deterministic random sample of images (their first view set calibrates the shape mask)."""
-    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
-    return sorted(order[:min(count, num_images)].tolist())
+def cached_views(teacher: str, recipe: str | None = None) -> ViewConfig:
+    """The view configuration a store of `teacher` is cached with: recipe `recipe`'s (whose teacher must be this
+    one), or else the one every recipe of this teacher uses (the spec's default views for a teacher that no
+    recipe uses). The store records it, and a trainer refuses a store cached with other views than its recipe's."""
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise RunError(f"unknown recipe {recipe!r} for --views; choose one of {', '.join(RECIPES)}")
+        if RECIPES[recipe].teacher.name != teacher:
+            raise RunError(f"--views {recipe}: that recipe distils {RECIPES[recipe].teacher.name}, not {teacher}; "
+                           f"name a recipe of teacher {teacher}")
+        return RECIPES[recipe].views
+    views = {r.name: r.views for r in RECIPES.values() if r.teacher.name == teacher}
+    if len(set(views.values())) > 1:
+        raise RunError(f"the recipes of teacher {teacher} use different view configurations; name the one to "
+                       f"cache with --views RECIPE (one of {', '.join(views)})")
+    return next(iter(views.values()), ViewConfig())
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -144,18 +145,14 @@ class TargetComputer:
         for start in range(0, n * k, self.batch_size):
             rows = slice(start, start + self.batch_size)
             out = self.targets([tensors[i] for i in owner[rows].tolist()], flat[rows])
-            encoded = {"global": out.global_.half(), "mask": shape_mask(out.local, calibration).half()}
-            if target_format == "int8":
-                encoded["local"], encoded["local_scale"] = quantize_rows(out.local)
-                encoded["relation"], encoded["relation_scale"] = quantize_relation(out.relation)
-            else:
-                encoded["local"], encoded["relation"] = out.local.half(), out.relation.half()
-            for name, value in encoded.items():
+            encoded = Targets.encode(global_=out.global_, local=out.local, mask=shape_mask(out.local, calibration),
+                                     relation=out.relation, target_format=target_format)
+            for name, value in encoded.arrays().items():
                 parts.setdefault(name, []).append(value.cpu())
             if progress is not None:
                 progress.update(len(flat[rows]))
         arrays = {name: torch.cat(values).reshape(n, k, *values[0].shape[1:]).numpy() for name, values in parts.items()}
-        arrays["view_params"] = params.numpy()
+        arrays[VIEW_PARAMS_ARRAY] = params.numpy()
         return arrays
 
 
@@ -222,7 +219,7 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
     """Create or resume the store of ``cfg``; returns a summary. Safe to kill at any moment and rerun."""
     if cfg.teacher not in teachers:
         raise RunError(f"unknown teacher {cfg.teacher!r}; choose one of {', '.join(teachers)}")
-    spec, view_cfg = teachers[cfg.teacher], ViewConfig()
+    spec, view_cfg = teachers[cfg.teacher], cached_views(cfg.teacher, cfg.views)
     if cfg.views_per_image < 1:
         raise RunError(f"--views-per-image must be >= 1 (got {cfg.views_per_image})")
     if cfg.codec not in CODECS:
@@ -261,25 +258,21 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
         # shape, so a store written with two batch sizes would not equal one written in a single run.
         batch_size = cfg.batch_size or resumed.get("batch_size") or default_batch_size(device)
         grid, _, crowd_tokens = token_counts(spec, view_cfg)
-        identity = {
-            "format_version": STORE_FORMAT_VERSION, "spec_version": SPEC_VERSION,
-            "view_params_version": VIEW_PARAMS_VERSION, "teacher": spec.name, "teacher_spec": config_dict(spec),
-            "checkpoint_sha256": file_sha256(weights), "view_config": config_dict(view_cfg),
-            "images_fingerprint": images_fingerprint(cfg.images),
-            "backgrounds_fingerprint": images_fingerprint(cfg.backgrounds),
-            "num_images": layout.num_images, "num_backgrounds": len(backgrounds),
-            "views_per_image": layout.views_per_image, "target_format": layout.target_format, "seed": cfg.seed,
-            "token_grid": list(grid), "chunk_images": layout.chunk_images, "shard_images": layout.shard_images,
-            "calibration_images": min(cfg.calibration_images, layout.num_images), "codec": cfg.codec,
-            "teacher_precision": "bfloat16" if device.type == "cuda" else "float32",
-            "teacher_options": teacher_options(spec, solider_weights=cfg.solider_weights,
-                                               semantic_weight=cfg.semantic_weight),
-            "batch_size": batch_size,
-        }
+        store_spec = StoreSpec(
+            teacher_spec=spec, view_config=view_cfg, checkpoint_sha256=file_sha256(weights),
+            teacher_options=teacher_options(spec, solider_weights=cfg.solider_weights,
+                                            semantic_weight=cfg.semantic_weight),
+            teacher_precision="bfloat16" if device.type == "cuda" else "float32",
+            images_fingerprint=images_fingerprint(cfg.images), backgrounds_fingerprint=images_fingerprint(cfg.backgrounds),
+            num_images=layout.num_images, num_backgrounds=len(backgrounds), views_per_image=layout.views_per_image,
+            seed=cfg.seed, calibration_images=min(cfg.calibration_images, layout.num_images), batch_size=batch_size,
+            target_format=layout.target_format, codec=cfg.codec, chunk_images=layout.chunk_images,
+            shard_images=layout.shard_images, token_grid=grid)
+        identity = store_spec.identity()
         if resumed:
             _check_resumable(out, resumed, identity)
 
-        teacher = load_teacher(spec, weights, **identity["teacher_options"]).to(device)
+        teacher = load_teacher(spec, weights, **store_spec.teacher_options).to(device)
         computer = TargetComputer(teacher, backgrounds, view_cfg, device, batch_size)
         if not out.exists() and rank == 0:
             for stale in out.parent.glob(f"{out.name}.creating-*"):

@@ -7,14 +7,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from formats.images import ImageFile, check_images, images_fingerprint
-from cache_teacher.run import TargetComputer, _format_bytes, image_view_params
-from formats.store import StoreError, TargetStore, file_sha256, open_store, repair_hint, shard_file_problems
+from cache_teacher.run import TargetComputer, _format_bytes
 from dpal.config import TeacherSpec
-from dpal.losses import dequantize_rows, relation_probabilities
 from dpal.recipes import TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, shape_mask
 from dpal.teachers import load_teacher
+from formats.images import ImageFile, check_images, images_fingerprint
+from formats.store import StoreError, TargetStore, file_sha256, open_store, repair_hint, shard_file_problems
+from formats.targets import VIEW_PARAMS_ARRAY, Targets
+from formats.view_records import image_view_params
 
 # Stored-vs-recomputed limits per format: float16 rounding (and bf16 on CUDA, recomputed the same way)
 # stays far inside them. int8 local tokens are judged in quantization steps (|stored - fresh| / row
@@ -28,14 +29,6 @@ THRESHOLDS = {
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
-
-
-def _stored_targets(rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """One stored view set as float targets: int8 rows decoded with their scales (present only in int8 stores)."""
-    tensors = {name: torch.from_numpy(value) for name, value in rows.items()}
-    return {"global": tensors["global"].float(), "mask": tensors["mask"].float(),
-            "local": dequantize_rows(tensors["local"], tensors.get("local_scale")),
-            "relation": relation_probabilities(tensors["relation"], tensors.get("relation_scale"))}
 
 
 def check_integrity(store: TargetStore) -> list[str]:
@@ -80,30 +73,31 @@ def verify(store_path: str, weights: str, *, images: str | None = None, backgrou
     for start in range(0, len(picks), batch_size):
         chunk = picks[start:start + batch_size]
         rows = [store.read_images(p // k, p // k + 1) for p in chunk]
-        params = torch.stack([torch.from_numpy(r["view_params"][0, p % k]) for r, p in zip(rows, chunk)])
+        params = torch.stack([torch.from_numpy(r[VIEW_PARAMS_ARRAY][0, p % k]) for r, p in zip(rows, chunk)])
         resampled = torch.stack([image_view_params(attrs["seed"], p // k, k, attrs["num_backgrounds"],
                                                    view_cfg)[p % k] for p in chunk])
         stats.setdefault("view_params_equal", []).append(float(torch.equal(params, resampled)))
         fresh = computer.targets([torch.from_numpy(image_file.image(p // k)) for p in chunk], params)
         fresh_mask = shape_mask(fresh.local, calibration).cpu()
         for r, p, i in zip(rows, chunk, range(len(chunk))):
-            row = {n: v[0, p % k] for n, v in r.items()}
-            stored = _stored_targets(row)
+            coded = Targets.from_arrays({n: v[0, p % k] for n, v in r.items()})
+            stored = coded.decoded()
             new = {"global": fresh.global_[i].cpu(), "local": fresh.local[i].cpu(), "relation": fresh.relation[i].cpu()}
-            stats.setdefault("global_cosine", []).append(float(_cosine(stored["global"], new["global"])))
-            stats.setdefault("global_max_abs", []).append(float((stored["global"] - new["global"]).abs().max()))
-            stats.setdefault("local_cosine", []).append(float(_cosine(stored["local"], new["local"]).min()))
-            stats.setdefault("local_max_abs", []).append(float((stored["local"] - new["local"]).abs().max()))
-            stats.setdefault("mask_max_abs", []).append(float((stored["mask"] - fresh_mask[i]).abs().max()))
-            stats.setdefault("relation_max_abs", []).append(float((stored["relation"] - new["relation"]).abs().max()))
+            stats.setdefault("global_cosine", []).append(float(_cosine(stored.global_target, new["global"])))
+            stats.setdefault("global_max_abs", []).append(float((stored.global_target - new["global"]).abs().max()))
+            stats.setdefault("local_cosine", []).append(float(_cosine(stored.local_target, new["local"]).min()))
+            stats.setdefault("local_max_abs", []).append(float((stored.local_target - new["local"]).abs().max()))
+            stats.setdefault("mask_max_abs", []).append(float((stored.local_mask - fresh_mask[i]).abs().max()))
+            stats.setdefault("relation_max_abs", []).append(
+                float((stored.relation_target - new["relation"]).abs().max()))
             # KL(stored || recomputed), rows renormalized: the stored relation is the target R_t of the
             # training loss KL(R_t || R_s), so this is the loss a perfect student would still pay.
-            target = stored["relation"] / stored["relation"].sum(-1, keepdim=True)
+            target = stored.relation_target / stored.relation_target.sum(-1, keepdim=True)
             kl = (target * (target.clamp_min(1e-30).log() - new["relation"].clamp_min(1e-30).log())).sum(-1)
             stats.setdefault("relation_kl", []).append(float(kl.max()))
             if store.target_format == "int8":
-                scale = torch.from_numpy(row["local_scale"]).float().clamp_min(1e-30)[..., None]
-                steps = ((stored["local"] - new["local"]).abs() / scale).max()
+                scale = coded.local_scale.float().clamp_min(1e-30)[..., None]
+                steps = ((stored.local_target - new["local"]).abs() / scale).max()
                 stats.setdefault("local_error_steps", []).append(float(steps))
     limits = THRESHOLDS[store.target_format]
     checks = {"view_params_equal": ("min", 1.0), "global_cosine": ("min", limits["min_cosine"]),

@@ -3,7 +3,7 @@ shape mask and checkpoint formats. The stages (`cache_teacher`, `train_student`)
 
 `dpal.load_student(path)` rebuilds an exported student (or its EMA) as a plain timm model.
 """
-__all__ = ["export_student", "load_student"]
+__all__ = ["load_student"]
 
 
 def __getattr__(name: str):

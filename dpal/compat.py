@@ -152,7 +152,7 @@ def load_original_checkpoint(path, recipe: Recipe | str | None = None, *, weight
 
     recipe: a Recipe or its name; default: from the checkpoint's args.model. weights: 'student' (the
     trained weights) or 'ema' (the original's EMA copy, saved under 'teacher'). The student can then be
-    exported with `dpal.students.export_student`."""
+    exported with `formats.exports.export_student`."""
     if weights not in CONTAINERS:
         raise ValueError(f"weights must be one of {', '.join(CONTAINERS)}, got {weights!r}")
     path = Path(path)

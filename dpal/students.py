@@ -8,9 +8,10 @@ timm's constructors cannot express, applied after `timm.create_model` by `create
 - Swin: grid-adaptive shifted windows (`_GridWindowSwinBlock`), so 128x96 local crops (final grid 4x3)
   and 256x128 views (8x4) get windows clipped to the map instead of windows mostly made of padding.
 
-An export (`export_student`) is the timm state dict as safetensors plus a JSON config beside it that
-names the timm model and every argument that differs from its defaults; `load_student` rebuilds the
-backbone through the same `create_backbone`, so its forward equals the trained one's.
+An export (`export_contents`; `formats.exports.export_student` writes it) is the timm state dict as
+safetensors plus a JSON config beside it that names the timm model and every argument that differs from its
+defaults; `load_student` rebuilds the backbone through the same `create_backbone`, so its forward equals the
+trained one's.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import NamedTuple
 import timm
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -218,39 +219,31 @@ def build_student(recipe: Recipe) -> Student:
 
 # --------------------------------------------------------------------------------- export / load
 
-def _export_paths(path) -> tuple[Path, Path]:
+def export_paths(path) -> tuple[Path, Path]:
+    """(NAME.safetensors, NAME.json) of an export named by NAME, NAME.safetensors or NAME.json."""
     path = Path(path)
     if path.suffix in (".safetensors", ".json"):
         path = path.with_suffix("")
     return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
 
 
-def export_student(student: Student, path, *, extra: dict | None = None) -> tuple[Path, Path]:
-    """Write NAME.safetensors (the backbone's timm state dict) and NAME.json (its architecture + extra).
-
-    `path` is NAME, NAME.safetensors or NAME.json. The same config is stored in the safetensors metadata,
-    so the weights file alone is also self-describing. Works for the EMA copy (a Student, or a wrapper of one
-    with `.module`) as well.
-    Returns (weights path, config path)."""
+def export_contents(student: Student, *, extra: dict | None = None) -> tuple[bytes, bytes]:
+    """The two files of an export as bytes, for `export_paths` (dpal writes no files): the backbone's timm state
+    dict as safetensors, and its config (architecture, plus `extra`) as JSON. The same config is stored in the
+    safetensors metadata, so the weights file alone is also self-describing. Works for the EMA copy (a Student,
+    or a wrapper of one with `.module`) as well."""
     student = getattr(student, "module", student)  # DistributedDataParallel / AveragedModel wrappers
-    weights_path, config_path = _export_paths(path)
     config = dict(student.config)
     if extra is not None:
         config["extra"] = extra
     text = json.dumps(config, indent=2, sort_keys=True)
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in student.backbone.state_dict().items()}
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
-    # Write both under temporary names first: a crash never leaves a new config beside old weights.
-    save_file(tensors, str(weights_path) + ".tmp", metadata={_METADATA_KEY: text})
-    Path(str(config_path) + ".tmp").write_text(text + "\n")
-    Path(str(weights_path) + ".tmp").replace(weights_path)
-    Path(str(config_path) + ".tmp").replace(config_path)
-    return weights_path, config_path
+    return save(tensors, metadata={_METADATA_KEY: text}), (text + "\n").encode()
 
 
 def read_student_config(path) -> dict:
     """The config of an export (the JSON beside the weights; the weights' metadata if the JSON is absent)."""
-    weights_path, config_path = _export_paths(path)
+    weights_path, config_path = export_paths(path)
     if problem := file_problem(weights_path):
         raise CheckpointError(weights_path, _EXPORT_LAYOUT, problem)
     try:
@@ -290,9 +283,9 @@ def read_student_config(path) -> dict:
 def load_student(path) -> nn.Module:
     """Rebuild an exported student as a timm model (eval mode) whose forward equals the trained backbone's.
 
-    `path` is NAME, NAME.safetensors or NAME.json of an `export_student` export. Every key and shape must
+    `path` is NAME, NAME.safetensors or NAME.json of an export. Every key and shape must
     match the architecture in the config, otherwise a CheckpointError lists the differences."""
-    weights_path, _ = _export_paths(path)
+    weights_path, _ = export_paths(path)
     config = read_student_config(path)
     with torch.device("meta"):  # every parameter comes from the file: skip the random init
         model = create_backbone(config)
@@ -314,4 +307,4 @@ def materialize(module: nn.Module) -> nn.Module:
 
 
 __all__ = ["EXPORT_FORMAT_VERSION", "Student", "StudentTokens", "build_student", "create_backbone",
-           "export_student", "load_student", "materialize", "read_student_config", "student_config"]
+           "export_contents", "export_paths", "load_student", "materialize", "read_student_config", "student_config"]

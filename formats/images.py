@@ -178,6 +178,20 @@ class ImageFile:
         return [i for i in (range(self.num_images) if indices is None else indices)
                 if google_crc32c.value(self._mapped[starts[i]:ends[i]]) != crcs[i]]
 
+    def size_mismatch(self, indices, heights, widths) -> str | None:
+        """Why a decoded batch (its images' heights and widths) is not images `indices` of this file, or None
+        when every image has the size recorded for it."""
+        indices = np.asarray(indices).reshape(-1)
+        heights, widths = np.asarray(heights).reshape(-1), np.asarray(widths).reshape(-1)
+        if len(heights) != len(indices):
+            return f"{len(heights)} images decoded for {len(indices)} indices"
+        wrong = np.flatnonzero((heights != self.heights[indices]) | (widths != self.widths[indices]))
+        if len(wrong) == 0:
+            return None
+        at, index = int(wrong[0]), int(indices[wrong[0]])
+        return (f"{len(wrong)} of {len(indices)} differ in size, first at position {at}: decoded {heights[at]}x"
+                f"{widths[at]}, image {index} is {self.heights[index]}x{self.widths[index]}")
+
     def image(self, index: int) -> np.ndarray:
         """Decoded RGB uint8 ``[H, W, 3]``, bit-identical to what ``JPEGImageDecoder`` produces; checked first."""
         if not 0 <= index < self.num_images:

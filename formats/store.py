@@ -15,7 +15,8 @@ Integrity: every chunk ends in its CRC32C (Zarr's crc32c codec after Blosc) and 
 so every read (the trainer's block reader, and Zarr's own) checks the bytes it uses; the trainer's reader names
 the damaged file and the repair.
 A rerun of `cache_teacher run` rechecks each finished shard file against the CRC32C in its marker and rewrites
-the shards that fail (the repair). Writers hold `WriterLock` (one `cache_teacher run` job per store).
+the shards that fail (the repair). Writers hold `formats.durable.WriterLock` (one `cache_teacher run` job per
+store).
 
 Chunks are view-set-major: a chunk holds ONE view set of ``chunk_images`` consecutive images (shape
 [chunk_images, 1, ...], whole rows), sized so a `local` chunk is >= 1 MiB. The trainer uses one view set
@@ -34,14 +35,12 @@ int8 format quantizes per row: q = round(x / s), s = max|row| / 127, x ~= q * s.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
 import shutil
-import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +53,13 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
-from formats.cli import CODECS, TARGET_FORMATS
 from dpal.config import Recipe, TeacherSpec, ViewConfig
 from dpal.errors import UserError
 from dpal.views import VIEW_PARAMS_VERSION
+from formats.cli import CODECS, TARGET_FORMATS
+from formats.durable import atomic_write, fsync_path, fsync_tree
+from formats.run_spec import spec_dict, spec_differences
+from formats.targets import array_dtypes
 
 # 4: every chunk ends in its CRC32C, shard markers record file CRC32Cs, attributes hold a unique store_id;
 # 3: int8 relation rows are log-domain codes (`dpal.losses.quantize_relation`); 2: chunks hold one view set
@@ -97,19 +99,11 @@ class StoreLayout:
     shard_images: int
 
     def array_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """name -> (shape after [I, K], dtype)."""
-        target = "int8" if self.target_format == "int8" else "float16"
-        specs = {
-            "view_params": ((self.view_fields,), "float32"),
-            "global": ((self.width,), "float16"),
-            "local": ((self.tokens, self.width), target),
-            "mask": ((self.tokens,), "float16"),
-            "relation": ((self.crowd_tokens, self.crowd_tokens), target),
-        }
-        if self.target_format == "int8":
-            specs["local_scale"] = ((self.tokens,), "float32")
-            specs["relation_scale"] = ((self.crowd_tokens,), "float32")
-        return specs
+        """name -> (shape after [I, K], dtype); names and dtypes are the target contract's."""
+        shapes = {"view_params": (self.view_fields,), "global": (self.width,), "local": (self.tokens, self.width),
+                  "mask": (self.tokens,), "relation": (self.crowd_tokens, self.crowd_tokens),
+                  "local_scale": (self.tokens,), "relation_scale": (self.crowd_tokens,)}
+        return {name: (shapes[name], dtype) for name, dtype in array_dtypes(self.target_format).items()}
 
     def bytes_per_view_set(self) -> dict[str, int]:
         """Uncompressed bytes of each array per view set."""
@@ -127,6 +121,39 @@ class StoreLayout:
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_images
         return start, min(start + self.shard_images, self.num_images)
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What defines a store: the identity `cache_teacher run` records in the store's attributes, beside the
+    mask calibration fitted when it was created, its input files' locations and its unique store_id. Built
+    once per run from the command line and the inputs; a rerun resumes only a store of exactly this identity."""
+
+    teacher_spec: TeacherSpec
+    view_config: ViewConfig
+    checkpoint_sha256: str
+    teacher_options: dict  # how the checkpoint was loaded (`dpal.teachers.teacher_options`)
+    teacher_precision: str  # 'bfloat16' on CUDA, 'float32' on the CPU
+    images_fingerprint: str
+    backgrounds_fingerprint: str
+    num_images: int
+    num_backgrounds: int
+    views_per_image: int
+    seed: int  # of the view records (`formats.view_records.image_view_params`)
+    calibration_images: int
+    batch_size: int  # view sets per teacher batch: GEMM rounding depends on the batch shape
+    target_format: str
+    codec: str
+    chunk_images: int
+    shard_images: int
+    token_grid: tuple[int, int]
+    format_version: int = STORE_FORMAT_VERSION
+    spec_version: int = SPEC_VERSION
+    view_params_version: int = VIEW_PARAMS_VERSION
+
+    def identity(self) -> dict:
+        """The identity as the attributes hold it (JSON values; the teacher also named on its own)."""
+        return {"teacher": self.teacher_spec.name, **spec_dict(self)}
 
 
 def token_counts(spec: TeacherSpec, cfg: ViewConfig) -> tuple[tuple[int, int], int, int]:
@@ -171,16 +198,6 @@ def _chunk_codecs(dtype: str, codec: str) -> tuple[BloscCodec, Crc32cCodec]:
     return _compressor(dtype, codec), Crc32cCodec()
 
 
-def _json_normal(value):
-    """Tuples -> lists etc., so attributes compare equal after a JSON round trip."""
-    return json.loads(json.dumps(value))
-
-
-def config_dict(config) -> dict:
-    """A config dataclass (ViewConfig, TeacherSpec) as it reads back from the store's JSON attributes."""
-    return _json_normal(dataclasses.asdict(config))
-
-
 def view_config_from_dict(data: dict) -> ViewConfig:
     fields = {f.name: f for f in dataclasses.fields(ViewConfig)}
     unknown = set(data) - set(fields)
@@ -190,18 +207,17 @@ def view_config_from_dict(data: dict) -> ViewConfig:
 
 
 def describe_differences(stored: dict, expected: dict, keys) -> list[str]:
-    """One readable line per key whose value differs (dict values: the differing sub-keys)."""
+    """One readable line per key whose value differs between the store's attributes and this run's (dict
+    values: one line naming the differing sub-keys)."""
     out = []
-    for key in keys:
-        have, want = stored.get(key), expected.get(key)
-        if have == want:
-            continue
-        if isinstance(have, dict) and isinstance(want, dict):
-            sub = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
-            details = ", ".join(f"{k} (store {have.get(k)!r}, this run {want.get(k)!r})" for k in sub)
-            out.append(f"{key} differs in {details}")
+    found = spec_differences(stored, expected, keys)  # in key order: a dict's sub-keys follow each other
+    for key, group in itertools.groupby(found, key=lambda difference: difference[0].partition(".")[0]):
+        group = list(group)
+        if group[0][0] == key:
+            out.append(f"{key}: store has {group[0][1]!r}, this run has {group[0][2]!r}")
         else:
-            out.append(f"{key}: store has {have!r}, this run has {want!r}")
+            out.append(f"{key} differs in " + ", ".join(f"{path.partition('.')[2]} (store {have!r}, this run {want!r})"
+                                                          for path, have, want in group))
     return out
 
 
@@ -222,119 +238,10 @@ def file_crc32c(path: str | os.PathLike, block: int = 1 << 22) -> int:
     return crc
 
 
-class WriterRefusedError(UserError):
-    """Another process (another job) is writing the store or run folder, or its check under the lock failed."""
-
-
-class WriterLock:
-    """Exclusive advisory lock (fcntl.flock) on a lock file, held by one writer for its whole lifetime.
-
-    The kernel drops it when the holder exits, however it exits (a SIGKILL leaves nothing stale to clean). The
-    file holds the holder's pid and host, for the message a refused writer prints; it is never deleted (deleting
-    a flock file lets a third process lock a fresh inode while the second still holds the old one).
-    """
-
-    def __init__(self, path: str | os.PathLike, what: str):
-        self.path, self.what = Path(path), what
-        self._fd: int | None = None
-
-    def acquire(self) -> str | None:
-        """Take the lock without waiting: None when taken, else the one-line refusal naming the holder."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            return (f"{self.what} is being written by {holder} (lock {self.path}); wait for it to finish or stop it "
-                    f"first: one writer at a time (nothing was written)")
-        except OSError as exc:  # a file system without flock (e.g. Lustre mounted with noflock): say so, go on
-            print(f"warning: cannot lock {self.path} ({exc.strerror}); make sure no other process writes "
-                  f"{self.what}", file=sys.stderr)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        self._fd = fd
-        return None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-
-    def __enter__(self) -> "WriterLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def job_writer_lock(path: str | os.PathLike, what: str, check=None) -> WriterLock:
-    """The writer lock for this process, or for this torchrun job: rank 0 takes it, then runs `check()` (the
-    identity check, which must see what the previous holder left) under it, and every rank learns the outcome.
-    So the ranks of one job write together, and any other process or job is refused (WriterRefusedError on
-    every rank, with the one-line reason; a ValueError from `check` is such a reason and frees the lock).
-    Release the lock (or use it as a context manager) when the writing is done."""
-    import torch.distributed as dist
-
-    lock = WriterLock(path, what)
-    refusal = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        refusal = lock.acquire()
-        if refusal is None and check is not None:
-            try:
-                check()
-            except ValueError as exc:
-                lock.release()
-                refusal = str(exc)
-    if dist.is_initialized():
-        shared = [refusal]
-        dist.broadcast_object_list(shared, src=0)
-        refusal = shared[0]
-    if refusal is not None:
-        raise WriterRefusedError(refusal)
-    return lock
-
-
 def store_lock_path(store: str | os.PathLike) -> Path:
     """The lock file of a store: a hidden sibling, since the store itself appears only when complete."""
     store = Path(store)
     return store.with_name(f".{store.name}.lock")
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call `write(file_object)` into a temporary sibling of `path`, make it durable, rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(path.parent)
-
-
-def temporary_siblings(path: Path) -> list[Path]:
-    """The temporary files `atomic_write_bytes` left beside `path` when killed during a write."""
-    path = Path(path)
-    return sorted(path.parent.glob(f".{path.name}.tmp-*"))
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fsync_path(Path(folder) / name)
-        fsync_path(Path(folder))
 
 
 def check_format_version(attrs: dict, path: Path) -> None:
@@ -411,7 +318,7 @@ class StoreWriter:
                                    compressors=_chunk_codecs(dtype, codec), config={"write_empty_chunks": True})
             group.attrs[ATTRS_KEY] = attrs
             (staging / PROGRESS_DIR).mkdir()
-            _fsync_tree(staging)
+            fsync_tree(staging)
             os.rename(staging, path)
         except OSError as exc:  # a full disk, a vanished folder: nothing is left behind, nothing was created
             for _ in range(100):  # zarr's other metadata writes may still land for a moment after the failed one
@@ -467,7 +374,7 @@ class StoreWriter:
                     break
             record["files"][name] = {"key": path.relative_to(self.path).as_posix(),
                                      "bytes": path.stat().st_size, "crc32c": file_crc32c(path)}
-        atomic_write_bytes(self.marker_path(shard), lambda handle: handle.write(json.dumps(record).encode()))
+        atomic_write({self.marker_path(shard): json.dumps(record).encode()})
 
 
 def shard_file_problems(store: Path, marker: dict) -> list[str]:
@@ -629,8 +536,8 @@ class TargetStore:
         """Refuse a store that was not made for this recipe's teacher, these views, this images file and (when
         given) this background pool: the stored view parameters index the pool they were drawn from, so
         another pool would silently give other crowd views than the teacher saw."""
-        expected = {"teacher": recipe.teacher.name, "teacher_spec": config_dict(recipe.teacher),
-                    "view_config": config_dict(views_cfg), "images_fingerprint": images_fingerprint}
+        expected = {"teacher": recipe.teacher.name, "teacher_spec": recipe.teacher, "view_config": views_cfg,
+                    "images_fingerprint": images_fingerprint}
         problems = describe_differences(self.attrs, expected, expected)
         if backgrounds_fingerprint is not None and self.attrs.get("backgrounds_fingerprint") != backgrounds_fingerprint:
             problems.append(f"the background pool is not the one it was cached with "

@@ -20,15 +20,15 @@ import torch
 
 from cache_teacher.__main__ import main
 from cache_teacher.demo_data import write_backgrounds, write_person_images
-from formats.images import ImageFile
 from cache_teacher.pack import pack
 from cache_teacher.run import RunConfig, RunError, run
-from formats.store import StoreError, open_store
 from cache_teacher.verify import info, verify
 from dpal.config import TeacherSpec
 from dpal.recipes import TEACHERS
 from dpal.teachers import build_teacher, release_checkpoint
 from dpal.views import VIEW_SET_FIELDS
+from formats.images import ImageFile
+from formats.store import StoreError, open_store
 
 TINY = TeacherSpec("tiny-vit", "vit", "vit_base_patch16_224", width=32, depth=2, num_heads=2, patch_size=16,
                    token_stride=16, has_cls=True)

@@ -1,4 +1,4 @@
-"""cache_teacher pack + ffcv_images: real .beton files written from a real folder tree, read back two ways."""
+"""cache_teacher pack + formats.images: real .beton files written from a real folder tree, read back two ways."""
 from __future__ import annotations
 
 import os
@@ -12,9 +12,9 @@ from PIL import Image
 
 from cache_teacher.__main__ import main
 from cache_teacher.demo_data import write_backgrounds, write_person_images
-from formats.images import (ImageFile, ImagesFileError, check_images, image_pipelines, images_fingerprint,
-                                       unflatten_images)
 from cache_teacher.pack import PackError, escape_path, pack, read_manifest, unescape_path
+from formats.images import (ImageFile, ImagesFileError, check_images, image_pipelines, images_fingerprint,
+                            unflatten_images)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from formats.store import (
-    ATTRS_KEY, MIN_CHUNK_BYTES, SPEC_VERSION, STORE_FORMAT_VERSION, StoreError, StoreWriter, config_dict, open_store,
-    plan_layout)
 from dpal.config import TeacherSpec, ViewConfig
 from dpal.losses import dequantize_rows, quantize_rows
 from dpal.recipes import TEACHERS, get_recipe
+from formats.run_spec import spec_dict
+from formats.store import (ATTRS_KEY, MIN_CHUNK_BYTES, SPEC_VERSION, STORE_FORMAT_VERSION, StoreError, StoreWriter,
+                           open_store, plan_layout)
 
 SMALL = TeacherSpec("small-vit", "vit", "vit_base_patch16_224", width=16, depth=1, num_heads=1, patch_size=16,
                     token_stride=16, has_cls=True)
@@ -57,7 +57,7 @@ def test_int8_rows_roundtrip_within_half_a_step(shape):
 
 def _attrs(layout, **changes):
     attrs = {"format_version": STORE_FORMAT_VERSION, "spec_version": SPEC_VERSION, "view_params_version": 1, "teacher": SMALL.name,
-             "teacher_spec": config_dict(SMALL), "view_config": config_dict(ViewConfig()),
+             "teacher_spec": spec_dict(SMALL), "view_config": spec_dict(ViewConfig()),
              "images_fingerprint": "abc", "num_images": layout.num_images, "views_per_image": layout.views_per_image,
              "target_format": layout.target_format, "token_grid": [16, 8], "crowd_tokens": layout.crowd_tokens,
              "view_fields": layout.view_fields, "chunk_images": layout.chunk_images,

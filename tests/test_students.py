@@ -18,10 +18,10 @@ from dpal.recipes import RECIPES, get_recipe
 from dpal.students import (
     _GridWindowSwinBlock,
     build_student,
-    export_student,
     load_student,
     read_student_config,
 )
+from formats.exports import export_student
 
 VIEW_SIZES = [(256, 128), (128, 96), (256, 256)]
 

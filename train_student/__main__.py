@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, SEED,
-                                   add_teacher_option_arguments, parse_teacher_options, real)
 from dpal.recipes import RECIPES, list_recipes
+from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, SEED, add_teacher_option_arguments,
+                         parse_teacher_options, real)
+from train_student.spec import TrainSpec
 
 EXAMPLE = """examples:
   python -m train_student --list-recipes
@@ -115,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     if warmup > epochs:
         parser.error(f"the warm-up ({warmup} epochs) is longer than the run ({epochs} epochs); pass "
                      f"--warmup-epochs <= {epochs} or more --epochs")
-    args.teacher_options = parse_teacher_options(parser, args, RECIPES[args.recipe].teacher)
-    from train_student.train import run_training
-    return run_training(args)
+    teacher_options = parse_teacher_options(parser, args, RECIPES[args.recipe].teacher)
+    from train_student.train import default_workers, run_training
+    return run_training(TrainSpec.from_args(args, teacher_options=teacher_options,
+                                            workers=args.workers or default_workers(args.device)))
 
 
 if __name__ == "__main__":

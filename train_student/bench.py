@@ -18,9 +18,9 @@ import os
 import time
 from pathlib import Path
 
-from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, add_teacher_option_arguments,
-                                   parse_teacher_options)
 from dpal.recipes import get_recipe, list_recipes
+from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, add_teacher_option_arguments,
+                         parse_teacher_options)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -130,8 +130,8 @@ def training_step_rates(args, recipe, store, backgrounds, plan, device, batch: i
     """Samples/s of the cached-target step and of the online-teacher step, same model, device and batch."""
     import torch
 
-    from formats.images import ImageFile
     from dpal.teachers import load_teacher
+    from formats.images import ImageFile
     from train_student.data import CachedFeed, OnlineFeed
     from train_student.train import build_distiller, fit_online_mask_calibration
 
@@ -169,9 +169,9 @@ def bench(args: argparse.Namespace) -> None:
     """Measure, print the table and write the JSON (see the module docstring)."""
     import torch
 
+    from dpal import dispatch
     from formats.images import images_fingerprint
     from formats.store import open_store
-    from dpal import dispatch
     from train_student.data import BackgroundPool, CachedFeed, FeedPlan
     from train_student.train import TrainingError, default_workers, setup_distributed
 

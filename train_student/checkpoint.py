@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from formats.store import WriterLock, atomic_write_bytes, job_writer_lock, temporary_siblings
 from dpal.checkpoints import unreadable_reason
 from dpal.errors import UserError
+from formats.durable import WriterLock, atomic_write, job_writer_lock, temporary_siblings
+from formats.run_spec import spec_dict, spec_differences
 
 CHECKPOINT_NAME = "checkpoint.pt"
 RUN_CONFIG_NAME = "run.json"
@@ -36,7 +37,7 @@ def save_checkpoint(run_dir: Path, state: dict) -> Path:
     path = Path(run_dir) / CHECKPOINT_NAME
     writer = _WriteErrors()
     try:
-        atomic_write_bytes(path, lambda handle: torch.save({"format": CHECKPOINT_FORMAT, **state}, writer.wrap(handle)))
+        atomic_write({path: lambda handle: torch.save({"format": CHECKPOINT_FORMAT, **state}, writer.wrap(handle))})
     except (OSError, RuntimeError) as exc:
         failure = writer.error or exc
         reason = failure.strerror if isinstance(failure, OSError) else str(failure).strip().splitlines()[0]
@@ -91,7 +92,7 @@ def prepare_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumab
     """
     run_dir = Path(run_dir)
     config_path = run_dir / RUN_CONFIG_NAME
-    run_config = json.loads(json.dumps(run_config))  # tuples -> lists, as the recorded copy reads back
+    run_config = spec_dict(run_config)  # tuples -> lists, as the recorded copy reads back
     if resume:
         if not config_path.is_file():
             raise RunFolderError(f"--resume: {run_dir} holds no run ({RUN_CONFIG_NAME} missing); "
@@ -109,30 +110,20 @@ def prepare_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumab
             raise RunFolderError(f"--resume: the run in {run_dir} was started with other settings ({detail}); "
                                  f"resume with the recorded settings or start a new run in another folder")
         merged = {**recorded, **{key: run_config[key] for key in resumable_keys if key in run_config}}
-        atomic_write_bytes(config_path, lambda handle: handle.write(json.dumps(merged, indent=2).encode()))
+        atomic_write({config_path: json.dumps(merged, indent=2).encode()})
         return
     if run_dir.exists() and any(entry.name != LOCK_NAME for entry in run_dir.iterdir()):
         what = "another run" if config_path.is_file() else "other files"
         raise RunFolderError(f"output folder {run_dir} already holds {what}; pass --resume to continue the run "
                              f"recorded there, or choose an empty/new --out (nothing was written)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(config_path, lambda handle: handle.write(json.dumps(run_config, indent=2).encode()))
+    atomic_write({config_path: json.dumps(run_config, indent=2).encode()})
 
 
-def describe_changes(recorded: dict, now: dict, keys, prefix: str = "") -> list[str]:
+def describe_changes(recorded: dict, now: dict, keys) -> list[str]:
     """One line per differing key, nested dicts (the store's identity) down to the differing leaf."""
-    lines = []
-    for key in sorted(keys):
-        have, want = recorded.get(key), now.get(key)
-        if have == want:
-            continue
-        if isinstance(have, dict) and isinstance(want, dict):
-            lines += describe_changes(have, want, set(have) | set(want), f"{prefix}{key}.")
-        elif len(repr(have)) + len(repr(want)) > 200:  # e.g. a calibration vector: name it, do not print it
-            lines.append(f"{prefix}{key} differs")
-        else:
-            lines.append(f"{prefix}{key}: recorded {have!r}, now {want!r}")
-    return lines
+    return [f"{key} differs" if len(repr(have)) + len(repr(want)) > 200  # e.g. a calibration vector: name it
+            else f"{key}: recorded {have!r}, now {want!r}" for key, have, want in spec_differences(recorded, now, keys)]
 
 
 def claim_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumable_keys: set[str]) -> WriterLock:

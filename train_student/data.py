@@ -17,7 +17,8 @@ block needs exactly one chunk per array of the store (its chunks hold one view s
 (a small pool of reader threads runs ahead; decompression releases the GIL), and gathers each batch's
 rows straight into per-batch target tensors (pinned when a GPU trains; one vectorised copy per block and
 array, no per-sample Python) in a bounded queue. `CachedFeed` zips those with the FFCV image batches
-(same order) and background images.
+(same order) and background images, and checks every pair (`check_pairing`: the decoded images' sizes must be
+the ones recorded for the batch's image indices). Every seeded draw comes from `formats.view_records`.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from queue import Empty, Full, Queue
 
 import numpy as np
@@ -34,12 +35,12 @@ import torch
 from ffcv.loader import Loader
 from ffcv.traversal_order.base import TraversalOrder
 
-from formats.images import ImageFile, image_pipelines, unflatten_images
 from dpal.config import ViewConfig
-from dpal.views import background_indices, sample_local_crops, sample_view_sets
-
-# Distinct streams derived from the run seed (numpy SeedSequence entropy words).
-_ORDER_STREAM, _VIEW_SET_STREAM, _LOCAL_CROP_STREAM, _ONLINE_VIEW_STREAM = 1, 2, 3, 4
+from dpal.errors import UserError
+from dpal.views import background_indices
+from formats import view_records
+from formats.images import ImageFile, image_pipelines, unflatten_images
+from formats.targets import VIEW_PARAMS_ARRAY, Targets
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class FeedPlan:
 
     def epoch_stream(self, epoch: int) -> np.ndarray:
         """All image indices in this epoch's global order: shuffled blocks, shuffled within windows."""
-        rng = np.random.default_rng([self.seed, _ORDER_STREAM, epoch])
+        rng = view_records.epoch_order_rng(self.seed, epoch)
         blocks = rng.permutation(self.num_blocks)
         window_blocks = max(1, self.window_images // self.chunk_images)
         parts = []
@@ -100,29 +101,21 @@ class FeedPlan:
 
 
 def block_view_sets(plan: FeedPlan, epoch: int, views_per_image: int) -> np.ndarray:
-    """Stored view set used by every image of each block in an epoch: (offset_b + epoch) mod K, [num_blocks]."""
-    offsets = np.random.default_rng([plan.seed, _VIEW_SET_STREAM]).integers(views_per_image, size=plan.num_blocks)
-    return (offsets + epoch) % views_per_image
-
-
-def micro_batch_generator(seed: int, stream: int, epoch: int, micro_step: int) -> torch.Generator:
-    """A torch generator private to one global micro-batch (all ranks draw the same numbers, then slice)."""
-    words = np.random.SeedSequence([seed, stream, epoch, micro_step]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+    """Stored view set used by every image of each block in an epoch, [num_blocks] (`formats.view_records`)."""
+    return view_records.block_view_sets(plan.seed, plan.num_blocks, epoch, views_per_image)
 
 
 def local_crop_params(plan: FeedPlan, cfg: ViewConfig, epoch: int, micro_step: int) -> torch.Tensor:
-    """Fresh local-crop parameters for this rank's micro-batch: drawn per epoch and step, never cached."""
-    generator = micro_batch_generator(plan.seed, _LOCAL_CROP_STREAM, epoch, micro_step)
-    return sample_local_crops(generator, plan.global_micro_batch, cfg)[plan.rank_slice()]
+    """Fresh local-crop parameters for this rank's micro-batch: its slice of the global micro-batch's."""
+    return view_records.local_crop_params(plan.seed, epoch, micro_step, plan.global_micro_batch,
+                                          cfg)[plan.rank_slice()]
 
 
 def online_view_params(plan: FeedPlan, cfg: ViewConfig, epoch: int, micro_step: int,
                        num_backgrounds: int) -> torch.Tensor:
-    """Fresh view sets for the online-teacher baseline (no store: drawn at every step)."""
-    generator = micro_batch_generator(plan.seed, _ONLINE_VIEW_STREAM, epoch, micro_step)
-    return sample_view_sets(generator, plan.global_micro_batch, num_backgrounds=num_backgrounds,
-                            cfg=cfg)[plan.rank_slice()]
+    """Fresh view sets for this rank's micro-batch of the online-teacher baseline (no store)."""
+    return view_records.online_view_params(plan.seed, epoch, micro_step, plan.global_micro_batch, num_backgrounds,
+                                           cfg)[plan.rank_slice()]
 
 
 class PlannedOrder(TraversalOrder):
@@ -169,6 +162,21 @@ class BackgroundPool:
         return [self.get(int(i)) for i in background_indices(view_params)]
 
 
+class FeedPairingError(UserError):
+    """An image batch from FFCV is not the batch of images its targets and view records belong to."""
+
+
+def check_pairing(image_file: ImageFile, indices: torch.Tensor, heights, widths, epoch: int, micro: int) -> None:
+    """Refuse a decoded batch whose image sizes are not the ones recorded for the images its targets and view
+    records were read for. FFCV and the target reader walk the same order separately, so a slip between them
+    would silently pair the views of one image with another image's targets."""
+    if reason := image_file.size_mismatch(indices.numpy(), heights, widths):
+        raise FeedPairingError(f"micro-batch {micro} of epoch {epoch}: the images FFCV decoded from {image_file.path} "
+                               f"are not the images their targets and view records were read for ({reason}); the "
+                               f"image loader and the target reader are out of step, a bug to report; this "
+                               f"micro-batch was not trained")
+
+
 @dataclass
 class FeedBatch:
     """One micro-batch for one rank, still on the host (pinned when training on a GPU)."""
@@ -178,7 +186,7 @@ class FeedBatch:
     backgrounds: list[torch.Tensor]  # uint8 [H, W, 3], backgrounds[i] for sample i
     view_params: torch.Tensor  # [b, VIEW_SET_FIELDS]
     local_params: torch.Tensor  # [b, num_local, LOCAL_CROP_FIELDS]
-    targets: dict[str, torch.Tensor] = field(default_factory=dict)  # store arrays; empty when online
+    targets: Targets | None = None  # from the store; None when online
 
 
 class TargetPrefetcher:
@@ -259,8 +267,9 @@ class TargetPrefetcher:
             for data, rows, offsets in groups:
                 out[rows] = data[name][offsets]
             stacked[name] = tensor
-        view_params = stacked.pop("view_params")
-        return {"indices": torch.from_numpy(images.astype(np.int64)), "view_params": view_params, "targets": stacked,
+        view_params = stacked.pop(VIEW_PARAMS_ARRAY)
+        return {"indices": torch.from_numpy(images.astype(np.int64)), "view_params": view_params,
+                "targets": Targets.from_arrays(stacked),
                 "local_params": local_crop_params(self.plan, self.cfg, self.epoch, micro),
                 "backgrounds": self.backgrounds.batch(view_params)}
 
@@ -318,6 +327,7 @@ class CachedFeed:
                  *, workers: int, pin: bool):
         self.store, self.backgrounds, self.plan, self.cfg, self.pin = store, backgrounds, plan, cfg, pin
         self.loader, self.order = make_image_loader(images_path, plan, workers=workers)
+        self.image_file = ImageFile(images_path)  # the recorded image sizes, for `check_pairing`
         if not pin:
             reuse_freed_batch_memory()
 
@@ -328,8 +338,9 @@ class CachedFeed:
         prefetcher = TargetPrefetcher(self.store, self.plan, self.cfg, self.backgrounds, epoch, start_micro,
                                       pin=self.pin)
         try:
-            for flat, heights, widths in self.loader:
+            for micro, (flat, heights, widths) in enumerate(self.loader, start=start_micro):
                 item = prefetcher.get()
+                check_pairing(self.image_file, item["indices"], heights, widths, epoch, micro)
                 yield FeedBatch(indices=item["indices"], images=unflatten_images(flat, heights, widths),
                                 backgrounds=item["backgrounds"], view_params=item["view_params"],
                                 local_params=item["local_params"], targets=item["targets"])
@@ -344,6 +355,7 @@ class OnlineFeed:
                  workers: int):
         self.backgrounds, self.plan, self.cfg = backgrounds, plan, cfg
         self.loader, self.order = make_image_loader(images_path, plan, workers=workers)
+        self.image_file = ImageFile(images_path)  # the recorded image sizes, for `check_pairing`
 
     def epoch(self, epoch: int, start_micro: int = 0):
         self.order.resume_at = (epoch, start_micro)
@@ -351,8 +363,10 @@ class OnlineFeed:
         order = self.plan.rank_order(epoch)
         for micro, (flat, heights, widths) in enumerate(self.loader, start=start_micro):
             view_params = online_view_params(self.plan, self.cfg, epoch, micro, len(self.backgrounds))
-            indices = order[micro * self.plan.micro_batch:(micro + 1) * self.plan.micro_batch]
-            yield FeedBatch(indices=torch.from_numpy(indices.astype(np.int64)),
+            indices = torch.from_numpy(order[micro * self.plan.micro_batch:(micro + 1) * self.plan.micro_batch]
+                                       .astype(np.int64))
+            check_pairing(self.image_file, indices, heights, widths, epoch, micro)
+            yield FeedBatch(indices=indices,
                             images=unflatten_images(flat, heights, widths),
                             backgrounds=self.backgrounds.batch(view_params), view_params=view_params,
                             local_params=local_crop_params(self.plan, self.cfg, epoch, micro))

@@ -4,12 +4,11 @@ Reads top to bottom like nanoGPT's train.py: set up ranks and devices, check the
 student, decoder, EMA and optimizer, restore a checkpoint if resuming, then loop over epochs and
 micro-batches: render the views from their parameters on the training device, compute the loss terms
 with `dpal.distill.distill_step_losses`, step AdamW, update the EMA, log, checkpoint. At the end:
-a final checkpoint, the student and its EMA exported through `dpal.students.export_student`, and a
+a final checkpoint, the student and its EMA exported through `formats.exports.export_student`, and a
 PNG of the loss curves.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import math
@@ -25,9 +24,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from formats.images import ImageFile, check_images, images_fingerprint
-from formats.cli import Interrupted, exit_status
-from formats.store import token_counts
 from dpal import dispatch
 from dpal.config import OptimConfig, Recipe
 from dpal.decoder import DynamicPatternDecoder
@@ -36,21 +32,25 @@ from dpal.errors import UserError
 from dpal.losses import moe_weight
 from dpal.recipes import get_recipe
 from dpal.shape_mask import fit_shape_mask, shape_mask
-from dpal.students import build_student, export_student
+from dpal.students import build_student
 from dpal.teachers import global_view_targets, teacher_targets
-from dpal.views import render_local_crops, render_view_sets, sample_view_sets
+from dpal.views import render_local_crops, render_view_sets
+from formats.cli import Interrupted, exit_status
+from formats.exports import export_student
+from formats.images import ImageFile, check_images, images_fingerprint
+from formats.store import open_store, token_counts
+from formats.targets import Targets
+from formats.view_records import online_calibration_view_params
 from train_student.checkpoint import (CHECKPOINT_NAME, claim_run_folder, load_checkpoint, rng_state, save_checkpoint,
                                       set_rng_state)
 from train_student.data import BackgroundPool, CachedFeed, FeedBatch, FeedPlan, OnlineFeed
 from train_student.metrics import LOSS_COLUMNS, LOSS_PLOT, METRICS_CSV, MetricsLog, plot_losses
+from train_student.spec import TrainSpec
 
 # Settings that may differ when a run is resumed (they do not change what is computed).
 RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "workers", "progress", "reference_path"}
 # `distill_step_losses` keys in the metrics' column order (its "total" is the CSV's "loss").
 TERM_KEYS = ("total",) + LOSS_COLUMNS[1:]
-# Store array -> `distill_step_losses` argument.
-TARGET_ARGUMENTS = {"global": "global_target", "local": "local_target", "mask": "local_mask",
-                    "relation": "relation_target", "local_scale": "local_scale", "relation_scale": "relation_scale"}
 
 
 class TrainingError(UserError):
@@ -93,10 +93,10 @@ class Distiller(torch.nn.Module):
                                    moe_loss_weight=moe_loss_weight)
 
 
-def apply_overrides(recipe: Recipe, args: argparse.Namespace) -> Recipe:
+def apply_overrides(recipe: Recipe, spec: TrainSpec) -> Recipe:
     """The recipe with the CLI's optimisation overrides (every unset flag keeps the recipe's value)."""
-    optim = {"epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "base_lr": args.blr,
-             "min_lr": args.min_lr, "weight_decay": args.weight_decay, "accum_steps": args.accum_steps}
+    optim = {"epochs": spec.epochs, "warmup_epochs": spec.warmup_epochs, "base_lr": spec.blr,
+             "min_lr": spec.min_lr, "weight_decay": spec.weight_decay, "accum_steps": spec.accum_steps}
     optim = {key: value for key, value in optim.items() if value is not None}
     return dataclasses.replace(recipe, optim=dataclasses.replace(recipe.optim, **optim))
 
@@ -168,8 +168,8 @@ def render_batch(batch: FeedBatch, recipe: Recipe, device: torch.device) -> dict
 
 
 def cached_targets(batch: FeedBatch, device: torch.device) -> dict[str, torch.Tensor]:
-    """Store arrays -> distill_step_losses target arguments, copied to the device without blocking."""
-    return {TARGET_ARGUMENTS[key]: value.to(device, non_blocking=True) for key, value in batch.targets.items()}
+    """The batch's stored targets as distill_step_losses arguments, copied to the device without blocking."""
+    return batch.targets.to(device, non_blocking=True).loss_arguments()
 
 
 def make_autocast(device: torch.device, optim: OptimConfig):
@@ -183,8 +183,7 @@ def fit_online_mask_calibration(teacher, images_path, backgrounds: BackgroundPoo
     the first `count` images (fixed view sets), so that every rank and every resume uses the same one."""
     image_file = ImageFile(images_path)
     count = min(count, image_file.num_images)
-    params = sample_view_sets(torch.Generator().manual_seed(seed), count, num_backgrounds=len(backgrounds),
-                              cfg=recipe.views)
+    params = online_calibration_view_params(seed, count, len(backgrounds), recipe.views)
     tokens = []
     autocast = make_autocast(device, recipe.optim)
     for start in range(0, count, batch):
@@ -206,8 +205,8 @@ def batch_losses(model: torch.nn.Module, batch: FeedBatch, recipe: Recipe, devic
     else:
         with torch.no_grad(), autocast:
             out = teacher_targets(teacher, views["global_view"], views["crowd_view"])
-        targets = {"global_target": out.global_, "local_target": out.local, "relation_target": out.relation,
-                   "local_mask": shape_mask(out.local.float(), mask_calibration)}
+        targets = Targets(global_target=out.global_, local_target=out.local, relation_target=out.relation,
+                          local_mask=shape_mask(out.local.float(), mask_calibration)).loss_arguments()
     with autocast:
         return model(views, targets, moe_loss_weight)
 
@@ -236,38 +235,40 @@ def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def run_config(args: argparse.Namespace, recipe: Recipe, global_batch: int, images_fingerprint: str,
+def run_record(spec: TrainSpec, recipe: Recipe, global_batch: int, images_fingerprint: str,
                store_identity: dict | None) -> dict:
-    """What defines a run (recorded in RUN_DIR/run.json; a resume must match it)."""
+    """What defines a run: the spec with what its inputs resolved (recorded in RUN_DIR/run.json; a resume must
+    match it, except RESUMABLE_KEYS)."""
+    online = spec.teacher_online
     return {"recipe": recipe.name, "optim": dataclasses.asdict(recipe.optim), "global_batch": global_batch,
-            "seed": args.seed, "window_images": args.window_images, "lr": args.lr,
-            "images": str(Path(args.images).resolve()), "images_fingerprint": images_fingerprint,
-            "backgrounds": str(Path(args.backgrounds).resolve()),
-            "store": None if args.teacher_online else str(Path(args.store).resolve()), "store_identity": store_identity,
-            "teacher_online": args.teacher_online, "calibration_images": args.calibration_images,
-            "teacher_weights": str(Path(args.teacher_weights).resolve()) if args.teacher_online else None,
-            "teacher_options": args.teacher_options if args.teacher_online else None,
-            "max_steps": args.max_steps, "checkpoint_every": args.checkpoint_every, "workers": args.workers,
-            "progress": args.progress, "reference_path": args.reference_path}
+            "seed": spec.seed, "window_images": spec.window_images, "lr": spec.lr,
+            "images": str(Path(spec.images).resolve()), "images_fingerprint": images_fingerprint,
+            "backgrounds": str(Path(spec.backgrounds).resolve()),
+            "store": None if online else str(Path(spec.store).resolve()), "store_identity": store_identity,
+            "teacher_online": online, "calibration_images": spec.calibration_images,
+            "teacher_weights": str(Path(spec.teacher_weights).resolve()) if online else None,
+            "teacher_options": spec.teacher_options if online else None,
+            "max_steps": spec.max_steps, "checkpoint_every": spec.checkpoint_every, "workers": spec.workers,
+            "progress": spec.progress, "reference_path": spec.reference_path}
 
 
-def train(args: argparse.Namespace) -> Path:
+def train(spec: TrainSpec) -> Path:
     with ExitStack() as held:  # the run folder's writer lock, from the folder's check to the end of the run
-        return _train(args, held)
+        return _train(spec, held)
 
 
-def _train(args: argparse.Namespace, held: ExitStack) -> Path:
+def _train(spec: TrainSpec, held: ExitStack) -> Path:
     # ---------------------------------------------------------------- ranks, device, recipe
-    rank, world_size, device = setup_distributed(args.device)
+    rank, world_size, device = setup_distributed(spec.device)
     master = rank == 0
-    recipe = apply_overrides(get_recipe(args.recipe), args)
+    recipe = apply_overrides(get_recipe(spec.recipe), spec)
     optim = recipe.optim
-    if args.reference_path:
+    if spec.reference_path:
         dispatch.force_reference(True)
-    if args.deterministic:
+    if spec.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    global_batch = args.batch_size or optim.batch_per_gpu * world_size * optim.accum_steps
+    global_batch = spec.batch_size or optim.batch_per_gpu * world_size * optim.accum_steps
     if global_batch % (world_size * optim.accum_steps):
         raise TrainingError(f"--batch-size {global_batch} is not divisible by {world_size} ranks x "
                             f"{optim.accum_steps} accumulation steps; choose a multiple of "
@@ -275,45 +276,44 @@ def _train(args: argparse.Namespace, held: ExitStack) -> Path:
     micro_batch = global_batch // (world_size * optim.accum_steps)
 
     # ---------------------------------------------------------------- inputs (all checked before writing)
-    fingerprint = images_fingerprint(args.images)
-    for path in (args.images, args.backgrounds):  # every image against its CRC32C from `pack` (README: cost)
-        check_images(path, progress=master and args.progress)
-    backgrounds = BackgroundPool(args.backgrounds)
+    fingerprint = images_fingerprint(spec.images)
+    for path in (spec.images, spec.backgrounds):  # every image against its CRC32C from `pack` (README: cost)
+        check_images(path, progress=master and spec.progress)
+    backgrounds = BackgroundPool(spec.backgrounds)
     teacher = store = store_identity = None
-    if args.teacher_online:
+    if spec.teacher_online:
         from dpal.teachers import load_teacher
-        if not args.teacher_weights:
+        if not spec.teacher_weights:
             raise TrainingError("--teacher-online needs --teacher-weights W.pth (the teacher's released checkpoint)")
-        teacher = load_teacher(recipe.teacher.name, args.teacher_weights, **args.teacher_options).to(device)
-        num_images, chunk_images = ImageFile(args.images).num_images, 1
+        teacher = load_teacher(recipe.teacher.name, spec.teacher_weights, **spec.teacher_options).to(device)
+        num_images, chunk_images = ImageFile(spec.images).num_images, 1
     else:
-        from formats.store import open_store
-        store = open_store(args.store)
-        store.check_compatible(recipe, recipe.views, fingerprint, images_fingerprint(args.backgrounds))
+        store = open_store(spec.store)
+        store.check_compatible(recipe, recipe.views, fingerprint, images_fingerprint(spec.backgrounds))
         num_images, chunk_images = store.num_images, store.chunk_images
         # The run is bound to this exact store: its unique id, seed, image count, ... (all but file locations).
         store_identity = {key: value for key, value in store.attrs.items() if not key.endswith("_path")}
     plan = FeedPlan(num_images=num_images, chunk_images=chunk_images, micro_batch=micro_batch,
-                    world_size=world_size, rank=rank, accum_steps=optim.accum_steps, seed=args.seed,
-                    window_images=args.window_images)
+                    world_size=world_size, rank=rank, accum_steps=optim.accum_steps, seed=spec.seed,
+                    window_images=spec.window_images)
     if plan.steps_per_epoch < 1:
         raise TrainingError(f"global batch {global_batch} is larger than the {num_images} images of "
-                            f"{args.images}; use a smaller --batch-size")
+                            f"{spec.images}; use a smaller --batch-size")
     total_steps = optim.epochs * plan.steps_per_epoch
     warmup_steps = optim.warmup_epochs * plan.steps_per_epoch
-    last_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    peak_lr = args.lr if args.lr is not None else optim.peak_lr(global_batch)
+    last_step = total_steps if spec.max_steps is None else min(total_steps, spec.max_steps)
+    peak_lr = spec.lr if spec.lr is not None else optim.peak_lr(global_batch)
 
-    run_dir = Path(args.out)
-    config = run_config(args, recipe, global_batch, fingerprint, store_identity)
+    run_dir = Path(spec.out)
+    config = run_record(spec, recipe, global_batch, fingerprint, store_identity)
     # Rank 0 locks the folder (a second process or job is refused), then checks and prepares it.
-    held.enter_context(claim_run_folder(run_dir, config, resume=args.resume, resumable_keys=RESUMABLE_KEYS))
+    held.enter_context(claim_run_folder(run_dir, config, resume=spec.resume, resumable_keys=RESUMABLE_KEYS))
 
     # ---------------------------------------------------------------- model, EMA, optimizer
-    torch.manual_seed(args.seed)  # identical init everywhere (DDP also broadcasts rank 0's weights)
+    torch.manual_seed(spec.seed)  # identical init everywhere (DDP also broadcasts rank 0's weights)
     model, ema_student, optimizer = build_distiller(recipe, device, peak_lr)
     step = 0
-    if args.resume:
+    if spec.resume:
         state = load_checkpoint(run_dir)
         model.student.load_state_dict(state["student"])
         model.decoder.load_state_dict(state["decoder"])
@@ -324,9 +324,9 @@ def _train(args: argparse.Namespace, held: ExitStack) -> Path:
         if len(rng_states) == world_size:
             set_rng_state(rng_states[rank], device)
         else:
-            torch.manual_seed(args.seed + 1000 * step + rank)
+            torch.manual_seed(spec.seed + 1000 * step + rank)
     else:
-        torch.manual_seed(args.seed + 1 + rank)  # per-rank stream for drop-path draws
+        torch.manual_seed(spec.seed + 1 + rank)  # per-rank stream for drop-path draws
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world_size > 1 else model
     autocast = make_autocast(device, optim)
@@ -335,14 +335,14 @@ def _train(args: argparse.Namespace, held: ExitStack) -> Path:
 
     # ---------------------------------------------------------------- data feed
     pin = device.type == "cuda"
-    if args.teacher_online:
-        feed = OnlineFeed(args.images, backgrounds, plan, recipe.views, workers=args.workers)
-        mask_calibration = fit_online_mask_calibration(teacher, args.images, backgrounds, recipe, device,
-                                                       count=args.calibration_images, seed=args.seed,
+    if spec.teacher_online:
+        feed = OnlineFeed(spec.images, backgrounds, plan, recipe.views, workers=spec.workers)
+        mask_calibration = fit_online_mask_calibration(teacher, spec.images, backgrounds, recipe, device,
+                                                       count=spec.calibration_images, seed=spec.seed,
                                                        batch=micro_batch)
     else:
         mask_calibration = None
-        feed = CachedFeed(args.images, store, backgrounds, plan, recipe.views, workers=args.workers, pin=pin)
+        feed = CachedFeed(spec.images, store, backgrounds, plan, recipe.views, workers=spec.workers, pin=pin)
 
     def checkpoint_state() -> dict:
         rng_states = [rng_state(device)]
@@ -354,7 +354,7 @@ def _train(args: argparse.Namespace, held: ExitStack) -> Path:
                 "decoder": model.decoder.state_dict(), "student_ema": ema_student.state_dict(),
                 "optimizer": optimizer.state_dict(), "rng": rng_states}
 
-    saved_step = step if args.resume else None
+    saved_step = step if spec.resume else None
 
     def kept() -> str:
         return (f"the last checkpoint {run_dir / CHECKPOINT_NAME} (step {saved_step}) is kept"
@@ -362,9 +362,9 @@ def _train(args: argparse.Namespace, held: ExitStack) -> Path:
 
     stop = StopRequest(kept)  # from here on a signal stops at a step boundary, with a checkpoint
     stop.install()
-    log = MetricsLog(run_dir, resume_step=step if args.resume else None) if master else None
+    log = MetricsLog(run_dir, resume_step=step if spec.resume else None) if master else None
     progress = None
-    if master and args.progress:
+    if master and spec.progress:
         from tqdm import tqdm
         progress = tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True,
                         desc=f"{recipe.name} (global batch {global_batch})")
@@ -430,7 +430,7 @@ def _train(args: argparse.Namespace, held: ExitStack) -> Path:
                     progress.update(1)
                 step_start, data_wait, sums, micro_in_step = now, 0.0, None, 0
                 stopping = stop_vote > 0 and step < last_step
-                if stopping or (args.checkpoint_every and step % args.checkpoint_every == 0 and step < last_step):
+                if stopping or (spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < last_step):
                     state = checkpoint_state()
                     if master:
                         save_checkpoint(run_dir, state)
@@ -477,17 +477,15 @@ def default_workers(device_arg: str) -> int:
     return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def run_training(args: argparse.Namespace) -> int:
+def run_training(spec: TrainSpec) -> int:
     """CLI entry: train; errors and signals become one line and an exit status (`exit_status`). A fresh run
     that fails or is stopped before its first checkpoint leaves no run folder behind (nothing of it is
     worth keeping, and a leftover run.json would refuse the corrected command)."""
-    if args.workers is None:
-        args.workers = default_workers(args.device)
-    run_dir = Path(args.out)
-    fresh = not args.resume and int(os.environ.get("RANK", "0")) == 0 and not (run_dir.is_dir() and
+    run_dir = Path(spec.out)
+    fresh = not spec.resume and int(os.environ.get("RANK", "0")) == 0 and not (run_dir.is_dir() and
                                                                                  any(run_dir.iterdir()))
     existed = run_dir.exists()
-    status = exit_status(lambda: train(args) and 0,  # train returns the run folder
+    status = exit_status(lambda: train(spec) and 0,  # train returns the run folder
                          stop_message=" before training started; nothing was trained")
     if status != 0 and fresh and run_dir.is_dir() and not (run_dir / CHECKPOINT_NAME).exists():
         if existed:

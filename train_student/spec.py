@@ -1,0 +1,50 @@
+"""A training run as its command line asked for it: frozen, built once by `python -m train_student`.
+
+Light on purpose (no torch): the command line builds it before anything heavy is imported. `train.run_record`
+turns it, with what the inputs say (the recipe's optimisation after overrides, the store's identity, the images
+file's fingerprint), into RUN_DIR/run.json, which a --resume must match.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Every field is the command-line option of the same name (`python -m train_student --help`)."""
+
+    recipe: str
+    store: str | None  # None with --teacher-online
+    images: str
+    backgrounds: str
+    out: str
+    resume: bool
+    batch_size: int | None  # global batch; None: the recipe's per-GPU batch x ranks x accumulation steps
+    accum_steps: int | None  # optimisation overrides, None: the recipe's value
+    epochs: int | None
+    warmup_epochs: int | None
+    blr: float | None
+    lr: float | None  # absolute peak lr, replacing the blr rule
+    min_lr: float | None
+    weight_decay: float | None
+    device: str  # 'auto', 'cuda' or 'cpu'
+    workers: int  # FFCV decoding threads per rank
+    window_images: int
+    seed: int
+    reference_path: bool
+    deterministic: bool
+    teacher_online: bool
+    teacher_weights: str | None
+    teacher_options: dict  # validated `dpal.teachers.load_teacher` options
+    calibration_images: int
+    max_steps: int | None
+    checkpoint_every: int
+    progress: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **resolved) -> "TrainSpec":
+        """The spec of parsed arguments; `resolved` gives the fields the command line worked out itself."""
+        values = {**vars(args), **resolved}
+        return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls)})
