@@ -5,6 +5,7 @@ keeps the CPU time low; PATH-B itself is exercised by the dry run here and by `m
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,10 +22,10 @@ import torch
 from cache_teacher.__main__ import main
 from cache_teacher.demo_data import write_backgrounds, write_person_images
 from cache_teacher.pack import pack
-from cache_teacher.run import RunConfig, RunError, run
+from cache_teacher.run import RunConfig, RunError, cached_views, run
 from cache_teacher.verify import info, verify
-from dpal.config import TeacherSpec
-from dpal.recipes import TEACHERS
+from dpal.config import TeacherSpec, ViewConfig
+from dpal.recipes import RECIPES, TEACHERS
 from dpal.teachers import build_teacher, release_checkpoint
 from dpal.views import VIEW_SET_FIELDS
 from formats.images import ImageFile
@@ -305,6 +306,19 @@ def test_no_mixing_and_bad_input(inputs, reference, tmp_path, capsys):
             assert "not writable" in capsys.readouterr().err
     finally:
         locked.chmod(0o700)
+
+
+def test_the_view_configuration_comes_from_the_recipes(monkeypatch):
+    """A store is cached with its teacher's recipes' views (--views names one when they differ); a teacher that
+    no recipe uses gets the spec's default views."""
+    assert cached_views("path-b") == RECIPES["path-b_vit-ti"].views and cached_views(TINY.name) == ViewConfig()
+    with pytest.raises(RunError, match="--views path-l_vit-ti: that recipe distils path-l, not path-b"):
+        cached_views("path-b", "path-l_vit-ti")
+    other = dataclasses.replace(RECIPES["path-b_vit-s"], views=ViewConfig(gray_p=0.5))
+    monkeypatch.setitem(RECIPES, "path-b_vit-s", other)
+    with pytest.raises(RunError, match="name the one to cache with --views RECIPE"):
+        cached_views("path-b")
+    assert cached_views("path-b", "path-b_vit-s").gray_p == 0.5
 
 
 def test_bench_compares_teacher_only_and_pipeline(inputs, tmp_path, capsys):

@@ -349,6 +349,19 @@ def test_a_damaged_image_is_refused_at_training_start(artefacts, tmp_path, capsy
     assert not (tmp_path / "run").exists()
 
 
+def test_an_image_batch_out_of_step_with_its_targets_is_refused(artefacts, tmp_path, capsys, monkeypatch):
+    """FFCV's order shifted by one image against the target reader's: the decoded image sizes are not those of
+    the images the batch's targets belong to, so training stops in one line before its first step."""
+    from train_student.data import PlannedOrder
+
+    planned = PlannedOrder.sample_order
+    monkeypatch.setattr(PlannedOrder, "sample_order", lambda self, epoch: np.roll(planned(self, epoch), 1))
+    status, err = _refusal(capsys, _train_args(artefacts, tmp_path / "run"))
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"micro-batch 0 of epoch 0: the images FFCV decoded from {artefacts['images']} are not" in err
+    assert "out of step" in err and not (tmp_path / "run").exists()
+
+
 def _wait_for(process, ready, what: str, timeout: float = 300):
     _poll_until(process, ready, timeout)
     assert process.poll() is None, f"training ended before {what}: " + process.stderr.read()
