@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from dpal.errors import UserError
 from formats.cli import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE
+from formats.durable import atomic_write
 from formats.images import decode_jpeg, image_fields, jpeg_crc32c
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
@@ -199,10 +200,8 @@ def _check_output(out: Path) -> None:
         raise PackError(f"output {out} should end in .beton")
 
 
-def _write_text_atomically(path: Path, lines: list[str]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(partial, path)
+def _text_lines(lines: list[str]) -> bytes:
+    return "".join(line + "\n" for line in lines).encode("utf-8")
 
 
 def pack(src: str | os.PathLike, out: str | os.PathLike, *, max_side: int = DEFAULT_MAX_SIDE,
@@ -234,20 +233,17 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, max_side: int = DEFA
                 scanned.append(ScannedImage(rel, height, width, kept, None if kept else (spooled.tell(), len(jpeg))))
                 spooled.write(jpeg)
         skipped.sort()
-        _write_text_atomically(report, ["source_path\treason"] + [f"{escape_path(rel)}\t{escape_path(reason)}"
-                                                                   for rel, reason in skipped])
+        atomic_write({report: _text_lines(["source_path\treason"] + [f"{escape_path(rel)}\t{escape_path(reason)}"
+                                                                     for rel, reason in skipped])})
         if not scanned:
             raise PackError(f"none of the {len(files)} images under {src} could be read; see {report}")
         # One writer process: FFCV's parallel writer places samples in pages in whatever order its workers
         # finish, so the same folder would give different bytes; the expensive part (decode, re-encode) ran above.
         writer = DatasetWriter(str(partial), image_fields(), num_workers=1)
         writer.from_indexed_dataset(_PackedImages(src, scanned, spool), chunksize=64)
-        _write_text_atomically(manifest, [MANIFEST_HEADER] + [
+        atomic_write({manifest: _text_lines([MANIFEST_HEADER] + [
             f"{i}\t{escape_path(s.path)}\t{s.height}\t{s.width}\t{'original' if s.kept else 're-encoded'}"
-            for i, s in enumerate(scanned)])
-        with open(partial, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(partial, out)
+            for i, s in enumerate(scanned)]), out: partial})
     finally:
         partial.unlink(missing_ok=True)
         spool.unlink(missing_ok=True)

@@ -1,8 +1,9 @@
 """Durable files and one writer at a time: what every file the two stages write goes through.
 
-`atomic_write` is the only way a file is written whole (store shard markers, checkpoints, run.json, student
-exports): each file is written under a temporary sibling name, flushed and fsynced, and only then renamed
-over its path, and its folder fsynced. A kill at any moment leaves every file either as it was or complete,
+`atomic_write` is how every file that a later command relies on is written (the images file and its manifest,
+store shard markers, checkpoints, run.json, the metrics kept on resume, student exports): each file is written
+under a temporary sibling name, flushed and fsynced, and only then renamed over its path, and its folder
+fsynced. A kill at any moment leaves every file either as it was or complete,
 never torn. `WriterLock` / `job_writer_lock` keep a store or a run folder to one writer (one process, or the
 ranks of one torchrun job).
 """
@@ -38,16 +39,21 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write(files: Mapping[str | os.PathLike, bytes | Callable[[BinaryIO], object]]) -> None:
-    """Write each file durably, whole or not at all: its content (bytes, or a function that writes into the open
-    binary file) goes into a temporary sibling, which is flushed and fsynced. Only when every file is written
-    are they renamed over their paths, in the given order, and their folders fsynced; so files written together
-    (an export's weights and config) never sit beside a half-written partner. Nothing temporary is left
-    behind, except by a kill (`temporary_siblings` finds those)."""
+def atomic_write(files: Mapping[str | os.PathLike, bytes | Callable[[BinaryIO], object] | Path]) -> None:
+    """Write each file durably, whole or not at all. Its content (bytes, or a function that writes into the open
+    binary file) goes into a temporary sibling, which is flushed and fsynced; content given as a Path is a file
+    another library has already written (an FFCV writer, which takes a path), fsynced where it is. Only when
+    every file is written are they renamed over their paths, in the given order, and their folders fsynced; so
+    files written together (an export's weights and config) never sit beside a half-written partner. Nothing
+    temporary is left behind, except by a kill (`temporary_siblings` finds those)."""
     written: dict[Path, Path] = {}
     try:
         for path, content in files.items():
             path = Path(path)
+            if isinstance(content, Path):
+                written[path] = content
+                fsync_path(content)
+                continue
             written[path] = _temporary(path)
             with open(written[path], "wb") as handle:
                 handle.write(content) if isinstance(content, bytes) else content(handle)

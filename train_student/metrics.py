@@ -6,7 +6,10 @@ so a resumed run's logs read exactly like those of a run that was never interrup
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
+
+from formats.durable import atomic_write
 
 METRICS_CSV = "metrics.csv"
 LOSS_PLOT = "loss.png"
@@ -34,10 +37,11 @@ class MetricsLog:
     def _truncate_after(self, step: int) -> None:
         with open(self.path, newline="") as handle:
             rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
-        with open(self.path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write({self.path: text.getvalue().encode()})  # a kill meanwhile keeps the rows it had
 
     def log(self, row: dict) -> None:
         # Full float precision (repr) so that logs can be compared exactly (resume test).
