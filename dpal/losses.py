@@ -79,8 +79,8 @@ def dequantize_rows(target: torch.Tensor, row_scale: torch.Tensor | None = None)
     relation targets are log-domain codes (`relation_probabilities`)."""
     if target.dtype == torch.int8:
         if row_scale is None:
-            raise ValueError("target is int8 but no row scale was given; int8 targets are stored as "
-                             "q * row scale (store arrays 'relation_scale' / 'local_scale')")
+            raise ValueError("target is int8 but no row scale was given; an int8 target means q * row scale, "
+                             "so pass its scales (local_scale / relation_scale)")
         if row_scale.shape != target.shape[:-1]:
             raise ValueError(f"row scale has shape {tuple(row_scale.shape)}, expected "
                              f"{tuple(target.shape[:-1])} (one scale per target row)")

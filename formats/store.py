@@ -7,9 +7,10 @@ Layout of STORE.zarr (arrays indexed [image, view_set, ...], I images, K view se
   mask        [I, K, N] float16      shape mask in [0, 1] (calibration in the attributes)
   relation    [I, K, Nc, Nc]         crowd-view relation probabilities: float16, or int8 + relation_scale [I, K, Nc]
   dpal_progress/shard_NNNNNN.json    one marker per finished shard (file sizes + CRC32C of its shard files)
-Group attribute ``dpal_store`` holds the identity of the run (teacher, checkpoint sha256, view config, image
-file fingerprint, format, ...) and a unique ``store_id`` drawn when the store is created: `check_compatible`
-(and a resumed `run`) refuse anything that differs, and a training run records all of it.
+Group attribute ``dpal_store`` holds the identity of the run (`StoreSpec`: teacher, checkpoint sha256, view
+config, image file fingerprint, format, ...) and a unique ``store_id`` drawn when the store is created:
+`check_compatible` (and a resumed `run`) refuse anything that differs, and a training run records all of it.
+Array names and dtypes, and how the targets are coded in them, are the target contract's (`formats.targets`).
 
 Integrity: every chunk ends in its CRC32C (Zarr's crc32c codec after Blosc) and the shard index has its own,
 so every read (the trainer's block reader, and Zarr's own) checks the bytes it uses; the trainer's reader names
