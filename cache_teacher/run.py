@@ -34,8 +34,8 @@ from cache_teacher.options import DEFAULT_CALIBRATION_IMAGES
 from cache_teacher.store import (
     CODECS, SPEC_VERSION, STORE_FORMAT_VERSION, StoreLayout, StoreWriter, WriterRefusedError, check_format_version,
     check_spec_version, config_dict, describe_differences, file_sha256, job_writer_lock, plan_layout, read_attrs,
-    store_lock_path, token_counts)
-from dpal.config import TeacherSpec, ViewConfig
+    store_lock_path)
+from dpal.config import TeacherSpec, ViewConfig, token_counts
 from dpal.errors import UserError, file_problem
 from dpal.losses import quantize_relation, quantize_rows
 from dpal.recipes import TEACHERS

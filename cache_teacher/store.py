@@ -55,7 +55,7 @@ from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
 from cache_teacher.options import CODECS, TARGET_FORMATS
-from dpal.config import Recipe, TeacherSpec, ViewConfig
+from dpal.config import Recipe, TeacherSpec, ViewConfig, token_counts
 from dpal.errors import UserError
 from dpal.views import VIEW_PARAMS_VERSION
 
@@ -127,13 +127,6 @@ class StoreLayout:
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_images
         return start, min(start + self.shard_images, self.num_images)
-
-
-def token_counts(spec: TeacherSpec, cfg: ViewConfig) -> tuple[tuple[int, int], int, int]:
-    """(token grid of the global view, N, Nc) of a teacher for the configured view sizes."""
-    grid = (cfg.global_size[0] // spec.token_stride, cfg.global_size[1] // spec.token_stride)
-    crowd = (cfg.crowd_size[0] // spec.token_stride) * (cfg.crowd_size[1] // spec.token_stride)
-    return grid, grid[0] * grid[1], crowd + int(spec.has_cls)
 
 
 def plan_layout(spec: TeacherSpec, cfg: ViewConfig, *, num_images: int, views_per_image: int, view_fields: int,

@@ -7,6 +7,7 @@ import sys
 from cache_teacher.options import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, SEED,
                                    add_teacher_option_arguments, parse_teacher_options, real)
 from dpal.recipes import RECIPES, list_recipes
+from kernels import select_interpreter
 
 EXAMPLE = """examples:
   python -m train_student --list-recipes
@@ -98,6 +99,7 @@ def training_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
+        select_interpreter()  # before the bench imports timm, and with it triton
         from train_student.bench import main as bench_main
         return bench_main(argv[1:])
     parser = training_parser()
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"the warm-up ({warmup} epochs) is longer than the run ({epochs} epochs); pass "
                      f"--warmup-epochs <= {epochs} or more --epochs")
     args.teacher_options = parse_teacher_options(parser, args, RECIPES[args.recipe].teacher)
+    select_interpreter()  # before the trainer imports timm, and with it triton
     from train_student.train import run_training
     return run_training(args)
 

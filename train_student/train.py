@@ -27,9 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cache_teacher.ffcv_images import ImageFile, check_images, images_fingerprint
 from cache_teacher.options import Interrupted, exit_status
-from cache_teacher.store import token_counts
 from dpal import dispatch
-from dpal.config import OptimConfig, Recipe
+from dpal.config import OptimConfig, Recipe, token_counts
 from dpal.decoder import DynamicPatternDecoder
 from dpal.distill import distill_step_losses
 from dpal.errors import UserError
@@ -39,6 +38,7 @@ from dpal.shape_mask import fit_shape_mask, shape_mask
 from dpal.students import build_student, export_student
 from dpal.teachers import global_view_targets, teacher_targets
 from dpal.views import render_local_crops, render_view_sets, sample_view_sets
+import kernels
 from train_student.checkpoint import (CHECKPOINT_NAME, claim_run_folder, load_checkpoint, rng_state, save_checkpoint,
                                       set_rng_state)
 from train_student.data import BackgroundPool, CachedFeed, FeedBatch, FeedPlan, OnlineFeed
@@ -262,6 +262,7 @@ def _train(args: argparse.Namespace, held: ExitStack) -> Path:
     master = rank == 0
     recipe = apply_overrides(get_recipe(args.recipe), args)
     optim = recipe.optim
+    kernels.register()  # the fused ops for CUDA tensors
     if args.reference_path:
         dispatch.force_reference(True)
     if args.deterministic:
