@@ -33,10 +33,10 @@ class Op:
     implementation registered for it. Called like the reference; the first argument's device picks."""
 
     def __init__(self, name: str, reference: Callable):
-        self.name = name
         self.reference = reference
         self.implementations: dict[str, Callable] = {}  # device type ("cuda", ...) -> implementation
-        functools.update_wrapper(self, reference)
+        functools.update_wrapper(self, reference)  # the reference's docstring and signature
+        self.__name__ = self.__qualname__ = name
 
     def register(self, device_type: str, implementation: Callable) -> None:
         """Run `implementation` (same contract as the reference) for inputs on `device_type` from now on."""
@@ -53,4 +53,4 @@ class Op:
 
     def __repr__(self) -> str:
         registered = ", ".join(f"{d}: {f.__module__}.{f.__qualname__}" for d, f in self.implementations.items())
-        return f"Op({self.name!r}, reference={self.reference.__qualname__}, registered={{{registered}}})"
+        return f"Op({self.__name__!r}, reference={self.reference.__qualname__}, registered={{{registered}}})"
