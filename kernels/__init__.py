@@ -1,10 +1,10 @@
 """Fused Triton ops (one per file), each matching a `dpal` reference; `python -m kernels.bench` times them.
 
-The method never imports this package. Two explicit calls connect them:
+The method never imports this package, and importing it has no side effect; two explicit calls do the rest:
 - `select_interpreter()`, made by every entry point (the CLIs, the test session) before anything imports
   triton (timm does): compiled kernels for CUDA tensors, or Triton's interpreter for CPU tensors;
-- `register()`, made by the trainer and the benches: the fused ops become what `dpal`'s ops run on CUDA tensors.
-Importing this package imports neither triton nor a kernel.
+- `register()`, made by the trainer and its bench: the fused ops become what `dpal`'s ops run on CUDA tensors.
+Importing the package itself imports neither triton nor a kernel.
 """
 from __future__ import annotations
 
