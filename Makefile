@@ -35,7 +35,7 @@ clean-demo:
 # dtypes, compiled for H100/H200 and read back (registers, spills, wgmma). `make test` runs its --quick part.
 .PHONY: check-sm90
 check-sm90: $(INSTALLED)
-	TRITON_INTERPRET=0 $(PY) -m kernels.sweep
+	$(PY) -m kernels.sweep
 
 # ---------------------------------------------------------------- GPU readiness (issue 12, parts 3-5)
 # `make wheelhouse`: offline wheels (FFCV with its libraries bundled, zarr, numcodecs, google-crc32c, ...) for

@@ -98,7 +98,9 @@ class Runner:
         self.budget_s = budget_s
         self.steps: list[Step] = []
         self.report: dict = {"mode": mode, "budget_s": budget_s, "steps": []}
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
+        # The run's explicit kernel mode, inherited by every command: compiled on the GPU, Triton's interpreter
+        # in the tiny CPU mode (`kernels.select_interpreter` keeps it).
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRITON_INTERPRET": "0" if mode == "full" else "1",
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
     # ------------------------------------------------------------------ plumbing

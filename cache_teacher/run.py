@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dpal.config import TeacherSpec, ViewConfig
+from dpal.config import TeacherSpec, ViewConfig, token_counts
 from dpal.errors import UserError, file_problem
 from dpal.recipes import RECIPES, TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask

@@ -7,8 +7,7 @@ __all__ = ["load_student"]
 
 
 def __getattr__(name: str):
-    # Lazy: importing timm also imports triton, which must not happen before `kernels` has chosen
-    # Triton's interpreter on machines without CUDA; `import dpal` therefore stays light.
+    # Lazy: `dpal.students` imports timm (and with it torch and triton), so `import dpal` stays light.
     if name in __all__:
         from dpal import students
         return getattr(students, name)

@@ -25,6 +25,13 @@ class TeacherSpec:
     has_cls: bool
 
 
+def token_counts(spec: TeacherSpec, cfg: ViewConfig) -> tuple[tuple[int, int], int, int]:
+    """(token grid of the global view, N, Nc) of a teacher for the configured view sizes."""
+    grid = (cfg.global_size[0] // spec.token_stride, cfg.global_size[1] // spec.token_stride)
+    crowd = (cfg.crowd_size[0] // spec.token_stride) * (cfg.crowd_size[1] // spec.token_stride)
+    return grid, grid[0] * grid[1], crowd + int(spec.has_cls)
+
+
 @dataclass(frozen=True)
 class StudentSpec:
     """A student backbone (spec section 2)."""

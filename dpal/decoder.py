@@ -2,7 +2,8 @@
 shared by the three patterns (0 global, 1 local, 2 relation).
 
 The expert path (expert generation, gate mixing, output projection) is the hot spot; the module calls
-it through `dpal.dispatch.expert_path`, whose plain-PyTorch reference `expert_path_reference` is here.
+it through the op `expert_path` (`dpal.dispatch.Op`), defined here by its plain-PyTorch reference
+`expert_path_reference`; `kernels.register()` plugs the fused Triton op into it for CUDA tensors.
 
 Correspondence with the original DPAL code's `adapter.*` parameters (for `dpal.compat`):
 
@@ -40,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpal import dispatch
 from dpal.config import DecoderSpec
+from dpal.dispatch import Op
 
 # The original builds every decoder LayerNorm with eps 1e-6 (timm ViT's norm_layer); kept for parity.
 LAYER_NORM_EPS = 1e-6
@@ -74,6 +75,10 @@ def expert_path_reference(queries: torch.Tensor, scores: torch.Tensor, h: torch.
     y = F.gelu(torch.bmm(h.to(mixed.dtype), mixed))
     y = F.layer_norm(y, (out_dim,), out_norm_weight, out_norm_bias, eps)
     return y, experts_loss
+
+
+# What the decoder calls: the reference unless an implementation is registered for the inputs' device.
+expert_path = Op("expert_path", expert_path_reference)
 
 
 class DecoderOutput(NamedTuple):
@@ -156,7 +161,7 @@ class DynamicPatternDecoder(nn.Module):
         normed = self.query_cross_norm(queries)
         queries = queries + self.query_cross_attn(normed, x_in, x_in, need_weights=False)[0]
 
-        y, experts_loss = dispatch.expert_path(
+        y, experts_loss = expert_path(
             self.expert_query_norm(queries), scores, h,
             self.expert_proj.weight, self.expert_proj.bias, self.expert_norm.weight, self.expert_norm.bias,
             self.out_norm.weight, self.out_norm.bias, mix_divisor=self.spec.mix_divisor,

@@ -1,23 +1,25 @@
-"""One place that chooses between the plain-PyTorch references and the fused Triton kernels.
+"""The method's op table: each hot op is defined by its plain-PyTorch reference, and faster implementations
+may be registered for it per device type by a package above `dpal` (`kernels.register()` plugs in the fused
+Triton ops for CUDA tensors). `dpal` never imports them: without a registration every op runs its reference.
 
-The decoder and the training step call `expert_path` / `relation_kl` here, never a kernel directly,
-so that numerics can always be checked against the reference by one switch:
-`force_reference(True)` or the environment variable DPAL_FORCE_REFERENCE=1.
+The module that owns a reference makes the op (`expert_path = Op("expert_path", expert_path_reference)` in
+`dpal.decoder`, `relation_kl` in `dpal.losses`); callers call the op, never an implementation directly, so
+numerics can always be checked against the reference by one switch: `force_reference(True)` or the environment
+variable DPAL_FORCE_REFERENCE=1.
 """
 from __future__ import annotations
 
+import functools
 import os
+from typing import Callable
 
 import torch
-
-# Module imports (not names) because dpal.decoder imports this module: the cycle resolves at call time.
-from dpal import decoder, losses
 
 _force_reference = os.environ.get("DPAL_FORCE_REFERENCE", "0") not in ("", "0")
 
 
 def force_reference(enabled: bool) -> None:
-    """Route every dispatched op to its plain-PyTorch reference (True) or let the dispatcher choose."""
+    """Route every op to its plain-PyTorch reference (True) or to what is registered for the inputs' device."""
     global _force_reference
     _force_reference = bool(enabled)
 
@@ -26,33 +28,29 @@ def reference_forced() -> bool:
     return _force_reference
 
 
-def expert_path(queries: torch.Tensor, scores: torch.Tensor, h: torch.Tensor,
-                expert_weight: torch.Tensor, expert_bias: torch.Tensor,
-                expert_norm_weight: torch.Tensor, expert_norm_bias: torch.Tensor,
-                out_norm_weight: torch.Tensor, out_norm_bias: torch.Tensor, *,
-                mix_divisor: float = 256.0, experts_loss_weight: float = 0.025,
-                eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoder expert path; same contract as `dpal.decoder.expert_path_reference`.
+class Op:
+    """A named op of the method: its reference (the definition and the default) and, per device type, the
+    implementation registered for it. Called like the reference; the first argument's device picks."""
 
-    CUDA tensors go to the fused Triton op (`kernels.decoder_experts`), which raises, naming the input,
-    on a dtype or shape it does not support rather than silently changing numerics; others to the reference.
-    """
-    implementation = decoder.expert_path_reference
-    if queries.is_cuda and not _force_reference:
-        from kernels import decoder_experts  # Triton is only needed (and imported) on the CUDA path
-        implementation = decoder_experts.expert_path
-    return implementation(queries, scores, h, expert_weight, expert_bias, expert_norm_weight, expert_norm_bias,
-                          out_norm_weight, out_norm_bias, mix_divisor=mix_divisor,
-                          experts_loss_weight=experts_loss_weight, eps=eps)
+    def __init__(self, name: str, reference: Callable):
+        self.reference = reference
+        self.implementations: dict[str, Callable] = {}  # device type ("cuda", ...) -> implementation
+        functools.update_wrapper(self, reference)  # the reference's docstring and signature
+        self.__name__ = self.__qualname__ = name
 
+    def register(self, device_type: str, implementation: Callable) -> None:
+        """Run `implementation` (same contract as the reference) for inputs on `device_type` from now on."""
+        self.implementations[device_type] = implementation
 
-def relation_kl(y: torch.Tensor, target: torch.Tensor,
-                target_row_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Relation KL loss; same contract as `dpal.losses.relation_kl_reference`.
+    def implementation(self, device: torch.device) -> Callable:
+        """What a call with inputs on `device` runs."""
+        if _force_reference:
+            return self.reference
+        return self.implementations.get(device.type, self.reference)
 
-    CUDA tensors go to the fused Triton op (`kernels.relation_loss`), others to the reference.
-    """
-    if y.is_cuda and not _force_reference:
-        from kernels import relation_loss  # Triton is only needed (and imported) on the CUDA path
-        return relation_loss.relation_kl(y, target, target_row_scale)
-    return losses.relation_kl_reference(y, target, target_row_scale)
+    def __call__(self, first: torch.Tensor, *args, **kwargs):
+        return self.implementation(first.device)(first, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        registered = ", ".join(f"{d}: {f.__module__}.{f.__qualname__}" for d, f in self.implementations.items())
+        return f"Op({self.__name__!r}, reference={self.reference.__qualname__}, registered={{{registered}}})"

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from dpal import dispatch
 from dpal.config import TeacherSpec
 from dpal.decoder import DynamicPatternDecoder
-from dpal.losses import dequantize_rows, global_loss, local_loss, total_loss
+from dpal.losses import dequantize_rows, global_loss, local_loss, relation_kl, total_loss
 
 GLOBAL_PATTERN, LOCAL_PATTERN, RELATION_PATTERN = 0, 1, 2
 
@@ -64,7 +63,7 @@ def distill_step_losses(student: torch.nn.Module, decoder: DynamicPatternDecoder
     terms = {
         "global": global_loss(student_globals, global_target),
         "local": local_loss(local_call.y, local_target, local_mask),
-        "relation": dispatch.relation_kl(relation_call.y, relation_target, relation_scale),
+        "relation": relation_kl(relation_call.y, relation_target, relation_scale),
         "moe": sum(call.aux_loss * count for call, count in calls) / num_calls,
         "experts": sum(call.experts_loss * count for call, count in calls) / num_calls,
     }

@@ -1,7 +1,7 @@
 """DPAL losses (spec section 6) and the relation matrix the teacher targets are made of.
 
 `relation_kl_reference` is the plain-PyTorch reference the fused Triton relation loss must match;
-callers go through `dpal.dispatch.relation_kl`, which picks the kernel where one applies.
+callers call the op `relation_kl` (`dpal.dispatch.Op`), which runs what is registered for the inputs' device.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dpal.config import OptimConfig
+from dpal.dispatch import Op
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +110,10 @@ def relation_kl_reference(y: torch.Tensor, target: torch.Tensor,
     p = relation_probabilities(target, target_row_scale).to(log_student.dtype)
     kl_rows = (torch.xlogy(p, p) - p * log_student).sum(dim=-1)
     return kl_rows.mean()
+
+
+# What the training step calls: the reference unless an implementation is registered for the inputs' device.
+relation_kl = Op("relation_kl", relation_kl_reference)
 
 
 def global_loss(student_globals: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:

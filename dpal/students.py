@@ -5,8 +5,8 @@ timm's constructors cannot express, applied after `timm.create_model` by `create
 
 - ViT: the last block has the teacher's head count (12 for PATH-B, 16 for PATH-L) while the others keep
   the student's own (ViT-Ti 6, not timm's 3). The width is unchanged, so keys and shapes are timm's.
-- Swin: grid-adaptive shifted windows (`_GridWindowSwinBlock`), so 128x96 local crops (final grid 4x3)
-  and 256x128 views (8x4) get windows clipped to the map instead of windows mostly made of padding.
+- Swin: grid-adaptive shifted windows (`_GridWindowSwinBlock`, see `dpal.swin`), so 128x96 local crops (final
+  grid 4x3) and 256x128 views (8x4) get windows clipped to the map instead of windows mostly made of padding.
 
 An export (`export_contents`; `formats.exports.export_student` writes it) is the timm state dict as
 safetensors plus a JSON config beside it that names the timm model and every argument that differs from its
@@ -32,7 +32,7 @@ from dpal.config import Recipe, TeacherSpec
 from dpal.resize import bicubic_resize
 from dpal.errors import file_problem
 from dpal.recipes import STUDENTS
-from dpal.swin import PaddedWindowBlock
+from dpal.swin import PaddedWindowBlock, use_padded_windows
 
 EXPORT_FORMAT = "dpal-student"
 EXPORT_FORMAT_VERSION = 1
@@ -53,7 +53,7 @@ class StudentTokens(NamedTuple):
 # --------------------------------------------------------------------------------- Swin windows
 
 class _GridWindowSwinBlock(PaddedWindowBlock):
-    """timm's Swin block whose windows adapt to the actual feature grid (same parameters and names).
+    """A timm Swin block's layers with windows that adapt to the actual feature grid (same parameters and names).
 
     timm fixes window and shift from the construction size and rolls before padding, so on grids that are
     not window multiples (all of 256x128's: 64x32 ... 8x4) the cyclic shift wraps rows across the border
@@ -81,6 +81,7 @@ class _MatrixResizeViT(VisionTransformer):
     layout, checked in `create_backbone`: one class token that has a position embedding, no registers.
     """
 
+    # Overrides timm's private `_pos_embed`: timm offers no public hook for how the position grid is resized.
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape
         prefix, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
@@ -129,7 +130,9 @@ def create_backbone(config: dict) -> nn.Module:
         if model.cls_token is None or model.reg_token is not None or model.no_embed_class:
             raise ValueError(f"{config['timm_name']}: the student ViT needs one class token inside the position "
                              "embedding and no register tokens")
-        model.__class__ = _MatrixResizeViT  # same parameters, position grid resized by GEMMs
+        # Same parameters, position grid resized by GEMMs. A class swap, not a build through the subclass: the
+        # config names a timm variant, whose architecture only timm's entry point knows, and it builds the base class.
+        model.__class__ = _MatrixResizeViT
         last = model.blocks[-1]
         heads = config["last_block_heads"]
         if heads is not None and heads != last.attn.num_heads:
@@ -139,9 +142,7 @@ def create_backbone(config: dict) -> nn.Module:
     elif config["arch"] == "swin":
         if config.get("window_attention") != "grid-adaptive":
             raise ValueError(f"unknown Swin window_attention {config.get('window_attention')!r}")
-        for stage in model.layers:
-            for block in stage.blocks:
-                block.__class__ = _GridWindowSwinBlock  # same parameters, grid-adaptive windows
+        use_padded_windows(model, _GridWindowSwinBlock)  # same parameters, grid-adaptive windows
     return model
 
 

@@ -3,6 +3,11 @@
 Shared by the SOLIDER teacher (`dpal.teachers`) and the Swin students (`dpal.students`): both pad the map to
 window multiples before the cyclic shift (mmdet's order; timm shifts first), and differ only in which shift
 they use and whether padded positions are masked out; subclasses say which.
+
+timm's Swin has no extension point for its blocks' window attention (its `_attn` is private and the stages
+build `SwinTransformerBlock` by name), so the model is built by timm and `use_padded_windows` then rebuilds
+each block as a `PaddedWindowBlock` around that block's own layers: parameters, init and state-dict names stay
+timm's, and the window attention is this module's.
 """
 from __future__ import annotations
 
@@ -10,20 +15,36 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
+from torch import nn
 
 SWIN_WINDOW = 7
 
 
-class PaddedWindowBlock(SwinTransformerBlock):
-    """timm's Swin block (same parameters and names) whose window attention pads, then shifts."""
+class PaddedWindowBlock(nn.Module):
+    """A timm Swin block's layers (same parameters and names) around a window attention that pads, then shifts."""
+
+    def __init__(self, block: SwinTransformerBlock):
+        super().__init__()
+        # In timm's order, so the state dict lists the same names in the same order.
+        self.norm1, self.attn, self.drop_path1 = block.norm1, block.attn, block.drop_path1
+        self.norm2, self.mlp, self.drop_path2 = block.norm2, block.mlp, block.drop_path2
+        self.window_size, self.shift_size = tuple(block.window_size), tuple(block.shift_size)
 
     def _shift_and_mask_grid(self, height: int, width: int, padded_h: int, padded_w: int):
         """(shift, (h, w)) for a map of height x width padded to padded_h x padded_w: the cyclic shift, and
         the grid `window_mask` treats as real (positions beyond it get their own label)."""
         raise NotImplementedError
 
-    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, H, W, C]: timm's pre-norm residual block, with this window attention."""
+        batch, height, width, channels = x.shape
+        x = x + self.drop_path1(self.window_attention(self.norm1(x)))
+        x = x.reshape(batch, -1, channels)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(batch, height, width, channels)
+
+    def window_attention(self, x: torch.Tensor) -> torch.Tensor:
         _, height, width, channels = x.shape
         win_h, win_w = self.window_size
         x = F.pad(x, (0, 0, 0, (-width) % win_w, 0, (-height) % win_h))
@@ -42,6 +63,13 @@ class PaddedWindowBlock(SwinTransformerBlock):
         if any(shift):
             x = torch.roll(x, shifts=shift, dims=(1, 2))
         return x[:, :height, :width].contiguous()
+
+
+def use_padded_windows(model: SwinTransformer, block_type: type[PaddedWindowBlock]) -> SwinTransformer:
+    """`model` (built by timm) with every block rebuilt as `block_type` around its own layers; returns it."""
+    for stage in model.layers:
+        stage.blocks = nn.Sequential(*(block_type(block) for block in stage.blocks))
+    return model
 
 
 @functools.lru_cache(maxsize=64)

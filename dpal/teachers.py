@@ -14,6 +14,7 @@ from typing import NamedTuple
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models import build_model_with_cfg
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -32,7 +33,7 @@ from dpal.checkpoints import (
 from dpal.config import TeacherSpec
 from dpal.losses import relation_matrix
 from dpal.recipes import TEACHERS
-from dpal.swin import SWIN_WINDOW, PaddedWindowBlock
+from dpal.swin import SWIN_WINDOW, PaddedWindowBlock, use_padded_windows
 
 _DEFAULT_VIT_POS_GRID = 14  # timm's ViT/16 at 224: the grid PATH-B's released pos_embed has
 
@@ -49,7 +50,7 @@ class TeacherTargets(NamedTuple):
 
 
 class _SoliderWindowBlock(PaddedWindowBlock):
-    """timm's Swin block with SOLIDER's (mmdet's) window layout for grids that are not window multiples.
+    """A timm Swin block's layers with SOLIDER's (mmdet's) window layout for grids that are not window multiples.
 
     mmdet pads the feature map to window multiples first and then shifts, so the padded positions take part in
     the shifted windows; timm shifts first and pads afterwards, which groups different tokens at 256x128
@@ -80,6 +81,7 @@ class _DinoPositionViT(VisionTransformer):
     """timm's ViT (dynamic_img_size: patch tokens arrive as [B, H, W, D]) with the position grid resized by
     `interpolate_pos_encoding` instead of timm's antialiased resample: the targets the original computed."""
 
+    # Overrides timm's private `_pos_embed`: timm offers no public hook for how the position grid is resized.
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape
         tokens = torch.cat([self.cls_token.expand(batch, -1, -1), x.reshape(batch, -1, channels)], dim=1)
@@ -135,12 +137,11 @@ def _swin_stages(spec: TeacherSpec) -> tuple[tuple[int, ...], tuple[int, ...], i
 
 def _create_model(spec: TeacherSpec, *, pos_grid: int = _DEFAULT_VIT_POS_GRID) -> nn.Module:
     if spec.arch == "vit":
-        model = timm.create_model(
-            spec.timm_name, pretrained=False, num_classes=0, img_size=pos_grid * spec.patch_size,
+        # The spec gives every architecture argument, so timm builds the subclass itself (timm's init and names).
+        return build_model_with_cfg(
+            _DinoPositionViT, spec.timm_name, pretrained=False, num_classes=0, img_size=pos_grid * spec.patch_size,
             patch_size=spec.patch_size, embed_dim=spec.width, depth=spec.depth, num_heads=spec.num_heads,
             qkv_bias=True, dynamic_img_size=True, drop_path_rate=0.0)
-        model.__class__ = _DinoPositionViT  # same parameters, the original's position-grid resize
-        return model
     if spec.arch != "swin":
         raise ValueError(f"{spec.name}: unknown teacher architecture {spec.arch!r} (expected 'vit' or 'swin')")
     depths, heads, embed_dim = _swin_stages(spec)
@@ -149,9 +150,8 @@ def _create_model(spec: TeacherSpec, *, pos_grid: int = _DEFAULT_VIT_POS_GRID) -
         spec.timm_name, pretrained=False, num_classes=0, patch_size=spec.patch_size, embed_dim=embed_dim,
         depths=depths, num_heads=heads, window_size=SWIN_WINDOW, strict_img_size=False, always_partition=True,
         drop_path_rate=0.0)
+    use_padded_windows(model, _SoliderWindowBlock)  # same parameters, SOLIDER's pad-then-shift windows
     for stage in model.layers:
-        for block in stage.blocks:
-            block.__class__ = _SoliderWindowBlock  # same parameters, SOLIDER's pad-then-shift windows
         if not isinstance(stage.downsample, nn.Identity):
             # SOLIDER's semantic-weight affine after each downsample is folded into the reduction: it needs a bias.
             old = stage.downsample.reduction

@@ -54,7 +54,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
-from dpal.config import Recipe, TeacherSpec, ViewConfig
+from dpal.config import Recipe, TeacherSpec, ViewConfig, token_counts
 from dpal.errors import UserError
 from dpal.views import VIEW_PARAMS_VERSION
 from formats.cli import CODECS, TARGET_FORMATS
@@ -155,13 +155,6 @@ class StoreSpec:
     def identity(self) -> dict:
         """The identity as the attributes hold it (JSON values; the teacher also named on its own)."""
         return {"teacher": self.teacher_spec.name, **spec_dict(self)}
-
-
-def token_counts(spec: TeacherSpec, cfg: ViewConfig) -> tuple[tuple[int, int], int, int]:
-    """(token grid of the global view, N, Nc) of a teacher for the configured view sizes."""
-    grid = (cfg.global_size[0] // spec.token_stride, cfg.global_size[1] // spec.token_stride)
-    crowd = (cfg.crowd_size[0] // spec.token_stride) * (cfg.crowd_size[1] // spec.token_stride)
-    return grid, grid[0] * grid[1], crowd + int(spec.has_cls)
 
 
 def plan_layout(spec: TeacherSpec, cfg: ViewConfig, *, num_images: int, views_per_image: int, view_fields: int,

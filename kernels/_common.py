@@ -1,29 +1,21 @@
-"""What every fused op shares: interpreter setup on machines without CUDA, input checks, dot precision.
+"""What every fused op shares: the interpreter choice, input checks, dot precision.
 
-Triton decides at `@triton.jit` time whether a kernel is compiled or interpreted, from TRITON_INTERPRET;
-this module is imported by `kernels/__init__.py` before any kernel module is, so on a CPU-only machine the
-kernels run (slowly, exactly) in Triton's interpreter on CPU tensors instead of failing to compile.
+Triton decides when it is imported, and at `@triton.jit` time, whether kernels are compiled or interpreted, from
+TRITON_INTERPRET. This module only reads that choice; entry points make it before triton is imported
+(`kernels.select_interpreter`). Interpreted, the kernels run (slowly, exactly) on CPU tensors; compiled, on CUDA
+tensors; `check_device` refuses the other pairings in one line.
 """
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
-if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
-    if "triton" in sys.modules:
-        # Its kernels (tl.zeros included) were already built for compilation, which cannot run here.
-        raise ImportError("triton was imported (e.g. by timm) before `kernels` on a machine without CUDA, so "
-                          "Triton's interpreter can no longer be selected: import kernels first, or set "
-                          "TRITON_INTERPRET=1 before starting Python")
-    os.environ["TRITON_INTERPRET"] = "1"
+from kernels.interpreter import interpreter_selected
 
-import triton  # noqa: E402  (after the interpreter choice above)
-import triton.language as tl  # noqa: E402
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETED = interpreter_selected()
 
 # The GPU the kernels' pinned configurations are compiled and checked for (`make check-sm90`).
 SUPPORTED_CAPABILITY = (9, 0)
@@ -42,9 +34,11 @@ def check_device(op: str, **tensors: torch.Tensor) -> torch.device:
     if any(d != first for d in devices.values()):
         raise ValueError(f"{op}: inputs are on different devices: "
                          + ", ".join(f"{n}={d}" for n, d in devices.items()))
-    if first.type != "cuda" and not (INTERPRETED and first.type == "cpu"):
-        raise ValueError(f"{op}: tensors are on {first}; the fused op runs on CUDA tensors (or on CPU "
-                         "tensors under TRITON_INTERPRET=1); use the dpal reference via dpal.dispatch elsewhere")
+    if first.type != ("cpu" if INTERPRETED else "cuda"):
+        runs_on = ("interpreted (TRITON_INTERPRET=1), so it runs on CPU tensors" if INTERPRETED else
+                   "compiled, so it runs on CUDA tensors (CPU tensors need TRITON_INTERPRET=1)")
+        raise ValueError(f"{op}: tensors are on {first}, but the fused op is {runs_on}; choose with "
+                         "kernels.select_interpreter() before triton is imported, or run the dpal reference")
     if first.type == "cuda" and torch.cuda.get_device_capability(first) != SUPPORTED_CAPABILITY:
         major, minor = torch.cuda.get_device_capability(first)
         raise ValueError(f"{op}: {first} is {torch.cuda.get_device_name(first)} (sm_{major}{minor}); the kernels' "

@@ -42,12 +42,10 @@ from typing import Callable
 
 import torch
 
-from kernels._common import INTERPRETED
-from kernels.decoder_experts import expert_path
-from kernels.relation_loss import relation_kl
 from dpal.decoder import LAYER_NORM_EPS, expert_path_reference
 from dpal.losses import quantize_relation, relation_kl_reference, relation_matrix
 from dpal.recipes import RECIPES
+from kernels import select_interpreter
 
 PATTERNS = 3
 RECIPE_TOKENS = (1, 48, 128, 257)  # CLS-only calls, local crop (8x6), global view (16x8), crowd view + CLS
@@ -202,6 +200,10 @@ def _implementations(reference, fused, on_gpu: bool, compile_refs: bool) -> dict
 
 
 def build_cases(on_gpu: bool, batch: int, compile_refs: bool, device) -> list[Case]:
+    # Imported here, after main() has chosen how Triton runs them.
+    from kernels.decoder_experts import expert_path
+    from kernels.relation_loss import relation_kl
+
     dtype = torch.bfloat16 if on_gpu else torch.float32
     itemsize = torch.empty((), dtype=dtype).element_size()
     if on_gpu:
@@ -474,7 +476,8 @@ def main(argv=None) -> int:
                              "from the sm_90 cubins; compiling takes a minute)")
     args = parser.parse_args(argv)
 
-    on_gpu = torch.cuda.is_available() and not INTERPRETED
+    interpreted = select_interpreter()  # before triton is imported: interpreted exactly when no GPU is visible
+    on_gpu = torch.cuda.is_available() and not interpreted
     device = torch.device("cuda" if on_gpu else "cpu")
     batch = args.batch or (256 if on_gpu else 2)
     if on_gpu:

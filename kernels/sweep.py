@@ -1,8 +1,8 @@
 """The sm_90 compile sweep: every fused kernel, with every config it may pick, at the recipes' shapes.
 
-    TRITON_INTERPRET=0 python -m kernels.sweep              # everything (`make check-sm90`)
-    TRITON_INTERPRET=0 python -m kernels.sweep --quick      # the representative part `make test` runs
-    TRITON_INTERPRET=0 python -m kernels.sweep --json PATH  # also write the rows as JSON
+    python -m kernels.sweep              # everything (`make check-sm90`)
+    python -m kernels.sweep --quick      # the representative part `make test` runs
+    python -m kernels.sweep --json PATH  # also write the rows as JSON
 
 No GPU is needed: each launch is compiled for sm_90 as Triton's JIT would compile it on an H100/H200
 (`kernels.sm90`), and its cubin is read. A launch fails on a compile error, on any local-memory
@@ -25,18 +25,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
-import triton
 
-from dpal.recipes import RECIPES
-from kernels import decoder_experts as dec, relation_loss as rel
-from kernels._common import KernelConfig
-from kernels.sm90 import CubinFacts, Launch, specialization_key, sweep
+from kernels import interpreter_selected, select_interpreter
+
+if __name__ == "__main__":  # the CLI compiles the kernels: never interpreted, whatever the environment says
+    select_interpreter(False)
+
+import triton  # noqa: E402  (after the choice above)
+
+from dpal.recipes import RECIPES  # noqa: E402
+from kernels import decoder_experts as dec, relation_loss as rel  # noqa: E402
+from kernels._common import KernelConfig  # noqa: E402
+from kernels.sm90 import CubinFacts, Launch, specialization_key, sweep  # noqa: E402
 
 PATTERNS = 3
 H100_SMS = 132  # H100 SXM and H200 alike: the row kernel's grid depends on it
@@ -305,9 +310,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write every row as JSON to PATH")
     parser.add_argument("--workers", type=int, default=2, help="compiler processes at a time (default 2)")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("kernels.sweep compiles the kernels, so they must not be interpreted: run it as "
-                         "`TRITON_INTERPRET=0 python -m kernels.sweep`")
+    if interpreter_selected():
+        raise SystemExit("kernels.sweep compiles the kernels, but this process defined them interpreted "
+                         "(TRITON_INTERPRET=1): run it as `python -m kernels.sweep`, which compiles them")
     start = time.perf_counter()
     launches = all_launches(args.quick)
     costs: list = []

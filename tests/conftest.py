@@ -1,3 +1,6 @@
-# `kernels` is imported before any test module: on machines without CUDA it selects Triton's
-# interpreter, which must happen before anything (timm, for one) imports triton.
-import kernels  # noqa: F401
+# The test session's explicit choice of how Triton runs the kernels, made before any test module imports
+# triton (timm does): a TRITON_INTERPRET already set is kept, otherwise the interpreter runs them on CPU
+# tensors exactly when no CUDA device is visible. Child processes inherit the choice through the environment.
+from kernels import select_interpreter
+
+select_interpreter()

@@ -7,7 +7,7 @@ import torch
 
 from dpal import dispatch
 from dpal.config import DecoderSpec
-from dpal.decoder import LAYER_NORM_EPS, DynamicPatternDecoder, expert_path_reference
+from dpal.decoder import LAYER_NORM_EPS, DynamicPatternDecoder, expert_path, expert_path_reference
 from dpal.recipes import RECIPES
 
 
@@ -50,8 +50,8 @@ def test_expert_path_reference_matches_direct(batch, length, dim, out_dim):
         y_direct, loss_direct = _direct_expert_path(queries, scores, h, *params, divisor, loss_weight, eps)
         torch.testing.assert_close(y, y_direct, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(loss, loss_direct, rtol=1e-10, atol=0)
-        y_dispatch, loss_dispatch = dispatch.expert_path(queries, scores, h, *params, mix_divisor=divisor,
-                                                         experts_loss_weight=loss_weight, eps=eps)
+        y_dispatch, loss_dispatch = expert_path(queries, scores, h, *params, mix_divisor=divisor,
+                                                experts_loss_weight=loss_weight, eps=eps)
         torch.testing.assert_close(y_dispatch, y_direct, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(loss_dispatch, loss_direct, rtol=1e-10, atol=0)
 

@@ -3,13 +3,19 @@
 On CPU the Triton kernels run in the interpreter at small shapes (ragged tiles, L = 1, several row and
 column blocks, chunked backward); with CUDA they run compiled, and the recipes' shapes are added.
 """
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
-from dpal import dispatch
+import kernels
+from dpal import decoder, dispatch, losses
 from dpal.decoder import DynamicPatternDecoder, expert_path_reference
 from dpal.recipes import RECIPES
-from kernels import decoder_experts
+from kernels import decoder_experts, relation_loss
 from kernels.decoder_experts import expert_path
 
 # Relative-error ceilings: fp32 kernels accumulate in fp32 (IEEE dots); bf16 outputs and the stored W_b
@@ -107,6 +113,7 @@ def test_decoder_dispatches_to_fused_op_on_cuda(monkeypatch):
     with torch.no_grad():
         decoder.pattern_queries.normal_()  # zero init would give identical experts
     x = torch.randn(4, 9, recipe.decoder.student_dim, device="cuda")
+    kernels.register()
     results = {}
     for forced in (False, True):
         monkeypatch.setattr(dispatch, "_force_reference", forced)
@@ -147,3 +154,42 @@ def test_wrong_shape_is_named():
         expert_path(*_valid_inputs(expert_weight=torch.zeros(32, 7)).values())
     with pytest.raises(ValueError, match=r"scores has shape \(2, 2\), expected \(2, 3\)"):
         expert_path(*_valid_inputs(scores=torch.zeros(2, 2)).values())
+
+
+def test_register_plugs_the_fused_ops_into_the_method(monkeypatch):
+    for op in (decoder.expert_path, losses.relation_kl):
+        monkeypatch.setattr(op, "implementations", {})
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert decoder.expert_path.implementation(cuda) is expert_path_reference  # nothing registered: the reference
+    kernels.register()
+    assert decoder.expert_path.implementation(cuda) is decoder_experts.expert_path
+    assert losses.relation_kl.implementation(cuda) is relation_loss.relation_kl
+    assert decoder.expert_path.implementation(cpu) is expert_path_reference
+    monkeypatch.setattr(dispatch, "_force_reference", True)
+    assert decoder.expert_path.implementation(cuda) is expert_path_reference
+
+
+def test_interpreter_choice_is_explicit_and_refused_on_the_wrong_tensors():
+    # In this session triton is imported: the other choice is refused rather than silently not applied.
+    with pytest.raises(RuntimeError, match=r"triton is already imported with TRITON_INTERPRET="):
+        kernels.select_interpreter(not kernels.interpreter_selected())
+    # Compiled kernels given CPU tensors refuse in one line (no GPU needed to see it).
+    script = textwrap.dedent("""
+        import kernels
+        kernels.select_interpreter(False)
+        import torch
+        from kernels.decoder_experts import expert_path
+        sizes = {"queries": (2, 3, 8), "scores": (2, 3), "h": (2, 4, 8), "expert_weight": (32, 8),
+                 "expert_bias": (32,), "expert_norm_weight": (32,), "expert_norm_bias": (32,),
+                 "out_norm_weight": (4,), "out_norm_bias": (4,)}
+        try:
+            expert_path(*(torch.zeros(size) for size in sizes.values()))
+        except ValueError as error:
+            print(error)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == ("fused expert path: tensors are on cpu, but the fused op is compiled, so it runs on CUDA "
+                           "tensors (CPU tensors need TRITON_INTERPRET=1); choose with kernels.select_interpreter() "
+                           "before triton is imported, or run the dpal reference\n")

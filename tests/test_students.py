@@ -78,7 +78,7 @@ def test_vit_position_grid_resized_2d_bicubic(vit_ti):
         assert torch.equal(backbone._pos_embed(zeros)[0, 0], backbone.pos_embed[0, 0])  # CLS position kept
 
 
-def _reference_window_attention(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
+def _reference_window_attention(block: _GridWindowSwinBlock, x: torch.Tensor) -> torch.Tensor:
     """Shifted-window attention written per token: a token attends to the real tokens of its window.
 
     Along an axis longer than the window, windows start at the shift offset (partial windows at both ends);
@@ -118,9 +118,10 @@ def test_swin_windows_adapt_to_grid(grid, shift):
                                  always_partition=True, dynamic_mask=True)
     with torch.no_grad():
         block.attn.relative_position_bias_table.normal_(std=0.5)
-    block.__class__ = _GridWindowSwinBlock
+    block = _GridWindowSwinBlock(block)
     x = torch.randn(2, *grid, 32)
-    torch.testing.assert_close(block._attn(x).double(), _reference_window_attention(block, x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(block.window_attention(x).double(), _reference_window_attention(block, x), rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_swin_outputs_for_every_view_size(swin_t):

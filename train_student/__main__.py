@@ -7,6 +7,7 @@ import sys
 from dpal.recipes import RECIPES, list_recipes
 from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, SEED, add_teacher_option_arguments,
                          parse_teacher_options, real)
+from kernels import select_interpreter
 from train_student.spec import TrainSpec
 
 EXAMPLE = """examples:
@@ -99,6 +100,7 @@ def training_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
+        select_interpreter()  # before the bench imports timm, and with it triton
         from train_student.bench import main as bench_main
         return bench_main(argv[1:])
     parser = training_parser()
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"the warm-up ({warmup} epochs) is longer than the run ({epochs} epochs); pass "
                      f"--warmup-epochs <= {epochs} or more --epochs")
     teacher_options = parse_teacher_options(parser, args, RECIPES[args.recipe].teacher)
+    select_interpreter()  # before the trainer imports timm, and with it triton
     from train_student.train import default_workers, run_training
     return run_training(TrainSpec.from_args(args, teacher_options=teacher_options,
                                             workers=args.workers or default_workers(args.device)))

@@ -172,9 +172,11 @@ def bench(args: argparse.Namespace) -> None:
     from dpal import dispatch
     from formats.images import images_fingerprint
     from formats.store import open_store
+    import kernels
     from train_student.data import BackgroundPool, CachedFeed, FeedPlan
     from train_student.train import TrainingError, default_workers, setup_distributed
 
+    kernels.register()  # the fused ops for CUDA tensors, as training runs them
     if args.reference_path:
         dispatch.force_reference(True)
     if args.workers is None:

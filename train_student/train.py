@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dpal import dispatch
-from dpal.config import OptimConfig, Recipe
+from dpal.config import OptimConfig, Recipe, token_counts
 from dpal.decoder import DynamicPatternDecoder
 from dpal.distill import distill_step_losses
 from dpal.errors import UserError
@@ -38,9 +38,10 @@ from dpal.views import render_local_crops, render_view_sets
 from formats.cli import Interrupted, exit_status
 from formats.exports import export_student
 from formats.images import ImageFile, check_images, images_fingerprint
-from formats.store import open_store, token_counts
+from formats.store import open_store
 from formats.targets import Targets
 from formats.view_records import online_calibration_view_params
+import kernels
 from train_student.checkpoint import (CHECKPOINT_NAME, claim_run_folder, load_checkpoint, rng_state, save_checkpoint,
                                       set_rng_state)
 from train_student.data import BackgroundPool, CachedFeed, FeedBatch, FeedPlan, OnlineFeed
@@ -263,6 +264,7 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
     master = rank == 0
     recipe = apply_overrides(get_recipe(spec.recipe), spec)
     optim = recipe.optim
+    kernels.register()  # the fused ops for CUDA tensors
     if spec.reference_path:
         dispatch.force_reference(True)
     if spec.deterministic:
