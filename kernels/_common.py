@@ -74,6 +74,30 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
+@triton.jit
+def fast_rcp(x, INTERPRETED: tl.constexpr):
+    """1 / x for fp32 x > 0 on the special-function unit (rcp.approx.ftz: within 1 ulp; one MUFU instruction,
+    where `1 / x` compiles to IEEE division with a slow path). The interpreter divides exactly."""
+    if INTERPRETED:
+        y = 1.0 / x
+    else:
+        y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    return y
+
+
+@triton.jit
+def fast_exp2(x, INTERPRETED: tl.constexpr):
+    """2^x for fp32 x (ex2.approx.ftz: within 2 ulp, results below 2^-126 flushed to 0; one MUFU instruction,
+    where tl.exp2 adds the denormal range fix-ups). The interpreter uses tl.exp2."""
+    if INTERPRETED:
+        y = tl.exp2(x)
+    else:
+        y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    return y
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: float32 inputs follow torch's TF32 switch, like the cuBLAS GEMMs beside them."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:

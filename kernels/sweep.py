@@ -71,51 +71,57 @@ def _launch(op, kernel, args, config: KernelConfig, case, tensor_core, grid):
                   tensor_core, math.prod(grid))
 
 
-def decoder_launches(batch, dim, out_dim, tokens, kind) -> list[Launch]:
+def decoder_launches(batch, dim, out_dim, tokens, kind, sm_count: int | None = H100_SMS) -> list[Launch]:
+    """The decoder op's launches for one call, on a GPU with `sm_count` SMs (None: the interpreter's grid)."""
     dtype, precision = OPERANDS[kind]
     features = dim * out_dim
     n_tiles = triton.cdiv(features, dec._BLOCK_M)
     case = f"B{batch} D{dim} Do{out_dim} L{tokens}"
-    common = dict(q_ptr=dtype, w_ptr=dtype, bias_ptr=F32, B=batch, D=dim, M=features, P=PATTERNS,
-                  DOT_PRECISION=precision, UPCAST_DOT=False)
+    common = dict(q_ptr=dtype, w_ptr=dtype, bias_ptr=F32, B=batch, M=features, P=PATTERNS, D=dim,
+                  DOT_PRECISION=precision, INTERPRETED=False)
     tensor_core = kind != "fp32"  # IEEE fp32 dots run on FMA units by design
-    row_stats = dict(mean_ptr=F32, rstd_ptr=F32, gamma_ptr=F32)
     stats, mix, grad_stats, grad = (dec.pick_config(k, dim, features, kind)
                                     for k in ("stats", "mix", "grad_stats", "grad"))
     launches = [
         _launch("decoder", dec._expert_stats_kernel,
-                common | dict(tile_mean_ptr=F32, tile_m2_ptr=F32, n_tiles=n_tiles),
+                common | dict(tile_mean_ptr=F32, tile_m2_ptr=F32, n_tiles=n_tiles,
+                              EVEN_M=dec.even_columns(features, stats)),
                 stats, case, tensor_core, dec._expert_grid(batch, features, stats)),
         _launch("decoder", dec._expert_mix_kernel,
-                common | row_stats | dict(scores_ptr=F32, beta_ptr=F32, mixed_ptr=dtype, sq_partial_ptr=F32,
-                                          inv_mix=1 / 256, n_tiles=n_tiles),
+                common | dict(alpha_ptr=F32, offset_ptr=F32, c_sum_ptr=F32, gamma_ptr=F32, beta_ptr=F32,
+                              mixed_ptr=dtype, sq_partial_ptr=F32, n_tiles=n_tiles,
+                              EVEN_M=dec.even_columns(features, mix)),
                 mix, case, tensor_core, dec._expert_grid(batch, features, mix)),
         _launch("decoder", dec._expert_grad_stats_kernel,
-                common | row_stats | dict(beta_ptr=F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=F32,
-                                          partial_ptr=F32, n_tiles=n_tiles),
+                common | dict(gamma_ptr=F32, beta_ptr=F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=F32,
+                              partial_ptr=F32, n_tiles=n_tiles, EVEN_M=dec.even_columns(features, grad_stats)),
                 grad_stats, case, tensor_core, dec._expert_grid(batch, features, grad_stats))]
     chunk = dec.du_chunk_columns(batch, PATTERNS, features)
     for m_start in range(0, features, chunk):
+        m_stop = min(m_start + chunk, features)
         launches.append(_launch(
             "decoder", dec._expert_grad_kernel,
-            common | row_stats | dict(scores_ptr=F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=F32,
-                                      a_mean_ptr=F32, b_mean_ptr=F32, du_ptr=dtype, d_gamma_partial_ptr=F32,
-                                      d_beta_partial_ptr=F32, d_bias_partial_ptr=F32, inv_mix=1 / 256,
-                                      m_start=m_start, m_stop=min(m_start + chunk, features), du_row_stride=chunk),
-            grad, case + f" du[{m_start}:]", tensor_core, dec._expert_grid(batch, min(chunk, features - m_start), grad)))
+            common | dict(gamma_ptr=F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=F32, row_shift_ptr=F32,
+                          alpha_ptr=F32, du_const_ptr=F32, du_slope_ptr=F32, offset_ptr=F32, c_sum_ptr=F32,
+                          du_ptr=dtype, d_gamma_partial_ptr=F32, d_beta_partial_ptr=F32, d_bias_partial_ptr=F32,
+                          m_start=m_start, m_stop=m_stop, du_row_stride=chunk,
+                          EVEN_M=dec.even_columns(m_stop - m_start, grad)),
+            grad, case + f" du[{m_start}:]", tensor_core, dec._expert_grid(batch, m_stop - m_start, grad)))
     if kind == "tf32":
         return launches  # the row kernels have no dots: their fp32 code is the "fp32" kind's
-    rows, block = batch * tokens, triton.next_power_of_2(out_dim)
-    row_config = KernelConfig.of(dec.row_warps(block), 3, BLOCK=block)  # 3: Triton's default stages
-    programs, rows_per_program = dec.row_programs(rows, H100_SMS)
+    rows = batch * tokens
+    layout = dec.row_layout(out_dim)
+    row_config = dec.row_config(out_dim)
+    programs, blocks_per_program = dec.row_programs(rows, sm_count)
+    row_args = dict(width=out_dim, eps=1e-6, n_rows=rows, INTERPRETED=False) | layout
     launches += [
         _launch("decoder", dec._gelu_layer_norm_fwd_kernel,
-                dict(z_ptr=dtype, y_ptr=dtype, w_ptr=F32, b_ptr=F32, width=out_dim, eps=1e-6), row_config, case,
-                False, (rows,)),
+                dict(z_ptr=dtype, y_ptr=dtype, w_ptr=F32, b_ptr=F32) | row_args,
+                row_config, case, False, (triton.cdiv(rows, dec.ROW_BLOCK),)),
         _launch("decoder", dec._gelu_layer_norm_bwd_kernel,
-                dict(z_ptr=dtype, dy_ptr=dtype, w_ptr=F32, dw_partial_ptr=F32, db_partial_ptr=F32, n_rows=rows,
-                     width=out_dim, eps=1e-6, rows_per_program=rows_per_program), row_config,
-                case + f" {programs}x{rows_per_program} rows", False, (programs,))]
+                dict(z_ptr=dtype, dy_ptr=dtype, w_ptr=F32, dw_partial_ptr=F32, db_partial_ptr=F32,
+                     blocks_per_program=blocks_per_program) | row_args,
+                row_config, case + f" {programs}x{blocks_per_program} row blocks", False, (programs,))]
     return launches
 
 
@@ -161,13 +167,13 @@ def _loop_trips(launch: Launch) -> list[int]:
     """Trip counts of the kernel's loops by nesting depth (outermost first), from its arguments."""
     a, name = launch.args, launch.kernel_name
     if name.startswith("expert_"):
-        return [triton.cdiv(a["D"], a["BLOCK_K"])]  # the K loop, once per pattern (unrolled)
+        return [a["P"], triton.cdiv(a["D"], a["BLOCK_K"])]  # the pattern loop, the K loop inside it
     if name == "relation_kl_fwd":  # column blocks (and the int8 pre-pass), then K inside
         return [triton.cdiv(a["N"], a["BLOCK_J"]), triton.cdiv(a["D"], a["BLOCK_K"])]
     if name == "relation_kl_bwd":
         return [triton.cdiv(a["D"], a["BLOCK_K"])]
     if name == "gelu_layer_norm_bwd":
-        return [a["rows_per_program"]]
+        return [a["blocks_per_program"]]
     return []
 
 
@@ -196,10 +202,12 @@ def _work(launch: Launch) -> dict:
 def estimated_cost(launch: Launch, facts: CubinFacts) -> dict:
     """Executed SASS (static counts by loop depth x trip counts x warps x programs) and the predicted time:
     the largest of issue-bound, FLOP-bound and byte-bound times at the datasheet ceilings."""
-    trips, per_warp, weight = _loop_trips(launch), 0, 1
+    trips, per_warp = _loop_trips(launch), 0
+    if len(facts.by_loop_depth) - 1 > len(trips):
+        raise ValueError(f"{launch.kernel_name}: its SASS nests loops {len(facts.by_loop_depth) - 1} deep, the cost "
+                         f"model knows the trip counts of {len(trips)}: update _loop_trips")
     for depth, count in enumerate(facts.by_loop_depth):
-        weight = math.prod(trips[:depth]) if depth <= len(trips) else weight
-        per_warp += count * weight
+        per_warp += count * math.prod(trips[:depth])
     warp_instructions = per_warp * launch.num_warps * launch.programs
     work = _work(launch)
     cost = dict(work, warp_instructions=warp_instructions,
