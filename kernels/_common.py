@@ -98,6 +98,18 @@ def fast_exp2(x, INTERPRETED: tl.constexpr):
     return y
 
 
+@triton.jit
+def fast_log2(x, INTERPRETED: tl.constexpr):
+    """log2 x for fp32 x >= 2^-126 (lg2.approx.ftz: within 2^-22 absolute; one MUFU instruction, where tl.log2
+    adds the denormal fix-ups). The interpreter uses tl.log2."""
+    if INTERPRETED:
+        y = tl.log2(x)
+    else:
+        y = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    return y
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: float32 inputs follow torch's TF32 switch, like the cuBLAS GEMMs beside them."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:

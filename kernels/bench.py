@@ -423,6 +423,29 @@ def print_floors(rows: list[dict]) -> None:
               f"{r['floor_ms_compute']:8.3f} {r['floor_ms_fused_compute']:13.3f} {r['floor_ms_memory']:8.3f}")
 
 
+STATIC_CALLS = {"decoder B256 L257": ("decoder", "B256 D192 Do768 L257"),
+                "decoder CLS B768 L1": ("decoder", "B768 D192 Do768 L1"),
+                "relation fp16 targets": ("relation", "B256 N257 D768 target fp16"),
+                "relation int8 targets": ("relation", "B256 N257 D768 target int8")}
+
+
+def static_totals(costs: list[dict]) -> list[dict]:
+    """Per call of STATIC_CALLS: the floors and predicted times of its Triton kernels, summed, and their ratio."""
+    totals = []
+    op_kernels = {"decoder": ("expert", "gelu"), "relation": ("relation",)}
+    for name, (op, case) in STATIC_CALLS.items():
+        rows = [c for c in costs if c["case"].startswith(case) and c["kernel"].startswith(op_kernels[op])]
+        if any("error" in c for c in rows):
+            totals.append(dict(call=name, error="; ".join(c["error"] for c in rows if "error" in c)))
+            continue
+        total = dict(call=name, kernels=len(rows))
+        for gpu in ("H100", "H200"):
+            floor, predicted = (sum(c[f"{k}_ms_{gpu}"] for c in rows) for k in ("floor", "predicted"))
+            total |= {f"floor_ms_{gpu}": floor, f"predicted_ms_{gpu}": predicted, f"ratio_{gpu}": predicted / floor}
+        totals.append(total)
+    return totals
+
+
 def static_report() -> dict:
     """Compile facts and predicted times of every kernel at the ViT-Ti shapes (batch 256, and the stacked CLS
     call at 768), from the sm_90 compile sweep in a child process (`kernels.sweep --quick`; no GPU needed)."""
@@ -435,8 +458,9 @@ def static_report() -> dict:
         report = json.loads(path.read_text())
     shapes = ("B256 D192 Do768 L257", "B768 D192 Do768 L1", "B256 N257 D768")
     report["costs"] = [c for c in report["costs"] if c["case"].startswith(shapes)]
-    report["ceilings"] = "datasheet: 989 TF/s dense bf16 (H100 SXM, H200); 3.35 TB/s (H100), 4.8 TB/s (H200); " \
-                         "issue 132 SMs x 4 warp instructions per clock at 1.98 GHz"
+    report["totals"] = static_totals(report["costs"])
+    report["ceilings"] = ("datasheet: 3.35 TB/s (H100), 4.8 TB/s (H200); per SM at 1.98 GHz: 4 warp instructions "
+                          "issued, 16 MUFU lanes, dense tensor cores 989 TF/s bf16 (132 SMs)")
     return report
 
 
@@ -446,14 +470,28 @@ def print_static(report: dict) -> None:
         print(f"  unavailable: {report['error']}")
         return
     print(f"{'kernel':20} {'operands':17} {'call':24} {'config':15} {'regs':>4} {'spill':>5} {'HGMMA':>5} "
-          f"{'HMMA':>4} {'SASS/el':>7} {'floor H100':>10} {'pred H100':>9} {'floor H200':>10} {'pred H200':>9}")
+          f"{'SASS/el':>7} {'MUFU/el':>7} {'issue':>6} {'SFU':>6} {'tensor':>6} {'floor H100':>10} {'pred H100':>9} "
+          f"{'floor H200':>10} {'pred H200':>9}")
     for c in report["costs"]:
         call = c["case"].replace(" Do768", "").replace(" D768", "")
+        if "error" in c:
+            print(f"{c['kernel']:20} {c['operands']:17} {call:24} {c['config']:15} cost model error: {c['error']}")
+            continue
         print(f"{c['kernel']:20} {c['operands']:17} {call:24} {c['config']:15} {c['registers']:4} {c['spills']:5} "
-              f"{c['hgmma']:5} {c['hmma']:4} {c['sass_per_element']:7.1f} {c['floor_ms_H100']:10.3f} "
-              f"{c['predicted_ms_H100']:9.3f} {c['floor_ms_H200']:10.3f} {c['predicted_ms_H200']:9.3f}")
+              f"{c['hgmma']:5} {c['sass_per_element']:7.1f} {c['mufu_per_element']:7.2f} {c['issue_ms']:6.3f} "
+              f"{c['sfu_ms']:6.3f} {c['tensor_ms']:6.3f} {c['floor_ms_H100']:10.3f} {c['predicted_ms_H100']:9.3f} "
+              f"{c['floor_ms_H200']:10.3f} {c['predicted_ms_H200']:9.3f}")
     print(f"ms; floor = max(useful dot FLOPs, compulsory bytes) at the {report['ceilings']}; predicted = max(floor, "
-          "executed SASS at that issue rate). cuBLAS GEMMs (output projection, du products) are not included.")
+          "executed SASS at the issue rate, MUFU at the SFU rate, executed tensor-core FLOPs). cuBLAS GEMMs "
+          "(output projection, du products) are not included.")
+    print(f"\n{'Triton kernels of one call':26} {'floor H100':>10} {'pred H100':>9} {'ratio':>5} "
+          f"{'floor H200':>10} {'pred H200':>9} {'ratio':>5}")
+    for t in report["totals"]:
+        if "error" in t:
+            print(f"{t['call']:26} cost model error: {t['error']}")
+            continue
+        print(f"{t['call']:26} {t['floor_ms_H100']:10.3f} {t['predicted_ms_H100']:9.3f} {t['ratio_H100']:5.2f} "
+              f"{t['floor_ms_H200']:10.3f} {t['predicted_ms_H200']:9.3f} {t['ratio_H200']:5.2f}")
 
 
 def main(argv=None) -> int:

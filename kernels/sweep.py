@@ -106,7 +106,7 @@ def decoder_launches(batch, dim, out_dim, tokens, kind, sm_count: int | None = H
                           du_ptr=dtype, d_gamma_partial_ptr=F32, d_beta_partial_ptr=F32, d_bias_partial_ptr=F32,
                           m_start=m_start, m_stop=m_stop, du_row_stride=chunk,
                           EVEN_M=dec.even_columns(m_stop - m_start, grad)),
-            grad, case + f" du[{m_start}:]", tensor_core, dec._expert_grid(batch, m_stop - m_start, grad)))
+            grad, case + f" | du[{m_start}:]", tensor_core, dec._expert_grid(batch, m_stop - m_start, grad)))
     if kind == "tf32":
         return launches  # the row kernels have no dots: their fp32 code is the "fp32" kind's
     rows = batch * tokens
@@ -121,7 +121,7 @@ def decoder_launches(batch, dim, out_dim, tokens, kind, sm_count: int | None = H
         _launch("decoder", dec._gelu_layer_norm_bwd_kernel,
                 dict(z_ptr=dtype, dy_ptr=dtype, w_ptr=F32, dw_partial_ptr=F32, db_partial_ptr=F32,
                      blocks_per_program=blocks_per_program) | row_args,
-                row_config, case + f" {programs}x{blocks_per_program} row blocks", False, (programs,))]
+                row_config, case + f" | {programs} programs x {blocks_per_program} row blocks", False, (programs,))]
     return launches
 
 
@@ -131,14 +131,23 @@ def relation_launches(batch, n, dim, kind, target) -> list[Launch]:
     quantized = target == "int8"
     case = f"B{batch} N{n} D{dim} target {target}"
     common = dict(y_ptr=dtype, t_ptr=target_dtype, row_scale_ptr=F32 if quantized else target_dtype,
-                  lse_ptr=F32, mass_ptr=F32, target_lse_ptr=F32, N=n, D=dim, scale=dim ** -0.5,
-                  QUANTIZED=quantized, DOT_PRECISION=precision, UPCAST_DOT=False)
+                  lse2_ptr=F32, mass_ptr=F32, target_lse2_ptr=F32, N=n, logit_scale2=1.4426950408889634 / dim ** 0.5,
+                  D=dim, QUANTIZED=quantized, DOT_PRECISION=precision, INTERPRETED=False)
     fwd, bwd = rel.pick_config("fwd", n, dim, kind), rel.pick_config("bwd", n, dim, kind)
     tensor_core = kind != "fp32"  # IEEE fp32 dots run on FMA units by design
-    return [_launch("relation", rel._relation_kl_fwd_kernel, common | dict(cross_ptr=F32), fwd, case, tensor_core,
-                    (batch, triton.cdiv(n, fwd["BLOCK_I"]))),
-            _launch("relation", rel._relation_kl_bwd_kernel, common | dict(grad_ptr=F32, out_ptr=dtype), bwd, case,
-                    tensor_core, (batch, triton.cdiv(n, bwd["BLOCK_I"]), triton.cdiv(n, bwd["BLOCK_J"])))]
+    launches = [_launch("relation", rel._relation_kl_fwd_kernel,
+                        common | dict(cross_ptr=F32, TAIL_J=rel.tail_block(n, fwd["BLOCK_J"])), fwd, case, tensor_core,
+                        (triton.cdiv(n, fwd["BLOCK_I"]), batch))]
+    block = bwd["BLOCK_I"]
+    tail = rel.tail_block(n, block)
+    for pairs, block_j, ragged in zip(rel.tile_pairs(n, block, tail), (block, tail), (False, True)):
+        if pairs:
+            config = KernelConfig(bwd.tiles + (("BLOCK_J", block_j),), bwd.num_warps, bwd.num_stages)
+            launches.append(_launch("relation", rel._relation_kl_bwd_kernel,
+                                    common | dict(pairs_ptr=torch.int32, grad_ptr=F32, out_ptr=dtype, MASK_J=ragged),
+                                    config, case + f" | {'tail' if ragged else 'full'} tiles", tensor_core,
+                                    (len(pairs), batch)))
+    return launches
 
 
 def all_launches(quick: bool) -> list[Launch]:
@@ -157,24 +166,54 @@ def all_launches(quick: bool) -> list[Launch]:
     return launches
 
 
-# Datasheet ceilings: dense bf16 tensor-core FLOP/s and memory bandwidth (H100 SXM, H200), and the issue
-# rate of both: 132 SMs x 4 schedulers x 1 warp instruction per clock at the 1.98 GHz boost clock.
-CEILINGS = {"H100": {"flops": 989e12, "bytes": 3.35e12}, "H200": {"flops": 989e12, "bytes": 4.8e12}}
-ISSUE_RATE = 132 * 4 * 1.98e9  # warp instructions per second
+# Datasheet ceilings (H100 SXM, H200): memory bandwidth, and per SM at the 1.98 GHz boost clock: 4 warp
+# instructions issued per clock, 16 special-function (MUFU) lanes per clock, i.e. half a warp instruction,
+# and the dense tensor-core rate per input type (989 TF/s bf16/fp16, half that tf32); IEEE fp32 dots run on
+# the FMA units (128 lanes x 2 FLOPs per clock per SM).
+SMS, CLOCK = 132, 1.98e9
+CEILINGS = {"H100": {"bytes": 3.35e12}, "H200": {"bytes": 4.8e12}}
+ISSUE_RATE = SMS * 4 * CLOCK  # warp instructions per second
+SFU_RATE = SMS * 0.5 * CLOCK  # MUFU warp instructions per second
+TENSOR_FLOPS = {"BF16": 989e12, "F16": 989e12, "TF32": 494.7e12}  # by SASS input type
+DOT_FLOPS = {"bf16": 989e12, "fp16": 989e12, "tf32": 494.7e12, "fp32": SMS * 128 * 2 * CLOCK}  # by operand kind
 
 
-def _loop_trips(launch: Launch) -> list[int]:
-    """Trip counts of the kernel's loops by nesting depth (outermost first), from its arguments."""
+def _loop_trips(launch: Launch) -> list[list[tuple[int, int]]]:
+    """The kernel's possible loop structures in SASS, each a list of loops in code order (see `kernels.sm90.
+    CubinFacts.loop_nests`) given as (trip count, index of the loop it sits in or -1), from its arguments.
+    D is a constexpr, so the compiler may unroll a K loop (the expert passes' 3 steps, the relation tiles' 12 to
+    16 steps with bf16 operands) or keep it (the tf32 and IEEE fp32 tiles' longer ones); `estimated_cost`
+    takes the structure the SASS has and fails on any other rather than price it wrong."""
     a, name = launch.args, launch.kernel_name
-    if name.startswith("expert_"):
-        return [a["P"], triton.cdiv(a["D"], a["BLOCK_K"])]  # the pattern loop, the K loop inside it
-    if name == "relation_kl_fwd":  # column blocks (and the int8 pre-pass), then K inside
-        return [triton.cdiv(a["N"], a["BLOCK_J"]), triton.cdiv(a["D"], a["BLOCK_K"])]
+    k = triton.cdiv(a.get("D", 1), a.get("BLOCK_K", 1))
+    if name.startswith("expert_"):  # the pattern loop, the K loop inside it
+        return [[(a["P"], -1), (k, 0)], [(a["P"], -1)]]
+    if name == "relation_kl_fwd":  # the tail block's K loop, then the full column blocks with a K loop inside
+        blocks = a["N"] // a["BLOCK_J"]
+        inner = [[(blocks, -1), (k, 0)], [(blocks, -1)]]
+        if not a["TAIL_J"]:
+            return inner
+        return inner + [[(k, -1)] + [(trips, parent + 1 if parent >= 0 else -1) for trips, parent in loops]
+                        for loops in inner]
     if name == "relation_kl_bwd":
-        return [triton.cdiv(a["D"], a["BLOCK_K"])]
+        return [[(k, -1)], []]
     if name == "gelu_layer_norm_bwd":
-        return [a["blocks_per_program"]]
-    return []
+        return [[(a["blocks_per_program"], -1)]]
+    return [[]]
+
+
+def _loop_structure(launch: Launch, facts: CubinFacts) -> list[tuple[int, int]]:
+    """The structure of `_loop_trips` whose nests are exactly the SASS's (a nest lists a loop and its parents)."""
+    def nests(loops):
+        def chain(i):
+            return chain(loops[i][1]) + [i] if i >= 0 else []
+        return {",".join(map(str, chain(i))) for i in range(len(loops))} | {""}
+    found = set(facts.loop_nests)
+    for loops in _loop_trips(launch):
+        if found <= nests(loops) and len(found) == len(nests(loops)):
+            return loops
+    raise ValueError(f"{launch.kernel_name} ({launch.config}): its SASS has the loop nests {sorted(found)}, which no "
+                     f"structure the cost model knows has: update _loop_trips")
 
 
 def _work(launch: Launch) -> dict:
@@ -190,31 +229,51 @@ def _work(launch: Launch) -> dict:
                  "expert_grad": rows * dim + columns * dim + 2 * batch * columns + rows * columns}[name]
         return dict(elements=rows * columns, flops=2.0 * rows * columns * dim, bytes=size * moved)
     if name.startswith("relation_kl"):
-        batch = launch.programs // (triton.cdiv(a["N"], a["BLOCK_I"]) *
-                                    (triton.cdiv(a["N"], a["BLOCK_J"]) if name.endswith("bwd") else 1))
-        pairs, target_size = batch * a["N"] ** 2, torch.empty((), dtype=a["t_ptr"]).element_size()
-        moved = size * batch * a["N"] * a["D"] + target_size * pairs + (size * pairs if name.endswith("bwd") else 0)
-        return dict(elements=pairs, flops=2.0 * pairs * a["D"], bytes=moved)
+        n, target_size = a["N"], torch.empty((), dtype=a["t_ptr"]).element_size()
+        if name.endswith("fwd"):  # every (i, j) of its row blocks; S once per ordered pair
+            batch = launch.programs // triton.cdiv(n, a["BLOCK_I"])
+            pairs, flops_per_pair, share = batch * n * n, 2.0 * a["D"], 1.0
+        else:  # the outputs of its tile pairs (full blocks, or the tail's); S once per unordered pair
+            full = n // a["BLOCK_I"] * a["BLOCK_I"]
+            tiles = rel.tile_pairs(n, a["BLOCK_I"], rel.tail_block(n, a["BLOCK_I"]))[1 if a["MASK_J"] else 0]
+            share = (n * n - full * full if a["MASK_J"] else full * full) / (n * n)
+            batch = launch.programs // len(tiles)
+            pairs, flops_per_pair = batch * n * n * share, 1.0 * a["D"]
+        moved = share * batch * (size * n * a["D"] + target_size * n * n + (size * n * n if name.endswith("bwd") else 0))
+        return dict(elements=pairs, flops=flops_per_pair * pairs, bytes=moved)
     rows = a.get("n_rows", launch.programs)
     return dict(elements=rows * a["width"], flops=0.0, bytes=size * rows * a["width"] * (3 if "bwd" in name else 2))
 
 
 def estimated_cost(launch: Launch, facts: CubinFacts) -> dict:
-    """Executed SASS (static counts by loop depth x trip counts x warps x programs) and the predicted time:
-    the largest of issue-bound, FLOP-bound and byte-bound times at the datasheet ceilings."""
-    trips, per_warp = _loop_trips(launch), 0
-    if len(facts.by_loop_depth) - 1 > len(trips):
-        raise ValueError(f"{launch.kernel_name}: its SASS nests loops {len(facts.by_loop_depth) - 1} deep, the cost "
-                         f"model knows the trip counts of {len(trips)}: update _loop_trips")
-    for depth, count in enumerate(facts.by_loop_depth):
-        per_warp += count * math.prod(trips[:depth])
-    warp_instructions = per_warp * launch.num_warps * launch.programs
+    """Executed SASS (static counts per loop nest x trip counts x warps x programs) and the predicted time:
+    the largest of the issue-bound, special-function-bound, executed tensor-FLOP-bound, useful-FLOP-bound and
+    byte-bound times at the datasheet ceilings. Raises if the loop model undercounts the kernel's MMAs."""
+    trips = [count for count, _ in _loop_structure(launch, facts)]
+    scale = launch.num_warps * launch.programs
+
+    def executed(field: str, kind: str | None = None) -> float:
+        return scale * sum((entry[field] if kind is None else entry[field].get(kind, 0.0))
+                           * math.prod(trips[int(k)] for k in nest.split(",") if k)
+                           for nest, entry in facts.loop_nests.items())
+
     work = _work(launch)
-    cost = dict(work, warp_instructions=warp_instructions,
-                sass_per_element=warp_instructions * 32 / work["elements"], issue_ms=1e3 * warp_instructions / ISSUE_RATE)
+    warp_instructions = executed("instructions")
+    mufu = executed("mufu")
+    tensor_flops = {kind: executed("mma_flops", kind) for kind in
+                    {kind for entry in facts.loop_nests.values() for kind in entry["mma_flops"]}}
+    if tensor_flops and sum(tensor_flops.values()) < work["flops"] * (1 - 1e-6):
+        raise ValueError(f"{launch.kernel_name}: {sum(tensor_flops.values()):.3g} tensor-core FLOPs counted, fewer "
+                         f"than the {work['flops']:.3g} the launch must do: the loop trip counts are wrong")
+    cost = dict(work, warp_instructions=warp_instructions, sass_per_element=warp_instructions * 32 / work["elements"],
+                mufu_per_element=mufu * 32 / work["elements"],
+                tensor_flops=sum(tensor_flops.values()),
+                issue_ms=1e3 * warp_instructions / ISSUE_RATE, sfu_ms=1e3 * mufu / SFU_RATE,
+                tensor_ms=1e3 * sum(f / TENSOR_FLOPS[kind] for kind, f in tensor_flops.items()))
+    dot_peak = DOT_FLOPS[operand_kind(launch)]
     for gpu, ceiling in CEILINGS.items():
-        cost[f"floor_ms_{gpu}"] = 1e3 * max(work["flops"] / ceiling["flops"], work["bytes"] / ceiling["bytes"])
-        cost[f"predicted_ms_{gpu}"] = max(cost["issue_ms"], cost[f"floor_ms_{gpu}"])
+        cost[f"floor_ms_{gpu}"] = 1e3 * max(work["flops"] / dot_peak, work["bytes"] / ceiling["bytes"])
+        cost[f"predicted_ms_{gpu}"] = max(cost[f"floor_ms_{gpu}"], cost["issue_ms"], cost["sfu_ms"], cost["tensor_ms"])
     return cost
 
 
@@ -263,7 +322,7 @@ def run(launches: list[Launch], workers: int, costs: list | None = None) -> list
     firsts = [group[0] for group in groups.values()]
     results = sweep(firsts, workers=workers)
     if costs is not None:
-        costs.extend((launch, result, estimated_cost(launch, result))
+        costs.extend((launch, result, _cost_or_error(launch, result))
                      for group, result in zip(groups.values(), results) if not isinstance(result, str) for launch in group)
     rows = []
     for group, result in zip(groups.values(), results):
@@ -274,22 +333,39 @@ def run(launches: list[Launch], workers: int, costs: list | None = None) -> list
     return rows
 
 
+def _cost_or_error(launch: Launch, facts: CubinFacts) -> dict:
+    """estimated_cost, or {"error": why} when the cost model does not fit the kernel's SASS (reported, so that
+    the compile checks of the other launches still run)."""
+    try:
+        return estimated_cost(launch, facts)
+    except ValueError as exc:
+        return {"error": str(exc)}
+
+
 def aggregate_costs(costs: list) -> list[dict]:
-    """Per (kernel, operands, call): the du pass's chunk launches summed into one call."""
+    """Per (kernel, operands, call): a call's launches (du chunks, backward's tile sets) summed into one row."""
     calls: dict[tuple, dict] = {}
     for launch, facts, cost in costs:
-        key = (launch.kernel_name, _operands(launch), launch.case.split(" du[")[0])
+        key = (launch.kernel_name, _operands(launch), launch.case.split(" | ")[0])
+        if "error" in cost or "error" in calls.get(key, {}):
+            calls[key] = dict(kernel=key[0], operands=key[1], case=key[2], config=launch.config,
+                              error=cost.get("error") or calls[key]["error"])
+            continue
         if key not in calls:
             calls[key] = dict(kernel=key[0], operands=key[1], case=key[2], config=launch.config, launches=0,
                               registers=facts.registers, spills=facts.spills, hgmma=facts.hgmma, hmma=facts.hmma,
-                              static_sass=facts.instructions, **{k: 0.0 for k in cost if k != "sass_per_element"})
+                              static_sass=facts.instructions, **{k: 0.0 for k in cost if not k.endswith("per_element")})
         total = calls[key]
         total["launches"] += 1
         for name, value in cost.items():
-            if name != "sass_per_element":
+            if name.endswith("per_element"):
+                total.setdefault("_" + name, 0.0)
+                total["_" + name] += value * cost["elements"]
+            else:
                 total[name] += value
     for total in calls.values():
-        total["sass_per_element"] = total["warp_instructions"] * 32 / total["elements"]
+        for name in [k for k in total if k.startswith("_")]:
+            total[name[1:]] = total.pop(name) / total["elements"]
     return list(calls.values())
 
 
