@@ -248,52 +248,53 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_
 @triton.jit
 def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed_ptr, loss_coef_ptr,
                         row_shift_ptr, alpha_ptr, du_const_ptr, du_slope_ptr, offset_ptr, c_sum_ptr,
-                        du_ptr, d_gamma_partial_ptr, d_beta_partial_ptr, d_bias_partial_ptr,
-                        B, M, m_start, m_stop, du_row_stride,
+                        du_ptr, d_gamma_ptr, d_beta_ptr, d_bias_ptr, B, M, m_start, m_stop, du_row_stride,
                         P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_K: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         INTERPRETED: tl.constexpr):
-    """du for columns [m_start, m_stop) into a chunk buffer (rows b*P+e, column m - m_start), and per row
-    block partial column sums for dgamma, dbeta and the expert bias gradient.
+    """du for columns [m_start, m_stop) into a chunk buffer (rows b*P+e, column m - m_start), and the column
+    sums dgamma, dbeta and the expert bias gradient. A program owns BLOCK_M columns and walks every row block,
+    so its column sums are accumulated elementwise and reduced across rows once, at the end.
 
     With base = dW gamma - row_shift (row_shift = sum_m dW gamma / M), the LayerNorm backward
     du_e = GELU'(u) r_e c_e (dW gamma - sum dW gamma / M - xhat_e A_e / M) is
     du_e = GELU'(u) (alpha_e base + du_const_e + du_slope_e g_e), per-(b, e) constants from the caller."""
-    pid_b = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_m = m_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_b < B
-    d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, tl.load(loss_coef_ptr), offs_b, offs_m, B, M, m_stop, EVEN_M)
+    offs_m = m_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    loss_coef = tl.load(loss_coef_ptr)
     bias = _columns(bias_ptr, offs_m, m_stop, EVEN_M)
     gamma = _columns(gamma_ptr, offs_m, m_stop, EVEN_M)
-    base = d_mixed * gamma[None, :] - _row_value(row_shift_ptr, offs_b, row_ok)[:, None]
-    mixed_hat = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)  # sum_e alpha_e g_e
+    d_gamma = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    d_beta = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
     d_bias = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    ok = row_ok[:, None] if EVEN_M else row_ok[:, None] & (offs_m < m_stop)[None, :]
-    for e in range(P):
-        u = _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, m_stop, P, D, BLOCK_B, BLOCK_M,
-                                  BLOCK_K, EVEN_M, DOT_PRECISION, INTERPRETED)
-        rows = offs_b * P + e
-        alpha = _row_value(alpha_ptr, rows, row_ok)  # 0 past B: du, and every sum below, is 0 there
-        g, slope = _gelu_and_grad(u, INTERPRETED)
-        dg = alpha[:, None] * base + _row_value(du_const_ptr, rows, row_ok)[:, None] \
-            + _row_value(du_slope_ptr, rows, row_ok)[:, None] * g
-        du = dg * slope
-        if not EVEN_M:
-            du = tl.where(ok, du, 0.0)
-        tl.store(du_ptr + rows[:, None] * du_row_stride + (offs_m - m_start)[None, :],
-                 du.to(du_ptr.dtype.element_ty), mask=ok)
-        d_bias += du
-        mixed_hat += alpha[:, None] * g
-    # dgamma = sum_b dW sum_e c_e xhat_e = sum_b dW (mixed_hat - offset); dbeta = sum_b dW sum_e c_e.
-    offset = _row_value(offset_ptr, offs_b, row_ok)
-    c_sum = _row_value(c_sum_ptr, offs_b, row_ok)
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        row_ok = offs_b < B
+        d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, offs_b, offs_m, B, M, m_stop, EVEN_M)
+        base = d_mixed * gamma[None, :] - _row_value(row_shift_ptr, offs_b, row_ok)[:, None]
+        mixed_hat = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)  # sum_e alpha_e g_e
+        ok = row_ok[:, None] if EVEN_M else row_ok[:, None] & (offs_m < m_stop)[None, :]
+        for e in range(P):
+            u = _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, m_stop, P, D, BLOCK_B, BLOCK_M,
+                                      BLOCK_K, EVEN_M, DOT_PRECISION, INTERPRETED)
+            rows = offs_b * P + e
+            alpha = _row_value(alpha_ptr, rows, row_ok)  # 0 past B: du, and every sum below, is 0 there
+            g, slope = _gelu_and_grad(u, INTERPRETED)
+            dg = alpha[:, None] * base + _row_value(du_const_ptr, rows, row_ok)[:, None] \
+                + _row_value(du_slope_ptr, rows, row_ok)[:, None] * g
+            du = dg * slope
+            if not EVEN_M:
+                du = tl.where(ok, du, 0.0)
+            tl.store(du_ptr + rows[:, None] * du_row_stride + (offs_m - m_start)[None, :],
+                     du.to(du_ptr.dtype.element_ty), mask=ok)
+            d_bias += du
+            mixed_hat += alpha[:, None] * g
+        # dgamma = sum_b dW sum_e c_e xhat_e = sum_b dW (mixed_hat - offset); dbeta = sum_b dW sum_e c_e.
+        d_gamma += d_mixed * (mixed_hat - _row_value(offset_ptr, offs_b, row_ok)[:, None])
+        d_beta += d_mixed * _row_value(c_sum_ptr, offs_b, row_ok)[:, None]
     col_ok = offs_m < m_stop
-    tl.store(d_gamma_partial_ptr + pid_b * M + offs_m, tl.sum(d_mixed * (mixed_hat - offset[:, None]), axis=0),
-             mask=col_ok)
-    tl.store(d_beta_partial_ptr + pid_b * M + offs_m, tl.sum(d_mixed * c_sum[:, None], axis=0), mask=col_ok)
-    tl.store(d_bias_partial_ptr + pid_b * M + offs_m, tl.sum(d_bias, axis=0), mask=col_ok)
+    tl.store(d_gamma_ptr + offs_m, tl.sum(d_gamma, axis=0), mask=col_ok)
+    tl.store(d_beta_ptr + offs_m, tl.sum(d_beta, axis=0), mask=col_ok)
+    tl.store(d_bias_ptr + offs_m, tl.sum(d_bias, axis=0), mask=col_ok)
 
 
 # The output LayerNorm rows: D_o = 768 is 3 x 256, so a row is held as NUM_SEG segments of SEG columns (a tuple
@@ -551,10 +552,7 @@ class ExpertMixFunction(torch.autograd.Function):
                          (alpha * mean).sum(-1), c.sum(-1))
 
         config = pick_config("grad", dim, features, kind)
-        n_row_blocks = triton.cdiv(batch, config["BLOCK_B"])  # each (row block, column) is written once
-        d_gamma_partial = torch.empty(n_row_blocks, features, **f32)
-        d_beta_partial = torch.empty(n_row_blocks, features, **f32)
-        d_bias_partial = torch.empty(n_row_blocks, features, **f32)
+        d_gamma, d_beta, d_bias = (torch.empty(features, **f32) for _ in range(3))
         grad_queries = torch.zeros(batch * patterns, dim, **f32)
         grad_weight = torch.empty(features, dim, device=queries.device, dtype=ctx.weight_dtype)
         q_rows = queries.view(batch * patterns, dim)
@@ -563,15 +561,14 @@ class ExpertMixFunction(torch.autograd.Function):
         for m_start in range(0, features, chunk):
             m_stop = min(m_start + chunk, features)
             du_chunk = du[:, :m_stop - m_start]
-            launch(_expert_grad_kernel, _expert_grid(batch, m_stop - m_start, config), config,
+            launch(_expert_grad_kernel, (triton.cdiv(m_stop - m_start, config["BLOCK_M"]),), config,
                    queries, weight_compute, bias, norm_weight, grad_mixed, mixed, loss_coef, *row_constants,
-                   du_chunk, d_gamma_partial, d_beta_partial, d_bias_partial, batch, features, m_start, m_stop,
-                   du.stride(0), EVEN_M=even_columns(m_stop - m_start, config), **constants)
+                   du_chunk, d_gamma, d_beta, d_bias, batch, features, m_start, m_stop, du.stride(0),
+                   EVEN_M=even_columns(m_stop - m_start, config), **constants)
             grad_queries += (du_chunk @ weight_compute[m_start:m_stop]).float()
             grad_weight[m_start:m_stop] = du_chunk.t() @ q_rows
         return (grad_queries.view_as(queries).to(queries.dtype), grad_scores.to(scores.dtype), grad_weight,
-                d_bias_partial.sum(0).to(bias.dtype), d_gamma_partial.sum(0).to(norm_weight.dtype),
-                d_beta_partial.sum(0).to(norm_bias.dtype), None, None, None)
+                d_bias.to(bias.dtype), d_gamma.to(norm_weight.dtype), d_beta.to(norm_bias.dtype), None, None, None)
 
 
 class OutputProjectionFunction(torch.autograd.Function):

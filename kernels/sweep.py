@@ -103,10 +103,10 @@ def decoder_launches(batch, dim, out_dim, tokens, kind, sm_count: int | None = H
             "decoder", dec._expert_grad_kernel,
             common | dict(gamma_ptr=F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=F32, row_shift_ptr=F32,
                           alpha_ptr=F32, du_const_ptr=F32, du_slope_ptr=F32, offset_ptr=F32, c_sum_ptr=F32,
-                          du_ptr=dtype, d_gamma_partial_ptr=F32, d_beta_partial_ptr=F32, d_bias_partial_ptr=F32,
+                          du_ptr=dtype, d_gamma_ptr=F32, d_beta_ptr=F32, d_bias_ptr=F32,
                           m_start=m_start, m_stop=m_stop, du_row_stride=chunk,
                           EVEN_M=dec.even_columns(m_stop - m_start, grad)),
-            grad, case + f" | du[{m_start}:]", tensor_core, dec._expert_grid(batch, m_stop - m_start, grad)))
+            grad, case + f" | du[{m_start}:]", tensor_core, (triton.cdiv(m_stop - m_start, grad["BLOCK_M"]),)))
     if kind == "tf32":
         return launches  # the row kernels have no dots: their fp32 code is the "fp32" kind's
     rows = batch * tokens
@@ -186,6 +186,9 @@ def _loop_trips(launch: Launch) -> list[list[tuple[int, int]]]:
     takes the structure the SASS has and fails on any other rather than price it wrong."""
     a, name = launch.args, launch.kernel_name
     k = triton.cdiv(a.get("D", 1), a.get("BLOCK_K", 1))
+    if name == "expert_grad":  # row blocks, the pattern loop inside, the K loop inside that
+        blocks = triton.cdiv(a["B"], a["BLOCK_B"])
+        return [[(blocks, -1), (a["P"], 0), (k, 1)], [(blocks, -1), (a["P"], 0)]]
     if name.startswith("expert_"):  # the pattern loop, the K loop inside it
         return [[(a["P"], -1), (k, 0)], [(a["P"], -1)]]
     if name == "relation_kl_fwd":  # the tail block's K loop, then the full column blocks with a K loop inside
