@@ -469,7 +469,7 @@ def print_static(report: dict) -> None:
     if "error" in report:
         print(f"  unavailable: {report['error']}")
         return
-    print(f"{'kernel':20} {'operands':17} {'call':24} {'config':15} {'regs':>4} {'spill':>5} {'HGMMA':>5} "
+    print(f"{'kernel':20} {'operands':17} {'call':24} {'config':15} {'regs':>4} {'warps':>5} {'spill':>5} {'HGMMA':>5} "
           f"{'SASS/el':>7} {'MUFU/el':>7} {'issue':>6} {'SFU':>6} {'tensor':>6} {'floor H100':>10} {'pred H100':>9} "
           f"{'floor H200':>10} {'pred H200':>9}")
     for c in report["costs"]:
@@ -477,12 +477,14 @@ def print_static(report: dict) -> None:
         if "error" in c:
             print(f"{c['kernel']:20} {c['operands']:17} {call:24} {c['config']:15} cost model error: {c['error']}")
             continue
-        print(f"{c['kernel']:20} {c['operands']:17} {call:24} {c['config']:15} {c['registers']:4} {c['spills']:5} "
+        print(f"{c['kernel']:20} {c['operands']:17} {call:24} {c['config']:15} {c['registers']:4} "
+              f"{c['warps_per_sm']:5.0f} {c['spills']:5} "
               f"{c['hgmma']:5} {c['sass_per_element']:7.1f} {c['mufu_per_element']:7.2f} {c['issue_ms']:6.3f} "
               f"{c['sfu_ms']:6.3f} {c['tensor_ms']:6.3f} {c['floor_ms_H100']:10.3f} {c['predicted_ms_H100']:9.3f} "
               f"{c['floor_ms_H200']:10.3f} {c['predicted_ms_H200']:9.3f}")
-    print(f"ms; floor = max(useful dot FLOPs, compulsory bytes) at the {report['ceilings']}; predicted = max(floor, "
-          "executed SASS at the issue rate, MUFU at the SFU rate, executed tensor-core FLOPs). cuBLAS GEMMs "
+    print(f"ms; warps: resident warps per SM; floor = max(useful dot FLOPs, compulsory bytes) at the "
+          f"{report['ceilings']}; predicted = max(floor, executed SASS at the issue rate, MUFU at the SFU rate, "
+          "executed tensor-core FLOPs), which assumes enough resident warps to hide latency. cuBLAS GEMMs "
           "(output projection, du products) are not included.")
     print(f"\n{'Triton kernels of one call':26} {'floor H100':>10} {'pred H100':>9} {'ratio':>5} "
           f"{'floor H200':>10} {'pred H200':>9} {'ratio':>5}")

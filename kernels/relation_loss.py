@@ -34,8 +34,8 @@ OP = "fused relation KL"
 # operands without TF32 (IEEE dots on FMA units) take K steps of 16. Shapes off the table take the default
 # of their operand kind; the choice never depends on timing.
 DEFAULT_CONFIGS = {
-    "fwd": {"bf16": KernelConfig.of(4, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=64),
-            "fp16": KernelConfig.of(4, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=64),
+    "fwd": {"bf16": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=64),
+            "fp16": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=64),
             "tf32": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=32),
             "fp32": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=8)},
     "bwd": {"bf16": KernelConfig.of(4, 3, BLOCK_I=64, BLOCK_K=64),

@@ -248,6 +248,15 @@ def _work(launch: Launch) -> dict:
     return dict(elements=rows * a["width"], flops=0.0, bytes=size * rows * a["width"] * (3 if "bwd" in name else 2))
 
 
+def resident_warps(launch: Launch, facts: CubinFacts) -> int:
+    """Warps an SM can hold of this kernel: CTAs limited by registers (65,536 per SM, allocated per warp in
+    units of 256), shared memory (228 KiB per SM, 1 KiB reserved per CTA), 32 CTAs and 64 warps. The
+    predicted times assume enough of them to hide latency; with 8 or fewer that is doubtful."""
+    per_warp = -(-facts.registers * 32 // 256) * 256
+    ctas = min(32, 65536 // (per_warp * launch.num_warps), 233472 // (facts.shared_bytes + 1024))
+    return min(64, ctas * launch.num_warps)
+
+
 def estimated_cost(launch: Launch, facts: CubinFacts) -> dict:
     """Executed SASS (static counts per loop nest x trip counts x warps x programs) and the predicted time:
     the largest of the issue-bound, special-function-bound, executed tensor-FLOP-bound, useful-FLOP-bound and
@@ -268,7 +277,8 @@ def estimated_cost(launch: Launch, facts: CubinFacts) -> dict:
     if tensor_flops and sum(tensor_flops.values()) < work["flops"] * (1 - 1e-6):
         raise ValueError(f"{launch.kernel_name}: {sum(tensor_flops.values()):.3g} tensor-core FLOPs counted, fewer "
                          f"than the {work['flops']:.3g} the launch must do: the loop trip counts are wrong")
-    cost = dict(work, warp_instructions=warp_instructions, sass_per_element=warp_instructions * 32 / work["elements"],
+    cost = dict(work, warps_per_sm=resident_warps(launch, facts), warp_instructions=warp_instructions,
+                sass_per_element=warp_instructions * 32 / work["elements"],
                 mufu_per_element=mufu * 32 / work["elements"],
                 tensor_flops=sum(tensor_flops.values()),
                 issue_ms=1e3 * warp_instructions / ISSUE_RATE, sfu_ms=1e3 * mufu / SFU_RATE,
@@ -346,7 +356,9 @@ def _cost_or_error(launch: Launch, facts: CubinFacts) -> dict:
 
 
 def aggregate_costs(costs: list) -> list[dict]:
-    """Per (kernel, operands, call): a call's launches (du chunks, backward's tile sets) summed into one row."""
+    """Per (kernel, operands, call): a call's launches (du chunks, backward's tile sets) in one row: times, work
+    and instructions summed, per-element figures weighted by elements, the most registers and spills and the
+    fewest resident warps of its binaries, the first launch's config."""
     calls: dict[tuple, dict] = {}
     for launch, facts, cost in costs:
         key = (launch.kernel_name, _operands(launch), launch.case.split(" | ")[0])
@@ -354,18 +366,18 @@ def aggregate_costs(costs: list) -> list[dict]:
             calls[key] = dict(kernel=key[0], operands=key[1], case=key[2], config=launch.config,
                               error=cost.get("error") or calls[key]["error"])
             continue
-        if key not in calls:
-            calls[key] = dict(kernel=key[0], operands=key[1], case=key[2], config=launch.config, launches=0,
-                              registers=facts.registers, spills=facts.spills, hgmma=facts.hgmma, hmma=facts.hmma,
-                              static_sass=facts.instructions, **{k: 0.0 for k in cost if not k.endswith("per_element")})
-        total = calls[key]
+        total = calls.setdefault(key, dict(kernel=key[0], operands=key[1], case=key[2], config=launch.config,
+                                           launches=0, registers=0, spills=0, hgmma=facts.hgmma, hmma=facts.hmma,
+                                           warps_per_sm=64, static_sass=facts.instructions))
         total["launches"] += 1
+        total["registers"] = max(total["registers"], facts.registers)
+        total["spills"] = max(total["spills"], facts.spills)
+        total["warps_per_sm"] = min(total["warps_per_sm"], cost["warps_per_sm"])
         for name, value in cost.items():
             if name.endswith("per_element"):
-                total.setdefault("_" + name, 0.0)
-                total["_" + name] += value * cost["elements"]
-            else:
-                total[name] += value
+                total["_" + name] = total.get("_" + name, 0.0) + value * cost["elements"]
+            elif name != "warps_per_sm":
+                total[name] = total.get(name, 0.0) + value
     for total in calls.values():
         for name in [k for k in total if k.startswith("_")]:
             total[name[1:]] = total.pop(name) / total["elements"]
