@@ -16,9 +16,12 @@ on the same inputs, relative to that output's largest magnitude (`max_rel_err`),
 infinity came out (`nan`).
 
 It also prints a static cost report that needs no GPU: each kernel at the ViT-Ti shapes compiled for
-sm_90 (`kernels.sweep --quick`), with registers, spills, wgmma/mma.sync counts, executed SASS per element
-(static counts by loop depth times trip counts) and the predicted time, the largest of the issue-bound,
-FLOP-bound and byte-bound times at the H100 and H200 datasheet ceilings (JSON key "static").
+sm_90 (`kernels.sweep --quick`), with registers, resident warps per SM, spills, wgmma counts, executed SASS
+and MUFU instructions per element (static counts per loop nest times trip counts) and the predicted time,
+the largest of the issue-bound, special-function-bound, executed-tensor-FLOP-bound, useful-FLOP-bound and
+byte-bound times at the H100 and H200 datasheet ceilings, then per call (decoder B256 L257, the stacked
+CLS call, relation forward + backward) the Triton kernels' predicted time against their floor (JSON key
+"static", with "totals").
 
 FLOPs are the useful GEMM FLOPs (forward, plus twice that for backward) — what any implementation must do;
 the fused ops execute more (they recompute instead of storing), which is why both counts are reported.

@@ -10,21 +10,31 @@ reciprocal std r_e of g over all M values, xhat = (g - mu_e) r_e):
 Forward: two passes of one GEMM-shaped kernel over tiles (samples x M), each recomputing u from q and W
 in registers: pass 1 writes per-tile variance partials (mean, M2; merged with Chan's formula), pass 2
 writes W_b [B, M] and per-tile sums of W_b^2. Nothing of size [B, P, M] is written, and none is saved:
-backward keeps q, s, the parameters, (mu, r) [B, P] and W_b.
+backward keeps q, s, the parameters (the expert weight in the compute dtype, cast once in forward),
+(mu, r) [B, P] and W_b. Per-sample constants (alpha_e = c_e r_e, sum_e alpha_e mu_e, sum_e c_e) are
+formed by the caller, so the kernels' per-element work is the dot's epilogue, one GELU and a few FMAs.
 
 Backward, with dW = dL/dW_b + 2 weight / B * dloss * W_b:
-    A_e = sum_m dW gamma xhat_e,  Bs = sum_m dW gamma,  C = sum_m dW beta   (pass 1, recomputes u)
+    A_e = sum_m dW gamma xhat_e = r_e (sum_m dW gamma g_e - mu_e Bs),  Bs = sum_m dW gamma,
+    C = sum_m dW beta                                                    (pass 1, recomputes u)
     ds_e = (A_e + C) / mix_divisor
     du_e = GELU'(u) * r_e c_e (dW gamma - Bs / M - xhat_e A_e / M)          (pass 2, recomputes u)
     dgamma = sum_b dW sum_e c_e xhat_e,  dbeta = sum_b dW sum_e c_e,  dbias = sum_{b,e} du_e
                                                                        (pass 2 column sums)
-du exists only one column chunk at a time (at most `_DU_CHUNK_ELEMENTS` values) and is consumed by two
-cuBLAS GEMMs (dq += du W_chunk, dW_expert[chunk] = du^T q) before the next chunk is made.
+Pass 1 cannot be folded into pass 2: every du_e needs A_e, a sum over all M columns of a product with dW,
+which exists only in backward. Pass 2 gives each program a column tile and every row block, so its column
+sums are reduced across rows once. du exists only one column chunk at a time (at most
+`_DU_CHUNK_ELEMENTS` values) and is consumed by two cuBLAS GEMMs (dq += du W_chunk,
+dW_expert[chunk] = du^T q) before the next chunk is made.
+
+GELU is the exact (erf) one, evaluated once per element per pass, GELU and GELU' from one evaluation of
+the normal tail (see `_normal_tail`).
 
 The output stage is a batched cuBLAS GEMM z = h @ W_b and a fused GELU + LayerNorm row kernel; backward
 recomputes z (one GEMM) rather than keeping [B, L, D_o] alive, and overwrites it with dz in place.
 
-Memory kept from forward to backward: W_b [B, D*D_o] and [B, P] statistics, beyond the inputs.
+Memory kept from forward to backward: W_b [B, D*D_o], the compute-dtype expert weight when the parameter
+is float32, and [B, P] statistics, beyond the inputs.
 """
 from __future__ import annotations
 
@@ -38,13 +48,14 @@ from kernels._common import (INTERPRETED, KernelConfig, check_device, check_dtyp
 
 OP = "fused expert path"
 
-# Expert GEMM passes: rows are samples (one tl.dot per pattern query), columns the D * D_o output
-# features in tiles of _BLOCK_M (fixed: per-tile partial statistics are indexed by it), K the query width.
-# Configs are pinned per (kernel, D, M, dot operands) from the sm_90 compile facts (`make check-sm90`;
-# README "Kernel configurations on sm_90"), never tuned at run time: the same shapes run the same code
-# (and summation order) on every rank and resume. Rule for shapes off the table: the default of the
-# operand kind. Tensor-core tiles keep 64 rows (one wgmma M per warpgroup) and 8 warps: with 4 warps,
-# 128 rows or (TF32) K steps of 64 the mix pass and the du pass spill (see the README).
+# Expert GEMM passes: rows are samples (one tl.dot per pattern query, the three sharing the program's W
+# columns; P = 3 rows per sample would not make a power-of-two tile), columns the D * D_o output features
+# in tiles of _BLOCK_M (fixed: per-tile partial statistics are indexed by it), K the query width (D is a
+# constexpr: the K loop unrolls). Configs are pinned per (kernel, D, M, dot operands) from the sm_90
+# compile facts (`make check-sm90`; README "Kernel configurations on sm_90"), never tuned at run time: the
+# same shapes run the same code (and summation order) on every rank and resume. Rule for shapes off the
+# table: the default of the operand kind. Tensor-core tiles keep 64 rows (one wgmma M per warpgroup) and 8
+# warps; the du pass takes 64 columns (its column sums and dW tile stay in registers).
 _BLOCK_M = 128
 _BF16_PASS = KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64)
 DEFAULT_CONFIGS = {
@@ -454,10 +465,12 @@ def du_chunk_columns(batch: int, patterns: int, features: int) -> int:
     return min(features, max(_BLOCK_M, _DU_CHUNK_ELEMENTS // (batch * patterns) // _BLOCK_M * _BLOCK_M))
 
 
-# GELU + LayerNorm row kernels: blocks of ROW_BLOCK rows, one row per warp at a time.
-ROW_WARPS = 4
+# GELU + LayerNorm row kernels: blocks of ROW_BLOCK rows, one row per warp up to D_o = 768 (24 values per
+# thread); wider rows take two warps each (D_o = 1024 on one warp holds 32 values per thread and its backward
+# reaches 255 registers, 8 warps per SM; on two, 128 registers and 16 warps per SM).
 ROW_BLOCK = 4
 ROW_STAGES = 1
+ONE_WARP_ROWS = 768  # widest row given one warp
 
 
 def row_layout(width: int) -> dict:
@@ -606,8 +619,8 @@ class OutputProjectionFunction(torch.autograd.Function):
 
 
 def row_config(width: int) -> KernelConfig:
-    """The row kernels' launch config (the same at every width; the segments come from `row_layout`)."""
-    return KernelConfig.of(ROW_WARPS, ROW_STAGES, BLOCK_R=ROW_BLOCK)
+    """The row kernels' launch config for rows of `width` (the segments come from `row_layout`)."""
+    return KernelConfig.of(ROW_BLOCK * (1 if width <= ONE_WARP_ROWS else 2), ROW_STAGES, BLOCK_R=ROW_BLOCK)
 
 
 def _check_inputs(queries, scores, h, expert_weight, expert_bias, expert_norm_weight, expert_norm_bias,

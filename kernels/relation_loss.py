@@ -1,18 +1,26 @@
 """Fused relation loss: matches `dpal.losses.relation_kl_reference` without storing student logits.
 
-With S = Y Y^T / sqrt(D) per sample, p the target rows (int8 targets are log-domain codes, decoded in
-the kernel as p = exp(q * row scale - lse_t) with lse_t = logsumexp_j q_ij * scale_i from a pre-pass
-over the int8 row), P_i = sum_j p_ij and lse_i = logsumexp_j S_ij:
+With S = Y Y^T / sqrt(D) per sample, p the target rows (int8 targets are log-domain codes:
+p = softmax_j(q_ij * row scale_i)), P_i = sum_j p_ij and lse_i = logsumexp_j S_ij:
 
     KL_i = sum_j xlogy(p_ij, p_ij) - sum_j p_ij S_ij + P_i lse_i        loss = mean_{b,i} KL_i
 
-Forward: one program per (sample, block of rows) sweeps the column blocks with an online logsumexp
-(flash-attention style); S tiles live only in registers. It writes cross_i = sum_j xlogy(p, p) - p S per
-row (the loss is sum_i cross_i + P_i lse_i, formed outside) and keeps lse, P and lse_t [B, N] for backward.
+Exponentials and logarithms run in base 2 on the special-function unit (S log2 e, one MUFU each).
+
+Forward: one program per (block of rows, sample), the row blocks of a sample adjacent in the grid (its Y
+stays in L2), sweeps the column blocks with an online logsumexp (flash-attention style); S tiles live only
+in registers. Columns go in full blocks, then what is left in one narrow tail block (N = 257: 4 x 64 + 16,
+where 5 x 64 spent a fifth of the work on padding). It writes cross_i = sum_j xlogy(p, p) - p S per row
+(the loss is sum_i cross_i + P_i lse_i, formed outside) and keeps lse, P and the int8 rows' normaliser
+[B, N] for backward. For int8 targets the normaliser is a second online logsumexp in the same sweep,
+over z = q * scale: with A = sum_j 2^(z - m) (z - s), cross_i = ln 2 (A / sum_j 2^(z - m) - lse_t) and
+P_i = 1, so no pre-pass reads the row first.
 Backward: dKL/dS_ij = P_i softmax_ij - p_ij =: G_ij, and since S is symmetric,
-dY = (G + G^T) Y / sqrt(D) (times the incoming gradient / (B N)). One program per (sample, I, J) tile
-recomputes S_IJ and writes (G_IJ + G_JI^T) scaled — G_JI^T comes from the same S tile with the column
-rows' lse and the transposed target tile — and a batched cuBLAS GEMM multiplies it by Y. The only
+dY = (G + G^T) Y / sqrt(D) (times the incoming gradient / (B N)). (G + G^T) is symmetric too, so one
+program per tile pair I <= J (and sample) recomputes S_IJ, forms (G_IJ + G_JI^T) scaled — G_JI^T from the
+same S tile with the column rows' lse and the transposed target tile — and writes it at (I, J) and its
+transpose at (J, I): each unordered pair of tiles is computed once. The tail columns pair with every
+row block in a second launch of narrow tiles. A batched cuBLAS GEMM multiplies the result by Y. The only
 N x N buffer is that gradient, in Y's dtype, the size of the target itself, alive during backward only.
 """
 from __future__ import annotations
