@@ -75,39 +75,33 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def fast_rcp(x, INTERPRETED: tl.constexpr):
-    """1 / x for fp32 x > 0 on the special-function unit (rcp.approx.ftz: within 1 ulp; one MUFU instruction,
-    where `1 / x` compiles to IEEE division with a slow path). The interpreter divides exactly."""
+def _special_function(x, exact, PTX: tl.constexpr, INTERPRETED: tl.constexpr):
+    """One approximate special-function-unit instruction (PTX, e.g. "ex2.approx.ftz.f32") on fp32 x, a single
+    MUFU in SASS where Triton's own lowering adds range fix-ups or, for 1 / x, an IEEE division with a slow
+    path. The interpreter returns `exact` (dead code when compiled)."""
     if INTERPRETED:
-        y = 1.0 / x
+        y = exact
     else:
-        y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                      pack=1)
+        y = tl.inline_asm_elementwise(PTX + " $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
     return y
+
+
+@triton.jit
+def fast_rcp(x, INTERPRETED: tl.constexpr):
+    """1 / x for fp32 x > 0 (rcp.approx.ftz: within 1 ulp)."""
+    return _special_function(x, 1.0 / x, "rcp.approx.ftz.f32", INTERPRETED)
 
 
 @triton.jit
 def fast_exp2(x, INTERPRETED: tl.constexpr):
-    """2^x for fp32 x (ex2.approx.ftz: within 2 ulp, results below 2^-126 flushed to 0; one MUFU instruction,
-    where tl.exp2 adds the denormal range fix-ups). The interpreter uses tl.exp2."""
-    if INTERPRETED:
-        y = tl.exp2(x)
-    else:
-        y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                      pack=1)
-    return y
+    """2^x for fp32 x (ex2.approx.ftz: within 2 ulp, results below 2^-126 flushed to 0)."""
+    return _special_function(x, tl.exp2(x), "ex2.approx.ftz.f32", INTERPRETED)
 
 
 @triton.jit
 def fast_log2(x, INTERPRETED: tl.constexpr):
-    """log2 x for fp32 x >= 2^-126 (lg2.approx.ftz: within 2^-22 absolute; one MUFU instruction, where tl.log2
-    adds the denormal fix-ups). The interpreter uses tl.log2."""
-    if INTERPRETED:
-        y = tl.log2(x)
-    else:
-        y = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                      pack=1)
-    return y
+    """log2 x for fp32 x >= 2^-126 (lg2.approx.ftz: within 2^-22 absolute)."""
+    return _special_function(x, tl.log2(x), "lg2.approx.ftz.f32", INTERPRETED)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
