@@ -472,9 +472,9 @@ def print_static(report: dict) -> None:
     if "error" in report:
         print(f"  unavailable: {report['error']}")
         return
-    print(f"{'kernel':20} {'operands':17} {'call':24} {'config':15} {'regs':>4} {'warps':>5} {'spill':>5} {'HGMMA':>5} "
-          f"{'SASS/el':>7} {'MUFU/el':>7} {'issue':>6} {'SFU':>6} {'tensor':>6} {'floor H100':>10} {'pred H100':>9} "
-          f"{'floor H200':>10} {'pred H200':>9}")
+    print(f"{'kernel':20} {'operands':17} {'call':24} {'config':15} {'regs':>4} {'warps':>5} {'spill':>5} "
+          f"{'HGMMA':>5} {'SASS/el':>7} {'MUFU/el':>7} {'issue':>6} {'SFU':>6} {'tensor':>6} {'floor H100':>10} "
+          f"{'pred H100':>9} {'floor H200':>10} {'pred H200':>9}")
     for c in report["costs"]:
         call = c["case"].replace(" Do768", "").replace(" D768", "")
         if "error" in c:

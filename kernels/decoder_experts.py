@@ -531,7 +531,8 @@ class ExpertMixFunction(torch.autograd.Function):
         experts_loss = loss_weight * sq_partial.sum() / batch
 
         ctx.save_for_backward(queries, scores, weight_compute, bias, norm_weight, norm_bias, mean, rstd, mixed)
-        ctx.mix_divisor, ctx.loss_weight, ctx.constants, ctx.weight_dtype = mix_divisor, loss_weight, constants, weight.dtype
+        ctx.mix_divisor, ctx.loss_weight, ctx.constants = mix_divisor, loss_weight, constants
+        ctx.weight_dtype = weight.dtype
         return mixed, experts_loss  # float32, whatever the compute dtype: it is one number
 
     @staticmethod

@@ -242,7 +242,8 @@ def _work(launch: Launch) -> dict:
             share = (n * n - full * full if a["MASK_J"] else full * full) / (n * n)
             batch = launch.programs // len(tiles)
             pairs, flops_per_pair = batch * n * n * share, 1.0 * a["D"]
-        moved = share * batch * (size * n * a["D"] + target_size * n * n + (size * n * n if name.endswith("bwd") else 0))
+        gradient = size * n * n if name.endswith("bwd") else 0
+        moved = share * batch * (size * n * a["D"] + target_size * n * n + gradient)
         return dict(elements=pairs, flops=flops_per_pair * pairs, bytes=moved)
     rows = a.get("n_rows", launch.programs)
     return dict(elements=rows * a["width"], flops=0.0, bytes=size * rows * a["width"] * (3 if "bwd" in name else 2))
@@ -336,7 +337,8 @@ def run(launches: list[Launch], workers: int, costs: list | None = None) -> list
     results = sweep(firsts, workers=workers)
     if costs is not None:
         costs.extend((launch, result, _cost_or_error(launch, result))
-                     for group, result in zip(groups.values(), results) if not isinstance(result, str) for launch in group)
+                     for group, result in zip(groups.values(), results) if not isinstance(result, str)
+                     for launch in group)
     rows = []
     for group, result in zip(groups.values(), results):
         first = group[0]
