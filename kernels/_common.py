@@ -68,6 +68,36 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
+@triton.jit
+def _special_function(x, exact, PTX: tl.constexpr, INTERPRETED: tl.constexpr):
+    """One approximate special-function-unit instruction (PTX, e.g. "ex2.approx.ftz.f32") on fp32 x, a single
+    MUFU in SASS where Triton's own lowering adds range fix-ups or, for 1 / x, an IEEE division with a slow
+    path. The interpreter returns `exact` (dead code when compiled)."""
+    if INTERPRETED:
+        y = exact
+    else:
+        y = tl.inline_asm_elementwise(PTX + " $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    return y
+
+
+@triton.jit
+def fast_rcp(x, INTERPRETED: tl.constexpr):
+    """1 / x for fp32 x > 0 (rcp.approx.ftz: within 1 ulp)."""
+    return _special_function(x, 1.0 / x, "rcp.approx.ftz.f32", INTERPRETED)
+
+
+@triton.jit
+def fast_exp2(x, INTERPRETED: tl.constexpr):
+    """2^x for fp32 x (ex2.approx.ftz: within 2 ulp, results below 2^-126 flushed to 0)."""
+    return _special_function(x, tl.exp2(x), "ex2.approx.ftz.f32", INTERPRETED)
+
+
+@triton.jit
+def fast_log2(x, INTERPRETED: tl.constexpr):
+    """log2 x for fp32 x >= 2^-126 (lg2.approx.ftz: within 2^-22 absolute)."""
+    return _special_function(x, tl.log2(x), "lg2.approx.ftz.f32", INTERPRETED)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: float32 inputs follow torch's TF32 switch, like the cuBLAS GEMMs beside them."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:

@@ -16,9 +16,12 @@ on the same inputs, relative to that output's largest magnitude (`max_rel_err`),
 infinity came out (`nan`).
 
 It also prints a static cost report that needs no GPU: each kernel at the ViT-Ti shapes compiled for
-sm_90 (`kernels.sweep --quick`), with registers, spills, wgmma/mma.sync counts, executed SASS per element
-(static counts by loop depth times trip counts) and the predicted time, the largest of the issue-bound,
-FLOP-bound and byte-bound times at the H100 and H200 datasheet ceilings (JSON key "static").
+sm_90 (`kernels.sweep --quick`), with registers, resident warps per SM, spills, wgmma counts, executed SASS
+and MUFU instructions per element (static counts per loop nest times trip counts) and the predicted time,
+the largest of the issue-bound, special-function-bound, executed-tensor-FLOP-bound, useful-FLOP-bound and
+byte-bound times at the H100 and H200 datasheet ceilings, then per call (decoder B256 L257, the stacked
+CLS call, relation forward + backward) the Triton kernels' predicted time against their floor (JSON key
+"static", with "totals").
 
 FLOPs are the useful GEMM FLOPs (forward, plus twice that for backward) — what any implementation must do;
 the fused ops execute more (they recompute instead of storing), which is why both counts are reported.
@@ -425,6 +428,29 @@ def print_floors(rows: list[dict]) -> None:
               f"{r['floor_ms_compute']:8.3f} {r['floor_ms_fused_compute']:13.3f} {r['floor_ms_memory']:8.3f}")
 
 
+STATIC_CALLS = {"decoder B256 L257": ("decoder", "B256 D192 Do768 L257"),
+                "decoder CLS B768 L1": ("decoder", "B768 D192 Do768 L1"),
+                "relation fp16 targets": ("relation", "B256 N257 D768 target fp16"),
+                "relation int8 targets": ("relation", "B256 N257 D768 target int8")}
+
+
+def static_totals(costs: list[dict]) -> list[dict]:
+    """Per call of STATIC_CALLS: the floors and predicted times of its Triton kernels, summed, and their ratio."""
+    totals = []
+    op_kernels = {"decoder": ("expert", "gelu"), "relation": ("relation",)}
+    for name, (op, case) in STATIC_CALLS.items():
+        rows = [c for c in costs if c["case"].startswith(case) and c["kernel"].startswith(op_kernels[op])]
+        if any("error" in c for c in rows):
+            totals.append(dict(call=name, error="; ".join(c["error"] for c in rows if "error" in c)))
+            continue
+        total = dict(call=name, kernels=len(rows))
+        for gpu in ("H100", "H200"):
+            floor, predicted = (sum(c[f"{k}_ms_{gpu}"] for c in rows) for k in ("floor", "predicted"))
+            total |= {f"floor_ms_{gpu}": floor, f"predicted_ms_{gpu}": predicted, f"ratio_{gpu}": predicted / floor}
+        totals.append(total)
+    return totals
+
+
 def static_report() -> dict:
     """Compile facts and predicted times of every kernel at the ViT-Ti shapes (batch 256, and the stacked CLS
     call at 768), from the sm_90 compile sweep in a child process (`kernels.sweep --quick`; no GPU needed)."""
@@ -437,8 +463,9 @@ def static_report() -> dict:
         report = json.loads(path.read_text())
     shapes = ("B256 D192 Do768 L257", "B768 D192 Do768 L1", "B256 N257 D768")
     report["costs"] = [c for c in report["costs"] if c["case"].startswith(shapes)]
-    report["ceilings"] = "datasheet: 989 TF/s dense bf16 (H100 SXM, H200); 3.35 TB/s (H100), 4.8 TB/s (H200); " \
-                         "issue 132 SMs x 4 warp instructions per clock at 1.98 GHz"
+    report["totals"] = static_totals(report["costs"])
+    report["ceilings"] = ("datasheet: 3.35 TB/s (H100), 4.8 TB/s (H200); per SM at 1.98 GHz: 4 warp instructions "
+                          "issued, 16 MUFU lanes, dense tensor cores 989 TF/s bf16 (132 SMs)")
     return report
 
 
@@ -447,15 +474,31 @@ def print_static(report: dict) -> None:
     if "error" in report:
         print(f"  unavailable: {report['error']}")
         return
-    print(f"{'kernel':20} {'operands':17} {'call':24} {'config':15} {'regs':>4} {'spill':>5} {'HGMMA':>5} "
-          f"{'HMMA':>4} {'SASS/el':>7} {'floor H100':>10} {'pred H100':>9} {'floor H200':>10} {'pred H200':>9}")
+    print(f"{'kernel':20} {'operands':17} {'call':24} {'config':15} {'regs':>4} {'warps':>5} {'spill':>5} "
+          f"{'HGMMA':>5} {'SASS/el':>7} {'MUFU/el':>7} {'issue':>6} {'SFU':>6} {'tensor':>6} {'floor H100':>10} "
+          f"{'pred H100':>9} {'floor H200':>10} {'pred H200':>9}")
     for c in report["costs"]:
         call = c["case"].replace(" Do768", "").replace(" D768", "")
-        print(f"{c['kernel']:20} {c['operands']:17} {call:24} {c['config']:15} {c['registers']:4} {c['spills']:5} "
-              f"{c['hgmma']:5} {c['hmma']:4} {c['sass_per_element']:7.1f} {c['floor_ms_H100']:10.3f} "
-              f"{c['predicted_ms_H100']:9.3f} {c['floor_ms_H200']:10.3f} {c['predicted_ms_H200']:9.3f}")
-    print(f"ms; floor = max(useful dot FLOPs, compulsory bytes) at the {report['ceilings']}; predicted = max(floor, "
-          "executed SASS at that issue rate). cuBLAS GEMMs (output projection, du products) are not included.")
+        if "error" in c:
+            print(f"{c['kernel']:20} {c['operands']:17} {call:24} {c['config']:15} cost model error: {c['error']}")
+            continue
+        print(f"{c['kernel']:20} {c['operands']:17} {call:24} {c['config']:15} {c['registers']:4} "
+              f"{c['warps_per_sm']:5.0f} {c['spills']:5} "
+              f"{c['hgmma']:5} {c['sass_per_element']:7.1f} {c['mufu_per_element']:7.2f} {c['issue_ms']:6.3f} "
+              f"{c['sfu_ms']:6.3f} {c['tensor_ms']:6.3f} {c['floor_ms_H100']:10.3f} {c['predicted_ms_H100']:9.3f} "
+              f"{c['floor_ms_H200']:10.3f} {c['predicted_ms_H200']:9.3f}")
+    print(f"ms; warps: resident warps per SM; floor = max(useful dot FLOPs, compulsory bytes) at the "
+          f"{report['ceilings']}; predicted = max(floor, executed SASS at the issue rate, MUFU at the SFU rate, "
+          "executed tensor-core FLOPs), which assumes enough resident warps to hide latency. cuBLAS GEMMs "
+          "(output projection, du products) are not included.")
+    print(f"\n{'Triton kernels of one call':26} {'floor H100':>10} {'pred H100':>9} {'ratio':>5} "
+          f"{'floor H200':>10} {'pred H200':>9} {'ratio':>5}")
+    for t in report["totals"]:
+        if "error" in t:
+            print(f"{t['call']:26} cost model error: {t['error']}")
+            continue
+        print(f"{t['call']:26} {t['floor_ms_H100']:10.3f} {t['predicted_ms_H100']:9.3f} {t['ratio_H100']:5.2f} "
+              f"{t['floor_ms_H200']:10.3f} {t['predicted_ms_H200']:9.3f} {t['ratio_H200']:5.2f}")
 
 
 def main(argv=None) -> int:

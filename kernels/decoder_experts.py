@@ -10,21 +10,31 @@ reciprocal std r_e of g over all M values, xhat = (g - mu_e) r_e):
 Forward: two passes of one GEMM-shaped kernel over tiles (samples x M), each recomputing u from q and W
 in registers: pass 1 writes per-tile variance partials (mean, M2; merged with Chan's formula), pass 2
 writes W_b [B, M] and per-tile sums of W_b^2. Nothing of size [B, P, M] is written, and none is saved:
-backward keeps q, s, the parameters, (mu, r) [B, P] and W_b.
+backward keeps q, s, the parameters (the expert weight in the compute dtype, cast once in forward),
+(mu, r) [B, P] and W_b. Per-sample constants (alpha_e = c_e r_e, sum_e alpha_e mu_e, sum_e c_e) are
+formed by the caller, so the kernels' per-element work is the dot's epilogue, one GELU and a few FMAs.
 
 Backward, with dW = dL/dW_b + 2 weight / B * dloss * W_b:
-    A_e = sum_m dW gamma xhat_e,  Bs = sum_m dW gamma,  C = sum_m dW beta   (pass 1, recomputes u)
+    A_e = sum_m dW gamma xhat_e = r_e (sum_m dW gamma g_e - mu_e Bs),  Bs = sum_m dW gamma,
+    C = sum_m dW beta                                                    (pass 1, recomputes u)
     ds_e = (A_e + C) / mix_divisor
     du_e = GELU'(u) * r_e c_e (dW gamma - Bs / M - xhat_e A_e / M)          (pass 2, recomputes u)
     dgamma = sum_b dW sum_e c_e xhat_e,  dbeta = sum_b dW sum_e c_e,  dbias = sum_{b,e} du_e
                                                                        (pass 2 column sums)
-du exists only one column chunk at a time (at most `_DU_CHUNK_ELEMENTS` values) and is consumed by two
-cuBLAS GEMMs (dq += du W_chunk, dW_expert[chunk] = du^T q) before the next chunk is made.
+Pass 1 cannot be folded into pass 2: every du_e needs A_e, a sum over all M columns of a product with dW,
+which exists only in backward. Pass 2 gives each program a column tile and every row block, so its column
+sums are reduced across rows once. du exists only one column chunk at a time (at most
+`_DU_CHUNK_ELEMENTS` values) and is consumed by two cuBLAS GEMMs (dq += du W_chunk,
+dW_expert[chunk] = du^T q) before the next chunk is made.
+
+GELU is the exact (erf) one, evaluated once per element per pass, GELU and GELU' from one evaluation of
+the normal tail (see `_normal_tail`).
 
 The output stage is a batched cuBLAS GEMM z = h @ W_b and a fused GELU + LayerNorm row kernel; backward
 recomputes z (one GEMM) rather than keeping [B, L, D_o] alive, and overwrites it with dz in place.
 
-Memory kept from forward to backward: W_b [B, D*D_o] and [B, P] statistics, beyond the inputs.
+Memory kept from forward to backward: W_b [B, D*D_o], the compute-dtype expert weight when the parameter
+is float32, and [B, P] statistics, beyond the inputs.
 """
 from __future__ import annotations
 
@@ -33,17 +43,19 @@ import triton
 import triton.language as tl
 
 from kernels._common import (INTERPRETED, KernelConfig, check_device, check_dtype, check_shape, dot_operands,
-                             dot_precision, launch, mma, multiprocessors, num_programs_for_rows)
+                             dot_precision, fast_exp2, fast_rcp, launch, mma, multiprocessors,
+                             num_programs_for_rows)
 
 OP = "fused expert path"
 
-# Expert GEMM passes: rows are samples (one tl.dot per pattern query), columns the D * D_o output
-# features in tiles of _BLOCK_M (fixed: per-tile partial statistics are indexed by it), K the query width.
-# Configs are pinned per (kernel, D, M, dot operands) from the sm_90 compile facts (`make check-sm90`;
-# README "Kernel configurations on sm_90"), never tuned at run time: the same shapes run the same code
-# (and summation order) on every rank and resume. Rule for shapes off the table: the default of the
-# operand kind. Tensor-core tiles keep 64 rows (one wgmma M per warpgroup) and 8 warps: with 4 warps,
-# 128 rows or (TF32) K steps of 64 the mix pass and the du pass spill (see the README).
+# Expert GEMM passes: rows are samples (one tl.dot per pattern query, the three sharing the program's W
+# columns; P = 3 rows per sample would not make a power-of-two tile), columns the D * D_o output features
+# in tiles of _BLOCK_M (fixed: per-tile partial statistics are indexed by it), K the query width (D is a
+# constexpr: the K loop unrolls). Configs are pinned per (kernel, D, M, dot operands) from the sm_90
+# compile facts (`make check-sm90`; README "Kernel configurations on sm_90"), never tuned at run time: the
+# same shapes run the same code (and summation order) on every rank and resume. Rule for shapes off the
+# table: the default of the operand kind. Tensor-core tiles keep 64 rows (one wgmma M per warpgroup) and 8
+# warps; the du pass takes 64 columns (its column sums and dW tile stay in registers).
 _BLOCK_M = 128
 _BF16_PASS = KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64)
 DEFAULT_CONFIGS = {
@@ -52,7 +64,7 @@ DEFAULT_CONFIGS = {
     "grad": {"bf16": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=64),
              "fp16": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=64),
              "tf32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=32, BLOCK_M=64),
-             "fp32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=64)}}
+             "fp32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=16, BLOCK_M=64)}}
 DEFAULT_CONFIGS["mix"] = DEFAULT_CONFIGS["grad_stats"] = DEFAULT_CONFIGS["stats"]  # same GEMM, similar epilogues
 # The recipes' (D, D_o): ViT-Ti, ViT-B and the Swin students (192) or ViT-S (384), PATH-B (768) or
 # PATH-L / SOLIDER-B (1024) teachers. Every recipe shape has its operand kind's default today.
@@ -64,225 +76,371 @@ PINNED_CONFIGS = {(kernel, dim, dim * out_dim, kind): config
 _DU_CHUNK_ELEMENTS = 1 << 24
 
 
-@triton.jit
-def _gelu(u):
-    return 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
+# GELU(u) = u Phi(u) with the normal tail Q = 1 - Phi(|u|) from Abramowitz & Stegun 7.1.26 (erfc to 1.5e-7
+# absolute): Q = poly(t) exp(-u^2/2), t = 1 / (1 + p |u| / sqrt 2). One reciprocal and one exp2 on the SFU and
+# seven FMA-pipe instructions, where libdevice's erff takes two polynomials selected per element (about 30
+# instructions, a third of them constant moves); exp(-u^2/2) is also GELU's derivative's density term.
+_TAIL_P = tl.constexpr(0.3275911 * 0.7071067811865476)
+_TAIL_A1 = tl.constexpr(0.5 * 0.254829592)  # the 1/2 of Q = erfc / 2 folded in
+_TAIL_A2 = tl.constexpr(0.5 * -0.284496736)
+_TAIL_A3 = tl.constexpr(0.5 * 1.421413741)
+_TAIL_A4 = tl.constexpr(0.5 * -1.453152027)
+_TAIL_A5 = tl.constexpr(0.5 * 1.061405429)
+_HALF_SQUARE_LOG2E = tl.constexpr(-0.5 * 1.4426950408889634)  # exp(-u^2/2) = 2^(u^2 * this)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
-def _gelu_grad(u):
-    return 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476)) + u * 0.3989422804014327 * tl.exp(-0.5 * u * u)
+def _normal_tail(u, INTERPRETED: tl.constexpr):
+    """(Q, e): Q = P(Z > |u|) for a standard normal Z, and e = exp(-u^2 / 2), fp32."""
+    t = fast_rcp(1.0 + tl.abs(u) * _TAIL_P, INTERPRETED)
+    e = fast_exp2(u * u * _HALF_SQUARE_LOG2E, INTERPRETED)
+    poly = ((((_TAIL_A5 * t + _TAIL_A4) * t + _TAIL_A3) * t + _TAIL_A2) * t + _TAIL_A1) * t
+    return poly * e, e
 
 
 @triton.jit
-def _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P: tl.constexpr, D, M,
+def _gelu(u, INTERPRETED: tl.constexpr):
+    """Exact (erf) GELU: u Phi(u) = max(u, 0) - |u| Q."""
+    tail, _ = _normal_tail(u, INTERPRETED)
+    return tl.maximum(u, 0.0) - tl.abs(u) * tail
+
+
+@triton.jit
+def _gelu_and_grad(u, INTERPRETED: tl.constexpr):
+    """(GELU(u), GELU'(u) = Phi(u) + u phi(u)) from one evaluation of the normal tail."""
+    tail, e = _normal_tail(u, INTERPRETED)
+    cdf = tl.where(u >= 0.0, 1.0 - tail, tail)
+    return u * cdf, cdf + u * e * _INV_SQRT_2PI
+
+
+@triton.jit
+def _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, M, P: tl.constexpr, D: tl.constexpr,
                           BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """u = q[b, e] . W[m] + bias[m] for a tile of samples x output features, fp32."""
+                          EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """u = q[b, e] . W[m] + bias[m] for a tile of samples x output features, fp32. D is a constexpr, so the K
+    loop unrolls and its bounds checks vanish when BLOCK_K divides D."""
     acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    q_rows = (offs_b.to(tl.int64) * P + e) * D
-    w_rows = offs_m.to(tl.int64) * D
+    q_rows = (offs_b * P + e) * D
+    w_rows = offs_m * D
+    row_ok = (offs_b < B)[:, None]
+    col_ok = (offs_m < M)[None, :]
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        q = tl.load(q_ptr + q_rows[:, None] + offs_k[None, :],
-                    mask=(offs_b[:, None] < B) & (offs_k[None, :] < D), other=0.0)
-        w = tl.load(w_ptr + w_rows[None, :] + offs_k[:, None],
-                    mask=(offs_k[:, None] < D) & (offs_m[None, :] < M), other=0.0)
-        acc = mma(q, w, acc, DOT_PRECISION, UPCAST_DOT)
-    bias = tl.load(bias_ptr + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)
+        q_mask = row_ok & (offs_k < D)[None, :] if D % BLOCK_K else row_ok
+        q = tl.load(q_ptr + q_rows[:, None] + offs_k[None, :], mask=q_mask, other=0.0)
+        w_at = w_ptr + w_rows[None, :] + offs_k[:, None]
+        if EVEN_M and D % BLOCK_K == 0:
+            w = tl.load(w_at)
+        else:
+            w_mask = col_ok if D % BLOCK_K == 0 else (offs_k < D)[:, None] & col_ok
+            w = tl.load(w_at, mask=w_mask, other=0.0)
+        acc = mma(q, w, acc, DOT_PRECISION, INTERPRETED)
     return acc + bias[None, :]
 
 
 @triton.jit
-def _expert_row_value(ptr, offs_b, e, P: tl.constexpr, row_ok):
-    """One fp32 value per sample of a [B, P] per-expert buffer (LN statistics, gate scores), for expert e."""
-    return tl.load(ptr + offs_b * P + e, mask=row_ok, other=0.0).to(tl.float32)
+def _columns(ptr, offs_m, M, EVEN_M: tl.constexpr):
+    """A slice of a per-column vector at columns offs_m, as fp32 (0 past M unless EVEN_M says none is)."""
+    if EVEN_M:
+        v = tl.load(ptr + offs_m)
+    else:
+        v = tl.load(ptr + offs_m, mask=offs_m < M, other=0.0)
+    return v.to(tl.float32)
 
 
 @triton.jit
-def _expert_stats_kernel(q_ptr, w_ptr, bias_ptr, tile_mean_ptr, tile_m2_ptr, B, D, M, n_tiles,
-                         P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+def _row_value(ptr, offs_b, row_ok):
+    """One fp32 value per sample of a per-sample buffer (0 past B)."""
+    return tl.load(ptr + offs_b, mask=row_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _expert_stats_kernel(q_ptr, w_ptr, bias_ptr, tile_mean_ptr, tile_m2_ptr, B, M, n_tiles,
+                         P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         INTERPRETED: tl.constexpr):
     """Per (b, e, column tile): mean and sum of squared deviations of GELU(u) over the tile's columns."""
     pid_b = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    col_ok = (offs_m < M)[None, :]
-    count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
     row_ok = offs_b < B
-    for e in tl.static_range(P):
-        u = _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P, D, M,
-                                  BLOCK_B, BLOCK_M, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
-        g = tl.where(col_ok, _gelu(u), 0.0)
+    col_ok = (offs_m < M)[None, :]
+    count = BLOCK_M if EVEN_M else tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    bias = _columns(bias_ptr, offs_m, M, EVEN_M)
+    for e in range(P):
+        u = _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K,
+                                  EVEN_M, DOT_PRECISION, INTERPRETED)
+        g = _gelu(u, INTERPRETED)
+        if not EVEN_M:
+            g = tl.where(col_ok, g, 0.0)
         tile_mean = tl.sum(g, axis=1) / count
-        dev = tl.where(col_ok, g - tile_mean[:, None], 0.0)
+        dev = g - tile_mean[:, None]
+        if not EVEN_M:
+            dev = tl.where(col_ok, dev, 0.0)
         out = (offs_b * P + e) * n_tiles + pid_m
         tl.store(tile_mean_ptr + out, tile_mean, mask=row_ok)
         tl.store(tile_m2_ptr + out, tl.sum(dev * dev, axis=1), mask=row_ok)
 
 
 @triton.jit
-def _expert_mix_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
-                       mixed_ptr, sq_partial_ptr, inv_mix, B, D, M, n_tiles,
-                       P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """W_b tile = gamma * sum_e c_e xhat_e + beta * sum_e c_e, plus per-tile row sums of W_b^2."""
+def _expert_mix_kernel(q_ptr, w_ptr, bias_ptr, alpha_ptr, offset_ptr, c_sum_ptr, gamma_ptr, beta_ptr,
+                       mixed_ptr, sq_partial_ptr, B, M, n_tiles,
+                       P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_K: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       INTERPRETED: tl.constexpr):
+    """W_b tile = gamma * (sum_e alpha_e g_e - offset) + beta * c_sum, plus per-tile row sums of W_b^2, with
+    alpha_e = c_e r_e, offset = sum_e alpha_e mu_e and c_sum = sum_e c_e per sample (so that
+    sum_e alpha_e g_e - offset = sum_e c_e xhat_e)."""
     pid_b = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_b < B
-    col_ok = offs_m < M
+    bias = _columns(bias_ptr, offs_m, M, EVEN_M)
     acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    c_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    for e in tl.static_range(P):
-        u = _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P, D, M,
-                                  BLOCK_B, BLOCK_M, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
-        mu = _expert_row_value(mean_ptr, offs_b, e, P, row_ok)
-        r = _expert_row_value(rstd_ptr, offs_b, e, P, row_ok)
-        c = _expert_row_value(scores_ptr, offs_b, e, P, row_ok) * inv_mix
-        acc += (c * r)[:, None] * (_gelu(u) - mu[:, None])
-        c_sum += c
-    gamma = tl.load(gamma_ptr + offs_m, mask=col_ok, other=0.0).to(tl.float32)
-    beta = tl.load(beta_ptr + offs_m, mask=col_ok, other=0.0).to(tl.float32)
-    mixed = (acc * gamma[None, :] + c_sum[:, None] * beta[None, :]).to(mixed_ptr.dtype.element_ty)
-    ok = row_ok[:, None] & col_ok[None, :]
-    tl.store(mixed_ptr + offs_b.to(tl.int64)[:, None] * M + offs_m[None, :], mixed, mask=ok)
-    # The loss is taken of the stored (rounded) W_b, the same values backward differentiates through.
-    stored = tl.where(ok, mixed.to(tl.float32), 0.0)
+    for e in range(P):
+        u = _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K,
+                                  EVEN_M, DOT_PRECISION, INTERPRETED)
+        alpha = _row_value(alpha_ptr, offs_b * P + e, row_ok)
+        acc += alpha[:, None] * _gelu(u, INTERPRETED)
+    gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)
+    beta = _columns(beta_ptr, offs_m, M, EVEN_M)
+    offset = _row_value(offset_ptr, offs_b, row_ok)
+    c_sum = _row_value(c_sum_ptr, offs_b, row_ok)
+    mixed = ((acc - offset[:, None]) * gamma[None, :] + c_sum[:, None] * beta[None, :]).to(mixed_ptr.dtype.element_ty)
+    ok = row_ok[:, None] if EVEN_M else row_ok[:, None] & (offs_m < M)[None, :]
+    tl.store(mixed_ptr + offs_b[:, None] * M + offs_m[None, :], mixed, mask=ok)
+    # The loss is taken of the stored (rounded) W_b, the same values backward differentiates through; rows
+    # past B hold c_sum = offset = 0, so W_b = 0 there, and columns past M have gamma = beta = 0.
+    stored = mixed.to(tl.float32)
     tl.store(sq_partial_ptr + offs_b * n_tiles + pid_m, tl.sum(stored * stored, axis=1), mask=row_ok)
 
 
 @triton.jit
-def _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef_ptr, offs_b, offs_m, B, M, m_stop):
+def _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, offs_b, offs_m, B, M, m_stop, EVEN_M: tl.constexpr):
     """dW = dL/dW_b + (2 weight / B) dloss W_b for a tile of W_b [B, M] (zero outside rows < B, columns < m_stop)."""
-    ok = (offs_b < B)[:, None] & (offs_m < m_stop)[None, :]
-    at = offs_b.to(tl.int64)[:, None] * M + offs_m[None, :]
+    ok = (offs_b < B)[:, None] if EVEN_M else (offs_b < B)[:, None] & (offs_m < m_stop)[None, :]
+    at = offs_b[:, None] * M + offs_m[None, :]
     grad = tl.load(grad_ptr + at, mask=ok, other=0.0).to(tl.float32)
     mixed = tl.load(mixed_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    return grad + tl.load(loss_coef_ptr) * mixed
+    return grad + loss_coef * mixed
 
 
 @triton.jit
-def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
-                              grad_ptr, mixed_ptr, loss_coef_ptr, partial_ptr, B, D, M, n_tiles,
-                              P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Per (b, column tile): A_e = sum dW gamma xhat_e (slots 0..P-1), sum dW gamma (P), sum dW beta (P+1)."""
+def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_ptr, mixed_ptr, loss_coef_ptr,
+                              partial_ptr, B, M, n_tiles,
+                              P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_K: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                              INTERPRETED: tl.constexpr):
+    """Per (b, column tile): sum dW gamma g_e (slots 0..P-1), sum dW gamma (P), sum dW beta (P+1). The caller
+    forms A_e = sum dW gamma xhat_e = r_e (slot e - mu_e slot P)."""
     pid_b = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_b < B
-    col_ok = offs_m < M
-    d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef_ptr, offs_b, offs_m, B, M, M)
-    gamma = tl.load(gamma_ptr + offs_m, mask=col_ok, other=0.0).to(tl.float32)
-    beta = tl.load(beta_ptr + offs_m, mask=col_ok, other=0.0).to(tl.float32)
-    d_gamma_scaled = d_mixed * gamma[None, :]
+    d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, tl.load(loss_coef_ptr), offs_b, offs_m, B, M, M, EVEN_M)
+    bias = _columns(bias_ptr, offs_m, M, EVEN_M)
+    gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)
+    beta = _columns(beta_ptr, offs_m, M, EVEN_M)
+    d_gamma_scaled = d_mixed * gamma[None, :]  # zero past M (gamma) and past B (d_mixed)
     slot = offs_b * (P + 2) * n_tiles + pid_m
     tl.store(partial_ptr + slot + P * n_tiles, tl.sum(d_gamma_scaled, axis=1), mask=row_ok)
     tl.store(partial_ptr + slot + (P + 1) * n_tiles, tl.sum(d_mixed * beta[None, :], axis=1), mask=row_ok)
-    for e in tl.static_range(P):
-        u = _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P, D, M,
-                                  BLOCK_B, BLOCK_M, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
-        mu = _expert_row_value(mean_ptr, offs_b, e, P, row_ok)
-        r = _expert_row_value(rstd_ptr, offs_b, e, P, row_ok)
-        xhat = (_gelu(u) - mu[:, None]) * r[:, None]
-        tl.store(partial_ptr + slot + e * n_tiles, tl.sum(d_gamma_scaled * xhat, axis=1), mask=row_ok)
+    for e in range(P):
+        u = _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K,
+                                  EVEN_M, DOT_PRECISION, INTERPRETED)
+        tl.store(partial_ptr + slot + e * n_tiles, tl.sum(d_gamma_scaled * _gelu(u, INTERPRETED), axis=1),
+                 mask=row_ok)
 
 
 @triton.jit
-def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, scores_ptr, mean_ptr, rstd_ptr, gamma_ptr,
-                        grad_ptr, mixed_ptr, loss_coef_ptr, a_mean_ptr, b_mean_ptr,
-                        du_ptr, d_gamma_partial_ptr, d_beta_partial_ptr, d_bias_partial_ptr,
-                        inv_mix, B, D, M, m_start, m_stop, du_row_stride,
-                        P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """du for columns [m_start, m_stop) into a chunk buffer (rows b*P+e, column m - m_start), and per
-    row block partial column sums for dgamma, dbeta and the expert bias gradient."""
-    pid_b = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_m = m_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_b < B
+def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed_ptr, loss_coef_ptr,
+                        row_shift_ptr, alpha_ptr, du_const_ptr, du_slope_ptr, offset_ptr, c_sum_ptr,
+                        du_ptr, d_gamma_ptr, d_beta_ptr, d_bias_ptr, B, M, m_start, m_stop, du_row_stride,
+                        P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_K: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        INTERPRETED: tl.constexpr):
+    """du for columns [m_start, m_stop) into a chunk buffer (rows b*P+e, column m - m_start), and the column
+    sums dgamma, dbeta and the expert bias gradient. A program owns BLOCK_M columns and walks every row block,
+    so its column sums are accumulated elementwise and reduced across rows once, at the end.
+
+    With base = dW gamma - row_shift (row_shift = sum_m dW gamma / M), the LayerNorm backward
+    du_e = GELU'(u) r_e c_e (dW gamma - sum dW gamma / M - xhat_e A_e / M) is
+    du_e = GELU'(u) (alpha_e base + du_const_e + du_slope_e g_e), per-(b, e) constants from the caller."""
+    offs_m = m_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    loss_coef = tl.load(loss_coef_ptr)
+    bias = _columns(bias_ptr, offs_m, m_stop, EVEN_M)
+    gamma = _columns(gamma_ptr, offs_m, m_stop, EVEN_M)
+    d_gamma = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    d_beta = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    d_bias = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        row_ok = offs_b < B
+        d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, offs_b, offs_m, B, M, m_stop, EVEN_M)
+        base = d_mixed * gamma[None, :] - _row_value(row_shift_ptr, offs_b, row_ok)[:, None]
+        mixed_hat = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)  # sum_e alpha_e g_e
+        ok = row_ok[:, None] if EVEN_M else row_ok[:, None] & (offs_m < m_stop)[None, :]
+        for e in range(P):
+            u = _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, m_stop, P, D, BLOCK_B, BLOCK_M,
+                                      BLOCK_K, EVEN_M, DOT_PRECISION, INTERPRETED)
+            rows = offs_b * P + e
+            alpha = _row_value(alpha_ptr, rows, row_ok)  # 0 past B: du, and every sum below, is 0 there
+            g, slope = _gelu_and_grad(u, INTERPRETED)
+            dg = alpha[:, None] * base + _row_value(du_const_ptr, rows, row_ok)[:, None] \
+                + _row_value(du_slope_ptr, rows, row_ok)[:, None] * g
+            du = dg * slope
+            if not EVEN_M:
+                du = tl.where(ok, du, 0.0)
+            tl.store(du_ptr + rows[:, None] * du_row_stride + (offs_m - m_start)[None, :],
+                     du.to(du_ptr.dtype.element_ty), mask=ok)
+            d_bias += du
+            mixed_hat += alpha[:, None] * g
+        # dgamma = sum_b dW sum_e c_e xhat_e = sum_b dW (mixed_hat - offset); dbeta = sum_b dW sum_e c_e.
+        d_gamma += d_mixed * (mixed_hat - _row_value(offset_ptr, offs_b, row_ok)[:, None])
+        d_beta += d_mixed * _row_value(c_sum_ptr, offs_b, row_ok)[:, None]
     col_ok = offs_m < m_stop
-    d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef_ptr, offs_b, offs_m, B, M, m_stop)
-    gamma = tl.load(gamma_ptr + offs_m, mask=col_ok, other=0.0).to(tl.float32)
-    b_mean = tl.load(b_mean_ptr + offs_b, mask=row_ok, other=0.0)
-    # Column sums accumulate as [BLOCK_M] vectors, not tiles: fewer live registers per program.
-    d_gamma = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    d_beta = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    d_bias = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    ok = row_ok[:, None] & col_ok[None, :]
-    for e in tl.static_range(P):
-        u = _expert_preactivation(q_ptr, w_ptr, bias_ptr, offs_b, e, offs_m, B, P, D, M,
-                                  BLOCK_B, BLOCK_M, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
-        mu = _expert_row_value(mean_ptr, offs_b, e, P, row_ok)
-        r = _expert_row_value(rstd_ptr, offs_b, e, P, row_ok)
-        c = _expert_row_value(scores_ptr, offs_b, e, P, row_ok) * inv_mix
-        a_mean = _expert_row_value(a_mean_ptr, offs_b, e, P, row_ok)
-        xhat = (_gelu(u) - mu[:, None]) * r[:, None]
-        dg = (r * c)[:, None] * (d_mixed * gamma[None, :] - b_mean[:, None] - xhat * a_mean[:, None])
-        du = tl.where(ok, dg * _gelu_grad(u), 0.0)
-        du_rows = (offs_b.to(tl.int64) * P + e) * du_row_stride
-        tl.store(du_ptr + du_rows[:, None] + (offs_m - m_start)[None, :], du.to(du_ptr.dtype.element_ty), mask=ok)
-        d_bias += tl.sum(du, axis=0)
-        weighted = d_mixed * c[:, None]
-        d_gamma += tl.sum(weighted * xhat, axis=0)
-        d_beta += tl.sum(weighted, axis=0)
-    tl.store(d_gamma_partial_ptr + pid_b * M + offs_m, d_gamma, mask=col_ok)
-    tl.store(d_beta_partial_ptr + pid_b * M + offs_m, d_beta, mask=col_ok)
-    tl.store(d_bias_partial_ptr + pid_b * M + offs_m, d_bias, mask=col_ok)
+    tl.store(d_gamma_ptr + offs_m, tl.sum(d_gamma, axis=0), mask=col_ok)
+    tl.store(d_beta_ptr + offs_m, tl.sum(d_beta, axis=0), mask=col_ok)
+    tl.store(d_bias_ptr + offs_m, tl.sum(d_bias, axis=0), mask=col_ok)
+
+
+# The output LayerNorm rows: D_o = 768 is 3 x 256, so a row is held as NUM_SEG segments of SEG columns (a tuple
+# of [BLOCK_R, SEG] tiles) instead of one tile padded to 1024, which would spend a quarter of every
+# instruction on padding. Each warp holds whole rows, so the row sums need no shared memory.
 
 
 @triton.jit
-def _gelu_layer_norm_row(z, ok, width, eps):
-    """xhat = LN(GELU(z)) of one row before the affine part (fp32, zero outside the row) and its 1/std."""
-    a = tl.where(ok, _gelu(z), 0.0)
-    mean = tl.sum(a, axis=0) / width
-    dev = tl.where(ok, a - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=0) / width + eps)
-    return dev * rstd, rstd
+def _row_tiles(ptr, rows, cols, row_ok, width, SEG: tl.constexpr, NUM_SEG: tl.constexpr, EVEN_W: tl.constexpr):
+    """A [BLOCK_R, width] block of rows as NUM_SEG fp32 [BLOCK_R, SEG] tiles (0 outside rows and width)."""
+    tiles = ()
+    for s in tl.static_range(NUM_SEG):
+        at = s * SEG + cols
+        ok = row_ok[:, None] if EVEN_W else row_ok[:, None] & (at < width)[None, :]
+        tiles = tiles + (tl.load(ptr + rows[:, None] * width + at[None, :], mask=ok, other=0.0).to(tl.float32),)
+    return tiles
 
 
 @triton.jit
-def _gelu_layer_norm_fwd_kernel(z_ptr, y_ptr, w_ptr, b_ptr, width, eps, BLOCK: tl.constexpr):
-    """One row: y = LN(GELU(z)) * w + b."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    ok = cols < width
-    z = tl.load(z_ptr + row * width + cols, mask=ok, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    xhat, _ = _gelu_layer_norm_row(z, ok, width, eps)
-    tl.store(y_ptr + row * width + cols, (xhat * w + b).to(y_ptr.dtype.element_ty), mask=ok)
+def _column_tiles(ptr, cols, width, SEG: tl.constexpr, NUM_SEG: tl.constexpr, EVEN_W: tl.constexpr):
+    """A per-column vector as NUM_SEG fp32 [SEG] slices (0 past width)."""
+    tiles = ()
+    for s in tl.static_range(NUM_SEG):
+        at = s * SEG + cols
+        tiles = tiles + (_columns(ptr, at, width, EVEN_W),)
+    return tiles
+
+
+@triton.jit
+def _store_rows(ptr, tiles, rows, cols, row_ok, width, SEG: tl.constexpr, NUM_SEG: tl.constexpr,
+                EVEN_W: tl.constexpr):
+    for s in tl.static_range(NUM_SEG):
+        at = s * SEG + cols
+        ok = row_ok[:, None] if EVEN_W else row_ok[:, None] & (at < width)[None, :]
+        tl.store(ptr + rows[:, None] * width + at[None, :], tiles[s].to(ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gelu_layer_norm_rows(z, cols, width, eps, BLOCK_R: tl.constexpr, SEG: tl.constexpr, NUM_SEG: tl.constexpr,
+                          EVEN_W: tl.constexpr, GRAD: tl.constexpr, INTERPRETED: tl.constexpr):
+    """xhat = LN(GELU(z)) of a block of rows before the affine part (tiles, 0 past width), 1/std per row, and
+    with GRAD the tiles of GELU'(z)."""
+    acts = ()
+    slopes = ()
+    total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for s in tl.static_range(NUM_SEG):
+        if GRAD:
+            a, slope = _gelu_and_grad(z[s], INTERPRETED)
+            slopes = slopes + (slope,)
+        else:
+            a = _gelu(z[s], INTERPRETED)
+        if not EVEN_W:
+            a = tl.where((s * SEG + cols < width)[None, :], a, 0.0)
+        acts = acts + (a,)
+        total += tl.sum(a, axis=1)
+    mean = total / width
+    devs = ()
+    square = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for s in tl.static_range(NUM_SEG):
+        dev = acts[s] - mean[:, None]
+        if not EVEN_W:
+            dev = tl.where((s * SEG + cols < width)[None, :], dev, 0.0)
+        devs = devs + (dev,)
+        square += tl.sum(dev * dev, axis=1)
+    rstd = tl.math.rsqrt(square / width + eps)
+    xhat = ()
+    for s in tl.static_range(NUM_SEG):
+        xhat = xhat + (devs[s] * rstd[:, None],)
+    return xhat, rstd, slopes
+
+
+@triton.jit
+def _gelu_layer_norm_fwd_kernel(z_ptr, y_ptr, w_ptr, b_ptr, n_rows, width, eps, BLOCK_R: tl.constexpr,
+                                SEG: tl.constexpr, NUM_SEG: tl.constexpr, EVEN_W: tl.constexpr,
+                                INTERPRETED: tl.constexpr):
+    """A block of BLOCK_R rows: y = LN(GELU(z)) * w + b."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, SEG)
+    row_ok = rows < n_rows
+    z = _row_tiles(z_ptr, rows, cols, row_ok, width, SEG, NUM_SEG, EVEN_W)
+    w = _column_tiles(w_ptr, cols, width, SEG, NUM_SEG, EVEN_W)
+    b = _column_tiles(b_ptr, cols, width, SEG, NUM_SEG, EVEN_W)
+    xhat, _, _ = _gelu_layer_norm_rows(z, cols, width, eps, BLOCK_R, SEG, NUM_SEG, EVEN_W, False, INTERPRETED)
+    y = ()
+    for s in tl.static_range(NUM_SEG):
+        y = y + (xhat[s] * w[s][None, :] + b[s][None, :],)
+    _store_rows(y_ptr, y, rows, cols, row_ok, width, SEG, NUM_SEG, EVEN_W)
 
 
 @triton.jit
 def _gelu_layer_norm_bwd_kernel(z_ptr, dy_ptr, w_ptr, dw_partial_ptr, db_partial_ptr, n_rows, width, eps,
-                                rows_per_program, BLOCK: tl.constexpr):
-    """Rows [pid * rows_per_program, ...): overwrites z with dz (each row is read before it is written)
-    and writes per-program dw/db partials. Row statistics are recomputed from z, nothing is saved."""
+                                blocks_per_program, BLOCK_R: tl.constexpr, SEG: tl.constexpr,
+                                NUM_SEG: tl.constexpr, EVEN_W: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Row blocks [pid * blocks_per_program, ...) of BLOCK_R rows: overwrites z with dz (each block is read
+    before it is written) and writes per-program dw/db partials. Row statistics are recomputed from z."""
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    ok = cols < width
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK,), dtype=tl.float32)
-    db = tl.zeros((BLOCK,), dtype=tl.float32)
-    first = pid * rows_per_program
-    for row in range(first, tl.minimum(first + rows_per_program, n_rows)):
-        at = row * width + cols  # < 2^31: B * L * D_o stays far below it at every recipe shape
-        z = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + at, mask=ok, other=0.0).to(tl.float32)
-        xhat, rstd = _gelu_layer_norm_row(z, ok, width, eps)
-        dxhat = dy * w
-        da = rstd * (dxhat - tl.sum(dxhat, axis=0) / width - xhat * (tl.sum(dxhat * xhat, axis=0) / width))
-        tl.store(z_ptr + at, (da * _gelu_grad(z)).to(z_ptr.dtype.element_ty), mask=ok)
-        dw += dy * xhat
-        db += dy
-    tl.store(dw_partial_ptr + pid * width + cols, dw, mask=ok)
-    tl.store(db_partial_ptr + pid * width + cols, db, mask=ok)
+    cols = tl.arange(0, SEG)
+    w = _column_tiles(w_ptr, cols, width, SEG, NUM_SEG, EVEN_W)
+    dw = ()
+    db = ()
+    for s in tl.static_range(NUM_SEG):
+        dw = dw + (tl.zeros((BLOCK_R, SEG), dtype=tl.float32),)
+        db = db + (tl.zeros((BLOCK_R, SEG), dtype=tl.float32),)
+    first = pid * blocks_per_program
+    n_blocks = tl.cdiv(n_rows, BLOCK_R)
+    for block in range(first, tl.minimum(first + blocks_per_program, n_blocks)):
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < n_rows
+        z = _row_tiles(z_ptr, rows, cols, row_ok, width, SEG, NUM_SEG, EVEN_W)
+        dy = _row_tiles(dy_ptr, rows, cols, row_ok, width, SEG, NUM_SEG, EVEN_W)
+        xhat, rstd, slopes = _gelu_layer_norm_rows(z, cols, width, eps, BLOCK_R, SEG, NUM_SEG, EVEN_W, True,
+                                                   INTERPRETED)
+        mean_dxhat = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        mean_dxhat_xhat = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for s in tl.static_range(NUM_SEG):
+            dxhat = dy[s] * w[s][None, :]
+            mean_dxhat += tl.sum(dxhat, axis=1)
+            mean_dxhat_xhat += tl.sum(dxhat * xhat[s], axis=1)
+        mean_dxhat = mean_dxhat / width
+        mean_dxhat_xhat = mean_dxhat_xhat / width
+        dz = ()
+        new_dw = ()
+        new_db = ()
+        for s in tl.static_range(NUM_SEG):
+            da = rstd[:, None] * (dy[s] * w[s][None, :] - mean_dxhat[:, None] - xhat[s] * mean_dxhat_xhat[:, None])
+            dz = dz + (da * slopes[s],)
+            new_dw = new_dw + (dw[s] + dy[s] * xhat[s],)
+            new_db = new_db + (db[s] + dy[s],)
+        dw = new_dw
+        db = new_db
+        _store_rows(z_ptr, dz, rows, cols, row_ok, width, SEG, NUM_SEG, EVEN_W)
+    for s in tl.static_range(NUM_SEG):
+        at = s * SEG + cols
+        tl.store(dw_partial_ptr + pid * width + at, tl.sum(dw[s], axis=0), mask=at < width)
+        tl.store(db_partial_ptr + pid * width + at, tl.sum(db[s], axis=0), mask=at < width)
 
 
 def pick_config(kernel: str, dim: int, features: int, kind: str) -> KernelConfig:
@@ -297,16 +455,39 @@ def _expert_grid(batch: int, columns: int, config: KernelConfig) -> tuple[int, i
     return triton.cdiv(batch, config["BLOCK_B"]), triton.cdiv(columns, config["BLOCK_M"])
 
 
+def even_columns(columns: int, config: KernelConfig) -> bool:
+    """EVEN_M of an expert launch over `columns` features: no column tile is ragged, so no column masks."""
+    return columns % config["BLOCK_M"] == 0
+
+
 def du_chunk_columns(batch: int, patterns: int, features: int) -> int:
     """Columns of du made per backward chunk: at most _DU_CHUNK_ELEMENTS values, a multiple of _BLOCK_M."""
     return min(features, max(_BLOCK_M, _DU_CHUNK_ELEMENTS // (batch * patterns) // _BLOCK_M * _BLOCK_M))
 
 
+# GELU + LayerNorm row kernels: blocks of ROW_BLOCK rows, one row per warp up to D_o = 768 (24 values per
+# thread); wider rows take two warps each (D_o = 1024 on one warp holds 32 values per thread and its backward
+# reaches 255 registers, 8 warps per SM; on two, 128 registers and 16 warps per SM).
+ROW_BLOCK = 4
+ROW_STAGES = 1
+ONE_WARP_ROWS = 768  # widest row given one warp
+
+
+def row_layout(width: int) -> dict:
+    """SEG, NUM_SEG, EVEN_W of the row kernels for rows of `width`: three segments of width / 3 when that is a
+    power of two (D_o = 768: 3 x 256), else one power-of-two segment (masked past width unless it fits)."""
+    block = triton.next_power_of_2(width)
+    if width != block and width % (block // 4) == 0:
+        return dict(SEG=block // 4, NUM_SEG=width // (block // 4), EVEN_W=True)
+    return dict(SEG=block, NUM_SEG=1, EVEN_W=width == block)
+
+
 def row_programs(rows: int, sm_count: int | None) -> tuple[int, int]:
-    """(programs, rows per program) of the GELU + LayerNorm backward row kernel."""
-    programs = num_programs_for_rows(rows, sm_count)
-    rows_per_program = triton.cdiv(rows, programs)
-    return triton.cdiv(rows, rows_per_program), rows_per_program
+    """(programs, row blocks per program) of the GELU + LayerNorm backward row kernel."""
+    blocks = triton.cdiv(rows, ROW_BLOCK)
+    programs = num_programs_for_rows(blocks, sm_count)
+    per_program = triton.cdiv(blocks, programs)
+    return triton.cdiv(blocks, per_program), per_program
 
 
 class ExpertMixFunction(torch.autograd.Function):
@@ -314,22 +495,23 @@ class ExpertMixFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, scores, weight, bias, norm_weight, norm_bias, mix_divisor, loss_weight, eps):
-        # A float32 expert weight (the parameter, under autocast) is rounded to the compute dtype here and
-        # again in backward: a transient copy each time, never one kept per decoder call for backward.
-        # (Rounding tile by tile inside the kernels instead doubles the W tile's registers; they spill.)
+        # A float32 expert weight (the parameter, under autocast) is rounded to the compute dtype once here and
+        # the copy is kept for backward: one cast per call instead of one per pass. (Rounding tile by tile inside
+        # the kernels instead doubles the W tile's registers.)
         weight_compute = weight.to(queries.dtype)
         batch, patterns, dim = queries.shape
         features = weight.shape[0]
         n_tiles = triton.cdiv(features, _BLOCK_M)
         f32 = dict(device=queries.device, dtype=torch.float32)
-        constants = dict(P=patterns, DOT_PRECISION=dot_precision(queries.dtype), UPCAST_DOT=INTERPRETED)
+        constants = dict(P=patterns, D=dim, DOT_PRECISION=dot_precision(queries.dtype), INTERPRETED=INTERPRETED)
         kind = dot_operands(queries.dtype)
         stats_config, mix_config = (pick_config(k, dim, features, kind) for k in ("stats", "mix"))
 
         tile_mean = torch.empty(batch, patterns, n_tiles, **f32)
         tile_m2 = torch.empty(batch, patterns, n_tiles, **f32)
         launch(_expert_stats_kernel, _expert_grid(batch, features, stats_config), stats_config,
-               queries, weight_compute, bias, tile_mean, tile_m2, batch, dim, features, n_tiles, **constants)
+               queries, weight_compute, bias, tile_mean, tile_m2, batch, features, n_tiles,
+               EVEN_M=even_columns(features, stats_config), **constants)
         # Chan's merge of the per-tile (count, mean, M2) in float64: exact enough for any D*D_o.
         counts = torch.full((n_tiles,), _BLOCK_M, device=queries.device, dtype=torch.float64)
         counts[-1] = features - _BLOCK_M * (n_tiles - 1)
@@ -339,24 +521,26 @@ class ExpertMixFunction(torch.autograd.Function):
         rstd = torch.rsqrt(m2 / features + eps).float()
         mean = mean.float()
 
+        c = scores.float() / mix_divisor
+        alpha = c * rstd
         mixed = torch.empty(batch, features, device=queries.device, dtype=queries.dtype)
         sq_partial = torch.empty(batch, n_tiles, **f32)
         launch(_expert_mix_kernel, _expert_grid(batch, features, mix_config), mix_config,
-               queries, weight_compute, bias, scores, mean, rstd, norm_weight, norm_bias, mixed, sq_partial,
-               1.0 / mix_divisor, batch, dim, features, n_tiles, **constants)
+               queries, weight_compute, bias, alpha, (alpha * mean).sum(-1), c.sum(-1), norm_weight, norm_bias,
+               mixed, sq_partial, batch, features, n_tiles, EVEN_M=even_columns(features, mix_config), **constants)
         experts_loss = loss_weight * sq_partial.sum() / batch
 
-        ctx.save_for_backward(queries, scores, weight, bias, norm_weight, norm_bias, mean, rstd, mixed)
+        ctx.save_for_backward(queries, scores, weight_compute, bias, norm_weight, norm_bias, mean, rstd, mixed)
         ctx.mix_divisor, ctx.loss_weight, ctx.constants = mix_divisor, loss_weight, constants
+        ctx.weight_dtype = weight.dtype
         return mixed, experts_loss  # float32, whatever the compute dtype: it is one number
 
     @staticmethod
     def backward(ctx, grad_mixed, grad_loss):
-        queries, scores, weight, bias, norm_weight, norm_bias, mean, rstd, mixed = ctx.saved_tensors
+        queries, scores, weight_compute, bias, norm_weight, norm_bias, mean, rstd, mixed = ctx.saved_tensors
         constants = ctx.constants
-        weight_compute = weight.to(queries.dtype)
         batch, patterns, dim = queries.shape
-        features = weight.shape[0]
+        features = weight_compute.shape[0]
         n_tiles = triton.cdiv(features, _BLOCK_M)
         f32 = dict(device=queries.device, dtype=torch.float32)
         grad_mixed = torch.zeros_like(mixed) if grad_mixed is None else grad_mixed.contiguous()
@@ -367,36 +551,38 @@ class ExpertMixFunction(torch.autograd.Function):
         kind = dot_operands(queries.dtype)
         config = pick_config("grad_stats", dim, features, kind)
         launch(_expert_grad_stats_kernel, _expert_grid(batch, features, config), config,
-               queries, weight_compute, bias, mean, rstd, norm_weight, norm_bias, grad_mixed, mixed, loss_coef, partial,
-               batch, dim, features, n_tiles, **constants)
-        sums = partial.sum(-1)
-        a_sums, gamma_sums, beta_sums = sums[:, :patterns], sums[:, patterns], sums[:, patterns + 1]
-        grad_scores = (a_sums + beta_sums[:, None]) / ctx.mix_divisor
-        a_mean = (a_sums / features).contiguous()
-        b_mean = (gamma_sums / features).contiguous()
+               queries, weight_compute, bias, norm_weight, norm_bias, grad_mixed, mixed, loss_coef, partial,
+               batch, features, n_tiles, EVEN_M=even_columns(features, config), **constants)
+        sums = partial.double().sum(-1)
+        gamma_sums, beta_sums = sums[:, patterns], sums[:, patterns + 1]
+        # A_e = sum_m dW gamma xhat_e = r_e (sum dW gamma g_e - mu_e sum dW gamma)
+        a_sums = (rstd * (sums[:, :patterns] - mean * gamma_sums[:, None])).float()
+        grad_scores = (a_sums + beta_sums[:, None].float()) / ctx.mix_divisor
+        # Per-(b, e) constants of du_e = GELU'(u) (alpha_e base + du_const_e + du_slope_e g_e); see the kernel.
+        c = scores.float() / ctx.mix_divisor
+        alpha = c * rstd
+        a_rstd = a_sums / features * rstd
+        row_constants = ((gamma_sums / features).float(), alpha, alpha * a_rstd * mean, -alpha * a_rstd,
+                         (alpha * mean).sum(-1), c.sum(-1))
 
         config = pick_config("grad", dim, features, kind)
-        n_row_blocks = triton.cdiv(batch, config["BLOCK_B"])  # each (row block, column) is written once
-        d_gamma_partial = torch.empty(n_row_blocks, features, **f32)
-        d_beta_partial = torch.empty(n_row_blocks, features, **f32)
-        d_bias_partial = torch.empty(n_row_blocks, features, **f32)
+        d_gamma, d_beta, d_bias = (torch.empty(features, **f32) for _ in range(3))
         grad_queries = torch.zeros(batch * patterns, dim, **f32)
-        grad_weight = torch.empty_like(weight)
+        grad_weight = torch.empty(features, dim, device=queries.device, dtype=ctx.weight_dtype)
         q_rows = queries.view(batch * patterns, dim)
         chunk = du_chunk_columns(batch, patterns, features)
         du = torch.empty(batch * patterns, chunk, device=queries.device, dtype=queries.dtype)
         for m_start in range(0, features, chunk):
             m_stop = min(m_start + chunk, features)
             du_chunk = du[:, :m_stop - m_start]
-            launch(_expert_grad_kernel, _expert_grid(batch, m_stop - m_start, config), config,
-                   queries, weight_compute, bias, scores, mean, rstd, norm_weight, grad_mixed, mixed, loss_coef,
-                   a_mean, b_mean, du_chunk, d_gamma_partial, d_beta_partial, d_bias_partial, 1.0 / ctx.mix_divisor,
-                   batch, dim, features, m_start, m_stop, du.stride(0), **constants)
+            launch(_expert_grad_kernel, (triton.cdiv(m_stop - m_start, config["BLOCK_M"]),), config,
+                   queries, weight_compute, bias, norm_weight, grad_mixed, mixed, loss_coef, *row_constants,
+                   du_chunk, d_gamma, d_beta, d_bias, batch, features, m_start, m_stop, du.stride(0),
+                   EVEN_M=even_columns(m_stop - m_start, config), **constants)
             grad_queries += (du_chunk @ weight_compute[m_start:m_stop]).float()
             grad_weight[m_start:m_stop] = du_chunk.t() @ q_rows
         return (grad_queries.view_as(queries).to(queries.dtype), grad_scores.to(scores.dtype), grad_weight,
-                d_bias_partial.sum(0).to(bias.dtype), d_gamma_partial.sum(0).to(norm_weight.dtype),
-                d_beta_partial.sum(0).to(norm_bias.dtype), None, None, None)
+                d_bias.to(bias.dtype), d_gamma.to(norm_weight.dtype), d_beta.to(norm_bias.dtype), None, None, None)
 
 
 class OutputProjectionFunction(torch.autograd.Function):
@@ -410,10 +596,9 @@ class OutputProjectionFunction(torch.autograd.Function):
     def forward(ctx, h, mixed, weight, bias, eps):
         z = torch.bmm(h, mixed)
         rows, width = z.numel() // z.shape[-1], z.shape[-1]
-        block = triton.next_power_of_2(width)
         y = torch.empty_like(z)
-        _gelu_layer_norm_fwd_kernel[(rows,)](z, y, weight, bias, width, eps, BLOCK=block,
-                                             num_warps=row_warps(block))
+        launch(_gelu_layer_norm_fwd_kernel, (triton.cdiv(rows, ROW_BLOCK),), row_config(width),
+               z, y, weight, bias, rows, width, eps, INTERPRETED=INTERPRETED, **row_layout(width))
         ctx.save_for_backward(h, mixed, weight)
         ctx.eps = eps
         return y
@@ -423,20 +608,20 @@ class OutputProjectionFunction(torch.autograd.Function):
         h, mixed, weight = ctx.saved_tensors
         dz = torch.bmm(h, mixed)
         rows, width = dz.numel() // dz.shape[-1], dz.shape[-1]
-        programs, rows_per_program = row_programs(rows, multiprocessors(dz.device))
+        programs, blocks_per_program = row_programs(rows, multiprocessors(dz.device))
         dw_partial = torch.empty(programs, width, device=dz.device, dtype=torch.float32)
         db_partial = torch.empty_like(dw_partial)
-        block = triton.next_power_of_2(width)
-        _gelu_layer_norm_bwd_kernel[(programs,)](dz, grad_y.contiguous(), weight, dw_partial, db_partial, rows,
-                                                 width, ctx.eps, rows_per_program, BLOCK=block,
-                                                 num_warps=row_warps(block))
+        launch(_gelu_layer_norm_bwd_kernel, (programs,), row_config(width), dz, grad_y.contiguous(), weight,
+               dw_partial, db_partial, rows, width, ctx.eps, blocks_per_program, INTERPRETED=INTERPRETED,
+               **row_layout(width))
         grad_h = torch.bmm(dz, mixed.transpose(1, 2))
         grad_mixed = torch.bmm(h.transpose(1, 2), dz)
         return grad_h, grad_mixed, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype), None
 
 
-def row_warps(block: int) -> int:
-    return min(max(block // 256, 1), 8)
+def row_config(width: int) -> KernelConfig:
+    """The row kernels' launch config for rows of `width` (the segments come from `row_layout`)."""
+    return KernelConfig.of(ROW_BLOCK * (1 if width <= ONE_WARP_ROWS else 2), ROW_STAGES, BLOCK_R=ROW_BLOCK)
 
 
 def _check_inputs(queries, scores, h, expert_weight, expert_bias, expert_norm_weight, expert_norm_bias,

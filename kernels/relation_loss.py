@@ -1,18 +1,26 @@
 """Fused relation loss: matches `dpal.losses.relation_kl_reference` without storing student logits.
 
-With S = Y Y^T / sqrt(D) per sample, p the target rows (int8 targets are log-domain codes, decoded in
-the kernel as p = exp(q * row scale - lse_t) with lse_t = logsumexp_j q_ij * scale_i from a pre-pass
-over the int8 row), P_i = sum_j p_ij and lse_i = logsumexp_j S_ij:
+With S = Y Y^T / sqrt(D) per sample, p the target rows (int8 targets are log-domain codes:
+p = softmax_j(q_ij * row scale_i)), P_i = sum_j p_ij and lse_i = logsumexp_j S_ij:
 
     KL_i = sum_j xlogy(p_ij, p_ij) - sum_j p_ij S_ij + P_i lse_i        loss = mean_{b,i} KL_i
 
-Forward: one program per (sample, block of rows) sweeps the column blocks with an online logsumexp
-(flash-attention style); S tiles live only in registers. It writes cross_i = sum_j xlogy(p, p) - p S per
-row (the loss is sum_i cross_i + P_i lse_i, formed outside) and keeps lse, P and lse_t [B, N] for backward.
+Exponentials and logarithms run in base 2 on the special-function unit (S log2 e, one MUFU each).
+
+Forward: one program per (block of rows, sample), the row blocks of a sample adjacent in the grid (its Y
+stays in L2), sweeps the column blocks with an online logsumexp (flash-attention style); S tiles live only
+in registers. Columns go in full blocks, then what is left in one narrow tail block (N = 257: 4 x 64 + 16,
+where 5 x 64 spent a fifth of the work on padding). It writes cross_i = sum_j xlogy(p, p) - p S per row
+(the loss is sum_i cross_i + P_i lse_i, formed outside) and keeps lse, P and the int8 rows' normaliser
+[B, N] for backward. For int8 targets the normaliser is a second online logsumexp in the same sweep,
+over z = q * scale: with A = sum_j 2^(z - m) (z - s), cross_i = ln 2 (A / sum_j 2^(z - m) - lse_t) and
+P_i = 1, so no pre-pass reads the row first.
 Backward: dKL/dS_ij = P_i softmax_ij - p_ij =: G_ij, and since S is symmetric,
-dY = (G + G^T) Y / sqrt(D) (times the incoming gradient / (B N)). One program per (sample, I, J) tile
-recomputes S_IJ and writes (G_IJ + G_JI^T) scaled — G_JI^T comes from the same S tile with the column
-rows' lse and the transposed target tile — and a batched cuBLAS GEMM multiplies it by Y. The only
+dY = (G + G^T) Y / sqrt(D) (times the incoming gradient / (B N)). (G + G^T) is symmetric too, so one
+program per tile pair I <= J (and sample) recomputes S_IJ, forms (G_IJ + G_JI^T) scaled — G_JI^T from the
+same S tile with the column rows' lse and the transposed target tile — and writes it at (I, J) and its
+transpose at (J, I): each unordered pair of tiles is computed once. The tail columns pair with every
+row block in a second launch of narrow tiles. A batched cuBLAS GEMM multiplies the result by Y. The only
 N x N buffer is that gradient, in Y's dtype, the size of the target itself, alive during backward only.
 """
 from __future__ import annotations
@@ -24,151 +32,214 @@ import triton
 import triton.language as tl
 
 from kernels._common import (INTERPRETED, KernelConfig, check_device, check_dtype, check_shape, dot_operands,
-                             dot_precision, launch, mma)
+                             dot_precision, fast_exp2, fast_log2, launch, mma)
 
 OP = "fused relation KL"
 
 # Tiles (rows I x columns J, K step over D), pinned per (kernel, N, D, dot operands) from the sm_90 compile
-# facts (`make check-sm90`; README "Kernel configurations"): 64 x 64 tiles with 8 warps are the only ones
-# that neither spill nor lose wgmma for every target dtype (larger tiles and 4 warps reach 255 registers and
-# spill with fp32 or int8 targets). fp32 operands without TF32 (IEEE dots on FMA units) take K steps of 16.
-# Shapes off the table take the default of their operand kind; the choice never depends on timing.
-_TENSOR_CORE_TILES = KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=64)
-_FMA_TILES = KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=16)
-DEFAULT_CONFIGS = {"bf16": _TENSOR_CORE_TILES, "fp16": _TENSOR_CORE_TILES, "tf32": _TENSOR_CORE_TILES,
-                   "fp32": _FMA_TILES}
+# facts (`make check-sm90`; README "Kernel configurations"), never tuned at run time. Backward's tiles are
+# square (BLOCK_I x BLOCK_I; the tail pairs BLOCK_I x tail_block), so its configs have no BLOCK_J. fp32
+# operands without TF32 (IEEE dots on FMA units) take K steps of 16. Shapes off the table take the default
+# of their operand kind; the choice never depends on timing.
+DEFAULT_CONFIGS = {
+    "fwd": {"bf16": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=64),
+            "fp16": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=64),
+            "tf32": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=32),
+            "fp32": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=8)},
+    "bwd": {"bf16": KernelConfig.of(4, 3, BLOCK_I=64, BLOCK_K=64),
+            "fp16": KernelConfig.of(4, 3, BLOCK_I=64, BLOCK_K=64),
+            "tf32": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_K=32),
+            "fp32": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_K=16)}}
 # The recipes' shapes: N = 257 (ViT teachers: CLS + 16x16 crowd grid) or 64 (SOLIDER: 8x8), D = 768 or 1024.
-# One exception to the kind's default: at N = 64 (N a multiple of 16, so the compiler specialises it) the
-# IEEE forward with K steps of 16 is held to 128 registers and spills with fp16/bf16 targets; K steps of 32
-# do not (112-146 registers).
-PINNED_CONFIGS = {(kernel, n, dim, kind): DEFAULT_CONFIGS[kind] for kernel in ("fwd", "bwd")
-                  for n, dim in ((257, 768), (257, 1024), (64, 1024)) for kind in DEFAULT_CONFIGS}
-PINNED_CONFIGS[("fwd", 64, 1024, "fp32")] = KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=32)
+PINNED_CONFIGS = {(kernel, n, dim, kind): config for kernel, by_kind in DEFAULT_CONFIGS.items()
+                  for kind, config in by_kind.items() for n, dim in ((257, 768), (257, 1024), (64, 1024))}
 TARGET_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 
 
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E = 1.4426950408889634
+_LOG2E_C = tl.constexpr(_LOG2E)
+_SMALLEST_NORMAL = tl.constexpr(1.1754943508222875e-38)  # log2 of anything below is flushed by lg2.approx.ftz
+
+
 @triton.jit
-def _scaled_logits(y_ptr, offs_i, offs_j, N, D, scale, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                   BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """S tile = Y_I Y_J^T * scale for one sample (y_ptr at the sample), fp32."""
+def _logits(y_ptr, offs_i, offs_j, N, D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+            BLOCK_K: tl.constexpr, MASK_J: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Y_I Y_J^T for one sample (y_ptr at the sample), fp32; rows past N read as zeros. Columns are all < N
+    unless MASK_J. D is a constexpr: the K loop has no bounds checks when BLOCK_K divides it."""
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    row_ok = (offs_i < N)[:, None]
+    col_ok = (offs_j < N)[None, :]
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < D
-        a = tl.load(y_ptr + offs_i[:, None] * D + offs_k[None, :], mask=(offs_i[:, None] < N) & k_ok[None, :],
-                    other=0.0)
-        b = tl.load(y_ptr + offs_j[None, :] * D + offs_k[:, None], mask=(offs_j[None, :] < N) & k_ok[:, None],
-                    other=0.0)
-        acc = mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
-    return acc * scale
+        a_mask = row_ok if D % BLOCK_K == 0 else row_ok & (offs_k < D)[None, :]
+        a = tl.load(y_ptr + offs_i[:, None] * D + offs_k[None, :], mask=a_mask, other=0.0)
+        b_at = y_ptr + offs_j[None, :] * D + offs_k[:, None]
+        if MASK_J:
+            b = tl.load(b_at, mask=col_ok if D % BLOCK_K == 0 else col_ok & (offs_k < D)[:, None], other=0.0)
+        elif D % BLOCK_K:
+            b = tl.load(b_at, mask=(offs_k < D)[:, None], other=0.0)
+        else:
+            b = tl.load(b_at)
+        acc = mma(a, b, acc, DOT_PRECISION, INTERPRETED)
+    return acc
 
 
 @triton.jit
-def _target_log_normalizer(t_ptr, row_scale_ptr, rows, N, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """lse_t = logsumexp_j q_ij * scale_i of int8 log-domain target rows (0 for rows past N)."""
-    row_ok = rows < N
-    row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    running_max = tl.full((BLOCK_I,), float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros((BLOCK_I,), dtype=tl.float32)
-    for j0 in range(0, N, BLOCK_J):
-        cols = j0 + tl.arange(0, BLOCK_J)
-        codes = tl.load(t_ptr + rows[:, None] * N + cols[None, :], mask=row_ok[:, None] & (cols < N)[None, :],
-                        other=0).to(tl.float32)
-        logits = tl.where((cols < N)[None, :], codes * row_scale[:, None], float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
-        running_max = new_max
-    return running_max + tl.log(running_sum)
-
-
-@triton.jit
-def _target_tile(t_ptr, row_scale_ptr, target_lse, rows, cols, N, QUANTIZED: tl.constexpr):
-    """Target probabilities p[rows, cols] of one sample as fp32 (0 outside); int8 codes decode as
-    exp(q * scale - lse_t) with target_lse = lse_t of `rows`."""
-    ok = (rows[:, None] < N) & (cols[None, :] < N)
+def _target_tile(t_ptr, row_scale2, target_lse2, rows, cols, N, MASK_J: tl.constexpr, QUANTIZED: tl.constexpr,
+                 INTERPRETED: tl.constexpr):
+    """Target probabilities p[rows, cols] of one sample, fp32, 0 outside; int8 codes decode as
+    p = 2^(q * row_scale2 - target_lse2), the row's scale and log-normaliser in base 2."""
+    ok = (rows < N)[:, None] & (cols < N)[None, :] if MASK_J else (rows < N)[:, None]
     p = tl.load(t_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0).to(tl.float32)
     if QUANTIZED:
-        row_scale = tl.load(row_scale_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        p = tl.where(ok, tl.exp(p * row_scale[:, None] - target_lse[:, None]), 0.0)
+        p = tl.where(ok, fast_exp2(p * row_scale2[:, None] - target_lse2[:, None], INTERPRETED), 0.0)
     return p
 
 
 @triton.jit
-def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, cross_ptr, lse_ptr, mass_ptr, target_lse_ptr, N, D, scale,
-                            QUANTIZED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Per row: cross = sum_j p log p - p S, lse, P and lse_t; KL_i = cross_i + P_i lse_i is formed by the
-    caller. (Each row sum leaves the loop into exactly one store: Triton's thread-locality pass on sm_90
-    asserts when a reduction carried through a loop has two uses after it.)"""
-    b = tl.program_id(0).to(tl.int64)
-    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    y_ptr += b * N * D
-    t_ptr += b * N * N
-    row_scale_ptr += b * N
-    target_lse = tl.zeros((BLOCK_I,), dtype=tl.float32)
+def _kl_block(y_ptr, t_ptr, row_scale2, offs_i, j0, N, logit_scale2, state, D: tl.constexpr,
+              QUANTIZED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+              MASK_J: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """One column block of the forward's online pass, in base 2 (s2 = S log2 e). state per row: running max
+    and sum of 2^s2, then for float targets cross2 = sum p (log2 p - s2) and P = sum p; for int8 codes, with
+    z2 = q * row_scale2 (p = 2^z2 / sum_j 2^z2), a second online pass: A = sum 2^(z2 - m) (z2 - s2) and the
+    running max m and sum of 2^z2, so that no pre-pass over the row is needed for its normaliser."""
+    running_max, running_sum, acc, mass, target_max, target_sum = state
+    offs_j = j0 + tl.arange(0, BLOCK_J)
+    s2 = _logits(y_ptr, offs_i, offs_j, N, D, BLOCK_I, BLOCK_J, BLOCK_K, MASK_J, DOT_PRECISION, INTERPRETED) \
+        * logit_scale2
+    col_ok = (offs_j < N)[None, :]
+    in_row = tl.where(col_ok, s2, float("-inf")) if MASK_J else s2
+    new_max = tl.maximum(running_max, tl.max(in_row, axis=1))
+    running_sum = running_sum * fast_exp2(running_max - new_max, INTERPRETED) + \
+        tl.sum(fast_exp2(in_row - new_max[:, None], INTERPRETED), axis=1)
+    ok = (offs_i < N)[:, None] & col_ok if MASK_J else (offs_i < N)[:, None]
+    q = tl.load(t_ptr + offs_i[:, None] * N + offs_j[None, :], mask=ok, other=0).to(tl.float32)
     if QUANTIZED:
-        target_lse = _target_log_normalizer(t_ptr, row_scale_ptr, offs_i, N, BLOCK_I, BLOCK_J)
-    running_max = tl.full((BLOCK_I,), float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros((BLOCK_I,), dtype=tl.float32)
-    cross = tl.zeros((BLOCK_I,), dtype=tl.float32)
-    mass = tl.zeros((BLOCK_I,), dtype=tl.float32)
-    for j0 in range(0, N, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        col_ok = (offs_j < N)[None, :]
-        s = _scaled_logits(y_ptr, offs_i, offs_j, N, D, scale, BLOCK_I, BLOCK_J, BLOCK_K, DOT_PRECISION,
-                           UPCAST_DOT)
-        new_max = tl.maximum(running_max, tl.max(tl.where(col_ok, s, float("-inf")), axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + \
-            tl.sum(tl.where(col_ok, tl.exp(s - new_max[:, None]), 0.0), axis=1)
-        running_max = new_max
-        p = _target_tile(t_ptr, row_scale_ptr, target_lse, offs_i, offs_j, N, QUANTIZED)
-        # p = 0 on padded columns (where s is finite) and wherever the target is exactly 0 (x log x -> 0).
-        cross += tl.sum(tl.where(p > 0, p * (tl.log(tl.where(p > 0, p, 1.0)) - s), 0.0), axis=1)
-        mass += tl.sum(p, axis=1)
-    row_ok = offs_i < N
-    tl.store(cross_ptr + b * N + offs_i, cross, mask=row_ok)
-    tl.store(lse_ptr + b * N + offs_i, running_max + tl.log(running_sum), mask=row_ok)
-    tl.store(mass_ptr + b * N + offs_i, mass, mask=row_ok)
-    tl.store(target_lse_ptr + b * N + offs_i, target_lse, mask=row_ok)
+        z2 = q * row_scale2[:, None]
+        in_target_row = tl.where(col_ok, z2, float("-inf")) if MASK_J else z2
+        new_target_max = tl.maximum(target_max, tl.max(in_target_row, axis=1))
+        rescale = fast_exp2(target_max - new_target_max, INTERPRETED)
+        weight = fast_exp2(in_target_row - new_target_max[:, None], INTERPRETED)
+        target_sum = target_sum * rescale + tl.sum(weight, axis=1)
+        acc = acc * rescale + tl.sum(weight * (z2 - s2), axis=1)
+        target_max = new_target_max
+    else:  # p log2 p = 0 where p = 0: log2 of the smallest normal float stays finite
+        acc += tl.sum(q * (fast_log2(tl.maximum(q, _SMALLEST_NORMAL), INTERPRETED) - s2), axis=1)
+        mass += tl.sum(q, axis=1)
+    return new_max, running_sum, acc, mass, target_max, target_sum
 
 
 @triton.jit
-def _relation_kl_bwd_kernel(y_ptr, t_ptr, row_scale_ptr, lse_ptr, mass_ptr, target_lse_ptr, grad_ptr, out_ptr, N,
-                            D, scale,
-                            QUANTIZED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """out[b, I, J] = d loss / d S_IJ + (d loss / d S_JI)^T, already multiplied by the scale of S."""
-    b = tl.program_id(0).to(tl.int64)
-    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    offs_j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, cross_ptr, lse2_ptr, mass_ptr, target_lse2_ptr, N,
+                            logit_scale2, D: tl.constexpr, QUANTIZED: tl.constexpr, BLOCK_I: tl.constexpr,
+                            BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_J: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Per row: log2 of sum_j exp(S) (lse2); for float targets cross = sum_j p log p - p S and P; for int8
+    codes the raw A, sum_j 2^z2 and max z2 of `_kl_block` in (cross, mass, target_lse2), finished by the
+    caller, as is KL_i = cross_i + P_i lse2_i ln 2. Columns run in full blocks of BLOCK_J, then the
+    N mod BLOCK_J left in one block of TAIL_J (N = 257: 2 x 128 + 16, not 3 x 128). (Each row sum leaves
+    the loop into exactly one use: Triton's thread-locality pass on sm_90 asserts when a reduction carried
+    through a loop has two uses after it; so the tail block goes first.)"""
+    offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    b = tl.program_id(1).to(tl.int64)
     y_ptr += b * N * D
     t_ptr += b * N * N
-    row_scale_ptr += b * N
-    s = _scaled_logits(y_ptr, offs_i, offs_j, N, D, scale, BLOCK_I, BLOCK_J, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+    row_ok = offs_i < N
+    row_scale2 = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    if QUANTIZED:
+        row_scale2 = tl.load(row_scale_ptr + b * N + offs_i, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E_C
+    zero = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    minus_inf = tl.full((BLOCK_I,), float("-inf"), dtype=tl.float32)
+    state = (minus_inf, zero, zero, zero, minus_inf, zero)
+    full = N // BLOCK_J * BLOCK_J
+    if TAIL_J:
+        state = _kl_block(y_ptr, t_ptr, row_scale2, offs_i, full, N, logit_scale2, state, D, QUANTIZED, BLOCK_I,
+                          TAIL_J, BLOCK_K, True, DOT_PRECISION, INTERPRETED)
+    for j0 in range(0, full, BLOCK_J):
+        state = _kl_block(y_ptr, t_ptr, row_scale2, offs_i, j0, N, logit_scale2, state, D, QUANTIZED, BLOCK_I,
+                          BLOCK_J, BLOCK_K, False, DOT_PRECISION, INTERPRETED)
+    running_max, running_sum, acc, mass, target_max, target_sum = state
+    out = b * N + offs_i
+    tl.store(lse2_ptr + out, running_max + fast_log2(running_sum, INTERPRETED), mask=row_ok)
+    if QUANTIZED:
+        tl.store(cross_ptr + out, acc, mask=row_ok)
+        tl.store(mass_ptr + out, target_sum, mask=row_ok)
+        tl.store(target_lse2_ptr + out, target_max, mask=row_ok)
+    else:
+        tl.store(cross_ptr + out, acc * _LN2, mask=row_ok)
+        tl.store(mass_ptr + out, mass, mask=row_ok)
+
+
+@triton.jit
+def _relation_kl_bwd_kernel(y_ptr, t_ptr, row_scale_ptr, lse2_ptr, mass_ptr, target_lse2_ptr, pairs_ptr, grad_ptr,
+                            out_ptr, N, logit_scale2, D: tl.constexpr, QUANTIZED: tl.constexpr,
+                            BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+                            MASK_J: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """For the tile pair (I, J) at pairs[program] (I <= J): out[b, I, J] = d loss / d S_IJ + (d loss / d S_JI)^T,
+    multiplied by the scale of S, and out[b, J, I], its transpose (the gradient of a symmetric S is taken
+    symmetric), so each unordered pair of tiles is computed once."""
+    pair = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    i0 = tl.load(pairs_ptr + 2 * pair)
+    j0 = tl.load(pairs_ptr + 2 * pair + 1)
+    offs_i = i0 + tl.arange(0, BLOCK_I)
+    offs_j = j0 + tl.arange(0, BLOCK_J)
+    y_ptr += b * N * D
+    t_ptr += b * N * N
+    out_ptr += b * N * N
+    s2 = _logits(y_ptr, offs_i, offs_j, N, D, BLOCK_I, BLOCK_J, BLOCK_K, MASK_J, DOT_PRECISION, INTERPRETED) \
+        * logit_scale2
     row_ok = offs_i < N
     col_ok = offs_j < N
-    lse_i = tl.load(lse_ptr + b * N + offs_i, mask=row_ok, other=0.0)
-    lse_j = tl.load(lse_ptr + b * N + offs_j, mask=col_ok, other=0.0)
-    mass_i = tl.load(mass_ptr + b * N + offs_i, mask=row_ok, other=0.0)
-    mass_j = tl.load(mass_ptr + b * N + offs_j, mask=col_ok, other=0.0)
-    target_lse_i = tl.load(target_lse_ptr + b * N + offs_i, mask=row_ok, other=0.0)
-    target_lse_j = tl.load(target_lse_ptr + b * N + offs_j, mask=col_ok, other=0.0)
-    p_ij = _target_tile(t_ptr, row_scale_ptr, target_lse_i, offs_i, offs_j, N, QUANTIZED)
-    p_ji = tl.trans(_target_tile(t_ptr, row_scale_ptr, target_lse_j, offs_j, offs_i, N, QUANTIZED))
-    g = mass_i[:, None] * tl.exp(s - lse_i[:, None]) - p_ij + mass_j[None, :] * tl.exp(s - lse_j[None, :]) - p_ji
-    g = g * (tl.load(grad_ptr) * scale)
-    ok = row_ok[:, None] & col_ok[None, :]
-    tl.store(out_ptr + b * N * N + offs_i[:, None] * N + offs_j[None, :], g.to(out_ptr.dtype.element_ty), mask=ok)
+    at_i = b * N + offs_i
+    at_j = b * N + offs_j
+    lse2_i = tl.load(lse2_ptr + at_i, mask=row_ok, other=0.0)
+    lse2_j = tl.load(lse2_ptr + at_j, mask=col_ok, other=0.0)
+    mass_i = tl.load(mass_ptr + at_i, mask=row_ok, other=0.0)
+    mass_j = tl.load(mass_ptr + at_j, mask=col_ok, other=0.0)
+    scale_i = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    scale_j = tl.zeros((BLOCK_J,), dtype=tl.float32)
+    if QUANTIZED:
+        scale_i = tl.load(row_scale_ptr + at_i, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E_C
+        scale_j = tl.load(row_scale_ptr + at_j, mask=col_ok, other=0.0).to(tl.float32) * _LOG2E_C
+    p_ij = _target_tile(t_ptr, scale_i, tl.load(target_lse2_ptr + at_i, mask=row_ok, other=0.0), offs_i, offs_j, N,
+                        True, QUANTIZED, INTERPRETED)
+    p_ji = _target_tile(t_ptr, scale_j, tl.load(target_lse2_ptr + at_j, mask=col_ok, other=0.0), offs_j, offs_i, N,
+                        True, QUANTIZED, INTERPRETED)
+    g = mass_i[:, None] * fast_exp2(s2 - lse2_i[:, None], INTERPRETED) + \
+        mass_j[None, :] * fast_exp2(s2 - lse2_j[None, :], INTERPRETED) - p_ij - tl.trans(p_ji)
+    g = (g * tl.load(grad_ptr)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_i[:, None] * N + offs_j[None, :], g, mask=row_ok[:, None] & col_ok[None, :])
+    if i0 != j0:
+        tl.store(out_ptr + offs_j[:, None] * N + offs_i[None, :], tl.trans(g), mask=col_ok[:, None] & row_ok[None, :])
 
 
-def _constants(dtype: torch.dtype, quantized: bool) -> dict:
-    return dict(QUANTIZED=quantized, DOT_PRECISION=dot_precision(dtype), UPCAST_DOT=INTERPRETED)
+def _constants(dtype: torch.dtype, dim: int, quantized: bool) -> dict:
+    return dict(D=dim, QUANTIZED=quantized, DOT_PRECISION=dot_precision(dtype), INTERPRETED=INTERPRETED)
+
+
+def tail_block(n: int, block: int) -> int:
+    """Width of the block that covers the n mod block columns left after the full blocks: a power of two, at
+    least 16 (the smallest wgmma N that Triton emits), 0 when block divides n."""
+    left = n % block
+    return max(16, triton.next_power_of_2(left)) if left else 0
+
+
+def tile_pairs(n: int, block: int, tail: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Backward's tile pairs (row start, column start), I <= J: the full block x full block pairs, and the pairs
+    whose columns are the tail (every full row block with the tail, and the tail with itself)."""
+    starts = range(0, n // block * block, block)
+    full = [(i, j) for i in starts for j in starts if i <= j]
+    tail_pairs = [(i, n // block * block) for i in [*starts, n // block * block]] if tail else []
+    return full, tail_pairs
 
 
 def pick_config(kernel: str, n: int, dim: int, kind: str) -> KernelConfig:
     """The pinned config of kernel "fwd" or "bwd" for [B, n, dim] tokens whose dots run on `kind`
     (`kernels._common.dot_operands`); see PINNED_CONFIGS."""
-    return PINNED_CONFIGS.get((kernel, n, dim, kind), DEFAULT_CONFIGS[kind])
+    return PINNED_CONFIGS.get((kernel, n, dim, kind), DEFAULT_CONFIGS[kernel][kind])
 
 
 class RelationKLFunction(torch.autograd.Function):
@@ -177,27 +248,37 @@ class RelationKLFunction(torch.autograd.Function):
         batch, n, dim = y.shape
         quantized = row_scale is not None
         row_scale_arg = row_scale if quantized else target  # never read when not quantized
-        constants = _constants(y.dtype, quantized)
-        scale = 1.0 / math.sqrt(dim)
+        constants = _constants(y.dtype, dim, quantized)
+        logit_scale2 = _LOG2E / math.sqrt(dim)
         f32 = dict(device=y.device, dtype=torch.float32)
-        cross, lse, mass, target_lse = (torch.empty(batch, n, **f32) for _ in range(4))
+        cross, lse2, mass, target_lse2 = (torch.empty(batch, n, **f32) for _ in range(4))
         config = pick_config("fwd", n, dim, dot_operands(y.dtype))
-        launch(_relation_kl_fwd_kernel, (batch, triton.cdiv(n, config["BLOCK_I"])), config,
-               y, target, row_scale_arg, cross, lse, mass, target_lse, n, dim, scale, **constants)
-        ctx.save_for_backward(y, target, row_scale_arg, lse, mass, target_lse)
-        ctx.constants, ctx.scale = constants, scale
-        return (cross + mass * lse).sum() / (batch * n)
+        launch(_relation_kl_fwd_kernel, (triton.cdiv(n, config["BLOCK_I"]), batch), config,
+               y, target, row_scale_arg, cross, lse2, mass, target_lse2, n, logit_scale2,
+               TAIL_J=tail_block(n, config["BLOCK_J"]), **constants)
+        if quantized:  # p = 2^z2 / sum 2^z2: normaliser lse_t2 = max + log2 sum, cross = ln 2 (A / sum - lse_t2), P = 1
+            target_lse2 = target_lse2 + mass.log2()
+            cross = math.log(2.0) * (cross / mass - target_lse2)
+            mass = torch.ones_like(mass)
+        ctx.save_for_backward(y, target, row_scale_arg, lse2, mass, target_lse2)
+        ctx.constants, ctx.logit_scale2 = constants, logit_scale2
+        return (cross + mass * lse2 * math.log(2.0)).sum() / (batch * n)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        y, target, row_scale_arg, lse, mass, target_lse = ctx.saved_tensors
+        y, target, row_scale_arg, lse2, mass, target_lse2 = ctx.saved_tensors
         batch, n, dim = y.shape
-        grad_scaled = (grad_loss.float() / (batch * n)).reshape(())
+        # d loss / d S, times the scale of S (dS / dY = (. + .^T) Y / sqrt(D)), times the incoming gradient.
+        grad_scaled = (grad_loss.float() / (batch * n * math.sqrt(dim))).reshape(())
         grad_logits = torch.empty(batch, n, n, device=y.device, dtype=y.dtype)
         config = pick_config("bwd", n, dim, dot_operands(y.dtype))
-        launch(_relation_kl_bwd_kernel, (batch, triton.cdiv(n, config["BLOCK_I"]), triton.cdiv(n, config["BLOCK_J"])),
-               config, y, target, row_scale_arg, lse, mass, target_lse, grad_scaled, grad_logits, n, dim, ctx.scale,
-               **ctx.constants)
+        block = config["BLOCK_I"]
+        tail = tail_block(n, block)
+        for pairs, block_j, ragged in zip(tile_pairs(n, block, tail), (block, tail), (False, True)):
+            if pairs:
+                launch(_relation_kl_bwd_kernel, (len(pairs), batch), config, y, target, row_scale_arg, lse2, mass,
+                       target_lse2, torch.tensor(pairs, dtype=torch.int32, device=y.device), grad_scaled,
+                       grad_logits, n, ctx.logit_scale2, BLOCK_J=block_j, MASK_J=ragged, **ctx.constants)
         return torch.bmm(grad_logits, y), None, None
 
 

@@ -60,9 +60,13 @@ class CubinFacts:
     instructions: int  # SASS instructions in the kernel, static count
     shared_bytes: int
     counts: dict = field(default_factory=dict)  # SASS opcode -> static count
-    # Static instructions at loop depth 0 (straight-line code), 1 (inside one loop), 2 ...; loops are the
-    # backward branches of the SASS. With trip counts per depth this gives the executed count.
-    by_loop_depth: list = field(default_factory=list)
+    # Static counts per loop nest, for executed counts: a loop is a backward branch of the SASS, loops are
+    # numbered in code order (an outer loop before the loops inside it), and an instruction's nest is the
+    # comma-joined numbers of the loops around it ("" outside every loop). Per nest: instructions, MUFU
+    # instructions (the special-function unit: 16 lanes per clock per SM, an eighth of the issue rate), and
+    # the tensor cores' FLOPs by input type (HGMMA.MxNxK: 2MNK per warpgroup, issued by each of its 4 warps,
+    # so a quarter per warp instruction; HMMA.MNK: 2MNK per warp).
+    loop_nests: dict = field(default_factory=dict)
 
     @property
     def spills(self) -> int:
@@ -115,21 +119,33 @@ _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH_TARGET = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
 
 
-def _loop_depths(sass: str) -> list[int]:
-    """Static instruction count per loop-nesting depth: a loop is a branch back to an earlier label."""
-    labels, loops, index = {}, [], 0
+_HGMMA = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)\.F32\.(BF16|F16|TF32)")
+_HMMA = re.compile(r"HMMA\.(\d)(\d)(\d+)\.F32\.(BF16|F16|TF32)")
+
+
+def _mma_flops(line: str) -> tuple[str, float] | None:
+    """(input type, FLOPs per warp instruction) of an HGMMA or HMMA line, else None."""
+    if (m := _HGMMA.search(line)) is not None:
+        return m.group(4), 2.0 * int(m.group(1)) * int(m.group(2)) * int(m.group(3)) / 4  # one warp's quarter
+    if (m := _HMMA.search(line)) is not None:
+        return m.group(4), 2.0 * int(m.group(1)) * int(m.group(2)) * int(m.group(3))
+    return None
+
+
+def _loop_nests(sass: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """(opcode, numbers of the loops around it, line) of every SASS instruction; see CubinFacts.loop_nests."""
+    labels, loops, lines = {}, [], []
     for line in sass.splitlines():
         if (label := _LABEL.match(line.strip())) is not None:
-            labels[label.group(1)] = index
-        elif _OPCODE.search(line):
+            labels[label.group(1)] = len(lines)
+        elif (opcode := _OPCODE.search(line)) is not None:
             target = _BRANCH_TARGET.search(line)
-            if target and labels.get(target.group(1), index) < index:  # backward, and not a branch to itself
-                loops.append((labels[target.group(1)], index))
-            index += 1
-    depths = [0] * (max((sum(a <= i <= b for a, b in loops) for i in range(index)), default=0) + 1)
-    for i in range(index):
-        depths[sum(a <= i <= b for a, b in loops)] += 1
-    return depths
+            if target and labels.get(target.group(1), len(lines)) < len(lines):  # backward, not to itself
+                loops.append((labels[target.group(1)], len(lines)))
+            lines.append((opcode.group(1), line))
+    loops.sort()
+    return [(opcode, tuple(k for k, (a, b) in enumerate(loops) if a <= i <= b), line)
+            for i, (opcode, line) in enumerate(lines)]
 
 
 def cubin_facts(compiled) -> CubinFacts:
@@ -139,14 +155,21 @@ def cubin_facts(compiled) -> CubinFacts:
         usage = _tool("cuobjdump", "--dump-resource-usage", f.name)
         sass = _tool("nvdisasm", "-c", f.name)
     resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    instructions = _loop_nests(sass)
     counts: dict[str, int] = {}
-    for opcode in _OPCODE.findall(sass):
+    nests: dict[str, dict] = {}
+    for opcode, nest, line in instructions:
         counts[opcode] = counts.get(opcode, 0) + 1
+        entry = nests.setdefault(",".join(map(str, nest)), {"instructions": 0, "mufu": 0, "mma_flops": {}})
+        entry["instructions"] += 1
+        entry["mufu"] += opcode == "MUFU"
+        if (flops := _mma_flops(line)) is not None:
+            entry["mma_flops"][flops[0]] = entry["mma_flops"].get(flops[0], 0.0) + flops[1]
     return CubinFacts(registers=int(resources["REG"]), stack_bytes=int(resources["STACK"]),
                       local_loads=counts.get("LDL", 0), local_stores=counts.get("STL", 0),
                       hgmma=counts.get("HGMMA", 0), hmma=counts.get("HMMA", 0),
-                      instructions=sum(counts.values()), shared_bytes=compiled.metadata.shared, counts=counts,
-                      by_loop_depth=_loop_depths(sass))
+                      instructions=len(instructions), shared_bytes=compiled.metadata.shared, counts=counts,
+                      loop_nests=nests)
 
 
 def _compile_in_child(launch: Launch, conn) -> None:

@@ -76,51 +76,57 @@ def _launch(op, kernel, args, config: KernelConfig, case, tensor_core, grid):
                   tensor_core, math.prod(grid))
 
 
-def decoder_launches(batch, dim, out_dim, tokens, kind) -> list[Launch]:
+def decoder_launches(batch, dim, out_dim, tokens, kind, sm_count: int | None = H100_SMS) -> list[Launch]:
+    """The decoder op's launches for one call, on a GPU with `sm_count` SMs (None: the interpreter's grid)."""
     dtype, precision = OPERANDS[kind]
     features = dim * out_dim
     n_tiles = triton.cdiv(features, dec._BLOCK_M)
     case = f"B{batch} D{dim} Do{out_dim} L{tokens}"
-    common = dict(q_ptr=dtype, w_ptr=dtype, bias_ptr=F32, B=batch, D=dim, M=features, P=PATTERNS,
-                  DOT_PRECISION=precision, UPCAST_DOT=False)
+    common = dict(q_ptr=dtype, w_ptr=dtype, bias_ptr=F32, B=batch, M=features, P=PATTERNS, D=dim,
+                  DOT_PRECISION=precision, INTERPRETED=False)
     tensor_core = kind != "fp32"  # IEEE fp32 dots run on FMA units by design
-    row_stats = dict(mean_ptr=F32, rstd_ptr=F32, gamma_ptr=F32)
     stats, mix, grad_stats, grad = (dec.pick_config(k, dim, features, kind)
                                     for k in ("stats", "mix", "grad_stats", "grad"))
     launches = [
         _launch("decoder", dec._expert_stats_kernel,
-                common | dict(tile_mean_ptr=F32, tile_m2_ptr=F32, n_tiles=n_tiles),
+                common | dict(tile_mean_ptr=F32, tile_m2_ptr=F32, n_tiles=n_tiles,
+                              EVEN_M=dec.even_columns(features, stats)),
                 stats, case, tensor_core, dec._expert_grid(batch, features, stats)),
         _launch("decoder", dec._expert_mix_kernel,
-                common | row_stats | dict(scores_ptr=F32, beta_ptr=F32, mixed_ptr=dtype, sq_partial_ptr=F32,
-                                          inv_mix=1 / 256, n_tiles=n_tiles),
+                common | dict(alpha_ptr=F32, offset_ptr=F32, c_sum_ptr=F32, gamma_ptr=F32, beta_ptr=F32,
+                              mixed_ptr=dtype, sq_partial_ptr=F32, n_tiles=n_tiles,
+                              EVEN_M=dec.even_columns(features, mix)),
                 mix, case, tensor_core, dec._expert_grid(batch, features, mix)),
         _launch("decoder", dec._expert_grad_stats_kernel,
-                common | row_stats | dict(beta_ptr=F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=F32,
-                                          partial_ptr=F32, n_tiles=n_tiles),
+                common | dict(gamma_ptr=F32, beta_ptr=F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=F32,
+                              partial_ptr=F32, n_tiles=n_tiles, EVEN_M=dec.even_columns(features, grad_stats)),
                 grad_stats, case, tensor_core, dec._expert_grid(batch, features, grad_stats))]
     chunk = dec.du_chunk_columns(batch, PATTERNS, features)
     for m_start in range(0, features, chunk):
+        m_stop = min(m_start + chunk, features)
         launches.append(_launch(
             "decoder", dec._expert_grad_kernel,
-            common | row_stats | dict(scores_ptr=F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=F32,
-                                      a_mean_ptr=F32, b_mean_ptr=F32, du_ptr=dtype, d_gamma_partial_ptr=F32,
-                                      d_beta_partial_ptr=F32, d_bias_partial_ptr=F32, inv_mix=1 / 256,
-                                      m_start=m_start, m_stop=min(m_start + chunk, features), du_row_stride=chunk),
-            grad, case + f" du[{m_start}:]", tensor_core, dec._expert_grid(batch, min(chunk, features - m_start), grad)))
+            common | dict(gamma_ptr=F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=F32, row_shift_ptr=F32,
+                          alpha_ptr=F32, du_const_ptr=F32, du_slope_ptr=F32, offset_ptr=F32, c_sum_ptr=F32,
+                          du_ptr=dtype, d_gamma_ptr=F32, d_beta_ptr=F32, d_bias_ptr=F32,
+                          m_start=m_start, m_stop=m_stop, du_row_stride=chunk,
+                          EVEN_M=dec.even_columns(m_stop - m_start, grad)),
+            grad, case + f" | du[{m_start}:]", tensor_core, (triton.cdiv(m_stop - m_start, grad["BLOCK_M"]),)))
     if kind == "tf32":
         return launches  # the row kernels have no dots: their fp32 code is the "fp32" kind's
-    rows, block = batch * tokens, triton.next_power_of_2(out_dim)
-    row_config = KernelConfig.of(dec.row_warps(block), 3, BLOCK=block)  # 3: Triton's default stages
-    programs, rows_per_program = dec.row_programs(rows, H100_SMS)
+    rows = batch * tokens
+    layout = dec.row_layout(out_dim)
+    row_config = dec.row_config(out_dim)
+    programs, blocks_per_program = dec.row_programs(rows, sm_count)
+    row_args = dict(width=out_dim, eps=1e-6, n_rows=rows, INTERPRETED=False) | layout
     launches += [
         _launch("decoder", dec._gelu_layer_norm_fwd_kernel,
-                dict(z_ptr=dtype, y_ptr=dtype, w_ptr=F32, b_ptr=F32, width=out_dim, eps=1e-6), row_config, case,
-                False, (rows,)),
+                dict(z_ptr=dtype, y_ptr=dtype, w_ptr=F32, b_ptr=F32) | row_args,
+                row_config, case, False, (triton.cdiv(rows, dec.ROW_BLOCK),)),
         _launch("decoder", dec._gelu_layer_norm_bwd_kernel,
-                dict(z_ptr=dtype, dy_ptr=dtype, w_ptr=F32, dw_partial_ptr=F32, db_partial_ptr=F32, n_rows=rows,
-                     width=out_dim, eps=1e-6, rows_per_program=rows_per_program), row_config,
-                case + f" {programs}x{rows_per_program} rows", False, (programs,))]
+                dict(z_ptr=dtype, dy_ptr=dtype, w_ptr=F32, dw_partial_ptr=F32, db_partial_ptr=F32,
+                     blocks_per_program=blocks_per_program) | row_args,
+                row_config, case + f" | {programs} programs x {blocks_per_program} row blocks", False, (programs,))]
     return launches
 
 
@@ -130,14 +136,23 @@ def relation_launches(batch, n, dim, kind, target) -> list[Launch]:
     quantized = target == "int8"
     case = f"B{batch} N{n} D{dim} target {target}"
     common = dict(y_ptr=dtype, t_ptr=target_dtype, row_scale_ptr=F32 if quantized else target_dtype,
-                  lse_ptr=F32, mass_ptr=F32, target_lse_ptr=F32, N=n, D=dim, scale=dim ** -0.5,
-                  QUANTIZED=quantized, DOT_PRECISION=precision, UPCAST_DOT=False)
+                  lse2_ptr=F32, mass_ptr=F32, target_lse2_ptr=F32, N=n, logit_scale2=1.4426950408889634 / dim ** 0.5,
+                  D=dim, QUANTIZED=quantized, DOT_PRECISION=precision, INTERPRETED=False)
     fwd, bwd = rel.pick_config("fwd", n, dim, kind), rel.pick_config("bwd", n, dim, kind)
     tensor_core = kind != "fp32"  # IEEE fp32 dots run on FMA units by design
-    return [_launch("relation", rel._relation_kl_fwd_kernel, common | dict(cross_ptr=F32), fwd, case, tensor_core,
-                    (batch, triton.cdiv(n, fwd["BLOCK_I"]))),
-            _launch("relation", rel._relation_kl_bwd_kernel, common | dict(grad_ptr=F32, out_ptr=dtype), bwd, case,
-                    tensor_core, (batch, triton.cdiv(n, bwd["BLOCK_I"]), triton.cdiv(n, bwd["BLOCK_J"])))]
+    launches = [_launch("relation", rel._relation_kl_fwd_kernel,
+                        common | dict(cross_ptr=F32, TAIL_J=rel.tail_block(n, fwd["BLOCK_J"])), fwd, case, tensor_core,
+                        (triton.cdiv(n, fwd["BLOCK_I"]), batch))]
+    block = bwd["BLOCK_I"]
+    tail = rel.tail_block(n, block)
+    for pairs, block_j, ragged in zip(rel.tile_pairs(n, block, tail), (block, tail), (False, True)):
+        if pairs:
+            config = KernelConfig(bwd.tiles + (("BLOCK_J", block_j),), bwd.num_warps, bwd.num_stages)
+            launches.append(_launch("relation", rel._relation_kl_bwd_kernel,
+                                    common | dict(pairs_ptr=torch.int32, grad_ptr=F32, out_ptr=dtype, MASK_J=ragged),
+                                    config, case + f" | {'tail' if ragged else 'full'} tiles", tensor_core,
+                                    (len(pairs), batch)))
+    return launches
 
 
 def all_launches(quick: bool) -> list[Launch]:
@@ -156,24 +171,57 @@ def all_launches(quick: bool) -> list[Launch]:
     return launches
 
 
-# Datasheet ceilings: dense bf16 tensor-core FLOP/s and memory bandwidth (H100 SXM, H200), and the issue
-# rate of both: 132 SMs x 4 schedulers x 1 warp instruction per clock at the 1.98 GHz boost clock.
-CEILINGS = {"H100": {"flops": 989e12, "bytes": 3.35e12}, "H200": {"flops": 989e12, "bytes": 4.8e12}}
-ISSUE_RATE = 132 * 4 * 1.98e9  # warp instructions per second
+# Datasheet ceilings (H100 SXM, H200): memory bandwidth, and per SM at the 1.98 GHz boost clock: 4 warp
+# instructions issued per clock, 16 special-function (MUFU) lanes per clock, i.e. half a warp instruction,
+# and the dense tensor-core rate per input type (989 TF/s bf16/fp16, half that tf32); IEEE fp32 dots run on
+# the FMA units (128 lanes x 2 FLOPs per clock per SM).
+SMS, CLOCK = 132, 1.98e9
+CEILINGS = {"H100": {"bytes": 3.35e12}, "H200": {"bytes": 4.8e12}}
+ISSUE_RATE = SMS * 4 * CLOCK  # warp instructions per second
+SFU_RATE = SMS * 0.5 * CLOCK  # MUFU warp instructions per second
+TENSOR_FLOPS = {"BF16": 989e12, "F16": 989e12, "TF32": 494.7e12}  # by SASS input type
+DOT_FLOPS = {"bf16": 989e12, "fp16": 989e12, "tf32": 494.7e12, "fp32": SMS * 128 * 2 * CLOCK}  # by operand kind
 
 
-def _loop_trips(launch: Launch) -> list[int]:
-    """Trip counts of the kernel's loops by nesting depth (outermost first), from its arguments."""
+def _loop_trips(launch: Launch) -> list[list[tuple[int, int]]]:
+    """The kernel's possible loop structures in SASS, each a list of loops in code order (see `kernels.sm90.
+    CubinFacts.loop_nests`) given as (trip count, index of the loop it sits in or -1), from its arguments.
+    D is a constexpr, so the compiler may unroll a K loop (the expert passes' 3 steps, the relation tiles' 12 to
+    16 steps with bf16 operands) or keep it (the tf32 and IEEE fp32 tiles' longer ones); `estimated_cost`
+    takes the structure the SASS has and fails on any other rather than price it wrong."""
     a, name = launch.args, launch.kernel_name
-    if name.startswith("expert_"):
-        return [triton.cdiv(a["D"], a["BLOCK_K"])]  # the K loop, once per pattern (unrolled)
-    if name == "relation_kl_fwd":  # column blocks (and the int8 pre-pass), then K inside
-        return [triton.cdiv(a["N"], a["BLOCK_J"]), triton.cdiv(a["D"], a["BLOCK_K"])]
+    k = triton.cdiv(a.get("D", 1), a.get("BLOCK_K", 1))
+    if name == "expert_grad":  # row blocks, the pattern loop inside, the K loop inside that
+        blocks = triton.cdiv(a["B"], a["BLOCK_B"])
+        return [[(blocks, -1), (a["P"], 0), (k, 1)], [(blocks, -1), (a["P"], 0)]]
+    if name.startswith("expert_"):  # the pattern loop, the K loop inside it
+        return [[(a["P"], -1), (k, 0)], [(a["P"], -1)]]
+    if name == "relation_kl_fwd":  # the tail block's K loop, then the full column blocks with a K loop inside
+        blocks = a["N"] // a["BLOCK_J"]
+        inner = [[(blocks, -1), (k, 0)], [(blocks, -1)]]
+        if not a["TAIL_J"]:
+            return inner
+        return inner + [[(k, -1)] + [(trips, parent + 1 if parent >= 0 else -1) for trips, parent in loops]
+                        for loops in inner]
     if name == "relation_kl_bwd":
-        return [triton.cdiv(a["D"], a["BLOCK_K"])]
+        return [[(k, -1)], []]
     if name == "gelu_layer_norm_bwd":
-        return [a["rows_per_program"]]
-    return []
+        return [[(a["blocks_per_program"], -1)]]
+    return [[]]
+
+
+def _loop_structure(launch: Launch, facts: CubinFacts) -> list[tuple[int, int]]:
+    """The structure of `_loop_trips` whose nests are exactly the SASS's (a nest lists a loop and its parents)."""
+    def nests(loops):
+        def chain(i):
+            return chain(loops[i][1]) + [i] if i >= 0 else []
+        return {",".join(map(str, chain(i))) for i in range(len(loops))} | {""}
+    found = set(facts.loop_nests)
+    for loops in _loop_trips(launch):
+        if found <= nests(loops) and len(found) == len(nests(loops)):
+            return loops
+    raise ValueError(f"{launch.kernel_name} ({launch.config}): its SASS has the loop nests {sorted(found)}, which no "
+                     f"structure the cost model knows has: update _loop_trips")
 
 
 def _work(launch: Launch) -> dict:
@@ -189,29 +237,62 @@ def _work(launch: Launch) -> dict:
                  "expert_grad": rows * dim + columns * dim + 2 * batch * columns + rows * columns}[name]
         return dict(elements=rows * columns, flops=2.0 * rows * columns * dim, bytes=size * moved)
     if name.startswith("relation_kl"):
-        batch = launch.programs // (triton.cdiv(a["N"], a["BLOCK_I"]) *
-                                    (triton.cdiv(a["N"], a["BLOCK_J"]) if name.endswith("bwd") else 1))
-        pairs, target_size = batch * a["N"] ** 2, torch.empty((), dtype=a["t_ptr"]).element_size()
-        moved = size * batch * a["N"] * a["D"] + target_size * pairs + (size * pairs if name.endswith("bwd") else 0)
-        return dict(elements=pairs, flops=2.0 * pairs * a["D"], bytes=moved)
+        n, target_size = a["N"], torch.empty((), dtype=a["t_ptr"]).element_size()
+        if name.endswith("fwd"):  # every (i, j) of its row blocks; S once per ordered pair
+            batch = launch.programs // triton.cdiv(n, a["BLOCK_I"])
+            pairs, flops_per_pair, share = batch * n * n, 2.0 * a["D"], 1.0
+        else:  # the outputs of its tile pairs (full blocks, or the tail's); S once per unordered pair
+            full = n // a["BLOCK_I"] * a["BLOCK_I"]
+            tiles = rel.tile_pairs(n, a["BLOCK_I"], rel.tail_block(n, a["BLOCK_I"]))[1 if a["MASK_J"] else 0]
+            share = (n * n - full * full if a["MASK_J"] else full * full) / (n * n)
+            batch = launch.programs // len(tiles)
+            pairs, flops_per_pair = batch * n * n * share, 1.0 * a["D"]
+        gradient = size * n * n if name.endswith("bwd") else 0
+        moved = share * batch * (size * n * a["D"] + target_size * n * n + gradient)
+        return dict(elements=pairs, flops=flops_per_pair * pairs, bytes=moved)
     rows = a.get("n_rows", launch.programs)
     return dict(elements=rows * a["width"], flops=0.0, bytes=size * rows * a["width"] * (3 if "bwd" in name else 2))
 
 
+def resident_warps(launch: Launch, facts: CubinFacts) -> int:
+    """Warps an SM can hold of this kernel: CTAs limited by registers (65,536 per SM, allocated per warp in
+    units of 256), shared memory (228 KiB per SM, 1 KiB reserved per CTA), 32 CTAs and 64 warps. The
+    predicted times assume enough of them to hide latency; with 8 or fewer that is doubtful."""
+    per_warp = -(-facts.registers * 32 // 256) * 256
+    ctas = min(32, 65536 // (per_warp * launch.num_warps), 233472 // (facts.shared_bytes + 1024))
+    return min(64, ctas * launch.num_warps)
+
+
 def estimated_cost(launch: Launch, facts: CubinFacts) -> dict:
-    """Executed SASS (static counts by loop depth x trip counts x warps x programs) and the predicted time:
-    the largest of issue-bound, FLOP-bound and byte-bound times at the datasheet ceilings."""
-    trips, per_warp, weight = _loop_trips(launch), 0, 1
-    for depth, count in enumerate(facts.by_loop_depth):
-        weight = math.prod(trips[:depth]) if depth <= len(trips) else weight
-        per_warp += count * weight
-    warp_instructions = per_warp * launch.num_warps * launch.programs
+    """Executed SASS (static counts per loop nest x trip counts x warps x programs) and the predicted time:
+    the largest of the issue-bound, special-function-bound, executed tensor-FLOP-bound, useful-FLOP-bound and
+    byte-bound times at the datasheet ceilings. Raises if the loop model undercounts the kernel's MMAs."""
+    trips = [count for count, _ in _loop_structure(launch, facts)]
+    scale = launch.num_warps * launch.programs
+
+    def executed(field: str, kind: str | None = None) -> float:
+        return scale * sum((entry[field] if kind is None else entry[field].get(kind, 0.0))
+                           * math.prod(trips[int(k)] for k in nest.split(",") if k)
+                           for nest, entry in facts.loop_nests.items())
+
     work = _work(launch)
-    cost = dict(work, warp_instructions=warp_instructions,
-                sass_per_element=warp_instructions * 32 / work["elements"], issue_ms=1e3 * warp_instructions / ISSUE_RATE)
+    warp_instructions = executed("instructions")
+    mufu = executed("mufu")
+    tensor_flops = {kind: executed("mma_flops", kind) for kind in
+                    {kind for entry in facts.loop_nests.values() for kind in entry["mma_flops"]}}
+    if tensor_flops and sum(tensor_flops.values()) < work["flops"] * (1 - 1e-6):
+        raise ValueError(f"{launch.kernel_name}: {sum(tensor_flops.values()):.3g} tensor-core FLOPs counted, fewer "
+                         f"than the {work['flops']:.3g} the launch must do: the loop trip counts are wrong")
+    cost = dict(work, warps_per_sm=resident_warps(launch, facts), warp_instructions=warp_instructions,
+                sass_per_element=warp_instructions * 32 / work["elements"],
+                mufu_per_element=mufu * 32 / work["elements"],
+                tensor_flops=sum(tensor_flops.values()),
+                issue_ms=1e3 * warp_instructions / ISSUE_RATE, sfu_ms=1e3 * mufu / SFU_RATE,
+                tensor_ms=1e3 * sum(f / TENSOR_FLOPS[kind] for kind, f in tensor_flops.items()))
+    dot_peak = DOT_FLOPS[operand_kind(launch)]
     for gpu, ceiling in CEILINGS.items():
-        cost[f"floor_ms_{gpu}"] = 1e3 * max(work["flops"] / ceiling["flops"], work["bytes"] / ceiling["bytes"])
-        cost[f"predicted_ms_{gpu}"] = max(cost["issue_ms"], cost[f"floor_ms_{gpu}"])
+        cost[f"floor_ms_{gpu}"] = 1e3 * max(work["flops"] / dot_peak, work["bytes"] / ceiling["bytes"])
+        cost[f"predicted_ms_{gpu}"] = max(cost[f"floor_ms_{gpu}"], cost["issue_ms"], cost["sfu_ms"], cost["tensor_ms"])
     return cost
 
 
@@ -260,8 +341,9 @@ def run(launches: list[Launch], workers: int, costs: list | None = None) -> list
     firsts = [group[0] for group in groups.values()]
     results = sweep(firsts, workers=workers)
     if costs is not None:
-        costs.extend((launch, result, estimated_cost(launch, result))
-                     for group, result in zip(groups.values(), results) if not isinstance(result, str) for launch in group)
+        costs.extend((launch, result, _cost_or_error(launch, result))
+                     for group, result in zip(groups.values(), results) if not isinstance(result, str)
+                     for launch in group)
     rows = []
     for group, result in zip(groups.values(), results):
         first = group[0]
@@ -271,22 +353,41 @@ def run(launches: list[Launch], workers: int, costs: list | None = None) -> list
     return rows
 
 
+def _cost_or_error(launch: Launch, facts: CubinFacts) -> dict:
+    """estimated_cost, or {"error": why} when the cost model does not fit the kernel's SASS (reported, so that
+    the compile checks of the other launches still run)."""
+    try:
+        return estimated_cost(launch, facts)
+    except ValueError as exc:
+        return {"error": str(exc)}
+
+
 def aggregate_costs(costs: list) -> list[dict]:
-    """Per (kernel, operands, call): the du pass's chunk launches summed into one call."""
+    """Per (kernel, operands, call): a call's launches (du chunks, backward's tile sets) in one row: times, work
+    and instructions summed, per-element figures weighted by elements, the most registers and spills and the
+    fewest resident warps of its binaries, the first launch's config."""
     calls: dict[tuple, dict] = {}
     for launch, facts, cost in costs:
-        key = (launch.kernel_name, _operands(launch), launch.case.split(" du[")[0])
-        if key not in calls:
-            calls[key] = dict(kernel=key[0], operands=key[1], case=key[2], config=launch.config, launches=0,
-                              registers=facts.registers, spills=facts.spills, hgmma=facts.hgmma, hmma=facts.hmma,
-                              static_sass=facts.instructions, **{k: 0.0 for k in cost if k != "sass_per_element"})
-        total = calls[key]
+        key = (launch.kernel_name, _operands(launch), launch.case.split(" | ")[0])
+        if "error" in cost or "error" in calls.get(key, {}):
+            calls[key] = dict(kernel=key[0], operands=key[1], case=key[2], config=launch.config,
+                              error=cost.get("error") or calls[key]["error"])
+            continue
+        total = calls.setdefault(key, dict(kernel=key[0], operands=key[1], case=key[2], config=launch.config,
+                                           launches=0, registers=0, spills=0, hgmma=facts.hgmma, hmma=facts.hmma,
+                                           warps_per_sm=64, static_sass=facts.instructions))
         total["launches"] += 1
+        total["registers"] = max(total["registers"], facts.registers)
+        total["spills"] = max(total["spills"], facts.spills)
+        total["warps_per_sm"] = min(total["warps_per_sm"], cost["warps_per_sm"])
         for name, value in cost.items():
-            if name != "sass_per_element":
-                total[name] += value
+            if name.endswith("per_element"):
+                total["_" + name] = total.get("_" + name, 0.0) + value * cost["elements"]
+            elif name != "warps_per_sm":
+                total[name] = total.get(name, 0.0) + value
     for total in calls.values():
-        total["sass_per_element"] = total["warp_instructions"] * 32 / total["elements"]
+        for name in [k for k in total if k.startswith("_")]:
+            total[name[1:]] = total.pop(name) / total["elements"]
     return list(calls.values())
 
 

@@ -33,3 +33,8 @@ def test_bench_without_gpu_says_so_and_writes_every_row(tmp_path):
     assert all(row["spills"] == 0 and row["predicted_ms_H200"] >= row["floor_ms_H200"] > 0 and
                row["sass_per_element"] > 0 for row in static["costs"])
     assert "static cost" in done.stdout
+    # One total per call the acceptance names, each from every kernel the call runs, never below its floor.
+    totals = {row["call"]: row for row in static["totals"]}
+    assert set(totals) == {"decoder B256 L257", "decoder CLS B768 L1", "relation fp16 targets", "relation int8 targets"}
+    assert totals["decoder B256 L257"]["kernels"] == 6 and totals["relation fp16 targets"]["kernels"] == 2
+    assert all(row["ratio_H100"] >= 1 and row["ratio_H200"] >= 1 for row in totals.values())
