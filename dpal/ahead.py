@@ -10,6 +10,9 @@ caching allocator does not give its memory back to the producer's stream while t
 it. On the CPU the structure is the same without streams: the producer's tensors are ready when
 handed over.
 
+`HostCopy` is the way back: device tensors copied into pinned host memory without blocking, with an event
+after the copies, so that the host reads them later (`wait`) without draining the device queue.
+
 Used by both stages: the trainer renders batch N+1 while step N computes, the cache renders the next
 teacher batch while the teacher runs. Results are bit-identical to calling ``produce`` on the consumer's
 thread: the producer uses the same intra-op thread count, and a stream changes when work runs, not what
@@ -22,7 +25,7 @@ from queue import Empty, Full, Queue
 from typing import Any, Callable, Iterable
 
 import torch
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 _POLL_S = 0.1  # how often a blocked producer looks for a close()
 _DONE = object()
@@ -122,3 +125,31 @@ class RunAhead:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class HostCopy:
+    """Tensors (any nesting of lists, tuples and dicts) on their way to the host. On CUDA: non-blocking copies
+    into fresh pinned buffers on the current stream and an event after them; `wait()` blocks until that event,
+    i.e. until the work queued before the copies is done, not the work queued after. Host tensors are kept
+    as they are."""
+
+    def __init__(self, tensors):
+        self._event = None
+        if any(isinstance(leaf, torch.Tensor) and leaf.is_cuda for leaf in tree_leaves(tensors)):
+            tensors = tree_map(_pinned_copy, tensors)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._tensors = tensors
+
+    def wait(self):
+        """The host tensors, once their copies have landed."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._tensors
+
+
+def _pinned_copy(value):
+    if not (isinstance(value, torch.Tensor) and value.is_cuda):
+        return value
+    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+    return host.copy_(value, non_blocking=True)

@@ -95,18 +95,18 @@ def timed_steps(model, optimizer, ema, ready_batches, source, recipe, device, wa
     for index, (ready, wait) in enumerate(_waited(ready_batches)):
         if index == warmup:
             if pending is not None:
-                pending.resolve()
+                pending.wait()
             _sync(device)
             start, waited = time.perf_counter(), 0.0
         terms = forward_backward(model, ready, source, autocast, 0.1, 1)
         values = optimizer_step(optimizer, trained, student_params, ema_params, terms, accum_steps=1, lr=1e-4,
                                 momentum=0.996, world_size=1)
         if pending is not None:
-            pending.resolve()
+            pending.wait()
         pending = values
         if index >= warmup:
             waited, samples = waited + wait, samples + len(ready)
-    pending.resolve()
+    pending.wait()
     _sync(device)
     elapsed = time.perf_counter() - start
     return {"samples_per_s": samples / elapsed, "wait_share": waited / elapsed}

@@ -7,15 +7,15 @@
         term_sums += forward_backward(model, ready, source, autocast, moe_loss_weight, accum_steps)
         ...                                                             # after accum_steps micro-batches:
         pending = optimizer_step(optimizer, params, term_sums, ...)     # metrics stay on the device
-        values = previous.resolve()                                    # the step before's, read one step late
+        values = previous.wait()                                       # the step before's, read one step late
 
 A target source (`TargetSource`) has two sides: `stage`, called on the render-ahead thread (what can be
 prepared before the step: the cached targets' copies to the device), and `targets`, called on the step's
 path with the rendered views. `CachedTargets` reads them from the store, `OnlineTeacher` runs the teacher
 on the views at every step (the baseline). Both feed `dpal.distill.distill_step_losses` the same way.
 
-Nothing here reads a device value on the host: the finite check and the logged metrics come from
-`PendingValues.resolve()`, called a step later, so the device queue never drains between steps.
+Nothing here reads a device value on the host: the finite check and the logged metrics come from the
+`HostCopy` that `optimizer_step` returns, read a step later, so the device queue never drains between steps.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import torch.distributed as dist
 from cache_teacher.ffcv_images import ImageFile
 from cache_teacher.store import token_counts
 from dpal import dispatch
+from dpal.ahead import HostCopy
 from dpal.config import OptimConfig, Recipe
 from dpal.decoder import DynamicPatternDecoder
 from dpal.distill import distill_step_losses
@@ -193,26 +194,6 @@ def forward_backward(model: torch.nn.Module, ready, source: TargetSource, autoca
     return torch.stack([terms[key].detach().float() for key in TERM_KEYS])
 
 
-class PendingValues:
-    """Device values on their way to the host: a non-blocking copy into pinned memory and an event on CUDA,
-    so that reading them later (`resolve`) waits for this step's work only, not for the steps queued after."""
-
-    def __init__(self, values: torch.Tensor):
-        self._event = None
-        if values.is_cuda:
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-            values = host
-        self._values = values
-
-    def resolve(self) -> list[float]:
-        if self._event is not None:
-            self._event.synchronize()
-        return self._values.tolist()
-
-
 def apply_update(optimizer: torch.optim.Optimizer, lr: float, student_params: list, ema_params: list,
                  momentum: float) -> None:
     """AdamW step at `lr`, then EMA <- momentum * EMA + (1 - momentum) * student."""
@@ -226,13 +207,14 @@ def apply_update(optimizer: torch.optim.Optimizer, lr: float, student_params: li
 
 def optimizer_step(optimizer: torch.optim.Optimizer, trained_params: list, student_params: list, ema_params: list,
                    term_sums: torch.Tensor, *, accum_steps: int, lr: float, momentum: float,
-                   world_size: int) -> PendingValues:
+                   world_size: int) -> HostCopy:
     """Average the terms over micro-batches and ranks, take the gradient norm, update weights and EMA.
-    Returns, pending, [loss terms in TERM_KEYS order..., gradient norm]; nothing here waits for the device."""
+    Returns [loss terms in TERM_KEYS order..., gradient norm] on its way to the host (read it a step later:
+    `wait()` then waits for this step's values, not for the steps queued after); nothing here waits."""
     means = term_sums / accum_steps
     if world_size > 1:
         dist.all_reduce(means, op=dist.ReduceOp.AVG)
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trained_params if p.grad is not None])
-    values = PendingValues(torch.cat([means, grad_norm.reshape(1).float()]))
+    values = HostCopy(torch.cat([means, grad_norm.reshape(1).float()]))
     apply_update(optimizer, lr, student_params, ema_params, momentum)
     return values

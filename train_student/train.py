@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cache_teacher.ffcv_images import ImageFile, check_images, images_fingerprint
 from cache_teacher.options import Interrupted, exit_status
 from dpal import dispatch
+from dpal.ahead import HostCopy
 from dpal.config import Recipe
 from dpal.losses import moe_weight
 from dpal.recipes import get_recipe
@@ -37,7 +38,7 @@ from train_student.checkpoint import (CHECKPOINT_NAME, claim_run_folder, load_ch
 from train_student.data import BackgroundPool, CachedFeed, FeedPlan, OnlineFeed, default_workers
 from train_student.metrics import LOSS_COLUMNS, LOSS_PLOT, METRICS_CSV, MetricsLog, plot_losses
 from train_student.prefetch import render_ahead
-from train_student.step import (CachedTargets, OnlineTeacher, PendingValues, TrainingError, build_distiller,
+from train_student.step import (CachedTargets, OnlineTeacher, TrainingError, build_distiller,
                                 fit_online_mask_calibration, forward_backward, make_autocast, optimizer_step,
                                 setup_distributed)
 
@@ -76,7 +77,7 @@ class StepValues(NamedTuple):
     moe_weight: float
     seconds: float  # host time of the step
     data_wait: float  # of which waiting for the next ready batch
-    values: PendingValues  # [loss terms..., grad norm]
+    values: HostCopy  # [loss terms..., grad norm], on its way from the device
 
 
 def apply_overrides(recipe: Recipe, args: argparse.Namespace) -> Recipe:
@@ -245,7 +246,7 @@ def _train(args: argparse.Namespace, held: ExitStack) -> Path:
         if pending is None:
             return
         done, pending = pending, None
-        *values, grad_norm = done.values.resolve()
+        *values, grad_norm = done.values.wait().tolist()
         if not all(math.isfinite(v) for v in values + [grad_norm]):
             raise TrainingError(f"loss or gradient is not finite at step {done.step} (epoch {done.epoch}): "
                                 f"total={values[0]}, terms global={values[1]} local={values[2]} "
