@@ -85,7 +85,15 @@ blending run on the whole batch with per-sample factors; the subsets an op appli
 plan, so nothing waits on the device. The same records on the same device give bit-identical pixels; a
 different batch composition changes padding and matmul blocking, which moves pixels by ~1e-7, far below
 the CPU/CUDA tolerance of 1/255. The group matmul shapes are therefore part of the pixels: the device
-work grows by a few operators per 32 crops, everything else is a fixed sequence per call.
+work grows by three operators per 32 crops (a converting copy and two batched matmuls), everything else
+is a fixed sequence per call.
+
+Why a call still dispatches several hundred operators, not a few dozen: the colour pipeline is a fixed
+sequence of ~70 operators per jitter position (the hue op alone ~45) times 4 positions, plus grayscale,
+blur and solarize, per crop kind; and each group keeps its own matmuls. Merging groups into one padded
+matmul changes the contraction length, and fusing the colour ops into one kernel changes where float
+rounding happens (fused multiply-adds, the order of the contrast mean's reduction); either would move
+pixels by ~1e-7 away from those the stores were cached with. The pixels are kept bit-identical instead.
 """
 from __future__ import annotations
 
