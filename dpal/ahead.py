@@ -34,6 +34,9 @@ _DONE = object()
 class RunAhead:
     """Iterate over ``produce(item) for item in items``, computed on a producer thread ahead of time.
 
+    Results are nestings of tuples (named ones too), lists and dicts: the hand-over looks for CUDA tensors
+    there (`torch.utils._pytree`), not inside other objects.
+
     ``close()`` (also on leaving a ``with`` block, or when the results run out) stops the producer and
     closes ``items`` if it is a generator, on the producer's thread. An exception raised by ``items`` or
     ``produce`` is raised again by the consumer's next ``next()``, with its traceback.

@@ -34,6 +34,14 @@ def _axis_matrix(in_size: int, out_size: int, antialias: bool, device: torch.dev
     return _axis_matrix_cpu(in_size, out_size, antialias).to(device, dtype)
 
 
+@torch.compiler.assume_constant_result
+def _constant_axis_matrix(in_size: int, out_size: int, antialias: bool, device: torch.device,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """`_axis_matrix`, taken as a constant by torch.compile (`--compile`): dynamo would otherwise trace through
+    the cache and rebuild the matrix, on the CPU, inside every compiled call."""
+    return _axis_matrix(in_size, out_size, antialias, device, dtype)
+
+
 def bicubic_resize(grid: torch.Tensor, size: tuple[int, int], *, antialias: bool) -> torch.Tensor:
     """F.interpolate(mode="bicubic", align_corners=False, antialias=antialias) of a channels-last grid.
 
@@ -42,8 +50,8 @@ def bicubic_resize(grid: torch.Tensor, size: tuple[int, int], *, antialias: bool
     """
     height, width = grid.shape[1:3]
     kwargs = dict(device=grid.device, dtype=torch.float32)
-    rows = _axis_matrix(height, size[0], antialias, **kwargs)
-    cols = _axis_matrix(width, size[1], antialias, **kwargs)
+    rows = _constant_axis_matrix(height, size[0], antialias, **kwargs)
+    cols = _constant_axis_matrix(width, size[1], antialias, **kwargs)
     # Autocast would round the GEMMs' operands to bf16; it exists on CUDA and CPU only (not on meta).
     no_autocast = torch.autocast(grid.device.type, enabled=False) if grid.device.type in ("cuda", "cpu") \
         else contextlib.nullcontext()

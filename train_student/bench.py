@@ -105,7 +105,7 @@ def timed_steps(model, optimizer, ema, ready_batches, source, recipe, device, wa
             pending.wait()
         pending = values
         if index >= warmup:
-            waited, samples = waited + wait, samples + len(ready)
+            waited, samples = waited + wait, samples + len(ready.indices)
     pending.wait()
     _sync(device)
     elapsed = time.perf_counter() - start

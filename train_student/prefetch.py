@@ -13,8 +13,7 @@ bit (the same plan and device work, only on another thread and stream).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 
@@ -24,16 +23,13 @@ from dpal.views import PackedImages, execute_local_crops, execute_view_sets, pac
 from train_student.data import FeedBatch
 
 
-@dataclass
-class ReadyBatch:
-    """One micro-batch ready for the step: views rendered and targets staged on the training device."""
+class ReadyBatch(NamedTuple):
+    """One micro-batch ready for the step: views rendered and targets staged on the training device. (A named
+    tuple, so that the hand-over finds every tensor in it to mark as used by the step's stream.)"""
 
     indices: torch.Tensor  # [b] image indices (host)
     views: dict[str, torch.Tensor]  # distill_step_losses view arguments: global_view, local_views, crowd_view
     staged: dict[str, torch.Tensor]  # what the target source staged (cached targets on the device; online: none)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 def pack_batch(batch: FeedBatch, pin_memory: bool) -> tuple[PackedImages, PackedImages, PackedImages]:
