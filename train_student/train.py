@@ -2,10 +2,12 @@
 
 Reads top to bottom like nanoGPT's train.py: set up ranks and devices, check the inputs, build the
 student, decoder, EMA and optimizer, restore a checkpoint if resuming, then loop over epochs and
-micro-batches: render the views from their parameters on the training device, compute the loss terms
-with `dpal.distill.distill_step_losses`, step AdamW, update the EMA, log, checkpoint. At the end:
-a final checkpoint, the student and its EMA exported through `dpal.students.export_student`, and a
-PNG of the loss curves.
+micro-batches: the views of the next micro-batch are rendered from their parameters on the training
+device while this one computes (`prefetch.render_ahead`), the step (`step.py`: loss terms through
+`dpal.distill.distill_step_losses` with targets from the store or the online teacher, AdamW, EMA) runs,
+and the step before's values are read, checked and logged; checkpoints as asked. At the end: a final
+checkpoint, the student and its EMA exported through `dpal.students.export_student`, and a PNG of the
+loss curves.
 """
 from __future__ import annotations
 
