@@ -80,7 +80,8 @@ call is cut from it by one gather, grouped by crop size and zero-padded per grou
 stays small; resizing and blurring are separable linear maps applied as batched float32 matmuls with
 per-sample weight matrices (weights in float64, PIL/PyTorch antialiased bicubic with a = -0.5; blur
 kernels as torchvision's), with TF32 switched off around them (a process-wide flag: do not execute two
-renders from two threads at once; planning is host-only and may). Colour ops, grayscale, solarize and
+renders from two threads at once; planning is host-only and may. While a render-ahead thread renders, the
+other threads' float32 matmuls see the flag too, which changes nothing unless TF32 was switched on). Colour ops, grayscale, solarize and
 blending run on the whole batch with per-sample factors; the subsets an op applies to are picked by the
 plan, so nothing waits on the device. The same records on the same device give bit-identical pixels; a
 different batch composition changes padding and matmul blocking, which moves pixels by ~1e-7, far below
