@@ -11,9 +11,12 @@ fails (recording the failure), writes OUT/gpu_check.json after every step and pr
 2. CUDA tests: pytest on every test file with CUDA cases;
 3. inputs: built-in persons, backgrounds and random PATH-B / PATH-L checkpoints, packed to FFCV and cached
    into one Zarr store per teacher (`cache_teacher demo-data / pack / run`);
-4. cached-target vs online-teacher step for path-b_vit-ti and path-l_vit-ti at batch 256, and the shares of a
-   live-feed step spent waiting for data and rendering (`python -m train_student bench`);
-5. caching pipeline vs teacher forward only (`python -m cache_teacher bench`);
+4. cached-target vs online-teacher step for path-b_vit-ti and path-l_vit-ti at batch 256, the cached step
+   (views rendered ahead) against the same step on views and targets staged on the device, the share of a
+   live-feed step spent waiting for data and what an in-line render would cost (`python -m train_student
+   bench`); for path-b_vit-ti eager and torch.compile'd (`--compile both`: the measurement that sets the
+   GPU default of `--compile`);
+5. caching pipeline (double-buffered, and serial) vs teacher forward only (`python -m cache_teacher bench`);
 6. kernels: `python -m kernels.bench --json`, first without, then with the torch.compile'd references
    (every kernel against its float64 reference at the recipe shapes, eager / torch.compile / fused time and
    peak memory: whatever rows it reports).
@@ -58,6 +61,7 @@ class Sizes:
     run_cuda_tests: bool
     budget_s: float
     recipes: tuple[str, ...]  # train_student bench runs; each recipe's teacher gets a checkpoint and a store
+    compile_recipes: tuple[str, ...]  # of those, the ones also timed with the student compiled (`--compile both`)
     timeout_scale: float  # per-step timeouts are sized for the GPU run; a shared 2-core CPU needs more
 
 
@@ -69,13 +73,14 @@ FULL = Sizes(persons=512, backgrounds=16, views_per_image=1,
              # the shapes that hold the speed targets.
              kernel_runs=(("--no-compile",), ("--recipe", "path-b_vit-ti", "--no-static")), run_cuda_tests=True,
              budget_s=470,
-             recipes=("path-b_vit-ti", "path-l_vit-ti"), timeout_scale=1.0)
+             recipes=("path-b_vit-ti", "path-l_vit-ti"), compile_recipes=("path-b_vit-ti",), timeout_scale=1.0)
 TINY = Sizes(persons=6, backgrounds=2, views_per_image=1,
              cache_args=("--batch-size", "2", "--iterations", "1", "--num-images", "2"),
              train_args=("--batch-size", "2", "--steps", "1", "--warmup-steps", "1", "--feed-batches", "2",
                          "--calibration-images", "2", "--workers", "1", "--feed-workers", "1"),
              kernel_runs=(("--no-compile", "--op", "relation", "--batch", "1"),), run_cuda_tests=False,
              budget_s=1800, recipes=("path-b_vit-ti",),  # PATH-L on a CPU costs minutes; same code as PATH-B
+             compile_recipes=(),  # compiling on a 2-core CPU costs minutes (README: measured there once)
              timeout_scale=4.0)
 
 
@@ -375,7 +380,8 @@ def run_cache_bench(runner: Runner, step: Step, paths: dict, sizes: Sizes) -> No
     step.figures = json.loads(report.read_text())
     f = step.figures
     step.detail = (f"pipeline {f['pipeline_view_sets_per_s']:.1f} vs teacher-only {f['teacher_only_view_sets_per_s']:.1f} "
-                   f"view sets/s ({100 * f['pipeline_fraction']:.0f}%), batch {f['batch_size']}")
+                   f"view sets/s ({100 * f['pipeline_fraction']:.0f}%; serial {100 * f['serial_fraction']:.0f}%), "
+                   f"batch {f['batch_size']}")
 
 
 def run_train_bench(runner: Runner, step: Step, recipe: str, paths: dict, sizes: Sizes) -> None:
@@ -384,12 +390,15 @@ def run_train_bench(runner: Runner, step: Step, recipe: str, paths: dict, sizes:
     rc, tail = runner.cli(f"train-bench-{recipe}", [
         "-m", "train_student", "bench", "--recipe", recipe, "--store", str(paths["store"][teacher]),
         "--images", str(paths["images"]), "--backgrounds", str(paths["backgrounds"]), "--teacher-weights",
-        str(paths["weights"][teacher]), "--out", str(report), *sizes.train_args], 300)
+        str(paths["weights"][teacher]), "--out", str(report), *sizes.train_args,
+        *(("--compile", "both") if recipe in sizes.compile_recipes else ())],
+        420 if recipe in sizes.compile_recipes else 300)
     _require(rc, "train_student bench", tail)
     step.figures = json.loads(report.read_text())
     f = step.figures
-    step.detail = (f"cached {f.get('cached_step_samples_per_s', 0):.1f} vs online "
-                   f"{f.get('online_step_samples_per_s', 0):.1f} samples/s")
+    step.detail = (f"cached {f.get('cached_step_samples_per_s', 0):.1f} ({100 * f.get('cached_vs_staged', 0):.0f}% of "
+                   f"staged) vs online {f.get('online_step_samples_per_s', 0):.1f} samples/s"
+                   + (f"; compiled {f['compile_speedup']:.2f}x" if "compile_speedup" in f else ""))
 
 
 # ---------------------------------------------------------------------- table
@@ -420,16 +429,24 @@ def print_tables(runner: Runner) -> None:
     train = [(s.name.removeprefix("train "), s.figures) for s in runner.steps
              if s.name.startswith("train ") and s.status == "ok"]
     if train:
-        print(f"\n| {'recipe':<14} | {'batch':>5} | {'cached /s':>10} | {'online /s':>10} | {'speed-up':>8} | "
-              f"{'live /s':>9} | {'data wait':>9} | {'render':>7} |")
-        print(f"|{'-' * 16}|{'-' * 7}|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 11}|{'-' * 11}|{'-' * 9}|")
+        print(f"\n| {'recipe':<14} | {'batch':>5} | {'cached /s':>10} | {'staged /s':>10} | {'cached/staged':>13} | "
+              f"{'online /s':>10} | {'speed-up':>8} | {'live /s':>9} | {'data wait':>9} | {'render':>7} | "
+              f"{'compiled /s':>11} | {'compile':>7} |")
+        print(f"|{'-' * 16}|{'-' * 7}|{'-' * 12}|{'-' * 12}|{'-' * 15}|{'-' * 12}|{'-' * 10}|{'-' * 11}|{'-' * 11}|"
+              f"{'-' * 9}|{'-' * 13}|{'-' * 9}|")
         for recipe, f in train:
-            wait, render = f.get("data_wait_share"), f.get("render_share")
+            wait, render, ratio = f.get("data_wait_share"), f.get("render_share"), f.get("cached_vs_staged")
             print(f"| {recipe:<14} | {f.get('batch', 0):>5} | {_num(f.get('cached_step_samples_per_s'), '10.1f')} | "
+                  f"{_num(f.get('staged_step_samples_per_s'), '10.1f')} | "
+                  f"{_num(None if ratio is None else 100 * ratio, '12.1f')}% | "
                   f"{_num(f.get('online_step_samples_per_s'), '10.1f')} | {_num(f.get('speedup'), '7.2f')}x | "
                   f"{_num(f.get('live_step_samples_per_s'), '9.1f')} | "
                   f"{_num(None if wait is None else 100 * wait, '8.1f')}% | "
-                  f"{_num(None if render is None else 100 * render, '6.1f')}% |")
+                  f"{_num(None if render is None else 100 * render, '6.1f')}% | "
+                  f"{_num(f.get('compiled_cached_step_samples_per_s'), '11.1f')} | "
+                  f"{_num(f.get('compile_speedup'), '6.2f')}x |")
+        print("cached/staged: target >= 95%; render: an in-line render's cost relative to the staged step "
+              "(target <= 10%); compile: compiled cached step / eager cached step (sets --compile's GPU default)")
     failed = [s.name for s in runner.steps if s.status != "ok"]
     print(f"\n{len(runner.steps) - len(failed)} of {len(runner.steps)} steps ok"
           + (f"; not ok: {', '.join(failed)} (logs in {runner.logs})" if failed else "")

@@ -2,7 +2,9 @@
 
 teacher only: `teacher_targets` on one pre-rendered batch, repeated (the ceiling).
 full pipeline: the real `run` code path into a fresh store (decode + render + teacher + shape mask +
-encode + compress + fsync + write). Target on a GPU: full >= 90% of teacher-only. Prints a table, writes JSON.
+encode + compress + fsync + write), double-buffered (`cache_teacher.pipeline`: the next batch renders while
+the teacher runs), and the same run on the serial path (render, teacher, copy back, in turn) for comparison.
+Target on a GPU: the pipeline >= 90% of teacher-only. Prints a table, writes JSON.
 """
 from __future__ import annotations
 
@@ -50,19 +52,24 @@ def bench(teacher: str, weights: str, images: str, backgrounds: str, *, batch_si
     teacher_rate = iterations * batch / (time.perf_counter() - start)
 
     count = min(num_images or max(1, iterations * batch // views_per_image), len(image_file))
-    with tempfile.TemporaryDirectory() as tmp:
-        subset_cfg = RunConfig(teacher=teacher, weights=weights, images=images, backgrounds=backgrounds,
-                               views_per_image=views_per_image, out=str(Path(tmp) / "bench.zarr"),
-                               target_format=target_format, batch_size=batch, device=str(dev), progress=False,
-                               calibration_images=min(count, batch), limit_images=count)
-        summary = run(subset_cfg, teachers=teachers)
-    pipeline_rate = summary["computed_view_sets"] / summary["seconds"]
+    rates = {}
+    for overlap in (True, False):
+        with tempfile.TemporaryDirectory() as tmp:
+            subset_cfg = RunConfig(teacher=teacher, weights=weights, images=images, backgrounds=backgrounds,
+                                   views_per_image=views_per_image, out=str(Path(tmp) / "bench.zarr"),
+                                   target_format=target_format, batch_size=batch, device=str(dev), progress=False,
+                                   calibration_images=min(count, batch), limit_images=count, overlap=overlap)
+            summary = run(subset_cfg, teachers=teachers)
+        rates[overlap] = summary["computed_view_sets"] / summary["seconds"]
+    pipeline_rate = rates[True]
     result = {"teacher": teacher, "device": str(dev), "batch_size": batch, "target_format": target_format,
               "teacher_only_view_sets_per_s": teacher_rate, "pipeline_view_sets_per_s": pipeline_rate,
-              "pipeline_fraction": pipeline_rate / teacher_rate, "pipeline_view_sets": summary["computed_view_sets"]}
+              "pipeline_fraction": pipeline_rate / teacher_rate, "pipeline_view_sets": summary["computed_view_sets"],
+              "serial_view_sets_per_s": rates[False], "serial_fraction": rates[False] / teacher_rate}
     print(f"{'stage':<34}{'view sets/s':>14}")
     print(f"{'teacher forward only':<34}{teacher_rate:>14.2f}")
     print(f"{'full pipeline (render..write)':<34}{pipeline_rate:>14.2f}")
+    print(f"{'same, serial (no overlap)':<34}{rates[False]:>14.2f}")
     print(f"pipeline reaches {100 * result['pipeline_fraction']:.1f}% of teacher-only throughput "
           f"({dev}, batch {batch}, {target_format}, target on GPU: >= 90%)")
     if json_out:

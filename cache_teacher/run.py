@@ -8,8 +8,10 @@ Work is split by shard ownership (shard s belongs to rank s mod world size); eac
 and each store one job: rank 0 holds the store's writer lock for the whole run (`job_writer_lock`), so a
 second `run` on the same --out is refused before it reads or writes anything. A rerun rechecks every finished
 shard against its recorded CRC32C and rewrites those that fail (the repair of a damaged store).
-The next shard's images are decoded in a background thread and the previous shard is compressed and
-written in another while the teacher runs, so the teacher stays busy.
+The teacher stays busy (`cache_teacher.pipeline`): the next batch of view sets is rendered on another
+thread (and CUDA stream) while the teacher runs this one, its targets come back to the host without
+blocking, and shards are decoded and written on threads of their own. `RunConfig.overlap=False` runs the
+serial path instead (render, teacher, copy back, one after the other), which writes the same bytes.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from cache_teacher.pipeline import decoded_shards, process_shards, shard_arrays
 from dpal.config import TeacherSpec, ViewConfig, token_counts
 from dpal.errors import UserError, file_problem
 from dpal.recipes import RECIPES, TEACHERS
@@ -72,6 +75,7 @@ class RunConfig:
     solider_weights: str = "teacher"  # SOLIDER container: 'teacher' (SOLIDER's tools) or 'student' (original DPAL)
     semantic_weight: float = 0.0  # SOLIDER's s, folded into the weights
     views: str | None = None  # recipe whose view configuration to cache (default: that of --teacher's recipes)
+    overlap: bool = True  # the double-buffered pipeline (cache_teacher.pipeline); False: render, then teacher
 
 
 def cached_views(teacher: str, recipe: str | None = None) -> ViewConfig:
@@ -114,11 +118,14 @@ class TargetComputer:
         """bf16 autocast for the teacher on CUDA; float32 on the CPU."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def targets(self, images: list[torch.Tensor], params: torch.Tensor):
-        """Teacher targets (float32, on the device) for view sets ``params`` of ``images`` (aligned lists)."""
-        views = self.render(images, params)
+    def run_teacher(self, views):
+        """Teacher targets (float32, on the device) of rendered views."""
         with self.precision():
             return teacher_targets(self.teacher, views.global_view, views.crowd)
+
+    def targets(self, images: list[torch.Tensor], params: torch.Tensor):
+        """Teacher targets (float32, on the device) for view sets ``params`` of ``images`` (aligned lists)."""
+        return self.run_teacher(self.render(images, params))
 
     def calibrate(self, images: ImageFile, indices: list[int], seed: int, views_per_image: int,
                   grid: tuple[int, int]) -> ShapeMaskCalibration:
@@ -134,26 +141,33 @@ class TargetComputer:
                 tokens.append(global_view_targets(self.teacher, views.global_view)[1].cpu())
         return fit_shape_mask(torch.cat(tokens), grid)
 
-    def shard_rows(self, images: list[np.ndarray], params: torch.Tensor, calibration: ShapeMaskCalibration,
-                   target_format: str, progress=None) -> dict[str, np.ndarray]:
-        """Stored arrays for the images of one shard; params [n, K, F]. Batches start at the shard start."""
+    def shard_batches(self, images: list[np.ndarray], params: torch.Tensor):
+        """(row slice, images, view sets) of each teacher batch of one shard; params [n, K, F]. Batches start at
+        the shard start, whatever the work split, so a shard's targets never depend on how the run went."""
         n, k = params.shape[:2]
         flat = params.reshape(n * k, -1)
         owner = torch.arange(n).repeat_interleave(k)
         tensors = [torch.from_numpy(image) for image in images]
-        parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, n * k, self.batch_size):
             rows = slice(start, start + self.batch_size)
-            out = self.targets([tensors[i] for i in owner[rows].tolist()], flat[rows])
-            encoded = Targets.encode(global_=out.global_, local=out.local, mask=shape_mask(out.local, calibration),
-                                     relation=out.relation, target_format=target_format)
-            for name, value in encoded.arrays().items():
+            yield rows, [tensors[i] for i in owner[rows].tolist()], flat[rows]
+
+    def encode(self, out, calibration: ShapeMaskCalibration, target_format: str) -> dict[str, torch.Tensor]:
+        """The stored arrays of one batch's teacher targets, on the device."""
+        return Targets.encode(global_=out.global_, local=out.local, mask=shape_mask(out.local, calibration),
+                              relation=out.relation, target_format=target_format).arrays()
+
+    def shard_rows(self, images: list[np.ndarray], params: torch.Tensor, calibration: ShapeMaskCalibration,
+                   target_format: str, progress=None) -> dict[str, np.ndarray]:
+        """Stored arrays for the images of one shard, one batch after the other (the serial path)."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        for _, batch_images, batch_params in self.shard_batches(images, params):
+            encoded = self.encode(self.targets(batch_images, batch_params), calibration, target_format)
+            for name, value in encoded.items():
                 parts.setdefault(name, []).append(value.cpu())
             if progress is not None:
-                progress.update(len(flat[rows]))
-        arrays = {name: torch.cat(values).reshape(n, k, *values[0].shape[1:]).numpy() for name, values in parts.items()}
-        arrays[VIEW_PARAMS_ARRAY] = params.numpy()
-        return arrays
+                progress.update(len(batch_params))
+        return shard_arrays(parts, params)
 
 
 def _is_rank0() -> bool:
@@ -297,11 +311,20 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
             return sum(stop - start for start, stop in map(layout.shard_range, shards)) * layout.views_per_image
 
         started = time.perf_counter()
+
+        def load(shard: int) -> tuple[list[np.ndarray], torch.Tensor]:
+            """A shard's decoded images and view sets [n, K, F]."""
+            start, stop = layout.shard_range(shard)
+            params = torch.stack([image_view_params(cfg.seed, i, layout.views_per_image, len(backgrounds), view_cfg)
+                                  for i in range(start, stop)])
+            return [images.image(i) for i in range(start, stop)], params
+
         try:
-            _process_shards(todo, images, writer, computer, calibration, cfg.seed, view_cfg, layout,
-                            tqdm(total=sets_in(owned), initial=sets_in(owned) - sets_in(todo), unit="view set",
-                                 desc=f"cache {spec.name}" + (f" rank {rank}/{world}" if world > 1 else ""),
-                                 disable=not cfg.progress, smoothing=0.1, dynamic_ncols=True))
+            (process_shards if cfg.overlap else _process_shards)(
+                todo, load, writer, computer, calibration, layout.target_format,
+                tqdm(total=sets_in(owned), initial=sets_in(owned) - sets_in(todo), unit="view set",
+                     desc=f"cache {spec.name}" + (f" rank {rank}/{world}" if world > 1 else ""),
+                     disable=not cfg.progress, smoothing=0.1, dynamic_ncols=True))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise RunError(f"disk full while writing {out}: finished shards are kept and the interrupted one is "
@@ -346,24 +369,14 @@ def _check_resumable(out: Path, stored: dict, identity: dict) -> None:
                        + "; ".join(problems) + ". Use another --out, or delete the old store.")
 
 
-def _process_shards(todo: list[int], images: ImageFile, writer: StoreWriter, computer: TargetComputer,
-                    calibration: ShapeMaskCalibration, seed: int, view_cfg: ViewConfig, layout: StoreLayout,
-                    progress) -> None:
-    """Decode the next shard and write the previous one in background threads while the teacher runs."""
-    def load(shard):
-        start, stop = layout.shard_range(shard)
-        params = torch.stack([image_view_params(seed, i, layout.views_per_image, len(computer.backgrounds),
-                                                view_cfg) for i in range(start, stop)])
-        return [images.image(i) for i in range(start, stop)], params
-
-    with progress, ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer_thread:
+def _process_shards(todo: list[int], load, writer: StoreWriter, computer: TargetComputer,
+                    calibration: ShapeMaskCalibration, target_format: str, progress) -> None:
+    """The serial path: each batch rendered, then run through the teacher and copied back, one after the other;
+    only the decoding of the next shard and the writing of the previous one run in background threads."""
+    with progress, ThreadPoolExecutor(1) as writer_thread:
         pending_write = None
-        next_load = reader.submit(load, todo[0]) if todo else None
-        for position, shard in enumerate(todo):
-            shard_images, params = next_load.result()
-            if position + 1 < len(todo):
-                next_load = reader.submit(load, todo[position + 1])
-            rows = computer.shard_rows(shard_images, params, calibration, layout.target_format, progress)
+        for shard, shard_images, params in decoded_shards(todo, load):
+            rows = computer.shard_rows(shard_images, params, calibration, target_format, progress)
             if pending_write is not None:
                 pending_write.result()
             pending_write = writer_thread.submit(writer.write_shard, shard, rows)

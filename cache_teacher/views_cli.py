@@ -10,6 +10,7 @@ JPEG/PNG images, or a single image file.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -211,15 +212,76 @@ def _cuda_launches(fn) -> int:
     return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def count_ops(batches: list[int], devices: list[torch.device], seed: int, renderers=None) -> list[dict]:
+# Profiled operators that launch nothing on a GPU although they have a kernel: allocations, a view that
+# is not declared as one, and the wrapping of a Python number into a CPU scalar (an elementwise kernel takes
+# it as an argument).
+_NO_LAUNCH_OPS = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::_unsafe_view", "aten::scalar_tensor",
+                  "aten::lift_fresh", "aten::resolve_conj", "aten::resolve_neg"}
+
+
+@functools.lru_cache(maxsize=None)
+def _launches(name: str) -> bool:
+    """Whether profiled operator ``name`` does device work itself: a kernel of its own (CPU or composite
+    explicit), not a view and not a composite that only calls other operators."""
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    if packet is None or name in _NO_LAUNCH_OPS:
+        return False
+    overloads = [getattr(packet, overload) for overload in packet.overloads()]
+    if any(op.is_view for op in overloads):
+        return False
+    return any(torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key)
+               for op in overloads for key in ("CPU", "CompositeExplicitAutograd"))
+
+
+def profiled_launches(fn) -> int:
+    """Operator launches of ``fn()`` run on the CPU, counted with the torch profiler: every aten operator with a
+    kernel of its own (`_launches`) that is not called from inside another such operator (a composite like
+    ``matmul`` counts through the ``bmm`` and copies it calls). Each would be one kernel or copy on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    count = 0
+    for event in prof.events():
+        if not _launches(event.name):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not _launches(parent.name):
+            parent = parent.cpu_parent
+        count += parent is None
+    return count
+
+
+def views_at_commit(commit: str):
+    """dpal/views.py as it was at git ``commit`` of this checkout, loaded as a module (with today's dpal.config):
+    the `--count-ops --against` baseline. Raises ValueError when git or the commit is not there."""
+    import subprocess
+    import types
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        source = subprocess.run(["git", "-C", str(root), "show", f"{commit}:dpal/views.py"], capture_output=True,
+                                text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise ValueError(f"cannot read dpal/views.py at commit {commit} (needs git and this checkout's history): "
+                         f"{error}") from None
+    module = types.ModuleType(f"views_at_{commit[:12]}")
+    exec(compile(source, f"dpal/views.py@{commit[:12]}", "exec"), module.__dict__)
+    return module
+
+
+def count_ops(batches: list[int], devices: list[torch.device], seed: int, views=None) -> list[dict]:
     """Operators per render call (view sets; local crops) for each batch size, images already on the device.
 
     The ``meta`` device stands in for a GPU on any machine: a meta tensor holds no data, so every operator
-    that touches one is device work (a kernel or a copy on CUDA), and everything else is host work.
-    ``renderers`` (render_view_sets, render_local_crops) defaults to dpal.views's: pass another version's
-    to compare.
+    that touches one is device work (a kernel or a copy on CUDA), and everything else is host work. On the
+    CPU the device half of each call (``execute_*`` on a plan made beforehand) is also run under the torch
+    profiler (`profiled_launches`). ``views`` is the rendering module (default dpal.views; pass another
+    version's, e.g. `views_at_commit`, to compare).
     """
-    render_sets, render_local = renderers or (render_view_sets, render_local_crops)
+    import dpal.views
+
+    views = views or dpal.views
     cfg, rows = ViewConfig(), []
     for batch in batches:
         generator = torch.Generator().manual_seed(seed)
@@ -231,8 +293,8 @@ def count_ops(batches: list[int], devices: list[torch.device], seed: int, render
         for device in devices:
             on_device = [image.to(device) for image in images]  # as the trainer holds them
             backgrounds = [image.to(device) for image in chosen]
-            calls = {"view_sets": lambda: render_sets(on_device, backgrounds, records, cfg, device),
-                     "local_crops": lambda: render_local(on_device, local_records, cfg, device)}
+            calls = {"view_sets": lambda: views.render_view_sets(on_device, backgrounds, records, cfg, device),
+                     "local_crops": lambda: views.render_local_crops(on_device, local_records, cfg, device)}
             for call, fn in calls.items():
                 fn()  # warm-up: device constants are cached on first use
                 with _OpCounter(device) as counter:
@@ -243,15 +305,31 @@ def count_ops(batches: list[int], devices: list[torch.device], seed: int, render
                 if device.type == "cuda":
                     row["cuda_launches"] = _cuda_launches(fn)
                 rows.append(row)
+        if not hasattr(views, "plan_view_sets"):  # a version from before the plan / execute split
+            continue
+        packed = views.pack_images(images + chosen)
+        plans = {"view_sets": (views.execute_view_sets,
+                               views.plan_view_sets(packed.select(0, batch), packed.select(batch, 2 * batch), records,
+                                                    cfg)),
+                 "local_crops": (views.execute_local_crops,
+                                 views.plan_local_crops(packed.select(0, batch), local_records, cfg))}
+        for call, (execute, plan) in plans.items():
+            execute(packed.pixels, plan)  # warm-up
+            rows.append({"device": "cpu", "batch": batch, "call": call,
+                         "profiled_launches": profiled_launches(lambda: execute(packed.pixels, plan))})
     return rows
 
 
-def _print_count_ops(rows: list[dict]) -> None:
+def _print_count_ops(rows: list[dict], baseline: str | None) -> None:
     print("operators per render call, images already on the device (device ops: one kernel or copy each "
-          "on a GPU; meta = a stand-in device that runs no kernels)")
-    print(f"{'device':<8}{'batch':>6}  {'call':<12}{'device ops':>11}{'host ops':>10}{'cuda launches':>15}")
+          "on a GPU; meta = a stand-in device that runs no kernels; cpu = the device half of the call, "
+          "execute_* on a ready plan, counted by the torch profiler)" + (f"; views of commit {baseline}"
+                                                                           if baseline else ""))
+    print(f"{'device':<8}{'batch':>6}  {'call':<12}{'device ops':>11}{'host ops':>10}{'profiled':>10}"
+          f"{'cuda launches':>15}")
     for row in rows:
-        print(f"{row['device']:<8}{row['batch']:>6}  {row['call']:<12}{row['device_ops']:>11}{row['host_ops']:>10}"
+        print(f"{row['device']:<8}{row['batch']:>6}  {row['call']:<12}{row.get('device_ops', '-'):>11}"
+              f"{row.get('host_ops', '-'):>10}{row.get('profiled_launches', '-'):>10}"
               f"{row.get('cuda_launches', '-'):>15}")
 
 
@@ -259,12 +337,14 @@ def bench(args: argparse.Namespace) -> None:
     if args.count_ops:
         devices = [torch.device("meta")] + [torch.device(name) for name in args.devices.split(",")
                                             if name.startswith("cuda") and torch.cuda.is_available()]
-        rows = count_ops([int(b) for b in args.count_ops.split(",")], devices, args.seed)
-        _print_count_ops(rows)
+        views = views_at_commit(args.against) if args.against else None
+        rows = count_ops([int(b) for b in args.count_ops.split(",")], devices, args.seed, views)
+        _print_count_ops(rows, args.against)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps({"benchmark": "dpal.views operators per render call",
-                                                   "torch": torch.__version__, "results": rows}, indent=2))
+                                                   "torch": torch.__version__, "views_commit": args.against,
+                                                   "results": rows}, indent=2))
             print(f"wrote {args.json}")
         return
     cfg = ViewConfig()
@@ -350,6 +430,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="instead of timing, count the operators of each render call for these batch sizes "
                    "(default 8,64,256): device ops (kernel launches or copies on a GPU; counted on the meta "
                    "device, plus CUDA when --devices has it) and host ops")
+    b.add_argument("--against", metavar="COMMIT",
+                   help="with --count-ops: count dpal/views.py as it was at this git commit instead (the "
+                   "baseline of a before/after comparison; needs this checkout's git history)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", help="write the results here as JSON")
 
@@ -365,9 +448,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "bench" and bool(args.images) != bool(args.backgrounds):
         parser.error("bench: give both --images and --backgrounds, or neither (synthetic images)")
+    if args.command == "bench" and args.against and not args.count_ops:
+        parser.error("bench: --against COMMIT goes with --count-ops")
     try:
         (bench if args.command == "bench" else grid)(args)
-    except ImageSourceError as error:
+    except (ImageSourceError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
 
 

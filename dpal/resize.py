@@ -34,6 +34,15 @@ def _axis_matrix(in_size: int, out_size: int, antialias: bool, device: torch.dev
     return _axis_matrix_cpu(in_size, out_size, antialias).to(device, dtype)
 
 
+@torch.compiler.disable
+def _axis_matrices(height: int, width: int, size: tuple[int, int], antialias: bool,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 row and column matrices, from the cache. Under torch.compile (`--compile`) this runs eagerly
+    (one graph break): traced, dynamo would bypass the cache and rebuild both, on the CPU, in every call."""
+    return (_axis_matrix(height, size[0], antialias, device, torch.float32),
+            _axis_matrix(width, size[1], antialias, device, torch.float32))
+
+
 def bicubic_resize(grid: torch.Tensor, size: tuple[int, int], *, antialias: bool) -> torch.Tensor:
     """F.interpolate(mode="bicubic", align_corners=False, antialias=antialias) of a channels-last grid.
 
@@ -41,9 +50,7 @@ def bicubic_resize(grid: torch.Tensor, size: tuple[int, int], *, antialias: bool
     whatever autocast says) and returned in grid's dtype.
     """
     height, width = grid.shape[1:3]
-    kwargs = dict(device=grid.device, dtype=torch.float32)
-    rows = _axis_matrix(height, size[0], antialias, **kwargs)
-    cols = _axis_matrix(width, size[1], antialias, **kwargs)
+    rows, cols = _axis_matrices(height, width, tuple(size), antialias, grid.device)
     # Autocast would round the GEMMs' operands to bf16; it exists on CUDA and CPU only (not on meta).
     no_autocast = torch.autocast(grid.device.type, enabled=False) if grid.device.type in ("cuda", "cpu") \
         else contextlib.nullcontext()

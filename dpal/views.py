@@ -80,12 +80,21 @@ call is cut from it by one gather, grouped by crop size and zero-padded per grou
 stays small; resizing and blurring are separable linear maps applied as batched float32 matmuls with
 per-sample weight matrices (weights in float64, PIL/PyTorch antialiased bicubic with a = -0.5; blur
 kernels as torchvision's), with TF32 switched off around them (a process-wide flag: do not execute two
-renders from two threads at once; planning is host-only and may). Colour ops, grayscale, solarize and
+renders from two threads at once; planning is host-only and may. While a render-ahead thread renders, the
+other threads' float32 matmuls see the flag too, which changes nothing unless TF32 was switched on). Colour ops, grayscale, solarize and
 blending run on the whole batch with per-sample factors; the subsets an op applies to are picked by the
 plan, so nothing waits on the device. The same records on the same device give bit-identical pixels; a
 different batch composition changes padding and matmul blocking, which moves pixels by ~1e-7, far below
 the CPU/CUDA tolerance of 1/255. The group matmul shapes are therefore part of the pixels: the device
-work grows by a few operators per 32 crops, everything else is a fixed sequence per call.
+work grows by three operators per 32 crops (a converting copy and two batched matmuls), everything else
+is a fixed sequence per call.
+
+Why a call still dispatches several hundred operators, not a few dozen: the colour pipeline is a fixed
+sequence of ~70 operators per jitter position (the hue op alone ~45) times 4 positions, plus grayscale,
+blur and solarize, per crop kind; and each group keeps its own matmuls. Merging groups into one padded
+matmul changes the contraction length, and fusing the colour ops into one kernel changes where float
+rounding happens (fused multiply-adds, the order of the contrast mean's reduction); either would move
+pixels by ~1e-7 away from those the stores were cached with. The pixels are kept bit-identical instead.
 """
 from __future__ import annotations
 
@@ -468,6 +477,18 @@ def apply_separable(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> 
         return torch.matmul(rows, torch.matmul(x, cols.transpose(-1, -2)))
 
 
+def _separable_bmm(x: torch.Tensor, rows: torch.Tensor, cols_t: torch.Tensor) -> torch.Tensor:
+    """``apply_separable`` on matrices already laid out per channel: x ``[m, H, W]``, rows ``[m, h, H]``,
+    cols_t ``[m, W, w]`` (all contiguous). The same two matmuls (shapes, order, inputs) as ``apply_separable``
+    runs after broadcasting and copying its arguments, without those copies."""
+    height, width = x.shape[-2:]
+    out_h, out_w = rows.shape[-2], cols_t.shape[-1]
+    with _ieee_fp32_matmul(x.device):
+        if out_h * height * width + out_h * width * out_w <= height * width * out_w + out_h * height * out_w:
+            return torch.bmm(torch.bmm(rows, x), cols_t)
+        return torch.bmm(rows, torch.bmm(x, cols_t))
+
+
 # ----------------------------------------------------------------------------------- colour ops
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -504,7 +525,7 @@ def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     spread = value - low
     saturation = spread / torch.where(grey, 1.0, value)
     divisor = torch.where(grey, 1.0, spread)
-    rc, gc, bc = (value - r) / divisor, (value - g) / divisor, (value - b) / divisor
+    rc, gc, bc = ((value.unsqueeze(-3) - x) / divisor.unsqueeze(-3)).unbind(dim=-3)  # 2 operators, not 6
     # The sector of the largest channel (red first, then green), selected rather than summed as
     # torchvision does (sector * mask, added up): the same value but for the sign of a zero hue, which
     # the fmod below maps to +0 either way, in fewer operators.
@@ -666,11 +687,12 @@ class _PlanTensors:
 
 class _ResizeGroup(NamedTuple):
     """Up to ``_RESIZE_GROUP`` crops of similar size, zero-padded to the group's largest crop."""
-    order: slice  # positions in the plan's size order (staged ``_CropPlan.order``)
     rows: slice  # rows of the gathered crop pixels
     height: int  # padded crop height and width
     width: int
-    row_weights: slice  # flat ranges of the dense resize matrices [count, out_h, height], [count, out_w, width]
+    # Flat ranges of the dense resize matrices, laid out as the two batched matmuls read them (one matrix per
+    # crop and channel): rows [count * 3, out_h, height], columns transposed [count * 3, width, out_w].
+    row_weights: slice
     col_weights: slice
 
 
@@ -685,7 +707,7 @@ class _CropPlan(NamedTuple):
     out_size: tuple[int, int]
     window: int  # crop pixels gathered per row: the widest crop of the call
     window_starts: int  # staged int64 [rows]: first pixel of each gathered row
-    order: int  # staged int64 [count]: crop index of each position in size order
+    unsort: int  # staged int64 [count]: position of each crop in size order (the groups' order)
     groups: tuple[_ResizeGroup, ...]
     weight_count: int  # float32 cells of all groups' dense resize matrices
     weight_index: int  # staged int64 / float32: the nonzero cells and their weights
@@ -749,24 +771,36 @@ def _plan_crops(tensors: _PlanTensors, sources: PackedImages, source_index: torc
         # weights of every padding row and column are exactly 0, so what they hold never matters).
         y = torch.arange(height).minimum(crop_h[group, None] - 1)
         window_starts.append((row_starts[group, None] + y * widths[group, None]).reshape(-1))
-        row_weights = slice(cells, cells + count * out_h * height)
-        col_weights = slice(row_weights.stop, row_weights.stop + count * out_w * width)
-        for weights, (index, weight) in ((row_weights, _resize_taps(crop_h[group], out_h, height)),
-                                         (col_weights, _resize_taps(crop_w[group], out_w, width, flip=flips[group]))):
-            in_len = (weights.stop - weights.start) // (count * index.shape[1])
-            cell = weights.start + torch.arange(count * index.shape[1]).reshape(count, -1, 1) * in_len + index
-            inside = index < in_len  # scratch-column taps (weight 0) are left out
-            weight_index.append(cell[inside])
-            weight_values.append(weight.float()[inside])
-        groups.append(_ResizeGroup(slice(start, start + count), slice(rows, rows + count * height), height, width,
-                                   row_weights, col_weights))
+        # Each matrix block starts 512-byte aligned, as a fresh allocation would: BLAS kernels may be chosen
+        # by pointer alignment, and the matmuls must be the ones the pixels were defined with.
+        row_weights = slice(_aligned(cells), _aligned(cells) + count * 3 * out_h * height)
+        col_weights = slice(_aligned(row_weights.stop), _aligned(row_weights.stop) + count * 3 * width * out_w)
+        for weights, (index, weight), transposed in (
+                (row_weights, _resize_taps(crop_h[group], out_h, height), False),
+                (col_weights, _resize_taps(crop_w[group], out_w, width, flip=flips[group]), True)):
+            in_len = height if weights is row_weights else width
+            matrix = torch.arange(count)[:, None, None, None] * 3 + torch.arange(3)[:, None, None]  # [count, 3, 1, 1]
+            out_index = torch.arange(index.shape[1])[:, None]  # [out, 1]
+            cell = (matrix * in_len + index[:, None]) * out_w + out_index if transposed \
+                else (matrix * index.shape[1] + out_index) * in_len + index[:, None]
+            inside = (index < in_len)[:, None].expand_as(cell)  # scratch-column taps (weight 0) are left out
+            weight_index.append(weights.start + cell[inside])
+            weight_values.append(weight.float()[:, None].expand_as(cell)[inside])
+        groups.append(_ResizeGroup(slice(rows, rows + count * height), height, width, row_weights, col_weights))
         rows, cells = rows + count * height, col_weights.stop
     return _CropPlan(
         count=len(blocks), out_size=out_size, window=int(crop_w.max()),
-        window_starts=tensors.add(torch.cat(window_starts)), order=tensors.add(by_size), groups=tuple(groups),
-        weight_count=cells, weight_index=tensors.add(torch.cat(weight_index)),
+        window_starts=tensors.add(torch.cat(window_starts)), unsort=tensors.add(torch.argsort(by_size)),
+        groups=tuple(groups), weight_count=cells, weight_index=tensors.add(torch.cat(weight_index)),
         weight_values=tensors.add(torch.cat(weight_values)), colour=_plan_colour(tensors, blocks, cfg),
         solarize_threshold=cfg.solarize_threshold / 255.0)
+
+
+_ALIGN_FLOATS = 128
+
+
+def _aligned(cells: int) -> int:
+    return -(-cells // _ALIGN_FLOATS) * _ALIGN_FLOATS
 
 
 _PLANNED_OPS = {op.__name__: op for op in _JITTER_OPS} | {"grayscale": _grayscale_rgb, "blur": _blur}
@@ -781,16 +815,17 @@ def _execute_crops(pixels: torch.Tensor, plan: _CropPlan, staged: StagedTensors)
     gathered = windows[staged[plan.window_starts]]  # [rows, window * 3]
     dense = torch.zeros(plan.weight_count, dtype=torch.float32, device=device)
     dense.put_(staged[plan.weight_index], staged[plan.weight_values])
-    order = staged[plan.order]
     out_h, out_w = plan.out_size
-    x = torch.empty(plan.count, 3, out_h, out_w, dtype=torch.float32, device=device)
+    resized = []
     for group in plan.groups:  # a loop over groups (n / 32): their padded shapes fix the matmul shapes
-        count = group.order.stop - group.order.start
+        count = (group.rows.stop - group.rows.start) // group.height
         crops = gathered[group.rows].view(count, group.height, plan.window, 3)[:, :, :group.width]
-        crops = crops.permute(0, 3, 1, 2).to(torch.float32).mul_(1.0 / 255)
-        rows = dense[group.row_weights].view(count, out_h, group.height)
-        cols = dense[group.col_weights].view(count, out_w, group.width)
-        x[order[group.order]] = apply_separable(crops, rows, cols)
+        x = torch.empty(count * 3, group.height, group.width, dtype=torch.float32, device=device)
+        torch.mul(crops.permute(0, 3, 1, 2), 1.0 / 255, out=x.view(count, 3, group.height, group.width))
+        rows = dense[group.row_weights].view(count * 3, out_h, group.height)
+        cols_t = dense[group.col_weights].view(count * 3, group.width, out_w)
+        resized.append(_separable_bmm(x, rows, cols_t))
+    x = torch.cat(resized).view(plan.count, 3, out_h, out_w)[staged[plan.unsort]]
     x.clamp_(0.0, 1.0)  # bicubic overshoots
     for step in plan.colour:
         op = (functools.partial(solarize, threshold=plan.solarize_threshold) if step.op == "solarize"

@@ -150,6 +150,21 @@ def test_two_rank_torchrun_equals_one_process(inputs, reference):
     _assert_same_store(reference.out, cfg.out)
 
 
+def test_the_serial_path_writes_the_same_bytes_as_the_pipeline(inputs, reference):
+    """The double-buffered pipeline (batch N+1 rendered on another thread while the teacher runs batch N,
+    rows copied back without blocking, shards written on a thread) changes when work runs, not what it
+    computes: the serial path (render, teacher, copy back, in turn) writes the same shard files byte for byte."""
+    cfg = _config(inputs, "serial.zarr", overlap=False)
+    run(cfg, teachers=TEACHERS_WITH_TINY)
+    _assert_same_store(reference.out, cfg.out)
+    markers = sorted((Path(cfg.out) / "dpal_progress").glob("*.json"))
+    assert len(markers) == 5
+    for marker in markers:  # each lists its shard's files with their sizes and CRC32Cs
+        assert marker.read_text() == (Path(reference.out) / "dpal_progress" / marker.name).read_text()
+        for entry in json.loads(marker.read_text())["files"].values():
+            assert (Path(cfg.out) / entry["key"]).read_bytes() == (Path(reference.out) / entry["key"]).read_bytes()
+
+
 def test_unmarked_shard_is_rewritten_from_scratch(inputs, reference, tmp_path):
     copy = tmp_path / "copy.zarr"
     shutil.copytree(reference.out, copy)
@@ -329,6 +344,7 @@ def test_bench_compares_teacher_only_and_pipeline(inputs, tmp_path, capsys):
                 teachers=TEACHERS_WITH_TINY) == 0
     result = json.loads(report.read_text())
     assert result["teacher_only_view_sets_per_s"] > 0 and result["pipeline_view_sets"] == 4  # 2 images x K=2
+    assert result["serial_view_sets_per_s"] > 0
     assert result["pipeline_fraction"] == pytest.approx(result["pipeline_view_sets_per_s"]
                                                         / result["teacher_only_view_sets_per_s"])
     assert "pipeline reaches" in capsys.readouterr().out

@@ -221,24 +221,31 @@ def test_refusals_name_the_problem(artefacts, tmp_path, capsys):
     assert "path-b_vit-ti" in capsys.readouterr().err
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(artefacts, tmp_path, capsys):
+@pytest.mark.parametrize("poisoned_step", [3, 2])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(artefacts, tmp_path, capsys, poisoned_step):
+    """The host reads a step's values one step late. Step 3 poisoned: found at step 4, the checkpoint of step
+    2 is kept. Step 2 poisoned, a checkpoint step: its values are settled before saving, so no checkpoint is
+    written after the bad step (and none before it: nothing of the run is kept)."""
     from train_student.data import FeedPlan
 
-    # Poison the targets of exactly the images of step 3, so steps 1-2 train and get checkpointed.
     store = tmp_path / "poisoned.zarr"
     shutil.copytree(artefacts["store"], store)
     plan = FeedPlan(num_images=NUM_IMAGES, chunk_images=2, micro_batch=2, world_size=1, rank=0, accum_steps=1,
                     seed=0, window_images=1024)
-    poisoned = plan.rank_order(0)[4:6]
+    poisoned = plan.rank_order(0)[2 * (poisoned_step - 1):2 * poisoned_step]
     targets = zarr.open_array(store / "global", mode="r+")
     for image in poisoned:
         targets[int(image)] = np.full(targets.shape[1:], np.nan, dtype=targets.dtype)
 
     out = tmp_path / "nan"
     status, err = _refusal(capsys, _train_args(artefacts, out, store=store))
-    assert status == 2 and "not finite at step 3" in err and "step 2) is kept" in err
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
-    assert not (out / "student.safetensors").exists()
+    assert status == 2 and f"not finite at step {poisoned_step}" in err
+    if poisoned_step == 3:
+        assert "step 2) is kept" in err
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+        assert not (out / "student.safetensors").exists()
+    else:
+        assert "no checkpoint had been written yet" in err and not (out / "checkpoint.pt").exists()
 
 
 def test_bench_compares_cached_and_online_steps_and_the_feed(artefacts, tmp_path, capsys):
@@ -248,8 +255,11 @@ def test_bench_compares_cached_and_online_steps_and_the_feed(artefacts, tmp_path
                  artefacts["weights"], "--batch-size", "2", "--steps", "1", "--warmup-steps", "0",
                  "--feed-batches", "6", "--calibration-images", "2", "--workers", "1", "--out", str(report)]) == 0
     result = json.loads(report.read_text())
-    for key in ("feed_samples_per_s", "cached_step_samples_per_s", "online_step_samples_per_s"):
+    for key in ("feed_samples_per_s", "cached_step_samples_per_s", "staged_step_samples_per_s",
+                "online_step_samples_per_s", "live_step_samples_per_s", "render_share"):
         assert result[key] > 0
+    assert result["cached_vs_staged"] == pytest.approx(result["cached_step_samples_per_s"]
+                                                       / result["staged_step_samples_per_s"])
     assert result["speedup"] == pytest.approx(result["cached_step_samples_per_s"] / result["online_step_samples_per_s"])
     assert "samples/s" in capsys.readouterr().out
     missing = tmp_path / "missing.zarr"

@@ -11,7 +11,8 @@ from dpal.decoder import DynamicPatternDecoder
 from dpal.recipes import get_recipe
 from train_student.checkpoint import RunFolderError, load_checkpoint, prepare_run_folder, save_checkpoint
 from train_student.data import FeedPlan, block_view_sets, local_crop_params
-from train_student.train import ema_momentum, learning_rate, param_groups
+from train_student.step import param_groups
+from train_student.train import ema_momentum, learning_rate
 
 
 def _plan(**overrides):

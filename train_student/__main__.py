@@ -87,6 +87,10 @@ def training_parser() -> argparse.ArgumentParser:
                        help="write checkpoint.pt atomically every N steps (>= 0; 0: only at the end, which is "
                             "always written; SIGINT/SIGTERM also write one, at the next step boundary)")
     group.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the student (and the decoder where it runs its plain-PyTorch reference, "
+                            "i.e. not on CUDA with the fused kernels); default off: no faster on a 2-core CPU, "
+                            "GPU figure from `train_student bench --compile both` (README, Benchmarks)")
     group.add_argument("--teacher-online", action="store_true",
                        help="baseline without a store: run the teacher on fresh views at every step "
                             "(needs --teacher-weights)")
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"--warmup-epochs <= {epochs} or more --epochs")
     teacher_options = parse_teacher_options(parser, args, RECIPES[args.recipe].teacher)
     select_interpreter()  # before the trainer imports timm, and with it triton
-    from train_student.train import default_workers, run_training
+    from train_student.data import default_workers
+    from train_student.train import run_training
     return run_training(TrainSpec.from_args(args, teacher_options=teacher_options,
                                             workers=args.workers or default_workers(args.device)))
 

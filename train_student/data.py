@@ -23,6 +23,7 @@ the ones recorded for the batch's image indices). Every seeded draw comes from `
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import threading
 from collections import deque
@@ -318,6 +319,16 @@ def reuse_freed_batch_memory() -> None:
     limit = 2 ** 32 - 1
     libc.mallopt(_M_MMAP_THRESHOLD, limit)
     libc.mallopt(_M_TRIM_THRESHOLD, limit)
+
+
+def default_workers(device_arg: str) -> int:
+    """FFCV decoding threads per rank: the cores left per rank on GPU machines, 1 when training on the CPU.
+
+    Training on the CPU needs its cores for the model: FFCV's decoding threads competing with torch's
+    made steps several times slower on a 2-core machine, and one decoding thread keeps up there."""
+    if device_arg == "cpu" or (device_arg == "auto" and not torch.cuda.is_available()):
+        return 1
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 class CachedFeed:

@@ -2,14 +2,15 @@
 
 Reads top to bottom like nanoGPT's train.py: set up ranks and devices, check the inputs, build the
 student, decoder, EMA and optimizer, restore a checkpoint if resuming, then loop over epochs and
-micro-batches: render the views from their parameters on the training device, compute the loss terms
-with `dpal.distill.distill_step_losses`, step AdamW, update the EMA, log, checkpoint. At the end:
-a final checkpoint, the student and its EMA exported through `formats.exports.export_student`, and a
-PNG of the loss curves.
+micro-batches: the views of the next micro-batch are rendered from their parameters on the training
+device while this one computes (`prefetch.render_ahead`), the step (`step.py`: loss terms through
+`dpal.distill.distill_step_losses` with targets from the store or the online teacher, AdamW, EMA) runs,
+and the step before's values are read, checked and logged; checkpoints as asked. At the end: a final
+checkpoint, the student and its EMA exported through `formats.exports.export_student`, and a PNG of the
+loss curves.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -19,48 +20,39 @@ import sys
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dpal import dispatch
-from dpal.config import OptimConfig, Recipe, token_counts
-from dpal.decoder import DynamicPatternDecoder
-from dpal.distill import distill_step_losses
-from dpal.errors import UserError
+from dpal.ahead import HostCopy
+from dpal.config import Recipe
 from dpal.losses import moe_weight
 from dpal.recipes import get_recipe
-from dpal.shape_mask import fit_shape_mask, shape_mask
-from dpal.students import build_student
-from dpal.teachers import global_view_targets, teacher_targets
-from dpal.views import render_local_crops, render_view_sets
 from formats.cli import Interrupted, exit_status
 from formats.exports import export_student
 from formats.images import ImageFile, check_images, images_fingerprint
 from formats.store import open_store
-from formats.targets import Targets
-from formats.view_records import online_calibration_view_params
 import kernels
 from train_student.checkpoint import (CHECKPOINT_NAME, claim_run_folder, load_checkpoint, rng_state, save_checkpoint,
                                       set_rng_state)
-from train_student.data import BackgroundPool, CachedFeed, FeedBatch, FeedPlan, OnlineFeed
+from train_student.data import BackgroundPool, CachedFeed, FeedPlan, OnlineFeed
 from train_student.metrics import LOSS_COLUMNS, LOSS_PLOT, METRICS_CSV, MetricsLog, plot_losses
+from train_student.prefetch import render_ahead
 from train_student.spec import TrainSpec
+from train_student.step import (CachedTargets, OnlineTeacher, TrainingError, build_distiller,
+                                fit_online_mask_calibration, forward_backward, make_autocast, optimizer_step,
+                                setup_distributed)
 
 # Settings that may differ when a run is resumed (they do not change what is computed).
-RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "workers", "progress", "reference_path"}
-# `distill_step_losses` keys in the metrics' column order (its "total" is the CSV's "loss").
-TERM_KEYS = ("total",) + LOSS_COLUMNS[1:]
-
-
-class TrainingError(UserError):
-    """Training stopped for a reason the user must act on (message says what and what was kept)."""
+RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "workers", "progress", "reference_path", "compile"}
 
 
 class StopRequest:
     """SIGINT / SIGTERM during the training loop: remembered, and acted on at the next optimizer step
-    boundary (all ranks agree through the step's all-reduce), where a checkpoint is written and the run
+    boundary (all ranks agree through a host-side vote there), where a checkpoint is written and the run
     stops; a second signal stops at once, without saving."""
 
     def __init__(self, describe_kept):
@@ -80,18 +72,16 @@ class StopRequest:
               f"(send it again to stop at once without saving)", file=sys.stderr)
 
 
-class Distiller(torch.nn.Module):
-    """Student + decoder as one module, so DDP sees every trained parameter in one forward."""
-
-    def __init__(self, recipe: Recipe):
-        super().__init__()
-        self.teacher_spec = recipe.teacher
-        self.student = build_student(recipe)
-        self.decoder = DynamicPatternDecoder(recipe.decoder)
-
-    def forward(self, views: dict, targets: dict, moe_loss_weight: float) -> dict[str, torch.Tensor]:
-        return distill_step_losses(self.student, self.decoder, self.teacher_spec, **views, **targets,
-                                   moe_loss_weight=moe_loss_weight)
+class StepValues(NamedTuple):
+    """An optimizer step whose values are still on their way from the device, with its host-side figures."""
+    step: int
+    epoch: int
+    lr: float
+    momentum: float
+    moe_weight: float
+    seconds: float  # host time of the step
+    data_wait: float  # of which waiting for the next ready batch
+    values: HostCopy  # [loss terms..., grad norm], on its way from the device
 
 
 def apply_overrides(recipe: Recipe, spec: TrainSpec) -> Recipe:
@@ -116,126 +106,6 @@ def ema_momentum(step: int, *, start: float, end: float, total_steps: int) -> fl
     return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * min(step / max(1, total_steps), 1.0)))
 
 
-# 1-D here but [1, 1, D] in the original (its `gate.moe_tokens`), so decayed like the other matrices (spec 7).
-_DECAYED_VECTORS = ("gate_token",)
-
-
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on every parameter of >= 2 dims (pos_embed, cls_token and decoder queries included) and
-    on the decoder's gate token; biases and norm weights (1-D) exempt, as in the published recipe."""
-    decay, no_decay = [], []
-    for name, param in module.named_parameters():
-        if param.requires_grad:
-            decayed = param.ndim >= 2 or name.rsplit(".", 1)[-1] in _DECAYED_VECTORS
-            (decay if decayed else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def apply_update(optimizer: torch.optim.Optimizer, lr: float, student_params: list, ema_params: list,
-                 momentum: float) -> None:
-    """AdamW step at `lr`, then EMA <- momentum * EMA + (1 - momentum) * student."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        torch._foreach_lerp_(ema_params, student_params, 1.0 - momentum)
-
-
-def images_to_device(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Variable-size uint8 images to the device in one pinned, non-blocking copy."""
-    if device.type != "cuda":
-        return images
-    staging = torch.empty(sum(image.numel() for image in images), dtype=torch.uint8, pin_memory=True)
-    offset = 0
-    for image in images:
-        staging[offset:offset + image.numel()].copy_(image.reshape(-1))
-        offset += image.numel()
-    on_device = staging.to(device, non_blocking=True)
-    out, offset = [], 0
-    for image in images:
-        out.append(on_device[offset:offset + image.numel()].view(image.shape))
-        offset += image.numel()
-    return out
-
-
-def render_batch(batch: FeedBatch, recipe: Recipe, device: torch.device) -> dict[str, torch.Tensor]:
-    """The views of one micro-batch, re-rendered on the training device from their parameters."""
-    on_device = images_to_device(batch.images + batch.backgrounds, device)  # one staging copy for both
-    images, backgrounds = on_device[:len(batch.images)], on_device[len(batch.images):]
-    views = render_view_sets(images, backgrounds, batch.view_params, recipe.views, device=device)
-    local_views = render_local_crops(images, batch.local_params, recipe.views, device=device)
-    return {"global_view": views.global_view, "local_views": local_views, "crowd_view": views.crowd}
-
-
-def cached_targets(batch: FeedBatch, device: torch.device) -> dict[str, torch.Tensor]:
-    """The batch's stored targets as distill_step_losses arguments, copied to the device without blocking."""
-    return batch.targets.to(device, non_blocking=True).loss_arguments()
-
-
-def make_autocast(device: torch.device, optim: OptimConfig):
-    """Autocast to the recipe's mixed-precision dtype on CUDA; none on the CPU, which trains in float32."""
-    return torch.autocast("cuda", dtype=getattr(torch, optim.amp_dtype)) if device.type == "cuda" else nullcontext()
-
-
-def fit_online_mask_calibration(teacher, images_path, backgrounds: BackgroundPool, recipe: Recipe,
-                                device: torch.device, *, count: int, seed: int, batch: int):
-    """Shape-mask calibration for the online baseline, fitted once on the teacher's global-view tokens of
-    the first `count` images (fixed view sets), so that every rank and every resume uses the same one."""
-    image_file = ImageFile(images_path)
-    count = min(count, image_file.num_images)
-    params = online_calibration_view_params(seed, count, len(backgrounds), recipe.views)
-    tokens = []
-    autocast = make_autocast(device, recipe.optim)
-    for start in range(0, count, batch):
-        chunk = params[start:start + batch]
-        images = [torch.from_numpy(image_file.image(i)) for i in range(start, start + len(chunk))]
-        views = render_view_sets(images, backgrounds.batch(chunk), chunk, recipe.views, device=device)
-        with torch.no_grad(), autocast:
-            tokens.append(global_view_targets(teacher, views.global_view)[1].cpu())
-    return fit_shape_mask(torch.cat(tokens), token_counts(recipe.teacher, recipe.views)[0])
-
-
-def batch_losses(model: torch.nn.Module, batch: FeedBatch, recipe: Recipe, device: torch.device, autocast,
-                 moe_loss_weight: float, *, teacher=None, mask_calibration=None) -> dict[str, torch.Tensor]:
-    """Render the micro-batch's views on the device, get its targets (from the store, or from the teacher
-    when one is given: the online baseline), and compute every loss term through the model."""
-    views = render_batch(batch, recipe, device)
-    if teacher is None:
-        targets = cached_targets(batch, device)
-    else:
-        with torch.no_grad(), autocast:
-            out = teacher_targets(teacher, views["global_view"], views["crowd_view"])
-        targets = Targets(global_target=out.global_, local_target=out.local, relation_target=out.relation,
-                          local_mask=shape_mask(out.local.float(), mask_calibration)).loss_arguments()
-    with autocast:
-        return model(views, targets, moe_loss_weight)
-
-
-def build_distiller(recipe: Recipe, device: torch.device, lr: float):
-    """(Distiller on the device, its student's EMA copy, AdamW over the spec's parameter groups)."""
-    model = Distiller(recipe).to(device)
-    ema_student = copy.deepcopy(model.student).requires_grad_(False)
-    optimizer = torch.optim.AdamW(param_groups(model, recipe.optim.weight_decay), lr=lr, betas=recipe.optim.betas,
-                                  fused=device.type == "cuda")
-    return model, ema_student, optimizer
-
-
-def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); joins the torchrun process group when launched by it."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
-    if device_arg == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but no CUDA device is visible")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return rank, world_size, device
-
-
 def run_record(spec: TrainSpec, recipe: Recipe, global_batch: int, images_fingerprint: str,
                store_identity: dict | None) -> dict:
     """What defines a run: the spec with what its inputs resolved (recorded in RUN_DIR/run.json; a resume must
@@ -250,7 +120,7 @@ def run_record(spec: TrainSpec, recipe: Recipe, global_batch: int, images_finger
             "teacher_weights": str(Path(spec.teacher_weights).resolve()) if online else None,
             "teacher_options": spec.teacher_options if online else None,
             "max_steps": spec.max_steps, "checkpoint_every": spec.checkpoint_every, "workers": spec.workers,
-            "progress": spec.progress, "reference_path": spec.reference_path}
+            "progress": spec.progress, "reference_path": spec.reference_path, "compile": spec.compile}
 
 
 def train(spec: TrainSpec) -> Path:
@@ -313,7 +183,7 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
 
     # ---------------------------------------------------------------- model, EMA, optimizer
     torch.manual_seed(spec.seed)  # identical init everywhere (DDP also broadcasts rank 0's weights)
-    model, ema_student, optimizer = build_distiller(recipe, device, peak_lr)
+    model, ema_student, optimizer = build_distiller(recipe, device, peak_lr, compile_model=spec.compile)
     step = 0
     if spec.resume:
         state = load_checkpoint(run_dir)
@@ -335,16 +205,16 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
     student_params, ema_params = list(model.student.parameters()), list(ema_student.parameters())
     trained_params = list(model.parameters())
 
-    # ---------------------------------------------------------------- data feed
+    # ---------------------------------------------------------------- data feed, target source
     pin = device.type == "cuda"
     if spec.teacher_online:
         feed = OnlineFeed(spec.images, backgrounds, plan, recipe.views, workers=spec.workers)
-        mask_calibration = fit_online_mask_calibration(teacher, spec.images, backgrounds, recipe, device,
-                                                       count=spec.calibration_images, seed=spec.seed,
-                                                       batch=micro_batch)
+        source = OnlineTeacher(teacher, fit_online_mask_calibration(teacher, spec.images, backgrounds, recipe, device,
+                                                                    count=spec.calibration_images, seed=spec.seed,
+                                                                    batch=micro_batch), autocast)
     else:
-        mask_calibration = None
         feed = CachedFeed(spec.images, store, backgrounds, plan, recipe.views, workers=spec.workers, pin=pin)
+        source = CachedTargets()
 
     def checkpoint_state() -> dict:
         rng_states = [rng_state(device)]
@@ -372,67 +242,85 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
                         desc=f"{recipe.name} (global batch {global_batch})")
 
     # ---------------------------------------------------------------- training loop
+    # The host reads a step's values (loss terms, grad norm) one step late, once the next step is queued
+    # behind them, so the device queue never runs dry; a checkpoint first settles the step it saves.
+    pending: StepValues | None = None
+
+    def settle() -> None:
+        """Read the pending step's values: stop the run if they are not finite, else log them."""
+        nonlocal pending
+        if pending is None:
+            return
+        done, pending = pending, None
+        *values, grad_norm = done.values.wait().tolist()
+        if not all(math.isfinite(v) for v in values + [grad_norm]):
+            raise TrainingError(f"loss or gradient is not finite at step {done.step} (epoch {done.epoch}): "
+                                f"total={values[0]}, terms global={values[1]} local={values[2]} "
+                                f"relation={values[3]} moe={values[4]} experts={values[5]}, "
+                                f"grad norm={grad_norm}; training stopped, {kept()}. Check the store's "
+                                f"targets and the learning rate.")
+        if log is not None:
+            log.log({"step": done.step, "epoch": done.epoch, **dict(zip(LOSS_COLUMNS, values)),
+                     "lr": done.lr, "ema_momentum": done.momentum, "moe_weight": done.moe_weight,
+                     "grad_norm": grad_norm, "samples_per_s": global_batch / done.seconds,
+                     "data_wait_share": done.data_wait / done.seconds})
+        if progress is not None:
+            progress.set_postfix(loss=f"{values[0]:.4f}", lr=f"{done.lr:.2e}",
+                                 samples_s=f"{global_batch / done.seconds:.1f}", refresh=False)
+            progress.update(1)
+
+    # The stop vote is a host-side all-reduce (gloo) at every step boundary: ranks agree without a device sync.
+    stop_group = dist.new_group(backend="gloo") if world_size > 1 and device.type == "cuda" else None
+
+    def stop_voted() -> bool:
+        """Whether any rank was signalled."""
+        vote = torch.tensor([float(stop.signum is not None)])
+        if world_size > 1:
+            dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=stop_group)
+        return bool(vote.item() > 0)
+
     ddp_model.train()
     epoch, start_micro = divmod(step, plan.steps_per_epoch)
     start_micro *= optim.accum_steps
     step_start, data_wait = time.perf_counter(), 0.0
     sums = None
     micro_in_step = 0
+    batches = None
     try:
         while step < last_step:
             moe_loss_weight = moe_weight(epoch, optim)
-            batches = iter(feed.epoch(epoch, start_micro))
+            # views of micro-batch N+1 are rendered (and its targets staged) while N computes
+            batches = render_ahead(feed.epoch(epoch, start_micro), recipe.views, device, source)
             while step < last_step:
                 wait_start = time.perf_counter()
-                batch = next(batches, None)
+                ready = next(batches, None)
                 data_wait += time.perf_counter() - wait_start
-                if batch is None:
+                if ready is None:
                     break
                 micro_in_step += 1
                 last_micro = micro_in_step == optim.accum_steps
                 sync = nullcontext() if last_micro or world_size == 1 else ddp_model.no_sync()
                 with sync:
-                    terms = batch_losses(ddp_model, batch, recipe, device, autocast, moe_loss_weight,
-                                         teacher=teacher, mask_calibration=mask_calibration)
-                    (terms["total"] / optim.accum_steps).backward()
-                detached = torch.stack([terms[key].detach().float() for key in TERM_KEYS])
-                sums = detached if sums is None else sums + detached
+                    terms = forward_backward(ddp_model, ready, source, autocast, moe_loss_weight, optim.accum_steps)
+                sums = terms if sums is None else sums + terms
                 if not last_micro:
                     continue
 
-                # one optimizer step; the stop vote rides on the loss all-reduce: > 0 if any rank was signalled
-                stop_vote = torch.tensor([float(stop.signum is not None)], device=sums.device)
-                means = torch.cat([sums / optim.accum_steps, stop_vote])
-                if world_size > 1:
-                    dist.all_reduce(means, op=dist.ReduceOp.AVG)
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trained_params if p.grad is not None])
-                *values, stop_vote, grad_norm = torch.cat([means, grad_norm.reshape(1).float()]).tolist()  # one sync
-                if not all(math.isfinite(v) for v in values + [grad_norm]):
-                    raise TrainingError(f"loss or gradient is not finite at step {step + 1} (epoch {epoch}): "
-                                        f"total={values[0]}, terms global={values[1]} local={values[2]} "
-                                        f"relation={values[3]} moe={values[4]} experts={values[5]}, "
-                                        f"grad norm={grad_norm}; training stopped, {kept()}. Check the store's "
-                                        f"targets and the learning rate.")
                 lr = learning_rate(step, peak=peak_lr, min_lr=optim.min_lr, warmup_steps=warmup_steps,
                                    total_steps=total_steps)
                 momentum = ema_momentum(step, start=optim.ema_momentum[0], end=optim.ema_momentum[1],
                                         total_steps=total_steps)
-                apply_update(optimizer, lr, student_params, ema_params, momentum)
+                values = optimizer_step(optimizer, trained_params, student_params, ema_params, sums,
+                                        accum_steps=optim.accum_steps, lr=lr, momentum=momentum,
+                                        world_size=world_size)
                 step += 1
                 now = time.perf_counter()
-                elapsed = now - step_start
-                if log is not None:
-                    log.log({"step": step, "epoch": epoch, **dict(zip(LOSS_COLUMNS, values)),
-                             "lr": lr, "ema_momentum": momentum, "moe_weight": moe_loss_weight,
-                             "grad_norm": grad_norm, "samples_per_s": global_batch / elapsed,
-                             "data_wait_share": data_wait / elapsed})
-                if progress is not None:
-                    progress.set_postfix(loss=f"{values[0]:.4f}", lr=f"{lr:.2e}",
-                                         samples_s=f"{global_batch / elapsed:.1f}", refresh=False)
-                    progress.update(1)
+                settle()  # the step before this one
+                pending = StepValues(step, epoch, lr, momentum, moe_loss_weight, now - step_start, data_wait, values)
                 step_start, data_wait, sums, micro_in_step = now, 0.0, None, 0
-                stopping = stop_vote > 0 and step < last_step
+                stopping = stop_voted() and step < last_step
                 if stopping or (spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < last_step):
+                    settle()  # no checkpoint after a step whose values were not checked
                     state = checkpoint_state()
                     if master:
                         save_checkpoint(run_dir, state)
@@ -447,7 +335,10 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
                                               f"and --resume")
             batches.close()
             epoch, start_micro = epoch + 1, 0
+        settle()
     finally:
+        if batches is not None:
+            batches.close()
         if progress is not None:
             progress.close()
         if log is not None:
@@ -467,16 +358,6 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return run_dir
-
-
-def default_workers(device_arg: str) -> int:
-    """FFCV decoding threads per rank: the cores left per rank on GPU machines, 1 when training on the CPU.
-
-    Training on the CPU needs its cores for the model: FFCV's decoding threads competing with torch's
-    made steps several times slower on a 2-core machine, and one decoding thread keeps up there."""
-    if device_arg == "cpu" or (device_arg == "auto" and not torch.cuda.is_available()):
-        return 1
-    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def run_training(spec: TrainSpec) -> int:
