@@ -6,6 +6,7 @@ import torch
 from dpal.ahead import HostCopy, RunAhead
 from dpal.recipes import get_recipe
 from dpal.views import background_indices, render_local_crops, render_view_sets, sample_local_crops, sample_view_sets
+from formats.targets import Targets
 from test_views import SMALL, random_images
 from train_student.data import FeedBatch
 from train_student.prefetch import render_ahead
@@ -18,7 +19,10 @@ def _batch(seed: int, n: int, pool: list[torch.Tensor]) -> FeedBatch:
     return FeedBatch(indices=torch.arange(n), images=random_images(seed, n),
                      backgrounds=[pool[i] for i in background_indices(records).tolist()],  # shared objects
                      view_params=records, local_params=sample_local_crops(generator, n, SMALL),
-                     targets={"global": torch.randn(n, 8, generator=generator)})
+                     targets=Targets(global_target=torch.randn(n, 8, generator=generator),
+                                     local_target=torch.randn(n, 4, 8, generator=generator),
+                                     local_mask=torch.rand(n, 4, generator=generator),
+                                     relation_target=torch.rand(n, 3, 3, generator=generator)))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -37,7 +41,7 @@ def test_views_rendered_ahead_are_the_render_calls_pixels(device):
         assert torch.equal(got.views["global_view"], views.global_view)
         assert torch.equal(got.views["crowd_view"], views.crowd)
         assert torch.equal(got.views["local_views"], render_local_crops(batch.images, batch.local_params, SMALL, device))
-        assert torch.equal(got.staged["global_target"].cpu(), batch.targets["global"])
+        assert torch.equal(got.staged["global_target"].cpu(), batch.targets.global_target)
         assert torch.equal(got.indices, batch.indices)
 
 
