@@ -23,7 +23,7 @@ $(INSTALLED): requirements.txt pyproject.toml
 	@touch $@
 
 test: $(INSTALLED)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 demo: $(INSTALLED)
 	DEMO_DIR=$(DEMO_DIR) PY=$(PY) bash demo.sh
