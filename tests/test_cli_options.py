@@ -3,6 +3,7 @@ every option explains itself, and `--help` imports neither torch nor zarr nor FF
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -120,6 +121,24 @@ def test_help_imports_no_heavy_module(argv):
              "    assert stop.code == 0, stop.code\n"
              "heavy = sorted(m for m in ('torch', 'zarr', 'ffcv', 'timm', 'cv2') if m in sys.modules)\n"
              "print('HEAVY', heavy)\n")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            env=_as_a_user_starts_it())
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout, result.stdout[-500:]
+
+
+def _as_a_user_starts_it() -> dict:
+    """The environment without the test session's kernel-mode choice (TRITON_INTERPRET), as a shell has it."""
+    return {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+
+
+def test_trainer_chooses_the_kernel_mode_before_triton_is_imported(tmp_path):
+    """Started without TRITON_INTERPRET, the trainer makes its choice before the teacher options import timm
+    (and with it triton): a missing input is then its one-line error, not a traceback about the kernel mode."""
+    missing = tmp_path / "missing"
+    result = subprocess.run([sys.executable, "-m", "train_student", "--recipe", "path-b_vit-ti", "--device", "cpu",
+                             "--store", f"{missing}.zarr", "--images", f"{missing}.beton",
+                             "--backgrounds", f"{missing}_bg.beton", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=300, env=_as_a_user_starts_it())
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "missing.beton" in result.stderr, result.stderr[-2000:]

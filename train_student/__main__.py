@@ -104,7 +104,6 @@ def training_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
-        select_interpreter()  # before the bench imports timm, and with it triton
         from train_student.bench import main as bench_main
         return bench_main(argv[1:])
     parser = training_parser()
@@ -122,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if warmup > epochs:
         parser.error(f"the warm-up ({warmup} epochs) is longer than the run ({epochs} epochs); pass "
                      f"--warmup-epochs <= {epochs} or more --epochs")
+    select_interpreter()  # before anything imports timm (the teacher options do), and with it triton
     teacher_options = parse_teacher_options(parser, args, RECIPES[args.recipe].teacher)
-    select_interpreter()  # before the trainer imports timm, and with it triton
     from train_student.data import default_workers
     from train_student.train import run_training
     return run_training(TrainSpec.from_args(args, teacher_options=teacher_options,
