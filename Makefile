@@ -23,7 +23,7 @@ $(INSTALLED): requirements.txt pyproject.toml
 	@touch $@
 
 test: $(INSTALLED)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 -m "not wheelhouse" tests
 
 demo: $(INSTALLED)
 	DEMO_DIR=$(DEMO_DIR) PY=$(PY) bash demo.sh
@@ -55,7 +55,7 @@ OLDEST_SITE := $(OLDEST)/wheelhouse-site
 GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 GPU_CHECK_OUT ?= gpu_check_out
 
-.PHONY: wheelhouse test-oldest gpu-check
+.PHONY: wheelhouse test-oldest test-wheelhouse gpu-check
 
 wheelhouse: $(WHEELHOUSE)/requirements.txt
 
@@ -69,6 +69,10 @@ $(OLDEST)/.installed: requirements.txt acceptance/wheelhouse.txt Makefile | $(IN
 	  > $(OLDEST)/image-requirements.txt
 	$(OLDEST)/bin/python -m pip install -q -r $(OLDEST)/image-requirements.txt $(OLDEST_PINS)
 	@touch $@
+
+# `make test-wheelhouse`: the wheelhouse installs offline into a 3.12 venv standing in for the GPU image (tests/test_wheelhouse.py).
+test-wheelhouse: $(INSTALLED)
+	$(PY) -m pytest -q -m wheelhouse tests
 
 test-oldest: $(OLDEST)/.installed wheelhouse/py3.12/requirements.txt
 	rm -rf $(OLDEST_SITE)

@@ -15,6 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Minutes of building (the wheelhouse, a Python 3.12 venv standing in for the GPU image): `make test-wheelhouse`,
+# kept out of `make test` so that it stays under ~15 minutes on 2 cores.
+pytestmark = pytest.mark.wheelhouse
+
 REPO = Path(__file__).resolve().parent.parent
 WHEELHOUSE = REPO / "wheelhouse" / "py3.12"
 IMAGE_VENV = REPO / ".venv-oldest"
