@@ -14,13 +14,12 @@ fails (recording the failure), writes OUT/gpu_check.json after every step and pr
 4. cached-target vs online-teacher step for path-b_vit-ti and path-l_vit-ti at batch 256, the cached step
    (views rendered ahead) against the same step on views and targets staged on the device, the share of a
    live-feed step spent waiting for data and what an in-line render would cost (`python -m train_student
-   bench`);
+   bench`); for path-b_vit-ti eager and torch.compile'd (`--compile both`: the measurement that sets the
+   GPU default of `--compile`), run last because compiling costs minutes;
 5. caching pipeline (double-buffered, and serial) vs teacher forward only (`python -m cache_teacher bench`);
 6. kernels: `python -m kernels.bench --json`, first without, then with the torch.compile'd references
    (every kernel against its float64 reference at the recipe shapes, eager / torch.compile / fused time and
-   peak memory: whatever rows it reports);
-7. path-b_vit-ti's step again with the student torch.compile'd (`--compile on`; compiled / eager cached step is
-   the measurement that sets the GPU default of `--compile`). Last, because compiling costs minutes.
+   peak memory: whatever rows it reports).
 
 Without a GPU (`--mode tiny`, the default there) the same steps run at toy sizes and few steps, for
 path-b_vit-ti only (PATH-L costs minutes on a CPU and runs the same code), and the CUDA tests are only collected: `make test` runs this mode so that the command cannot rot. `--mode full` without a
@@ -62,7 +61,7 @@ class Sizes:
     run_cuda_tests: bool
     budget_s: float
     recipes: tuple[str, ...]  # train_student bench runs; each recipe's teacher gets a checkpoint and a store
-    compile_recipes: tuple[str, ...]  # of those, the ones also timed with the student compiled (last step)
+    compile_recipes: tuple[str, ...]  # of those, the ones also timed with the student compiled (`--compile both`)
     timeout_scale: float  # per-step timeouts are sized for the GPU run; a shared 2-core CPU needs more
 
 
@@ -386,36 +385,20 @@ def run_cache_bench(runner: Runner, step: Step, paths: dict, sizes: Sizes) -> No
 
 
 def run_train_bench(runner: Runner, step: Step, recipe: str, paths: dict, sizes: Sizes) -> None:
-    """The eager rows of one recipe (compiled ones come last: `run_compiled_train_bench`)."""
-    step.figures = _train_bench(runner, recipe, paths, sizes, compiled=False)
-    f = step.figures
-    step.detail = (f"cached {f.get('cached_step_samples_per_s', 0):.1f} ({100 * f.get('cached_vs_staged', 0):.0f}% of "
-                   f"staged) vs online {f.get('online_step_samples_per_s', 0):.1f} samples/s")
-
-
-def run_compiled_train_bench(runner: Runner, step: Step, eager: Step, recipe: str, paths: dict,
-                             sizes: Sizes) -> None:
-    """The same bench with the student compiled (`--compile on`); its figures join the eager step's row, and
-    compile = compiled / eager cached step. Last in the run: compiling costs minutes and must not starve the
-    other measurements."""
-    compiled = _train_bench(runner, recipe, paths, sizes, compiled=True)
-    speedup = compiled["compiled_cached_step_samples_per_s"] / eager.figures["cached_step_samples_per_s"]
-    eager.figures.update({key: value for key, value in compiled.items() if key.startswith("compiled_")},
-                         compile_speedup=speedup)
-    step.figures = {"compile_speedup": speedup, **compiled}
-    step.detail = f"compiled cached step {compiled['compiled_cached_step_samples_per_s']:.1f} samples/s: {speedup:.2f}x eager"
-
-
-def _train_bench(runner: Runner, recipe: str, paths: dict, sizes: Sizes, *, compiled: bool) -> dict:
     teacher = _teacher(recipe)
-    report = runner.out / f"train_bench_{recipe}{'_compiled' if compiled else ''}.json"
-    rc, tail = runner.cli(f"train-bench-{recipe}{'-compiled' if compiled else ''}", [
+    report = runner.out / f"train_bench_{recipe}.json"
+    rc, tail = runner.cli(f"train-bench-{recipe}", [
         "-m", "train_student", "bench", "--recipe", recipe, "--store", str(paths["store"][teacher]),
         "--images", str(paths["images"]), "--backgrounds", str(paths["backgrounds"]), "--teacher-weights",
         str(paths["weights"][teacher]), "--out", str(report), *sizes.train_args,
-        *(("--compile", "on") if compiled else ())], 420 if compiled else 300)
-    _require(rc, "train_student bench" + (" --compile on" if compiled else ""), tail)
-    return json.loads(report.read_text())
+        *(("--compile", "both") if recipe in sizes.compile_recipes else ())],
+        420 if recipe in sizes.compile_recipes else 300)
+    _require(rc, "train_student bench", tail)
+    step.figures = json.loads(report.read_text())
+    f = step.figures
+    step.detail = (f"cached {f.get('cached_step_samples_per_s', 0):.1f} ({100 * f.get('cached_vs_staged', 0):.0f}% of "
+                   f"staged) vs online {f.get('online_step_samples_per_s', 0):.1f} samples/s"
+                   + (f"; compiled {f['compile_speedup']:.2f}x" if "compile_speedup" in f else ""))
 
 
 # ---------------------------------------------------------------------- table
@@ -521,10 +504,15 @@ def main(argv: list[str] | None = None) -> int:
         with runner.step("inputs", needs=("environment",)) as step:
             if step:
                 paths = prepare_inputs(runner, step, sizes)
-    for recipe in sizes.recipes if "train" in only else ():
-        with runner.step(f"train {recipe}", needs=("inputs",)) as step:
-            if step:
-                run_train_bench(runner, step, recipe, paths, sizes)
+
+    def train(compiled_too: bool) -> None:
+        for recipe in sizes.recipes if "train" in only else ():
+            if (recipe in sizes.compile_recipes) == compiled_too:
+                with runner.step(f"train {recipe}", needs=("inputs",)) as step:
+                    if step:
+                        run_train_bench(runner, step, recipe, paths, sizes)
+
+    train(compiled_too=False)
     if "cache" in only:
         with runner.step("cache pipeline", needs=("inputs",)) as step:
             if step:
@@ -533,11 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         with runner.step("kernels", needs=("environment",)) as step:
             if step:
                 run_kernel_bench(runner, step, sizes.kernel_runs)
-    for recipe in sizes.compile_recipes if "train" in only else ():
-        with runner.step(f"compiled {recipe}", needs=(f"train {recipe}",)) as step:
-            if step:
-                run_compiled_train_bench(runner, step, next(s for s in runner.steps if s.name == f"train {recipe}"),
-                                         recipe, paths, sizes)
+    train(compiled_too=True)  # last: compiling costs minutes and must not starve the other measurements
     runner.save()
     print_tables(runner)
     return 0 if all(s.status == "ok" for s in runner.steps) else 1
