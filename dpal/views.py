@@ -4,59 +4,82 @@ record, and the pixels are a pure, batched function of (image, background, recor
 The teacher is run on exactly what ``render_view_sets`` returns, and the trainer calls the same function
 on the same records to rebuild the same pixels; a cached target is never flipped or re-cropped.
 
-Record layout (``VIEW_PARAMS_VERSION`` = 1)
+Record layout (``VIEW_PARAMS_VERSION`` = 2)
 -------------------------------------------
 Each rendered crop (the global view, the crowd view's background, the crowd view's first pasted person,
-every local crop) is described by one 17-field *crop block*:
+every local crop) is described by one 35-field *crop block*:
 
 ====  ============  ====================================================================================
  off  field         meaning
 ====  ============  ====================================================================================
-   0  scale         crop area as a fraction of the source image's area (RandomResizedCrop scale)
-   1  aspect        crop aspect ratio, width / height, in pixels of the source
-   2  pos_y         vertical position in [0, 1]: top = round(pos_y * (H - crop_h))
-   3  pos_x         horizontal position in [0, 1]: left = round(pos_x * (W - crop_w))
-   4  flip          1 = mirror horizontally (after resizing)
-   5  jitter        1 = colour jitter applied (else 6..9 hold the neutral 1, 1, 1, 0)
-   6  brightness    brightness factor
-   7  contrast      contrast factor
-   8  saturation    saturation factor
-   9  hue           hue shift in turns
-  10  order_0       jitter op applied first (0 brightness, 1 contrast, 2 saturation, 3 hue)
-  11  order_1       ... second
-  12  order_2       ... third
-  13  order_3       ... fourth
-  14  gray          1 = converted to 3-channel grayscale (after the jitter)
-  15  blur_sigma    Gaussian blur sigma in pixels of the rendered crop; 0 = no blur
-  16  solarize      1 = solarized (crowd background only; always 0 elsewhere)
+   0  scale_0       area fraction of RandomResizedCrop's try 0, U(scale) (float32, as torchvision draws)
+   1  scale_1       ... of try 1
+   2  scale_2       ... of try 2
+   3  scale_3       ... of try 3
+   4  scale_4       ... of try 4
+   5  scale_5       ... of try 5
+   6  scale_6       ... of try 6
+   7  scale_7       ... of try 7
+   8  scale_8       ... of try 8
+   9  scale_9       ... of try 9
+  10  aspect_0      aspect (w/h) of try 0, exp(U(log r_min, log r_max))
+  11  aspect_1      ... of try 1
+  12  aspect_2      ... of try 2
+  13  aspect_3      ... of try 3
+  14  aspect_4      ... of try 4
+  15  aspect_5      ... of try 5
+  16  aspect_6      ... of try 6
+  17  aspect_7      ... of try 7
+  18  aspect_8      ... of try 8
+  19  aspect_9      ... of try 9
+  20  pos_y         uniform in [0, 1) on a 2**-24 grid: top = floor(pos_y * (H - h + 1))
+  21  pos_x         ... left = floor(pos_x * (W - w + 1))
+  22  flip          1 = mirror horizontally (after resizing)
+  23  jitter        1 = colour jitter applied (else the factors hold the neutral 1, 1, 1, 0)
+  24  brightness    brightness factor
+  25  contrast      contrast factor
+  26  saturation    saturation factor
+  27  hue           hue shift in turns
+  28  order_0       jitter op applied first (0 brightness, 1 contrast, 2 saturation, 3 hue)
+  29  order_1       ... second
+  30  order_2       ... third
+  31  order_3       ... fourth
+  32  gray          1 = converted to 3-channel grayscale (after the jitter)
+  33  blur_sigma    Gaussian blur sigma in pixels of the rendered crop; 0 = no blur
+  34  solarize      1 = solarized (crowd background only; always 0 elsewhere)
 ====  ============  ====================================================================================
 
-A *view set* record (``VIEW_SET_FIELDS`` = 57 float32, names in ``VIEW_SET_FIELD_NAMES``):
+A *view set* record (``VIEW_SET_FIELDS`` = 111 float32, 444 bytes; names in ``VIEW_SET_FIELD_NAMES``):
 
 ======  ==================  ========================================================================
  index  field               meaning
 ======  ==================  ========================================================================
      0  version             ``VIEW_PARAMS_VERSION``
-  1-17  global.*            crop block of the 256x128 global view, cut from the person image
- 18-34  background.*        crop block of the 256x256 crowd canvas, cut from the background image
- 35-51  person.*            crop block of the first pasted person: a 128x96 local-style crop of the
+  1-35  global.*            crop block of the 256x128 global view, cut from the person image
+ 36-70  background.*        crop block of the 256x256 crowd canvas, cut from the background image
+71-105  person.*            crop block of the first pasted person: a 128x96 local-style crop of the
                             same person image, drawn for the crowd view
-    52  background_index    index into the background pool
-    53  paste_y1            top of the first person on the canvas, pixels, in [0, 126]
-    54  paste_x1            left of the first person
-    55  paste_y2            top of the second person (the global view resized to 128x96),
+   106  background_index    index into the background pool
+   107  paste_y1            top of the first person on the canvas, pixels, in [0, 126]
+   108  paste_x1            left of the first person
+   109  paste_y2            top of the second person (the global view resized to 128x96),
                             drawn independently of paste_y1
-    56  paste_x2            left of the second person, in [paste_x1 + 96, 158]
+   110  paste_x2            left of the second person, in [paste_x1 + 96, 158]
 ======  ==================  ========================================================================
 
-A *local crop* record (``LOCAL_CROP_FIELDS`` = 18): ``version`` then one crop block. Local crops are
-drawn fresh every epoch (``sample_local_crops``) and never stored.
+A *local crop* record (``LOCAL_CROP_FIELDS`` = 36, 144 bytes): ``version`` then one crop block. Local crops
+are drawn fresh every epoch (``sample_local_crops``) and never stored. (Version 1 records were 57 and 18
+fields, 228 and 72 bytes: one (area, aspect) draw and two position fractions per crop.)
 
-Crop boxes are relative, not pixels: area fraction, aspect and position fractions are resolved against
-each source image's own size when rendering, so an image stored at another resolution (same aspect)
-renders the same view. RandomResizedCrop samples (area, log-aspect) once; a box that does not fit the
-image is shrunk, keeping its aspect, until it fits (torchvision instead retries 10 times then falls
-back to a centre crop, which would need the image size at sampling time).
+Crop boxes (``crop_boxes``) follow torchvision's ``RandomResizedCrop.get_params`` exactly, resolved on each
+source image's own size H x W when rendering (the sampler never sees the image): try k gives
+w = round(sqrt(H*W*scale_k*aspect_k)), h = round(sqrt(H*W*scale_k/aspect_k)) in float64 from the stored
+float32 values, and the first try with 0 < w <= W and 0 < h <= H is the box, placed at
+``floor(pos * (free range + 1))``, every integer position equally likely. If no try fits, the box is
+torchvision's centre crop with the image's aspect clamped to the crop kind's aspect range, taken from the
+``ViewConfig`` as float64 (as torchvision takes the range it was given). A box is never shrunk to fit.
+The same record and image size give the same integer box on any machine (IEEE float64 arithmetic on the
+host), so a render on the GPU cuts exactly the box the cache stage cut.
 
 Rendering order per crop (torchvision's order): crop + resize (antialiased bicubic, flip folded in) ->
 colour jitter in the stored op order -> grayscale -> Gaussian blur (13 taps, reflect borders) ->
@@ -108,16 +131,26 @@ import torch
 
 from dpal.config import ViewConfig
 
-VIEW_PARAMS_VERSION = 1
+VIEW_PARAMS_VERSION = 2
+# Why records of an older version cannot be rendered by this code (DPAL_SPEC.md "Revisions"), for the refusal.
+_STALE_RECORDS = {1: "their crop boxes follow spec v2 (a box that does not fit shrunk instead of redrawn, "
+                     "positions rounded), not torchvision's RandomResizedCrop draw of spec v3"}
 
+# RandomResizedCrop's (area, aspect) tries before its centre-crop fallback (torchvision's fixed count).
+CROP_TRIES = 10
 CROP_BLOCK_NAMES = (
-    "scale", "aspect", "pos_y", "pos_x", "flip", "jitter", "brightness", "contrast", "saturation", "hue",
-    "order_0", "order_1", "order_2", "order_3", "gray", "blur_sigma", "solarize",
+    tuple(f"scale_{k}" for k in range(CROP_TRIES)) + tuple(f"aspect_{k}" for k in range(CROP_TRIES))
+    + ("pos_y", "pos_x", "flip", "jitter", "brightness", "contrast", "saturation", "hue",
+       "order_0", "order_1", "order_2", "order_3", "gray", "blur_sigma", "solarize")
 )
-_SCALE, _ASPECT, _POS_Y, _POS_X, _FLIP, _JITTER = 0, 1, 2, 3, 4, 5
-_FACTORS = slice(6, 10)  # brightness, contrast, saturation, hue
-_ORDER = slice(10, 14)
-_GRAY, _BLUR_SIGMA, _SOLARIZE = 14, 15, 16
+_SCALES = slice(0, CROP_TRIES)
+_ASPECTS = slice(CROP_TRIES, 2 * CROP_TRIES)
+_POS_Y, _POS_X, _FLIP, _JITTER = range(2 * CROP_TRIES, 2 * CROP_TRIES + 4)
+_FACTORS = slice(_JITTER + 1, _JITTER + 5)  # brightness, contrast, saturation, hue
+_ORDER = slice(_FACTORS.stop, _FACTORS.stop + 4)
+_GRAY, _BLUR_SIGMA, _SOLARIZE = range(_ORDER.stop, _ORDER.stop + 3)
+# Positions are drawn on this grid: exact in float32, so floor(pos * range) never reaches the range.
+_POSITION_STEPS = 2**24
 CROP_BLOCK_FIELDS = len(CROP_BLOCK_NAMES)
 
 VIEW_SET_FIELD_NAMES = (
@@ -183,25 +216,26 @@ def to_rgb_uint8(array) -> torch.Tensor:
 
 
 def check_view_params(params, fields: int = VIEW_SET_FIELDS, what: str = "view set") -> torch.Tensor:
-    """``params`` as a float32 CPU tensor ``[..., fields]`` after checking its width and version.
+    """``params`` as a float32 CPU tensor ``[..., fields]`` after checking its version and width (the version
+    first: a record of another version has another width, and the version says why it cannot be used).
 
     Raises ``ViewParamsError`` naming the problem (and what to do) otherwise.
     """
-    params = torch.as_tensor(params)
+    params = torch.as_tensor(params).detach().cpu()
+    versions = params[..., 0] if params.ndim >= 1 and params.shape[-1] >= 1 else params.new_zeros(0)
+    if versions.numel() and not bool((versions == VIEW_PARAMS_VERSION).all()):
+        found = sorted({float(v) for v in versions.unique()[:5]})
+        why = "; ".join(_STALE_RECORDS[int(v)] for v in found if v in _STALE_RECORDS)
+        raise ViewParamsError(
+            f"{what} parameters have record version {found}" + (f" ({why})" if why else "")
+            + f", this code renders version {VIEW_PARAMS_VERSION}: re-create them with this version of "
+            f"dpal.views (for a target store, rebuild it with `python -m cache_teacher run` into a new --out)")
     if params.ndim < 1 or params.shape[-1] != fields:
         raise ViewParamsError(
             f"{what} parameters must have {fields} float32 fields in the last axis (record version "
             f"{VIEW_PARAMS_VERSION}), got shape {tuple(params.shape)}")
     if params.dtype != torch.float32:
         raise ViewParamsError(f"{what} parameters must be float32, got {params.dtype}")
-    params = params.detach().cpu()
-    versions = params[..., 0]
-    if versions.numel() and not bool((versions == VIEW_PARAMS_VERSION).all()):
-        found = sorted({float(v) for v in versions.unique()[:5]})
-        raise ViewParamsError(
-            f"{what} parameters have record version {found}, this code renders version "
-            f"{VIEW_PARAMS_VERSION}: re-create them with this version of dpal.views (for a target "
-            f"store, re-run cache_teacher)")
     if not bool(torch.isfinite(params).all()):
         raise ViewParamsError(f"{what} parameters contain NaN or infinite values")
     return params
@@ -221,30 +255,31 @@ def _uniform(u: torch.Tensor, bounds: Sequence[float]) -> torch.Tensor:
 
 def _sample_crop_blocks(generator: torch.Generator, n: int, cfg: ViewConfig, *, scale, aspect,
                         blur_p: float, solarize_p: float = 0.0) -> torch.Tensor:
-    """``n`` crop blocks (float64 ``[n, 17]``): RandomResizedCrop, flip, jitter, grayscale, blur, solarize."""
-    u = torch.rand(n, 18, generator=generator, dtype=torch.float64, device=generator.device).cpu()
+    """``n`` crop blocks (float64 ``[n, CROP_BLOCK_FIELDS]``): RandomResizedCrop's tries and position, flip,
+    jitter, grayscale, blur, solarize. Every try is drawn, since which one fits depends on the image's size."""
+    u = torch.rand(n, 12, generator=generator, dtype=torch.float64, device=generator.device).cpu()
     order = torch.rand(n, 4, generator=generator, dtype=torch.float64, device=generator.device).cpu()
+    tries = torch.rand(n, 2, CROP_TRIES, generator=generator, dtype=torch.float64, device=generator.device).cpu()
     block = torch.zeros(n, CROP_BLOCK_FIELDS, dtype=torch.float64)
-    block[:, _SCALE] = _uniform(u[:, 0], scale)
-    block[:, _ASPECT] = torch.exp(_uniform(u[:, 1], (math.log(aspect[0]), math.log(aspect[1]))))
-    block[:, _POS_Y] = u[:, 2]
-    block[:, _POS_X] = u[:, 3]
-    block[:, _FLIP] = (u[:, 4] < cfg.flip_p).double()
-    jitter = u[:, 5] < cfg.jitter_p
+    block[:, _SCALES] = _uniform(tries[:, 0], scale)
+    block[:, _ASPECTS] = torch.exp(_uniform(tries[:, 1], (math.log(aspect[0]), math.log(aspect[1]))))
+    block[:, [_POS_Y, _POS_X]] = torch.floor(u[:, 0:2] * _POSITION_STEPS) / _POSITION_STEPS
+    block[:, _FLIP] = (u[:, 2] < cfg.flip_p).double()
+    jitter = u[:, 3] < cfg.jitter_p
     brightness, contrast, saturation, hue = cfg.jitter
     factors = torch.stack([
-        _uniform(u[:, 6], (max(0.0, 1 - brightness), 1 + brightness)),
-        _uniform(u[:, 7], (max(0.0, 1 - contrast), 1 + contrast)),
-        _uniform(u[:, 8], (max(0.0, 1 - saturation), 1 + saturation)),
-        _uniform(u[:, 9], (-hue, hue)),
+        _uniform(u[:, 4], (max(0.0, 1 - brightness), 1 + brightness)),
+        _uniform(u[:, 5], (max(0.0, 1 - contrast), 1 + contrast)),
+        _uniform(u[:, 6], (max(0.0, 1 - saturation), 1 + saturation)),
+        _uniform(u[:, 7], (-hue, hue)),
     ], dim=1)
     neutral = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
     block[:, _JITTER] = jitter.double()
     block[:, _FACTORS] = torch.where(jitter[:, None], factors, neutral)
     block[:, _ORDER] = order.argsort(dim=1).double()  # a uniform random permutation, like randperm
-    block[:, _GRAY] = (u[:, 10] < cfg.gray_p).double()
-    block[:, _BLUR_SIGMA] = torch.where(u[:, 11] < blur_p, _uniform(u[:, 12], cfg.blur_sigma), 0.0)
-    block[:, _SOLARIZE] = (u[:, 13] < solarize_p).double()
+    block[:, _GRAY] = (u[:, 8] < cfg.gray_p).double()
+    block[:, _BLUR_SIGMA] = torch.where(u[:, 9] < blur_p, _uniform(u[:, 10], cfg.blur_sigma), 0.0)
+    block[:, _SOLARIZE] = (u[:, 11] < solarize_p).double()
     return block
 
 
@@ -331,22 +366,48 @@ def _upload(tensor: torch.Tensor, device) -> torch.Tensor:
 
 
 
-def crop_boxes(blocks: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-    """Pixel boxes ``[n, 4]`` (top, left, height, width; int64) of crop blocks on sources of the given sizes.
+def crop_tries(blocks: torch.Tensor, heights: torch.Tensor,
+               widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RandomResizedCrop's tries on sources of the given sizes: the try taken (int64 ``[n]``, the first that
+    fits, -1 = none fits: the centre-crop fallback) and every try's height and width (float64 ``[n, tries]``).
 
-    The box has area ``scale * H * W`` and aspect ``aspect`` (w/h); if it does not fit it is shrunk,
-    keeping its aspect, until it does; then it is placed at the stored position fractions.
+    As torchvision: target area = H * W * scale, w = round(sqrt(area * aspect)), h = round(sqrt(area / aspect))
+    (float64, round half to even like Python's ``round``), fitting when 0 < w <= W and 0 < h <= H.
     """
     blocks = blocks.double()
+    heights, widths = heights.double()[:, None], widths.double()[:, None]
+    area = heights * widths * blocks[:, _SCALES]
+    aspect = blocks[:, _ASPECTS]
+    tries_w, tries_h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+    fits = (tries_w > 0) & (tries_w <= widths) & (tries_h > 0) & (tries_h <= heights)
+    taken = torch.where(fits.any(dim=1), fits.byte().argmax(dim=1), -1)  # argmax: the first of the maxima
+    return taken, tries_h, tries_w
+
+
+def crop_boxes(blocks: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor,
+               aspect_range: tuple[float, float]) -> torch.Tensor:
+    """Pixel boxes ``[n, 4]`` (top, left, height, width; int64) of crop blocks on sources of the given sizes,
+    exactly as torchvision's ``RandomResizedCrop.get_params`` (DPAL_SPEC.md section 3).
+
+    The first fitting try (``crop_tries``) at ``floor(pos * (free range + 1))``; if none fits, the centre crop
+    whose aspect is the image's clamped to ``aspect_range`` (the range the crop kind's aspects were drawn
+    from, e.g. ``ViewConfig.person_aspect``).
+    """
+    blocks = blocks.double()
+    taken, tries_h, tries_w = crop_tries(blocks, heights, widths)
     heights, widths = heights.double(), widths.double()
-    area = blocks[:, _SCALE] * heights * widths
-    crop_w = torch.sqrt(area * blocks[:, _ASPECT])
-    crop_h = torch.sqrt(area / blocks[:, _ASPECT])
-    shrink = torch.minimum(torch.ones_like(crop_w), torch.minimum(widths / crop_w, heights / crop_h))
-    crop_w = torch.round(crop_w * shrink).clamp(min=1.0).minimum(widths)
-    crop_h = torch.round(crop_h * shrink).clamp(min=1.0).minimum(heights)
-    top = torch.round(blocks[:, _POS_Y] * (heights - crop_h))
-    left = torch.round(blocks[:, _POS_X] * (widths - crop_w))
+    low, high = min(aspect_range), max(aspect_range)
+    image_aspect = widths / heights
+    fallback_h = torch.where(image_aspect < low, torch.round(widths / low), heights)
+    fallback_w = torch.where(image_aspect > high, torch.round(heights * high), widths)
+    found = taken >= 0
+    chosen = taken.clamp(min=0)[:, None]
+    crop_h = torch.where(found, tries_h.gather(1, chosen)[:, 0], fallback_h)
+    crop_w = torch.where(found, tries_w.gather(1, chosen)[:, 0], fallback_w)
+    top = torch.where(found, torch.floor(blocks[:, _POS_Y] * (heights - crop_h + 1)),
+                      torch.div(heights - crop_h, 2, rounding_mode="floor"))
+    left = torch.where(found, torch.floor(blocks[:, _POS_X] * (widths - crop_w + 1)),
+                       torch.div(widths - crop_w, 2, rounding_mode="floor"))
     return torch.stack([top, left, crop_h, crop_w], dim=1).long()
 
 
@@ -750,10 +811,11 @@ def _plan_colour(tensors: _PlanTensors, blocks: torch.Tensor, cfg: ViewConfig) -
 
 
 def _plan_crops(tensors: _PlanTensors, sources: PackedImages, source_index: torch.Tensor, blocks: torch.Tensor,
-                out_size: tuple[int, int], cfg: ViewConfig) -> _CropPlan:
-    """Plan crops ``[n, 3, *out_size]``: crop ``i`` cuts ``blocks[i]`` from source ``source_index[i]``."""
+                out_size: tuple[int, int], aspect_range: tuple[float, float], cfg: ViewConfig) -> _CropPlan:
+    """Plan crops ``[n, 3, *out_size]``: crop ``i`` cuts ``blocks[i]`` (aspects drawn from ``aspect_range``) from
+    source ``source_index[i]``."""
     heights, widths = sources.heights[source_index], sources.widths[source_index]
-    boxes = crop_boxes(blocks, heights.double(), widths.double())
+    boxes = crop_boxes(blocks, heights, widths, aspect_range)
     tops, lefts, crop_h, crop_w = boxes.unbind(1)
     row_starts = sources.offsets[source_index] + tops * widths + lefts  # first pixel of each crop
     flips = blocks[:, _FLIP] > 0.5
@@ -876,9 +938,10 @@ def plan_view_sets(images: PackedImages, backgrounds: PackedImages, params, cfg:
     records = params.double()
     tensors = _PlanTensors()
     every = torch.arange(n)
-    crops = (_plan_crops(tensors, images, every, records[:, _GLOBAL_BLOCK], cfg.global_size, cfg),
-             _plan_crops(tensors, images, every, records[:, _PERSON_BLOCK], cfg.local_size, cfg),
-             _plan_crops(tensors, backgrounds, every, records[:, _BACKGROUND_BLOCK], cfg.crowd_size, cfg))
+    crops = (_plan_crops(tensors, images, every, records[:, _GLOBAL_BLOCK], cfg.global_size, cfg.person_aspect, cfg),
+             _plan_crops(tensors, images, every, records[:, _PERSON_BLOCK], cfg.local_size, cfg.person_aspect, cfg),
+             _plan_crops(tensors, backgrounds, every, records[:, _BACKGROUND_BLOCK], cfg.crowd_size,
+                         cfg.background_aspect, cfg))
     paste = tensors.add(records[:, _PASTE].long())
     return RenderPlan(StagedTensors.stage(tensors.tensors, pin_memory), crops, paste, 0, cfg)
 
@@ -894,7 +957,7 @@ def plan_local_crops(images: PackedImages, params, cfg: ViewConfig = ViewConfig(
     _check_sources(images, n, "images", "local crop")
     tensors = _PlanTensors()
     crops = _plan_crops(tensors, images, torch.arange(n).repeat_interleave(num_local),
-                        params.reshape(n * num_local, -1)[:, 1:].double(), cfg.local_size, cfg)
+                        params.reshape(n * num_local, -1)[:, 1:].double(), cfg.local_size, cfg.person_aspect, cfg)
     return RenderPlan(StagedTensors.stage(tensors.tensors, pin_memory), (crops,), None, num_local, cfg)
 
 
@@ -932,11 +995,12 @@ def _packed_on(images: list[torch.Tensor], device) -> tuple[PackedImages, torch.
 
 
 def render_crops(images: Sequence[torch.Tensor], blocks: torch.Tensor, out_size: tuple[int, int],
-                 cfg: ViewConfig, device: torch.device) -> torch.Tensor:
-    """Crops ``[n, 3, h, w]`` in [0, 1] (not normalized) of RGB uint8 images, one crop block each."""
+                 aspect_range: tuple[float, float], cfg: ViewConfig, device: torch.device) -> torch.Tensor:
+    """Crops ``[n, 3, h, w]`` in [0, 1] (not normalized) of RGB uint8 images, one crop block each (aspects
+    drawn from ``aspect_range``)."""
     packed, device = _packed_on(_as_images(images, "images"), device)
     tensors = _PlanTensors()
-    crops = _plan_crops(tensors, packed, torch.arange(len(blocks)), blocks.double(), out_size, cfg)
+    crops = _plan_crops(tensors, packed, torch.arange(len(blocks)), blocks.double(), out_size, aspect_range, cfg)
     staged = StagedTensors.stage(tensors.tensors, device.type == "cuda").to(device, non_blocking=True)
     return _execute_crops(packed.pixels, crops, staged)
 

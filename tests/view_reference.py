@@ -59,12 +59,14 @@ def render_reference(views, arrays: dict[str, np.ndarray], device="cpu") -> dict
     heights, widths = (torch.tensor([image.shape[axis] for image in persons]) for axis in (0, 1))
     bg_heights, bg_widths = (torch.tensor([image.shape[axis] for image in backgrounds]) for axis in (0, 1))
     local_blocks = local_records.reshape(-1, local_records.shape[-1])[:, 1:]
+    per_local = local_records.shape[1]
     boxes = {
-        "global_boxes": views.crop_boxes(records[:, views._GLOBAL_BLOCK], heights, widths),
-        "person_boxes": views.crop_boxes(records[:, views._PERSON_BLOCK], heights, widths),
-        "background_boxes": views.crop_boxes(records[:, views._BACKGROUND_BLOCK], bg_heights, bg_widths),
-        "local_boxes": views.crop_boxes(local_blocks, heights.repeat_interleave(local_records.shape[1]),
-                                        widths.repeat_interleave(local_records.shape[1])),
+        "global_boxes": views.crop_boxes(records[:, views._GLOBAL_BLOCK], heights, widths, cfg.person_aspect),
+        "person_boxes": views.crop_boxes(records[:, views._PERSON_BLOCK], heights, widths, cfg.person_aspect),
+        "background_boxes": views.crop_boxes(records[:, views._BACKGROUND_BLOCK], bg_heights, bg_widths,
+                                             cfg.background_aspect),
+        "local_boxes": views.crop_boxes(local_blocks, heights.repeat_interleave(per_local),
+                                        widths.repeat_interleave(per_local), cfg.person_aspect),
     }
     rendered = views.render_view_sets(persons, backgrounds, records, cfg, device)
     local_crops = views.render_local_crops(persons, local_records, cfg, device)
