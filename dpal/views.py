@@ -133,8 +133,8 @@ from dpal.config import ViewConfig
 
 VIEW_PARAMS_VERSION = 2
 # Why records of an older version cannot be rendered by this code (DPAL_SPEC.md "Revisions"), for the refusal.
-_STALE_RECORDS = {1: "their crop boxes follow spec v2 (a box that does not fit shrunk instead of redrawn, "
-                     "positions rounded), not torchvision's RandomResizedCrop draw of spec v3"}
+STALE_VIEW_RECORDS = {1: "crop boxes of spec v2: a box that does not fit shrunk instead of redrawn, positions "
+                         "rounded, not torchvision's RandomResizedCrop draw of spec v3"}
 
 # RandomResizedCrop's (area, aspect) tries before its centre-crop fallback (torchvision's fixed count).
 CROP_TRIES = 10
@@ -225,7 +225,7 @@ def check_view_params(params, fields: int = VIEW_SET_FIELDS, what: str = "view s
     versions = params[..., 0] if params.ndim >= 1 and params.shape[-1] >= 1 else params.new_zeros(0)
     if versions.numel() and not bool((versions == VIEW_PARAMS_VERSION).all()):
         found = sorted({float(v) for v in versions.unique()[:5]})
-        why = "; ".join(_STALE_RECORDS[int(v)] for v in found if v in _STALE_RECORDS)
+        why = "; ".join(STALE_VIEW_RECORDS[int(v)] for v in found if v in STALE_VIEW_RECORDS)
         raise ViewParamsError(
             f"{what} parameters have record version {found}" + (f" ({why})" if why else "")
             + f", this code renders version {VIEW_PARAMS_VERSION}: re-create them with this version of "

@@ -10,6 +10,7 @@ import torch
 from dpal.config import TeacherSpec, ViewConfig
 from dpal.losses import dequantize_rows, quantize_rows
 from dpal.recipes import TEACHERS, get_recipe
+from dpal.views import VIEW_PARAMS_VERSION
 from formats.run_spec import spec_dict
 from formats.store import (ATTRS_KEY, MIN_CHUNK_BYTES, SPEC_VERSION, STORE_FORMAT_VERSION, StoreError, StoreWriter,
                            open_store, plan_layout)
@@ -56,7 +57,7 @@ def test_int8_rows_roundtrip_within_half_a_step(shape):
 
 
 def _attrs(layout, **changes):
-    attrs = {"format_version": STORE_FORMAT_VERSION, "spec_version": SPEC_VERSION, "view_params_version": 1, "teacher": SMALL.name,
+    attrs = {"format_version": STORE_FORMAT_VERSION, "spec_version": SPEC_VERSION, "view_params_version": VIEW_PARAMS_VERSION, "teacher": SMALL.name,
              "teacher_spec": spec_dict(SMALL), "view_config": spec_dict(ViewConfig()),
              "images_fingerprint": "abc", "num_images": layout.num_images, "views_per_image": layout.views_per_image,
              "target_format": layout.target_format, "token_grid": [16, 8], "crowd_tokens": layout.crowd_tokens,
@@ -156,25 +157,28 @@ def test_reader_refuses_mismatch_old_format_and_foreign_folders(tmp_path):
         open_store(tmp_path / "s.zarr")
 
 
-def test_store_of_spec_v1_is_refused_with_one_line_saying_to_rebuild(tmp_path):
-    """Spec v2 changed the teacher's position-embedding resize: every v1 target differs, none may be read."""
+def test_store_of_an_older_spec_is_refused_with_one_line_saying_to_rebuild(tmp_path):
+    """Spec v2 changed the teacher's position-embedding resize, spec v3 the crop boxes of the views: every
+    target of an older store differs, none may be read."""
     layout = plan_layout(SMALL, ViewConfig(), num_images=3, views_per_image=2, view_fields=57,
                          target_format="int8", chunk_images=2, shard_images=2)
     path = tmp_path / "s.zarr"
     writer = StoreWriter.create(path, _attrs(layout), layout)
     for shard in range(layout.num_shards):
         writer.write_shard(shard, _rows(layout, *layout.shard_range(shard), seed=shard))
-    assert open_store(path).attrs["spec_version"] == SPEC_VERSION == 2
+    assert open_store(path).attrs["spec_version"] == SPEC_VERSION == 3
     meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"][ATTRS_KEY]["spec_version"] = 1
-    (path / "zarr.json").write_text(json.dumps(meta))
-    for require_complete in (True, False):
-        with pytest.raises(StoreError) as error:
-            open_store(path, require_complete=require_complete)
-        message = str(error.value)
-        assert "\n" not in message and str(path) in message
-        assert "written under spec v1 (old teacher position-embedding resize)" in message
-        assert "Rebuild it with `python -m cache_teacher run`" in message
+    for version, why in ((1, "old teacher position-embedding resize"),
+                         (2, "view records v1: crop boxes shrunk to fit instead of redrawn, positions rounded")):
+        meta["attributes"][ATTRS_KEY]["spec_version"] = version
+        (path / "zarr.json").write_text(json.dumps(meta))
+        for require_complete in (True, False):
+            with pytest.raises(StoreError) as error:
+                open_store(path, require_complete=require_complete)
+            message = str(error.value)
+            assert "\n" not in message and str(path) in message
+            assert f"written under spec v{version} ({why})" in message
+            assert "Rebuild it with `python -m cache_teacher run`" in message
 
 
 def test_every_bit_flip_in_a_shard_file_is_caught_on_read_and_names_the_file(tmp_path):

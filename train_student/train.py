@@ -12,6 +12,7 @@ loss curves.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -31,13 +32,14 @@ from dpal.ahead import HostCopy
 from dpal.config import Recipe
 from dpal.losses import moe_weight
 from dpal.recipes import get_recipe
+from dpal.views import STALE_VIEW_RECORDS, VIEW_PARAMS_VERSION
 from formats.cli import Interrupted, exit_status
 from formats.exports import export_student
 from formats.images import ImageFile, check_images, images_fingerprint
 from formats.store import open_store
 import kernels
-from train_student.checkpoint import (CHECKPOINT_NAME, claim_run_folder, load_checkpoint, rng_state, save_checkpoint,
-                                      set_rng_state)
+from train_student.checkpoint import (CHECKPOINT_NAME, RUN_CONFIG_NAME, claim_run_folder, load_checkpoint, rng_state,
+                                      save_checkpoint, set_rng_state)
 from train_student.data import BackgroundPool, CachedFeed, FeedPlan, OnlineFeed
 from train_student.metrics import LOSS_COLUMNS, LOSS_PLOT, METRICS_CSV, MetricsLog, plot_losses
 from train_student.prefetch import render_ahead
@@ -120,7 +122,22 @@ def run_record(spec: TrainSpec, recipe: Recipe, global_batch: int, images_finger
             "teacher_weights": str(Path(spec.teacher_weights).resolve()) if online else None,
             "teacher_options": spec.teacher_options if online else None,
             "max_steps": spec.max_steps, "checkpoint_every": spec.checkpoint_every, "workers": spec.workers,
-            "progress": spec.progress, "reference_path": spec.reference_path, "compile": spec.compile}
+            "progress": spec.progress, "reference_path": spec.reference_path, "compile": spec.compile,
+            "view_params_version": VIEW_PARAMS_VERSION}
+
+
+def check_view_records_of_run(run_dir: Path) -> None:
+    """Refuse to resume a run whose views were drawn as another version of view records (a run recorded before
+    the version was recorded drew version 1): its weights were trained on views of another rule."""
+    try:
+        recorded = json.loads((run_dir / RUN_CONFIG_NAME).read_text()).get("view_params_version", 1)
+    except (OSError, ValueError, AttributeError):
+        return  # no readable run record: claim_run_folder refuses the resume with its own message
+    if recorded != VIEW_PARAMS_VERSION:
+        why = STALE_VIEW_RECORDS.get(recorded, "another rule")
+        raise TrainingError(f"--resume: the run in {run_dir} drew its views as view records v{recorded} ({why}); "
+                            f"this code draws v{VIEW_PARAMS_VERSION} and cannot continue it: start a new run in "
+                            f"another folder (its store, if any, rebuilt with `python -m cache_teacher run`)")
 
 
 def train(spec: TrainSpec) -> Path:
@@ -178,6 +195,8 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
 
     run_dir = Path(spec.out)
     config = run_record(spec, recipe, global_batch, fingerprint, store_identity)
+    if spec.resume:
+        check_view_records_of_run(run_dir)
     # Rank 0 locks the folder (a second process or job is refused), then checks and prepares it.
     held.enter_context(claim_run_folder(run_dir, config, resume=spec.resume, resumable_keys=RESUMABLE_KEYS))
 
