@@ -287,9 +287,10 @@ def count_ops(batches: list[int], devices: list[torch.device], seed: int, views=
         generator = torch.Generator().manual_seed(seed)
         images = _synthetic_pool(generator, batch, (128, 384), (0.35, 0.65))
         pool = _synthetic_pool(generator, min(64, batch), (256, 512), (0.75, 1.5))
-        records = sample_view_sets(generator, batch, num_backgrounds=len(pool), cfg=cfg)
-        local_records = sample_local_crops(generator, batch, cfg)
-        chosen = [pool[i] for i in background_indices(records).tolist()]
+        # Records of the module's own version (their layout changes with it).
+        records = views.sample_view_sets(generator, batch, num_backgrounds=len(pool), cfg=cfg)
+        local_records = views.sample_local_crops(generator, batch, cfg)
+        chosen = [pool[i] for i in views.background_indices(records).tolist()]
         for device in devices:
             on_device = [image.to(device) for image in images]  # as the trainer holds them
             backgrounds = [image.to(device) for image in chosen]
