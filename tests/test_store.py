@@ -57,7 +57,8 @@ def test_int8_rows_roundtrip_within_half_a_step(shape):
 
 
 def _attrs(layout, **changes):
-    attrs = {"format_version": STORE_FORMAT_VERSION, "spec_version": SPEC_VERSION, "view_params_version": VIEW_PARAMS_VERSION, "teacher": SMALL.name,
+    attrs = {"format_version": STORE_FORMAT_VERSION, "spec_version": SPEC_VERSION,
+             "view_params_version": VIEW_PARAMS_VERSION, "teacher": SMALL.name,
              "teacher_spec": spec_dict(SMALL), "view_config": spec_dict(ViewConfig()),
              "images_fingerprint": "abc", "num_images": layout.num_images, "views_per_image": layout.views_per_image,
              "target_format": layout.target_format, "token_grid": [16, 8], "crowd_tokens": layout.crowd_tokens,

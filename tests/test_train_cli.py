@@ -320,17 +320,17 @@ def test_resume_refuses_a_store_rebuilt_at_the_same_path(artefacts, tmp_path, ca
     assert "store_identity.mask_calibration" in err and len(err) < 3000  # named, not printed in full
 
 
-def test_a_run_of_the_old_view_records_is_not_resumed(artefacts, tmp_path, capsys):
+def test_a_run_of_the_old_view_records_is_not_resumed(artefacts, reference_run, tmp_path, capsys):
     """A run recorded before view records v2 (its run.json names no version) drew its views by the crop rule
     of spec v2: its --resume is refused in one line saying why, and its folder is left as it was."""
     run = tmp_path / "run"
-    assert main(_train_args(artefacts, run, "--max-steps", "1")) == 0
+    shutil.copytree(reference_run, run)
     record = json.loads((run / "run.json").read_text())
     assert record.pop("view_params_version") == 2
     (run / "run.json").write_text(json.dumps(record))
     before = {path: path.read_bytes() for path in run.iterdir() if path.is_file()}
     capsys.readouterr()
-    status, err = _refusal(capsys, _train_args(artefacts, run, "--resume", "--max-steps", "2"))
+    status, err = _refusal(capsys, _train_args(artefacts, run, "--resume", "--max-steps", str(STEPS + 1)))
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert f"the run in {run} drew its views as view records v1 (crop boxes of spec v2" in err
     assert "start a new run in another folder" in err
