@@ -42,9 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (INTERPRETED, KernelConfig, check_device, check_dtype, check_shape, dot_operands,
-                             dot_precision, fast_exp2, fast_rcp, launch, mma, multiprocessors,
-                             num_programs_for_rows)
+from kernels._common import (INTERPRETED, NAMESPACE, KernelConfig, check_capability, check_device, check_dtype,
+                             check_shape, dot_operands, dot_precision, fast_exp2, fast_rcp, launch, mma,
+                             multiprocessors, num_programs_for_rows)
 
 OP = "fused expert path"
 
@@ -490,133 +490,197 @@ def row_programs(rows: int, sm_count: int | None) -> tuple[int, int]:
     return triton.cdiv(blocks, per_program), per_program
 
 
-class ExpertMixFunction(torch.autograd.Function):
-    """(queries, scores, expert Linear, LN_E) -> (W_b [B, D*D_o], experts_loss); see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, queries, scores, weight, bias, norm_weight, norm_bias, mix_divisor, loss_weight, eps):
-        # A float32 expert weight (the parameter, under autocast) is rounded to the compute dtype once here and
-        # the copy is kept for backward: one cast per call instead of one per pass. (Rounding tile by tile inside
-        # the kernels instead doubles the W tile's registers.)
-        weight_compute = weight.to(queries.dtype)
-        batch, patterns, dim = queries.shape
-        features = weight.shape[0]
-        n_tiles = triton.cdiv(features, _BLOCK_M)
-        f32 = dict(device=queries.device, dtype=torch.float32)
-        constants = dict(P=patterns, D=dim, DOT_PRECISION=dot_precision(queries.dtype), INTERPRETED=INTERPRETED)
-        kind = dot_operands(queries.dtype)
-        stats_config, mix_config = (pick_config(k, dim, features, kind) for k in ("stats", "mix"))
-
-        tile_mean = torch.empty(batch, patterns, n_tiles, **f32)
-        tile_m2 = torch.empty(batch, patterns, n_tiles, **f32)
-        launch(_expert_stats_kernel, _expert_grid(batch, features, stats_config), stats_config,
-               queries, weight_compute, bias, tile_mean, tile_m2, batch, features, n_tiles,
-               EVEN_M=even_columns(features, stats_config), **constants)
-        # Chan's merge of the per-tile (count, mean, M2) in float64: exact enough for any D*D_o.
-        counts = torch.full((n_tiles,), _BLOCK_M, device=queries.device, dtype=torch.float64)
-        counts[-1] = features - _BLOCK_M * (n_tiles - 1)
-        tile_mean, tile_m2 = tile_mean.double(), tile_m2.double()
-        mean = (tile_mean * counts).sum(-1) / features
-        m2 = tile_m2.sum(-1) + ((tile_mean - mean[..., None]).square() * counts).sum(-1)
-        rstd = torch.rsqrt(m2 / features + eps).float()
-        mean = mean.float()
-
-        c = scores.float() / mix_divisor
-        alpha = c * rstd
-        mixed = torch.empty(batch, features, device=queries.device, dtype=queries.dtype)
-        sq_partial = torch.empty(batch, n_tiles, **f32)
-        launch(_expert_mix_kernel, _expert_grid(batch, features, mix_config), mix_config,
-               queries, weight_compute, bias, alpha, (alpha * mean).sum(-1), c.sum(-1), norm_weight, norm_bias,
-               mixed, sq_partial, batch, features, n_tiles, EVEN_M=even_columns(features, mix_config), **constants)
-        experts_loss = loss_weight * sq_partial.sum() / batch
-
-        ctx.save_for_backward(queries, scores, weight_compute, bias, norm_weight, norm_bias, mean, rstd, mixed)
-        ctx.mix_divisor, ctx.loss_weight, ctx.constants = mix_divisor, loss_weight, constants
-        ctx.weight_dtype = weight.dtype
-        return mixed, experts_loss  # float32, whatever the compute dtype: it is one number
-
-    @staticmethod
-    def backward(ctx, grad_mixed, grad_loss):
-        queries, scores, weight_compute, bias, norm_weight, norm_bias, mean, rstd, mixed = ctx.saved_tensors
-        constants = ctx.constants
-        batch, patterns, dim = queries.shape
-        features = weight_compute.shape[0]
-        n_tiles = triton.cdiv(features, _BLOCK_M)
-        f32 = dict(device=queries.device, dtype=torch.float32)
-        grad_mixed = torch.zeros_like(mixed) if grad_mixed is None else grad_mixed.contiguous()
-        grad_loss = torch.zeros((), **f32) if grad_loss is None else grad_loss.float()
-        loss_coef = (2.0 * ctx.loss_weight / batch) * grad_loss.reshape(())
-
-        partial = torch.empty(batch, patterns + 2, n_tiles, **f32)
-        kind = dot_operands(queries.dtype)
-        config = pick_config("grad_stats", dim, features, kind)
-        launch(_expert_grad_stats_kernel, _expert_grid(batch, features, config), config,
-               queries, weight_compute, bias, norm_weight, norm_bias, grad_mixed, mixed, loss_coef, partial,
-               batch, features, n_tiles, EVEN_M=even_columns(features, config), **constants)
-        sums = partial.double().sum(-1)
-        gamma_sums, beta_sums = sums[:, patterns], sums[:, patterns + 1]
-        # A_e = sum_m dW gamma xhat_e = r_e (sum dW gamma g_e - mu_e sum dW gamma)
-        a_sums = (rstd * (sums[:, :patterns] - mean * gamma_sums[:, None])).float()
-        grad_scores = (a_sums + beta_sums[:, None].float()) / ctx.mix_divisor
-        # Per-(b, e) constants of du_e = GELU'(u) (alpha_e base + du_const_e + du_slope_e g_e); see the kernel.
-        c = scores.float() / ctx.mix_divisor
-        alpha = c * rstd
-        a_rstd = a_sums / features * rstd
-        row_constants = ((gamma_sums / features).float(), alpha, alpha * a_rstd * mean, -alpha * a_rstd,
-                         (alpha * mean).sum(-1), c.sum(-1))
-
-        config = pick_config("grad", dim, features, kind)
-        d_gamma, d_beta, d_bias = (torch.empty(features, **f32) for _ in range(3))
-        grad_queries = torch.zeros(batch * patterns, dim, **f32)
-        grad_weight = torch.empty(features, dim, device=queries.device, dtype=ctx.weight_dtype)
-        q_rows = queries.view(batch * patterns, dim)
-        chunk = du_chunk_columns(batch, patterns, features)
-        du = torch.empty(batch * patterns, chunk, device=queries.device, dtype=queries.dtype)
-        for m_start in range(0, features, chunk):
-            m_stop = min(m_start + chunk, features)
-            du_chunk = du[:, :m_stop - m_start]
-            launch(_expert_grad_kernel, (triton.cdiv(m_stop - m_start, config["BLOCK_M"]),), config,
-                   queries, weight_compute, bias, norm_weight, grad_mixed, mixed, loss_coef, *row_constants,
-                   du_chunk, d_gamma, d_beta, d_bias, batch, features, m_start, m_stop, du.stride(0),
-                   EVEN_M=even_columns(m_stop - m_start, config), **constants)
-            grad_queries += (du_chunk @ weight_compute[m_start:m_stop]).float()
-            grad_weight[m_start:m_stop] = du_chunk.t() @ q_rows
-        return (grad_queries.view_as(queries).to(queries.dtype), grad_scores.to(scores.dtype), grad_weight,
-                d_bias.to(bias.dtype), d_gamma.to(norm_weight.dtype), d_beta.to(norm_bias.dtype), None, None, None)
+def _compute_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What `expert_mix` returns as its rounded weight: the weight in the compute dtype when it has another
+    dtype (float32 under autocast), else nothing (an empty tensor: the op cannot return an alias of its input)."""
+    return weight.new_empty((0,) if weight.dtype == dtype else weight.shape, dtype=dtype)
 
 
-class OutputProjectionFunction(torch.autograd.Function):
-    """y = LayerNorm(GELU(h @ W_b)) with h [B, L, D], W_b [B, D, D_o]; saves only h and W_b.
+@torch.library.custom_op(f"{NAMESPACE}::expert_mix", mutates_args=())
+def expert_mix(queries: torch.Tensor, scores: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               norm_weight: torch.Tensor, norm_bias: torch.Tensor, mix_divisor: float, loss_weight: float,
+               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(queries, scores, expert Linear, LN_E) -> (W_b [B, D*D_o], experts_loss, mean [B, P], rstd [B, P],
+    rounded weight); see the module docstring. The last three are what backward needs beyond the inputs."""
+    check_capability(OP, queries.device)
+    # A float32 expert weight (the parameter, under autocast) is rounded to the compute dtype once here and
+    # the copy is kept for backward: one cast per call instead of one per pass. (Rounding tile by tile inside
+    # the kernels instead doubles the W tile's registers.)
+    rounded = _compute_weight(weight, queries.dtype)
+    weight_compute = weight if weight.dtype == queries.dtype else rounded.copy_(weight)
+    batch, patterns, dim = queries.shape
+    features = weight.shape[0]
+    n_tiles = triton.cdiv(features, _BLOCK_M)
+    f32 = dict(device=queries.device, dtype=torch.float32)
+    constants = dict(P=patterns, D=dim, DOT_PRECISION=dot_precision(queries.dtype), INTERPRETED=INTERPRETED)
+    kind = dot_operands(queries.dtype)
+    stats_config, mix_config = (pick_config(k, dim, features, kind) for k in ("stats", "mix"))
 
-    Backward recomputes z = h @ W_b (one batched GEMM, cheaper than keeping [B, L, D_o] alive until
-    backward) and turns it into dz in place, so the output stage adds no activation memory of its own.
-    """
+    tile_mean = torch.empty(batch, patterns, n_tiles, **f32)
+    tile_m2 = torch.empty(batch, patterns, n_tiles, **f32)
+    launch(_expert_stats_kernel, _expert_grid(batch, features, stats_config), stats_config,
+           queries, weight_compute, bias, tile_mean, tile_m2, batch, features, n_tiles,
+           EVEN_M=even_columns(features, stats_config), **constants)
+    # Chan's merge of the per-tile (count, mean, M2) in float64: exact enough for any D*D_o.
+    counts = torch.full((n_tiles,), _BLOCK_M, device=queries.device, dtype=torch.float64)
+    counts[-1] = features - _BLOCK_M * (n_tiles - 1)
+    tile_mean, tile_m2 = tile_mean.double(), tile_m2.double()
+    mean = (tile_mean * counts).sum(-1) / features
+    m2 = tile_m2.sum(-1) + ((tile_mean - mean[..., None]).square() * counts).sum(-1)
+    rstd = torch.rsqrt(m2 / features + eps).float()
+    mean = mean.float()
 
-    @staticmethod
-    def forward(ctx, h, mixed, weight, bias, eps):
-        z = torch.bmm(h, mixed)
-        rows, width = z.numel() // z.shape[-1], z.shape[-1]
-        y = torch.empty_like(z)
-        launch(_gelu_layer_norm_fwd_kernel, (triton.cdiv(rows, ROW_BLOCK),), row_config(width),
-               z, y, weight, bias, rows, width, eps, INTERPRETED=INTERPRETED, **row_layout(width))
-        ctx.save_for_backward(h, mixed, weight)
-        ctx.eps = eps
-        return y
+    c = scores.float() / mix_divisor
+    alpha = c * rstd
+    mixed = torch.empty(batch, features, device=queries.device, dtype=queries.dtype)
+    sq_partial = torch.empty(batch, n_tiles, **f32)
+    launch(_expert_mix_kernel, _expert_grid(batch, features, mix_config), mix_config,
+           queries, weight_compute, bias, alpha, (alpha * mean).sum(-1), c.sum(-1), norm_weight, norm_bias,
+           mixed, sq_partial, batch, features, n_tiles, EVEN_M=even_columns(features, mix_config), **constants)
+    experts_loss = loss_weight * sq_partial.sum() / batch  # float32, whatever the compute dtype: one number
+    return mixed, experts_loss, mean, rstd, rounded
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        h, mixed, weight = ctx.saved_tensors
-        dz = torch.bmm(h, mixed)
-        rows, width = dz.numel() // dz.shape[-1], dz.shape[-1]
-        programs, blocks_per_program = row_programs(rows, multiprocessors(dz.device))
-        dw_partial = torch.empty(programs, width, device=dz.device, dtype=torch.float32)
-        db_partial = torch.empty_like(dw_partial)
-        launch(_gelu_layer_norm_bwd_kernel, (programs,), row_config(width), dz, grad_y.contiguous(), weight,
-               dw_partial, db_partial, rows, width, ctx.eps, blocks_per_program, INTERPRETED=INTERPRETED,
-               **row_layout(width))
-        grad_h = torch.bmm(dz, mixed.transpose(1, 2))
-        grad_mixed = torch.bmm(h.transpose(1, 2), dz)
-        return grad_h, grad_mixed, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype), None
+
+@expert_mix.register_fake
+def _(queries, scores, weight, bias, norm_weight, norm_bias, mix_divisor, loss_weight, eps):
+    batch, patterns, _ = queries.shape
+    stats = queries.new_empty(batch, patterns, dtype=torch.float32)
+    return (queries.new_empty(batch, weight.shape[0]), queries.new_empty((), dtype=torch.float32), stats,
+            torch.empty_like(stats), _compute_weight(weight, queries.dtype))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::expert_mix_backward", mutates_args=())
+def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queries: torch.Tensor,
+                        scores: torch.Tensor, weight_compute: torch.Tensor, bias: torch.Tensor,
+                        norm_weight: torch.Tensor, norm_bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                        mixed: torch.Tensor, mix_divisor: float, loss_weight: float, weight_dtype: torch.dtype,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `expert_mix`'s (W_b, experts_loss) with respect to its six tensor inputs."""
+    batch, patterns, dim = queries.shape
+    constants = dict(P=patterns, D=dim, DOT_PRECISION=dot_precision(queries.dtype), INTERPRETED=INTERPRETED)
+    features = weight_compute.shape[0]
+    n_tiles = triton.cdiv(features, _BLOCK_M)
+    f32 = dict(device=queries.device, dtype=torch.float32)
+    grad_mixed = grad_mixed.contiguous()
+    loss_coef = (2.0 * loss_weight / batch) * grad_loss.float().reshape(())
+
+    partial = torch.empty(batch, patterns + 2, n_tiles, **f32)
+    kind = dot_operands(queries.dtype)
+    config = pick_config("grad_stats", dim, features, kind)
+    launch(_expert_grad_stats_kernel, _expert_grid(batch, features, config), config,
+           queries, weight_compute, bias, norm_weight, norm_bias, grad_mixed, mixed, loss_coef, partial,
+           batch, features, n_tiles, EVEN_M=even_columns(features, config), **constants)
+    sums = partial.double().sum(-1)
+    gamma_sums, beta_sums = sums[:, patterns], sums[:, patterns + 1]
+    # A_e = sum_m dW gamma xhat_e = r_e (sum dW gamma g_e - mu_e sum dW gamma)
+    a_sums = (rstd * (sums[:, :patterns] - mean * gamma_sums[:, None])).float()
+    grad_scores = (a_sums + beta_sums[:, None].float()) / mix_divisor
+    # Per-(b, e) constants of du_e = GELU'(u) (alpha_e base + du_const_e + du_slope_e g_e); see the kernel.
+    c = scores.float() / mix_divisor
+    alpha = c * rstd
+    a_rstd = a_sums / features * rstd
+    row_constants = ((gamma_sums / features).float(), alpha, alpha * a_rstd * mean, -alpha * a_rstd,
+                     (alpha * mean).sum(-1), c.sum(-1))
+
+    config = pick_config("grad", dim, features, kind)
+    d_gamma, d_beta, d_bias = (torch.empty(features, **f32) for _ in range(3))
+    grad_queries = torch.zeros(batch * patterns, dim, **f32)
+    grad_weight = torch.empty(features, dim, device=queries.device, dtype=weight_dtype)
+    q_rows = queries.view(batch * patterns, dim)
+    chunk = du_chunk_columns(batch, patterns, features)
+    du = torch.empty(batch * patterns, chunk, device=queries.device, dtype=queries.dtype)
+    for m_start in range(0, features, chunk):
+        m_stop = min(m_start + chunk, features)
+        du_chunk = du[:, :m_stop - m_start]
+        launch(_expert_grad_kernel, (triton.cdiv(m_stop - m_start, config["BLOCK_M"]),), config,
+               queries, weight_compute, bias, norm_weight, grad_mixed, mixed, loss_coef, *row_constants,
+               du_chunk, d_gamma, d_beta, d_bias, batch, features, m_start, m_stop, du.stride(0),
+               EVEN_M=even_columns(m_stop - m_start, config), **constants)
+        grad_queries += (du_chunk @ weight_compute[m_start:m_stop]).float()
+        grad_weight[m_start:m_stop] = du_chunk.t() @ q_rows
+    return (grad_queries.view_as(queries).to(queries.dtype), grad_scores.to(scores.dtype), grad_weight,
+            d_bias.to(bias.dtype), d_gamma.to(norm_weight.dtype), d_beta.to(norm_bias.dtype))
+
+
+@expert_mix_backward.register_fake
+def _(grad_mixed, grad_loss, queries, scores, weight_compute, bias, norm_weight, norm_bias, mean, rstd, mixed,
+      mix_divisor, loss_weight, weight_dtype):
+    return (torch.empty_like(queries), torch.empty_like(scores), torch.empty_like(weight_compute, dtype=weight_dtype),
+            torch.empty_like(bias), torch.empty_like(norm_weight), torch.empty_like(norm_bias))
+
+
+def _expert_mix_setup(ctx, inputs, output):
+    queries, scores, weight, bias, norm_weight, norm_bias, mix_divisor, loss_weight, _ = inputs
+    mixed, _, mean, rstd, rounded = output
+    ctx.save_for_backward(queries, scores, weight if weight.dtype == queries.dtype else rounded, bias, norm_weight,
+                          norm_bias, mean, rstd, mixed)
+    ctx.mix_divisor, ctx.loss_weight, ctx.weight_dtype = mix_divisor, loss_weight, weight.dtype
+
+
+def _expert_mix_grad(ctx, grad_mixed, grad_loss, *_):
+    grads = expert_mix_backward(grad_mixed, grad_loss, *ctx.saved_tensors, ctx.mix_divisor, ctx.loss_weight,
+                                ctx.weight_dtype)
+    return (*grads, None, None, None)
+
+
+expert_mix.register_autograd(_expert_mix_grad, setup_context=_expert_mix_setup)
+
+
+# The output stage: y = LayerNorm(GELU(h @ W_b)) with h [B, L, D], W_b [B, D, D_o]; backward saves only h and
+# W_b, recomputes z = h @ W_b (one batched GEMM, cheaper than keeping [B, L, D_o] alive until backward) and
+# turns it into dz in place, so the output stage adds no activation memory of its own.
+
+@torch.library.custom_op(f"{NAMESPACE}::output_projection", mutates_args=())
+def output_projection(h: torch.Tensor, mixed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """y = LN_o(GELU(h @ W_b)) * weight + bias."""
+    check_capability(OP, h.device)
+    z = torch.bmm(h, mixed)
+    rows, width = z.numel() // z.shape[-1], z.shape[-1]
+    y = torch.empty_like(z)
+    launch(_gelu_layer_norm_fwd_kernel, (triton.cdiv(rows, ROW_BLOCK),), row_config(width),
+           z, y, weight, bias, rows, width, eps, INTERPRETED=INTERPRETED, **row_layout(width))
+    return y
+
+
+@output_projection.register_fake
+def _(h, mixed, weight, bias, eps):
+    return h.new_empty(h.shape[0], h.shape[1], mixed.shape[2])
+
+
+@torch.library.custom_op(f"{NAMESPACE}::output_projection_backward", mutates_args=())
+def output_projection_backward(grad_y: torch.Tensor, h: torch.Tensor, mixed: torch.Tensor, weight: torch.Tensor,
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d h, d W_b, d weight, d bias) of `output_projection`."""
+    dz = torch.bmm(h, mixed)
+    rows, width = dz.numel() // dz.shape[-1], dz.shape[-1]
+    programs, blocks_per_program = row_programs(rows, multiprocessors(dz.device))
+    dw_partial = torch.empty(programs, width, device=dz.device, dtype=torch.float32)
+    db_partial = torch.empty_like(dw_partial)
+    launch(_gelu_layer_norm_bwd_kernel, (programs,), row_config(width), dz, grad_y.contiguous(), weight,
+           dw_partial, db_partial, rows, width, eps, blocks_per_program, INTERPRETED=INTERPRETED,
+           **row_layout(width))
+    grad_h = torch.bmm(dz, mixed.transpose(1, 2))
+    grad_mixed = torch.bmm(h.transpose(1, 2), dz)
+    return grad_h, grad_mixed, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
+
+
+@output_projection_backward.register_fake
+def _(grad_y, h, mixed, weight, eps):
+    return torch.empty_like(h), torch.empty_like(mixed), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _output_projection_setup(ctx, inputs, output):
+    h, mixed, weight, _, eps = inputs
+    ctx.save_for_backward(h, mixed, weight)
+    ctx.eps = eps
+
+
+def _output_projection_grad(ctx, grad_y):
+    return (*output_projection_backward(grad_y, *ctx.saved_tensors, ctx.eps), None)
+
+
+output_projection.register_autograd(_output_projection_grad, setup_context=_output_projection_setup)
 
 
 def row_config(width: int) -> KernelConfig:
@@ -676,10 +740,10 @@ def expert_path(queries: torch.Tensor, scores: torch.Tensor, h: torch.Tensor,
     batch, _, dim = queries.shape
     out_dim = out_norm_weight.shape[0]
     with torch.autocast(queries.device.type, enabled=False):
-        mixed, experts_loss = ExpertMixFunction.apply(
+        mixed, experts_loss, _, _, _ = expert_mix(
             queries.contiguous(), scores.contiguous(), expert_weight.contiguous(), expert_bias.contiguous(),
             expert_norm_weight.contiguous(), expert_norm_bias.contiguous(), float(mix_divisor),
             float(experts_loss_weight), float(eps))
-        y = OutputProjectionFunction.apply(h.contiguous(), mixed.view(batch, dim, out_dim),
-                                           out_norm_weight.contiguous(), out_norm_bias.contiguous(), float(eps))
+        y = output_projection(h.contiguous(), mixed.view(batch, dim, out_dim), out_norm_weight.contiguous(),
+                              out_norm_bias.contiguous(), float(eps))
     return y, experts_loss

@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (INTERPRETED, KernelConfig, check_device, check_dtype, check_shape, dot_operands,
-                             dot_precision, fast_exp2, fast_log2, launch, mma)
+from kernels._common import (INTERPRETED, NAMESPACE, KernelConfig, check_capability, check_device, check_dtype,
+                             check_shape, dot_operands, dot_precision, fast_exp2, fast_log2, launch, mma)
 
 OP = "fused relation KL"
 
@@ -242,44 +242,69 @@ def pick_config(kernel: str, n: int, dim: int, kind: str) -> KernelConfig:
     return PINNED_CONFIGS.get((kernel, n, dim, kind), DEFAULT_CONFIGS[kernel][kind])
 
 
-class RelationKLFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, target, row_scale):
-        batch, n, dim = y.shape
-        quantized = row_scale is not None
-        row_scale_arg = row_scale if quantized else target  # never read when not quantized
-        constants = _constants(y.dtype, dim, quantized)
-        logit_scale2 = _LOG2E / math.sqrt(dim)
-        f32 = dict(device=y.device, dtype=torch.float32)
-        cross, lse2, mass, target_lse2 = (torch.empty(batch, n, **f32) for _ in range(4))
-        config = pick_config("fwd", n, dim, dot_operands(y.dtype))
-        launch(_relation_kl_fwd_kernel, (triton.cdiv(n, config["BLOCK_I"]), batch), config,
-               y, target, row_scale_arg, cross, lse2, mass, target_lse2, n, logit_scale2,
-               TAIL_J=tail_block(n, config["BLOCK_J"]), **constants)
-        if quantized:  # p = 2^z2 / sum 2^z2: normaliser lse_t2 = max + log2 sum, cross = ln 2 (A / sum - lse_t2), P = 1
-            target_lse2 = target_lse2 + mass.log2()
-            cross = math.log(2.0) * (cross / mass - target_lse2)
-            mass = torch.ones_like(mass)
-        ctx.save_for_backward(y, target, row_scale_arg, lse2, mass, target_lse2)
-        ctx.constants, ctx.logit_scale2 = constants, logit_scale2
-        return (cross + mass * lse2 * math.log(2.0)).sum() / (batch * n)
+@torch.library.custom_op(f"{NAMESPACE}::relation_kl_forward", mutates_args=())
+def relation_kl_forward(y: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor | None,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse2, P, target_lse2): the loss and the per-row [B, N] values backward needs."""
+    check_capability(OP, y.device)
+    batch, n, dim = y.shape
+    quantized = row_scale is not None
+    config = pick_config("fwd", n, dim, dot_operands(y.dtype))
+    f32 = dict(device=y.device, dtype=torch.float32)
+    cross, lse2, mass = (torch.empty(batch, n, **f32) for _ in range(3))
+    target_lse2 = (torch.empty if quantized else torch.zeros)(batch, n, **f32)  # float targets: unused, defined
+    launch(_relation_kl_fwd_kernel, (triton.cdiv(n, config["BLOCK_I"]), batch), config,
+           y, target, row_scale if quantized else target, cross, lse2, mass, target_lse2, n, _LOG2E / math.sqrt(dim),
+           TAIL_J=tail_block(n, config["BLOCK_J"]), **_constants(y.dtype, dim, quantized))
+    if quantized:  # p = 2^z2 / sum 2^z2: normaliser lse_t2 = max + log2 sum, cross = ln 2 (A / sum - lse_t2), P = 1
+        target_lse2 = target_lse2 + mass.log2()
+        cross = math.log(2.0) * (cross / mass - target_lse2)
+        mass = torch.ones_like(mass)
+    return (cross + mass * lse2 * math.log(2.0)).sum() / (batch * n), lse2, mass, target_lse2
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        y, target, row_scale_arg, lse2, mass, target_lse2 = ctx.saved_tensors
-        batch, n, dim = y.shape
-        # d loss / d S, times the scale of S (dS / dY = (. + .^T) Y / sqrt(D)), times the incoming gradient.
-        grad_scaled = (grad_loss.float() / (batch * n * math.sqrt(dim))).reshape(())
-        grad_logits = torch.empty(batch, n, n, device=y.device, dtype=y.dtype)
-        config = pick_config("bwd", n, dim, dot_operands(y.dtype))
-        block = config["BLOCK_I"]
-        tail = tail_block(n, block)
-        for pairs, block_j, ragged in zip(tile_pairs(n, block, tail), (block, tail), (False, True)):
-            if pairs:
-                launch(_relation_kl_bwd_kernel, (len(pairs), batch), config, y, target, row_scale_arg, lse2, mass,
-                       target_lse2, torch.tensor(pairs, dtype=torch.int32, device=y.device), grad_scaled,
-                       grad_logits, n, ctx.logit_scale2, BLOCK_J=block_j, MASK_J=ragged, **ctx.constants)
-        return torch.bmm(grad_logits, y), None, None
+
+@relation_kl_forward.register_fake
+def _(y, target, row_scale):
+    rows = y.new_empty(y.shape[:2], dtype=torch.float32)
+    return y.new_empty((), dtype=torch.float32), rows, torch.empty_like(rows), torch.empty_like(rows)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::relation_kl_backward", mutates_args=())
+def relation_kl_backward(grad_loss: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
+                         row_scale: torch.Tensor | None, lse2: torch.Tensor, mass: torch.Tensor,
+                         target_lse2: torch.Tensor) -> torch.Tensor:
+    """d loss / d y."""
+    batch, n, dim = y.shape
+    quantized = row_scale is not None
+    # d loss / d S, times the scale of S (dS / dY = (. + .^T) Y / sqrt(D)), times the incoming gradient.
+    grad_scaled = (grad_loss.float() / (batch * n * math.sqrt(dim))).reshape(())
+    grad_logits = torch.empty(batch, n, n, device=y.device, dtype=y.dtype)
+    config = pick_config("bwd", n, dim, dot_operands(y.dtype))
+    block = config["BLOCK_I"]
+    tail = tail_block(n, block)
+    for pairs, block_j, ragged in zip(tile_pairs(n, block, tail), (block, tail), (False, True)):
+        if pairs:
+            launch(_relation_kl_bwd_kernel, (len(pairs), batch), config, y, target,
+                   row_scale if quantized else target, lse2, mass, target_lse2,
+                   torch.tensor(pairs, dtype=torch.int32, device=y.device), grad_scaled, grad_logits, n,
+                   _LOG2E / math.sqrt(dim), BLOCK_J=block_j, MASK_J=ragged, **_constants(y.dtype, dim, quantized))
+    return torch.bmm(grad_logits, y)
+
+
+@relation_kl_backward.register_fake
+def _(grad_loss, y, target, row_scale, lse2, mass, target_lse2):
+    return torch.empty_like(y)
+
+
+def _relation_kl_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output[1:])
+
+
+def _relation_kl_grad(ctx, grad_loss, *_):
+    return relation_kl_backward(grad_loss, *ctx.saved_tensors), None, None
+
+
+relation_kl_forward.register_autograd(_relation_kl_grad, setup_context=_relation_kl_setup)
 
 
 def relation_kl(y: torch.Tensor, target: torch.Tensor,
@@ -302,4 +327,4 @@ def relation_kl(y: torch.Tensor, target: torch.Tensor,
         check_dtype(OP, "target_row_scale", target_row_scale, (torch.float32, torch.float16, torch.bfloat16))
         target_row_scale = target_row_scale.contiguous()
     with torch.autocast(y.device.type, enabled=False):
-        return RelationKLFunction.apply(y.contiguous(), target.contiguous(), target_row_scale)
+        return relation_kl_forward(y.contiguous(), target.contiguous(), target_row_scale)[0]
