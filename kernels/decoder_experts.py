@@ -24,8 +24,9 @@ Backward, with dW = dL/dW_b + 2 weight / B * dloss * W_b:
 Pass 1 cannot be folded into pass 2: every du_e needs A_e, a sum over all M columns of a product with dW,
 which exists only in backward. Pass 2 gives each program a column tile and every row block, so its column
 sums are reduced across rows once. du exists only one column chunk at a time (at most
-`_DU_CHUNK_ELEMENTS` values) and is consumed by two cuBLAS GEMMs (dq += du W_chunk,
-dW_expert[chunk] = du^T q) before the next chunk is made.
+`_DU_CHUNK_ELEMENTS` values) and is consumed by two cuBLAS GEMMs (dq += du W_chunk, split along the chunk's
+columns so that its few output tiles fill the GPU (`k_splits`); dW_expert[chunk] = du^T q) before the next
+chunk is made.
 
 GELU is the exact (erf) one, evaluated once per element per pass, GELU and GELU' from one evaluation of
 the normal tail (see `_normal_tail`).
@@ -48,14 +49,14 @@ from kernels._common import (INTERPRETED, NAMESPACE, KernelConfig, check_capabil
 
 OP = "fused expert path"
 
-# Expert GEMM passes: rows are samples (one tl.dot per pattern query, the three sharing the program's W
-# columns; P = 3 rows per sample would not make a power-of-two tile), columns the D * D_o output features
-# in tiles of _BLOCK_M (fixed: per-tile partial statistics are indexed by it), K the query width (D is a
-# constexpr: the K loop unrolls). Configs are pinned per (kernel, D, M, dot operands) from the sm_90
-# compile facts (`make check-sm90`; README "Kernel configurations on sm_90"), never tuned at run time: the
-# same shapes run the same code (and summation order) on every rank and resume. Rule for shapes off the
-# table: the default of the operand kind. Tensor-core tiles keep 64 rows (one wgmma M per warpgroup) and 8
-# warps; the du pass takes 64 columns (its column sums and dW tile stay in registers).
+# Expert GEMM passes: rows are samples (one tl.dot and one accumulator per pattern query, each K step's W tile
+# loaded once for the three; P = 3 rows per sample would not make a power-of-two tile), columns the D * D_o
+# output features in tiles of _BLOCK_M (fixed: per-tile partial statistics are indexed by it), K the query
+# width (D is a constexpr: no bounds checks when BLOCK_K divides it). Configs are pinned per (kernel, D, M,
+# dot operands) from the sm_90 compile facts (`make check-sm90`; README "Kernel configurations on sm_90"),
+# never tuned at run time: the same shapes run the same code (and summation order) on every rank and resume.
+# Rule for shapes off the table: the default of the operand kind. Tensor-core tiles keep 64 rows (one wgmma M
+# per warpgroup) and 8 warps; the du pass takes 64 columns (its column sums and dW tile stay in registers).
 _BLOCK_M = 128
 _BF16_PASS = KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64)
 DEFAULT_CONFIGS = {
@@ -115,28 +116,37 @@ def _gelu_and_grad(u, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, M, P: tl.constexpr, D: tl.constexpr,
-                          BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                          EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """u = q[b, e] . W[m] + bias[m] for a tile of samples x output features, fp32. D is a constexpr, so the K
-    loop unrolls and its bounds checks vanish when BLOCK_K divides D."""
-    acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    q_rows = (offs_b * P + e) * D
+def _expert_preactivations(q_ptr, w_ptr, bias, offs_b, offs_m, B, M, P: tl.constexpr, D: tl.constexpr,
+                           BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                           EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """(u_0, ..., u_{P-1}), u_e = q[b, e] . W[m] + bias[m], for a tile of samples x output features, fp32.
+    One accumulator per pattern: each K step loads the W tile once and feeds it to the P dots, so a program
+    reads its W columns once, not once per pattern. D is a constexpr: the K loop's bounds checks vanish when
+    BLOCK_K divides D."""
+    accs = ()
+    for e in tl.static_range(P):
+        accs = accs + (tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32),)
     w_rows = offs_m * D
     row_ok = (offs_b < B)[:, None]
     col_ok = (offs_m < M)[None, :]
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        q_mask = row_ok & (offs_k < D)[None, :] if D % BLOCK_K else row_ok
-        q = tl.load(q_ptr + q_rows[:, None] + offs_k[None, :], mask=q_mask, other=0.0)
         w_at = w_ptr + w_rows[None, :] + offs_k[:, None]
         if EVEN_M and D % BLOCK_K == 0:
             w = tl.load(w_at)
         else:
             w_mask = col_ok if D % BLOCK_K == 0 else (offs_k < D)[:, None] & col_ok
             w = tl.load(w_at, mask=w_mask, other=0.0)
-        acc = mma(q, w, acc, DOT_PRECISION, INTERPRETED)
-    return acc + bias[None, :]
+        q_mask = row_ok & (offs_k < D)[None, :] if D % BLOCK_K else row_ok
+        stepped = ()
+        for e in tl.static_range(P):
+            q = tl.load(q_ptr + ((offs_b * P + e) * D)[:, None] + offs_k[None, :], mask=q_mask, other=0.0)
+            stepped = stepped + (mma(q, w, accs[e], DOT_PRECISION, INTERPRETED),)
+        accs = stepped
+    preactivations = ()
+    for e in tl.static_range(P):
+        preactivations = preactivations + (accs[e] + bias[None, :],)
+    return preactivations
 
 
 @triton.jit
@@ -169,10 +179,10 @@ def _expert_stats_kernel(q_ptr, w_ptr, bias_ptr, tile_mean_ptr, tile_m2_ptr, B, 
     col_ok = (offs_m < M)[None, :]
     count = BLOCK_M if EVEN_M else tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
     bias = _columns(bias_ptr, offs_m, M, EVEN_M)
-    for e in range(P):
-        u = _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K,
-                                  EVEN_M, DOT_PRECISION, INTERPRETED)
-        g = _gelu(u, INTERPRETED)
+    u = _expert_preactivations(q_ptr, w_ptr, bias, offs_b, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K, EVEN_M,
+                               DOT_PRECISION, INTERPRETED)
+    for e in tl.static_range(P):
+        g = _gelu(u[e], INTERPRETED)
         if not EVEN_M:
             g = tl.where(col_ok, g, 0.0)
         tile_mean = tl.sum(g, axis=1) / count
@@ -200,11 +210,11 @@ def _expert_mix_kernel(q_ptr, w_ptr, bias_ptr, alpha_ptr, offset_ptr, c_sum_ptr,
     row_ok = offs_b < B
     bias = _columns(bias_ptr, offs_m, M, EVEN_M)
     acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    for e in range(P):
-        u = _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K,
-                                  EVEN_M, DOT_PRECISION, INTERPRETED)
+    u = _expert_preactivations(q_ptr, w_ptr, bias, offs_b, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K, EVEN_M,
+                               DOT_PRECISION, INTERPRETED)
+    for e in tl.static_range(P):
         alpha = _row_value(alpha_ptr, offs_b * P + e, row_ok)
-        acc += alpha[:, None] * _gelu(u, INTERPRETED)
+        acc += alpha[:, None] * _gelu(u[e], INTERPRETED)
     gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)
     beta = _columns(beta_ptr, offs_m, M, EVEN_M)
     offset = _row_value(offset_ptr, offs_b, row_ok)
@@ -249,10 +259,10 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_
     slot = offs_b * (P + 2) * n_tiles + pid_m
     tl.store(partial_ptr + slot + P * n_tiles, tl.sum(d_gamma_scaled, axis=1), mask=row_ok)
     tl.store(partial_ptr + slot + (P + 1) * n_tiles, tl.sum(d_mixed * beta[None, :], axis=1), mask=row_ok)
-    for e in range(P):
-        u = _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K,
-                                  EVEN_M, DOT_PRECISION, INTERPRETED)
-        tl.store(partial_ptr + slot + e * n_tiles, tl.sum(d_gamma_scaled * _gelu(u, INTERPRETED), axis=1),
+    u = _expert_preactivations(q_ptr, w_ptr, bias, offs_b, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K, EVEN_M,
+                               DOT_PRECISION, INTERPRETED)
+    for e in tl.static_range(P):
+        tl.store(partial_ptr + slot + e * n_tiles, tl.sum(d_gamma_scaled * _gelu(u[e], INTERPRETED), axis=1),
                  mask=row_ok)
 
 
@@ -284,12 +294,12 @@ def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed_ptr, 
         base = d_mixed * gamma[None, :] - _row_value(row_shift_ptr, offs_b, row_ok)[:, None]
         mixed_hat = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)  # sum_e alpha_e g_e
         ok = row_ok[:, None] if EVEN_M else row_ok[:, None] & (offs_m < m_stop)[None, :]
-        for e in range(P):
-            u = _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, m_stop, P, D, BLOCK_B, BLOCK_M,
-                                      BLOCK_K, EVEN_M, DOT_PRECISION, INTERPRETED)
+        u = _expert_preactivations(q_ptr, w_ptr, bias, offs_b, offs_m, B, m_stop, P, D, BLOCK_B, BLOCK_M, BLOCK_K,
+                                   EVEN_M, DOT_PRECISION, INTERPRETED)
+        for e in tl.static_range(P):
             rows = offs_b * P + e
             alpha = _row_value(alpha_ptr, rows, row_ok)  # 0 past B: du, and every sum below, is 0 there
-            g, slope = _gelu_and_grad(u, INTERPRETED)
+            g, slope = _gelu_and_grad(u[e], INTERPRETED)
             dg = alpha[:, None] * base + _row_value(du_const_ptr, rows, row_ok)[:, None] \
                 + _row_value(du_slope_ptr, rows, row_ok)[:, None] * g
             du = dg * slope
@@ -465,6 +475,27 @@ def du_chunk_columns(batch: int, patterns: int, features: int) -> int:
     return min(features, max(_BLOCK_M, _DU_CHUNK_ELEMENTS // (batch * patterns) // _BLOCK_M * _BLOCK_M))
 
 
+def k_splits(rows: int, inner: int, columns: int, sm_count: int | None) -> int:
+    """Slices of the inner dimension of the [rows, inner] @ [inner, columns] product of a du chunk and the
+    weight (dq): cuBLAS gives it one CTA per 128 x 128 output tile, 12 at the recipes' [768, 192] against
+    132 SMs, so the inner dimension (the chunk's thousands of columns) is cut into enough slices (at least
+    _BLOCK_M wide, a divisor of it) for the tiles of all slices to fill the SMs (the interpreter: 4)."""
+    tiles = triton.cdiv(rows, 128) * triton.cdiv(columns, 128)
+    splits = max(1, min(triton.cdiv(sm_count or 4, tiles), inner // _BLOCK_M))
+    while inner % splits:
+        splits -= 1
+    return splits
+
+
+def _split_k_product(du: torch.Tensor, weight: torch.Tensor, sm_count: int | None) -> torch.Tensor:
+    """du @ weight in float32, as one batched GEMM over `k_splits` slices of the inner dimension, summed."""
+    splits = k_splits(du.shape[0], du.shape[1], weight.shape[1], sm_count)
+    if splits == 1:
+        return (du @ weight).float()
+    parts = torch.bmm(du.unflatten(1, (splits, -1)).transpose(0, 1), weight.unflatten(0, (splits, -1)))
+    return parts.float().sum(0)
+
+
 # GELU + LayerNorm row kernels: blocks of ROW_BLOCK rows, one row per warp up to D_o = 768 (24 values per
 # thread); wider rows take two warps each (D_o = 1024 on one warp holds 32 values per thread and its backward
 # reaches 255 registers, 8 warps per SM; on two, 128 registers and 16 warps per SM).
@@ -596,7 +627,7 @@ def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queri
                queries, weight_compute, bias, norm_weight, grad_mixed, mixed, loss_coef, *row_constants,
                du_chunk, d_gamma, d_beta, d_bias, batch, features, m_start, m_stop, du.stride(0),
                EVEN_M=even_columns(m_stop - m_start, config), **constants)
-        grad_queries += (du_chunk @ weight_compute[m_start:m_stop]).float()
+        grad_queries += _split_k_product(du_chunk, weight_compute[m_start:m_stop], multiprocessors(queries.device))
         grad_weight[m_start:m_stop] = du_chunk.t() @ q_rows
     return (grad_queries.view_as(queries).to(queries.dtype), grad_scores.to(scores.dtype), grad_weight,
             d_bias.to(bias.dtype), d_gamma.to(norm_weight.dtype), d_beta.to(norm_bias.dtype))
@@ -615,9 +646,13 @@ def _expert_mix_setup(ctx, inputs, output):
     ctx.save_for_backward(queries, scores, weight if weight.dtype == queries.dtype else rounded, bias, norm_weight,
                           norm_bias, mean, rstd, mixed)
     ctx.mix_divisor, ctx.loss_weight, ctx.weight_dtype = mix_divisor, loss_weight, weight.dtype
+    ctx.set_materialize_grads(False)  # no zero gradients made for the statistics (nothing differentiates them)
 
 
 def _expert_mix_grad(ctx, grad_mixed, grad_loss, *_):
+    queries, mixed = ctx.saved_tensors[0], ctx.saved_tensors[-1]
+    grad_mixed = torch.zeros_like(mixed) if grad_mixed is None else grad_mixed
+    grad_loss = queries.new_zeros((), dtype=torch.float32) if grad_loss is None else grad_loss
     grads = expert_mix_backward(grad_mixed, grad_loss, *ctx.saved_tensors, ctx.mix_divisor, ctx.loss_weight,
                                 ctx.weight_dtype)
     return (*grads, None, None, None)

@@ -8,9 +8,10 @@ p = softmax_j(q_ij * row scale_i)), P_i = sum_j p_ij and lse_i = logsumexp_j S_i
 Exponentials and logarithms run in base 2 on the special-function unit (S log2 e, one MUFU each).
 
 Forward: one program per (block of rows, sample), the row blocks of a sample adjacent in the grid (its Y
-stays in L2), sweeps the column blocks with an online logsumexp (flash-attention style); S tiles live only
-in registers. Columns go in full blocks, then what is left in one narrow tail block (N = 257: 4 x 64 + 16,
-where 5 x 64 spent a fifth of the work on padding). It writes cross_i = sum_j xlogy(p, p) - p S per row
+stays in L2), makes its logits against all columns at once, each K step loading its row tile once for every
+column block, then sweeps the column blocks with an online logsumexp (flash-attention style); S tiles live
+only in registers. Columns go in full blocks, then what is left in one narrow tail block (N = 257:
+4 x 64 + 16, where 5 x 64 spent a fifth of the work on padding). It writes cross_i = sum_j xlogy(p, p) - p S per row
 (the loss is sum_i cross_i + P_i lse_i, formed outside) and keeps lse, P and the int8 rows' normaliser
 [B, N] for backward. For int8 targets the normaliser is a second online logsumexp in the same sweep,
 over z = q * scale: with A = sum_j 2^(z - m) (z - s), cross_i = ln 2 (A / sum_j 2^(z - m) - lse_t) and
@@ -98,17 +99,47 @@ def _target_tile(t_ptr, row_scale2, target_lse2, rows, cols, N, MASK_J: tl.const
 
 
 @triton.jit
-def _kl_block(y_ptr, t_ptr, row_scale2, offs_i, j0, N, logit_scale2, state, D: tl.constexpr,
-              QUANTIZED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-              MASK_J: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """One column block of the forward's online pass, in base 2 (s2 = S log2 e). state per row: running max
-    and sum of 2^s2, then for float targets cross2 = sum p (log2 p - s2) and P = sum p; for int8 codes, with
-    z2 = q * row_scale2 (p = 2^z2 / sum_j 2^z2), a second online pass: A = sum 2^(z2 - m) (z2 - s2) and the
-    running max m and sum of 2^z2, so that no pre-pass over the row is needed for its normaliser."""
+def _row_logits(y_ptr, offs_i, N, D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                BLOCK_K: tl.constexpr, NUM_J: tl.constexpr, TAIL_J: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                INTERPRETED: tl.constexpr):
+    """Y_I Y^T for one sample's row block against all N columns, fp32: NUM_J full column blocks of BLOCK_J (a
+    tuple of tiles) and the tail block of TAIL_J (a [BLOCK_I, 16] tile of zeros when there is none). Each K
+    step loads the row tile once and multiplies it with every column block, so a program reads its rows once
+    whatever N is. Rows past N read as zeros."""
+    accs = ()
+    for j in tl.static_range(NUM_J):
+        accs = accs + (tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32),)
+    tail = tl.zeros((BLOCK_I, TAIL_J if TAIL_J else 16), dtype=tl.float32)
+    row_ok = (offs_i < N)[:, None]
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = (offs_k < D)[:, None]
+        a = tl.load(y_ptr + offs_i[:, None] * D + offs_k[None, :],
+                    mask=row_ok if D % BLOCK_K == 0 else row_ok & (offs_k < D)[None, :], other=0.0)
+        stepped = ()
+        for j in tl.static_range(NUM_J):
+            b_at = y_ptr + (j * BLOCK_J + tl.arange(0, BLOCK_J))[None, :] * D + offs_k[:, None]
+            b = tl.load(b_at) if D % BLOCK_K == 0 else tl.load(b_at, mask=k_ok, other=0.0)
+            stepped = stepped + (mma(a, b, accs[j], DOT_PRECISION, INTERPRETED),)
+        accs = stepped
+        if TAIL_J:
+            offs_t = NUM_J * BLOCK_J + tl.arange(0, TAIL_J)
+            t_ok = (offs_t < N)[None, :] if D % BLOCK_K == 0 else (offs_t < N)[None, :] & k_ok
+            tail = mma(a, tl.load(y_ptr + offs_t[None, :] * D + offs_k[:, None], mask=t_ok, other=0.0), tail,
+                       DOT_PRECISION, INTERPRETED)
+    return accs, tail
+
+
+@triton.jit
+def _kl_block(s2, t_ptr, row_scale2, offs_i, j0, N, state, QUANTIZED: tl.constexpr, BLOCK_J: tl.constexpr,
+              MASK_J: tl.constexpr, INTERPRETED: tl.constexpr):
+    """One column block of the forward's online pass, in base 2, given its logits s2 = S log2 e. state per
+    row: running max and sum of 2^s2, then for float targets cross2 = sum p (log2 p - s2) and P = sum p; for
+    int8 codes, with z2 = q * row_scale2 (p = 2^z2 / sum_j 2^z2), a second online pass: A = sum 2^(z2 - m)
+    (z2 - s2) and the running max m and sum of 2^z2, so that no pre-pass over the row is needed for its
+    normaliser."""
     running_max, running_sum, acc, mass, target_max, target_sum = state
     offs_j = j0 + tl.arange(0, BLOCK_J)
-    s2 = _logits(y_ptr, offs_i, offs_j, N, D, BLOCK_I, BLOCK_J, BLOCK_K, MASK_J, DOT_PRECISION, INTERPRETED) \
-        * logit_scale2
     col_ok = (offs_j < N)[None, :]
     in_row = tl.where(col_ok, s2, float("-inf")) if MASK_J else s2
     new_max = tl.maximum(running_max, tl.max(in_row, axis=1))
@@ -134,14 +165,14 @@ def _kl_block(y_ptr, t_ptr, row_scale2, offs_i, j0, N, logit_scale2, state, D: t
 @triton.jit
 def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, cross_ptr, lse2_ptr, mass_ptr, target_lse2_ptr, N,
                             logit_scale2, D: tl.constexpr, QUANTIZED: tl.constexpr, BLOCK_I: tl.constexpr,
-                            BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_J: tl.constexpr,
-                            DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+                            BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, NUM_J: tl.constexpr,
+                            TAIL_J: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """Per row: log2 of sum_j exp(S) (lse2); for float targets cross = sum_j p log p - p S and P; for int8
     codes the raw A, sum_j 2^z2 and max z2 of `_kl_block` in (cross, mass, target_lse2), finished by the
-    caller, as is KL_i = cross_i + P_i lse2_i ln 2. Columns run in full blocks of BLOCK_J, then the
-    N mod BLOCK_J left in one block of TAIL_J (N = 257: 2 x 128 + 16, not 3 x 128). (Each row sum leaves
-    the loop into exactly one use: Triton's thread-locality pass on sm_90 asserts when a reduction carried
-    through a loop has two uses after it; so the tail block goes first.)"""
+    caller, as is KL_i = cross_i + P_i lse2_i ln 2. The program's logits are made first, for all columns at
+    once (`_row_logits`: NUM_J = N // BLOCK_J full blocks, then the N mod BLOCK_J left in one block of TAIL_J;
+    N = 257: 4 x 64 + 16), so the registers hold BLOCK_I x N fp32 values: the recipes' N (257, 64) fit, a
+    much larger N would spill. The online pass then takes the tail block first, then the full ones."""
     offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     b = tl.program_id(1).to(tl.int64)
     y_ptr += b * N * D
@@ -153,13 +184,14 @@ def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, cross_ptr, lse2_ptr, ma
     zero = tl.zeros((BLOCK_I,), dtype=tl.float32)
     minus_inf = tl.full((BLOCK_I,), float("-inf"), dtype=tl.float32)
     state = (minus_inf, zero, zero, zero, minus_inf, zero)
-    full = N // BLOCK_J * BLOCK_J
+    logits, tail = _row_logits(y_ptr, offs_i, N, D, BLOCK_I, BLOCK_J, BLOCK_K, NUM_J, TAIL_J, DOT_PRECISION,
+                               INTERPRETED)
     if TAIL_J:
-        state = _kl_block(y_ptr, t_ptr, row_scale2, offs_i, full, N, logit_scale2, state, D, QUANTIZED, BLOCK_I,
-                          TAIL_J, BLOCK_K, True, DOT_PRECISION, INTERPRETED)
-    for j0 in range(0, full, BLOCK_J):
-        state = _kl_block(y_ptr, t_ptr, row_scale2, offs_i, j0, N, logit_scale2, state, D, QUANTIZED, BLOCK_I,
-                          BLOCK_J, BLOCK_K, False, DOT_PRECISION, INTERPRETED)
+        state = _kl_block(tail * logit_scale2, t_ptr, row_scale2, offs_i, NUM_J * BLOCK_J, N, state, QUANTIZED,
+                          TAIL_J, True, INTERPRETED)
+    for j in tl.static_range(NUM_J):
+        state = _kl_block(logits[j] * logit_scale2, t_ptr, row_scale2, offs_i, j * BLOCK_J, N, state, QUANTIZED,
+                          BLOCK_J, False, INTERPRETED)
     running_max, running_sum, acc, mass, target_max, target_sum = state
     out = b * N + offs_i
     tl.store(lse2_ptr + out, running_max + fast_log2(running_sum, INTERPRETED), mask=row_ok)
@@ -255,7 +287,8 @@ def relation_kl_forward(y: torch.Tensor, target: torch.Tensor, row_scale: torch.
     target_lse2 = (torch.empty if quantized else torch.zeros)(batch, n, **f32)  # float targets: unused, defined
     launch(_relation_kl_fwd_kernel, (triton.cdiv(n, config["BLOCK_I"]), batch), config,
            y, target, row_scale if quantized else target, cross, lse2, mass, target_lse2, n, _LOG2E / math.sqrt(dim),
-           TAIL_J=tail_block(n, config["BLOCK_J"]), **_constants(y.dtype, dim, quantized))
+           NUM_J=n // config["BLOCK_J"], TAIL_J=tail_block(n, config["BLOCK_J"]),
+           **_constants(y.dtype, dim, quantized))
     if quantized:  # p = 2^z2 / sum 2^z2: normaliser lse_t2 = max + log2 sum, cross = ln 2 (A / sum - lse_t2), P = 1
         target_lse2 = target_lse2 + mass.log2()
         cross = math.log(2.0) * (cross / mass - target_lse2)
@@ -298,6 +331,7 @@ def _(grad_loss, y, target, row_scale, lse2, mass, target_lse2):
 
 def _relation_kl_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs, *output[1:])
+    ctx.set_materialize_grads(False)  # no zero gradients made for the per-row values (nothing differentiates them)
 
 
 def _relation_kl_grad(ctx, grad_loss, *_):

@@ -89,7 +89,8 @@ def training_parser() -> argparse.ArgumentParser:
     group.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the student and the decoder (around the fused kernels where they run); "
-                            "default off: no faster on a 2-core CPU, GPU figure from `train_student bench --compile both` (README, Benchmarks)")
+                            "default off: no faster on a 2-core CPU, GPU figure from "
+                            "`train_student bench --compile both` (README, Benchmarks)")
     group.add_argument("--teacher-online", action="store_true",
                        help="baseline without a store: run the teacher on fresh views at every step "
                             "(needs --teacher-weights)")
