@@ -31,7 +31,8 @@ def test_model_prices_the_kernels_the_decoder_launches(shape):
 
 @pytest.mark.parametrize("target", ["fp16", "int8"])
 def test_model_prices_the_kernels_the_relation_op_launches(target):
-    listed = Counter((launch.kernel_name, launch.programs) for launch in relation_launches(256, 257, 768, "bf16", target))
+    listed = Counter((launch.kernel_name, launch.programs)
+                     for launch in relation_launches(256, 257, 768, "bf16", target))
     assert _triton_launches(cost_model.relation_launches(256, 257, 768, target, before=False)) == listed
 
 
