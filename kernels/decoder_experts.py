@@ -56,7 +56,8 @@ OP = "fused expert path"
 # dot operands) from the sm_90 compile facts (`make check-sm90`; README "Kernel configurations on sm_90"),
 # never tuned at run time: the same shapes run the same code (and summation order) on every rank and resume.
 # Rule for shapes off the table: the default of the operand kind. Tensor-core tiles keep 64 rows (one wgmma M
-# per warpgroup) and 8 warps; the du pass takes 64 columns (its column sums and dW tile stay in registers).
+# per warpgroup) and 8 warps; the du pass takes 64 columns (its column sums and dW tile stay in registers; with
+# fp32 operands and the three pattern accumulators it spills there, so tf32 takes 32 columns, IEEE fp32 32 rows).
 _BLOCK_M = 128
 _BF16_PASS = KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64)
 DEFAULT_CONFIGS = {
@@ -64,8 +65,8 @@ DEFAULT_CONFIGS = {
               "fp32": KernelConfig.of(8, 3, BLOCK_B=32, BLOCK_K=32)},
     "grad": {"bf16": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=64),
              "fp16": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=64),
-             "tf32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=32, BLOCK_M=64),
-             "fp32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=16, BLOCK_M=64)}}
+             "tf32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=32, BLOCK_M=32),
+             "fp32": KernelConfig.of(8, 3, BLOCK_B=32, BLOCK_K=16, BLOCK_M=64)}}
 DEFAULT_CONFIGS["mix"] = DEFAULT_CONFIGS["grad_stats"] = DEFAULT_CONFIGS["stats"]  # same GEMM, similar epilogues
 # The recipes' (D, D_o): ViT-Ti, ViT-B and the Swin students (192) or ViT-S (384), PATH-B (768) or
 # PATH-L / SOLIDER-B (1024) teachers. Every recipe shape has its operand kind's default today.

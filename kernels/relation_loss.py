@@ -41,12 +41,14 @@ OP = "fused relation KL"
 # facts (`make check-sm90`; README "Kernel configurations"), never tuned at run time. Backward's tiles are
 # square (BLOCK_I x BLOCK_I; the tail pairs BLOCK_I x tail_block), so its configs have no BLOCK_J. fp32
 # operands without TF32 (IEEE dots on FMA units) take K steps of 16. Shapes off the table take the default
-# of their operand kind; the choice never depends on timing.
+# of their operand kind; the choice never depends on timing. The forward holds a row block's logits against all
+# N columns in registers: with fp32 operands (tf32, IEEE) its 64 x 64 tiles spill at N = 257 with int8 targets,
+# so tf32 takes 32-column blocks, K steps of 16 and one stage, IEEE fp32 32-row blocks.
 DEFAULT_CONFIGS = {
     "fwd": {"bf16": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=64),
             "fp16": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=64),
-            "tf32": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=32),
-            "fp32": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=8)},
+            "tf32": KernelConfig.of(8, 1, BLOCK_I=64, BLOCK_J=32, BLOCK_K=16),
+            "fp32": KernelConfig.of(8, 3, BLOCK_I=32, BLOCK_J=64, BLOCK_K=8)},
     "bwd": {"bf16": KernelConfig.of(4, 3, BLOCK_I=64, BLOCK_K=64),
             "fp16": KernelConfig.of(4, 3, BLOCK_I=64, BLOCK_K=64),
             "tf32": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_K=32),
