@@ -29,18 +29,22 @@ def _axis_matrix_cpu(in_size: int, out_size: int, antialias: bool) -> torch.Tens
 
 
 @functools.lru_cache(maxsize=64)
-def _axis_matrix(in_size: int, out_size: int, antialias: bool, device: torch.device,
-                 dtype: torch.dtype) -> torch.Tensor:
-    return _axis_matrix_cpu(in_size, out_size, antialias).to(device, dtype)
+def _axis_matrix(in_size: int, out_size: int, antialias: bool, device: torch.device) -> torch.Tensor:
+    return _axis_matrix_cpu(in_size, out_size, antialias).to(device, torch.float32)
 
 
-@torch.compiler.disable
-def _axis_matrices(height: int, width: int, size: tuple[int, int], antialias: bool,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 row and column matrices, from the cache. Under torch.compile (`--compile`) this runs eagerly
-    (one graph break): traced, dynamo would bypass the cache and rebuild both, on the CPU, in every call."""
-    return (_axis_matrix(height, size[0], antialias, device, torch.float32),
-            _axis_matrix(width, size[1], antialias, device, torch.float32))
+@torch.library.custom_op("dpal::bicubic_axis_matrix", mutates_args=())
+def bicubic_axis_matrix(in_size: int, out_size: int, antialias: bool, device: torch.device) -> torch.Tensor:
+    """The float32 [out_size, in_size] matrix of one axis, a copy of the cached one. A custom op so that
+    torch.compile (`--compile`) keeps it whole, without a graph break: traced, dynamo would bypass the cache
+    and rebuild the matrix on the CPU in every call. (A copy: an op's output must not be shared with later
+    calls.)"""
+    return _axis_matrix(in_size, out_size, antialias, device).clone()
+
+
+@bicubic_axis_matrix.register_fake
+def _(in_size, out_size, antialias, device):
+    return torch.empty(out_size, in_size, device=device, dtype=torch.float32)
 
 
 def bicubic_resize(grid: torch.Tensor, size: tuple[int, int], *, antialias: bool) -> torch.Tensor:
@@ -50,7 +54,8 @@ def bicubic_resize(grid: torch.Tensor, size: tuple[int, int], *, antialias: bool
     whatever autocast says) and returned in grid's dtype.
     """
     height, width = grid.shape[1:3]
-    rows, cols = _axis_matrices(height, width, tuple(size), antialias, grid.device)
+    rows = bicubic_axis_matrix(height, size[0], antialias, grid.device)
+    cols = bicubic_axis_matrix(width, size[1], antialias, grid.device)
     # Autocast would round the GEMMs' operands to bf16; it exists on CUDA and CPU only (not on meta).
     no_autocast = torch.autocast(grid.device.type, enabled=False) if grid.device.type in ("cuda", "cpu") \
         else contextlib.nullcontext()

@@ -19,6 +19,10 @@ INTERPRETED = interpreter_selected()
 
 # The GPU the kernels' pinned configurations are compiled and checked for (`make check-sm90`).
 SUPPORTED_CAPABILITY = (9, 0)
+# The torch.library namespace of the fused ops (`torch.ops.dpal_fused.*`): each op's forward and backward are
+# custom ops with fake (shape-only) implementations and autograd registered, so torch.compile traces the model
+# around them without a graph break and calls them as they are.
+NAMESPACE = "dpal_fused"
 # Tensor-core inputs the kernels accept; float64 has no tensor-core path (use the dpal reference).
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -39,12 +43,17 @@ def check_device(op: str, **tensors: torch.Tensor) -> torch.device:
                    "compiled, so it runs on CUDA tensors (CPU tensors need TRITON_INTERPRET=1)")
         raise ValueError(f"{op}: tensors are on {first}, but the fused op is {runs_on}; choose with "
                          "kernels.select_interpreter() before triton is imported, or run the dpal reference")
-    if first.type == "cuda" and torch.cuda.get_device_capability(first) != SUPPORTED_CAPABILITY:
-        major, minor = torch.cuda.get_device_capability(first)
-        raise ValueError(f"{op}: {first} is {torch.cuda.get_device_name(first)} (sm_{major}{minor}); the kernels' "
+    return first
+
+
+def check_capability(op: str, device: torch.device) -> None:
+    """A CUDA device is one the pinned configurations are for. Called inside the custom ops, where it runs
+    eagerly even under torch.compile (which cannot trace a device query)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) != SUPPORTED_CAPABILITY:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"{op}: {device} is {torch.cuda.get_device_name(device)} (sm_{major}{minor}); the kernels' "
                          f"configurations are pinned and checked for sm_90 (H100, H200) only: run the reference "
                          f"there (--reference-path, or DPAL_FORCE_REFERENCE=1)")
-    return first
 
 
 def check_dtype(op: str, name: str, tensor: torch.Tensor, allowed=COMPUTE_DTYPES) -> None:

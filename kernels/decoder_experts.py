@@ -24,8 +24,9 @@ Backward, with dW = dL/dW_b + 2 weight / B * dloss * W_b:
 Pass 1 cannot be folded into pass 2: every du_e needs A_e, a sum over all M columns of a product with dW,
 which exists only in backward. Pass 2 gives each program a column tile and every row block, so its column
 sums are reduced across rows once. du exists only one column chunk at a time (at most
-`_DU_CHUNK_ELEMENTS` values) and is consumed by two cuBLAS GEMMs (dq += du W_chunk,
-dW_expert[chunk] = du^T q) before the next chunk is made.
+`_DU_CHUNK_ELEMENTS` values) and is consumed by two cuBLAS GEMMs (dq += du W_chunk, split along the chunk's
+columns so that its few output tiles fill the GPU (`k_splits`); dW_expert[chunk] = du^T q) before the next
+chunk is made.
 
 GELU is the exact (erf) one, evaluated once per element per pass, GELU and GELU' from one evaluation of
 the normal tail (see `_normal_tail`).
@@ -42,20 +43,21 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (INTERPRETED, KernelConfig, check_device, check_dtype, check_shape, dot_operands,
-                             dot_precision, fast_exp2, fast_rcp, launch, mma, multiprocessors,
-                             num_programs_for_rows)
+from kernels._common import (INTERPRETED, NAMESPACE, KernelConfig, check_capability, check_device, check_dtype,
+                             check_shape, dot_operands, dot_precision, fast_exp2, fast_rcp, launch, mma,
+                             multiprocessors, num_programs_for_rows)
 
 OP = "fused expert path"
 
-# Expert GEMM passes: rows are samples (one tl.dot per pattern query, the three sharing the program's W
-# columns; P = 3 rows per sample would not make a power-of-two tile), columns the D * D_o output features
-# in tiles of _BLOCK_M (fixed: per-tile partial statistics are indexed by it), K the query width (D is a
-# constexpr: the K loop unrolls). Configs are pinned per (kernel, D, M, dot operands) from the sm_90
-# compile facts (`make check-sm90`; README "Kernel configurations on sm_90"), never tuned at run time: the
-# same shapes run the same code (and summation order) on every rank and resume. Rule for shapes off the
-# table: the default of the operand kind. Tensor-core tiles keep 64 rows (one wgmma M per warpgroup) and 8
-# warps; the du pass takes 64 columns (its column sums and dW tile stay in registers).
+# Expert GEMM passes: rows are samples (one tl.dot and one accumulator per pattern query, each K step's W tile
+# loaded once for the three; P = 3 rows per sample would not make a power-of-two tile), columns the D * D_o
+# output features in tiles of _BLOCK_M (fixed: per-tile partial statistics are indexed by it), K the query
+# width (D is a constexpr: no bounds checks when BLOCK_K divides it). Configs are pinned per (kernel, D, M,
+# dot operands) from the sm_90 compile facts (`make check-sm90`; README "Kernel configurations on sm_90"),
+# never tuned at run time: the same shapes run the same code (and summation order) on every rank and resume.
+# Rule for shapes off the table: the default of the operand kind. Tensor-core tiles keep 64 rows (one wgmma M
+# per warpgroup) and 8 warps; the du pass takes 64 columns (its column sums and dW tile stay in registers; with
+# fp32 operands and the three pattern accumulators it spills there, so tf32 takes 32 columns, IEEE fp32 32 rows).
 _BLOCK_M = 128
 _BF16_PASS = KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64)
 DEFAULT_CONFIGS = {
@@ -63,14 +65,18 @@ DEFAULT_CONFIGS = {
               "fp32": KernelConfig.of(8, 3, BLOCK_B=32, BLOCK_K=32)},
     "grad": {"bf16": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=64),
              "fp16": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=64),
-             "tf32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=32, BLOCK_M=64),
-             "fp32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=16, BLOCK_M=64)}}
+             "tf32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=32, BLOCK_M=32),
+             "fp32": KernelConfig.of(8, 3, BLOCK_B=32, BLOCK_K=16, BLOCK_M=64)}}
 DEFAULT_CONFIGS["mix"] = DEFAULT_CONFIGS["grad_stats"] = DEFAULT_CONFIGS["stats"]  # same GEMM, similar epilogues
 # The recipes' (D, D_o): ViT-Ti, ViT-B and the Swin students (192) or ViT-S (384), PATH-B (768) or
-# PATH-L / SOLIDER-B (1024) teachers. Every recipe shape has its operand kind's default today.
+# PATH-L / SOLIDER-B (1024) teachers. Every recipe shape but one (below) has its operand kind's default.
 PINNED_CONFIGS = {(kernel, dim, dim * out_dim, kind): config
                   for kernel, by_kind in DEFAULT_CONFIGS.items() for kind, config in by_kind.items()
                   for dim, out_dim in ((192, 768), (192, 1024), (384, 768))}
+# At D = 384 the du pass's 64-column tile spills with 16-bit operands (the K steps of the three patterns'
+# dots unroll further); 32 columns keep it in registers.
+PINNED_CONFIGS.update({("grad", 384, 384 * 768, kind): KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=32)
+                       for kind in ("bf16", "fp16")})
 # Largest transient du chunk in backward (values): 2^24 bf16 = 32 MiB, a small fraction of what eager
 # keeps, while chunks stay wide enough (>= thousands of columns) for the cuBLAS GEMMs that consume them.
 _DU_CHUNK_ELEMENTS = 1 << 24
@@ -115,28 +121,37 @@ def _gelu_and_grad(u, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, M, P: tl.constexpr, D: tl.constexpr,
-                          BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                          EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """u = q[b, e] . W[m] + bias[m] for a tile of samples x output features, fp32. D is a constexpr, so the K
-    loop unrolls and its bounds checks vanish when BLOCK_K divides D."""
-    acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    q_rows = (offs_b * P + e) * D
+def _expert_preactivations(q_ptr, w_ptr, bias, offs_b, offs_m, B, M, P: tl.constexpr, D: tl.constexpr,
+                           BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                           EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """(u_0, ..., u_{P-1}), u_e = q[b, e] . W[m] + bias[m], for a tile of samples x output features, fp32.
+    One accumulator per pattern: each K step loads the W tile once and feeds it to the P dots, so a program
+    reads its W columns once, not once per pattern. D is a constexpr: the K loop's bounds checks vanish when
+    BLOCK_K divides D."""
+    accs = ()
+    for e in tl.static_range(P):
+        accs = accs + (tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32),)
     w_rows = offs_m * D
     row_ok = (offs_b < B)[:, None]
     col_ok = (offs_m < M)[None, :]
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        q_mask = row_ok & (offs_k < D)[None, :] if D % BLOCK_K else row_ok
-        q = tl.load(q_ptr + q_rows[:, None] + offs_k[None, :], mask=q_mask, other=0.0)
         w_at = w_ptr + w_rows[None, :] + offs_k[:, None]
         if EVEN_M and D % BLOCK_K == 0:
             w = tl.load(w_at)
         else:
             w_mask = col_ok if D % BLOCK_K == 0 else (offs_k < D)[:, None] & col_ok
             w = tl.load(w_at, mask=w_mask, other=0.0)
-        acc = mma(q, w, acc, DOT_PRECISION, INTERPRETED)
-    return acc + bias[None, :]
+        q_mask = row_ok & (offs_k < D)[None, :] if D % BLOCK_K else row_ok
+        stepped = ()
+        for e in tl.static_range(P):
+            q = tl.load(q_ptr + ((offs_b * P + e) * D)[:, None] + offs_k[None, :], mask=q_mask, other=0.0)
+            stepped = stepped + (mma(q, w, accs[e], DOT_PRECISION, INTERPRETED),)
+        accs = stepped
+    preactivations = ()
+    for e in tl.static_range(P):
+        preactivations = preactivations + (accs[e] + bias[None, :],)
+    return preactivations
 
 
 @triton.jit
@@ -169,10 +184,10 @@ def _expert_stats_kernel(q_ptr, w_ptr, bias_ptr, tile_mean_ptr, tile_m2_ptr, B, 
     col_ok = (offs_m < M)[None, :]
     count = BLOCK_M if EVEN_M else tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
     bias = _columns(bias_ptr, offs_m, M, EVEN_M)
-    for e in range(P):
-        u = _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K,
-                                  EVEN_M, DOT_PRECISION, INTERPRETED)
-        g = _gelu(u, INTERPRETED)
+    u = _expert_preactivations(q_ptr, w_ptr, bias, offs_b, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K, EVEN_M,
+                               DOT_PRECISION, INTERPRETED)
+    for e in tl.static_range(P):
+        g = _gelu(u[e], INTERPRETED)
         if not EVEN_M:
             g = tl.where(col_ok, g, 0.0)
         tile_mean = tl.sum(g, axis=1) / count
@@ -200,11 +215,11 @@ def _expert_mix_kernel(q_ptr, w_ptr, bias_ptr, alpha_ptr, offset_ptr, c_sum_ptr,
     row_ok = offs_b < B
     bias = _columns(bias_ptr, offs_m, M, EVEN_M)
     acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    for e in range(P):
-        u = _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K,
-                                  EVEN_M, DOT_PRECISION, INTERPRETED)
+    u = _expert_preactivations(q_ptr, w_ptr, bias, offs_b, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K, EVEN_M,
+                               DOT_PRECISION, INTERPRETED)
+    for e in tl.static_range(P):
         alpha = _row_value(alpha_ptr, offs_b * P + e, row_ok)
-        acc += alpha[:, None] * _gelu(u, INTERPRETED)
+        acc += alpha[:, None] * _gelu(u[e], INTERPRETED)
     gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)
     beta = _columns(beta_ptr, offs_m, M, EVEN_M)
     offset = _row_value(offset_ptr, offs_b, row_ok)
@@ -249,10 +264,10 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_
     slot = offs_b * (P + 2) * n_tiles + pid_m
     tl.store(partial_ptr + slot + P * n_tiles, tl.sum(d_gamma_scaled, axis=1), mask=row_ok)
     tl.store(partial_ptr + slot + (P + 1) * n_tiles, tl.sum(d_mixed * beta[None, :], axis=1), mask=row_ok)
-    for e in range(P):
-        u = _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K,
-                                  EVEN_M, DOT_PRECISION, INTERPRETED)
-        tl.store(partial_ptr + slot + e * n_tiles, tl.sum(d_gamma_scaled * _gelu(u, INTERPRETED), axis=1),
+    u = _expert_preactivations(q_ptr, w_ptr, bias, offs_b, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K, EVEN_M,
+                               DOT_PRECISION, INTERPRETED)
+    for e in tl.static_range(P):
+        tl.store(partial_ptr + slot + e * n_tiles, tl.sum(d_gamma_scaled * _gelu(u[e], INTERPRETED), axis=1),
                  mask=row_ok)
 
 
@@ -284,12 +299,12 @@ def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed_ptr, 
         base = d_mixed * gamma[None, :] - _row_value(row_shift_ptr, offs_b, row_ok)[:, None]
         mixed_hat = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)  # sum_e alpha_e g_e
         ok = row_ok[:, None] if EVEN_M else row_ok[:, None] & (offs_m < m_stop)[None, :]
-        for e in range(P):
-            u = _expert_preactivation(q_ptr, w_ptr, bias, offs_b, e, offs_m, B, m_stop, P, D, BLOCK_B, BLOCK_M,
-                                      BLOCK_K, EVEN_M, DOT_PRECISION, INTERPRETED)
+        u = _expert_preactivations(q_ptr, w_ptr, bias, offs_b, offs_m, B, m_stop, P, D, BLOCK_B, BLOCK_M, BLOCK_K,
+                                   EVEN_M, DOT_PRECISION, INTERPRETED)
+        for e in tl.static_range(P):
             rows = offs_b * P + e
             alpha = _row_value(alpha_ptr, rows, row_ok)  # 0 past B: du, and every sum below, is 0 there
-            g, slope = _gelu_and_grad(u, INTERPRETED)
+            g, slope = _gelu_and_grad(u[e], INTERPRETED)
             dg = alpha[:, None] * base + _row_value(du_const_ptr, rows, row_ok)[:, None] \
                 + _row_value(du_slope_ptr, rows, row_ok)[:, None] * g
             du = dg * slope
@@ -465,6 +480,27 @@ def du_chunk_columns(batch: int, patterns: int, features: int) -> int:
     return min(features, max(_BLOCK_M, _DU_CHUNK_ELEMENTS // (batch * patterns) // _BLOCK_M * _BLOCK_M))
 
 
+def k_splits(rows: int, inner: int, columns: int, sm_count: int | None) -> int:
+    """Slices of the inner dimension of the [rows, inner] @ [inner, columns] product of a du chunk and the
+    weight (dq): cuBLAS gives it one CTA per 128 x 128 output tile, 12 at the recipes' [768, 192] against
+    132 SMs, so the inner dimension (the chunk's thousands of columns) is cut into enough slices (at least
+    _BLOCK_M wide, a divisor of it) for the tiles of all slices to fill the SMs (the interpreter: 4)."""
+    tiles = triton.cdiv(rows, 128) * triton.cdiv(columns, 128)
+    splits = max(1, min(triton.cdiv(sm_count or 4, tiles), inner // _BLOCK_M))
+    while inner % splits:
+        splits -= 1
+    return splits
+
+
+def _split_k_product(du: torch.Tensor, weight: torch.Tensor, sm_count: int | None) -> torch.Tensor:
+    """du @ weight in float32, as one batched GEMM over `k_splits` slices of the inner dimension, summed."""
+    splits = k_splits(du.shape[0], du.shape[1], weight.shape[1], sm_count)
+    if splits == 1:
+        return (du @ weight).float()
+    parts = torch.bmm(du.unflatten(1, (splits, -1)).transpose(0, 1), weight.unflatten(0, (splits, -1)))
+    return parts.float().sum(0)
+
+
 # GELU + LayerNorm row kernels: blocks of ROW_BLOCK rows, one row per warp up to D_o = 768 (24 values per
 # thread); wider rows take two warps each (D_o = 1024 on one warp holds 32 values per thread and its backward
 # reaches 255 registers, 8 warps per SM; on two, 128 registers and 16 warps per SM).
@@ -490,133 +526,201 @@ def row_programs(rows: int, sm_count: int | None) -> tuple[int, int]:
     return triton.cdiv(blocks, per_program), per_program
 
 
-class ExpertMixFunction(torch.autograd.Function):
-    """(queries, scores, expert Linear, LN_E) -> (W_b [B, D*D_o], experts_loss); see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, queries, scores, weight, bias, norm_weight, norm_bias, mix_divisor, loss_weight, eps):
-        # A float32 expert weight (the parameter, under autocast) is rounded to the compute dtype once here and
-        # the copy is kept for backward: one cast per call instead of one per pass. (Rounding tile by tile inside
-        # the kernels instead doubles the W tile's registers.)
-        weight_compute = weight.to(queries.dtype)
-        batch, patterns, dim = queries.shape
-        features = weight.shape[0]
-        n_tiles = triton.cdiv(features, _BLOCK_M)
-        f32 = dict(device=queries.device, dtype=torch.float32)
-        constants = dict(P=patterns, D=dim, DOT_PRECISION=dot_precision(queries.dtype), INTERPRETED=INTERPRETED)
-        kind = dot_operands(queries.dtype)
-        stats_config, mix_config = (pick_config(k, dim, features, kind) for k in ("stats", "mix"))
-
-        tile_mean = torch.empty(batch, patterns, n_tiles, **f32)
-        tile_m2 = torch.empty(batch, patterns, n_tiles, **f32)
-        launch(_expert_stats_kernel, _expert_grid(batch, features, stats_config), stats_config,
-               queries, weight_compute, bias, tile_mean, tile_m2, batch, features, n_tiles,
-               EVEN_M=even_columns(features, stats_config), **constants)
-        # Chan's merge of the per-tile (count, mean, M2) in float64: exact enough for any D*D_o.
-        counts = torch.full((n_tiles,), _BLOCK_M, device=queries.device, dtype=torch.float64)
-        counts[-1] = features - _BLOCK_M * (n_tiles - 1)
-        tile_mean, tile_m2 = tile_mean.double(), tile_m2.double()
-        mean = (tile_mean * counts).sum(-1) / features
-        m2 = tile_m2.sum(-1) + ((tile_mean - mean[..., None]).square() * counts).sum(-1)
-        rstd = torch.rsqrt(m2 / features + eps).float()
-        mean = mean.float()
-
-        c = scores.float() / mix_divisor
-        alpha = c * rstd
-        mixed = torch.empty(batch, features, device=queries.device, dtype=queries.dtype)
-        sq_partial = torch.empty(batch, n_tiles, **f32)
-        launch(_expert_mix_kernel, _expert_grid(batch, features, mix_config), mix_config,
-               queries, weight_compute, bias, alpha, (alpha * mean).sum(-1), c.sum(-1), norm_weight, norm_bias,
-               mixed, sq_partial, batch, features, n_tiles, EVEN_M=even_columns(features, mix_config), **constants)
-        experts_loss = loss_weight * sq_partial.sum() / batch
-
-        ctx.save_for_backward(queries, scores, weight_compute, bias, norm_weight, norm_bias, mean, rstd, mixed)
-        ctx.mix_divisor, ctx.loss_weight, ctx.constants = mix_divisor, loss_weight, constants
-        ctx.weight_dtype = weight.dtype
-        return mixed, experts_loss  # float32, whatever the compute dtype: it is one number
-
-    @staticmethod
-    def backward(ctx, grad_mixed, grad_loss):
-        queries, scores, weight_compute, bias, norm_weight, norm_bias, mean, rstd, mixed = ctx.saved_tensors
-        constants = ctx.constants
-        batch, patterns, dim = queries.shape
-        features = weight_compute.shape[0]
-        n_tiles = triton.cdiv(features, _BLOCK_M)
-        f32 = dict(device=queries.device, dtype=torch.float32)
-        grad_mixed = torch.zeros_like(mixed) if grad_mixed is None else grad_mixed.contiguous()
-        grad_loss = torch.zeros((), **f32) if grad_loss is None else grad_loss.float()
-        loss_coef = (2.0 * ctx.loss_weight / batch) * grad_loss.reshape(())
-
-        partial = torch.empty(batch, patterns + 2, n_tiles, **f32)
-        kind = dot_operands(queries.dtype)
-        config = pick_config("grad_stats", dim, features, kind)
-        launch(_expert_grad_stats_kernel, _expert_grid(batch, features, config), config,
-               queries, weight_compute, bias, norm_weight, norm_bias, grad_mixed, mixed, loss_coef, partial,
-               batch, features, n_tiles, EVEN_M=even_columns(features, config), **constants)
-        sums = partial.double().sum(-1)
-        gamma_sums, beta_sums = sums[:, patterns], sums[:, patterns + 1]
-        # A_e = sum_m dW gamma xhat_e = r_e (sum dW gamma g_e - mu_e sum dW gamma)
-        a_sums = (rstd * (sums[:, :patterns] - mean * gamma_sums[:, None])).float()
-        grad_scores = (a_sums + beta_sums[:, None].float()) / ctx.mix_divisor
-        # Per-(b, e) constants of du_e = GELU'(u) (alpha_e base + du_const_e + du_slope_e g_e); see the kernel.
-        c = scores.float() / ctx.mix_divisor
-        alpha = c * rstd
-        a_rstd = a_sums / features * rstd
-        row_constants = ((gamma_sums / features).float(), alpha, alpha * a_rstd * mean, -alpha * a_rstd,
-                         (alpha * mean).sum(-1), c.sum(-1))
-
-        config = pick_config("grad", dim, features, kind)
-        d_gamma, d_beta, d_bias = (torch.empty(features, **f32) for _ in range(3))
-        grad_queries = torch.zeros(batch * patterns, dim, **f32)
-        grad_weight = torch.empty(features, dim, device=queries.device, dtype=ctx.weight_dtype)
-        q_rows = queries.view(batch * patterns, dim)
-        chunk = du_chunk_columns(batch, patterns, features)
-        du = torch.empty(batch * patterns, chunk, device=queries.device, dtype=queries.dtype)
-        for m_start in range(0, features, chunk):
-            m_stop = min(m_start + chunk, features)
-            du_chunk = du[:, :m_stop - m_start]
-            launch(_expert_grad_kernel, (triton.cdiv(m_stop - m_start, config["BLOCK_M"]),), config,
-                   queries, weight_compute, bias, norm_weight, grad_mixed, mixed, loss_coef, *row_constants,
-                   du_chunk, d_gamma, d_beta, d_bias, batch, features, m_start, m_stop, du.stride(0),
-                   EVEN_M=even_columns(m_stop - m_start, config), **constants)
-            grad_queries += (du_chunk @ weight_compute[m_start:m_stop]).float()
-            grad_weight[m_start:m_stop] = du_chunk.t() @ q_rows
-        return (grad_queries.view_as(queries).to(queries.dtype), grad_scores.to(scores.dtype), grad_weight,
-                d_bias.to(bias.dtype), d_gamma.to(norm_weight.dtype), d_beta.to(norm_bias.dtype), None, None, None)
+def _compute_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What `expert_mix` returns as its rounded weight: the weight in the compute dtype when it has another
+    dtype (float32 under autocast), else nothing (an empty tensor: the op cannot return an alias of its input)."""
+    return weight.new_empty((0,) if weight.dtype == dtype else weight.shape, dtype=dtype)
 
 
-class OutputProjectionFunction(torch.autograd.Function):
-    """y = LayerNorm(GELU(h @ W_b)) with h [B, L, D], W_b [B, D, D_o]; saves only h and W_b.
+@torch.library.custom_op(f"{NAMESPACE}::expert_mix", mutates_args=())
+def expert_mix(queries: torch.Tensor, scores: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               norm_weight: torch.Tensor, norm_bias: torch.Tensor, mix_divisor: float, loss_weight: float,
+               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(queries, scores, expert Linear, LN_E) -> (W_b [B, D*D_o], experts_loss, mean [B, P], rstd [B, P],
+    rounded weight); see the module docstring. The last three are what backward needs beyond the inputs."""
+    check_capability(OP, queries.device)
+    # A float32 expert weight (the parameter, under autocast) is rounded to the compute dtype once here and
+    # the copy is kept for backward: one cast per call instead of one per pass. (Rounding tile by tile inside
+    # the kernels instead doubles the W tile's registers.)
+    rounded = _compute_weight(weight, queries.dtype)
+    weight_compute = weight if weight.dtype == queries.dtype else rounded.copy_(weight)
+    batch, patterns, dim = queries.shape
+    features = weight.shape[0]
+    n_tiles = triton.cdiv(features, _BLOCK_M)
+    f32 = dict(device=queries.device, dtype=torch.float32)
+    constants = dict(P=patterns, D=dim, DOT_PRECISION=dot_precision(queries.dtype), INTERPRETED=INTERPRETED)
+    kind = dot_operands(queries.dtype)
+    stats_config, mix_config = (pick_config(k, dim, features, kind) for k in ("stats", "mix"))
 
-    Backward recomputes z = h @ W_b (one batched GEMM, cheaper than keeping [B, L, D_o] alive until
-    backward) and turns it into dz in place, so the output stage adds no activation memory of its own.
-    """
+    tile_mean = torch.empty(batch, patterns, n_tiles, **f32)
+    tile_m2 = torch.empty(batch, patterns, n_tiles, **f32)
+    launch(_expert_stats_kernel, _expert_grid(batch, features, stats_config), stats_config,
+           queries, weight_compute, bias, tile_mean, tile_m2, batch, features, n_tiles,
+           EVEN_M=even_columns(features, stats_config), **constants)
+    # Chan's merge of the per-tile (count, mean, M2) in float64: exact enough for any D*D_o.
+    counts = torch.full((n_tiles,), _BLOCK_M, device=queries.device, dtype=torch.float64)
+    counts[-1] = features - _BLOCK_M * (n_tiles - 1)
+    tile_mean, tile_m2 = tile_mean.double(), tile_m2.double()
+    mean = (tile_mean * counts).sum(-1) / features
+    m2 = tile_m2.sum(-1) + ((tile_mean - mean[..., None]).square() * counts).sum(-1)
+    rstd = torch.rsqrt(m2 / features + eps).float()
+    mean = mean.float()
 
-    @staticmethod
-    def forward(ctx, h, mixed, weight, bias, eps):
-        z = torch.bmm(h, mixed)
-        rows, width = z.numel() // z.shape[-1], z.shape[-1]
-        y = torch.empty_like(z)
-        launch(_gelu_layer_norm_fwd_kernel, (triton.cdiv(rows, ROW_BLOCK),), row_config(width),
-               z, y, weight, bias, rows, width, eps, INTERPRETED=INTERPRETED, **row_layout(width))
-        ctx.save_for_backward(h, mixed, weight)
-        ctx.eps = eps
-        return y
+    c = scores.float() / mix_divisor
+    alpha = c * rstd
+    mixed = torch.empty(batch, features, device=queries.device, dtype=queries.dtype)
+    sq_partial = torch.empty(batch, n_tiles, **f32)
+    launch(_expert_mix_kernel, _expert_grid(batch, features, mix_config), mix_config,
+           queries, weight_compute, bias, alpha, (alpha * mean).sum(-1), c.sum(-1), norm_weight, norm_bias,
+           mixed, sq_partial, batch, features, n_tiles, EVEN_M=even_columns(features, mix_config), **constants)
+    experts_loss = loss_weight * sq_partial.sum() / batch  # float32, whatever the compute dtype: one number
+    return mixed, experts_loss, mean, rstd, rounded
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        h, mixed, weight = ctx.saved_tensors
-        dz = torch.bmm(h, mixed)
-        rows, width = dz.numel() // dz.shape[-1], dz.shape[-1]
-        programs, blocks_per_program = row_programs(rows, multiprocessors(dz.device))
-        dw_partial = torch.empty(programs, width, device=dz.device, dtype=torch.float32)
-        db_partial = torch.empty_like(dw_partial)
-        launch(_gelu_layer_norm_bwd_kernel, (programs,), row_config(width), dz, grad_y.contiguous(), weight,
-               dw_partial, db_partial, rows, width, ctx.eps, blocks_per_program, INTERPRETED=INTERPRETED,
-               **row_layout(width))
-        grad_h = torch.bmm(dz, mixed.transpose(1, 2))
-        grad_mixed = torch.bmm(h.transpose(1, 2), dz)
-        return grad_h, grad_mixed, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype), None
+
+@expert_mix.register_fake
+def _(queries, scores, weight, bias, norm_weight, norm_bias, mix_divisor, loss_weight, eps):
+    batch, patterns, _ = queries.shape
+    stats = queries.new_empty(batch, patterns, dtype=torch.float32)
+    return (queries.new_empty(batch, weight.shape[0]), queries.new_empty((), dtype=torch.float32), stats,
+            torch.empty_like(stats), _compute_weight(weight, queries.dtype))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::expert_mix_backward", mutates_args=())
+def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queries: torch.Tensor,
+                        scores: torch.Tensor, weight_compute: torch.Tensor, bias: torch.Tensor,
+                        norm_weight: torch.Tensor, norm_bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                        mixed: torch.Tensor, mix_divisor: float, loss_weight: float, weight_dtype: torch.dtype,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `expert_mix`'s (W_b, experts_loss) with respect to its six tensor inputs."""
+    batch, patterns, dim = queries.shape
+    constants = dict(P=patterns, D=dim, DOT_PRECISION=dot_precision(queries.dtype), INTERPRETED=INTERPRETED)
+    features = weight_compute.shape[0]
+    n_tiles = triton.cdiv(features, _BLOCK_M)
+    f32 = dict(device=queries.device, dtype=torch.float32)
+    grad_mixed = grad_mixed.contiguous()
+    loss_coef = (2.0 * loss_weight / batch) * grad_loss.float().reshape(())
+
+    partial = torch.empty(batch, patterns + 2, n_tiles, **f32)
+    kind = dot_operands(queries.dtype)
+    config = pick_config("grad_stats", dim, features, kind)
+    launch(_expert_grad_stats_kernel, _expert_grid(batch, features, config), config,
+           queries, weight_compute, bias, norm_weight, norm_bias, grad_mixed, mixed, loss_coef, partial,
+           batch, features, n_tiles, EVEN_M=even_columns(features, config), **constants)
+    sums = partial.double().sum(-1)
+    gamma_sums, beta_sums = sums[:, patterns], sums[:, patterns + 1]
+    # A_e = sum_m dW gamma xhat_e = r_e (sum dW gamma g_e - mu_e sum dW gamma)
+    a_sums = (rstd * (sums[:, :patterns] - mean * gamma_sums[:, None])).float()
+    grad_scores = (a_sums + beta_sums[:, None].float()) / mix_divisor
+    # Per-(b, e) constants of du_e = GELU'(u) (alpha_e base + du_const_e + du_slope_e g_e); see the kernel.
+    c = scores.float() / mix_divisor
+    alpha = c * rstd
+    a_rstd = a_sums / features * rstd
+    row_constants = ((gamma_sums / features).float(), alpha, alpha * a_rstd * mean, -alpha * a_rstd,
+                     (alpha * mean).sum(-1), c.sum(-1))
+
+    config = pick_config("grad", dim, features, kind)
+    d_gamma, d_beta, d_bias = (torch.empty(features, **f32) for _ in range(3))
+    grad_queries = torch.zeros(batch * patterns, dim, **f32)
+    grad_weight = torch.empty(features, dim, device=queries.device, dtype=weight_dtype)
+    q_rows = queries.view(batch * patterns, dim)
+    chunk = du_chunk_columns(batch, patterns, features)
+    du = torch.empty(batch * patterns, chunk, device=queries.device, dtype=queries.dtype)
+    for m_start in range(0, features, chunk):
+        m_stop = min(m_start + chunk, features)
+        du_chunk = du[:, :m_stop - m_start]
+        launch(_expert_grad_kernel, (triton.cdiv(m_stop - m_start, config["BLOCK_M"]),), config,
+               queries, weight_compute, bias, norm_weight, grad_mixed, mixed, loss_coef, *row_constants,
+               du_chunk, d_gamma, d_beta, d_bias, batch, features, m_start, m_stop, du.stride(0),
+               EVEN_M=even_columns(m_stop - m_start, config), **constants)
+        grad_queries += _split_k_product(du_chunk, weight_compute[m_start:m_stop], multiprocessors(queries.device))
+        grad_weight[m_start:m_stop] = du_chunk.t() @ q_rows
+    return (grad_queries.view_as(queries).to(queries.dtype), grad_scores.to(scores.dtype), grad_weight,
+            d_bias.to(bias.dtype), d_gamma.to(norm_weight.dtype), d_beta.to(norm_bias.dtype))
+
+
+@expert_mix_backward.register_fake
+def _(grad_mixed, grad_loss, queries, scores, weight_compute, bias, norm_weight, norm_bias, mean, rstd, mixed,
+      mix_divisor, loss_weight, weight_dtype):
+    return (torch.empty_like(queries), torch.empty_like(scores), torch.empty_like(weight_compute, dtype=weight_dtype),
+            torch.empty_like(bias), torch.empty_like(norm_weight), torch.empty_like(norm_bias))
+
+
+def _expert_mix_setup(ctx, inputs, output):
+    queries, scores, weight, bias, norm_weight, norm_bias, mix_divisor, loss_weight, _ = inputs
+    mixed, _, mean, rstd, rounded = output
+    ctx.save_for_backward(queries, scores, weight if weight.dtype == queries.dtype else rounded, bias, norm_weight,
+                          norm_bias, mean, rstd, mixed)
+    ctx.mix_divisor, ctx.loss_weight, ctx.weight_dtype = mix_divisor, loss_weight, weight.dtype
+    ctx.set_materialize_grads(False)  # no zero gradients made for the statistics (nothing differentiates them)
+
+
+def _expert_mix_grad(ctx, grad_mixed, grad_loss, *_):
+    queries, mixed = ctx.saved_tensors[0], ctx.saved_tensors[-1]
+    grad_mixed = torch.zeros_like(mixed) if grad_mixed is None else grad_mixed
+    grad_loss = queries.new_zeros((), dtype=torch.float32) if grad_loss is None else grad_loss
+    grads = expert_mix_backward(grad_mixed, grad_loss, *ctx.saved_tensors, ctx.mix_divisor, ctx.loss_weight,
+                                ctx.weight_dtype)
+    return (*grads, None, None, None)
+
+
+expert_mix.register_autograd(_expert_mix_grad, setup_context=_expert_mix_setup)
+
+
+# The output stage: y = LayerNorm(GELU(h @ W_b)) with h [B, L, D], W_b [B, D, D_o]; backward saves only h and
+# W_b, recomputes z = h @ W_b (one batched GEMM, cheaper than keeping [B, L, D_o] alive until backward) and
+# turns it into dz in place, so the output stage adds no activation memory of its own.
+
+@torch.library.custom_op(f"{NAMESPACE}::output_projection", mutates_args=())
+def output_projection(h: torch.Tensor, mixed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """y = LN_o(GELU(h @ W_b)) * weight + bias."""
+    check_capability(OP, h.device)
+    z = torch.bmm(h, mixed)
+    rows, width = z.numel() // z.shape[-1], z.shape[-1]
+    y = torch.empty_like(z)
+    launch(_gelu_layer_norm_fwd_kernel, (triton.cdiv(rows, ROW_BLOCK),), row_config(width),
+           z, y, weight, bias, rows, width, eps, INTERPRETED=INTERPRETED, **row_layout(width))
+    return y
+
+
+@output_projection.register_fake
+def _(h, mixed, weight, bias, eps):
+    return h.new_empty(h.shape[0], h.shape[1], mixed.shape[2])
+
+
+@torch.library.custom_op(f"{NAMESPACE}::output_projection_backward", mutates_args=())
+def output_projection_backward(grad_y: torch.Tensor, h: torch.Tensor, mixed: torch.Tensor, weight: torch.Tensor,
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d h, d W_b, d weight, d bias) of `output_projection`."""
+    dz = torch.bmm(h, mixed)
+    rows, width = dz.numel() // dz.shape[-1], dz.shape[-1]
+    programs, blocks_per_program = row_programs(rows, multiprocessors(dz.device))
+    dw_partial = torch.empty(programs, width, device=dz.device, dtype=torch.float32)
+    db_partial = torch.empty_like(dw_partial)
+    launch(_gelu_layer_norm_bwd_kernel, (programs,), row_config(width), dz, grad_y.contiguous(), weight,
+           dw_partial, db_partial, rows, width, eps, blocks_per_program, INTERPRETED=INTERPRETED,
+           **row_layout(width))
+    grad_h = torch.bmm(dz, mixed.transpose(1, 2))
+    grad_mixed = torch.bmm(h.transpose(1, 2), dz)
+    return grad_h, grad_mixed, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
+
+
+@output_projection_backward.register_fake
+def _(grad_y, h, mixed, weight, eps):
+    return torch.empty_like(h), torch.empty_like(mixed), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _output_projection_setup(ctx, inputs, output):
+    h, mixed, weight, _, eps = inputs
+    ctx.save_for_backward(h, mixed, weight)
+    ctx.eps = eps
+
+
+def _output_projection_grad(ctx, grad_y):
+    return (*output_projection_backward(grad_y, *ctx.saved_tensors, ctx.eps), None)
+
+
+output_projection.register_autograd(_output_projection_grad, setup_context=_output_projection_setup)
 
 
 def row_config(width: int) -> KernelConfig:
@@ -676,10 +780,10 @@ def expert_path(queries: torch.Tensor, scores: torch.Tensor, h: torch.Tensor,
     batch, _, dim = queries.shape
     out_dim = out_norm_weight.shape[0]
     with torch.autocast(queries.device.type, enabled=False):
-        mixed, experts_loss = ExpertMixFunction.apply(
+        mixed, experts_loss, _, _, _ = expert_mix(
             queries.contiguous(), scores.contiguous(), expert_weight.contiguous(), expert_bias.contiguous(),
             expert_norm_weight.contiguous(), expert_norm_bias.contiguous(), float(mix_divisor),
             float(experts_loss_weight), float(eps))
-        y = OutputProjectionFunction.apply(h.contiguous(), mixed.view(batch, dim, out_dim),
-                                           out_norm_weight.contiguous(), out_norm_bias.contiguous(), float(eps))
+        y = output_projection(h.contiguous(), mixed.view(batch, dim, out_dim), out_norm_weight.contiguous(),
+                              out_norm_bias.contiguous(), float(eps))
     return y, experts_loss

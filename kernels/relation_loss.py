@@ -8,9 +8,10 @@ p = softmax_j(q_ij * row scale_i)), P_i = sum_j p_ij and lse_i = logsumexp_j S_i
 Exponentials and logarithms run in base 2 on the special-function unit (S log2 e, one MUFU each).
 
 Forward: one program per (block of rows, sample), the row blocks of a sample adjacent in the grid (its Y
-stays in L2), sweeps the column blocks with an online logsumexp (flash-attention style); S tiles live only
-in registers. Columns go in full blocks, then what is left in one narrow tail block (N = 257: 4 x 64 + 16,
-where 5 x 64 spent a fifth of the work on padding). It writes cross_i = sum_j xlogy(p, p) - p S per row
+stays in L2), makes its logits against all columns at once, each K step loading its row tile once for every
+column block, then sweeps the column blocks with an online logsumexp (flash-attention style); S tiles live
+only in registers. Columns go in full blocks, then what is left in one narrow tail block (N = 257:
+4 x 64 + 16, where 5 x 64 spent a fifth of the work on padding). It writes cross_i = sum_j xlogy(p, p) - p S per row
 (the loss is sum_i cross_i + P_i lse_i, formed outside) and keeps lse, P and the int8 rows' normaliser
 [B, N] for backward. For int8 targets the normaliser is a second online logsumexp in the same sweep,
 over z = q * scale: with A = sum_j 2^(z - m) (z - s), cross_i = ln 2 (A / sum_j 2^(z - m) - lse_t) and
@@ -31,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (INTERPRETED, KernelConfig, check_device, check_dtype, check_shape, dot_operands,
-                             dot_precision, fast_exp2, fast_log2, launch, mma)
+from kernels._common import (INTERPRETED, NAMESPACE, KernelConfig, check_capability, check_device, check_dtype,
+                             check_shape, dot_operands, dot_precision, fast_exp2, fast_log2, launch, mma)
 
 OP = "fused relation KL"
 
@@ -40,12 +41,14 @@ OP = "fused relation KL"
 # facts (`make check-sm90`; README "Kernel configurations"), never tuned at run time. Backward's tiles are
 # square (BLOCK_I x BLOCK_I; the tail pairs BLOCK_I x tail_block), so its configs have no BLOCK_J. fp32
 # operands without TF32 (IEEE dots on FMA units) take K steps of 16. Shapes off the table take the default
-# of their operand kind; the choice never depends on timing.
+# of their operand kind; the choice never depends on timing. The forward holds a row block's logits against all
+# N columns in registers: with fp32 operands (tf32, IEEE) its 64 x 64 tiles spill at N = 257 with int8 targets,
+# so tf32 takes 32-column blocks, K steps of 16 and one stage, IEEE fp32 32-row blocks.
 DEFAULT_CONFIGS = {
     "fwd": {"bf16": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=64),
             "fp16": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=64),
-            "tf32": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=32),
-            "fp32": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=8)},
+            "tf32": KernelConfig.of(8, 1, BLOCK_I=64, BLOCK_J=32, BLOCK_K=16),
+            "fp32": KernelConfig.of(8, 3, BLOCK_I=32, BLOCK_J=64, BLOCK_K=8)},
     "bwd": {"bf16": KernelConfig.of(4, 3, BLOCK_I=64, BLOCK_K=64),
             "fp16": KernelConfig.of(4, 3, BLOCK_I=64, BLOCK_K=64),
             "tf32": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_K=32),
@@ -98,17 +101,47 @@ def _target_tile(t_ptr, row_scale2, target_lse2, rows, cols, N, MASK_J: tl.const
 
 
 @triton.jit
-def _kl_block(y_ptr, t_ptr, row_scale2, offs_i, j0, N, logit_scale2, state, D: tl.constexpr,
-              QUANTIZED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-              MASK_J: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """One column block of the forward's online pass, in base 2 (s2 = S log2 e). state per row: running max
-    and sum of 2^s2, then for float targets cross2 = sum p (log2 p - s2) and P = sum p; for int8 codes, with
-    z2 = q * row_scale2 (p = 2^z2 / sum_j 2^z2), a second online pass: A = sum 2^(z2 - m) (z2 - s2) and the
-    running max m and sum of 2^z2, so that no pre-pass over the row is needed for its normaliser."""
+def _row_logits(y_ptr, offs_i, N, D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                BLOCK_K: tl.constexpr, NUM_J: tl.constexpr, TAIL_J: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                INTERPRETED: tl.constexpr):
+    """Y_I Y^T for one sample's row block against all N columns, fp32: NUM_J full column blocks of BLOCK_J (a
+    tuple of tiles) and the tail block of TAIL_J (a [BLOCK_I, 16] tile of zeros when there is none). Each K
+    step loads the row tile once and multiplies it with every column block, so a program reads its rows once
+    whatever N is. Rows past N read as zeros."""
+    accs = ()
+    for j in tl.static_range(NUM_J):
+        accs = accs + (tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32),)
+    tail = tl.zeros((BLOCK_I, TAIL_J if TAIL_J else 16), dtype=tl.float32)
+    row_ok = (offs_i < N)[:, None]
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = (offs_k < D)[:, None]
+        a = tl.load(y_ptr + offs_i[:, None] * D + offs_k[None, :],
+                    mask=row_ok if D % BLOCK_K == 0 else row_ok & (offs_k < D)[None, :], other=0.0)
+        stepped = ()
+        for j in tl.static_range(NUM_J):
+            b_at = y_ptr + (j * BLOCK_J + tl.arange(0, BLOCK_J))[None, :] * D + offs_k[:, None]
+            b = tl.load(b_at) if D % BLOCK_K == 0 else tl.load(b_at, mask=k_ok, other=0.0)
+            stepped = stepped + (mma(a, b, accs[j], DOT_PRECISION, INTERPRETED),)
+        accs = stepped
+        if TAIL_J:
+            offs_t = NUM_J * BLOCK_J + tl.arange(0, TAIL_J)
+            t_ok = (offs_t < N)[None, :] if D % BLOCK_K == 0 else (offs_t < N)[None, :] & k_ok
+            tail = mma(a, tl.load(y_ptr + offs_t[None, :] * D + offs_k[:, None], mask=t_ok, other=0.0), tail,
+                       DOT_PRECISION, INTERPRETED)
+    return accs, tail
+
+
+@triton.jit
+def _kl_block(s2, t_ptr, row_scale2, offs_i, j0, N, state, QUANTIZED: tl.constexpr, BLOCK_J: tl.constexpr,
+              MASK_J: tl.constexpr, INTERPRETED: tl.constexpr):
+    """One column block of the forward's online pass, in base 2, given its logits s2 = S log2 e. state per
+    row: running max and sum of 2^s2, then for float targets cross2 = sum p (log2 p - s2) and P = sum p; for
+    int8 codes, with z2 = q * row_scale2 (p = 2^z2 / sum_j 2^z2), a second online pass: A = sum 2^(z2 - m)
+    (z2 - s2) and the running max m and sum of 2^z2, so that no pre-pass over the row is needed for its
+    normaliser."""
     running_max, running_sum, acc, mass, target_max, target_sum = state
     offs_j = j0 + tl.arange(0, BLOCK_J)
-    s2 = _logits(y_ptr, offs_i, offs_j, N, D, BLOCK_I, BLOCK_J, BLOCK_K, MASK_J, DOT_PRECISION, INTERPRETED) \
-        * logit_scale2
     col_ok = (offs_j < N)[None, :]
     in_row = tl.where(col_ok, s2, float("-inf")) if MASK_J else s2
     new_max = tl.maximum(running_max, tl.max(in_row, axis=1))
@@ -134,14 +167,14 @@ def _kl_block(y_ptr, t_ptr, row_scale2, offs_i, j0, N, logit_scale2, state, D: t
 @triton.jit
 def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, cross_ptr, lse2_ptr, mass_ptr, target_lse2_ptr, N,
                             logit_scale2, D: tl.constexpr, QUANTIZED: tl.constexpr, BLOCK_I: tl.constexpr,
-                            BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_J: tl.constexpr,
-                            DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+                            BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, NUM_J: tl.constexpr,
+                            TAIL_J: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """Per row: log2 of sum_j exp(S) (lse2); for float targets cross = sum_j p log p - p S and P; for int8
     codes the raw A, sum_j 2^z2 and max z2 of `_kl_block` in (cross, mass, target_lse2), finished by the
-    caller, as is KL_i = cross_i + P_i lse2_i ln 2. Columns run in full blocks of BLOCK_J, then the
-    N mod BLOCK_J left in one block of TAIL_J (N = 257: 2 x 128 + 16, not 3 x 128). (Each row sum leaves
-    the loop into exactly one use: Triton's thread-locality pass on sm_90 asserts when a reduction carried
-    through a loop has two uses after it; so the tail block goes first.)"""
+    caller, as is KL_i = cross_i + P_i lse2_i ln 2. The program's logits are made first, for all columns at
+    once (`_row_logits`: NUM_J = N // BLOCK_J full blocks, then the N mod BLOCK_J left in one block of TAIL_J;
+    N = 257: 4 x 64 + 16), so the registers hold BLOCK_I x N fp32 values: the recipes' N (257, 64) fit, a
+    much larger N would spill. The online pass then takes the tail block first, then the full ones."""
     offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     b = tl.program_id(1).to(tl.int64)
     y_ptr += b * N * D
@@ -153,13 +186,14 @@ def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, cross_ptr, lse2_ptr, ma
     zero = tl.zeros((BLOCK_I,), dtype=tl.float32)
     minus_inf = tl.full((BLOCK_I,), float("-inf"), dtype=tl.float32)
     state = (minus_inf, zero, zero, zero, minus_inf, zero)
-    full = N // BLOCK_J * BLOCK_J
+    logits, tail = _row_logits(y_ptr, offs_i, N, D, BLOCK_I, BLOCK_J, BLOCK_K, NUM_J, TAIL_J, DOT_PRECISION,
+                               INTERPRETED)
     if TAIL_J:
-        state = _kl_block(y_ptr, t_ptr, row_scale2, offs_i, full, N, logit_scale2, state, D, QUANTIZED, BLOCK_I,
-                          TAIL_J, BLOCK_K, True, DOT_PRECISION, INTERPRETED)
-    for j0 in range(0, full, BLOCK_J):
-        state = _kl_block(y_ptr, t_ptr, row_scale2, offs_i, j0, N, logit_scale2, state, D, QUANTIZED, BLOCK_I,
-                          BLOCK_J, BLOCK_K, False, DOT_PRECISION, INTERPRETED)
+        state = _kl_block(tail * logit_scale2, t_ptr, row_scale2, offs_i, NUM_J * BLOCK_J, N, state, QUANTIZED,
+                          TAIL_J, True, INTERPRETED)
+    for j in tl.static_range(NUM_J):
+        state = _kl_block(logits[j] * logit_scale2, t_ptr, row_scale2, offs_i, j * BLOCK_J, N, state, QUANTIZED,
+                          BLOCK_J, False, INTERPRETED)
     running_max, running_sum, acc, mass, target_max, target_sum = state
     out = b * N + offs_i
     tl.store(lse2_ptr + out, running_max + fast_log2(running_sum, INTERPRETED), mask=row_ok)
@@ -242,44 +276,71 @@ def pick_config(kernel: str, n: int, dim: int, kind: str) -> KernelConfig:
     return PINNED_CONFIGS.get((kernel, n, dim, kind), DEFAULT_CONFIGS[kernel][kind])
 
 
-class RelationKLFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, target, row_scale):
-        batch, n, dim = y.shape
-        quantized = row_scale is not None
-        row_scale_arg = row_scale if quantized else target  # never read when not quantized
-        constants = _constants(y.dtype, dim, quantized)
-        logit_scale2 = _LOG2E / math.sqrt(dim)
-        f32 = dict(device=y.device, dtype=torch.float32)
-        cross, lse2, mass, target_lse2 = (torch.empty(batch, n, **f32) for _ in range(4))
-        config = pick_config("fwd", n, dim, dot_operands(y.dtype))
-        launch(_relation_kl_fwd_kernel, (triton.cdiv(n, config["BLOCK_I"]), batch), config,
-               y, target, row_scale_arg, cross, lse2, mass, target_lse2, n, logit_scale2,
-               TAIL_J=tail_block(n, config["BLOCK_J"]), **constants)
-        if quantized:  # p = 2^z2 / sum 2^z2: normaliser lse_t2 = max + log2 sum, cross = ln 2 (A / sum - lse_t2), P = 1
-            target_lse2 = target_lse2 + mass.log2()
-            cross = math.log(2.0) * (cross / mass - target_lse2)
-            mass = torch.ones_like(mass)
-        ctx.save_for_backward(y, target, row_scale_arg, lse2, mass, target_lse2)
-        ctx.constants, ctx.logit_scale2 = constants, logit_scale2
-        return (cross + mass * lse2 * math.log(2.0)).sum() / (batch * n)
+@torch.library.custom_op(f"{NAMESPACE}::relation_kl_forward", mutates_args=())
+def relation_kl_forward(y: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor | None,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse2, P, target_lse2): the loss and the per-row [B, N] values backward needs."""
+    check_capability(OP, y.device)
+    batch, n, dim = y.shape
+    quantized = row_scale is not None
+    config = pick_config("fwd", n, dim, dot_operands(y.dtype))
+    f32 = dict(device=y.device, dtype=torch.float32)
+    cross, lse2, mass = (torch.empty(batch, n, **f32) for _ in range(3))
+    target_lse2 = (torch.empty if quantized else torch.zeros)(batch, n, **f32)  # float targets: unused, defined
+    launch(_relation_kl_fwd_kernel, (triton.cdiv(n, config["BLOCK_I"]), batch), config,
+           y, target, row_scale if quantized else target, cross, lse2, mass, target_lse2, n, _LOG2E / math.sqrt(dim),
+           NUM_J=n // config["BLOCK_J"], TAIL_J=tail_block(n, config["BLOCK_J"]),
+           **_constants(y.dtype, dim, quantized))
+    if quantized:  # p = 2^z2 / sum 2^z2: normaliser lse_t2 = max + log2 sum, cross = ln 2 (A / sum - lse_t2), P = 1
+        target_lse2 = target_lse2 + mass.log2()
+        cross = math.log(2.0) * (cross / mass - target_lse2)
+        mass = torch.ones_like(mass)
+    return (cross + mass * lse2 * math.log(2.0)).sum() / (batch * n), lse2, mass, target_lse2
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        y, target, row_scale_arg, lse2, mass, target_lse2 = ctx.saved_tensors
-        batch, n, dim = y.shape
-        # d loss / d S, times the scale of S (dS / dY = (. + .^T) Y / sqrt(D)), times the incoming gradient.
-        grad_scaled = (grad_loss.float() / (batch * n * math.sqrt(dim))).reshape(())
-        grad_logits = torch.empty(batch, n, n, device=y.device, dtype=y.dtype)
-        config = pick_config("bwd", n, dim, dot_operands(y.dtype))
-        block = config["BLOCK_I"]
-        tail = tail_block(n, block)
-        for pairs, block_j, ragged in zip(tile_pairs(n, block, tail), (block, tail), (False, True)):
-            if pairs:
-                launch(_relation_kl_bwd_kernel, (len(pairs), batch), config, y, target, row_scale_arg, lse2, mass,
-                       target_lse2, torch.tensor(pairs, dtype=torch.int32, device=y.device), grad_scaled,
-                       grad_logits, n, ctx.logit_scale2, BLOCK_J=block_j, MASK_J=ragged, **ctx.constants)
-        return torch.bmm(grad_logits, y), None, None
+
+@relation_kl_forward.register_fake
+def _(y, target, row_scale):
+    rows = y.new_empty(y.shape[:2], dtype=torch.float32)
+    return y.new_empty((), dtype=torch.float32), rows, torch.empty_like(rows), torch.empty_like(rows)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::relation_kl_backward", mutates_args=())
+def relation_kl_backward(grad_loss: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
+                         row_scale: torch.Tensor | None, lse2: torch.Tensor, mass: torch.Tensor,
+                         target_lse2: torch.Tensor) -> torch.Tensor:
+    """d loss / d y."""
+    batch, n, dim = y.shape
+    quantized = row_scale is not None
+    # d loss / d S, times the scale of S (dS / dY = (. + .^T) Y / sqrt(D)), times the incoming gradient.
+    grad_scaled = (grad_loss.float() / (batch * n * math.sqrt(dim))).reshape(())
+    grad_logits = torch.empty(batch, n, n, device=y.device, dtype=y.dtype)
+    config = pick_config("bwd", n, dim, dot_operands(y.dtype))
+    block = config["BLOCK_I"]
+    tail = tail_block(n, block)
+    for pairs, block_j, ragged in zip(tile_pairs(n, block, tail), (block, tail), (False, True)):
+        if pairs:
+            launch(_relation_kl_bwd_kernel, (len(pairs), batch), config, y, target,
+                   row_scale if quantized else target, lse2, mass, target_lse2,
+                   torch.tensor(pairs, dtype=torch.int32, device=y.device), grad_scaled, grad_logits, n,
+                   _LOG2E / math.sqrt(dim), BLOCK_J=block_j, MASK_J=ragged, **_constants(y.dtype, dim, quantized))
+    return torch.bmm(grad_logits, y)
+
+
+@relation_kl_backward.register_fake
+def _(grad_loss, y, target, row_scale, lse2, mass, target_lse2):
+    return torch.empty_like(y)
+
+
+def _relation_kl_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output[1:])
+    ctx.set_materialize_grads(False)  # no zero gradients made for the per-row values (nothing differentiates them)
+
+
+def _relation_kl_grad(ctx, grad_loss, *_):
+    return relation_kl_backward(grad_loss, *ctx.saved_tensors), None, None
+
+
+relation_kl_forward.register_autograd(_relation_kl_grad, setup_context=_relation_kl_setup)
 
 
 def relation_kl(y: torch.Tensor, target: torch.Tensor,
@@ -302,4 +363,4 @@ def relation_kl(y: torch.Tensor, target: torch.Tensor,
         check_dtype(OP, "target_row_scale", target_row_scale, (torch.float32, torch.float16, torch.bfloat16))
         target_row_scale = target_row_scale.contiguous()
     with torch.autocast(y.device.type, enabled=False):
-        return RelationKLFunction.apply(y.contiguous(), target.contiguous(), target_row_scale)
+        return relation_kl_forward(y.contiguous(), target.contiguous(), target_row_scale)[0]

@@ -141,7 +141,8 @@ def relation_launches(batch, n, dim, kind, target) -> list[Launch]:
     fwd, bwd = rel.pick_config("fwd", n, dim, kind), rel.pick_config("bwd", n, dim, kind)
     tensor_core = kind != "fp32"  # IEEE fp32 dots run on FMA units by design
     launches = [_launch("relation", rel._relation_kl_fwd_kernel,
-                        common | dict(cross_ptr=F32, TAIL_J=rel.tail_block(n, fwd["BLOCK_J"])), fwd, case, tensor_core,
+                        common | dict(cross_ptr=F32, NUM_J=n // fwd["BLOCK_J"],
+                                      TAIL_J=rel.tail_block(n, fwd["BLOCK_J"])), fwd, case, tensor_core,
                         (triton.cdiv(n, fwd["BLOCK_I"]), batch))]
     block = bwd["BLOCK_I"]
     tail = rel.tail_block(n, block)
@@ -191,18 +192,13 @@ def _loop_trips(launch: Launch) -> list[list[tuple[int, int]]]:
     takes the structure the SASS has and fails on any other rather than price it wrong."""
     a, name = launch.args, launch.kernel_name
     k = triton.cdiv(a.get("D", 1), a.get("BLOCK_K", 1))
-    if name == "expert_grad":  # row blocks, the pattern loop inside, the K loop inside that
+    if name == "expert_grad":  # row blocks, the K loop inside (the patterns are unrolled in both)
         blocks = triton.cdiv(a["B"], a["BLOCK_B"])
-        return [[(blocks, -1), (a["P"], 0), (k, 1)], [(blocks, -1), (a["P"], 0)]]
-    if name.startswith("expert_"):  # the pattern loop, the K loop inside it
-        return [[(a["P"], -1), (k, 0)], [(a["P"], -1)]]
-    if name == "relation_kl_fwd":  # the tail block's K loop, then the full column blocks with a K loop inside
-        blocks = a["N"] // a["BLOCK_J"]
-        inner = [[(blocks, -1), (k, 0)], [(blocks, -1)]]
-        if not a["TAIL_J"]:
-            return inner
-        return inner + [[(k, -1)] + [(trips, parent + 1 if parent >= 0 else -1) for trips, parent in loops]
-                        for loops in inner]
+        return [[(blocks, -1), (k, 0)], [(blocks, -1)]]
+    if name.startswith("expert_"):  # the K loop (the patterns are unrolled inside it)
+        return [[(k, -1)], []]
+    if name == "relation_kl_fwd":  # one K loop for all column blocks (unrolled inside it), or none (unrolled)
+        return [[(k, -1)], []]
     if name == "relation_kl_bwd":
         return [[(k, -1)], []]
     if name == "gelu_layer_norm_bwd":

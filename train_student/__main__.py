@@ -88,9 +88,9 @@ def training_parser() -> argparse.ArgumentParser:
                             "always written; SIGINT/SIGTERM also write one, at the next step boundary)")
     group.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                       help="torch.compile the student (and the decoder where it runs its plain-PyTorch reference, "
-                            "i.e. not on CUDA with the fused kernels); default off: no faster on a 2-core CPU, "
-                            "GPU figure from `train_student bench --compile both` (README, Benchmarks)")
+                       help="torch.compile the student and the decoder (around the fused kernels where they run); "
+                            "default off: no faster on a 2-core CPU, GPU figure from "
+                            "`train_student bench --compile both` (README, Benchmarks)")
     group.add_argument("--teacher-online", action="store_true",
                        help="baseline without a store: run the teacher on fresh views at every step "
                             "(needs --teacher-weights)")

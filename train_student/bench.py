@@ -9,7 +9,7 @@ method). Steps run on batches fetched beforehand, so these figures are compute o
 whether the loader keeps up with them. A last run pulls the cached-target steps' batches from the live
 feed, as training does, and reports the share of its time spent waiting for the next ready batch, and
 what rendering costs when it is not overlapped (timed on its own, synchronised) relative to the staged step.
-`--compile both` adds the cached and staged steps with the student (and the reference decoder) compiled.
+`--compile both` adds the cached and staged steps with the student and the decoder compiled.
 Prints a table and writes the figures as JSON.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     add_teacher_option_arguments(p)
     p.add_argument("--reference-path", action="store_true", help="force the plain-PyTorch reference ops")
     p.add_argument("--compile", choices=("off", "on", "both"), default="off",
-                   help="torch.compile the student (and the reference decoder) for the step rows; both: eager "
+                   help="torch.compile the student and the decoder for the step rows; both: eager "
                         "and compiled rows (default off)")
     p.add_argument("--feed-only", action="store_true", help="measure only the data feed (no model, no teacher)")
     p.add_argument("--out", default="train_bench.json", metavar="JSON", help="where to write the figures")

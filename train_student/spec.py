@@ -34,7 +34,7 @@ class TrainSpec:
     window_images: int
     seed: int
     reference_path: bool
-    compile: bool  # torch.compile the student (and the reference decoder)
+    compile: bool  # torch.compile the student and the decoder
     deterministic: bool
     teacher_online: bool
     teacher_weights: str | None

@@ -27,7 +27,6 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from dpal import dispatch
 from dpal.ahead import HostCopy
 from dpal.config import OptimConfig, Recipe, token_counts
 from dpal.decoder import DynamicPatternDecoder
@@ -80,24 +79,22 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def compiled_parts(device: torch.device) -> tuple[str, ...]:
-    """What `--compile` compiles: the student, and the decoder where it runs its plain-PyTorch reference
-    (everywhere but on CUDA with the fused kernels, whose Triton ops torch.compile cannot improve)."""
-    kernels_apply = device.type == "cuda" and not dispatch.reference_forced()
-    return ("student",) if kernels_apply else ("student", "decoder")
+# What `--compile` compiles: the student and the decoder, whether the decoder runs its plain-PyTorch reference
+# or the fused ops (custom ops that torch.compile calls as they are, compiling what is around them).
+COMPILED_PARTS = ("student", "decoder")
 
 
 def build_distiller(recipe: Recipe, device: torch.device, lr: float, *, compile_model: bool = False):
     """(Distiller on the device, its student's EMA copy, AdamW over the spec's parameter groups).
 
-    ``compile_model`` compiles the `compiled_parts` in place (`nn.Module.compile`): parameter and state-dict
+    ``compile_model`` compiles the `COMPILED_PARTS` in place (`nn.Module.compile`): parameter and state-dict
     names stay those of the eager modules, so checkpoints and exports do not change."""
     model = Distiller(recipe).to(device)
     ema_student = copy.deepcopy(model.student).requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, recipe.optim.weight_decay), lr=lr, betas=recipe.optim.betas,
                                   fused=device.type == "cuda")
     if compile_model:
-        for name in compiled_parts(device):
+        for name in COMPILED_PARTS:
             getattr(model, name).compile()
     return model, ema_student, optimizer
 

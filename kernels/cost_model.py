@@ -1,0 +1,305 @@
+"""What one call of a fused op moves and computes, priced at stated ceilings: predictions, to be held against
+the times the acceptance run measures (it prints both side by side).
+
+    python -m kernels.cost_model                       # both ops at the ViT-Ti shapes, H100 and H200
+    python -m kernels.cost_model --l2-tbps 7.2         # with the L2 bandwidth a probe measured
+    python -m kernels.cost_model --json PATH           # also write every row as JSON
+
+No GPU and no compiler are needed: the launches, grids and tiles come from the ops' own config pickers and
+chunking rules, so a change of tiles changes the prediction. For every launch of one call, forward and
+backward, the model counts
+- L2 -> SM bytes: what each program loads (and stores) tile by tile, times the programs. This is what the
+  datasheet floor leaves out: a tile that several programs (or several loop steps) load again is read from L2
+  each time, and at the L2's few TB/s that, not HBM, limits these tiles;
+- compulsory HBM bytes: each tensor read or written once;
+- tensor-core FLOPs as executed (padded tiles included), at the rate of the wgmma shape the tile gives
+  (`wgmma_efficiency`);
+- waves: programs over SMs x resident programs per SM; the last, partial wave costs a whole one;
+- the library calls (cuBLAS GEMMs; a GEMM whose output has fewer tiles than there are SMs leaves SMs idle)
+  and the small torch ops between the kernels (casts, reductions of partials), each at least SMALL_OP_S.
+A launch's time is the largest of its HBM, L2 and tensor-core times, times its tail factor, and at least
+SMALL_OP_S; an op's time is the sum over its launches. "before" prices the kernels as they were (each
+pattern's dot reloading the weight tile, the relation forward reloading its row tile per column block), so
+before and after stand on one scale.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import triton
+
+from kernels import decoder_experts as dec, relation_loss as rel
+from kernels.bench import decoder_bytes, decoder_flops, relation_bytes, relation_flops
+
+# Ceilings, measured on the GPUs the acceptance run uses (device-to-device copy, read + write; a bf16 8192^3
+# cuBLAS GEMM) and from the datasheet (L2 size, SMs). The L2 -> SM bandwidth has no datasheet figure:
+# L2_ASSUMED is the low end of published microbenchmarks, to be replaced by the acceptance run's probe
+# (`--l2-tbps`).
+L2_ASSUMED = 5.5e12
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    hbm: float  # bytes/s
+    gemm: float  # bf16 FLOP/s
+    l2: float  # L2 -> SM bytes/s
+    l2_bytes: float
+    sms: int
+
+
+SMS = 132  # H100 SXM and H200 alike
+
+
+def machines(l2: float = L2_ASSUMED) -> list[Machine]:
+    return [Machine("H100", 3.0e12, 798e12, l2, 50e6, SMS), Machine("H200", 4.3e12, 788e12, l2, 50e6, SMS)]
+
+
+# A small op (cast, reduction of partials, fill) costs at least this: a kernel's launch and ramp on a busy
+# stream. Any launch costs at least as much.
+SMALL_OP_S = 2e-6
+BF16 = 2  # bytes per operand element (the recipes train under bf16 autocast)
+F32 = 4
+TARGET_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+
+
+def wgmma_efficiency(n: int) -> float:
+    """Share of the tensor cores' rate a wgmma m64nNk16 reaches when both operands come from shared memory:
+    it does 2 * 64 * N * 16 FLOPs in N / 2 clocks at the dense rate (4,096 bf16 FLOPs per clock per SM) but
+    reads (N + 64) * 16 * 2 bytes of shared memory at 128 bytes per clock, so below N = 64 it waits on
+    shared memory: 1 at N >= 64, 2/3 at 32, 0.4 at 16, 0.22 at 8."""
+    return min(1.0, 64.0 * n / (32.0 * n + 2048.0))
+
+
+def wgmma_n(rows: int, columns: int, warps: int) -> int:
+    """The N of the wgmma a [rows, columns] fp32 accumulator gives: one warpgroup (4 warps) per 64 rows, the
+    warpgroups left over splitting the columns."""
+    return max(8, columns // max(1, warps // 4 // max(1, rows // 64)))
+
+
+@dataclass
+class Launch:
+    op: str
+    name: str
+    programs: int  # Triton programs; for a library GEMM its calls, for small ops their count
+    per_sm: int  # programs resident per SM
+    l2_bytes: float  # L2 -> SM bytes of the whole launch (what its programs load and store)
+    hbm_bytes: float
+    flops: float = 0.0  # executed tensor-core FLOPs
+    wgmma: int = 0  # N of the wgmma m64nNk16 (0: no tensor cores)
+    gemm_tiles: int = 0  # 128 x 128 output tiles of each library GEMM call (0: not a library GEMM)
+    small: bool = False  # small torch ops, each priced SMALL_OP_S at least
+
+    def seconds(self, m: Machine) -> dict:
+        """Per part (hbm, l2, tensor; seconds), waves over the SMs, and the launch's predicted seconds."""
+        efficiency = wgmma_efficiency(self.wgmma) if self.wgmma else 1.0
+        if self.gemm_tiles:  # cuBLAS: one CTA per output tile, so fewer tiles than SMs leave SMs idle
+            efficiency = min(1.0, self.gemm_tiles / m.sms)
+        parts = dict(hbm=self.hbm_bytes / m.hbm, l2=self.l2_bytes / m.l2, tensor=self.flops / (m.gemm * efficiency))
+        waves = self.programs / (m.sms * self.per_sm)
+        if self.small or self.gemm_tiles:
+            return dict(parts, waves=0.0, seconds=max(self.programs * SMALL_OP_S, max(parts.values())))
+        # The last wave costs a whole one; a grid smaller than the SMs leaves the rest idle.
+        tail = math.ceil(waves) / waves if waves >= 1 else m.sms / min(m.sms, self.programs)
+        return dict(parts, waves=waves, seconds=max(SMALL_OP_S, max(parts.values()) * tail))
+
+
+def _per_sm(warps: int) -> int:
+    """Resident programs per SM of the tensor-core kernels: their 64 x 128 fp32 accumulators (and, now,
+    three of them) take 128 or more registers per thread, so one 8-warp or two 4-warp programs."""
+    return 2 if warps <= 4 else 1
+
+
+def small_ops(op: str, count: int, nbytes: float = 0.0) -> Launch:
+    return Launch(op, f"{count} small torch ops", count, 1, 0.0, nbytes, small=True)
+
+
+# ----------------------------------------------------------------------------------------------- decoder
+
+def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before: bool) -> list[Launch]:
+    """One decoder call (forward + backward) of the fused expert path at bf16: its Triton kernels, cuBLAS
+    GEMMs and small ops. `before`: every pattern's dot loads the weight tile again."""
+    op, patterns, features = "decoder", 3, dim * out_dim
+    w_loads = patterns if before else 1
+    rows = batch * patterns
+    weight, queries = features * dim * BF16, rows * dim * BF16
+    plan = []
+    for kernel in ("stats", "mix", "grad_stats"):
+        c = dec.pick_config(kernel, dim, features, "bf16")
+        bb, bm = c["BLOCK_B"], c["BLOCK_M"]
+        grid_b, grid_m = dec._expert_grid(batch, features, c)
+        tile_io = {"stats": 0, "mix": bb * bm * BF16, "grad_stats": 2 * bb * bm * BF16}[kernel]
+        per_program = bm * dim * BF16 * w_loads + bb * patterns * dim * BF16 + tile_io + 3 * bm * F32
+        plan.append(Launch(op, f"expert_{kernel}", grid_b * grid_m, _per_sm(c.num_warps), per_program * grid_b * grid_m,
+                           weight + queries + tile_io // (bb * bm) * batch * features,
+                           2.0 * grid_b * bb * patterns * grid_m * bm * dim, wgmma_n(bb, bm, c.num_warps)))
+    c = dec.pick_config("grad", dim, features, "bf16")
+    bb, bm = c["BLOCK_B"], c["BLOCK_M"]
+    chunk = dec.du_chunk_columns(batch, patterns, features)
+    row_blocks = triton.cdiv(batch, bb)
+    for start in range(0, features, chunk):
+        cols = min(chunk, features - start)
+        programs = triton.cdiv(cols, bm)
+        per_program = row_blocks * (bm * dim * BF16 * w_loads + bb * patterns * dim * BF16 + 2 * bb * bm * BF16
+                                    + bb * patterns * bm * BF16)
+        plan.append(Launch(op, "expert_grad", programs, _per_sm(c.num_warps), per_program * programs,
+                           cols * dim * BF16 + queries + 2 * batch * cols * BF16 + rows * cols * BF16,
+                           2.0 * row_blocks * bb * patterns * programs * bm * dim, wgmma_n(bb, bm, c.num_warps)))
+        # dq += du W_chunk: output [3B, D], K = the chunk (split in `k_splits` slices after); dW_chunk = du^T q:
+        # output [chunk, D], K = 3B.
+        for name, out_rows, k, splits in (("dq", rows, cols, 1 if before else dec.k_splits(rows, cols, dim, SMS)),
+                                          ("dW", cols, rows, 1)):
+            plan.append(Launch(op, f"cuBLAS {name} GEMM", 1, 1, 0.0,
+                               (splits * out_rows * dim + out_rows * k + k * dim) * BF16, 2.0 * out_rows * dim * k,
+                               gemm_tiles=splits * triton.cdiv(out_rows, 128) * triton.cdiv(dim, 128)))
+    z = batch * tokens * out_dim * BF16
+    h = batch * tokens * dim * BF16
+    mixed = batch * features * BF16
+    gemm_tiles = batch * triton.cdiv(tokens, 128) * triton.cdiv(out_dim, 128)
+    flops = 2.0 * batch * tokens * dim * out_dim
+    plan.append(Launch(op, "cuBLAS output bmm (forward)", 1, 1, 0.0, h + mixed + z, flops, gemm_tiles=gemm_tiles))
+    plan.append(Launch(op, "gelu_layer_norm_fwd", triton.cdiv(batch * tokens, dec.ROW_BLOCK), 8, 2 * z, 2 * z))
+    plan.append(Launch(op, "cuBLAS output bmm (backward: recompute, dh, dW_b)", 3, 1, 0.0,
+                       3 * (h + mixed + z), 3 * flops, gemm_tiles=gemm_tiles))
+    programs, _ = dec.row_programs(batch * tokens, SMS)
+    plan.append(Launch(op, "gelu_layer_norm_bwd", programs, 8, 3 * z, 3 * z))
+    plan.append(small_ops(op, decoder_small_ops(features // chunk + bool(features % chunk)), 8 * batch * features))
+    return plan
+
+
+# The small torch ops of one decoder call besides the kernels and GEMMs above, as an op trace of the call
+# lists them: forward 29 (casting the float32 expert weight, Chan's merge, the mix constants, the loss),
+# backward 35 (the per-sample constants, the output stage's partial sums, the final casts) plus 4 per du chunk
+# (summing the dq slices and accumulating them, copying dW out).
+DECODER_SMALL_OPS = (29, 35, 4)
+
+
+def decoder_small_ops(chunks: int) -> int:
+    forward, backward, per_chunk = DECODER_SMALL_OPS
+    return forward + backward + per_chunk * chunks
+
+
+# ---------------------------------------------------------------------------------------------- relation
+
+def relation_launches(batch: int, n: int, dim: int, target: str, *, before: bool) -> list[Launch]:
+    """One relation call (forward + backward) at bf16 with `target` ("fp16" or "int8") targets. `before`:
+    the forward reloads its row tile for every column block."""
+    op, t = "relation", TARGET_BYTES[target]
+    c = rel.pick_config("fwd", n, dim, "bf16")
+    bi, bj = c["BLOCK_I"], c["BLOCK_J"]
+    tail = rel.tail_block(n, bj)
+    blocks = n // bj + bool(tail)
+    row_tile_loads = blocks if before else 1
+    programs = triton.cdiv(n, bi) * batch
+    per_program = bi * dim * BF16 * row_tile_loads + n * dim * BF16 + bi * n * t + 4 * bi * F32
+    y, targets = batch * n * dim * BF16, batch * n * n * t
+    executed = 2.0 * programs * bi * (n // bj * bj + tail) * dim
+    plan = [Launch(op, "relation_kl_fwd", programs, _per_sm(c.num_warps), per_program * programs,
+                   y + targets, executed, wgmma_n(bi, bj, c.num_warps))]
+    c = rel.pick_config("bwd", n, dim, "bf16")
+    block = c["BLOCK_I"]
+    tail = rel.tail_block(n, block)
+    for pairs, width in zip(rel.tile_pairs(n, block, tail), (block, tail)):
+        if pairs:
+            tiles = 2 * block * width * (t + BF16)  # p_IJ and p_JI read, the gradient and its transpose written
+            per_pair = (block + width) * dim * BF16 + tiles
+            programs = len(pairs) * batch
+            plan.append(Launch(op, "relation_kl_bwd" + (" (tail)" if width == tail else ""), programs,
+                               _per_sm(c.num_warps), per_pair * programs, tiles * programs + y / 2,
+                               2.0 * programs * block * width * dim, wgmma_n(block, width, c.num_warps)))
+    plan.append(Launch(op, "cuBLAS dY = G Y", 1, 1, 0.0, batch * (n * n + 2 * n * dim) * BF16,
+                       2.0 * batch * n * n * dim, gemm_tiles=batch * triton.cdiv(n, 128) * triton.cdiv(dim, 128)))
+    plan.append(small_ops(op, RELATION_SMALL_OPS[target == "int8"], 16 * batch * n))
+    return plan
+
+
+# Small torch ops of one relation call (forward and backward; the two tile-pair tables copied to the device
+# included), as an op trace lists them: float targets 10, int8 codes 15.
+RELATION_SMALL_OPS = (10, 15)
+
+# The calls reported: the issue's targets at ViT-Ti shapes (B = 256, decoder D = 192, D_o = 768, relation
+# N = 257 teacher tokens).
+CALLS = {"decoder B256 L257": ("decoder", (256, 192, 768, 257)),
+         "decoder CLS B768 L1": ("decoder", (768, 192, 768, 1)),
+         "relation fp16 targets": ("relation", (256, 257, 768, "fp16")),
+         "relation int8 targets": ("relation", (256, 257, 768, "int8"))}
+
+
+def plan(call: str, before: bool) -> list[Launch]:
+    op, shape = CALLS[call]
+    return (decoder_launches if op == "decoder" else relation_launches)(*shape, before=before)
+
+
+def floor_seconds(call: str, m: Machine) -> float:
+    """The call's floor: its useful FLOPs at the GEMM rate or its compulsory bytes at the HBM rate, whichever
+    is larger (`kernels.bench`'s counts, at this machine's measured ceilings)."""
+    op, shape = CALLS[call]
+    if op == "decoder":
+        flops, nbytes = decoder_flops(*shape)["useful"], decoder_bytes(*shape, BF16)
+    else:
+        batch, n, dim, target = shape
+        flops = relation_flops(batch, n, dim)["useful"]
+        nbytes = relation_bytes(batch, n, dim, BF16, TARGET_BYTES[target])
+    return max(flops / m.gemm, nbytes / m.hbm)
+
+
+def report(l2: float = L2_ASSUMED) -> dict:
+    rows, totals = [], []
+    for call in CALLS:
+        for before in (True, False):
+            launches = plan(call, before)
+            for m in machines(l2):
+                priced = [launch.seconds(m) for launch in launches]
+                if m.name == "H100":
+                    rows += [dict(call=call, kernels="before" if before else "after", **asdict(launch),
+                                  **{k: v for k, v in p.items()}) for launch, p in zip(launches, priced)]
+                floor = floor_seconds(call, m)
+                total = sum(p["seconds"] for p in priced)
+                totals.append(dict(call=call, kernels="before" if before else "after", gpu=m.name,
+                                   launches=sum(launch.programs if launch.small or launch.gemm_tiles else 1
+                                                for launch in launches),
+                                   l2_gb=sum(launch.l2_bytes for launch in launches) / 1e9,
+                                   predicted_ms=1e3 * total, floor_ms=1e3 * floor, ratio=total / floor))
+    return dict(l2_tbps=l2 / 1e12, rows=rows, totals=totals)
+
+
+def print_report(result: dict) -> None:
+    print(f"PREDICTED (not measured): one call, forward + backward, bf16; L2 -> SM at {result['l2_tbps']:.1f} TB/s")
+    print(f"{'call':24} {'kernels':7} {'gpu':4} {'launches':>8} {'L2 GB':>6} {'floor ms':>8} {'pred ms':>8} "
+          f"{'ratio':>5}")
+    for t in result["totals"]:
+        print(f"{t['call']:24} {t['kernels']:7} {t['gpu']:4} {t['launches']:8} {t['l2_gb']:6.2f} "
+              f"{t['floor_ms']:8.3f} {t['predicted_ms']:8.3f} {t['ratio']:5.2f}")
+    print(f"\nper launch, H100 (ms; waves over 132 SMs; bound: the largest part)")
+    print(f"{'call':24} {'kernels':7} {'launch':34} {'progs':>6} {'waves':>6} {'wgmma':>6} {'L2 GB':>6} "
+          f"{'hbm':>6} {'l2':>6} {'tensor':>6} {'ms':>6}")
+    for r in result["rows"]:
+        shape = f"64x{r['wgmma']}" if r["wgmma"] else "-"
+        print(f"{r['call']:24} {r['kernels']:7} {r['name'][:34]:34} {r['programs']:6} {r['waves']:6.2f} "
+              f"{shape:>6} {r['l2_bytes'] / 1e9:6.2f} {1e3 * r['hbm']:6.3f} {1e3 * r['l2']:6.3f} "
+              f"{1e3 * r['tensor']:6.3f} {1e3 * r['seconds']:6.3f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels.cost_model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--l2-tbps", type=float, default=L2_ASSUMED / 1e12,
+                        help=f"L2 -> SM bandwidth in TB/s (default {L2_ASSUMED / 1e12}: assumed, not measured)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows and totals as JSON to PATH")
+    args = parser.parse_args(argv)
+    if not args.l2_tbps > 0:
+        parser.error(f"--l2-tbps must be > 0, got {args.l2_tbps}")
+    result = report(args.l2_tbps * 1e12)
+    print_report(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
