@@ -6,7 +6,7 @@ import torch
 
 from dpal.decoder import DynamicPatternDecoder
 from dpal.distill import distill_step_losses
-from dpal.losses import global_loss, local_loss, quantize_relation, relation_kl_reference, relation_matrix
+from dpal.losses import LossTerms, global_loss, local_loss, quantize_relation, relation_kl_reference, relation_matrix
 from dpal.recipes import get_recipe
 from dpal.students import build_student
 
@@ -68,7 +68,7 @@ def _separate_calls(student, decoder, teacher, views, targets, moe_loss_weight):
              "experts": torch.stack([c.experts_loss for c in calls]).mean()}
     terms["total"] = (terms["global"] + terms["local"] + terms["relation"] + moe_loss_weight * terms["moe"]
                       + terms["experts"])
-    return terms
+    return terms  # spelled out by name here, independently of `LossTerms`
 
 
 def test_matches_one_decoder_call_per_view(vit_ti):
@@ -77,9 +77,9 @@ def test_matches_one_decoder_call_per_view(vit_ti):
     with torch.no_grad():
         got = distill_step_losses(student, decoder, recipe.teacher, **views, **targets, moe_loss_weight=0.1)
         expected = _separate_calls(student, decoder, recipe.teacher, views, targets, 0.1)
-    assert set(got) == {"global", "local", "relation", "moe", "experts", "total"}
+    assert isinstance(got, LossTerms) and set(got.by_name()) == set(expected)
     for key, value in expected.items():
-        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-7, msg=key)
+        torch.testing.assert_close(got.by_name()[key], value, rtol=1e-5, atol=1e-7, msg=key)
 
 
 def test_int8_targets_with_scales_equal_their_dequantized_floats(vit_ti):
@@ -96,8 +96,8 @@ def test_int8_targets_with_scales_equal_their_dequantized_floats(vit_ti):
         floats = distill_step_losses(student, decoder, recipe.teacher, **views, **common,
                                      local_target=local_q.float() * local_scale[..., None],
                                      relation_target=(relation_q.float() * relation_scale[..., None]).softmax(-1))
-    for key in floats:
-        torch.testing.assert_close(quantized[key], floats[key], msg=key)
+    for key, value in floats.by_name().items():
+        torch.testing.assert_close(quantized.by_name()[key], value, msg=key)
 
 
 def test_without_local_crops_and_with_mismatched_targets(vit_ti):
@@ -105,7 +105,7 @@ def test_without_local_crops_and_with_mismatched_targets(vit_ti):
     views, targets = _inputs(recipe, seed=4, batch=1, num_local=0)
     with torch.no_grad():
         terms = distill_step_losses(student, decoder, recipe.teacher, **views, **targets, moe_loss_weight=0.1)
-        assert all(torch.isfinite(v) for v in terms.values())
+        assert all(torch.isfinite(v) for v in terms)
         bad = dict(targets, local_target=targets["local_target"][:, :-1], local_mask=targets["local_mask"][:, :-1])
         with pytest.raises(ValueError, match="local target"):
             distill_step_losses(student, decoder, recipe.teacher, **views, **bad, moe_loss_weight=0.1)
@@ -117,9 +117,9 @@ def test_without_local_crops_and_with_mismatched_targets(vit_ti):
 def _check_gradients_reach_every_parameter(recipe, student, decoder):
     views, targets = _inputs(recipe, seed=2, batch=1, num_local=1)
     terms = distill_step_losses(student, decoder, recipe.teacher, **views, **targets, moe_loss_weight=0.01)
-    for key, value in terms.items():
+    for key, value in terms.by_name().items():
         assert value.shape == () and torch.isfinite(value), key
-    terms["total"].backward()
+    terms.total.backward()
     for module in (student, decoder):
         for param_name, p in module.named_parameters():
             if p.requires_grad:
