@@ -139,9 +139,11 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
 
 def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
     from formats.cli import exit_status, parse_teacher_options
+    from formats.runtime import startup
 
     parser = _parser(teachers)
     args = parser.parse_args(argv)
+    startup()
     if args.command in ("run", "bench"):
         args.teacher_options = parse_teacher_options(parser, args, teachers[args.teacher])
     # A stopped run keeps its finished shards: say so, and how to go on.
