@@ -30,6 +30,7 @@ from dpal.teachers import build_teacher, release_checkpoint
 from dpal.views import VIEW_SET_FIELDS
 from formats.images import ImageFile
 from formats.store import StoreError, open_store
+from helpers import two_node_launcher
 
 TINY = TeacherSpec("tiny-vit", "vit", "vit_base_patch16_224", width=32, depth=2, num_heads=2, patch_size=16,
                    token_stride=16, has_cls=True)
@@ -430,11 +431,8 @@ def test_signals_stop_the_run_in_one_line_and_it_resumes_bit_identical(inputs, r
 
 
 def two_node_torchrun(port: int, command: list[str], env: dict, timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    """Two torchrun launchers on this machine as two "nodes" of one job (--nnodes 2, one process each, c10d
-    rendezvous on 127.0.0.1): what a two-machine cluster job runs, with its own launcher per node."""
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    launcher = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                f"127.0.0.1:{port}", "--rdzv-id", f"dpal-test-{port}", "--max-restarts", "0"]
+    """Two `two_node_launcher`s running `command`, each to its end."""
+    launcher = two_node_launcher(port, f"dpal-test-{port}")
     nodes = [subprocess.Popen(launcher + command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(2)]
     results = []

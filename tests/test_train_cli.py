@@ -11,13 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
+from helpers import two_node_launcher
 from train_student.__main__ import main
 from train_student.metrics import LOSS_COLUMNS, read_metrics
 
@@ -474,12 +474,9 @@ def test_two_nodes_stop_together_on_one_nodes_sigterm_and_match_one_process(arte
     """Scale check: two torchrun launchers as two nodes (c10d rendezvous on 127.0.0.1). The second node is
     preempted (SIGTERM to its launcher) during training: both ranks stop after the same step, rank 0 writes
     the checkpoint; the two-node resume then gives the one-process losses at the same global batch."""
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    launcher = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                "127.0.0.1:29561", "--max-restarts", "0"]
     out = artefacts["root"] / "two-nodes"
     for attempt, resume in enumerate(([], ["--resume"])):
-        command = launcher + ["--rdzv-id", f"two-nodes-{attempt}", "-m", "train_student",
+        command = two_node_launcher(29561, f"two-nodes-{attempt}") + ["-m", "train_student",
                               *_train_args(artefacts, out, "--device", "cpu", *resume)]
         first = subprocess.Popen(command, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(2)  # the first launcher hosts the rendezvous store; the second node is the one preempted

@@ -7,7 +7,7 @@ from dpal.ahead import HostCopy, RunAhead
 from dpal.recipes import get_recipe
 from dpal.views import background_indices, render_local_crops, render_view_sets, sample_local_crops, sample_view_sets
 from formats.targets import Targets
-from test_views import SMALL, random_images
+from helpers import SMALL, random_images
 from train_student.data import FeedBatch
 from train_student.prefetch import render_ahead
 from train_student.step import CachedTargets, build_distiller, compiled_parts

@@ -14,31 +14,14 @@ from torchvision.transforms import InterpolationMode
 
 from dpal import views as V
 from dpal.config import ViewConfig
+from helpers import SMALL, random_image, random_images
 
 # Small output sizes keep the tests fast on CPU; every code path is the one used at 256x128.
-SMALL = ViewConfig(global_size=(32, 16), local_size=(16, 12), crowd_size=(32, 32), paste_y=(0, 14),
-                   first_person_x=(0, 6), second_person_x_max=20)
 # torchvision resizes with PyTorch's sparse separable kernel, we with dense float32 matmuls: the sums
 # run in another order (and PyTorch upsampling weights are float32), so pixels differ by a few ulps.
 RESIZE_TOL = 1e-5
 # Composed pipelines: the hue op (rgb -> hsv -> rgb) can amplify such differences by a few times.
 PIPELINE_TOL = 5e-5
-
-
-def random_image(generator, height, width, channels=3):
-    """Smooth colour gradients plus noise: hue, saturation and blur all have something to act on."""
-    ys = torch.linspace(0, 1, height)[:, None, None]
-    xs = torch.linspace(0, 1, width)[None, :, None]
-    phase = torch.rand(1, 1, channels, generator=generator) * 6
-    base = 0.5 + 0.4 * torch.sin(6 * ys + 4 * xs + phase)
-    noise = 0.1 * torch.rand(height, width, channels, generator=generator)
-    return ((base + noise).clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def random_images(seed, count, low=20, high=90):
-    generator = torch.Generator().manual_seed(seed)
-    sizes = torch.randint(low, high, (count, 2), generator=generator).tolist()
-    return [random_image(generator, h, w) for h, w in sizes]
 
 
 def to_float(image):
@@ -306,8 +289,8 @@ def views_at_commit(commit):
 
     try:
         return load(commit)
-    except ValueError as error:
-        pytest.skip(str(error))
+    except ValueError as error:  # a shallow clone: fail, naming the fix, rather than skip unseen
+        pytest.fail(f"{error}; fetch the history with `git fetch --unshallow`")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
