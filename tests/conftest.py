@@ -26,3 +26,29 @@ def restored_op_table():
     for op, implementations in saved[0]:
         op.implementations = implementations
     dispatch.force_reference(saved[1])
+
+
+@pytest.fixture(scope="session")
+def quick_sweep(tmp_path_factory) -> dict:
+    """The report of `kernels.sweep --quick` (the representative kernels compiled for sm_90; no GPU needed),
+    compiled once per session for every test that reads it."""
+    import json
+    import os
+    import subprocess
+
+    report = tmp_path_factory.mktemp("sweep") / "sweep.json"
+    done = subprocess.run([sys.executable, "-m", "kernels.sweep", "--quick", "--json", str(report)],
+                          env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return json.loads(report.read_text())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a CUDA device: without one each is skipped, with the reason in the summary."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))

@@ -114,6 +114,7 @@ def test_store_contents(reference):
     assert not np.array_equal(block["view_params"][0], other_set["view_params"][0])  # K distinct view sets
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_bit_identical(inputs, reference):
     cfg = _config(inputs, "killed.zarr")  # same command (batch size included: GEMM rounding depends on it)
     command = [sys.executable, str(inputs / "cli.py"), *_cli_args(cfg)]
@@ -138,6 +139,7 @@ def test_killed_run_resumes_bit_identical(inputs, reference):
     _assert_same_store(reference.out, cfg.out)
 
 
+@pytest.mark.e2e
 def test_two_rank_torchrun_equals_one_process(inputs, reference):
     cfg = _config(inputs, "ranks.zarr")
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -196,6 +198,7 @@ def test_rerun_detects_and_rewrites_a_damaged_shard(inputs, reference, tmp_path,
     _assert_same_store(reference.out, str(copy))
 
 
+@pytest.mark.e2e
 def test_second_writer_of_a_store_is_refused_while_the_first_runs(inputs, reference):
     """Two real `run` processes on one --out: the second is refused in one line, before writing anything (it
     used to pass the existence check, skip the identity check and mix its shards in), whether or not the first
@@ -406,6 +409,7 @@ def test_damaged_files_and_wrong_paths_are_one_line_naming_them(inputs, referenc
         open_store(copy).read_block(0, 0)
 
 
+@pytest.mark.e2e
 def test_signals_stop_the_run_in_one_line_and_it_resumes_bit_identical(inputs, reference):
     cfg = _config(inputs, "signalled.zarr")
     command = [sys.executable, str(inputs / "cli.py"), *_cli_args(cfg)]
@@ -442,6 +446,7 @@ def two_node_torchrun(port: int, command: list[str], env: dict, timeout: float =
     return results
 
 
+@pytest.mark.e2e
 def test_two_nodes_write_the_same_store_as_one_process(inputs, reference):
     cfg = _config(inputs, "two-nodes.zarr")
     nodes = two_node_torchrun(29541, [str(inputs / "cli.py"), *_cli_args(cfg)], dict(os.environ, OMP_NUM_THREADS="1"))

@@ -75,6 +75,7 @@ def _compared(rows):
     return [[row[key] for key in COMPARED] for row in rows]
 
 
+@pytest.mark.e2e
 def test_run_logs_every_step_and_exports_timm_students(reference_run):
     from dpal.students import load_student
 
@@ -101,6 +102,7 @@ def test_run_logs_every_step_and_exports_timm_students(reference_run):
     assert ema_differs
 
 
+@pytest.mark.e2e
 def test_int8_store_trains_like_the_float16_store(artefacts, reference_run):
     """Same teacher, views and data order; only the target format differs. The first step's losses
     agree up to int8 rounding (local: half a step per value; relation: log-domain codes)."""
@@ -141,6 +143,7 @@ def _training_at_step(artefacts, out, steps: int) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_to_the_same_losses(artefacts, reference_run):
     out = artefacts["root"] / "killed"
     process = _training_at_step(artefacts, out, 3)  # step 2 is checkpointed; step 3 is done but not saved
@@ -157,6 +160,7 @@ def test_killed_run_resumes_to_the_same_losses(artefacts, reference_run):
     assert _compared(read_metrics(out / "metrics.csv")) == _compared(read_metrics(reference_run / "metrics.csv"))
 
 
+@pytest.mark.e2e
 def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(artefacts, reference_run):
     out = artefacts["root"] / "ddp"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -320,6 +324,7 @@ def test_resume_refuses_a_store_rebuilt_at_the_same_path(artefacts, tmp_path, ca
     assert "store_identity.mask_calibration" in err and len(err) < 3000  # named, not printed in full
 
 
+@pytest.mark.e2e
 def test_a_second_process_on_a_run_folder_is_refused(artefacts, reference_run):
     """Two real trainings on one --out: the second (--resume or not) is refused in one line while the first
     runs (they used to both exit 0 and interleave metrics.csv); the first, stopped meanwhile, is undisturbed."""
@@ -377,6 +382,7 @@ def _wait_for(process, ready, what: str, timeout: float = 300):
     assert process.poll() is None, f"training ended before {what}: " + process.stderr.read()
 
 
+@pytest.mark.e2e
 def test_signals_checkpoint_at_the_step_boundary_and_resume_to_the_same_losses(artefacts, reference_run):
     """SIGINT during step 1 of a fresh run, SIGTERM during step 3 of its resume: each stops after that step
     with a checkpoint and one line; the second resume finishes with the uninterrupted run's losses."""
@@ -470,6 +476,7 @@ def test_full_disk_is_one_line_naming_the_file(artefacts, tmp_path):
     assert "creating" not in listed and "run" not in listed.split("train status 2")[1], result.stdout
 
 
+@pytest.mark.e2e
 def test_two_nodes_stop_together_on_one_nodes_sigterm_and_match_one_process(artefacts, reference_run):
     """Scale check: two torchrun launchers as two nodes (c10d rendezvous on 127.0.0.1). The second node is
     preempted (SIGTERM to its launcher) during training: both ranks stop after the same step, rank 0 writes

@@ -25,8 +25,7 @@ def _batch(seed: int, n: int, pool: list[torch.Tensor]) -> FeedBatch:
                                      relation_target=torch.rand(n, 3, 3, generator=generator)))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_views_rendered_ahead_are_the_render_calls_pixels(device):
     """Packed (each shared background once), planned and rendered on the producer thread (its own stream on
     CUDA), handed over in order: bit for bit what render_view_sets / render_local_crops give on this thread."""

@@ -293,8 +293,7 @@ def views_at_commit(commit):
         pytest.fail(f"{error}; fetch the history with `git fetch --unshallow`")
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_pixels_are_bit_identical_to_the_reference_commit(monkeypatch, device):
     """Every view kind (global, crowd with its background and both persons, local crops) renders exactly
     (torch.equal) as the renderer of PIXELS_COMMIT did, on fresh random images and records.
@@ -407,7 +406,7 @@ def test_grey_and_rgba_inputs_render_like_rgb():
     assert V.to_rgb_uint8(np.zeros((4, 5, 1), np.uint8)).shape == (4, 5, 3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_matches_cpu_within_one_grey_level():
     images, backgrounds = random_images(12, 8, 60, 300), random_images(13, 8, 100, 400)
     generator = torch.Generator().manual_seed(12)
