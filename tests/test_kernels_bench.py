@@ -43,14 +43,15 @@ def test_static_cost_report_from_the_sm90_sweep(quick_sweep, capsys):
     assert {"expert_mix", "expert_grad", "relation_kl_fwd", "relation_kl_bwd", "gelu_layer_norm_bwd"} <= kernels
     assert all(row["spills"] == 0 and row["sass_per_element"] > 0 for row in costs)
     for gpu in ("H100", "H200"):
-        # The predicted time is the largest of the floor and the issue, special-function and tensor-core
-        # bounds (the rule the report states), and the instruction counts bind somewhere: a prediction that
-        # only ever equalled the floor would say nothing the floor does not.
+        # Per launch the predicted time is the largest of the floor and the issue, special-function and
+        # tensor-core bounds, so a row (its launches summed) lies between the largest and the sum of its
+        # bounds; and the instruction counts bind somewhere: a prediction that only ever equalled the floor
+        # would say nothing the floor does not.
         for row in costs:
             bounds = (row[f"floor_ms_{gpu}"], row["issue_ms"], row["sfu_ms"], row["tensor_ms"])
             assert min(bounds) >= 0 and row[f"floor_ms_{gpu}"] > 0, row
-            assert row[f"predicted_ms_{gpu}"] == max(bounds), row
-        assert any(row[f"predicted_ms_{gpu}"] > row[f"floor_ms_{gpu}"] for row in costs), gpu
+            assert max(bounds) * (1 - 1e-9) <= row[f"predicted_ms_{gpu}"] <= sum(bounds) * (1 + 1e-9), row
+        assert any(row[f"predicted_ms_{gpu}"] > row[f"floor_ms_{gpu}"] * 1.01 for row in costs), gpu
     # One total per call the acceptance names, each over every kernel the call runs.
     totals = {row["call"]: row for row in static["totals"]}
     assert set(totals) == {"decoder B256 L257", "decoder CLS B768 L1", "relation fp16 targets", "relation int8 targets"}
