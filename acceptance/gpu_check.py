@@ -290,7 +290,8 @@ def prepare_inputs(runner: Runner, step: Step, sizes: Sizes) -> dict:
     return paths
 
 
-CUDA_CASE = re.compile(r'pytest\.mark\.cuda\b|not torch\.cuda\.is_available\(\)|"cuda" if torch\.cuda\.is_available\(\)')
+CUDA_CASE = re.compile(r'pytest\.mark\.cuda\b|not torch\.cuda\.is_available\(\)'
+                       r'|"cuda" if torch\.cuda\.is_available\(\)')
 
 
 def cuda_test_files() -> list[str]:
