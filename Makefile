@@ -23,8 +23,8 @@ $(INSTALLED): requirements.txt pyproject.toml
 	@touch $@
 
 # Two test tiers (docs/testing.md): `make test` the fast one (unit, interpreter and small-CLI tests),
-# `make test-all` it and then the end-to-end one (marker e2e). A tier whose markers select no test (pytest's
-# status 5) tests nothing: it fails, saying so, rather than passing or reading like a failed test.
+# `make test-all` the end-to-end one (marker e2e); `.ci/run` runs both. A tier whose markers select no test
+# (pytest's status 5) tests nothing: it fails, saying so, rather than passing or reading like a failed test.
 tier = $(PY) -m pytest -q --durations=15 -m "$(1)" tests; status=$$?; \
   if [ $$status = 5 ]; then echo "make $@: no test is marked \"$(1)\" (see the markers in pyproject.toml)" >&2; fi; \
   exit $$status
@@ -32,7 +32,7 @@ tier = $(PY) -m pytest -q --durations=15 -m "$(1)" tests; status=$$?; \
 test: $(INSTALLED)
 	@$(call tier,not e2e and not wheelhouse)
 
-test-all: test
+test-all: $(INSTALLED)
 	@$(call tier,e2e and not wheelhouse)
 
 demo: $(INSTALLED)

@@ -3,8 +3,6 @@ process each (the test session has made the call already)."""
 import subprocess
 import sys
 
-import pytest
-
 
 def _threads_after(script: str) -> int:
     probe = "import torch\ntorch.set_num_threads(3)\n" + script + "\nprint(torch.get_num_threads())\n"
@@ -13,9 +11,8 @@ def _threads_after(script: str) -> int:
     return int(done.stdout.split()[-1])
 
 
-@pytest.mark.parametrize("reuse_freed_memory", [False, True])
-def test_startup_keeps_torch_threads_across_ffcv(reuse_freed_memory):
-    started = _threads_after(f"from formats.runtime import startup\nstartup(reuse_freed_memory={reuse_freed_memory})\n"
+def test_startup_keeps_torch_threads_across_ffcv():
+    started = _threads_after("from formats.runtime import startup\nstartup(reuse_freed_memory=True)\n"
                              "import formats.images, train_student.data")
     assert started == 3
 

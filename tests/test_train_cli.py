@@ -446,6 +446,7 @@ def _can_mount_tmpfs() -> bool:
     return probe is not None and probe.returncode == 0
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -rm` to mount a small tmpfs (a real full disk)")
 def test_full_disk_is_one_line_naming_the_file(artefacts, tmp_path):
     """A real full disk (tiny tmpfs in a private mount namespace) while creating a store and while saving a
