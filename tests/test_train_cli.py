@@ -304,6 +304,7 @@ def test_a_damaged_store_chunk_stops_training_naming_the_file(artefacts, tmp_pat
     assert not (tmp_path / "run" / "student.safetensors").exists()
 
 
+@pytest.mark.e2e
 def test_resume_refuses_a_store_rebuilt_at_the_same_path(artefacts, tmp_path, capsys):
     from cache_teacher.__main__ import main as cache_main
 
