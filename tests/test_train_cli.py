@@ -485,8 +485,8 @@ def test_two_nodes_stop_together_on_one_nodes_sigterm_and_match_one_process(arte
     the checkpoint; the two-node resume then gives the one-process losses at the same global batch."""
     out = artefacts["root"] / "two-nodes"
     for attempt, resume in enumerate(([], ["--resume"])):
-        command = two_node_launcher(29561, f"two-nodes-{attempt}") + ["-m", "train_student",
-                              *_train_args(artefacts, out, "--device", "cpu", *resume)]
+        command = two_node_launcher(29561, f"two-nodes-{attempt}") + [
+            "-m", "train_student", *_train_args(artefacts, out, "--device", "cpu", *resume)]
         first = subprocess.Popen(command, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(2)  # the first launcher hosts the rendezvous store; the second node is the one preempted
         second = subprocess.Popen(command, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
