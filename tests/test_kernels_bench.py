@@ -33,11 +33,7 @@ def test_bench_without_gpu_says_so_and_writes_every_row(tmp_path):
     assert all(row["floor_ms_compute"] > 0 for row in floors)
 
 
-@pytest.mark.e2e
-def test_static_cost_report_from_the_sm90_sweep(quick_sweep, capsys):
-    static = static_report(quick_sweep)
-    print_static(static)
-    assert "static cost" in capsys.readouterr().out
+def _check_static(static: dict) -> None:
     costs = static["costs"]
     kernels = {row["kernel"] for row in costs}
     assert {"expert_mix", "expert_grad", "relation_kl_fwd", "relation_kl_bwd", "gelu_layer_norm_bwd"} <= kernels
@@ -56,3 +52,20 @@ def test_static_cost_report_from_the_sm90_sweep(quick_sweep, capsys):
     totals = {row["call"]: row for row in static["totals"]}
     assert set(totals) == {"decoder B256 L257", "decoder CLS B768 L1", "relation fp16 targets", "relation int8 targets"}
     assert totals["decoder B256 L257"]["kernels"] == 6 and totals["relation fp16 targets"]["kernels"] == 2
+
+
+@pytest.mark.e2e
+def test_static_cost_report_from_the_sm90_sweep(quick_sweep, capsys):
+    static = static_report(quick_sweep)
+    print_static(static)
+    assert "static cost" in capsys.readouterr().out
+    _check_static(static)
+
+
+@pytest.mark.e2e
+def test_the_static_checks_refuse_a_prediction_that_is_only_the_floor(quick_sweep):
+    static = static_report(quick_sweep)
+    static["costs"] = [dict(row, **{f"predicted_ms_{gpu}": row[f"floor_ms_{gpu}"] for gpu in ("H100", "H200")})
+                       for row in static["costs"]]
+    with pytest.raises(AssertionError):
+        _check_static(static)
