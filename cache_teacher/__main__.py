@@ -19,7 +19,8 @@ from dpal.config import TeacherSpec
 from dpal.recipes import TEACHERS, list_recipes
 
 
-def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
+def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.ArgumentParser:
+    """The command line of `python -m cache_teacher`, accepting the names of `teachers`."""
     # Only light modules here (no torch, zarr or FFCV): `--help` answers at once.
     from formats.cli import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE, NON_NEGATIVE,
                              POSITIVE, SEED, TARGET_FORMATS, add_teacher_option_arguments, device_name, integer)
@@ -139,9 +140,11 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
 
 def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
     from formats.cli import exit_status, parse_teacher_options
+    from formats.runtime import startup
 
-    parser = _parser(teachers)
+    parser = cache_parser(teachers)
     args = parser.parse_args(argv)
+    startup()
     if args.command in ("run", "bench"):
         args.teacher_options = parse_teacher_options(parser, args, teachers[args.teacher])
     # A stopped run keeps its finished shards: say so, and how to go on.

@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from dpal.config import ViewConfig
+from formats.runtime import startup
 from dpal.views import (background_indices, denormalize, render_local_crops, render_view_sets,
                         sample_local_crops, sample_view_sets, to_rgb_uint8)
 
@@ -447,6 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--out", default="views.png", help="PNG to write (default views.png)")
 
     args = parser.parse_args(argv)
+    startup()
     if args.command == "bench" and bool(args.images) != bool(args.backgrounds):
         parser.error("bench: give both --images and --backgrounds, or neither (synthetic images)")
     if args.command == "bench" and args.against and not args.count_ops:

@@ -8,7 +8,7 @@ import torch
 
 from dpal.config import TeacherSpec
 from dpal.decoder import DynamicPatternDecoder
-from dpal.losses import dequantize_rows, global_loss, local_loss, relation_kl, total_loss
+from dpal.losses import dequantize_rows, global_loss, local_loss, LossTerms, relation_kl
 
 GLOBAL_PATTERN, LOCAL_PATTERN, RELATION_PATTERN = 0, 1, 2
 
@@ -18,7 +18,7 @@ def distill_step_losses(student: torch.nn.Module, decoder: DynamicPatternDecoder
                         global_target: torch.Tensor, local_target: torch.Tensor, local_mask: torch.Tensor,
                         relation_target: torch.Tensor, moe_loss_weight: float,
                         local_scale: torch.Tensor | None = None,
-                        relation_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                        relation_scale: torch.Tensor | None = None) -> LossTerms:
     """All loss terms of one step and their total.
 
     Views: global_view [B,3,256,128], local_views [B,V,3,128,96] (V local crops, may be 0),
@@ -26,8 +26,8 @@ def distill_step_losses(student: torch.nn.Module, decoder: DynamicPatternDecoder
     local_scale [B,N] allowed), local_mask [B,N], relation_target [B,Nc,Nc] probabilities (int8 codes of
     `dpal.losses.quantize_relation` with relation_scale [B,Nc] allowed). moe_loss_weight: `dpal.losses.moe_weight(epoch, optim)`.
 
-    Returns {'global', 'local', 'relation', 'moe' (unweighted mean gate CE), 'experts', 'total'};
-    total = global + local + relation + moe_loss_weight * moe + experts.
+    Returns the `LossTerms` (moe: the unweighted mean gate CE; total = global + local + relation +
+    moe_loss_weight * moe + experts).
     """
     batch = global_view.shape[0]
     if local_views.dim() != 5 or local_views.shape[0] != batch:
@@ -60,12 +60,9 @@ def distill_step_losses(student: torch.nn.Module, decoder: DynamicPatternDecoder
 
     calls = [(cls_call, 1 + num_local), (local_call, 1), (relation_call, 1)]
     num_calls = sum(count for _, count in calls)
-    terms = {
-        "global": global_loss(student_globals, global_target),
-        "local": local_loss(local_call.y, local_target, local_mask),
-        "relation": relation_kl(relation_call.y, relation_target, relation_scale),
-        "moe": sum(call.aux_loss * count for call, count in calls) / num_calls,
-        "experts": sum(call.experts_loss * count for call, count in calls) / num_calls,
-    }
-    terms["total"] = total_loss(terms, moe_loss_weight)
-    return terms
+    return LossTerms.summed(global_=global_loss(student_globals, global_target),
+                            local=local_loss(local_call.y, local_target, local_mask),
+                            relation=relation_kl(relation_call.y, relation_target, relation_scale),
+                            moe=sum(call.aux_loss * count for call, count in calls) / num_calls,
+                            experts=sum(call.experts_loss * count for call, count in calls) / num_calls,
+                            moe_loss_weight=moe_loss_weight)

@@ -6,6 +6,7 @@ callers call the op `relation_kl` (`dpal.dispatch.Op`), which runs what is regis
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +146,28 @@ def moe_weight(epoch: int | float, optim: OptimConfig) -> float:
     return before if epoch < optim.moe_switch_epoch else after
 
 
-def total_loss(terms: dict[str, torch.Tensor], moe_loss_weight: float) -> torch.Tensor:
-    """total = L_global + L_local + L_relation + w_moe * L_moe + L_exp (terms keyed by those names)."""
-    return (terms["global"] + terms["local"] + terms["relation"]
-            + moe_loss_weight * terms["moe"] + terms["experts"])
+class LossTerms(NamedTuple):
+    """One step's loss terms (spec section 6) in the one order that the step, the metrics and the log use:
+    the total first, then L_global, L_local, L_relation, the unweighted MoE gate loss and L_exp. Tensors on
+    the step's path, floats once read on the host."""
+    total: torch.Tensor | float
+    global_: torch.Tensor | float  # `global` is a Python keyword; `names()` spells it as written everywhere else
+    local: torch.Tensor | float
+    relation: torch.Tensor | float
+    moe: torch.Tensor | float
+    experts: torch.Tensor | float
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The terms' written names, in order (metrics columns, log tags, messages)."""
+        return tuple(field.rstrip("_") for field in cls._fields)
+
+    @classmethod
+    def summed(cls, global_, local, relation, moe, experts, moe_loss_weight: float) -> LossTerms:
+        """The terms with their total = L_global + L_local + L_relation + w_moe * L_moe + L_exp."""
+        return cls(global_ + local + relation + moe_loss_weight * moe + experts, global_, local, relation, moe,
+                   experts)
+
+    def by_name(self) -> dict:
+        """{written name: value} in order (a metrics row, a message)."""
+        return dict(zip(self.names(), self))

@@ -29,22 +29,16 @@ from typing import Callable
 import google_crc32c
 import numpy as np
 import torch
-
-_TORCH_THREADS = torch.get_num_threads()
-from ffcv.fields import BytesField, IntField  # noqa: E402
+from ffcv.fields import BytesField, IntField
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.bytes import BytesDecoder
 from ffcv.libffcv import imdecode
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.state import State
-from ffcv.reader import Reader  # noqa: E402
+from ffcv.reader import Reader
 
-from dpal.errors import UserError, file_problem  # noqa: E402
-
-# Importing FFCV sets torch's intra-op threads to 1 (ffcv.pipeline.compiler); that would make the teacher
-# forward of the cache stage 2x slower on 2 cores. Undo it (FFCV's Loader sets its own count when built).
-torch.set_num_threads(_TORCH_THREADS)
+from dpal.errors import UserError, file_problem
 
 IMAGE_FIELDS = ("image", "height", "width", "crc32c")
 

@@ -451,16 +451,19 @@ def static_totals(costs: list[dict]) -> list[dict]:
     return totals
 
 
-def static_report() -> dict:
+def static_report(sweep: dict | None = None) -> dict:
     """Compile facts and predicted times of every kernel at the ViT-Ti shapes (batch 256, and the stacked CLS
-    call at 768), from the sm_90 compile sweep in a child process (`kernels.sweep --quick`; no GPU needed)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "sweep.json"
-        done = subprocess.run([sys.executable, "-m", "kernels.sweep", "--quick", "--json", str(path)],
-                              env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True)
-        if not path.exists():
-            return {"error": f"kernels.sweep exited {done.returncode}: {done.stderr.strip()[-300:]}"}
-        report = json.loads(path.read_text())
+    call at 768), from the sm_90 compile sweep: `sweep`, a `kernels.sweep --quick --json` report already made,
+    or else one made in a child process (no GPU needed)."""
+    if sweep is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "sweep.json"
+            done = subprocess.run([sys.executable, "-m", "kernels.sweep", "--quick", "--json", str(path)],
+                                  env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True)
+            if not path.exists():
+                return {"error": f"kernels.sweep exited {done.returncode}: {done.stderr.strip()[-300:]}"}
+            sweep = json.loads(path.read_text())
+    report = dict(sweep)
     shapes = ("B256 D192 Do768 L257", "B768 D192 Do768 L1", "B256 N257 D768")
     report["costs"] = [c for c in report["costs"] if c["case"].startswith(shapes)]
     report["totals"] = static_totals(report["costs"])

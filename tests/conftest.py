@@ -1,6 +1,54 @@
-# The test session's explicit choice of how Triton runs the kernels, made before any test module imports
-# triton (timm does): a TRITON_INTERPRET already set is kept, otherwise the interpreter runs them on CPU
-# tensors exactly when no CUDA device is visible. Child processes inherit the choice through the environment.
+# The test session's process-wide state, set before any test module imports triton (timm does) or FFCV, as
+# each command sets it at its start: Triton's mode (a TRITON_INTERPRET already set is kept, otherwise the
+# interpreter runs the kernels on CPU tensors exactly when no CUDA device is visible; child processes inherit
+# the choice through the environment), then `formats.runtime.startup` (torch's threads across FFCV's import).
+import sys
+
+import pytest
+
+from formats.runtime import startup
 from kernels import select_interpreter
 
 select_interpreter()
+startup()
+
+
+@pytest.fixture(autouse=True)
+def restored_op_table():
+    """The method's op table (`dpal.dispatch`) is process-wide: what a test registers or forces (a command run
+    in-process registers the fused ops) is undone after it."""
+    from dpal import dispatch
+
+    ops = [value for name, module in list(sys.modules.items()) if name.startswith("dpal.")
+           for value in vars(module).values() if isinstance(value, dispatch.Op)]
+    saved = [(op, dict(op.implementations)) for op in ops], dispatch.reference_forced()
+    yield
+    for op, implementations in saved[0]:
+        op.implementations = implementations
+    dispatch.force_reference(saved[1])
+
+
+@pytest.fixture(scope="session")
+def quick_sweep(tmp_path_factory) -> dict:
+    """The report of `kernels.sweep --quick` (the representative kernels compiled for sm_90; no GPU needed),
+    compiled once per session for every test that reads it."""
+    import json
+    import os
+    import subprocess
+
+    report = tmp_path_factory.mktemp("sweep") / "sweep.json"
+    done = subprocess.run([sys.executable, "-m", "kernels.sweep", "--quick", "--json", str(report)],
+                          env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return json.loads(report.read_text())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a CUDA device: without one each is skipped, with the reason in the summary."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))

@@ -30,6 +30,7 @@ from dpal.teachers import build_teacher, release_checkpoint
 from dpal.views import VIEW_SET_FIELDS
 from formats.images import ImageFile
 from formats.store import StoreError, open_store
+from helpers import two_node_launcher
 
 TINY = TeacherSpec("tiny-vit", "vit", "vit_base_patch16_224", width=32, depth=2, num_heads=2, patch_size=16,
                    token_stride=16, has_cls=True)
@@ -113,6 +114,7 @@ def test_store_contents(reference):
     assert not np.array_equal(block["view_params"][0], other_set["view_params"][0])  # K distinct view sets
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_bit_identical(inputs, reference):
     cfg = _config(inputs, "killed.zarr")  # same command (batch size included: GEMM rounding depends on it)
     command = [sys.executable, str(inputs / "cli.py"), *_cli_args(cfg)]
@@ -137,6 +139,7 @@ def test_killed_run_resumes_bit_identical(inputs, reference):
     _assert_same_store(reference.out, cfg.out)
 
 
+@pytest.mark.e2e
 def test_two_rank_torchrun_equals_one_process(inputs, reference):
     cfg = _config(inputs, "ranks.zarr")
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -195,6 +198,7 @@ def test_rerun_detects_and_rewrites_a_damaged_shard(inputs, reference, tmp_path,
     _assert_same_store(reference.out, str(copy))
 
 
+@pytest.mark.e2e
 def test_second_writer_of_a_store_is_refused_while_the_first_runs(inputs, reference):
     """Two real `run` processes on one --out: the second is refused in one line, before writing anything (it
     used to pass the existence check, skip the identity check and mix its shards in), whether or not the first
@@ -405,6 +409,7 @@ def test_damaged_files_and_wrong_paths_are_one_line_naming_them(inputs, referenc
         open_store(copy).read_block(0, 0)
 
 
+@pytest.mark.e2e
 def test_signals_stop_the_run_in_one_line_and_it_resumes_bit_identical(inputs, reference):
     cfg = _config(inputs, "signalled.zarr")
     command = [sys.executable, str(inputs / "cli.py"), *_cli_args(cfg)]
@@ -430,11 +435,8 @@ def test_signals_stop_the_run_in_one_line_and_it_resumes_bit_identical(inputs, r
 
 
 def two_node_torchrun(port: int, command: list[str], env: dict, timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    """Two torchrun launchers on this machine as two "nodes" of one job (--nnodes 2, one process each, c10d
-    rendezvous on 127.0.0.1): what a two-machine cluster job runs, with its own launcher per node."""
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    launcher = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                f"127.0.0.1:{port}", "--rdzv-id", f"dpal-test-{port}", "--max-restarts", "0"]
+    """Two `two_node_launcher`s running `command`, each to its end."""
+    launcher = two_node_launcher(port, f"dpal-test-{port}")
     nodes = [subprocess.Popen(launcher + command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(2)]
     results = []
@@ -444,6 +446,7 @@ def two_node_torchrun(port: int, command: list[str], env: dict, timeout: float =
     return results
 
 
+@pytest.mark.e2e
 def test_two_nodes_write_the_same_store_as_one_process(inputs, reference):
     cfg = _config(inputs, "two-nodes.zarr")
     nodes = two_node_torchrun(29541, [str(inputs / "cli.py"), *_cli_args(cfg)], dict(os.environ, OMP_NUM_THREADS="1"))

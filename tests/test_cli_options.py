@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cache_teacher.__main__ import _parser as cache_parser
+from cache_teacher.__main__ import cache_parser
 from cache_teacher.__main__ import main as cache_main
 from dpal.recipes import TEACHERS
 from train_student.__main__ import main as train_main

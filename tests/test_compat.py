@@ -22,7 +22,7 @@ from dpal.config import DecoderSpec
 from dpal.decoder import DynamicPatternDecoder
 from dpal.recipes import get_recipe
 from dpal.students import build_student
-from test_teachers import RefAttention  # fused-qkv attention with timm's names, as the original's
+from helpers import RefAttention  # fused-qkv attention with timm's names, as the original's
 
 EPS = 1e-6  # the original's norm_layer
 

@@ -17,6 +17,7 @@ def _run(*args, timeout=2000):
                           timeout=timeout)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tiny mode is the CPU run")
 def test_tiny_mode_runs_every_step_prints_the_table_last_and_writes_json(tmp_path):
     done = _run("--mode", "tiny", "--out", str(tmp_path))

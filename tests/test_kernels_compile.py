@@ -2,16 +2,16 @@
 
 The interpreter that runs the kernels' numerical tests never lowers them to PTX; these tests run Triton's
 compiler and ptxas in child processes where the kernels are defined compiled (TRITON_INTERPRET=0).
-`make test` runs the sweep's representative part (every kernel once, bf16 activations, every target
+`make test-all` runs the sweep's representative part (every kernel once, bf16 activations, every target
 format, the B = 256 and the stacked-CLS B = 768, L = 1 calls); `make check-sm90` runs all of it.
 A second check compiles two configs the project dropped, to show the sweep's checks catch what they claim.
 """
-import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from kernels import decoder_experts, relation_loss
@@ -23,12 +23,9 @@ KERNELS = {"expert_stats", "expert_mix", "expert_grad_stats", "expert_grad", "ge
            "gelu_layer_norm_bwd", "relation_kl_fwd", "relation_kl_bwd"}
 
 
-def test_quick_sweep_compiles_every_kernel_for_sm90(tmp_path):
-    report = tmp_path / "sweep.json"
-    done = subprocess.run([sys.executable, "-m", "kernels.sweep", "--quick", "--json", str(report)], env=COMPILED,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    rows = json.loads(report.read_text())["rows"]
+@pytest.mark.e2e
+def test_quick_sweep_compiles_every_kernel_for_sm90(quick_sweep):
+    rows = quick_sweep["rows"]
     assert {row["kernel"] for row in rows} == KERNELS
     assert all(not row["problems"] and row["facts"]["local_loads"] == row["facts"]["local_stores"] == 0
                for row in rows)
@@ -39,6 +36,7 @@ def test_quick_sweep_compiles_every_kernel_for_sm90(tmp_path):
     assert {"B768 D192 Do768 L1", "B256 D192 Do768 L257"} <= cases
 
 
+@pytest.mark.e2e
 def test_sweep_catches_spills_and_missing_wgmma():
     # Relation forward 64x64x32 with 4 warps and int8 targets spills (it was shipped once); a 32-row tile
     # compiles to warp-level mma.sync (HMMA), not wgmma.

@@ -98,14 +98,14 @@ def _recipe_shapes():
     return [(64, 3, d, o, tokens) for d, o in shapes for tokens in (1, 257)]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="recipe shapes need CUDA")
+@pytest.mark.cuda  # recipe shapes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", _recipe_shapes(), ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference_recipe_shapes(shape, dtype):
     _check_against_reference(shape, dtype, "cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="dispatch picks the fused op on CUDA only")
+@pytest.mark.cuda  # dispatch picks the fused op on CUDA only
 def test_decoder_dispatches_to_fused_op_on_cuda(monkeypatch):
     recipe = RECIPES["path-b_vit-ti"]
     torch.manual_seed(0)

@@ -56,7 +56,7 @@ def test_matches_reference_small(shape, dtype, fmt):
     _check_against_reference(shape, dtype, fmt, "cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="recipe shapes need CUDA")
+@pytest.mark.cuda  # recipe shapes
 @pytest.mark.parametrize("fmt", TARGET_FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(64, 257, 768), (64, 257, 1024), (64, 64, 1024)],

@@ -6,7 +6,7 @@ import torch
 
 from dpal.config import OptimConfig
 from dpal.losses import (RELATION_LOG_RANGE, global_loss, local_loss, moe_weight, quantize_relation, relation_kl,
-                         relation_kl_reference, relation_matrix, relation_probabilities, total_loss)
+                         relation_kl_reference, relation_matrix, relation_probabilities, LossTerms)
 
 
 def _direct_relation(tokens):
@@ -159,6 +159,7 @@ def test_local_loss_is_masked_mse():
 def test_moe_weight_schedule_and_total():
     optim = OptimConfig()
     assert [moe_weight(e, optim) for e in (0, 19, 19.99, 20, 199)] == [0.1, 0.1, 0.1, 0.01, 0.01]
-    terms = {"global": 1.0, "local": 2.0, "relation": 3.0, "moe": 4.0, "experts": 5.0}
-    terms = {k: torch.tensor(v) for k, v in terms.items()}
-    assert math.isclose(float(total_loss(terms, 0.1)), 1 + 2 + 3 + 0.4 + 5, rel_tol=1e-6)
+    terms = LossTerms.summed(*map(torch.tensor, (1.0, 2.0, 3.0, 4.0, 5.0)), moe_loss_weight=0.1)
+    assert math.isclose(float(terms.total), 1 + 2 + 3 + 0.4 + 5, rel_tol=1e-6)
+    assert terms.names() == ("total", "global", "local", "relation", "moe", "experts")
+    assert [float(v) for v in terms.by_name().values()] == [float(terms.total), 1.0, 2.0, 3.0, 4.0, 5.0]

@@ -19,6 +19,7 @@ from torch import nn
 
 from dpal.checkpoints import CheckpointError, load_checkpoint_file
 from dpal.config import TeacherSpec
+from helpers import RefAttention
 from dpal.teachers import (Teacher, build_teacher, interpolate_pos_encoding, load_teacher, release_checkpoint,
                            teacher_targets)
 
@@ -45,19 +46,6 @@ def images(size, batch=2, seed=0):
 
 # --------------------------------------------------------------------------------------- reference ViT (PATH)
 
-class RefAttention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1)
-        return self.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
 
 
 class RefMlp(nn.Module):

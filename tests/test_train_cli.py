@@ -11,13 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
+from helpers import two_node_launcher
 from train_student.__main__ import main
 from train_student.metrics import LOSS_COLUMNS, read_metrics
 
@@ -75,6 +75,7 @@ def _compared(rows):
     return [[row[key] for key in COMPARED] for row in rows]
 
 
+@pytest.mark.e2e
 def test_run_logs_every_step_and_exports_timm_students(reference_run):
     from dpal.students import load_student
 
@@ -101,6 +102,7 @@ def test_run_logs_every_step_and_exports_timm_students(reference_run):
     assert ema_differs
 
 
+@pytest.mark.e2e
 def test_int8_store_trains_like_the_float16_store(artefacts, reference_run):
     """Same teacher, views and data order; only the target format differs. The first step's losses
     agree up to int8 rounding (local: half a step per value; relation: log-domain codes)."""
@@ -141,6 +143,7 @@ def _training_at_step(artefacts, out, steps: int) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_to_the_same_losses(artefacts, reference_run):
     out = artefacts["root"] / "killed"
     process = _training_at_step(artefacts, out, 3)  # step 2 is checkpointed; step 3 is done but not saved
@@ -157,6 +160,7 @@ def test_killed_run_resumes_to_the_same_losses(artefacts, reference_run):
     assert _compared(read_metrics(out / "metrics.csv")) == _compared(read_metrics(reference_run / "metrics.csv"))
 
 
+@pytest.mark.e2e
 def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(artefacts, reference_run):
     out = artefacts["root"] / "ddp"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -300,6 +304,7 @@ def test_a_damaged_store_chunk_stops_training_naming_the_file(artefacts, tmp_pat
     assert not (tmp_path / "run" / "student.safetensors").exists()
 
 
+@pytest.mark.e2e
 def test_resume_refuses_a_store_rebuilt_at_the_same_path(artefacts, tmp_path, capsys):
     from cache_teacher.__main__ import main as cache_main
 
@@ -337,6 +342,7 @@ def test_a_run_of_the_old_view_records_is_not_resumed(artefacts, reference_run, 
     assert {path: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
 
 
+@pytest.mark.e2e
 def test_a_second_process_on_a_run_folder_is_refused(artefacts, reference_run):
     """Two real trainings on one --out: the second (--resume or not) is refused in one line while the first
     runs (they used to both exit 0 and interleave metrics.csv); the first, stopped meanwhile, is undisturbed."""
@@ -394,6 +400,7 @@ def _wait_for(process, ready, what: str, timeout: float = 300):
     assert process.poll() is None, f"training ended before {what}: " + process.stderr.read()
 
 
+@pytest.mark.e2e
 def test_signals_checkpoint_at_the_step_boundary_and_resume_to_the_same_losses(artefacts, reference_run):
     """SIGINT during step 1 of a fresh run, SIGTERM during step 3 of its resume: each stops after that step
     with a checkpoint and one line; the second resume finishes with the uninterrupted run's losses."""
@@ -457,6 +464,7 @@ def _can_mount_tmpfs() -> bool:
     return probe is not None and probe.returncode == 0
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -rm` to mount a small tmpfs (a real full disk)")
 def test_full_disk_is_one_line_naming_the_file(artefacts, tmp_path):
     """A real full disk (tiny tmpfs in a private mount namespace) while creating a store and while saving a
@@ -487,17 +495,15 @@ def test_full_disk_is_one_line_naming_the_file(artefacts, tmp_path):
     assert "creating" not in listed and "run" not in listed.split("train status 2")[1], result.stdout
 
 
+@pytest.mark.e2e
 def test_two_nodes_stop_together_on_one_nodes_sigterm_and_match_one_process(artefacts, reference_run):
     """Scale check: two torchrun launchers as two nodes (c10d rendezvous on 127.0.0.1). The second node is
     preempted (SIGTERM to its launcher) during training: both ranks stop after the same step, rank 0 writes
     the checkpoint; the two-node resume then gives the one-process losses at the same global batch."""
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    launcher = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                "127.0.0.1:29561", "--max-restarts", "0"]
     out = artefacts["root"] / "two-nodes"
     for attempt, resume in enumerate(([], ["--resume"])):
-        command = launcher + ["--rdzv-id", f"two-nodes-{attempt}", "-m", "train_student",
-                              *_train_args(artefacts, out, "--device", "cpu", *resume)]
+        command = two_node_launcher(29561, f"two-nodes-{attempt}") + [
+            "-m", "train_student", *_train_args(artefacts, out, "--device", "cpu", *resume)]
         first = subprocess.Popen(command, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(2)  # the first launcher hosts the rendezvous store; the second node is the one preempted
         second = subprocess.Popen(command, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

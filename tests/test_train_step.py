@@ -7,7 +7,7 @@ from dpal.ahead import HostCopy, RunAhead
 from dpal.recipes import get_recipe
 from dpal.views import background_indices, render_local_crops, render_view_sets, sample_local_crops, sample_view_sets
 from formats.targets import Targets
-from test_views import SMALL, random_images
+from helpers import SMALL, random_images
 from train_student.data import FeedBatch
 from train_student.prefetch import render_ahead
 from train_student.step import CachedTargets, COMPILED_PARTS, build_distiller
@@ -25,8 +25,7 @@ def _batch(seed: int, n: int, pool: list[torch.Tensor]) -> FeedBatch:
                                      relation_target=torch.rand(n, 3, 3, generator=generator)))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_views_rendered_ahead_are_the_render_calls_pixels(device):
     """Packed (each shared background once), planned and rendered on the producer thread (its own stream on
     CUDA), handed over in order: bit for bit what render_view_sets / render_local_crops give on this thread."""

@@ -15,31 +15,14 @@ from torchvision.transforms import InterpolationMode
 import view_reference
 from dpal import views as V
 from dpal.config import ViewConfig
+from helpers import SMALL, random_image, random_images
 
 # Small output sizes keep the tests fast on CPU; every code path is the one used at 256x128.
-SMALL = ViewConfig(global_size=(32, 16), local_size=(16, 12), crowd_size=(32, 32), paste_y=(0, 14),
-                   first_person_x=(0, 6), second_person_x_max=20)
 # torchvision resizes with PyTorch's sparse separable kernel, we with dense float32 matmuls: the sums
 # run in another order (and PyTorch upsampling weights are float32), so pixels differ by a few ulps.
 RESIZE_TOL = 1e-5
 # Composed pipelines: the hue op (rgb -> hsv -> rgb) can amplify such differences by a few times.
 PIPELINE_TOL = 5e-5
-
-
-def random_image(generator, height, width, channels=3):
-    """Smooth colour gradients plus noise: hue, saturation and blur all have something to act on."""
-    ys = torch.linspace(0, 1, height)[:, None, None]
-    xs = torch.linspace(0, 1, width)[None, :, None]
-    phase = torch.rand(1, 1, channels, generator=generator) * 6
-    base = 0.5 + 0.4 * torch.sin(6 * ys + 4 * xs + phase)
-    noise = 0.1 * torch.rand(height, width, channels, generator=generator)
-    return ((base + noise).clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def random_images(seed, count, low=20, high=90):
-    generator = torch.Generator().manual_seed(seed)
-    sizes = torch.randint(low, high, (count, 2), generator=generator).tolist()
-    return [random_image(generator, h, w) for h, w in sizes]
 
 
 def to_float(image):
@@ -306,8 +289,7 @@ def test_same_parameters_give_bit_identical_pixels():
 PIXEL_TOL = {"cpu": 1e-5, "cuda": 1 / 255}  # in [0, 1] units: float rounding of another CPU, and CPU vs CUDA
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_views_match_the_pixel_reference_file(device):
     """The sampler still draws the reference's records from its seed, every crop kind (global, background,
     first person, local) resolves to the reference's integer boxes exactly, and the rendered pixels are the
@@ -424,7 +406,7 @@ def test_grey_and_rgba_inputs_render_like_rgb():
     assert V.to_rgb_uint8(np.zeros((4, 5, 1), np.uint8)).shape == (4, 5, 3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_matches_cpu_within_one_grey_level():
     images, backgrounds = random_images(12, 8, 60, 300), random_images(13, 8, 100, 400)
     generator = torch.Generator().manual_seed(12)

@@ -7,8 +7,9 @@ import sys
 from dpal.recipes import RECIPES, list_recipes
 from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, SEED, add_teacher_option_arguments,
                          parse_teacher_options, real)
+from formats.runtime import startup
 from kernels import select_interpreter
-from train_student.spec import TrainSpec
+from train_student.spec import TrainSpec, training_on_cpu
 
 EXAMPLE = """examples:
   python -m train_student --list-recipes
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"the warm-up ({warmup} epochs) is longer than the run ({epochs} epochs); pass "
                      f"--warmup-epochs <= {epochs} or more --epochs")
     select_interpreter()  # before anything imports timm (the teacher options do), and with it triton
+    startup(reuse_freed_memory=training_on_cpu(args.device))  # CPU training feeds pageable batches
     teacher_options = parse_teacher_options(parser, args, RECIPES[args.recipe].teacher)
     from train_student.data import default_workers
     from train_student.train import run_training

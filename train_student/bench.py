@@ -24,6 +24,7 @@ from pathlib import Path
 from dpal.recipes import get_recipe, list_recipes
 from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, add_teacher_option_arguments,
                          parse_teacher_options)
+from formats.runtime import startup
 from kernels import select_interpreter
 
 
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.teacher_weights is None and not args.feed_only:
         cli.error("--teacher-weights is required (or pass --feed-only)")
     select_interpreter()  # before anything imports timm (the teacher options do), and with it triton
+    startup(reuse_freed_memory=True)  # the feed-alone figure is of pageable batches, as CPU training feeds them
     args.teacher_options = parse_teacher_options(cli, args, get_recipe(args.recipe).teacher)
     from formats.cli import exit_status
     return exit_status(lambda: bench(args))

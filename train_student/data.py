@@ -22,9 +22,7 @@ the ones recorded for the batch's image indices). Every seeded draw comes from `
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +40,7 @@ from dpal.views import background_indices
 from formats import view_records
 from formats.images import ImageFile, image_pipelines, unflatten_images
 from formats.targets import VIEW_PARAMS_ARRAY, Targets
+from train_student.spec import training_on_cpu
 
 
 @dataclass(frozen=True)
@@ -289,36 +288,21 @@ class TargetPrefetcher:
                 pass
 
 
-def make_image_loader(images_path, plan: FeedPlan, *, workers: int) -> tuple[Loader, PlannedOrder]:
-    """FFCV loader over the images file in the plan's order (one rank, one micro-batch per iteration)."""
-    order = PlannedOrder(plan)
-    loader = Loader(str(images_path), batch_size=plan.micro_batch, num_workers=workers, order=order,
-                    pipelines=image_pipelines(images_path), drop_last=True, os_cache=True, batches_ahead=3)
-    return loader, order
+class PlannedLoader(Loader):
+    """FFCV loader over the images file in the plan's order (one rank, one micro-batch per iteration). `epoch`
+    is the one place that positions FFCV's epoch counter, so any epoch starts at any of its micro-batches."""
 
+    def __init__(self, images_path, plan: FeedPlan, *, workers: int):
+        self.planned_order = PlannedOrder(plan)
+        super().__init__(str(images_path), batch_size=plan.micro_batch, num_workers=workers,
+                         order=self.planned_order, pipelines=image_pipelines(images_path), drop_last=True,
+                         os_cache=True, batches_ahead=3)
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-
-
-def reuse_freed_batch_memory() -> None:
-    """Let glibc keep freed large blocks for reuse instead of unmapping them (process-wide; Linux/glibc only).
-
-    Each pageable batch holds ~80 MB of PATH-B targets in tensors above glibc's mmap threshold, so by default
-    every batch is a fresh mmap whose pages are faulted in and zeroed by the kernel, then unmapped when the
-    step drops it: that cost 60% of the feed's batch assembly (~0.2 ms of CPU per sample). With large blocks
-    served from the heap and not trimmed, the next batch reuses the freed pages. Resident memory then stays
-    at its peak (a few batches), as it would anyway during training. Pinned batches (GPU training) come
-    from torch's caching host allocator and do not need this.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl): keep the allocator's defaults
-        return
-    limit = 2 ** 32 - 1
-    libc.mallopt(_M_MMAP_THRESHOLD, limit)
-    libc.mallopt(_M_TRIM_THRESHOLD, limit)
+    def epoch(self, epoch: int, start_micro: int = 0):
+        """Batches (flat images, heights, widths) of `epoch`, after its first `start_micro` micro-batches."""
+        self.planned_order.resume_at = (epoch, start_micro)
+        self.next_epoch = epoch
+        return iter(self)
 
 
 def default_workers(device_arg: str) -> int:
@@ -326,7 +310,7 @@ def default_workers(device_arg: str) -> int:
 
     Training on the CPU needs its cores for the model: FFCV's decoding threads competing with torch's
     made steps several times slower on a 2-core machine, and one decoding thread keeps up there."""
-    if device_arg == "cpu" or (device_arg == "auto" and not torch.cuda.is_available()):
+    if training_on_cpu(device_arg):
         return 1
     return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
@@ -337,19 +321,15 @@ class CachedFeed:
     def __init__(self, images_path, store, backgrounds: BackgroundPool, plan: FeedPlan, cfg: ViewConfig,
                  *, workers: int, pin: bool):
         self.store, self.backgrounds, self.plan, self.cfg, self.pin = store, backgrounds, plan, cfg, pin
-        self.loader, self.order = make_image_loader(images_path, plan, workers=workers)
+        self.loader = PlannedLoader(images_path, plan, workers=workers)
         self.image_file = ImageFile(images_path)  # the recorded image sizes, for `check_pairing`
-        if not pin:
-            reuse_freed_batch_memory()
 
     def epoch(self, epoch: int, start_micro: int = 0):
         """Yield this rank's FeedBatches of `epoch`, starting after `start_micro` micro-batches."""
-        self.order.resume_at = (epoch, start_micro)
-        self.loader.next_epoch = epoch
         prefetcher = TargetPrefetcher(self.store, self.plan, self.cfg, self.backgrounds, epoch, start_micro,
                                       pin=self.pin)
         try:
-            for micro, (flat, heights, widths) in enumerate(self.loader, start=start_micro):
+            for micro, (flat, heights, widths) in enumerate(self.loader.epoch(epoch, start_micro), start=start_micro):
                 item = prefetcher.get()
                 check_pairing(self.image_file, item["indices"], heights, widths, epoch, micro)
                 yield FeedBatch(indices=item["indices"], images=unflatten_images(flat, heights, widths),
@@ -365,14 +345,12 @@ class OnlineFeed:
     def __init__(self, images_path, backgrounds: BackgroundPool, plan: FeedPlan, cfg: ViewConfig, *,
                  workers: int):
         self.backgrounds, self.plan, self.cfg = backgrounds, plan, cfg
-        self.loader, self.order = make_image_loader(images_path, plan, workers=workers)
+        self.loader = PlannedLoader(images_path, plan, workers=workers)
         self.image_file = ImageFile(images_path)  # the recorded image sizes, for `check_pairing`
 
     def epoch(self, epoch: int, start_micro: int = 0):
-        self.order.resume_at = (epoch, start_micro)
-        self.loader.next_epoch = epoch
         order = self.plan.rank_order(epoch)
-        for micro, (flat, heights, widths) in enumerate(self.loader, start=start_micro):
+        for micro, (flat, heights, widths) in enumerate(self.loader.epoch(epoch, start_micro), start=start_micro):
             view_params = online_view_params(self.plan, self.cfg, epoch, micro, len(self.backgrounds))
             indices = torch.from_numpy(order[micro * self.plan.micro_batch:(micro + 1) * self.plan.micro_batch]
                                        .astype(np.int64))

@@ -9,11 +9,12 @@ import csv
 import io
 from pathlib import Path
 
+from dpal.losses import LossTerms
 from formats.durable import atomic_write
 
 METRICS_CSV = "metrics.csv"
 LOSS_PLOT = "loss.png"
-LOSS_COLUMNS = ("loss", "global", "local", "relation", "moe", "experts")
+LOSS_COLUMNS = LossTerms.names()  # the total first
 COLUMNS = ("step", "epoch") + LOSS_COLUMNS + ("lr", "ema_momentum", "moe_weight", "grad_norm",
                                               "samples_per_s", "data_wait_share")
 
@@ -75,7 +76,8 @@ def plot_losses(csv_path: Path, png_path: Path) -> None:
     steps = [row["step"] for row in rows]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 1))
     for column in LOSS_COLUMNS:
-        ax_loss.plot(steps, [row[column] for row in rows], label=column, linewidth=2.0 if column == "loss" else 1.0)
+        ax_loss.plot(steps, [row[column] for row in rows], label=column,
+                     linewidth=2.0 if column == LOSS_COLUMNS[0] else 1.0)
     ax_loss.set_yscale("log")
     ax_loss.set_ylabel("loss")
     ax_loss.legend(loc="upper right", ncol=3)

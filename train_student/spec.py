@@ -49,3 +49,10 @@ class TrainSpec:
         """The spec of parsed arguments; `resolved` gives the fields the command line worked out itself."""
         values = {**vars(args), **resolved}
         return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls)})
+
+
+def training_on_cpu(device_arg: str) -> bool:
+    """Whether `--device device_arg` trains on the CPU (then its batches are pageable, not pinned)."""
+    import torch
+
+    return device_arg == "cpu" or (device_arg == "auto" and not torch.cuda.is_available())

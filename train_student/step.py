@@ -32,6 +32,7 @@ from dpal.config import OptimConfig, Recipe, token_counts
 from dpal.decoder import DynamicPatternDecoder
 from dpal.distill import distill_step_losses
 from dpal.errors import UserError
+from dpal.losses import LossTerms
 from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
 from dpal.students import build_student
 from dpal.teachers import global_view_targets, teacher_targets
@@ -40,10 +41,6 @@ from formats.images import ImageFile
 from formats.targets import Targets
 from formats.view_records import online_calibration_view_params
 from train_student.data import BackgroundPool, FeedBatch
-from train_student.metrics import LOSS_COLUMNS
-
-# `distill_step_losses` keys in the metrics' column order (its "total" is the CSV's "loss").
-TERM_KEYS = ("total",) + LOSS_COLUMNS[1:]
 
 
 class TrainingError(UserError):
@@ -59,7 +56,7 @@ class Distiller(torch.nn.Module):
         self.student = build_student(recipe)
         self.decoder = DynamicPatternDecoder(recipe.decoder)
 
-    def forward(self, views: dict, targets: dict, moe_loss_weight: float) -> dict[str, torch.Tensor]:
+    def forward(self, views: dict, targets: dict, moe_loss_weight: float) -> LossTerms:
         return distill_step_losses(self.student, self.decoder, self.teacher_spec, **views, **targets,
                                    moe_loss_weight=moe_loss_weight)
 
@@ -179,13 +176,13 @@ def fit_online_mask_calibration(teacher, images_path, backgrounds: BackgroundPoo
 
 def forward_backward(model: torch.nn.Module, ready, source: TargetSource, autocast, moe_loss_weight: float,
                 accum_steps: int) -> torch.Tensor:
-    """Forward and backward of one micro-batch (a `prefetch.ReadyBatch`); its loss terms in `TERM_KEYS`
+    """Forward and backward of one micro-batch (a `prefetch.ReadyBatch`); its `LossTerms` stacked in their
     order, detached, on the device."""
     targets = source.targets(ready.views, ready.staged)
     with autocast:
         terms = model(ready.views, targets, moe_loss_weight)
-    (terms["total"] / accum_steps).backward()
-    return torch.stack([terms[key].detach().float() for key in TERM_KEYS])
+    (terms.total / accum_steps).backward()
+    return torch.stack([term.detach().float() for term in terms])
 
 
 def apply_update(optimizer: torch.optim.Optimizer, lr: float, student_params: list, ema_params: list,
@@ -203,7 +200,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, trained_params: list, stude
                    term_sums: torch.Tensor, *, accum_steps: int, lr: float, momentum: float,
                    world_size: int) -> HostCopy:
     """Average the terms over micro-batches and ranks, take the gradient norm, update weights and EMA.
-    Returns [loss terms in TERM_KEYS order..., gradient norm] on its way to the host (read it a step later:
+    Returns [`LossTerms` in order..., gradient norm] on its way to the host (read it a step later:
     `wait()` then waits for this step's values, not for the steps queued after); nothing here waits."""
     means = term_sums / accum_steps
     if world_size > 1:

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dpal import dispatch
 from dpal.ahead import HostCopy
 from dpal.config import Recipe
-from dpal.losses import moe_weight
+from dpal.losses import LossTerms, moe_weight
 from dpal.recipes import get_recipe
 from dpal.views import STALE_VIEW_RECORDS, VIEW_PARAMS_VERSION
 from formats.cli import Interrupted, exit_status
@@ -41,7 +41,7 @@ import kernels
 from train_student.checkpoint import (CHECKPOINT_NAME, RUN_CONFIG_NAME, claim_run_folder, load_checkpoint, rng_state,
                                       save_checkpoint, set_rng_state)
 from train_student.data import BackgroundPool, CachedFeed, FeedPlan, OnlineFeed
-from train_student.metrics import LOSS_COLUMNS, LOSS_PLOT, METRICS_CSV, MetricsLog, plot_losses
+from train_student.metrics import LOSS_PLOT, METRICS_CSV, MetricsLog, plot_losses
 from train_student.prefetch import render_ahead
 from train_student.spec import TrainSpec
 from train_student.step import (CachedTargets, OnlineTeacher, TrainingError, build_distiller,
@@ -272,19 +272,19 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
             return
         done, pending = pending, None
         *values, grad_norm = done.values.wait().tolist()
+        terms = LossTerms(*values)
         if not all(math.isfinite(v) for v in values + [grad_norm]):
+            named = ", ".join(f"{name}={value}" for name, value in terms.by_name().items())
             raise TrainingError(f"loss or gradient is not finite at step {done.step} (epoch {done.epoch}): "
-                                f"total={values[0]}, terms global={values[1]} local={values[2]} "
-                                f"relation={values[3]} moe={values[4]} experts={values[5]}, "
-                                f"grad norm={grad_norm}; training stopped, {kept()}. Check the store's "
+                                f"{named}, grad norm={grad_norm}; training stopped, {kept()}. Check the store's "
                                 f"targets and the learning rate.")
         if log is not None:
-            log.log({"step": done.step, "epoch": done.epoch, **dict(zip(LOSS_COLUMNS, values)),
+            log.log({"step": done.step, "epoch": done.epoch, **terms.by_name(),
                      "lr": done.lr, "ema_momentum": done.momentum, "moe_weight": done.moe_weight,
                      "grad_norm": grad_norm, "samples_per_s": global_batch / done.seconds,
                      "data_wait_share": done.data_wait / done.seconds})
         if progress is not None:
-            progress.set_postfix(loss=f"{values[0]:.4f}", lr=f"{done.lr:.2e}",
+            progress.set_postfix(loss=f"{terms.total:.4f}", lr=f"{done.lr:.2e}",
                                  samples_s=f"{global_batch / done.seconds:.1f}", refresh=False)
             progress.update(1)
 

@@ -1,0 +1,56 @@
+"""What several test modules share (test modules import from here, never from each other)."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpal.config import ViewConfig
+
+# Small view sizes: every step of the view pipeline at a fraction of the recipe's cost.
+SMALL = ViewConfig(global_size=(32, 16), local_size=(16, 12), crowd_size=(32, 32), paste_y=(0, 14),
+                   first_person_x=(0, 6), second_person_x_max=20)
+
+
+def random_image(generator, height, width, channels=3):
+    """Smooth colour gradients plus noise: hue, saturation and blur all have something to act on."""
+    ys = torch.linspace(0, 1, height)[:, None, None]
+    xs = torch.linspace(0, 1, width)[None, :, None]
+    phase = torch.rand(1, 1, channels, generator=generator) * 6
+    base = 0.5 + 0.4 * torch.sin(6 * ys + 4 * xs + phase)
+    noise = 0.1 * torch.rand(height, width, channels, generator=generator)
+    return ((base + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def random_images(seed, count, low=20, high=90):
+    generator = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(low, high, (count, 2), generator=generator).tolist()
+    return [random_image(generator, h, w) for h, w in sizes]
+
+
+class RefAttention(nn.Module):
+    """Attention with one fused qkv projection and timm's parameter names, as the original checkpoints hold it."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1)
+        return self.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
+
+
+def two_node_launcher(port: int, run_id: str) -> list[str]:
+    """torchrun as one of two "nodes" of a job on this machine (--nnodes 2, one process each, c10d rendezvous
+    on 127.0.0.1:`port`): what a two-machine cluster job runs, each node with its own launcher."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    return [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+            f"127.0.0.1:{port}", "--rdzv-id", run_id, "--max-restarts", "0"]
