@@ -52,6 +52,7 @@ def test_relation_op_passes_opcheck(fmt):
                           (y, target.to(DEVICE), None if scale is None else scale.to(DEVICE)))
 
 
+@pytest.mark.e2e
 def test_whole_distillation_step_compiles_around_the_fused_ops(monkeypatch):
     # The ViT-Ti recipe with a narrow decoder (the interpreter's time grows with D * D_o); fused ops on the
     # device the kernels run on here, as `kernels.register()` makes them on CUDA.
