@@ -10,7 +10,8 @@ import errno
 import signal
 import sys
 
-from dpal.arguments import NON_NEGATIVE, POSITIVE, integer, output_file, output_folder, real  # noqa: F401 (re-exported)
+from dpal.arguments import (NON_NEGATIVE, POSITIVE, integer, output_file, output_folder, real,  # noqa: F401 (re-exported)
+                            usable_cores, worker_count)
 from dpal.config import TeacherSpec
 from dpal.errors import UserError
 

@@ -157,6 +157,21 @@ class StoreSpec:
         return {"teacher": self.teacher_spec.name, **spec_dict(self)}
 
 
+# Every attribute a store's record holds besides its identity: what reading it needs, its inputs' locations and
+# its unique id. A store lacking any of these or of its identity (an edited or damaged zarr.json) is refused by
+# training and `verify` alike: runs made from it could not be told apart from another store's.
+RECORD_ATTRS = ("mask_calibration", "view_fields", "crowd_tokens", "images_path", "backgrounds_path", "store_id")
+
+
+def check_record_complete(attrs: dict, path: Path) -> None:
+    required = ["teacher", *(field.name for field in dataclasses.fields(StoreSpec)), *RECORD_ATTRS]
+    missing = [key for key in required if key not in attrs]
+    if missing:
+        raise StoreError(f"{path} lacks {', '.join(missing)} in its record ({path / 'zarr.json'}, attribute "
+                         f"'{ATTRS_KEY}'): it was edited or damaged and cannot be told apart from another store; "
+                         f"rebuild it with `python -m cache_teacher run` into a new --out folder")
+
+
 def plan_layout(spec: TeacherSpec, cfg: ViewConfig, *, num_images: int, views_per_image: int, view_fields: int,
                 target_format: str, chunk_images: int | None = None, shard_images: int | None = None) -> StoreLayout:
     """Chunk = smallest power of two of images whose `local` chunk (one view set) is >= 1 MiB; shard ~256 MiB."""
@@ -233,8 +248,9 @@ def file_crc32c(path: str | os.PathLike, block: int = 1 << 22) -> int:
 
 
 def store_lock_path(store: str | os.PathLike) -> Path:
-    """The lock file of a store: a hidden sibling, since the store itself appears only when complete."""
-    store = Path(store)
+    """The lock file of a store: a hidden sibling, since the store itself appears only when complete; beside the
+    store's real location, so that every path to it (a symlink, `..`) meets the same lock."""
+    store = Path(store).resolve()
     return store.with_name(f".{store.name}.lock")
 
 
@@ -461,6 +477,7 @@ class TargetStore:
         self.attrs = read_attrs(self.path)
         check_format_version(self.attrs, self.path)
         check_spec_version(self.attrs, self.path)
+        check_record_complete(self.attrs, self.path)
         group = _open_group(self.path, "r")
         self.layout = layout_from_attrs(self.attrs)
         try:

@@ -33,9 +33,12 @@ from queue import Empty, Full, Queue
 
 import numpy as np
 import torch
+import numba
 from ffcv.loader import Loader
+from ffcv.pipeline.compiler import Compiler
 from ffcv.traversal_order.base import TraversalOrder
 
+from dpal.arguments import usable_cores
 from dpal.config import ViewConfig
 from dpal.errors import UserError
 from dpal.views import background_indices
@@ -289,8 +292,28 @@ class TargetPrefetcher:
                 pass
 
 
+def _set_decoding_threads(cls, count: int) -> None:
+    cls.num_threads = count if count >= 1 else usable_cores()
+    numba.set_num_threads(cls.num_threads)
+
+
+def decouple_decoding_threads() -> None:
+    """Make FFCV's thread setting (`Compiler.set_num_threads`, called when a loader is built and in its decoding
+    thread) set numba's decoding threads only: it also set torch's, so --workers chose the threads of the
+    model's CPU arithmetic and a run, or a resume, with another --workers computed other losses. The trainer
+    sets torch's threads itself (`compute_threads`)."""
+    Compiler.set_num_threads = classmethod(_set_decoding_threads)
+
+
+def compute_threads(recorded: int | None) -> int:
+    """torch's CPU threads for a run: the recorded count on resume (their number changes the float summation
+    order of CPU kernels, so a resume keeps it), else this rank's share of the usable cores."""
+    return recorded or max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def make_image_loader(images_path, plan: FeedPlan, *, workers: int) -> tuple[Loader, PlannedOrder]:
     """FFCV loader over the images file in the plan's order (one rank, one micro-batch per iteration)."""
+    decouple_decoding_threads()
     order = PlannedOrder(plan)
     loader = Loader(str(images_path), batch_size=plan.micro_batch, num_workers=workers, order=order,
                     pipelines=image_pipelines(images_path), drop_last=True, os_cache=True, batches_ahead=3)
@@ -328,7 +351,7 @@ def default_workers(device_arg: str) -> int:
     made steps several times slower on a 2-core machine, and one decoding thread keeps up there."""
     if device_arg == "cpu" or (device_arg == "auto" and not torch.cuda.is_available()):
         return 1
-    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 class CachedFeed:
