@@ -15,6 +15,8 @@ REFUSED = [
     (["-m", "kernels.bench", "--batch", "-1"], "--batch", "-1 is out of range: must be >= 1"),
     (["-m", "kernels.bench", "--reps", "0"], "--reps", "0 is out of range: must be >= 1"),
     (["-m", "kernels.bench", "--json", f"{MISSING}/bench.json"], "--json", f"folder {MISSING} does not exist"),
+    (["-m", "train_student", "--workers", "100000"], "--workers", "CPU cores"),
+    (["-m", "train_student", "bench", "--feed-workers", "100000"], "--feed-workers", "CPU cores"),
     (["-m", "kernels.sweep", "--quick", "--workers", "0"], "--workers", "0 is out of range: must be 1.."),
     (["-m", "kernels.sweep", "--quick", "--workers", "100000"], "--workers", "CPU cores"),
     (["-m", "kernels.sweep", "--quick", "--json", f"{MISSING}/x.json"], "--json", f"folder {MISSING} does not"),

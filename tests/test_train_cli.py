@@ -18,6 +18,7 @@ import pytest
 import torch
 import zarr
 
+from dpal.arguments import usable_cores
 from train_student.__main__ import main
 from train_student.metrics import LOSS_COLUMNS, read_metrics
 
@@ -318,6 +319,31 @@ def test_resume_refuses_a_store_rebuilt_at_the_same_path(artefacts, tmp_path, ca
     assert "store_identity.store_id: recorded '" in err
     assert "store_identity.seed: recorded 0, now 1" in err and "store_identity.num_images: recorded 6, now 4" in err
     assert "store_identity.mask_calibration" in err and len(err) < 3000  # named, not printed in full
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="resumes with --workers 2")
+def test_a_resume_with_other_decoding_workers_is_bit_identical_and_other_arithmetic_is_refused(
+        artefacts, reference_run, capsys):
+    """--workers sets FFCV's decoding threads only: a run stopped after 2 steps and resumed with --workers 2
+    gives the uninterrupted --workers 1 run's losses exactly (it used to set torch's threads too). A resume
+    that changes the arithmetic, or finds another run's checkpoint, is refused in one line and changes nothing."""
+    out = artefacts["root"] / "workers"
+    first = _python("-m", "train_student", *_train_args(artefacts, out, "--max-steps", "2"))
+    assert first.returncode == 0, first.stderr
+    recorded, checkpoint = (out / "run.json").read_text(), (out / "checkpoint.pt").read_bytes()
+    for extra, named in ((("--compile",), "compile: recorded False, now True"),
+                         (("--deterministic",), "deterministic: recorded False, now True")):
+        status, err = _refusal(capsys, _train_args(artefacts, out, "--resume", *extra))
+        assert status == 2 and err.count("\n") == 1 and named in err and "pass --inexact-resume" in err, err
+    shutil.copy(reference_run / "checkpoint.pt", out / "checkpoint.pt")  # same settings, another run
+    status, err = _refusal(capsys, _train_args(artefacts, out, "--resume"))
+    assert status == 2 and "belongs to another run" in err and "it was copied or moved here" in err, err
+    (out / "checkpoint.pt").write_bytes(checkpoint)
+    assert (out / "run.json").read_text() == recorded and not (out / ".lock").exists()
+    resumed = _python("-m", "train_student", *_train_args(artefacts, out, "--resume", "--workers", "2"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert _compared(read_metrics(out / "metrics.csv")) == _compared(read_metrics(reference_run / "metrics.csv"))
+    assert json.loads((out / "run.json").read_text())["workers"] == 2 and not (out / ".lock").exists()
 
 
 def test_a_second_process_on_a_run_folder_is_refused(artefacts, reference_run):
