@@ -8,7 +8,7 @@ import pytest
 
 from formats.durable import WriterLock, WriterRefusedError, job_writer_lock
 from formats.store import store_lock_path
-from train_student.checkpoint import RunFolderError, claim_run_folder
+from train_student.checkpoint import RunFolderError, claim_run_folder, recorded_run_id, save_checkpoint
 
 KEYS = dict(resumable_keys={"max_steps"}, inexact_keys={}, inexact=False)
 
@@ -48,15 +48,16 @@ def test_a_run_folder_lock_is_on_the_folder_whatever_the_path_and_a_refusal_leav
     run, link = tmp_path / "run", tmp_path / "link"
     config = {"recipe": "a", "max_steps": 5}
     held = claim_run_folder(run, config, resume=False, **KEYS)
+    save_checkpoint(run, {"step": 1}, recorded_run_id(run))
     link.symlink_to(run)
     with pytest.raises(RunFolderError, match="is being written by"):
         claim_run_folder(link, config, resume=True, **KEYS)
     held.release()
-    assert sorted(p.name for p in run.iterdir()) == ["run.json"]  # lock removed on release
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "run.json"]  # lock removed on release
     with pytest.raises(RunFolderError, match="already holds another run"):
         claim_run_folder(link, config, resume=False, **KEYS)
     with pytest.raises(RunFolderError, match="recipe: recorded 'a', now 'b'"):
         claim_run_folder(tmp_path / "run" / ".." / "run", {**config, "recipe": "b"}, resume=True, **KEYS)
-    assert sorted(p.name for p in run.iterdir()) == ["run.json"]  # refused: no lock file left behind
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "run.json"]  # refused: no lock file left behind
     claim_run_folder(link, {**config, "max_steps": 9}, resume=True, **KEYS).release()
-    assert sorted(p.name for p in run.iterdir()) == ["run.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "run.json"]

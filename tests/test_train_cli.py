@@ -340,7 +340,8 @@ def test_a_resume_with_other_decoding_workers_is_bit_identical_and_other_arithme
     assert status == 2 and "belongs to another run" in err and "it was copied or moved here" in err, err
     (out / "checkpoint.pt").write_bytes(checkpoint)
     assert (out / "run.json").read_text() == recorded and not (out / ".lock").exists()
-    resumed = _python("-m", "train_student", *_train_args(artefacts, out, "--resume", "--workers", "2"))
+    resumed = _python("-m", "train_student", *_train_args(artefacts, out, "--resume", "--workers", "2",
+                                                          "--checkpoint-every", "1"))
     assert resumed.returncode == 0, resumed.stderr
     assert _compared(read_metrics(out / "metrics.csv")) == _compared(read_metrics(reference_run / "metrics.csv"))
     assert json.loads((out / "run.json").read_text())["workers"] == 2 and not (out / ".lock").exists()
@@ -491,7 +492,9 @@ def test_full_disk_is_one_line_naming_the_file(artefacts, tmp_path):
     assert "cache status 2" in result.stdout and "train status 2" in result.stdout, result.stdout + result.stderr
     assert f"error: cannot create store {store}: No space left on device" in result.stderr, result.stderr
     assert any(line.startswith(f"error: cannot write checkpoint {run / 'checkpoint.pt'} (") and
-               "No space left on device" in line for line in lines), result.stderr
+               f"No space left on device, on the disk mounted at {tiny_run_disk}, " in line and
+               line.endswith("no checkpoint had been written yet, so the run folder is removed: free space and "
+                             "run the same command again, without --resume") for line in lines), result.stderr
     listed = result.stdout.split("cache status 2", 1)[1]
     assert "creating" not in listed and "run" not in listed.split("train status 2")[1], result.stdout
 

@@ -132,6 +132,7 @@ def test_checkpoint_is_replaced_atomically_and_run_folders_are_not_mixed(tmp_pat
 def test_a_resume_that_changes_the_arithmetic_is_refused_unless_inexact_and_then_recorded(tmp_path, capsys):
     run = tmp_path / "run"
     _prepare(run, {"recipe": "a", "max_steps": 5, "compile": False}, resume=False)
+    save_checkpoint(run, {"step": 1}, recorded_run_id(run))
     with pytest.raises(RunFolderError, match=r"compile: recorded False, now True\), so its losses would not "
                                              r"continue bit-identically: pass --compile as recorded; or pass "
                                              r"--inexact-resume"):
@@ -154,6 +155,10 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     assert recorded_run_id(first) != recorded_run_id(second)
     save_checkpoint(first, {"step": 3}, recorded_run_id(first))
     shutil.copy(first / "checkpoint.pt", second / "checkpoint.pt")
+    recorded = (second / "run.json").read_text()
+    with pytest.raises(RunFolderError, match=f"belongs to another run"):  # checked before run.json changes
+        _prepare(second, {"recipe": "a", "max_steps": 9, "compile": False}, resume=True)
+    assert (second / "run.json").read_text() == recorded
     with pytest.raises(RunFolderError, match=f"belongs to another run \\(run id {recorded_run_id(first)}, while "
                                              f".*records {recorded_run_id(second)}\\): it was copied or moved"):
         load_checkpoint(second, recorded_run_id(second))

@@ -83,15 +83,15 @@ class _WriteErrors:
         self.handle.flush()
 
 
-def load_checkpoint(run_dir: Path, run_id: str) -> dict:
+def load_checkpoint(run_dir: Path, run_id: str, *, mmap: bool = False) -> dict:
     """The state saved by `save_checkpoint` for the run `run_id`; a clear error if it is missing, unreadable or
-    another run's."""
+    another run's. `mmap`: map the tensors instead of reading them (to check the checkpoint cheaply)."""
     path = Path(run_dir) / CHECKPOINT_NAME
     if not path.is_file():
         raise RunFolderError(f"--resume: {path} does not exist; the run in {run_dir} has not saved a "
                              f"checkpoint yet (start it again without --resume, after removing the folder)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # damaged, foreign, or holding objects that are not allowed (never unpickled)
         raise RunFolderError(f"--resume: {path}: {unreadable_reason(exc)}") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -159,6 +159,7 @@ def prepare_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumab
                                  f"({'; '.join(arithmetic)}), so its losses would not continue bit-identically: "
                                  f"{remedies}; or pass --inexact-resume to continue anyway (recorded in "
                                  f"{RUN_CONFIG_NAME})")
+        load_checkpoint(run_dir, recorded.get("run_id"), mmap=True)  # this run's, before run.json changes
         if arithmetic:
             print(f"warning: --inexact-resume: continuing with other arithmetic ({'; '.join(arithmetic)}); the "
                   f"losses from here on differ from an uninterrupted run's (recorded in {config_path})",
