@@ -2,7 +2,6 @@
 writer that finishes removes its lock. Real files, real flock, a real second process holding a lock."""
 import subprocess
 import sys
-import time
 
 import pytest
 
