@@ -41,6 +41,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script: the project's argument types (standard library only)
+from dpal.arguments import output_folder, real  # noqa: E402
+
 WHEELHOUSE_MODULES = ("ffcv", "zarr", "numcodecs", "google_crc32c")
 STEP_KEYS = ("cuda-tests", "train", "cache", "kernels")  # for --only
 OLDEST_SUPPORTED = {"torch": (2, 11), "triton": (3, 6), "timm": (1, 0, 23)}  # requirements.txt's lower bounds
@@ -469,8 +472,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="full: recipe shapes on a CUDA GPU; tiny: toy sizes on the CPU (auto: full when a GPU is visible)")
     parser.add_argument("--wheelhouse", type=Path, help="folder from `make wheelhouse`, used when ffcv/zarr/numcodecs "
                         "are not importable (installed into OUT/site, offline)")
-    parser.add_argument("--out", type=Path, default=Path("gpu_check_out"), help="results folder (default gpu_check_out)")
-    parser.add_argument("--budget-s", type=float, help="overall time budget in seconds (default: 470 full, 1800 tiny)")
+    parser.add_argument("--out", type=lambda text: Path(output_folder(text)), default=Path("gpu_check_out"),
+                        help="results folder (default gpu_check_out)")
+    parser.add_argument("--budget-s", type=real(0.0, low_open=True),
+                        help="overall time budget in seconds (> 0; default: 470 full, 1800 tiny)")
     parser.add_argument("--only", metavar="STEP,...", help=f"run only these of {', '.join(STEP_KEYS)} (the environment "
                         "step always runs, and the inputs when train or cache needs them); default: all")
     args = parser.parse_args(argv)

@@ -37,6 +37,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the project's argument types
+from dpal.arguments import output_folder, real  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 REQUIREMENTS = HERE / "wheelhouse.txt"
 SUPPORTED_PYTHONS = ("3.11", "3.12", "3.13")  # zarr 3.1 needs >= 3.11
@@ -207,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--python", default="3.12", metavar="X.Y",
                         help=f"Python version of the GPU machine (default 3.12; supported: {', '.join(SUPPORTED_PYTHONS)})")
-    parser.add_argument("--out", type=Path, help="output folder (default: wheelhouse/pyX.Y)")
-    parser.add_argument("--limit-mib", type=float, default=DEFAULT_LIMIT_MIB,
-                        help=f"fail when the wheels together exceed this (default {DEFAULT_LIMIT_MIB:g})")
+    parser.add_argument("--out", type=lambda text: Path(output_folder(text)), help="output folder (default: wheelhouse/pyX.Y)")
+    parser.add_argument("--limit-mib", type=real(0.0, low_open=True), default=DEFAULT_LIMIT_MIB,
+                        help=f"fail when the wheels together exceed this (> 0, default {DEFAULT_LIMIT_MIB:g})")
     parser.add_argument("--print-python", action="store_true",
                         help="only print the path of the interpreter of --python (for the Makefile)")
     args = parser.parse_args(argv)

@@ -16,10 +16,14 @@ UTF-8 become \xHH (80-ff). The .beton appears only when complete (written under 
 """
 from __future__ import annotations
 
+import errno
 import io
+import math
 import multiprocessing as mp
 import os
 import re
+import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +34,7 @@ from tqdm import tqdm
 
 from dpal.errors import UserError
 from formats.cli import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE
-from formats.durable import atomic_write
+from formats.durable import atomic_write, disk_description
 from formats.images import decode_jpeg, image_fields, jpeg_crc32c
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
@@ -102,15 +106,51 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
     return rows
 
 
-def find_images(src: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) under `src`, each in sorted order."""
+def find_images(src: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """(image files in sorted order, every other entry under `src` with why it is not packed): files of other
+    types, dangling symbolic links, links that loop, links to folders (not followed: a folder's images are
+    packed once, from where they are), entries that are not regular files, folders that cannot be listed."""
     if not src.is_dir():
         raise PackError(f"source folder {src} does not exist or is not a folder")
-    files = sorted(p for p in src.rglob("*") if p.is_file())
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not images:
+    files, skipped = [], []
+    folders = [src]
+    while folders:
+        folder = folders.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            skipped.append((folder.relative_to(src).as_posix(), f"folder cannot be listed ({exc.strerror})"))
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            rel = path.relative_to(src).as_posix()
+            try:
+                is_link, info = entry.is_symlink(), path.stat()
+            except OSError as exc:
+                skipped.append((rel, _unreachable(path, exc)))
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                if is_link:
+                    skipped.append((rel, f"symbolic link to a folder ({os.readlink(path)}), not followed"))
+                else:
+                    folders.append(path)
+            elif not stat.S_ISREG(info.st_mode):
+                skipped.append((rel, "not a regular file (a FIFO, socket or device)"))
+            elif path.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(path)
+            else:
+                skipped.append((rel, f"not an image type pack reads ({path.suffix or 'no suffix'})"))
+    if not files:
         raise PackError(f"source folder {src} holds no images (looked for {sorted(IMAGE_SUFFIXES)})")
-    return images, [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    return sorted(files), skipped
+
+
+def _unreachable(path: Path, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return f"symbolic link loop ({os.readlink(path)})"
+    if isinstance(exc, FileNotFoundError) and path.is_symlink():
+        return f"dangling symbolic link (to {os.readlink(path)}, which does not exist)"
+    return f"cannot be read ({exc.strerror})"
 
 
 def _keepable_jpeg(path: Path, max_side: int) -> tuple[np.ndarray, int, int] | None:
@@ -200,6 +240,22 @@ def _check_output(out: Path) -> None:
         raise PackError(f"output {out} should end in .beton")
 
 
+PAGE_SIZE = 1 << 23  # FFCV's default page: its writer flushes whole pages
+
+
+def _check_space(out: Path, src: Path, scanned: list[ScannedImage], spool: Path) -> None:
+    """Refuse before FFCV's writer starts if the disk cannot hold the file: a writer process that fails on a
+    full disk is never noticed by FFCV's parent, which then waits forever."""
+    sizes = [item.spooled[1] if item.spooled else (src / item.path).stat().st_size for item in scanned]
+    pages = math.ceil(sum(sizes) / max(1, PAGE_SIZE - max(sizes))) + 1  # a sample never straddles two pages
+    needed = pages * PAGE_SIZE + len(scanned) * 256 + (1 << 20)  # + metadata, allocation table, manifest
+    free = shutil.disk_usage(out.parent).free
+    if needed > free:
+        raise PackError(f"{out} needs up to {needed / 2 ** 20:.1f} MiB (FFCV writes whole {PAGE_SIZE >> 20} MiB "
+                        f"pages), {disk_description(out.parent)}; free space, or choose another OUT.beton on a "
+                        f"larger disk (nothing was written)")
+
+
 def _text_lines(lines: list[str]) -> bytes:
     return "".join(line + "\n" for line in lines).encode("utf-8")
 
@@ -213,15 +269,16 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, max_side: int = DEFA
     if max_side < 16:
         raise PackError(f"--max-side {max_side} is too small (use >= 16; default {DEFAULT_MAX_SIDE})")
     _check_output(out)
-    files, others = find_images(src)
+    files, skipped = find_images(src)
     workers = workers or min(os.cpu_count() or 1, 8)
     jobs = [(path, path.relative_to(src).as_posix(), max_side, quality) for path in files]
     report = out.with_name(out.name + ".skipped.tsv")
     manifest = out.with_name(out.name + ".manifest.tsv")
     partial = out.with_name(out.name + ".partial")
     spool = out.with_name(out.name + ".reencoded.partial")
-    scanned, skipped = [], [(p.relative_to(src).as_posix(), f"not an image type pack reads ({p.suffix or 'no suffix'})")
-                            for p in others]
+    scanned = []
+    skip_lines = lambda: _text_lines(["source_path\treason"] + [f"{escape_path(rel)}\t{escape_path(reason)}"
+                                                               for rel, reason in sorted(skipped)])
     try:
         with mp.get_context("fork").Pool(workers) as pool, open(spool, "wb") as spooled:
             for rel, item, reason in tqdm(pool.imap(_scan_one, jobs, chunksize=16), total=len(jobs), unit="img",
@@ -232,18 +289,24 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, max_side: int = DEFA
                 height, width, kept, jpeg = item
                 scanned.append(ScannedImage(rel, height, width, kept, None if kept else (spooled.tell(), len(jpeg))))
                 spooled.write(jpeg)
-        skipped.sort()
-        atomic_write({report: _text_lines(["source_path\treason"] + [f"{escape_path(rel)}\t{escape_path(reason)}"
-                                                                     for rel, reason in skipped])})
         if not scanned:
+            atomic_write({report: skip_lines()})
             raise PackError(f"none of the {len(files)} images under {src} could be read; see {report}")
+        _check_space(out, src, scanned, spool)
         # One writer process: FFCV's parallel writer places samples in pages in whatever order its workers
         # finish, so the same folder would give different bytes; the expensive part (decode, re-encode) ran above.
-        writer = DatasetWriter(str(partial), image_fields(), num_workers=1)
+        writer = DatasetWriter(str(partial), image_fields(), num_workers=1, page_size=PAGE_SIZE)
         writer.from_indexed_dataset(_PackedImages(src, scanned, spool), chunksize=64)
-        atomic_write({manifest: _text_lines([MANIFEST_HEADER] + [
+        # The three files appear together: a failure before leaves none of them (no report of a pack that is not)
+        atomic_write({report: skip_lines(), manifest: _text_lines([MANIFEST_HEADER] + [
             f"{i}\t{escape_path(s.path)}\t{s.height}\t{s.width}\t{'original' if s.kept else 're-encoded'}"
             for i, s in enumerate(scanned)]), out: partial})
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise PackError(f"disk full while packing {out} ({exc.strerror}"
+                        f"{f' writing {exc.filename}' if exc.filename else ''}, {disk_description(out.parent)}); nothing was written: free space and run the command "
+                        f"again") from None
     finally:
         partial.unlink(missing_ok=True)
         spool.unlink(missing_ok=True)
@@ -251,6 +314,6 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, max_side: int = DEFA
     summary = {"packed": len(scanned), "kept": kept, "reencoded": len(scanned) - kept, "skipped": len(skipped),
                "out": str(out), "manifest": str(manifest), "skipped_report": str(report)}
     print(f"packed {len(scanned)} images into {out} ({kept} JPEG kept as-is, {len(scanned) - kept} re-encoded, "
-          f"max side {max_side}); skipped {len(skipped)} files (unreadable or not images)"
+          f"max side {max_side}); skipped {len(skipped)} entries (unreadable, not images, or links not followed)"
           + (f", listed in {report}" if skipped else "") + f"; manifest: {manifest}")
     return summary

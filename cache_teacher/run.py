@@ -267,7 +267,7 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
     except WriterRefusedError as exc:
         raise RunError(str(exc)) from None
     try:  # everything below, the identity check first, happens under the lock
-        resumed = read_attrs(out) if out.exists() else {}
+        resumed = read_attrs(out, "--out") if out.exists() else {}
         # A resumed run keeps the store's batch size unless told otherwise: GEMM rounding depends on the batch
         # shape, so a store written with two batch sizes would not equal one written in a single run.
         batch_size = cfg.batch_size or resumed.get("batch_size") or default_batch_size(device)
@@ -300,7 +300,7 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
                          backgrounds_path=str(Path(cfg.backgrounds).resolve()), store_id=uuid.uuid4().hex)
             StoreWriter.create(out, attrs, layout)
         _barrier()
-        attrs = resumed or read_attrs(out)  # read back only when this run (or rank 0) just created the store
+        attrs = resumed or read_attrs(out, "--out")  # read back only when this run (or rank 0) just created the store
         writer = StoreWriter(out, layout)  # the identity check pinned every layout field
         calibration = ShapeMaskCalibration.from_dict(attrs["mask_calibration"])
         owned = [s for s in range(layout.num_shards) if s % world == rank]

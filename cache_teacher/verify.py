@@ -43,7 +43,7 @@ def verify(store_path: str, weights: str, *, images: str | None = None, backgrou
            samples: int = 8, seed: int = 0, device: str | None = None, batch_size: int = 8,
            teachers: dict[str, TeacherSpec] = TEACHERS) -> tuple[bool, list[dict]]:
     """Returns (passed, table rows); prints the table."""
-    store = open_store(store_path, require_complete=False)
+    store = open_store(store_path, require_complete=False, option="STORE")
     attrs = store.attrs
     problems = check_integrity(store)
     print(f"integrity: {store.layout.num_shards - len(store.missing_shards())}/{store.layout.num_shards} shards "
@@ -121,7 +121,7 @@ def verify(store_path: str, weights: str, *, images: str | None = None, backgrou
 
 def info(store_path: str) -> dict:
     """Print what the store holds: identity, progress, and per array shape, bytes per view set and compression."""
-    store = open_store(store_path, require_complete=False)
+    store = open_store(store_path, require_complete=False, option="STORE")
     attrs, layout = store.attrs, store.layout
     view_sets = layout.num_images * layout.views_per_image
     done = store.done_shards()

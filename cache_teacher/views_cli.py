@@ -25,11 +25,24 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from dpal.config import ViewConfig
+from formats.cli import POSITIVE, SEED, device_name, output_file
 from formats.runtime import startup
 from dpal.views import (background_indices, denormalize, render_local_crops, render_view_sets,
                         sample_local_crops, sample_view_sets, to_rgb_uint8)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+def device_list(text: str) -> str:
+    """argparse `type=` for --devices: comma-separated devices, each one that exists here."""
+    for name in text.split(","):
+        device_name(name)
+    return text
+
+
+def batch_list(text: str) -> list[int]:
+    """argparse `type=` for --count-ops: comma-separated batch sizes, each >= 1."""
+    return [POSITIVE(part) for part in text.split(",")]
 
 
 class ImageSourceError(ValueError):
@@ -117,7 +130,6 @@ def grid(args: argparse.Namespace) -> None:
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(rows[:-1], axis=0)).save(out)
     print(f"wrote {out}: {count} view sets, columns = source image | global view (teacher + student) | "
           f"{cfg.num_local} local crops (student) | crowd view (teacher + student)")
@@ -340,10 +352,9 @@ def bench(args: argparse.Namespace) -> None:
         devices = [torch.device("meta")] + [torch.device(name) for name in args.devices.split(",")
                                             if name.startswith("cuda") and torch.cuda.is_available()]
         views = views_at_commit(args.against) if args.against else None
-        rows = count_ops([int(b) for b in args.count_ops.split(",")], devices, args.seed, views)
+        rows = count_ops(args.count_ops, devices, args.seed, views)
         _print_count_ops(rows, args.against)
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps({"benchmark": "dpal.views operators per render call",
                                                    "torch": torch.__version__, "views_commit": args.against,
                                                    "results": rows}, indent=2))
@@ -405,7 +416,6 @@ def bench(args: argparse.Namespace) -> None:
     if args.json:
         report = {"benchmark": "dpal.views render", "torch": torch.__version__, "images": source,
                   "repeats": args.repeats, "results": results}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
 
@@ -420,32 +430,32 @@ def main(argv: list[str] | None = None) -> None:
                             "and render_local_crops (2 per image), per device; print a table, optionally JSON. "
                             "On CUDA it also times a ViT-Ti student forward+backward on the same views, the "
                             "step the rendering must stay well under (target: < 10%).")
-    b.add_argument("--batch", type=int, default=256, help="view sets per batch (default 256, the recipe's)")
+    b.add_argument("--batch", type=POSITIVE, default=256, help="view sets per batch (>= 1, default 256, the recipe's)")
     default_devices = "cpu,cuda" if torch.cuda.is_available() else "cpu"
-    b.add_argument("--devices", default=default_devices, help=f"comma-separated (default {default_devices})")
-    b.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, after one warm-up")
+    b.add_argument("--devices", type=device_list, default=default_devices, help=f"comma-separated (default {default_devices})")
+    b.add_argument("--repeats", type=POSITIVE, default=3, help="timed runs per measurement, after one warm-up (>= 1)")
     b.add_argument("--images", help="person images to render instead of synthetic ones (.beton / folder)")
     b.add_argument("--backgrounds", help="background pool for --images")
     b.add_argument("--student-step", choices=("auto", "on", "off"), default="auto",
                    help="also time a ViT-Ti student forward+backward (auto: on CUDA only)")
-    b.add_argument("--count-ops", nargs="?", const="8,64,256", metavar="BATCHES",
+    b.add_argument("--count-ops", nargs="?", type=batch_list, const="8,64,256", metavar="BATCHES",
                    help="instead of timing, count the operators of each render call for these batch sizes "
                    "(default 8,64,256): device ops (kernel launches or copies on a GPU; counted on the meta "
                    "device, plus CUDA when --devices has it) and host ops")
     b.add_argument("--against", metavar="COMMIT",
                    help="with --count-ops: count dpal/views.py as it was at this git commit instead (the "
                    "baseline of a before/after comparison; needs this checkout's git history)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--json", help="write the results here as JSON")
+    b.add_argument("--seed", type=SEED, default=0)
+    b.add_argument("--json", type=output_file, help="write the results here as JSON (its folder must exist)")
 
     g = commands.add_parser("grid", help="PNG grid of view sets: source, global, local crops, crowd",
                             description="Render a few view sets exactly as the cache does and save them "
                             "de-normalized side by side: source image | global view | local crops | crowd view.")
     g.add_argument("--images", required=True, help="person images: .beton, folder or image file")
     g.add_argument("--backgrounds", required=True, help="background pool: .beton, folder or image file")
-    g.add_argument("--num", type=int, default=6, help="view sets to show (default 6)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", default="views.png", help="PNG to write (default views.png)")
+    g.add_argument("--num", type=POSITIVE, default=6, help="view sets to show (>= 1, default 6)")
+    g.add_argument("--seed", type=SEED, default=0)
+    g.add_argument("--out", type=output_file, default="views.png", help="PNG to write (default views.png)")
 
     args = parser.parse_args(argv)
     startup()

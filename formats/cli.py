@@ -1,5 +1,5 @@
 """Command-line plumbing shared by every command of both stages, importable without torch (so that
-`--help` answers at once): argument types that check numeric ranges at parse time, the options that
+`--help` answers at once): the seed and device argument types, the options that
 change how a teacher checkpoint is loaded, and the top-level handler that turns user errors and
 interrupting signals into one line and an exit status.
 """
@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import errno
-import math
 import signal
 import sys
 
+from dpal.arguments import (NON_NEGATIVE, POSITIVE, integer, output_file, output_folder, real,  # noqa: F401 (re-exported)
+                            usable_cores, worker_count)
 from dpal.config import TeacherSpec
 from dpal.errors import UserError
 
@@ -25,53 +26,9 @@ MAX_SEED = 2**32 - 1
 INTERRUPT_STATUS = {signal.SIGINT: 128 + signal.SIGINT, signal.SIGTERM: 128 + signal.SIGTERM}
 
 
-# ------------------------------------------------------------------------------ numeric argument types
+# ------------------------------------------------------------------------------ argument types
+# (the range and output-path types live in dpal.arguments, shared with the kernel tools)
 
-def integer(low: int | None = None, high: int | None = None):
-    """argparse `type=`: an int within [low, high] (either bound may be open); its __name__ names the range."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if (low is not None and value < low) or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value} is out of range: must be {describe}")
-        return value
-
-    describe = _range_text(low, high)
-    parse.__name__ = f"integer {describe}"
-    return parse
-
-
-def real(low: float | None = None, high: float | None = None, *, low_open: bool = False):
-    """argparse `type=`: a finite float within [low, high] (`low_open`: low itself excluded)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-        if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value:g} is out of range: must be {describe}")
-        return value
-
-    describe = _range_text(low, high, low_open=low_open)
-    parse.__name__ = f"number {describe}"
-    return parse
-
-
-def _range_text(low, high, *, low_open: bool = False) -> str:
-    lo, hi = (f"{x:g}" if isinstance(x, float) else str(x) for x in (low, high))
-    if low is not None and high is not None:
-        return f"{lo}..{hi}" if not low_open else f"in ({lo}, {hi}]"
-    if low is not None:
-        return f"{'>' if low_open else '>='} {lo}"
-    return f"<= {hi}" if high is not None else "any value"
-
-
-POSITIVE = integer(1)
-NON_NEGATIVE = integer(0)
 SEED = integer(0, MAX_SEED)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -68,6 +69,17 @@ def atomic_write(files: Mapping[str | os.PathLike, bytes | Callable[[BinaryIO], 
         fsync_path(folder)
 
 
+def disk_description(path: str | os.PathLike) -> str:
+    """The disk (file system) holding `path`, for a full-disk message: its mount point and the space left."""
+    path = Path(path).resolve()
+    mount = next((folder for folder in (path, *path.parents) if os.path.ismount(folder)), Path("/"))
+    try:
+        free = shutil.disk_usage(path if path.exists() else mount).free
+    except OSError:
+        return f"on the disk mounted at {mount}"
+    return f"on the disk mounted at {mount}, {free / 2 ** 20:.1f} MiB free"
+
+
 def temporary_siblings(path: str | os.PathLike) -> list[Path]:
     """The temporary files `atomic_write` left beside `path` when killed during a write."""
     path = Path(path)
@@ -81,9 +93,12 @@ class WriterRefusedError(UserError):
 class WriterLock:
     """Exclusive advisory lock (fcntl.flock) on a lock file, held by one writer for its whole lifetime.
 
-    The kernel drops it when the holder exits, however it exits (a SIGKILL leaves nothing stale to clean). The
-    file holds the holder's pid and host, for the message a refused writer prints; it is never deleted (deleting
-    a flock file lets a third process lock a fresh inode while the second still holds the old one).
+    The kernel drops it when the holder exits, however it exits (a SIGKILL leaves a stale file that the next
+    writer simply locks). The file holds the holder's pid and host, for the message a refused writer prints. The
+    holder deletes it when it releases the lock, while still holding it; a writer that locked a file just
+    deleted (it opened the path before the deletion) sees that its file is no longer the one at the path and
+    tries again, so two writers never hold locks on two different files of one path. The path should be a
+    resolved one (`Path.resolve`): a symlink or `..` must lead every writer to the same file.
     """
 
     def __init__(self, path: str | os.PathLike, what: str):
@@ -92,25 +107,39 @@ class WriterLock:
 
     def acquire(self) -> str | None:
         """Take the lock without waiting: None when taken, else the one-line refusal naming the holder."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            return (f"{self.what} is being written by {holder} (lock {self.path}); wait for it to finish or stop it "
-                    f"first: one writer at a time (nothing was written)")
-        except OSError as exc:  # a file system without flock (e.g. Lustre mounted with noflock): say so, go on
-            print(f"warning: cannot lock {self.path} ({exc.strerror}); make sure no other process writes "
-                  f"{self.what}", file=sys.stderr)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                return (f"{self.what} is being written by {holder} (lock {self.path}); wait for it to finish or stop "
+                        f"it first: one writer at a time (nothing was written)")
+            except OSError as exc:  # a file system without flock (e.g. Lustre mounted with noflock): say so, go on
+                print(f"warning: cannot lock {self.path} ({exc.strerror}); make sure no other process writes "
+                      f"{self.what}", file=sys.stderr)
+            if self._is_at_path(fd):
+                break
+            os.close(fd)  # the previous holder deleted this file while we waited to lock it: lock the new one
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._fd = fd
         return None
 
+    def _is_at_path(self, fd: int) -> bool:
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
+
     def release(self) -> None:
+        """Delete the lock file and drop the lock (closing the descriptor drops the flock)."""
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
             self._fd = None
 
     def __enter__(self) -> "WriterLock":

@@ -63,6 +63,13 @@ class ImagesFileError(UserError):
 
 def _open_reader(path: str | os.PathLike) -> Reader:
     path = Path(path)
+    if (path / "zarr.json").is_file():
+        raise ImagesFileError(f"{path} is a target store (written by `python -m cache_teacher run`), not an images "
+                              f"file: pass the .beton written by `python -m cache_teacher pack`")
+    if path.is_dir():
+        raise ImagesFileError(f"{path} is a folder, not an images file: pass the .beton written by `python -m "
+                              f"cache_teacher pack`, or pack this folder first (`python -m cache_teacher pack "
+                              f"{path} {path.name}.beton`)")
     if problem := file_problem(path):
         raise ImagesFileError(f"images file {path} {problem}; create it with "
                               f"`python -m cache_teacher pack SRC_DIR {path.name}`")

@@ -158,6 +158,21 @@ class StoreSpec:
         return {"teacher": self.teacher_spec.name, **spec_dict(self)}
 
 
+# Every attribute a store's record holds besides its identity: what reading it needs, its inputs' locations and
+# its unique id. A store lacking any of these or of its identity (an edited or damaged zarr.json) is refused by
+# training and `verify` alike: runs made from it could not be told apart from another store's.
+RECORD_ATTRS = ("mask_calibration", "view_fields", "crowd_tokens", "images_path", "backgrounds_path", "store_id")
+
+
+def check_record_complete(attrs: dict, path: Path) -> None:
+    required = ["teacher", *(field.name for field in dataclasses.fields(StoreSpec)), *RECORD_ATTRS]
+    missing = [key for key in required if key not in attrs]
+    if missing:
+        raise StoreError(f"{path} lacks {', '.join(missing)} in its record ({path / 'zarr.json'}, attribute "
+                         f"'{ATTRS_KEY}'): it was edited or damaged and cannot be told apart from another store; "
+                         f"rebuild it with `python -m cache_teacher run` into a new --out folder")
+
+
 def plan_layout(spec: TeacherSpec, cfg: ViewConfig, *, num_images: int, views_per_image: int, view_fields: int,
                 target_format: str, chunk_images: int | None = None, shard_images: int | None = None) -> StoreLayout:
     """Chunk = smallest power of two of images whose `local` chunk (one view set) is >= 1 MiB; shard ~256 MiB."""
@@ -234,8 +249,9 @@ def file_crc32c(path: str | os.PathLike, block: int = 1 << 22) -> int:
 
 
 def store_lock_path(store: str | os.PathLike) -> Path:
-    """The lock file of a store: a hidden sibling, since the store itself appears only when complete."""
-    store = Path(store)
+    """The lock file of a store: a hidden sibling, since the store itself appears only when complete; beside the
+    store's real location, so that every path to it (a symlink, `..`) meets the same lock."""
+    store = Path(store).resolve()
     return store.with_name(f".{store.name}.lock")
 
 
@@ -275,13 +291,16 @@ def _open_group(path: Path, mode: str):
     return zarr.open_group(LocalStore(path, read_only=mode == "r"), mode=mode, zarr_format=3)
 
 
-def read_attrs(path: str | os.PathLike) -> dict:
+def read_attrs(path: str | os.PathLike, option: str = "--store") -> dict:
+    """The store's record; `option` names where the path came from (--out when writing), for the remedy."""
     path = Path(path)
     meta = path / "zarr.json"
+    remedy = ("choose another --out" if option == "--out" else
+              f"pass as {option} a store folder written by `python -m cache_teacher run`")
     if path.exists() and not path.is_dir():
-        raise StoreError(f"{path} is a file, not a store folder; choose another --out")
+        raise StoreError(f"{option} {path} is a file, not a store folder; {remedy}")
     if not meta.is_file():
-        raise StoreError(f"{path} is not a Zarr store (no zarr.json); create it with `python -m cache_teacher run`")
+        raise StoreError(f"{option} {path} is not a Zarr store (no zarr.json); {remedy}")
     attrs = read_json(meta).get("attributes", {}).get(ATTRS_KEY)
     if attrs is None:
         raise StoreError(f"{path} is a Zarr group but not a DPAL target store (no '{ATTRS_KEY}' attribute)")
@@ -457,11 +476,12 @@ class ShardedChunkReader:
 class TargetStore:
     """Read side: attributes, and block reads of one view set of `chunk_images` consecutive images (all arrays)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, option: str = "--store"):
         self.path = Path(path)
-        self.attrs = read_attrs(self.path)
+        self.attrs = read_attrs(self.path, option)
         check_format_version(self.attrs, self.path)
         check_spec_version(self.attrs, self.path)
+        check_record_complete(self.attrs, self.path)
         group = _open_group(self.path, "r")
         self.layout = layout_from_attrs(self.attrs)
         try:
@@ -533,7 +553,12 @@ class TargetStore:
         another pool would silently give other crowd views than the teacher saw."""
         expected = {"teacher": recipe.teacher.name, "teacher_spec": recipe.teacher, "view_config": views_cfg,
                     "images_fingerprint": images_fingerprint}
-        problems = describe_differences(self.attrs, expected, expected)
+        problems = describe_differences(self.attrs, expected, set(expected) - {"images_fingerprint"})
+        if self.attrs.get("images_fingerprint") != images_fingerprint:
+            problems.append(f"the images file is not the one it was cached from ({self.attrs.get('images_path')}, "
+                            f"fingerprint {self.attrs.get('images_fingerprint')}, this one {images_fingerprint}); "
+                            f"pass that file as --images, or cache this one into a new store with "
+                            f"`python -m cache_teacher run`")
         if backgrounds_fingerprint is not None and self.attrs.get("backgrounds_fingerprint") != backgrounds_fingerprint:
             problems.append(f"the background pool is not the one it was cached with "
                             f"({self.attrs.get('backgrounds_path')}); pass that file as --backgrounds")
@@ -552,12 +577,13 @@ def layout_from_attrs(attrs: dict) -> StoreLayout:
                        shard_images=attrs["shard_images"])
 
 
-def open_store(path: str | os.PathLike, *, require_complete: bool = True) -> TargetStore:
-    """Open a store for reading; by default refuse one whose shards are not all finished."""
+def open_store(path: str | os.PathLike, *, require_complete: bool = True, option: str = "--store") -> TargetStore:
+    """Open a store for reading; by default refuse one whose shards are not all finished. `option` names
+    where the path came from, for the messages."""
     path = Path(path)
     if not path.exists():
         raise StoreError(f"target store {path} does not exist; create it with `python -m cache_teacher run`")
-    store = TargetStore(path)
+    store = TargetStore(path, option)
     if require_complete:
         store.require_complete()
     return store

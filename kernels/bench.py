@@ -45,6 +45,7 @@ from typing import Callable
 
 import torch
 
+from dpal.arguments import POSITIVE, output_file
 from dpal.decoder import LAYER_NORM_EPS, expert_path_reference
 from dpal.losses import quantize_relation, relation_kl_reference, relation_matrix
 from dpal.recipes import RECIPES
@@ -507,16 +508,18 @@ def print_static(report: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--json", metavar="PATH", type=output_file,
+                        help="also write the results as JSON to PATH (its folder must exist)")
     parser.add_argument("--op", choices=("all", "decoder", "relation"), default="all", help="which op to time")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                         help="only the shapes this recipe runs (default: every recipe's shapes); on a GPU, "
                              f"{TARGET_RECIPE} holds the speed and memory targets")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="batch size (default: 256 on a GPU, 2 in the interpreter)")
+    parser.add_argument("--batch", type=POSITIVE, default=None,
+                        help="batch size (>= 1; default: 256 on a GPU, 2 in the interpreter)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile'd reference (compiling every shape takes minutes)")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions without a GPU (GPU: do_bench)")
+    parser.add_argument("--reps", type=POSITIVE, default=3,
+                        help="timed repetitions without a GPU (>= 1, default 3; GPU: do_bench)")
     parser.add_argument("--no-static", action="store_true",
                         help="skip the static cost report (registers, spills, SASS per element, predicted time "
                              "from the sm_90 cubins; compiling takes a minute)")

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from dpal.arguments import output_file, usable_cores, worker_count
 from kernels import interpreter_selected, select_interpreter
 
 if __name__ == "__main__":  # the CLI compiles the kernels: never interpreted, whatever the environment says
@@ -404,8 +405,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the representative part (make test)")
-    parser.add_argument("--json", metavar="PATH", help="also write every row as JSON to PATH")
-    parser.add_argument("--workers", type=int, default=2, help="compiler processes at a time (default 2)")
+    parser.add_argument("--json", metavar="PATH", type=output_file,
+                        help="also write every row as JSON to PATH (its folder must exist)")
+    parser.add_argument("--workers", type=worker_count, default=min(2, usable_cores()),
+                        help="compiler processes at a time (1 up to the CPU cores, default 2)")
     args = parser.parse_args(argv)
     if interpreter_selected():
         raise SystemExit("kernels.sweep compiles the kernels, but this process defined them interpreted "

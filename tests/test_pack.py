@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -226,3 +229,50 @@ def test_manifest_round_trips_any_file_name_and_odd_names_do_not_break_pack(tmp_
     for text in ("a\\b", "\t\n\r", "\\x41", "caf\udce9", "\x00\x1f\x7f", "名前"):
         assert unescape_path(escape_path(text)) == text
         assert "\t" not in escape_path(text) and "\n" not in escape_path(text)
+
+
+def test_the_skip_report_lists_links_loops_and_entries_that_are_not_files(packed, tmp_path):
+    """Nothing under the source folder is left out silently: a dangling link, a link loop, a link to a folder
+    (not followed, so no image is packed twice) and a FIFO are each listed with the reason."""
+    src = tmp_path / "src"
+    shutil.copytree(packed[0] / "persons", src / "video000")
+    (src / "dangling.jpg").symlink_to("nowhere.jpg")
+    (src / "loop-a").symlink_to("loop-b")
+    (src / "loop-b").symlink_to("loop-a")
+    (src / "video000" / "video000" / "up").symlink_to("..")
+    os.mkfifo(src / "pipe.jpg")
+    assert main(["pack", str(src), str(tmp_path / "out.beton")]) == 0
+    report = dict(line.split("\t") for line in (tmp_path / "out.beton.skipped.tsv").read_text().splitlines()[1:])
+    assert report.pop("video000/video000/corrupt_truncated.jpg").startswith("OSError")
+    assert report == {"dangling.jpg": "dangling symbolic link (to nowhere.jpg, which does not exist)",
+                      "loop-a": "symbolic link loop (loop-b)", "loop-b": "symbolic link loop (loop-a)",
+                      "video000/video000/up": "symbolic link to a folder (..), not followed",
+                      "pipe.jpg": "not a regular file (a FIFO, socket or device)"}
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
+                           capture_output=True) if shutil.which("unshare") else None
+    return probe is not None and probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -rm` to mount a small tmpfs (a real full disk)")
+def test_a_full_disk_names_the_file_and_the_disk_and_leaves_nothing(packed, tmp_path):
+    """A real full disk (tiny tmpfs in a private mount namespace), during the scan's re-encoding and before the
+    FFCV writer (whose writer process would fail unnoticed and hang the pack): one line naming the output and
+    the disk; no report, manifest or temporary file left."""
+    results = {}
+    for size in ("4k", "2m"):
+        disk = tmp_path / f"disk-{size}"
+        disk.mkdir()
+        command = [sys.executable, "-m", "cache_teacher", "pack", str(packed[0] / "persons"), str(disk / "p.beton")]
+        script = f'mount -t tmpfs -o size={size} tmpfs {disk} && {{ {shlex.join(command)}; echo "status $?"; ls -A {disk}; }}'
+        results[size] = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                                       timeout=300)
+    for size, done in results.items():
+        assert "Traceback" not in done.stderr and "leaked" not in done.stderr, done.stderr
+        assert done.stdout.split() == ["status", "2"], done.stdout  # nothing listed on the disk
+        last = done.stderr.strip().splitlines()[-1]
+        assert f"/disk-{size}/p.beton" in last and f"on the disk mounted at {tmp_path}/disk-{size}, " in last, last
+    assert "error: disk full while packing" in results["4k"].stderr
+    assert "needs up to" in results["2m"].stderr and "(FFCV writes whole 8 MiB pages)" in results["2m"].stderr

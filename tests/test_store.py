@@ -63,7 +63,10 @@ def _attrs(layout, **changes):
              "images_fingerprint": "abc", "num_images": layout.num_images, "views_per_image": layout.views_per_image,
              "target_format": layout.target_format, "token_grid": [16, 8], "crowd_tokens": layout.crowd_tokens,
              "view_fields": layout.view_fields, "chunk_images": layout.chunk_images,
-             "shard_images": layout.shard_images}
+             "shard_images": layout.shard_images, "checkpoint_sha256": "0" * 64, "teacher_options": {},
+             "teacher_precision": "float32", "backgrounds_fingerprint": "def", "num_backgrounds": 3, "seed": 0,
+             "calibration_images": 2, "batch_size": 2, "codec": "lz4", "mask_calibration": {},
+             "images_path": "/images.beton", "backgrounds_path": "/backgrounds.beton", "store_id": "1" * 32}
     return {**attrs, **changes}
 
 
@@ -137,7 +140,8 @@ def test_reader_refuses_mismatch_old_format_and_foreign_folders(tmp_path):
     recipe = get_recipe("path-b_vit-ti")
     with pytest.raises(StoreError, match="teacher: store has 'small-vit', this run has 'path-b'"):
         store.check_compatible(recipe, ViewConfig(), "abc")
-    with pytest.raises(StoreError, match="images_fingerprint"):
+    with pytest.raises(StoreError, match=r"the images file is not the one it was cached from \(/images.beton, "
+                                         r"fingerprint abc, this one other\); pass that file as --images"):
         store.check_compatible(recipe, ViewConfig(), "other")
     with pytest.raises(StoreError, match=r"view_config differs in gray_p \(store 0.2, this run 0.5\)"):
         store.check_compatible(recipe, ViewConfig(gray_p=0.5), "abc")
@@ -147,8 +151,17 @@ def test_reader_refuses_mismatch_old_format_and_foreign_folders(tmp_path):
                                          rf"{STORE_FORMAT_VERSION} .*Re-run `python -m cache_teacher run`"):
         open_store(tmp_path / "old.zarr")
     (tmp_path / "plain").mkdir()
-    with pytest.raises(StoreError, match="not a Zarr store"):
+    with pytest.raises(StoreError, match="--store .*plain is not a Zarr store .*pass as --store a store folder"):
         open_store(tmp_path / "plain")
+    (tmp_path / "images.beton").write_bytes(b"x")
+    with pytest.raises(StoreError, match="STORE .*images.beton is a file, not a store folder; pass as STORE a store"):
+        open_store(tmp_path / "images.beton", option="STORE")
+    for key in ("store_id", "checkpoint_sha256", "mask_calibration"):
+        damaged = StoreWriter.create(tmp_path / f"no-{key}.zarr", {k: v for k, v in _attrs(layout).items() if k != key},
+                                     layout)
+        damaged.write_shard(0, _rows(layout, 0, 2, 0))
+        with pytest.raises(StoreError, match=f"no-{key}.zarr lacks {key} in its record .*edited or damaged"):
+            open_store(tmp_path / f"no-{key}.zarr", require_complete=False)
     with pytest.raises(StoreError, match="does not exist"):
         open_store(tmp_path / "missing.zarr")
     meta = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())

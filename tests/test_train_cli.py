@@ -17,6 +17,7 @@ import pytest
 import torch
 import zarr
 
+from dpal.arguments import usable_cores
 from helpers import two_node_launcher
 from train_student.__main__ import main
 from train_student.metrics import LOSS_COLUMNS, read_metrics
@@ -343,6 +344,33 @@ def test_a_run_of_the_old_view_records_is_not_resumed(artefacts, reference_run, 
 
 
 @pytest.mark.e2e
+@pytest.mark.skipif(usable_cores() < 2, reason="resumes with --workers 2")
+def test_a_resume_with_other_decoding_workers_is_bit_identical_and_other_arithmetic_is_refused(
+        artefacts, reference_run, capsys):
+    """--workers sets FFCV's decoding threads only: a run stopped after 2 steps and resumed with --workers 2
+    gives the uninterrupted --workers 1 run's losses exactly (it used to set torch's threads too). A resume
+    that changes the arithmetic, or finds another run's checkpoint, is refused in one line and changes nothing."""
+    out = artefacts["root"] / "workers"
+    first = _python("-m", "train_student", *_train_args(artefacts, out, "--max-steps", "2"))
+    assert first.returncode == 0, first.stderr
+    recorded, checkpoint = (out / "run.json").read_text(), (out / "checkpoint.pt").read_bytes()
+    for extra, named in ((("--compile",), "compile: recorded False, now True"),
+                         (("--deterministic",), "deterministic: recorded False, now True")):
+        status, err = _refusal(capsys, _train_args(artefacts, out, "--resume", *extra))
+        assert status == 2 and err.count("\n") == 1 and named in err and "pass --inexact-resume" in err, err
+    shutil.copy(reference_run / "checkpoint.pt", out / "checkpoint.pt")  # same settings, another run
+    status, err = _refusal(capsys, _train_args(artefacts, out, "--resume"))
+    assert status == 2 and "belongs to another run" in err and "it was copied or moved here" in err, err
+    (out / "checkpoint.pt").write_bytes(checkpoint)
+    assert (out / "run.json").read_text() == recorded and not (out / ".lock").exists()
+    resumed = _python("-m", "train_student", *_train_args(artefacts, out, "--resume", "--workers", "2",
+                                                          "--checkpoint-every", "1"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert _compared(read_metrics(out / "metrics.csv")) == _compared(read_metrics(reference_run / "metrics.csv"))
+    assert json.loads((out / "run.json").read_text())["workers"] == 2 and not (out / ".lock").exists()
+
+
+@pytest.mark.e2e
 def test_a_second_process_on_a_run_folder_is_refused(artefacts, reference_run):
     """Two real trainings on one --out: the second (--resume or not) is refused in one line while the first
     runs (they used to both exit 0 and interleave metrics.csv); the first, stopped meanwhile, is undisturbed."""
@@ -490,7 +518,9 @@ def test_full_disk_is_one_line_naming_the_file(artefacts, tmp_path):
     assert "cache status 2" in result.stdout and "train status 2" in result.stdout, result.stdout + result.stderr
     assert f"error: cannot create store {store}: No space left on device" in result.stderr, result.stderr
     assert any(line.startswith(f"error: cannot write checkpoint {run / 'checkpoint.pt'} (") and
-               "No space left on device" in line for line in lines), result.stderr
+               f"No space left on device, on the disk mounted at {tiny_run_disk}, " in line and
+               line.endswith("no checkpoint had been written yet, so the run folder is removed: free space and "
+                             "run the same command again, without --resume") for line in lines), result.stderr
     listed = result.stdout.split("cache status 2", 1)[1]
     assert "creating" not in listed and "run" not in listed.split("train status 2")[1], result.stdout
 

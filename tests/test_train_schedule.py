@@ -1,6 +1,8 @@
 """train_student pieces that are pure arithmetic: traversal order, view-set choice, schedules, decay groups,
 atomic checkpoints and run-folder refusals (the end-to-end behaviour is in test_train_cli.py)."""
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -9,7 +11,8 @@ import torch
 from dpal.config import ViewConfig
 from dpal.decoder import DynamicPatternDecoder
 from dpal.recipes import get_recipe
-from train_student.checkpoint import RunFolderError, load_checkpoint, prepare_run_folder, save_checkpoint
+from train_student.checkpoint import (RunFolderError, load_checkpoint, prepare_run_folder, recorded_run_id,
+                                      save_checkpoint)
 from train_student.data import FeedPlan, block_view_sets, local_crop_params
 from train_student.step import param_groups
 from train_student.train import ema_momentum, learning_rate
@@ -103,18 +106,62 @@ def test_gate_token_is_decayed_like_the_originals_moe_tokens():
     assert len(decayed) + len(exempt) == len(list(decoder.parameters()))
 
 
+def _prepare(run, config, *, resume, inexact=False):
+    prepare_run_folder(run, config, resume=resume, resumable_keys={"max_steps"},
+                       inexact_keys={"compile": "pass --compile as recorded"}, inexact=inexact)
+
+
 def test_checkpoint_is_replaced_atomically_and_run_folders_are_not_mixed(tmp_path):
     run = tmp_path / "run"
-    prepare_run_folder(run, {"recipe": "a", "max_steps": 5}, resume=False, resumable_keys={"max_steps"})
-    save_checkpoint(run, {"step": 1, "w": torch.ones(3)})
-    save_checkpoint(run, {"step": 2, "w": torch.zeros(3)})
-    state = load_checkpoint(run)
+    _prepare(run, {"recipe": "a", "max_steps": 5, "compile": False}, resume=False)
+    run_id = recorded_run_id(run)
+    save_checkpoint(run, {"step": 1, "w": torch.ones(3)}, run_id)
+    save_checkpoint(run, {"step": 2, "w": torch.zeros(3)}, run_id)
+    state = load_checkpoint(run, run_id)
     assert state["step"] == 2 and torch.equal(state["w"], torch.zeros(3))
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "run.json"]  # no temporary left
     with pytest.raises(RunFolderError, match="already holds another run"):
-        prepare_run_folder(run, {"recipe": "a", "max_steps": 5}, resume=False, resumable_keys={"max_steps"})
+        _prepare(run, {"recipe": "a", "max_steps": 5, "compile": False}, resume=False)
     with pytest.raises(RunFolderError, match="recipe: recorded 'a', now 'b'"):
-        prepare_run_folder(run, {"recipe": "b", "max_steps": 5}, resume=True, resumable_keys={"max_steps"})
-    prepare_run_folder(run, {"recipe": "a", "max_steps": 9}, resume=True, resumable_keys={"max_steps"})
+        _prepare(run, {"recipe": "b", "max_steps": 5, "compile": False}, resume=True)
+    _prepare(run, {"recipe": "a", "max_steps": 9, "compile": False}, resume=True)
     with pytest.raises(RunFolderError, match="holds no run"):
-        prepare_run_folder(tmp_path / "other", {"recipe": "a"}, resume=True, resumable_keys=set())
+        _prepare(tmp_path / "other", {"recipe": "a"}, resume=True)
+
+
+def test_a_resume_that_changes_the_arithmetic_is_refused_unless_inexact_and_then_recorded(tmp_path, capsys):
+    run = tmp_path / "run"
+    _prepare(run, {"recipe": "a", "max_steps": 5, "compile": False}, resume=False)
+    save_checkpoint(run, {"step": 1}, recorded_run_id(run))
+    with pytest.raises(RunFolderError, match=r"compile: recorded False, now True\), so its losses would not "
+                                             r"continue bit-identically: pass --compile as recorded; or pass "
+                                             r"--inexact-resume"):
+        _prepare(run, {"recipe": "a", "max_steps": 5, "compile": True}, resume=True)
+    assert json.loads((run / "run.json").read_text())["compile"] is False  # the refusal changed nothing
+    _prepare(run, {"recipe": "a", "max_steps": 5, "compile": True}, resume=True, inexact=True)
+    assert "warning: --inexact-resume: continuing with other arithmetic (compile: recorded False, now True)" in \
+        capsys.readouterr().err
+    recorded = json.loads((run / "run.json").read_text())
+    assert recorded["compile"] is True and recorded["inexact_resumes"] == [["compile: recorded False, now True"]]
+    _prepare(run, {"recipe": "a", "max_steps": 5, "compile": True}, resume=True)  # now the recorded setting
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+    """A checkpoint copied from another run folder (same settings, other run) is refused on resume, as is one
+    without a run id (written by a trainer before run ids)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for run in (first, second):
+        _prepare(run, {"recipe": "a", "max_steps": 5, "compile": False}, resume=False)
+    assert recorded_run_id(first) != recorded_run_id(second)
+    save_checkpoint(first, {"step": 3}, recorded_run_id(first))
+    shutil.copy(first / "checkpoint.pt", second / "checkpoint.pt")
+    recorded = (second / "run.json").read_text()
+    with pytest.raises(RunFolderError, match=f"belongs to another run"):  # checked before run.json changes
+        _prepare(second, {"recipe": "a", "max_steps": 9, "compile": False}, resume=True)
+    assert (second / "run.json").read_text() == recorded
+    with pytest.raises(RunFolderError, match=f"belongs to another run \\(run id {recorded_run_id(first)}, while "
+                                             f".*records {recorded_run_id(second)}\\): it was copied or moved"):
+        load_checkpoint(second, recorded_run_id(second))
+    torch.save({"format": 1, "step": 3}, second / "checkpoint.pt")
+    with pytest.raises(RunFolderError, match="checkpoint format 1, this trainer writes format 2"):
+        load_checkpoint(second, recorded_run_id(second))

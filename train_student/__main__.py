@@ -6,7 +6,7 @@ import sys
 
 from dpal.recipes import RECIPES, list_recipes
 from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, SEED, add_teacher_option_arguments,
-                         parse_teacher_options, real)
+                         parse_teacher_options, real, worker_count)
 from formats.runtime import startup
 from kernels import select_interpreter
 from train_student.spec import TrainSpec, training_on_cpu
@@ -41,9 +41,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gradient accumulation steps (>= 1, default: recipe)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="training device (auto: CUDA when visible)")
-    parser.add_argument("--workers", type=POSITIVE, default=None, metavar="N",
-                        help="FFCV decoding threads per rank (>= 1; default: CPU cores / local ranks on GPUs, 1 when "
-                             "training on the CPU, whose cores the model needs)")
+    parser.add_argument("--workers", type=worker_count, default=None, metavar="N",
+                        help="FFCV decoding threads per rank (1 up to the CPU cores; default: CPU cores / local ranks "
+                             "on GPUs, 1 when training on the CPU, whose cores the model needs); they do not "
+                             "change what is computed, so a resume may change them")
     parser.add_argument("--window-images", type=POSITIVE, default=1024, metavar="N",
                         help="images shuffled together inside a window of store blocks; larger mixes better "
                              "and holds more target rows in memory (>= 1, default 1024)")
@@ -70,7 +71,13 @@ def training_parser() -> argparse.ArgumentParser:
                         help="run folder: checkpoint.pt, run.json, metrics.csv, tensorboard/, loss.png and the "
                              "exports student.{safetensors,json}, student_ema.{safetensors,json} "
                              "(dpal.students.load_student rebuilds them as timm models)")
-    parser.add_argument("--resume", action="store_true", help="continue the run recorded in --out exactly")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run recorded in --out exactly (bit-identical losses); a change to a "
+                             "setting that changes the arithmetic (--compile, --reference-path on CUDA, --device, "
+                             "--deterministic, the number of ranks) is refused")
+    parser.add_argument("--inexact-resume", action="store_true",
+                        help="with --resume: accept such changes, giving up bit-identity with an uninterrupted "
+                             "run; said on stderr and recorded in RUN_DIR/run.json (inexact_resumes)")
     group = parser.add_argument_group("optimisation overrides (default: the recipe)")
     group.add_argument("--epochs", type=POSITIVE, metavar="N", help="epochs of the schedule (>= 1)")
     group.add_argument("--warmup-epochs", type=NON_NEGATIVE, metavar="N",
@@ -116,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [flag for flag in required if getattr(args, flag[2:].replace("-", "_")) is None]
     if missing:
         parser.error(f"missing {', '.join(missing)} (see --help)")
+    if args.inexact_resume and not args.resume:
+        parser.error("--inexact-resume goes with --resume")
     optim = RECIPES[args.recipe].optim
     epochs = args.epochs or optim.epochs
     warmup = optim.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dpal.recipes import get_recipe, list_recipes
 from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, add_teacher_option_arguments,
-                         parse_teacher_options)
+                         parse_teacher_options, usable_cores, worker_count)
 from formats.runtime import startup
 from kernels import select_interpreter
 
@@ -49,10 +49,11 @@ def parser() -> argparse.ArgumentParser:
                    help="timed feed batches (>= 1, default 50)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="device of the timed steps (auto: CUDA when visible)")
-    p.add_argument("--workers", type=POSITIVE, metavar="N",
-                   help="FFCV decoding threads beside the timed steps (>= 1, default: as for training)")
-    p.add_argument("--feed-workers", type=POSITIVE, default=os.cpu_count(), metavar="N",
-                   help="FFCV decoding threads for the feed-alone figure (>= 1, default: all cores)")
+    p.add_argument("--workers", type=worker_count, metavar="N",
+                   help="FFCV decoding threads beside the timed steps (1 up to the CPU cores, default: as for "
+                        "training)")
+    p.add_argument("--feed-workers", type=worker_count, default=usable_cores(), metavar="N",
+                   help="FFCV decoding threads for the feed-alone figure (1 up to the CPU cores, default: all)")
     p.add_argument("--calibration-images", type=POSITIVE, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
                    help=f"shape-mask calibration images for the online step (>= 1, default "
                         f"{DEFAULT_CALIBRATION_IMAGES})")
@@ -223,7 +224,7 @@ def bench(args: argparse.Namespace) -> None:
     from formats.images import images_fingerprint
     from formats.store import open_store
     import kernels
-    from train_student.data import BackgroundPool, CachedFeed, FeedPlan, default_workers
+    from train_student.data import BackgroundPool, CachedFeed, FeedPlan, compute_threads, default_workers
     from train_student.step import setup_distributed
 
     kernels.register()  # the fused ops for CUDA tensors, as training runs them
@@ -231,6 +232,7 @@ def bench(args: argparse.Namespace) -> None:
         dispatch.force_reference(True)
     if args.workers is None:
         args.workers = default_workers(args.device)
+    torch.set_num_threads(compute_threads(None))  # as a fresh training run computes
     _, _, device = setup_distributed(args.device)
     recipe = get_recipe(args.recipe)
     batch = args.batch_size or recipe.optim.batch_per_gpu

@@ -5,44 +5,59 @@ over `checkpoint.pt` (and the folder fsynced): a kill at any moment leaves eithe
 complete checkpoint or the new one, never a torn file. Nothing here is written after a failed step,
 so a run that dies (NaN loss, crash, kill) never replaces the last good checkpoint.
 
-One writer per run folder: `claim_run_folder` takes the folder's lock (RUN_DIR/.lock, held by rank 0 for the
-whole run) before it checks the recorded configuration, so a second process or job on the same folder is
-refused in one line instead of interleaving metrics and checkpoints.
+One writer per run folder: `claim_run_folder` takes the folder's lock (RUN_DIR/.lock, inside the folder itself,
+so every path to it meets the same lock; held by rank 0 for the whole run, deleted when released) before it
+checks the recorded configuration, so a second process or job on the same folder is refused in one line
+instead of interleaving metrics and checkpoints.
+
+Every run draws a `run_id` when it starts (recorded in run.json); every checkpoint carries it, and a resume
+refuses a checkpoint of another run (copied or moved in) instead of training that run's weights under this
+run's settings.
 """
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+import uuid
 from pathlib import Path
 
 import torch
 
 from dpal.checkpoints import unreadable_reason
 from dpal.errors import UserError
-from formats.durable import WriterLock, atomic_write, job_writer_lock, temporary_siblings
+from formats.durable import WriterLock, atomic_write, disk_description, job_writer_lock, temporary_siblings
 from formats.run_spec import spec_dict, spec_differences
 
 CHECKPOINT_NAME = "checkpoint.pt"
 RUN_CONFIG_NAME = "run.json"
 LOCK_NAME = ".lock"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the checkpoint names its run (run_id)
 
 
 class RunFolderError(UserError):
     """The output folder cannot be used as asked (holds another run, or nothing to resume)."""
 
 
-def save_checkpoint(run_dir: Path, state: dict) -> Path:
-    """Atomically replace RUN_DIR/checkpoint.pt by `state` (tensors, numbers, strings, nested dicts/lists);
-    a failed write (full disk, ...) is one RunFolderError and leaves the previous checkpoint in place."""
+def save_checkpoint(run_dir: Path, state: dict, run_id: str) -> Path:
+    """Atomically replace RUN_DIR/checkpoint.pt by `state` (tensors, numbers, strings, nested dicts/lists) of the
+    run `run_id`; a failed write (full disk, ...) is one RunFolderError naming the file and its disk, and leaves
+    the previous checkpoint in place (with none, the run folder is removed by `run_training`, as it says)."""
     path = Path(run_dir) / CHECKPOINT_NAME
     writer = _WriteErrors()
+    had_one = path.is_file()
     try:
-        atomic_write({path: lambda handle: torch.save({"format": CHECKPOINT_FORMAT, **state}, writer.wrap(handle))})
+        atomic_write({path: lambda handle: torch.save({"format": CHECKPOINT_FORMAT, "run_id": run_id, **state},
+                                                      writer.wrap(handle))})
     except (OSError, RuntimeError) as exc:
         failure = writer.error or exc
         reason = failure.strerror if isinstance(failure, OSError) else str(failure).strip().splitlines()[0]
-        raise RunFolderError(f"cannot write checkpoint {path} ({reason}); the previous checkpoint, if any, is "
-                             f"kept: free space and continue with --resume") from exc
+        if isinstance(failure, OSError):
+            reason += f", {disk_description(path.parent)}"
+        then = ("the previous checkpoint is kept: free space and continue with --resume" if had_one else
+                "no checkpoint had been written yet, so the run folder is removed: free space and run the same "
+                "command again, without --resume")
+        raise RunFolderError(f"cannot write checkpoint {path} ({reason}); {then}") from exc
     return path
 
 
@@ -68,27 +83,52 @@ class _WriteErrors:
         self.handle.flush()
 
 
-def load_checkpoint(run_dir: Path) -> dict:
-    """The state saved by `save_checkpoint`; a clear error if it is missing or unreadable."""
+def load_checkpoint(run_dir: Path, run_id: str, *, mmap: bool = False) -> dict:
+    """The state saved by `save_checkpoint` for the run `run_id`; a clear error if it is missing, unreadable or
+    another run's. `mmap`: map the tensors instead of reading them (to check the checkpoint cheaply)."""
     path = Path(run_dir) / CHECKPOINT_NAME
     if not path.is_file():
         raise RunFolderError(f"--resume: {path} does not exist; the run in {run_dir} has not saved a "
                              f"checkpoint yet (start it again without --resume, after removing the folder)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # damaged, foreign, or holding objects that are not allowed (never unpickled)
         raise RunFolderError(f"--resume: {path}: {unreadable_reason(exc)}") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise RunFolderError(f"--resume: {path} has checkpoint format {getattr(state, 'get', dict().get)('format')!r}, "
-                             f"this trainer writes format {CHECKPOINT_FORMAT}")
+                             f"this trainer writes format {CHECKPOINT_FORMAT}; start a new run in another folder")
+    if state.get("run_id") != run_id:
+        raise RunFolderError(f"--resume: {path} belongs to another run (run id {state.get('run_id')}, while "
+                             f"{Path(run_dir) / RUN_CONFIG_NAME} records {run_id}): it was copied or moved here; "
+                             f"resume in the folder it was written in, or start a new run in another folder")
     return state
 
 
-def prepare_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumable_keys: set[str]) -> None:
+def recorded_compute_threads(run_dir: Path) -> int | None:
+    """The torch CPU thread count RUN_DIR/run.json records, for a resume to compute with (None: none readable;
+    the resume's own checks then say what is wrong with the folder)."""
+    try:
+        recorded = json.loads((Path(run_dir) / RUN_CONFIG_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    threads = recorded.get("compute_threads") if isinstance(recorded, dict) else None
+    return threads if isinstance(threads, int) and threads >= 1 else None
+
+
+def recorded_run_id(run_dir: Path) -> str:
+    """The run id that RUN_DIR/run.json records (read after `claim_run_folder` checked it)."""
+    return json.loads((Path(run_dir) / RUN_CONFIG_NAME).read_text())["run_id"]
+
+
+def prepare_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumable_keys: set[str],
+                       inexact_keys: dict[str, str], inexact: bool) -> None:
     """Create or re-open RUN_DIR for a run described by `run_config` (JSON-serialisable).
 
-    A fresh run needs a folder that is absent or empty; a resumed run needs the same configuration as
-    the one recorded, except `resumable_keys` (e.g. the step limit, logging intervals).
+    A fresh run needs a folder that is absent or empty, and draws its run id. A resumed run needs the same
+    configuration as the one recorded, except `resumable_keys`, which do not change what is computed (the step
+    limit, logging intervals, decoding threads). `inexact_keys` (key -> how to get the recorded value back)
+    change the arithmetic: a resume that changes one is refused, unless `inexact`, which records the change
+    in run.json (`inexact_resumes`) and says so on stderr.
     """
     run_dir = Path(run_dir)
     config_path = run_dir / RUN_CONFIG_NAME
@@ -104,12 +144,30 @@ def prepare_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumab
                                  f"a new run in another folder") from exc
         for stale in temporary_siblings(run_dir / CHECKPOINT_NAME):  # left by a kill during a save
             stale.unlink(missing_ok=True)
-        differences = describe_changes(recorded, run_config, (set(recorded) | set(run_config)) - resumable_keys)
+        own = {"run_id", "inexact_resumes"}  # what the folder records of itself, not of the command
+        differences = describe_changes(recorded, run_config,
+                                       (set(recorded) | set(run_config)) - resumable_keys - set(inexact_keys) - own)
         if differences:
             detail = "; ".join(differences)
             raise RunFolderError(f"--resume: the run in {run_dir} was started with other settings ({detail}); "
                                  f"resume with the recorded settings or start a new run in another folder")
-        merged = {**recorded, **{key: run_config[key] for key in resumable_keys if key in run_config}}
+        arithmetic = describe_changes(recorded, run_config, set(inexact_keys))
+        if arithmetic and not inexact:
+            remedies = "; ".join(dict.fromkeys(inexact_keys[key] for key, _, _ in
+                                               spec_differences(recorded, run_config, set(inexact_keys))))
+            raise RunFolderError(f"--resume: the run in {run_dir} computed with other settings "
+                                 f"({'; '.join(arithmetic)}), so its losses would not continue bit-identically: "
+                                 f"{remedies}; or pass --inexact-resume to continue anyway (recorded in "
+                                 f"{RUN_CONFIG_NAME})")
+        load_checkpoint(run_dir, recorded.get("run_id"), mmap=True)  # this run's, before run.json changes
+        if arithmetic:
+            print(f"warning: --inexact-resume: continuing with other arithmetic ({'; '.join(arithmetic)}); the "
+                  f"losses from here on differ from an uninterrupted run's (recorded in {config_path})",
+                  file=sys.stderr)
+        changed = resumable_keys | (set(inexact_keys) if inexact else set())
+        merged = {**recorded, **{key: run_config[key] for key in changed if key in run_config}}
+        if arithmetic:
+            merged["inexact_resumes"] = recorded.get("inexact_resumes", []) + [arithmetic]
         atomic_write({config_path: json.dumps(merged, indent=2).encode()})
         return
     if run_dir.exists() and any(entry.name != LOCK_NAME for entry in run_dir.iterdir()):
@@ -117,7 +175,7 @@ def prepare_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumab
         raise RunFolderError(f"output folder {run_dir} already holds {what}; pass --resume to continue the run "
                              f"recorded there, or choose an empty/new --out (nothing was written)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write({config_path: json.dumps(run_config, indent=2).encode()})
+    atomic_write({config_path: json.dumps({**run_config, "run_id": uuid.uuid4().hex}, indent=2).encode()})
 
 
 def describe_changes(recorded: dict, now: dict, keys) -> list[str]:
@@ -126,10 +184,11 @@ def describe_changes(recorded: dict, now: dict, keys) -> list[str]:
             else f"{key}: recorded {have!r}, now {want!r}" for key, have, want in spec_differences(recorded, now, keys)]
 
 
-def claim_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumable_keys: set[str]) -> WriterLock:
+def claim_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumable_keys: set[str],
+                     inexact_keys: dict[str, str], inexact: bool) -> WriterLock:
     """Take RUN_DIR's writer lock for this run (all ranks of one torchrun job together), then
-    `prepare_run_folder` under it; a refusal (busy, or the folder's check) is RunFolderError on every rank.
-    Keep the returned lock until the run ends."""
+    `prepare_run_folder` under it; a refusal (busy, or the folder's check) is RunFolderError on every rank and
+    leaves nothing behind (no lock file, no folder this call made). Keep the returned lock until the run ends."""
     import torch.distributed as dist
 
     run_dir = Path(run_dir)
@@ -137,12 +196,16 @@ def claim_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumable
         raise RunFolderError(f"--out {run_dir} is a file, not a folder; choose a new or empty folder")
     if resume and not run_dir.is_dir():
         raise RunFolderError(f"--resume: {run_dir} does not exist; start a new run there without --resume")
-    if not resume and (not dist.is_initialized() or dist.get_rank() == 0):
+    made = not run_dir.exists()
+    if made and (not dist.is_initialized() or dist.get_rank() == 0):
         run_dir.mkdir(parents=True, exist_ok=True)  # the lock file lives inside
     try:
-        return job_writer_lock(run_dir / LOCK_NAME, f"run folder {run_dir}", check=lambda: prepare_run_folder(
-            run_dir, run_config, resume=resume, resumable_keys=resumable_keys))
+        return job_writer_lock(run_dir.resolve() / LOCK_NAME, f"run folder {run_dir}", check=lambda: prepare_run_folder(
+            run_dir, run_config, resume=resume, resumable_keys=resumable_keys, inexact_keys=inexact_keys,
+            inexact=inexact))
     except ValueError as exc:
+        if made and run_dir.is_dir() and not any(run_dir.iterdir()):
+            shutil.rmtree(run_dir)
         raise RunFolderError(str(exc)) from None
 
 

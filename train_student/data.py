@@ -34,6 +34,7 @@ import torch
 from ffcv.loader import Loader
 from ffcv.traversal_order.base import TraversalOrder
 
+from dpal.arguments import usable_cores
 from dpal.config import ViewConfig
 from dpal.errors import UserError
 from dpal.views import background_indices
@@ -288,6 +289,12 @@ class TargetPrefetcher:
                 pass
 
 
+def compute_threads(recorded: int | None) -> int:
+    """torch's CPU threads for a run: the recorded count on resume (their number changes the float summation
+    order of CPU kernels, so a resume keeps it), else this rank's share of the usable cores."""
+    return recorded or max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 class PlannedLoader(Loader):
     """FFCV loader over the images file in the plan's order (one rank, one micro-batch per iteration). `epoch`
     is the one place that positions FFCV's epoch counter, so any epoch starts at any of its micro-batches."""
@@ -312,7 +319,7 @@ def default_workers(device_arg: str) -> int:
     made steps several times slower on a 2-core machine, and one decoding thread keeps up there."""
     if training_on_cpu(device_arg):
         return 1
-    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 class CachedFeed:

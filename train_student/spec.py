@@ -21,6 +21,7 @@ class TrainSpec:
     backgrounds: str
     out: str
     resume: bool
+    inexact_resume: bool  # --resume may change settings that change the arithmetic (recorded in run.json)
     batch_size: int | None  # global batch; None: the recipe's per-GPU batch x ranks x accumulation steps
     accum_steps: int | None  # optimisation overrides, None: the recipe's value
     epochs: int | None

@@ -38,9 +38,10 @@ from formats.exports import export_student
 from formats.images import ImageFile, check_images, images_fingerprint
 from formats.store import open_store
 import kernels
-from train_student.checkpoint import (CHECKPOINT_NAME, RUN_CONFIG_NAME, claim_run_folder, load_checkpoint, rng_state,
-                                      save_checkpoint, set_rng_state)
-from train_student.data import BackgroundPool, CachedFeed, FeedPlan, OnlineFeed
+from train_student.checkpoint import (CHECKPOINT_NAME, RUN_CONFIG_NAME, claim_run_folder, load_checkpoint,
+                                      recorded_compute_threads, recorded_run_id, rng_state, save_checkpoint,
+                                      set_rng_state)
+from train_student.data import BackgroundPool, CachedFeed, FeedPlan, OnlineFeed, compute_threads
 from train_student.metrics import LOSS_PLOT, METRICS_CSV, MetricsLog, plot_losses
 from train_student.prefetch import render_ahead
 from train_student.spec import TrainSpec
@@ -48,8 +49,16 @@ from train_student.step import (CachedTargets, OnlineTeacher, TrainingError, bui
                                 fit_online_mask_calibration, forward_backward, make_autocast, optimizer_step,
                                 setup_distributed)
 
-# Settings that may differ when a run is resumed (they do not change what is computed).
-RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "workers", "progress", "reference_path", "compile"}
+# Settings that may differ when a run is resumed: they do not change what is computed (--workers sets FFCV's
+# decoding threads only, `formats.runtime.startup`; torch's threads are the recorded compute_threads).
+RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "workers", "progress"}
+# Settings that change the arithmetic: a resume that changes one is refused, naming it and how to get the
+# recorded value back, unless --inexact-resume (recorded in run.json). Key -> that remedy.
+INEXACT_KEYS = {"compile": "pass --compile or --no-compile as recorded",
+                "fused_kernels": "pass --reference-path as recorded (fused kernels: True is without it, on CUDA)",
+                "device": "resume on the recorded --device",
+                "deterministic": "pass --deterministic as recorded",
+                "ranks": "launch as many ranks as recorded (torchrun --nnodes x --nproc_per_node)"}
 
 
 class StopRequest:
@@ -109,9 +118,9 @@ def ema_momentum(step: int, *, start: float, end: float, total_steps: int) -> fl
 
 
 def run_record(spec: TrainSpec, recipe: Recipe, global_batch: int, images_fingerprint: str,
-               store_identity: dict | None) -> dict:
-    """What defines a run: the spec with what its inputs resolved (recorded in RUN_DIR/run.json; a resume must
-    match it, except RESUMABLE_KEYS)."""
+               store_identity: dict | None, *, device: torch.device, ranks: int, threads: int) -> dict:
+    """What defines a run: the spec with what its inputs and machine resolved (recorded in RUN_DIR/run.json; a
+    resume must match it, except RESUMABLE_KEYS, and INEXACT_KEYS with --inexact-resume)."""
     online = spec.teacher_online
     return {"recipe": recipe.name, "optim": dataclasses.asdict(recipe.optim), "global_batch": global_batch,
             "seed": spec.seed, "window_images": spec.window_images, "lr": spec.lr,
@@ -122,7 +131,9 @@ def run_record(spec: TrainSpec, recipe: Recipe, global_batch: int, images_finger
             "teacher_weights": str(Path(spec.teacher_weights).resolve()) if online else None,
             "teacher_options": spec.teacher_options if online else None,
             "max_steps": spec.max_steps, "checkpoint_every": spec.checkpoint_every, "workers": spec.workers,
-            "progress": spec.progress, "reference_path": spec.reference_path, "compile": spec.compile,
+            "progress": spec.progress, "compile": spec.compile, "device": device.type, "ranks": ranks,
+            "deterministic": spec.deterministic, "compute_threads": threads,
+            "fused_kernels": device.type == "cuda" and not spec.reference_path,
             "view_params_version": VIEW_PARAMS_VERSION}
 
 
@@ -194,18 +205,23 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
     peak_lr = spec.lr if spec.lr is not None else optim.peak_lr(global_batch)
 
     run_dir = Path(spec.out)
-    config = run_record(spec, recipe, global_batch, fingerprint, store_identity)
     if spec.resume:
         check_view_records_of_run(run_dir)
+    threads = compute_threads(recorded_compute_threads(run_dir) if spec.resume else None)
+    torch.set_num_threads(threads)
+    config = run_record(spec, recipe, global_batch, fingerprint, store_identity, device=device, ranks=world_size,
+                        threads=threads)
     # Rank 0 locks the folder (a second process or job is refused), then checks and prepares it.
-    held.enter_context(claim_run_folder(run_dir, config, resume=spec.resume, resumable_keys=RESUMABLE_KEYS))
+    held.enter_context(claim_run_folder(run_dir, config, resume=spec.resume, resumable_keys=RESUMABLE_KEYS,
+                                        inexact_keys=INEXACT_KEYS, inexact=spec.inexact_resume))
+    run_id = recorded_run_id(run_dir)
 
     # ---------------------------------------------------------------- model, EMA, optimizer
     torch.manual_seed(spec.seed)  # identical init everywhere (DDP also broadcasts rank 0's weights)
     model, ema_student, optimizer = build_distiller(recipe, device, peak_lr, compile_model=spec.compile)
     step = 0
     if spec.resume:
-        state = load_checkpoint(run_dir)
+        state = load_checkpoint(run_dir, run_id)
         model.student.load_state_dict(state["student"])
         model.decoder.load_state_dict(state["decoder"])
         ema_student.load_state_dict(state["student_ema"])
@@ -342,7 +358,7 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
                     settle()  # no checkpoint after a step whose values were not checked
                     state = checkpoint_state()
                     if master:
-                        save_checkpoint(run_dir, state)
+                        save_checkpoint(run_dir, state, run_id)
                     saved_step = step
                 if stopping:
                     if world_size > 1:  # no rank exits (making torchrun stop the others) before the save is done
@@ -366,7 +382,7 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
     # ---------------------------------------------------------------- end: checkpoint, exports, plot
     state = checkpoint_state()
     if master:
-        save_checkpoint(run_dir, state)
+        save_checkpoint(run_dir, state, run_id)
         extra = {"recipe": recipe.name, "step": step, "global_batch": global_batch}
         export_student(model.student, run_dir / "student", extra=extra)
         export_student(ema_student, run_dir / "student_ema", extra={**extra, "ema": True})
