@@ -74,18 +74,21 @@ def _check_against_reference(shape, dtype, device, seed=0, weight_dtype=None):
 CPU_SHAPES = shapes.DECODER_TEST_SHAPES[:4]
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference_small(shape, dtype):
     _check_against_reference(shape, dtype, "cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.mark.cuda
 def test_float32_expert_weight_with_bf16_activations():
     # The autocast layout: the fp32 parameter goes in as is and is rounded per tile inside the kernels.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _check_against_reference(shapes.DECODER_TEST_SHAPES[4], torch.bfloat16, device, weight_dtype=torch.float32)
 
 
+@pytest.mark.cuda
 def test_chunked_backward_matches_reference(monkeypatch):
     # Backward makes du one column chunk at a time; force several chunks, the last one ragged.
     monkeypatch.setattr(decoder_experts, "_DU_CHUNK_ELEMENTS", 5 * 3 * 128)

@@ -61,6 +61,7 @@ def _check_against_reference(shape, dtype, fmt, device, seed=0):
         f"{loss_ref.item():.4g}), dY relative error {grad_error:.3g} (bound {GRAD_TOLERANCE[dtype]})")
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("fmt", TARGET_FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", shapes.RELATION_TEST_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -77,6 +78,7 @@ def test_matches_reference_recipe_shapes(shape, dtype, fmt):
     _check_against_reference(shape, dtype, fmt, "cuda")
 
 
+@pytest.mark.cuda
 def test_near_one_hot_rows_are_resolved_to_float32():
     # Each row nearly one-hot on its diagonal (logit ~ sqrt(768) ~ 28): the true KL (~1e-9 per row) is below
     # what float32 resolves next to an lse of ~28, so the loss is checked absolutely, to a few epsilons of
