@@ -561,8 +561,9 @@ class ExpertMixFunction(torch.autograd.Function):
         tile_m2 = torch.empty(batch, patterns, n_tiles, **f32)
         stats_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, tile_mean_ptr=tile_mean, tile_m2_ptr=tile_m2)
         # Chan's merge of the per-tile (count, mean, M2) in float64: exact enough for any D*D_o.
-        counts = torch.full((n_tiles,), _BLOCK_M, device=queries.device, dtype=torch.float64)
-        counts[-1] = features - _BLOCK_M * (n_tiles - 1)
+        # Columns per tile (the last one ragged), made on the device: no host value is copied in on the step path.
+        counts = (features - _BLOCK_M * torch.arange(n_tiles, device=queries.device, dtype=torch.float64)).clamp(
+            max=_BLOCK_M)
         tile_mean, tile_m2 = tile_mean.double(), tile_m2.double()
         mean = (tile_mean * counts).sum(-1) / features
         m2 = tile_m2.sum(-1) + ((tile_mean - mean[..., None]).square() * counts).sum(-1)
