@@ -103,7 +103,7 @@ def all_launches(quick: bool) -> list[Launch]:
 
 # Datasheet ceilings (H100 SXM, H200): memory bandwidth, and per SM at the 1.98 GHz boost clock: 4 warp
 # instructions issued per clock, 16 special-function (MUFU) lanes per clock, i.e. half a warp instruction,
-# and the dense tensor-core rate per input type (989 TF/s bf16/fp16, half that tf32, which the SASS may name); IEEE fp32 dots run on
+# and the dense tensor-core rate per input type (989 TF/s bf16/fp16, half that tf32); IEEE fp32 dots run on
 # the FMA units (128 lanes x 2 FLOPs per clock per SM).
 SMS, CLOCK = 132, 1.98e9
 CEILINGS = {"H100": {"bytes": 3.35e12}, "H200": {"bytes": 4.8e12}}

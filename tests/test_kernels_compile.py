@@ -98,6 +98,21 @@ def test_configs_are_pinned_and_shared_by_every_call():
             assert_swept(f"expert_{kernel}", kind, decoder_experts.pick_config(kernel, 1, 1, kind))
 
 
+def test_plans_read_no_process_global_precision_setting():
+    # Another thread (or the trainer) may switch torch's TF32 setting during a run: a launch must not change.
+    before = relation_loss.launch_plan(2, 70, 40, torch.float32, torch.float16)
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        during = relation_loss.launch_plan(2, 70, 40, torch.float32, torch.float16)
+        decoder_plan = decoder_experts.expert_plan(5, 3, 24, 20, torch.float32)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+    assert during == before and during["forward"].scalars["DOT_PRECISION"] == "ieee"
+    assert during["forward"].config == relation_loss.DEFAULT_CONFIGS["fwd"]["fp32"]
+    assert all(p.scalars["DOT_PRECISION"] == "ieee" for p in decoder_plan["forward"] + decoder_plan["backward"])
+
+
 def _described(kernel_name, args: dict) -> tuple:
     """A launch as comparable data: tensors by dtype, floats rounded; the interpreter-only switch dropped."""
     def value(v):
