@@ -205,6 +205,7 @@ class _StepContext:
         if self.skip:
             self.step.status, self.step.detail = "skipped", self.skip
             return None
+        self.runner.save()  # a run killed inside this step shows it "pending"
         return self.step
 
     def __exit__(self, exc_type, exc, tb) -> bool:
