@@ -395,18 +395,22 @@ def run_cuda_tests(runner: Runner, step: Step, run_them: bool) -> None:
     until = time.monotonic() + step.cap
     totals = {"files": len(files), "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "collected": 0,
               "aborted": []}
-    for path in files:
+    for index, path in enumerate(files):
         name = Path(path).stem
+        # An equal share of what is left per file still to run: one slow file cannot starve the others.
+        share = (until - time.monotonic()) / (len(files) - index)
         if not run_them:
             rc, tail = runner.cli(f"cuda-tests-{name}", [*base, "--collect-only", path], until - time.monotonic())
             collected = re.search(r"(\d+)(?:/\d+)? tests? collected", tail)
             totals["collected"] += int(collected.group(1)) if collected else 0
             continue
         junit = results / f"{name}.xml"
-        rc, tail = runner.cli(f"cuda-tests-{name}", [*base, f"--junitxml={junit}", path], until - time.monotonic())
+        rc, tail = runner.cli(f"cuda-tests-{name}", [*base, "-v", f"--junitxml={junit}", path], share)
         counts = _junit_counts(junit)
+        if counts is None and rc == 124:  # cut at its share: the verbose log still says how each case ended
+            counts = _verbose_counts(runner.logs / f"cuda-tests-{name}.log")
         if counts is None and rc not in (5, 124):  # died without results (5: nothing collected)
-            counts = _cases_one_by_one(runner, path, base, results, until, totals)
+            counts = _cases_one_by_one(runner, path, base, results, time.monotonic() + share, totals)
         for key, value in (counts or {}).items():
             totals[key] += value
         if rc == 124:
@@ -423,6 +427,13 @@ def run_cuda_tests(runner: Runner, step: Step, run_them: bool) -> None:
         step.detail = f"collected only (no GPU): {totals['collected']} CUDA cases in {len(files)} files"
         if not totals["collected"]:
             step.status = "failed"
+
+
+def _verbose_counts(log: Path) -> dict:
+    """JUnit-like counts from a `pytest -v` log: one "PASSED", "FAILED", "SKIPPED" or "ERROR" line per case."""
+    ends = re.findall(r"::\S+ (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", log.read_text(errors="replace"))
+    return {"tests": len(ends), "failures": ends.count("FAILED"), "errors": ends.count("ERROR"),
+            "skipped": ends.count("SKIPPED")}
 
 
 def _cases_one_by_one(runner, path, base, results, until, totals) -> dict:
