@@ -231,7 +231,8 @@ class StepFailed(Exception):
 def _require(rc: int, what: str, tail: str) -> None:
     if rc != 0:
         reason = "timed out" if rc == 124 else f"exit status {rc}"
-        raise StepFailed(f"{what} {reason}; last output:\n{tail}")
+        last = tail.splitlines()[-1].strip() if tail else ""
+        raise StepFailed(f"{what} {reason}: {last[-160:]}\nlast output:\n{tail}")  # the table shows the first line
 
 
 # ---------------------------------------------------------------------- environment
