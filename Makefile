@@ -41,11 +41,14 @@ demo: $(INSTALLED)
 clean-demo:
 	rm -rf $(DEMO_DIR)
 
-# sm_90 compile sweep (no GPU needed): every fused kernel x every config it may pick x recipe shapes x
-# dtypes, compiled for H100/H200 and read back (registers, spills, wgmma). `make test-all` runs its --quick part.
+# sm_90 compile sweep (no GPU needed): every fused kernel x every config it may pick x every shape it runs at
+# (the recipes' calls and the kernel tests') x dtypes, compiled for H100/H200 and read back (registers, spills,
+# wgmma), under the newest Triton (.venv) and the oldest supported one, the GPU image's (.venv-oldest).
+# `make test-all` runs its --quick part.
 .PHONY: check-sm90
-check-sm90: $(INSTALLED)
-	$(PY) -m kernels.sweep
+check-sm90: $(INSTALLED) $(OLDEST)/.installed
+	TRITON_INTERPRET=0 $(PY) -m kernels.sweep
+	TRITON_INTERPRET=0 PYTHONPATH=$(CURDIR) $(OLDEST)/bin/python -m kernels.sweep
 
 # ---------------------------------------------------------------- GPU readiness (issue 12, parts 3-5)
 # `make wheelhouse`: offline wheels (FFCV with its libraries bundled, zarr, numcodecs, google-crc32c, ...) for
@@ -64,6 +67,7 @@ OLDEST_PINS := torch==2.11.0 torchvision==0.26.0 triton==3.6.0 timm==1.0.23 'num
 OLDEST_SITE := $(OLDEST)/wheelhouse-site
 GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 GPU_CHECK_OUT ?= gpu_check_out
+GPU_CHECK_BUDGET ?=
 
 .PHONY: wheelhouse test-oldest test-wheelhouse gpu-check
 
@@ -94,4 +98,4 @@ test-oldest: $(OLDEST)/.installed wheelhouse/py3.12/requirements.txt
 
 gpu-check:
 	$(GPU_CHECK_PY) acceptance/gpu_check.py $(if $(wildcard $(WHEELHOUSE)/requirements.txt),--wheelhouse $(WHEELHOUSE)) \
-	  --out $(GPU_CHECK_OUT)
+	  --out $(GPU_CHECK_OUT) $(if $(GPU_CHECK_BUDGET),--budget-s $(GPU_CHECK_BUDGET))

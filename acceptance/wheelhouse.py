@@ -9,9 +9,10 @@ A GPU machine that cannot reach a registry gets, from the folder this writes, ev
   `opencv-python` becomes `opencv-python-headless`: either provides the `cv2` FFCV's Python code imports,
   and CUDA images ship the headless one. The tag becomes manylinux_2_<this glibc>, the oldest glibc it loads on.
 - zarr, numcodecs, google-crc32c and the small pure-Python dependencies: the registry's wheels for that Python.
+- timm 1.0.23, the oldest supported: `acceptance/gpu_check.py` installs it only where the image's is older.
 
 Not included, because the image has them (the assumption `acceptance/gpu_check.py` checks there): torch,
-torchvision, triton, timm, numpy, numba/llvmlite, pillow, opencv-python-headless, tqdm, psutil, pyyaml,
+torchvision, triton, numpy, numba/llvmlite, pillow, opencv-python-headless, tqdm, psutil, pyyaml,
 packaging, typing-extensions, safetensors, matplotlib, tensorboard, pytest, and setuptools (FFCV 1.0.2 imports
 distutils, which Python 3.12 has only through setuptools' shim).
 

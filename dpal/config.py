@@ -128,3 +128,25 @@ class Recipe:
     def student_last_heads(self) -> int | None:
         """Head count of the student's last ViT block: the teacher's (a leftover kept for comparability)."""
         return self.teacher.num_heads if self.student.arch == "vit" else None
+
+    def fused_calls(self, batch: int | None = None) -> "FusedCalls":
+        """The decoder and relation-loss calls one `dpal.distill.distill_step_losses` makes for this recipe at
+        `batch` samples per GPU (default: the recipe's): the shapes the fused kernels must compile and be
+        benchmarked at."""
+        batch = self.optim.batch_per_gpu if batch is None else batch
+        _, tokens, crowd_tokens = token_counts(self.teacher, self.views)
+        dims = (self.decoder.in_dim, self.decoder.out_dim)
+        # The global view's and every local crop's CLS tokens go through the decoder as one stacked call.
+        return FusedCalls(decoder=((batch * (1 + self.views.num_local), 1, *dims), (batch, tokens, *dims),
+                                   (batch, crowd_tokens, *dims)),
+                          relation=(batch, crowd_tokens, self.decoder.out_dim))
+
+
+@dataclass(frozen=True)
+class FusedCalls:
+    """Shapes of one step's fused-op calls: decoder (rows B, tokens L, D, D_o) in call order (stacked CLS
+    tokens, the global view's local tokens, the crowd view's relation tokens), and the relation loss's
+    (B, N, D)."""
+
+    decoder: tuple[tuple[int, int, int, int], ...]
+    relation: tuple[int, int, int]

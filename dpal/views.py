@@ -121,7 +121,6 @@ pixels by ~1e-7 away from those the stores were cached with. The pixels are kept
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import NamedTuple, Sequence
@@ -497,8 +496,8 @@ def _blur_kernels(sigmas: torch.Tensor, kernel_size: int) -> torch.Tensor:
 def _blur_matrices(kernels: torch.Tensor, length: int) -> torch.Tensor:
     """Blur matrices ``[n, length, length]`` on the kernels' device from float32 kernels ``[n, K]``."""
     taps = _reflect_taps(length, kernels.shape[1], kernels.device)
-    with _ieee_fp32_matmul(kernels.device):
-        return (kernels @ taps).reshape(len(kernels), length, length)
+    weights, taps = _exact(kernels, taps)
+    return (weights @ taps).float().reshape(len(kernels), length, length)
 
 
 def blur_weights(sigmas: torch.Tensor, length: int, kernel_size: int, device=None) -> torch.Tensor:
@@ -512,18 +511,11 @@ def blur_weights(sigmas: torch.Tensor, length: int, kernel_size: int, device=Non
     return _blur_matrices(_upload(_blur_kernels(sigmas, kernel_size), device), length)
 
 
-@contextlib.contextmanager
-def _ieee_fp32_matmul(device: torch.device):
-    """TF32 would round the pixels to 10 mantissa bits; force full float32 matmuls on CUDA meanwhile."""
-    if device.type != "cuda":
-        yield
-        return
-    previous = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = previous
+def _exact(*operands: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The operands of a pixel matmul, widened to float64 on CUDA, where a float32 matmul would follow torch's
+    process-wide TF32 setting (10 mantissa bits) and float64 never does; a CPU's float32 matmul is exact as it is.
+    The render reads no global and changes none: it runs beside the training step, on another thread."""
+    return tuple(t.double() for t in operands) if operands[0].device.type == "cuda" else operands
 
 
 def apply_separable(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -531,11 +523,11 @@ def apply_separable(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> 
     rows, cols = rows[:, None], cols[:, None]
     height, width = x.shape[-2:]
     out_h, out_w = rows.shape[-2], cols.shape[-2]
-    with _ieee_fp32_matmul(x.device):
-        # Contract the axis that shrinks the work most first.
-        if out_h * height * width + out_h * width * out_w <= height * width * out_w + out_h * height * out_w:
-            return torch.matmul(torch.matmul(rows, x), cols.transpose(-1, -2))
-        return torch.matmul(rows, torch.matmul(x, cols.transpose(-1, -2)))
+    x, rows, cols = _exact(x, rows, cols)
+    # Contract the axis that shrinks the work most first.
+    if out_h * height * width + out_h * width * out_w <= height * width * out_w + out_h * height * out_w:
+        return torch.matmul(torch.matmul(rows, x), cols.transpose(-1, -2)).float()
+    return torch.matmul(rows, torch.matmul(x, cols.transpose(-1, -2))).float()
 
 
 def _separable_bmm(x: torch.Tensor, rows: torch.Tensor, cols_t: torch.Tensor) -> torch.Tensor:
@@ -544,10 +536,10 @@ def _separable_bmm(x: torch.Tensor, rows: torch.Tensor, cols_t: torch.Tensor) ->
     runs after broadcasting and copying its arguments, without those copies."""
     height, width = x.shape[-2:]
     out_h, out_w = rows.shape[-2], cols_t.shape[-1]
-    with _ieee_fp32_matmul(x.device):
-        if out_h * height * width + out_h * width * out_w <= height * width * out_w + out_h * height * out_w:
-            return torch.bmm(torch.bmm(rows, x), cols_t)
-        return torch.bmm(rows, torch.bmm(x, cols_t))
+    x, rows, cols_t = _exact(x, rows, cols_t)
+    if out_h * height * width + out_h * width * out_w <= height * width * out_w + out_h * height * out_w:
+        return torch.bmm(torch.bmm(rows, x), cols_t).float()
+    return torch.bmm(rows, torch.bmm(x, cols_t)).float()
 
 
 # ----------------------------------------------------------------------------------- colour ops

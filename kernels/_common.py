@@ -23,6 +23,8 @@ SUPPORTED_CAPABILITY = (9, 0)
 # custom ops with fake (shape-only) implementations and autograd registered, so torch.compile traces the model
 # around them without a graph break and calls them as they are.
 NAMESPACE = "dpal_fused"
+# tl.dot input precision of every launch (see `dot_operands`).
+DOT_PRECISION = "ieee"
 # Tensor-core inputs the kernels accept; float64 has no tensor-core path (use the dpal reference).
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -107,21 +109,13 @@ def fast_log2(x, INTERPRETED: tl.constexpr):
     return _special_function(x, tl.log2(x), "lg2.approx.ftz.f32", INTERPRETED)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: float32 inputs follow torch's TF32 switch, like the cuBLAS GEMMs beside them."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def dot_operands(dtype: torch.dtype) -> str:
     """What the kernels' dots run on for inputs of `dtype` (a key of the pinned-config tables): "bf16" or
-    "fp16" (tensor cores), "tf32" (float32 on tensor cores, torch's TF32 switch on) or "fp32" (IEEE, FMA)."""
-    if dtype not in COMPUTE_DTYPES:
-        raise TypeError(f"no fused-kernel configuration for {dtype}; supported: {_dtype_names(COMPUTE_DTYPES)}")
-    if dtype == torch.float32:
-        return "tf32" if dot_precision(dtype) == "tf32" else "fp32"
-    return "bf16" if dtype == torch.bfloat16 else "fp16"
+    "fp16" (tensor cores) or "fp32" (IEEE dots on the FMA units: float32 inputs are multiplied in full float32
+    whatever torch's process-wide TF32 setting says, so that a launch's code depends on its inputs only, never
+    on a global another thread may change while the step runs; training runs the kernels under bf16 autocast)."""
+    check_dtype("fused kernels", "input", torch.empty((), dtype=dtype))
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def multiprocessors(device: torch.device) -> int | None:
@@ -161,7 +155,19 @@ class KernelConfig:
         return f"{tiles} w{self.num_warps} s{self.num_stages}"
 
 
-def launch(kernel, grid: tuple[int, ...], config: KernelConfig, *args, **constexprs) -> None:
-    """kernel[grid](*args) with `config`'s tiles, warps and stages (the interpreter ignores the last two)."""
-    kernel[grid](*args, **dict(config.tiles), **constexprs, num_warps=config.num_warps,
-                 num_stages=config.num_stages)
+@dataclass(frozen=True)
+class PlannedLaunch:
+    """One kernel launch of a fused op, planned from shapes and dtypes alone: the op issues it (`planned(**tensors)`)
+    and the sm_90 compile sweep compiles it (`kernels.sweep`), so both see the same kernel, grid, config and
+    arguments. `tensors` names each tensor argument's dtype; `scalars` holds the other arguments and the
+    constexprs beyond the config's tiles; `part` says which piece of the call it is (e.g. "du[0:]"), for tables."""
+    kernel: object
+    grid: tuple[int, ...]
+    config: KernelConfig
+    tensors: dict
+    scalars: dict
+    part: str = ""
+
+    def __call__(self, **tensors: torch.Tensor) -> None:
+        self.kernel[self.grid](**tensors, **self.scalars, **dict(self.config.tiles),
+                               num_warps=self.config.num_warps, num_stages=self.config.num_stages)

@@ -1,7 +1,8 @@
 """Benchmark of the fused ops against eager and torch.compile'd references: `python -m kernels.bench`.
 
-For each recipe's shapes (batch 256, and the stacked CLS call at 768 rows, L = 1; bf16 activations and fp32
-parameters under bf16 autocast, as training runs, so the expert weight's cast is timed too) it times
+For every decoder and relation call a recipe's training step makes (`kernels.shapes`, at the recipe's batch per
+GPU; bf16 activations and fp32 parameters under bf16 autocast, as training runs, so the expert weight's cast is
+timed too; relation inputs as `relation_inputs` draws them, a KL of 0.01 to 1 per row) it times
 forward+backward (median, triton.testing.do_bench),
 measures peak memory, and reports achieved TFLOP/s and GB/s against ceilings measured on the same device
 (a large bf16 matmul, a large copy). It prints a table, a table of analytic floors at the ViT-Ti target
@@ -19,8 +20,8 @@ It also prints a static cost report that needs no GPU: each kernel at the ViT-Ti
 sm_90 (`kernels.sweep --quick`), with registers, resident warps per SM, spills, wgmma counts, executed SASS
 and MUFU instructions per element (static counts per loop nest times trip counts) and the predicted time,
 the largest of the issue-bound, special-function-bound, executed-tensor-FLOP-bound, useful-FLOP-bound and
-byte-bound times at the H100 and H200 datasheet ceilings, then per call (decoder B256 L257, the stacked
-CLS call, relation forward + backward) the Triton kernels' predicted time against their floor (JSON key
+byte-bound times at the H100 and H200 datasheet ceilings, then per call of the target recipe (each decoder
+call, relation forward + backward) the Triton kernels' predicted time against their floor (JSON key
 "static", with "totals").
 
 FLOPs are the useful GEMM FLOPs (forward, plus twice that for backward) — what any implementation must do;
@@ -49,13 +50,11 @@ from dpal.arguments import POSITIVE, output_file
 from dpal.decoder import LAYER_NORM_EPS, expert_path_reference
 from dpal.losses import quantize_relation, relation_kl_reference, relation_matrix
 from dpal.recipes import RECIPES
-from kernels import select_interpreter
+from dpal.config import DecoderSpec
+from kernels import select_interpreter, shapes
 
-PATTERNS = 3
-RECIPE_TOKENS = (1, 48, 128, 257)  # CLS-only calls, local crop (8x6), global view (16x8), crowd view + CLS
-CLS_STACK = 3  # the CLS tokens of the global view and the 2 local crops, decoded as one call of 3 x batch rows
-TARGET_RECIPE = "path-b_vit-ti"  # the issue's H100 targets are stated at ViT-Ti shapes
-H100_DATASHEET = {"tflops_bf16_dense": 989.0, "gbps": 3350.0}  # SXM5; used for floors when no GPU is here
+PATTERNS = DecoderSpec.num_patterns
+TARGET_RECIPE = shapes.TARGET_RECIPE
 
 
 def decoder_flops(batch, dim, out_dim, tokens, patterns=PATTERNS) -> dict[str, float]:
@@ -132,10 +131,43 @@ def _decoder_inputs(batch, dim, out_dim, tokens, dtype, device, seed=0):
     return inputs, grads
 
 
+# Relation inputs as training sees them: the teacher's tokens are LayerNormed and strongly correlated (a shared
+# per-sample direction plus a low-rank spread), so each row of softmax(T T^T / sqrt(D)) spreads over many
+# tokens; the student's tokens are the teacher's with the spread perturbed. The spread is scaled with D so
+# that the logits' spread, not D, sets the rows' shape: the KL per row lands in 0.01 to 1 at every shape.
+# (Independent N(0, 1) tokens at D = 768 give a diagonal logit of sqrt(D) ~ 28 and one-hot rows, whose KL
+# ~1e-9 float32 cannot resolve: `near_one_hot_relation_inputs`.)
+RELATION_SPREAD_LOGIT = 2.5  # spread^2 * sqrt(D): the off-diagonal logits' spread, in nats
+RELATION_RANK = 32
+RELATION_STUDENT_NOISE = 0.7
+
+
+def relation_inputs(batch: int, tokens: int, dim: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student tokens y [B, N, D], teacher relation probabilities [B, N, N]), float64 on the CPU."""
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    spread = (RELATION_SPREAD_LOGIT / dim ** 0.5) ** 0.5
+    shared, basis = draw(batch, 1, dim), draw(batch, RELATION_RANK, dim) / RELATION_RANK ** 0.5
+    latent = draw(batch, tokens, RELATION_RANK)
+    student_latent = latent + RELATION_STUDENT_NOISE * draw(batch, tokens, RELATION_RANK)
+    teacher = torch.nn.functional.layer_norm(shared + spread * latent @ basis, (dim,))
+    student = torch.nn.functional.layer_norm(shared + spread * student_latent @ basis, (dim,))
+    return student, relation_matrix(teacher)
+
+
+def near_one_hot_relation_inputs(batch: int, tokens: int, dim: int,
+                                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent N(0, 1) tokens, the teacher a scaled copy of the student: each row is nearly one-hot at
+    large D (diagonal logit ~ sqrt(D)), so the true KL per row is far below float32's resolution of it."""
+    student = torch.randn(batch, tokens, dim, generator=generator, dtype=torch.float64)
+    return student, relation_matrix(2 * student)
+
+
 def _relation_inputs(batch, tokens, dim, dtype, target_format, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    y = torch.randn(batch, tokens, dim, generator=g).to(device, dtype).requires_grad_()
-    probs = relation_matrix(torch.randn(batch, tokens, dim, generator=g).to(device))
+    y, probs = relation_inputs(batch, tokens, dim, torch.Generator(device="cpu").manual_seed(seed))
+    y = y.to(device, dtype).requires_grad_()
+    probs = probs.float().to(device)
     if target_format == "int8":
         inputs = [y, *quantize_relation(probs)]
     else:
@@ -203,7 +235,10 @@ def _implementations(reference, fused, on_gpu: bool, compile_refs: bool) -> dict
     return impls
 
 
-def build_cases(on_gpu: bool, batch: int, compile_refs: bool, device) -> list[Case]:
+def build_cases(on_gpu: bool, batch: int | None, compile_refs: bool, device, recipes=None) -> list[Case]:
+    """On a GPU: every decoder and relation call `distill_step_losses` makes for `recipes` (default: all; see
+    `kernels.shapes`) at `batch` samples per GPU (default: each recipe's), the relation with fp16 and int8
+    targets. In the interpreter: toy shapes that still have ragged tiles."""
     # Imported here, after main() has chosen how Triton runs them.
     from kernels.decoder_experts import expert_path
     from kernels.relation_loss import relation_kl
@@ -211,41 +246,31 @@ def build_cases(on_gpu: bool, batch: int, compile_refs: bool, device) -> list[Ca
     dtype = torch.bfloat16 if on_gpu else torch.float32
     itemsize = torch.empty((), dtype=dtype).element_size()
     if on_gpu:
-        decoder_shapes: dict[tuple[int, int], list[str]] = {}
-        relation_shapes: dict[tuple[int, int], list[str]] = {}
-        for name, r in RECIPES.items():
-            decoder_shapes.setdefault((r.decoder.in_dim, r.decoder.out_dim), []).append(name)
-            tokens = 257 if r.teacher.has_cls else 64  # ViT crowd view 16x16 + CLS; Swin 8x8 final grid
-            relation_shapes.setdefault((tokens, r.decoder.out_dim), []).append(name)
-        token_counts = RECIPE_TOKENS
-    else:  # interpreter: toy shapes that still have ragged tiles
-        decoder_shapes = {(24, 40): ["toy"]}
-        relation_shapes = {(70, 40): ["toy"], (64, 24): ["toy"]}
-        token_counts = (1, 9)
+        decoder_calls = shapes.decoder_calls(batch, recipes)
+        relation_calls = shapes.relation_calls(batch, recipes)
+    else:
+        toy_batch = batch or 2
+        decoder_calls = {(toy_batch, PATTERNS, 24, 40, tokens): ["toy"] for tokens in (1, 9)}
+        relation_calls = {(toy_batch, 70, 40): ["toy"], (toy_batch, 64, 24): ["toy"]}
 
     ref_decoder = _decoder_call(expert_path_reference)
     ref_relation = _relation_call(relation_kl_reference)
     cases = []
-    # The stacked CLS call (the CLS tokens of the global view and the 2 local crops: 3 x batch rows, L = 1)
-    # is timed as its own case.
-    calls = [(batch, tokens) for tokens in token_counts] + ([(CLS_STACK * batch, 1)] if on_gpu else [])
-    for (dim, out_dim), recipes in sorted(decoder_shapes.items()):
-        for rows, tokens in calls:
-            impls = _implementations(ref_decoder, _decoder_call(expert_path), on_gpu, compile_refs)
-            cases.append(Case(
-                "decoder", dict(batch=rows, dim=dim, out_dim=out_dim, tokens=tokens, dtype=str(dtype)), recipes,
-                lambda r=rows, d=dim, o=out_dim, t=tokens: _decoder_inputs(r, d, o, t, dtype, device), impls,
-                ref_decoder,
-                decoder_flops(rows, dim, out_dim, tokens), decoder_bytes(rows, dim, out_dim, tokens, itemsize)))
-    for (tokens, dim), recipes in sorted(relation_shapes.items()):
+    for (rows, patterns, dim, out_dim, tokens), names in sorted(decoder_calls.items()):
+        impls = _implementations(ref_decoder, _decoder_call(expert_path), on_gpu, compile_refs)
+        cases.append(Case(
+            "decoder", dict(batch=rows, dim=dim, out_dim=out_dim, tokens=tokens, dtype=str(dtype)), names,
+            lambda r=rows, d=dim, o=out_dim, t=tokens: _decoder_inputs(r, d, o, t, dtype, device), impls, ref_decoder,
+            decoder_flops(rows, dim, out_dim, tokens), decoder_bytes(rows, dim, out_dim, tokens, itemsize)))
+    for (rows, tokens, dim), names in sorted(relation_calls.items()):
         for target_format in ("float16", "int8"):
             impls = _implementations(ref_relation, _relation_call(relation_kl), on_gpu, compile_refs)
             target_itemsize = 1 if target_format == "int8" else 2
             cases.append(Case(
-                "relation", dict(batch=batch, tokens=tokens, dim=dim, dtype=str(dtype), target=target_format),
-                recipes, lambda t=tokens, d=dim, f=target_format: _relation_inputs(batch, t, d, dtype, f, device),
-                impls, ref_relation, relation_flops(batch, tokens, dim), relation_bytes(batch, tokens, dim, itemsize,
-                                                                          target_itemsize)))
+                "relation", dict(batch=rows, tokens=tokens, dim=dim, dtype=str(dtype), target=target_format), names,
+                lambda r=rows, t=tokens, d=dim, f=target_format: _relation_inputs(r, t, d, dtype, f, device),
+                impls, ref_relation, relation_flops(rows, tokens, dim),
+                relation_bytes(rows, tokens, dim, itemsize, target_itemsize)))
     return cases
 
 
@@ -361,27 +386,30 @@ def _seconds(fn) -> float:
 
 
 def target_floors(ceilings: dict | None) -> list[dict]:
-    """FLOP and byte floors at the ViT-Ti target shapes (batch 256, bf16), against measured or datasheet ceilings."""
-    recipe = RECIPES[TARGET_RECIPE]
-    dim, out_dim = recipe.decoder.in_dim, recipe.decoder.out_dim
-    tflops = ceilings["matmul_tflops"] if ceilings else H100_DATASHEET["tflops_bf16_dense"]
-    gbps = ceilings["copy_gbps"] if ceilings else H100_DATASHEET["gbps"]
+    """FLOP and byte floors of the target recipe's calls (its batch, bf16), against measured ceilings or, without
+    a GPU, the H100 datasheet's (`kernels.sweep`)."""
+    from kernels.sweep import CEILINGS, DOT_FLOPS  # here: importing it imports triton, after main()'s choice
+
+    calls = RECIPES[TARGET_RECIPE].fused_calls()
+    tflops = ceilings["matmul_tflops"] if ceilings else DOT_FLOPS["bf16"] / 1e12
+    gbps = ceilings["copy_gbps"] if ceilings else CEILINGS["H100"]["bytes"] / 1e9
     rows = []
-    for tokens in RECIPE_TOKENS:
-        flops = decoder_flops(256, dim, out_dim, tokens)
-        rows.append(dict(op="decoder", shape=f"B256 D{dim} Do{out_dim} L{tokens}",
+    for batch, tokens, dim, out_dim in calls.decoder:
+        flops = decoder_flops(batch, dim, out_dim, tokens)
+        rows.append(dict(op="decoder", shape=f"B{batch} D{dim} Do{out_dim} L{tokens}",
                          gflop_useful=flops["useful"] / 1e9, gflop_fused=flops["fused_executed"] / 1e9,
-                         mb=decoder_bytes(256, dim, out_dim, tokens, 2) / 1e6))
+                         mb=decoder_bytes(batch, dim, out_dim, tokens, 2) / 1e6))
+    batch, tokens, dim = calls.relation
     for fmt, t_size in (("float16", 2), ("int8", 1)):
-        flops = relation_flops(256, 257, out_dim)
-        rows.append(dict(op="relation", shape=f"B256 N257 D{out_dim} {fmt}",
+        flops = relation_flops(batch, tokens, dim)
+        rows.append(dict(op="relation", shape=f"B{batch} N{tokens} D{dim} {fmt}",
                          gflop_useful=flops["useful"] / 1e9, gflop_fused=flops["fused_executed"] / 1e9,
-                         mb=relation_bytes(256, 257, out_dim, 2, t_size) / 1e6))
+                         mb=relation_bytes(batch, tokens, dim, 2, t_size) / 1e6))
     for row in rows:
         row["floor_ms_compute"] = row["gflop_useful"] / tflops
         row["floor_ms_fused_compute"] = row["gflop_fused"] / tflops
         row["floor_ms_memory"] = row["mb"] / gbps
-        row["ceilings"] = "measured here" if ceilings else "H100 SXM datasheet (989 TF/s bf16, 3.35 TB/s)"
+        row["ceilings"] = "measured here" if ceilings else f"H100 SXM datasheet ({tflops:.0f} TF/s bf16, {gbps:.0f} GB/s)"
     return rows
 
 
@@ -429,17 +457,20 @@ def print_floors(rows: list[dict]) -> None:
               f"{r['floor_ms_compute']:8.3f} {r['floor_ms_fused_compute']:13.3f} {r['floor_ms_memory']:8.3f}")
 
 
-STATIC_CALLS = {"decoder B256 L257": ("decoder", "B256 D192 Do768 L257"),
-                "decoder CLS B768 L1": ("decoder", "B768 D192 Do768 L1"),
-                "relation fp16 targets": ("relation", "B256 N257 D768 target fp16"),
-                "relation int8 targets": ("relation", "B256 N257 D768 target int8")}
+def static_calls() -> dict[str, tuple[str, str]]:
+    """The target recipe's calls as the sweep names its cases: {name: (op, case prefix)}."""
+    calls = RECIPES[TARGET_RECIPE].fused_calls()
+    named = {f"decoder B{b} L{t}": ("decoder", f"B{b} D{d} Do{o} L{t}") for b, t, d, o in calls.decoder}
+    batch, tokens, dim = calls.relation
+    return named | {f"relation {fmt} targets": ("relation", f"B{batch} N{tokens} D{dim} target {fmt}")
+                    for fmt in ("fp16", "int8")}
 
 
 def static_totals(costs: list[dict]) -> list[dict]:
-    """Per call of STATIC_CALLS: the floors and predicted times of its Triton kernels, summed, and their ratio."""
+    """Per call of `static_calls`: the floors and predicted times of its Triton kernels, summed, and their ratio."""
     totals = []
     op_kernels = {"decoder": ("expert", "gelu"), "relation": ("relation",)}
-    for name, (op, case) in STATIC_CALLS.items():
+    for name, (op, case) in static_calls().items():
         rows = [c for c in costs if c["case"].startswith(case) and c["kernel"].startswith(op_kernels[op])]
         if any("error" in c for c in rows):
             totals.append(dict(call=name, error="; ".join(c["error"] for c in rows if "error" in c)))
@@ -465,8 +496,6 @@ def static_report(sweep: dict | None = None) -> dict:
                 return {"error": f"kernels.sweep exited {done.returncode}: {done.stderr.strip()[-300:]}"}
             sweep = json.loads(path.read_text())
     report = dict(sweep)
-    shapes = ("B256 D192 Do768 L257", "B768 D192 Do768 L1", "B256 N257 D768")
-    report["costs"] = [c for c in report["costs"] if c["case"].startswith(shapes)]
     report["totals"] = static_totals(report["costs"])
     report["ceilings"] = ("datasheet: 3.35 TB/s (H100), 4.8 TB/s (H200); per SM at 1.98 GHz: 4 warp instructions "
                           "issued, 16 MUFU lanes, dense tensor cores 989 TF/s bf16 (132 SMs)")
@@ -505,17 +534,40 @@ def print_static(report: dict) -> None:
               f"{t['floor_ms_H200']:10.3f} {t['predicted_ms_H200']:9.3f} {t['ratio_H200']:5.2f}")
 
 
+def _names(text: str, known, what: str) -> list[str]:
+    """A comma-separated list of `known` names, refused in one line when one is unknown."""
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or '(none given)'}; "
+                                         f"known: {', '.join(map(str, known))}")
+    return names
+
+
+def _write_json(path: str, report: dict) -> None:
+    """Replace `path` with `report` atomically: a run killed at any point leaves the last complete file."""
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(partial, path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", metavar="PATH", type=output_file,
-                        help="also write the results as JSON to PATH (its folder must exist)")
+    parser.add_argument("--json", metavar="PATH", type=output_file, help="also write the results as JSON to PATH "
+                        "(its folder must exist), rewritten after every row (a run cut short keeps every row measured "
+                        "before)")
     parser.add_argument("--op", choices=("all", "decoder", "relation"), default="all", help="which op to time")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
-                        help="only the shapes this recipe runs (default: every recipe's shapes); on a GPU, "
+                        help="only the calls this recipe makes (default: every recipe's); on a GPU, "
                              f"{TARGET_RECIPE} holds the speed and memory targets")
+    parser.add_argument("--tokens", type=lambda text: [int(t) for t in text.split(",")], metavar="L,...",
+                        help="only the decoder calls with these token counts (default: all)")
+    parser.add_argument("--impls", type=lambda text: _names(text, IMPLEMENTATIONS, "implementation"),
+                        metavar="NAME,...", help=f"only these of {', '.join(IMPLEMENTATIONS)} (default: all)")
     parser.add_argument("--batch", type=POSITIVE, default=None,
-                        help="batch size (>= 1; default: 256 on a GPU, 2 in the interpreter)")
+                        help="samples per GPU (>= 1; default: each recipe's on a GPU, 2 in the interpreter)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile'd reference (compiling every shape takes minutes)")
     parser.add_argument("--reps", type=POSITIVE, default=3,
@@ -524,13 +576,15 @@ def main(argv=None) -> int:
                         help="skip the static cost report (registers, spills, SASS per element, predicted time "
                              "from the sm_90 cubins; compiling takes a minute)")
     args = parser.parse_args(argv)
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch must be at least 1; got {args.batch}")
 
     interpreted = select_interpreter()  # before triton is imported: interpreted exactly when no GPU is visible
     on_gpu = torch.cuda.is_available() and not interpreted
     device = torch.device("cuda" if on_gpu else "cpu")
-    batch = args.batch or (256 if on_gpu else 2)
     if on_gpu:
-        print(f"device: {torch.cuda.get_device_name(device)}; batch {batch}, bf16, recipe shapes")
+        print(f"device: {torch.cuda.get_device_name(device)}; bf16, recipe calls at "
+              f"{args.batch or 'each recipe'}'s batch")
     else:
         # One thread: on a small shared CPU, OpenMP threads waiting on each other dominate toy-shape timings.
         torch.set_num_threads(1)
@@ -538,29 +592,32 @@ def main(argv=None) -> int:
               "shapes, in float32. These timings measure the interpreter and the CPU, not the kernels; run on a\n"
               "CUDA machine for the recipe shapes.\n")
     ceilings = measure_ceilings(on_gpu, device)
-    cases = [c for c in build_cases(on_gpu, batch, not args.no_compile, device) if args.op in ("all", c.op)
-             and (args.recipe is None or args.recipe in c.recipes or c.recipes == ["toy"])]
+    cases = [c for c in build_cases(on_gpu, args.batch, not args.no_compile, device,
+                                    [args.recipe] if args.recipe and on_gpu else None)
+             if args.op in ("all", c.op) and (args.tokens is None or c.op != "decoder" or c.shape["tokens"] in args.tokens)]
+    device_name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({platform.processor() or 'unknown'})"
+    report = {"device": device_name, "interpreted": not on_gpu, "torch": torch.__version__, "ceilings": ceilings,
+              "complete": False, "results": []}
     results = []
     for case in cases:
         for impl in case.impls:
+            if args.impls is not None and impl not in args.impls:
+                continue
             results.append(run_case(case, impl, on_gpu, args.reps))
             print(f"  {case.op} {case.shape} {impl}: "
                   + (results[-1].error or f"{results[-1].ms:.3f} ms"), file=sys.stderr, flush=True)
+            if args.json:
+                report["results"].append(asdict(results[-1]))
+                _write_json(args.json, report)
     print_table(results, ceilings)
-    floors = target_floors(ceilings if on_gpu else None)
-    print_floors(floors)
-    static = None if args.no_static else static_report()
-    if static is not None:
-        print_static(static)
+    report["target_floors"] = target_floors(ceilings if on_gpu else None)
+    print_floors(report["target_floors"])
+    if not args.no_static:
+        report["static"] = static_report()
+        print_static(report["static"])
     if args.json:
-        device_name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({platform.processor() or 'unknown'})"
-        report = {"device": device_name,
-                  "interpreted": not on_gpu, "torch": torch.__version__, "ceilings": ceilings,
-                  "results": [asdict(r) for r in results], "target_floors": floors}
-        if static is not None:
-            report["static"] = static
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        report["complete"] = True
+        _write_json(args.json, report)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (INTERPRETED, NAMESPACE, KernelConfig, check_capability, check_device, check_dtype,
-                             check_shape, dot_operands, dot_precision, fast_exp2, fast_rcp, launch, mma,
+from kernels._common import (DOT_PRECISION, INTERPRETED, NAMESPACE, KernelConfig, PlannedLaunch, check_capability,
+                             check_device, check_dtype, check_shape, dot_operands, fast_exp2, fast_rcp, mma,
                              multiprocessors, num_programs_for_rows)
 
 OP = "fused expert path"
@@ -61,11 +61,10 @@ OP = "fused expert path"
 _BLOCK_M = 128
 _BF16_PASS = KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64)
 DEFAULT_CONFIGS = {
-    "stats": {"bf16": _BF16_PASS, "fp16": _BF16_PASS, "tf32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=32),
+    "stats": {"bf16": _BF16_PASS, "fp16": _BF16_PASS,
               "fp32": KernelConfig.of(8, 3, BLOCK_B=32, BLOCK_K=32)},
     "grad": {"bf16": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=64),
              "fp16": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=64),
-             "tf32": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=32, BLOCK_M=32),
              "fp32": KernelConfig.of(8, 3, BLOCK_B=32, BLOCK_K=16, BLOCK_M=64)}}
 DEFAULT_CONFIGS["mix"] = DEFAULT_CONFIGS["grad_stats"] = DEFAULT_CONFIGS["stats"]  # same GEMM, similar epilogues
 # The recipes' (D, D_o): ViT-Ti, ViT-B and the Swin students (192) or ViT-S (384), PATH-B (768) or
@@ -526,6 +525,59 @@ def row_programs(rows: int, sm_count: int | None) -> tuple[int, int]:
     return triton.cdiv(blocks, per_program), per_program
 
 
+_F32 = torch.float32
+
+
+def expert_plan(batch: int, patterns: int, dim: int, out_dim: int, dtype: torch.dtype) -> dict[str, list[PlannedLaunch]]:
+    """The expert passes' launches for queries [batch, patterns, dim] in `dtype` and D_o = out_dim: "forward"
+    (stats, mix) and "backward" (grad_stats, then grad once per du chunk). Parameters are float32, as training
+    holds them (the op reads the small vectors in whatever float dtype they have)."""
+    features = dim * out_dim
+    kind = dot_operands(dtype)
+    n_tiles = triton.cdiv(features, _BLOCK_M)
+    operands = dict(q_ptr=dtype, w_ptr=dtype, bias_ptr=_F32)
+    constants = dict(B=batch, M=features, P=patterns, D=dim, DOT_PRECISION=DOT_PRECISION, INTERPRETED=INTERPRETED)
+
+    def whole(kernel, name, tensors):
+        config = pick_config(name, dim, features, kind)
+        return PlannedLaunch(kernel, _expert_grid(batch, features, config), config, operands | tensors,
+                             constants | dict(n_tiles=n_tiles, EVEN_M=even_columns(features, config)))
+
+    forward = [whole(_expert_stats_kernel, "stats", dict(tile_mean_ptr=_F32, tile_m2_ptr=_F32)),
+               whole(_expert_mix_kernel, "mix", dict(alpha_ptr=_F32, offset_ptr=_F32, c_sum_ptr=_F32, gamma_ptr=_F32,
+                                                      beta_ptr=_F32, mixed_ptr=dtype, sq_partial_ptr=_F32))]
+    backward = [whole(_expert_grad_stats_kernel, "grad_stats",
+                      dict(gamma_ptr=_F32, beta_ptr=_F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=_F32,
+                           partial_ptr=_F32))]
+    config = pick_config("grad", dim, features, kind)
+    chunk = du_chunk_columns(batch, patterns, features)
+    for m_start in range(0, features, chunk):
+        m_stop = min(m_start + chunk, features)
+        backward.append(PlannedLaunch(
+            _expert_grad_kernel, (triton.cdiv(m_stop - m_start, config["BLOCK_M"]),), config,
+            operands | dict(gamma_ptr=_F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=_F32, row_shift_ptr=_F32,
+                            alpha_ptr=_F32, du_const_ptr=_F32, du_slope_ptr=_F32, offset_ptr=_F32, c_sum_ptr=_F32,
+                            du_ptr=dtype, d_gamma_ptr=_F32, d_beta_ptr=_F32, d_bias_ptr=_F32),
+            constants | dict(m_start=m_start, m_stop=m_stop, du_row_stride=chunk,
+                             EVEN_M=even_columns(m_stop - m_start, config)), part=f"du[{m_start}:]"))
+    return dict(forward=forward, backward=backward)
+
+
+def row_plan(rows: int, width: int, dtype: torch.dtype, eps: float, sm_count: int | None) -> dict[str, PlannedLaunch]:
+    """The GELU + LayerNorm row kernels' launches ("forward", "backward") for `rows` rows of `width` in `dtype`,
+    on a GPU with `sm_count` SMs (None: the interpreter); LayerNorm parameters float32."""
+    config = row_config(width)
+    scalars = dict(n_rows=rows, width=width, eps=eps, INTERPRETED=INTERPRETED) | row_layout(width)
+    programs, blocks_per_program = row_programs(rows, sm_count)
+    return dict(
+        forward=PlannedLaunch(_gelu_layer_norm_fwd_kernel, (triton.cdiv(rows, ROW_BLOCK),), config,
+                              dict(z_ptr=dtype, y_ptr=dtype, w_ptr=_F32, b_ptr=_F32), scalars),
+        backward=PlannedLaunch(_gelu_layer_norm_bwd_kernel, (programs,), config,
+                               dict(z_ptr=dtype, dy_ptr=dtype, w_ptr=_F32, dw_partial_ptr=_F32, db_partial_ptr=_F32),
+                               scalars | dict(blocks_per_program=blocks_per_program),
+                               part=f"{programs} programs x {blocks_per_program} row blocks"))
+
+
 def _compute_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """What `expert_mix` returns as its rounded weight: the weight in the compute dtype when it has another
     dtype (float32 under autocast), else nothing (an empty tensor: the op cannot return an alias of its input)."""
@@ -548,18 +600,15 @@ def expert_mix(queries: torch.Tensor, scores: torch.Tensor, weight: torch.Tensor
     features = weight.shape[0]
     n_tiles = triton.cdiv(features, _BLOCK_M)
     f32 = dict(device=queries.device, dtype=torch.float32)
-    constants = dict(P=patterns, D=dim, DOT_PRECISION=dot_precision(queries.dtype), INTERPRETED=INTERPRETED)
-    kind = dot_operands(queries.dtype)
-    stats_config, mix_config = (pick_config(k, dim, features, kind) for k in ("stats", "mix"))
+    stats_launch, mix_launch = expert_plan(batch, patterns, dim, features // dim, queries.dtype)["forward"]
 
     tile_mean = torch.empty(batch, patterns, n_tiles, **f32)
     tile_m2 = torch.empty(batch, patterns, n_tiles, **f32)
-    launch(_expert_stats_kernel, _expert_grid(batch, features, stats_config), stats_config,
-           queries, weight_compute, bias, tile_mean, tile_m2, batch, features, n_tiles,
-           EVEN_M=even_columns(features, stats_config), **constants)
+    stats_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, tile_mean_ptr=tile_mean, tile_m2_ptr=tile_m2)
     # Chan's merge of the per-tile (count, mean, M2) in float64: exact enough for any D*D_o.
-    counts = torch.full((n_tiles,), _BLOCK_M, device=queries.device, dtype=torch.float64)
-    counts[-1] = features - _BLOCK_M * (n_tiles - 1)
+    # Columns per tile (the last one ragged), made on the device: no host value is copied in on the step path.
+    counts = (features - _BLOCK_M * torch.arange(n_tiles, device=queries.device, dtype=torch.float64)).clamp(
+        max=_BLOCK_M)
     tile_mean, tile_m2 = tile_mean.double(), tile_m2.double()
     mean = (tile_mean * counts).sum(-1) / features
     m2 = tile_m2.sum(-1) + ((tile_mean - mean[..., None]).square() * counts).sum(-1)
@@ -570,9 +619,9 @@ def expert_mix(queries: torch.Tensor, scores: torch.Tensor, weight: torch.Tensor
     alpha = c * rstd
     mixed = torch.empty(batch, features, device=queries.device, dtype=queries.dtype)
     sq_partial = torch.empty(batch, n_tiles, **f32)
-    launch(_expert_mix_kernel, _expert_grid(batch, features, mix_config), mix_config,
-           queries, weight_compute, bias, alpha, (alpha * mean).sum(-1), c.sum(-1), norm_weight, norm_bias,
-           mixed, sq_partial, batch, features, n_tiles, EVEN_M=even_columns(features, mix_config), **constants)
+    mix_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, alpha_ptr=alpha,
+               offset_ptr=(alpha * mean).sum(-1), c_sum_ptr=c.sum(-1), gamma_ptr=norm_weight, beta_ptr=norm_bias,
+               mixed_ptr=mixed, sq_partial_ptr=sq_partial)
     experts_loss = loss_weight * sq_partial.sum() / batch  # float32, whatever the compute dtype: one number
     return mixed, experts_loss, mean, rstd, rounded
 
@@ -593,7 +642,6 @@ def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queri
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `expert_mix`'s (W_b, experts_loss) with respect to its six tensor inputs."""
     batch, patterns, dim = queries.shape
-    constants = dict(P=patterns, D=dim, DOT_PRECISION=dot_precision(queries.dtype), INTERPRETED=INTERPRETED)
     features = weight_compute.shape[0]
     n_tiles = triton.cdiv(features, _BLOCK_M)
     f32 = dict(device=queries.device, dtype=torch.float32)
@@ -601,11 +649,10 @@ def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queri
     loss_coef = (2.0 * loss_weight / batch) * grad_loss.float().reshape(())
 
     partial = torch.empty(batch, patterns + 2, n_tiles, **f32)
-    kind = dot_operands(queries.dtype)
-    config = pick_config("grad_stats", dim, features, kind)
-    launch(_expert_grad_stats_kernel, _expert_grid(batch, features, config), config,
-           queries, weight_compute, bias, norm_weight, norm_bias, grad_mixed, mixed, loss_coef, partial,
-           batch, features, n_tiles, EVEN_M=even_columns(features, config), **constants)
+    grad_stats_launch, *grad_launches = expert_plan(batch, patterns, dim, features // dim, queries.dtype)["backward"]
+    grad_stats_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, gamma_ptr=norm_weight,
+                      beta_ptr=norm_bias, grad_ptr=grad_mixed, mixed_ptr=mixed, loss_coef_ptr=loss_coef,
+                      partial_ptr=partial)
     sums = partial.double().sum(-1)
     gamma_sums, beta_sums = sums[:, patterns], sums[:, patterns + 1]
     # A_e = sum_m dW gamma xhat_e = r_e (sum dW gamma g_e - mu_e sum dW gamma)
@@ -618,20 +665,20 @@ def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queri
     row_constants = ((gamma_sums / features).float(), alpha, alpha * a_rstd * mean, -alpha * a_rstd,
                      (alpha * mean).sum(-1), c.sum(-1))
 
-    config = pick_config("grad", dim, features, kind)
     d_gamma, d_beta, d_bias = (torch.empty(features, **f32) for _ in range(3))
     grad_queries = torch.zeros(batch * patterns, dim, **f32)
     grad_weight = torch.empty(features, dim, device=queries.device, dtype=weight_dtype)
     q_rows = queries.view(batch * patterns, dim)
-    chunk = du_chunk_columns(batch, patterns, features)
+    chunk = grad_launches[0].scalars["du_row_stride"]
     du = torch.empty(batch * patterns, chunk, device=queries.device, dtype=queries.dtype)
-    for m_start in range(0, features, chunk):
-        m_stop = min(m_start + chunk, features)
+    for grad_launch in grad_launches:
+        m_start, m_stop = grad_launch.scalars["m_start"], grad_launch.scalars["m_stop"]
         du_chunk = du[:, :m_stop - m_start]
-        launch(_expert_grad_kernel, (triton.cdiv(m_stop - m_start, config["BLOCK_M"]),), config,
-               queries, weight_compute, bias, norm_weight, grad_mixed, mixed, loss_coef, *row_constants,
-               du_chunk, d_gamma, d_beta, d_bias, batch, features, m_start, m_stop, du.stride(0),
-               EVEN_M=even_columns(m_stop - m_start, config), **constants)
+        grad_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, gamma_ptr=norm_weight,
+                    grad_ptr=grad_mixed, mixed_ptr=mixed, loss_coef_ptr=loss_coef,
+                    **dict(zip(("row_shift_ptr", "alpha_ptr", "du_const_ptr", "du_slope_ptr", "offset_ptr",
+                                "c_sum_ptr"), row_constants)),
+                    du_ptr=du_chunk, d_gamma_ptr=d_gamma, d_beta_ptr=d_beta, d_bias_ptr=d_bias)
         grad_queries += _split_k_product(du_chunk, weight_compute[m_start:m_stop], multiprocessors(queries.device))
         grad_weight[m_start:m_stop] = du_chunk.t() @ q_rows
     return (grad_queries.view_as(queries).to(queries.dtype), grad_scores.to(scores.dtype), grad_weight,
@@ -678,8 +725,8 @@ def output_projection(h: torch.Tensor, mixed: torch.Tensor, weight: torch.Tensor
     z = torch.bmm(h, mixed)
     rows, width = z.numel() // z.shape[-1], z.shape[-1]
     y = torch.empty_like(z)
-    launch(_gelu_layer_norm_fwd_kernel, (triton.cdiv(rows, ROW_BLOCK),), row_config(width),
-           z, y, weight, bias, rows, width, eps, INTERPRETED=INTERPRETED, **row_layout(width))
+    row_plan(rows, width, z.dtype, eps, multiprocessors(z.device))["forward"](z_ptr=z, y_ptr=y, w_ptr=weight,
+                                                                             b_ptr=bias)
     return y
 
 
@@ -694,12 +741,10 @@ def output_projection_backward(grad_y: torch.Tensor, h: torch.Tensor, mixed: tor
     """(d h, d W_b, d weight, d bias) of `output_projection`."""
     dz = torch.bmm(h, mixed)
     rows, width = dz.numel() // dz.shape[-1], dz.shape[-1]
-    programs, blocks_per_program = row_programs(rows, multiprocessors(dz.device))
-    dw_partial = torch.empty(programs, width, device=dz.device, dtype=torch.float32)
+    backward = row_plan(rows, width, dz.dtype, eps, multiprocessors(dz.device))["backward"]
+    dw_partial = torch.empty(backward.grid[0], width, device=dz.device, dtype=torch.float32)
     db_partial = torch.empty_like(dw_partial)
-    launch(_gelu_layer_norm_bwd_kernel, (programs,), row_config(width), dz, grad_y.contiguous(), weight,
-           dw_partial, db_partial, rows, width, eps, blocks_per_program, INTERPRETED=INTERPRETED,
-           **row_layout(width))
+    backward(z_ptr=dz, dy_ptr=grad_y.contiguous(), w_ptr=weight, dw_partial_ptr=dw_partial, db_partial_ptr=db_partial)
     grad_h = torch.bmm(dz, mixed.transpose(1, 2))
     grad_mixed = torch.bmm(h.transpose(1, 2), dz)
     return grad_h, grad_mixed, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)

@@ -26,32 +26,31 @@ N x N buffer is that gradient, in Y's dtype, the size of the target itself, aliv
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (INTERPRETED, NAMESPACE, KernelConfig, check_capability, check_device, check_dtype,
-                             check_shape, dot_operands, dot_precision, fast_exp2, fast_log2, launch, mma)
+from kernels._common import (DOT_PRECISION, INTERPRETED, NAMESPACE, KernelConfig, PlannedLaunch, check_capability,
+                             check_device, check_dtype, check_shape, dot_operands, fast_exp2, fast_log2, mma)
 
 OP = "fused relation KL"
 
 # Tiles (rows I x columns J, K step over D), pinned per (kernel, N, D, dot operands) from the sm_90 compile
 # facts (`make check-sm90`; README "Kernel configurations"), never tuned at run time. Backward's tiles are
 # square (BLOCK_I x BLOCK_I; the tail pairs BLOCK_I x tail_block), so its configs have no BLOCK_J. fp32
-# operands without TF32 (IEEE dots on FMA units) take K steps of 16. Shapes off the table take the default
-# of their operand kind; the choice never depends on timing. The forward holds a row block's logits against all
-# N columns in registers: with fp32 operands (tf32, IEEE) its 64 x 64 tiles spill at N = 257 with int8 targets,
-# so tf32 takes 32-column blocks, K steps of 16 and one stage, IEEE fp32 32-row blocks.
+# operands (IEEE dots on FMA units) take K steps of 16 (Triton 3.6's tl.dot needs K >= 16). Shapes off the table
+# take the default of their operand kind; the choice never depends on timing. The forward holds a row block's
+# logits against all N columns in registers: with fp32 operands its 64 x 64 tiles spill at N = 257 with int8
+# targets, so fp32 takes 32-row blocks.
 DEFAULT_CONFIGS = {
     "fwd": {"bf16": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=64),
             "fp16": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=64),
-            "tf32": KernelConfig.of(8, 1, BLOCK_I=64, BLOCK_J=32, BLOCK_K=16),
-            "fp32": KernelConfig.of(8, 3, BLOCK_I=32, BLOCK_J=64, BLOCK_K=8)},
+            "fp32": KernelConfig.of(8, 3, BLOCK_I=32, BLOCK_J=64, BLOCK_K=16)},
     "bwd": {"bf16": KernelConfig.of(4, 3, BLOCK_I=64, BLOCK_K=64),
             "fp16": KernelConfig.of(4, 3, BLOCK_I=64, BLOCK_K=64),
-            "tf32": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_K=32),
             "fp32": KernelConfig.of(8, 3, BLOCK_I=64, BLOCK_K=16)}}
 # The recipes' shapes: N = 257 (ViT teachers: CLS + 16x16 crowd grid) or 64 (SOLIDER: 8x8), D = 768 or 1024.
 PINNED_CONFIGS = {(kernel, n, dim, kind): config for kernel, by_kind in DEFAULT_CONFIGS.items()
@@ -250,10 +249,6 @@ def _relation_kl_bwd_kernel(y_ptr, t_ptr, row_scale_ptr, lse2_ptr, mass_ptr, tar
         tl.store(out_ptr + offs_j[:, None] * N + offs_i[None, :], tl.trans(g), mask=col_ok[:, None] & row_ok[None, :])
 
 
-def _constants(dtype: torch.dtype, dim: int, quantized: bool) -> dict:
-    return dict(D=dim, QUANTIZED=quantized, DOT_PRECISION=dot_precision(dtype), INTERPRETED=INTERPRETED)
-
-
 def tail_block(n: int, block: int) -> int:
     """Width of the block that covers the n mod block columns left after the full blocks: a power of two, at
     least 16 (the smallest wgmma N that Triton emits), 0 when block divides n."""
@@ -276,6 +271,42 @@ def pick_config(kernel: str, n: int, dim: int, kind: str) -> KernelConfig:
     return PINNED_CONFIGS.get((kernel, n, dim, kind), DEFAULT_CONFIGS[kernel][kind])
 
 
+def launch_plan(batch: int, n: int, dim: int, dtype: torch.dtype, target_dtype: torch.dtype,
+                scale_dtype: torch.dtype = torch.float32) -> dict:
+    """The op's launches for tokens [batch, n, dim] in `dtype` and targets in `target_dtype` (int8 codes with
+    row scales in `scale_dtype`): "forward", one launch, and "backward", one per tile set (full tiles, then the
+    tail's), each with its tile pairs under "pairs" (a tuple the op uploads once per device)."""
+    quantized = target_dtype == torch.int8
+    kind = dot_operands(dtype)
+    f32 = torch.float32
+    operands = dict(y_ptr=dtype, t_ptr=target_dtype, row_scale_ptr=scale_dtype if quantized else target_dtype,
+                    lse2_ptr=f32, mass_ptr=f32, target_lse2_ptr=f32)
+    constants = dict(N=n, logit_scale2=_LOG2E / math.sqrt(dim), D=dim, QUANTIZED=quantized,
+                     DOT_PRECISION=DOT_PRECISION, INTERPRETED=INTERPRETED)
+    fwd = pick_config("fwd", n, dim, kind)
+    forward = PlannedLaunch(_relation_kl_fwd_kernel, (triton.cdiv(n, fwd["BLOCK_I"]), batch), fwd,
+                            operands | dict(cross_ptr=f32), constants | dict(NUM_J=n // fwd["BLOCK_J"], TAIL_J=tail_block(n, fwd["BLOCK_J"])))
+    bwd = pick_config("bwd", n, dim, kind)
+    block = bwd["BLOCK_I"]
+    tail = tail_block(n, block)
+    backward = []
+    for pairs, block_j, ragged in zip(tile_pairs(n, block, tail), (block, tail), (False, True)):
+        if pairs:
+            backward.append((PlannedLaunch(
+                _relation_kl_bwd_kernel, (len(pairs), batch), KernelConfig(bwd.tiles + (("BLOCK_J", block_j),),
+                                                                          bwd.num_warps, bwd.num_stages),
+                operands | dict(pairs_ptr=torch.int32, grad_ptr=f32, out_ptr=dtype), constants | dict(MASK_J=ragged),
+                part="tail tiles" if ragged else "full tiles"), tuple(pairs)))
+    return dict(forward=forward, backward=backward)
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs_on(pairs: tuple, device: torch.device) -> torch.Tensor:
+    """Backward's tile pairs on `device`, uploaded once per (shape, device): an upload per step would be a host
+    synchronisation on the step path."""
+    return torch.tensor(pairs, dtype=torch.int32, device=device)
+
+
 @torch.library.custom_op(f"{NAMESPACE}::relation_kl_forward", mutates_args=())
 def relation_kl_forward(y: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor | None,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -283,14 +314,13 @@ def relation_kl_forward(y: torch.Tensor, target: torch.Tensor, row_scale: torch.
     check_capability(OP, y.device)
     batch, n, dim = y.shape
     quantized = row_scale is not None
-    config = pick_config("fwd", n, dim, dot_operands(y.dtype))
+    row_scale_arg = row_scale if quantized else target  # never read when not quantized
+    forward = launch_plan(batch, n, dim, y.dtype, target.dtype, row_scale_arg.dtype)["forward"]
     f32 = dict(device=y.device, dtype=torch.float32)
     cross, lse2, mass = (torch.empty(batch, n, **f32) for _ in range(3))
     target_lse2 = (torch.empty if quantized else torch.zeros)(batch, n, **f32)  # float targets: unused, defined
-    launch(_relation_kl_fwd_kernel, (triton.cdiv(n, config["BLOCK_I"]), batch), config,
-           y, target, row_scale if quantized else target, cross, lse2, mass, target_lse2, n, _LOG2E / math.sqrt(dim),
-           NUM_J=n // config["BLOCK_J"], TAIL_J=tail_block(n, config["BLOCK_J"]),
-           **_constants(y.dtype, dim, quantized))
+    forward(y_ptr=y, t_ptr=target, row_scale_ptr=row_scale_arg, cross_ptr=cross, lse2_ptr=lse2, mass_ptr=mass,
+            target_lse2_ptr=target_lse2)
     if quantized:  # p = 2^z2 / sum 2^z2: normaliser lse_t2 = max + log2 sum, cross = ln 2 (A / sum - lse_t2), P = 1
         target_lse2 = target_lse2 + mass.log2()
         cross = math.log(2.0) * (cross / mass - target_lse2)
@@ -311,18 +341,14 @@ def relation_kl_backward(grad_loss: torch.Tensor, y: torch.Tensor, target: torch
     """d loss / d y."""
     batch, n, dim = y.shape
     quantized = row_scale is not None
+    row_scale_arg = row_scale if quantized else target
     # d loss / d S, times the scale of S (dS / dY = (. + .^T) Y / sqrt(D)), times the incoming gradient.
     grad_scaled = (grad_loss.float() / (batch * n * math.sqrt(dim))).reshape(())
     grad_logits = torch.empty(batch, n, n, device=y.device, dtype=y.dtype)
-    config = pick_config("bwd", n, dim, dot_operands(y.dtype))
-    block = config["BLOCK_I"]
-    tail = tail_block(n, block)
-    for pairs, block_j, ragged in zip(tile_pairs(n, block, tail), (block, tail), (False, True)):
-        if pairs:
-            launch(_relation_kl_bwd_kernel, (len(pairs), batch), config, y, target,
-                   row_scale if quantized else target, lse2, mass, target_lse2,
-                   torch.tensor(pairs, dtype=torch.int32, device=y.device), grad_scaled, grad_logits, n,
-                   _LOG2E / math.sqrt(dim), BLOCK_J=block_j, MASK_J=ragged, **_constants(y.dtype, dim, quantized))
+    for planned, pairs in launch_plan(batch, n, dim, y.dtype, target.dtype, row_scale_arg.dtype)["backward"]:
+        planned(y_ptr=y, t_ptr=target, row_scale_ptr=row_scale_arg, lse2_ptr=lse2, mass_ptr=mass,
+                target_lse2_ptr=target_lse2, pairs_ptr=_pairs_on(pairs, y.device), grad_ptr=grad_scaled,
+                out_ptr=grad_logits)
     return torch.bmm(grad_logits, y)
 
 

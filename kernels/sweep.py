@@ -1,4 +1,4 @@
-"""The sm_90 compile sweep: every fused kernel, with every config it may pick, at the recipes' shapes.
+"""The sm_90 compile sweep: every fused kernel, with every config it may pick, at every shape it runs at.
 
     python -m kernels.sweep              # everything (`make check-sm90`)
     python -m kernels.sweep --quick      # the representative part `make test` runs
@@ -10,13 +10,13 @@ instruction (a register spill), and, when its dots can use tensor cores, on SASS
 Exit status 1 if any launch fails; a table (kernel, operands, config, registers, spills, wgmma) is
 printed last.
 
-The launches are listed here as the ops issue them: the ops' own config pickers, chunking and row-split
-rules give the tiles and integer arguments, at
-- decoder (D, D_o) of every recipe, batch 256 (128 for the half-batch students), tokens L = 1, 48, 128,
-  257, and the stacked CLS call (B = 768, L = 1);
-- relation (N, D) of every recipe at batch 256;
-- activations in bf16, fp16, fp32 (IEEE dots) and fp32 with TF32; relation targets in fp32, fp16, bf16 and
-  int8 (with float32 row scales).
+The launches are the ops' own launch plans (`decoder_experts.expert_plan` / `row_plan`,
+`relation_loss.launch_plan`), at the shapes of `kernels.shapes`:
+- every decoder and relation-loss call `distill_step_losses` makes for each recipe, at its batch per GPU;
+- the kernel tests' shapes (their small ones, and the recipes' calls at the tests' batch), which run
+  compiled on a GPU;
+- activations in bf16, fp16 and fp32 (IEEE dots); relation targets in fp32, fp16, bf16 and int8 (with
+  float32 row scales).
 Launches the JIT would specialise identically (same dtypes, same 16-divisibility of the integers, same
 constexprs) compile once; a row lists the cases it stands for.
 """
@@ -39,137 +39,66 @@ if __name__ == "__main__":  # the CLI compiles the kernels: never interpreted, w
 
 import triton  # noqa: E402  (after the choice above)
 
-from dpal.recipes import RECIPES  # noqa: E402
-from kernels import decoder_experts as dec, relation_loss as rel  # noqa: E402
-from kernels._common import KernelConfig  # noqa: E402
+from kernels import decoder_experts as dec, relation_loss as rel, shapes  # noqa: E402
+from kernels._common import PlannedLaunch  # noqa: E402
 from kernels.sm90 import CubinFacts, Launch, specialization_key, sweep  # noqa: E402
 
-PATTERNS = 3
 H100_SMS = 132  # H100 SXM and H200 alike: the row kernel's grid depends on it
 F32 = torch.float32
-# Activation dtype and whether torch's TF32 switch is on, per operand kind (`kernels._common.dot_operands`).
-OPERANDS = {"bf16": (torch.bfloat16, "ieee"), "fp16": (torch.float16, "ieee"), "fp32": (F32, "ieee"),
-            "tf32": (F32, "tf32")}
+# Activation dtype per operand kind (`kernels._common.dot_operands`).
+OPERANDS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": F32}
 TARGETS = {"fp32": F32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
-TOKENS = (1, 48, 128, 257)  # CLS-only calls, local crop (8x6), global view (16x8), crowd view + CLS
-CLS_STACK = 3  # the global view's and the 2 local crops' CLS tokens go through the decoder as one call
+DECODER_EPS = 1e-6  # a runtime float argument: any value compiles the same binary
 
 
-def decoder_shapes() -> list[tuple[int, int, int, int]]:
-    """(batch, D, D_o, L) of every decoder call the recipes make."""
-    shapes = set()
-    for recipe in RECIPES.values():
-        batch = recipe.optim.batch_per_gpu
-        dim, out_dim = recipe.decoder.in_dim, recipe.decoder.out_dim
-        shapes.update((batch, dim, out_dim, tokens) for tokens in TOKENS)
-        shapes.add((CLS_STACK * batch, dim, out_dim, 1))
-    return sorted(shapes)
+def _launch(op: str, planned: PlannedLaunch, case: str, kind: str) -> Launch:
+    return Launch(op, planned.kernel, planned.tensors | planned.scalars | dict(planned.config.tiles),
+                  planned.config.num_warps, planned.config.num_stages, planned.config.label,
+                  case + (f" | {planned.part}" if planned.part else ""),
+                  kind != "fp32" and "DOT_PRECISION" in planned.scalars,  # IEEE fp32 dots run on FMA units
+                  math.prod(planned.grid))
 
 
-def relation_shapes() -> list[tuple[int, int, int]]:
-    """(batch, N, D) of every relation call: the teacher's relation tokens, the decoder's output width."""
-    return sorted({(r.optim.batch_per_gpu, (256 // r.teacher.token_stride) ** 2 + r.teacher.has_cls,
-                    r.decoder.out_dim) for r in RECIPES.values()})
-
-
-def _launch(op, kernel, args, config: KernelConfig, case, tensor_core, grid):
-    return Launch(op, kernel, args | dict(config.tiles), config.num_warps, config.num_stages, config.label, case,
-                  tensor_core, math.prod(grid))
-
-
-def decoder_launches(batch, dim, out_dim, tokens, kind, sm_count: int | None = H100_SMS) -> list[Launch]:
+def decoder_launches(batch, patterns, dim, out_dim, tokens, kind, sm_count: int | None = H100_SMS) -> list[Launch]:
     """The decoder op's launches for one call, on a GPU with `sm_count` SMs (None: the interpreter's grid)."""
-    dtype, precision = OPERANDS[kind]
-    features = dim * out_dim
-    n_tiles = triton.cdiv(features, dec._BLOCK_M)
+    dtype = OPERANDS[kind]
     case = f"B{batch} D{dim} Do{out_dim} L{tokens}"
-    common = dict(q_ptr=dtype, w_ptr=dtype, bias_ptr=F32, B=batch, M=features, P=PATTERNS, D=dim,
-                  DOT_PRECISION=precision, INTERPRETED=False)
-    tensor_core = kind != "fp32"  # IEEE fp32 dots run on FMA units by design
-    stats, mix, grad_stats, grad = (dec.pick_config(k, dim, features, kind)
-                                    for k in ("stats", "mix", "grad_stats", "grad"))
-    launches = [
-        _launch("decoder", dec._expert_stats_kernel,
-                common | dict(tile_mean_ptr=F32, tile_m2_ptr=F32, n_tiles=n_tiles,
-                              EVEN_M=dec.even_columns(features, stats)),
-                stats, case, tensor_core, dec._expert_grid(batch, features, stats)),
-        _launch("decoder", dec._expert_mix_kernel,
-                common | dict(alpha_ptr=F32, offset_ptr=F32, c_sum_ptr=F32, gamma_ptr=F32, beta_ptr=F32,
-                              mixed_ptr=dtype, sq_partial_ptr=F32, n_tiles=n_tiles,
-                              EVEN_M=dec.even_columns(features, mix)),
-                mix, case, tensor_core, dec._expert_grid(batch, features, mix)),
-        _launch("decoder", dec._expert_grad_stats_kernel,
-                common | dict(gamma_ptr=F32, beta_ptr=F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=F32,
-                              partial_ptr=F32, n_tiles=n_tiles, EVEN_M=dec.even_columns(features, grad_stats)),
-                grad_stats, case, tensor_core, dec._expert_grid(batch, features, grad_stats))]
-    chunk = dec.du_chunk_columns(batch, PATTERNS, features)
-    for m_start in range(0, features, chunk):
-        m_stop = min(m_start + chunk, features)
-        launches.append(_launch(
-            "decoder", dec._expert_grad_kernel,
-            common | dict(gamma_ptr=F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=F32, row_shift_ptr=F32,
-                          alpha_ptr=F32, du_const_ptr=F32, du_slope_ptr=F32, offset_ptr=F32, c_sum_ptr=F32,
-                          du_ptr=dtype, d_gamma_ptr=F32, d_beta_ptr=F32, d_bias_ptr=F32,
-                          m_start=m_start, m_stop=m_stop, du_row_stride=chunk,
-                          EVEN_M=dec.even_columns(m_stop - m_start, grad)),
-            grad, case + f" | du[{m_start}:]", tensor_core, (triton.cdiv(m_stop - m_start, grad["BLOCK_M"]),)))
-    if kind == "tf32":
-        return launches  # the row kernels have no dots: their fp32 code is the "fp32" kind's
-    rows = batch * tokens
-    layout = dec.row_layout(out_dim)
-    row_config = dec.row_config(out_dim)
-    programs, blocks_per_program = dec.row_programs(rows, sm_count)
-    row_args = dict(width=out_dim, eps=1e-6, n_rows=rows, INTERPRETED=False) | layout
-    launches += [
-        _launch("decoder", dec._gelu_layer_norm_fwd_kernel,
-                dict(z_ptr=dtype, y_ptr=dtype, w_ptr=F32, b_ptr=F32) | row_args,
-                row_config, case, False, (triton.cdiv(rows, dec.ROW_BLOCK),)),
-        _launch("decoder", dec._gelu_layer_norm_bwd_kernel,
-                dict(z_ptr=dtype, dy_ptr=dtype, w_ptr=F32, dw_partial_ptr=F32, db_partial_ptr=F32,
-                     blocks_per_program=blocks_per_program) | row_args,
-                row_config, case + f" | {programs} programs x {blocks_per_program} row blocks", False, (programs,))]
-    return launches
+    plan = dec.expert_plan(batch, patterns, dim, out_dim, dtype)
+    rows = dec.row_plan(batch * tokens, out_dim, dtype, DECODER_EPS, sm_count)
+    return [_launch("decoder", planned, case, kind)
+            for planned in (*plan["forward"], *plan["backward"], rows["forward"], rows["backward"])]
 
 
 def relation_launches(batch, n, dim, kind, target) -> list[Launch]:
-    dtype, precision = OPERANDS[kind]
-    target_dtype = TARGETS[target]
-    quantized = target == "int8"
+    """The relation op's launches for one call (targets `target`, int8 with float32 row scales)."""
+    plan = rel.launch_plan(batch, n, dim, OPERANDS[kind], TARGETS[target])
     case = f"B{batch} N{n} D{dim} target {target}"
-    common = dict(y_ptr=dtype, t_ptr=target_dtype, row_scale_ptr=F32 if quantized else target_dtype,
-                  lse2_ptr=F32, mass_ptr=F32, target_lse2_ptr=F32, N=n, logit_scale2=1.4426950408889634 / dim ** 0.5,
-                  D=dim, QUANTIZED=quantized, DOT_PRECISION=precision, INTERPRETED=False)
-    fwd, bwd = rel.pick_config("fwd", n, dim, kind), rel.pick_config("bwd", n, dim, kind)
-    tensor_core = kind != "fp32"  # IEEE fp32 dots run on FMA units by design
-    launches = [_launch("relation", rel._relation_kl_fwd_kernel,
-                        common | dict(cross_ptr=F32, NUM_J=n // fwd["BLOCK_J"],
-                                      TAIL_J=rel.tail_block(n, fwd["BLOCK_J"])), fwd, case, tensor_core,
-                        (triton.cdiv(n, fwd["BLOCK_I"]), batch))]
-    block = bwd["BLOCK_I"]
-    tail = rel.tail_block(n, block)
-    for pairs, block_j, ragged in zip(rel.tile_pairs(n, block, tail), (block, tail), (False, True)):
-        if pairs:
-            config = KernelConfig(bwd.tiles + (("BLOCK_J", block_j),), bwd.num_warps, bwd.num_stages)
-            launches.append(_launch("relation", rel._relation_kl_bwd_kernel,
-                                    common | dict(pairs_ptr=torch.int32, grad_ptr=F32, out_ptr=dtype, MASK_J=ragged),
-                                    config, case + f" | {'tail' if ragged else 'full'} tiles", tensor_core,
-                                    (len(pairs), batch)))
-    return launches
+    return [_launch("relation", planned, case, kind) for planned in (plan["forward"], *(p for p, _ in plan["backward"]))]
+
+
+def sweep_shapes(quick: bool) -> tuple[list[tuple], list[tuple]]:
+    """(decoder (B, P, D, D_o, L), relation (B, N, D)) compiled: every recipe's calls at its batch, and every
+    shape the kernel tests run on a GPU; quick: the target recipe's calls only."""
+    if quick:
+        recipes = [shapes.TARGET_RECIPE]
+        return sorted(shapes.decoder_calls(recipes=recipes)), sorted(shapes.relation_calls(recipes=recipes))
+    decoder = {*shapes.decoder_calls(), *shapes.decoder_calls(shapes.CUDA_TEST_BATCH), *shapes.DECODER_TEST_SHAPES}
+    relation = {*shapes.relation_calls(), *shapes.relation_calls(shapes.CUDA_TEST_BATCH),
+                *shapes.RELATION_TEST_SHAPES}
+    return sorted(decoder), sorted(relation)
 
 
 def all_launches(quick: bool) -> list[Launch]:
-    """The whole sweep, or (quick) bf16 activations at the ViT-Ti shapes (B 256 and the B 768 CLS stack)
-    with every target format: each kernel once, with the config training picks."""
+    """The whole sweep, or (quick) bf16 activations at the target recipe's shapes with the fp32, fp16 and int8
+    target formats: each kernel once, with the config training picks."""
     launches = []
-    kinds = ("bf16",) if quick else tuple(OPERANDS)
-    for kind in kinds:
-        for batch, dim, out_dim, tokens in decoder_shapes():
-            if not quick or (dim, out_dim) == (192, 768) and (tokens, batch) in ((257, 256), (1, 768)):
-                launches += decoder_launches(batch, dim, out_dim, tokens, kind)
-        for batch, n, dim in relation_shapes():
-            if not quick or (n, dim) == (257, 768):
-                for target in ("fp32", "fp16", "int8") if quick else TARGETS:
-                    launches += relation_launches(batch, n, dim, kind, target)
+    decoder, relation = sweep_shapes(quick)
+    for kind in ("bf16",) if quick else tuple(OPERANDS):
+        for batch, patterns, dim, out_dim, tokens in decoder:
+            launches += decoder_launches(batch, patterns, dim, out_dim, tokens, kind)
+        for batch, n, dim in relation:
+            for target in ("fp32", "fp16", "int8") if quick else TARGETS:
+                launches += relation_launches(batch, n, dim, kind, target)
     return launches
 
 
@@ -182,14 +111,14 @@ CEILINGS = {"H100": {"bytes": 3.35e12}, "H200": {"bytes": 4.8e12}}
 ISSUE_RATE = SMS * 4 * CLOCK  # warp instructions per second
 SFU_RATE = SMS * 0.5 * CLOCK  # MUFU warp instructions per second
 TENSOR_FLOPS = {"BF16": 989e12, "F16": 989e12, "TF32": 494.7e12}  # by SASS input type
-DOT_FLOPS = {"bf16": 989e12, "fp16": 989e12, "tf32": 494.7e12, "fp32": SMS * 128 * 2 * CLOCK}  # by operand kind
+DOT_FLOPS = {"bf16": 989e12, "fp16": 989e12, "fp32": SMS * 128 * 2 * CLOCK}  # by operand kind
 
 
 def _loop_trips(launch: Launch) -> list[list[tuple[int, int]]]:
     """The kernel's possible loop structures in SASS, each a list of loops in code order (see `kernels.sm90.
     CubinFacts.loop_nests`) given as (trip count, index of the loop it sits in or -1), from its arguments.
     D is a constexpr, so the compiler may unroll a K loop (the expert passes' 3 steps, the relation tiles' 12 to
-    16 steps with bf16 operands) or keep it (the tf32 and IEEE fp32 tiles' longer ones); `estimated_cost`
+    16 steps with bf16 operands) or keep it (the IEEE fp32 tiles' longer ones); `estimated_cost`
     takes the structure the SASS has and fails on any other rather than price it wrong."""
     a, name = launch.args, launch.kernel_name
     k = triton.cdiv(a.get("D", 1), a.get("BLOCK_K", 1))
@@ -228,7 +157,7 @@ def _work(launch: Launch) -> dict:
     if name.startswith("expert_"):
         batch, dim = a["B"], a["D"]
         columns = a["m_stop"] - a["m_start"] if name == "expert_grad" else a["M"]
-        rows = batch * PATTERNS
+        rows = batch * a["P"]
         moved = {"expert_stats": rows * dim + columns * dim, "expert_mix": rows * dim + columns * dim + batch * columns,
                  "expert_grad_stats": rows * dim + columns * dim + 2 * batch * columns,
                  "expert_grad": rows * dim + columns * dim + 2 * batch * columns + rows * columns}[name]
@@ -316,10 +245,9 @@ class Row:
 
 
 def operand_kind(launch: Launch) -> str:
-    """The OPERANDS key of a launch: its first tensor's dtype and its dot precision."""
+    """The OPERANDS key of a launch: its first tensor's dtype."""
     first = next(v for v in launch.args.values() if isinstance(v, torch.dtype))
-    precision = launch.args.get("DOT_PRECISION", "ieee")
-    return next(k for k, (dt, prec) in OPERANDS.items() if dt == first and prec == precision)
+    return next(k for k, dt in OPERANDS.items() if dt == first)
 
 
 def _operands(launch: Launch) -> str:

@@ -43,10 +43,30 @@ def quick_sweep(tmp_path_factory) -> dict:
     return json.loads(report.read_text())
 
 
+def pytest_addoption(parser):
+    parser.addoption("--cuda-cases", action="store_true",
+                     help="run only the cases that run on a CUDA device when one is visible (marked `cuda`, "
+                          "skipped without CUDA, or parametrised with device 'cuda'): the acceptance run's CUDA tests")
+
+
+def _runs_on_cuda(item) -> bool:
+    if item.get_closest_marker("cuda") is not None:
+        return True
+    if any("CUDA" in mark.kwargs.get("reason", "") for mark in item.iter_markers("skipif")):
+        return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(value == "cuda" for value in params.values())
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` need a CUDA device: without one each is skipped, with the reason in the summary."""
+    """`--cuda-cases` keeps only the cases that run on a CUDA device; tests marked `cuda` need one: without it
+    each is skipped, with the reason in the summary."""
     import torch
 
+    if config.getoption("--cuda-cases"):
+        keep = [item for item in items if _runs_on_cuda(item)]
+        config.hook.pytest_deselected(items=[item for item in items if not _runs_on_cuda(item)])
+        items[:] = keep
     if torch.cuda.is_available():
         return
     for item in items:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kernels import decoder_experts, relation_loss
-from kernels._common import KernelConfig
+from kernels._common import KernelConfig, PlannedLaunch
 from kernels.sweep import all_launches, operand_kind
 
 COMPILED = dict(os.environ, TRITON_INTERPRET="0")
@@ -42,7 +42,7 @@ def test_sweep_catches_spills_and_missing_wgmma():
     # compiles to warp-level mma.sync (HMMA), not wgmma.
     script = textwrap.dedent("""
         import torch
-        from kernels._common import KernelConfig
+        from kernels._common import KernelConfig, PlannedLaunch
         from kernels import relation_loss
         from kernels.sweep import relation_launches, run
         spilling = KernelConfig.of(4, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=32)
@@ -68,7 +68,7 @@ def test_configs_are_pinned_and_shared_by_every_call():
     assert relation_loss.pick_config("fwd", 257, 768, "bf16") == relation_loss.PINNED_CONFIGS[("fwd", 257, 768, "bf16")]
     # Off the table: the operand kind's default.
     assert relation_loss.pick_config("bwd", 70, 40, "fp32") == relation_loss.DEFAULT_CONFIGS["bwd"]["fp32"]
-    assert decoder_experts.pick_config("grad", 24, 480, "tf32") == decoder_experts.DEFAULT_CONFIGS["grad"]["tf32"]
+    assert decoder_experts.pick_config("grad", 24, 480, "fp32") == decoder_experts.DEFAULT_CONFIGS["grad"]["fp32"]
     # Every config either table holds (pinned or default) is one the full sweep compiles, for that kernel
     # and operand kind.
     swept = {(launch.kernel_name, operand_kind(launch), 
@@ -96,6 +96,21 @@ def test_configs_are_pinned_and_shared_by_every_call():
             assert_swept(f"expert_{kernel}", kind, decoder_experts.pick_config(kernel, 1, 1, kind))
 
 
+def test_plans_read_no_process_global_precision_setting():
+    # Another thread (or the trainer) may switch torch's TF32 setting during a run: a launch must not change.
+    before = relation_loss.launch_plan(2, 70, 40, torch.float32, torch.float16)
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        during = relation_loss.launch_plan(2, 70, 40, torch.float32, torch.float16)
+        decoder_plan = decoder_experts.expert_plan(5, 3, 24, 20, torch.float32)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+    assert during == before and during["forward"].scalars["DOT_PRECISION"] == "ieee"
+    assert during["forward"].config == relation_loss.DEFAULT_CONFIGS["fwd"]["fp32"]
+    assert all(p.scalars["DOT_PRECISION"] == "ieee" for p in decoder_plan["forward"] + decoder_plan["backward"])
+
+
 def _described(kernel_name, args: dict) -> tuple:
     """A launch as comparable data: tensors by dtype, floats rounded; the interpreter-only switch dropped."""
     def value(v):
@@ -107,31 +122,33 @@ def _described(kernel_name, args: dict) -> tuple:
     return kernel_name, tuple(sorted((k, value(v)) for k, v in args.items() if k not in ("UPCAST_DOT", "INTERPRETED")))
 
 
-def _record_launches(monkeypatch, module) -> list:
-    recorded, real = [], module.launch
+def _record_launches(monkeypatch) -> list:
+    """Every planned launch the ops issue, described with the dtypes of the tensors they really pass."""
+    recorded, real = [], PlannedLaunch.__call__
 
-    def record(kernel, grid, config, *args, **constexprs):
-        name = kernel.fn.__name__.strip("_").removesuffix("_kernel")
-        recorded.append(_described(name, dict(zip(kernel.arg_names, args)) | dict(config.tiles) | constexprs))
-        real(kernel, grid, config, *args, **constexprs)
-    monkeypatch.setattr(module, "launch", record)
+    def record(planned, **tensors):
+        name = planned.kernel.fn.__name__.strip("_").removesuffix("_kernel")
+        recorded.append(_described(name, tensors | planned.scalars | dict(planned.config.tiles)))
+        real(planned, **tensors)
+    monkeypatch.setattr(PlannedLaunch, "__call__", record)
     return recorded
 
 
 def test_sweep_lists_what_the_ops_launch(monkeypatch):
     # The ops run (interpreted) at small shapes; every launch they make must be one the sweep lists for
-    # that shape, with the same argument dtypes, integers, tiles, warps and stages.
+    # that shape (both come from the ops' launch plans), and the tensors they pass must have the dtypes the
+    # plans declare (the sweep compiles for those).
     from dpal.losses import quantize_relation, relation_matrix
     from kernels.sweep import decoder_launches, relation_launches
 
-    recorded = _record_launches(monkeypatch, relation_loss)
+    recorded = _record_launches(monkeypatch)
     y = torch.randn(2, 70, 40, dtype=torch.bfloat16, requires_grad=True)
     codes, scale = quantize_relation(relation_matrix(torch.randn(2, 70, 40)))
     relation_loss.relation_kl(y, codes, scale).backward()
     listed = [_described(l.kernel_name, l.args) for l in relation_launches(2, 70, 40, "bf16", "int8")]
     assert recorded == listed
 
-    recorded = _record_launches(monkeypatch, decoder_experts)
+    recorded.clear()
     batch, dim, out_dim, tokens = 5, 24, 20, 7
     features = dim * out_dim
     inputs = [torch.randn(batch, 3, dim, dtype=torch.bfloat16), torch.rand(batch, 3).softmax(-1),
@@ -142,6 +159,6 @@ def test_sweep_lists_what_the_ops_launch(monkeypatch):
         t.requires_grad_()
     y, loss = decoder_experts.expert_path(*inputs, eps=1e-6)  # the decoder's eps, as the sweep lists it
     (y.float().square().mean() + loss).backward()
-    listed = [_described(l.kernel_name, l.args) for l in decoder_launches(batch, dim, out_dim, tokens, "bf16",
+    listed = [_described(l.kernel_name, l.args) for l in decoder_launches(batch, 3, dim, out_dim, tokens, "bf16",
                                                                                sm_count=None)]
     assert sorted(recorded) == sorted(listed)  # the ops interleave the row kernels with the expert passes

@@ -15,7 +15,7 @@ import kernels
 from dpal import decoder, dispatch, losses
 from dpal.decoder import DynamicPatternDecoder, expert_path_reference
 from dpal.recipes import RECIPES
-from kernels import decoder_experts, relation_loss
+from kernels import decoder_experts, relation_loss, shapes
 from kernels.decoder_experts import expert_path
 
 # Relative-error ceilings: fp32 kernels accumulate in fp32 (IEEE dots); bf16 outputs and the stored W_b
@@ -69,33 +69,36 @@ def _check_against_reference(shape, dtype, device, seed=0, weight_dtype=None):
     assert not bad, f"relative errors above {tol} for {shape} {dtype}: {bad}"
 
 
-# (B, P, D, D_o, L): ragged column tiles (D*D_o not a multiple of 128), ragged K (D not a power of 2),
-# L = 1 (CLS-only calls), B > 64 for more than one row block, and D_o = 24 (output rows in three segments).
-CPU_SHAPES = [(3, 3, 16, 8, 1), (5, 3, 24, 24, 7), (4, 3, 12, 44, 9), (67, 3, 8, 20, 2)]
+# (B, P, D, D_o, L), kernels.shapes.DECODER_TEST_SHAPES: the first four for both dtypes, the last two for the
+# float32-weight and the chunked-backward cases.
+CPU_SHAPES = shapes.DECODER_TEST_SHAPES[:4]
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference_small(shape, dtype):
     _check_against_reference(shape, dtype, "cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.mark.cuda
 def test_float32_expert_weight_with_bf16_activations():
     # The autocast layout: the fp32 parameter goes in as is and is rounded per tile inside the kernels.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    _check_against_reference((5, 3, 24, 20, 7), torch.bfloat16, device, weight_dtype=torch.float32)
+    _check_against_reference(shapes.DECODER_TEST_SHAPES[4], torch.bfloat16, device, weight_dtype=torch.float32)
 
 
+@pytest.mark.cuda
 def test_chunked_backward_matches_reference(monkeypatch):
     # Backward makes du one column chunk at a time; force several chunks, the last one ragged.
     monkeypatch.setattr(decoder_experts, "_DU_CHUNK_ELEMENTS", 5 * 3 * 128)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    _check_against_reference((5, 3, 20, 30, 4), torch.float32, device)
+    _check_against_reference(shapes.DECODER_TEST_SHAPES[5], torch.float32, device)
 
 
 def _recipe_shapes():
-    shapes = sorted({(r.decoder.in_dim, r.decoder.out_dim) for r in RECIPES.values()})
-    return [(64, 3, d, o, tokens) for d, o in shapes for tokens in (1, 257)]
+    """Every decoder call the recipes make, at the tests' batch."""
+    return sorted(shapes.decoder_calls(shapes.CUDA_TEST_BATCH))
 
 
 @pytest.mark.cuda  # recipe shapes
