@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 import triton
 
+from dpal.config import DecoderSpec
 from kernels import decoder_experts as dec, relation_loss as rel
 from kernels.bench import decoder_bytes, decoder_flops, relation_bytes, relation_flops
 
@@ -122,7 +123,7 @@ def small_ops(op: str, count: int, nbytes: float = 0.0) -> Launch:
 def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before: bool) -> list[Launch]:
     """One decoder call (forward + backward) of the fused expert path at bf16: its Triton kernels, cuBLAS
     GEMMs and small ops. `before`: every pattern's dot loads the weight tile again."""
-    op, patterns, features = "decoder", 3, dim * out_dim
+    op, patterns, features = "decoder", DecoderSpec.num_patterns, dim * out_dim
     w_loads = patterns if before else 1
     rows = batch * patterns
     weight, queries = features * dim * BF16, rows * dim * BF16

@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 
 from kernels import cost_model, decoder_experts
+from dpal.config import DecoderSpec
 from kernels.sweep import decoder_launches, relation_launches
 
 
@@ -25,7 +26,9 @@ def _triton_launches(plan):
 @pytest.mark.parametrize("shape", [(256, 192, 768, 257), (768, 192, 768, 1)], ids=["B256", "CLS-B768"])
 def test_model_prices_the_kernels_the_decoder_launches(shape):
     # The sweep's launch list is the one the ops make (tests/test_kernels_compile.py checks that).
-    listed = Counter((launch.kernel_name, launch.programs) for launch in decoder_launches(*shape, "bf16"))
+    batch, *rest = shape
+    listed = Counter((launch.kernel_name, launch.programs)
+                     for launch in decoder_launches(batch, DecoderSpec.num_patterns, *rest, "bf16"))
     assert _triton_launches(cost_model.decoder_launches(*shape, before=False)) == listed
 
 
