@@ -35,6 +35,7 @@ from formats.cli import Interrupted, exit_status
 from formats.exports import export_student
 from formats.images import ImageFile, check_images, images_fingerprint
 from formats.store import open_store
+from formats.view_records import describe_view_set_reuse
 import kernels
 from train_student.checkpoint import (CHECKPOINT_NAME, claim_run_folder, load_checkpoint, rng_state, save_checkpoint,
                                       set_rng_state)
@@ -45,9 +46,11 @@ from train_student.spec import TrainSpec
 from train_student.step import (CachedTargets, OnlineTeacher, TrainingError, build_distiller,
                                 fit_online_mask_calibration, forward_backward, make_autocast, optimizer_step,
                                 setup_distributed)
+from train_student.validation import (Validation, online_teacher, open_validation_store, store_teacher,
+                                      validation_record)
 
 # Settings that may differ when a run is resumed (they do not change what is computed).
-RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "workers", "progress", "reference_path", "compile"}
+RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "workers", "progress", "reference_path", "compile", "val_every"}
 
 
 class StopRequest:
@@ -107,7 +110,7 @@ def ema_momentum(step: int, *, start: float, end: float, total_steps: int) -> fl
 
 
 def run_record(spec: TrainSpec, recipe: Recipe, global_batch: int, images_fingerprint: str,
-               store_identity: dict | None) -> dict:
+               store_identity: dict | None, validation: dict | None) -> dict:
     """What defines a run: the spec with what its inputs resolved (recorded in RUN_DIR/run.json; a resume must
     match it, except RESUMABLE_KEYS)."""
     online = spec.teacher_online
@@ -120,7 +123,8 @@ def run_record(spec: TrainSpec, recipe: Recipe, global_batch: int, images_finger
             "teacher_weights": str(Path(spec.teacher_weights).resolve()) if online else None,
             "teacher_options": spec.teacher_options if online else None,
             "max_steps": spec.max_steps, "checkpoint_every": spec.checkpoint_every, "workers": spec.workers,
-            "progress": spec.progress, "reference_path": spec.reference_path, "compile": spec.compile}
+            "progress": spec.progress, "reference_path": spec.reference_path, "compile": spec.compile,
+            "validation": validation, "val_every": spec.val_every}
 
 
 def train(spec: TrainSpec) -> Path:
@@ -171,13 +175,27 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
     if plan.steps_per_epoch < 1:
         raise TrainingError(f"global batch {global_batch} is larger than the {num_images} images of "
                             f"{spec.images}; use a smaller --batch-size")
+    if master:
+        print(describe_view_set_reuse(optim.epochs, store.views_per_image) if store is not None else
+              "online teacher: every view set is new (used once)")
+    validation = None
+    if spec.val_store:
+        val_images = spec.val_images or spec.images
+        teacher_identity = store_teacher(store.attrs) if store is not None else \
+            online_teacher(spec.teacher_weights, spec.teacher_options, device)
+        val_store = open_validation_store(spec.val_store, recipe=recipe, images=val_images,
+                                          backgrounds=spec.backgrounds, teacher=teacher_identity,
+                                          training_images_fingerprint=fingerprint,
+                                          training_store_seed=None if store is None else store.attrs["seed"])
+        validation = Validation(val_store, val_images, backgrounds, recipe, device)
     total_steps = optim.epochs * plan.steps_per_epoch
     warmup_steps = optim.warmup_epochs * plan.steps_per_epoch
     last_step = total_steps if spec.max_steps is None else min(total_steps, spec.max_steps)
     peak_lr = spec.lr if spec.lr is not None else optim.peak_lr(global_batch)
 
     run_dir = Path(spec.out)
-    config = run_record(spec, recipe, global_batch, fingerprint, store_identity)
+    config = run_record(spec, recipe, global_batch, fingerprint, store_identity,
+                        None if validation is None else validation_record(validation.store, val_images))
     # Rank 0 locks the folder (a second process or job is refused), then checks and prepares it.
     held.enter_context(claim_run_folder(run_dir, config, resume=spec.resume, resumable_keys=RESUMABLE_KEYS))
 
@@ -222,7 +240,8 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
             gathered = [None] * world_size
             dist.all_gather_object(gathered, rng_states[0])
             rng_states = gathered
-        return {"recipe": recipe.name, "step": step, "student": model.student.state_dict(),
+        return {"recipe": recipe.name, "step": step, "moe_weight": moe_weight(step_epoch(step), optim),
+                "student": model.student.state_dict(),
                 "decoder": model.decoder.state_dict(), "student_ema": ema_student.state_dict(),
                 "optimizer": optimizer.state_dict(), "rng": rng_states}
 
@@ -232,9 +251,22 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
         return (f"the last checkpoint {run_dir / CHECKPOINT_NAME} (step {saved_step}) is kept"
                 if saved_step is not None else "no checkpoint had been written yet, nothing of the run is kept")
 
+    def step_epoch(done_steps: int) -> int:
+        """The epoch of the last of `done_steps` optimizer steps."""
+        return max(0, done_steps - 1) // plan.steps_per_epoch
+
+    def validate() -> None:
+        """Evaluate on the validation store after `step` steps and log it (rank 0; the others go on)."""
+        if validation is None or log is None:
+            return
+        terms = validation.mean(model.student, model.decoder, autocast=autocast,
+                                moe_loss_weight=moe_weight(step_epoch(step), optim))
+        log.log_validation({"step": step, "epoch": step_epoch(step), **dict(zip(LOSS_COLUMNS, terms.values()))})
+
     stop = StopRequest(kept)  # from here on a signal stops at a step boundary, with a checkpoint
     stop.install()
-    log = MetricsLog(run_dir, resume_step=step if spec.resume else None) if master else None
+    log = MetricsLog(run_dir, resume_step=step if spec.resume else None,
+                     validation=validation is not None) if master else None
     progress = None
     if master and spec.progress:
         from tqdm import tqdm
@@ -319,6 +351,8 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
                 pending = StepValues(step, epoch, lr, momentum, moe_loss_weight, now - step_start, data_wait, values)
                 step_start, data_wait, sums, micro_in_step = now, 0.0, None, 0
                 stopping = stop_voted() and step < last_step
+                if spec.val_every and step % spec.val_every == 0 and step < last_step:
+                    validate()  # before the checkpoint: a resume from it never misses this row
                 if stopping or (spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < last_step):
                     settle()  # no checkpoint after a step whose values were not checked
                     state = checkpoint_state()
@@ -336,6 +370,7 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
             batches.close()
             epoch, start_micro = epoch + 1, 0
         settle()
+        validate()
     finally:
         if batches is not None:
             batches.close()
