@@ -67,15 +67,15 @@ def open_validation_store(path, *, recipe: Recipe, images, backgrounds, teacher:
     try:
         store.check_compatible(recipe, recipe.views, images_fingerprint(images), images_fingerprint(backgrounds))
     except UserError as exc:
-        raise ValidationError(f"--val-store: {exc}") from None
+        raise ValidationError(f"validation store: {exc}") from None
     if problems := describe_differences(store.attrs, teacher, teacher):
-        raise ValidationError(f"--val-store {path} holds targets of another teacher than this run's "
+        raise ValidationError(f"validation store {path} holds targets of another teacher than this run's "
                               f"({'; '.join(problems)}); cache it with the run's teacher checkpoint and options")
     same_images = store.attrs["images_fingerprint"] == training_images_fingerprint
     if (same_images and training_store_seed is not None and store.attrs["seed"] == training_store_seed
             and not allow_training_views):
-        raise ValidationError(f"--val-store {path} was cached from the training images with the training store's "
-                              f"--seed {training_store_seed}: its views are the ones training sees, not fresh ones; "
+        raise ValidationError(f"validation store {path} was cached from the training images with the training "
+                              f"store's --seed {training_store_seed}: its views are the ones training sees, not fresh ones; "
                               f"cache it with another --seed (and --limit-images to keep it small)")
     if allow_training_views and not (same_images and store.attrs["seed"] == training_store_seed):
         raise ValidationError(f"--training-views: {path} is not a store of the run's training views (cached from "
