@@ -148,7 +148,7 @@ def test_evaluate_reproduces_the_last_validation_per_image(artefacts, validated_
 
 def test_stores_that_do_not_fit_are_refused_in_one_line(artefacts, validated_run, tmp_path, capsys):
     status, printed = _evaluate(capsys, validated_run, "--store", artefacts["store"])
-    assert status == 2 and "same --seed" in printed.err and "another --seed" in printed.err
+    assert status == 2 and "training store's --seed 0" in printed.err and "another --seed" in printed.err
     assert len(printed.err.strip().splitlines()) == 1
     # A store of other images than the ones named.
     status, printed = _evaluate(capsys, validated_run, "--store", artefacts["fresh"], "--images",
@@ -157,7 +157,7 @@ def test_stores_that_do_not_fit_are_refused_in_one_line(artefacts, validated_run
 
     out = tmp_path / "refused"
     done = _python(*_train_args(artefacts, out, "--val-store", str(artefacts["store"])))
-    assert done.returncode == 2 and "same --seed" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert done.returncode == 2 and "training store's --seed 0" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not out.exists()  # refused before anything was written
 
 
