@@ -157,7 +157,8 @@ def test_stores_that_do_not_fit_are_refused_in_one_line(artefacts, validated_run
 
     out = tmp_path / "refused"
     done = _python(*_train_args(artefacts, out, "--val-store", str(artefacts["store"])))
-    assert done.returncode == 2 and "training store's --seed 0" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert done.returncode == 2 and "training store's --seed 0" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
     assert not out.exists()  # refused before anything was written
 
 
