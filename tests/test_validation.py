@@ -145,6 +145,12 @@ def test_evaluate_reproduces_the_last_validation_per_image(artefacts, validated_
     assert _per_image(ema) == _per_image(export)  # the export is the checkpoint's EMA student
     assert _per_image(ema)[-1]["loss"] != rows[-1]["loss"]
 
+    seen = tmp_path / "seen.csv"  # the run's own training views: all 6 images, beside the 3 fresh ones
+    assert _evaluate(capsys, validated_run, "--store", artefacts["store"], "--training-views", "--out", seen)[0] == 0
+    assert [row["image"] for row in _per_image(seen)] == ["0", "1", "2", "3", "4", "5", "all"]
+    status, printed = _evaluate(capsys, validated_run, "--store", artefacts["fresh"], "--training-views")
+    assert status == 2 and "not a store of the run's training views" in printed.err
+
 
 def test_stores_that_do_not_fit_are_refused_in_one_line(artefacts, validated_run, tmp_path, capsys):
     status, printed = _evaluate(capsys, validated_run, "--store", artefacts["store"])
