@@ -4,7 +4,9 @@ Typical use:
   python -m cache_teacher pack LUPerson/ images.beton
   python -m cache_teacher pack backgrounds/ backgrounds.beton
   python -m cache_teacher run --teacher path-b --weights path-b.pth --images images.beton \\
-      --backgrounds backgrounds.beton --views-per-image 4 --out path-b.zarr       (--dry-run: storage needed)
+      --backgrounds backgrounds.beton --views-per-image 4 --out path-b.zarr       (--dry-run: storage, reuse)
+  python -m cache_teacher run ... --seed 1 --limit-images 256 --views-per-image 2 --out fresh-views.zarr
+      (a store of fresh views for `train_student --val-store`: same images, teacher and backgrounds)
   torchrun --nproc_per_node 8 -m cache_teacher run ...                             (same store, N GPUs)
   python -m cache_teacher verify path-b.zarr --weights path-b.pth
   python -m cache_teacher info path-b.zarr
@@ -82,7 +84,11 @@ def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.Argume
                      help="cache only the first N images (>= 1; a trial)")
     run.add_argument("--device", type=device_name, default=None,
                      help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
-    run.add_argument("--dry-run", action="store_true", help="print the storage needed and exit")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the storage needed and how often training will reuse each view set, and exit")
+    run.add_argument("--epochs", type=POSITIVE, default=None, metavar="N",
+                     help="epochs the store will be trained for, for --dry-run's reuse count (>= 1, default: the "
+                     "recipes' 200)")
     run.add_argument("--skip-space-check", action="store_true", help="do not refuse when the free space looks short")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_teacher_option_arguments(run)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cache_teacher.pipeline import decoded_shards, process_shards, shard_arrays
-from dpal.config import TeacherSpec, ViewConfig, token_counts
+from dpal.config import OptimConfig, TeacherSpec, ViewConfig, token_counts
 from dpal.errors import UserError, file_problem
 from dpal.recipes import RECIPES, TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
@@ -45,7 +45,7 @@ from formats.images import ImageFile, images_fingerprint
 from formats.store import (StoreLayout, StoreSpec, StoreWriter, check_format_version, check_spec_version,
                            describe_differences, file_sha256, plan_layout, read_attrs, store_lock_path, token_counts)
 from formats.targets import VIEW_PARAMS_ARRAY, Targets
-from formats.view_records import calibration_indices, image_view_params
+from formats.view_records import calibration_indices, describe_view_set_reuse, image_view_params
 
 
 class RunError(UserError):
@@ -75,6 +75,7 @@ class RunConfig:
     solider_weights: str = "teacher"  # SOLIDER container: 'teacher' (SOLIDER's tools) or 'student' (original DPAL)
     semantic_weight: float = 0.0  # SOLIDER's s, folded into the weights
     views: str | None = None  # recipe whose view configuration to cache (default: that of --teacher's recipes)
+    epochs: int | None = None  # training epochs the store is meant for (the dry run's reuse count; default 200)
     overlap: bool = True  # the double-buffered pipeline (cache_teacher.pipeline); False: render, then teacher
 
 
@@ -250,7 +251,8 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
         print(f"dry run: teacher {spec.name}, {layout.num_images} images x K={layout.views_per_image} view sets, "
               f"format {layout.target_format}; {layout.num_shards} shard(s) of {layout.shard_images} images, chunks "
               f"of {layout.chunk_images} images\n{storage_table(layout)}\nneeds at most {_format_bytes(total_bytes)} "
-              f"(uncompressed bound; lossless compression saves ~10% with lz4, ~30% with zstd on PATH-B float16)")
+              f"(uncompressed bound; lossless compression saves ~10% with lz4, ~30% with zstd on PATH-B float16)\n"
+              f"{describe_view_set_reuse(cfg.epochs or OptimConfig().epochs, layout.views_per_image)}")
         return {"dry_run": True, "bytes": total_bytes, "layout": dataclasses.asdict(layout)}
     weights = Path(cfg.weights)
     if problem := file_problem(weights):

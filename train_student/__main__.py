@@ -19,6 +19,8 @@ EXAMPLE = """examples:
   python -m train_student --recipe path-b_vit-ti ... --out runs/vit-ti --resume
   python -m train_student --recipe path-b_vit-ti --teacher-online --teacher-weights path-b.pth \\
       --images persons.beton --backgrounds backgrounds.beton --out runs/online
+  python -m train_student --recipe path-b_vit-ti ... --out runs/vit-ti --val-store fresh-views.zarr --val-every 500
+  python -m train_student evaluate runs/vit-ti --store fresh-views.zarr
   python -m train_student bench --recipe path-b_vit-ti --store targets.zarr --images persons.beton \\
       --backgrounds backgrounds.beton --teacher-weights path-b.pth --out bench.json
 """
@@ -63,7 +65,8 @@ def training_parser() -> argparse.ArgumentParser:
         description="Distil a DPAL student from cached teacher targets: FFCV feeds the images, the stored view "
                     "parameters re-render the teacher's exact views on the training device, the targets come "
                     "from the Zarr store. Every default comes from the recipe (spec sections 5-7); flags only "
-                    "override. Subcommand: `bench` (python -m train_student bench --help).",
+                    "override. Subcommands: `evaluate` (a run's checkpoint or an export on a store of fresh views) and "
+                    "`bench` (python -m train_student evaluate --help, bench --help).",
         epilog=EXAMPLE)
     parser.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
     add_data_arguments(parser)
@@ -106,6 +109,17 @@ def training_parser() -> argparse.ArgumentParser:
                        help="--teacher-online: images whose teacher tokens calibrate the shape mask "
                             f"(>= 1, default {DEFAULT_CALIBRATION_IMAGES})")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    group = parser.add_argument_group("validation on fresh views (docs/choosing-k.md)")
+    group.add_argument("--val-store", metavar="STORE.zarr",
+                       help="a store of views training never sees: the training images cached with another --seed "
+                            "(`cache_teacher run --limit-images N --seed S`), or held-out images (--val-images); "
+                            "same teacher checkpoint, views and backgrounds. Every loss term on it goes to val.csv, "
+                            "TensorBoard (val/) and loss.png")
+    group.add_argument("--val-images", metavar="IMAGES.beton",
+                       help="the images file --val-store was cached from, when it is not --images (held-out images)")
+    group.add_argument("--val-every", type=NON_NEGATIVE, default=1000, metavar="N",
+                       help="evaluate on --val-store every N steps and at the end (>= 0, default 1000; 0: only at "
+                            "the end)")
     return parser
 
 
@@ -114,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         from train_student.bench import main as bench_main
         return bench_main(argv[1:])
+    if argv[:1] == ["evaluate"]:
+        from train_student.evaluate import main as evaluate_main
+        return evaluate_main(argv[1:])
     parser = training_parser()
     args = parser.parse_args(argv)
     if args.list_recipes:
@@ -125,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"missing {', '.join(missing)} (see --help)")
     if args.inexact_resume and not args.resume:
         parser.error("--inexact-resume goes with --resume")
+    if args.val_images and not args.val_store:
+        parser.error("--val-images names the images of --val-store; pass --val-store too")
     optim = RECIPES[args.recipe].optim
     epochs = args.epochs or optim.epochs
     warmup = optim.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs

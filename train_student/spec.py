@@ -42,6 +42,9 @@ class TrainSpec:
     teacher_options: dict  # validated `dpal.teachers.load_teacher` options
     calibration_images: int
     max_steps: int | None
+    val_store: str | None  # a store of fresh views evaluated during training (None: no validation)
+    val_images: str | None  # its images file when it holds held-out images (None: the training images)
+    val_every: int  # evaluate every N steps (0: only at the end)
     checkpoint_every: int
     progress: bool
 

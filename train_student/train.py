@@ -37,6 +37,7 @@ from formats.cli import Interrupted, exit_status
 from formats.exports import export_student
 from formats.images import ImageFile, check_images, images_fingerprint
 from formats.store import open_store
+from formats.view_records import describe_view_set_reuse
 import kernels
 from train_student.checkpoint import (CHECKPOINT_NAME, RUN_CONFIG_NAME, claim_run_folder, load_checkpoint,
                                       recorded_compute_threads, recorded_run_id, rng_state, save_checkpoint,
@@ -48,10 +49,12 @@ from train_student.spec import TrainSpec
 from train_student.step import (CachedTargets, OnlineTeacher, TrainingError, build_distiller,
                                 fit_online_mask_calibration, forward_backward, make_autocast, optimizer_step,
                                 setup_distributed)
+from train_student.validation import (Validation, online_teacher, open_validation_store, store_teacher,
+                                      validation_record)
 
 # Settings that may differ when a run is resumed: they do not change what is computed (--workers sets FFCV's
 # decoding threads only, `formats.runtime.startup`; torch's threads are the recorded compute_threads).
-RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "workers", "progress"}
+RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "workers", "progress", "val_every"}
 # Settings that change the arithmetic: a resume that changes one is refused, naming it and how to get the
 # recorded value back, unless --inexact-resume (recorded in run.json). Key -> that remedy.
 INEXACT_KEYS = {"compile": "pass --compile or --no-compile as recorded",
@@ -118,7 +121,8 @@ def ema_momentum(step: int, *, start: float, end: float, total_steps: int) -> fl
 
 
 def run_record(spec: TrainSpec, recipe: Recipe, global_batch: int, images_fingerprint: str,
-               store_identity: dict | None, *, device: torch.device, ranks: int, threads: int) -> dict:
+               store_identity: dict | None, validation: dict | None, *, device: torch.device, ranks: int,
+               threads: int) -> dict:
     """What defines a run: the spec with what its inputs and machine resolved (recorded in RUN_DIR/run.json; a
     resume must match it, except RESUMABLE_KEYS, and INEXACT_KEYS with --inexact-resume)."""
     online = spec.teacher_online
@@ -134,7 +138,7 @@ def run_record(spec: TrainSpec, recipe: Recipe, global_batch: int, images_finger
             "progress": spec.progress, "compile": spec.compile, "device": device.type, "ranks": ranks,
             "deterministic": spec.deterministic, "compute_threads": threads,
             "fused_kernels": device.type == "cuda" and not spec.reference_path,
-            "view_params_version": VIEW_PARAMS_VERSION}
+            "view_params_version": VIEW_PARAMS_VERSION, "validation": validation, "val_every": spec.val_every}
 
 
 def check_view_records_of_run(run_dir: Path) -> None:
@@ -199,6 +203,19 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
     if plan.steps_per_epoch < 1:
         raise TrainingError(f"global batch {global_batch} is larger than the {num_images} images of "
                             f"{spec.images}; use a smaller --batch-size")
+    if master:
+        print(describe_view_set_reuse(optim.epochs, store.views_per_image) if store is not None else
+              "online teacher: every view set is new (used once)")
+    validation = None
+    if spec.val_store:
+        val_images = spec.val_images or spec.images
+        teacher_identity = store_teacher(store.attrs) if store is not None else \
+            online_teacher(spec.teacher_weights, spec.teacher_options, device)
+        val_store = open_validation_store(spec.val_store, recipe=recipe, images=val_images,
+                                          backgrounds=spec.backgrounds, teacher=teacher_identity,
+                                          training_images_fingerprint=fingerprint,
+                                          training_store_seed=None if store is None else store.attrs["seed"])
+        validation = Validation(val_store, val_images, backgrounds, recipe, device)
     total_steps = optim.epochs * plan.steps_per_epoch
     warmup_steps = optim.warmup_epochs * plan.steps_per_epoch
     last_step = total_steps if spec.max_steps is None else min(total_steps, spec.max_steps)
@@ -209,8 +226,9 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
         check_view_records_of_run(run_dir)
     threads = compute_threads(recorded_compute_threads(run_dir) if spec.resume else None)
     torch.set_num_threads(threads)
-    config = run_record(spec, recipe, global_batch, fingerprint, store_identity, device=device, ranks=world_size,
-                        threads=threads)
+    config = run_record(spec, recipe, global_batch, fingerprint, store_identity,
+                        None if validation is None else validation_record(validation.store, val_images),
+                        device=device, ranks=world_size, threads=threads)
     # Rank 0 locks the folder (a second process or job is refused), then checks and prepares it.
     held.enter_context(claim_run_folder(run_dir, config, resume=spec.resume, resumable_keys=RESUMABLE_KEYS,
                                         inexact_keys=INEXACT_KEYS, inexact=spec.inexact_resume))
@@ -257,7 +275,8 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
             gathered = [None] * world_size
             dist.all_gather_object(gathered, rng_states[0])
             rng_states = gathered
-        return {"recipe": recipe.name, "step": step, "student": model.student.state_dict(),
+        return {"recipe": recipe.name, "step": step, "moe_weight": moe_weight(step_epoch(step), optim),
+                "student": model.student.state_dict(),
                 "decoder": model.decoder.state_dict(), "student_ema": ema_student.state_dict(),
                 "optimizer": optimizer.state_dict(), "rng": rng_states}
 
@@ -267,9 +286,22 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
         return (f"the last checkpoint {run_dir / CHECKPOINT_NAME} (step {saved_step}) is kept"
                 if saved_step is not None else "no checkpoint had been written yet, nothing of the run is kept")
 
+    def step_epoch(done_steps: int) -> int:
+        """The epoch of the last of `done_steps` optimizer steps."""
+        return max(0, done_steps - 1) // plan.steps_per_epoch
+
+    def validate() -> None:
+        """Evaluate on the validation store after `step` steps and log it (rank 0; the others go on)."""
+        if validation is None or log is None:
+            return
+        terms = validation.mean(model.student, model.decoder, autocast=autocast,
+                                moe_loss_weight=moe_weight(step_epoch(step), optim))
+        log.log_validation({"step": step, "epoch": step_epoch(step), **terms})
+
     stop = StopRequest(kept)  # from here on a signal stops at a step boundary, with a checkpoint
     stop.install()
-    log = MetricsLog(run_dir, resume_step=step if spec.resume else None) if master else None
+    log = MetricsLog(run_dir, resume_step=step if spec.resume else None,
+                     validation=validation is not None) if master else None
     progress = None
     if master and spec.progress:
         from tqdm import tqdm
@@ -354,6 +386,8 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
                 pending = StepValues(step, epoch, lr, momentum, moe_loss_weight, now - step_start, data_wait, values)
                 step_start, data_wait, sums, micro_in_step = now, 0.0, None, 0
                 stopping = stop_voted() and step < last_step
+                if spec.val_every and step % spec.val_every == 0 and step < last_step:
+                    validate()  # before the checkpoint: a resume from it never misses this row
                 if stopping or (spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < last_step):
                     settle()  # no checkpoint after a step whose values were not checked
                     state = checkpoint_state()
@@ -371,6 +405,7 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
             batches.close()
             epoch, start_micro = epoch + 1, 0
         settle()
+        validate()
     finally:
         if batches is not None:
             batches.close()
