@@ -8,10 +8,11 @@ timm's constructors cannot express, applied after `timm.create_model` by `create
 - Swin: grid-adaptive shifted windows (`_GridWindowSwinBlock`, see `dpal.swin`), so 128x96 local crops (final
   grid 4x3) and 256x128 views (8x4) get windows clipped to the map instead of windows mostly made of padding.
 
-An export (`export_contents`; `formats.exports.export_student` writes it) is the timm state dict as
-safetensors plus a JSON config beside it that names the timm model and every argument that differs from its
-defaults; `load_student` rebuilds the backbone through the same `create_backbone`, so its forward equals the
-trained one's.
+An export (`export_contents`; `formats.exports.export_student` writes it) is a folder in timm's local-dir layout:
+model.safetensors (the timm state dict) and config.json naming the student's registered timm architecture
+(`dpal_vit_ti`, ...; see `dpal.timm_models`) with this project's config, which records the weights' SHA-256.
+`load_student` checks that checksum and rebuilds the backbone through the same `create_backbone`, so its
+forward equals the trained one's.
 """
 from __future__ import annotations
 
@@ -318,7 +319,9 @@ def read_student_config(path) -> dict:
     """The dpal config of an export folder (config.json's "dpal" entry, which must equal the copy in the weights'
     metadata; the metadata alone if config.json is absent), checked: format, architecture, arguments."""
     weights_path, config_path = export_paths(path)
-    if Path(path).suffix == ".json" or (Path(str(path) + ".safetensors")).is_file():
+    path = Path(path)
+    version_1 = path.suffix in (".json", ".safetensors") and path.name not in (WEIGHTS_FILE, CONFIG_FILE)
+    if not weights_path.exists() and (version_1 or Path(f"{path}.safetensors").is_file()):
         _refuse(path, "an export of format version 1 (NAME.safetensors + NAME.json); make a current export from "
                       "the run's checkpoint with `train_student export RUN_DIR`")
     if problem := file_problem(weights_path):

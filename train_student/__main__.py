@@ -16,6 +16,7 @@ EXAMPLE = """examples:
       --backgrounds backgrounds.beton --out runs/vit-ti
   torchrun --nproc_per_node 8 -m train_student --recipe path-b_vit-ti ... --out runs/vit-ti
   python -m train_student --recipe path-b_vit-ti ... --out runs/vit-ti --resume
+  python -m train_student export runs/vit-ti
   python -m train_student --recipe path-b_vit-ti --teacher-online --teacher-weights path-b.pth \\
       --images persons.beton --backgrounds backgrounds.beton --out runs/online
   python -m train_student bench --recipe path-b_vit-ti --store targets.zarr --images persons.beton \\
@@ -61,14 +62,14 @@ def training_parser() -> argparse.ArgumentParser:
         description="Distil a DPAL student from cached teacher targets: FFCV feeds the images, the stored view "
                     "parameters re-render the teacher's exact views on the training device, the targets come "
                     "from the Zarr store. Every default comes from the recipe (spec sections 5-7); flags only "
-                    "override. Subcommand: `bench` (python -m train_student bench --help).",
+                    "override. Subcommands: `export` (exports from a checkpoint) and `bench` (each with --help).",
         epilog=EXAMPLE)
     parser.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
     add_data_arguments(parser)
     parser.add_argument("--out", metavar="RUN_DIR",
                         help="run folder: checkpoint.pt, run.json, metrics.csv, tensorboard/, loss.png and the "
-                             "exports student.{safetensors,json}, student_ema.{safetensors,json} "
-                             "(dpal.students.load_student rebuilds them as timm models)")
+                             "exports student/ and student_ema/ (timm local-dir folders: with `import dpal`, "
+                             "timm.create_model('local-dir:RUN_DIR/student_ema'))")
     parser.add_argument("--resume", action="store_true", help="continue the run recorded in --out exactly")
     group = parser.add_argument_group("optimisation overrides (default: the recipe)")
     group.add_argument("--epochs", type=POSITIVE, metavar="N", help="epochs of the schedule (>= 1)")
@@ -86,6 +87,14 @@ def training_parser() -> argparse.ArgumentParser:
     group.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=1000, metavar="N",
                        help="write checkpoint.pt atomically every N steps (>= 0; 0: only at the end, which is "
                             "always written; SIGINT/SIGTERM also write one, at the next step boundary)")
+    group.add_argument("--keep-checkpoints", type=POSITIVE, default=1, metavar="N",
+                       help="keep the newest N checkpoints as checkpoint-STEP.pt beside checkpoint.pt (>= 1, default "
+                            "1: checkpoint.pt alone; each holds student, decoder, EMA and AdamW state)")
+    group.add_argument("--export-every", type=NON_NEGATIVE, default=0, metavar="N",
+                       help="also write the exports student/ and student_ema/ every N steps (>= 0, default 0: at "
+                            "the end only; `train_student export RUN_DIR` makes them from any checkpoint)")
+    group.add_argument("--export-program", action=argparse.BooleanOptionalAction, default=True,
+                       help="exports carry model.pt2, a torch.export program of the features (default on)")
     group.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the student (and the decoder where it runs its plain-PyTorch reference, "
@@ -106,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         from train_student.bench import main as bench_main
         return bench_main(argv[1:])
+    if argv[:1] == ["export"]:
+        from train_student.export import main as export_main
+        return export_main(argv[1:])
     parser = training_parser()
     args = parser.parse_args(argv)
     if args.list_recipes:

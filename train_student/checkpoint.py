@@ -12,6 +12,8 @@ refused in one line instead of interleaving metrics and checkpoints.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -68,20 +70,39 @@ class _WriteErrors:
         self.handle.flush()
 
 
-def load_checkpoint(run_dir: Path) -> dict:
-    """The state saved by `save_checkpoint`; a clear error if it is missing or unreadable."""
-    path = Path(run_dir) / CHECKPOINT_NAME
+def load_checkpoint(run_dir: Path, *, path: Path | None = None, purpose: str = "--resume") -> dict:
+    """The state saved by `save_checkpoint` (RUN_DIR/checkpoint.pt, or `path`); a clear error naming `purpose`
+    if it is missing or unreadable."""
+    path = Path(run_dir) / CHECKPOINT_NAME if path is None else Path(path)
     if not path.is_file():
-        raise RunFolderError(f"--resume: {path} does not exist; the run in {run_dir} has not saved a "
-                             f"checkpoint yet (start it again without --resume, after removing the folder)")
+        hint = " (start it again without --resume, after removing the folder)" if purpose == "--resume" else ""
+        raise RunFolderError(f"{purpose}: {path} does not exist; the run in {run_dir} has not saved a "
+                             f"checkpoint yet{hint}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # damaged, foreign, or holding objects that are not allowed (never unpickled)
-        raise RunFolderError(f"--resume: {path}: {unreadable_reason(exc)}") from exc
+        raise RunFolderError(f"{purpose}: {path}: {unreadable_reason(exc)}") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise RunFolderError(f"--resume: {path} has checkpoint format {getattr(state, 'get', dict().get)('format')!r}, "
+        raise RunFolderError(f"{purpose}: {path} has checkpoint format {getattr(state, 'get', dict().get)('format')!r}, "
                              f"this trainer writes format {CHECKPOINT_FORMAT}")
     return state
+
+
+def keep_step_copy(run_dir: Path, step: int, keep: int) -> None:
+    """With `keep` > 1: RUN_DIR/checkpoint-STEP.pt for the checkpoint just saved (a hard link to checkpoint.pt, so
+    no extra space while it is the newest; a copy where links are not supported), and only the newest `keep` of
+    them are kept. `keep` 1: checkpoint.pt alone, as always."""
+    if keep <= 1:
+        return
+    run_dir = Path(run_dir)
+    target = run_dir / f"checkpoint-{step:08d}.pt"
+    target.unlink(missing_ok=True)
+    try:
+        os.link(run_dir / CHECKPOINT_NAME, target)
+    except OSError:
+        shutil.copyfile(run_dir / CHECKPOINT_NAME, target)
+    for stale in sorted(run_dir.glob("checkpoint-*.pt"))[:-keep]:
+        stale.unlink()
 
 
 def prepare_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumable_keys: set[str]) -> None:

@@ -42,6 +42,9 @@ class TrainSpec:
     calibration_images: int
     max_steps: int | None
     checkpoint_every: int
+    keep_checkpoints: int  # >= 2: also RUN_DIR/checkpoint-STEP.pt, the newest N of them
+    export_every: int  # 0: exports only at the end
+    export_program: bool  # exports carry a torch.export program (model.pt2)
     progress: bool
 
     @classmethod

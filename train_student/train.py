@@ -6,8 +6,8 @@ micro-batches: the views of the next micro-batch are rendered from their paramet
 device while this one computes (`prefetch.render_ahead`), the step (`step.py`: loss terms through
 `dpal.distill.distill_step_losses` with targets from the store or the online teacher, AdamW, EMA) runs,
 and the step before's values are read, checked and logged; checkpoints as asked. At the end: a final
-checkpoint, the student and its EMA exported through `formats.exports.export_student`, and a PNG of the
-loss curves.
+checkpoint, the student and its EMA exported (`train_student.export.write_exports`; also every --export-every
+steps), and a PNG of the loss curves.
 """
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ from dpal.config import Recipe
 from dpal.losses import moe_weight
 from dpal.recipes import get_recipe
 from formats.cli import Interrupted, exit_status
-from formats.exports import export_student
 from formats.images import ImageFile, check_images, images_fingerprint
 from formats.store import open_store
 import kernels
-from train_student.checkpoint import (CHECKPOINT_NAME, claim_run_folder, load_checkpoint, rng_state, save_checkpoint,
-                                      set_rng_state)
+from train_student.checkpoint import (CHECKPOINT_NAME, claim_run_folder, keep_step_copy, load_checkpoint, rng_state,
+                                      save_checkpoint, set_rng_state)
+from train_student.export import write_exports
 from train_student.data import BackgroundPool, CachedFeed, FeedPlan, OnlineFeed
 from train_student.metrics import LOSS_COLUMNS, LOSS_PLOT, METRICS_CSV, MetricsLog, plot_losses
 from train_student.prefetch import render_ahead
@@ -47,7 +47,8 @@ from train_student.step import (CachedTargets, OnlineTeacher, TrainingError, bui
                                 setup_distributed)
 
 # Settings that may differ when a run is resumed (they do not change what is computed).
-RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "workers", "progress", "reference_path", "compile"}
+RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "keep_checkpoints", "export_every", "export_program", "workers",
+                  "progress", "reference_path", "compile"}
 
 
 class StopRequest:
@@ -119,7 +120,9 @@ def run_record(spec: TrainSpec, recipe: Recipe, global_batch: int, images_finger
             "teacher_online": online, "calibration_images": spec.calibration_images,
             "teacher_weights": str(Path(spec.teacher_weights).resolve()) if online else None,
             "teacher_options": spec.teacher_options if online else None,
-            "max_steps": spec.max_steps, "checkpoint_every": spec.checkpoint_every, "workers": spec.workers,
+            "max_steps": spec.max_steps, "checkpoint_every": spec.checkpoint_every,
+            "keep_checkpoints": spec.keep_checkpoints, "export_every": spec.export_every,
+            "export_program": spec.export_program, "workers": spec.workers,
             "progress": spec.progress, "reference_path": spec.reference_path, "compile": spec.compile}
 
 
@@ -228,6 +231,10 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
 
     saved_step = step if spec.resume else None
 
+    def export(student, ema) -> None:
+        write_exports(run_dir, student, ema, step=step, recipe=recipe.name, global_batch=global_batch,
+                      program=spec.export_program)
+
     def kept() -> str:
         return (f"the last checkpoint {run_dir / CHECKPOINT_NAME} (step {saved_step}) is kept"
                 if saved_step is not None else "no checkpoint had been written yet, nothing of the run is kept")
@@ -324,7 +331,11 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
                     state = checkpoint_state()
                     if master:
                         save_checkpoint(run_dir, state)
+                        keep_step_copy(run_dir, step, spec.keep_checkpoints)
                     saved_step = step
+                if master and spec.export_every and step % spec.export_every == 0 and step < last_step:
+                    settle()  # exports only of checked steps
+                    export(model.student, ema_student)
                 if stopping:
                     if world_size > 1:  # no rank exits (making torchrun stop the others) before the save is done
                         dist.barrier()
@@ -348,11 +359,10 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
     state = checkpoint_state()
     if master:
         save_checkpoint(run_dir, state)
-        extra = {"recipe": recipe.name, "step": step, "global_batch": global_batch}
-        export_student(model.student, run_dir / "student", extra=extra)
-        export_student(ema_student, run_dir / "student_ema", extra={**extra, "ema": True})
+        keep_step_copy(run_dir, step, spec.keep_checkpoints)
+        export(model.student, ema_student)
         plot_losses(run_dir / METRICS_CSV, run_dir / LOSS_PLOT)
-        print(f"finished {step} steps; run folder {run_dir}: {CHECKPOINT_NAME}, student.*, student_ema.* (timm exports), "
+        print(f"finished {step} steps; run folder {run_dir}: {CHECKPOINT_NAME}, student/, student_ema/ (timm exports), "
               f"{METRICS_CSV}, {LOSS_PLOT}, tensorboard/")
     if world_size > 1:
         dist.barrier()
