@@ -36,6 +36,7 @@ from dpal.resize import bicubic_resize
 from dpal.errors import file_problem
 from dpal.recipes import STUDENTS
 from dpal.swin import PaddedWindowBlock, use_padded_windows
+from dpal.timm_models import timm_name_of
 
 EXPORT_FORMAT = "dpal-student"
 EXPORT_FORMAT_VERSION = 2
@@ -253,11 +254,6 @@ def weights_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def timm_name_of(student_name: str) -> str:
-    """The name a student architecture is registered under in timm once `dpal` is imported (`dpal.timm_models`)."""
-    return "dpal_" + student_name.replace("-", "_")
-
-
 def export_contents(student: Student, *, extra: dict | None = None) -> tuple[bytes, bytes]:
     """The two files of an export folder as bytes (dpal writes no files; `formats.exports` does):
     model.safetensors (the backbone's timm state dict) and config.json, timm's local-dir layout naming the
@@ -411,4 +407,4 @@ def materialize(module: nn.Module) -> nn.Module:
 
 __all__ = ["CONFIG_FILE", "EXPORT_FORMAT_VERSION", "WEIGHTS_FILE", "Student", "StudentTokens", "build_student",
            "architecture_config", "create_backbone", "export_contents", "export_paths", "feature_program", "load_export_weights", "load_student", "materialize",
-           "read_student_config", "student_config", "timm_config", "timm_name_of", "weights_checksum"]
+           "read_student_config", "student_config", "timm_config", "weights_checksum"]

@@ -18,13 +18,16 @@ from timm.models import register_model
 from torch import nn
 
 from dpal.recipes import STUDENTS
-from dpal.students import architecture_config, create_backbone, load_student, read_student_config, timm_config, \
-    timm_name_of
 
 # Arguments timm's factory passes to every entry point; they carry no architecture of their own.
 _FACTORY_ARGUMENTS = ("pretrained_cfg_overlay", "cache_dir", "pretrained_model_args")
 # What a user may change when loading an export: they do not change the features.
 _FREE_ON_LOAD = ("num_classes", "drop_path_rate")
+
+
+def timm_name_of(student_name: str) -> str:
+    """The name a student architecture is registered under in timm."""
+    return "dpal_" + student_name.replace("-", "_")
 
 
 def _plain(value):
@@ -33,6 +36,10 @@ def _plain(value):
 
 def _entry_point(student_name: str):
     def create(pretrained: bool = False, pretrained_cfg=None, **kwargs) -> nn.Module:
+        # Imported here: this module is imported while timm's own import finishes, possibly from dpal.students.
+        from dpal.students import architecture_config, create_backbone, load_student, read_student_config, \
+            timm_config
+
         for name in _FACTORY_ARGUMENTS:
             kwargs.pop(name, None)
         registered = timm_name_of(student_name)
@@ -65,4 +72,4 @@ def _entry_point(student_name: str):
 
 REGISTERED = [register_model(_entry_point(name)).__name__ for name in STUDENTS]
 
-__all__ = ["REGISTERED"]
+__all__ = ["REGISTERED", "timm_name_of"]

@@ -66,7 +66,7 @@ def _train_args(artefacts, out, *extra, store=None):
 @pytest.fixture(scope="module")
 def reference_run(artefacts):
     out = artefacts["root"] / "reference"
-    done = _python("-m", "train_student", *_train_args(artefacts, out))
+    done = _python("-m", "train_student", *_train_args(artefacts, out, "--keep-checkpoints", "2"))
     assert done.returncode == 0, done.stderr
     return out
 
@@ -76,7 +76,9 @@ def _compared(rows):
 
 
 def test_run_logs_every_step_and_exports_timm_students(reference_run):
-    from dpal.students import load_student
+    import timm
+
+    import dpal  # noqa: F401  (registers the students with timm)
 
     rows = read_metrics(reference_run / "metrics.csv")
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
@@ -89,14 +91,22 @@ def test_run_logs_every_step_and_exports_timm_students(reference_run):
 
     state = torch.load(reference_run / "checkpoint.pt", weights_only=True)
     assert state["step"] == STEPS
+    # --keep-checkpoints 2 (saved at steps 2 and 4): the newest is checkpoint.pt itself, linked
+    kept = sorted(path.name for path in reference_run.glob("checkpoint-*.pt"))
+    assert kept == ["checkpoint-00000002.pt", f"checkpoint-{STEPS:08d}.pt"]
+    assert (reference_run / kept[-1]).samefile(reference_run / "checkpoint.pt")
+    assert torch.load(reference_run / kept[0], weights_only=True)["step"] == 2
     images = torch.randn(2, 3, 256, 128)
     for name, key in (("student", "student"), ("student_ema", "student_ema")):
-        model = load_student(reference_run / name).eval()
+        model = timm.create_model(f"local-dir:{reference_run / name}")
         backbone = {k[len("backbone."):]: v for k, v in state[key].items() if k.startswith("backbone.")}
         for param_name, value in model.state_dict().items():
             assert torch.equal(value, backbone[param_name]), (name, param_name)
+        program = torch.export.load(str(reference_run / name / "model.pt2")).module()
         with torch.no_grad():
-            assert torch.isfinite(model.forward_features(images)).all()
+            features = model.forward_features(images)
+            assert torch.isfinite(features).all()
+            torch.testing.assert_close(program(images), features, rtol=1e-5, atol=1e-5)
     ema_differs = any(not torch.equal(state["student"][k], state["student_ema"][k]) for k in state["student"])
     assert ema_differs
 
@@ -133,9 +143,9 @@ def _poll_until(process, ready, timeout: float) -> None:
         time.sleep(0.02)
 
 
-def _training_at_step(artefacts, out, steps: int) -> subprocess.Popen:
+def _training_at_step(artefacts, out, steps: int, *extra) -> subprocess.Popen:
     """A real training subprocess, returned once it has logged `steps` steps (or ended)."""
-    process = subprocess.Popen([sys.executable, "-m", "train_student", *_train_args(artefacts, out)],
+    process = subprocess.Popen([sys.executable, "-m", "train_student", *_train_args(artefacts, out, *extra)],
                                env=TRAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _poll_until(process, lambda: _rows(out) >= steps, timeout=120)
     return process
@@ -143,11 +153,24 @@ def _training_at_step(artefacts, out, steps: int) -> subprocess.Popen:
 
 def test_killed_run_resumes_to_the_same_losses(artefacts, reference_run):
     out = artefacts["root"] / "killed"
-    process = _training_at_step(artefacts, out, 3)  # step 2 is checkpointed; step 3 is done but not saved
+    # step 2 is checkpointed and exported; step 3 is done but not saved
+    process = _training_at_step(artefacts, out, 3, "--export-every", "2", "--no-export-program")
     assert process.poll() is None, "training ended before it could be killed: " + process.stderr.read().decode()
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2
+    assert json.loads((out / "student_ema" / "config.json").read_text())["dpal"]["extra"]["step"] == 2
+
+    # The killed run's checkpoint exported by the command, as the run would have at its end.
+    for folder in ("student", "student_ema"):
+        shutil.rmtree(out / folder)
+    assert main(["export", str(out), "--no-program"]) == 0
+    from dpal.students import load_student
+    for name in ("student", "student_ema"):
+        assert json.loads((out / name / "config.json").read_text())["dpal"]["extra"]["step"] == 2
+        exported = load_student(out / name).state_dict()
+        assert all(torch.equal(value, state[name][f"backbone.{key}"]) for key, value in exported.items())
 
     refused = _python("-m", "train_student", *_train_args(artefacts, out))
     assert refused.returncode == 2 and "already holds another run" in refused.stderr
@@ -243,7 +266,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(artefacts, tmp
     if poisoned_step == 3:
         assert "step 2) is kept" in err
         assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
-        assert not (out / "student.safetensors").exists()
+        assert not (out / "student").exists()
     else:
         assert "no checkpoint had been written yet" in err and not (out / "checkpoint.pt").exists()
 
@@ -297,7 +320,7 @@ def test_a_damaged_store_chunk_stops_training_naming_the_file(artefacts, tmp_pat
     assert status == 2 and err.count("\n") == 1
     assert f"{shard}: chunk" in err and "is damaged (CRC32C mismatch)" in err
     assert f"re-running the `python -m cache_teacher run` command that made it (same arguments, --out {store})" in err
-    assert not (tmp_path / "run" / "student.safetensors").exists()
+    assert not (tmp_path / "run" / "student").exists()
 
 
 def test_resume_refuses_a_store_rebuilt_at_the_same_path(artefacts, tmp_path, capsys):
