@@ -13,6 +13,7 @@ Typical use:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dpal.config import TeacherSpec
@@ -22,7 +23,8 @@ from dpal.recipes import TEACHERS, list_recipes
 def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     # Only light modules here (no torch, zarr or FFCV): `--help` answers at once.
     from formats.cli import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE, NON_NEGATIVE,
-                             POSITIVE, SEED, TARGET_FORMATS, add_teacher_option_arguments, device_name, integer)
+                             POSITIVE, SEED, TARGET_FORMATS, add_config_arguments, add_teacher_option_arguments,
+                             device_name, integer)
 
     parser = argparse.ArgumentParser(prog="python -m cache_teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +87,7 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     run.add_argument("--skip-space-check", action="store_true", help="do not refuse when the free space looks short")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_teacher_option_arguments(run)
+    add_config_arguments(run)
 
     verify = commands.add_parser("verify",
                                  help="check completeness + checksums, re-render a sample and rerun the teacher",
@@ -137,11 +140,45 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     return parser
 
 
+def subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of subcommand `name`."""
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return commands.choices[name]
+
+
+def caching_spec(config=None, *, teachers: dict[str, TeacherSpec] = TEACHERS, **options):
+    """A checked `cache_teacher.run.RunConfig` from a config file (YAML/JSON) or mapping, with keyword options (the
+    `run` command's option names, underscores for dashes) overriding it, checked as the command line checks them."""
+    from formats.cli import ConfigError, read_config_file, set_config_defaults
+    from dpal.teachers import teacher_options
+
+    run_parser = subcommand_parser(_parser(teachers), "run")
+    data = read_config_file(str(config)) if isinstance(config, (str, os.PathLike)) else dict(config or {})
+    set_config_defaults(run_parser, {**data, **options}, source=f"config {config}" if isinstance(config, (str, os.PathLike)) else "options")
+    missing = [action.option_strings[0] for action in run_parser._actions if action.required]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)} (see python -m cache_teacher run --help)")
+    args = run_parser.parse_args([])
+    try:
+        teacher_options(teachers[args.teacher], solider_weights=args.solider_weights,
+                        semantic_weight=args.semantic_weight)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    from cache_teacher.run import RunConfig
+    return RunConfig(**{k: v for k, v in vars(args).items() if k not in ("config", "print_config")})
+
+
 def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
-    from formats.cli import exit_status, parse_teacher_options
+    from formats.cli import config_text, exit_status, parse_teacher_options, parse_with_config
 
     parser = _parser(teachers)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    run_parser = subcommand_parser(parser, "run")
+    args = parse_with_config(parser, argv, options_parser=run_parser) if argv[:1] == ["run"] else \
+        parser.parse_args(argv)
+    if args.command == "run" and args.print_config:
+        print(config_text(run_parser, args), end="")
+        return 0
     if args.command in ("run", "bench"):
         args.teacher_options = parse_teacher_options(parser, args, teachers[args.teacher])
     # A stopped run keeps its finished shards: say so, and how to go on.
@@ -157,7 +194,8 @@ def _command(args: argparse.Namespace, teachers: dict[str, TeacherSpec]) -> int:
         pack(args.src, args.out, max_side=args.max_side, quality=args.jpeg_quality, workers=args.workers)
     elif args.command == "run":
         from cache_teacher.run import RunConfig, run
-        fields = {k: v for k, v in vars(args).items() if k not in ("command", "teacher_options")}
+        fields = {k: v for k, v in vars(args).items()
+                  if k not in ("command", "teacher_options", "config", "print_config")}
         run(RunConfig(**fields), teachers=teachers)
     elif args.command == "verify":
         from cache_teacher.verify import verify

@@ -175,7 +175,8 @@ def test_killed_run_resumes_to_the_same_losses(artefacts, reference_run):
     refused = _python("-m", "train_student", *_train_args(artefacts, out))
     assert refused.returncode == 2 and "already holds another run" in refused.stderr
 
-    resumed = _python("-m", "train_student", *_train_args(artefacts, out, "--resume"))
+    # The run's own run.json as --config reproduces its options exactly (a resume refuses any difference).
+    resumed = _python("-m", "train_student", "--config", str(out / "run.json"), "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert _compared(read_metrics(out / "metrics.csv")) == _compared(read_metrics(reference_run / "metrics.csv"))
 

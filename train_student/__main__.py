@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dpal.recipes import RECIPES, list_recipes
-from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, SEED, add_teacher_option_arguments,
-                         parse_teacher_options, real)
+from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, SEED, ConfigError, add_config_arguments,
+                         add_teacher_option_arguments, config_text, parse_with_config, read_config_file, real,
+                         set_config_defaults)
 from kernels import select_interpreter
 from train_student.spec import TrainSpec
 
@@ -65,6 +67,7 @@ def training_parser() -> argparse.ArgumentParser:
                     "override. Subcommands: `export` (exports from a checkpoint) and `bench` (each with --help).",
         epilog=EXAMPLE)
     parser.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
+    add_config_arguments(parser)
     add_data_arguments(parser)
     parser.add_argument("--out", metavar="RUN_DIR",
                         help="run folder: checkpoint.pt, run.json, metrics.csv, tensorboard/, loss.png and the "
@@ -110,6 +113,25 @@ def training_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# run.json entries that are not options: what the inputs resolved to, checked again by the run itself.
+_OPTIM_OPTIONS = {"epochs": "epochs", "warmup_epochs": "warmup_epochs", "base_lr": "blr", "min_lr": "min_lr",
+                  "weight_decay": "weight_decay", "accum_steps": "accum_steps"}
+
+
+def options_of_run_record(record: dict) -> dict | None:
+    """The options that reproduce a run from its RUN_DIR/run.json (None if `record` is not one): the options
+    recorded under their own names, the optimisation the recipe resolved to, the global batch and the teacher
+    options; the inputs' identities (fingerprints, the store's attributes) are left to the run, which checks them."""
+    if "images_fingerprint" not in record or not isinstance(record.get("optim"), dict):
+        return None
+    flags = {action.dest for action in training_parser()._actions}
+    options = {key: value for key, value in record.items() if key in flags}
+    options.update({option: record["optim"][key] for key, option in _OPTIM_OPTIONS.items() if key in record["optim"]})
+    options["batch_size"] = record.get("global_batch")
+    options.update(record.get("teacher_options") or {})
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
@@ -119,27 +141,52 @@ def main(argv: list[str] | None = None) -> int:
         from train_student.export import main as export_main
         return export_main(argv[1:])
     parser = training_parser()
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv, read_record=options_of_run_record)
     if args.list_recipes:
         print("\n".join(list_recipes()))
         return 0
+    if args.print_config:
+        print(config_text(parser, args), end="")
+        return 0
+    try:
+        spec = spec_of(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    from train_student.train import run_training
+    return run_training(spec)
+
+
+def spec_of(args: argparse.Namespace) -> TrainSpec:
+    """The TrainSpec of parsed options, after the checks that involve several of them (ConfigError otherwise)."""
     required = ["--recipe", "--images", "--backgrounds", "--out"] + ([] if args.teacher_online else ["--store"])
     missing = [flag for flag in required if getattr(args, flag[2:].replace("-", "_")) is None]
     if missing:
-        parser.error(f"missing {', '.join(missing)} (see --help)")
+        raise ConfigError(f"missing {', '.join(missing)} (see --help)")
     optim = RECIPES[args.recipe].optim
     epochs = args.epochs or optim.epochs
     warmup = optim.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs
     if warmup > epochs:
-        parser.error(f"the warm-up ({warmup} epochs) is longer than the run ({epochs} epochs); pass "
-                     f"--warmup-epochs <= {epochs} or more --epochs")
+        raise ConfigError(f"the warm-up ({warmup} epochs) is longer than the run ({epochs} epochs); pass "
+                          f"--warmup-epochs <= {epochs} or more --epochs")
     select_interpreter()  # before anything imports timm (the teacher options do), and with it triton
-    teacher_options = parse_teacher_options(parser, args, RECIPES[args.recipe].teacher)
+    from dpal.teachers import teacher_options
+    try:
+        options = teacher_options(RECIPES[args.recipe].teacher, solider_weights=args.solider_weights,
+                                  semantic_weight=args.semantic_weight)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     from train_student.data import default_workers
-    from train_student.train import run_training
-    return run_training(TrainSpec.from_args(args, teacher_options=teacher_options,
-                                            workers=args.workers or default_workers(args.device)))
+    return TrainSpec.from_args(args, teacher_options=options, workers=args.workers or default_workers(args.device))
 
+
+def training_spec(config: str | dict | None = None, **options) -> TrainSpec:
+    """A TrainSpec from a config file (YAML/JSON, a run.json) or mapping and keyword options overriding it (the
+    command line's option names with underscores), checked exactly as the command line checks them."""
+    parser = training_parser()
+    data = read_config_file(str(config)) if isinstance(config, (str, os.PathLike)) else dict(config or {})
+    set_config_defaults(parser, {**(options_of_run_record(data) or data), **options},
+                        source=f"config {config}" if isinstance(config, (str, os.PathLike)) else "options")
+    return spec_of(parser.parse_args([]))
 
 if __name__ == "__main__":
     sys.exit(main())
