@@ -12,13 +12,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(INSTALLED)
 
-$(INSTALLED): requirements.txt pyproject.toml
+$(INSTALLED): requirements.txt requirements-test.txt pyproject.toml
 	@dpkg -s $(SYS_PKGS) >/dev/null 2>&1 || { \
 	  echo "installing system packages: $(SYS_PKGS)"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(SYS_PKGS); }
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
 
@@ -67,7 +67,7 @@ $(OLDEST)/.installed: requirements.txt acceptance/wheelhouse.txt Makefile | $(IN
 	@test -x $(OLDEST)/bin/python || "$$($(PY) acceptance/wheelhouse.py --python 3.12 --print-python)" -m venv $(OLDEST)
 	grep -v -i -E "^($$(sed -n 's/==.*//p' acceptance/wheelhouse.txt | paste -sd '|'))[<>=!~ ]" requirements.txt \
 	  > $(OLDEST)/image-requirements.txt
-	$(OLDEST)/bin/python -m pip install -q -r $(OLDEST)/image-requirements.txt $(OLDEST_PINS)
+	$(OLDEST)/bin/python -m pip install -q -r $(OLDEST)/image-requirements.txt -r requirements-test.txt $(OLDEST_PINS)
 	@touch $@
 
 # `make test-wheelhouse`: the wheelhouse installs offline into a 3.12 venv standing in for the GPU image (tests/test_wheelhouse.py).

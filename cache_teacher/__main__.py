@@ -169,7 +169,7 @@ def caching_spec(config=None, *, teachers: dict[str, TeacherSpec] = TEACHERS, **
 
 
 def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
-    from formats.cli import config_text, exit_status, parse_teacher_options, parse_with_config
+    from formats.cli import config_text, exit_status, parse_teacher_options, parse_with_config, setup_logging
 
     parser = _parser(teachers)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -181,6 +181,7 @@ def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
         return 0
     if args.command in ("run", "bench"):
         args.teacher_options = parse_teacher_options(parser, args, teachers[args.teacher])
+    setup_logging()
     # A stopped run keeps its finished shards: say so, and how to go on.
     stop_message = f"; finished shards of {args.out} are kept, rerun the same command to resume" \
         if args.command == "run" else None

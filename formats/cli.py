@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import math
 import signal
 import sys
@@ -89,6 +90,24 @@ def device_name(text: str) -> str:
         if index and int(index) >= count:
             raise argparse.ArgumentTypeError(f"{text}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
     return text
+
+
+# ------------------------------------------------------------------------------ logging
+
+LOG = logging.getLogger("dpal")
+
+
+def setup_logging() -> None:
+    """What the commands log (INFO and up, `dpal.*` loggers) as plain timestamped lines on stderr; a program that
+    configured logging itself keeps its own configuration."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S")
+
+
+def note_adjusted(option: str, asked, used, reason: str) -> None:
+    """The one notice for a value the command cuts or adjusts: a WARNING naming the option, both values and why."""
+    if asked != used:
+        LOG.warning(f"{option} {asked} -> {used}: {reason}")
 
 
 # ------------------------------------------------------------------------------ config files

@@ -12,6 +12,7 @@ steps), and a PNG of the loss curves.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import shutil
@@ -31,7 +32,7 @@ from dpal.ahead import HostCopy
 from dpal.config import Recipe
 from dpal.losses import moe_weight
 from dpal.recipes import get_recipe
-from formats.cli import Interrupted, exit_status
+from formats.cli import Interrupted, exit_status, note_adjusted, setup_logging
 from formats.images import ImageFile, check_images, images_fingerprint
 from formats.store import open_store
 import kernels
@@ -45,6 +46,10 @@ from train_student.spec import TrainSpec
 from train_student.step import (CachedTargets, OnlineTeacher, TrainingError, build_distiller,
                                 fit_online_mask_calibration, forward_backward, make_autocast, optimizer_step,
                                 setup_distributed)
+
+LOG = logging.getLogger("dpal.train")
+# Plain log lines per run when there is no progress bar (not a terminal, or --no-progress).
+LOG_LINES_PER_RUN = 50
 
 # Settings that may differ when a run is resumed (they do not change what is computed).
 RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "keep_checkpoints", "export_every", "export_program", "workers",
@@ -153,7 +158,7 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
     # ---------------------------------------------------------------- inputs (all checked before writing)
     fingerprint = images_fingerprint(spec.images)
     for path in (spec.images, spec.backgrounds):  # every image against its CRC32C from `pack` (README: cost)
-        check_images(path, progress=master and spec.progress)
+        check_images(path, progress=master and spec.progress and sys.stderr.isatty())
     backgrounds = BackgroundPool(spec.backgrounds)
     teacher = store = store_identity = None
     if spec.teacher_online:
@@ -177,6 +182,8 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
     total_steps = optim.epochs * plan.steps_per_epoch
     warmup_steps = optim.warmup_epochs * plan.steps_per_epoch
     last_step = total_steps if spec.max_steps is None else min(total_steps, spec.max_steps)
+    if spec.max_steps is not None:
+        note_adjusted("--max-steps", spec.max_steps, last_step, f"the schedule has {total_steps} steps in all")
     peak_lr = spec.lr if spec.lr is not None else optim.peak_lr(global_batch)
 
     run_dir = Path(spec.out)
@@ -242,8 +249,22 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
     stop = StopRequest(kept)  # from here on a signal stops at a step boundary, with a checkpoint
     stop.install()
     log = MetricsLog(run_dir, resume_step=step if spec.resume else None) if master else None
+    if master:
+        def millions(module) -> str:
+            return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}M"
+
+        source_text = (f"online teacher {spec.teacher_weights}" if spec.teacher_online else
+                       f"store {spec.store} (K={store.attrs.get('views_per_image')} view sets per image)")
+        LOG.info(f"{'resuming at step ' + str(step) if spec.resume else 'starting'}: recipe {recipe.name} on "
+                 f"{world_size} x {device}; parameters: student {millions(model.student)}, decoder "
+                 f"{millions(model.decoder)}, EMA {millions(ema_student)}; {num_images} images, {source_text}; "
+                 f"global batch {global_batch} ({world_size} ranks x {optim.accum_steps} accumulation x "
+                 f"{micro_batch}); {plan.steps_per_epoch} steps per epoch x {optim.epochs} epochs = {total_steps} "
+                 f"steps, running to {last_step}; peak lr {peak_lr:.3g} after {warmup_steps} warm-up steps; "
+                 f"run folder {run_dir}")
+    plain_every = max(1, last_step // LOG_LINES_PER_RUN)
     progress = None
-    if master and spec.progress:
+    if master and spec.progress and sys.stderr.isatty():
         from tqdm import tqdm
         progress = tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True,
                         desc=f"{recipe.name} (global batch {global_batch})")
@@ -275,6 +296,9 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
             progress.set_postfix(loss=f"{values[0]:.4f}", lr=f"{done.lr:.2e}",
                                  samples_s=f"{global_batch / done.seconds:.1f}", refresh=False)
             progress.update(1)
+        elif master and (done.step % plain_every == 0 or done.step == last_step):
+            LOG.info(f"step {done.step}/{last_step} epoch {done.epoch}: loss {values[0]:.4f} lr {done.lr:.3g} "
+                     f"grad norm {grad_norm:.3g} {global_batch / done.seconds:.1f} samples/s")
 
     # The stop vote is a host-side all-reduce (gloo) at every step boundary: ranks agree without a device sync.
     stop_group = dist.new_group(backend="gloo") if world_size > 1 and device.type == "cuda" else None
@@ -362,7 +386,7 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
         keep_step_copy(run_dir, step, spec.keep_checkpoints)
         export(model.student, ema_student)
         plot_losses(run_dir / METRICS_CSV, run_dir / LOSS_PLOT)
-        print(f"finished {step} steps; run folder {run_dir}: {CHECKPOINT_NAME}, student/, student_ema/ (timm exports), "
+        LOG.info(f"finished {step} steps; run folder {run_dir}: {CHECKPOINT_NAME}, student/, student_ema/ (timm exports), "
               f"{METRICS_CSV}, {LOSS_PLOT}, tensorboard/")
     if world_size > 1:
         dist.barrier()
@@ -378,6 +402,7 @@ def run_training(spec: TrainSpec) -> int:
     fresh = not spec.resume and int(os.environ.get("RANK", "0")) == 0 and not (run_dir.is_dir() and
                                                                                  any(run_dir.iterdir()))
     existed = run_dir.exists()
+    setup_logging()
     status = exit_status(lambda: train(spec) and 0,  # train returns the run folder
                          stop_message=" before training started; nothing was trained")
     if status != 0 and fresh and run_dir.is_dir() and not (run_dir / CHECKPOINT_NAME).exists():
