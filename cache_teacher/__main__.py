@@ -9,6 +9,7 @@ Typical use:
   python -m cache_teacher verify path-b.zarr --weights path-b.pth
   python -m cache_teacher info path-b.zarr
 `run` is resumable: kill it at any moment and rerun the same command.
+The method (views, targets, shape mask): docs/method.md in the repository.
 """
 from __future__ import annotations
 

@@ -66,8 +66,8 @@ from formats.targets import array_dtypes
 # 3: int8 relation rows are log-domain codes (`dpal.losses.quantize_relation`); 2: chunks hold one view set
 # (view-set-major), int8 relation rows were linear; 1: chunks held all K view sets of their images.
 STORE_FORMAT_VERSION = 4
-SPEC_VERSION = 2  # revision of DPAL_SPEC.md whose targets the store holds
-# What the targets of an older spec revision got wrong (DPAL_SPEC.md "Revisions"), for the refusal.
+SPEC_VERSION = 2  # revision of docs/method.md whose targets the store holds
+# What the targets of an older spec revision got wrong (docs/method.md "Revisions"), for the refusal.
 _STALE_SPEC_TARGETS = {1: "old teacher position-embedding resize"}
 ATTRS_KEY = "dpal_store"
 PROGRESS_DIR = "dpal_progress"

@@ -23,6 +23,8 @@ EXAMPLE = """examples:
       --images persons.beton --backgrounds backgrounds.beton --out runs/online
   python -m train_student bench --recipe path-b_vit-ti --store targets.zarr --images persons.beton \\
       --backgrounds backgrounds.beton --teacher-weights path-b.pth --out bench.json
+
+The method (students, decoder, losses, optimisation): docs/method.md in the repository.
 """
 
 
@@ -63,7 +65,7 @@ def training_parser() -> argparse.ArgumentParser:
         prog="python -m train_student", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Distil a DPAL student from cached teacher targets: FFCV feeds the images, the stored view "
                     "parameters re-render the teacher's exact views on the training device, the targets come "
-                    "from the Zarr store. Every default comes from the recipe (spec sections 5-7); flags only "
+                    "from the Zarr store. Every default comes from the recipe (docs/method.md, sections 5-7); flags only "
                     "override. Subcommands: `export` (exports from a checkpoint) and `bench` (each with --help).",
         epilog=EXAMPLE)
     parser.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
