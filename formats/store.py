@@ -530,6 +530,11 @@ class TargetStore:
         """Refuse a store that was not made for this recipe's teacher, these views, this images file and (when
         given) this background pool: the stored view parameters index the pool they were drawn from, so
         another pool would silently give other crowd views than the teacher saw."""
+        cached = (self.attrs.get("images_fingerprint"), self.attrs.get("backgrounds_fingerprint"))
+        if backgrounds_fingerprint is not None and (backgrounds_fingerprint, images_fingerprint) == cached:
+            raise StoreError(f"target store {self.path}: --images and --backgrounds are swapped (it was cached with "
+                             f"--images {self.attrs.get('images_path')} --backgrounds "
+                             f"{self.attrs.get('backgrounds_path')}); swap them back")
         expected = {"teacher": recipe.teacher.name, "teacher_spec": recipe.teacher, "view_config": views_cfg,
                     "images_fingerprint": images_fingerprint}
         problems = describe_differences(self.attrs, expected, expected)
