@@ -95,7 +95,9 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
                                  description="Exit status 0 only if every shard is finished and intact and a random "
                                  "sample of stored view sets matches a fresh teacher run within the format's limits.")
     verify.add_argument("store", help="store folder written by `run`")
-    verify.add_argument("--weights", required=True, help="the checkpoint the store was made with")
+    verify.add_argument("--weights", help="the checkpoint the store was made with (not with --checksums-only)")
+    verify.add_argument("--checksums-only", action="store_true",
+                        help="check completeness and every checksum (store shards, images) without the teacher")
     verify.add_argument("--images", default=None, help="images .beton (default: the path recorded in the store)")
     verify.add_argument("--backgrounds", default=None,
                         help="background pool .beton (default: the path recorded in the store)")
@@ -177,6 +179,8 @@ def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
     run_parser = subcommand_parser(parser, "run")
     args = parse_with_config(parser, argv, options_parser=run_parser) if argv[:1] == ["run"] else \
         parser.parse_args(argv)
+    if args.command == "verify" and not args.weights and not args.checksums_only:
+        parser.error("verify needs --weights (the checkpoint the store was made with), or --checksums-only")
     if args.command == "run" and args.print_config:
         print(config_text(run_parser, args), end="")
         return 0
@@ -202,6 +206,7 @@ def _command(args: argparse.Namespace, teachers: dict[str, TeacherSpec]) -> int:
     elif args.command == "verify":
         from cache_teacher.verify import verify
         passed, _ = verify(args.store, args.weights, images=args.images, backgrounds=args.backgrounds,
+                           checksums_only=args.checksums_only,
                            samples=args.samples, seed=args.seed, device=args.device, teachers=teachers)
         return 0 if passed else 1
     elif args.command == "info":

@@ -371,6 +371,14 @@ class StoreWriter:
         atomic_write({self.marker_path(shard): json.dumps(record).encode()})
 
 
+def integrity_problems(store: "TargetStore") -> list[str]:
+    """Missing shards and shard files whose size or CRC32C differ from their marker (reads every shard file)."""
+    problems = [f"shard {s} not finished" for s in store.missing_shards()]
+    for shard in sorted(store.done_shards()):
+        problems += shard_file_problems(store.path, store.marker(shard))
+    return problems
+
+
 def shard_file_problems(store: Path, marker: dict) -> list[str]:
     """One line per file of a finished shard (its marker) that is missing or whose size or CRC32C differ."""
     problems = []

@@ -88,3 +88,11 @@ def test_cache_teacher_run_takes_a_config_file(tmp_path, capsys):
     done = subprocess.run([sys.executable, "-m", "cache_teacher", "run", "--config", str(config), "--codec", "zip"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "invalid choice: 'zip'" in done.stderr
+
+
+def test_list_recipes_is_a_table(capsys):
+    assert train_main(["--list-recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 9 and lines[0].split()[:3] == ["recipe", "teacher", "(D_t)"]
+    assert lines[6].split() == ["path-l_vit-b", "path-l", "(1024)", "vit-b", "(768)", "192", "128", "x", "2", "x",
+                                "8", "200", "0.00025"]

@@ -523,3 +523,28 @@ def test_two_nodes_stop_together_on_one_nodes_sigterm_and_match_one_process(arte
             assert "train_student/" not in err, err[-3000:]
     two_nodes, single = _compared(read_metrics(out / "metrics.csv")), _compared(read_metrics(reference_run / "metrics.csv"))
     np.testing.assert_allclose(np.array(two_nodes), np.array(single), rtol=1e-4, atol=1e-7)  # as the 2-rank test
+
+
+def test_swapped_inputs_and_the_opt_in_store_checks(artefacts, tmp_path, capsys):
+    """--images and --backgrounds swapped: said so. A damaged store: `verify --checksums-only` finds it without the
+    teacher, and `--check-store` refuses it before training instead of in the epoch that first reads it."""
+    from cache_teacher.__main__ import main as cache_main
+
+    args = _train_args(artefacts, tmp_path / "swapped")
+    i, b = args.index("--images") + 1, args.index("--backgrounds") + 1
+    args[i], args[b] = args[b], args[i]
+    status, err = _refusal(capsys, args)
+    assert status == 2 and "--images and --backgrounds are swapped" in err and err.count("\n") == 1, err
+
+    assert cache_main(["verify", str(artefacts["store"]), "--checksums-only"]) == 0
+    assert "the teacher was not re-run" in capsys.readouterr().out
+    store = tmp_path / "damaged.zarr"
+    shutil.copytree(artefacts["store"], store)
+    shard = store / "global" / "c" / "0" / "0" / "0"
+    _flip_a_bit_in_every_chunk(shard)
+    assert cache_main(["verify", str(store), "--checksums-only"]) == 1
+    assert str(shard) in capsys.readouterr().out
+
+    status, err = _refusal(capsys, _train_args(artefacts, tmp_path / "checked", "--check-store", store=store))
+    assert status == 2 and err.startswith("error: --check-store: ") and str(shard) in err, err
+    assert not (tmp_path / "checked").exists()

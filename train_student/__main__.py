@@ -68,7 +68,8 @@ def training_parser() -> argparse.ArgumentParser:
                     "from the Zarr store. Every default comes from the recipe (docs/method.md, sections 5-7); flags only "
                     "override. Subcommands: `export` (exports from a checkpoint) and `bench` (each with --help).",
         epilog=EXAMPLE)
-    parser.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
+    parser.add_argument("--list-recipes", action="store_true",
+                        help="print the recipes (teacher, student, decoder input, batch, epochs, lr) and exit")
     add_config_arguments(parser)
     add_data_arguments(parser)
     parser.add_argument("--out", metavar="RUN_DIR",
@@ -100,6 +101,9 @@ def training_parser() -> argparse.ArgumentParser:
                             "the end only; `train_student export RUN_DIR` makes them from any checkpoint)")
     group.add_argument("--export-program", action=argparse.BooleanOptionalAction, default=True,
                        help="exports carry model.pt2, a torch.export program of the features (default on)")
+    group.add_argument("--check-store", action="store_true",
+                       help="read every store shard file against its CRC32C before training (minutes for a large "
+                            "store; without it each chunk is checked when an epoch reads it)")
     group.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the student (and the decoder where it runs its plain-PyTorch reference, "
@@ -113,6 +117,20 @@ def training_parser() -> argparse.ArgumentParser:
                             f"(>= 1, default {DEFAULT_CALIBRATION_IMAGES})")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
+
+
+def recipe_table() -> str:
+    """The recipes as an aligned table (what --list-recipes prints)."""
+    rows = [("recipe", "teacher (D_t)", "student (D_s)", "decoder input", "batch/GPU x accum x GPUs", "epochs",
+             "base lr")]
+    for recipe in RECIPES.values():
+        optim = recipe.optim
+        rows.append((recipe.name, f"{recipe.teacher.name} ({recipe.teacher.width})",
+                     f"{recipe.student.name} ({recipe.student.width})", str(recipe.decoder.in_dim),
+                     f"{optim.batch_per_gpu} x {optim.accum_steps} x {optim.num_gpus}", str(optim.epochs),
+                     f"{optim.base_lr:g}"))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
 # run.json entries that are not options: what the inputs resolved to, checked again by the run itself.
@@ -145,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = training_parser()
     args = parse_with_config(parser, argv, read_record=options_of_run_record)
     if args.list_recipes:
-        print("\n".join(list_recipes()))
+        print(recipe_table())
         return 0
     if args.print_config:
         print(config_text(parser, args), end="")

@@ -45,6 +45,7 @@ class TrainSpec:
     keep_checkpoints: int  # >= 2: also RUN_DIR/checkpoint-STEP.pt, the newest N of them
     export_every: int  # 0: exports only at the end
     export_program: bool  # exports carry a torch.export program (model.pt2)
+    check_store: bool  # read every store file against its checksums before training
     progress: bool
 
     @classmethod

@@ -34,7 +34,7 @@ from dpal.losses import moe_weight
 from dpal.recipes import get_recipe
 from formats.cli import Interrupted, exit_status, note_adjusted, setup_logging
 from formats.images import ImageFile, check_images, images_fingerprint
-from formats.store import open_store
+from formats.store import StoreError, integrity_problems, open_store, repair_hint
 import kernels
 from train_student.checkpoint import (CHECKPOINT_NAME, claim_run_folder, keep_step_copy, load_checkpoint, rng_state,
                                       save_checkpoint, set_rng_state)
@@ -52,7 +52,7 @@ LOG = logging.getLogger("dpal.train")
 LOG_LINES_PER_RUN = 50
 
 # Settings that may differ when a run is resumed (they do not change what is computed).
-RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "keep_checkpoints", "export_every", "export_program", "workers",
+RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "check_store", "keep_checkpoints", "export_every", "export_program", "workers",
                   "progress", "reference_path", "compile"}
 
 
@@ -127,7 +127,7 @@ def run_record(spec: TrainSpec, recipe: Recipe, global_batch: int, images_finger
             "teacher_options": spec.teacher_options if online else None,
             "max_steps": spec.max_steps, "checkpoint_every": spec.checkpoint_every,
             "keep_checkpoints": spec.keep_checkpoints, "export_every": spec.export_every,
-            "export_program": spec.export_program, "workers": spec.workers,
+            "export_program": spec.export_program, "check_store": spec.check_store, "workers": spec.workers,
             "progress": spec.progress, "reference_path": spec.reference_path, "compile": spec.compile}
 
 
@@ -169,6 +169,10 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
         num_images, chunk_images = ImageFile(spec.images).num_images, 1
     else:
         store = open_store(spec.store)
+        if spec.check_store:  # every shard file against its CRC32C now, not in the epoch that first reads it
+            if problems := integrity_problems(store):
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise StoreError(f"--check-store: {problems[0]}{more}; {repair_hint(store.path)}")
         store.check_compatible(recipe, recipe.views, fingerprint, images_fingerprint(spec.backgrounds))
         num_images, chunk_images = store.num_images, store.chunk_images
         # The run is bound to this exact store: its unique id, seed, image count, ... (all but file locations).
