@@ -4,7 +4,10 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 SYS_PKGS := libopencv-dev libturbojpeg0-dev pkg-config patchelf  # patchelf: make wheelhouse
-INSTALLED := $(VENV)/.installed
+# The install stamp is named by the content of what it installs from: editing those files reinstalls, touching
+# or checking them out again does not.
+INSTALL_INPUTS := requirements.txt requirements-test.txt pyproject.toml
+INSTALLED := $(VENV)/.installed-$(shell cat $(INSTALL_INPUTS) | sha256sum | cut -c1-16)
 DEMO_DIR ?= demo_out
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -12,7 +15,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(INSTALLED)
 
-$(INSTALLED): requirements.txt requirements-test.txt pyproject.toml
+$(INSTALLED):
 	@dpkg -s $(SYS_PKGS) >/dev/null 2>&1 || { \
 	  echo "installing system packages: $(SYS_PKGS)"; \
 	  $(SUDO) apt-get update -qq && \
@@ -20,7 +23,7 @@ $(INSTALLED): requirements.txt requirements-test.txt pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	@touch $@
+	@rm -f $(VENV)/.installed-* && touch $@
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q --durations=15 -m "not wheelhouse" tests
