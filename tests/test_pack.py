@@ -226,3 +226,16 @@ def test_manifest_round_trips_any_file_name_and_odd_names_do_not_break_pack(tmp_
     for text in ("a\\b", "\t\n\r", "\\x41", "caf\udce9", "\x00\x1f\x7f", "名前"):
         assert unescape_path(escape_path(text)) == text
         assert "\t" not in escape_path(text) and "\n" not in escape_path(text)
+
+
+def test_the_writer_bar_is_labelled_or_silent(tmp_path, capsys):
+    import ffcv.writer
+
+    original = ffcv.writer.tqdm
+    write_backgrounds(tmp_path / "src", 3, np.random.default_rng(2))
+    pack(tmp_path / "src", tmp_path / "shown.beton", progress=True)
+    err = capsys.readouterr().err
+    assert "write shown.beton" in err and "scan src" in err
+    assert not any(line.lstrip().startswith(("0%", "100%")) for line in err.replace("\r", "\n").splitlines())
+    pack(tmp_path / "src", tmp_path / "silent.beton", progress=False)
+    assert capsys.readouterr().err == "" and ffcv.writer.tqdm is original
