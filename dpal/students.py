@@ -34,9 +34,8 @@ from dpal.checkpoints import CheckpointError, load_exact
 from dpal.config import IMAGENET_MEAN, IMAGENET_STD, Recipe, StudentSpec, TeacherSpec
 from dpal.resize import bicubic_resize
 from dpal.errors import file_problem
-from dpal.recipes import STUDENTS
+from dpal.recipes import STUDENTS, timm_architecture
 from dpal.swin import PaddedWindowBlock, use_padded_windows
-from dpal.timm_models import timm_name_of
 
 EXPORT_FORMAT = "dpal-student"
 EXPORT_FORMAT_VERSION = 2
@@ -257,8 +256,8 @@ def weights_checksum(tensors: dict[str, torch.Tensor]) -> str:
 def export_contents(student: Student, *, extra: dict | None = None) -> tuple[bytes, bytes]:
     """The two files of an export folder as bytes (dpal writes no files; `formats.exports` does):
     model.safetensors (the backbone's timm state dict) and config.json, timm's local-dir layout naming the
-    registered architecture (`timm_name_of`), its arguments and preprocessing, with this project's config under
-    "dpal" (architecture, `extra`, and the weights' checksum). That config is also stored in the safetensors
+    registered architecture (`dpal.recipes.timm_architecture`), its arguments and preprocessing, with this
+    project's config under "dpal" (architecture, `extra`, and the weights' checksum). That config is also stored in the safetensors
     metadata, so the weights file alone is self-describing. Works for the EMA copy (a Student, or a wrapper of
     one with `.module`) as well."""
     student = getattr(student, "module", student)  # DistributedDataParallel / AveragedModel wrappers
@@ -276,7 +275,7 @@ def timm_config(config: dict) -> dict:
     if config["arch"] == "vit":
         model_args["last_block_heads"] = config["last_block_heads"]
     height, width = config["timm_kwargs"]["img_size"]
-    return {"architecture": timm_name_of(config["student"]), "num_classes": 0, "num_features": config["width"],
+    return {"architecture": timm_architecture(config["student"]), "num_classes": 0, "num_features": config["width"],
             "model_args": model_args,
             "pretrained_cfg": {"input_size": [3, height, width], "fixed_input_size": False,
                                "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",

@@ -17,17 +17,12 @@ from __future__ import annotations
 from timm.models import register_model
 from torch import nn
 
-from dpal.recipes import STUDENTS
+from dpal.recipes import STUDENTS, timm_architecture
 
 # Arguments timm's factory passes to every entry point; they carry no architecture of their own.
 _FACTORY_ARGUMENTS = ("pretrained_cfg_overlay", "cache_dir", "pretrained_model_args")
 # What a user may change when loading an export: they do not change the features.
 _FREE_ON_LOAD = ("num_classes", "drop_path_rate")
-
-
-def timm_name_of(student_name: str) -> str:
-    """The name a student architecture is registered under in timm."""
-    return "dpal_" + student_name.replace("-", "_")
 
 
 def _plain(value):
@@ -42,14 +37,14 @@ def _entry_point(student_name: str):
 
         for name in _FACTORY_ARGUMENTS:
             kwargs.pop(name, None)
-        registered = timm_name_of(student_name)
+        registered = timm_architecture(student_name)
         source = pretrained_cfg.get("source") if isinstance(pretrained_cfg, dict) else None
         if source == "local-dir":
             folder = pretrained_cfg["file"]
             config = read_student_config(folder)
-            if timm_name_of(config["student"]) != registered:
+            if timm_architecture(config["student"]) != registered:
                 raise ValueError(f"{folder}: config.json names {registered} but its weights are a "
-                                 f"{timm_name_of(config['student'])}; export again")
+                                 f"{timm_architecture(config['student'])}; export again")
             recorded = timm_config(config)["model_args"]
             changed = sorted(k for k, v in kwargs.items() if k not in _FREE_ON_LOAD and _plain(v) != recorded.get(k))
             if changed:
@@ -64,7 +59,7 @@ def _entry_point(student_name: str):
         return create_backbone(architecture_config(STUDENTS[student_name], last_block_heads=last_block_heads,
                                                    **kwargs))
 
-    create.__name__ = create.__qualname__ = timm_name_of(student_name)
+    create.__name__ = create.__qualname__ = timm_architecture(student_name)
     create.__module__ = __name__
     create.__doc__ = f"DPAL student {student_name} (see dpal.timm_models)."
     return create
@@ -72,4 +67,4 @@ def _entry_point(student_name: str):
 
 REGISTERED = [register_model(_entry_point(name)).__name__ for name in STUDENTS]
 
-__all__ = ["REGISTERED", "timm_name_of"]
+__all__ = ["REGISTERED"]

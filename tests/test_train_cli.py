@@ -147,7 +147,7 @@ def _training_at_step(artefacts, out, steps: int, *extra) -> subprocess.Popen:
     """A real training subprocess, returned once it has logged `steps` steps (or ended)."""
     process = subprocess.Popen([sys.executable, "-m", "train_student", *_train_args(artefacts, out, *extra)],
                                env=TRAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _poll_until(process, lambda: _rows(out) >= steps, timeout=120)
+    _poll_until(process, lambda: _rows(out) >= steps, timeout=600)  # a loaded machine starts slowly
     return process
 
 
