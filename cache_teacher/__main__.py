@@ -157,7 +157,8 @@ def caching_spec(config=None, *, teachers: dict[str, TeacherSpec] = TEACHERS, **
 
     run_parser = subcommand_parser(_parser(teachers), "run")
     data = read_config_file(str(config)) if isinstance(config, (str, os.PathLike)) else dict(config or {})
-    set_config_defaults(run_parser, {**data, **options}, source=f"config {config}" if isinstance(config, (str, os.PathLike)) else "options")
+    source = f"config {config}" if isinstance(config, (str, os.PathLike)) else "options"
+    set_config_defaults(run_parser, {**data, **options}, source=source)
     missing = [action.option_strings[0] for action in run_parser._actions if action.required]
     if missing:
         raise ConfigError(f"missing {', '.join(missing)} (see python -m cache_teacher run --help)")

@@ -257,8 +257,8 @@ def export_contents(student: Student, *, extra: dict | None = None) -> tuple[byt
     """The two files of an export folder as bytes (dpal writes no files; `formats.exports` does):
     model.safetensors (the backbone's timm state dict) and config.json, timm's local-dir layout naming the
     registered architecture (`dpal.recipes.timm_architecture`), its arguments and preprocessing, with this
-    project's config under "dpal" (architecture, `extra`, and the weights' checksum). That config is also stored in the safetensors
-    metadata, so the weights file alone is self-describing. Works for the EMA copy (a Student, or a wrapper of
+    project's config under "dpal" (architecture, `extra`, and the weights' checksum). That config is also stored
+    in the safetensors metadata, so the weights file alone is self-describing. Works for the EMA copy (a Student, or a wrapper of
     one with `.module`) as well."""
     student = getattr(student, "module", student)  # DistributedDataParallel / AveragedModel wrappers
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in student.backbone.state_dict().items()}
@@ -266,7 +266,8 @@ def export_contents(student: Student, *, extra: dict | None = None) -> tuple[byt
     if extra is not None:
         config["extra"] = extra
     embedded = json.dumps(config, sort_keys=True)
-    return save(tensors, metadata={_METADATA_KEY: embedded}), (json.dumps(timm_config(config), indent=2) + "\n").encode()
+    timm_json = json.dumps(timm_config(config), indent=2) + "\n"
+    return save(tensors, metadata={_METADATA_KEY: embedded}), timm_json.encode()
 
 
 def timm_config(config: dict) -> dict:
@@ -405,5 +406,6 @@ def materialize(module: nn.Module) -> nn.Module:
 
 
 __all__ = ["CONFIG_FILE", "EXPORT_FORMAT_VERSION", "WEIGHTS_FILE", "Student", "StudentTokens", "build_student",
-           "architecture_config", "create_backbone", "export_contents", "export_paths", "feature_program", "load_export_weights", "load_student", "materialize",
+           "architecture_config", "create_backbone", "export_contents", "export_paths", "feature_program",
+           "load_export_weights", "load_student", "materialize",
            "read_student_config", "student_config", "timm_config", "weights_checksum"]

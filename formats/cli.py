@@ -119,8 +119,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--config FILE and --print-config (read by `parse_with_config`)."""
     parser.add_argument("--config", metavar="FILE",
                         help="YAML or JSON file of option values, keyed by the option names (batch-size: 64, or "
-                             "batch_size; switches take true/false, e.g. progress: false); options given on the command line override it. An earlier run's "
-                             "run.json is accepted as it is")
+                             "batch_size; switches take true/false, e.g. progress: false); options given on the "
+                             "command line override it. An earlier run's run.json is accepted as it is")
     parser.add_argument("--print-config", action="store_true",
                         help="print the options this command would run with (YAML, usable as --config) and exit")
 

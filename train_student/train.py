@@ -52,8 +52,8 @@ LOG = logging.getLogger("dpal.train")
 LOG_LINES_PER_RUN = 50
 
 # Settings that may differ when a run is resumed (they do not change what is computed).
-RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "check_store", "keep_checkpoints", "export_every", "export_program", "workers",
-                  "progress", "reference_path", "compile"}
+RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "check_store", "keep_checkpoints", "export_every", "export_program",
+                  "workers", "progress", "reference_path", "compile"}
 
 
 class StopRequest:
