@@ -4,7 +4,10 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 SYS_PKGS := libopencv-dev libturbojpeg0-dev pkg-config patchelf  # patchelf: make wheelhouse
-INSTALLED := $(VENV)/.installed
+# The install stamp is named by the content of what it installs from: editing those files reinstalls, touching
+# or checking them out again does not.
+INSTALL_INPUTS := requirements.txt requirements-test.txt pyproject.toml
+INSTALLED := $(VENV)/.installed-$(shell cat $(INSTALL_INPUTS) | sha256sum | cut -c1-16)
 DEMO_DIR ?= demo_out
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -12,15 +15,15 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(INSTALLED)
 
-$(INSTALLED): requirements.txt pyproject.toml
+$(INSTALLED):
 	@dpkg -s $(SYS_PKGS) >/dev/null 2>&1 || { \
 	  echo "installing system packages: $(SYS_PKGS)"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(SYS_PKGS); }
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	@touch $@
+	@rm -f $(VENV)/.installed-* && touch $@
 
 # Two test tiers (docs/testing.md): `make test` the fast one (unit, interpreter and small-CLI tests),
 # `make test-all` the end-to-end one (marker e2e); `.ci/run` runs both. A tier whose markers select no test
@@ -81,7 +84,7 @@ $(OLDEST)/.installed: requirements.txt acceptance/wheelhouse.txt Makefile | $(IN
 	@test -x $(OLDEST)/bin/python || "$$($(PY) acceptance/wheelhouse.py --python 3.12 --print-python)" -m venv $(OLDEST)
 	grep -v -i -E "^($$(sed -n 's/==.*//p' acceptance/wheelhouse.txt | paste -sd '|'))[<>=!~ ]" requirements.txt \
 	  > $(OLDEST)/image-requirements.txt
-	$(OLDEST)/bin/python -m pip install -q -r $(OLDEST)/image-requirements.txt $(OLDEST_PINS)
+	$(OLDEST)/bin/python -m pip install -q -r $(OLDEST)/image-requirements.txt -r requirements-test.txt $(OLDEST_PINS)
 	@touch $@
 
 # `make test-wheelhouse`: the wheelhouse installs offline into a 3.12 venv standing in for the GPU image (tests/test_wheelhouse.py).

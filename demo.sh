@@ -33,15 +33,19 @@ step "6/7 train the default student (path-b_vit-ti) from the cache"
   --images "$OUT/persons.beton" --backgrounds "$OUT/backgrounds.beton" --out "$OUT/run" \
   --batch-size 2 --epochs 10 --warmup-epochs 1 --lr 5e-4  # 240 steps: a short real schedule on 2 CPU cores
 
-step "7/7 reload the exported student through timm"
+step "7/7 reload the exported student through timm (local-dir) and its torch.export program"
 "$PY" - "$OUT/run" <<'PYEOF'
-import sys, pathlib, torch
-from dpal.students import load_student
+import sys, pathlib, torch, timm
+import dpal  # registers the students with timm
 run = pathlib.Path(sys.argv[1])
+images = torch.randn(1, 3, 256, 128)
 for name in ("student", "student_ema"):
-    model = load_student(run / name)
+    model = timm.create_model(f"local-dir:{run / name}")
+    program = torch.export.load(str(run / name / "model.pt2")).module()
     with torch.no_grad():
-        out = model.forward_features(torch.randn(1, 3, 256, 128))
-    print(f"{name}: {type(model).__name__}, {sum(p.numel() for p in model.parameters())/1e6:.2f}M params, features {tuple(out.shape)}")
+        out = model.forward_features(images)
+        same = torch.allclose(program(images), out, atol=1e-5)
+    print(f"{name}: {type(model).__name__}, {sum(p.numel() for p in model.parameters())/1e6:.2f}M params, "
+          f"features {tuple(out.shape)}, program matches: {same}")
 PYEOF
 printf '\nDemo finished. Outputs in %s (views.png, targets.zarr, run/ with loss plot and exports).\n' "$OUT"

@@ -11,10 +11,12 @@ Typical use:
   python -m cache_teacher verify path-b.zarr --weights path-b.pth
   python -m cache_teacher info path-b.zarr
 `run` is resumable: kill it at any moment and rerun the same command.
+The method (views, targets, shape mask): docs/method.md in the repository.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dpal.config import TeacherSpec
@@ -25,7 +27,8 @@ def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.Argume
     """The command line of `python -m cache_teacher`, accepting the names of `teachers`."""
     # Only light modules here (no torch, zarr or FFCV): `--help` answers at once.
     from formats.cli import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE, NON_NEGATIVE,
-                             POSITIVE, SEED, TARGET_FORMATS, add_teacher_option_arguments, device_name, integer)
+                             POSITIVE, SEED, TARGET_FORMATS, add_config_arguments, add_teacher_option_arguments,
+                             device_name, integer)
 
     parser = argparse.ArgumentParser(prog="python -m cache_teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,13 +95,16 @@ def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.Argume
     run.add_argument("--skip-space-check", action="store_true", help="do not refuse when the free space looks short")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_teacher_option_arguments(run)
+    add_config_arguments(run)
 
     verify = commands.add_parser("verify",
                                  help="check completeness + checksums, re-render a sample and rerun the teacher",
                                  description="Exit status 0 only if every shard is finished and intact and a random "
                                  "sample of stored view sets matches a fresh teacher run within the format's limits.")
     verify.add_argument("store", help="store folder written by `run`")
-    verify.add_argument("--weights", required=True, help="the checkpoint the store was made with")
+    verify.add_argument("--weights", help="the checkpoint the store was made with (not with --checksums-only)")
+    verify.add_argument("--checksums-only", action="store_true",
+                        help="check completeness and every checksum (store shards, images) without the teacher")
     verify.add_argument("--images", default=None, help="images .beton (default: the path recorded in the store)")
     verify.add_argument("--backgrounds", default=None,
                         help="background pool .beton (default: the path recorded in the store)")
@@ -144,15 +150,53 @@ def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.Argume
     return parser
 
 
+def subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of subcommand `name`."""
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return commands.choices[name]
+
+
+def caching_spec(config=None, *, teachers: dict[str, TeacherSpec] = TEACHERS, **options):
+    """A checked `cache_teacher.run.RunConfig` from a config file (YAML/JSON) or mapping, with keyword options (the
+    `run` command's option names, underscores for dashes) overriding it, checked as the command line checks them."""
+    from formats.cli import ConfigError, read_config_file, set_config_defaults
+    from dpal.teachers import teacher_options
+
+    run_parser = subcommand_parser(cache_parser(teachers), "run")
+    data = read_config_file(str(config)) if isinstance(config, (str, os.PathLike)) else dict(config or {})
+    source = f"config {config}" if isinstance(config, (str, os.PathLike)) else "options"
+    set_config_defaults(run_parser, {**data, **options}, source=source)
+    missing = [action.option_strings[0] for action in run_parser._actions if action.required]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)} (see python -m cache_teacher run --help)")
+    args = run_parser.parse_args([])
+    try:
+        teacher_options(teachers[args.teacher], solider_weights=args.solider_weights,
+                        semantic_weight=args.semantic_weight)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    from cache_teacher.run import RunConfig
+    return RunConfig(**{k: v for k, v in vars(args).items() if k not in ("config", "print_config")})
+
+
 def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
-    from formats.cli import exit_status, parse_teacher_options
+    from formats.cli import config_text, exit_status, parse_teacher_options, parse_with_config, setup_logging
     from formats.runtime import startup
 
     parser = cache_parser(teachers)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    run_parser = subcommand_parser(parser, "run")
+    args = parse_with_config(parser, argv, options_parser=run_parser) if argv[:1] == ["run"] else \
+        parser.parse_args(argv)
     startup()
+    if args.command == "verify" and not args.weights and not args.checksums_only:
+        parser.error("verify needs --weights (the checkpoint the store was made with), or --checksums-only")
+    if args.command == "run" and args.print_config:
+        print(config_text(run_parser, args), end="")
+        return 0
     if args.command in ("run", "bench"):
         args.teacher_options = parse_teacher_options(parser, args, teachers[args.teacher])
+    setup_logging()
     # A stopped run keeps its finished shards: say so, and how to go on.
     stop_message = f"; finished shards of {args.out} are kept, rerun the same command to resume" \
         if args.command == "run" else None
@@ -166,11 +210,13 @@ def _command(args: argparse.Namespace, teachers: dict[str, TeacherSpec]) -> int:
         pack(args.src, args.out, max_side=args.max_side, quality=args.jpeg_quality, workers=args.workers)
     elif args.command == "run":
         from cache_teacher.run import RunConfig, run
-        fields = {k: v for k, v in vars(args).items() if k not in ("command", "teacher_options")}
+        fields = {k: v for k, v in vars(args).items()
+                  if k not in ("command", "teacher_options", "config", "print_config")}
         run(RunConfig(**fields), teachers=teachers)
     elif args.command == "verify":
         from cache_teacher.verify import verify
         passed, _ = verify(args.store, args.weights, images=args.images, backgrounds=args.backgrounds,
+                           checksums_only=args.checksums_only,
                            samples=args.samples, seed=args.seed, device=args.device, teachers=teachers)
         return 0 if passed else 1
     elif args.command == "info":

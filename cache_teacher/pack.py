@@ -16,7 +16,9 @@ UTF-8 become \xHH (80-ff). The .beton appears only when complete (written under 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import io
 import math
 import multiprocessing as mp
@@ -260,6 +262,20 @@ def _text_lines(lines: list[str]) -> bytes:
     return "".join(line + "\n" for line in lines).encode("utf-8")
 
 
+@contextlib.contextmanager
+def _labelled_writer_bar(label: str, *, enabled: bool):
+    """FFCV's writer draws a bare tqdm bar and has no option for it: for the write, its module's `tqdm` is one
+    with this label (or disabled), then the original again."""
+    import ffcv.writer
+
+    original = ffcv.writer.tqdm
+    ffcv.writer.tqdm = functools.partial(original, desc=label, unit="img", disable=not enabled)
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = original
+
+
 def pack(src: str | os.PathLike, out: str | os.PathLike, *, max_side: int = DEFAULT_MAX_SIDE,
          quality: int = DEFAULT_JPEG_QUALITY, workers: int | None = None, progress: bool = True) -> dict:
     """Pack ``src`` into ``out``; returns a summary dict (packed, kept, reencoded, skipped, paths)."""
@@ -296,7 +312,8 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, max_side: int = DEFA
         # One writer process: FFCV's parallel writer places samples in pages in whatever order its workers
         # finish, so the same folder would give different bytes; the expensive part (decode, re-encode) ran above.
         writer = DatasetWriter(str(partial), image_fields(), num_workers=1, page_size=PAGE_SIZE)
-        writer.from_indexed_dataset(_PackedImages(src, scanned, spool), chunksize=64)
+        with _labelled_writer_bar(f"write {escape_path(out.name)}", enabled=progress):
+            writer.from_indexed_dataset(_PackedImages(src, scanned, spool), chunksize=64)
         # The three files appear together: a failure before leaves none of them (no report of a pack that is not)
         atomic_write({report: skip_lines(), manifest: _text_lines([MANIFEST_HEADER] + [
             f"{i}\t{escape_path(s.path)}\t{s.height}\t{s.width}\t{'original' if s.kept else 're-encoded'}"

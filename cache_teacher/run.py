@@ -39,7 +39,7 @@ from dpal.recipes import RECIPES, TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
 from dpal.teachers import Teacher, global_view_targets, load_teacher, teacher_options, teacher_targets
 from dpal.views import VIEW_SET_FIELDS, background_indices, render_view_sets
-from formats.cli import CODECS, DEFAULT_CALIBRATION_IMAGES
+from formats.cli import CODECS, DEFAULT_CALIBRATION_IMAGES, note_adjusted
 from formats.durable import WriterRefusedError, job_writer_lock
 from formats.images import ImageFile, images_fingerprint
 from formats.store import (StoreLayout, StoreSpec, StoreWriter, check_format_version, check_spec_version,
@@ -285,6 +285,8 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
             seed=cfg.seed, calibration_images=min(cfg.calibration_images, layout.num_images), batch_size=batch_size,
             target_format=layout.target_format, codec=cfg.codec, chunk_images=layout.chunk_images,
             shard_images=layout.shard_images, token_grid=grid)
+        note_adjusted("--calibration-images", cfg.calibration_images, store_spec.calibration_images,
+                      f"{cfg.images} holds {layout.num_images} images")
         identity = store_spec.identity()
         if resumed:
             _check_resumable(out, resumed, identity)

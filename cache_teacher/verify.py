@@ -13,7 +13,7 @@ from dpal.recipes import TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, shape_mask
 from dpal.teachers import load_teacher
 from formats.images import ImageFile, check_images, images_fingerprint
-from formats.store import StoreError, TargetStore, file_sha256, open_store, repair_hint, shard_file_problems
+from formats.store import StoreError, file_sha256, integrity_problems, open_store, repair_hint
 from formats.targets import VIEW_PARAMS_ARRAY, Targets
 from formats.view_records import image_view_params
 
@@ -31,21 +31,14 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
 
 
-def check_integrity(store: TargetStore) -> list[str]:
-    """Missing shards and shard files whose size or CRC32C differ from their marker."""
-    problems = [f"shard {s} not finished" for s in store.missing_shards()]
-    for shard in sorted(store.done_shards()):
-        problems += shard_file_problems(store.path, store.marker(shard))
-    return problems
-
-
-def verify(store_path: str, weights: str, *, images: str | None = None, backgrounds: str | None = None,
+def verify(store_path: str, weights: str | None, *, images: str | None = None, backgrounds: str | None = None,
            samples: int = 8, seed: int = 0, device: str | None = None, batch_size: int = 8,
-           teachers: dict[str, TeacherSpec] = TEACHERS) -> tuple[bool, list[dict]]:
-    """Returns (passed, table rows); prints the table."""
+           checksums_only: bool = False, teachers: dict[str, TeacherSpec] = TEACHERS) -> tuple[bool, list[dict]]:
+    """Returns (passed, table rows); prints the table. `checksums_only`: completeness, store and image checksums and
+    the images files' identity, without the teacher (no `weights` needed)."""
     store = open_store(store_path, require_complete=False, option="STORE")
     attrs = store.attrs
-    problems = check_integrity(store)
+    problems = integrity_problems(store)
     print(f"integrity: {store.layout.num_shards - len(store.missing_shards())}/{store.layout.num_shards} shards "
           f"finished, checksums {'OK' if not problems else 'FAILED'}")
     for problem in problems[:20]:
@@ -58,6 +51,9 @@ def verify(store_path: str, weights: str, *, images: str | None = None, backgrou
         check_images(path, progress=True)  # every image's bytes against its CRC32C from `pack`
         if images_fingerprint(path) != attrs[key]:
             raise StoreError(f"{path} is not the file the store was made from ({key} differs); pass the right file")
+    if checksums_only:
+        print("verify: checksums OK (store and images); the teacher was not re-run (--checksums-only)")
+        return True, []
     if file_sha256(weights) != attrs["checkpoint_sha256"]:
         raise StoreError(f"{weights} is not the checkpoint the store was made with (sha256 differs)")
     spec = teachers[attrs["teacher"]] if attrs["teacher"] in teachers else TeacherSpec(**attrs["teacher_spec"])

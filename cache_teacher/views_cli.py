@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -100,6 +100,11 @@ def _to_uint8_hwc(view: torch.Tensor, cfg: ViewConfig) -> np.ndarray:
     return (denormalize(view.cpu(), cfg) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
+# (label, who sees it) of the grid's columns
+GRID_COLUMNS = (("source image", ""), ("global view", "teacher + student"), ("local crops", "student only"),
+                ("crowd view", "teacher + student"))
+
+
 def grid(args: argparse.Namespace) -> None:
     cfg = ViewConfig()
     persons, backgrounds = ImageSource(args.images, "--images"), ImageSource(args.backgrounds, "--backgrounds")
@@ -112,9 +117,9 @@ def grid(args: argparse.Namespace) -> None:
     views = render_view_sets(images, pool, records, cfg)
     local_crops = render_local_crops(images, sample_local_crops(generator, count, cfg), cfg)
 
-    # One row per view set: source (fitted to the view height) | global | local crops | crowd.
+    # One row per view set: source (fitted to the view height) | global | local crops | crowd; labelled on top.
     gap, height = 6, cfg.crowd_size[0]
-    rows = []
+    table = []
     for i in range(count):
         source = Image.fromarray(images[i].numpy())
         source = np.asarray(source.resize((max(1, round(source.width * height / source.height)), height),
@@ -122,13 +127,22 @@ def grid(args: argparse.Namespace) -> None:
         stacked = np.full((height, cfg.local_size[1], 3), 255, np.uint8)
         for j in range(min(cfg.num_local, height // cfg.local_size[0])):
             stacked[j * cfg.local_size[0]:(j + 1) * cfg.local_size[0]] = _to_uint8_hwc(local_crops[i, j], cfg)
-        tiles = [source, _to_uint8_hwc(views.global_view[i], cfg), stacked, _to_uint8_hwc(views.crowd[i], cfg)]
+        table.append([source, _to_uint8_hwc(views.global_view[i], cfg), stacked, _to_uint8_hwc(views.crowd[i], cfg)])
+    widths = [max(row[column].shape[1] for row in table) for column in range(4)]
+    width = sum(widths) + gap * 3
+    header = Image.new("RGB", (width, 30), "white")
+    draw, x = ImageDraw.Draw(header), 0
+    for column, (name, seen_by) in enumerate(GRID_COLUMNS):
+        draw.text((x + 2, 2), name, fill="black")
+        draw.text((x + 2, 15), seen_by, fill="dimgray")
+        x += widths[column] + gap
+    rows = [np.asarray(header)]
+    for tiles in table:
         row = []
-        for tile in tiles:
-            row += [tile, np.full((height, gap, 3), 255, np.uint8)]
-        rows += [np.concatenate(row[:-1], axis=1), np.full((gap, sum(t.shape[1] for t in row[:-1]), 3), 255, np.uint8)]
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+        for tile, column_width in zip(tiles, widths):
+            row += [np.pad(tile, ((0, 0), (0, column_width - tile.shape[1]), (0, 0)), constant_values=255),
+                    np.full((height, gap, 3), 255, np.uint8)]
+        rows += [np.concatenate(row[:-1], axis=1), np.full((gap, width, 3), 255, np.uint8)]
     out = Path(args.out)
     Image.fromarray(np.concatenate(rows[:-1], axis=0)).save(out)
     print(f"wrote {out}: {count} view sets, columns = source image | global view (teacher + student) | "

@@ -1,4 +1,4 @@
-"""Configuration dataclasses: one frozen record per concern, every default from DPAL_SPEC.md.
+"""Configuration dataclasses: one frozen record per concern, every default from docs/method.md.
 
 Recipes (``dpal.recipes``) combine them; CLIs only override individual fields.
 """

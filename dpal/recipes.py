@@ -25,6 +25,11 @@ STUDENTS: dict[str, StudentSpec] = {
                           drop_path=0.1, inter_dim=192),
 }
 
+def timm_architecture(student_name: str) -> str:
+    """The name a student is registered under in timm once `dpal` is imported (`dpal.timm_models`)."""
+    return "dpal_" + student_name.replace("-", "_")
+
+
 # Students trained at 128 per GPU with 2 accumulation steps (spec section 7).
 _HALF_BATCH_STUDENTS = {"vit-b", "swin-s"}
 

@@ -1,4 +1,4 @@
-"""Shape mask (DPAL_SPEC.md section 4): a per-token foreground weight from one calibrated direction.
+"""Shape mask (docs/method.md section 4): a per-token foreground weight from one calibrated direction.
 
 The original fitted a 1-component PCA on every batch of teacher patch tokens and min-max scaled it over
 the batch, so the mask's sign was arbitrary per batch and an image's mask depended on its batch-mates.

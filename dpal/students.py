@@ -8,13 +8,16 @@ timm's constructors cannot express, applied after `timm.create_model` by `create
 - Swin: grid-adaptive shifted windows (`_GridWindowSwinBlock`, see `dpal.swin`), so 128x96 local crops (final
   grid 4x3) and 256x128 views (8x4) get windows clipped to the map instead of windows mostly made of padding.
 
-An export (`export_contents`; `formats.exports.export_student` writes it) is the timm state dict as
-safetensors plus a JSON config beside it that names the timm model and every argument that differs from its
-defaults; `load_student` rebuilds the backbone through the same `create_backbone`, so its forward equals the
-trained one's.
+An export (`export_contents`; `formats.exports.export_student` writes it) is a folder in timm's local-dir layout:
+model.safetensors (the timm state dict) and config.json naming the student's registered timm architecture
+(`dpal_vit_ti`, ...; see `dpal.timm_models`) with this project's config, which records the weights' SHA-256.
+`load_student` checks that checksum and rebuilds the backbone through the same `create_backbone`, so its
+forward equals the trained one's.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -28,20 +31,21 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from dpal.checkpoints import CheckpointError, load_exact
-from dpal.config import Recipe, TeacherSpec
+from dpal.config import IMAGENET_MEAN, IMAGENET_STD, Recipe, StudentSpec, TeacherSpec
 from dpal.resize import bicubic_resize
 from dpal.errors import file_problem
-from dpal.recipes import STUDENTS
+from dpal.recipes import STUDENTS, timm_architecture
 from dpal.swin import PaddedWindowBlock, use_padded_windows
 
 EXPORT_FORMAT = "dpal-student"
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"  # timm's local-dir layout
 TRAIN_SIZE = (256, 128)  # (H, W) of the global view: the resolution the position grid is learned at
 VIT_PATCH = 16
 SWIN_STRIDE = 32  # patch 4, three 2x merges
 _METADATA_KEY = "dpal_student_config"
-_EXPORT_LAYOUT = (f"{EXPORT_FORMAT} v{EXPORT_FORMAT_VERSION}: NAME.safetensors (timm state dict) + NAME.json "
-                  f"(timm_name, timm_kwargs, last_block_heads, window_attention)")
+_EXPORT_LAYOUT = (f"{EXPORT_FORMAT} v{EXPORT_FORMAT_VERSION}: a folder with {WEIGHTS_FILE} (timm state dict) and "
+                  f"{CONFIG_FILE} (timm local-dir config; architecture and weights checksum under \"dpal\")")
 
 
 class StudentTokens(NamedTuple):
@@ -103,17 +107,27 @@ TIMM_KWARGS = {"vit": {"img_size", "num_heads", "drop_path_rate", "dynamic_img_s
 
 def student_config(recipe: Recipe) -> dict:
     """The architecture of a recipe's student as plain JSON-able data (what an export carries)."""
-    spec = recipe.student
+    return architecture_config(recipe.student, last_block_heads=recipe.student_last_heads)
+
+
+def architecture_config(spec: StudentSpec, *, last_block_heads: int | None = None, **overrides) -> dict:
+    """A student's architecture as plain data: its timm arguments (`overrides` replace those in TIMM_KWARGS of
+    its kind) and, for a ViT, the last block's head count (None: the same as the other blocks)."""
     if spec.arch == "vit":
         kwargs = {"img_size": list(TRAIN_SIZE), "num_heads": spec.num_heads, "drop_path_rate": spec.drop_path,
                   "dynamic_img_size": True, "num_classes": 0}
-        extra_arch = {"last_block_heads": recipe.student_last_heads}
+        extra_arch = {"last_block_heads": last_block_heads}
     elif spec.arch == "swin":
         kwargs = {"img_size": list(TRAIN_SIZE), "drop_path_rate": spec.drop_path, "strict_img_size": False,
                   "always_partition": True, "num_classes": 0}
         extra_arch = {"window_attention": "grid-adaptive"}
     else:
         raise ValueError(f"student {spec.name}: unknown architecture {spec.arch!r} (expected 'vit' or 'swin')")
+    unknown = sorted(set(overrides) - set(kwargs))
+    if unknown:
+        raise ValueError(f"student {spec.name}: unknown argument(s) {', '.join(unknown)}; accepted: "
+                         f"{', '.join(sorted(kwargs))}" + (", last_block_heads" if spec.arch == "vit" else ""))
+    kwargs.update({k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()})
     return {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "student": spec.name,
             "arch": spec.arch, "width": spec.width, "timm_name": spec.timm_name, "timm_kwargs": kwargs,
             **extra_arch, "timm_version": timm.__version__}
@@ -221,79 +235,163 @@ def build_student(recipe: Recipe) -> Student:
 # --------------------------------------------------------------------------------- export / load
 
 def export_paths(path) -> tuple[Path, Path]:
-    """(NAME.safetensors, NAME.json) of an export named by NAME, NAME.safetensors or NAME.json."""
+    """(FOLDER/model.safetensors, FOLDER/config.json) of an export named by its folder or either file."""
     path = Path(path)
-    if path.suffix in (".safetensors", ".json"):
-        path = path.with_suffix("")
-    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+    if path.name in (WEIGHTS_FILE, CONFIG_FILE) and not path.is_dir():
+        path = path.parent
+    return path / WEIGHTS_FILE, path / CONFIG_FILE
+
+
+def weights_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's contents (names, dtypes, shapes, bytes in name order), independent of how the
+    safetensors file lays them out and of its metadata (which carries this very checksum)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def export_contents(student: Student, *, extra: dict | None = None) -> tuple[bytes, bytes]:
-    """The two files of an export as bytes, for `export_paths` (dpal writes no files): the backbone's timm state
-    dict as safetensors, and its config (architecture, plus `extra`) as JSON. The same config is stored in the
-    safetensors metadata, so the weights file alone is also self-describing. Works for the EMA copy (a Student,
-    or a wrapper of one with `.module`) as well."""
+    """The two files of an export folder as bytes (dpal writes no files; `formats.exports` does):
+    model.safetensors (the backbone's timm state dict) and config.json, timm's local-dir layout naming the
+    registered architecture (`dpal.recipes.timm_architecture`), its arguments and preprocessing, with this
+    project's config under "dpal" (architecture, `extra`, and the weights' checksum). That config is also stored
+    in the safetensors metadata, so the weights file alone is self-describing. Works for the EMA copy (a Student, or a wrapper of
+    one with `.module`) as well."""
     student = getattr(student, "module", student)  # DistributedDataParallel / AveragedModel wrappers
-    config = dict(student.config)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in student.backbone.state_dict().items()}
+    config = {**student.config, "weights_sha256": weights_checksum(tensors)}
     if extra is not None:
         config["extra"] = extra
-    text = json.dumps(config, indent=2, sort_keys=True)
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in student.backbone.state_dict().items()}
-    return save(tensors, metadata={_METADATA_KEY: text}), (text + "\n").encode()
+    embedded = json.dumps(config, sort_keys=True)
+    timm_json = json.dumps(timm_config(config), indent=2) + "\n"
+    return save(tensors, metadata={_METADATA_KEY: embedded}), timm_json.encode()
+
+
+def timm_config(config: dict) -> dict:
+    """timm's config.json for a dpal student config (what `timm.create_model("local-dir:FOLDER")` reads)."""
+    model_args = {k: v for k, v in config["timm_kwargs"].items() if k != "num_classes"}
+    if config["arch"] == "vit":
+        model_args["last_block_heads"] = config["last_block_heads"]
+    height, width = config["timm_kwargs"]["img_size"]
+    return {"architecture": timm_architecture(config["student"]), "num_classes": 0, "num_features": config["width"],
+            "model_args": model_args,
+            "pretrained_cfg": {"input_size": [3, height, width], "fixed_input_size": False,
+                               "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
+                               "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "num_classes": 0},
+            "dpal": config}
+
+
+class _Features(nn.Module):
+    """forward_features of a backbone as a module's forward (what an export's program computes)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(images)
+
+
+def feature_program(student: Student) -> torch.export.ExportedProgram:
+    """A `torch.export` program of the student's timm `forward_features` on float32 images [B, 3, 256, 128] (the
+    training size; B free), on the CPU and in eval mode, loadable with torch alone. Built from a copy, so the
+    student itself is left as it is."""
+    student = getattr(student, "module", student)
+    backbone = copy.deepcopy(student.backbone).to("cpu", torch.float32).eval()
+    example = torch.zeros(2, 3, *TRAIN_SIZE)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with torch.no_grad():
+        return torch.export.export(_Features(backbone), (example,), dynamic_shapes=({0: batch},))
+
+
+def _refuse(path, problem: str):
+    raise CheckpointError(path, _EXPORT_LAYOUT, problem)
 
 
 def read_student_config(path) -> dict:
-    """The config of an export (the JSON beside the weights; the weights' metadata if the JSON is absent)."""
+    """The dpal config of an export folder (config.json's "dpal" entry, which must equal the copy in the weights'
+    metadata; the metadata alone if config.json is absent), checked: format, architecture, arguments."""
     weights_path, config_path = export_paths(path)
+    path = Path(path)
+    version_1 = path.suffix in (".json", ".safetensors") and path.name not in (WEIGHTS_FILE, CONFIG_FILE)
+    if not weights_path.exists() and (version_1 or Path(f"{path}.safetensors").is_file()):
+        _refuse(path, "an export of format version 1 (NAME.safetensors + NAME.json); make a current export from "
+                      "the run's checkpoint with `train_student export RUN_DIR`")
     if problem := file_problem(weights_path):
-        raise CheckpointError(weights_path, _EXPORT_LAYOUT, problem)
+        _refuse(weights_path, problem)
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
             embedded = (handle.metadata() or {}).get(_METADATA_KEY)
     except Exception as error:
-        raise CheckpointError(weights_path, _EXPORT_LAYOUT, f"not a readable safetensors file: {error}") from error
+        _refuse(weights_path, f"not a readable safetensors file: {error}")
     if config_path.is_file():
         try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as error:
-            raise CheckpointError(config_path, _EXPORT_LAYOUT, f"config is not valid JSON: {error}") from error
+            config = json.loads(config_path.read_text()).get("dpal")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+            _refuse(config_path, f"config is not a JSON object: {error}")
+        if not isinstance(config, dict):
+            _refuse(config_path, 'no "dpal" entry: not an export of this project')
         if embedded is not None and json.loads(embedded) != config:
-            raise CheckpointError(config_path, _EXPORT_LAYOUT,
-                                  f"config differs from the one stored in {weights_path.name}: the two files come "
-                                  f"from different exports; export again or remove the stale JSON")
+            _refuse(config_path, f"config differs from the one stored in {weights_path.name}: the two files come "
+                                 f"from different exports; export again or remove the stale config.json")
     elif embedded is not None:
         config = json.loads(embedded)
     else:
-        raise CheckpointError(config_path, _EXPORT_LAYOUT, "no JSON config beside the weights and none embedded")
+        _refuse(config_path, "no config.json beside the weights and none embedded")
     if config.get("format") != EXPORT_FORMAT or config.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise CheckpointError(config_path, _EXPORT_LAYOUT,
-                              f"format {config.get('format')!r} version {config.get('format_version')!r} is not "
-                              f"{EXPORT_FORMAT!r} version {EXPORT_FORMAT_VERSION}")
+        _refuse(config_path, f"format {config.get('format')!r} version {config.get('format_version')!r} is not "
+                             f"{EXPORT_FORMAT!r} version {EXPORT_FORMAT_VERSION}; make a current export from the "
+                             f"run's checkpoint with `train_student export RUN_DIR`")
     known_names = {student.timm_name for student in STUDENTS.values()}
     if config.get("timm_name") not in known_names or config.get("arch") not in TIMM_KWARGS:
-        raise CheckpointError(config_path, _EXPORT_LAYOUT, f"timm_name {config.get('timm_name')!r} / arch "
-                              f"{config.get('arch')!r} is not a student architecture ({', '.join(sorted(known_names))})")
+        _refuse(config_path, f"timm_name {config.get('timm_name')!r} / arch {config.get('arch')!r} is not a "
+                             f"student architecture ({', '.join(sorted(known_names))})")
     kwargs = config.get("timm_kwargs")
     unknown = sorted(set(kwargs) - TIMM_KWARGS[config["arch"]]) if isinstance(kwargs, dict) else ["(not a dict)"]
     if unknown:
-        raise CheckpointError(config_path, _EXPORT_LAYOUT, f"timm_kwargs holds arguments an export never carries: "
-                              f"{', '.join(unknown)}; refused (a config must not make timm load other files)")
+        _refuse(config_path, f"timm_kwargs holds arguments an export never carries: {', '.join(unknown)}; refused "
+                             f"(a config must not make timm load other files)")
+    if not isinstance(config.get("weights_sha256"), str):
+        _refuse(config_path, "no weights_sha256: the weights cannot be checked; export again")
     return config
 
 
-def load_student(path) -> nn.Module:
-    """Rebuild an exported student as a timm model (eval mode) whose forward equals the trained backbone's.
-
-    `path` is NAME, NAME.safetensors or NAME.json of an export. Every key and shape must
-    match the architecture in the config, otherwise a CheckpointError lists the differences."""
+def load_export_weights(path, config: dict) -> dict[str, torch.Tensor]:
+    """The state dict of an export, refused unless its checksum is the one its config records."""
     weights_path, _ = export_paths(path)
-    config = read_student_config(path)
-    with torch.device("meta"):  # every parameter comes from the file: skip the random init
-        model = create_backbone(config)
-    model = materialize(model)
     with safe_open(str(weights_path), framework="pt") as handle:
         state_dict = {k: handle.get_tensor(k) for k in handle.keys()}
+    if weights_checksum(state_dict) != config["weights_sha256"]:
+        _refuse(weights_path, "the weights do not match the checksum their export recorded (a damaged or replaced "
+                              "file); copy the export again or make a new one with `train_student export RUN_DIR`")
+    return state_dict
+
+
+def load_student(path, *, num_classes: int = 0, drop_path_rate: float | None = None) -> nn.Module:
+    """Rebuild an exported student as a timm model (eval mode) whose features equal the trained backbone's.
+
+    `path` is an export folder (or its model.safetensors / config.json); `timm.create_model("local-dir:FOLDER")`
+    comes here once `dpal` is imported. `num_classes` > 0 adds a fresh classifier head (the features are
+    unchanged). The weights must match their recorded checksum and every key and shape the architecture,
+    otherwise a CheckpointError names the problem."""
+    weights_path, _ = export_paths(path)
+    config = read_student_config(path)
+    state_dict = load_export_weights(path, config)
+    config = {**config, "timm_kwargs": {**config["timm_kwargs"], "num_classes": num_classes}}
+    if drop_path_rate is not None:
+        config["timm_kwargs"]["drop_path_rate"] = drop_path_rate
+    if num_classes:  # the head is new: timm's init for it, the file for everything else
+        model = create_backbone(config)
+        state_dict = {**{k: v for k, v in model.state_dict().items() if k.startswith("head.")}, **state_dict}
+    else:
+        with torch.device("meta"):  # every parameter comes from the file: skip the random init
+            model = create_backbone(config)
+        model = materialize(model)
     load_exact(model, state_dict, weights_path, _EXPORT_LAYOUT, f"student {config['student']}")
+    model.pretrained_cfg = timm_config(config)["pretrained_cfg"]  # timm.data.resolve_data_config reads it
     return model.eval()
 
 
@@ -307,5 +405,7 @@ def materialize(module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ = ["EXPORT_FORMAT_VERSION", "Student", "StudentTokens", "build_student", "create_backbone",
-           "export_contents", "export_paths", "load_student", "materialize", "read_student_config", "student_config"]
+__all__ = ["CONFIG_FILE", "EXPORT_FORMAT_VERSION", "WEIGHTS_FILE", "Student", "StudentTokens", "build_student",
+           "architecture_config", "create_backbone", "export_contents", "export_paths", "feature_program",
+           "load_export_weights", "load_student", "materialize",
+           "read_student_config", "student_config", "timm_config", "weights_checksum"]

@@ -1,4 +1,4 @@
-"""View sets as data: every random decision of DPAL_SPEC.md section 3 is sampled once into a float32
+"""View sets as data: every random decision of docs/method.md section 3 is sampled once into a float32
 record, and the pixels are a pure, batched function of (image, background, record).
 
 The teacher is run on exactly what ``render_view_sets`` returns, and the trainer calls the same function

@@ -66,8 +66,8 @@ from formats.targets import array_dtypes
 # 3: int8 relation rows are log-domain codes (`dpal.losses.quantize_relation`); 2: chunks hold one view set
 # (view-set-major), int8 relation rows were linear; 1: chunks held all K view sets of their images.
 STORE_FORMAT_VERSION = 4
-SPEC_VERSION = 3  # revision of DPAL_SPEC.md whose targets the store holds
-# What the targets of an older spec revision got wrong (DPAL_SPEC.md "Revisions"), for the refusal.
+SPEC_VERSION = 3  # revision of docs/method.md whose targets the store holds
+# What the targets of an older spec revision got wrong (docs/method.md, "Changes to this text"), for the refusal.
 _STALE_SPEC_TARGETS = {1: "old teacher position-embedding resize",
                        2: "view records v1: crop boxes shrunk to fit instead of redrawn, positions rounded"}
 ATTRS_KEY = "dpal_store"
@@ -391,6 +391,14 @@ class StoreWriter:
         atomic_write({self.marker_path(shard): json.dumps(record).encode()})
 
 
+def integrity_problems(store: "TargetStore") -> list[str]:
+    """Missing shards and shard files whose size or CRC32C differ from their marker (reads every shard file)."""
+    problems = [f"shard {s} not finished" for s in store.missing_shards()]
+    for shard in sorted(store.done_shards()):
+        problems += shard_file_problems(store.path, store.marker(shard))
+    return problems
+
+
 def shard_file_problems(store: Path, marker: dict) -> list[str]:
     """One line per file of a finished shard (its marker) that is missing or whose size or CRC32C differ."""
     problems = []
@@ -551,6 +559,11 @@ class TargetStore:
         """Refuse a store that was not made for this recipe's teacher, these views, this images file and (when
         given) this background pool: the stored view parameters index the pool they were drawn from, so
         another pool would silently give other crowd views than the teacher saw."""
+        cached = (self.attrs.get("images_fingerprint"), self.attrs.get("backgrounds_fingerprint"))
+        if backgrounds_fingerprint is not None and (backgrounds_fingerprint, images_fingerprint) == cached:
+            raise StoreError(f"target store {self.path}: --images and --backgrounds are swapped (it was cached with "
+                             f"--images {self.attrs.get('images_path')} --backgrounds "
+                             f"{self.attrs.get('backgrounds_path')}); swap them back")
         expected = {"teacher": recipe.teacher.name, "teacher_spec": recipe.teacher, "view_config": views_cfg,
                     "images_fingerprint": images_fingerprint}
         problems = describe_differences(self.attrs, expected, set(expected) - {"images_fingerprint"})

@@ -256,6 +256,7 @@ def _can_mount_tmpfs() -> bool:
     return probe is not None and probe.returncode == 0
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -rm` to mount a small tmpfs (a real full disk)")
 def test_a_full_disk_names_the_file_and_the_disk_and_leaves_nothing(packed, tmp_path):
     """A real full disk (tiny tmpfs in a private mount namespace), during the scan's re-encoding and before the
@@ -276,3 +277,16 @@ def test_a_full_disk_names_the_file_and_the_disk_and_leaves_nothing(packed, tmp_
         assert f"/disk-{size}/p.beton" in last and f"on the disk mounted at {tmp_path}/disk-{size}, " in last, last
     assert "error: disk full while packing" in results["4k"].stderr
     assert "needs up to" in results["2m"].stderr and "(FFCV writes whole 8 MiB pages)" in results["2m"].stderr
+
+
+def test_the_writer_bar_is_labelled_or_silent(tmp_path, capsys):
+    import ffcv.writer
+
+    original = ffcv.writer.tqdm
+    write_backgrounds(tmp_path / "src", 3, np.random.default_rng(2))
+    pack(tmp_path / "src", tmp_path / "shown.beton", progress=True)
+    err = capsys.readouterr().err
+    assert "write shown.beton" in err and "scan src" in err
+    assert not any(line.lstrip().startswith(("0%", "100%")) for line in err.replace("\r", "\n").splitlines())
+    pack(tmp_path / "src", tmp_path / "silent.beton", progress=False)
+    assert capsys.readouterr().err == "" and ffcv.writer.tqdm is original

@@ -1,15 +1,19 @@
 """Students: head counts, init, 2-D position resizing, grid-adaptive Swin windows, token selection for
-each teacher kind, and the export round trip (safetensors + JSON) through `load_student`."""
+each teacher kind, and exports: timm local-dir folders that only dpal's registered architectures load, their
+weights checksum, and their torch.export program."""
 from __future__ import annotations
 
 import copy
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.models.swin_transformer import SwinTransformerBlock
 
@@ -21,7 +25,7 @@ from dpal.students import (
     load_student,
     read_student_config,
 )
-from formats.exports import export_student
+from formats.exports import PROGRAM_FILE, export_student
 
 VIEW_SIZES = [(256, 128), (128, 96), (256, 256)]
 
@@ -202,18 +206,21 @@ def _moved(student, scale, shift):
 def test_vit_export_round_trip_carries_architecture(vit_ti, tmp_path):
     torch.manual_seed(5)
     trained, ema = _moved(vit_ti, 0.9, 0.01), _moved(vit_ti, 1.1, -0.01)
-    weights, config_path = export_student(trained, tmp_path / "student", extra={"recipe": "path-b_vit-ti"})
-    export_student(ema, tmp_path / "student_ema.safetensors")
-    config = json.loads(config_path.read_text())
-    assert weights.name == "student.safetensors" and config_path.name == "student.json"
+    folder = export_student(trained, tmp_path / "student", extra={"recipe": "path-b_vit-ti"}, program=False)
+    export_student(ema, tmp_path / "student_ema", program=False)
+    timm_config = json.loads((folder / "config.json").read_text())
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert timm_config["architecture"] == "dpal_vit_ti" and timm_config["model_args"]["last_block_heads"] == 12
+    config = timm_config["dpal"]
     assert config["timm_name"] == "vit_tiny_patch16_224" and config["timm_kwargs"]["num_heads"] == 6
     assert config["last_block_heads"] == 12 and config["timm_kwargs"]["img_size"] == [256, 128]
-    assert config["extra"] == {"recipe": "path-b_vit-ti"}
+    assert config["extra"] == {"recipe": "path-b_vit-ti"} and len(config["weights_sha256"]) == 64
 
     images = torch.randn(2, 3, 256, 128)
-    for source, name in [(trained, "student"), (ema, "student_ema.json")]:
+    for source, name in [(trained, "student"), (ema, "student_ema/config.json")]:
         model = load_student(tmp_path / name)
         assert [b.attn.num_heads for b in model.blocks] == [6] * 11 + [12] and not model.training
+        assert model.pretrained_cfg["input_size"] == [3, 256, 128]
         with torch.no_grad():
             expected = source.backbone.forward_features(images)
             torch.testing.assert_close(model.forward_features(images), expected, rtol=0, atol=0)
@@ -221,7 +228,7 @@ def test_vit_export_round_trip_carries_architecture(vit_ti, tmp_path):
             crop = torch.randn(1, 3, 128, 96)  # other grids resize the 16x8 positions the same way
             torch.testing.assert_close(model.forward_features(crop), source.backbone.forward_features(crop))
 
-    # Why the config must carry the heads: a stock ViT-Ti (3 heads) loads the same keys strictly and
+    # Why the export must not be a stock timm name: a stock ViT-Ti (3 heads) loads the same keys strictly and
     # computes something else.
     stock = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=(256, 128)).eval()
     stock.load_state_dict(trained.backbone.state_dict(), strict=True)
@@ -229,10 +236,55 @@ def test_vit_export_round_trip_carries_architecture(vit_ti, tmp_path):
         assert not torch.allclose(stock.forward_features(images), trained.backbone.forward_features(images), atol=1e-3)
 
 
+@pytest.mark.parametrize("recipe", ["path-b_vit-ti", "solider-b_swin-t"])
+def test_timm_local_dir_gives_the_trained_features_and_the_program_equals_eager(recipe, tmp_path):
+    """timm.create_model('local-dir:FOLDER') with dpal imported: exactly the trained features (at the sizes the
+    recipe trains at); the export's torch.export program, loaded with torch alone, equals eager at any batch."""
+    import dpal  # noqa: F401  (registers the students with timm)
+
+    torch.manual_seed(7)
+    student = _moved(build_student(get_recipe(recipe)).eval(), 1.05, 0.002)
+    folder = export_student(student, tmp_path / "student_ema")
+    model = timm.create_model(f"local-dir:{folder}")
+    assert not model.training
+    program = torch.export.load(str(folder / PROGRAM_FILE)).module()
+    with torch.no_grad():
+        for size in VIEW_SIZES:
+            images = torch.randn(2, 3, *size)
+            torch.testing.assert_close(model.forward_features(images), student.backbone.forward_features(images),
+                                       rtol=0, atol=0)
+        for batch in (1, 3):
+            images = torch.randn(batch, 3, 256, 128)
+            torch.testing.assert_close(program(images), student.backbone.forward_features(images),
+                                       rtol=1e-5, atol=1e-5)
+    # A classifier head for fine-tuning leaves the features as they were; an argument that changes the
+    # architecture is refused.
+    with_head = timm.create_model(f"local-dir:{folder}", num_classes=5)
+    images = torch.randn(1, 3, 256, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(with_head.eval().forward_features(images), student.backbone.forward_features(images),
+                                   rtol=0, atol=0)
+        assert with_head(images).shape == (1, 5)
+    with pytest.raises(ValueError, match="img_size would change the exported architecture"):
+        timm.create_model(f"local-dir:{folder}", img_size=(224, 224))
+
+
+def test_plain_timm_refuses_an_export(vit_ti, tmp_path):
+    """Without dpal, timm cannot build the export's architecture: its unknown-model error, never a stock ViT."""
+    folder = export_student(vit_ti, tmp_path / "student", program=False)
+    code = f"import timm; timm.create_model('local-dir:{folder}')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Unknown model (dpal_vit_ti)" in done.stderr, done.stderr[-2000:]
+    # importing dpal after timm registers just the same
+    code = f"import timm, dpal; print(type(timm.create_model('local-dir:{folder}')).__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "_MatrixResizeViT", done.stderr[-2000:]
+
+
 def test_swin_export_round_trip(swin_t, tmp_path):
     trained = swin_t  # random weights (the round trip is what is tested)
-    export_student(trained, tmp_path / "swin")
-    model = load_student(tmp_path / "swin.safetensors")
+    export_student(trained, tmp_path / "swin", program=False)
+    model = load_student(tmp_path / "swin" / "model.safetensors")
     assert read_student_config(tmp_path / "swin")["timm_kwargs"]["drop_path_rate"] == pytest.approx(0.1)
     for height, width in [(256, 128), (128, 96)]:
         images = torch.randn(1, 3, height, width)
@@ -242,43 +294,68 @@ def test_swin_export_round_trip(swin_t, tmp_path):
 
 
 def test_bad_exports_are_named(vit_ti, tmp_path):
-    weights, config_path = export_student(vit_ti, tmp_path / "a")
-    # Stale JSON beside other weights: refused, not silently mixed.
-    export_student(build_student(get_recipe("path-l_vit-ti")), tmp_path / "b")
-    (tmp_path / "b.json").replace(tmp_path / "a.json")
-    with pytest.raises(CheckpointError, match="differs from the one stored in a.safetensors"):
-        load_student(weights)
+    import dpal  # noqa: F401
+
+    folder = export_student(vit_ti, tmp_path / "a", program=False)
+    weights, config_path = folder / "model.safetensors", folder / "config.json"
+    # Stale config beside other weights: refused, not silently mixed.
+    other = export_student(build_student(get_recipe("path-l_vit-ti")), tmp_path / "b", program=False)
+    (other / "config.json").replace(config_path)
+    with pytest.raises(CheckpointError, match="differs from the one stored in model.safetensors"):
+        load_student(folder)
     # The weights alone are self-describing.
-    (tmp_path / "a.json").unlink()
+    config_path.unlink()
     assert [b.attn.num_heads for b in load_student(weights).blocks][-1] == 12
-    # Weights that do not fit the architecture: the keys are listed.
+    # Weights changed after the export (metadata kept): the checksum refuses them, through timm as well.
     state = load_file(weights)
-    state["head.weight"] = torch.zeros(3, 192)
-    save_file({k: v for k, v in state.items() if not k.startswith("blocks.11.")}, weights)  # metadata dropped
-    config_path.write_text(json.dumps(read_student_config(tmp_path / "b")))
-    with pytest.raises(CheckpointError, match=r"missing keys \(\d+\): blocks\.11\.(.|\n)*unexpected keys \(1\): head"):
-        load_student(weights)
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = handle.metadata()
+    state["blocks.0.attn.qkv.bias"] = state["blocks.0.attn.qkv.bias"] + 1e-3
+    save_file(state, weights, metadata=metadata)
+    config_path.write_text(json.dumps({"architecture": "dpal_vit_ti", "dpal": json.loads(metadata.popitem()[1])}))
+    with pytest.raises(CheckpointError, match="do not match the checksum"):
+        load_student(folder)
+    with pytest.raises(CheckpointError, match="do not match the checksum"):
+        timm.create_model(f"local-dir:{folder}")
     # Truncated file.
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_student(weights)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_student(tmp_path / "missing")
+    # An export of the earlier format (NAME.safetensors + NAME.json): refused with the way to a current one.
+    save_file(state, tmp_path / "student.safetensors")
+    with pytest.raises(CheckpointError, match="format version 1 .*train_student export RUN_DIR"):
+        load_student(tmp_path / "student")
 
 
 @pytest.mark.parametrize("change", [{"timm_kwargs": {"checkpoint_path": "OTHER"}},
                                     {"timm_kwargs": {"pretrained_cfg_overlay": {"file": "OTHER"}}},
                                     {"timm_name": "resnet50"}])
 def test_export_config_cannot_make_timm_load_other_files(vit_ti, tmp_path, change):
-    """The JSON of an export is data: only the architecture arguments an export carries reach timm."""
-    weights, config_path = export_student(vit_ti, tmp_path / "student")
+    """The config of an export is data: only the architecture arguments an export carries reach timm."""
+    folder = export_student(vit_ti, tmp_path / "student", program=False)
+    weights, config_path = folder / "model.safetensors", folder / "config.json"
     other = tmp_path / "other.pth"  # a file timm would load (and then refuse) if the key reached it
     torch.save({"state_dict": {"w": torch.zeros(1)}}, other)
-    config = json.loads(config_path.read_text())
+    timm_config = json.loads(config_path.read_text())
+    config = timm_config["dpal"]
     for key, value in change.items():
         config[key] = {**config[key], **{k: (str(other) if v == "OTHER" else v) for k, v in value.items()}} \
             if isinstance(value, dict) else value
-    config_path.write_text(json.dumps(config))
+    config_path.write_text(json.dumps(timm_config))
     save_file({k: v for k, v in load_file(weights).items()}, weights)  # drop the embedded copy of the config
     with pytest.raises(CheckpointError, match="refused|not a student architecture"):
         load_student(weights)
+
+
+def test_students_are_registered_timm_architectures():
+    import dpal.timm_models
+
+    assert sorted(dpal.timm_models.REGISTERED) == sorted(timm.list_models("dpal_*"))
+    model = timm.create_model("dpal_vit_ti", last_block_heads=12)
+    assert [b.attn.num_heads for b in model.blocks] == [6] * 11 + [12]
+    with pytest.raises(ValueError, match="unknown argument.*patch_size.*accepted: drop_path_rate"):
+        timm.create_model("dpal_vit_s", patch_size=8)
+    with pytest.raises(ValueError, match="no published weights"):
+        timm.create_model("dpal_swin_t", pretrained=True)

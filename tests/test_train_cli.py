@@ -67,7 +67,7 @@ def _train_args(artefacts, out, *extra, store=None):
 @pytest.fixture(scope="module")
 def reference_run(artefacts):
     out = artefacts["root"] / "reference"
-    done = _python("-m", "train_student", *_train_args(artefacts, out))
+    done = _python("-m", "train_student", *_train_args(artefacts, out, "--keep-checkpoints", "2"))
     assert done.returncode == 0, done.stderr
     return out
 
@@ -78,7 +78,9 @@ def _compared(rows):
 
 @pytest.mark.e2e
 def test_run_logs_every_step_and_exports_timm_students(reference_run):
-    from dpal.students import load_student
+    import timm
+
+    import dpal  # noqa: F401  (registers the students with timm)
 
     rows = read_metrics(reference_run / "metrics.csv")
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
@@ -91,14 +93,22 @@ def test_run_logs_every_step_and_exports_timm_students(reference_run):
 
     state = torch.load(reference_run / "checkpoint.pt", weights_only=True)
     assert state["step"] == STEPS
+    # --keep-checkpoints 2 (saved at steps 2 and 4): the newest is checkpoint.pt itself, linked
+    kept = sorted(path.name for path in reference_run.glob("checkpoint-*.pt"))
+    assert kept == ["checkpoint-00000002.pt", f"checkpoint-{STEPS:08d}.pt"]
+    assert (reference_run / kept[-1]).samefile(reference_run / "checkpoint.pt")
+    assert torch.load(reference_run / kept[0], weights_only=True)["step"] == 2
     images = torch.randn(2, 3, 256, 128)
     for name, key in (("student", "student"), ("student_ema", "student_ema")):
-        model = load_student(reference_run / name).eval()
+        model = timm.create_model(f"local-dir:{reference_run / name}")
         backbone = {k[len("backbone."):]: v for k, v in state[key].items() if k.startswith("backbone.")}
         for param_name, value in model.state_dict().items():
             assert torch.equal(value, backbone[param_name]), (name, param_name)
+        program = torch.export.load(str(reference_run / name / "model.pt2")).module()
         with torch.no_grad():
-            assert torch.isfinite(model.forward_features(images)).all()
+            features = model.forward_features(images)
+            assert torch.isfinite(features).all()
+            torch.testing.assert_close(program(images), features, rtol=1e-5, atol=1e-5)
     ema_differs = any(not torch.equal(state["student"][k], state["student_ema"][k]) for k in state["student"])
     assert ema_differs
 
@@ -136,27 +146,41 @@ def _poll_until(process, ready, timeout: float) -> None:
         time.sleep(0.02)
 
 
-def _training_at_step(artefacts, out, steps: int) -> subprocess.Popen:
+def _training_at_step(artefacts, out, steps: int, *extra) -> subprocess.Popen:
     """A real training subprocess, returned once it has logged `steps` steps (or ended)."""
-    process = subprocess.Popen([sys.executable, "-m", "train_student", *_train_args(artefacts, out)],
+    process = subprocess.Popen([sys.executable, "-m", "train_student", *_train_args(artefacts, out, *extra)],
                                env=TRAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _poll_until(process, lambda: _rows(out) >= steps, timeout=120)
+    _poll_until(process, lambda: _rows(out) >= steps, timeout=600)  # a loaded machine starts slowly
     return process
 
 
 @pytest.mark.e2e
 def test_killed_run_resumes_to_the_same_losses(artefacts, reference_run):
     out = artefacts["root"] / "killed"
-    process = _training_at_step(artefacts, out, 3)  # step 2 is checkpointed; step 3 is done but not saved
+    # step 2 is checkpointed and exported; step 3 is done but not saved
+    process = _training_at_step(artefacts, out, 3, "--export-every", "2", "--no-export-program")
     assert process.poll() is None, "training ended before it could be killed: " + process.stderr.read().decode()
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2
+    assert json.loads((out / "student_ema" / "config.json").read_text())["dpal"]["extra"]["step"] == 2
+
+    # The killed run's checkpoint exported by the command, as the run would have at its end.
+    for folder in ("student", "student_ema"):
+        shutil.rmtree(out / folder)
+    assert main(["export", str(out), "--no-program"]) == 0
+    from dpal.students import load_student
+    for name in ("student", "student_ema"):
+        assert json.loads((out / name / "config.json").read_text())["dpal"]["extra"]["step"] == 2
+        exported = load_student(out / name).state_dict()
+        assert all(torch.equal(value, state[name][f"backbone.{key}"]) for key, value in exported.items())
 
     refused = _python("-m", "train_student", *_train_args(artefacts, out))
     assert refused.returncode == 2 and "already holds another run" in refused.stderr
 
-    resumed = _python("-m", "train_student", *_train_args(artefacts, out, "--resume"))
+    # The run's own run.json as --config reproduces its options exactly (a resume refuses any difference).
+    resumed = _python("-m", "train_student", "--config", str(out / "run.json"), "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert _compared(read_metrics(out / "metrics.csv")) == _compared(read_metrics(reference_run / "metrics.csv"))
 
@@ -248,7 +272,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(artefacts, tmp
     if poisoned_step == 3:
         assert "step 2) is kept" in err
         assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
-        assert not (out / "student.safetensors").exists()
+        assert not (out / "student").exists()
     else:
         assert "no checkpoint had been written yet" in err and not (out / "checkpoint.pt").exists()
 
@@ -302,7 +326,7 @@ def test_a_damaged_store_chunk_stops_training_naming_the_file(artefacts, tmp_pat
     assert status == 2 and err.count("\n") == 1
     assert f"{shard}: chunk" in err and "is damaged (CRC32C mismatch)" in err
     assert f"re-running the `python -m cache_teacher run` command that made it (same arguments, --out {store})" in err
-    assert not (tmp_path / "run" / "student.safetensors").exists()
+    assert not (tmp_path / "run" / "student").exists()
 
 
 @pytest.mark.e2e
@@ -552,3 +576,28 @@ def test_two_nodes_stop_together_on_one_nodes_sigterm_and_match_one_process(arte
             assert "train_student/" not in err, err[-3000:]
     two_nodes, single = _compared(read_metrics(out / "metrics.csv")), _compared(read_metrics(reference_run / "metrics.csv"))
     np.testing.assert_allclose(np.array(two_nodes), np.array(single), rtol=1e-4, atol=1e-7)  # as the 2-rank test
+
+
+def test_swapped_inputs_and_the_opt_in_store_checks(artefacts, tmp_path, capsys):
+    """--images and --backgrounds swapped: said so. A damaged store: `verify --checksums-only` finds it without the
+    teacher, and `--check-store` refuses it before training instead of in the epoch that first reads it."""
+    from cache_teacher.__main__ import main as cache_main
+
+    args = _train_args(artefacts, tmp_path / "swapped")
+    i, b = args.index("--images") + 1, args.index("--backgrounds") + 1
+    args[i], args[b] = args[b], args[i]
+    status, err = _refusal(capsys, args)
+    assert status == 2 and "--images and --backgrounds are swapped" in err and err.count("\n") == 1, err
+
+    assert cache_main(["verify", str(artefacts["store"]), "--checksums-only"]) == 0
+    assert "the teacher was not re-run" in capsys.readouterr().out
+    store = tmp_path / "damaged.zarr"
+    shutil.copytree(artefacts["store"], store)
+    shard = store / "global" / "c" / "0" / "0" / "0"
+    _flip_a_bit_in_every_chunk(shard)
+    assert cache_main(["verify", str(store), "--checksums-only"]) == 1
+    assert str(shard) in capsys.readouterr().out
+
+    status, err = _refusal(capsys, _train_args(artefacts, tmp_path / "checked", "--check-store", store=store))
+    assert status == 2 and err.startswith("error: --check-store: ") and str(shard) in err, err
+    assert not (tmp_path / "checked").exists()

@@ -11,8 +11,8 @@ import torch
 from dpal.config import ViewConfig
 from dpal.decoder import DynamicPatternDecoder
 from dpal.recipes import get_recipe
-from train_student.checkpoint import (RunFolderError, load_checkpoint, prepare_run_folder, recorded_run_id,
-                                      save_checkpoint)
+from train_student.checkpoint import (RunFolderError, keep_step_copy, load_checkpoint, prepare_run_folder,
+                                      recorded_run_id, save_checkpoint)
 from train_student.data import FeedPlan, block_view_sets, local_crop_params
 from train_student.step import param_groups
 from train_student.train import ema_momentum, learning_rate
@@ -165,3 +165,17 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     torch.save({"format": 1, "step": 3}, second / "checkpoint.pt")
     with pytest.raises(RunFolderError, match="checkpoint format 1, this trainer writes format 2"):
         load_checkpoint(second, recorded_run_id(second))
+
+
+def test_keep_checkpoints_keeps_the_newest_n_step_copies(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, {"step": step, "w": torch.full((3,), float(step))}, "run-a")
+        keep_step_copy(tmp_path, step, keep=3)
+    kept = sorted(path.name for path in tmp_path.glob("checkpoint-*.pt"))
+    assert kept == ["checkpoint-00000002.pt", "checkpoint-00000003.pt", "checkpoint-00000004.pt"]
+    assert [load_checkpoint(tmp_path, "run-a", path=tmp_path / name)["step"] for name in kept] == [2, 3, 4]
+    assert (tmp_path / kept[-1]).samefile(tmp_path / "checkpoint.pt")  # the newest costs no space
+    keep_step_copy(tmp_path, 5, keep=1)  # the default: checkpoint.pt alone, no step copies made
+    assert not (tmp_path / "checkpoint-00000005.pt").exists()
+    with pytest.raises(RunFolderError, match="^export: .*checkpoint-00000009.pt does not exist"):
+        load_checkpoint(tmp_path, "run-a", path=tmp_path / "checkpoint-00000009.pt", purpose="export")

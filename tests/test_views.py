@@ -485,6 +485,8 @@ def test_grid_command_writes_a_picture_and_names_bad_input(tmp_path, capsys):
     views_cli.main(command)
     with Image.open(out) as picture:
         assert picture.mode == "RGB" and picture.height >= 3 * 256 and picture.width > 256 + 128 + 96
+        header = np.asarray(picture)[:30]  # the column labels: dark text on a white strip
+        assert (header < 100).any() and (header == 255).mean() > 0.8
     (tmp_path / "backgrounds" / "0.png").write_bytes(b"not an image")
     with pytest.raises(SystemExit) as exit_info:
         views_cli.main(command)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dpal.recipes import RECIPES, list_recipes
-from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, SEED, add_teacher_option_arguments,
-                         parse_teacher_options, real, worker_count)
+from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, SEED, ConfigError, add_config_arguments,
+                         add_teacher_option_arguments, config_text, parse_with_config, read_config_file, real,
+                         set_config_defaults, worker_count)
 from formats.runtime import startup
 from kernels import select_interpreter
 from train_student.spec import TrainSpec, training_on_cpu
@@ -17,12 +19,15 @@ EXAMPLE = """examples:
       --backgrounds backgrounds.beton --out runs/vit-ti
   torchrun --nproc_per_node 8 -m train_student --recipe path-b_vit-ti ... --out runs/vit-ti
   python -m train_student --recipe path-b_vit-ti ... --out runs/vit-ti --resume
+  python -m train_student export runs/vit-ti
   python -m train_student --recipe path-b_vit-ti --teacher-online --teacher-weights path-b.pth \\
       --images persons.beton --backgrounds backgrounds.beton --out runs/online
   python -m train_student --recipe path-b_vit-ti ... --out runs/vit-ti --val-store fresh-views.zarr --val-every 500
   python -m train_student evaluate runs/vit-ti --store fresh-views.zarr
   python -m train_student bench --recipe path-b_vit-ti --store targets.zarr --images persons.beton \\
       --backgrounds backgrounds.beton --teacher-weights path-b.pth --out bench.json
+
+The method (students, decoder, losses, optimisation): docs/method.md in the repository.
 """
 
 
@@ -64,16 +69,18 @@ def training_parser() -> argparse.ArgumentParser:
         prog="python -m train_student", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Distil a DPAL student from cached teacher targets: FFCV feeds the images, the stored view "
                     "parameters re-render the teacher's exact views on the training device, the targets come "
-                    "from the Zarr store. Every default comes from the recipe (spec sections 5-7); flags only "
-                    "override. Subcommands: `evaluate` (a run's checkpoint or an export on a store of fresh views) and "
-                    "`bench` (python -m train_student evaluate --help, bench --help).",
+                    "from the Zarr store. Every default comes from the recipe (docs/method.md, sections 5-7); flags only "
+                    "override. Subcommands: `export` (exports from a checkpoint), `evaluate` (a run's checkpoint or an "
+                    "export on a store of fresh views) and `bench` (each with --help).",
         epilog=EXAMPLE)
-    parser.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
+    parser.add_argument("--list-recipes", action="store_true",
+                        help="print the recipes (teacher, student, decoder input, batch, epochs, lr) and exit")
+    add_config_arguments(parser)
     add_data_arguments(parser)
     parser.add_argument("--out", metavar="RUN_DIR",
                         help="run folder: checkpoint.pt, run.json, metrics.csv, tensorboard/, loss.png and the "
-                             "exports student.{safetensors,json}, student_ema.{safetensors,json} "
-                             "(dpal.students.load_student rebuilds them as timm models)")
+                             "exports student/ and student_ema/ (timm local-dir folders: with `import dpal`, "
+                             "timm.create_model('local-dir:RUN_DIR/student_ema'))")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run recorded in --out exactly (bit-identical losses); a change to a "
                              "setting that changes the arithmetic (--compile, --reference-path on CUDA, --device, "
@@ -97,11 +104,22 @@ def training_parser() -> argparse.ArgumentParser:
     group.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=1000, metavar="N",
                        help="write checkpoint.pt atomically every N steps (>= 0; 0: only at the end, which is "
                             "always written; SIGINT/SIGTERM also write one, at the next step boundary)")
+    group.add_argument("--keep-checkpoints", type=POSITIVE, default=1, metavar="N",
+                       help="keep the newest N checkpoints as checkpoint-STEP.pt beside checkpoint.pt (>= 1, default "
+                            "1: checkpoint.pt alone; each holds student, decoder, EMA and AdamW state)")
+    group.add_argument("--export-every", type=NON_NEGATIVE, default=0, metavar="N",
+                       help="also write the exports student/ and student_ema/ every N steps (>= 0, default 0: at "
+                            "the end only; `train_student export RUN_DIR` makes them from any checkpoint)")
+    group.add_argument("--export-program", action=argparse.BooleanOptionalAction, default=True,
+                       help="exports carry model.pt2, a torch.export program of the features (default on)")
+    group.add_argument("--check-store", action="store_true",
+                       help="read every store shard file against its CRC32C before training (minutes for a large "
+                            "store; without it each chunk is checked when an epoch reads it)")
     group.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the student and the decoder (around the fused kernels where they run); "
                             "default off: no faster on a 2-core CPU, GPU figure from "
-                            "`train_student bench --compile both` (README, Benchmarks)")
+                            "`train_student bench --compile both` (docs/benchmarks.md)")
     group.add_argument("--teacher-online", action="store_true",
                        help="baseline without a store: run the teacher on fresh views at every step "
                             "(needs --teacher-weights)")
@@ -123,41 +141,102 @@ def training_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def recipe_table() -> str:
+    """The recipes as an aligned table (what --list-recipes prints)."""
+    rows = [("recipe", "teacher (D_t)", "student (D_s)", "decoder input", "batch/GPU x accum x GPUs", "epochs",
+             "base lr")]
+    for recipe in RECIPES.values():
+        optim = recipe.optim
+        rows.append((recipe.name, f"{recipe.teacher.name} ({recipe.teacher.width})",
+                     f"{recipe.student.name} ({recipe.student.width})", str(recipe.decoder.in_dim),
+                     f"{optim.batch_per_gpu} x {optim.accum_steps} x {optim.num_gpus}", str(optim.epochs),
+                     f"{optim.base_lr:g}"))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+# run.json entries that are not options: what the inputs resolved to, checked again by the run itself.
+_OPTIM_OPTIONS = {"epochs": "epochs", "warmup_epochs": "warmup_epochs", "base_lr": "blr", "min_lr": "min_lr",
+                  "weight_decay": "weight_decay", "accum_steps": "accum_steps"}
+
+
+def options_of_run_record(record: dict) -> dict | None:
+    """The options that reproduce a run from its RUN_DIR/run.json (None if `record` is not one): the options
+    recorded under their own names, the optimisation the recipe resolved to, the global batch and the teacher
+    options; the inputs' identities (fingerprints, the store's attributes) are left to the run, which checks them."""
+    if "images_fingerprint" not in record or not isinstance(record.get("optim"), dict):
+        return None
+    flags = {action.dest for action in training_parser()._actions}
+    options = {key: value for key, value in record.items() if key in flags}
+    options.update({option: record["optim"][key] for key, option in _OPTIM_OPTIONS.items() if key in record["optim"]})
+    options["batch_size"] = record.get("global_batch")
+    options.update(record.get("teacher_options") or {})
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         from train_student.bench import main as bench_main
         return bench_main(argv[1:])
+    if argv[:1] == ["export"]:
+        from train_student.export import main as export_main
+        return export_main(argv[1:])
     if argv[:1] == ["evaluate"]:
         from train_student.evaluate import main as evaluate_main
         return evaluate_main(argv[1:])
     parser = training_parser()
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv, read_record=options_of_run_record)
     if args.list_recipes:
-        print("\n".join(list_recipes()))
+        print(recipe_table())
         return 0
+    if args.print_config:
+        print(config_text(parser, args), end="")
+        return 0
+    try:
+        spec = spec_of(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    startup(reuse_freed_memory=training_on_cpu(spec.device))  # CPU training feeds pageable batches
+    from train_student.train import run_training
+    return run_training(spec)
+
+
+def spec_of(args: argparse.Namespace) -> TrainSpec:
+    """The TrainSpec of parsed options, after the checks that involve several of them (ConfigError otherwise)."""
     required = ["--recipe", "--images", "--backgrounds", "--out"] + ([] if args.teacher_online else ["--store"])
     missing = [flag for flag in required if getattr(args, flag[2:].replace("-", "_")) is None]
     if missing:
-        parser.error(f"missing {', '.join(missing)} (see --help)")
+        raise ConfigError(f"missing {', '.join(missing)} (see --help)")
     if args.inexact_resume and not args.resume:
-        parser.error("--inexact-resume goes with --resume")
+        raise ConfigError("--inexact-resume goes with --resume")
     if args.val_images and not args.val_store:
-        parser.error("--val-images names the images of --val-store; pass --val-store too")
+        raise ConfigError("--val-images names the images of --val-store; pass --val-store too")
     optim = RECIPES[args.recipe].optim
     epochs = args.epochs or optim.epochs
     warmup = optim.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs
     if warmup > epochs:
-        parser.error(f"the warm-up ({warmup} epochs) is longer than the run ({epochs} epochs); pass "
-                     f"--warmup-epochs <= {epochs} or more --epochs")
+        raise ConfigError(f"the warm-up ({warmup} epochs) is longer than the run ({epochs} epochs); pass "
+                          f"--warmup-epochs <= {epochs} or more --epochs")
     select_interpreter()  # before anything imports timm (the teacher options do), and with it triton
-    startup(reuse_freed_memory=training_on_cpu(args.device))  # CPU training feeds pageable batches
-    teacher_options = parse_teacher_options(parser, args, RECIPES[args.recipe].teacher)
+    from dpal.teachers import teacher_options
+    try:
+        options = teacher_options(RECIPES[args.recipe].teacher, solider_weights=args.solider_weights,
+                                  semantic_weight=args.semantic_weight)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     from train_student.data import default_workers
-    from train_student.train import run_training
-    return run_training(TrainSpec.from_args(args, teacher_options=teacher_options,
-                                            workers=args.workers or default_workers(args.device)))
+    return TrainSpec.from_args(args, teacher_options=options, workers=args.workers or default_workers(args.device))
 
+
+def training_spec(config: str | dict | None = None, **options) -> TrainSpec:
+    """A TrainSpec from a config file (YAML/JSON, a run.json) or mapping and keyword options overriding it (the
+    command line's option names with underscores), checked exactly as the command line checks them."""
+    parser = training_parser()
+    data = read_config_file(str(config)) if isinstance(config, (str, os.PathLike)) else dict(config or {})
+    set_config_defaults(parser, {**(options_of_run_record(data) or data), **options},
+                        source=f"config {config}" if isinstance(config, (str, os.PathLike)) else "options")
+    return spec_of(parser.parse_args([]))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,6 +17,7 @@ run's settings.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import uuid
@@ -83,22 +84,25 @@ class _WriteErrors:
         self.handle.flush()
 
 
-def load_checkpoint(run_dir: Path, run_id: str, *, mmap: bool = False) -> dict:
-    """The state saved by `save_checkpoint` for the run `run_id`; a clear error if it is missing, unreadable or
-    another run's. `mmap`: map the tensors instead of reading them (to check the checkpoint cheaply)."""
-    path = Path(run_dir) / CHECKPOINT_NAME
+def load_checkpoint(run_dir: Path, run_id: str | None, *, path: Path | None = None, purpose: str = "--resume",
+                    mmap: bool = False) -> dict:
+    """The state saved by `save_checkpoint` (RUN_DIR/checkpoint.pt, or `path`) for the run `run_id`; a clear
+    error naming `purpose` if it is missing, unreadable or another run's. `run_id` None: a checkpoint read for
+    its weights alone, whatever run wrote it. `mmap`: map the tensors instead of reading them (a cheap check)."""
+    path = Path(run_dir) / CHECKPOINT_NAME if path is None else Path(path)
     if not path.is_file():
-        raise RunFolderError(f"--resume: {path} does not exist; the run in {run_dir} has not saved a "
-                             f"checkpoint yet (start it again without --resume, after removing the folder)")
+        hint = " (start it again without --resume, after removing the folder)" if purpose == "--resume" else ""
+        raise RunFolderError(f"{purpose}: {path} does not exist; the run in {run_dir} has not saved a "
+                             f"checkpoint yet{hint}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # damaged, foreign, or holding objects that are not allowed (never unpickled)
-        raise RunFolderError(f"--resume: {path}: {unreadable_reason(exc)}") from exc
+        raise RunFolderError(f"{purpose}: {path}: {unreadable_reason(exc)}") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise RunFolderError(f"--resume: {path} has checkpoint format {getattr(state, 'get', dict().get)('format')!r}, "
+        raise RunFolderError(f"{purpose}: {path} has checkpoint format {getattr(state, 'get', dict().get)('format')!r}, "
                              f"this trainer writes format {CHECKPOINT_FORMAT}; start a new run in another folder")
-    if state.get("run_id") != run_id:
-        raise RunFolderError(f"--resume: {path} belongs to another run (run id {state.get('run_id')}, while "
+    if run_id is not None and state.get("run_id") != run_id:
+        raise RunFolderError(f"{purpose}: {path} belongs to another run (run id {state.get('run_id')}, while "
                              f"{Path(run_dir) / RUN_CONFIG_NAME} records {run_id}): it was copied or moved here; "
                              f"resume in the folder it was written in, or start a new run in another folder")
     return state
@@ -118,6 +122,23 @@ def recorded_compute_threads(run_dir: Path) -> int | None:
 def recorded_run_id(run_dir: Path) -> str:
     """The run id that RUN_DIR/run.json records (read after `claim_run_folder` checked it)."""
     return json.loads((Path(run_dir) / RUN_CONFIG_NAME).read_text())["run_id"]
+
+
+def keep_step_copy(run_dir: Path, step: int, keep: int) -> None:
+    """With `keep` > 1: RUN_DIR/checkpoint-STEP.pt for the checkpoint just saved (a hard link to checkpoint.pt, so
+    no extra space while it is the newest; a copy where links are not supported), and only the newest `keep` of
+    them are kept. `keep` 1: checkpoint.pt alone, as always."""
+    if keep <= 1:
+        return
+    run_dir = Path(run_dir)
+    target = run_dir / f"checkpoint-{step:08d}.pt"
+    target.unlink(missing_ok=True)
+    try:
+        os.link(run_dir / CHECKPOINT_NAME, target)
+    except OSError:
+        shutil.copyfile(run_dir / CHECKPOINT_NAME, target)
+    for stale in sorted(run_dir.glob("checkpoint-*.pt"))[:-keep]:
+        stale.unlink()
 
 
 def prepare_run_folder(run_dir: Path, run_config: dict, *, resume: bool, resumable_keys: set[str],

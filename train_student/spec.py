@@ -46,6 +46,10 @@ class TrainSpec:
     val_images: str | None  # its images file when it holds held-out images (None: the training images)
     val_every: int  # evaluate every N steps (0: only at the end)
     checkpoint_every: int
+    keep_checkpoints: int  # >= 2: also RUN_DIR/checkpoint-STEP.pt, the newest N of them
+    export_every: int  # 0: exports only at the end
+    export_program: bool  # exports carry a torch.export program (model.pt2)
+    check_store: bool  # read every store file against its checksums before training
     progress: bool
 
     @classmethod

@@ -37,6 +37,7 @@ from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
 from dpal.students import build_student
 from dpal.teachers import global_view_targets, teacher_targets
 from dpal.views import render_view_sets
+from formats.cli import note_adjusted
 from formats.images import ImageFile
 from formats.targets import Targets
 from formats.view_records import online_calibration_view_params
@@ -159,6 +160,8 @@ def fit_online_mask_calibration(teacher, images_path, backgrounds: BackgroundPoo
     """Shape-mask calibration for the online baseline, fitted once on the teacher's global-view tokens of
     the first `count` images (fixed view sets), so that every rank and every resume uses the same one."""
     image_file = ImageFile(images_path)
+    note_adjusted("--calibration-images", count, min(count, image_file.num_images),
+                  f"{images_path} holds {image_file.num_images} images")
     count = min(count, image_file.num_images)
     params = online_calibration_view_params(seed, count, len(backgrounds), recipe.views)
     tokens = []

@@ -6,13 +6,14 @@ micro-batches: the views of the next micro-batch are rendered from their paramet
 device while this one computes (`prefetch.render_ahead`), the step (`step.py`: loss terms through
 `dpal.distill.distill_step_losses` with targets from the store or the online teacher, AdamW, EMA) runs,
 and the step before's values are read, checked and logged; checkpoints as asked. At the end: a final
-checkpoint, the student and its EMA exported through `formats.exports.export_student`, and a PNG of the
-loss curves.
+checkpoint, the student and its EMA exported (`train_student.export.write_exports`; also every --export-every
+steps), and a PNG of the loss curves.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -33,16 +34,16 @@ from dpal.config import Recipe
 from dpal.losses import LossTerms, moe_weight
 from dpal.recipes import get_recipe
 from dpal.views import STALE_VIEW_RECORDS, VIEW_PARAMS_VERSION
-from formats.cli import Interrupted, exit_status
-from formats.exports import export_student
+from formats.cli import Interrupted, exit_status, note_adjusted, setup_logging
 from formats.images import ImageFile, check_images, images_fingerprint
-from formats.store import open_store
+from formats.store import StoreError, integrity_problems, open_store, repair_hint
 from formats.view_records import describe_view_set_reuse
 import kernels
-from train_student.checkpoint import (CHECKPOINT_NAME, RUN_CONFIG_NAME, claim_run_folder, load_checkpoint,
-                                      recorded_compute_threads, recorded_run_id, rng_state, save_checkpoint,
-                                      set_rng_state)
+from train_student.checkpoint import (CHECKPOINT_NAME, RUN_CONFIG_NAME, claim_run_folder, keep_step_copy,
+                                      load_checkpoint, recorded_compute_threads, recorded_run_id, rng_state,
+                                      save_checkpoint, set_rng_state)
 from train_student.data import BackgroundPool, CachedFeed, FeedPlan, OnlineFeed, compute_threads
+from train_student.export import write_exports
 from train_student.metrics import LOSS_PLOT, METRICS_CSV, MetricsLog, plot_losses
 from train_student.prefetch import render_ahead
 from train_student.spec import TrainSpec
@@ -52,9 +53,14 @@ from train_student.step import (CachedTargets, OnlineTeacher, TrainingError, bui
 from train_student.validation import (Validation, online_teacher, open_validation_store, store_teacher,
                                       validation_record)
 
+LOG = logging.getLogger("dpal.train")
+# Plain log lines per run when there is no progress bar (not a terminal, or --no-progress).
+LOG_LINES_PER_RUN = 50
+
 # Settings that may differ when a run is resumed: they do not change what is computed (--workers sets FFCV's
 # decoding threads only, `formats.runtime.startup`; torch's threads are the recorded compute_threads).
-RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "workers", "progress", "val_every"}
+RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "check_store", "keep_checkpoints", "export_every", "export_program",
+                  "workers", "progress", "val_every"}
 # Settings that change the arithmetic: a resume that changes one is refused, naming it and how to get the
 # recorded value back, unless --inexact-resume (recorded in run.json). Key -> that remedy.
 INEXACT_KEYS = {"compile": "pass --compile or --no-compile as recorded",
@@ -134,7 +140,9 @@ def run_record(spec: TrainSpec, recipe: Recipe, global_batch: int, images_finger
             "teacher_online": online, "calibration_images": spec.calibration_images,
             "teacher_weights": str(Path(spec.teacher_weights).resolve()) if online else None,
             "teacher_options": spec.teacher_options if online else None,
-            "max_steps": spec.max_steps, "checkpoint_every": spec.checkpoint_every, "workers": spec.workers,
+            "max_steps": spec.max_steps, "checkpoint_every": spec.checkpoint_every,
+            "keep_checkpoints": spec.keep_checkpoints, "export_every": spec.export_every,
+            "export_program": spec.export_program, "check_store": spec.check_store, "workers": spec.workers,
             "progress": spec.progress, "compile": spec.compile, "device": device.type, "ranks": ranks,
             "deterministic": spec.deterministic, "compute_threads": threads,
             "fused_kernels": device.type == "cuda" and not spec.reference_path,
@@ -182,7 +190,7 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
     # ---------------------------------------------------------------- inputs (all checked before writing)
     fingerprint = images_fingerprint(spec.images)
     for path in (spec.images, spec.backgrounds):  # every image against its CRC32C from `pack` (README: cost)
-        check_images(path, progress=master and spec.progress)
+        check_images(path, progress=master and spec.progress and sys.stderr.isatty())
     backgrounds = BackgroundPool(spec.backgrounds)
     teacher = store = store_identity = None
     if spec.teacher_online:
@@ -193,6 +201,10 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
         num_images, chunk_images = ImageFile(spec.images).num_images, 1
     else:
         store = open_store(spec.store)
+        if spec.check_store:  # every shard file against its CRC32C now, not in the epoch that first reads it
+            if problems := integrity_problems(store):
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise StoreError(f"--check-store: {problems[0]}{more}; {repair_hint(store.path)}")
         store.check_compatible(recipe, recipe.views, fingerprint, images_fingerprint(spec.backgrounds))
         num_images, chunk_images = store.num_images, store.chunk_images
         # The run is bound to this exact store: its unique id, seed, image count, ... (all but file locations).
@@ -219,6 +231,8 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
     total_steps = optim.epochs * plan.steps_per_epoch
     warmup_steps = optim.warmup_epochs * plan.steps_per_epoch
     last_step = total_steps if spec.max_steps is None else min(total_steps, spec.max_steps)
+    if spec.max_steps is not None:
+        note_adjusted("--max-steps", spec.max_steps, last_step, f"the schedule has {total_steps} steps in all")
     peak_lr = spec.lr if spec.lr is not None else optim.peak_lr(global_batch)
 
     run_dir = Path(spec.out)
@@ -282,6 +296,10 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
 
     saved_step = step if spec.resume else None
 
+    def export(student, ema) -> None:
+        write_exports(run_dir, student, ema, step=step, recipe=recipe.name, global_batch=global_batch,
+                      program=spec.export_program)
+
     def kept() -> str:
         return (f"the last checkpoint {run_dir / CHECKPOINT_NAME} (step {saved_step}) is kept"
                 if saved_step is not None else "no checkpoint had been written yet, nothing of the run is kept")
@@ -302,8 +320,22 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
     stop.install()
     log = MetricsLog(run_dir, resume_step=step if spec.resume else None,
                      validation=validation is not None) if master else None
+    if master:
+        def millions(module) -> str:
+            return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}M"
+
+        source_text = (f"online teacher {spec.teacher_weights}" if spec.teacher_online else
+                       f"store {spec.store} (K={store.attrs.get('views_per_image')} view sets per image)")
+        LOG.info(f"{'resuming at step ' + str(step) if spec.resume else 'starting'}: recipe {recipe.name} on "
+                 f"{world_size} x {device}; parameters: student {millions(model.student)}, decoder "
+                 f"{millions(model.decoder)}, EMA {millions(ema_student)}; {num_images} images, {source_text}; "
+                 f"global batch {global_batch} ({world_size} ranks x {optim.accum_steps} accumulation x "
+                 f"{micro_batch}); {plan.steps_per_epoch} steps per epoch x {optim.epochs} epochs = {total_steps} "
+                 f"steps, running to {last_step}; peak lr {peak_lr:.3g} after {warmup_steps} warm-up steps; "
+                 f"run folder {run_dir}")
+    plain_every = max(1, last_step // LOG_LINES_PER_RUN)
     progress = None
-    if master and spec.progress:
+    if master and spec.progress and sys.stderr.isatty():
         from tqdm import tqdm
         progress = tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True,
                         desc=f"{recipe.name} (global batch {global_batch})")
@@ -335,6 +367,9 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
             progress.set_postfix(loss=f"{terms.total:.4f}", lr=f"{done.lr:.2e}",
                                  samples_s=f"{global_batch / done.seconds:.1f}", refresh=False)
             progress.update(1)
+        elif master and (done.step % plain_every == 0 or done.step == last_step):
+            LOG.info(f"step {done.step}/{last_step} epoch {done.epoch}: loss {terms.total:.4f} lr {done.lr:.3g} "
+                     f"grad norm {grad_norm:.3g} {global_batch / done.seconds:.1f} samples/s")
 
     # The stop vote is a host-side all-reduce (gloo) at every step boundary: ranks agree without a device sync.
     stop_group = dist.new_group(backend="gloo") if world_size > 1 and device.type == "cuda" else None
@@ -393,7 +428,11 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
                     state = checkpoint_state()
                     if master:
                         save_checkpoint(run_dir, state, run_id)
+                        keep_step_copy(run_dir, step, spec.keep_checkpoints)
                     saved_step = step
+                if master and spec.export_every and step % spec.export_every == 0 and step < last_step:
+                    settle()  # exports only of checked steps
+                    export(model.student, ema_student)
                 if stopping:
                     if world_size > 1:  # no rank exits (making torchrun stop the others) before the save is done
                         dist.barrier()
@@ -418,11 +457,10 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
     state = checkpoint_state()
     if master:
         save_checkpoint(run_dir, state, run_id)
-        extra = {"recipe": recipe.name, "step": step, "global_batch": global_batch}
-        export_student(model.student, run_dir / "student", extra=extra)
-        export_student(ema_student, run_dir / "student_ema", extra={**extra, "ema": True})
+        keep_step_copy(run_dir, step, spec.keep_checkpoints)
+        export(model.student, ema_student)
         plot_losses(run_dir / METRICS_CSV, run_dir / LOSS_PLOT)
-        print(f"finished {step} steps; run folder {run_dir}: {CHECKPOINT_NAME}, student.*, student_ema.* (timm exports), "
+        LOG.info(f"finished {step} steps; run folder {run_dir}: {CHECKPOINT_NAME}, student/, student_ema/ (timm exports), "
               f"{METRICS_CSV}, {LOSS_PLOT}, tensorboard/")
     if world_size > 1:
         dist.barrier()
@@ -438,6 +476,7 @@ def run_training(spec: TrainSpec) -> int:
     fresh = not spec.resume and int(os.environ.get("RANK", "0")) == 0 and not (run_dir.is_dir() and
                                                                                  any(run_dir.iterdir()))
     existed = run_dir.exists()
+    setup_logging()
     status = exit_status(lambda: train(spec) and 0,  # train returns the run folder
                          stop_message=" before training started; nothing was trained")
     if status != 0 and fresh and run_dir.is_dir() and not (run_dir / CHECKPOINT_NAME).exists():

@@ -1,0 +1,50 @@
+"""Packaging: every third-party package the code imports is declared, the test tools only in the `test` extra,
+and the console commands point at the command lines' entry points."""
+import ast
+import importlib
+import importlib.metadata
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("dpal", "formats", "kernels", "cache_teacher", "train_student")
+
+
+def _requirement_names(path: Path) -> set[str]:
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return {re.split(r"[<>=!~;\[ ]", line)[0].lower().replace("_", "-") for line in lines if line}
+
+
+def _imported_modules(folders) -> set[str]:
+    modules = set()
+    for folder in folders:
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    modules.update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    modules.add(node.module.split(".")[0])
+    return modules - set(sys.stdlib_module_names) - set(PACKAGES) - {"acceptance", "tests"}
+
+
+def test_every_imported_package_is_declared():
+    declared = _requirement_names(ROOT / "requirements.txt")
+    distributions = importlib.metadata.packages_distributions()
+    # a module counts as declared when one distribution providing it is (cv2: opencv-python-headless)
+    undeclared = sorted(module for module in _imported_modules(PACKAGES) if not any(
+        dist.lower().replace("_", "-") in declared for dist in distributions.get(module, [module])))
+    assert undeclared == [], f"imported but not declared in requirements.txt: {undeclared}"
+    assert "pytest" not in declared and "pytest" in _requirement_names(ROOT / "requirements-test.txt")
+    assert "pytest" not in _imported_modules(PACKAGES)
+
+
+def test_console_commands_name_the_entry_points():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert set(project["scripts"]) == {"dpal-cache", "dpal-train", "dpal-kernel-bench"}
+    for target in project["scripts"].values():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), target
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License") and "the DPAL contributors" in \
+        (ROOT / "LICENSE").read_text()
