@@ -53,7 +53,7 @@ check-sm90: $(INSTALLED) $(OLDEST)/.installed
 	TRITON_INTERPRET=0 $(PY) -m kernels.sweep
 	TRITON_INTERPRET=0 PYTHONPATH=$(CURDIR) $(OLDEST)/bin/python -m kernels.sweep
 
-# ---------------------------------------------------------------- GPU readiness (issue 12, parts 3-5)
+# ---------------------------------------------------------------- GPU readiness
 # `make wheelhouse`: offline wheels (FFCV with its libraries bundled, zarr, numcodecs, google-crc32c, ...) for
 # the GPU machine's Python (WHEELHOUSE_PYTHON, default 3.12) in wheelhouse/pyX.Y; fails over 60 MiB.
 # `make test-oldest`: the unit and kernel tests (Triton interpreter) in .venv-oldest, a Python 3.12 venv with
