@@ -72,6 +72,7 @@ def _json(path: Path) -> dict:
         return {}
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tiny mode is the CPU run")
 @pytest.mark.parametrize("point", ["mid-kernels", "mid-inputs"])
 def test_a_run_killed_midway_leaves_everything_measured_before(tmp_path, point):

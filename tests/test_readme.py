@@ -29,6 +29,7 @@ def commands(text: str) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
+@pytest.mark.e2e
 def test_every_readme_command_runs(tmp_path):
     from cache_teacher.demo_data import write_demo_data
 

@@ -236,6 +236,7 @@ def test_vit_export_round_trip_carries_architecture(vit_ti, tmp_path):
         assert not torch.allclose(stock.forward_features(images), trained.backbone.forward_features(images), atol=1e-3)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("recipe", ["path-b_vit-ti", "solider-b_swin-t"])
 def test_timm_local_dir_gives_the_trained_features_and_the_program_equals_eager(recipe, tmp_path):
     """timm.create_model('local-dir:FOLDER') with dpal imported: exactly the trained features (at the sizes the
@@ -269,6 +270,7 @@ def test_timm_local_dir_gives_the_trained_features_and_the_program_equals_eager(
         timm.create_model(f"local-dir:{folder}", img_size=(224, 224))
 
 
+@pytest.mark.e2e
 def test_plain_timm_refuses_an_export(vit_ti, tmp_path):
     """Without dpal, timm cannot build the export's architecture: its unknown-model error, never a stock ViT."""
     folder = export_student(vit_ti, tmp_path / "student", program=False)

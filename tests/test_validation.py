@@ -78,6 +78,7 @@ def _compared(path):
     return [[row[key] for key in COMPARED] for row in read_metrics(path)]
 
 
+@pytest.mark.e2e
 def test_validation_is_logged_and_does_not_change_training(plain_run, validated_run):
     assert _compared(validated_run / "metrics.csv") == _compared(plain_run / "metrics.csv")
     rows = read_metrics(validated_run / VALIDATION_CSV)
@@ -94,6 +95,7 @@ def test_validation_is_logged_and_does_not_change_training(plain_run, validated_
     assert not (plain_run / VALIDATION_CSV).exists()
 
 
+@pytest.mark.e2e
 def test_killed_validated_run_resumes_to_the_same_losses_and_validation(artefacts, validated_run):
     out = artefacts["root"] / "killed"
     process = subprocess.Popen([sys.executable, *_validated(artefacts, out)], env=ENV,
@@ -125,6 +127,7 @@ def _per_image(path):
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.e2e
 def test_evaluate_reproduces_the_last_validation_per_image(artefacts, validated_run, tmp_path, capsys):
     out = tmp_path / "student.csv"
     status, printed = _evaluate(capsys, validated_run, "--store", artefacts["fresh"], "--out", out)
@@ -152,6 +155,7 @@ def test_evaluate_reproduces_the_last_validation_per_image(artefacts, validated_
     assert status == 2 and "not a store of the run's training views" in printed.err
 
 
+@pytest.mark.e2e
 def test_stores_that_do_not_fit_are_refused_in_one_line(artefacts, validated_run, tmp_path, capsys):
     status, printed = _evaluate(capsys, validated_run, "--store", artefacts["store"])
     assert status == 2 and "training store's --seed 0" in printed.err and "another --seed" in printed.err
@@ -168,6 +172,7 @@ def test_stores_that_do_not_fit_are_refused_in_one_line(artefacts, validated_run
     assert not out.exists()  # refused before anything was written
 
 
+@pytest.mark.e2e
 def test_dry_run_says_how_often_each_view_set_is_reused(artefacts, capsys):
     from cache_teacher.__main__ import main as cache_main
     assert cache_main(["run", "--teacher", "path-b", "--weights", "unused.pth", "--images", str(artefacts["images"]),
