@@ -21,8 +21,9 @@ from dpal.recipes import TEACHERS, list_recipes
 
 def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     # Only light modules here (no torch, zarr or FFCV): `--help` answers at once.
-    from formats.cli import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE, NON_NEGATIVE,
-                             POSITIVE, SEED, TARGET_FORMATS, add_teacher_option_arguments, device_name, integer)
+    from formats.cli import (CODE_BITS, CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE,
+                             DEFAULT_RELATION_K, DEFAULT_TOKEN_RANK, NON_NEGATIVE, POSITIVE, SEED, TARGET_FORMATS,
+                             add_teacher_option_arguments, device_name, integer, real)
 
     parser = argparse.ArgumentParser(prog="python -m cache_teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +61,24 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
                      "default: the configuration the recipes of --teacher use). The store records it, and training "
                      f"refuses a store cached with other views than its recipe's. Recipes: {', '.join(list_recipes())}")
     run.add_argument("--format", dest="target_format", choices=TARGET_FORMATS, default="float16",
-                     help="float16 (lossless compression) or int8 with per-row scales (default float16)")
+                     help="float16 (lossless compression), int8 with per-row scales, or compact (local tokens on a "
+                     "low-rank basis fitted on the calibration images, relation rows as their top-k entries; "
+                     "docs/stores.md) (default float16)")
+    run.add_argument("--token-rank", type=POSITIVE, default=None, metavar="R",
+                     help=f"compact: basis directions kept per local token (1..teacher width, default "
+                     f"{DEFAULT_TOKEN_RANK} or the width if smaller)")
+    run.add_argument("--relation-k", type=POSITIVE, default=None, metavar="K",
+                     help=f"compact: entries kept per relation row, the rest as their total mass (1..crowd tokens, "
+                     f"default {DEFAULT_RELATION_K} or the crowd tokens if fewer)")
+    run.add_argument("--code-bits", type=int, choices=CODE_BITS, default=8,
+                     help="compact: 8 (int8 codes with a scale per row, default) or 16 (float16 values)")
+    run.add_argument("--max-loss-change", type=real(0.0, low_open=True), default=None, metavar="F",
+                     help="refuse, before writing anything, a coding whose relative change of any loss term on the "
+                     "calibration sample (student at initialisation) exceeds F (> 0, e.g. 0.01; default: no limit)")
+    run.add_argument("--plan-gpus", type=POSITIVE, default=8, metavar="N",
+                     help="--dry-run's bandwidth table: GPUs reading the store (>= 1, default 8)")
+    run.add_argument("--plan-rate", type=real(0.0, low_open=True), default=2000.0, metavar="S",
+                     help="--dry-run's bandwidth table: training samples per second per GPU (> 0, default 2000)")
     run.add_argument("--codec", choices=CODECS, default="lz4",
                      help="lossless Blosc codec: lz4 (default; fast to read every epoch) or zstd (smaller, ~4x "
                      "slower to decode)")
@@ -81,7 +99,9 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
                      help="cache only the first N images (>= 1; a trial)")
     run.add_argument("--device", type=device_name, default=None,
                      help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
-    run.add_argument("--dry-run", action="store_true", help="print the storage needed and exit")
+    run.add_argument("--dry-run", action="store_true", help="print the storage needed (every format, and the reads "
+                     "of training at --plan-gpus x --plan-rate), with --format compact the fidelity of its knobs on "
+                     "the calibration sample, and exit")
     run.add_argument("--skip-space-check", action="store_true", help="do not refuse when the free space looks short")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_teacher_option_arguments(run)
