@@ -21,9 +21,9 @@ from dpal.recipes import TEACHERS, list_recipes
 
 def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     # Only light modules here (no torch, zarr or FFCV): `--help` answers at once.
-    from formats.cli import (CODE_BITS, CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE,
-                             DEFAULT_RELATION_K, DEFAULT_TOKEN_RANK, NON_NEGATIVE, POSITIVE, SEED, TARGET_FORMATS,
-                             add_teacher_option_arguments, device_name, integer, real)
+    from formats.cli import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE,
+                             DEFAULT_VIEW_SET_BYTES, NON_NEGATIVE, POSITIVE, RELATION_BITS, SEED, TARGET_FORMATS,
+                             TOKEN_BITS, add_teacher_option_arguments, device_name, integer, real)
 
     parser = argparse.ArgumentParser(prog="python -m cache_teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,20 +65,23 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
                      "low-rank basis fitted on the calibration images, relation rows as their top-k entries; "
                      "docs/stores.md) (default float16)")
     run.add_argument("--token-rank", type=POSITIVE, default=None, metavar="R",
-                     help=f"compact: basis directions kept per local token (1..teacher width, default "
-                     f"{DEFAULT_TOKEN_RANK} or the width if smaller)")
+                     help=f"compact: basis coefficients kept per local token (1..teacher width; default: as many as "
+                     f"keep a view set within {DEFAULT_VIEW_SET_BYTES // 1024} KiB)")
+    run.add_argument("--token-bits", type=int, choices=TOKEN_BITS, default=8,
+                     help="compact: 8 (int8 coefficients with a scale per token, default) or 16 (float16)")
     run.add_argument("--relation-k", type=POSITIVE, default=None, metavar="K",
-                     help=f"compact: entries kept per relation row, the rest as their total mass (1..crowd tokens, "
-                     f"default {DEFAULT_RELATION_K} or the crowd tokens if fewer)")
-    run.add_argument("--code-bits", type=int, choices=CODE_BITS, default=8,
-                     help="compact: 8 (int8 codes with a scale per row, default) or 16 (float16 values)")
+                     help="compact: entries kept per relation row, the others as their total mass (1..crowd tokens; "
+                     "default: all)")
+    run.add_argument("--relation-bits", type=int, choices=RELATION_BITS, default=4,
+                     help="compact: relation values as 4- (default) or 8-bit log-probability codes with a scale per "
+                     "row, or 16-bit float probabilities")
     run.add_argument("--max-loss-change", type=real(0.0, low_open=True), default=None, metavar="F",
                      help="refuse, before writing anything, a coding whose relative change of any loss term on the "
                      "calibration sample (student at initialisation) exceeds F (> 0, e.g. 0.01; default: no limit)")
     run.add_argument("--plan-gpus", type=POSITIVE, default=8, metavar="N",
                      help="--dry-run's bandwidth table: GPUs reading the store (>= 1, default 8)")
-    run.add_argument("--plan-rate", type=real(0.0, low_open=True), default=2000.0, metavar="S",
-                     help="--dry-run's bandwidth table: training samples per second per GPU (> 0, default 2000)")
+    run.add_argument("--plan-rate", type=real(0.0, low_open=True), default=3000.0, metavar="S",
+                     help="--dry-run's bandwidth table: training samples per second per GPU (> 0, default 3000)")
     run.add_argument("--codec", choices=CODECS, default="lz4",
                      help="lossless Blosc codec: lz4 (default; fast to read every epoch) or zstd (smaller, ~4x "
                      "slower to decode)")

@@ -5,7 +5,8 @@ sets: cosine and relative L2 for the global and local tokens, KL(teacher || stor
 in the kept entries for relation rows, and, per distillation loss term, the relative change
 |L(stored) - L(teacher)| / L(teacher) on a student at its initialisation (`student_probe`, seeded, so every
 store of a teacher is judged by the same student). `run` records the figures of a calibration sample in the
-store when it creates it (`info` shows them) and refuses knobs whose loss change exceeds `--max-loss-change`;
+store when it creates a compact store, or any store with a budget (`info` shows them), and refuses knobs
+whose loss change exceeds `--max-loss-change`;
 `run --dry-run` prints them for a compact store's knobs without writing anything; `verify` measures them
 again on sampled stored view sets.
 """
@@ -54,7 +55,7 @@ def _rel_l2(stored: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 def kept_mass(coded, teacher_relation: torch.Tensor) -> torch.Tensor:
     """The teacher's mass per relation row in the entries the coding keeps [B, Nc] (1 where it keeps all)."""
-    if isinstance(coded, CompactTargets):
+    if isinstance(coded, CompactTargets) and coded.relation_index is not None:
         return teacher_relation.double().gather(-1, coded.relation_index.long().to(teacher_relation.device)).sum(-1)
     return torch.ones(teacher_relation.shape[:-1], dtype=torch.float64)
 
@@ -100,9 +101,9 @@ def merge(parts: list[dict[str, list[float]]]) -> dict[str, list[float]]:
     return {name: [v for part in parts for v in part[name]] for name in FIGURES}
 
 
-def budget_problem(summary: dict[str, dict[str, float]], max_loss_change: float | None) -> str | None:
+def budget_problem(summary: dict[str, dict[str, float]] | None, max_loss_change: float | None) -> str | None:
     """None, or the first loss change above the budget, named, as one line."""
-    if max_loss_change is None:
+    if max_loss_change is None or summary is None:
         return None
     for term in LOSS_TERMS:
         worst = summary[f"loss_change_{term}"]["worst"]

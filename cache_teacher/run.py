@@ -42,7 +42,7 @@ from dpal.recipes import RECIPES, TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
 from dpal.teachers import Teacher, global_view_targets, load_teacher, teacher_options, teacher_targets
 from dpal.views import VIEW_SET_FIELDS, background_indices, render_view_sets
-from formats.cli import CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_RELATION_K, DEFAULT_TOKEN_RANK, TARGET_FORMATS
+from formats.cli import CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_VIEW_SET_BYTES, TARGET_FORMATS, TOKEN_RANK_STEP
 from formats.durable import WriterRefusedError, job_writer_lock
 from formats.images import ImageFile, images_fingerprint
 from formats.store import (StoreLayout, StoreSpec, StoreWriter, check_format_version, check_spec_version,
@@ -80,24 +80,38 @@ class RunConfig:
     semantic_weight: float = 0.0  # SOLIDER's s, folded into the weights
     views: str | None = None  # recipe whose view configuration to cache (default: that of --teacher's recipes)
     overlap: bool = True  # the double-buffered pipeline (cache_teacher.pipeline); False: render, then teacher
-    token_rank: int | None = None  # compact knobs (formats.targets.CompactKnobs); None: the default, at most
-    relation_k: int | None = None  # the teacher's width / crowd tokens
-    code_bits: int = 8
+    token_rank: int | None = None  # compact knobs (formats.targets.CompactKnobs); None: as many as fit
+    token_bits: int = 8  # DEFAULT_VIEW_SET_BYTES
+    relation_k: int | None = None  # None: every entry
+    relation_bits: int = 4
     max_loss_change: float | None = None  # refuse knobs whose relative loss change exceeds this (fidelity)
     plan_gpus: int = 8  # --dry-run's scale table: GPUs reading the store ...
-    plan_rate: float = 2000.0  # ... at this many samples per second each
+    plan_rate: float = 3000.0  # ... at this many samples per second each
 
     def compact_knobs(self, spec: TeacherSpec, view_cfg: ViewConfig) -> CompactKnobs | None:
-        return compact_knobs(spec, view_cfg, self.token_rank, self.relation_k, self.code_bits) \
+        return compact_knobs(spec, view_cfg, token_rank=self.token_rank, token_bits=self.token_bits,
+                             relation_k=self.relation_k, relation_bits=self.relation_bits) \
             if self.target_format == "compact" else None
 
 
-def compact_knobs(spec: TeacherSpec, view_cfg: ViewConfig, token_rank: int | None = None,
-                  relation_k: int | None = None, bits: int = 8) -> CompactKnobs:
-    """The knobs asked for; those not given at their defaults, clipped to the teacher's width / crowd tokens."""
-    _, _, crowd_tokens = token_counts(spec, view_cfg)
-    return CompactKnobs(token_rank or min(DEFAULT_TOKEN_RANK, spec.width),
-                        relation_k or min(DEFAULT_RELATION_K, crowd_tokens), bits)
+def compact_knobs(spec: TeacherSpec, view_cfg: ViewConfig, *, token_rank: int | None = None, token_bits: int = 8,
+                  relation_k: int | None = None, relation_bits: int = 4) -> CompactKnobs:
+    """The knobs asked for; k not given: every entry; rank not given: the largest multiple of TOKEN_RANK_STEP
+    (at most the width) whose view set fits DEFAULT_VIEW_SET_BYTES, uncompressed, everything included."""
+    _, tokens, crowd_tokens = token_counts(spec, view_cfg)
+    relation_k = relation_k or crowd_tokens
+    if token_rank is not None:
+        return CompactKnobs(token_rank, token_bits, relation_k, relation_bits)
+    fitting = [rank for rank in range(TOKEN_RANK_STEP, spec.width + TOKEN_RANK_STEP, TOKEN_RANK_STEP)
+               if _view_set_bytes(spec, view_cfg, CompactKnobs(min(rank, spec.width), token_bits, relation_k,
+                                                               relation_bits)) <= DEFAULT_VIEW_SET_BYTES]
+    return CompactKnobs(min(max(fitting, default=TOKEN_RANK_STEP), spec.width), token_bits, relation_k, relation_bits)
+
+
+def _view_set_bytes(spec: TeacherSpec, view_cfg: ViewConfig, knobs: CompactKnobs) -> int:
+    layout = plan_layout(spec, view_cfg, num_images=1, views_per_image=1, view_fields=VIEW_SET_FIELDS,
+                         target_format="compact", compact=knobs, chunk_images=1, shard_images=1)
+    return sum(layout.bytes_per_view_set().values())
 
 
 def cached_views(teacher: str, recipe: str | None = None) -> ViewConfig:
@@ -150,7 +164,8 @@ class TargetComputer:
         """Teacher targets (float32, on the device) for view sets ``params`` of ``images`` (aligned lists)."""
         return self.run_teacher(self.render(images, params))
 
-    def calibration_tokens(self, images: ImageFile, indices: list[int], seed: int, views_per_image: int) -> torch.Tensor:
+    def calibration_tokens(self, images: ImageFile, indices: list[int], seed: int,
+                           views_per_image: int) -> torch.Tensor:
         """Global-view patch tokens [M, N, D] of each sampled image's first view set: what the shape mask and a
         compact store's token basis are fitted on."""
         tokens = []
@@ -319,7 +334,8 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
         raise RunError(f"--limit-images must be >= 1 (got {cfg.limit_images})")
     layout = plan_layout(spec, view_cfg, num_images=num_images, views_per_image=cfg.views_per_image,
                          view_fields=VIEW_SET_FIELDS, target_format=cfg.target_format,
-                         chunk_images=cfg.chunk_images, shard_images=cfg.shard_images, compact=cfg.compact_knobs(spec, view_cfg))
+                         chunk_images=cfg.chunk_images, shard_images=cfg.shard_images,
+                         compact=cfg.compact_knobs(spec, view_cfg))
     total_bytes = sum(layout.bytes_per_view_set().values()) * layout.num_images * layout.views_per_image
     grid, _, crowd_tokens = token_counts(spec, view_cfg)
     if cfg.dry_run:
@@ -385,8 +401,8 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
             if problem := budget_problem(summary, cfg.max_loss_change):
                 raise RunError(f"{problem} on the calibration sample (format {layout.target_format}"
                                + (f", knobs {layout.compact.to_dict()}" if layout.compact else "")
-                               + "); nothing was written: raise --token-rank or --relation-k, use --code-bits 16, "
-                               "or allow a larger change")
+                               + "); nothing was written: raise --token-rank, --relation-k or the bits, or allow "
+                               "a larger change")
             attrs = dict(identity, mask_calibration=calibration.to_dict(), view_fields=VIEW_SET_FIELDS,
                          crowd_tokens=crowd_tokens, images_path=str(Path(cfg.images).resolve()),
                          backgrounds_path=str(Path(cfg.backgrounds).resolve()), store_id=uuid.uuid4().hex,
@@ -448,14 +464,18 @@ def _load_teacher(cfg: RunConfig, spec: TeacherSpec, device: torch.device) -> Te
 
 
 def _fit_coding(computer: TargetComputer, images: ImageFile, cfg: RunConfig, layout: StoreLayout,
-                grid: tuple[int, int]) -> tuple[ShapeMaskCalibration, dict]:
+                grid: tuple[int, int]) -> tuple[ShapeMaskCalibration, dict | None]:
     """Fit the shape mask (and a compact store's token basis, set on `computer`) on the calibration images,
-    and measure the coding's fidelity on the first of them: (calibration, summarised figures)."""
+    and measure the coding's fidelity on the first of them: (calibration, summarised figures). The figures
+    (a student forward on the sample) are measured where knobs are chosen or a budget is set: for a compact
+    store, or with --max-loss-change; the fixed float16 and int8 codings are measured by `verify`."""
     indices = calibration_indices(layout.num_images, cfg.calibration_images, cfg.seed)
     tokens = computer.calibration_tokens(images, indices, cfg.seed, layout.views_per_image)
     calibration = fit_shape_mask(tokens, grid)
     if layout.compact is not None:
         computer.compact = CompactCoding(layout.compact, TokenBasis.fit(tokens, layout.compact.token_rank))
+    if layout.compact is None and cfg.max_loss_change is None:
+        return calibration, None
     figures = computer.fidelity_sample(images, indices[:FIDELITY_VIEW_SETS], cfg.seed, layout.views_per_image,
                                        calibration, layout.target_format)
     return calibration, summarise(figures)

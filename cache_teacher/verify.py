@@ -177,11 +177,15 @@ def info(store_path: str) -> dict:
     print(f"  {'all':<15}{'':<24}{'':<9}{total_raw:>15,}{total_stored:>19,.0f}{ratio:>8.3f}")
     print(f"  on disk: {_format_bytes(sum(f.stat().st_size for f in Path(store.path).rglob('*') if f.is_file()))}")
     if store.compact is not None:
-        print(f"  compact knobs: token rank {layout.compact.token_rank} of {layout.width}, relation k "
-              f"{layout.compact.relation_k} of {layout.crowd_tokens}, {layout.compact.bits}-bit values")
+        knobs = layout.compact
+        print(f"  compact knobs: token rank {knobs.token_rank} of {layout.width} in {knobs.token_bits} bits, relation "
+              f"k {knobs.relation_k} of {layout.crowd_tokens} in {knobs.relation_bits} bits")
     summary = attrs.get("fidelity")
     if summary:
         print(f"  fidelity recorded at creation, calibration sample (--max-loss-change "
               f"{attrs.get('max_loss_change')}):\n{figures_table(summary, indent='    ')}")
-    return {"fidelity": summary, "compact": layout.compact.to_dict() if layout.compact else None,"arrays": rows, "raw_bytes_per_view_set": total_raw, "stored_bytes_per_view_set": total_stored,
+    else:
+        print("  fidelity: none recorded at creation (a float16 or int8 store made without --max-loss-change); "
+              "`verify` measures it")
+    return {"fidelity": summary, "compact": layout.compact.to_dict() if layout.compact else None, "arrays": rows, "raw_bytes_per_view_set": total_raw, "stored_bytes_per_view_set": total_stored,
             "compression_ratio": ratio, "shards_done": len(done), "num_shards": layout.num_shards}

@@ -6,8 +6,9 @@ Layout of STORE.zarr (arrays indexed [image, view_set, ...], I images, K view se
   local       [I, K, N, D]           patch tokens of the global view: float16, or int8 + local_scale [I, K, N]
   mask        [I, K, N] float16      shape mask in [0, 1] (calibration in the attributes)
   relation    [I, K, Nc, Nc]         crowd-view relation probabilities: float16, or int8 + relation_scale [I, K, Nc]
-  compact stores: local [I, K, N, rank] basis coefficients, relation [I, K, Nc, k] the kept entries, with
-  relation_index [I, K, Nc, k] int16 and relation_rest [I, K, Nc] float32; the basis in token_basis.npy
+  compact stores: local [I, K, N, rank] basis coefficients (the basis in token_basis.npy), relation
+  [I, K, Nc, k] the kept entries' codes, with relation_index [I, K, Nc, k] int16 and relation_rest [I, K, Nc]
+  float32 when k < Nc (`formats.targets.CompactKnobs.array_specs`)
   dpal_progress/shard_NNNNNN.json    one marker per finished shard (file sizes + CRC32C of its shard files)
 Group attribute ``dpal_store`` holds the identity of the run (`StoreSpec`: teacher, checkpoint sha256, view
 config, image file fingerprint, format, ...) and a unique ``store_id`` drawn when the store is created:
@@ -62,10 +63,10 @@ from dpal.views import VIEW_PARAMS_VERSION
 from formats.cli import CODECS, TARGET_FORMATS
 from formats.durable import atomic_write, fsync_path, fsync_tree
 from formats.run_spec import spec_dict, spec_differences
-from formats.targets import RELATION_INDEX_ARRAY, RELATION_REST_ARRAY, CompactCoding, CompactKnobs, TokenBasis, \
-    array_dtypes, read_targets
+from formats.targets import CompactCoding, CompactKnobs, TokenBasis, array_dtypes, read_targets
 
-# 5: the compact target format (its basis file, its knobs and fidelity figures in the attributes); 4: every chunk ends in its CRC32C, shard markers record file CRC32Cs, attributes hold a unique store_id;
+# 5: the compact target format (basis file; knobs and fidelity figures in the attributes);
+# 4: every chunk ends in its CRC32C, shard markers record file CRC32Cs, attributes hold a unique store_id;
 # 3: int8 relation rows are log-domain codes (`dpal.losses.quantize_relation`); 2: chunks hold one view set
 # (view-set-major), int8 relation rows were linear; 1: chunks held all K view sets of their images.
 STORE_FORMAT_VERSION = 5
@@ -106,14 +107,14 @@ class StoreLayout:
 
     def array_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """name -> (shape after [I, K], dtype); names and dtypes are the target contract's."""
-        rank, kept = (self.compact.token_rank, self.compact.relation_k) if self.compact else (self.width,
-                                                                                              self.crowd_tokens)
-        shapes = {"view_params": (self.view_fields,), "global": (self.width,), "local": (self.tokens, rank),
-                  "mask": (self.tokens,), "relation": (self.crowd_tokens, kept),
-                  "local_scale": (self.tokens,), "relation_scale": (self.crowd_tokens,),
-                  RELATION_INDEX_ARRAY: (self.crowd_tokens, kept), RELATION_REST_ARRAY: (self.crowd_tokens,)}
-        bits = self.compact.bits if self.compact else 8
-        return {name: (shapes[name], dtype) for name, dtype in array_dtypes(self.target_format, bits).items()}
+        shapes = {"view_params": (self.view_fields,), "global": (self.width,), "local": (self.tokens, self.width),
+                  "mask": (self.tokens,), "relation": (self.crowd_tokens, self.crowd_tokens),
+                  "local_scale": (self.tokens,), "relation_scale": (self.crowd_tokens,)}
+        if self.compact is None:
+            return {name: (shapes[name], dtype) for name, dtype in array_dtypes(self.target_format).items()}
+        common = {name: (shapes[name], dtype) for name, dtype in array_dtypes("float16").items()
+                  if name in ("view_params", "global", "mask")}
+        return {**common, **self.compact.array_specs(tokens=self.tokens, crowd_tokens=self.crowd_tokens)}
 
     def bytes_per_view_set(self) -> dict[str, int]:
         """Uncompressed bytes of each array per view set."""
@@ -601,8 +602,8 @@ def layout_from_attrs(attrs: dict) -> StoreLayout:
     compact = attrs.get("compact") if attrs.get("target_format") == "compact" else None
     if attrs.get("target_format") == "compact":
         if not isinstance(compact, dict) or set(compact) != {f.name for f in dataclasses.fields(CompactKnobs)}:
-            raise StoreError(f"a compact store must record its knobs (token_rank, relation_k, bits); it holds "
-                             f"{compact!r}: the store is damaged, re-run the cache")
+            raise StoreError(f"a compact store must record its knobs ({', '.join(CompactKnobs.__annotations__)}); "
+                             f"it holds {compact!r}: the store is damaged, re-run the cache")
         compact = CompactKnobs(**compact)
         if problem := compact.problem(width=attrs["teacher_spec"]["width"], crowd_tokens=attrs["crowd_tokens"]):
             raise StoreError(f"store records {problem}; the store is damaged, re-run the cache")

@@ -11,7 +11,7 @@ relation rows as log-probability codes (`dpal.losses.quantize_relation`: softmax
 each with a float32 scale per row. compact (`CompactCoding`, docs/stores.md) keeps the global target and
 the mask in float16, the local tokens as coefficients on a low-rank basis fitted once per store (`TokenBasis`,
 kept beside the arrays) and the relation rows as their top-k entries plus the mass of the others; knobs
-`CompactKnobs` (rank, k, bits: 8 codes values like int8, 16 keeps float16). A compact batch is decoded by
+`CompactKnobs` (rank and bits of the tokens, k and bits of the relation rows). A compact batch is decoded by
 `CompactTargets.loss_arguments()` on whatever device it sits on: the trainer stages it on the training device,
 so the step takes the same float targets as from a float16 store.
 """
@@ -23,31 +23,29 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dpal.losses import dequantize_rows, quantize_relation, quantize_rows, relation_probabilities
-from formats.cli import CODE_BITS, TARGET_FORMATS
+from dpal.losses import (RELATION_LOG_RANGE, dequantize_rows, quantize_relation, quantize_rows,
+                         relation_probabilities)
+from formats.cli import RELATION_BITS, TARGET_FORMATS, TOKEN_BITS
 
 # Targets field (= distill_step_losses argument) -> store array.
 STORE_ARRAYS = {"global_target": "global", "local_target": "local", "local_mask": "mask",
                 "relation_target": "relation", "local_scale": "local_scale", "relation_scale": "relation_scale"}
 VIEW_PARAMS_ARRAY = "view_params"  # the view records, stored beside the targets
-# compact stores: `local` holds basis coefficients [N, rank], `relation` the top-k values [Nc, k], and these
-# arrays the kept entries' columns and the mass of the others.
+# compact stores: `local` holds basis coefficients [N, rank], `relation` the kept entries' codes; with k below
+# the crowd token count, these arrays hold their columns and the mass of the others.
 RELATION_INDEX_ARRAY, RELATION_REST_ARRAY = "relation_index", "relation_rest"
 
 
-def array_dtypes(target_format: str, bits: int = 8) -> dict[str, str]:
-    """Store array -> dtype, for a target format (row scales exist where values are int8 codes; `bits` applies
-    to compact stores)."""
+def array_dtypes(target_format: str) -> dict[str, str]:
+    """Store array -> dtype, for the float16 and int8 formats (the int8 row scales exist only in int8 stores);
+    a compact store's coded arrays follow from its knobs (`CompactKnobs.array_specs`)."""
     if target_format not in TARGET_FORMATS:
         raise ValueError(f"unknown target format {target_format!r}; choose one of {', '.join(TARGET_FORMATS)}")
-    quantized = target_format == "int8" or (target_format == "compact" and bits == 8)
-    coded = "int8" if quantized else "float16"
+    coded = "int8" if target_format == "int8" else "float16"
     dtypes = {VIEW_PARAMS_ARRAY: "float32", "global": "float16", "local": coded, "mask": "float16",
               "relation": coded}
-    if quantized:
+    if target_format == "int8":
         dtypes.update(local_scale="float32", relation_scale="float32")
-    if target_format == "compact":
-        dtypes.update({RELATION_INDEX_ARRAY: "int16", RELATION_REST_ARRAY: "float32"})
     return dtypes
 
 
@@ -103,13 +101,16 @@ class Targets:
 
 @dataclass(frozen=True)
 class CompactKnobs:
-    """What a compact store keeps: `token_rank` basis directions per local token, the `relation_k` largest
-    entries of each relation row, values in `bits` (8: int8 codes with a scale per row, 16: float16). At
-    rank = width, k = crowd tokens, bits = 16 nothing is dropped (float16 rounding only)."""
+    """What a compact store keeps: `token_rank` basis coefficients per local token in `token_bits` (8: int8
+    with a scale per token, 16: float16); of each relation row its `relation_k` largest entries (all, in
+    column order, when k is the crowd token count; else their columns and the mass of the others) in
+    `relation_bits` (4 or 8: log-domain codes with a scale per row, 16: float16 probabilities). At rank =
+    width, k = crowd tokens and 16 bits nothing is dropped (float16 rounding only)."""
 
     token_rank: int
+    token_bits: int
     relation_k: int
-    bits: int
+    relation_bits: int
 
     def problem(self, *, width: int, crowd_tokens: int) -> str | None:
         """None, or one line naming the knob out of range and the range accepted for this teacher."""
@@ -118,12 +119,51 @@ class CompactKnobs:
         if not 1 <= self.relation_k <= crowd_tokens:
             return (f"relation k {self.relation_k} is out of range: must be 1..{crowd_tokens} (the crowd view's "
                     f"token count)")
-        if self.bits not in CODE_BITS:
-            return f"code bits {self.bits} is not accepted: choose one of {', '.join(map(str, CODE_BITS))}"
+        if self.token_bits not in TOKEN_BITS:
+            return f"token bits {self.token_bits} is not accepted: choose one of {', '.join(map(str, TOKEN_BITS))}"
+        if self.relation_bits not in RELATION_BITS:
+            return (f"relation bits {self.relation_bits} is not accepted: choose one of "
+                    f"{', '.join(map(str, RELATION_BITS))}")
         return None
+
+    def array_specs(self, *, tokens: int, crowd_tokens: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The coded arrays (name -> shape after [I, K], dtype); global, mask and view records are as in every
+        format."""
+        specs = {"local": ((tokens, self.token_rank), "int8" if self.token_bits == 8 else "float16")}
+        if self.token_bits == 8:
+            specs["local_scale"] = ((tokens,), "float32")
+        width = -(-self.relation_k // 2) if self.relation_bits == 4 else self.relation_k  # 4 bits: two per byte
+        specs["relation"] = ((crowd_tokens, width), {4: "uint8", 8: "int8", 16: "float16"}[self.relation_bits])
+        if self.relation_bits < 16:
+            specs["relation_scale"] = ((crowd_tokens,), "float32")
+        if self.relation_k < crowd_tokens:
+            specs[RELATION_INDEX_ARRAY] = ((crowd_tokens, self.relation_k), "int16")
+            specs[RELATION_REST_ARRAY] = ((crowd_tokens,), "float32")
+        return specs
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def quantize_log4(probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row distributions [..., k] -> (uint8 [..., ceil(k / 2)] holding two 4-bit codes each, float32 scale
+    [...]) with softmax(code * scale) ~= p: log p over the row's own range (at most RELATION_LOG_RANGE nats)
+    in 15 steps. A flat row gets fine steps, a peaked one coarse steps on entries of little mass."""
+    log_p = probabilities.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+    top = log_p.amax(dim=-1, keepdim=True)
+    log_p = torch.maximum(log_p, top - RELATION_LOG_RANGE)
+    scale = (top - log_p.amin(dim=-1, keepdim=True)) / 15
+    codes = torch.where(scale > 0, (log_p - top) / scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    codes = (codes.round() + 15).clamp(0, 15).to(torch.uint8)
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), scale.squeeze(-1)
+
+
+def dequantize_log4(packed: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
+    """`quantize_log4`'s codes of k entries per row -> the row distributions (float32)."""
+    codes = torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)[..., :k]
+    return (codes.float() * scale.float()[..., None]).softmax(dim=-1)
 
 
 @dataclass(frozen=True, eq=False)  # tensor fields
@@ -159,49 +199,49 @@ class TokenBasis:
 
 @dataclass(frozen=True)
 class CompactTargets:
-    """A batch of compact targets as stored (names as the store arrays), with the basis that reads them."""
+    """A batch of compact targets as stored (one field per store array), with the coding that reads them."""
 
     global_target: torch.Tensor  # [B, D] float16
     local_mask: torch.Tensor  # [B, N] float16
-    local_codes: torch.Tensor  # [B, N, rank] int8 (+ local_scale [B, N]) or float16
-    relation_values: torch.Tensor  # [B, Nc, k]: int8 log-domain codes of the kept entries (+ relation_scale)
-    relation_index: torch.Tensor  # [B, Nc, k] int16: their columns
-    relation_rest: torch.Tensor  # [B, Nc] float32: the row's mass outside them, spread evenly when read
-    basis: TokenBasis
+    local_codes: torch.Tensor  # [B, N, rank]: int8 (+ local_scale [B, N]) or float16 coefficients
+    relation_values: torch.Tensor  # [B, Nc, k or ceil(k / 2)]: the kept entries (`CompactKnobs`)
+    coding: "CompactCoding"
     local_scale: torch.Tensor | None = None
-    relation_scale: torch.Tensor | None = None
+    relation_scale: torch.Tensor | None = None  # [B, Nc] of 4- and 8-bit codes
+    relation_index: torch.Tensor | None = None  # [B, Nc, k] int16: their columns (k < Nc)
+    relation_rest: torch.Tensor | None = None  # [B, Nc] float32: the mass outside them, spread evenly (k < Nc)
 
     _ARRAYS = {"global_target": "global", "local_mask": "mask", "local_codes": "local", "relation_values": "relation",
-               "relation_index": RELATION_INDEX_ARRAY, "relation_rest": RELATION_REST_ARRAY,
-               "local_scale": "local_scale", "relation_scale": "relation_scale"}
+               "local_scale": "local_scale", "relation_scale": "relation_scale",
+               "relation_index": RELATION_INDEX_ARRAY, "relation_rest": RELATION_REST_ARRAY}
 
     def arrays(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, field) for field, name in self._ARRAYS.items() if getattr(self, field) is not None}
 
-    @classmethod
-    def from_arrays(cls, arrays: dict, basis: TokenBasis) -> "CompactTargets":
-        return cls(**{field: torch.as_tensor(arrays[name]) for field, name in cls._ARRAYS.items() if name in arrays},
-                   basis=basis)
-
     def to(self, device: torch.device, *, non_blocking: bool = False) -> "CompactTargets":
         moved = {field: getattr(self, field).to(device, non_blocking=non_blocking) for field in self._ARRAYS
                  if getattr(self, field) is not None}
-        return CompactTargets(**moved, basis=self.basis.to(device))
+        return CompactTargets(**moved, coding=self.coding)
 
     def targets(self) -> Targets:
         """Decoded on the codes' device: local tokens float16 (as a float16 store holds them), relation rows
         float32 (the spread mass of a row may be below float16's range)."""
-        basis = self.basis.to(self.local_codes.device)
+        knobs, basis = self.coding.knobs, self.coding.basis.to(self.local_codes.device)
         local = basis.mean + dequantize_rows(self.local_codes, self.local_scale) @ basis.rows
-        kept = 1 - self.relation_rest.float()
-        if self.relation_values.dtype == torch.int8:
-            top = relation_probabilities(self.relation_values, self.relation_scale) * kept[..., None]
+        if knobs.relation_bits == 4:
+            kept = dequantize_log4(self.relation_values, self.relation_scale, knobs.relation_k)
+        elif knobs.relation_bits == 8:
+            kept = relation_probabilities(self.relation_values, self.relation_scale)
         else:
-            top = self.relation_values.float()
-        crowd, k = self.relation_values.shape[-2], self.relation_values.shape[-1]
-        spread = self.relation_rest.float() / (crowd - k) if crowd > k else torch.zeros_like(kept)
-        relation = spread[..., None].expand(*spread.shape, crowd).contiguous()
-        relation.scatter_(-1, self.relation_index.long(), top)
+            kept = self.relation_values
+        if self.relation_index is None:
+            return Targets(self.global_target, local.half(), self.local_mask, kept)
+        rest = self.relation_rest.float()
+        if knobs.relation_bits < 16:  # codes give the kept entries' shape; the rest gives their total
+            kept = kept * (1 - rest)[..., None]
+        crowd = self.relation_values.shape[-2]
+        relation = (rest / (crowd - knobs.relation_k))[..., None].expand(*rest.shape, crowd).contiguous()
+        relation.scatter_(-1, self.relation_index.long(), kept.float())
         return Targets(self.global_target, local.half(), self.local_mask, relation)
 
     def loss_arguments(self) -> dict[str, torch.Tensor]:
@@ -220,22 +260,25 @@ class CompactCoding:
 
     def encode(self, *, global_: torch.Tensor, local: torch.Tensor, mask: torch.Tensor,
                relation: torch.Tensor) -> CompactTargets:
-        basis = self.basis.to(local.device)
+        knobs, basis = self.knobs, self.basis.to(local.device)
         coefficients = (local.float() - basis.mean) @ basis.rows.T
-        probabilities = relation.float()
-        values, index = probabilities.topk(self.knobs.relation_k, dim=-1)
-        kept = values.sum(-1)
-        local_scale = relation_scale = None
-        if self.knobs.bits == 8:
-            codes, local_scale = quantize_rows(coefficients)
-            values, relation_scale = quantize_relation(values / kept.clamp_min(torch.finfo(torch.float32).tiny)[..., None])
-        else:
-            codes, values = coefficients.half(), values.half()
-        return CompactTargets(global_.half(), mask.half(), codes, values, index.to(torch.int16),
-                              (1 - kept).clamp_min(0), self.basis, local_scale, relation_scale)
+        local_codes, local_scale = quantize_rows(coefficients) if knobs.token_bits == 8 else (coefficients.half(),
+                                                                                               None)
+        probabilities, index, rest = relation.float(), None, None
+        if knobs.relation_k < relation.shape[-1]:
+            probabilities, index = probabilities.topk(knobs.relation_k, dim=-1)
+            kept = probabilities.sum(-1)
+            rest, index = (1 - kept).clamp_min(0), index.to(torch.int16)
+            if knobs.relation_bits < 16:  # the codes keep the shape; `rest` the total
+                probabilities = probabilities / kept.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+        values, relation_scale = {4: quantize_log4, 8: quantize_relation,
+                                  16: lambda p: (p.half(), None)}[knobs.relation_bits](probabilities)
+        return CompactTargets(global_.half(), mask.half(), local_codes, values, self, local_scale, relation_scale,
+                              index, rest)
 
     def read(self, arrays: dict) -> CompactTargets:
-        return CompactTargets.from_arrays(arrays, self.basis)
+        return CompactTargets(**{field: torch.as_tensor(arrays[name]) for field, name in CompactTargets._ARRAYS.items()
+                                 if name in arrays}, coding=self)
 
 
 def encode_targets(*, global_: torch.Tensor, local: torch.Tensor, mask: torch.Tensor, relation: torch.Tensor,

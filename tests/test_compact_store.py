@@ -28,7 +28,7 @@ TINY = TeacherSpec("tiny-vit", "vit", "vit_base_patch16_224", width=32, depth=2,
 TEACHERS_WITH_TINY = dict(TEACHERS, **{TINY.name: TINY})
 NUM_IMAGES = 4
 CROWD_TOKENS = 257
-LOSSLESS = dict(target_format="compact", token_rank=TINY.width, relation_k=CROWD_TOKENS, code_bits=16)
+LOSSLESS = dict(target_format="compact", token_rank=TINY.width, token_bits=16, relation_k=CROWD_TOKENS, relation_bits=16)
 
 
 @pytest.fixture(scope="module")
@@ -108,15 +108,18 @@ def test_default_knobs_fit_and_report_fidelity(stores, inputs, capsys):
     store = stores["compact"]
     per_set = store.layout.bytes_per_view_set()
     assert per_set["local"] == 128 * TINY.width  # the default rank, clipped to the width
-    assert store.attrs["compact"] == {"token_rank": TINY.width, "relation_k": 32, "bits": 8}
-    assert sum(per_set.values()) < sum(stores["float16"].layout.bytes_per_view_set().values()) / 2
+    assert store.attrs["compact"] == {"token_rank": TINY.width, "token_bits": 8, "relation_k": CROWD_TOKENS,
+                                      "relation_bits": 4}
+    assert per_set["relation"] == CROWD_TOKENS * 129  # two 4-bit codes a byte
+    assert sum(per_set.values()) < sum(stores["float16"].layout.bytes_per_view_set().values()) / 3
     recorded = store.attrs["fidelity"]
     assert set(recorded) == set(FIGURES)
-    assert 0 < recorded["relation_kept_mass"]["worst"] < 1  # 32 of 257 entries kept
+    assert recorded["relation_kept_mass"]["worst"] == 1  # every entry kept
+    assert 0 < recorded["relation_kl"]["worst"] < 0.05
     assert recorded["local_cosine"]["worst"] > 0.99
     summary = info(str(store.path))
     out = capsys.readouterr().out
-    assert "compact knobs: token rank 32 of 32, relation k 32 of 257, 8-bit values" in out
+    assert "compact knobs: token rank 32 of 32 in 8 bits, relation k 257 of 257 in 4 bits" in out
     assert "loss_change_relation" in out and summary["fidelity"] == recorded
     passed, table = verify(str(store.path), str(inputs / "tiny.pth"), samples=2, teachers=TEACHERS_WITH_TINY)
     assert passed
@@ -146,11 +149,11 @@ def test_knobs_out_of_range_are_refused_in_one_line(inputs, capsys, knobs, messa
     assert not (inputs / "bad.zarr").exists()
 
 
-def test_code_bits_are_checked_at_parse_time(capsys):
+def test_bits_are_checked_at_parse_time(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--teacher", "path-b", "--weights", "w", "--images", "i", "--backgrounds", "b", "-K", "1",
-              "--out", "o", "--code-bits", "4"])
-    assert "invalid choice: 4 (choose from 8, 16)" in capsys.readouterr().err
+              "--out", "o", "--relation-bits", "2"])
+    assert "invalid choice: 2 (choose from 4, 8, 16)" in capsys.readouterr().err
 
 
 def test_a_basis_that_does_not_match_the_store_is_refused(stores, inputs, tmp_path):
@@ -192,6 +195,24 @@ def test_dry_run_prints_scale_and_the_fidelity_of_the_knobs(inputs, capsys):
     assert rows["float16"]["bytes_per_second"] == rows["float16"]["bytes_per_view_set"] * 8 * 1000
     assert rows["compact"]["bytes_per_view_set"] < rows["int8"]["bytes_per_view_set"] < rows["float16"][
         "bytes_per_view_set"]
-    assert rows["compact"]["knobs"] == {"token_rank": 8, "relation_k": 16, "bits": 8}
+    assert rows["compact"]["knobs"] == {"token_rank": 8, "token_bits": 8, "relation_k": 16, "relation_bits": 4}
     assert "read at 8 GPUs x 1000/s" in out and "loss_change_local" in out
     assert result["fidelity"]["relation_kept_mass"]["worst"] < 1
+
+
+def test_feed_bench_reports_each_format(stores, inputs, tmp_path, capsys):
+    from train_student.feed_bench import main as feed_bench
+
+    out = tmp_path / "feed.json"
+    argv = ["--backgrounds", str(inputs / "backgrounds.beton"), "--batch-size", "2", "--batches", "2",
+            "--warmup-batches", "1", "--device", "cpu", "--json", str(out)]
+    for name in ("float16", "compact"):
+        argv += ["--store", str(stores[name].path)]
+    assert feed_bench(argv) == 0
+    rows = {row["format"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["compact"]["raw_bytes_per_view_set"] < rows["float16"]["raw_bytes_per_view_set"] / 2
+    for row in rows.values():
+        assert row["feed_samples_per_s"] > 0 and row["feed_and_stage_samples_per_s"] > 0
+        assert row["feed_bytes_per_s"] == pytest.approx(row["feed_samples_per_s"] * row["stored_bytes_per_view_set"])
+        assert row["staged_arrays"] == ["global_target", "local_mask", "local_target", "relation_target"]
+    assert "feed samples/s" in capsys.readouterr().out

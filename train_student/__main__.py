@@ -61,7 +61,8 @@ def training_parser() -> argparse.ArgumentParser:
         description="Distil a DPAL student from cached teacher targets: FFCV feeds the images, the stored view "
                     "parameters re-render the teacher's exact views on the training device, the targets come "
                     "from the Zarr store. Every default comes from the recipe (spec sections 5-7); flags only "
-                    "override. Subcommand: `bench` (python -m train_student bench --help).",
+                    "override. Subcommands: `bench` (python -m train_student bench --help) and `feed-bench` (the "
+                    "target feed's rate per store format).",
         epilog=EXAMPLE)
     parser.add_argument("--list-recipes", action="store_true", help="print the recipe names and exit")
     add_data_arguments(parser)
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         from train_student.bench import main as bench_main
         return bench_main(argv[1:])
+    if argv[:1] == ["feed-bench"]:
+        from train_student.feed_bench import main as feed_bench_main
+        return feed_bench_main(argv[1:])
     parser = training_parser()
     args = parser.parse_args(argv)
     if args.list_recipes:
