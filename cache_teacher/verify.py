@@ -135,8 +135,9 @@ def verify(store_path: str, weights: str, *, images: str | None = None, backgrou
     problem = budget_problem(summary, attrs.get("max_loss_change"))
     passed &= problem is None
     print(f"fidelity of the stored coding against the teacher's float32 outputs on these view sets "
-          f"(--max-loss-change {attrs.get('max_loss_change')}: {problem or 'within budget'}):\n{figures_table(summary)}")
-    table += [{"metric": name, "worst": v["worst"], "mean": v["mean"], "limit": None, "ok": True}
+          f"(--max-loss-change {attrs.get('max_loss_change')}: {problem or 'within budget'}):\n"
+          f"{figures_table(summary)}")
+    table += [{"metric": f"fidelity_{name}", "worst": v["worst"], "mean": v["mean"], "limit": None, "ok": True}
               for name, v in summary.items()]
     print("verify: " + ("PASSED" if passed else "FAILED"))
     return passed, table
@@ -187,5 +188,6 @@ def info(store_path: str) -> dict:
     else:
         print("  fidelity: none recorded at creation (a float16 or int8 store made without --max-loss-change); "
               "`verify` measures it")
-    return {"fidelity": summary, "compact": layout.compact.to_dict() if layout.compact else None, "arrays": rows, "raw_bytes_per_view_set": total_raw, "stored_bytes_per_view_set": total_stored,
+    return {"fidelity": summary, "compact": layout.compact.to_dict() if layout.compact else None,
+            "arrays": rows, "raw_bytes_per_view_set": total_raw, "stored_bytes_per_view_set": total_stored,
             "compression_ratio": ratio, "shards_done": len(done), "num_shards": layout.num_shards}
