@@ -72,9 +72,10 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
     run.add_argument("--relation-k", type=POSITIVE, default=None, metavar="K",
                      help="compact: entries kept per relation row, the others as their total mass (1..crowd tokens; "
                      "default: all)")
-    run.add_argument("--relation-bits", type=int, choices=RELATION_BITS, default=4,
-                     help="compact: relation values as 4- (default) or 8-bit log-probability codes with a scale per "
-                     "row, or 16-bit float probabilities")
+    run.add_argument("--relation-bits", type=int, choices=RELATION_BITS, default=None,
+                     help="compact: relation values as 4- or 8-bit log-probability codes with a scale per row, or "
+                     "16-bit float probabilities (default: 8 where such rows take at most half of "
+                     f"{DEFAULT_VIEW_SET_BYTES // 1024} KiB, else 4)")
     run.add_argument("--max-loss-change", type=real(0.0, low_open=True), default=None, metavar="F",
                      help="refuse, before writing anything, a coding whose relative change of any loss term on the "
                      "calibration sample (student at initialisation) exceeds F (> 0, e.g. 0.01; default: no limit)")

@@ -83,7 +83,7 @@ class RunConfig:
     token_rank: int | None = None  # compact knobs (formats.targets.CompactKnobs); None: as many as fit
     token_bits: int = 8  # DEFAULT_VIEW_SET_BYTES
     relation_k: int | None = None  # None: every entry
-    relation_bits: int = 4
+    relation_bits: int | None = None  # None: 8 where 8-bit rows take at most half of DEFAULT_VIEW_SET_BYTES, else 4
     max_loss_change: float | None = None  # refuse knobs whose relative loss change exceeds this (fidelity)
     plan_gpus: int = 8  # --dry-run's scale table: GPUs reading the store ...
     plan_rate: float = 3000.0  # ... at this many samples per second each
@@ -95,11 +95,15 @@ class RunConfig:
 
 
 def compact_knobs(spec: TeacherSpec, view_cfg: ViewConfig, *, token_rank: int | None = None, token_bits: int = 8,
-                  relation_k: int | None = None, relation_bits: int = 4) -> CompactKnobs:
-    """The knobs asked for; k not given: every entry; rank not given: the largest multiple of TOKEN_RANK_STEP
-    (at most the width) whose view set fits DEFAULT_VIEW_SET_BYTES, uncompressed, everything included."""
+                  relation_k: int | None = None, relation_bits: int | None = None) -> CompactKnobs:
+    """The knobs asked for; k not given: every entry; relation bits not given: 8 where 8-bit rows take at most
+    half of DEFAULT_VIEW_SET_BYTES (SOLIDER-B's 64 x 64), else 4 (PATH-B's 257 x 257); rank not given: the
+    largest multiple of TOKEN_RANK_STEP (at most the width) whose view set fits DEFAULT_VIEW_SET_BYTES,
+    uncompressed, everything included."""
     _, tokens, crowd_tokens = token_counts(spec, view_cfg)
     relation_k = relation_k or crowd_tokens
+    if relation_bits is None:
+        relation_bits = 8 if crowd_tokens * relation_k <= DEFAULT_VIEW_SET_BYTES // 2 else 4
     if token_rank is not None:
         return CompactKnobs(token_rank, token_bits, relation_k, relation_bits)
     fitting = [rank for rank in range(TOKEN_RANK_STEP, spec.width + TOKEN_RANK_STEP, TOKEN_RANK_STEP)

@@ -77,7 +77,7 @@ ATTRS_KEY = "dpal_store"
 PROGRESS_DIR = "dpal_progress"
 MIN_CHUNK_BYTES = 1 << 20
 DEFAULT_SHARD_BYTES = 256 << 20  # uncompressed bytes of one shard across arrays: the unit of work
-TOKEN_BASIS_FILE = "token_basis.npy"  # compact stores: `formats.targets.TokenBasis.array()`
+TOKEN_BASIS_FILE = "token_basis.npz"  # compact stores: `formats.targets.TokenBasis.save()`
 
 
 class StoreError(UserError):
@@ -334,7 +334,7 @@ class StoreWriter:
                                    shards=(layout.shard_images, layout.views_per_image) + shape,
                                    compressors=_chunk_codecs(dtype, codec), config={"write_empty_chunks": True})
             if basis is not None:
-                np.save(staging / TOKEN_BASIS_FILE, basis.array())
+                basis.save(staging / TOKEN_BASIS_FILE)
                 attrs = dict(attrs, token_basis_sha256=file_sha256(staging / TOKEN_BASIS_FILE))
             group.attrs[ATTRS_KEY] = attrs
             (staging / PROGRESS_DIR).mkdir()
@@ -590,9 +590,10 @@ def read_compact_coding(path: Path, attrs: dict, layout: StoreLayout) -> Compact
     if file_sha256(file) != attrs.get("token_basis_sha256"):
         raise StoreError(f"{file} does not match the sha256 recorded in the store: the basis is not the one its "
                          f"arrays were coded with; re-run the cache into a new --out folder")
-    basis = TokenBasis.from_array(np.load(file))
+    basis = TokenBasis.load(file)
     expected = (layout.compact.token_rank, layout.width)
-    if tuple(basis.rows.shape) != expected:
+    if (tuple(basis.rows.shape), tuple(basis.scales.shape), tuple(basis.mean.shape)) != (expected, expected[:1],
+                                                                                          expected[1:]):
         raise StoreError(f"{file} holds a basis of shape {tuple(basis.rows.shape)} but the store records rank and "
                          f"width {expected}; re-run the cache into a new --out folder")
     return CompactCoding(layout.compact, basis)

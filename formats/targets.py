@@ -169,10 +169,13 @@ def dequantize_log4(packed: torch.Tensor, scale: torch.Tensor, k: int) -> torch.
 @dataclass(frozen=True, eq=False)  # tensor fields
 class TokenBasis:
     """Principal directions of teacher patch tokens (largest variance first), fitted on the calibration
-    images as the shape mask is: a token x is kept as c = (x - mean) @ rows^T and read as mean + c @ rows."""
+    images as the shape mask is. A token x is kept as its whitened coefficients c = (x - mean) @ rows^T / scales
+    and read as mean + (c * scales) @ rows. Whitening gives every coefficient of a token the same range, so
+    one int8 scale per token does not spend its steps on the leading direction alone."""
 
     mean: torch.Tensor  # [D] float32
     rows: torch.Tensor  # [rank, D] float32, orthonormal
+    scales: torch.Tensor  # [rank] float32: the standard deviation along each direction
 
     @classmethod
     def fit(cls, tokens: torch.Tensor, rank: int) -> "TokenBasis":
@@ -180,21 +183,30 @@ class TokenBasis:
         flat = tokens.reshape(-1, tokens.shape[-1]).double()
         mean = flat.mean(0)
         centred = flat - mean
-        _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
-        return cls(mean.float(), vectors.flip(-1)[:, :rank].T.contiguous().float())
+        variances, vectors = torch.linalg.eigh(centred.T @ centred / max(1, len(flat) - 1))  # ascending
+        scales = variances.flip(0)[:rank].clamp_min(0).sqrt()
+        scales = scales.clamp_min(max(float(scales[0]), 1.0) * 1e-6)  # directions the sample did not span
+        return cls(mean.float(), vectors.flip(-1)[:, :rank].T.contiguous().float(), scales.float())
 
-    def array(self) -> np.ndarray:
-        """[1 + rank, D] float32: the mean, then the directions (how the store keeps it)."""
-        return torch.cat([self.mean[None], self.rows]).numpy()
+    def save(self, path) -> None:
+        with open(path, "wb") as handle:
+            np.savez(handle, mean=self.mean.numpy(), rows=self.rows.numpy(), scales=self.scales.numpy())
 
     @classmethod
-    def from_array(cls, array: np.ndarray) -> "TokenBasis":
-        values = torch.as_tensor(np.asarray(array, dtype=np.float32))
-        return cls(values[0].contiguous(), values[1:].contiguous())
+    def load(cls, path) -> "TokenBasis":
+        with np.load(path) as data:
+            return cls(*(torch.from_numpy(data[name].astype(np.float32)) for name in ("mean", "rows", "scales")))
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens [..., D] -> whitened coefficients [..., rank] (float32, on the basis' device)."""
+        return (tokens.float() - self.mean) @ self.rows.T / self.scales
+
+    def decode(self, coefficients: torch.Tensor) -> torch.Tensor:
+        return self.mean + (coefficients * self.scales) @ self.rows
 
     def to(self, device: torch.device) -> "TokenBasis":
-        return self if self.rows.device == torch.device(device) else TokenBasis(self.mean.to(device),
-                                                                                 self.rows.to(device))
+        return self if self.rows.device == torch.device(device) else TokenBasis(
+            self.mean.to(device), self.rows.to(device), self.scales.to(device))
 
 
 @dataclass(frozen=True)
@@ -227,7 +239,7 @@ class CompactTargets:
         """Decoded on the codes' device: local tokens float16 (as a float16 store holds them), relation rows
         float32 (the spread mass of a row may be below float16's range)."""
         knobs, basis = self.coding.knobs, self.coding.basis.to(self.local_codes.device)
-        local = basis.mean + dequantize_rows(self.local_codes, self.local_scale) @ basis.rows
+        local = basis.decode(dequantize_rows(self.local_codes, self.local_scale))
         if knobs.relation_bits == 4:
             kept = dequantize_log4(self.relation_values, self.relation_scale, knobs.relation_k)
         elif knobs.relation_bits == 8:
@@ -261,7 +273,7 @@ class CompactCoding:
     def encode(self, *, global_: torch.Tensor, local: torch.Tensor, mask: torch.Tensor,
                relation: torch.Tensor) -> CompactTargets:
         knobs, basis = self.knobs, self.basis.to(local.device)
-        coefficients = (local.float() - basis.mean) @ basis.rows.T
+        coefficients = basis.encode(local)
         local_codes, local_scale = quantize_rows(coefficients) if knobs.token_bits == 8 else (coefficients.half(),
                                                                                                None)
         probabilities, index, rest = relation.float(), None, None
