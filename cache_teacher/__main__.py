@@ -66,7 +66,7 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
                      "docs/stores.md) (default float16)")
     run.add_argument("--token-rank", type=POSITIVE, default=None, metavar="R",
                      help=f"compact: basis coefficients kept per local token (1..teacher width; default: as many as "
-                     f"keep a view set within {DEFAULT_VIEW_SET_BYTES // 1024} KiB)")
+                     f"keep a view set within {DEFAULT_VIEW_SET_BYTES // 1024} KiB and a quarter of float16's)")
     run.add_argument("--token-bits", type=int, choices=TOKEN_BITS, default=8,
                      help="compact: 8 (int8 coefficients with a scale per token, default) or 16 (float16)")
     run.add_argument("--relation-k", type=POSITIVE, default=None, metavar="K",
@@ -74,8 +74,8 @@ def _parser(teachers: dict[str, TeacherSpec]) -> argparse.ArgumentParser:
                      "default: all)")
     run.add_argument("--relation-bits", type=int, choices=RELATION_BITS, default=None,
                      help="compact: relation values as 4- or 8-bit log-probability codes with a scale per row, or "
-                     "16-bit float probabilities (default: 8 where such rows take at most half of "
-                     f"{DEFAULT_VIEW_SET_BYTES // 1024} KiB, else 4)")
+                     "16-bit float probabilities (default: 8 where such rows take at most half of the view set's "
+                     "budget, see --token-rank, else 4)")
     run.add_argument("--max-loss-change", type=real(0.0, low_open=True), default=None, metavar="F",
                      help="refuse, before writing anything, a coding whose relative change of any loss term on the "
                      "calibration sample (student at initialisation) exceeds F (> 0, e.g. 0.01; default: no limit)")

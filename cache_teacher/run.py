@@ -80,10 +80,10 @@ class RunConfig:
     semantic_weight: float = 0.0  # SOLIDER's s, folded into the weights
     views: str | None = None  # recipe whose view configuration to cache (default: that of --teacher's recipes)
     overlap: bool = True  # the double-buffered pipeline (cache_teacher.pipeline); False: render, then teacher
-    token_rank: int | None = None  # compact knobs (formats.targets.CompactKnobs); None: as many as fit
-    token_bits: int = 8  # DEFAULT_VIEW_SET_BYTES
+    token_rank: int | None = None  # compact knobs (formats.targets.CompactKnobs); None: `compact_knobs` decides
+    token_bits: int = 8
     relation_k: int | None = None  # None: every entry
-    relation_bits: int | None = None  # None: 8 where 8-bit rows take at most half of DEFAULT_VIEW_SET_BYTES, else 4
+    relation_bits: int | None = None  # None: `compact_knobs` decides
     max_loss_change: float | None = None  # refuse knobs whose relative loss change exceeds this (fidelity)
     plan_gpus: int = 8  # --dry-run's scale table: GPUs reading the store ...
     plan_rate: float = 3000.0  # ... at this many samples per second each
@@ -96,19 +96,22 @@ class RunConfig:
 
 def compact_knobs(spec: TeacherSpec, view_cfg: ViewConfig, *, token_rank: int | None = None, token_bits: int = 8,
                   relation_k: int | None = None, relation_bits: int | None = None) -> CompactKnobs:
-    """The knobs asked for; k not given: every entry; relation bits not given: 8 where 8-bit rows take at most
-    half of DEFAULT_VIEW_SET_BYTES (SOLIDER-B's 64 x 64), else 4 (PATH-B's 257 x 257); rank not given: the
-    largest multiple of TOKEN_RANK_STEP (at most the width) whose view set fits DEFAULT_VIEW_SET_BYTES,
-    uncompressed, everything included."""
+    """The knobs asked for. Those not given fit a view set, uncompressed and everything included, into the
+    smaller of DEFAULT_VIEW_SET_BYTES and a quarter of the float16 view set: k every entry; relation bits 8
+    where 8-bit rows take at most half of that (SOLIDER-B's 64 x 64), else 4 (PATH-B's 257 x 257); rank the
+    largest multiple of TOKEN_RANK_STEP (at most the width) that fits."""
     _, tokens, crowd_tokens = token_counts(spec, view_cfg)
+    float16 = plan_layout(spec, view_cfg, num_images=1, views_per_image=1, view_fields=VIEW_SET_FIELDS,
+                          target_format="float16", chunk_images=1, shard_images=1)
+    budget = min(DEFAULT_VIEW_SET_BYTES, sum(float16.bytes_per_view_set().values()) // 4)
     relation_k = relation_k or crowd_tokens
     if relation_bits is None:
-        relation_bits = 8 if crowd_tokens * relation_k <= DEFAULT_VIEW_SET_BYTES // 2 else 4
+        relation_bits = 8 if crowd_tokens * relation_k <= budget // 2 else 4
     if token_rank is not None:
         return CompactKnobs(token_rank, token_bits, relation_k, relation_bits)
     fitting = [rank for rank in range(TOKEN_RANK_STEP, spec.width + TOKEN_RANK_STEP, TOKEN_RANK_STEP)
                if _view_set_bytes(spec, view_cfg, CompactKnobs(min(rank, spec.width), token_bits, relation_k,
-                                                               relation_bits)) <= DEFAULT_VIEW_SET_BYTES]
+                                                               relation_bits)) <= budget]
     return CompactKnobs(min(max(fitting, default=TOKEN_RANK_STEP), spec.width), token_bits, relation_k, relation_bits)
 
 
