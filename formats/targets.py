@@ -185,7 +185,9 @@ class TokenBasis:
         centred = flat - mean
         variances, vectors = torch.linalg.eigh(centred.T @ centred / max(1, len(flat) - 1))  # ascending
         scales = variances.flip(0)[:rank].clamp_min(0).sqrt()
-        scales = scales.clamp_min(max(float(scales[0]), 1.0) * 1e-6)  # directions the sample did not span
+        # Weak directions are floored at 1/16 of the leading one: the calibration sample underrates them, and
+        # a token of another image, amplified along them, would take its int8 scale from them.
+        scales = scales.clamp_min(max(float(scales[0]) / 16, torch.finfo(torch.float32).tiny))
         return cls(mean.float(), vectors.flip(-1)[:, :rank].T.contiguous().float(), scales.float())
 
     def save(self, path) -> None:

@@ -196,7 +196,7 @@ def test_dry_run_prints_scale_and_the_fidelity_of_the_knobs(inputs, capsys):
     assert rows["float16"]["bytes_per_second"] == rows["float16"]["bytes_per_view_set"] * 8 * 1000
     assert rows["compact"]["bytes_per_view_set"] < rows["int8"]["bytes_per_view_set"] < rows["float16"][
         "bytes_per_view_set"]
-    assert rows["compact"]["knobs"] == {"token_rank": 8, "token_bits": 8, "relation_k": 16, "relation_bits": 4}
+    assert rows["compact"]["knobs"] == {"token_rank": 8, "token_bits": 8, "relation_k": 16, "relation_bits": 8}
     assert "read at 8 GPUs x 1000/s" in out and "loss_change_local" in out
     assert result["fidelity"]["relation_kept_mass"]["worst"] < 1
 
