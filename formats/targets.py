@@ -199,12 +199,15 @@ class TokenBasis:
         with np.load(path) as data:
             return cls(*(torch.from_numpy(data[name].astype(np.float32)) for name in ("mean", "rows", "scales")))
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens [..., D] -> whitened coefficients [..., rank] (float32, on the basis' device)."""
-        return (tokens.float() - self.mean) @ self.rows.T / self.scales
+    def encode(self, tokens: torch.Tensor, *, whiten: bool) -> torch.Tensor:
+        """Tokens [..., D] -> coefficients [..., rank] (float32, on the basis' device), whitened for int8 codes
+        (a scale per token then bounds them); float16 coefficients are not, since a direction the sample
+        underrates could overflow float16 once divided by its small deviation."""
+        coefficients = (tokens.float() - self.mean) @ self.rows.T
+        return coefficients / self.scales if whiten else coefficients
 
-    def decode(self, coefficients: torch.Tensor) -> torch.Tensor:
-        return self.mean + (coefficients * self.scales) @ self.rows
+    def decode(self, coefficients: torch.Tensor, *, whiten: bool) -> torch.Tensor:
+        return self.mean + (coefficients * self.scales if whiten else coefficients) @ self.rows
 
     def to(self, device: torch.device) -> "TokenBasis":
         return self if self.rows.device == torch.device(device) else TokenBasis(
@@ -241,7 +244,7 @@ class CompactTargets:
         """Decoded on the codes' device: local tokens float16 (as a float16 store holds them), relation rows
         float32 (the spread mass of a row may be below float16's range)."""
         knobs, basis = self.coding.knobs, self.coding.basis.to(self.local_codes.device)
-        local = basis.decode(dequantize_rows(self.local_codes, self.local_scale))
+        local = basis.decode(dequantize_rows(self.local_codes, self.local_scale), whiten=knobs.token_bits == 8)
         if knobs.relation_bits == 4:
             kept = dequantize_log4(self.relation_values, self.relation_scale, knobs.relation_k)
         elif knobs.relation_bits == 8:
@@ -275,7 +278,7 @@ class CompactCoding:
     def encode(self, *, global_: torch.Tensor, local: torch.Tensor, mask: torch.Tensor,
                relation: torch.Tensor) -> CompactTargets:
         knobs, basis = self.knobs, self.basis.to(local.device)
-        coefficients = basis.encode(local)
+        coefficients = basis.encode(local, whiten=knobs.token_bits == 8)
         local_codes, local_scale = quantize_rows(coefficients) if knobs.token_bits == 8 else (coefficients.half(),
                                                                                                None)
         probabilities, index, rest = relation.float(), None, None
