@@ -26,9 +26,10 @@ from dpal.recipes import TEACHERS, list_recipes
 def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.ArgumentParser:
     """The command line of `python -m cache_teacher`, accepting the names of `teachers`."""
     # Only light modules here (no torch, zarr or FFCV): `--help` answers at once.
-    from formats.cli import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE, NON_NEGATIVE,
-                             POSITIVE, SEED, TARGET_FORMATS, add_config_arguments, add_teacher_option_arguments,
-                             device_name, integer)
+    from formats.cli import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE,
+                             DEFAULT_VIEW_SET_BYTES, POSITIVE, RELATION_BITS, SEED, TARGET_FORMATS,
+                             TOKEN_BITS, add_config_arguments, add_teacher_option_arguments, device_name, integer,
+                             real)
 
     parser = argparse.ArgumentParser(prog="python -m cache_teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,7 +67,28 @@ def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.Argume
                      "default: the configuration the recipes of --teacher use). The store records it, and training "
                      f"refuses a store cached with other views than its recipe's. Recipes: {', '.join(list_recipes())}")
     run.add_argument("--format", dest="target_format", choices=TARGET_FORMATS, default="float16",
-                     help="float16 (lossless compression) or int8 with per-row scales (default float16)")
+                     help="float16 (lossless compression), int8 with per-row scales, or compact (local tokens on a "
+                     "low-rank basis fitted on the calibration images, relation rows as their top-k entries; "
+                     "docs/stores.md) (default float16)")
+    run.add_argument("--token-rank", type=POSITIVE, default=None, metavar="R",
+                     help=f"compact: basis coefficients kept per local token (1..teacher width; default: as many as "
+                     f"keep a view set within {DEFAULT_VIEW_SET_BYTES // 1024} KiB and a quarter of float16's)")
+    run.add_argument("--token-bits", type=int, choices=TOKEN_BITS, default=8,
+                     help="compact: 8 (int8 coefficients with a scale per token, default) or 16 (float16)")
+    run.add_argument("--relation-k", type=POSITIVE, default=None, metavar="K",
+                     help="compact: entries kept per relation row, the others as their total mass (1..crowd tokens; "
+                     "default: all)")
+    run.add_argument("--relation-bits", type=int, choices=RELATION_BITS, default=None,
+                     help="compact: relation values as 4- or 8-bit log-probability codes with a scale per row, or "
+                     "16-bit float probabilities (default: 8 where such rows take at most half of the view set's "
+                     "budget, see --token-rank, else 4)")
+    run.add_argument("--max-loss-change", type=real(0.0, low_open=True), default=None, metavar="F",
+                     help="refuse, before writing anything, a coding whose relative change of any loss term on the "
+                     "calibration sample (student at initialisation) exceeds F (> 0, e.g. 0.01; default: no limit)")
+    run.add_argument("--plan-gpus", type=POSITIVE, default=8, metavar="N",
+                     help="--dry-run's bandwidth table: GPUs reading the store (>= 1, default 8)")
+    run.add_argument("--plan-rate", type=real(0.0, low_open=True), default=3000.0, metavar="S",
+                     help="--dry-run's bandwidth table: training samples per second per GPU (> 0, default 3000)")
     run.add_argument("--codec", choices=CODECS, default="lz4",
                      help="lossless Blosc codec: lz4 (default; fast to read every epoch) or zstd (smaller, ~4x "
                      "slower to decode)")
@@ -87,8 +109,9 @@ def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.Argume
                      help="cache only the first N images (>= 1; a trial)")
     run.add_argument("--device", type=device_name, default=None,
                      help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
-    run.add_argument("--dry-run", action="store_true",
-                     help="print the storage needed and how often training will reuse each view set, and exit")
+    run.add_argument("--dry-run", action="store_true", help="print the storage needed (every format, and the reads "
+                     "of training at --plan-gpus x --plan-rate), with --format compact the fidelity of its knobs on "
+                     "the calibration sample, and how often training will reuse each view set, and exit")
     run.add_argument("--epochs", type=POSITIVE, default=None, metavar="N",
                      help="epochs the store will be trained for, for --dry-run's reuse count (>= 1, default: the "
                      "recipes' 200)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import math
 import os
 import shutil
 import sys
@@ -32,19 +33,23 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from cache_teacher.fidelity import (FIDELITY_VIEW_SETS, budget_problem, fidelity, figures_table, merge,
+                                    student_probe, summarise)
 from cache_teacher.pipeline import decoded_shards, process_shards, shard_arrays
-from dpal.config import OptimConfig, TeacherSpec, ViewConfig, token_counts
+from dpal.config import OptimConfig, TeacherSpec, ViewConfig
 from dpal.errors import UserError, file_problem
 from dpal.recipes import RECIPES, TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
 from dpal.teachers import Teacher, global_view_targets, load_teacher, teacher_options, teacher_targets
 from dpal.views import VIEW_SET_FIELDS, background_indices, render_view_sets
-from formats.cli import CODECS, DEFAULT_CALIBRATION_IMAGES, note_adjusted
+from formats.cli import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_VIEW_SET_BYTES, TARGET_FORMATS, TOKEN_RANK_STEP,
+                         note_adjusted)
 from formats.durable import WriterRefusedError, job_writer_lock
 from formats.images import ImageFile, images_fingerprint
 from formats.store import (StoreLayout, StoreSpec, StoreWriter, check_format_version, check_spec_version,
-                           describe_differences, file_sha256, plan_layout, read_attrs, store_lock_path, token_counts)
-from formats.targets import VIEW_PARAMS_ARRAY, Targets
+                           describe_differences, file_sha256, plan_layout, read_attrs, read_compact_coding,
+                           store_lock_path, token_counts)
+from formats.targets import CompactCoding, CompactKnobs, Targets, TokenBasis, encode_targets
 from formats.view_records import calibration_indices, describe_view_set_reuse, image_view_params
 
 
@@ -77,6 +82,45 @@ class RunConfig:
     views: str | None = None  # recipe whose view configuration to cache (default: that of --teacher's recipes)
     epochs: int | None = None  # training epochs the store is meant for (the dry run's reuse count; default 200)
     overlap: bool = True  # the double-buffered pipeline (cache_teacher.pipeline); False: render, then teacher
+    token_rank: int | None = None  # compact knobs (formats.targets.CompactKnobs); None: `compact_knobs` decides
+    token_bits: int = 8
+    relation_k: int | None = None  # None: every entry
+    relation_bits: int | None = None  # None: `compact_knobs` decides
+    max_loss_change: float | None = None  # refuse knobs whose relative loss change exceeds this (fidelity)
+    plan_gpus: int = 8  # --dry-run's scale table: GPUs reading the store ...
+    plan_rate: float = 3000.0  # ... at this many samples per second each
+
+    def compact_knobs(self, spec: TeacherSpec, view_cfg: ViewConfig) -> CompactKnobs | None:
+        return compact_knobs(spec, view_cfg, token_rank=self.token_rank, token_bits=self.token_bits,
+                             relation_k=self.relation_k, relation_bits=self.relation_bits) \
+            if self.target_format == "compact" else None
+
+
+def compact_knobs(spec: TeacherSpec, view_cfg: ViewConfig, *, token_rank: int | None = None, token_bits: int = 8,
+                  relation_k: int | None = None, relation_bits: int | None = None) -> CompactKnobs:
+    """The knobs asked for. Those not given fit a view set, uncompressed and everything included, into the
+    smaller of DEFAULT_VIEW_SET_BYTES and a quarter of the float16 view set: k every entry; relation bits 8
+    where 8-bit rows take at most half of that (SOLIDER-B's 64 x 64), else 4 (PATH-B's 257 x 257); rank the
+    largest multiple of TOKEN_RANK_STEP (at most the width) that fits."""
+    _, tokens, crowd_tokens = token_counts(spec, view_cfg)
+    float16 = plan_layout(spec, view_cfg, num_images=1, views_per_image=1, view_fields=VIEW_SET_FIELDS,
+                          target_format="float16", chunk_images=1, shard_images=1)
+    budget = min(DEFAULT_VIEW_SET_BYTES, sum(float16.bytes_per_view_set().values()) // 4)
+    relation_k = relation_k or crowd_tokens
+    if relation_bits is None:
+        relation_bits = 8 if crowd_tokens * relation_k <= budget // 2 else 4
+    if token_rank is not None:
+        return CompactKnobs(token_rank, token_bits, relation_k, relation_bits)
+    fitting = [rank for rank in range(TOKEN_RANK_STEP, spec.width + TOKEN_RANK_STEP, TOKEN_RANK_STEP)
+               if _view_set_bytes(spec, view_cfg, CompactKnobs(min(rank, spec.width), token_bits, relation_k,
+                                                               relation_bits)) <= budget]
+    return CompactKnobs(min(max(fitting, default=TOKEN_RANK_STEP), spec.width), token_bits, relation_k, relation_bits)
+
+
+def _view_set_bytes(spec: TeacherSpec, view_cfg: ViewConfig, knobs: CompactKnobs) -> int:
+    layout = plan_layout(spec, view_cfg, num_images=1, views_per_image=1, view_fields=VIEW_SET_FIELDS,
+                         target_format="compact", compact=knobs, chunk_images=1, shard_images=1)
+    return sum(layout.bytes_per_view_set().values())
 
 
 def cached_views(teacher: str, recipe: str | None = None) -> ViewConfig:
@@ -109,6 +153,7 @@ class TargetComputer:
                  batch_size: int):
         self.teacher, self.backgrounds, self.cfg = teacher, backgrounds, cfg
         self.device, self.batch_size = device, batch_size
+        self.compact: CompactCoding | None = None  # a compact store's coding, set once its basis is fitted
         self.background = lru_cache(maxsize=4096)(lambda index: torch.from_numpy(backgrounds.image(index)))
 
     def render(self, images: list[torch.Tensor], params: torch.Tensor):
@@ -128,9 +173,10 @@ class TargetComputer:
         """Teacher targets (float32, on the device) for view sets ``params`` of ``images`` (aligned lists)."""
         return self.run_teacher(self.render(images, params))
 
-    def calibrate(self, images: ImageFile, indices: list[int], seed: int, views_per_image: int,
-                  grid: tuple[int, int]) -> ShapeMaskCalibration:
-        """Fit the shape mask on the global-view patch tokens of each sampled image's first view set."""
+    def calibration_tokens(self, images: ImageFile, indices: list[int], seed: int,
+                           views_per_image: int) -> torch.Tensor:
+        """Global-view patch tokens [M, N, D] of each sampled image's first view set: what the shape mask and a
+        compact store's token basis are fitted on."""
         tokens = []
         for start in tqdm(range(0, len(indices), self.batch_size), desc="shape-mask calibration", unit="batch",
                           disable=not _is_rank0()):
@@ -140,7 +186,24 @@ class TargetComputer:
             views = self.render([torch.from_numpy(images.image(i)) for i in chunk], params)
             with self.precision():
                 tokens.append(global_view_targets(self.teacher, views.global_view)[1].cpu())
-        return fit_shape_mask(torch.cat(tokens), grid)
+        return torch.cat(tokens)
+
+    def fidelity_sample(self, images: ImageFile, indices: list[int], seed: int, views_per_image: int,
+                        calibration: ShapeMaskCalibration, target_format: str) -> dict[str, list[float]]:
+        """`cache_teacher.fidelity` figures of this coding on the first view set of each of `indices`."""
+        probe, parts = student_probe(self.teacher.spec), []
+        for start in range(0, len(indices), self.batch_size):
+            chunk = indices[start:start + self.batch_size]
+            params = torch.stack([image_view_params(seed, i, views_per_image, len(self.backgrounds), self.cfg)[0]
+                                  for i in chunk])
+            views = self.render([torch.from_numpy(images.image(i)) for i in chunk], params)
+            out = self.run_teacher(views)
+            mask = shape_mask(out.local, calibration)
+            teacher = Targets(out.global_.float(), out.local.float(), mask.float(), out.relation.float())
+            coded = encode_targets(global_=out.global_, local=out.local, mask=mask, relation=out.relation,
+                                   target_format=target_format, compact=self.compact)
+            parts.append(fidelity(coded, teacher, {"global_view": views.global_view, "crowd_view": views.crowd}, probe))
+        return merge(parts)
 
     def shard_batches(self, images: list[np.ndarray], params: torch.Tensor):
         """(row slice, images, view sets) of each teacher batch of one shard; params [n, K, F]. Batches start at
@@ -155,8 +218,8 @@ class TargetComputer:
 
     def encode(self, out, calibration: ShapeMaskCalibration, target_format: str) -> dict[str, torch.Tensor]:
         """The stored arrays of one batch's teacher targets, on the device."""
-        return Targets.encode(global_=out.global_, local=out.local, mask=shape_mask(out.local, calibration),
-                              relation=out.relation, target_format=target_format).arrays()
+        return encode_targets(global_=out.global_, local=out.local, mask=shape_mask(out.local, calibration),
+                              relation=out.relation, target_format=target_format, compact=self.compact).arrays()
 
     def shard_rows(self, images: list[np.ndarray], params: torch.Tensor, calibration: ShapeMaskCalibration,
                    target_format: str, progress=None) -> dict[str, np.ndarray]:
@@ -208,6 +271,41 @@ def storage_table(layout: StoreLayout) -> str:
     return "\n".join(lines)
 
 
+# Read bandwidth -> storage that serves it to one node (rough classes, for planning).
+STORAGE_CLASSES = ((1e9, "a shared filesystem (NFS) or one SATA SSD"),
+                   (5e9, "one local NVMe drive or a parallel filesystem"),
+                   (20e9, "several local NVMe drives striped (RAID 0)"),
+                   (math.inf, "RAM only (page cache): more than local drives give"))
+
+
+def storage_class(bytes_per_second: float) -> str:
+    return next(kind for limit, kind in STORAGE_CLASSES if bytes_per_second <= limit)
+
+
+def scale_rows(spec: TeacherSpec, view_cfg: ViewConfig, *, num_images: int, views_per_image: int, gpus: int,
+               rate: float, compact: CompactKnobs | None = None) -> list[dict]:
+    """Per target format: bytes per view set (uncompressed), store size, the read bandwidth `gpus` GPUs at
+    `rate` samples/s each need (one view set per sample), and the storage that serves it."""
+    rows = []
+    for target_format in TARGET_FORMATS:
+        knobs = (compact or compact_knobs(spec, view_cfg)) if target_format == "compact" else None
+        layout = plan_layout(spec, view_cfg, num_images=num_images, views_per_image=views_per_image,
+                             view_fields=VIEW_SET_FIELDS, target_format=target_format, compact=knobs)
+        per_set = sum(layout.bytes_per_view_set().values())
+        bandwidth = per_set * gpus * rate
+        rows.append({"format": target_format, "knobs": knobs.to_dict() if knobs else None,
+                     "bytes_per_view_set": per_set, "store_bytes": per_set * num_images * views_per_image,
+                     "bytes_per_second": bandwidth, "storage": storage_class(bandwidth)})
+    return rows
+
+
+def scale_table(rows: list[dict], *, gpus: int, rate: float) -> str:
+    lines = [f"{'format':<9}{'B/view set':>12}{'store':>12}{f'read at {gpus} GPUs x {rate:g}/s':>28}  served by"]
+    lines += [f"{r['format']:<9}{r['bytes_per_view_set']:>12,}{_format_bytes(r['store_bytes']):>12}"
+              f"{_format_bytes(r['bytes_per_second']) + '/s':>28}  {r['storage']}" for r in rows]
+    return "\n".join(lines)
+
+
 def _open_inputs(cfg: RunConfig) -> tuple[ImageFile, ImageFile]:
     images, backgrounds = ImageFile(cfg.images), ImageFile(cfg.backgrounds)
     if len(images) == 0:
@@ -245,15 +343,32 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
         raise RunError(f"--limit-images must be >= 1 (got {cfg.limit_images})")
     layout = plan_layout(spec, view_cfg, num_images=num_images, views_per_image=cfg.views_per_image,
                          view_fields=VIEW_SET_FIELDS, target_format=cfg.target_format,
-                         chunk_images=cfg.chunk_images, shard_images=cfg.shard_images)
+                         chunk_images=cfg.chunk_images, shard_images=cfg.shard_images,
+                         compact=cfg.compact_knobs(spec, view_cfg))
     total_bytes = sum(layout.bytes_per_view_set().values()) * layout.num_images * layout.views_per_image
+    grid, _, crowd_tokens = token_counts(spec, view_cfg)
     if cfg.dry_run:
+        scale = scale_rows(spec, view_cfg, num_images=layout.num_images, views_per_image=layout.views_per_image,
+                           gpus=cfg.plan_gpus, rate=cfg.plan_rate, compact=layout.compact)
         print(f"dry run: teacher {spec.name}, {layout.num_images} images x K={layout.views_per_image} view sets, "
               f"format {layout.target_format}; {layout.num_shards} shard(s) of {layout.shard_images} images, chunks "
               f"of {layout.chunk_images} images\n{storage_table(layout)}\nneeds at most {_format_bytes(total_bytes)} "
               f"(uncompressed bound; lossless compression saves ~10% with lz4, ~30% with zstd on PATH-B float16)\n"
+              f"every format at this size (uncompressed), and the reads of training at --plan-gpus x --plan-rate:\n"
+              f"{scale_table(scale, gpus=cfg.plan_gpus, rate=cfg.plan_rate)}\n"
               f"{describe_view_set_reuse(cfg.epochs or OptimConfig().epochs, layout.views_per_image)}")
-        return {"dry_run": True, "bytes": total_bytes, "layout": dataclasses.asdict(layout)}
+        result = {"dry_run": True, "bytes": total_bytes, "layout": dataclasses.asdict(layout), "scale": scale}
+        if layout.compact is not None:  # what the knobs cost, measured on a sample
+            device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            computer = TargetComputer(_load_teacher(cfg, spec, device), backgrounds, view_cfg, device,
+                                      cfg.batch_size or default_batch_size(device))
+            _, summary = _fit_coding(computer, images, cfg, layout, grid)
+            problem = budget_problem(summary, cfg.max_loss_change)
+            print(f"fidelity of these knobs on {min(FIDELITY_VIEW_SETS, cfg.calibration_images)} view sets of the "
+                  f"calibration sample (--max-loss-change {cfg.max_loss_change}: "
+                  f"{problem or 'within budget'}):\n{figures_table(summary)}")
+            result["fidelity"] = summary
+        return result
     weights = Path(cfg.weights)
     if problem := file_problem(weights):
         raise RunError(f"teacher checkpoint {weights} {problem}")
@@ -273,7 +388,6 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
         # A resumed run keeps the store's batch size unless told otherwise: GEMM rounding depends on the batch
         # shape, so a store written with two batch sizes would not equal one written in a single run.
         batch_size = cfg.batch_size or resumed.get("batch_size") or default_batch_size(device)
-        grid, _, crowd_tokens = token_counts(spec, view_cfg)
         store_spec = StoreSpec(
             teacher_spec=spec, view_config=view_cfg, checkpoint_sha256=file_sha256(weights),
             teacher_options=teacher_options(spec, solider_weights=cfg.solider_weights,
@@ -284,28 +398,32 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
             num_images=layout.num_images, num_backgrounds=len(backgrounds), views_per_image=layout.views_per_image,
             seed=cfg.seed, calibration_images=min(cfg.calibration_images, layout.num_images), batch_size=batch_size,
             target_format=layout.target_format, codec=cfg.codec, chunk_images=layout.chunk_images,
-            shard_images=layout.shard_images, token_grid=grid)
+            shard_images=layout.shard_images, token_grid=grid, compact=layout.compact)
         note_adjusted("--calibration-images", cfg.calibration_images, store_spec.calibration_images,
                       f"{cfg.images} holds {layout.num_images} images")
         identity = store_spec.identity()
         if resumed:
             _check_resumable(out, resumed, identity)
 
-        teacher = load_teacher(spec, weights, **store_spec.teacher_options).to(device)
-        computer = TargetComputer(teacher, backgrounds, view_cfg, device, batch_size)
+        computer = TargetComputer(_load_teacher(cfg, spec, device), backgrounds, view_cfg, device, batch_size)
         if not out.exists() and rank == 0:
             for stale in out.parent.glob(f"{out.name}.creating-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-            calibration = computer.calibrate(images, calibration_indices(layout.num_images, cfg.calibration_images,
-                                                                         cfg.seed),
-                                             cfg.seed, layout.views_per_image, grid)
+            calibration, summary = _fit_coding(computer, images, cfg, layout, grid)
+            if problem := budget_problem(summary, cfg.max_loss_change):
+                raise RunError(f"{problem} on the calibration sample (format {layout.target_format}"
+                               + (f", knobs {layout.compact.to_dict()}" if layout.compact else "")
+                               + "); nothing was written: raise --token-rank, --relation-k or the bits, or allow "
+                               "a larger change")
             attrs = dict(identity, mask_calibration=calibration.to_dict(), view_fields=VIEW_SET_FIELDS,
                          crowd_tokens=crowd_tokens, images_path=str(Path(cfg.images).resolve()),
-                         backgrounds_path=str(Path(cfg.backgrounds).resolve()), store_id=uuid.uuid4().hex)
-            StoreWriter.create(out, attrs, layout)
+                         backgrounds_path=str(Path(cfg.backgrounds).resolve()), store_id=uuid.uuid4().hex,
+                         fidelity=summary, max_loss_change=cfg.max_loss_change)
+            StoreWriter.create(out, attrs, layout, basis=computer.compact.basis if computer.compact else None)
         _barrier()
         attrs = resumed or read_attrs(out, "--out")  # read back only when this run (or rank 0) just created the store
         writer = StoreWriter(out, layout)  # the identity check pinned every layout field
+        computer.compact = read_compact_coding(out, attrs, layout)
         calibration = ShapeMaskCalibration.from_dict(attrs["mask_calibration"])
         owned = [s for s in range(layout.num_shards) if s % world == rank]
         repaired = _forget_damaged_shards(writer, [s for s in owned if writer.is_done(s)], cfg.progress)
@@ -347,6 +465,32 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
                 "computed_view_sets": sets_in(todo), "seconds": elapsed, "repaired_shards": repaired}
     finally:
         lock.release()
+
+
+def _load_teacher(cfg: RunConfig, spec: TeacherSpec, device: torch.device) -> Teacher:
+    weights = Path(cfg.weights)
+    if problem := file_problem(weights):
+        raise RunError(f"teacher checkpoint {weights} {problem}")
+    options = teacher_options(spec, solider_weights=cfg.solider_weights, semantic_weight=cfg.semantic_weight)
+    return load_teacher(spec, weights, **options).to(device)
+
+
+def _fit_coding(computer: TargetComputer, images: ImageFile, cfg: RunConfig, layout: StoreLayout,
+                grid: tuple[int, int]) -> tuple[ShapeMaskCalibration, dict | None]:
+    """Fit the shape mask (and a compact store's token basis, set on `computer`) on the calibration images,
+    and measure the coding's fidelity on the first of them: (calibration, summarised figures). The figures
+    (a student forward on the sample) are measured where knobs are chosen or a budget is set: for a compact
+    store, or with --max-loss-change; the fixed float16 and int8 codings are measured by `verify`."""
+    indices = calibration_indices(layout.num_images, cfg.calibration_images, cfg.seed)
+    tokens = computer.calibration_tokens(images, indices, cfg.seed, layout.views_per_image)
+    calibration = fit_shape_mask(tokens, grid)
+    if layout.compact is not None:
+        computer.compact = CompactCoding(layout.compact, TokenBasis.fit(tokens, layout.compact.token_rank))
+    if layout.compact is None and cfg.max_loss_change is None:
+        return calibration, None
+    figures = computer.fidelity_sample(images, indices[:FIDELITY_VIEW_SETS], cfg.seed, layout.views_per_image,
+                                       calibration, layout.target_format)
+    return calibration, summarise(figures)
 
 
 def _forget_damaged_shards(writer: StoreWriter, finished: list[int], progress: bool) -> list[int]:

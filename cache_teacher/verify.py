@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cache_teacher.fidelity import budget_problem, fidelity, figures_table, merge, student_probe, summarise
 from cache_teacher.run import TargetComputer, _format_bytes
 from dpal.config import TeacherSpec
 from dpal.recipes import TEACHERS
@@ -14,16 +15,19 @@ from dpal.shape_mask import ShapeMaskCalibration, shape_mask
 from dpal.teachers import load_teacher
 from formats.images import ImageFile, check_images, images_fingerprint
 from formats.store import StoreError, file_sha256, integrity_problems, open_store, repair_hint
-from formats.targets import VIEW_PARAMS_ARRAY, Targets
+from formats.targets import VIEW_PARAMS_ARRAY, Targets, encode_targets
 from formats.view_records import image_view_params
 
 # Stored-vs-recomputed limits per format: float16 rounding (and bf16 on CUDA, recomputed the same way)
 # stays far inside them. int8 local tokens are judged in quantization steps (|stored - fresh| / row
 # scale: 0.5 from rounding plus recompute noise); int8 relation rows (log-domain codes: rounding alone
-# costs KL <= step^2 / 8 ~ 8e-4) by their KL.
+# costs KL <= step^2 / 8 ~ 8e-4) by their KL. A compact store is compared with the fresh outputs coded again
+# with its own basis and knobs (what it should hold), within the int8 limits; what its coding loses against
+# the teacher is the fidelity table's, judged by the store's --max-loss-change.
 THRESHOLDS = {
     "float16": {"min_cosine": 0.999, "max_relation_kl": 1e-3, "max_mask_abs": 0.02},
     "int8": {"min_cosine": 0.995, "max_relation_kl": 2e-3, "max_mask_abs": 0.02, "max_steps": 1.0},
+    "compact": {"min_cosine": 0.995, "max_relation_kl": 2e-3, "max_mask_abs": 0.02},
 }
 
 
@@ -66,6 +70,7 @@ def verify(store_path: str, weights: str | None, *, images: str | None = None, b
     k = store.views_per_image
     picks = sorted(random.Random(seed).sample(range(store.num_images * k), min(samples, store.num_images * k)))
     stats: dict[str, list[float]] = {}
+    probe, fidelity_parts = student_probe(spec), []
     for start in range(0, len(picks), batch_size):
         chunk = picks[start:start + batch_size]
         rows = [store.read_images(p // k, p // k + 1) for p in chunk]
@@ -73,10 +78,21 @@ def verify(store_path: str, weights: str | None, *, images: str | None = None, b
         resampled = torch.stack([image_view_params(attrs["seed"], p // k, k, attrs["num_backgrounds"],
                                                    view_cfg)[p % k] for p in chunk])
         stats.setdefault("view_params_equal", []).append(float(torch.equal(params, resampled)))
-        fresh = computer.targets([torch.from_numpy(image_file.image(p // k)) for p in chunk], params)
+        views = computer.render([torch.from_numpy(image_file.image(p // k)) for p in chunk], params)
+        fresh = computer.run_teacher(views)
         fresh_mask = shape_mask(fresh.local, calibration).cpu()
+        coded_batch = store.targets({n: np.stack([v[0, p % k] for v, p in zip((r[n] for r in rows), chunk)])
+                                     for n in rows[0]})
+        fidelity_parts.append(fidelity(coded_batch, Targets(fresh.global_.float(), fresh.local.float(), fresh_mask,
+                                                            fresh.relation.float()),
+                                       {"global_view": views.global_view, "crowd_view": views.crowd}, probe))
+        if store.compact is not None:  # what the store should hold: the fresh outputs in its own coding
+            recoded = encode_targets(global_=fresh.global_, local=fresh.local, mask=fresh_mask,
+                                     relation=fresh.relation, target_format="compact", compact=store.compact).decoded()
+            fresh = fresh._replace(global_=recoded.global_target, local=recoded.local_target,
+                                   relation=recoded.relation_target)
         for r, p, i in zip(rows, chunk, range(len(chunk))):
-            coded = Targets.from_arrays({n: v[0, p % k] for n, v in r.items()})
+            coded = store.targets({n: v[0, p % k] for n, v in r.items()})
             stored = coded.decoded()
             new = {"global": fresh.global_[i].cpu(), "local": fresh.local[i].cpu(), "relation": fresh.relation[i].cpu()}
             stats.setdefault("global_cosine", []).append(float(_cosine(stored.global_target, new["global"])))
@@ -111,6 +127,14 @@ def verify(store_path: str, weights: str | None, *, images: str | None = None, b
         limit_text = "" if limit is None else f"{'>=' if kind == 'min' else '<='} {limit:g}"
         print(f"{name:<20}{worst:>14.6g}{np.mean(values):>14.6g}{limit_text:>14}  {'ok' if ok else 'FAIL'}")
         table.append({"metric": name, "worst": worst, "mean": float(np.mean(values)), "limit": limit, "ok": ok})
+    summary = summarise(merge(fidelity_parts))
+    problem = budget_problem(summary, attrs.get("max_loss_change"))
+    passed &= problem is None
+    print(f"fidelity of the stored coding against the teacher's float32 outputs on these view sets "
+          f"(--max-loss-change {attrs.get('max_loss_change')}: {problem or 'within budget'}):\n"
+          f"{figures_table(summary)}")
+    table += [{"metric": f"fidelity_{name}", "worst": v["worst"], "mean": v["mean"], "limit": None, "ok": True}
+              for name, v in summary.items()]
     print("verify: " + ("PASSED" if passed else "FAILED"))
     return passed, table
 
@@ -149,5 +173,17 @@ def info(store_path: str) -> dict:
     ratio = total_raw / total_stored if total_stored else float("nan")
     print(f"  {'all':<15}{'':<24}{'':<9}{total_raw:>15,}{total_stored:>19,.0f}{ratio:>8.3f}")
     print(f"  on disk: {_format_bytes(sum(f.stat().st_size for f in Path(store.path).rglob('*') if f.is_file()))}")
-    return {"arrays": rows, "raw_bytes_per_view_set": total_raw, "stored_bytes_per_view_set": total_stored,
+    if store.compact is not None:
+        knobs = layout.compact
+        print(f"  compact knobs: token rank {knobs.token_rank} of {layout.width} in {knobs.token_bits} bits, relation "
+              f"k {knobs.relation_k} of {layout.crowd_tokens} in {knobs.relation_bits} bits")
+    summary = attrs.get("fidelity")
+    if summary:
+        print(f"  fidelity recorded at creation, calibration sample (--max-loss-change "
+              f"{attrs.get('max_loss_change')}):\n{figures_table(summary, indent='    ')}")
+    else:
+        print("  fidelity: none recorded at creation (a float16 or int8 store made without --max-loss-change); "
+              "`verify` measures it")
+    return {"fidelity": summary, "compact": layout.compact.to_dict() if layout.compact else None,
+            "arrays": rows, "raw_bytes_per_view_set": total_raw, "stored_bytes_per_view_set": total_stored,
             "compression_ratio": ratio, "shards_done": len(done), "num_shards": layout.num_shards}

@@ -21,7 +21,13 @@ from dpal.errors import UserError
 DEFAULT_MAX_SIDE = 512  # pack: longest side kept
 DEFAULT_JPEG_QUALITY = 95  # pack: quality of re-encoded images
 DEFAULT_CALIBRATION_IMAGES = 256  # images whose first view set calibrates the shape mask
-TARGET_FORMATS = ("float16", "int8")  # store target formats
+TARGET_FORMATS = ("float16", "int8", "compact")  # store target formats
+# Knobs of the compact format (`formats.targets.CompactKnobs`): the bits its values may take, and the size a
+# view set is held to when the token rank is not given (the largest multiple of TOKEN_RANK_STEP that fits).
+TOKEN_BITS = (8, 16)
+RELATION_BITS = (4, 8, 16)
+DEFAULT_VIEW_SET_BYTES = 64 << 10
+TOKEN_RANK_STEP = 32
 CODECS = ("lz4", "zstd")  # lossless Blosc codecs of a store
 MAX_SEED = 2**32 - 1
 # Exit status of a command stopped by a signal: the shell's convention, 128 + signal number.

@@ -6,6 +6,9 @@ Layout of STORE.zarr (arrays indexed [image, view_set, ...], I images, K view se
   local       [I, K, N, D]           patch tokens of the global view: float16, or int8 + local_scale [I, K, N]
   mask        [I, K, N] float16      shape mask in [0, 1] (calibration in the attributes)
   relation    [I, K, Nc, Nc]         crowd-view relation probabilities: float16, or int8 + relation_scale [I, K, Nc]
+  compact stores: local [I, K, N, rank] basis coefficients (the basis in token_basis.npy), relation
+  [I, K, Nc, k] the kept entries' codes, with relation_index [I, K, Nc, k] int16 and relation_rest [I, K, Nc]
+  float32 when k < Nc (`formats.targets.CompactKnobs.array_specs`)
   dpal_progress/shard_NNNNNN.json    one marker per finished shard (file sizes + CRC32C of its shard files)
 Group attribute ``dpal_store`` holds the identity of the run (`StoreSpec`: teacher, checkpoint sha256, view
 config, image file fingerprint, format, ...) and a unique ``store_id`` drawn when the store is created:
@@ -60,12 +63,13 @@ from dpal.views import VIEW_PARAMS_VERSION
 from formats.cli import CODECS, TARGET_FORMATS
 from formats.durable import atomic_write, fsync_path, fsync_tree
 from formats.run_spec import spec_dict, spec_differences
-from formats.targets import array_dtypes
+from formats.targets import CompactCoding, CompactKnobs, TokenBasis, array_dtypes, read_targets
 
+# 5: the compact target format (basis file; knobs and fidelity figures in the attributes);
 # 4: every chunk ends in its CRC32C, shard markers record file CRC32Cs, attributes hold a unique store_id;
 # 3: int8 relation rows are log-domain codes (`dpal.losses.quantize_relation`); 2: chunks hold one view set
 # (view-set-major), int8 relation rows were linear; 1: chunks held all K view sets of their images.
-STORE_FORMAT_VERSION = 4
+STORE_FORMAT_VERSION = 5
 SPEC_VERSION = 3  # revision of docs/method.md whose targets the store holds
 # What the targets of an older spec revision got wrong (docs/method.md, "Changes to this text"), for the refusal.
 _STALE_SPEC_TARGETS = {1: "old teacher position-embedding resize",
@@ -74,6 +78,7 @@ ATTRS_KEY = "dpal_store"
 PROGRESS_DIR = "dpal_progress"
 MIN_CHUNK_BYTES = 1 << 20
 DEFAULT_SHARD_BYTES = 256 << 20  # uncompressed bytes of one shard across arrays: the unit of work
+TOKEN_BASIS_FILE = "token_basis.npz"  # compact stores: `formats.targets.TokenBasis.save()`
 
 
 class StoreError(UserError):
@@ -99,13 +104,18 @@ class StoreLayout:
     target_format: str
     chunk_images: int
     shard_images: int
+    compact: CompactKnobs | None = None  # the compact format's knobs
 
     def array_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """name -> (shape after [I, K], dtype); names and dtypes are the target contract's."""
         shapes = {"view_params": (self.view_fields,), "global": (self.width,), "local": (self.tokens, self.width),
                   "mask": (self.tokens,), "relation": (self.crowd_tokens, self.crowd_tokens),
                   "local_scale": (self.tokens,), "relation_scale": (self.crowd_tokens,)}
-        return {name: (shapes[name], dtype) for name, dtype in array_dtypes(self.target_format).items()}
+        if self.compact is None:
+            return {name: (shapes[name], dtype) for name, dtype in array_dtypes(self.target_format).items()}
+        common = {name: (shapes[name], dtype) for name, dtype in array_dtypes("float16").items()
+                  if name in ("view_params", "global", "mask")}
+        return {**common, **self.compact.array_specs(tokens=self.tokens, crowd_tokens=self.crowd_tokens)}
 
     def bytes_per_view_set(self) -> dict[str, int]:
         """Uncompressed bytes of each array per view set."""
@@ -149,6 +159,7 @@ class StoreSpec:
     chunk_images: int
     shard_images: int
     token_grid: tuple[int, int]
+    compact: CompactKnobs | None = None
     format_version: int = STORE_FORMAT_VERSION
     spec_version: int = SPEC_VERSION
     view_params_version: int = VIEW_PARAMS_VERSION
@@ -174,14 +185,21 @@ def check_record_complete(attrs: dict, path: Path) -> None:
 
 
 def plan_layout(spec: TeacherSpec, cfg: ViewConfig, *, num_images: int, views_per_image: int, view_fields: int,
-                target_format: str, chunk_images: int | None = None, shard_images: int | None = None) -> StoreLayout:
-    """Chunk = smallest power of two of images whose `local` chunk (one view set) is >= 1 MiB; shard ~256 MiB."""
+                target_format: str, chunk_images: int | None = None, shard_images: int | None = None,
+                compact: CompactKnobs | None = None) -> StoreLayout:
+    """Chunk = smallest power of two of images whose `local` chunk (one view set) is >= 1 MiB; shard ~256 MiB.
+    `compact`: the knobs of a compact store (checked against the teacher's width and crowd tokens)."""
     if views_per_image < 1:
         raise StoreError(f"--views-per-image must be >= 1, got {views_per_image}")
     if target_format not in TARGET_FORMATS:
         raise StoreError(f"unknown target format {target_format!r}; choose one of {', '.join(TARGET_FORMATS)}")
     _, tokens, crowd_tokens = token_counts(spec, cfg)
-    probe = StoreLayout(num_images, views_per_image, view_fields, spec.width, tokens, crowd_tokens, target_format, 1, 1)
+    if (target_format == "compact") != (compact is not None):
+        raise StoreError(f"compact knobs go with --format compact only (format {target_format!r})")
+    if compact is not None and (problem := compact.problem(width=spec.width, crowd_tokens=crowd_tokens)):
+        raise StoreError(f"{problem} for teacher {spec.name}")
+    probe = StoreLayout(num_images, views_per_image, view_fields, spec.width, tokens, crowd_tokens, target_format, 1, 1,
+                        compact)
     per_view_set = probe.bytes_per_view_set()
     per_image = {k: v * views_per_image for k, v in per_view_set.items()}
     if chunk_images is None:
@@ -257,6 +275,9 @@ def store_lock_path(store: str | os.PathLike) -> Path:
 
 def check_format_version(attrs: dict, path: Path) -> None:
     version = attrs.get("format_version")
+    if isinstance(version, int) and version > STORE_FORMAT_VERSION:
+        raise StoreError(f"{path} was written in store format {version} by a newer version of this code, which "
+                         f"reads format {STORE_FORMAT_VERSION}; update the code to read it")
     if version != STORE_FORMAT_VERSION:
         raise StoreError(f"{path} was written in store format {version}; this version reads format "
                          f"{STORE_FORMAT_VERSION} and cannot use it. Re-run "
@@ -316,8 +337,10 @@ class StoreWriter:
         self.arrays = {name: group[name] for name in layout.array_specs()}
 
     @classmethod
-    def create(cls, path: str | os.PathLike, attrs: dict, layout: StoreLayout) -> "StoreWriter":
-        """Build the empty store under a temporary name, fsync it, then rename: it appears complete or not at all."""
+    def create(cls, path: str | os.PathLike, attrs: dict, layout: StoreLayout,
+               basis: TokenBasis | None = None) -> "StoreWriter":
+        """Build the empty store under a temporary name, fsync it, then rename: it appears complete or not at all.
+        A compact store's `basis` is written beside the arrays, its sha256 in the attributes."""
         path = Path(path)
         staging = path.with_name(f"{path.name}.creating-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
@@ -330,6 +353,9 @@ class StoreWriter:
                                    chunks=(layout.chunk_images, 1) + shape,
                                    shards=(layout.shard_images, layout.views_per_image) + shape,
                                    compressors=_chunk_codecs(dtype, codec), config={"write_empty_chunks": True})
+            if basis is not None:
+                basis.save(staging / TOKEN_BASIS_FILE)
+                attrs = dict(attrs, token_basis_sha256=file_sha256(staging / TOKEN_BASIS_FILE))
             group.attrs[ATTRS_KEY] = attrs
             (staging / PROGRESS_DIR).mkdir()
             fsync_tree(staging)
@@ -496,6 +522,12 @@ class TargetStore:
             self.arrays = {name: group[name] for name in self.layout.array_specs()}
         except KeyError as exc:
             raise StoreError(f"{self.path} lacks array {exc}; the store is damaged, re-run the cache") from None
+        lead = (self.layout.num_images, self.layout.views_per_image)
+        for name, (shape, _) in self.layout.array_specs().items():
+            if self.arrays[name].shape != lead + shape:
+                raise StoreError(f"{self.path}: array {name} has shape {self.arrays[name].shape} but the store's "
+                                 f"attributes describe {lead + shape}; the store is damaged, re-run the cache")
+        self.compact = read_compact_coding(self.path, self.attrs, self.layout)
         self.chunk_readers = {name: ShardedChunkReader(array, self.path / name) for name, array in self.arrays.items()}
 
     @property
@@ -551,6 +583,10 @@ class TargetStore:
         return {name: reader.read((block_index, view_set) + (0,) * (len(reader.chunk_shape) - 2))[:rows, 0]
                 for name, reader in self.chunk_readers.items()}
 
+    def targets(self, arrays: dict):
+        """Read arrays of a batch -> its targets as the trainer stages them (`formats.targets.read_targets`)."""
+        return read_targets(arrays, self.compact)
+
     def read_images(self, start: int, stop: int) -> dict[str, np.ndarray]:
         return {name: array[start:stop] for name, array in self.arrays.items()}
 
@@ -582,12 +618,40 @@ class TargetStore:
             raise StoreError(f"target store {self.path} does not fit recipe {recipe.name}: " + "; ".join(problems))
 
 
+def read_compact_coding(path: Path, attrs: dict, layout: StoreLayout) -> CompactCoding | None:
+    """A compact store's knobs and basis, the basis file checked against its recorded sha256 and shape."""
+    if layout.compact is None:
+        return None
+    file = path / TOKEN_BASIS_FILE
+    if not file.is_file():
+        raise StoreError(f"{file} is missing: a compact store cannot be read without its token basis; re-run the "
+                         f"cache into a new --out folder")
+    if file_sha256(file) != attrs.get("token_basis_sha256"):
+        raise StoreError(f"{file} does not match the sha256 recorded in the store: the basis is not the one its "
+                         f"arrays were coded with; re-run the cache into a new --out folder")
+    basis = TokenBasis.load(file)
+    expected = (layout.compact.token_rank, layout.width)
+    if (tuple(basis.rows.shape), tuple(basis.scales.shape), tuple(basis.mean.shape)) != (expected, expected[:1],
+                                                                                          expected[1:]):
+        raise StoreError(f"{file} holds a basis of shape {tuple(basis.rows.shape)} but the store records rank and "
+                         f"width {expected}; re-run the cache into a new --out folder")
+    return CompactCoding(layout.compact, basis)
+
+
 def layout_from_attrs(attrs: dict) -> StoreLayout:
+    compact = attrs.get("compact") if attrs.get("target_format") == "compact" else None
+    if attrs.get("target_format") == "compact":
+        if not isinstance(compact, dict) or set(compact) != {f.name for f in dataclasses.fields(CompactKnobs)}:
+            raise StoreError(f"a compact store must record its knobs ({', '.join(CompactKnobs.__annotations__)}); "
+                             f"it holds {compact!r}: the store is damaged, re-run the cache")
+        compact = CompactKnobs(**compact)
+        if problem := compact.problem(width=attrs["teacher_spec"]["width"], crowd_tokens=attrs["crowd_tokens"]):
+            raise StoreError(f"store records {problem}; the store is damaged, re-run the cache")
     return StoreLayout(num_images=attrs["num_images"], views_per_image=attrs["views_per_image"],
                        view_fields=attrs["view_fields"], width=attrs["teacher_spec"]["width"],
                        tokens=attrs["token_grid"][0] * attrs["token_grid"][1], crowd_tokens=attrs["crowd_tokens"],
                        target_format=attrs["target_format"], chunk_images=attrs["chunk_images"],
-                       shard_images=attrs["shard_images"])
+                       shard_images=attrs["shard_images"], compact=compact)
 
 
 def open_store(path: str | os.PathLike, *, require_complete: bool = True, option: str = "--store") -> TargetStore:

@@ -274,7 +274,7 @@ def print_report(result: dict) -> None:
     for t in result["totals"]:
         print(f"{t['call']:24} {t['kernels']:7} {t['gpu']:4} {t['launches']:8} {t['l2_gb']:6.2f} "
               f"{t['floor_ms']:8.3f} {t['predicted_ms']:8.3f} {t['ratio']:5.2f}")
-    print(f"\nper launch, H100 (ms; waves over 132 SMs; bound: the largest part)")
+    print("\nper launch, H100 (ms; waves over 132 SMs; bound: the largest part)")
     print(f"{'call':24} {'kernels':7} {'launch':34} {'progs':>6} {'waves':>6} {'wgmma':>6} {'L2 GB':>6} "
           f"{'hbm':>6} {'l2':>6} {'tensor':>6} {'ms':>6}")
     for r in result["rows"]:

@@ -7,7 +7,6 @@ p-value below P_DIFFERENT counts as a difference (as in the check that led to sp
 so the outcome is fixed; the self-checks show that the same test passes two torchvision samples against each
 other and fails a sampler that places boxes by the old rounded rule.
 """
-import math
 
 import pytest
 import torch

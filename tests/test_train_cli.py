@@ -134,6 +134,25 @@ def test_int8_store_trains_like_the_float16_store(artefacts, reference_run):
     assert int8_row["relation"] != float16_row["relation"]  # the int8 targets were really read
 
 
+def test_a_lossless_compact_store_trains_like_the_float16_store(artefacts, reference_run):
+    """The compact format at its lossless knobs, decoded where the step's targets are staged, gives the float16
+    store's first-step losses: the step itself does not change with the format."""
+    from cache_teacher.__main__ import main as cache_main
+
+    store = artefacts["root"] / "compact.zarr"
+    assert cache_main(["run", "--teacher", "path-b", "--weights", artefacts["weights"], "--images",
+                       str(artefacts["images"]), "--backgrounds", str(artefacts["backgrounds"]), "-K", "2",
+                       "--chunk-images", "2", "--calibration-images", "2", "--format", "compact", "--token-rank", "768",
+                       "--token-bits", "16", "--relation-k", "257", "--relation-bits", "16", "--out", str(store),
+                       "--no-progress"]) == 0
+    out = artefacts["root"] / "compact_run"
+    done = _python("-m", "train_student", *_train_args(artefacts, out, "--max-steps", "1", store=store))
+    assert done.returncode == 0, done.stderr
+    (compact_row,), float16_row = read_metrics(out / "metrics.csv"), read_metrics(reference_run / "metrics.csv")[0]
+    for term in ("global", "local", "relation", "moe"):
+        assert compact_row[term] == pytest.approx(float16_row[term], rel=1e-4), term
+
+
 def _rows(out):
     path = out / "metrics.csv"
     return len(read_metrics(path)) if path.exists() else -1

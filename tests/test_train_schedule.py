@@ -156,7 +156,7 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     save_checkpoint(first, {"step": 3}, recorded_run_id(first))
     shutil.copy(first / "checkpoint.pt", second / "checkpoint.pt")
     recorded = (second / "run.json").read_text()
-    with pytest.raises(RunFolderError, match=f"belongs to another run"):  # checked before run.json changes
+    with pytest.raises(RunFolderError, match="belongs to another run"):  # checked before run.json changes
         _prepare(second, {"recipe": "a", "max_steps": 9, "compile": False}, resume=True)
     assert (second / "run.json").read_text() == recorded
     with pytest.raises(RunFolderError, match=f"belongs to another run \\(run id {recorded_run_id(first)}, while "

@@ -4,7 +4,6 @@ import json
 import math
 import re
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest

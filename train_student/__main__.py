@@ -71,7 +71,8 @@ def training_parser() -> argparse.ArgumentParser:
                     "parameters re-render the teacher's exact views on the training device, the targets come "
                     "from the Zarr store. Every default comes from the recipe (docs/method.md, sections 5-7); flags only "
                     "override. Subcommands: `export` (exports from a checkpoint), `evaluate` (a run's checkpoint or an "
-                    "export on a store of fresh views) and `bench` (each with --help).",
+                    "export on a store of fresh views), `bench` and `feed-bench` (the target feed's rate per store "
+                    "format), each with --help.",
         epilog=EXAMPLE)
     parser.add_argument("--list-recipes", action="store_true",
                         help="print the recipes (teacher, student, decoder input, batch, epochs, lr) and exit")
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["evaluate"]:
         from train_student.evaluate import main as evaluate_main
         return evaluate_main(argv[1:])
+    if argv[:1] == ["feed-bench"]:
+        from train_student.feed_bench import main as feed_bench_main
+        return feed_bench_main(argv[1:])
     parser = training_parser()
     args = parse_with_config(parser, argv, read_record=options_of_run_record)
     if args.list_recipes:

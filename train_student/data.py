@@ -40,7 +40,7 @@ from dpal.errors import UserError
 from dpal.views import background_indices
 from formats import view_records
 from formats.images import ImageFile, image_pipelines, unflatten_images
-from formats.targets import VIEW_PARAMS_ARRAY, Targets
+from formats.targets import VIEW_PARAMS_ARRAY, CompactTargets, Targets
 from train_student.spec import training_on_cpu
 
 
@@ -187,7 +187,7 @@ class FeedBatch:
     backgrounds: list[torch.Tensor]  # uint8 [H, W, 3], backgrounds[i] for sample i
     view_params: torch.Tensor  # [b, VIEW_SET_FIELDS]
     local_params: torch.Tensor  # [b, num_local, LOCAL_CROP_FIELDS]
-    targets: Targets | None = None  # from the store; None when online
+    targets: Targets | CompactTargets | None = None  # from the store (compact: decoded when staged); None online
 
 
 class TargetPrefetcher:
@@ -270,7 +270,7 @@ class TargetPrefetcher:
             stacked[name] = tensor
         view_params = stacked.pop(VIEW_PARAMS_ARRAY)
         return {"indices": torch.from_numpy(images.astype(np.int64)), "view_params": view_params,
-                "targets": Targets.from_arrays(stacked),
+                "targets": self.store.targets(stacked),
                 "local_params": local_crop_params(self.plan, self.cfg, self.epoch, micro),
                 "backgrounds": self.backgrounds.batch(view_params)}
 
