@@ -71,13 +71,13 @@ def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.Argume
                      "low-rank basis fitted on the calibration images, relation rows as their top-k entries; "
                      "docs/stores.md) (default float16)")
     run.add_argument("--token-rank", type=POSITIVE, default=None, metavar="R",
-                     help=f"compact: basis coefficients kept per local token (1..teacher width; default: as many as "
+                     help=f"compact: basis coefficients kept per local token (>= 1, at most the teacher width; default: as many as "
                      f"keep a view set within {DEFAULT_VIEW_SET_BYTES // 1024} KiB and a quarter of float16's)")
     run.add_argument("--token-bits", type=int, choices=TOKEN_BITS, default=8,
                      help="compact: 8 (int8 coefficients with a scale per token, default) or 16 (float16)")
     run.add_argument("--relation-k", type=POSITIVE, default=None, metavar="K",
-                     help="compact: entries kept per relation row, the others as their total mass (1..crowd tokens; "
-                     "default: all)")
+                     help="compact: entries kept per relation row, the others as their total mass (>= 1, at most the "
+                     "crowd tokens; default: all)")
     run.add_argument("--relation-bits", type=int, choices=RELATION_BITS, default=None,
                      help="compact: relation values as 4- or 8-bit log-probability codes with a scale per row, or "
                      "16-bit float probabilities (default: 8 where such rows take at most half of the view set's "

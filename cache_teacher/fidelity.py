@@ -85,8 +85,10 @@ def fidelity(coded: Targets | CompactTargets, teacher: Targets, views: dict[str,
         losses = [distill_step_losses(student, decoder, recipe.teacher, global_view=views["global_view"],
                                       local_views=local_views, crowd_view=views["crowd_view"], moe_loss_weight=0.0,
                                       **targets.loss_arguments()) for targets in (stored, teacher)]
+    coded_terms, teacher_terms = (terms.by_name() for terms in losses)
     for term in LOSS_TERMS:
-        change = abs(float(losses[0][term]) - float(losses[1][term])) / max(abs(float(losses[1][term])), 1e-30)
+        reference = float(teacher_terms[term])
+        change = abs(float(coded_terms[term]) - reference) / max(abs(reference), 1e-30)
         figures[f"loss_change_{term}"] = [change]
     return {name: [float(v) for v in torch.as_tensor(values).flatten().tolist()] for name, values in figures.items()}
 

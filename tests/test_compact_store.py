@@ -105,7 +105,8 @@ def test_trainer_feed_gives_the_same_losses_from_float16_and_lossless_compact(st
             losses[name] = distill_step_losses(student, decoder, recipe.teacher, **views, **staged,
                                                moe_loss_weight=0.1)
     for term in ("global", "local", "relation", "total"):
-        assert float(losses["lossless"][term]) == pytest.approx(float(losses["float16"][term]), rel=1e-4), term
+        lossless, float16 = (losses[name].by_name()[term] for name in ("lossless", "float16"))
+        assert float(lossless) == pytest.approx(float(float16), rel=1e-4), term
 
 
 def test_default_knobs_fit_and_report_fidelity(stores, inputs, capsys):

@@ -85,8 +85,8 @@ def test_whole_distillation_step_compiles_around_the_fused_ops(monkeypatch):
         for p in params:
             p.grad = None
         terms = losses_of(student, decoder, teacher, **arguments)
-        terms["total"].backward()
-        return {k: v.detach() for k, v in terms.items()}, [p.grad.clone() for p in params]
+        terms.total.backward()
+        return {k: v.detach() for k, v in terms.by_name().items()}, [p.grad.clone() for p in params]
 
     eager_terms, eager_grads = step(distill_step_losses)
     compiled_terms, compiled_grads = step(torch.compile(distill_step_losses, fullgraph=True,

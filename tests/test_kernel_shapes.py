@@ -34,7 +34,7 @@ def _step_calls(recipe, batch):
             crowd_view=torch.empty(batch, 3, *views.crowd_size), global_target=torch.empty(batch, teacher.width),
             local_target=torch.empty(batch, grid, teacher.width), local_mask=torch.empty(batch, grid),
             relation_target=torch.empty(batch, crowd, crowd), moe_loss_weight=0.1)
-        assert terms["relation"].shape == ()
+        assert terms.relation.shape == ()
     relation_shape = (batch, calls[-1][1], calls[-1][3])  # the relation loss takes the last call's output
     return tuple(calls), relation_shape
 

@@ -39,14 +39,15 @@ def test_quick_sweep_compiles_every_kernel_for_sm90(quick_sweep):
 @pytest.mark.e2e
 def test_sweep_catches_spills_and_missing_wgmma():
     # Relation forward 64x64x32 with 4 warps and int8 targets spills (it was shipped once); a 32-row tile
-    # compiles to warp-level mma.sync (HMMA), not wgmma.
+    # (32 columns, K steps of 32, one stage: small enough to hold a row block's logits) compiles to warp-level
+    # mma.sync (HMMA), not wgmma.
     script = textwrap.dedent("""
         import torch
         from kernels._common import KernelConfig, PlannedLaunch
         from kernels import relation_loss
         from kernels.sweep import relation_launches, run
         spilling = KernelConfig.of(4, 3, BLOCK_I=64, BLOCK_J=64, BLOCK_K=32)
-        narrow = KernelConfig.of(4, 3, BLOCK_I=32, BLOCK_J=32, BLOCK_K=64)
+        narrow = KernelConfig.of(4, 1, BLOCK_I=32, BLOCK_J=32, BLOCK_K=32)
         launches = []
         for config in (spilling, narrow):
             relation_loss.PINNED_CONFIGS[("fwd", 257, 768, "bf16")] = config
@@ -58,7 +59,7 @@ def test_sweep_catches_spills_and_missing_wgmma():
     assert done.returncode == 0, done.stderr[-4000:]
     lines = dict(line.split(" | ") for line in done.stdout.strip().splitlines())
     assert "register spills" in lines["I64 J64 K32 w4 s3"]
-    assert "no wgmma (HGMMA) in SASS" in lines["I32 J32 K64 w4 s3"] and "spills" not in lines["I32 J32 K64 w4 s3"]
+    assert "no wgmma (HGMMA) in SASS" in lines["I32 J32 K32 w4 s1"] and "spills" not in lines["I32 J32 K32 w4 s1"]
 
 
 def test_configs_are_pinned_and_shared_by_every_call():

@@ -66,7 +66,8 @@ def _attrs(layout, **changes):
              "shard_images": layout.shard_images, "checkpoint_sha256": "0" * 64, "teacher_options": {},
              "teacher_precision": "float32", "backgrounds_fingerprint": "def", "num_backgrounds": 3, "seed": 0,
              "calibration_images": 2, "batch_size": 2, "codec": "lz4", "mask_calibration": {},
-             "images_path": "/images.beton", "backgrounds_path": "/backgrounds.beton", "store_id": "1" * 32}
+             "images_path": "/images.beton", "backgrounds_path": "/backgrounds.beton", "store_id": "1" * 32,
+             "compact": None}
     return {**attrs, **changes}
 
 
