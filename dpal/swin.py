@@ -15,6 +15,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
 from torch import nn
 
@@ -53,7 +54,9 @@ class PaddedWindowBlock(nn.Module):
         if any(shift):
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         # Eager: one cached mask per grid and device. Compiled: traced as constants (dynamo bypasses lru_cache).
-        build_mask = window_mask.__wrapped__ if torch.compiler.is_compiling() else window_mask
+        # Fake (shape-only) tensors: built each time, never cached, so a real call never gets a fake mask.
+        uncached = torch.compiler.is_compiling() or is_fake(x)
+        build_mask = window_mask.__wrapped__ if uncached else window_mask
         mask = build_mask(*mask_grid, (win_h, win_w), shift, x.device)
         if mask is not None:
             mask = mask.to(x.dtype)

@@ -28,6 +28,20 @@ def restored_op_table():
     dispatch.force_reference(saved[1])
 
 
+@pytest.fixture(autouse=True)
+def restored_torch_settings():
+    """What a command run in-process sets for the rest of its process (the trainer's --deterministic algorithms,
+    its compute threads) is put back after each test, so that no test runs under another's settings."""
+    import torch
+
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def quick_sweep(tmp_path_factory) -> dict:
     """The report of `kernels.sweep --quick` (the representative kernels compiled for sm_90; no GPU needed),
