@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,3 +56,10 @@ def two_node_launcher(port: int, run_id: str) -> list[str]:
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     return [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
             f"127.0.0.1:{port}", "--rdzv-id", run_id, "--max-restarts", "0"]
+
+
+def can_mount_tmpfs() -> bool:
+    """Whether this machine lets a test mount a tiny tmpfs in a private mount namespace (a real full disk)."""
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
+                           capture_output=True) if shutil.which("unshare") else None
+    return probe is not None and probe.returncode == 0

@@ -18,6 +18,7 @@ from cache_teacher.demo_data import write_backgrounds, write_person_images
 from cache_teacher.pack import PackError, escape_path, pack, read_manifest, unescape_path
 from formats.images import (ImageFile, ImagesFileError, check_images, image_pipelines, images_fingerprint,
                             unflatten_images)
+from helpers import can_mount_tmpfs
 
 
 @pytest.fixture(scope="module")
@@ -250,14 +251,8 @@ def test_the_skip_report_lists_links_loops_and_entries_that_are_not_files(packed
                       "pipe.jpg": "not a regular file (a FIFO, socket or device)"}
 
 
-def _can_mount_tmpfs() -> bool:
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
-                           capture_output=True) if shutil.which("unshare") else None
-    return probe is not None and probe.returncode == 0
-
-
 @pytest.mark.e2e
-@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -rm` to mount a small tmpfs (a real full disk)")
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs `unshare -rm` to mount a small tmpfs (a real full disk)")
 def test_a_full_disk_names_the_file_and_the_disk_and_leaves_nothing(packed, tmp_path):
     """A real full disk (tiny tmpfs in a private mount namespace), during the scan's re-encoding and before the
     FFCV writer (whose writer process would fail unnoticed and hang the pack): one line naming the output and

@@ -18,7 +18,7 @@ import torch
 import zarr
 
 from dpal.arguments import usable_cores
-from helpers import two_node_launcher
+from helpers import can_mount_tmpfs, two_node_launcher
 from train_student.__main__ import main
 from train_student.metrics import LOSS_COLUMNS, read_metrics
 
@@ -529,14 +529,8 @@ def test_user_errors_are_one_line_and_a_failed_start_leaves_no_run_folder(artefa
         assert not (out.exists() and any(entry.name != ".lock" for entry in out.iterdir()))
 
 
-def _can_mount_tmpfs() -> bool:
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
-                           capture_output=True) if shutil.which("unshare") else None
-    return probe is not None and probe.returncode == 0
-
-
 @pytest.mark.e2e
-@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -rm` to mount a small tmpfs (a real full disk)")
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs `unshare -rm` to mount a small tmpfs (a real full disk)")
 def test_full_disk_is_one_line_naming_the_file(artefacts, tmp_path):
     """A real full disk (tiny tmpfs in a private mount namespace) while creating a store and while saving a
     checkpoint: one line naming the file; no staging folder and no run folder without a checkpoint left."""
