@@ -45,7 +45,8 @@ def evaluation_parser() -> argparse.ArgumentParser:
     which.add_argument("--weights", choices=("student", "ema"), default="student",
                        help="which student of the checkpoint (default: student)")
     which.add_argument("--export", metavar="NAME",
-                       help="an exported student (NAME.safetensors + NAME.json) of the run's architecture instead")
+                       help="an exported student (a folder written by training or `train_student export`) of the run's "
+                            "architecture instead")
     parser.add_argument("--training-views", action="store_true",
                         help="--store is the run's own training store: the loss on the views it trained on, to set "
                              "beside the loss on fresh views (their difference is what reusing views costs)")
@@ -104,7 +105,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     model = Distiller(recipe)
     model.decoder.load_state_dict(state["decoder"])
     if args.export:
-        exported = {key: value for key, value in read_student_config(args.export).items() if key != "extra"}
+        # What the export records beyond the architecture: its run's details and its weights' checksum.
+        exported = {key: value for key, value in read_student_config(args.export).items()
+                    if key not in ("extra", "weights_sha256")}
         if exported != model.student.config:
             raise EvaluationError(f"--export {args.export} is a {exported.get('student')} export, not the "
                                   f"{model.student.config['student']} of recipe {recipe.name} that RUN_DIR trained; "
