@@ -12,26 +12,8 @@ every local crop) is described by one 35-field *crop block*:
 ====  ============  ====================================================================================
  off  field         meaning
 ====  ============  ====================================================================================
-   0  scale_0       area fraction of RandomResizedCrop's try 0, U(scale) (float32, as torchvision draws)
-   1  scale_1       ... of try 1
-   2  scale_2       ... of try 2
-   3  scale_3       ... of try 3
-   4  scale_4       ... of try 4
-   5  scale_5       ... of try 5
-   6  scale_6       ... of try 6
-   7  scale_7       ... of try 7
-   8  scale_8       ... of try 8
-   9  scale_9       ... of try 9
-  10  aspect_0      aspect (w/h) of try 0, exp(U(log r_min, log r_max))
-  11  aspect_1      ... of try 1
-  12  aspect_2      ... of try 2
-  13  aspect_3      ... of try 3
-  14  aspect_4      ... of try 4
-  15  aspect_5      ... of try 5
-  16  aspect_6      ... of try 6
-  17  aspect_7      ... of try 7
-  18  aspect_8      ... of try 8
-  19  aspect_9      ... of try 9
+ 0+k  scale_k       area fraction of RandomResizedCrop's try k = 0..9, U(scale) (float32, as torchvision)
+10+k  aspect_k      aspect (w/h) of try k = 0..9, exp(U(log r_min, log r_max))
   20  pos_y         uniform in [0, 1) on a 2**-24 grid: top = floor(pos_y * (H - h + 1))
   21  pos_x         ... left = floor(pos_x * (W - w + 1))
   22  flip          1 = mirror horizontally (after resizing)

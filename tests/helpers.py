@@ -63,3 +63,36 @@ def can_mount_tmpfs() -> bool:
     probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
                            capture_output=True) if shutil.which("unshare") else None
     return probe is not None and probe.returncode == 0
+
+
+def write_packed_inputs(root: Path, *, persons: int, backgrounds: int, seed: int, workers: int,
+                        teacher_spec) -> Path:
+    """Synthetic persons and backgrounds under `root`, packed into persons.beton and backgrounds.beton, and a
+    random-weight checkpoint of `teacher_spec` in the released layout as tiny.pth (torch seeded with 0)."""
+    import numpy as np
+
+    from cache_teacher.demo_data import write_backgrounds, write_person_images
+    from cache_teacher.pack import pack
+    from dpal.teachers import build_teacher, release_checkpoint
+
+    rng = np.random.default_rng(seed)
+    write_person_images(root / "persons", persons, rng)
+    write_backgrounds(root / "backgrounds", backgrounds, rng)
+    for name in ("persons", "backgrounds"):
+        pack(root / name, root / f"{name}.beton", workers=workers, progress=False)
+    torch.manual_seed(0)
+    torch.save(release_checkpoint(build_teacher(teacher_spec)), root / "tiny.pth")
+    return root
+
+
+def pack_demo_data(root: Path, *, persons: int) -> dict:
+    """The built-in demo data (`cache_teacher demo-data`: persons, 3 backgrounds, a random PATH-B checkpoint)
+    under root/inputs, packed by the command line into root/persons.beton and root/backgrounds.beton; returns
+    the demo data's paths."""
+    from cache_teacher.__main__ import main as cache_main
+    from cache_teacher.demo_data import write_demo_data
+
+    paths = write_demo_data(root / "inputs", persons=persons, backgrounds=3)
+    for name in ("persons", "backgrounds"):
+        assert cache_main(["pack", paths[name], str(root / f"{name}.beton")]) == 0
+    return paths

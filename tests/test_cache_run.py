@@ -20,8 +20,6 @@ import pytest
 import torch
 
 from cache_teacher.__main__ import main
-from cache_teacher.demo_data import write_backgrounds, write_person_images
-from cache_teacher.pack import pack
 from cache_teacher.run import RunConfig, RunError, cached_views, run
 from cache_teacher.verify import info, verify
 from dpal.config import TeacherSpec, ViewConfig
@@ -30,7 +28,7 @@ from dpal.teachers import build_teacher, release_checkpoint
 from dpal.views import VIEW_SET_FIELDS
 from formats.images import ImageFile
 from formats.store import StoreError, open_store
-from helpers import two_node_launcher
+from helpers import two_node_launcher, write_packed_inputs
 
 TINY = TeacherSpec("tiny-vit", "vit", "vit_base_patch16_224", width=32, depth=2, num_heads=2, patch_size=16,
                    token_stride=16, has_cls=True)
@@ -49,14 +47,8 @@ sys.exit(main(sys.argv[1:], teachers=dict(TEACHERS, **{{tiny.name: tiny}})))
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    rng = np.random.default_rng(3)
-    write_person_images(root / "persons", NUM_IMAGES, rng)
-    write_backgrounds(root / "backgrounds", 4, rng)
-    pack(root / "persons", root / "persons.beton", workers=2, progress=False)
-    pack(root / "backgrounds", root / "backgrounds.beton", workers=2, progress=False)
-    torch.manual_seed(0)
-    torch.save(release_checkpoint(build_teacher(TINY)), root / "tiny.pth")
+    root = write_packed_inputs(tmp_path_factory.mktemp("cache"), persons=NUM_IMAGES, backgrounds=4, seed=3,
+                               workers=2, teacher_spec=TINY)
     (root / "cli.py").write_text(CLI_SCRIPT)
     return root
 

@@ -7,24 +7,21 @@ import json
 import re
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 from cache_teacher.__main__ import main
-from cache_teacher.demo_data import write_backgrounds, write_person_images
 from cache_teacher.fidelity import FIGURES, student_probe
-from cache_teacher.pack import pack
 from cache_teacher.run import RunConfig, RunError, run
 from cache_teacher.verify import info, verify
 from dpal.config import TeacherSpec
 from dpal.distill import distill_step_losses
 from dpal.recipes import TEACHERS
-from dpal.teachers import build_teacher, release_checkpoint
 from formats.store import TOKEN_BASIS_FILE, StoreError, open_store
 from formats.targets import CompactTargets, TokenBasis
 from train_student.data import BackgroundPool, FeedBatch, FeedPlan, TargetPrefetcher
 from train_student.step import CachedTargets
+from helpers import write_packed_inputs
 
 TINY = TeacherSpec("tiny-vit", "vit", "vit_base_patch16_224", width=32, depth=2, num_heads=2, patch_size=16,
                    token_stride=16, has_cls=True)
@@ -37,15 +34,8 @@ LOSSLESS = dict(target_format="compact", token_rank=TINY.width, token_bits=16, r
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compact")
-    rng = np.random.default_rng(5)
-    write_person_images(root / "persons", NUM_IMAGES, rng)
-    write_backgrounds(root / "backgrounds", 3, rng)
-    pack(root / "persons", root / "persons.beton", workers=1, progress=False)
-    pack(root / "backgrounds", root / "backgrounds.beton", workers=1, progress=False)
-    torch.manual_seed(0)
-    torch.save(release_checkpoint(build_teacher(TINY)), root / "tiny.pth")
-    return root
+    return write_packed_inputs(tmp_path_factory.mktemp("compact"), persons=NUM_IMAGES, backgrounds=3, seed=5,
+                               workers=1, teacher_spec=TINY)
 
 
 def _config(root, out: str, **changes) -> RunConfig:

@@ -18,7 +18,7 @@ import torch
 import zarr
 
 from dpal.arguments import usable_cores
-from helpers import can_mount_tmpfs, two_node_launcher
+from helpers import can_mount_tmpfs, pack_demo_data, two_node_launcher
 from train_student.__main__ import main
 from train_student.metrics import LOSS_COLUMNS, read_metrics
 
@@ -39,15 +39,11 @@ def _python(*args, **kwargs):
 @pytest.fixture(scope="module")
 def artefacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    from cache_teacher.demo_data import write_demo_data
-
     from cache_teacher.__main__ import main as cache_main
 
     # The caching CLI runs in this process (its own tests cover it as a subprocess); only training,
     # which is what is tested here, pays for fresh interpreters.
-    paths = write_demo_data(root / "inputs", persons=NUM_IMAGES, backgrounds=3)
-    for name in ("persons", "backgrounds"):
-        assert cache_main(["pack", paths[name], str(root / f"{name}.beton")]) == 0
+    paths = pack_demo_data(root, persons=NUM_IMAGES)
     assert cache_main(["run", "--teacher", "path-b", "--weights", paths["weights"], "--images",
                        str(root / "persons.beton"), "--backgrounds", str(root / "backgrounds.beton"), "-K", "2",
                        "--chunk-images", "2", "--calibration-images", "2", "--out", str(root / "store.zarr"),

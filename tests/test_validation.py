@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from train_student.metrics import LOSS_COLUMNS, VALIDATION_CSV, read_metrics
+from helpers import pack_demo_data
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -29,12 +30,9 @@ def _python(*args):
 @pytest.fixture(scope="module")
 def artefacts(tmp_path_factory):
     from cache_teacher.__main__ import main as cache_main
-    from cache_teacher.demo_data import write_demo_data
 
     root = tmp_path_factory.mktemp("validation")
-    paths = write_demo_data(root / "inputs", persons=NUM_IMAGES, backgrounds=3)
-    for name in ("persons", "backgrounds"):
-        assert cache_main(["pack", paths[name], str(root / f"{name}.beton")]) == 0
+    paths = pack_demo_data(root, persons=NUM_IMAGES)
     common = ["--teacher", "path-b", "--weights", paths["weights"], "--images", str(root / "persons.beton"),
               "--backgrounds", str(root / "backgrounds.beton"), "--chunk-images", "2", "--calibration-images", "2",
               "--no-progress"]
