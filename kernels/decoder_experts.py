@@ -39,6 +39,8 @@ is float32, and [B, P] statistics, beyond the inputs.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -525,6 +527,7 @@ def row_programs(rows: int, sm_count: int | None) -> tuple[int, int]:
 _F32 = torch.float32
 
 
+@functools.lru_cache(maxsize=64)  # planned once per shape: the op asks at every call, forward and backward
 def expert_plan(batch: int, patterns: int, dim: int, out_dim: int, dtype: torch.dtype) -> dict[str, list[PlannedLaunch]]:
     """The expert passes' launches for queries [batch, patterns, dim] in `dtype` and D_o = out_dim: "forward"
     (stats, mix) and "backward" (grad_stats, then grad once per du chunk). Parameters are float32, as training
@@ -560,6 +563,7 @@ def expert_plan(batch: int, patterns: int, dim: int, out_dim: int, dtype: torch.
     return dict(forward=forward, backward=backward)
 
 
+@functools.lru_cache(maxsize=64)
 def row_plan(rows: int, width: int, dtype: torch.dtype, eps: float, sm_count: int | None) -> dict[str, PlannedLaunch]:
     """The GELU + LayerNorm row kernels' launches ("forward", "backward") for `rows` rows of `width` in `dtype`,
     on a GPU with `sm_count` SMs (None: the interpreter); LayerNorm parameters float32."""

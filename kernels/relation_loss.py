@@ -271,6 +271,7 @@ def pick_config(kernel: str, n: int, dim: int, kind: str) -> KernelConfig:
     return PINNED_CONFIGS.get((kernel, n, dim, kind), DEFAULT_CONFIGS[kernel][kind])
 
 
+@functools.lru_cache(maxsize=64)  # planned once per shape: the op asks at every call, forward and backward
 def launch_plan(batch: int, n: int, dim: int, dtype: torch.dtype, target_dtype: torch.dtype,
                 scale_dtype: torch.dtype = torch.float32) -> dict:
     """The op's launches for tokens [batch, n, dim] in `dtype` and targets in `target_dtype` (int8 codes with
