@@ -17,7 +17,7 @@ step "2/7 pack images and backgrounds into FFCV"
 "$PY" -m cache_teacher pack "$OUT/inputs/backgrounds" "$OUT/backgrounds.beton"
 
 step "3/7 picture of what teacher and student see"
-"$PY" -m cache_teacher.views_cli grid --images "$OUT/persons.beton" --backgrounds "$OUT/backgrounds.beton" --out "$OUT/views.png"
+"$PY" -m cache_teacher views grid --images "$OUT/persons.beton" --backgrounds "$OUT/backgrounds.beton" --out "$OUT/views.png"
 
 step "4/7 run the teacher once, write the target store"
 "$PY" -m cache_teacher run --teacher path-b --weights "$OUT/inputs/path-b.pth" \

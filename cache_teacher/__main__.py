@@ -10,6 +10,8 @@ Typical use:
   torchrun --nproc_per_node 8 -m cache_teacher run ...                             (same store, N GPUs)
   python -m cache_teacher verify path-b.zarr --weights path-b.pth
   python -m cache_teacher info path-b.zarr
+  python -m cache_teacher views grid --images images.beton --backgrounds backgrounds.beton --out views.png
+  python -m cache_teacher views bench --batch 256 --devices cpu,cuda --json views-bench.json
 `run` is resumable: kill it at any moment and rerun the same command.
 The method (views, targets, shape mask): docs/method.md in the repository.
 """
@@ -170,7 +172,44 @@ def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.Argume
                       help="background images (>= 1, default: the demo's count)")
     demo.add_argument("--teacher", choices=sorted(TEACHERS), default="path-b",
                       help="architecture of the random-weight teacher checkpoint (default path-b)")
+    _add_views_command(commands)
     return parser
+
+
+def _add_views_command(commands) -> None:
+    from formats.cli import POSITIVE, SEED, device_names, output_file
+
+    views = commands.add_parser("views", help="view sets rendered from their records: a picture, or a benchmark",
+                                description="Render view sets exactly as `run` and training do. `grid`: a PNG of "
+                                "a few, side by side; `bench`: the speed of the render calls. Image sources: an "
+                                "FFCV .beton (from `pack`), a folder of JPEG/PNG images, or one image file.")
+    kinds = views.add_subparsers(dest="views_command", required=True, metavar="VIEWS_COMMAND")
+    grid = kinds.add_parser("grid", help="PNG grid of view sets: source, global, local crops, crowd",
+                            description="Render a few view sets and save them de-normalized side by side: source "
+                            "image | global view | local crops | crowd view.")
+    grid.add_argument("--images", required=True, help="person images: .beton, folder or image file")
+    grid.add_argument("--backgrounds", required=True, help="background pool: .beton, folder or image file")
+    grid.add_argument("--num", type=POSITIVE, default=6, help="view sets to show (>= 1, default 6)")
+    grid.add_argument("--seed", type=SEED, default=0, help="seed of the images and view sets drawn (0..4294967295, "
+                      "default 0)")
+    grid.add_argument("--out", type=output_file, default="views.png", help="PNG to write (default views.png)")
+
+    bench = kinds.add_parser("bench", help="views per second of render_view_sets + render_local_crops",
+                             description="Time one training batch of views: render_view_sets (global + crowd) and "
+                             "render_local_crops (2 per image), per device; print a table, optionally JSON. On CUDA "
+                             "it also times a ViT-Ti student forward+backward on the same views, the step the "
+                             "rendering must stay well under (target: < 10%%).")
+    bench.add_argument("--batch", type=POSITIVE, default=256, help="view sets per batch (>= 1, default 256, the recipe's)")
+    bench.add_argument("--devices", type=device_names, default=None,
+                       help="comma-separated: cpu, cuda, cuda:N (default: cpu, and cuda where there is one)")
+    bench.add_argument("--repeats", type=POSITIVE, default=3, help="timed runs per measurement, after one warm-up (>= 1)")
+    bench.add_argument("--images", help="person images to render instead of synthetic ones (.beton, folder or image)")
+    bench.add_argument("--backgrounds", help="background pool for --images")
+    bench.add_argument("--student-step", choices=("auto", "on", "off"), default="auto",
+                       help="also time a ViT-Ti student forward+backward (auto: on CUDA only)")
+    bench.add_argument("--seed", type=SEED, default=0, help="seed of the synthetic images and view sets (0..4294967295, "
+                       "default 0)")
+    bench.add_argument("--json", type=output_file, help="write the results here as JSON (its folder must exist)")
 
 
 def subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -214,6 +253,8 @@ def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
     startup()
     if args.command == "verify" and not args.weights and not args.checksums_only:
         parser.error("verify needs --weights (the checkpoint the store was made with), or --checksums-only")
+    if args.command == "views" and args.views_command == "bench" and bool(args.images) != bool(args.backgrounds):
+        parser.error("views bench: give both --images and --backgrounds, or neither (synthetic images)")
     if args.command == "run" and args.print_config:
         print(config_text(run_parser, args), end="")
         return 0
@@ -251,6 +292,9 @@ def _command(args: argparse.Namespace, teachers: dict[str, TeacherSpec]) -> int:
               iterations=args.iterations, num_images=args.num_images, views_per_image=args.views_per_image,
               target_format=args.target_format, device=args.device, json_out=args.json_out,
               teacher_options=args.teacher_options, teachers=teachers)
+    elif args.command == "views":
+        from cache_teacher.views import bench, grid
+        (bench if args.views_command == "bench" else grid)(args)
     elif args.command == "demo-data":
         from cache_teacher.demo_data import DEFAULT_BACKGROUNDS, DEFAULT_PERSONS, write_demo_data
         write_demo_data(args.out_dir, persons=args.persons or DEFAULT_PERSONS,

@@ -157,8 +157,8 @@ class TargetComputer:
         self.background = lru_cache(maxsize=4096)(lambda index: torch.from_numpy(backgrounds.image(index)))
 
     def render(self, images: list[torch.Tensor], params: torch.Tensor):
-        backgrounds = [self.background(int(i)) for i in background_indices(params)]
-        return render_view_sets(images, backgrounds, params, self.cfg, device=self.device)
+        used = {index: self.background(index) for index in background_indices(params).tolist()}
+        return render_view_sets(images, used, params, self.cfg, device=self.device)
 
     def precision(self):
         """bf16 autocast for the teacher on CUDA; float32 on the CPU."""

@@ -56,6 +56,13 @@ def device_name(text: str) -> str:
     return text
 
 
+def device_names(text: str) -> str:
+    """argparse `type=` for --devices: comma-separated devices, each one `device_name` accepts."""
+    for name in text.split(","):
+        device_name(name)
+    return text
+
+
 # ------------------------------------------------------------------------------ logging
 
 LOG = logging.getLogger("dpal")

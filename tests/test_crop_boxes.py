@@ -25,10 +25,10 @@ CASES = [
     ("global", (150, 400)), ("global", (9, 6)), ("local", (128, 64)), ("local", (150, 400)), ("person", (60, 90)),
     ("background", (480, 640)), ("background", (256, 256)), ("background", (100, 300)),
 ]
-KINDS = {  # crop kind: (scale, aspect range, where the sampler puts its crop blocks)
-    "global": (CFG.global_scale, CFG.person_aspect, V._GLOBAL_BLOCK),
-    "person": (CFG.local_scale, CFG.person_aspect, V._PERSON_BLOCK),
-    "background": (CFG.background_scale, CFG.background_aspect, V._BACKGROUND_BLOCK),
+KINDS = {  # crop kind: (scale, aspect range, the ViewSetFields field of its crop blocks)
+    "global": (CFG.global_scale, CFG.person_aspect, "global_view"),
+    "person": (CFG.local_scale, CFG.person_aspect, "person"),
+    "background": (CFG.background_scale, CFG.background_aspect, "background"),
     "local": (CFG.local_scale, CFG.person_aspect, None),
 }
 
@@ -37,8 +37,8 @@ def project_blocks(kind: str, n: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     block = KINDS[kind][2]
     if block is None:
-        return V.sample_local_crops(generator, n, CFG)[:, 0, 1:]
-    return V.sample_view_sets(generator, n, num_backgrounds=1, cfg=CFG)[:, block]
+        return V.sample_local_crops(generator, n, CFG)[:, 0, V.LOCAL_CROP_BLOCK]
+    return getattr(V.ViewSetFields.of(V.sample_view_sets(generator, n, num_backgrounds=1, cfg=CFG)), block)
 
 
 def project_boxes(kind: str, size: tuple[int, int], n: int, seed: int) -> torch.Tensor:
@@ -117,7 +117,9 @@ def test_the_test_passes_torchvision_against_itself_and_fails_rounded_positions(
     free = torch.tensor(size)[None] - ours[:, 2:]
     drawn = V.crop_tries(blocks, torch.full((SAMPLES,), size[0]), torch.full((SAMPLES,), size[1]))[0] >= 0
     rounded = ours.clone()  # positions of drawn boxes by the old rule (a fallback box is centred either way)
-    rounded[drawn, :2] = torch.round(blocks[drawn][:, [V._POS_Y, V._POS_X]].double() * free[drawn]).long()
+    fields = V.CropFields.of(blocks)
+    positions = torch.stack([fields.pos_y, fields.pos_x], dim=1)
+    rounded[drawn, :2] = torch.round(positions[drawn].double() * free[drawn]).long()
     assert min(box_p_values(ours, first, size).values()) >= P_DIFFERENT
     p_values = box_p_values(rounded, first, size)
     assert min(p_values["top_edge"], p_values["left_edge"]) < P_DIFFERENT, p_values
@@ -143,8 +145,9 @@ def constant_blocks(tries: list[tuple[float, float]], n: int = 64) -> torch.Tens
     """Crop blocks whose tries are the given (scale, aspect) pairs, then repeat the last; random positions."""
     tries = tries + [tries[-1]] * (V.CROP_TRIES - len(tries))
     blocks = project_blocks("global", n, seed=5).clone()
-    blocks[:, V._SCALES] = torch.tensor([scale for scale, _ in tries])
-    blocks[:, V._ASPECTS] = torch.tensor([aspect for _, aspect in tries])
+    fields = V.CropFields.of(blocks)
+    fields.scales[:] = torch.tensor([scale for scale, _ in tries])
+    fields.aspects[:] = torch.tensor([aspect for _, aspect in tries])
     return blocks
 
 

@@ -25,28 +25,27 @@ REFUSED = [
     (["acceptance/gpu_check.py", "--out", "README.md"], "--out", "README.md is a file, not a folder"),
     (["acceptance/wheelhouse.py", "--limit-mib", "0"], "--limit-mib", "0 is out of range: must be > 0"),
     (["acceptance/wheelhouse.py", "--out", "README.md"], "--out", "README.md is a file, not a folder"),
-    (["-m", "cache_teacher.views_cli", "bench", "--batch", "0"], "--batch", "0 is out of range"),
-    (["-m", "cache_teacher.views_cli", "bench", "--repeats", "0"], "--repeats", "0 is out of range"),
-    (["-m", "cache_teacher.views_cli", "bench", "--count-ops", "8,-1"], "--count-ops", "-1 is out of range"),
-    (["-m", "cache_teacher.views_cli", "bench", "--seed", "-1"], "--seed", "-1 is out of range"),
-    (["-m", "cache_teacher.views_cli", "bench", "--devices", "cpu,gpu"], "--devices", "'gpu' is not a device"),
-    (["-m", "cache_teacher.views_cli", "bench", "--json", "tests"], "--json", "tests is a folder"),
-    (["-m", "cache_teacher.views_cli", "grid", "--images", "a", "--backgrounds", "b", "--num", "0"], "--num",
+    (["-m", "cache_teacher", "views", "bench", "--batch", "0"], "--batch", "0 is out of range"),
+    (["-m", "cache_teacher", "views", "bench", "--repeats", "0"], "--repeats", "0 is out of range"),
+    (["-m", "cache_teacher", "views", "bench", "--seed", "-1"], "--seed", "-1 is out of range"),
+    (["-m", "cache_teacher", "views", "bench", "--devices", "cpu,gpu"], "--devices", "'gpu' is not a device"),
+    (["-m", "cache_teacher", "views", "bench", "--json", "tests"], "--json", "tests is a folder"),
+    (["-m", "cache_teacher", "views", "grid", "--images", "a", "--backgrounds", "b", "--num", "0"], "--num",
      "0 is out of range"),
-    (["-m", "cache_teacher.views_cli", "grid", "--images", "a", "--backgrounds", "b", "--out", f"{MISSING}/v.png"],
+    (["-m", "cache_teacher", "views", "grid", "--images", "a", "--backgrounds", "b", "--out", f"{MISSING}/v.png"],
      "--out", f"folder {MISSING} does not exist"),
 ]
 
 
 # Run in this process (their modules are imported by other tests anyway); the rest as the scripts they are.
-IN_PROCESS = {"kernels.bench", "cache_teacher.views_cli"}
+IN_PROCESS = {"kernels.bench": "kernels.bench", "cache_teacher": "cache_teacher.__main__"}
 
 
 def _refusal(command, monkeypatch, capsys) -> tuple[int, str]:
     if command[0] == "-m" and command[1] in IN_PROCESS:
         monkeypatch.chdir(REPO)
         with pytest.raises(SystemExit) as exited:
-            importlib.import_module(command[1]).main(command[2:])
+            importlib.import_module(IN_PROCESS[command[1]]).main(command[2:])
         return exited.value.code, capsys.readouterr().err
     done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})

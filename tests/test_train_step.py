@@ -17,7 +17,7 @@ def _batch(seed: int, n: int, pool: list[torch.Tensor]) -> FeedBatch:
     generator = torch.Generator().manual_seed(seed)
     records = sample_view_sets(generator, n, num_backgrounds=len(pool), cfg=SMALL)
     return FeedBatch(indices=torch.arange(n), images=random_images(seed, n),
-                     backgrounds=[pool[i] for i in background_indices(records).tolist()],  # shared objects
+                     backgrounds={i: pool[i] for i in background_indices(records).tolist()},
                      view_params=records, local_params=sample_local_crops(generator, n, SMALL),
                      targets=Targets(global_target=torch.randn(n, 8, generator=generator),
                                      local_target=torch.randn(n, 4, 8, generator=generator),

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torchvision.transforms import InterpolationMode
 
 import view_reference
@@ -31,22 +33,23 @@ def to_float(image):
 def reference_crop(image, block, out_size, aspect_range, cfg):
     """The crop as torchvision composes it from the same parameters (float path)."""
     block = block.double()
+    fields = V.CropFields.of(block)
     top, left, h, w = V.crop_boxes(block[None], torch.tensor([image.shape[0]]), torch.tensor([image.shape[1]]),
                                    aspect_range)[0]
     x = TF.resized_crop(to_float(image), int(top), int(left), int(h), int(w), list(out_size),
                         interpolation=InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
-    if block[V._FLIP] > 0.5:
+    if fields.flip > 0.5:
         x = TF.horizontal_flip(x)
-    if block[V._JITTER] > 0.5:
+    if fields.jitter > 0.5:
         ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
-        for op_id in block[V._ORDER].long().tolist():
-            x = ops[op_id](x, float(block[V._FACTORS][op_id]))
-    if block[V._GRAY] > 0.5:
+        for op_id in fields.order.long().tolist():
+            x = ops[op_id](x, float(fields.factors[op_id]))
+    if fields.gray > 0.5:
         x = TF.rgb_to_grayscale(x, num_output_channels=3)
-    if block[V._BLUR_SIGMA] > 0:
+    if fields.blur_sigma > 0:
         k = V.blur_kernel_size(cfg)
-        x = TF.gaussian_blur(x, [k, k], [float(block[V._BLUR_SIGMA])] * 2)
-    if block[V._SOLARIZE] > 0.5:
+        x = TF.gaussian_blur(x, [k, k], [float(fields.blur_sigma)] * 2)
+    if fields.solarize > 0.5:
         x = TF.solarize(x, cfg.solarize_threshold / 255)
     return x
 
@@ -55,25 +58,26 @@ def crop_blocks(n, scale, aspect, pos_y, pos_x):
     """``n`` crop blocks whose every try is (scale, aspect), at the given position uniforms, with no colour op
     (neutral factors, jitter order 0..3): callers set the ops they test."""
     blocks = torch.zeros(n, V.CROP_BLOCK_FIELDS, dtype=torch.float64)
-    blocks[:, V._SCALES] = torch.as_tensor(scale, dtype=torch.float64).reshape(-1, 1)
-    blocks[:, V._ASPECTS] = torch.as_tensor(aspect, dtype=torch.float64).reshape(-1, 1)
-    blocks[:, V._POS_Y] = torch.as_tensor(pos_y, dtype=torch.float64)
-    blocks[:, V._POS_X] = torch.as_tensor(pos_x, dtype=torch.float64)
-    blocks[:, V._FACTORS] = torch.tensor([1.0, 1.0, 1.0, 0.0])
-    blocks[:, V._ORDER] = torch.arange(4.0)
+    fields = V.CropFields.of(blocks)  # views: writing a field writes the blocks
+    fields.scales[:] = torch.as_tensor(scale, dtype=torch.float64).reshape(-1, 1)
+    fields.aspects[:] = torch.as_tensor(aspect, dtype=torch.float64).reshape(-1, 1)
+    fields.pos_y[:] = torch.as_tensor(pos_y, dtype=torch.float64)
+    fields.pos_x[:] = torch.as_tensor(pos_x, dtype=torch.float64)
+    fields.factors[:] = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    fields.order[:] = torch.arange(4.0)
     return blocks
 
 
 def reference_view_set(image, background, record, cfg):
-    record = record.double()
-    global_view = reference_crop(image, record[V._GLOBAL_BLOCK], cfg.global_size, cfg.person_aspect, cfg)
-    canvas = reference_crop(background, record[V._BACKGROUND_BLOCK], cfg.crowd_size, cfg.background_aspect,
+    record = V.ViewSetFields.of(record.double())
+    global_view = reference_crop(image, record.global_view, cfg.global_size, cfg.person_aspect, cfg)
+    canvas = reference_crop(background, record.background, cfg.crowd_size, cfg.background_aspect,
                             cfg).clone()
-    first = reference_crop(image, record[V._PERSON_BLOCK], cfg.local_size, cfg.person_aspect, cfg)
+    first = reference_crop(image, record.person, cfg.local_size, cfg.person_aspect, cfg)
     second = TF.resize(global_view, list(cfg.local_size), interpolation=InterpolationMode.BICUBIC,
                        antialias=True).clamp(0, 1)
     (ph, pw), alpha = cfg.local_size, cfg.person_alpha
-    for person, (y, x) in ((first, record[V._PASTE][:2]), (second, record[V._PASTE][2:])):
+    for person, (y, x) in ((first, record.paste[:2]), (second, record.paste[2:])):
         y, x = int(y), int(x)
         region = canvas[:, y:y + ph, x:x + pw]
         canvas[:, y:y + ph, x:x + pw] = person * alpha + region * (1 - alpha)
@@ -86,10 +90,10 @@ def reference_view_set(image, background, record, cfg):
 def test_record_layout_is_documented_in_order():
     assert V.VIEW_SET_FIELDS == len(V.VIEW_SET_FIELD_NAMES) == 111
     assert V.LOCAL_CROP_FIELDS == len(V.LOCAL_CROP_FIELD_NAMES) == 36
-    assert f"``VIEW_SET_FIELDS`` = 111 float32, {111 * 4} bytes" in V.__doc__
-    assert f"``LOCAL_CROP_FIELDS`` = 36, {36 * 4} bytes" in V.__doc__
+    doc = V.records.__doc__
+    assert f"``VIEW_SET_FIELDS`` = 111 float32, {111 * 4} bytes" in doc
+    assert f"``LOCAL_CROP_FIELDS`` = 36, {36 * 4} bytes" in doc
     assert len(set(V.VIEW_SET_FIELD_NAMES)) == V.VIEW_SET_FIELDS
-    doc = V.__doc__
     block_rows = []
     for offset, name in re.findall(r"^\s*(\d+(?:\+k)?)\s+(\w+)\s", doc.split("A *view set* record")[0], flags=re.M):
         if offset.endswith("+k"):  # one row stands for the ten RandomResizedCrop tries
@@ -100,6 +104,20 @@ def test_record_layout_is_documented_in_order():
     for index, name in enumerate(V.VIEW_SET_FIELD_NAMES):
         if "." not in name:
             assert re.search(rf"^\s+{index}\s+{name}\s", doc, flags=re.M), name
+
+
+def test_named_fields_cover_every_field_once_in_table_order():
+    """The offsets come from the name tables: read through the named views, a record numbered 0, 1, 2, ...
+    gives back every offset once, in the order of its field names."""
+    def flat(fields):
+        return torch.cat([field.reshape(-1) for field in fields]).tolist()
+
+    assert flat(V.CropFields.of(torch.arange(float(V.CROP_BLOCK_FIELDS)))) == list(range(V.CROP_BLOCK_FIELDS))
+    view_set = V.ViewSetFields.of(torch.arange(float(V.VIEW_SET_FIELDS)))
+    assert flat(view_set) == list(range(V.VIEW_SET_FIELDS))
+    assert V.VIEW_SET_FIELD_NAMES[int(view_set.background_index)] == "background_index"
+    assert [V.VIEW_SET_FIELD_NAMES[int(i)] for i in view_set.paste] == ["paste_y1", "paste_x1", "paste_y2", "paste_x2"]
+    assert V.LOCAL_CROP_FIELD_NAMES[V.LOCAL_CROP_BLOCK] == V.CROP_BLOCK_NAMES
 
 
 # ----------------------------------------------------------------------------------------- sampling
@@ -118,51 +136,54 @@ def test_sampling_is_seeded():
 def check_blocks(blocks, cfg, *, scale, aspect, blur_p, solarize_p):
     n = len(blocks)
     tol = 4 / math.sqrt(n)  # ~8 standard deviations of a frequency estimate
-    scales, aspects = blocks[:, V._SCALES], blocks[:, V._ASPECTS]
+    fields = V.CropFields.of(blocks)
+    scales, aspects = fields.scales, fields.aspects
     assert scales.shape[1] == aspects.shape[1] == V.CROP_TRIES == 10
     assert scales.min() >= scale[0] and scales.max() <= scale[1]
     assert aspects.min() >= aspect[0] - 1e-6 and aspects.max() <= aspect[1] + 1e-6
     assert (scales[:, 0] != scales[:, 1]).all()  # every try is a draw of its own
     log_aspect = (aspects.double().log() - math.log(aspect[0])) / (math.log(aspect[1]) - math.log(aspect[0]))
     assert abs(log_aspect.mean() - 0.5) < tol and abs(((scales - scale[0]) / (scale[1] - scale[0])).mean() - 0.5) < tol
-    positions = blocks[:, [V._POS_Y, V._POS_X]].double()
+    fields = fields
+    positions = torch.stack([fields.pos_y, fields.pos_x], dim=1).double()
     assert positions.min() >= 0 and positions.max() < 1
     assert torch.equal(positions * 2**24, (positions * 2**24).floor())  # on the 2**-24 grid
-    assert abs(blocks[:, V._FLIP].mean() - cfg.flip_p) < tol
-    jitter = blocks[:, V._JITTER] > 0.5
+    assert abs(fields.flip.mean() - cfg.flip_p) < tol
+    jitter = fields.jitter > 0.5
     assert abs(jitter.float().mean() - cfg.jitter_p) < tol
     b, c, s, h = cfg.jitter
-    factors = blocks[:, V._FACTORS]
+    factors = fields.factors
     for column, (low, high) in enumerate([(1 - b, 1 + b), (1 - c, 1 + c), (1 - s, 1 + s), (-h, h)]):
         values = factors[jitter, column]
         assert values.min() >= low - 1e-6 and values.max() <= high + 1e-6
         assert values.max() - values.min() > 0.9 * (high - low)
     assert torch.equal(factors[~jitter], torch.tensor([1.0, 1.0, 1.0, 0.0]).expand(int((~jitter).sum()), 4))
-    order = blocks[:, V._ORDER]
+    order = fields.order
     assert torch.equal(order.sort(dim=1).values, torch.arange(4.0).expand(n, 4))
     assert len({tuple(row) for row in order.tolist()}) == 24  # every order occurs
-    assert abs(blocks[:, V._GRAY].mean() - cfg.gray_p) < tol
-    sigma = blocks[:, V._BLUR_SIGMA]
+    assert abs(fields.gray.mean() - cfg.gray_p) < tol
+    sigma = fields.blur_sigma
     blurred = sigma > 0
     assert abs(blurred.float().mean() - blur_p) < tol
     if blurred.any():
         assert sigma[blurred].min() >= cfg.blur_sigma[0] and sigma[blurred].max() <= cfg.blur_sigma[1]
-    assert abs(blocks[:, V._SOLARIZE].mean() - solarize_p) < tol
+    assert abs(fields.solarize.mean() - solarize_p) < tol
 
 
 def test_sampled_decisions_follow_the_spec():
     cfg = ViewConfig()
     records = V.sample_view_sets(torch.Generator().manual_seed(0), 4000, num_backgrounds=7, cfg=cfg)
-    assert (records[:, 0] == V.VIEW_PARAMS_VERSION).all()
-    check_blocks(records[:, V._GLOBAL_BLOCK], cfg, scale=cfg.global_scale, aspect=cfg.person_aspect, blur_p=1.0,
+    fields = V.ViewSetFields.of(records)
+    assert (fields.version == V.VIEW_PARAMS_VERSION).all()
+    check_blocks(fields.global_view, cfg, scale=cfg.global_scale, aspect=cfg.person_aspect, blur_p=1.0,
                  solarize_p=0.0)
-    check_blocks(records[:, V._BACKGROUND_BLOCK], cfg, scale=cfg.background_scale, aspect=cfg.background_aspect,
+    check_blocks(fields.background, cfg, scale=cfg.background_scale, aspect=cfg.background_aspect,
                  blur_p=0.1, solarize_p=0.2)
-    check_blocks(records[:, V._PERSON_BLOCK], cfg, scale=cfg.local_scale, aspect=cfg.person_aspect, blur_p=0.5,
+    check_blocks(fields.person, cfg, scale=cfg.local_scale, aspect=cfg.person_aspect, blur_p=0.5,
                  solarize_p=0.0)
     index = V.background_indices(records)
     assert index.dtype == torch.int64 and set(index.tolist()) == set(range(7))
-    y1, x1, y2, x2 = records[:, V._PASTE].T
+    y1, x1, y2, x2 = fields.paste.T
     for y in (y1, y2):
         assert y.min() == 0 and y.max() == 126 and torch.equal(y, y.round())
     assert x1.min() == 0 and x1.max() == 62
@@ -182,7 +203,7 @@ def test_resized_crop_matches_torchvision(size, out, flip):
     generator = torch.Generator().manual_seed(sum(size))
     images = [random_image(generator, *size), random_image(generator, size[0] + 13, size[1] + 7)]
     blocks = crop_blocks(2, [0.6, 0.9], [0.5, 0.45], [0.3, 0.5], [0.8, 0.5])
-    blocks[:, V._FLIP] = float(flip)
+    V.CropFields.of(blocks).flip[:] = float(flip)
     aspects = ViewConfig().person_aspect
     ours = V.render_crops(images, blocks, out, aspects, ViewConfig(), torch.device("cpu"))
     for i, image in enumerate(images):
@@ -222,17 +243,18 @@ def test_gaussian_blur_with_per_sample_sigma_matches_torchvision():
 
 def test_every_jitter_order_matches_torchvision(monkeypatch):
     """All 24 op orders, with flip, grayscale, blur and solarize mixed in, against a per-sample composition."""
-    monkeypatch.setattr(V, "_RESIZE_GROUP", 5)  # several size groups, the last one partial
+    monkeypatch.setattr(V.render, "_RESIZE_GROUP", 5)  # several size groups, the last one partial
     generator = torch.Generator().manual_seed(2)
     images = [random_image(generator, 40 + i, 25 + i % 7) for i in range(24)]
     blocks = crop_blocks(24, 0.7, 0.5, 0.4, 0.6)
-    blocks[:, V._FLIP] = torch.arange(24) % 2
-    blocks[:, V._JITTER] = 1.0
-    blocks[:, V._FACTORS] = torch.tensor([1.3, 0.7, 1.2, 0.08])
-    blocks[:, V._ORDER] = torch.tensor(list(itertools.permutations(range(4))), dtype=torch.float64)
-    blocks[:, V._GRAY] = (torch.arange(24) % 5 == 0).double()
-    blocks[:, V._BLUR_SIGMA] = torch.where(torch.arange(24) % 3 == 0, 1.1, 0.0)
-    blocks[:, V._SOLARIZE] = (torch.arange(24) % 4 == 1).double()
+    fields = V.CropFields.of(blocks)
+    fields.flip[:] = torch.arange(24) % 2
+    fields.jitter[:] = 1.0
+    fields.factors[:] = torch.tensor([1.3, 0.7, 1.2, 0.08])
+    fields.order[:] = torch.tensor(list(itertools.permutations(range(4))), dtype=torch.float64)
+    fields.gray[:] = (torch.arange(24) % 5 == 0).double()
+    fields.blur_sigma[:] = torch.where(torch.arange(24) % 3 == 0, 1.1, 0.0)
+    fields.solarize[:] = (torch.arange(24) % 4 == 1).double()
     aspects = ViewConfig().person_aspect
     ours = V.render_crops(images, blocks, (20, 16), aspects, ViewConfig(), torch.device("cpu"))
     for i, image in enumerate(images):
@@ -243,12 +265,12 @@ def test_every_jitter_order_matches_torchvision(monkeypatch):
 
 
 def test_view_sets_match_torchvision_reference(monkeypatch):
-    monkeypatch.setattr(V, "_RESIZE_GROUP", 4)
+    monkeypatch.setattr(V.render, "_RESIZE_GROUP", 4)
     images, backgrounds = random_images(0, 6), random_images(1, 6, 30, 120)
     records = V.sample_view_sets(torch.Generator().manual_seed(7), 6, num_backgrounds=6, cfg=SMALL)
     pool_index = V.background_indices(records)
     chosen = [backgrounds[i] for i in pool_index.tolist()]
-    views = V.render_view_sets(images, chosen, records, SMALL)
+    views = V.render_view_sets(images, backgrounds, records, SMALL)
     assert views.global_view.shape == (6, 3, 32, 16) and views.crowd.shape == (6, 3, 32, 32)
     for i in range(6):
         global_view, crowd = reference_view_set(images[i], chosen[i], records[i], SMALL)
@@ -283,7 +305,7 @@ def test_same_parameters_give_bit_identical_pixels():
     again = V.render_view_sets([im.clone() for im in images], backgrounds, records.clone(), SMALL)
     assert torch.equal(first.global_view, again.global_view) and torch.equal(first.crowd, again.crowd)
     # Other batch-mates change padding and matmul blocking only: far below one grey level.
-    alone = V.render_view_sets(images[2:3], backgrounds[2:3], records[2:3], SMALL)
+    alone = V.render_view_sets(images[2:3], backgrounds, records[2:3], SMALL)
     assert (alone.global_view[0] - first.global_view[2]).abs().max() < 1e-5
     assert (alone.crowd[0] - first.crowd[2]).abs().max() < 1e-5
 
@@ -333,22 +355,23 @@ def test_planned_on_another_thread_then_executed_on_the_device():
     generator = torch.Generator().manual_seed(22)
     records = V.sample_view_sets(generator, 5, num_backgrounds=3, cfg=SMALL)
     local_records = V.sample_local_crops(generator, 5, SMALL)
-    backgrounds = [pool[i] for i in V.background_indices(records).tolist()]
     prepared = {}
 
     def prepare():
-        packed = V.pack_images(images + backgrounds)
-        prepared["packed"] = packed
-        prepared["sets"] = V.plan_view_sets(packed.select(0, 5), packed.select(5, 10), records, SMALL)
-        prepared["local"] = V.plan_local_crops(packed.select(0, 5), local_records, SMALL)
+        packed, persons, backgrounds = V.pack_view_set_images(images, pool, records)
+        prepared["packed"], prepared["persons"] = packed, persons
+        prepared["sets"] = V.plan_view_sets(persons, backgrounds, records, SMALL)
+        prepared["local"] = V.plan_local_crops(persons, local_records, SMALL)
 
     worker = threading.Thread(target=prepare)
     worker.start()
     worker.join()
     pixels = prepared["packed"].pixels
     views = V.execute_view_sets(pixels, prepared["sets"])
-    expected = V.render_view_sets(images, backgrounds, records, SMALL)
+    expected = V.render_view_sets(images, pool, records, SMALL)
     assert torch.equal(views.global_view, expected.global_view) and torch.equal(views.crowd, expected.crowd)
+    # A background several view sets use is packed once: the buffer holds the persons and the pool entries used.
+    assert len(prepared["packed"].offsets) == 5 + len(set(V.background_indices(records).tolist()))
     assert torch.equal(V.execute_local_crops(pixels, prepared["local"]), V.render_local_crops(images, local_records, SMALL))
 
     meta = torch.device("meta")
@@ -358,15 +381,34 @@ def test_planned_on_another_thread_then_executed_on_the_device():
     with pytest.raises(V.ViewParamsError, match="n >= 1"):
         V.plan_view_sets(prepared["packed"].select(0, 0), prepared["packed"].select(0, 0), records[:0], SMALL)
     with pytest.raises(ValueError, match="5 view set records need 5 backgrounds, got 4"):
-        V.plan_view_sets(prepared["packed"].select(0, 5), prepared["packed"].select(5, 9), records, SMALL)
+        V.plan_view_sets(prepared["persons"], prepared["persons"].select(0, 4), records, SMALL)
+
+
+class DeviceOpCounter(TorchDispatchMode):
+    """Counts the aten operators a render dispatches on ``device`` (after composite ops are decomposed): one
+    kernel launch or copy each on a GPU. Views and bare allocations launch nothing and are left out."""
+
+    NO_KERNEL = {"aten._unsafe_view", "aten._reshape_alias", "aten.alias", "aten.detach", "aten.lift_fresh",
+                 "aten.empty", "aten.empty_like", "aten.empty_strided"}
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device, self.device_ops = device, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        if not func.is_view and name not in self.NO_KERNEL and any(
+                isinstance(t, torch.Tensor) and t.device.type == self.device.type
+                for t in tree_leaves((args, kwargs, out))):
+            self.device_ops[name] = self.device_ops.get(name, 0) + 1
+        return out
 
 
 def test_device_work_does_not_grow_with_the_samples_of_a_group():
     """The crops of a render call are packed by one gather, not one copy each: within one resize group
     (up to 32 crops) three times the samples (the same records repeated, so the same colour-op subsets
     are partial) dispatch exactly the same device operators, counted on the meta device."""
-    from cache_teacher.views_cli import _OpCounter
-
     images, pool = random_images(30, 5), random_images(31, 5, 30, 120)
     records = V.sample_view_sets(torch.Generator().manual_seed(32), 5, num_backgrounds=5, cfg=SMALL)
     local_records = V.sample_local_crops(torch.Generator().manual_seed(33), 5, SMALL)
@@ -374,9 +416,8 @@ def test_device_work_does_not_grow_with_the_samples_of_a_group():
     counts = []
     for repeat in (1, 1, 3):  # 5 and 15 view sets, 10 and 30 local crops; the first run caches constants
         on_meta = [image.to(meta) for image in images * repeat]
-        backgrounds = [pool[i].to(meta) for i in V.background_indices(records).tolist() * repeat]
-        with _OpCounter(meta) as counter:
-            V.render_view_sets(on_meta, backgrounds, records.repeat(repeat, 1), SMALL)
+        with DeviceOpCounter(meta) as counter:
+            V.render_view_sets(on_meta, [image.to(meta) for image in pool], records.repeat(repeat, 1), SMALL)
             V.render_local_crops(on_meta, local_records.repeat(repeat, 1, 1), SMALL)
         counts.append(counter.device_ops)
     assert counts[1] == counts[2]
@@ -458,6 +499,8 @@ def test_bad_records_are_rejected_with_the_reason():
         V.render_view_sets([images[0].float(), images[1]], backgrounds, records, SMALL)
     with pytest.raises(ValueError, match="2 images"):
         V.render_view_sets(images[:1], backgrounds, records, SMALL)
+    with pytest.raises(ValueError, match="names background [01], which the background pool .1 images. does not hold"):
+        V.render_view_sets(images, {5: backgrounds[0]}, records, SMALL)
     with pytest.raises(ValueError, match="crowd geometry"):
         V.sample_view_sets(torch.Generator(), 2, num_backgrounds=1, cfg=ViewConfig(paste_y=(0, 200)))
 
@@ -476,48 +519,35 @@ def write_images(folder, sizes, seed):
 def test_grid_command_writes_a_picture_and_names_bad_input(tmp_path, capsys):
     from PIL import Image
 
-    from cache_teacher import views_cli
+    from cache_teacher.__main__ import main
+    from cache_teacher.views import ImageSource, ImageSourceError
 
     write_images(tmp_path / "persons", [(160, 70), (120, 64)], seed=1)
     Image.fromarray(np.zeros((50, 40), np.uint8)).save(tmp_path / "persons" / "grey.png")
     write_images(tmp_path / "backgrounds", [(200, 260)], seed=2)
     out = tmp_path / "views.png"
-    command = ["grid", "--images", str(tmp_path / "persons"), "--backgrounds", str(tmp_path / "backgrounds"),
+    command = ["views", "grid", "--images", str(tmp_path / "persons"), "--backgrounds", str(tmp_path / "backgrounds"),
                "--num", "3", "--out", str(out)]
-    views_cli.main(command)
+    assert main(command) == 0
     with Image.open(out) as picture:
         assert picture.mode == "RGB" and picture.height >= 3 * 256 and picture.width > 256 + 128 + 96
         header = np.asarray(picture)[:30]  # the column labels: dark text on a white strip
         assert (header < 100).any() and (header == 255).mean() > 0.8
     (tmp_path / "backgrounds" / "0.png").write_bytes(b"not an image")
-    with pytest.raises(SystemExit) as exit_info:
-        views_cli.main(command)
-    assert exit_info.value.code == 2
-    assert "0.png could not be decoded" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "0.png could not be decoded" in err and "Traceback" not in err
     (tmp_path / "empty").mkdir()
-    with pytest.raises(views_cli.ImageSourceError, match="holds no images.*pool is empty"):
-        views_cli.ImageSource(tmp_path / "empty", "--backgrounds")
+    with pytest.raises(ImageSourceError, match="holds no images.*pool is empty"):
+        ImageSource(tmp_path / "empty", "--backgrounds")
 
 
 def test_bench_command_prints_a_table_and_writes_json(tmp_path, capsys):
-    from cache_teacher import views_cli
+    from cache_teacher.__main__ import main
 
     report = tmp_path / "bench.json"
-    views_cli.main(["bench", "--batch", "2", "--repeats", "1", "--devices", "cpu", "--json", str(report)])
+    assert main(["views", "bench", "--batch", "2", "--repeats", "1", "--devices", "cpu", "--json", str(report)]) == 0
     assert "view sets/s" in capsys.readouterr().out
     row = json.loads(report.read_text())["results"][0]
     assert row["device"] == "cpu" and row["batch"] == 2 and row["view_sets_per_s"] > 0
-
-
-def test_bench_counts_operators_per_render_call(tmp_path, capsys):
-    from cache_teacher import views_cli
-
-    report = tmp_path / "ops.json"
-    views_cli.main(["bench", "--count-ops", "2,3", "--devices", "cpu", "--json", str(report)])
-    assert "device ops" in capsys.readouterr().out
-    rows = json.loads(report.read_text())["results"]
-    for device in ("meta", "cpu"):  # meta: dispatched operators; cpu: the device half under the torch profiler
-        assert [(row["batch"], row["call"]) for row in rows if row["device"] == device] == [
-            (2, "view_sets"), (2, "local_crops"), (3, "view_sets"), (3, "local_crops")]
-    assert all(row["device_ops"] > 0 and row["host_ops"] > 0 for row in rows if row["device"] == "meta")
-    assert all(row["profiled_launches"] > 0 for row in rows if row["device"] == "cpu")

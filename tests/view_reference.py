@@ -58,17 +58,17 @@ def render_reference(views, arrays: dict[str, np.ndarray], device="cpu") -> dict
     backgrounds = [pool[i] for i in views.background_indices(records).tolist()]
     heights, widths = (torch.tensor([image.shape[axis] for image in persons]) for axis in (0, 1))
     bg_heights, bg_widths = (torch.tensor([image.shape[axis] for image in backgrounds]) for axis in (0, 1))
-    local_blocks = local_records.reshape(-1, local_records.shape[-1])[:, 1:]
+    local_blocks = local_records.reshape(-1, local_records.shape[-1])[:, views.LOCAL_CROP_BLOCK]
+    fields = views.ViewSetFields.of(records)
     per_local = local_records.shape[1]
     boxes = {
-        "global_boxes": views.crop_boxes(records[:, views._GLOBAL_BLOCK], heights, widths, cfg.person_aspect),
-        "person_boxes": views.crop_boxes(records[:, views._PERSON_BLOCK], heights, widths, cfg.person_aspect),
-        "background_boxes": views.crop_boxes(records[:, views._BACKGROUND_BLOCK], bg_heights, bg_widths,
-                                             cfg.background_aspect),
+        "global_boxes": views.crop_boxes(fields.global_view, heights, widths, cfg.person_aspect),
+        "person_boxes": views.crop_boxes(fields.person, heights, widths, cfg.person_aspect),
+        "background_boxes": views.crop_boxes(fields.background, bg_heights, bg_widths, cfg.background_aspect),
         "local_boxes": views.crop_boxes(local_blocks, heights.repeat_interleave(per_local),
                                         widths.repeat_interleave(per_local), cfg.person_aspect),
     }
-    rendered = views.render_view_sets(persons, backgrounds, records, cfg, device)
+    rendered = views.render_view_sets(persons, pool, records, cfg, device)
     local_crops = views.render_local_crops(persons, local_records, cfg, device)
     return {name: box.numpy() for name, box in boxes.items()} | {
         "global_view": rendered.global_view.cpu().numpy(), "crowd": rendered.crowd.cpu().numpy(),

@@ -139,7 +139,8 @@ class PlannedOrder(TraversalOrder):
 
 
 class BackgroundPool:
-    """Decoded background images by index; all kept decoded when they fit `cache_bytes`."""
+    """Decoded background images by pool index (`pool[index]`, the background pool `render_view_sets` takes);
+    all kept decoded when they fit `cache_bytes`."""
 
     def __init__(self, path, cache_bytes: int = 2 << 30):
         self.file = ImageFile(path)
@@ -150,7 +151,9 @@ class BackgroundPool:
     def __len__(self) -> int:
         return self.file.num_images
 
-    def get(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         image = torch.from_numpy(self.file.image(index))
@@ -159,8 +162,9 @@ class BackgroundPool:
                 self._cache[index] = image
         return image
 
-    def batch(self, view_params: torch.Tensor) -> list[torch.Tensor]:
-        return [self.get(int(i)) for i in background_indices(view_params)]
+    def used_by(self, view_params: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The decoded entries the view set records name, by pool index (each once)."""
+        return {index: self[index] for index in background_indices(view_params).tolist()}
 
 
 class FeedPairingError(UserError):
@@ -184,7 +188,7 @@ class FeedBatch:
 
     indices: torch.Tensor  # [b] image indices in the images file
     images: list[torch.Tensor]  # uint8 [H, W, 3] each
-    backgrounds: list[torch.Tensor]  # uint8 [H, W, 3], backgrounds[i] for sample i
+    backgrounds: dict[int, torch.Tensor]  # uint8 [H, W, 3] by pool index: the entries the view records name
     view_params: torch.Tensor  # [b, VIEW_SET_FIELDS]
     local_params: torch.Tensor  # [b, num_local, LOCAL_CROP_FIELDS]
     targets: Targets | CompactTargets | None = None  # from the store (compact: decoded when staged); None online
@@ -272,7 +276,7 @@ class TargetPrefetcher:
         return {"indices": torch.from_numpy(images.astype(np.int64)), "view_params": view_params,
                 "targets": self.store.targets(stacked),
                 "local_params": local_crop_params(self.plan, self.cfg, self.epoch, micro),
-                "backgrounds": self.backgrounds.batch(view_params)}
+                "backgrounds": self.backgrounds.used_by(view_params)}
 
     def get(self) -> dict | None:
         item = self.queue.get()
@@ -364,5 +368,5 @@ class OnlineFeed:
             check_pairing(self.image_file, indices, heights, widths, epoch, micro)
             yield FeedBatch(indices=indices,
                             images=unflatten_images(flat, heights, widths),
-                            backgrounds=self.backgrounds.batch(view_params), view_params=view_params,
+                            backgrounds=self.backgrounds.used_by(view_params), view_params=view_params,
                             local_params=local_crop_params(self.plan, self.cfg, epoch, micro))

@@ -19,7 +19,7 @@ import torch
 
 from dpal.ahead import RunAhead
 from dpal.config import ViewConfig
-from dpal.views import PackedImages, execute_local_crops, execute_view_sets, pack_images, plan_local_crops, plan_view_sets
+from dpal.views import execute_local_crops, execute_view_sets, pack_view_set_images, plan_local_crops, plan_view_sets
 from train_student.data import FeedBatch
 
 
@@ -32,25 +32,11 @@ class ReadyBatch(NamedTuple):
     staged: dict[str, torch.Tensor]  # what the target source staged (cached targets on the device; online: none)
 
 
-def pack_batch(batch: FeedBatch, pin_memory: bool) -> tuple[PackedImages, PackedImages, PackedImages]:
-    """(all pixels, the person images, each sample's background) of a batch in one buffer; a background that
-    several samples share is packed once (the pixels a crop reads, and so the render, are the same)."""
-    first_use: dict[int, int] = {}
-    unique = [first_use.setdefault(id(image), len(first_use)) for image in batch.backgrounds]
-    distinct = list({id(image): image for image in batch.backgrounds}.values())
-    packed = pack_images(batch.images + distinct, pin_memory=pin_memory)
-    n = len(batch.images)
-    chosen = torch.tensor(unique, dtype=torch.int64) + n
-    backgrounds = packed._replace(offsets=packed.offsets[chosen], heights=packed.heights[chosen],
-                                  widths=packed.widths[chosen])
-    return packed, packed.select(0, n), backgrounds
-
-
 def render_batch(batch: FeedBatch, cfg: ViewConfig, device: torch.device) -> dict[str, torch.Tensor]:
     """The views of one micro-batch on ``device``: global and crowd views, local crops (one upload of pixels,
     one of each plan)."""
     pin = device.type == "cuda"
-    packed, images, backgrounds = pack_batch(batch, pin)
+    packed, images, backgrounds = pack_view_set_images(batch.images, batch.backgrounds, batch.view_params, pin)
     view_plan = plan_view_sets(images, backgrounds, batch.view_params, cfg, pin)
     local_plan = plan_local_crops(images, batch.local_params, cfg, pin)
     pixels = packed.pixels.to(device, non_blocking=pin)

@@ -169,7 +169,7 @@ def fit_online_mask_calibration(teacher, images_path, backgrounds: BackgroundPoo
     for start in range(0, count, batch):
         chunk = params[start:start + batch]
         images = [torch.from_numpy(image_file.image(i)) for i in range(start, start + len(chunk))]
-        views = render_view_sets(images, backgrounds.batch(chunk), chunk, recipe.views, device=device)
+        views = render_view_sets(images, backgrounds, chunk, recipe.views, device=device)
         with torch.no_grad(), autocast:
             tokens.append(global_view_targets(teacher, views.global_view)[1].cpu())
     return fit_shape_mask(torch.cat(tokens), token_counts(recipe.teacher, recipe.views)[0])

@@ -127,7 +127,7 @@ class Validation:
                     arrays = store.read_block(block, view_set)
                     params = torch.from_numpy(arrays[VIEW_PARAMS_ARRAY])
                     targets = Targets.from_arrays({k: torch.from_numpy(v) for k, v in arrays.items()})
-                    views = render_view_sets(images, self.backgrounds.batch(params), params, cfg, device=self.device)
+                    views = render_view_sets(images, self.backgrounds, params, cfg, device=self.device)
                     local_params = torch.cat([evaluation_local_crops(self.seed, i, view_set, cfg) for i in indices])
                     local_views = render_local_crops(images, local_params, cfg, device=self.device)
                     for row, index in enumerate(indices):
