@@ -45,7 +45,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script: the project's argument types (standard library only)
-from dpal.arguments import output_folder, real  # noqa: E402
+from runtime.arguments import output_folder, real  # noqa: E402
 
 WHEELHOUSE_MODULES = {"ffcv": "ffcv", "zarr": "zarr", "numcodecs": "numcodecs", "google_crc32c": "google-crc32c"}
 STEP_KEYS = ("kernels", "train", "cuda-tests", "cache")  # for --only

@@ -39,7 +39,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the project's argument types
-from dpal.arguments import output_folder, real  # noqa: E402
+from runtime.arguments import output_folder, real  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REQUIREMENTS = HERE / "wheelhouse.txt"

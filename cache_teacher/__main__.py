@@ -29,9 +29,10 @@ def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.Argume
     """The command line of `python -m cache_teacher`, accepting the names of `teachers`."""
     # Only light modules here (no torch, zarr or FFCV): `--help` answers at once.
     from formats.cli import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE,
-                             DEFAULT_VIEW_SET_BYTES, POSITIVE, RELATION_BITS, SEED, TARGET_FORMATS,
-                             TOKEN_BITS, add_config_arguments, add_teacher_option_arguments, device_name, integer,
-                             real)
+                             DEFAULT_VIEW_SET_BYTES, RELATION_BITS, TARGET_FORMATS, TOKEN_BITS,
+                             add_teacher_option_arguments)
+    from runtime.arguments import POSITIVE, SEED, integer, real
+    from runtime.cli import add_config_arguments, device_name
 
     parser = argparse.ArgumentParser(prog="python -m cache_teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,7 +178,8 @@ def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.Argume
 
 
 def _add_views_command(commands) -> None:
-    from formats.cli import POSITIVE, SEED, device_names, output_file
+    from runtime.arguments import POSITIVE, SEED, output_file
+    from runtime.cli import device_names
 
     views = commands.add_parser("views", help="view sets rendered from their records: a picture, or a benchmark",
                                 description="Render view sets exactly as `run` and training do. `grid`: a PNG of "
@@ -221,7 +223,7 @@ def subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.Ar
 def caching_spec(config=None, *, teachers: dict[str, TeacherSpec] = TEACHERS, **options):
     """A checked `cache_teacher.run.RunConfig` from a config file (YAML/JSON) or mapping, with keyword options (the
     `run` command's option names, underscores for dashes) overriding it, checked as the command line checks them."""
-    from formats.cli import ConfigError, read_config_file, set_config_defaults
+    from runtime.cli import ConfigError, read_config_file, set_config_defaults
     from dpal.teachers import teacher_options
 
     run_parser = subcommand_parser(cache_parser(teachers), "run")
@@ -242,8 +244,9 @@ def caching_spec(config=None, *, teachers: dict[str, TeacherSpec] = TEACHERS, **
 
 
 def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
-    from formats.cli import config_text, exit_status, parse_teacher_options, parse_with_config, setup_logging
-    from formats.runtime import startup
+    from formats.cli import parse_teacher_options
+    from runtime.cli import config_text, exit_status, parse_with_config, setup_logging
+    from runtime.startup import startup
 
     parser = cache_parser(teachers)
     argv = sys.argv[1:] if argv is None else list(argv)

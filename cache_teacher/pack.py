@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from dpal.errors import UserError
 from formats.cli import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE
-from formats.durable import atomic_write, disk_description
 from formats.images import decode_jpeg, image_fields, jpeg_crc32c
+from runtime.durable import atomic_write, disk_description
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
 MANIFEST_HEADER = "index\tsource_path\theight\twidth\tstored"

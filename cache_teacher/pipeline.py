@@ -1,10 +1,10 @@
 """`cache_teacher run`'s double-buffered pipeline: the teacher waits neither for rendering nor for the host.
 
 Three threads, each holding one batch of view sets:
-- render (`dpal.ahead.RunAhead`, on CUDA with its own stream): decodes the next shard in the background,
+- render (`runtime.ahead.RunAhead`, on CUDA with its own stream): decodes the next shard in the background,
   then renders each teacher batch of the shard and hands its views over with an event;
 - main: runs the teacher and encodes the targets on the device, then starts non-blocking copies of the
-  encoded rows into pinned host buffers, with an event after them (`dpal.ahead.HostCopy`);
+  encoded rows into pinned host buffers, with an event after them (`runtime.ahead.HostCopy`);
 - writer: waits on that event, gathers a shard's rows and, once the shard is complete, compresses and
   writes it (while the main thread goes on with the next shard).
 So batch N+1 renders while the teacher runs batch N, and the host never waits for the device in between.
@@ -20,9 +20,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dpal.ahead import HostCopy, RunAhead
 from dpal.shape_mask import ShapeMaskCalibration
 from formats.targets import VIEW_PARAMS_ARRAY
+from runtime.ahead import HostCopy, RunAhead
 
 
 def shard_arrays(parts: dict[str, list[torch.Tensor]], params: torch.Tensor) -> dict[str, np.ndarray]:

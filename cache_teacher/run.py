@@ -42,15 +42,16 @@ from dpal.recipes import RECIPES, TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
 from dpal.teachers import Teacher, global_view_targets, load_teacher, teacher_options, teacher_targets
 from dpal.views import VIEW_SET_FIELDS, background_indices, render_view_sets
-from formats.cli import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_VIEW_SET_BYTES, TARGET_FORMATS, TOKEN_RANK_STEP,
-                         note_adjusted)
-from formats.durable import WriterRefusedError, job_writer_lock
+from formats.cli import CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_VIEW_SET_BYTES, TARGET_FORMATS, TOKEN_RANK_STEP
 from formats.images import ImageFile, images_fingerprint
 from formats.store import (StoreLayout, StoreSpec, StoreWriter, check_format_version, check_spec_version,
                            describe_differences, file_sha256, plan_layout, read_attrs, read_compact_coding,
                            store_lock_path, token_counts)
 from formats.targets import CompactCoding, CompactKnobs, Targets, TokenBasis, encode_targets
 from formats.view_records import calibration_indices, describe_view_set_reuse, image_view_params
+from runtime.cli import note_adjusted
+from runtime.distributed import barrier, is_rank0, setup_distributed
+from runtime.durable import WriterRefusedError, job_writer_lock
 
 
 class RunError(UserError):
@@ -179,7 +180,7 @@ class TargetComputer:
         compact store's token basis are fitted on."""
         tokens = []
         for start in tqdm(range(0, len(indices), self.batch_size), desc="shape-mask calibration", unit="batch",
-                          disable=not _is_rank0()):
+                          disable=not is_rank0()):
             chunk = indices[start:start + self.batch_size]
             params = torch.stack([image_view_params(seed, i, views_per_image, len(self.backgrounds), self.cfg)[0]
                                   for i in chunk])
@@ -232,24 +233,6 @@ class TargetComputer:
             if progress is not None:
                 progress.update(len(batch_params))
         return shard_arrays(parts, params)
-
-
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _init_distributed() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _format_bytes(n: float) -> str:
@@ -374,10 +357,7 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
         raise RunError(f"teacher checkpoint {weights} {problem}")
     out = Path(cfg.out)
 
-    rank, world, local_rank = _init_distributed()
-    device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world, device = setup_distributed(cfg.device)
     _check_output(out, 0 if out.exists() else total_bytes, cfg.skip_space_check)
     try:
         lock = job_writer_lock(store_lock_path(out), f"store {out}")
@@ -420,7 +400,7 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
                          backgrounds_path=str(Path(cfg.backgrounds).resolve()), store_id=uuid.uuid4().hex,
                          fidelity=summary, max_loss_change=cfg.max_loss_change)
             StoreWriter.create(out, attrs, layout, basis=computer.compact.basis if computer.compact else None)
-        _barrier()
+        barrier()
         attrs = resumed or read_attrs(out, "--out")  # read back only when this run (or rank 0) just created the store
         writer = StoreWriter(out, layout)  # the identity check pinned every layout field
         computer.compact = read_compact_coding(out, attrs, layout)
@@ -453,7 +433,7 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
                                f"not marked done; free space and rerun the same command to resume") from exc
             raise
         elapsed = time.perf_counter() - started
-        _barrier()
+        barrier()
         done = sum(writer.is_done(s) for s in range(layout.num_shards))
         if rank == 0:
             print(f"{out}: {done}/{layout.num_shards} shards done; rank 0 computed {sets_in(todo)} view sets in "

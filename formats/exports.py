@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from dpal.students import Student, export_contents, export_paths, feature_program
-from formats.durable import atomic_write
+from runtime.durable import atomic_write
 
 PROGRAM_FILE = "model.pt2"
 

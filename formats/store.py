@@ -19,7 +19,7 @@ Integrity: every chunk ends in its CRC32C (Zarr's crc32c codec after Blosc) and 
 so every read (the trainer's block reader, and Zarr's own) checks the bytes it uses; the trainer's reader names
 the damaged file and the repair.
 A rerun of `cache_teacher run` rechecks each finished shard file against the CRC32C in its marker and rewrites
-the shards that fail (the repair). Writers hold `formats.durable.WriterLock` (one `cache_teacher run` job per
+the shards that fail (the repair). Writers hold `runtime.durable.WriterLock` (one `cache_teacher run` job per
 store).
 
 Chunks are view-set-major: a chunk holds ONE view set of ``chunk_images`` consecutive images (shape
@@ -61,9 +61,9 @@ from dpal.config import Recipe, TeacherSpec, ViewConfig, token_counts
 from dpal.errors import UserError
 from dpal.views import VIEW_PARAMS_VERSION
 from formats.cli import CODECS, TARGET_FORMATS
-from formats.durable import atomic_write, fsync_path, fsync_tree
 from formats.run_spec import spec_dict, spec_differences
 from formats.targets import CompactCoding, CompactKnobs, TokenBasis, array_dtypes, read_targets
+from runtime.durable import atomic_write, fsync_path, fsync_tree
 
 # 5: the compact target format (basis file; knobs and fidelity figures in the attributes);
 # 4: every chunk ends in its CRC32C, shard markers record file CRC32Cs, attributes hold a unique store_id;

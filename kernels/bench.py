@@ -46,12 +46,12 @@ from typing import Callable
 
 import torch
 
-from dpal.arguments import POSITIVE, output_file
+from dpal.config import DecoderSpec
 from dpal.decoder import LAYER_NORM_EPS, expert_path_reference
 from dpal.losses import quantize_relation, relation_kl_reference, relation_matrix
 from dpal.recipes import RECIPES
-from dpal.config import DecoderSpec
 from kernels import select_interpreter, shapes
+from runtime.arguments import POSITIVE, output_file
 
 PATTERNS = DecoderSpec.num_patterns
 TARGET_RECIPE = shapes.TARGET_RECIPE

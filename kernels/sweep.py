@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dpal.arguments import output_file, usable_cores, worker_count
 from kernels import interpreter_selected, select_interpreter
+from runtime.arguments import output_file, usable_cores, worker_count
 
 if __name__ == "__main__":  # the CLI compiles the kernels: never interpreted, whatever the environment says
     select_interpreter(False)

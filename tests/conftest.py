@@ -1,13 +1,13 @@
 # The test session's process-wide state, set before any test module imports triton (timm does) or FFCV, as
 # each command sets it at its start: Triton's mode (a TRITON_INTERPRET already set is kept, otherwise the
 # interpreter runs the kernels on CPU tensors exactly when no CUDA device is visible; child processes inherit
-# the choice through the environment), then `formats.runtime.startup` (torch's threads across FFCV's import).
+# the choice through the environment), then `runtime.startup.startup` (torch's threads across FFCV's import).
 import sys
 
 import pytest
 
-from formats.runtime import startup
 from kernels import select_interpreter
+from runtime.startup import startup
 
 select_interpreter()
 startup()

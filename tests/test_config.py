@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 import cache_teacher
+from runtime.cli import ConfigError
 import train_student
-from formats.cli import ConfigError
 from train_student.__main__ import main as train_main
 
 INPUTS = {"images": "persons.beton", "backgrounds": "backgrounds.beton", "out": "runs/a"}

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from formats.durable import WriterLock, WriterRefusedError, job_writer_lock
 from formats.store import store_lock_path
+from runtime.durable import WriterLock, WriterRefusedError, job_writer_lock
 from train_student.checkpoint import RunFolderError, claim_run_folder, recorded_run_id, save_checkpoint
 
 KEYS = dict(resumable_keys={"max_steps"}, inexact_keys={}, inexact=False)

@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("dpal", "formats", "kernels", "cache_teacher", "train_student")
+PACKAGES = ("dpal", "runtime", "formats", "kernels", "cache_teacher", "train_student")
 
 
 def _requirement_names(path: Path) -> set[str]:

@@ -1,4 +1,4 @@
-"""`formats.runtime.startup`: the process-wide state a command runs with, set by that one call, in a fresh
+"""`runtime.startup.startup`: the process-wide state a command runs with, set by that one call, in a fresh
 process each (the test session has made the call already)."""
 import subprocess
 import sys
@@ -12,7 +12,7 @@ def _threads_after(script: str) -> int:
 
 
 def test_startup_keeps_torch_threads_across_ffcv():
-    started = _threads_after("from formats.runtime import startup\nstartup(reuse_freed_memory=True)\n"
+    started = _threads_after("from runtime.startup import startup\nstartup(reuse_freed_memory=True)\n"
                              "import formats.images, train_student.data")
     assert started == 3
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import zarr
 
-from dpal.arguments import usable_cores
+from runtime.arguments import usable_cores
 from helpers import can_mount_tmpfs, pack_demo_data, two_node_launcher
 from train_student.__main__ import main
 from train_student.metrics import LOSS_COLUMNS, read_metrics

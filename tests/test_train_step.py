@@ -3,10 +3,10 @@ the render calls' pixels, the hand-over keeps order and errors, and --compile ke
 import pytest
 import torch
 
-from dpal.ahead import HostCopy, RunAhead
 from dpal.recipes import get_recipe
 from dpal.views import background_indices, render_local_crops, render_view_sets, sample_local_crops, sample_view_sets
 from formats.targets import Targets
+from runtime.ahead import HostCopy, RunAhead
 from helpers import SMALL, random_images
 from train_student.data import FeedBatch
 from train_student.prefetch import render_ahead

@@ -6,11 +6,12 @@ import os
 import sys
 
 from dpal.recipes import RECIPES, list_recipes
-from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, SEED, ConfigError, add_config_arguments,
-                         add_teacher_option_arguments, config_text, parse_with_config, read_config_file, real,
-                         set_config_defaults, worker_count)
-from formats.runtime import startup
+from formats.cli import DEFAULT_CALIBRATION_IMAGES, add_teacher_option_arguments
 from kernels import select_interpreter
+from runtime.arguments import NON_NEGATIVE, POSITIVE, SEED, real, worker_count
+from runtime.cli import (ConfigError, add_config_arguments, config_text, parse_with_config, read_config_file,
+                         set_config_defaults)
+from runtime.startup import startup
 from train_student.spec import TrainSpec, training_on_cpu
 
 EXAMPLE = """examples:

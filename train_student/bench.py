@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 from dpal.recipes import get_recipe, list_recipes
-from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, add_teacher_option_arguments,
-                         parse_teacher_options, usable_cores, worker_count)
-from formats.runtime import startup
+from formats.cli import DEFAULT_CALIBRATION_IMAGES, add_teacher_option_arguments, parse_teacher_options
 from kernels import select_interpreter
+from runtime.arguments import NON_NEGATIVE, POSITIVE, usable_cores, worker_count
+from runtime.startup import startup
 
 
 def parser() -> argparse.ArgumentParser:
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     select_interpreter()  # before anything imports timm (the teacher options do), and with it triton
     startup(reuse_freed_memory=True)  # the feed-alone figure is of pageable batches, as CPU training feeds them
     args.teacher_options = parse_teacher_options(cli, args, get_recipe(args.recipe).teacher)
-    from formats.cli import exit_status
+    from runtime.cli import exit_status
     return exit_status(lambda: bench(args))
 
 
@@ -225,7 +225,7 @@ def bench(args: argparse.Namespace) -> None:
     from formats.store import open_store
     import kernels
     from train_student.data import BackgroundPool, CachedFeed, FeedPlan, compute_threads, default_workers
-    from train_student.step import setup_distributed
+    from runtime.distributed import setup_distributed
 
     kernels.register()  # the fused ops for CUDA tensors, as training runs them
     if args.reference_path:

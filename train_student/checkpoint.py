@@ -27,8 +27,8 @@ import torch
 
 from dpal.checkpoints import unreadable_reason
 from dpal.errors import UserError
-from formats.durable import WriterLock, atomic_write, disk_description, job_writer_lock, temporary_siblings
 from formats.run_spec import spec_dict, spec_differences
+from runtime.durable import WriterLock, atomic_write, disk_description, job_writer_lock, temporary_siblings
 
 CHECKPOINT_NAME = "checkpoint.pt"
 RUN_CONFIG_NAME = "run.json"

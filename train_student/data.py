@@ -34,13 +34,13 @@ import torch
 from ffcv.loader import Loader
 from ffcv.traversal_order.base import TraversalOrder
 
-from dpal.arguments import usable_cores
 from dpal.config import ViewConfig
 from dpal.errors import UserError
 from dpal.views import background_indices
 from formats import view_records
 from formats.images import ImageFile, image_pipelines, unflatten_images
 from formats.targets import VIEW_PARAMS_ARRAY, CompactTargets, Targets
+from runtime.arguments import usable_cores
 from train_student.spec import training_on_cpu
 
 

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from dpal.errors import UserError
-from formats.cli import exit_status, real
+from runtime.arguments import real
+from runtime.cli import exit_status
 
 EXAMPLE = """examples:
   python -m train_student evaluate runs/vit-ti --store fresh-views.zarr
@@ -69,7 +70,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     from train_student.checkpoint import CHECKPOINT_NAME, RUN_CONFIG_NAME
     from train_student.data import BackgroundPool
     from train_student.metrics import LOSS_COLUMNS
-    from train_student.step import Distiller, make_autocast, setup_distributed
+    from runtime.distributed import setup_distributed
+    from train_student.step import Distiller, make_autocast
     from train_student.validation import Validation, online_teacher, open_validation_store, store_teacher
 
     run_dir = Path(args.run_dir)

@@ -67,7 +67,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = export_parser().parse_args(argv)
-    from formats.cli import exit_status
+    from runtime.cli import exit_status
 
     def run() -> int:
         for folder in export_checkpoint(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None,

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from formats.cli import NON_NEGATIVE, POSITIVE
+from runtime.arguments import NON_NEGATIVE, POSITIVE
 
 
 def parser() -> argparse.ArgumentParser:
@@ -97,7 +97,7 @@ def measure(store_path: str, backgrounds_path: str, *, batch_size: int, batches:
 
 
 def main(argv=None) -> int:
-    from formats.cli import exit_status
+    from runtime.cli import exit_status
 
     args = parser().parse_args(argv)
 

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 
 from dpal.losses import LossTerms
-from formats.durable import atomic_write
+from runtime.durable import atomic_write
 
 METRICS_CSV = "metrics.csv"
 VALIDATION_CSV = "val.csv"

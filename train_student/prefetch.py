@@ -1,6 +1,6 @@
 """Render ahead: the views of micro-batch N+1 are rendered (and its targets staged) while step N computes.
 
-`render_ahead(feed_batches, cfg, device, source)` wraps a feed's batches in a `dpal.ahead.RunAhead`: its
+`render_ahead(feed_batches, cfg, device, source)` wraps a feed's batches in a `runtime.ahead.RunAhead`: its
 producer thread packs each batch's images into one pinned buffer, plans both render calls on the host
 (crop boxes, gather indices, resize and blur matrices: `dpal.views.plan_*`), copies pixels and plans to
 the device and renders there, then lets the target source stage what it can (`TargetSource.stage`: the
@@ -17,9 +17,9 @@ from typing import Iterable, NamedTuple
 
 import torch
 
-from dpal.ahead import RunAhead
 from dpal.config import ViewConfig
 from dpal.views import execute_local_crops, execute_view_sets, pack_view_set_images, plan_local_crops, plan_view_sets
+from runtime.ahead import RunAhead
 from train_student.data import FeedBatch
 
 

@@ -20,14 +20,12 @@ Nothing here reads a device value on the host: the finite check and the logged m
 from __future__ import annotations
 
 import copy
-import os
 from contextlib import nullcontext
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-from dpal.ahead import HostCopy
 from dpal.config import OptimConfig, Recipe, token_counts
 from dpal.decoder import DynamicPatternDecoder
 from dpal.distill import distill_step_losses
@@ -37,10 +35,11 @@ from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
 from dpal.students import build_student
 from dpal.teachers import global_view_targets, teacher_targets
 from dpal.views import render_view_sets
-from formats.cli import note_adjusted
 from formats.images import ImageFile
 from formats.targets import Targets
 from formats.view_records import online_calibration_view_params
+from runtime.ahead import HostCopy
+from runtime.cli import note_adjusted
 from train_student.data import BackgroundPool, FeedBatch
 
 
@@ -100,21 +99,6 @@ def build_distiller(recipe: Recipe, device: torch.device, lr: float, *, compile_
 def make_autocast(device: torch.device, optim: OptimConfig):
     """Autocast to the recipe's mixed-precision dtype on CUDA; none on the CPU, which trains in float32."""
     return torch.autocast("cuda", dtype=getattr(torch, optim.amp_dtype)) if device.type == "cuda" else nullcontext()
-
-
-def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); joins the torchrun process group when launched by it."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
-    if device_arg == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but no CUDA device is visible")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return rank, world_size, device
 
 
 # ----------------------------------------------------------------------------------- target sources

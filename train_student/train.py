@@ -29,16 +29,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dpal import dispatch
-from dpal.ahead import HostCopy
 from dpal.config import Recipe
 from dpal.losses import LossTerms, moe_weight
 from dpal.recipes import get_recipe
 from dpal.views import STALE_VIEW_RECORDS, VIEW_PARAMS_VERSION
-from formats.cli import Interrupted, exit_status, note_adjusted, setup_logging
 from formats.images import ImageFile, check_images, images_fingerprint
 from formats.store import StoreError, integrity_problems, open_store, repair_hint
 from formats.view_records import describe_view_set_reuse
 import kernels
+from runtime.ahead import HostCopy
+from runtime.cli import Interrupted, exit_status, note_adjusted, setup_logging
+from runtime.distributed import setup_distributed
 from train_student.checkpoint import (CHECKPOINT_NAME, RUN_CONFIG_NAME, claim_run_folder, keep_step_copy,
                                       load_checkpoint, recorded_compute_threads, recorded_run_id, rng_state,
                                       save_checkpoint, set_rng_state)
@@ -48,8 +49,7 @@ from train_student.metrics import LOSS_PLOT, METRICS_CSV, MetricsLog, plot_losse
 from train_student.prefetch import render_ahead
 from train_student.spec import TrainSpec
 from train_student.step import (CachedTargets, OnlineTeacher, TrainingError, build_distiller,
-                                fit_online_mask_calibration, forward_backward, make_autocast, optimizer_step,
-                                setup_distributed)
+                                fit_online_mask_calibration, forward_backward, make_autocast, optimizer_step)
 from train_student.validation import (Validation, online_teacher, open_validation_store, store_teacher,
                                       validation_record)
 
@@ -58,7 +58,7 @@ LOG = logging.getLogger("dpal.train")
 LOG_LINES_PER_RUN = 50
 
 # Settings that may differ when a run is resumed: they do not change what is computed (--workers sets FFCV's
-# decoding threads only, `formats.runtime.startup`; torch's threads are the recorded compute_threads).
+# decoding threads only, `runtime.startup.startup`; torch's threads are the recorded compute_threads).
 RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "check_store", "keep_checkpoints", "export_every", "export_program",
                   "workers", "progress", "val_every"}
 # Settings that change the arithmetic: a resume that changes one is refused, naming it and how to get the

@@ -57,6 +57,8 @@ def _range_text(low, high, *, low_open: bool = False) -> str:
 
 POSITIVE = integer(1)
 NON_NEGATIVE = integer(0)
+MAX_SEED = 2**32 - 1
+SEED = integer(0, MAX_SEED)
 
 
 def usable_cores() -> int:

@@ -46,7 +46,7 @@ def _decoding_threads_only() -> None:
     import numba
     from ffcv.pipeline.compiler import Compiler
 
-    from dpal.arguments import usable_cores
+    from runtime.arguments import usable_cores
 
     def set_num_threads(cls, count: int) -> None:
         cls.num_threads = count if count >= 1 else usable_cores()
