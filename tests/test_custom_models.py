@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -16,9 +20,9 @@ from safetensors.torch import save_file
 from cache_teacher.__main__ import main as cache_main
 from cache_teacher.verify import verify
 from dpal.checkpoints import CheckpointError
-from dpal.config import ViewConfig
+from dpal.config import StudentSpec, TeacherSpec, ViewConfig
 from dpal.pairs import resolve_recipe
-from dpal.recipes import RECIPES
+from dpal.recipes import RECIPES, TEACHERS, register_student, register_teacher
 from dpal.students import Student, build_student, load_initial_weights, load_student, student_spec
 from dpal.teachers import load_teacher, teacher_spec
 from dpal.timm_backbones import BackboneError, view_size_problem
@@ -184,3 +188,41 @@ def test_training_on_a_timm_teacher_store_records_what_it_used(timm_store, tmp_p
     assert record["student_weights_sha256"] == hashlib.sha256(student_weights.read_bytes()).hexdigest()
     assert record["store_identity"]["teacher_spec"] == record["teacher_spec"]
     assert load_student(run_dir / "student_ema").forward_features(torch.zeros(1, 3, 256, 128)).shape == (1, 129, 384)
+
+
+def test_registered_teacher_is_known_by_name(tmp_path, capsys):
+    spec = TeacherSpec("probe-vit", "vit", "vit_base_patch16_224", width=64, depth=1, num_heads=2, patch_size=16,
+                       token_stride=16, has_cls=True)
+    try:
+        assert register_teacher(spec) is spec and teacher_spec("probe-vit") == spec
+        assert resolve_recipe("probe-vit+vit-ti").decoder.out_dim == 64
+        with pytest.raises(SystemExit):  # past the name check: the command refuses the missing input files
+            cache_main(["run", "--teacher", "probe-vit", "--weights", "w.pth", "--images", "i", "--backgrounds", "b",
+                        "-K", "1", "--out", str(tmp_path / "s.zarr"), "--batch-size", "0"])
+        assert "unknown teacher" not in capsys.readouterr().err
+        with pytest.raises(ValueError, match="'probe-vit' is registered already with another spec"):
+            register_teacher(TeacherSpec(**{**spec.__dict__, "width": 128}))
+    finally:
+        TEACHERS.pop("probe-vit", None)
+
+
+@pytest.mark.parametrize("spec, says", [
+    (TeacherSpec("My_Vit", "vit", "vit_base_patch16_224", 64, 1, 2, 16, 16, True), "use lower-case letters"),
+    (TeacherSpec("conv", "cnn", "resnet18", 64, 1, 2, 16, 16, False), "arch 'cnn' is not one of 'vit', 'swin'"),
+    (StudentSpec("vit-ti", "vit", "vit_small_patch16_224", 384, 6, 0.0), "'vit-ti' is registered already"),
+])
+def test_registration_refuses_what_cannot_be_used(spec, says):
+    with pytest.raises(ValueError, match=says):
+        (register_teacher if isinstance(spec, TeacherSpec) else register_student)(spec)
+
+
+@pytest.mark.e2e
+def test_the_registration_example_of_the_docs_runs(timm_store):
+    root = timm_store[0]
+    example = re.findall(r"```python\n(.*?)```", (Path(__file__).parents[1] / "docs" / "custom-models.md").read_text(),
+                         flags=re.S)
+    assert len(example) == 1
+    done = subprocess.run([sys.executable, "-c", example[0]], cwd=root, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((root / "runs" / "my-vit-ti" / "run.json").read_text())
+    assert record["recipe"] == "my-vit+my-vit-ti" and record["teacher_spec"]["width"] == 128
