@@ -6,20 +6,22 @@ registers the students with timm (`dpal.timm_models`), so `timm.create_model("lo
 `dpal.register_teacher(spec)` / `dpal.register_student(spec)` add teachers and students defined in code
 (docs/custom-models.md).
 """
-import importlib
 import importlib.abc
 import importlib.util
 import sys
 
 __all__ = ["load_student", "register_student", "register_teacher"]
-# Where each public name lives. Lazy: `dpal.students` imports timm (and with it torch and triton), so `import dpal`
-# stays light; `dpal.recipes` is light, so registering a model imports nothing heavy.
-_HOMES = {"load_student": "dpal.students", "register_student": "dpal.recipes", "register_teacher": "dpal.recipes"}
 
 
 def __getattr__(name: str):
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
+    # Lazy: `dpal.students` imports timm (and with it torch and triton), so `import dpal` stays light;
+    # `dpal.recipes` is light, so registering a model imports nothing heavy.
+    if name == "load_student":
+        from dpal import students
+        return students.load_student
+    if name in __all__:
+        from dpal import recipes
+        return getattr(recipes, name)
     raise AttributeError(f"module 'dpal' has no attribute {name!r}")
 
 
