@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from cache_teacher.__main__ import main as cache_main
-from cache_teacher.verify import verify
+from cache_teacher.verify import info, verify
 from dpal.checkpoints import CheckpointError
 from dpal.config import StudentSpec, TeacherSpec, ViewConfig
 from dpal.pairs import resolve_recipe
@@ -148,7 +148,7 @@ def timm_store(tmp_path_factory):
     return root, weights, inputs
 
 
-def test_store_records_the_timm_teacher_it_was_cached_with(timm_store):
+def test_store_records_the_timm_teacher_it_was_cached_with(timm_store, capsys):
     root, weights, _ = timm_store
     attrs = json.loads((root / "store.zarr" / "zarr.json").read_text())["attributes"]["dpal_store"]
     assert attrs["teacher"] == TEACHER
@@ -159,6 +159,8 @@ def test_store_records_the_timm_teacher_it_was_cached_with(timm_store):
     assert attrs["checkpoint_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     passed, _ = verify(str(root / "store.zarr"), str(weights), samples=1)  # the description rebuilds the teacher
     assert passed
+    info(str(root / "store.zarr"))
+    assert f"teacher {TEACHER} (weights vit_tiny.safetensors, checkpoint sha256" in capsys.readouterr().out
 
 
 def test_training_refuses_a_store_of_another_teacher(timm_store, tmp_path, capsys):
