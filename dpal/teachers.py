@@ -1,4 +1,5 @@
-"""Frozen teachers (spec section 1): PATH-B / PATH-L on timm's VisionTransformer, SOLIDER-B on timm's Swin.
+"""Frozen teachers (spec section 1): PATH-B / PATH-L on timm's VisionTransformer, SOLIDER-B on timm's Swin, and
+any timm ViT or Swin named `timm:NAME` (`dpal.timm_backbones`).
 
 A teacher turns normalized images into its final-norm tokens (`Teacher.forward`) and a global view plus a
 crowd view into the three distillation targets (`teacher_targets`). Checkpoint layouts live in
@@ -113,7 +114,8 @@ class Teacher(nn.Module):
                              f"got {tuple(images.shape)}")
         features = self.model.forward_features(images)
         if self.spec.arch == "vit":
-            # _DinoPositionViT resizes the position grid to this view's grid as the original did.
+            # The position grid follows this view's grid: as the original resized it (_DinoPositionViT, the
+            # PATH teachers), or as timm does for its own model (timm:NAME).
             prefix = self.model.num_prefix_tokens
             if prefix != int(self.spec.has_cls):  # register tokens (timm ViTs): neither CLS nor on the grid
                 patches = features[:, prefix:]

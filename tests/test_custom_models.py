@@ -163,6 +163,15 @@ def test_store_records_the_timm_teacher_it_was_cached_with(timm_store, capsys):
     assert f"teacher {TEACHER} (weights vit_tiny.safetensors, checkpoint sha256" in capsys.readouterr().out
 
 
+def test_dry_run_plans_a_timm_teacher_store(timm_store, tmp_path, capsys):
+    _, weights, inputs = timm_store
+    assert cache_main(["run", "--teacher", "timm:swin_tiny_patch4_window7_224", "--weights", str(weights), *inputs,
+                       "-K", "4", "--out", str(tmp_path / "plan.zarr"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: teacher timm:swin_tiny_patch4_window7_224, 4 images x K=4 view sets" in out
+    assert not (tmp_path / "plan.zarr").exists()
+
+
 def test_training_refuses_a_store_of_another_teacher(timm_store, tmp_path, capsys):
     root, _, inputs = timm_store
     argv = ["--teacher", "timm:vit_small_patch16_224", "--student", "vit-ti", "--store", str(root / "store.zarr"),
