@@ -1,4 +1,6 @@
-"""The eight published recipes (spec section 8) as named, immutable configurations."""
+"""The eight published recipes (spec section 8) as named, immutable configurations; the teachers and students
+they are made of, which code may add to (`register_teacher`, `register_student`); and how a recipe is composed
+from a teacher and a student (`compose_recipe`; other pairs by name in `dpal.pairs`)."""
 from __future__ import annotations
 
 import re
