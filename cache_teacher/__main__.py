@@ -28,6 +28,7 @@ from dpal.recipes import TEACHERS, list_recipes
 def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.ArgumentParser:
     """The command line of `python -m cache_teacher`, accepting the names of `teachers`."""
     # Only light modules here (no torch, zarr or FFCV): `--help` answers at once.
+    from runtime.arguments import backbone_name
     from formats.cli import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE,
                              DEFAULT_VIEW_SET_BYTES, RELATION_BITS, TARGET_FORMATS, TOKEN_BITS,
                              add_teacher_option_arguments)
@@ -54,12 +55,16 @@ def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.Argume
     pack.add_argument("--workers", type=POSITIVE, default=None, metavar="N",
                       help="processes (>= 1, default: number of CPUs, max 8)")
 
+    teacher_help = (f"teacher: {', '.join(sorted(teachers))}, or timm:NAME for any timm ViT or Swin (width, token "
+                    f"grid and stride read off the model; docs/custom-models.md)")
+    weights_help = "released teacher checkpoint (.pth); for timm:NAME the model's timm state dict (.safetensors or .pth)"
     run = commands.add_parser("run", help="run a teacher once over K view sets per image, write the target store",
                               description="Draw K view sets per image (seeded by image index), render them, run the "
                               "teacher and write a compressed Zarr v3 store. Resumable (rerun the same command; "
                               "SIGINT/SIGTERM stop it cleanly); under torchrun the shards are split across ranks.")
-    run.add_argument("--teacher", required=True, choices=sorted(teachers), help="teacher architecture")
-    run.add_argument("--weights", required=True, help="released teacher checkpoint (.pth)")
+    run.add_argument("--teacher", required=True, type=backbone_name(teachers, "teacher"), metavar="NAME",
+                     help=teacher_help)
+    run.add_argument("--weights", required=True, help=weights_help)
     run.add_argument("--images", required=True, help="person images .beton (from `pack`)")
     run.add_argument("--backgrounds", required=True, help="background pool .beton (from `pack`)")
     run.add_argument("--views-per-image", "-K", type=POSITIVE, required=True, metavar="K",
@@ -144,8 +149,9 @@ def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.Argume
     info.add_argument("store", help="store folder written by `run`")
 
     bench = commands.add_parser("bench", help="teacher-forward-only vs full caching pipeline throughput (table + JSON)")
-    bench.add_argument("--teacher", required=True, choices=sorted(teachers), help="teacher architecture")
-    bench.add_argument("--weights", required=True, help="teacher checkpoint (.pth)")
+    bench.add_argument("--teacher", required=True, type=backbone_name(teachers, "teacher"), metavar="NAME",
+                       help=teacher_help)
+    bench.add_argument("--weights", required=True, help=weights_help)
     bench.add_argument("--images", required=True, help="person images .beton (from `pack`)")
     bench.add_argument("--backgrounds", required=True, help="background pool .beton (from `pack`)")
     bench.add_argument("--batch-size", type=POSITIVE, default=None, metavar="N",
@@ -224,7 +230,7 @@ def caching_spec(config=None, *, teachers: dict[str, TeacherSpec] = TEACHERS, **
     """A checked `cache_teacher.run.RunConfig` from a config file (YAML/JSON) or mapping, with keyword options (the
     `run` command's option names, underscores for dashes) overriding it, checked as the command line checks them."""
     from runtime.cli import ConfigError, read_config_file, set_config_defaults
-    from dpal.teachers import teacher_options
+    from dpal.teachers import teacher_options, teacher_spec
 
     run_parser = subcommand_parser(cache_parser(teachers), "run")
     data = read_config_file(str(config)) if isinstance(config, (str, os.PathLike)) else dict(config or {})
@@ -235,7 +241,7 @@ def caching_spec(config=None, *, teachers: dict[str, TeacherSpec] = TEACHERS, **
         raise ConfigError(f"missing {', '.join(missing)} (see python -m cache_teacher run --help)")
     args = run_parser.parse_args([])
     try:
-        teacher_options(teachers[args.teacher], solider_weights=args.solider_weights,
+        teacher_options(teacher_spec(args.teacher, teachers), solider_weights=args.solider_weights,
                         semantic_weight=args.semantic_weight)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -262,7 +268,7 @@ def main(argv=None, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> int:
         print(config_text(run_parser, args), end="")
         return 0
     if args.command in ("run", "bench"):
-        args.teacher_options = parse_teacher_options(parser, args, teachers[args.teacher])
+        args.teacher_options = parse_teacher_options(parser, args, args.teacher, teachers)
     setup_logging()
     # A stopped run keeps its finished shards: say so, and how to go on.
     stop_message = f"; finished shards of {args.out} are kept, rerun the same command to resume" \

@@ -18,7 +18,7 @@ import torch
 from cache_teacher.run import RunConfig, TargetComputer, cached_views, default_batch_size, run
 from dpal.config import TeacherSpec
 from dpal.recipes import TEACHERS
-from dpal.teachers import load_teacher, teacher_targets
+from dpal.teachers import load_teacher, teacher_spec, teacher_targets
 from formats.images import ImageFile
 from formats.view_records import image_view_params
 
@@ -34,7 +34,7 @@ def bench(teacher: str, weights: str, images: str, backgrounds: str, *, batch_si
           teacher_options: dict | None = None, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch = batch_size or default_batch_size(dev)
-    spec, cfg = teachers[teacher], cached_views(teacher)
+    spec, cfg = teacher_spec(teacher, teachers), cached_views(teacher)
     image_file, background_file = ImageFile(images), ImageFile(backgrounds)
     computer = TargetComputer(load_teacher(spec, weights, **(teacher_options or {})).to(dev), background_file, cfg, dev, batch)
 

@@ -40,7 +40,8 @@ from dpal.config import OptimConfig, TeacherSpec, ViewConfig
 from dpal.errors import UserError, file_problem
 from dpal.recipes import RECIPES, TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
-from dpal.teachers import Teacher, global_view_targets, load_teacher, teacher_options, teacher_targets
+from dpal.teachers import Teacher, global_view_targets, load_teacher, teacher_options, teacher_spec, teacher_targets
+from dpal.timm_backbones import is_timm_name, view_size_problem
 from dpal.views import VIEW_SET_FIELDS, background_indices, render_view_sets
 from formats.cli import CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_VIEW_SET_BYTES, TARGET_FORMATS, TOKEN_RANK_STEP
 from formats.images import ImageFile, images_fingerprint
@@ -174,13 +175,13 @@ class TargetComputer:
         """Teacher targets (float32, on the device) for view sets ``params`` of ``images`` (aligned lists)."""
         return self.run_teacher(self.render(images, params))
 
-    def calibration_tokens(self, images: ImageFile, indices: list[int], seed: int,
-                           views_per_image: int) -> torch.Tensor:
+    def calibration_tokens(self, images: ImageFile, indices: list[int], seed: int, views_per_image: int,
+                           progress: bool = True) -> torch.Tensor:
         """Global-view patch tokens [M, N, D] of each sampled image's first view set: what the shape mask and a
-        compact store's token basis are fitted on."""
+        compact store's token basis are fitted on. `progress`: a progress bar (on rank 0)."""
         tokens = []
         for start in tqdm(range(0, len(indices), self.batch_size), desc="shape-mask calibration", unit="batch",
-                          disable=not is_rank0()):
+                          disable=not (progress and is_rank0())):
             chunk = indices[start:start + self.batch_size]
             params = torch.stack([image_view_params(seed, i, views_per_image, len(self.backgrounds), self.cfg)[0]
                                   for i in chunk])
@@ -313,9 +314,9 @@ def _check_output(out: Path, needed_bytes: int, skip_space_check: bool) -> None:
 
 def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
     """Create or resume the store of ``cfg``; returns a summary. Safe to kill at any moment and rerun."""
-    if cfg.teacher not in teachers:
-        raise RunError(f"unknown teacher {cfg.teacher!r}; choose one of {', '.join(teachers)}")
-    spec, view_cfg = teachers[cfg.teacher], cached_views(cfg.teacher, cfg.views)
+    spec, view_cfg = teacher_spec(cfg.teacher, teachers), cached_views(cfg.teacher, cfg.views)
+    if problem := view_size_problem(spec, view_cfg):
+        raise RunError(problem)
     if cfg.views_per_image < 1:
         raise RunError(f"--views-per-image must be >= 1 (got {cfg.views_per_image})")
     if cfg.codec not in CODECS:
@@ -398,7 +399,8 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
             attrs = dict(identity, mask_calibration=calibration.to_dict(), view_fields=VIEW_SET_FIELDS,
                          crowd_tokens=crowd_tokens, images_path=str(Path(cfg.images).resolve()),
                          backgrounds_path=str(Path(cfg.backgrounds).resolve()), store_id=uuid.uuid4().hex,
-                         fidelity=summary, max_loss_change=cfg.max_loss_change)
+                         fidelity=summary, max_loss_change=cfg.max_loss_change,
+                         **({"weights_file": weights.name} if is_timm_name(spec.name) else {}))
             StoreWriter.create(out, attrs, layout, basis=computer.compact.basis if computer.compact else None)
         barrier()
         attrs = resumed or read_attrs(out, "--out")  # read back only when this run (or rank 0) just created the store
@@ -462,7 +464,7 @@ def _fit_coding(computer: TargetComputer, images: ImageFile, cfg: RunConfig, lay
     (a student forward on the sample) are measured where knobs are chosen or a budget is set: for a compact
     store, or with --max-loss-change; the fixed float16 and int8 codings are measured by `verify`."""
     indices = calibration_indices(layout.num_images, cfg.calibration_images, cfg.seed)
-    tokens = computer.calibration_tokens(images, indices, cfg.seed, layout.views_per_image)
+    tokens = computer.calibration_tokens(images, indices, cfg.seed, layout.views_per_image, cfg.progress)
     calibration = fit_shape_mask(tokens, grid)
     if layout.compact is not None:
         computer.compact = CompactCoding(layout.compact, TokenBasis.fit(tokens, layout.compact.token_rank))

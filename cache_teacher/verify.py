@@ -146,7 +146,8 @@ def info(store_path: str) -> dict:
     view_sets = layout.num_images * layout.views_per_image
     done = store.done_shards()
     print(f"store {store.path}")
-    print(f"  teacher {attrs['teacher']} (checkpoint sha256 {attrs['checkpoint_sha256'][:16]}..., precision "
+    weights = f"weights {attrs['weights_file']}, " if "weights_file" in attrs else ""  # timm:NAME teachers
+    print(f"  teacher {attrs['teacher']} ({weights}checkpoint sha256 {attrs['checkpoint_sha256'][:16]}..., precision "
           f"{attrs.get('teacher_precision')}), format {attrs['target_format']} ({attrs.get('codec')}), "
           f"store format v{attrs['format_version']}, "
           f"spec v{attrs['spec_version']}, view params v{attrs['view_params_version']}")

@@ -3,19 +3,25 @@ shape mask and checkpoint formats. The stages (`cache_teacher`, `train_student`)
 
 `dpal.load_student(FOLDER)` rebuilds an exported student (or its EMA) as a timm model; importing `dpal` also
 registers the students with timm (`dpal.timm_models`), so `timm.create_model("local-dir:FOLDER")` does the same.
+`dpal.register_teacher(spec)` / `dpal.register_student(spec)` add teachers and students defined in code
+(docs/custom-models.md).
 """
 import importlib.abc
 import importlib.util
 import sys
 
-__all__ = ["load_student"]
+__all__ = ["load_student", "register_student", "register_teacher"]
 
 
 def __getattr__(name: str):
-    # Lazy: `dpal.students` imports timm (and with it torch and triton), so `import dpal` stays light.
-    if name in __all__:
+    # Lazy: `dpal.students` imports timm (and with it torch and triton), so `import dpal` stays light;
+    # `dpal.recipes` is light, so registering a model imports nothing heavy.
+    if name == "load_student":
         from dpal import students
-        return getattr(students, name)
+        return students.load_student
+    if name in __all__:
+        from dpal import recipes
+        return getattr(recipes, name)
     raise AttributeError(f"module 'dpal' has no attribute {name!r}")
 
 

@@ -36,6 +36,7 @@ from dpal.resize import bicubic_resize
 from dpal.errors import file_problem
 from dpal.recipes import STUDENTS, timm_architecture
 from dpal.swin import PaddedWindowBlock, use_padded_windows
+from dpal.timm_backbones import ACCEPTED, TIMM_PREFIX, BackboneError, describe, is_timm_name, load_backbone_weights
 
 EXPORT_FORMAT = "dpal-student"
 EXPORT_FORMAT_VERSION = 2
@@ -224,6 +225,45 @@ class Student(nn.Module):
         return torch.cat([out.cls, tokens], dim=1) if teacher.has_cls else tokens
 
 
+def student_spec(name: str) -> StudentSpec:
+    """A student name of dpal.recipes.STUDENTS (where `dpal.register_student` adds), or `timm:NAME` for a timm
+    ViT (patch 16) or Swin (stride 32), described by the model timm builds: its width and heads, no
+    down-projection before the decoder, the shipped students' drop-path rate of its kind."""
+    if not is_timm_name(name):
+        try:
+            return STUDENTS[name]
+        except KeyError:
+            raise BackboneError(f"unknown student {name!r}; accepted: {', '.join(STUDENTS)}, or {ACCEPTED}") from None
+    description = describe(name)[1]
+    if description["token_stride"] != (VIT_PATCH if description["arch"] == "vit" else SWIN_STRIDE):
+        raise BackboneError(f"student {name}: token stride {description['token_stride']}; accepted: {ACCEPTED} "
+                            f"with ViT patch {VIT_PATCH} or Swin stride {SWIN_STRIDE}")
+    drop_path = next(s.drop_path for s in STUDENTS.values() if s.arch == description["arch"])
+    return StudentSpec(name, description["arch"], description["timm_name"], width=description["width"],
+                       num_heads=description["num_heads"], drop_path=drop_path)
+
+
+def pair_problem(recipe: Recipe) -> str | None:
+    """Why the recipe's student cannot learn from its teacher (None when it can): the student's tokens must lie on
+    the teacher's grid or on one twice as coarse (`Student.local_tokens`), and a ViT student's last block takes
+    the teacher's head count, which must divide the student's width."""
+    teacher, student = recipe.teacher, recipe.student
+    stride = VIT_PATCH if student.arch == "vit" else SWIN_STRIDE
+    if stride not in (teacher.token_stride, 2 * teacher.token_stride):
+        return (f"student {student.name} (token stride {stride}) cannot follow teacher {teacher.name} (token stride "
+                f"{teacher.token_stride}): the student's stride must equal the teacher's or be twice it")
+    if student.arch == "vit" and student.width % teacher.num_heads:
+        return (f"student {student.name} (width {student.width}) cannot take teacher {teacher.name}'s "
+                f"{teacher.num_heads} heads in its last block: choose a student whose width they divide")
+    return None
+
+
+def load_initial_weights(student: Student, path) -> None:
+    """Start `student` from the timm state dict in `path` (safetensors or torch) instead of its random init;
+    every key must fit (the classifier head of a timm checkpoint is left out)."""
+    load_backbone_weights(student.backbone, path, f"student {student.config['student']}")
+
+
 def build_student(recipe: Recipe) -> Student:
     """The recipe's student, randomly initialised (ViT: the original's init; Swin: timm's init), in train mode."""
     student = Student(student_config(recipe))
@@ -346,6 +386,8 @@ def read_student_config(path) -> dict:
                              f"{EXPORT_FORMAT!r} version {EXPORT_FORMAT_VERSION}; make a current export from the "
                              f"run's checkpoint with `train_student export RUN_DIR`")
     known_names = {student.timm_name for student in STUDENTS.values()}
+    if is_timm_name(config.get("student")):  # a student named after a timm model is built from that model
+        known_names.add(config["student"][len(TIMM_PREFIX):])
     if config.get("timm_name") not in known_names or config.get("arch") not in TIMM_KWARGS:
         _refuse(config_path, f"timm_name {config.get('timm_name')!r} / arch {config.get('arch')!r} is not a "
                              f"student architecture ({', '.join(sorted(known_names))})")
@@ -408,4 +450,5 @@ def materialize(module: nn.Module) -> nn.Module:
 __all__ = ["CONFIG_FILE", "EXPORT_FORMAT_VERSION", "WEIGHTS_FILE", "Student", "StudentTokens", "build_student",
            "architecture_config", "create_backbone", "export_contents", "export_paths", "feature_program",
            "load_export_weights", "load_student", "materialize",
-           "read_student_config", "student_config", "timm_config", "weights_checksum"]
+           "pair_problem", "read_student_config", "student_config", "student_spec", "load_initial_weights", "timm_config",
+           "weights_checksum"]

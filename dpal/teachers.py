@@ -1,4 +1,5 @@
-"""Frozen teachers (spec section 1): PATH-B / PATH-L on timm's VisionTransformer, SOLIDER-B on timm's Swin.
+"""Frozen teachers (spec section 1): PATH-B / PATH-L on timm's VisionTransformer, SOLIDER-B on timm's Swin, and
+any timm ViT or Swin named `timm:NAME` (`dpal.timm_backbones`).
 
 A teacher turns normalized images into its final-norm tokens (`Teacher.forward`) and a global view plus a
 crowd view into the three distillation targets (`teacher_targets`). Checkpoint layouts live in
@@ -34,6 +35,8 @@ from dpal.config import TeacherSpec
 from dpal.losses import relation_matrix
 from dpal.recipes import TEACHERS
 from dpal.swin import SWIN_WINDOW, PaddedWindowBlock, use_padded_windows
+from dpal.timm_backbones import ACCEPTED, BackboneError, is_timm_name, load_backbone_weights, timm_teacher_spec
+from dpal.timm_backbones import create_model as create_timm_model
 
 _DEFAULT_VIT_POS_GRID = 14  # timm's ViT/16 at 224: the grid PATH-B's released pos_embed has
 
@@ -111,20 +114,29 @@ class Teacher(nn.Module):
                              f"got {tuple(images.shape)}")
         features = self.model.forward_features(images)
         if self.spec.arch == "vit":
-            # _DinoPositionViT resizes the position grid to this view's grid as the original did.
+            # The position grid follows this view's grid: as the original resized it (_DinoPositionViT, the
+            # PATH teachers), or as timm does for its own model (timm:NAME).
+            prefix = self.model.num_prefix_tokens
+            if prefix != int(self.spec.has_cls):  # register tokens (timm ViTs): neither CLS nor on the grid
+                patches = features[:, prefix:]
+                features = torch.cat([features[:, :1], patches], dim=1) if self.spec.has_cls else patches
             return TeacherTokens(features, (height // stride, width // stride))
         batch, grid_h, grid_w, channels = features.shape
         return TeacherTokens(features.reshape(batch, grid_h * grid_w, channels), (grid_h, grid_w))
 
 
-def _resolve_spec(name: str | TeacherSpec) -> TeacherSpec:
-    """A teacher name of dpal.recipes.TEACHERS, or a TeacherSpec (its width/depth/heads define the model)."""
+def teacher_spec(name: str | TeacherSpec, teachers: dict[str, TeacherSpec] = TEACHERS) -> TeacherSpec:
+    """A teacher name of `teachers` (default dpal.recipes.TEACHERS, where `dpal.register_teacher` adds), a timm
+    name `timm:NAME` (described by the model timm builds), or a TeacherSpec (its width/depth/heads define the
+    model)."""
     if isinstance(name, TeacherSpec):
         return name
+    if is_timm_name(name):
+        return timm_teacher_spec(name)
     try:
-        return TEACHERS[name]
+        return teachers[name]
     except KeyError:
-        raise KeyError(f"unknown teacher {name!r}; valid teachers: {', '.join(TEACHERS)}") from None
+        raise BackboneError(f"unknown teacher {name!r}; accepted: {', '.join(teachers)}, or {ACCEPTED}") from None
 
 
 def _swin_stages(spec: TeacherSpec) -> tuple[tuple[int, ...], tuple[int, ...], int]:
@@ -136,6 +148,8 @@ def _swin_stages(spec: TeacherSpec) -> tuple[tuple[int, ...], tuple[int, ...], i
 
 
 def _create_model(spec: TeacherSpec, *, pos_grid: int = _DEFAULT_VIT_POS_GRID) -> nn.Module:
+    if is_timm_name(spec.name):
+        return create_timm_model(spec, drop_path_rate=0.0)
     if spec.arch == "vit":
         # The spec gives every architecture argument, so timm builds the subclass itself (timm's init and names).
         return build_model_with_cfg(
@@ -164,10 +178,11 @@ def _create_model(spec: TeacherSpec, *, pos_grid: int = _DEFAULT_VIT_POS_GRID) -
 
 def build_teacher(name: str | TeacherSpec, *, semantic_weight: float = 0.0) -> Teacher:
     """A randomly initialised, frozen teacher (timm init); SOLIDER's semantic weight is recorded only."""
-    spec = _resolve_spec(name)
+    spec = teacher_spec(name)
     if not 0.0 <= semantic_weight <= 1.0:
         raise ValueError(f"semantic_weight must lie in [0, 1] (SOLIDER's s), got {semantic_weight}")
-    return Teacher(spec, _create_model(spec), semantic_weight=semantic_weight if spec.arch == "swin" else None)
+    solider = spec.arch == "swin" and not is_timm_name(spec.name)
+    return Teacher(spec, _create_model(spec), semantic_weight=semantic_weight if solider else None)
 
 
 SOLIDER_CONTAINERS = ("teacher", "student")
@@ -177,8 +192,8 @@ def teacher_options(name: str | TeacherSpec, *, solider_weights: str = "teacher"
                     semantic_weight: float = 0.0) -> dict:
     """The `load_teacher` keyword arguments that change this teacher's outputs, validated: SOLIDER's weight
     container and semantic weight, nothing for PATH. Stores record them, so targets are never mixed."""
-    spec = _resolve_spec(name)
-    if spec.arch != "swin":
+    spec = teacher_spec(name)
+    if spec.arch != "swin" or is_timm_name(spec.name):
         if solider_weights != "teacher" or semantic_weight != 0.0:
             raise ValueError(f"--solider-weights and --semantic-weight apply to SOLIDER teachers only, not {spec.name}")
         return {}
@@ -196,7 +211,12 @@ def load_teacher(name: str | TeacherSpec, path, *, solider_weights: str = "teach
     solider_weights picks SOLIDER's 'teacher' (default, as SOLIDER's tools) or 'student' container;
     semantic_weight is SOLIDER's s in [0, 1] folded into the weights (default 0.0, as the original DPAL).
     """
-    spec = _resolve_spec(name)
+    spec = teacher_spec(name)
+    if is_timm_name(spec.name):
+        teacher_options(spec, solider_weights=solider_weights, semantic_weight=semantic_weight)
+        model = _create_model(spec)
+        load_backbone_weights(model, path, spec.name)
+        return Teacher(spec, model)
     checkpoint = load_checkpoint_file(path)
     if spec.arch == "vit":
         state_dict, layout = path_to_timm(checkpoint, path)
@@ -231,8 +251,11 @@ def teacher_targets(teacher: Teacher, global_views: torch.Tensor, crowd_views: t
 
 
 def release_checkpoint(teacher: Teacher) -> dict:
-    """The teacher's weights in a real released layout: raw PATH multitask, or SOLIDER's mmdet layout."""
+    """The teacher's weights in a real released layout: raw PATH multitask, SOLIDER's mmdet layout, or timm's
+    state dict for a `timm:NAME` teacher."""
     state_dict = {k: v.detach().cpu() for k, v in teacher.model.state_dict().items()}
+    if is_timm_name(teacher.spec.name):
+        return state_dict  # timm's own layout: what a `timm:NAME` teacher loads
     if teacher.spec.arch == "vit":
         return timm_to_path_release(state_dict)
     index = {f"layers.{i}.blocks.{j}.": block.attn.relative_position_index.cpu()
@@ -242,4 +265,4 @@ def release_checkpoint(teacher: Teacher) -> dict:
 
 
 __all__ = ["CheckpointError", "Teacher", "TeacherTargets", "TeacherTokens", "build_teacher", "interpolate_pos_encoding",
-           "load_teacher", "release_checkpoint", "teacher_targets"]
+           "load_teacher", "release_checkpoint", "teacher_spec", "teacher_targets"]

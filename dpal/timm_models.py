@@ -65,6 +65,16 @@ def _entry_point(student_name: str):
     return create
 
 
-REGISTERED = [register_model(_entry_point(name)).__name__ for name in STUDENTS]
+REGISTERED: list[str] = []
 
-__all__ = ["REGISTERED"]
+
+def register(student_name: str) -> None:
+    """Register a student of dpal.recipes.STUDENTS with timm (`dpal.register_student` calls this for students
+    defined in code after timm was imported)."""
+    REGISTERED.append(register_model(_entry_point(student_name)).__name__)
+
+
+for _name in STUDENTS:
+    register(_name)
+
+__all__ = ["REGISTERED", "register"]

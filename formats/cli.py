@@ -36,11 +36,14 @@ def add_teacher_option_arguments(parser: argparse.ArgumentParser) -> None:
                         "as the original DPAL)")
 
 
-def parse_teacher_options(parser: argparse.ArgumentParser, args: argparse.Namespace, teacher: TeacherSpec) -> dict:
-    """The validated `load_teacher` options for this teacher; a usage error (exit 2) when they do not apply."""
-    from dpal.teachers import teacher_options
+def parse_teacher_options(parser: argparse.ArgumentParser, args: argparse.Namespace, teacher: str | TeacherSpec,
+                          teachers: dict[str, TeacherSpec] | None = None) -> dict:
+    """The validated `load_teacher` options for this teacher (a name of `teachers`, default the registered ones, or
+    `timm:NAME`); a usage error (exit 2) when they do not apply or the teacher cannot be used."""
+    from dpal.teachers import teacher_options, teacher_spec
 
     try:
-        return teacher_options(teacher, solider_weights=args.solider_weights, semantic_weight=args.semantic_weight)
+        spec = teacher_spec(teacher) if teachers is None else teacher_spec(teacher, teachers)
+        return teacher_options(spec, solider_weights=args.solider_weights, semantic_weight=args.semantic_weight)
     except ValueError as exc:
         parser.error(str(exc))

@@ -44,17 +44,61 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from dpal.config import DecoderSpec
-from dpal.decoder import LAYER_NORM_EPS, expert_path_reference
-from dpal.losses import quantize_relation, relation_kl_reference, relation_matrix
-from dpal.recipes import RECIPES
-from kernels import select_interpreter, shapes
 from runtime.arguments import POSITIVE, output_file
+from dpal.recipes import RECIPES
+from kernels.shapes import TARGET_RECIPE
+
+IMPLEMENTATIONS = ("eager", "compile", "eager_autocast", "compile_autocast", "fused")  # table order
+
+
+def _names(text: str, known, what: str) -> list[str]:
+    """A comma-separated list of `known` names, refused in one line when one is unknown."""
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or '(none given)'}; "
+                                         f"known: {', '.join(map(str, known))}")
+    return names
+
+
+def command_line() -> argparse.ArgumentParser:
+    """The options (light: no torch, so that --help and a bad option answer at once)."""
+    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", metavar="PATH", type=output_file, help="also write the results as JSON to PATH "
+                        "(its folder must exist), rewritten after every row (a run cut short keeps every row measured "
+                        "before)")
+    parser.add_argument("--op", choices=("all", "decoder", "relation"), default="all", help="which op to time")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                        help="only the calls this recipe makes (default: every recipe's); on a GPU, "
+                             f"{TARGET_RECIPE} holds the speed and memory targets")
+    parser.add_argument("--tokens", type=lambda text: [int(t) for t in text.split(",")], metavar="L,...",
+                        help="only the decoder calls with these token counts (default: all)")
+    parser.add_argument("--impls", type=lambda text: _names(text, IMPLEMENTATIONS, "implementation"),
+                        metavar="NAME,...", help=f"only these of {', '.join(IMPLEMENTATIONS)} (default: all)")
+    parser.add_argument("--batch", type=POSITIVE, default=None,
+                        help="samples per GPU (>= 1; default: each recipe's on a GPU, 2 in the interpreter)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile'd reference (compiling every shape takes minutes)")
+    parser.add_argument("--reps", type=POSITIVE, default=3,
+                        help="timed repetitions without a GPU (>= 1, default 3; GPU: do_bench)")
+    parser.add_argument("--no-static", action="store_true",
+                        help="skip the static cost report (registers, spills, SASS per element, predicted time "
+                             "from the sm_90 cubins; compiling takes a minute)")
+    return parser
+
+
+if __name__ == "__main__":  # read before torch is imported: --help and a bad option answer at once
+    _COMMAND_LINE = command_line().parse_args()
+
+import torch  # noqa: E402
+
+from dpal.decoder import LAYER_NORM_EPS, expert_path_reference  # noqa: E402
+from dpal.losses import quantize_relation, relation_kl_reference, relation_matrix  # noqa: E402
+from dpal.config import DecoderSpec  # noqa: E402
+from kernels import select_interpreter, shapes  # noqa: E402
 
 PATTERNS = DecoderSpec.num_patterns
-TARGET_RECIPE = shapes.TARGET_RECIPE
 
 
 def decoder_flops(batch, dim, out_dim, tokens, patterns=PATTERNS) -> dict[str, float]:
@@ -208,9 +252,6 @@ def _under_autocast(fn):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return fn(*args)
     return call
-
-
-IMPLEMENTATIONS = ("eager", "compile", "eager_autocast", "compile_autocast", "fused")  # table order
 
 
 def _cast_floats(fn, dtype):
@@ -534,16 +575,6 @@ def print_static(report: dict) -> None:
               f"{t['floor_ms_H200']:10.3f} {t['predicted_ms_H200']:9.3f} {t['ratio_H200']:5.2f}")
 
 
-def _names(text: str, known, what: str) -> list[str]:
-    """A comma-separated list of `known` names, refused in one line when one is unknown."""
-    names = [n for n in text.split(",") if n]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or '(none given)'}; "
-                                         f"known: {', '.join(map(str, known))}")
-    return names
-
-
 def _write_json(path: str, report: dict) -> None:
     """Replace `path` with `report` atomically: a run killed at any point leaves the last complete file."""
     partial = f"{path}.partial"
@@ -553,29 +584,12 @@ def _write_json(path: str, report: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", metavar="PATH", type=output_file, help="also write the results as JSON to PATH "
-                        "(its folder must exist), rewritten after every row (a run cut short keeps every row measured "
-                        "before)")
-    parser.add_argument("--op", choices=("all", "decoder", "relation"), default="all", help="which op to time")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
-                        help="only the calls this recipe makes (default: every recipe's); on a GPU, "
-                             f"{TARGET_RECIPE} holds the speed and memory targets")
-    parser.add_argument("--tokens", type=lambda text: [int(t) for t in text.split(",")], metavar="L,...",
-                        help="only the decoder calls with these token counts (default: all)")
-    parser.add_argument("--impls", type=lambda text: _names(text, IMPLEMENTATIONS, "implementation"),
-                        metavar="NAME,...", help=f"only these of {', '.join(IMPLEMENTATIONS)} (default: all)")
-    parser.add_argument("--batch", type=POSITIVE, default=None,
-                        help="samples per GPU (>= 1; default: each recipe's on a GPU, 2 in the interpreter)")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="skip the torch.compile'd reference (compiling every shape takes minutes)")
-    parser.add_argument("--reps", type=POSITIVE, default=3,
-                        help="timed repetitions without a GPU (>= 1, default 3; GPU: do_bench)")
-    parser.add_argument("--no-static", action="store_true",
-                        help="skip the static cost report (registers, spills, SASS per element, predicted time "
-                             "from the sm_90 cubins; compiling takes a minute)")
-    args = parser.parse_args(argv)
+    return run_command(command_line().parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Benchmark as the parsed options ask; prints the tables, writes the JSON."""
+    parser = command_line()
     if args.batch is not None and args.batch < 1:
         parser.error(f"--batch must be at least 1; got {args.batch}")
 
@@ -623,4 +637,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command(_COMMAND_LINE))

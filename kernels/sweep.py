@@ -29,14 +29,27 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import torch
-
 from kernels import interpreter_selected, select_interpreter
 from runtime.arguments import output_file, usable_cores, worker_count
 
-if __name__ == "__main__":  # the CLI compiles the kernels: never interpreted, whatever the environment says
-    select_interpreter(False)
 
+def command_line() -> argparse.ArgumentParser:
+    """The options (light: no torch or triton, so that --help and a bad option answer at once)."""
+    parser = argparse.ArgumentParser(prog="python -m kernels.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only the representative part (make test)")
+    parser.add_argument("--json", metavar="PATH", type=output_file,
+                        help="also write every row as JSON to PATH (its folder must exist)")
+    parser.add_argument("--workers", type=worker_count, default=min(2, usable_cores()),
+                        help="compiler processes at a time (1 up to the CPU cores, default 2)")
+    return parser
+
+
+if __name__ == "__main__":  # read before torch is imported: --help and a bad option answer at once
+    _COMMAND_LINE = command_line().parse_args()
+    select_interpreter(False)  # the CLI compiles the kernels: never interpreted, whatever the environment says
+
+import torch  # noqa: E402
 import triton  # noqa: E402  (after the choice above)
 
 from kernels import decoder_experts as dec, relation_loss as rel, shapes  # noqa: E402
@@ -330,14 +343,11 @@ def print_table(rows: list[Row]) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="only the representative part (make test)")
-    parser.add_argument("--json", metavar="PATH", type=output_file,
-                        help="also write every row as JSON to PATH (its folder must exist)")
-    parser.add_argument("--workers", type=worker_count, default=min(2, usable_cores()),
-                        help="compiler processes at a time (1 up to the CPU cores, default 2)")
-    args = parser.parse_args(argv)
+    return run_command(command_line().parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Compile every launch as the parsed options ask; prints the table, writes the JSON; 1 if any failed."""
     if interpreter_selected():
         raise SystemExit("kernels.sweep compiles the kernels, but this process defined them interpreted "
                          "(TRITON_INTERPRET=1): run it as `python -m kernels.sweep`, which compiles them")
@@ -359,4 +369,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(_COMMAND_LINE))

@@ -102,3 +102,30 @@ def output_folder(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text}: cannot be created or written under {existing} (permission "
                                          f"denied or not a folder); choose another path")
     return text
+
+
+def backbone_name(known, role: str):
+    """argparse `type=`: a teacher or student name, one of `known` (a mapping read when the command line is
+    parsed, so names registered in code count) or `timm:NAME`; timm checks NAME when the model is built, as
+    timm is too heavy to import for --help."""
+    def parse(text: str) -> str:
+        if text in known or (text.startswith("timm:") and len(text) > len("timm:")):
+            return text
+        raise argparse.ArgumentTypeError(f"unknown {role} {text!r}; accepted: {', '.join(known)}, or timm:NAME for "
+                                         f"a timm ViT or Swin (e.g. timm:vit_small_patch16_224)")
+
+    parse.__name__ = role
+    return parse
+
+
+def recipe_name(published, separator: str):
+    """argparse `type=`: a recipe name, one of `published` or TEACHER`separator`STUDENT (checked when the
+    recipe is composed, which needs timm)."""
+    def parse(text: str) -> str:
+        if text in published or separator in text.strip(separator):
+            return text
+        raise argparse.ArgumentTypeError(f"unknown recipe {text!r}; accepted: {', '.join(published)}, or "
+                                         f"TEACHER{separator}STUDENT (or --teacher with --student)")
+
+    parse.__name__ = "recipe"
+    return parse

@@ -256,6 +256,14 @@ def test_int8_format_verifies(inputs):
     assert passed and worst["local_error_steps"] <= 1.0 and worst["relation_kl"] < 1e-3  # log-domain relation codes
 
 
+def test_no_progress_shows_no_progress_bar_not_even_calibrating(inputs, tmp_path, capsys):
+    run(_config(inputs, str(tmp_path / "quiet.zarr"), limit_images=2, calibration_images=2), teachers=TEACHERS_WITH_TINY)
+    assert "shape-mask calibration" not in capsys.readouterr().err
+    run(_config(inputs, str(tmp_path / "shown.zarr"), limit_images=2, calibration_images=2, progress=True),
+        teachers=TEACHERS_WITH_TINY)
+    assert "shape-mask calibration" in capsys.readouterr().err
+
+
 def test_no_mixing_and_bad_input(inputs, reference, tmp_path, capsys):
     for change, expected in [(dict(views_per_image=3), "views_per_image: store has 2, this run has 3"),
                              (dict(target_format="int8"), "target_format: store has 'float16'"),

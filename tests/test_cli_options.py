@@ -110,7 +110,8 @@ def test_every_option_has_a_help_line_with_its_range(command):
 
 @pytest.mark.parametrize("argv", [["cache_teacher", "--help"], ["cache_teacher", "run", "--help"],
                                   ["cache_teacher", "verify", "--help"], ["train_student", "--help"],
-                                  ["train_student", "bench", "--help"]])
+                                  ["train_student", "bench", "--help"], ["kernels.bench", "--help"],
+                                  ["kernels.sweep", "--help"]])
 def test_help_imports_no_heavy_module(argv):
     """`--help` must answer at once: torch alone takes seconds to import (measured in the README)."""
     probe = ("import runpy, sys\n"
@@ -119,7 +120,7 @@ def test_help_imports_no_heavy_module(argv):
              f"    runpy.run_module({argv[0]!r}, run_name='__main__')\n"
              "except SystemExit as stop:\n"
              "    assert stop.code == 0, stop.code\n"
-             "heavy = sorted(m for m in ('torch', 'zarr', 'ffcv', 'timm', 'cv2') if m in sys.modules)\n"
+             "heavy = sorted(m for m in ('torch', 'triton', 'zarr', 'ffcv', 'timm', 'cv2') if m in sys.modules)\n"
              "print('HEAVY', heavy)\n")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                             env=_as_a_user_starts_it())

@@ -39,7 +39,7 @@ def test_flags_override_the_file_and_the_printed_config_reads_back(tmp_path, cap
     ("sede: 1\n", "unknown key 'sede'; accepted: accum-steps, backgrounds, batch-size"),
     ("seed: -1\n", "seed: -1 is out of range: must be 0..4294967295"),
     ("batch-size: 2.5\n", "batch-size: '2.5' is not an integer"),
-    ("recipe: path-b_vit-xl\n", "recipe: 'path-b_vit-xl' is not one of path-b_vit-ti"),
+    ("recipe: path-b_vit-xl\n", "recipe: unknown recipe 'path-b_vit-xl'; accepted: path-b_vit-ti"),
     ("progress: maybe\n", "progress: 'maybe' is not true or false"),
     ("seed: [1, 2\n", "not valid YAML"),
     ("- 1\n", "holds a list, not a mapping"),

@@ -48,3 +48,38 @@ def test_console_commands_name_the_entry_points():
         assert callable(getattr(importlib.import_module(module), function)), target
     assert (ROOT / "LICENSE").read_text().startswith("MIT License") and "the DPAL contributors" in \
         (ROOT / "LICENSE").read_text()
+
+
+def test_install_stamp_is_named_by_the_content_of_what_it_installs_from(tmp_path):
+    """`make install` reinstalls when requirements*.txt or pyproject.toml change in content, and not when they are
+    only touched or checked out again (new mtimes). Checked with `make -q` (nothing runs) on a copy of the files."""
+    import hashlib
+    import os
+    import shutil
+    import subprocess
+
+    inputs = ("requirements.txt", "requirements-test.txt", "pyproject.toml")  # INSTALL_INPUTS, in its order
+    for name in ("Makefile", *inputs):
+        shutil.copy(ROOT / name, tmp_path / name)
+
+    def stamp() -> Path:
+        content = b"".join((tmp_path / name).read_bytes() for name in inputs)
+        return tmp_path / ".venv" / f".installed-{hashlib.sha256(content).hexdigest()[:16]}"
+
+    def up_to_date() -> bool:
+        done = subprocess.run(["make", "-q", "install"], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode in (0, 1), done.stderr
+        return done.returncode == 0
+
+    dry_run = subprocess.run(["make", "-n", "install"], cwd=tmp_path, capture_output=True, text=True).stdout
+    assert f"touch {stamp().relative_to(tmp_path)}" in dry_run  # the name make computes is the content's sha256
+    assert not up_to_date()
+    stamp().parent.mkdir()
+    stamp().touch()
+    assert up_to_date()
+    for name in inputs:  # a later mtime than the stamp: still installed
+        os.utime(tmp_path / name, (stamp().stat().st_mtime + 60,) * 2)
+    assert up_to_date()
+    with open(tmp_path / "requirements.txt", "a") as requirements:  # an edit: a new stamp name, so a reinstall
+        requirements.write("# pinned again\n")
+    assert not up_to_date()

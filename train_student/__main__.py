@@ -5,14 +5,15 @@ import argparse
 import os
 import sys
 
-from dpal.recipes import RECIPES, list_recipes
+from dpal.errors import file_problem
+from dpal.recipes import RECIPES
 from formats.cli import DEFAULT_CALIBRATION_IMAGES, add_teacher_option_arguments
 from kernels import select_interpreter
 from runtime.arguments import NON_NEGATIVE, POSITIVE, SEED, real, worker_count
 from runtime.cli import (ConfigError, add_config_arguments, config_text, parse_with_config, read_config_file,
                          set_config_defaults)
 from runtime.startup import startup
-from train_student.spec import TrainSpec, training_on_cpu
+from train_student.spec import TrainSpec, add_recipe_arguments, chosen_recipe, resolved_recipe, training_on_cpu
 
 EXAMPLE = """examples:
   python -m train_student --list-recipes
@@ -23,6 +24,7 @@ EXAMPLE = """examples:
   python -m train_student export runs/vit-ti
   python -m train_student --recipe path-b_vit-ti --teacher-online --teacher-weights path-b.pth \\
       --images persons.beton --backgrounds backgrounds.beton --out runs/online
+  python -m train_student --teacher timm:vit_small_patch16_224 --student vit-ti --store targets.zarr ...
   python -m train_student --recipe path-b_vit-ti ... --out runs/vit-ti --val-store fresh-views.zarr --val-every 500
   python -m train_student evaluate runs/vit-ti --store fresh-views.zarr
   python -m train_student bench --recipe path-b_vit-ti --store targets.zarr --images persons.beton \\
@@ -33,8 +35,10 @@ The method (students, decoder, losses, optimisation): docs/method.md in the repo
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", metavar="NAME", choices=list_recipes(),
-                        help=f"teacher_student recipe, one of: {', '.join(RECIPES)}")
+    add_recipe_arguments(parser)
+    parser.add_argument("--student-weights", metavar="FILE",
+                        help="start the student from this timm state dict (.safetensors or .pth; e.g. for "
+                             "--student timm:NAME) instead of the recipe's random init")
     parser.add_argument("--store", metavar="STORE.zarr",
                         help="target store written by `python -m cache_teacher run` (not with --teacher-online)")
     parser.add_argument("--images", metavar="IMAGES.beton",
@@ -209,24 +213,32 @@ def main(argv: list[str] | None = None) -> int:
 
 def spec_of(args: argparse.Namespace) -> TrainSpec:
     """The TrainSpec of parsed options, after the checks that involve several of them (ConfigError otherwise)."""
+    args.recipe = chosen_recipe(args)
     required = ["--recipe", "--images", "--backgrounds", "--out"] + ([] if args.teacher_online else ["--store"])
     missing = [flag for flag in required if getattr(args, flag[2:].replace("-", "_")) is None]
     if missing:
-        raise ConfigError(f"missing {', '.join(missing)} (see --help)")
+        raise ConfigError(f"missing {', '.join(missing)} (or --teacher with --student for --recipe; see --help)"
+                          if "--recipe" in missing else f"missing {', '.join(missing)} (see --help)")
     if args.inexact_resume and not args.resume:
         raise ConfigError("--inexact-resume goes with --resume")
     if args.val_images and not args.val_store:
         raise ConfigError("--val-images names the images of --val-store; pass --val-store too")
-    optim = RECIPES[args.recipe].optim
+    if args.student_weights is not None and (problem := file_problem(args.student_weights)):
+        raise ConfigError(f"--student-weights {args.student_weights} {problem}")
+    select_interpreter()  # before anything imports timm (the teacher options and composed recipes do), and triton
+    recipe = resolved_recipe(args.recipe)
+    optim = recipe.optim
     epochs = args.epochs or optim.epochs
     warmup = optim.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs
     if warmup > epochs:
         raise ConfigError(f"the warm-up ({warmup} epochs) is longer than the run ({epochs} epochs); pass "
                           f"--warmup-epochs <= {epochs} or more --epochs")
-    select_interpreter()  # before anything imports timm (the teacher options do), and with it triton
     from dpal.teachers import teacher_options
+    from dpal.timm_backbones import view_size_problem
+    if problem := view_size_problem(recipe.teacher, recipe.views):
+        raise ConfigError(problem)
     try:
-        options = teacher_options(RECIPES[args.recipe].teacher, solider_weights=args.solider_weights,
+        options = teacher_options(recipe.teacher, solider_weights=args.solider_weights,
                                   semantic_weight=args.semantic_weight)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

@@ -21,18 +21,18 @@ import os
 import time
 from pathlib import Path
 
-from dpal.recipes import get_recipe, list_recipes
 from formats.cli import DEFAULT_CALIBRATION_IMAGES, add_teacher_option_arguments, parse_teacher_options
 from kernels import select_interpreter
 from runtime.arguments import NON_NEGATIVE, POSITIVE, usable_cores, worker_count
+from runtime.cli import ConfigError
 from runtime.startup import startup
+from train_student.spec import add_recipe_arguments, chosen_recipe, resolved_recipe
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train_student bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", required=True, choices=list_recipes(), metavar="NAME",
-                   help=f"one of: {', '.join(list_recipes())}")
+    add_recipe_arguments(p)
     p.add_argument("--store", required=True, metavar="STORE.zarr", help="target store from `cache_teacher run`")
     p.add_argument("--images", required=True, metavar="IMAGES.beton", help="the images file the store was cached from")
     p.add_argument("--backgrounds", required=True, metavar="BG.beton",
@@ -206,11 +206,21 @@ def training_step_rates(args, recipe, store, backgrounds, plan, device, batch: i
 def main(argv: list[str] | None = None) -> int:
     cli = parser()
     args = cli.parse_args(argv)
+    try:
+        args.recipe = chosen_recipe(args)
+    except ConfigError as exc:
+        cli.error(str(exc))
+    if args.recipe is None:
+        cli.error("missing --recipe (or --teacher with --student)")
     if args.teacher_weights is None and not args.feed_only:
         cli.error("--teacher-weights is required (or pass --feed-only)")
-    select_interpreter()  # before anything imports timm (the teacher options do), and with it triton
+    select_interpreter()  # before anything imports timm (the teacher options and composed recipes do), and triton
     startup(reuse_freed_memory=True)  # the feed-alone figure is of pageable batches, as CPU training feeds them
-    args.teacher_options = parse_teacher_options(cli, args, get_recipe(args.recipe).teacher)
+    try:
+        teacher = resolved_recipe(args.recipe).teacher
+    except ConfigError as exc:
+        cli.error(str(exc))
+    args.teacher_options = parse_teacher_options(cli, args, teacher)
     from runtime.cli import exit_status
     return exit_status(lambda: bench(args))
 
@@ -234,7 +244,7 @@ def bench(args: argparse.Namespace) -> None:
         args.workers = default_workers(args.device)
     torch.set_num_threads(compute_threads(None))  # as a fresh training run computes
     _, _, device = setup_distributed(args.device)
-    recipe = get_recipe(args.recipe)
+    recipe = resolved_recipe(args.recipe)
     batch = args.batch_size or recipe.optim.batch_per_gpu
     store = open_store(args.store)
     store.check_compatible(recipe, recipe.views, images_fingerprint(args.images), images_fingerprint(args.backgrounds))

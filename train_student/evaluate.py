@@ -65,7 +65,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     import torch
 
     import kernels
-    from dpal.recipes import get_recipe
+    from dpal.pairs import resolve_recipe
     from dpal.students import load_student, read_student_config
     from train_student.checkpoint import CHECKPOINT_NAME, RUN_CONFIG_NAME
     from train_student.data import BackgroundPool
@@ -82,7 +82,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                                   f"`python -m train_student` run that has saved a checkpoint")
     run = json.loads(config_path.read_text())
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    recipe = get_recipe(run["recipe"])
+    recipe = resolve_recipe(run["recipe"])
     _, _, device = setup_distributed(args.device)
     kernels.register()
     identity = run["store_identity"]

@@ -30,14 +30,14 @@ def export_checkpoint(run_dir: Path, checkpoint: Path | None = None, *, program:
     import torch
 
     from dpal.checkpoints import load_exact
-    from dpal.recipes import get_recipe
+    from dpal.pairs import resolve_recipe
     from dpal.students import build_student, materialize
     from train_student.checkpoint import CHECKPOINT_NAME, RUN_CONFIG_NAME, load_checkpoint, recorded_run_id
 
     run_dir = Path(run_dir)
     checkpoint = run_dir / CHECKPOINT_NAME if checkpoint is None else Path(checkpoint)
     state = load_checkpoint(run_dir, recorded_run_id(run_dir), path=checkpoint, purpose="export")
-    recipe = get_recipe(state["recipe"])
+    recipe = resolve_recipe(state["recipe"])
     students = []
     for key in EXPORT_NAMES:
         with torch.device("meta"):  # every parameter comes from the checkpoint

@@ -10,12 +10,16 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+from runtime.arguments import backbone_name, recipe_name
+from dpal.recipes import PAIR_SEPARATOR, RECIPES, STUDENTS, TEACHERS, pair_name
+from runtime.cli import ConfigError
+
 
 @dataclass(frozen=True)
 class TrainSpec:
     """Every field is the command-line option of the same name (`python -m train_student --help`)."""
 
-    recipe: str
+    recipe: str  # a published recipe, or TEACHER+STUDENT (--teacher with --student)
     store: str | None  # None with --teacher-online
     images: str
     backgrounds: str
@@ -38,6 +42,7 @@ class TrainSpec:
     compile: bool  # torch.compile the student and the decoder
     deterministic: bool
     teacher_online: bool
+    student_weights: str | None  # the student's initial weights (a timm state dict); None: the recipe's init
     teacher_weights: str | None
     teacher_options: dict  # validated `dpal.teachers.load_teacher` options
     calibration_images: int
@@ -57,6 +62,43 @@ class TrainSpec:
         """The spec of parsed arguments; `resolved` gives the fields the command line worked out itself."""
         values = {**vars(args), **resolved}
         return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls)})
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """--recipe, or --teacher with --student (any teacher with any student; docs/custom-models.md)."""
+    parser.add_argument("--recipe", metavar="NAME", type=recipe_name(RECIPES, PAIR_SEPARATOR),
+                        help=f"teacher_student recipe, one of: {', '.join(RECIPES)}; or TEACHER{PAIR_SEPARATOR}STUDENT "
+                             f"(what --teacher with --student make)")
+    parser.add_argument("--teacher", metavar="NAME", type=backbone_name(TEACHERS, "teacher"),
+                        help=f"with --student instead of --recipe: {', '.join(TEACHERS)}, or timm:NAME for a timm "
+                             f"ViT or Swin (the teacher of the store, or of --teacher-online)")
+    parser.add_argument("--student", metavar="NAME", type=backbone_name(STUDENTS, "student"),
+                        help=f"with --teacher instead of --recipe: {', '.join(STUDENTS)}, or timm:NAME for a timm ViT "
+                             f"(patch 16) or Swin; the decoder maps its width onto the teacher's")
+
+
+def chosen_recipe(args: argparse.Namespace) -> str | None:
+    """The recipe name the options ask for: --recipe, or --teacher with --student (ConfigError if mixed)."""
+    if args.teacher is None and args.student is None:
+        return args.recipe
+    if args.recipe is not None:
+        raise ConfigError("--recipe names the teacher and the student already; pass either --recipe or --teacher "
+                          "with --student")
+    if args.teacher is None or args.student is None:
+        raise ConfigError("--teacher and --student go together (or name a --recipe)")
+    return pair_name(args.teacher, args.student)
+
+
+def resolved_recipe(name: str):
+    """The Recipe of a recipe name (a composed one needs timm: call after `select_interpreter`); ConfigError
+    naming the teacher or student that cannot be used."""
+    from dpal.errors import UserError
+    from dpal.pairs import resolve_recipe
+
+    try:
+        return resolve_recipe(name)
+    except UserError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def training_on_cpu(device_arg: str) -> bool:

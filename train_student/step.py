@@ -32,7 +32,7 @@ from dpal.distill import distill_step_losses
 from dpal.errors import UserError
 from dpal.losses import LossTerms
 from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
-from dpal.students import build_student
+from dpal.students import build_student, load_initial_weights
 from dpal.teachers import global_view_targets, teacher_targets
 from dpal.views import render_view_sets
 from formats.images import ImageFile
@@ -81,12 +81,17 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
 COMPILED_PARTS = ("student", "decoder")
 
 
-def build_distiller(recipe: Recipe, device: torch.device, lr: float, *, compile_model: bool = False):
+def build_distiller(recipe: Recipe, device: torch.device, lr: float, *, compile_model: bool = False,
+                    student_weights: str | None = None):
     """(Distiller on the device, its student's EMA copy, AdamW over the spec's parameter groups).
 
     ``compile_model`` compiles the `COMPILED_PARTS` in place (`nn.Module.compile`): parameter and state-dict
-    names stay those of the eager modules, so checkpoints and exports do not change."""
-    model = Distiller(recipe).to(device)
+    names stay those of the eager modules, so checkpoints and exports do not change. ``student_weights``: a
+    timm state dict the student (and so its EMA) starts from instead of the recipe's init."""
+    model = Distiller(recipe)
+    if student_weights is not None:
+        load_initial_weights(model.student, student_weights)
+    model = model.to(device)
     ema_student = copy.deepcopy(model.student).requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, recipe.optim.weight_decay), lr=lr, betas=recipe.optim.betas,
                                   fused=device.type == "cuda")

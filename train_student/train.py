@@ -31,10 +31,12 @@ from torch.nn.parallel import DistributedDataParallel
 from dpal import dispatch
 from dpal.config import Recipe
 from dpal.losses import LossTerms, moe_weight
-from dpal.recipes import get_recipe
+from dpal.pairs import resolve_recipe
+from dpal.recipes import RECIPES
 from dpal.views import STALE_VIEW_RECORDS, VIEW_PARAMS_VERSION
 from formats.images import ImageFile, check_images, images_fingerprint
-from formats.store import StoreError, integrity_problems, open_store, repair_hint
+from formats.run_spec import spec_dict
+from formats.store import StoreError, file_sha256, integrity_problems, open_store, repair_hint
 from formats.view_records import describe_view_set_reuse
 import kernels
 from runtime.ahead import HostCopy
@@ -146,7 +148,23 @@ def run_record(spec: TrainSpec, recipe: Recipe, global_batch: int, images_finger
             "progress": spec.progress, "compile": spec.compile, "device": device.type, "ranks": ranks,
             "deterministic": spec.deterministic, "compute_threads": threads,
             "fused_kernels": device.type == "cuda" and not spec.reference_path,
-            "view_params_version": VIEW_PARAMS_VERSION, "validation": validation, "val_every": spec.val_every}
+            "view_params_version": VIEW_PARAMS_VERSION, "validation": validation, "val_every": spec.val_every,
+            **models_record(spec, recipe)}
+
+
+def models_record(spec: TrainSpec, recipe: Recipe) -> dict:
+    """What a run of a composed recipe (--teacher with --student) really used, for run.json: the teacher and
+    student descriptions (timm name, width, stride, ...), and the initial student weights' and the online
+    teacher's files with their SHA-256. A published recipe's name says it all, so its run.json stays as it was."""
+    record = {}
+    if recipe.name not in RECIPES:
+        record.update(teacher_spec=spec_dict(recipe.teacher), student_spec=spec_dict(recipe.student))
+        if spec.teacher_online:
+            record["teacher_weights_sha256"] = file_sha256(spec.teacher_weights)
+    if spec.student_weights is not None:
+        record.update(student_weights=str(Path(spec.student_weights).resolve()),
+                      student_weights_sha256=file_sha256(spec.student_weights))
+    return record
 
 
 def check_view_records_of_run(run_dir: Path) -> None:
@@ -172,7 +190,7 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
     # ---------------------------------------------------------------- ranks, device, recipe
     rank, world_size, device = setup_distributed(spec.device)
     master = rank == 0
-    recipe = apply_overrides(get_recipe(spec.recipe), spec)
+    recipe = apply_overrides(resolve_recipe(spec.recipe), spec)
     optim = recipe.optim
     kernels.register()  # the fused ops for CUDA tensors
     if spec.reference_path:
@@ -250,7 +268,8 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
 
     # ---------------------------------------------------------------- model, EMA, optimizer
     torch.manual_seed(spec.seed)  # identical init everywhere (DDP also broadcasts rank 0's weights)
-    model, ema_student, optimizer = build_distiller(recipe, device, peak_lr, compile_model=spec.compile)
+    model, ema_student, optimizer = build_distiller(recipe, device, peak_lr, compile_model=spec.compile,
+                                                    student_weights=None if spec.resume else spec.student_weights)
     step = 0
     if spec.resume:
         state = load_checkpoint(run_dir, run_id)
