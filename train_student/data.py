@@ -37,10 +37,10 @@ from ffcv.traversal_order.base import TraversalOrder
 from dpal.arguments import usable_cores
 from dpal.config import ViewConfig
 from dpal.errors import UserError
-from dpal.views import background_indices
 from formats import view_records
 from formats.images import ImageFile, image_pipelines, unflatten_images
 from formats.targets import VIEW_PARAMS_ARRAY, CompactTargets, Targets
+from formats.teacher_side import BackgroundPool
 from train_student.spec import training_on_cpu
 
 
@@ -136,31 +136,6 @@ class PlannedOrder(TraversalOrder):
         if self.resume_at is not None and self.resume_at[0] == epoch:
             order = order[self.resume_at[1] * self.plan.micro_batch:]
         return order
-
-
-class BackgroundPool:
-    """Decoded background images by index; all kept decoded when they fit `cache_bytes`."""
-
-    def __init__(self, path, cache_bytes: int = 2 << 30):
-        self.file = ImageFile(path)
-        decoded_bytes = int((self.file.heights * self.file.widths * 3).sum())
-        self._cache: dict[int, torch.Tensor] | None = {} if decoded_bytes <= cache_bytes else None
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return self.file.num_images
-
-    def get(self, index: int) -> torch.Tensor:
-        if self._cache is not None and index in self._cache:
-            return self._cache[index]
-        image = torch.from_numpy(self.file.image(index))
-        if self._cache is not None:
-            with self._lock:
-                self._cache[index] = image
-        return image
-
-    def batch(self, view_params: torch.Tensor) -> list[torch.Tensor]:
-        return [self.get(int(i)) for i in background_indices(view_params)]
 
 
 class FeedPairingError(UserError):

@@ -66,8 +66,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     import kernels
     from dpal.recipes import get_recipe
     from dpal.students import load_student, read_student_config
+    from formats.teacher_side import BackgroundPool
     from train_student.checkpoint import CHECKPOINT_NAME, RUN_CONFIG_NAME
-    from train_student.data import BackgroundPool
     from train_student.metrics import LOSS_COLUMNS
     from train_student.step import Distiller, make_autocast, setup_distributed
     from train_student.validation import Validation, online_teacher, open_validation_store, store_teacher

@@ -29,8 +29,8 @@ from dpal.views import render_local_crops, render_view_sets
 from formats.images import ImageFile, images_fingerprint
 from formats.store import TargetStore, describe_differences, file_sha256, open_store
 from formats.targets import VIEW_PARAMS_ARRAY, Targets
+from formats.teacher_side import BackgroundPool
 from formats.view_records import evaluation_local_crops
-from train_student.data import BackgroundPool
 
 # What makes two stores targets of the same teacher (beside the recipe's teacher, checked by check_compatible).
 TEACHER_KEYS = ("checkpoint_sha256", "teacher_options", "teacher_precision")
