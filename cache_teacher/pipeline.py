@@ -22,7 +22,7 @@ import torch
 
 from dpal.ahead import HostCopy, RunAhead
 from dpal.shape_mask import ShapeMaskCalibration
-from formats.targets import VIEW_PARAMS_ARRAY
+from formats.schema import VIEW_PARAMS_ARRAY
 
 
 def shard_arrays(parts: dict[str, list[torch.Tensor]], params: torch.Tensor) -> dict[str, np.ndarray]:

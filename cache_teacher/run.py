@@ -41,14 +41,15 @@ from dpal.recipes import RECIPES, TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration
 from dpal.teachers import Teacher, load_teacher, teacher_options
 from dpal.views import VIEW_SET_FIELDS
-from formats.cli import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_VIEW_SET_BYTES, TARGET_FORMATS, TOKEN_RANK_STEP,
-                         note_adjusted)
+from formats.cli import note_adjusted
 from formats.durable import WriterRefusedError, job_writer_lock
 from formats.images import ImageFile, images_fingerprint
+from formats.schema import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_VIEW_SET_BYTES, TARGET_FORMATS, TOKEN_RANK_STEP,
+                            CompactKnobs)
 from formats.store import (StoreLayout, StoreSpec, StoreWriter, check_format_version, check_spec_version,
                            describe_differences, file_sha256, plan_layout, read_attrs, read_compact_coding,
                            store_lock_path, token_counts)
-from formats.targets import CompactCoding, CompactKnobs, TokenBasis
+from formats.targets import CompactCoding, TokenBasis
 from formats.teacher_side import BackgroundPool, TeacherSide, teacher_precision
 from formats.view_records import describe_view_set_reuse, image_view_params
 
@@ -82,7 +83,7 @@ class RunConfig:
     views: str | None = None  # recipe whose view configuration to cache (default: that of --teacher's recipes)
     epochs: int | None = None  # training epochs the store is meant for (the dry run's reuse count; default 200)
     overlap: bool = True  # the double-buffered pipeline (cache_teacher.pipeline); False: render, then teacher
-    token_rank: int | None = None  # compact knobs (formats.targets.CompactKnobs); None: `compact_knobs` decides
+    token_rank: int | None = None  # compact knobs (formats.schema.CompactKnobs); None: `compact_knobs` decides
     token_bits: int = 8
     relation_k: int | None = None  # None: every entry
     relation_bits: int | None = None  # None: `compact_knobs` decides

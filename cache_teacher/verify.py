@@ -14,8 +14,8 @@ from dpal.recipes import TEACHERS
 from dpal.shape_mask import ShapeMaskCalibration
 from dpal.teachers import load_teacher
 from formats.images import ImageFile, check_images, images_fingerprint
+from formats.schema import VIEW_PARAMS_ARRAY
 from formats.store import StoreError, file_sha256, integrity_problems, open_store, repair_hint
-from formats.targets import VIEW_PARAMS_ARRAY
 from formats.teacher_side import BackgroundPool, TeacherSide
 from formats.view_records import image_view_params
 

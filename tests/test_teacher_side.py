@@ -9,7 +9,8 @@ from cache_teacher.run import RunConfig, cached_views, run
 from dpal.teachers import load_teacher
 from formats.images import ImageFile
 from formats.store import open_store
-from formats.targets import VIEW_PARAMS_ARRAY, encode_targets
+from formats.schema import VIEW_PARAMS_ARRAY
+from formats.targets import encode_targets
 from formats.teacher_side import BackgroundPool
 from formats.view_records import local_crop_params
 from train_student.data import FeedBatch

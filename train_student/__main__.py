@@ -6,9 +6,9 @@ import os
 import sys
 
 from dpal.recipes import RECIPES, list_recipes
-from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, SEED, ConfigError, add_config_arguments,
-                         add_teacher_option_arguments, config_text, parse_with_config, read_config_file, real,
-                         set_config_defaults, worker_count)
+from formats.cli import (NON_NEGATIVE, POSITIVE, SEED, ConfigError, add_config_arguments, add_teacher_option_arguments,
+                         config_text, parse_with_config, read_config_file, real, set_config_defaults, worker_count)
+from formats.schema import DEFAULT_CALIBRATION_IMAGES
 from formats.runtime import startup
 from kernels import select_interpreter
 from train_student.spec import TrainSpec, training_on_cpu

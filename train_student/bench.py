@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 from dpal.recipes import get_recipe, list_recipes
-from formats.cli import (DEFAULT_CALIBRATION_IMAGES, NON_NEGATIVE, POSITIVE, add_teacher_option_arguments,
-                         parse_teacher_options, usable_cores, worker_count)
+from formats.cli import (NON_NEGATIVE, POSITIVE, add_teacher_option_arguments, parse_teacher_options, usable_cores,
+                         worker_count)
 from formats.runtime import startup
+from formats.schema import DEFAULT_CALIBRATION_IMAGES
 from kernels import select_interpreter
 
 

@@ -39,7 +39,8 @@ from dpal.config import ViewConfig
 from dpal.errors import UserError
 from formats import view_records
 from formats.images import ImageFile, image_pipelines, unflatten_images
-from formats.targets import VIEW_PARAMS_ARRAY, CompactTargets, Targets
+from formats.schema import VIEW_PARAMS_ARRAY
+from formats.targets import CompactTargets, Targets
 from formats.teacher_side import BackgroundPool
 from train_student.spec import training_on_cpu
 

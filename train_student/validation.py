@@ -28,7 +28,8 @@ from dpal.errors import UserError
 from dpal.views import render_local_crops, render_view_sets
 from formats.images import ImageFile, images_fingerprint
 from formats.store import TargetStore, describe_differences, file_sha256, open_store
-from formats.targets import VIEW_PARAMS_ARRAY, Targets
+from formats.schema import VIEW_PARAMS_ARRAY
+from formats.targets import Targets
 from formats.teacher_side import BackgroundPool
 from formats.view_records import evaluation_local_crops
 
