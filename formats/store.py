@@ -142,7 +142,7 @@ class StoreSpec:
     view_config: ViewConfig
     checkpoint_sha256: str
     teacher_options: dict  # how the checkpoint was loaded (`dpal.teachers.teacher_options`)
-    teacher_precision: str  # 'bfloat16' on CUDA, 'float32' on the CPU
+    teacher_precision: str  # `formats.teacher_side.teacher_precision` of the device that ran the teacher
     images_fingerprint: str
     backgrounds_fingerprint: str
     num_images: int

@@ -30,7 +30,7 @@ from formats.images import ImageFile, images_fingerprint
 from formats.store import TargetStore, describe_differences, file_sha256, open_store
 from formats.schema import VIEW_PARAMS_ARRAY
 from formats.targets import Targets
-from formats.teacher_side import BackgroundPool
+from formats.teacher_side import BackgroundPool, teacher_precision
 from formats.view_records import evaluation_local_crops
 
 # What makes two stores targets of the same teacher (beside the recipe's teacher, checked by check_compatible).
@@ -48,10 +48,10 @@ def store_teacher(attrs: dict) -> dict:
 
 def online_teacher(weights, options: dict, device: torch.device | None) -> dict:
     """The teacher identity of an online-teacher run: its checkpoint, load options and, when the training
-    device is known, its autocast precision."""
+    device is known, its precision (`formats.teacher_side.teacher_precision`)."""
     identity = {"checkpoint_sha256": file_sha256(weights), "teacher_options": options}
     if device is not None:
-        identity["teacher_precision"] = "bfloat16" if device.type == "cuda" else "float32"
+        identity["teacher_precision"] = teacher_precision(device)
     return identity
 
 
