@@ -9,9 +9,9 @@ The rules kept here:
 - precision: the teacher runs under bf16 autocast on CUDA and in float32 on the CPU (`teacher_precision`),
   whatever the student trains in; a store records it;
 - calibration: the shape mask (and a compact store's token basis) is fitted on the global-view tokens of
-  the first view set of a seeded sample of images (`calibration_view_sets`); the online baseline, which stores
-  nothing, calibrates as a one-view-set store of its images and seed would;
-- background images are decoded once and kept (`BackgroundPool`).
+  the first view set of a seeded sample of images (`TeacherSide.fit_calibration`); the online baseline,
+  which stores nothing, calibrates as a one-view-set store of its images and seed would;
+- background images are decoded once and kept when the pool fits in memory (`BackgroundPool`).
 """
 from __future__ import annotations
 
