@@ -28,11 +28,10 @@ from dpal.recipes import TEACHERS, list_recipes
 def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.ArgumentParser:
     """The command line of `python -m cache_teacher`, accepting the names of `teachers`."""
     # Only light modules here (no torch, zarr or FFCV): `--help` answers at once.
-    from runtime.arguments import backbone_name
-    from formats.cli import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE,
-                             DEFAULT_VIEW_SET_BYTES, RELATION_BITS, TARGET_FORMATS, TOKEN_BITS,
-                             add_teacher_option_arguments)
-    from runtime.arguments import POSITIVE, SEED, integer, real
+    from formats.cli import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_SIDE, add_teacher_option_arguments
+    from formats.schema import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_VIEW_SET_BYTES, RELATION_BITS,
+                                TARGET_FORMATS, TOKEN_BITS)
+    from runtime.arguments import POSITIVE, SEED, backbone_name, integer, real
     from runtime.cli import add_config_arguments, device_name
 
     parser = argparse.ArgumentParser(prog="python -m cache_teacher", description=__doc__,

@@ -1,6 +1,6 @@
 """`python -m cache_teacher bench`: teacher-forward-only throughput vs the full caching pipeline, one run.
 
-teacher only: `teacher_targets` on one pre-rendered batch, repeated (the ceiling).
+teacher only: the teacher forward (`TeacherSide.run_teacher`) on one pre-rendered batch, repeated (the ceiling).
 full pipeline: the real `run` code path into a fresh store (decode + render + teacher + shape mask +
 encode + compress + fsync + write), double-buffered (`cache_teacher.pipeline`: the next batch renders while
 the teacher runs), and the same run on the serial path (render, teacher, copy back, in turn) for comparison.
@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from cache_teacher.run import RunConfig, TargetComputer, cached_views, default_batch_size, run
+from cache_teacher.run import RunConfig, cached_views, default_batch_size, run
 from dpal.config import TeacherSpec
 from dpal.recipes import TEACHERS
-from dpal.teachers import load_teacher, teacher_spec, teacher_targets
+from dpal.teachers import load_teacher, teacher_spec
 from formats.images import ImageFile
+from formats.teacher_side import BackgroundPool, TeacherSide
 from formats.view_records import image_view_params
 
 
@@ -35,19 +36,19 @@ def bench(teacher: str, weights: str, images: str, backgrounds: str, *, batch_si
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch = batch_size or default_batch_size(dev)
     spec, cfg = teacher_spec(teacher, teachers), cached_views(teacher)
-    image_file, background_file = ImageFile(images), ImageFile(backgrounds)
-    computer = TargetComputer(load_teacher(spec, weights, **(teacher_options or {})).to(dev), background_file, cfg, dev, batch)
+    image_file = ImageFile(images)
+    side = TeacherSide(load_teacher(spec, weights, **(teacher_options or {})).to(dev), BackgroundPool(backgrounds),
+                       cfg, dev, batch)
 
-    params = torch.stack([image_view_params(0, i % len(image_file), 1, len(background_file), cfg)[0]
+    params = torch.stack([image_view_params(0, i % len(image_file), 1, len(side.backgrounds), cfg)[0]
                           for i in range(batch)])
     views = [torch.from_numpy(image_file.image(i % len(image_file))) for i in range(batch)]
-    computer.targets(views, params)  # warm-up (allocations, autotuning)
-    rendered = computer.render(views, params)
+    side.targets(views, params)  # warm-up (allocations, autotuning)
+    rendered = side.render(views, params)
     _sync(dev)
     start = time.perf_counter()
     for _ in range(iterations):
-        with computer.precision():
-            teacher_targets(computer.teacher, rendered.global_view, rendered.crowd)
+        side.run_teacher(rendered.global_view, rendered.crowd)
     _sync(dev)
     teacher_rate = iterations * batch / (time.perf_counter() - start)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dpal.shape_mask import ShapeMaskCalibration
-from formats.targets import VIEW_PARAMS_ARRAY
+from formats.schema import VIEW_PARAMS_ARRAY
 from runtime.ahead import HostCopy, RunAhead
 
 
@@ -85,7 +85,8 @@ def process_shards(todo: list[int], load: Callable, writer, computer, calibratio
         with progress, RunAhead(_teacher_batches(todo, load, computer), render, computer.device,
                                 name="dpal-cache-render") as rendered:
             for shard, params, batches, count, views in rendered:
-                encoded = computer.encode(computer.run_teacher(views), calibration, target_format)
+                encoded = computer.encode(computer.run_teacher(views.global_view, views.crowd), calibration,
+                                           target_format).arrays()
                 outstanding.append(written.submit(collector.add, shard, params, batches, HostCopy(encoded)))
                 progress.update(count)
                 # Up to a shard of batches may queue behind the write of the previous shard, as the serial

@@ -25,7 +25,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -39,17 +38,19 @@ from cache_teacher.pipeline import decoded_shards, process_shards, shard_arrays
 from dpal.config import OptimConfig, TeacherSpec, ViewConfig
 from dpal.errors import UserError, file_problem
 from dpal.recipes import RECIPES, TEACHERS
-from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
-from dpal.teachers import Teacher, global_view_targets, load_teacher, teacher_options, teacher_spec, teacher_targets
+from dpal.shape_mask import ShapeMaskCalibration
+from dpal.teachers import Teacher, load_teacher, teacher_options, teacher_spec
 from dpal.timm_backbones import is_timm_name, view_size_problem
-from dpal.views import VIEW_SET_FIELDS, background_indices, render_view_sets
-from formats.cli import CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_VIEW_SET_BYTES, TARGET_FORMATS, TOKEN_RANK_STEP
+from dpal.views import VIEW_SET_FIELDS
 from formats.images import ImageFile, images_fingerprint
+from formats.schema import (CODECS, DEFAULT_CALIBRATION_IMAGES, DEFAULT_VIEW_SET_BYTES, TARGET_FORMATS, TOKEN_RANK_STEP,
+                            CompactKnobs)
 from formats.store import (StoreLayout, StoreSpec, StoreWriter, check_format_version, check_spec_version,
                            describe_differences, file_sha256, plan_layout, read_attrs, read_compact_coding,
                            store_lock_path, token_counts)
-from formats.targets import CompactCoding, CompactKnobs, Targets, TokenBasis, encode_targets
-from formats.view_records import calibration_indices, describe_view_set_reuse, image_view_params
+from formats.targets import CompactCoding, TokenBasis
+from formats.teacher_side import BackgroundPool, TeacherSide, teacher_precision
+from formats.view_records import describe_view_set_reuse, image_view_params
 from runtime.cli import note_adjusted
 from runtime.distributed import barrier, is_rank0, setup_distributed
 from runtime.durable import WriterRefusedError, job_writer_lock
@@ -84,7 +85,7 @@ class RunConfig:
     views: str | None = None  # recipe whose view configuration to cache (default: that of --teacher's recipes)
     epochs: int | None = None  # training epochs the store is meant for (the dry run's reuse count; default 200)
     overlap: bool = True  # the double-buffered pipeline (cache_teacher.pipeline); False: render, then teacher
-    token_rank: int | None = None  # compact knobs (formats.targets.CompactKnobs); None: `compact_knobs` decides
+    token_rank: int | None = None  # compact knobs (formats.schema.CompactKnobs); None: `compact_knobs` decides
     token_bits: int = 8
     relation_k: int | None = None  # None: every entry
     relation_bits: int | None = None  # None: `compact_knobs` decides
@@ -148,63 +149,17 @@ def default_batch_size(device: torch.device) -> int:
     return 128 if device.type == "cuda" else 8
 
 
-class TargetComputer:
-    """Renders view sets and turns them into stored target rows (one device, one teacher)."""
-
-    def __init__(self, teacher: Teacher, backgrounds: ImageFile, cfg: ViewConfig, device: torch.device,
-                 batch_size: int):
-        self.teacher, self.backgrounds, self.cfg = teacher, backgrounds, cfg
-        self.device, self.batch_size = device, batch_size
-        self.compact: CompactCoding | None = None  # a compact store's coding, set once its basis is fitted
-        self.background = lru_cache(maxsize=4096)(lambda index: torch.from_numpy(backgrounds.image(index)))
-
-    def render(self, images: list[torch.Tensor], params: torch.Tensor):
-        used = {index: self.background(index) for index in background_indices(params).tolist()}
-        return render_view_sets(images, used, params, self.cfg, device=self.device)
-
-    def precision(self):
-        """bf16 autocast for the teacher on CUDA; float32 on the CPU."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-
-    def run_teacher(self, views):
-        """Teacher targets (float32, on the device) of rendered views."""
-        with self.precision():
-            return teacher_targets(self.teacher, views.global_view, views.crowd)
-
-    def targets(self, images: list[torch.Tensor], params: torch.Tensor):
-        """Teacher targets (float32, on the device) for view sets ``params`` of ``images`` (aligned lists)."""
-        return self.run_teacher(self.render(images, params))
-
-    def calibration_tokens(self, images: ImageFile, indices: list[int], seed: int, views_per_image: int,
-                           progress: bool = True) -> torch.Tensor:
-        """Global-view patch tokens [M, N, D] of each sampled image's first view set: what the shape mask and a
-        compact store's token basis are fitted on. `progress`: a progress bar (on rank 0)."""
-        tokens = []
-        for start in tqdm(range(0, len(indices), self.batch_size), desc="shape-mask calibration", unit="batch",
-                          disable=not (progress and is_rank0())):
-            chunk = indices[start:start + self.batch_size]
-            params = torch.stack([image_view_params(seed, i, views_per_image, len(self.backgrounds), self.cfg)[0]
-                                  for i in chunk])
-            views = self.render([torch.from_numpy(images.image(i)) for i in chunk], params)
-            with self.precision():
-                tokens.append(global_view_targets(self.teacher, views.global_view)[1].cpu())
-        return torch.cat(tokens)
+class TargetComputer(TeacherSide):
+    """The teacher side as the cache run drives it: a shard's view sets in batches, and the fidelity sample."""
 
     def fidelity_sample(self, images: ImageFile, indices: list[int], seed: int, views_per_image: int,
                         calibration: ShapeMaskCalibration, target_format: str) -> dict[str, list[float]]:
         """`cache_teacher.fidelity` figures of this coding on the first view set of each of `indices`."""
         probe, parts = student_probe(self.teacher.spec), []
-        for start in range(0, len(indices), self.batch_size):
-            chunk = indices[start:start + self.batch_size]
-            params = torch.stack([image_view_params(seed, i, views_per_image, len(self.backgrounds), self.cfg)[0]
-                                  for i in chunk])
-            views = self.render([torch.from_numpy(images.image(i)) for i in chunk], params)
-            out = self.run_teacher(views)
-            mask = shape_mask(out.local, calibration)
-            teacher = Targets(out.global_.float(), out.local.float(), mask.float(), out.relation.float())
-            coded = encode_targets(global_=out.global_, local=out.local, mask=mask, relation=out.relation,
-                                   target_format=target_format, compact=self.compact)
-            parts.append(fidelity(coded, teacher, {"global_view": views.global_view, "crowd_view": views.crowd}, probe))
+        for views in self.rendered_first_view_sets(images, indices, seed, views_per_image):
+            out = self.run_teacher(views.global_view, views.crowd)
+            parts.append(fidelity(self.encode(out, calibration, target_format), self.float_targets(out, calibration),
+                                  {"global_view": views.global_view, "crowd_view": views.crowd}, probe))
         return merge(parts)
 
     def shard_batches(self, images: list[np.ndarray], params: torch.Tensor):
@@ -218,17 +173,12 @@ class TargetComputer:
             rows = slice(start, start + self.batch_size)
             yield rows, [tensors[i] for i in owner[rows].tolist()], flat[rows]
 
-    def encode(self, out, calibration: ShapeMaskCalibration, target_format: str) -> dict[str, torch.Tensor]:
-        """The stored arrays of one batch's teacher targets, on the device."""
-        return encode_targets(global_=out.global_, local=out.local, mask=shape_mask(out.local, calibration),
-                              relation=out.relation, target_format=target_format, compact=self.compact).arrays()
-
     def shard_rows(self, images: list[np.ndarray], params: torch.Tensor, calibration: ShapeMaskCalibration,
                    target_format: str, progress=None) -> dict[str, np.ndarray]:
         """Stored arrays for the images of one shard, one batch after the other (the serial path)."""
         parts: dict[str, list[torch.Tensor]] = {}
         for _, batch_images, batch_params in self.shard_batches(images, params):
-            encoded = self.encode(self.targets(batch_images, batch_params), calibration, target_format)
+            encoded = self.encode(self.targets(batch_images, batch_params), calibration, target_format).arrays()
             for name, value in encoded.items():
                 parts.setdefault(name, []).append(value.cpu())
             if progress is not None:
@@ -290,8 +240,8 @@ def scale_table(rows: list[dict], *, gpus: int, rate: float) -> str:
     return "\n".join(lines)
 
 
-def _open_inputs(cfg: RunConfig) -> tuple[ImageFile, ImageFile]:
-    images, backgrounds = ImageFile(cfg.images), ImageFile(cfg.backgrounds)
+def _open_inputs(cfg: RunConfig) -> tuple[ImageFile, BackgroundPool]:
+    images, backgrounds = ImageFile(cfg.images), BackgroundPool(cfg.backgrounds)
     if len(images) == 0:
         raise RunError(f"images file {cfg.images} holds no images")
     if len(backgrounds) == 0:
@@ -346,7 +296,7 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
             device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
             computer = TargetComputer(_load_teacher(cfg, spec, device), backgrounds, view_cfg, device,
                                       cfg.batch_size or default_batch_size(device))
-            _, summary = _fit_coding(computer, images, cfg, layout, grid)
+            _, summary = _fit_coding(computer, images, cfg, layout)
             problem = budget_problem(summary, cfg.max_loss_change)
             print(f"fidelity of these knobs on {min(FIDELITY_VIEW_SETS, cfg.calibration_images)} view sets of the "
                   f"calibration sample (--max-loss-change {cfg.max_loss_change}: "
@@ -373,7 +323,7 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
             teacher_spec=spec, view_config=view_cfg, checkpoint_sha256=file_sha256(weights),
             teacher_options=teacher_options(spec, solider_weights=cfg.solider_weights,
                                             semantic_weight=cfg.semantic_weight),
-            teacher_precision="bfloat16" if device.type == "cuda" else "float32",
+            teacher_precision=teacher_precision(device),
             images_fingerprint=images_fingerprint(cfg.images),
             backgrounds_fingerprint=images_fingerprint(cfg.backgrounds),
             num_images=layout.num_images, num_backgrounds=len(backgrounds), views_per_image=layout.views_per_image,
@@ -390,7 +340,7 @@ def run(cfg: RunConfig, *, teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
         if not out.exists() and rank == 0:
             for stale in out.parent.glob(f"{out.name}.creating-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-            calibration, summary = _fit_coding(computer, images, cfg, layout, grid)
+            calibration, summary = _fit_coding(computer, images, cfg, layout)
             if problem := budget_problem(summary, cfg.max_loss_change):
                 raise RunError(f"{problem} on the calibration sample (format {layout.target_format}"
                                + (f", knobs {layout.compact.to_dict()}" if layout.compact else "")
@@ -457,15 +407,16 @@ def _load_teacher(cfg: RunConfig, spec: TeacherSpec, device: torch.device) -> Te
     return load_teacher(spec, weights, **options).to(device)
 
 
-def _fit_coding(computer: TargetComputer, images: ImageFile, cfg: RunConfig, layout: StoreLayout,
-                grid: tuple[int, int]) -> tuple[ShapeMaskCalibration, dict | None]:
+def _fit_coding(computer: TargetComputer, images: ImageFile, cfg: RunConfig,
+                layout: StoreLayout) -> tuple[ShapeMaskCalibration, dict | None]:
     """Fit the shape mask (and a compact store's token basis, set on `computer`) on the calibration images,
     and measure the coding's fidelity on the first of them: (calibration, summarised figures). The figures
     (a student forward on the sample) are measured where knobs are chosen or a budget is set: for a compact
     store, or with --max-loss-change; the fixed float16 and int8 codings are measured by `verify`."""
-    indices = calibration_indices(layout.num_images, cfg.calibration_images, cfg.seed)
-    tokens = computer.calibration_tokens(images, indices, cfg.seed, layout.views_per_image, cfg.progress)
-    calibration = fit_shape_mask(tokens, grid)
+    calibration, tokens, indices = computer.fit_calibration(images, num_images=layout.num_images,
+                                                            count=cfg.calibration_images, seed=cfg.seed,
+                                                            views_per_image=layout.views_per_image,
+                                                            progress=cfg.progress and is_rank0())
     if layout.compact is not None:
         computer.compact = CompactCoding(layout.compact, TokenBasis.fit(tokens, layout.compact.token_rank))
     if layout.compact is None and cfg.max_loss_change is None:

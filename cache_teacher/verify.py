@@ -8,14 +8,15 @@ import numpy as np
 import torch
 
 from cache_teacher.fidelity import budget_problem, fidelity, figures_table, merge, student_probe, summarise
-from cache_teacher.run import TargetComputer, _format_bytes
+from cache_teacher.run import _format_bytes
 from dpal.config import TeacherSpec
 from dpal.recipes import TEACHERS
-from dpal.shape_mask import ShapeMaskCalibration, shape_mask
+from dpal.shape_mask import ShapeMaskCalibration
 from dpal.teachers import load_teacher
 from formats.images import ImageFile, check_images, images_fingerprint
+from formats.schema import VIEW_PARAMS_ARRAY
 from formats.store import StoreError, file_sha256, integrity_problems, open_store, repair_hint
-from formats.targets import VIEW_PARAMS_ARRAY, Targets, encode_targets
+from formats.teacher_side import BackgroundPool, TeacherSide
 from formats.view_records import image_view_params
 
 # Stored-vs-recomputed limits per format: float16 rounding (and bf16 on CUDA, recomputed the same way)
@@ -63,8 +64,8 @@ def verify(store_path: str, weights: str | None, *, images: str | None = None, b
     spec = teachers[attrs["teacher"]] if attrs["teacher"] in teachers else TeacherSpec(**attrs["teacher_spec"])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     view_cfg = store.view_config  # parsed from the attributes once
-    computer = TargetComputer(load_teacher(spec, weights, **attrs["teacher_options"]).to(dev), ImageFile(backgrounds_path), view_cfg,
-                              dev, batch_size)
+    side = TeacherSide(load_teacher(spec, weights, **attrs["teacher_options"]).to(dev), BackgroundPool(backgrounds_path),
+                       view_cfg, dev, batch_size)
     image_file = ImageFile(images_path)
     calibration = ShapeMaskCalibration.from_dict(attrs["mask_calibration"])
     k = store.views_per_image
@@ -78,17 +79,17 @@ def verify(store_path: str, weights: str | None, *, images: str | None = None, b
         resampled = torch.stack([image_view_params(attrs["seed"], p // k, k, attrs["num_backgrounds"],
                                                    view_cfg)[p % k] for p in chunk])
         stats.setdefault("view_params_equal", []).append(float(torch.equal(params, resampled)))
-        views = computer.render([torch.from_numpy(image_file.image(p // k)) for p in chunk], params)
-        fresh = computer.run_teacher(views)
-        fresh_mask = shape_mask(fresh.local, calibration).cpu()
+        views = side.render([torch.from_numpy(image_file.image(p // k)) for p in chunk], params)
+        fresh = side.run_teacher(views.global_view, views.crowd)
+        fresh_targets = side.float_targets(fresh, calibration)
+        fresh_mask = fresh_targets.local_mask.cpu()
         coded_batch = store.targets({n: np.stack([v[0, p % k] for v, p in zip((r[n] for r in rows), chunk)])
                                      for n in rows[0]})
-        fidelity_parts.append(fidelity(coded_batch, Targets(fresh.global_.float(), fresh.local.float(), fresh_mask,
-                                                            fresh.relation.float()),
+        fidelity_parts.append(fidelity(coded_batch, fresh_targets,
                                        {"global_view": views.global_view, "crowd_view": views.crowd}, probe))
         if store.compact is not None:  # what the store should hold: the fresh outputs in its own coding
-            recoded = encode_targets(global_=fresh.global_, local=fresh.local, mask=fresh_mask,
-                                     relation=fresh.relation, target_format="compact", compact=store.compact).decoded()
+            side.compact = store.compact
+            recoded = side.encode(fresh, calibration, "compact").decoded()
             fresh = fresh._replace(global_=recoded.global_target, local=recoded.local_target,
                                    relation=recoded.relation_target)
         for r, p, i in zip(rows, chunk, range(len(chunk))):

@@ -10,18 +10,10 @@ import argparse
 from dpal.config import TeacherSpec
 from runtime.arguments import real
 
-# Defaults shown by `--help`; owned here so the parsers need neither zarr nor FFCV nor torch.
+# Defaults shown by `--help`; owned here so the parsers need neither zarr nor FFCV nor torch (the store's own
+# names and defaults are the schema's, `formats.schema`).
 DEFAULT_MAX_SIDE = 512  # pack: longest side kept
 DEFAULT_JPEG_QUALITY = 95  # pack: quality of re-encoded images
-DEFAULT_CALIBRATION_IMAGES = 256  # images whose first view set calibrates the shape mask
-TARGET_FORMATS = ("float16", "int8", "compact")  # store target formats
-# Knobs of the compact format (`formats.targets.CompactKnobs`): the bits its values may take, and the size a
-# view set is held to when the token rank is not given (the largest multiple of TOKEN_RANK_STEP that fits).
-TOKEN_BITS = (8, 16)
-RELATION_BITS = (4, 8, 16)
-DEFAULT_VIEW_SET_BYTES = 64 << 10
-TOKEN_RANK_STEP = 32
-CODECS = ("lz4", "zstd")  # lossless Blosc codecs of a store
 
 
 # ------------------------------------------------------------------------------ teacher-loading options

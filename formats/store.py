@@ -1,4 +1,5 @@
-"""The teacher target store: schema, writer, block reader (one Zarr v3 group per teacher run).
+"""The teacher target store: layout, writer, block reader (one Zarr v3 group per teacher run; its arrays are the
+schema's, `formats.schema`).
 
 Layout of STORE.zarr (arrays indexed [image, view_set, ...], I images, K view sets per image):
   view_params [I, K, F] float32      every random decision of the view set (dpal.views records)
@@ -8,12 +9,13 @@ Layout of STORE.zarr (arrays indexed [image, view_set, ...], I images, K view se
   relation    [I, K, Nc, Nc]         crowd-view relation probabilities: float16, or int8 + relation_scale [I, K, Nc]
   compact stores: local [I, K, N, rank] basis coefficients (the basis in token_basis.npy), relation
   [I, K, Nc, k] the kept entries' codes, with relation_index [I, K, Nc, k] int16 and relation_rest [I, K, Nc]
-  float32 when k < Nc (`formats.targets.CompactKnobs.array_specs`)
+  float32 when k < Nc (the schema's table, `formats.schema.store_arrays`)
   dpal_progress/shard_NNNNNN.json    one marker per finished shard (file sizes + CRC32C of its shard files)
 Group attribute ``dpal_store`` holds the identity of the run (`StoreSpec`: teacher, checkpoint sha256, view
 config, image file fingerprint, format, ...) and a unique ``store_id`` drawn when the store is created:
 `check_compatible` (and a resumed `run`) refuse anything that differs, and a training run records all of it.
-Array names and dtypes, and how the targets are coded in them, are the target contract's (`formats.targets`).
+Array names, fields, shapes and dtypes are the schema's (`formats.schema`); how the targets are coded in them,
+the coding's (`formats.targets`).
 
 Integrity: every chunk ends in its CRC32C (Zarr's crc32c codec after Blosc) and the shard index has its own,
 so every read (the trainer's block reader, and Zarr's own) checks the bytes it uses; the trainer's reader names
@@ -60,9 +62,9 @@ from zarr.storage import LocalStore
 from dpal.config import Recipe, TeacherSpec, ViewConfig, token_counts
 from dpal.errors import UserError
 from dpal.views import VIEW_PARAMS_VERSION
-from formats.cli import CODECS, TARGET_FORMATS
 from formats.run_spec import spec_dict, spec_differences
-from formats.targets import CompactCoding, CompactKnobs, TokenBasis, array_dtypes, read_targets
+from formats.schema import CODECS, TARGET_FORMATS, CompactKnobs, store_arrays
+from formats.targets import CompactCoding, TokenBasis, read_targets
 from runtime.durable import atomic_write, fsync_path, fsync_tree
 
 # 5: the compact target format (basis file; knobs and fidelity figures in the attributes);
@@ -107,15 +109,10 @@ class StoreLayout:
     compact: CompactKnobs | None = None  # the compact format's knobs
 
     def array_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """name -> (shape after [I, K], dtype); names and dtypes are the target contract's."""
-        shapes = {"view_params": (self.view_fields,), "global": (self.width,), "local": (self.tokens, self.width),
-                  "mask": (self.tokens,), "relation": (self.crowd_tokens, self.crowd_tokens),
-                  "local_scale": (self.tokens,), "relation_scale": (self.crowd_tokens,)}
-        if self.compact is None:
-            return {name: (shapes[name], dtype) for name, dtype in array_dtypes(self.target_format).items()}
-        common = {name: (shapes[name], dtype) for name, dtype in array_dtypes("float16").items()
-                  if name in ("view_params", "global", "mask")}
-        return {**common, **self.compact.array_specs(tokens=self.tokens, crowd_tokens=self.crowd_tokens)}
+        """name -> (shape after [I, K], dtype), from the schema's table (`formats.schema.store_arrays`)."""
+        arrays = store_arrays(self.target_format, view_fields=self.view_fields, width=self.width, tokens=self.tokens,
+                              crowd_tokens=self.crowd_tokens, compact=self.compact)
+        return {name: (array.shape, array.dtype) for name, array in arrays.items()}
 
     def bytes_per_view_set(self) -> dict[str, int]:
         """Uncompressed bytes of each array per view set."""
@@ -145,7 +142,7 @@ class StoreSpec:
     view_config: ViewConfig
     checkpoint_sha256: str
     teacher_options: dict  # how the checkpoint was loaded (`dpal.teachers.teacher_options`)
-    teacher_precision: str  # 'bfloat16' on CUDA, 'float32' on the CPU
+    teacher_precision: str  # `formats.teacher_side.teacher_precision` of the device that ran the teacher
     images_fingerprint: str
     backgrounds_fingerprint: str
     num_images: int

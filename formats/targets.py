@@ -1,19 +1,20 @@
-"""The target contract: a view set's teacher targets as the store holds them and as the loss takes them.
+"""The coding of the targets: a view set's teacher targets as the store holds them, encoded and decoded.
 
-`Targets` has one field per argument of `dpal.distill.distill_step_losses`; `STORE_ARRAYS` names the store
-array each is kept in. The cache stage encodes the teacher's outputs (`Targets.encode`) into the store's
-format and writes `arrays()`; the trainer reads the arrays back (`from_arrays`) and passes `loss_arguments()`,
-still coded (the loss and the fused kernels decode int8 rows themselves); `verify` compares `decoded()` floats.
+`Targets` has one field per argument of `dpal.distill.distill_step_losses`; which store array holds each
+field is the schema's table (`formats.schema.store_arrays`). The cache stage encodes the teacher's outputs
+(`encode_targets`) into the store's format and writes `arrays()`; the trainer reads the arrays back
+(`read_targets`) and passes `loss_arguments()`, still coded (the loss and the fused kernels decode int8 rows
+themselves, with `dpal.losses`); `verify` compares `decoded()` floats.
 
-Formats (`formats.cli.TARGET_FORMATS`): float16 keeps every target in float16. int8 keeps the global target
+Formats (`formats.schema.TARGET_FORMATS`): float16 keeps every target in float16. int8 keeps the global target
 and the mask in float16 and codes the local tokens per row (q = round(x / s), s = max|row| / 127) and the
 relation rows as log-probability codes (`dpal.losses.quantize_relation`: softmax(q * s) gives the row back),
 each with a float32 scale per row. compact (`CompactCoding`, docs/stores.md) keeps the global target and
 the mask in float16, the local tokens as coefficients on a low-rank basis fitted once per store (`TokenBasis`,
 kept beside the arrays) and the relation rows as their top-k entries plus the mass of the others; knobs
-`CompactKnobs` (rank and bits of the tokens, k and bits of the relation rows). A compact batch is decoded by
-`CompactTargets.loss_arguments()` on whatever device it sits on: the trainer stages it on the training device,
-so the step takes the same float targets as from a float16 store.
+`formats.schema.CompactKnobs` (rank and bits of the tokens, k and bits of the relation rows). A compact batch
+is decoded by `CompactTargets.loss_arguments()` on whatever device it sits on: the trainer stages it on the
+training device, so the step takes the same float targets as from a float16 store.
 """
 from __future__ import annotations
 
@@ -25,28 +26,10 @@ import torch
 
 from dpal.losses import (RELATION_LOG_RANGE, dequantize_rows, quantize_relation, quantize_rows,
                          relation_probabilities)
-from formats.cli import RELATION_BITS, TARGET_FORMATS, TOKEN_BITS
+from formats.schema import CompactKnobs, array_fields
 
-# Targets field (= distill_step_losses argument) -> store array.
-STORE_ARRAYS = {"global_target": "global", "local_target": "local", "local_mask": "mask",
-                "relation_target": "relation", "local_scale": "local_scale", "relation_scale": "relation_scale"}
-VIEW_PARAMS_ARRAY = "view_params"  # the view records, stored beside the targets
-# compact stores: `local` holds basis coefficients [N, rank], `relation` the kept entries' codes; with k below
-# the crowd token count, these arrays hold their columns and the mass of the others.
-RELATION_INDEX_ARRAY, RELATION_REST_ARRAY = "relation_index", "relation_rest"
-
-
-def array_dtypes(target_format: str) -> dict[str, str]:
-    """Store array -> dtype, for the float16 and int8 formats (the int8 row scales exist only in int8 stores);
-    a compact store's coded arrays follow from its knobs (`CompactKnobs.array_specs`)."""
-    if target_format not in TARGET_FORMATS:
-        raise ValueError(f"unknown target format {target_format!r}; choose one of {', '.join(TARGET_FORMATS)}")
-    coded = "int8" if target_format == "int8" else "float16"
-    dtypes = {VIEW_PARAMS_ARRAY: "float32", "global": "float16", "local": coded, "mask": "float16",
-              "relation": coded}
-    if target_format == "int8":
-        dtypes.update(local_scale="float32", relation_scale="float32")
-    return dtypes
+# Store array -> Targets field (= distill_step_losses argument); int8 stores hold every one.
+_FIELDS = array_fields("int8")
 
 
 @dataclass(frozen=True)
@@ -65,7 +48,9 @@ class Targets:
     def encode(cls, *, global_: torch.Tensor, local: torch.Tensor, mask: torch.Tensor, relation: torch.Tensor,
                target_format: str) -> "Targets":
         """Float teacher outputs -> the coding of `target_format` (on their device)."""
-        array_dtypes(target_format)  # refuses an unknown format
+        if target_format not in ("float16", "int8"):
+            raise ValueError(f"{target_format!r} is not coded by Targets.encode (float16 or int8; compact: "
+                             f"CompactCoding.encode)")
         if target_format == "int8":
             (local, local_scale), (relation, relation_scale) = quantize_rows(local), quantize_relation(relation)
         else:
@@ -74,12 +59,13 @@ class Targets:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, torch.Tensor | np.ndarray]) -> "Targets":
-        """Store arrays (names as `STORE_ARRAYS`; others, such as the view records, ignored) -> Targets."""
-        return cls(**{field: torch.as_tensor(arrays[name]) for field, name in STORE_ARRAYS.items() if name in arrays})
+        """Store arrays (named as the schema's table names them; others, such as the view records, ignored)
+        -> Targets."""
+        return cls(**{field: torch.as_tensor(arrays[name]) for name, field in _FIELDS.items() if name in arrays})
 
     def arrays(self) -> dict[str, torch.Tensor]:
         """The store arrays holding these targets (no entry for an absent scale)."""
-        return {STORE_ARRAYS[name]: value for name, value in self.loss_arguments().items()}
+        return {name: getattr(self, field) for name, field in _FIELDS.items() if getattr(self, field) is not None}
 
     def loss_arguments(self) -> dict[str, torch.Tensor]:
         """Keyword arguments of `distill_step_losses` (no entry for an absent scale)."""
@@ -97,52 +83,6 @@ class Targets:
 
 
 # ---------------------------------------------------------------------------------------------- compact
-
-
-@dataclass(frozen=True)
-class CompactKnobs:
-    """What a compact store keeps: `token_rank` basis coefficients per local token in `token_bits` (8: int8
-    with a scale per token, 16: float16); of each relation row its `relation_k` largest entries (all, in
-    column order, when k is the crowd token count; else their columns and the mass of the others) in
-    `relation_bits` (4 or 8: log-domain codes with a scale per row, 16: float16 probabilities). At rank =
-    width, k = crowd tokens and 16 bits nothing is dropped (float16 rounding only)."""
-
-    token_rank: int
-    token_bits: int
-    relation_k: int
-    relation_bits: int
-
-    def problem(self, *, width: int, crowd_tokens: int) -> str | None:
-        """None, or one line naming the knob out of range and the range accepted for this teacher."""
-        if not 1 <= self.token_rank <= width:
-            return f"token rank {self.token_rank} is out of range: must be 1..{width} (the teacher's token width)"
-        if not 1 <= self.relation_k <= crowd_tokens:
-            return (f"relation k {self.relation_k} is out of range: must be 1..{crowd_tokens} (the crowd view's "
-                    f"token count)")
-        if self.token_bits not in TOKEN_BITS:
-            return f"token bits {self.token_bits} is not accepted: choose one of {', '.join(map(str, TOKEN_BITS))}"
-        if self.relation_bits not in RELATION_BITS:
-            return (f"relation bits {self.relation_bits} is not accepted: choose one of "
-                    f"{', '.join(map(str, RELATION_BITS))}")
-        return None
-
-    def array_specs(self, *, tokens: int, crowd_tokens: int) -> dict[str, tuple[tuple[int, ...], str]]:
-        """The coded arrays (name -> shape after [I, K], dtype); global, mask and view records are as in every
-        format."""
-        specs = {"local": ((tokens, self.token_rank), "int8" if self.token_bits == 8 else "float16")}
-        if self.token_bits == 8:
-            specs["local_scale"] = ((tokens,), "float32")
-        width = -(-self.relation_k // 2) if self.relation_bits == 4 else self.relation_k  # 4 bits: two per byte
-        specs["relation"] = ((crowd_tokens, width), {4: "uint8", 8: "int8", 16: "float16"}[self.relation_bits])
-        if self.relation_bits < 16:
-            specs["relation_scale"] = ((crowd_tokens,), "float32")
-        if self.relation_k < crowd_tokens:
-            specs[RELATION_INDEX_ARRAY] = ((crowd_tokens, self.relation_k), "int16")
-            specs[RELATION_REST_ARRAY] = ((crowd_tokens,), "float32")
-        return specs
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def quantize_log4(probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,6 +154,9 @@ class TokenBasis:
             self.mean.to(device), self.rows.to(device), self.scales.to(device))
 
 
+_COMPACT_FIELDS = array_fields("compact")  # store array -> CompactTargets field
+
+
 @dataclass(frozen=True)
 class CompactTargets:
     """A batch of compact targets as stored (one field per store array), with the coding that reads them."""
@@ -228,15 +171,12 @@ class CompactTargets:
     relation_index: torch.Tensor | None = None  # [B, Nc, k] int16: their columns (k < Nc)
     relation_rest: torch.Tensor | None = None  # [B, Nc] float32: the mass outside them, spread evenly (k < Nc)
 
-    _ARRAYS = {"global_target": "global", "local_mask": "mask", "local_codes": "local", "relation_values": "relation",
-               "local_scale": "local_scale", "relation_scale": "relation_scale",
-               "relation_index": RELATION_INDEX_ARRAY, "relation_rest": RELATION_REST_ARRAY}
-
     def arrays(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, field) for field, name in self._ARRAYS.items() if getattr(self, field) is not None}
+        return {name: getattr(self, field) for name, field in _COMPACT_FIELDS.items()
+                if getattr(self, field) is not None}
 
     def to(self, device: torch.device, *, non_blocking: bool = False) -> "CompactTargets":
-        moved = {field: getattr(self, field).to(device, non_blocking=non_blocking) for field in self._ARRAYS
+        moved = {field: getattr(self, field).to(device, non_blocking=non_blocking) for field in _COMPACT_FIELDS.values()
                  if getattr(self, field) is not None}
         return CompactTargets(**moved, coding=self.coding)
 
@@ -294,7 +234,7 @@ class CompactCoding:
                               index, rest)
 
     def read(self, arrays: dict) -> CompactTargets:
-        return CompactTargets(**{field: torch.as_tensor(arrays[name]) for field, name in CompactTargets._ARRAYS.items()
+        return CompactTargets(**{field: torch.as_tensor(arrays[name]) for name, field in _COMPACT_FIELDS.items()
                                  if name in arrays}, coding=self)
 
 

@@ -4,7 +4,8 @@ A view record (`dpal.views`) holds every random decision of a view; this module 
 image gets and from which seeded stream, so that the cache stage, `verify` and the trainer draw the same ones:
 - the cache stage stores K view sets per image, drawn from a generator seeded by (seed, image index) alone,
   so a shard's records do not depend on how the work is split, resumed or distributed (`verify` redraws them
-  and compares); its shape mask is calibrated on the first set of a seeded sample of images;
+  and compares); its shape mask is calibrated on the first set of a seeded sample of images
+  (`calibration_indices`), and so is the online baseline's (`formats.teacher_side`);
 - the trainer reads one stored set per block and epoch, and draws fresh local crops (and, in the online
   baseline, fresh view sets) per global micro-batch from (seed, stream, epoch, micro-batch): every rank draws
   the whole global micro-batch and keeps its slice, so N ranks see what one process sees;
@@ -95,9 +96,3 @@ def evaluation_local_crops(store_seed: int, image_index: int, view_set: int, cfg
     a store cached with `store_seed`: fixed, so that every evaluation of the store sees the same views."""
     return sample_local_crops(_stream_generator(store_seed, EVALUATION_LOCAL_CROP_STREAM, image_index,
                                                      view_set), 1, cfg)
-
-
-def online_calibration_view_params(seed: int, count: int, num_backgrounds: int, cfg: ViewConfig) -> torch.Tensor:
-    """One view set for each of the first `count` images: the online baseline's shape-mask calibration, the
-    same on every rank and every resume."""
-    return sample_view_sets(torch.Generator().manual_seed(seed), count, num_backgrounds=num_backgrounds, cfg=cfg)

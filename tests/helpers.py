@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpal.config import ViewConfig
+from dpal.config import TeacherSpec, ViewConfig
+from dpal.recipes import TEACHERS
+
+# A two-block ViT teacher on PATH-B's code path (released-layout checkpoint, load_teacher, render, targets) at a
+# fraction of its CPU time; the commands take it through their `teachers` argument.
+TINY = TeacherSpec("tiny-vit", "vit", "vit_base_patch16_224", width=32, depth=2, num_heads=2, patch_size=16,
+                   token_stride=16, has_cls=True)
+TEACHERS_WITH_TINY = dict(TEACHERS, **{TINY.name: TINY})
 
 # Small view sizes: every step of the view pipeline at a fraction of the recipe's cost.
 SMALL = ViewConfig(global_size=(32, 16), local_size=(16, 12), crowd_size=(32, 32), paste_y=(0, 14),

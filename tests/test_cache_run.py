@@ -22,17 +22,14 @@ import torch
 from cache_teacher.__main__ import main
 from cache_teacher.run import RunConfig, RunError, cached_views, run
 from cache_teacher.verify import info, verify
-from dpal.config import TeacherSpec, ViewConfig
-from dpal.recipes import RECIPES, TEACHERS
+from dpal.config import ViewConfig
+from dpal.recipes import RECIPES
 from dpal.teachers import build_teacher, release_checkpoint
 from dpal.views import VIEW_SET_FIELDS
 from formats.images import ImageFile
 from formats.store import StoreError, open_store
-from helpers import two_node_launcher, write_packed_inputs
+from helpers import TEACHERS_WITH_TINY, TINY, two_node_launcher, write_packed_inputs
 
-TINY = TeacherSpec("tiny-vit", "vit", "vit_base_patch16_224", width=32, depth=2, num_heads=2, patch_size=16,
-                   token_stride=16, has_cls=True)
-TEACHERS_WITH_TINY = dict(TEACHERS, **{TINY.name: TINY})
 NUM_IMAGES = 10
 # The CLI with the tiny teacher registered, for real subprocesses (plain python and torchrun).
 CLI_SCRIPT = f"""

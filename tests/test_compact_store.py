@@ -14,18 +14,14 @@ from cache_teacher.__main__ import main
 from cache_teacher.fidelity import FIGURES, student_probe
 from cache_teacher.run import RunConfig, RunError, run
 from cache_teacher.verify import info, verify
-from dpal.config import TeacherSpec
 from dpal.distill import distill_step_losses
-from dpal.recipes import TEACHERS
 from formats.store import TOKEN_BASIS_FILE, StoreError, open_store
 from formats.targets import CompactTargets, TokenBasis
-from train_student.data import BackgroundPool, FeedBatch, FeedPlan, TargetPrefetcher
+from formats.teacher_side import BackgroundPool
+from train_student.data import FeedBatch, FeedPlan, TargetPrefetcher
 from train_student.step import CachedTargets
-from helpers import write_packed_inputs
+from helpers import TEACHERS_WITH_TINY, TINY, write_packed_inputs
 
-TINY = TeacherSpec("tiny-vit", "vit", "vit_base_patch16_224", width=32, depth=2, num_heads=2, patch_size=16,
-                   token_stride=16, has_cls=True)
-TEACHERS_WITH_TINY = dict(TEACHERS, **{TINY.name: TINY})
 NUM_IMAGES = 4
 CROWD_TOKENS = 257
 LOSSLESS = dict(target_format="compact", token_rank=TINY.width, token_bits=16, relation_k=CROWD_TOKENS,

@@ -11,7 +11,9 @@ from dpal.config import TeacherSpec, ViewConfig
 from dpal.losses import dequantize_rows, quantize_rows
 from dpal.recipes import TEACHERS, get_recipe
 from dpal.views import VIEW_PARAMS_VERSION
+from formats.targets import CompactTargets, Targets
 from formats.run_spec import spec_dict
+from formats.schema import CompactKnobs, array_fields
 from formats.store import (ATTRS_KEY, MIN_CHUNK_BYTES, SPEC_VERSION, STORE_FORMAT_VERSION, StoreError, StoreWriter,
                            open_store, plan_layout)
 
@@ -42,6 +44,37 @@ def test_bad_layout_arguments():
     with pytest.raises(StoreError, match="multiple of chunk_images"):
         plan_layout(SMALL, ViewConfig(), num_images=4, views_per_image=1, view_fields=57, target_format="int8",
                     chunk_images=2, shard_images=3)
+
+
+# A store's arrays in the order it lists them (marker files name them in it), as store format 5 writes them for
+# PATH-B (768 wide, 128 patch tokens, 257 crowd tokens; 57 record fields, as in the tests above).
+PATH_B_ARRAYS = {
+    "float16": [("view_params", (57,), "float32"), ("global", (768,), "float16"), ("local", (128, 768), "float16"),
+                ("mask", (128,), "float16"), ("relation", (257, 257), "float16")],
+    "int8": [("view_params", (57,), "float32"), ("global", (768,), "float16"), ("local", (128, 768), "int8"),
+             ("mask", (128,), "float16"), ("relation", (257, 257), "int8"), ("local_scale", (128,), "float32"),
+             ("relation_scale", (257,), "float32")],
+    "compact": [("view_params", (57,), "float32"), ("global", (768,), "float16"), ("mask", (128,), "float16"),
+                ("local", (128, 96), "int8"), ("local_scale", (128,), "float32"), ("relation", (257, 33), "uint8"),
+                ("relation_scale", (257,), "float32"), ("relation_index", (257, 65), "int16"),
+                ("relation_rest", (257,), "float32")],
+}
+
+
+@pytest.mark.parametrize("target_format", list(PATH_B_ARRAYS))
+def test_the_schema_table_lays_out_the_arrays_of_store_format_5(target_format):
+    layout = plan_layout(TEACHERS["path-b"], ViewConfig(), num_images=8, views_per_image=2, view_fields=57,
+                         target_format=target_format,
+                         compact=CompactKnobs(96, 8, 65, 4) if target_format == "compact" else None)
+    assert [(name, shape, dtype) for name, (shape, dtype) in layout.array_specs().items()] == \
+        PATH_B_ARRAYS[target_format]
+
+
+def test_every_field_the_table_names_is_a_field_of_its_coding():
+    assert set(array_fields("int8").values()) == {"global_target", "local_target", "local_mask", "relation_target",
+                                                   "local_scale", "relation_scale"} == set(Targets.__annotations__)
+    assert set(array_fields("float16").values()) < set(array_fields("int8").values())
+    assert set(array_fields("compact").values()) == set(CompactTargets.__annotations__) - {"coding"}
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (2, 7, 257), (1, 1)])

@@ -7,7 +7,8 @@ import sys
 
 from dpal.errors import file_problem
 from dpal.recipes import RECIPES
-from formats.cli import DEFAULT_CALIBRATION_IMAGES, add_teacher_option_arguments
+from formats.cli import add_teacher_option_arguments
+from formats.schema import DEFAULT_CALIBRATION_IMAGES
 from kernels import select_interpreter
 from runtime.arguments import NON_NEGATIVE, POSITIVE, SEED, real, worker_count
 from runtime.cli import (ConfigError, add_config_arguments, config_text, parse_with_config, read_config_file,

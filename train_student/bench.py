@@ -21,7 +21,8 @@ import os
 import time
 from pathlib import Path
 
-from formats.cli import DEFAULT_CALIBRATION_IMAGES, add_teacher_option_arguments, parse_teacher_options
+from formats.cli import add_teacher_option_arguments, parse_teacher_options
+from formats.schema import DEFAULT_CALIBRATION_IMAGES
 from kernels import select_interpreter
 from runtime.arguments import NON_NEGATIVE, POSITIVE, usable_cores, worker_count
 from runtime.cli import ConfigError
@@ -164,8 +165,7 @@ def training_step_rates(args, recipe, store, backgrounds, plan, device, batch: i
     from formats.images import ImageFile
     from train_student.data import CachedFeed, OnlineFeed
     from train_student.prefetch import render_ahead
-    from train_student.step import (CachedTargets, OnlineTeacher, build_distiller, fit_online_mask_calibration,
-                                    make_autocast)
+    from train_student.step import CachedTargets, OnlineTeacher, build_distiller
 
     total = args.warmup_steps + args.steps
     cached_feed = CachedFeed(args.images, store, backgrounds, plan, recipe.views, workers=args.workers,
@@ -191,9 +191,8 @@ def training_step_rates(args, recipe, store, backgrounds, plan, device, batch: i
         live_rate = timed_steps(model, optimizer, ema, live, source, recipe, device, args.warmup_steps)
     step_seconds = batch / result[f"{last}staged_step_samples_per_s"]
     teacher = load_teacher(recipe.teacher.name, args.teacher_weights, **args.teacher_options).to(device)
-    calibration = fit_online_mask_calibration(teacher, args.images, backgrounds, recipe, device,
-                                              count=args.calibration_images, seed=0, batch=batch)
-    online = OnlineTeacher(teacher, calibration, make_autocast(device, recipe.optim))
+    online = OnlineTeacher.calibrated(teacher, args.images, backgrounds, recipe.views, device,
+                                      count=args.calibration_images, seed=0, batch=batch)
     with render_ahead(iter(online_batches), recipe.views, device, online) as ahead:
         online_rate = timed_steps(model, optimizer, ema, ahead, online, recipe, device, args.warmup_steps)
     cached_rate = result[f"{last}cached_step_samples_per_s"]
@@ -233,8 +232,9 @@ def bench(args: argparse.Namespace) -> None:
     from dpal.errors import UserError
     from formats.images import images_fingerprint
     from formats.store import open_store
+    from formats.teacher_side import BackgroundPool
     import kernels
-    from train_student.data import BackgroundPool, CachedFeed, FeedPlan, compute_threads, default_workers
+    from train_student.data import CachedFeed, FeedPlan, compute_threads, default_workers
     from runtime.distributed import setup_distributed
 
     kernels.register()  # the fused ops for CUDA tensors, as training runs them

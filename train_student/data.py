@@ -36,10 +36,11 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from dpal.config import ViewConfig
 from dpal.errors import UserError
-from dpal.views import background_indices
 from formats import view_records
 from formats.images import ImageFile, image_pipelines, unflatten_images
-from formats.targets import VIEW_PARAMS_ARRAY, CompactTargets, Targets
+from formats.schema import VIEW_PARAMS_ARRAY
+from formats.targets import CompactTargets, Targets
+from formats.teacher_side import BackgroundPool
 from runtime.arguments import usable_cores
 from train_student.spec import training_on_cpu
 
@@ -136,35 +137,6 @@ class PlannedOrder(TraversalOrder):
         if self.resume_at is not None and self.resume_at[0] == epoch:
             order = order[self.resume_at[1] * self.plan.micro_batch:]
         return order
-
-
-class BackgroundPool:
-    """Decoded background images by pool index (`pool[index]`, the background pool `render_view_sets` takes);
-    all kept decoded when they fit `cache_bytes`."""
-
-    def __init__(self, path, cache_bytes: int = 2 << 30):
-        self.file = ImageFile(path)
-        decoded_bytes = int((self.file.heights * self.file.widths * 3).sum())
-        self._cache: dict[int, torch.Tensor] | None = {} if decoded_bytes <= cache_bytes else None
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return self.file.num_images
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        if self._cache is not None and index in self._cache:
-            return self._cache[index]
-        image = torch.from_numpy(self.file.image(index))
-        if self._cache is not None:
-            with self._lock:
-                self._cache[index] = image
-        return image
-
-    def used_by(self, view_params: torch.Tensor) -> dict[int, torch.Tensor]:
-        """The decoded entries the view set records name, by pool index (each once)."""
-        return {index: self[index] for index in background_indices(view_params).tolist()}
 
 
 class FeedPairingError(UserError):

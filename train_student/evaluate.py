@@ -67,8 +67,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     import kernels
     from dpal.pairs import resolve_recipe
     from dpal.students import load_student, read_student_config
+    from formats.teacher_side import BackgroundPool
     from train_student.checkpoint import CHECKPOINT_NAME, RUN_CONFIG_NAME
-    from train_student.data import BackgroundPool
     from train_student.metrics import LOSS_COLUMNS
     from runtime.distributed import setup_distributed
     from train_student.step import Distiller, make_autocast

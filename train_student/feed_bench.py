@@ -68,7 +68,8 @@ def measure(store_path: str, backgrounds_path: str, *, batch_size: int, batches:
     import torch
 
     from formats.store import open_store
-    from train_student.data import BackgroundPool, FeedBatch
+    from formats.teacher_side import BackgroundPool
+    from train_student.data import FeedBatch
     from train_student.step import CachedTargets
 
     store, backgrounds = open_store(store_path), BackgroundPool(backgrounds_path)

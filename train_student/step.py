@@ -26,21 +26,18 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from dpal.config import OptimConfig, Recipe, token_counts
+from dpal.config import OptimConfig, Recipe, ViewConfig
 from dpal.decoder import DynamicPatternDecoder
 from dpal.distill import distill_step_losses
 from dpal.errors import UserError
 from dpal.losses import LossTerms
-from dpal.shape_mask import ShapeMaskCalibration, fit_shape_mask, shape_mask
+from dpal.shape_mask import ShapeMaskCalibration
 from dpal.students import build_student, load_initial_weights
-from dpal.teachers import global_view_targets, teacher_targets
-from dpal.views import render_view_sets
 from formats.images import ImageFile
-from formats.targets import Targets
-from formats.view_records import online_calibration_view_params
+from formats.teacher_side import ONLINE_CALIBRATION_VIEWS_PER_IMAGE, BackgroundPool, TeacherSide
 from runtime.ahead import HostCopy
 from runtime.cli import note_adjusted
-from train_student.data import BackgroundPool, FeedBatch
+from train_student.data import FeedBatch
 
 
 class TrainingError(UserError):
@@ -129,39 +126,32 @@ class CachedTargets:
 
 
 class OnlineTeacher:
-    """The baseline without a store: the teacher runs on each step's views (under the step's autocast)."""
+    """The baseline without a store: the teacher runs on each step's views, and its targets are what a store
+    of these view sets would hold before coding (`formats.teacher_side`: same precision, mask and calibration
+    rule as the cache)."""
 
-    def __init__(self, teacher: torch.nn.Module, mask_calibration: ShapeMaskCalibration, autocast):
-        self.teacher, self.mask_calibration, self.autocast = teacher, mask_calibration, autocast
+    def __init__(self, side: TeacherSide, mask_calibration: ShapeMaskCalibration):
+        self.side, self.mask_calibration = side, mask_calibration
+
+    @classmethod
+    def calibrated(cls, teacher, images_path, backgrounds: BackgroundPool, views: ViewConfig, device: torch.device,
+                   *, count: int, seed: int, batch: int) -> "OnlineTeacher":
+        """The baseline with its shape mask fitted once, as a one-view-set store of seed `seed` on these images
+        would fit it, so that every rank and every resume uses the same one."""
+        image_file = ImageFile(images_path)
+        note_adjusted("--calibration-images", count, min(count, image_file.num_images),
+                      f"{images_path} holds {image_file.num_images} images")
+        side = TeacherSide(teacher, backgrounds, views, device, batch)
+        calibration, _, _ = side.fit_calibration(image_file, num_images=image_file.num_images, count=count, seed=seed,
+                                                 views_per_image=ONLINE_CALIBRATION_VIEWS_PER_IMAGE)
+        return cls(side, calibration)
 
     def stage(self, batch, device):
         return {}
 
     def targets(self, views, staged):
-        with torch.no_grad(), self.autocast:
-            out = teacher_targets(self.teacher, views["global_view"], views["crowd_view"])
-        return Targets(global_target=out.global_, local_target=out.local, relation_target=out.relation,
-                       local_mask=shape_mask(out.local.float(), self.mask_calibration)).loss_arguments()
-
-
-def fit_online_mask_calibration(teacher, images_path, backgrounds: BackgroundPool, recipe: Recipe,
-                                device: torch.device, *, count: int, seed: int, batch: int) -> ShapeMaskCalibration:
-    """Shape-mask calibration for the online baseline, fitted once on the teacher's global-view tokens of
-    the first `count` images (fixed view sets), so that every rank and every resume uses the same one."""
-    image_file = ImageFile(images_path)
-    note_adjusted("--calibration-images", count, min(count, image_file.num_images),
-                  f"{images_path} holds {image_file.num_images} images")
-    count = min(count, image_file.num_images)
-    params = online_calibration_view_params(seed, count, len(backgrounds), recipe.views)
-    tokens = []
-    autocast = make_autocast(device, recipe.optim)
-    for start in range(0, count, batch):
-        chunk = params[start:start + batch]
-        images = [torch.from_numpy(image_file.image(i)) for i in range(start, start + len(chunk))]
-        views = render_view_sets(images, backgrounds, chunk, recipe.views, device=device)
-        with torch.no_grad(), autocast:
-            tokens.append(global_view_targets(teacher, views.global_view)[1].cpu())
-    return fit_shape_mask(torch.cat(tokens), token_counts(recipe.teacher, recipe.views)[0])
+        out = self.side.run_teacher(views["global_view"], views["crowd_view"])
+        return self.side.float_targets(out, self.mask_calibration).loss_arguments()
 
 
 # -------------------------------------------------------------------------------------- the step

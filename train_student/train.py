@@ -37,6 +37,7 @@ from dpal.views import STALE_VIEW_RECORDS, VIEW_PARAMS_VERSION
 from formats.images import ImageFile, check_images, images_fingerprint
 from formats.run_spec import spec_dict
 from formats.store import StoreError, file_sha256, integrity_problems, open_store, repair_hint
+from formats.teacher_side import BackgroundPool
 from formats.view_records import describe_view_set_reuse
 import kernels
 from runtime.ahead import HostCopy
@@ -45,13 +46,13 @@ from runtime.distributed import setup_distributed
 from train_student.checkpoint import (CHECKPOINT_NAME, RUN_CONFIG_NAME, claim_run_folder, keep_step_copy,
                                       load_checkpoint, recorded_compute_threads, recorded_run_id, rng_state,
                                       save_checkpoint, set_rng_state)
-from train_student.data import BackgroundPool, CachedFeed, FeedPlan, OnlineFeed, compute_threads
+from train_student.data import CachedFeed, FeedPlan, OnlineFeed, compute_threads
 from train_student.export import write_exports
 from train_student.metrics import LOSS_PLOT, METRICS_CSV, MetricsLog, plot_losses
 from train_student.prefetch import render_ahead
 from train_student.spec import TrainSpec
-from train_student.step import (CachedTargets, OnlineTeacher, TrainingError, build_distiller,
-                                fit_online_mask_calibration, forward_backward, make_autocast, optimizer_step)
+from train_student.step import (CachedTargets, OnlineTeacher, TrainingError, build_distiller, forward_backward,
+                                make_autocast, optimizer_step)
 from train_student.validation import (Validation, online_teacher, open_validation_store, store_teacher,
                                       validation_record)
 
@@ -295,9 +296,8 @@ def _train(spec: TrainSpec, held: ExitStack) -> Path:
     pin = device.type == "cuda"
     if spec.teacher_online:
         feed = OnlineFeed(spec.images, backgrounds, plan, recipe.views, workers=spec.workers)
-        source = OnlineTeacher(teacher, fit_online_mask_calibration(teacher, spec.images, backgrounds, recipe, device,
-                                                                    count=spec.calibration_images, seed=spec.seed,
-                                                                    batch=micro_batch), autocast)
+        source = OnlineTeacher.calibrated(teacher, spec.images, backgrounds, recipe.views, device,
+                                          count=spec.calibration_images, seed=spec.seed, batch=micro_batch)
     else:
         feed = CachedFeed(spec.images, store, backgrounds, plan, recipe.views, workers=spec.workers, pin=pin)
         source = CachedTargets()

@@ -28,9 +28,10 @@ from dpal.errors import UserError
 from dpal.views import render_local_crops, render_view_sets
 from formats.images import ImageFile, images_fingerprint
 from formats.store import TargetStore, describe_differences, file_sha256, open_store
-from formats.targets import VIEW_PARAMS_ARRAY, Targets
+from formats.schema import VIEW_PARAMS_ARRAY
+from formats.targets import Targets
+from formats.teacher_side import BackgroundPool, teacher_precision
 from formats.view_records import evaluation_local_crops
-from train_student.data import BackgroundPool
 
 # What makes two stores targets of the same teacher (beside the recipe's teacher, checked by check_compatible).
 TEACHER_KEYS = ("checkpoint_sha256", "teacher_options", "teacher_precision")
@@ -47,10 +48,10 @@ def store_teacher(attrs: dict) -> dict:
 
 def online_teacher(weights, options: dict, device: torch.device | None) -> dict:
     """The teacher identity of an online-teacher run: its checkpoint, load options and, when the training
-    device is known, its autocast precision."""
+    device is known, its precision (`formats.teacher_side.teacher_precision`)."""
     identity = {"checkpoint_sha256": file_sha256(weights), "teacher_options": options}
     if device is not None:
-        identity["teacher_precision"] = "bfloat16" if device.type == "cuda" else "float32"
+        identity["teacher_precision"] = teacher_precision(device)
     return identity
 
 
