@@ -19,8 +19,9 @@ def restored_op_table():
     in-process registers the fused ops) is undone after it."""
     from dpal import dispatch
 
+    # Copies of the module tables: a thread a test left running may still import into them.
     ops = [value for name, module in list(sys.modules.items()) if name.startswith("dpal.")
-           for value in vars(module).values() if isinstance(value, dispatch.Op)]
+           for value in list(vars(module).values()) if isinstance(value, dispatch.Op)]
     saved = [(op, dict(op.implementations)) for op in ops], dispatch.reference_forced()
     yield
     for op, implementations in saved[0]:

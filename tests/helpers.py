@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,13 @@ class RefAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1)
         return self.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a test's rendezvous: fixed ports collide when test runs overlap."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def two_node_launcher(port: int, run_id: str) -> list[str]:

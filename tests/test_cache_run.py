@@ -28,7 +28,7 @@ from dpal.teachers import build_teacher, release_checkpoint
 from dpal.views import VIEW_SET_FIELDS
 from formats.images import ImageFile
 from formats.store import StoreError, open_store
-from helpers import TEACHERS_WITH_TINY, TINY, two_node_launcher, write_packed_inputs
+from helpers import TEACHERS_WITH_TINY, TINY, free_port, two_node_launcher, write_packed_inputs
 
 NUM_IMAGES = 10
 # The CLI with the tiny teacher registered, for real subprocesses (plain python and torchrun).
@@ -133,7 +133,7 @@ def test_two_rank_torchrun_equals_one_process(inputs, reference):
     cfg = _config(inputs, "ranks.zarr")
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533",
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
                              str(inputs / "cli.py"), *_cli_args(cfg)], capture_output=True, text=True, timeout=300,
                             env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -446,7 +446,7 @@ def two_node_torchrun(port: int, command: list[str], env: dict, timeout: float =
 @pytest.mark.e2e
 def test_two_nodes_write_the_same_store_as_one_process(inputs, reference):
     cfg = _config(inputs, "two-nodes.zarr")
-    nodes = two_node_torchrun(29541, [str(inputs / "cli.py"), *_cli_args(cfg)], dict(os.environ, OMP_NUM_THREADS="1"))
+    nodes = two_node_torchrun(free_port(), [str(inputs / "cli.py"), *_cli_args(cfg)], dict(os.environ, OMP_NUM_THREADS="1"))
     for node in nodes:
         assert node.returncode == 0, node.stderr[-3000:]
     markers = [json.loads(p.read_text()) for p in sorted((Path(cfg.out) / "dpal_progress").glob("*.json"))]

@@ -18,7 +18,7 @@ import torch
 import zarr
 
 from runtime.arguments import usable_cores
-from helpers import can_mount_tmpfs, pack_demo_data, two_node_launcher
+from helpers import can_mount_tmpfs, free_port, pack_demo_data, two_node_launcher
 from train_student.__main__ import main
 from train_student.metrics import LOSS_COLUMNS, read_metrics
 
@@ -204,7 +204,7 @@ def test_killed_run_resumes_to_the_same_losses(artefacts, reference_run):
 def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(artefacts, reference_run):
     out = artefacts["root"] / "ddp"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "train_student",
+                           "--master_port", str(free_port()), "-m", "train_student",
                            *_train_args(artefacts, out, "--device", "cpu")],
                           env=TRAIN_ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -565,7 +565,7 @@ def test_two_nodes_stop_together_on_one_nodes_sigterm_and_match_one_process(arte
     the checkpoint; the two-node resume then gives the one-process losses at the same global batch."""
     out = artefacts["root"] / "two-nodes"
     for attempt, resume in enumerate(([], ["--resume"])):
-        command = two_node_launcher(29561, f"two-nodes-{attempt}") + [
+        command = two_node_launcher(free_port(), f"two-nodes-{attempt}") + [
             "-m", "train_student", *_train_args(artefacts, out, "--device", "cpu", *resume)]
         first = subprocess.Popen(command, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(2)  # the first launcher hosts the rendezvous store; the second node is the one preempted
