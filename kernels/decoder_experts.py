@@ -25,9 +25,9 @@ Backward, with dW = dL/dW_b + 2 weight / B * dloss * W_b:
 Pass 1 cannot be folded into pass 2: every du_e needs A_e, a sum over all M columns of a product with dW,
 which exists only in backward. Pass 2 gives each program a column tile and every row block, so its column
 sums are reduced across rows once. du exists only one column chunk at a time (at most
-`_DU_CHUNK_ELEMENTS` values) and is consumed by two cuBLAS GEMMs (dq += du W_chunk, split along the chunk's
-columns so that its few output tiles fill the GPU (`k_splits`); dW_expert[chunk] = du^T q) before the next
-chunk is made.
+`_DU_CHUNK_ELEMENTS` values) and is consumed by two cuBLAS GEMMs (dq's products over slices of the chunk's
+columns, so that its few output tiles fill the GPU (`k_splits`), kept and summed once after the last chunk;
+dW_expert[chunk] = du^T q) before the next chunk is made.
 
 GELU is the exact (erf) one, evaluated once per element per pass, GELU and GELU' from one evaluation of
 the normal tail (see `_normal_tail`).
@@ -36,7 +36,8 @@ The output stage is a batched cuBLAS GEMM z = h @ W_b and a fused GELU + LayerNo
 recomputes z (one GEMM) rather than keeping [B, L, D_o] alive, and overwrites it with dz in place.
 
 Memory kept from forward to backward: W_b [B, D*D_o], the compute-dtype expert weight when the parameter
-is float32, and [B, P] statistics, beyond the inputs.
+is float32, and [B, P] statistics, beyond the inputs. Backward adds the du chunk and dq's slice products
+([slices, B*P, D] in the compute dtype, slices = the chunks' `k_splits` summed).
 """
 from __future__ import annotations
 
@@ -589,15 +590,14 @@ def k_splits(rows: int, inner: int, columns: int, sm_count: int | None) -> int:
     return splits
 
 
-def _add_split_k_product(total: torch.Tensor, du: torch.Tensor, weight: torch.Tensor, sm_count: int | None) -> None:
-    """total (float32) += du @ weight, as one batched GEMM over `k_splits` slices of the inner dimension whose
-    products are summed in float32."""
-    splits = k_splits(du.shape[0], du.shape[1], weight.shape[1], sm_count)
+def _split_k_products(du: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """The products of du @ weight over len(out) slices of the inner dimension, into out [slices, rows,
+    columns]: one batched GEMM (their sum is du @ weight)."""
+    splits = out.shape[0]
     if splits == 1:
-        total += du @ weight
-        return
-    parts = torch.bmm(du.unflatten(1, (splits, -1)).transpose(0, 1), weight.unflatten(0, (splits, -1)))
-    total += parts.sum(0, dtype=torch.float32)
+        torch.mm(du, weight, out=out[0])
+    else:
+        torch.bmm(du.unflatten(1, (splits, -1)).transpose(0, 1), weight.unflatten(0, (splits, -1)), out=out)
 
 
 # GELU + LayerNorm row kernels: blocks of ROW_BLOCK rows, one row per warp up to D_o = 768 (24 values per
@@ -772,19 +772,29 @@ def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queri
                      grad_scores_ptr=grad_scores, **row_constants)
 
     d_gamma, d_beta, d_bias = (torch.empty(features, **f32) for _ in range(3))
-    grad_queries = torch.zeros(batch * patterns, dim, **f32)
     grad_weight = torch.empty(features, dim, device=queries.device, dtype=weight_dtype)
-    q_rows = queries.view(batch * patterns, dim)
+    rows = batch * patterns
+    q_rows = queries.view(rows, dim)
     chunk = grad_launches[0].scalars["du_row_stride"]
-    du = torch.empty(batch * patterns, chunk, device=queries.device, dtype=queries.dtype)
-    for grad_launch in grad_launches:
+    du = torch.empty(rows, chunk, device=queries.device, dtype=queries.dtype)
+    # dq = du W as products over slices of M (each chunk's columns in `k_splits` slices, so that the GEMMs'
+    # few output tiles fill the GPU), summed once after the last chunk.
+    sm_count = multiprocessors(queries.device)
+    splits = [k_splits(rows, launch.scalars["m_stop"] - launch.scalars["m_start"], dim, sm_count)
+              for launch in grad_launches]
+    dq_products = torch.empty(sum(splits), rows, dim, device=queries.device, dtype=queries.dtype)
+    first_slice = 0
+    for grad_launch, chunk_splits in zip(grad_launches, splits):
         m_start, m_stop = grad_launch.scalars["m_start"], grad_launch.scalars["m_stop"]
         du_chunk = du[:, :m_stop - m_start]
         grad_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, gamma_ptr=norm_weight,
                     grad_ptr=grad_mixed, mixed_ptr=mixed, grad_loss_ptr=grad_loss, **row_constants,
                     du_ptr=du_chunk, d_gamma_ptr=d_gamma, d_beta_ptr=d_beta, d_bias_ptr=d_bias)
-        _add_split_k_product(grad_queries, du_chunk, weight_compute[m_start:m_stop], multiprocessors(queries.device))
+        _split_k_products(du_chunk, weight_compute[m_start:m_stop],
+                          dq_products[first_slice:first_slice + chunk_splits])
+        first_slice += chunk_splits
         grad_weight[m_start:m_stop] = du_chunk.t() @ q_rows
+    grad_queries = dq_products.sum(0, dtype=torch.float32)
     return (grad_queries.view_as(queries).to(queries.dtype), grad_scores, grad_weight,
             d_bias.to(bias.dtype), d_gamma.to(norm_weight.dtype), d_beta.to(norm_bias.dtype))
 
