@@ -51,6 +51,7 @@ def test_sweep_catches_spills_and_missing_wgmma():
         launches = []
         for config in (spilling, narrow):
             relation_loss.PINNED_CONFIGS[("fwd", 257, 768, "bf16")] = config
+            relation_loss.launch_plan.cache_clear()  # planned once per shape: plan again with this config
             launches.append(relation_launches(256, 257, 768, "bf16", "int8")[0])
         for row in run(launches, workers=2):
             print(row.config, "|", "; ".join(row.problems))
