@@ -29,9 +29,11 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
+import torch
 import triton
 
 from dpal.config import DecoderSpec
+from dpal.decoder import LAYER_NORM_EPS
 from kernels import decoder_experts as dec, relation_loss as rel
 from kernels.bench import decoder_bytes, decoder_flops, relation_bytes, relation_flops
 
@@ -121,39 +123,46 @@ def small_ops(op: str, count: int, nbytes: float = 0.0) -> Launch:
 # ----------------------------------------------------------------------------------------------- decoder
 
 def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before: bool) -> list[Launch]:
-    """One decoder call (forward + backward) of the fused expert path at bf16: its Triton kernels, cuBLAS
-    GEMMs and small ops. `before`: every pattern's dot loads the weight tile again."""
+    """One decoder call (forward + backward) of the fused expert path at bf16: the Triton kernels of the op's
+    launch plan (`decoder_experts.expert_plan`, the one the op issues and the sweep compiles), each du chunk
+    followed by the two cuBLAS GEMMs that consume it, the output stage and the small ops. `before`: every
+    pattern's dot loads the weight tile again, and dq is one GEMM per chunk."""
     op, patterns, features = "decoder", DecoderSpec.num_patterns, dim * out_dim
     w_loads = patterns if before else 1
     rows = batch * patterns
     weight, queries = features * dim * BF16, rows * dim * BF16
+    expert = dec.expert_plan(batch, patterns, dim, out_dim, torch.bfloat16, torch.float32, DecoderSpec.mix_divisor,
+                             DecoderSpec.experts_loss_weight, LAYER_NORM_EPS)
     plan = []
-    for kernel in ("stats", "mix", "grad_stats"):
-        c = dec.pick_config(kernel, dim, features, "bf16")
+    for planned in expert["forward"] + expert["backward"]:
+        name = planned.kernel.__name__.strip("_").removesuffix("_kernel")
+        programs, c = math.prod(planned.grid), planned.config
+        if "BLOCK_T" in dict(c.tiles):  # per sample: its patterns' per-tile partials, read once or twice
+            partials = planned.scalars["n_tiles"] * (2 * patterns if name == "expert_stats_merge" else patterns + 2)
+            plan.append(Launch(op, name, programs, PER_SAMPLE_PROGRAMS_PER_SM, partials * F32 * programs,
+                               partials * F32 * programs))
+            continue
         bb, bm = c["BLOCK_B"], c["BLOCK_M"]
-        grid_b, grid_m = dec._expert_grid(batch, features, c)
-        tile_io = {"stats": 0, "mix": bb * bm * BF16, "grad_stats": 2 * bb * bm * BF16}[kernel]
-        per_program = bm * dim * BF16 * w_loads + bb * patterns * dim * BF16 + tile_io + 3 * bm * F32
-        plan.append(Launch(op, f"expert_{kernel}", grid_b * grid_m, _per_sm(c.num_warps), per_program * grid_b * grid_m,
-                           weight + queries + tile_io // (bb * bm) * batch * features,
-                           2.0 * grid_b * bb * patterns * grid_m * bm * dim, wgmma_n(bb, bm, c.num_warps)))
-    c = dec.pick_config("grad", dim, features, "bf16")
-    bb, bm = c["BLOCK_B"], c["BLOCK_M"]
-    chunk = dec.du_chunk_columns(batch, patterns, features)
-    row_blocks = triton.cdiv(batch, bb)
-    for start in range(0, features, chunk):
-        cols = min(chunk, features - start)
-        programs = triton.cdiv(cols, bm)
+        if name != "expert_grad":
+            tile_io = {"expert_stats": 0, "expert_mix": bb * bm * BF16, "expert_grad_stats": 2 * bb * bm * BF16}[name]
+            per_program = bm * dim * BF16 * w_loads + bb * patterns * dim * BF16 + tile_io + 3 * bm * F32
+            plan.append(Launch(op, name, programs, _per_sm(c.num_warps), per_program * programs,
+                               weight + queries + tile_io // (bb * bm) * batch * features,
+                               2.0 * planned.grid[0] * bb * patterns * planned.grid[1] * bm * dim,
+                               wgmma_n(bb, bm, c.num_warps)))
+            continue
+        cols = planned.scalars["m_stop"] - planned.scalars["m_start"]
+        row_blocks = triton.cdiv(batch, bb)
         per_program = row_blocks * (bm * dim * BF16 * w_loads + bb * patterns * dim * BF16 + 2 * bb * bm * BF16
                                     + bb * patterns * bm * BF16)
-        plan.append(Launch(op, "expert_grad", programs, _per_sm(c.num_warps), per_program * programs,
+        plan.append(Launch(op, name, programs, _per_sm(c.num_warps), per_program * programs,
                            cols * dim * BF16 + queries + 2 * batch * cols * BF16 + rows * cols * BF16,
                            2.0 * row_blocks * bb * patterns * programs * bm * dim, wgmma_n(bb, bm, c.num_warps)))
         # dq += du W_chunk: output [3B, D], K = the chunk (split in `k_splits` slices after); dW_chunk = du^T q:
         # output [chunk, D], K = 3B.
-        for name, out_rows, k, splits in (("dq", rows, cols, 1 if before else dec.k_splits(rows, cols, dim, SMS)),
+        for gemm, out_rows, k, splits in (("dq", rows, cols, 1 if before else dec.k_splits(rows, cols, dim, SMS)),
                                           ("dW", cols, rows, 1)):
-            plan.append(Launch(op, f"cuBLAS {name} GEMM", 1, 1, 0.0,
+            plan.append(Launch(op, f"cuBLAS {gemm} GEMM", 1, 1, 0.0,
                                (splits * out_rows * dim + out_rows * k + k * dim) * BF16, 2.0 * out_rows * dim * k,
                                gemm_tiles=splits * triton.cdiv(out_rows, 128) * triton.cdiv(dim, 128)))
     z = batch * tokens * out_dim * BF16
@@ -167,15 +176,20 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
                        3 * (h + mixed + z), 3 * flops, gemm_tiles=gemm_tiles))
     programs, _ = dec.row_programs(batch * tokens, SMS)
     plan.append(Launch(op, "gelu_layer_norm_bwd", programs, 8, 3 * z, 3 * z))
-    plan.append(small_ops(op, decoder_small_ops(features // chunk + bool(features % chunk)), 8 * batch * features))
+    chunks = len(expert["backward"]) - 2  # after grad_stats and grad_constants, one du launch per chunk
+    # What they move is mostly the expert weight's: the float32 parameter cast to bf16 in forward, and its
+    # gradient copied out as float32 chunk by chunk in backward.
+    plan.append(small_ops(op, decoder_small_ops(chunks), 2 * (F32 + BF16) * features * dim))
     return plan
 
 
 # The small torch ops of one decoder call besides the kernels and GEMMs above, as an op trace of the call
-# lists them: forward 29 (casting the float32 expert weight, Chan's merge, the mix constants, the loss),
-# backward 35 (the per-sample constants, the output stage's partial sums, the final casts) plus 4 per du chunk
-# (summing the dq slices and accumulating them, copying dW out).
-DECODER_SMALL_OPS = (29, 35, 4)
+# lists them: forward 2 (casting the float32 expert weight, summing the loss partials), backward 4 (the output
+# stage's two partial sums, summing dq's slice products in float32, casting dq) plus 1 per du chunk (copying
+# dW out in the parameter's dtype).
+DECODER_SMALL_OPS = (2, 4, 1)
+# The per-sample kernels (4 warps, a few registers) fit many to an SM.
+PER_SAMPLE_PROGRAMS_PER_SM = 16
 
 
 def decoder_small_ops(chunks: int) -> int:

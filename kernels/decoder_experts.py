@@ -8,25 +8,26 @@ reciprocal std r_e of g over all M values, xhat = (g - mu_e) r_e):
     y        = LN_o(GELU(h @ W_b))
 
 Forward: two passes of one GEMM-shaped kernel over tiles (samples x M), each recomputing u from q and W
-in registers: pass 1 writes per-tile variance partials (mean, M2; merged with Chan's formula), pass 2
-writes W_b [B, M] and per-tile sums of W_b^2. Nothing of size [B, P, M] is written, and none is saved:
-backward keeps q, s, the parameters (the expert weight in the compute dtype, cast once in forward),
-(mu, r) [B, P] and W_b. Per-sample constants (alpha_e = c_e r_e, sum_e alpha_e mu_e, sum_e c_e) are
-formed by the caller, so the kernels' per-element work is the dot's epilogue, one GELU and a few FMAs.
+in registers: pass 1 writes per-tile variance partials (mean, M2), pass 2 writes W_b [B, M] and per-tile
+sums of W_b^2. Between them a per-sample kernel merges the partials (Chan's formula, float64) into (mu, r)
+and forms pass 2's per-sample constants (alpha_e = c_e r_e, sum_e alpha_e mu_e, sum_e c_e), so the passes'
+per-element work is the dot's epilogue, one GELU and a few FMAs, and no torch op runs between them.
+Nothing of size [B, P, M] is written, and none is saved: backward keeps q, s, the parameters (the expert
+weight in the compute dtype, cast once in forward), (mu, r) [B, P] and W_b.
 
 Backward, with dW = dL/dW_b + 2 weight / B * dloss * W_b:
     A_e = sum_m dW gamma xhat_e = r_e (sum_m dW gamma g_e - mu_e Bs),  Bs = sum_m dW gamma,
     C = sum_m dW beta                                                    (pass 1, recomputes u)
-    ds_e = (A_e + C) / mix_divisor
+    ds_e = (A_e + C) / mix_divisor                                       (per sample, from pass 1's partials)
     du_e = GELU'(u) * r_e c_e (dW gamma - Bs / M - xhat_e A_e / M)          (pass 2, recomputes u)
     dgamma = sum_b dW sum_e c_e xhat_e,  dbeta = sum_b dW sum_e c_e,  dbias = sum_{b,e} du_e
                                                                        (pass 2 column sums)
 Pass 1 cannot be folded into pass 2: every du_e needs A_e, a sum over all M columns of a product with dW,
 which exists only in backward. Pass 2 gives each program a column tile and every row block, so its column
 sums are reduced across rows once. du exists only one column chunk at a time (at most
-`_DU_CHUNK_ELEMENTS` values) and is consumed by two cuBLAS GEMMs (dq += du W_chunk, split along the chunk's
-columns so that its few output tiles fill the GPU (`k_splits`); dW_expert[chunk] = du^T q) before the next
-chunk is made.
+`_DU_CHUNK_ELEMENTS` values) and is consumed by two cuBLAS GEMMs (dq's products over slices of the chunk's
+columns, so that its few output tiles fill the GPU (`k_splits`), kept and summed once after the last chunk;
+dW_expert[chunk] = du^T q) before the next chunk is made.
 
 GELU is the exact (erf) one, evaluated once per element per pass, GELU and GELU' from one evaluation of
 the normal tail (see `_normal_tail`).
@@ -35,7 +36,8 @@ The output stage is a batched cuBLAS GEMM z = h @ W_b and a fused GELU + LayerNo
 recomputes z (one GEMM) rather than keeping [B, L, D_o] alive, and overwrites it with dz in place.
 
 Memory kept from forward to backward: W_b [B, D*D_o], the compute-dtype expert weight when the parameter
-is float32, and [B, P] statistics, beyond the inputs.
+is float32, and [B, P] statistics, beyond the inputs. Backward adds the du chunk and dq's slice products
+([slices, B*P, D] in the compute dtype, slices = the chunks' `k_splits` summed).
 """
 from __future__ import annotations
 
@@ -78,6 +80,9 @@ PINNED_CONFIGS = {(kernel, dim, dim * out_dim, kind): config
 # Largest transient du chunk in backward (values): 2^24 bf16 = 32 MiB, a small fraction of what eager
 # keeps, while chunks stay wide enough (>= thousands of columns) for the cuBLAS GEMMs that consume them.
 _DU_CHUNK_ELEMENTS = 1 << 24
+# The per-sample kernels (Chan's merge and the mix constants; backward's constants): one program per sample
+# walks its patterns' per-tile partials, BLOCK_T tiles at a time. No dots: a few float64 sums per sample.
+_PER_SAMPLE_CONFIG = KernelConfig.of(4, 1, BLOCK_T=256)
 
 
 # GELU(u) = u Phi(u) with the normal tail Q = 1 - Phi(|u|) from Abramowitz & Stegun 7.1.26 (erfc to 1.5e-7
@@ -198,12 +203,67 @@ def _expert_stats_kernel(q_ptr, w_ptr, bias_ptr, tile_mean_ptr, tile_m2_ptr, B, 
 
 
 @triton.jit
+def _tile_sum(ptr, n_tiles, BLOCK_T: tl.constexpr):
+    """Sum of n_tiles consecutive fp32 per-tile partials, in float64: exact enough for any D*D_o."""
+    total = tl.zeros((BLOCK_T,), dtype=tl.float64)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        tiles = t0 + tl.arange(0, BLOCK_T)
+        total += tl.load(ptr + tiles, mask=tiles < n_tiles, other=0.0).to(tl.float64)
+    return tl.sum(total, axis=0)
+
+
+@triton.jit
+def _tile_means(tile_mean_ptr, t0, M, n_tiles, TILE_COLUMNS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(mean, column count) of tiles t0 .. t0 + BLOCK_T - 1 of the stats pass in float64 (0 past n_tiles)."""
+    tiles = t0 + tl.arange(0, BLOCK_T)
+    ok = tiles < n_tiles
+    count = tl.where(ok, tl.minimum(M - tiles * TILE_COLUMNS, TILE_COLUMNS), 0).to(tl.float64)
+    return tl.load(tile_mean_ptr + tiles, mask=ok, other=0.0).to(tl.float64), count
+
+
+@triton.jit
+def _expert_stats_merge_kernel(tile_mean_ptr, tile_m2_ptr, scores_ptr, mean_ptr, rstd_ptr, alpha_ptr, offset_ptr,
+                               c_sum_ptr, M, n_tiles, mix_divisor, eps, P: tl.constexpr, TILE_COLUMNS: tl.constexpr,
+                               BLOCK_T: tl.constexpr):
+    """One sample: Chan's merge of the stats pass's per-tile (count, mean, M2) into mu_e and r_e = 1 / sqrt(var_e
+    + eps) in float64, and the mix pass's constants alpha_e = c_e r_e, offset = sum_e alpha_e mu_e and c_sum =
+    sum_e c_e (c_e = s_e / mix_divisor)."""
+    b = tl.program_id(0)
+    offset = 0.0
+    c_sum = 0.0
+    for e in tl.static_range(P):
+        row = (b * P + e) * n_tiles
+        weighted = tl.zeros((BLOCK_T,), dtype=tl.float64)
+        for t0 in range(0, n_tiles, BLOCK_T):
+            tile_mean, count = _tile_means(tile_mean_ptr + row, t0, M, n_tiles, TILE_COLUMNS, BLOCK_T)
+            weighted += tile_mean * count
+        mean = tl.sum(weighted, axis=0) / M
+        spread = tl.zeros((BLOCK_T,), dtype=tl.float64)  # sum over tiles of count * (tile mean - mean)^2
+        for t0 in range(0, n_tiles, BLOCK_T):
+            tile_mean, count = _tile_means(tile_mean_ptr + row, t0, M, n_tiles, TILE_COLUMNS, BLOCK_T)
+            spread += (tile_mean - mean) * (tile_mean - mean) * count
+        m2 = _tile_sum(tile_m2_ptr + row, n_tiles, BLOCK_T) + tl.sum(spread, axis=0)
+        rstd = (1.0 / tl.sqrt(m2 / M + eps)).to(tl.float32)
+        mean = mean.to(tl.float32)
+        c = tl.load(scores_ptr + b * P + e).to(tl.float32) / mix_divisor
+        alpha = c * rstd
+        tl.store(mean_ptr + b * P + e, mean)
+        tl.store(rstd_ptr + b * P + e, rstd)
+        tl.store(alpha_ptr + b * P + e, alpha)
+        offset += alpha * mean
+        c_sum += c
+    tl.store(offset_ptr + b, offset)
+    tl.store(c_sum_ptr + b, c_sum)
+
+
+@triton.jit
 def _expert_mix_kernel(q_ptr, w_ptr, bias_ptr, alpha_ptr, offset_ptr, c_sum_ptr, gamma_ptr, beta_ptr,
-                       mixed_ptr, sq_partial_ptr, B, M, n_tiles,
+                       mixed_ptr, sq_partial_ptr, B, M, n_tiles, loss_scale,
                        P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_K: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        INTERPRETED: tl.constexpr):
-    """W_b tile = gamma * (sum_e alpha_e g_e - offset) + beta * c_sum, plus per-tile row sums of W_b^2, with
+    """W_b tile = gamma * (sum_e alpha_e g_e - offset) + beta * c_sum, plus per-tile row sums of W_b^2 times
+    loss_scale = weight / B (so that the loss is the sum of the partials), with
     alpha_e = c_e r_e, offset = sum_e alpha_e mu_e and c_sum = sum_e c_e per sample (so that
     sum_e alpha_e g_e - offset = sum_e c_e xhat_e)."""
     pid_b = tl.program_id(0)
@@ -228,7 +288,13 @@ def _expert_mix_kernel(q_ptr, w_ptr, bias_ptr, alpha_ptr, offset_ptr, c_sum_ptr,
     # The loss is taken of the stored (rounded) W_b, the same values backward differentiates through; rows
     # past B hold c_sum = offset = 0, so W_b = 0 there, and columns past M have gamma = beta = 0.
     stored = mixed.to(tl.float32)
-    tl.store(sq_partial_ptr + offs_b * n_tiles + pid_m, tl.sum(stored * stored, axis=1), mask=row_ok)
+    tl.store(sq_partial_ptr + offs_b * n_tiles + pid_m, tl.sum(stored * stored, axis=1) * loss_scale, mask=row_ok)
+
+
+@triton.jit
+def _loss_coefficient(grad_loss_ptr, loss_scale):
+    """(2 weight / B) dloss: what dW adds per unit of W_b for the experts loss (loss_scale = 2 weight / B)."""
+    return tl.load(grad_loss_ptr).to(tl.float32) * loss_scale
 
 
 @triton.jit
@@ -242,8 +308,8 @@ def _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, offs_b, offs_m, B, M, m_sto
 
 
 @triton.jit
-def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_ptr, mixed_ptr, loss_coef_ptr,
-                              partial_ptr, B, M, n_tiles,
+def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_ptr, mixed_ptr, grad_loss_ptr,
+                              partial_ptr, B, M, n_tiles, loss_scale,
                               P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_K: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
                               INTERPRETED: tl.constexpr):
@@ -254,7 +320,8 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_b < B
-    d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, tl.load(loss_coef_ptr), offs_b, offs_m, B, M, M, EVEN_M)
+    d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, _loss_coefficient(grad_loss_ptr, loss_scale), offs_b, offs_m,
+                               B, M, M, EVEN_M)
     bias = _columns(bias_ptr, offs_m, M, EVEN_M)
     gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)
     beta = _columns(beta_ptr, offs_m, M, EVEN_M)
@@ -270,9 +337,41 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_
 
 
 @triton.jit
-def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed_ptr, loss_coef_ptr,
+def _expert_grad_constants_kernel(partial_ptr, scores_ptr, mean_ptr, rstd_ptr, grad_scores_ptr, row_shift_ptr,
+                                  alpha_ptr, du_const_ptr, du_slope_ptr, offset_ptr, c_sum_ptr, M, n_tiles,
+                                  mix_divisor, P: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One sample: the grad_stats pass's per-tile sums summed in float64, then ds_e = (A_e + C) / mix_divisor
+    with A_e = r_e (sum dW gamma g_e - mu_e sum dW gamma) and C = sum dW beta, and the du pass's per-sample
+    constants (see `_expert_grad_kernel`)."""
+    b = tl.program_id(0)
+    slots = partial_ptr + b * (P + 2) * n_tiles
+    gamma_sum = _tile_sum(slots + P * n_tiles, n_tiles, BLOCK_T)
+    beta_sum = _tile_sum(slots + (P + 1) * n_tiles, n_tiles, BLOCK_T).to(tl.float32)
+    tl.store(row_shift_ptr + b, (gamma_sum / M).to(tl.float32))
+    offset = 0.0
+    c_sum = 0.0
+    for e in tl.static_range(P):
+        mean = tl.load(mean_ptr + b * P + e)
+        rstd = tl.load(rstd_ptr + b * P + e)
+        a = (rstd.to(tl.float64) * (_tile_sum(slots + e * n_tiles, n_tiles, BLOCK_T)
+                                    - mean.to(tl.float64) * gamma_sum)).to(tl.float32)
+        tl.store(grad_scores_ptr + b * P + e, ((a + beta_sum) / mix_divisor).to(grad_scores_ptr.dtype.element_ty))
+        c = tl.load(scores_ptr + b * P + e).to(tl.float32) / mix_divisor
+        alpha = c * rstd
+        a_rstd = a / M * rstd
+        tl.store(alpha_ptr + b * P + e, alpha)
+        tl.store(du_const_ptr + b * P + e, alpha * a_rstd * mean)
+        tl.store(du_slope_ptr + b * P + e, -alpha * a_rstd)
+        offset += alpha * mean
+        c_sum += c
+    tl.store(offset_ptr + b, offset)
+    tl.store(c_sum_ptr + b, c_sum)
+
+
+@triton.jit
+def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed_ptr, grad_loss_ptr,
                         row_shift_ptr, alpha_ptr, du_const_ptr, du_slope_ptr, offset_ptr, c_sum_ptr,
-                        du_ptr, d_gamma_ptr, d_beta_ptr, d_bias_ptr, B, M, m_start, m_stop, du_row_stride,
+                        du_ptr, d_gamma_ptr, d_beta_ptr, d_bias_ptr, B, M, m_start, m_stop, du_row_stride, loss_scale,
                         P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_K: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         INTERPRETED: tl.constexpr):
@@ -282,9 +381,10 @@ def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed_ptr, 
 
     With base = dW gamma - row_shift (row_shift = sum_m dW gamma / M), the LayerNorm backward
     du_e = GELU'(u) r_e c_e (dW gamma - sum dW gamma / M - xhat_e A_e / M) is
-    du_e = GELU'(u) (alpha_e base + du_const_e + du_slope_e g_e), per-(b, e) constants from the caller."""
+    du_e = GELU'(u) (alpha_e base + du_const_e + du_slope_e g_e), per-(b, e) constants from
+    `_expert_grad_constants_kernel`."""
     offs_m = m_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    loss_coef = tl.load(loss_coef_ptr)
+    loss_coef = _loss_coefficient(grad_loss_ptr, loss_scale)
     bias = _columns(bias_ptr, offs_m, m_stop, EVEN_M)
     gamma = _columns(gamma_ptr, offs_m, m_stop, EVEN_M)
     d_gamma = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
@@ -490,13 +590,14 @@ def k_splits(rows: int, inner: int, columns: int, sm_count: int | None) -> int:
     return splits
 
 
-def _split_k_product(du: torch.Tensor, weight: torch.Tensor, sm_count: int | None) -> torch.Tensor:
-    """du @ weight in float32, as one batched GEMM over `k_splits` slices of the inner dimension, summed."""
-    splits = k_splits(du.shape[0], du.shape[1], weight.shape[1], sm_count)
+def _split_k_products(du: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """The products of du @ weight over len(out) slices of the inner dimension, into out [slices, rows,
+    columns]: one batched GEMM (their sum is du @ weight)."""
+    splits = out.shape[0]
     if splits == 1:
-        return (du @ weight).float()
-    parts = torch.bmm(du.unflatten(1, (splits, -1)).transpose(0, 1), weight.unflatten(0, (splits, -1)))
-    return parts.float().sum(0)
+        torch.mm(du, weight, out=out[0])
+    else:
+        torch.bmm(du.unflatten(1, (splits, -1)).transpose(0, 1), weight.unflatten(0, (splits, -1)), out=out)
 
 
 # GELU + LayerNorm row kernels: blocks of ROW_BLOCK rows, one row per warp up to D_o = 768 (24 values per
@@ -528,37 +629,52 @@ _F32 = torch.float32
 
 
 @functools.lru_cache(maxsize=64)  # planned once per shape: the op asks at every call, forward and backward
-def expert_plan(batch: int, patterns: int, dim: int, out_dim: int, dtype: torch.dtype) -> dict[str, list[PlannedLaunch]]:
-    """The expert passes' launches for queries [batch, patterns, dim] in `dtype` and D_o = out_dim: "forward"
-    (stats, mix) and "backward" (grad_stats, then grad once per du chunk). Parameters are float32, as training
-    holds them (the op reads the small vectors in whatever float dtype they have)."""
+def expert_plan(batch: int, patterns: int, dim: int, out_dim: int, dtype: torch.dtype, scores_dtype: torch.dtype,
+                mix_divisor: float, loss_weight: float, eps: float) -> dict[str, list[PlannedLaunch]]:
+    """The expert passes' launches for queries [batch, patterns, dim] in `dtype`, scores [batch, patterns] in
+    `scores_dtype` and D_o = out_dim: "forward" (stats, stats_merge, mix) and "backward" (grad_stats,
+    grad_constants, then grad once per du chunk). Parameters are float32, as training holds them (the op reads
+    the small vectors in whatever float dtype they have)."""
     features = dim * out_dim
     kind = dot_operands(dtype)
     n_tiles = triton.cdiv(features, _BLOCK_M)
     operands = dict(q_ptr=dtype, w_ptr=dtype, bias_ptr=_F32)
     constants = dict(B=batch, M=features, P=patterns, D=dim, DOT_PRECISION=DOT_PRECISION, INTERPRETED=INTERPRETED)
 
-    def whole(kernel, name, tensors):
+    def whole(kernel, name, tensors, scalars=None):
         config = pick_config(name, dim, features, kind)
         return PlannedLaunch(kernel, _expert_grid(batch, features, config), config, operands | tensors,
-                             constants | dict(n_tiles=n_tiles, EVEN_M=even_columns(features, config)))
+                             constants | dict(n_tiles=n_tiles, EVEN_M=even_columns(features, config)) | (scalars or {}))
+
+    def per_sample(kernel, tensors, scalars):
+        return PlannedLaunch(kernel, (batch,), _PER_SAMPLE_CONFIG, dict(scores_ptr=scores_dtype) | tensors,
+                             dict(M=features, n_tiles=n_tiles, mix_divisor=mix_divisor, P=patterns) | scalars)
 
     forward = [whole(_expert_stats_kernel, "stats", dict(tile_mean_ptr=_F32, tile_m2_ptr=_F32)),
+               per_sample(_expert_stats_merge_kernel,
+                          dict(tile_mean_ptr=_F32, tile_m2_ptr=_F32, mean_ptr=_F32, rstd_ptr=_F32, alpha_ptr=_F32,
+                               offset_ptr=_F32, c_sum_ptr=_F32), dict(eps=eps, TILE_COLUMNS=_BLOCK_M)),
                whole(_expert_mix_kernel, "mix", dict(alpha_ptr=_F32, offset_ptr=_F32, c_sum_ptr=_F32, gamma_ptr=_F32,
-                                                      beta_ptr=_F32, mixed_ptr=dtype, sq_partial_ptr=_F32))]
+                                                      beta_ptr=_F32, mixed_ptr=dtype, sq_partial_ptr=_F32),
+                     dict(loss_scale=loss_weight / batch))]
+    loss_scale = 2.0 * loss_weight / batch  # of dW's experts-loss term, per unit of dloss
     backward = [whole(_expert_grad_stats_kernel, "grad_stats",
-                      dict(gamma_ptr=_F32, beta_ptr=_F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=_F32,
-                           partial_ptr=_F32))]
+                      dict(gamma_ptr=_F32, beta_ptr=_F32, grad_ptr=dtype, mixed_ptr=dtype, grad_loss_ptr=_F32,
+                           partial_ptr=_F32), dict(loss_scale=loss_scale)),
+                per_sample(_expert_grad_constants_kernel,
+                           dict(partial_ptr=_F32, mean_ptr=_F32, rstd_ptr=_F32, grad_scores_ptr=scores_dtype,
+                                row_shift_ptr=_F32, alpha_ptr=_F32, du_const_ptr=_F32, du_slope_ptr=_F32,
+                                offset_ptr=_F32, c_sum_ptr=_F32), {})]
     config = pick_config("grad", dim, features, kind)
     chunk = du_chunk_columns(batch, patterns, features)
     for m_start in range(0, features, chunk):
         m_stop = min(m_start + chunk, features)
         backward.append(PlannedLaunch(
             _expert_grad_kernel, (triton.cdiv(m_stop - m_start, config["BLOCK_M"]),), config,
-            operands | dict(gamma_ptr=_F32, grad_ptr=dtype, mixed_ptr=dtype, loss_coef_ptr=_F32, row_shift_ptr=_F32,
+            operands | dict(gamma_ptr=_F32, grad_ptr=dtype, mixed_ptr=dtype, grad_loss_ptr=_F32, row_shift_ptr=_F32,
                             alpha_ptr=_F32, du_const_ptr=_F32, du_slope_ptr=_F32, offset_ptr=_F32, c_sum_ptr=_F32,
                             du_ptr=dtype, d_gamma_ptr=_F32, d_beta_ptr=_F32, d_bias_ptr=_F32),
-            constants | dict(m_start=m_start, m_stop=m_stop, du_row_stride=chunk,
+            constants | dict(m_start=m_start, m_stop=m_stop, du_row_stride=chunk, loss_scale=loss_scale,
                              EVEN_M=even_columns(m_stop - m_start, config)), part=f"du[{m_start}:]"))
     return dict(forward=forward, backward=backward)
 
@@ -601,29 +717,21 @@ def expert_mix(queries: torch.Tensor, scores: torch.Tensor, weight: torch.Tensor
     features = weight.shape[0]
     n_tiles = triton.cdiv(features, _BLOCK_M)
     f32 = dict(device=queries.device, dtype=torch.float32)
-    stats_launch, mix_launch = expert_plan(batch, patterns, dim, features // dim, queries.dtype)["forward"]
+    stats_launch, merge_launch, mix_launch = expert_plan(batch, patterns, dim, features // dim, queries.dtype,
+                                                         scores.dtype, mix_divisor, loss_weight, eps)["forward"]
 
     tile_mean = torch.empty(batch, patterns, n_tiles, **f32)
     tile_m2 = torch.empty(batch, patterns, n_tiles, **f32)
     stats_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, tile_mean_ptr=tile_mean, tile_m2_ptr=tile_m2)
-    # Chan's merge of the per-tile (count, mean, M2) in float64: exact enough for any D*D_o.
-    # Columns per tile (the last one ragged), made on the device: no host value is copied in on the step path.
-    counts = (features - _BLOCK_M * torch.arange(n_tiles, device=queries.device, dtype=torch.float64)).clamp(
-        max=_BLOCK_M)
-    tile_mean, tile_m2 = tile_mean.double(), tile_m2.double()
-    mean = (tile_mean * counts).sum(-1) / features
-    m2 = tile_m2.sum(-1) + ((tile_mean - mean[..., None]).square() * counts).sum(-1)
-    rstd = torch.rsqrt(m2 / features + eps).float()
-    mean = mean.float()
-
-    c = scores.float() / mix_divisor
-    alpha = c * rstd
+    mean, rstd, alpha = (torch.empty(batch, patterns, **f32) for _ in range(3))
+    offset, c_sum = torch.empty(batch, **f32), torch.empty(batch, **f32)
+    merge_launch(tile_mean_ptr=tile_mean, tile_m2_ptr=tile_m2, scores_ptr=scores, mean_ptr=mean, rstd_ptr=rstd,
+                 alpha_ptr=alpha, offset_ptr=offset, c_sum_ptr=c_sum)
     mixed = torch.empty(batch, features, device=queries.device, dtype=queries.dtype)
     sq_partial = torch.empty(batch, n_tiles, **f32)
-    mix_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, alpha_ptr=alpha,
-               offset_ptr=(alpha * mean).sum(-1), c_sum_ptr=c.sum(-1), gamma_ptr=norm_weight, beta_ptr=norm_bias,
-               mixed_ptr=mixed, sq_partial_ptr=sq_partial)
-    experts_loss = loss_weight * sq_partial.sum() / batch  # float32, whatever the compute dtype: one number
+    mix_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, alpha_ptr=alpha, offset_ptr=offset,
+               c_sum_ptr=c_sum, gamma_ptr=norm_weight, beta_ptr=norm_bias, mixed_ptr=mixed, sq_partial_ptr=sq_partial)
+    experts_loss = sq_partial.sum()  # float32, whatever the compute dtype: the partials carry weight / B
     return mixed, experts_loss, mean, rstd, rounded
 
 
@@ -639,7 +747,8 @@ def _(queries, scores, weight, bias, norm_weight, norm_bias, mix_divisor, loss_w
 def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queries: torch.Tensor,
                         scores: torch.Tensor, weight_compute: torch.Tensor, bias: torch.Tensor,
                         norm_weight: torch.Tensor, norm_bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                        mixed: torch.Tensor, mix_divisor: float, loss_weight: float, weight_dtype: torch.dtype,
+                        mixed: torch.Tensor, mix_divisor: float, loss_weight: float, eps: float,
+                        weight_dtype: torch.dtype,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `expert_mix`'s (W_b, experts_loss) with respect to its six tensor inputs."""
     batch, patterns, dim = queries.shape
@@ -647,58 +756,62 @@ def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queri
     n_tiles = triton.cdiv(features, _BLOCK_M)
     f32 = dict(device=queries.device, dtype=torch.float32)
     grad_mixed = grad_mixed.contiguous()
-    loss_coef = (2.0 * loss_weight / batch) * grad_loss.float().reshape(())
+    grad_stats_launch, constants_launch, *grad_launches = expert_plan(
+        batch, patterns, dim, features // dim, queries.dtype, scores.dtype, mix_divisor, loss_weight, eps)["backward"]
 
     partial = torch.empty(batch, patterns + 2, n_tiles, **f32)
-    grad_stats_launch, *grad_launches = expert_plan(batch, patterns, dim, features // dim, queries.dtype)["backward"]
     grad_stats_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, gamma_ptr=norm_weight,
-                      beta_ptr=norm_bias, grad_ptr=grad_mixed, mixed_ptr=mixed, loss_coef_ptr=loss_coef,
+                      beta_ptr=norm_bias, grad_ptr=grad_mixed, mixed_ptr=mixed, grad_loss_ptr=grad_loss,
                       partial_ptr=partial)
-    sums = partial.double().sum(-1)
-    gamma_sums, beta_sums = sums[:, patterns], sums[:, patterns + 1]
-    # A_e = sum_m dW gamma xhat_e = r_e (sum dW gamma g_e - mu_e sum dW gamma)
-    a_sums = (rstd * (sums[:, :patterns] - mean * gamma_sums[:, None])).float()
-    grad_scores = (a_sums + beta_sums[:, None].float()) / mix_divisor
-    # Per-(b, e) constants of du_e = GELU'(u) (alpha_e base + du_const_e + du_slope_e g_e); see the kernel.
-    c = scores.float() / mix_divisor
-    alpha = c * rstd
-    a_rstd = a_sums / features * rstd
-    row_constants = ((gamma_sums / features).float(), alpha, alpha * a_rstd * mean, -alpha * a_rstd,
-                     (alpha * mean).sum(-1), c.sum(-1))
+    grad_scores = torch.empty_like(scores)
+    row_constants = dict(row_shift_ptr=torch.empty(batch, **f32), alpha_ptr=torch.empty(batch, patterns, **f32),
+                         du_const_ptr=torch.empty(batch, patterns, **f32),
+                         du_slope_ptr=torch.empty(batch, patterns, **f32), offset_ptr=torch.empty(batch, **f32),
+                         c_sum_ptr=torch.empty(batch, **f32))
+    constants_launch(partial_ptr=partial, scores_ptr=scores, mean_ptr=mean, rstd_ptr=rstd,
+                     grad_scores_ptr=grad_scores, **row_constants)
 
     d_gamma, d_beta, d_bias = (torch.empty(features, **f32) for _ in range(3))
-    grad_queries = torch.zeros(batch * patterns, dim, **f32)
     grad_weight = torch.empty(features, dim, device=queries.device, dtype=weight_dtype)
-    q_rows = queries.view(batch * patterns, dim)
+    rows = batch * patterns
+    q_rows = queries.view(rows, dim)
     chunk = grad_launches[0].scalars["du_row_stride"]
-    du = torch.empty(batch * patterns, chunk, device=queries.device, dtype=queries.dtype)
-    for grad_launch in grad_launches:
+    du = torch.empty(rows, chunk, device=queries.device, dtype=queries.dtype)
+    # dq = du W as products over slices of M (each chunk's columns in `k_splits` slices, so that the GEMMs'
+    # few output tiles fill the GPU), summed once after the last chunk.
+    sm_count = multiprocessors(queries.device)
+    splits = [k_splits(rows, launch.scalars["m_stop"] - launch.scalars["m_start"], dim, sm_count)
+              for launch in grad_launches]
+    dq_products = torch.empty(sum(splits), rows, dim, device=queries.device, dtype=queries.dtype)
+    first_slice = 0
+    for grad_launch, chunk_splits in zip(grad_launches, splits):
         m_start, m_stop = grad_launch.scalars["m_start"], grad_launch.scalars["m_stop"]
         du_chunk = du[:, :m_stop - m_start]
         grad_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, gamma_ptr=norm_weight,
-                    grad_ptr=grad_mixed, mixed_ptr=mixed, loss_coef_ptr=loss_coef,
-                    **dict(zip(("row_shift_ptr", "alpha_ptr", "du_const_ptr", "du_slope_ptr", "offset_ptr",
-                                "c_sum_ptr"), row_constants)),
+                    grad_ptr=grad_mixed, mixed_ptr=mixed, grad_loss_ptr=grad_loss, **row_constants,
                     du_ptr=du_chunk, d_gamma_ptr=d_gamma, d_beta_ptr=d_beta, d_bias_ptr=d_bias)
-        grad_queries += _split_k_product(du_chunk, weight_compute[m_start:m_stop], multiprocessors(queries.device))
+        _split_k_products(du_chunk, weight_compute[m_start:m_stop],
+                          dq_products[first_slice:first_slice + chunk_splits])
+        first_slice += chunk_splits
         grad_weight[m_start:m_stop] = du_chunk.t() @ q_rows
-    return (grad_queries.view_as(queries).to(queries.dtype), grad_scores.to(scores.dtype), grad_weight,
+    grad_queries = dq_products.sum(0, dtype=torch.float32)
+    return (grad_queries.view_as(queries).to(queries.dtype), grad_scores, grad_weight,
             d_bias.to(bias.dtype), d_gamma.to(norm_weight.dtype), d_beta.to(norm_bias.dtype))
 
 
 @expert_mix_backward.register_fake
 def _(grad_mixed, grad_loss, queries, scores, weight_compute, bias, norm_weight, norm_bias, mean, rstd, mixed,
-      mix_divisor, loss_weight, weight_dtype):
+      mix_divisor, loss_weight, eps, weight_dtype):
     return (torch.empty_like(queries), torch.empty_like(scores), torch.empty_like(weight_compute, dtype=weight_dtype),
             torch.empty_like(bias), torch.empty_like(norm_weight), torch.empty_like(norm_bias))
 
 
 def _expert_mix_setup(ctx, inputs, output):
-    queries, scores, weight, bias, norm_weight, norm_bias, mix_divisor, loss_weight, _ = inputs
+    queries, scores, weight, bias, norm_weight, norm_bias, mix_divisor, loss_weight, eps = inputs
     mixed, _, mean, rstd, rounded = output
     ctx.save_for_backward(queries, scores, weight if weight.dtype == queries.dtype else rounded, bias, norm_weight,
                           norm_bias, mean, rstd, mixed)
-    ctx.mix_divisor, ctx.loss_weight, ctx.weight_dtype = mix_divisor, loss_weight, weight.dtype
+    ctx.mix_divisor, ctx.loss_weight, ctx.eps, ctx.weight_dtype = mix_divisor, loss_weight, eps, weight.dtype
     ctx.set_materialize_grads(False)  # no zero gradients made for the statistics (nothing differentiates them)
 
 
@@ -707,7 +820,7 @@ def _expert_mix_grad(ctx, grad_mixed, grad_loss, *_):
     grad_mixed = torch.zeros_like(mixed) if grad_mixed is None else grad_mixed
     grad_loss = queries.new_zeros((), dtype=torch.float32) if grad_loss is None else grad_loss
     grads = expert_mix_backward(grad_mixed, grad_loss, *ctx.saved_tensors, ctx.mix_divisor, ctx.loss_weight,
-                                ctx.weight_dtype)
+                                ctx.eps, ctx.weight_dtype)
     return (*grads, None, None, None)
 
 

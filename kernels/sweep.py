@@ -3,6 +3,7 @@
     python -m kernels.sweep              # everything (`make check-sm90`)
     python -m kernels.sweep --quick      # the representative part `make test` runs
     python -m kernels.sweep --json PATH  # also write the rows as JSON
+    python -m kernels.sweep --kernel expert_grad --case "B5 D20 Do30"  # only some launches
 
 No GPU is needed: each launch is compiled for sm_90 as Triton's JIT would compile it on an H100/H200
 (`kernels.sm90`), and its cubin is read. A launch fails on a compile error, on any local-memory
@@ -40,6 +41,10 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="only the representative part (make test)")
     parser.add_argument("--json", metavar="PATH", type=output_file,
                         help="also write every row as JSON to PATH (its folder must exist)")
+    parser.add_argument("--kernel", action="append", metavar="NAME",
+                        help="only this kernel (e.g. expert_grad; repeat for several)")
+    parser.add_argument("--case", action="append", metavar="TEXT",
+                        help='only the launches whose case contains TEXT (e.g. "B5 D20 Do30"; repeat for several)')
     parser.add_argument("--workers", type=worker_count, default=min(2, usable_cores()),
                         help="compiler processes at a time (1 up to the CPU cores, default 2)")
     return parser
@@ -52,6 +57,7 @@ if __name__ == "__main__":  # read before torch is imported: --help and a bad op
 import torch  # noqa: E402
 import triton  # noqa: E402  (after the choice above)
 
+from dpal.config import DecoderSpec  # noqa: E402
 from kernels import decoder_experts as dec, relation_loss as rel, shapes  # noqa: E402
 from kernels._common import PlannedLaunch  # noqa: E402
 from kernels.sm90 import CubinFacts, Launch, specialization_key, sweep  # noqa: E402
@@ -62,6 +68,8 @@ F32 = torch.float32
 OPERANDS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": F32}
 TARGETS = {"fp32": F32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 DECODER_EPS = 1e-6  # a runtime float argument: any value compiles the same binary
+# The decoder's kernels that run one program per sample over per-tile partials (no dots).
+PER_SAMPLE_KERNELS = ("expert_stats_merge", "expert_grad_constants")
 
 
 def _launch(op: str, planned: PlannedLaunch, case: str, kind: str) -> Launch:
@@ -76,7 +84,9 @@ def decoder_launches(batch, patterns, dim, out_dim, tokens, kind, sm_count: int 
     """The decoder op's launches for one call, on a GPU with `sm_count` SMs (None: the interpreter's grid)."""
     dtype = OPERANDS[kind]
     case = f"B{batch} D{dim} Do{out_dim} L{tokens}"
-    plan = dec.expert_plan(batch, patterns, dim, out_dim, dtype)
+    # Scores come from a softmax, float32 under autocast; the float arguments do not change the binary.
+    plan = dec.expert_plan(batch, patterns, dim, out_dim, dtype, F32, DecoderSpec.mix_divisor,
+                           DecoderSpec.experts_loss_weight, DECODER_EPS)
     rows = dec.row_plan(batch * tokens, out_dim, dtype, DECODER_EPS, sm_count)
     return [_launch("decoder", planned, case, kind)
             for planned in (*plan["forward"], *plan["backward"], rows["forward"], rows["backward"])]
@@ -135,6 +145,9 @@ def _loop_trips(launch: Launch) -> list[list[tuple[int, int]]]:
     takes the structure the SASS has and fails on any other rather than price it wrong."""
     a, name = launch.args, launch.kernel_name
     k = triton.cdiv(a.get("D", 1), a.get("BLOCK_K", 1))
+    if name in PER_SAMPLE_KERNELS:  # loops over the tiles' partials, one after another (patterns unrolled)
+        tiles = triton.cdiv(a["n_tiles"], a["BLOCK_T"])
+        return [[(tiles, -1)] * loops for loops in range(1, 4 * a["P"] + 3)]
     if name == "expert_grad":  # row blocks, the K loop inside (the patterns are unrolled in both)
         blocks = triton.cdiv(a["B"], a["BLOCK_B"])
         return [[(blocks, -1), (k, 0)], [(blocks, -1)]]
@@ -167,6 +180,9 @@ def _work(launch: Launch) -> dict:
     """Elements (of u, S or z), useful dot FLOPs and compulsory bytes of one launch."""
     a, name = launch.args, launch.kernel_name
     size = torch.empty((), dtype=a.get("q_ptr", a.get("y_ptr", a.get("z_ptr")))).element_size()
+    if name in PER_SAMPLE_KERNELS:  # every per-tile partial of every sample, read once or twice
+        partials = launch.programs * a["n_tiles"] * (2 * a["P"] if name == "expert_stats_merge" else a["P"] + 2)
+        return dict(elements=partials, flops=0.0, bytes=4.0 * partials)
     if name.startswith("expert_"):
         batch, dim = a["B"], a["D"]
         columns = a["m_stop"] - a["m_start"] if name == "expert_grad" else a["M"]
@@ -352,7 +368,12 @@ def run_command(args: argparse.Namespace) -> int:
         raise SystemExit("kernels.sweep compiles the kernels, but this process defined them interpreted "
                          "(TRITON_INTERPRET=1): run it as `python -m kernels.sweep`, which compiles them")
     start = time.perf_counter()
-    launches = all_launches(args.quick)
+    launches = [launch for launch in all_launches(args.quick)
+                if (not args.kernel or launch.kernel_name in args.kernel)
+                and (not args.case or any(text in launch.case for text in args.case))]
+    if not launches:
+        command_line().error("no launch of the sweep matches --kernel/--case; the kernels are "
+                     + ", ".join(sorted({launch.kernel_name for launch in all_launches(args.quick)})))
     costs: list = []
     rows = run(launches, args.workers, costs)
     seconds = time.perf_counter() - start

@@ -3,10 +3,14 @@ import json
 from collections import Counter
 
 import pytest
+import torch
+import triton
 
 from kernels import cost_model, decoder_experts
 from dpal.config import DecoderSpec
 from kernels.sweep import decoder_launches, relation_launches
+
+EXPERT_GEMM_PASSES = ("expert_stats", "expert_mix", "expert_grad_stats", "expert_grad")
 
 
 def test_wgmma_efficiency_follows_shared_memory_reads():
@@ -43,7 +47,7 @@ def test_before_and_after_differ_where_the_kernels_changed():
     before, after = (cost_model.decoder_launches(256, 192, 768, 257, before=b) for b in (True, False))
     for old, new in zip(before, after):
         assert old.name == new.name
-        if old.name.startswith("expert_"):  # three weight-tile loads per K step became one
+        if old.name in EXPERT_GEMM_PASSES:  # three weight-tile loads per K step became one
             c = decoder_experts.pick_config(old.name.removeprefix("expert_"), 192, 192 * 768, "bf16")
             weight_per_program = c["BLOCK_M"] * 192 * cost_model.BF16 * (1 if old.name != "expert_grad" else 4)
             assert old.l2_bytes - new.l2_bytes == pytest.approx(2 * weight_per_program * old.programs)
@@ -79,3 +83,54 @@ def test_cli_prints_predictions_and_refuses_a_bad_ceiling(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cost_model.main(["--l2-tbps", "0"])
     assert "--l2-tbps must be > 0, got 0.0" in capsys.readouterr().err
+
+
+def test_the_model_counts_the_launches_a_decoder_call_makes(monkeypatch):
+    # An op trace of one call, forward and backward, as training makes it (bf16 activations, float32
+    # parameters and scores) with three du chunks: every top-level operator that launches device work is one
+    # of the plan's kernels, a cuBLAS GEMM or one of the small ops the model counts.
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from cache_teacher.views_cli import _launches
+    from kernels._common import PlannedLaunch
+
+    batch, dim, out_dim, tokens = 5, 24, 32, 7
+    features = dim * out_dim
+    monkeypatch.setattr(decoder_experts, "_DU_CHUNK_ELEMENTS", batch * 3 * 256)
+    chunks = triton.cdiv(features, decoder_experts.du_chunk_columns(batch, 3, features))
+    # dq of each chunk in two slices, as at the recipes' shapes
+    assert chunks == 3 and decoder_experts.k_splits(batch * 3, 256, dim, None) == 2
+    decoder_experts.expert_plan.cache_clear()
+    real = PlannedLaunch.__call__
+
+    def traced(planned, **tensors):
+        with record_function("triton kernel"):
+            real(planned, **tensors)
+    monkeypatch.setattr(PlannedLaunch, "__call__", traced)
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(batch, 3, dim, generator=generator).bfloat16(), torch.rand(batch, 3).softmax(-1),
+              torch.randn(batch, tokens, dim, generator=generator).bfloat16(),
+              torch.randn(features, dim, generator=generator) / dim ** 0.5, torch.zeros(features),
+              torch.ones(features), torch.zeros(features), torch.ones(out_dim), torch.zeros(out_dim)]
+    for t in inputs:
+        t.requires_grad_()
+    grad_y, grad_loss = torch.randn(batch, tokens, out_dim, generator=generator).bfloat16(), torch.ones(())
+    with profile(activities=[ProfilerActivity.CPU]) as trace:
+        y, loss = decoder_experts.expert_path(*inputs)
+        torch.autograd.backward((y, loss), (grad_y, grad_loss))
+    decoder_experts.expert_plan.cache_clear()
+
+    def launches(event):  # an allocation (new_empty) launches nothing
+        return event.name == "triton kernel" or (_launches(event.name) and event.name != "aten::new_empty")
+
+    def top_level(event):
+        parent = event.cpu_parent
+        while parent is not None and not launches(parent):
+            parent = parent.cpu_parent
+        return parent is None
+    made = Counter(event.name for event in trace.events() if launches(event) and top_level(event))
+    small = made.total() - made["triton kernel"] - made["aten::bmm"] - made["aten::mm"]
+    # stats, merge, mix; grad_stats, constants, a du pass per chunk; the two row kernels
+    assert made["triton kernel"] == 3 + 2 + chunks + 2
+    assert made["aten::bmm"] + made["aten::mm"] == 4 + 2 * chunks  # output stage; dq and dW per chunk
+    assert small == cost_model.decoder_small_ops(chunks)

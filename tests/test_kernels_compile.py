@@ -19,8 +19,8 @@ from kernels._common import KernelConfig, PlannedLaunch
 from kernels.sweep import all_launches, operand_kind
 
 COMPILED = dict(os.environ, TRITON_INTERPRET="0")
-KERNELS = {"expert_stats", "expert_mix", "expert_grad_stats", "expert_grad", "gelu_layer_norm_fwd",
-           "gelu_layer_norm_bwd", "relation_kl_fwd", "relation_kl_bwd"}
+KERNELS = {"expert_stats", "expert_stats_merge", "expert_mix", "expert_grad_stats", "expert_grad_constants",
+           "expert_grad", "gelu_layer_norm_fwd", "gelu_layer_norm_bwd", "relation_kl_fwd", "relation_kl_bwd"}
 
 
 @pytest.mark.e2e
@@ -51,6 +51,7 @@ def test_sweep_catches_spills_and_missing_wgmma():
         launches = []
         for config in (spilling, narrow):
             relation_loss.PINNED_CONFIGS[("fwd", 257, 768, "bf16")] = config
+            relation_loss.launch_plan.cache_clear()  # planned once per shape: plan again with this config
             launches.append(relation_launches(256, 257, 768, "bf16", "int8")[0])
         for row in run(launches, workers=2):
             print(row.config, "|", "; ".join(row.problems))
@@ -104,12 +105,13 @@ def test_plans_read_no_process_global_precision_setting():
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     try:
         during = relation_loss.launch_plan(2, 70, 40, torch.float32, torch.float16)
-        decoder_plan = decoder_experts.expert_plan(5, 3, 24, 20, torch.float32)
+        decoder_plan = decoder_experts.expert_plan(5, 3, 24, 20, torch.float32, torch.float32, 256.0, 0.025, 1e-5)
     finally:
         torch.backends.cuda.matmul.fp32_precision = previous
     assert during == before and during["forward"].scalars["DOT_PRECISION"] == "ieee"
     assert during["forward"].config == relation_loss.DEFAULT_CONFIGS["fwd"]["fp32"]
-    assert all(p.scalars["DOT_PRECISION"] == "ieee" for p in decoder_plan["forward"] + decoder_plan["backward"])
+    dotted = [p for p in decoder_plan["forward"] + decoder_plan["backward"] if "DOT_PRECISION" in p.scalars]
+    assert len(dotted) == 4 and all(p.scalars["DOT_PRECISION"] == "ieee" for p in dotted)
 
 
 def _described(kernel_name, args: dict) -> tuple:
