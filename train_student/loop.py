@@ -1,8 +1,10 @@
-"""The training loop, and the objects it drives (`train.py` sets them up).
+"""The training loop, and the objects it drives: `train.py` runs it for a run, `bench.py` times it.
 
 `run_steps` reads top to bottom: fetch the next ready micro-batch, forward and backward, and after the
-recipe's accumulation steps the optimizer step; then log it, validate, checkpoint, export, stop. Where the
-ready batches come from, the `StepLog`, and the run's folder and stop request are passed in.
+recipe's accumulation steps the optimizer step; then log it, validate, checkpoint, export, stop. What varies
+between a run and the benchmark is passed in: where the ready batches come from, the `StepLog` (a run's
+writes its metrics; the benchmark's times a window of steps), and the run's folder and stop request (the
+benchmark has neither: it writes no checkpoint and installs no signal handler).
 
 The host reads a step's values (loss terms, grad norm) one step late, once the next step is queued behind
 them, so the device queue never runs dry (`StepLog.stepped`); a checkpoint or export first settles the step
@@ -222,6 +224,46 @@ class StepLog:
             self.progress.close()
         if self.metrics is not None:
             self.metrics.close()
+
+
+class StepTimer(StepLog):
+    """A step log that times instead of writing: samples/s over the steps after the first `untimed_steps`,
+    measured from and to an idle device, and the share of that time spent waiting for the next ready batch."""
+
+    def __init__(self, *, global_batch: int, untimed_steps: int, last_step: int, device: torch.device):
+        super().__init__(global_batch=global_batch, last_step=last_step, kept=lambda: "nothing is kept")
+        self.untimed_steps, self.device = untimed_steps, device
+        self._window_start, self._waited = 0.0, 0.0
+
+    def begin(self) -> None:
+        super().begin()
+        if self.untimed_steps == 0:
+            self._start_window()
+
+    def stepped(self, step: int, *values) -> None:
+        super().stepped(step, *values)
+        if step == self.untimed_steps:
+            self.settle()
+            self._start_window()
+
+    def write(self, done: StepValues, terms: LossTerms, grad_norm: float) -> None:
+        if done.step > self.untimed_steps:
+            self._waited += done.data_wait
+
+    def rates(self) -> dict[str, float]:
+        """After the loop: {"samples_per_s", "wait_share"} of the timed steps."""
+        self._synchronize()
+        elapsed = time.perf_counter() - self._window_start
+        timed_steps = self.last_step - self.untimed_steps
+        return {"samples_per_s": timed_steps * self.global_batch / elapsed, "wait_share": self._waited / elapsed}
+
+    def _start_window(self) -> None:
+        self._synchronize()
+        self._window_start, self._waited = time.perf_counter(), 0.0
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 class StopRequest:
