@@ -15,7 +15,7 @@ from train_student.checkpoint import (RunFolderError, keep_step_copy, load_check
                                       recorded_run_id, save_checkpoint)
 from train_student.data import FeedPlan, block_view_sets, local_crop_params
 from train_student.step import param_groups
-from train_student.train import ema_momentum, learning_rate
+from train_student.loop import ema_momentum, learning_rate
 
 
 def _plan(**overrides):

@@ -1,9 +1,10 @@
 """`python -m train_student bench`: what the cache buys, measured in one run on one device and batch.
 
 Figures (samples/s): the data feed alone on the CPU (FFCV decoding + Zarr block reads + batch assembly, no
-model); the training step with cached targets as `train.py` runs it (`train_student.step` over
-`prefetch.render_ahead`: views of batch N+1 rendered, and its targets copied to the device, while step N
-computes); the same step with views and targets already staged on the device (the ceiling the cached
+model); the training step with cached targets as a run takes it: every step row runs the training loop
+itself (`loop.run_steps`, with the recipe's schedule as a one-device run at this batch, no checkpoints),
+here over `prefetch.render_ahead` (views of batch N+1 rendered, and its targets copied to the device, while
+step N computes); the same step with views and targets already staged on the device (the ceiling the cached
 step is held to: >= 95%); and the same loop with the teacher computing the targets online (the original
 method). Steps run on batches fetched beforehand, so these figures are compute only; the feed figure says
 whether the loader keeps up with them. A last run pulls the cached-target steps' batches from the live
@@ -19,6 +20,7 @@ import dataclasses
 import json
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from formats.cli import add_teacher_option_arguments, parse_teacher_options
@@ -87,44 +89,27 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_steps(model, optimizer, ema, ready_batches, source, recipe, device, warmup: int) -> dict:
-    """Training steps over ``ready_batches`` (ReadyBatches) as train.py runs them, values read one step late:
-    samples/s after ``warmup`` steps, and the share of that time spent waiting for the next ready batch."""
-    from train_student.step import forward_backward, make_autocast, optimizer_step
+class Fetched:
+    """Micro-batches fetched beforehand, served as a feed whose every epoch is all of them (the timed steps
+    fit in one)."""
 
-    autocast = make_autocast(device, recipe.optim)
-    trained, student_params, ema_params = list(model.parameters()), list(model.student.parameters()), list(ema.parameters())
-    pending = start = None
-    waited, samples = 0.0, 0
-    for index, (ready, wait) in enumerate(_waited(ready_batches)):
-        if index == warmup:
-            if pending is not None:
-                pending.wait()
-            _sync(device)
-            start, waited = time.perf_counter(), 0.0
-        terms = forward_backward(model, ready, source, autocast, 0.1, 1)
-        values = optimizer_step(optimizer, trained, student_params, ema_params, terms, accum_steps=1, lr=1e-4,
-                                momentum=0.996, world_size=1)
-        if pending is not None:
-            pending.wait()
-        pending = values
-        if index >= warmup:
-            waited, samples = waited + wait, samples + len(ready.indices)
-    pending.wait()
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    return {"samples_per_s": samples / elapsed, "wait_share": waited / elapsed}
+    def __init__(self, batches: list):
+        self.batches = batches
+
+    def epoch(self, epoch: int, start_micro: int = 0):
+        return iter(self.batches[start_micro:])
 
 
-def _waited(iterator):
-    """(item, seconds spent waiting for it) for each item of ``iterator``."""
-    iterator = iter(iterator)
-    while True:
-        start = time.perf_counter()
-        item = next(iterator, None)
-        if item is None:
-            return
-        yield item, time.perf_counter() - start
+def timed_steps(trainer, schedule, ready_batches, args, batch: int) -> dict:
+    """`--warmup-steps` untimed then `--steps` timed training steps, run by the training loop itself
+    (`loop.run_steps`, values read one step late) over ``ready_batches``: samples/s, and the share of that
+    time spent waiting for the next ready batch."""
+    from train_student.loop import StepTimer, run_steps
+
+    total = args.warmup_steps + args.steps
+    timer = StepTimer(global_batch=batch, untimed_steps=args.warmup_steps, last_step=total, device=trainer.device)
+    run_steps(trainer, schedule, ready_batches, timer, step=0, last_step=total)
+    return timer.rates()
 
 
 def render_seconds(batches, recipe, device) -> float:
@@ -140,34 +125,37 @@ def render_seconds(batches, recipe, device) -> float:
     return (time.perf_counter() - start) / len(batches)
 
 
-def step_rates(model, optimizer, ema, batches, recipe, device, warmup: int) -> dict:
+def step_rates(trainer, schedule, batches, recipe, args, batch: int) -> dict:
     """The cached-target step as trained (rendered ahead) and the same step on views and targets staged on the
     device beforehand."""
+    from train_student.loop import rendered_ahead
     from train_student.prefetch import render_ahead
-    from train_student.step import CachedTargets
 
-    source = CachedTargets()
-    with render_ahead(iter(batches), recipe.views, device, source) as ahead:
-        cached = timed_steps(model, optimizer, ema, ahead, source, recipe, device, warmup)
-    with render_ahead(iter(batches), recipe.views, device, source, depth=len(batches)) as ahead:
+    cached = timed_steps(trainer, schedule, rendered_ahead(Fetched(batches), recipe.views, trainer.device,
+                                                           trainer.source), args, batch)
+    with render_ahead(iter(batches), recipe.views, trainer.device, trainer.source, depth=len(batches)) as ahead:
         staged = list(ahead)
-    _sync(device)
-    ceiling = timed_steps(model, optimizer, ema, iter(staged), source, recipe, device, warmup)
+    _sync(trainer.device)
+    ceiling = timed_steps(trainer, schedule, lambda epoch, start_micro: nullcontext(iter(staged)), args, batch)
     return {"cached": cached["samples_per_s"], "staged": ceiling["samples_per_s"]}
 
 
 def training_step_rates(args, recipe, store, backgrounds, plan, device, batch: int) -> dict:
     """Samples/s of the cached-target step (rendered ahead, and staged beforehand), of the online-teacher step,
-    and of the cached step on the live feed; eager, and compiled with ``--compile on|both``."""
+    and of the cached step on the live feed; eager, and compiled with ``--compile on|both``. The steps follow
+    the recipe's schedule as a one-device run at this batch would."""
     import torch
 
     from dpal.teachers import load_teacher
     from formats.images import ImageFile
     from train_student.data import CachedFeed, OnlineFeed
-    from train_student.prefetch import render_ahead
-    from train_student.step import CachedTargets, OnlineTeacher, build_distiller
+    from train_student.loop import Schedule, Trainer, rendered_ahead
+    from train_student.step import CachedTargets, OnlineTeacher, build_distiller, make_autocast
 
     total = args.warmup_steps + args.steps
+    schedule = Schedule(dataclasses.replace(recipe.optim, accum_steps=1), plan.steps_per_epoch,
+                        recipe.optim.peak_lr(batch))
+    autocast = make_autocast(device, recipe.optim)
     cached_feed = CachedFeed(args.images, store, backgrounds, plan, recipe.views, workers=args.workers,
                              pin=device.type == "cuda")
     cached_batches = list(_batches(cached_feed, total, keep=True))
@@ -177,8 +165,9 @@ def training_step_rates(args, recipe, store, backgrounds, plan, device, batch: i
     result = {}
     for compiled in {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]:
         torch.manual_seed(0)
-        model, ema, optimizer = build_distiller(recipe, device, 1e-4, compile_model=compiled)
-        rates = step_rates(model, optimizer, ema, cached_batches, recipe, device, args.warmup_steps)
+        model, ema, optimizer = build_distiller(recipe, device, schedule.peak_lr, compile_model=compiled)
+        trainer = Trainer(model, ema, optimizer, CachedTargets(), autocast, world_size=1)
+        rates = step_rates(trainer, schedule, cached_batches, recipe, args, batch)
         prefix = "compiled_" if compiled else ""
         result.update({f"{prefix}cached_step_samples_per_s": rates["cached"],
                        f"{prefix}staged_step_samples_per_s": rates["staged"],
@@ -186,15 +175,14 @@ def training_step_rates(args, recipe, store, backgrounds, plan, device, batch: i
     if "compiled_cached_step_samples_per_s" in result and "cached_step_samples_per_s" in result:
         result["compile_speedup"] = result["compiled_cached_step_samples_per_s"] / result["cached_step_samples_per_s"]
     last = "compiled_" if args.compile != "off" else ""  # the online and live-feed rows use the last model built
-    source = CachedTargets()
-    with render_ahead(_batches(cached_feed, total, keep=False), recipe.views, device, source) as live:
-        live_rate = timed_steps(model, optimizer, ema, live, source, recipe, device, args.warmup_steps)
+    live_rate = timed_steps(trainer, schedule, rendered_ahead(cached_feed, recipe.views, device, trainer.source),
+                            args, batch)
     step_seconds = batch / result[f"{last}staged_step_samples_per_s"]
     teacher = load_teacher(recipe.teacher.name, args.teacher_weights, **args.teacher_options).to(device)
-    online = OnlineTeacher.calibrated(teacher, args.images, backgrounds, recipe.views, device,
-                                      count=args.calibration_images, seed=0, batch=batch)
-    with render_ahead(iter(online_batches), recipe.views, device, online) as ahead:
-        online_rate = timed_steps(model, optimizer, ema, ahead, online, recipe, device, args.warmup_steps)
+    online = dataclasses.replace(trainer, source=OnlineTeacher.calibrated(
+        teacher, args.images, backgrounds, recipe.views, device, count=args.calibration_images, seed=0, batch=batch))
+    online_rate = timed_steps(online, schedule, rendered_ahead(Fetched(online_batches), recipe.views, device,
+                                                               online.source), args, batch)
     cached_rate = result[f"{last}cached_step_samples_per_s"]
     return {**result, "online_step_samples_per_s": online_rate["samples_per_s"],
             "speedup": cached_rate / online_rate["samples_per_s"],

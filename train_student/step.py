@@ -1,6 +1,6 @@
 """One training step as its own unit: the model it trains, where its targets come from, and the update.
 
-`train.py` (the run, top to bottom) and `bench.py` run the same loop over it:
+`loop.run_steps`, the loop that `train.py` and `bench.py` both run, goes over it like this:
 
     batches = render_ahead(feed.epoch(epoch), cfg, device, source)   # prefetch.py: views of N+1 during N
     for ready in batches:

@@ -1,64 +1,54 @@
 """Student training from cached teacher targets (or, as a baseline, from a teacher run at every step).
 
-Reads top to bottom like nanoGPT's train.py: set up ranks and devices, check the inputs, build the
-student, decoder, EMA and optimizer, restore a checkpoint if resuming, then loop over epochs and
-micro-batches: the views of the next micro-batch are rendered from their parameters on the training
-device while this one computes (`prefetch.render_ahead`), the step (`step.py`: loss terms through
-`dpal.distill.distill_step_losses` with targets from the store or the online teacher, AdamW, EMA) runs,
-and the step before's values are read, checked and logged; checkpoints as asked. At the end: a final
-checkpoint, the student and its EMA exported (`train_student.export.write_exports`; also every --export-every
-steps), and a PNG of the loss curves.
+Reads top to bottom like nanoGPT's train.py: `_train` sets up ranks and devices, checks the inputs, claims
+the run folder, builds the student, decoder, EMA and optimizer (restoring a checkpoint if resuming), opens
+the data feed and the target source, then runs `loop.run_steps`: the views of the next micro-batch are
+rendered from their parameters on the training device while this one computes (`prefetch.render_ahead`),
+the step (`step.py`: loss terms through `dpal.distill.distill_step_losses` with targets from the store or
+the online teacher, AdamW, EMA) runs, and the step before's values are read, checked and logged
+(`loop.StepLog`); validation, checkpoints and exports as asked (`loop.RunFolder`). At the end: a final
+checkpoint, the student and its EMA exported (`train_student.export.write_exports`), and a PNG of the loss
+curves.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
-import signal
 import sys
-import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from dpal import dispatch
-from dpal.config import Recipe
-from dpal.losses import LossTerms, moe_weight
+from dpal.config import OptimConfig, Recipe
 from dpal.pairs import resolve_recipe
 from dpal.recipes import RECIPES
 from dpal.views import STALE_VIEW_RECORDS, VIEW_PARAMS_VERSION
 from formats.images import ImageFile, check_images, images_fingerprint
 from formats.run_spec import spec_dict
-from formats.store import StoreError, file_sha256, integrity_problems, open_store, repair_hint
+from formats.store import StoreError, TargetStore, file_sha256, integrity_problems, open_store, repair_hint
 from formats.teacher_side import BackgroundPool
 from formats.view_records import describe_view_set_reuse
 import kernels
-from runtime.ahead import HostCopy
-from runtime.cli import Interrupted, exit_status, note_adjusted, setup_logging
+from runtime.cli import exit_status, note_adjusted, setup_logging
 from runtime.distributed import setup_distributed
-from train_student.checkpoint import (CHECKPOINT_NAME, RUN_CONFIG_NAME, claim_run_folder, keep_step_copy,
-                                      load_checkpoint, recorded_compute_threads, recorded_run_id, rng_state,
-                                      save_checkpoint, set_rng_state)
+from train_student.checkpoint import (CHECKPOINT_NAME, RUN_CONFIG_NAME, claim_run_folder, load_checkpoint,
+                                      recorded_compute_threads, recorded_run_id, set_rng_state)
 from train_student.data import CachedFeed, FeedPlan, OnlineFeed, compute_threads
-from train_student.export import write_exports
-from train_student.metrics import LOSS_PLOT, METRICS_CSV, MetricsLog, plot_losses
-from train_student.prefetch import render_ahead
+from train_student.loop import RunFolder, Schedule, StepLog, StopRequest, Trainer, rendered_ahead, run_steps
+from train_student.metrics import MetricsLog
 from train_student.spec import TrainSpec
-from train_student.step import (CachedTargets, OnlineTeacher, TrainingError, build_distiller, forward_backward,
-                                make_autocast, optimizer_step)
+from train_student.step import CachedTargets, OnlineTeacher, TrainingError, build_distiller, make_autocast
 from train_student.validation import (Validation, online_teacher, open_validation_store, store_teacher,
                                       validation_record)
 
 LOG = logging.getLogger("dpal.train")
-# Plain log lines per run when there is no progress bar (not a terminal, or --no-progress).
-LOG_LINES_PER_RUN = 50
 
 # Settings that may differ when a run is resumed: they do not change what is computed (--workers sets FFCV's
 # decoding threads only, `runtime.startup.startup`; torch's threads are the recorded compute_threads).
@@ -73,60 +63,12 @@ INEXACT_KEYS = {"compile": "pass --compile or --no-compile as recorded",
                 "ranks": "launch as many ranks as recorded (torchrun --nnodes x --nproc_per_node)"}
 
 
-class StopRequest:
-    """SIGINT / SIGTERM during the training loop: remembered, and acted on at the next optimizer step
-    boundary (all ranks agree through a host-side vote there), where a checkpoint is written and the run
-    stops; a second signal stops at once, without saving."""
-
-    def __init__(self, describe_kept):
-        self.signum: int | None = None
-        self.describe_kept = describe_kept
-
-    def install(self) -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} again before the step "
-                                      f"ended, without saving; {self.describe_kept()}")
-        self.signum = signum
-        print(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
-              f"(send it again to stop at once without saving)", file=sys.stderr)
-
-
-class StepValues(NamedTuple):
-    """An optimizer step whose values are still on their way from the device, with its host-side figures."""
-    step: int
-    epoch: int
-    lr: float
-    momentum: float
-    moe_weight: float
-    seconds: float  # host time of the step
-    data_wait: float  # of which waiting for the next ready batch
-    values: HostCopy  # [loss terms..., grad norm], on its way from the device
-
-
 def apply_overrides(recipe: Recipe, spec: TrainSpec) -> Recipe:
     """The recipe with the CLI's optimisation overrides (every unset flag keeps the recipe's value)."""
     optim = {"epochs": spec.epochs, "warmup_epochs": spec.warmup_epochs, "base_lr": spec.blr,
              "min_lr": spec.min_lr, "weight_decay": spec.weight_decay, "accum_steps": spec.accum_steps}
     optim = {key: value for key, value in optim.items() if value is not None}
     return dataclasses.replace(recipe, optim=dataclasses.replace(recipe.optim, **optim))
-
-
-def learning_rate(step: int, *, peak: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up from 0 (step i of W gets peak * i / W, as the original's lr_sched), then half-cosine
-    to min_lr at total_steps (per iteration)."""
-    if step < warmup_steps:
-        return peak * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def ema_momentum(step: int, *, start: float, end: float, total_steps: int) -> float:
-    """Cosine from `start` at step 0 to `end` at the last step, per iteration over the whole run."""
-    return end - (end - start) * 0.5 * (1.0 + math.cos(math.pi * min(step / max(1, total_steps), 1.0)))
 
 
 def run_record(spec: TrainSpec, recipe: Recipe, global_batch: int, images_fingerprint: str,
@@ -182,305 +124,212 @@ def check_view_records_of_run(run_dir: Path) -> None:
                             f"another folder (its store, if any, rebuilt with `python -m cache_teacher run`)")
 
 
-def train(spec: TrainSpec) -> Path:
-    with ExitStack() as held:  # the run folder's writer lock, from the folder's check to the end of the run
-        return _train(spec, held)
+class Inputs(NamedTuple):
+    """The run's checked inputs: the images file's fingerprint, the background pool, and the target store
+    (with its identity, all but file locations) or the online teacher."""
+    fingerprint: str
+    backgrounds: BackgroundPool
+    store: TargetStore | None
+    store_identity: dict | None
+    teacher: torch.nn.Module | None
+    num_images: int
+    chunk_images: int
 
 
-def _train(spec: TrainSpec, held: ExitStack) -> Path:
-    # ---------------------------------------------------------------- ranks, device, recipe
+def set_up_process(spec: TrainSpec) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device), with the kernels, the reference path and determinism as asked."""
     rank, world_size, device = setup_distributed(spec.device)
-    master = rank == 0
-    recipe = apply_overrides(resolve_recipe(spec.recipe), spec)
-    optim = recipe.optim
     kernels.register()  # the fused ops for CUDA tensors
     if spec.reference_path:
         dispatch.force_reference(True)
     if spec.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    return rank, world_size, device
+
+
+def global_batch_size(spec: TrainSpec, optim: OptimConfig, world_size: int) -> int:
     global_batch = spec.batch_size or optim.batch_per_gpu * world_size * optim.accum_steps
     if global_batch % (world_size * optim.accum_steps):
         raise TrainingError(f"--batch-size {global_batch} is not divisible by {world_size} ranks x "
                             f"{optim.accum_steps} accumulation steps; choose a multiple of "
                             f"{world_size * optim.accum_steps}")
-    micro_batch = global_batch // (world_size * optim.accum_steps)
+    return global_batch
 
-    # ---------------------------------------------------------------- inputs (all checked before writing)
+
+def open_inputs(spec: TrainSpec, recipe: Recipe, device: torch.device, master: bool) -> Inputs:
     fingerprint = images_fingerprint(spec.images)
     for path in (spec.images, spec.backgrounds):  # every image against its CRC32C from `pack` (README: cost)
         check_images(path, progress=master and spec.progress and sys.stderr.isatty())
     backgrounds = BackgroundPool(spec.backgrounds)
-    teacher = store = store_identity = None
     if spec.teacher_online:
         from dpal.teachers import load_teacher
         if not spec.teacher_weights:
             raise TrainingError("--teacher-online needs --teacher-weights W.pth (the teacher's released checkpoint)")
         teacher = load_teacher(recipe.teacher.name, spec.teacher_weights, **spec.teacher_options).to(device)
-        num_images, chunk_images = ImageFile(spec.images).num_images, 1
-    else:
-        store = open_store(spec.store)
-        if spec.check_store:  # every shard file against its CRC32C now, not in the epoch that first reads it
-            if problems := integrity_problems(store):
-                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-                raise StoreError(f"--check-store: {problems[0]}{more}; {repair_hint(store.path)}")
-        store.check_compatible(recipe, recipe.views, fingerprint, images_fingerprint(spec.backgrounds))
-        num_images, chunk_images = store.num_images, store.chunk_images
-        # The run is bound to this exact store: its unique id, seed, image count, ... (all but file locations).
-        store_identity = {key: value for key, value in store.attrs.items() if not key.endswith("_path")}
-    plan = FeedPlan(num_images=num_images, chunk_images=chunk_images, micro_batch=micro_batch,
+        return Inputs(fingerprint, backgrounds, None, None, teacher, ImageFile(spec.images).num_images, 1)
+    store = open_store(spec.store)
+    if spec.check_store:  # every shard file against its CRC32C now, not in the epoch that first reads it
+        if problems := integrity_problems(store):
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise StoreError(f"--check-store: {problems[0]}{more}; {repair_hint(store.path)}")
+    store.check_compatible(recipe, recipe.views, fingerprint, images_fingerprint(spec.backgrounds))
+    # The run is bound to this exact store: its unique id, seed, image count, ... (all but file locations).
+    store_identity = {key: value for key, value in store.attrs.items() if not key.endswith("_path")}
+    return Inputs(fingerprint, backgrounds, store, store_identity, None, store.num_images, store.chunk_images)
+
+
+def feed_plan(spec: TrainSpec, inputs: Inputs, optim: OptimConfig, global_batch: int, *, world_size: int,
+              rank: int) -> FeedPlan:
+    """Which images each rank reads in which order: micro-batches of the global batch over ranks and
+    accumulation steps."""
+    plan = FeedPlan(num_images=inputs.num_images, chunk_images=inputs.chunk_images,
+                    micro_batch=global_batch // (world_size * optim.accum_steps),
                     world_size=world_size, rank=rank, accum_steps=optim.accum_steps, seed=spec.seed,
                     window_images=spec.window_images)
     if plan.steps_per_epoch < 1:
-        raise TrainingError(f"global batch {global_batch} is larger than the {num_images} images of "
+        raise TrainingError(f"global batch {global_batch} is larger than the {inputs.num_images} images of "
                             f"{spec.images}; use a smaller --batch-size")
-    if master:
-        print(describe_view_set_reuse(optim.epochs, store.views_per_image) if store is not None else
-              "online teacher: every view set is new (used once)")
-    validation = None
-    if spec.val_store:
-        val_images = spec.val_images or spec.images
-        teacher_identity = store_teacher(store.attrs) if store is not None else \
-            online_teacher(spec.teacher_weights, spec.teacher_options, device)
-        val_store = open_validation_store(spec.val_store, recipe=recipe, images=val_images,
-                                          backgrounds=spec.backgrounds, teacher=teacher_identity,
-                                          training_images_fingerprint=fingerprint,
-                                          training_store_seed=None if store is None else store.attrs["seed"])
-        validation = Validation(val_store, val_images, backgrounds, recipe, device)
-    total_steps = optim.epochs * plan.steps_per_epoch
-    warmup_steps = optim.warmup_epochs * plan.steps_per_epoch
-    last_step = total_steps if spec.max_steps is None else min(total_steps, spec.max_steps)
-    if spec.max_steps is not None:
-        note_adjusted("--max-steps", spec.max_steps, last_step, f"the schedule has {total_steps} steps in all")
-    peak_lr = spec.lr if spec.lr is not None else optim.peak_lr(global_batch)
+    return plan
 
+
+def open_validation(spec: TrainSpec, recipe: Recipe, inputs: Inputs, device: torch.device) -> Validation | None:
+    """The --val-store's evaluation, checked against the training inputs (None without one)."""
+    if not spec.val_store:
+        return None
+    store = inputs.store
+    val_images = spec.val_images or spec.images
+    teacher_identity = store_teacher(store.attrs) if store is not None else \
+        online_teacher(spec.teacher_weights, spec.teacher_options, device)
+    val_store = open_validation_store(spec.val_store, recipe=recipe, images=val_images,
+                                      backgrounds=spec.backgrounds, teacher=teacher_identity,
+                                      training_images_fingerprint=inputs.fingerprint,
+                                      training_store_seed=None if store is None else store.attrs["seed"])
+    return Validation(val_store, val_images, inputs.backgrounds, recipe, device)
+
+
+def claim_run(spec: TrainSpec, held: ExitStack, recipe: Recipe, global_batch: int, inputs: Inputs,
+              validation: Validation | None, device: torch.device, world_size: int) -> tuple[Path, str]:
+    """(run folder, run id): the folder locked for the run (a second process or job is refused), checked
+    against the run's record (or prepared for a new run), and torch's threads set as recorded."""
     run_dir = Path(spec.out)
     if spec.resume:
         check_view_records_of_run(run_dir)
     threads = compute_threads(recorded_compute_threads(run_dir) if spec.resume else None)
     torch.set_num_threads(threads)
-    config = run_record(spec, recipe, global_batch, fingerprint, store_identity,
-                        None if validation is None else validation_record(validation.store, val_images),
+    config = run_record(spec, recipe, global_batch, inputs.fingerprint, inputs.store_identity,
+                        None if validation is None else
+                        validation_record(validation.store, spec.val_images or spec.images),
                         device=device, ranks=world_size, threads=threads)
-    # Rank 0 locks the folder (a second process or job is refused), then checks and prepares it.
     held.enter_context(claim_run_folder(run_dir, config, resume=spec.resume, resumable_keys=RESUMABLE_KEYS,
                                         inexact_keys=INEXACT_KEYS, inexact=spec.inexact_resume))
-    run_id = recorded_run_id(run_dir)
+    return run_dir, recorded_run_id(run_dir)
 
-    # ---------------------------------------------------------------- model, EMA, optimizer
+
+def build_or_resume(spec: TrainSpec, recipe: Recipe, device: torch.device, peak_lr: float, run_dir: Path,
+                    run_id: str, *, rank: int, world_size: int):
+    """(Distiller, its student's EMA, AdamW, steps done): built, and with --resume loaded from the checkpoint
+    with each rank's random state."""
     torch.manual_seed(spec.seed)  # identical init everywhere (DDP also broadcasts rank 0's weights)
     model, ema_student, optimizer = build_distiller(recipe, device, peak_lr, compile_model=spec.compile,
                                                     student_weights=None if spec.resume else spec.student_weights)
-    step = 0
-    if spec.resume:
-        state = load_checkpoint(run_dir, run_id)
-        model.student.load_state_dict(state["student"])
-        model.decoder.load_state_dict(state["decoder"])
-        ema_student.load_state_dict(state["student_ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        rng_states = state["rng"]
-        if len(rng_states) == world_size:
-            set_rng_state(rng_states[rank], device)
-        else:
-            torch.manual_seed(spec.seed + 1000 * step + rank)
-    else:
+    if not spec.resume:
         torch.manual_seed(spec.seed + 1 + rank)  # per-rank stream for drop-path draws
-    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else model
-    autocast = make_autocast(device, optim)
-    student_params, ema_params = list(model.student.parameters()), list(ema_student.parameters())
-    trained_params = list(model.parameters())
-
-    # ---------------------------------------------------------------- data feed, target source
-    pin = device.type == "cuda"
-    if spec.teacher_online:
-        feed = OnlineFeed(spec.images, backgrounds, plan, recipe.views, workers=spec.workers)
-        source = OnlineTeacher.calibrated(teacher, spec.images, backgrounds, recipe.views, device,
-                                          count=spec.calibration_images, seed=spec.seed, batch=micro_batch)
+        return model, ema_student, optimizer, 0
+    state = load_checkpoint(run_dir, run_id)
+    model.student.load_state_dict(state["student"])
+    model.decoder.load_state_dict(state["decoder"])
+    ema_student.load_state_dict(state["student_ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    step = state["step"]
+    rng_states = state["rng"]
+    if len(rng_states) == world_size:
+        set_rng_state(rng_states[rank], device)
     else:
-        feed = CachedFeed(spec.images, store, backgrounds, plan, recipe.views, workers=spec.workers, pin=pin)
-        source = CachedTargets()
+        torch.manual_seed(spec.seed + 1000 * step + rank)
+    return model, ema_student, optimizer, step
 
-    def checkpoint_state() -> dict:
-        rng_states = [rng_state(device)]
-        if world_size > 1:
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, rng_states[0])
-            rng_states = gathered
-        return {"recipe": recipe.name, "step": step, "moe_weight": moe_weight(step_epoch(step), optim),
-                "student": model.student.state_dict(),
-                "decoder": model.decoder.state_dict(), "student_ema": ema_student.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": rng_states}
 
-    saved_step = step if spec.resume else None
+def open_feed(spec: TrainSpec, recipe: Recipe, inputs: Inputs, plan: FeedPlan, device: torch.device):
+    """(the data feed, the target source): the store's targets, or the teacher with its shape-mask calibration."""
+    if spec.teacher_online:
+        return (OnlineFeed(spec.images, inputs.backgrounds, plan, recipe.views, workers=spec.workers),
+                OnlineTeacher.calibrated(inputs.teacher, spec.images, inputs.backgrounds, recipe.views, device,
+                                         count=spec.calibration_images, seed=spec.seed, batch=plan.micro_batch))
+    return (CachedFeed(spec.images, inputs.store, inputs.backgrounds, plan, recipe.views, workers=spec.workers,
+                       pin=device.type == "cuda"), CachedTargets())
 
-    def export(student, ema) -> None:
-        write_exports(run_dir, student, ema, step=step, recipe=recipe.name, global_batch=global_batch,
-                      program=spec.export_program)
 
-    def kept() -> str:
-        return (f"the last checkpoint {run_dir / CHECKPOINT_NAME} (step {saved_step}) is kept"
-                if saved_step is not None else "no checkpoint had been written yet, nothing of the run is kept")
+def describe_start(spec: TrainSpec, recipe: Recipe, trainer: Trainer, schedule: Schedule, inputs: Inputs,
+                   plan: FeedPlan, step: int, last_step: int, run_dir: Path) -> str:
+    """The run's first log line: what trains on what, how big, for how long, where."""
+    def millions(module) -> str:
+        return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}M"
 
-    def step_epoch(done_steps: int) -> int:
-        """The epoch of the last of `done_steps` optimizer steps."""
-        return max(0, done_steps - 1) // plan.steps_per_epoch
+    optim, model, world_size = schedule.optim, trainer.model, trainer.world_size
+    source_text = (f"online teacher {spec.teacher_weights}" if spec.teacher_online else
+                   f"store {spec.store} (K={inputs.store.attrs.get('views_per_image')} view sets per image)")
+    return (f"{'resuming at step ' + str(step) if spec.resume else 'starting'}: recipe {recipe.name} on "
+            f"{world_size} x {trainer.device}; parameters: student {millions(model.student)}, decoder "
+            f"{millions(model.decoder)}, EMA {millions(trainer.ema_student)}; {inputs.num_images} images, "
+            f"{source_text}; global batch {plan.global_batch} ({world_size} ranks x {optim.accum_steps} "
+            f"accumulation x {plan.micro_batch}); {schedule.steps_per_epoch} steps per epoch x {optim.epochs} epochs = "
+            f"{schedule.total_steps} steps, running to {last_step}; peak lr {schedule.peak_lr:.3g} after "
+            f"{schedule.warmup_steps} warm-up steps; run folder {run_dir}")
 
-    def validate() -> None:
-        """Evaluate on the validation store after `step` steps and log it (rank 0; the others go on)."""
-        if validation is None or log is None:
-            return
-        terms = validation.mean(model.student, model.decoder, autocast=autocast,
-                                moe_loss_weight=moe_weight(step_epoch(step), optim))
-        log.log_validation({"step": step, "epoch": step_epoch(step), **terms})
 
-    stop = StopRequest(kept)  # from here on a signal stops at a step boundary, with a checkpoint
-    stop.install()
-    log = MetricsLog(run_dir, resume_step=step if spec.resume else None,
-                     validation=validation is not None) if master else None
+def progress_bar(spec: TrainSpec, recipe: Recipe, global_batch: int, step: int, last_step: int):
+    """A tqdm bar of the steps on a terminal unless --no-progress (None: plain log lines instead)."""
+    if not (spec.progress and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True,
+                desc=f"{recipe.name} (global batch {global_batch})")
+
+
+def train(spec: TrainSpec) -> Path:
+    with ExitStack() as held:  # the run folder's writer lock, from the folder's check to the end of the run
+        return _train(spec, held)
+
+
+def _train(spec: TrainSpec, held: ExitStack) -> Path:
+    rank, world_size, device = set_up_process(spec)
+    master = rank == 0
+    recipe = apply_overrides(resolve_recipe(spec.recipe), spec)
+    global_batch = global_batch_size(spec, recipe.optim, world_size)
+    inputs = open_inputs(spec, recipe, device, master)  # all checked before anything is written
+    plan = feed_plan(spec, inputs, recipe.optim, global_batch, world_size=world_size, rank=rank)
     if master:
-        def millions(module) -> str:
-            return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}M"
-
-        source_text = (f"online teacher {spec.teacher_weights}" if spec.teacher_online else
-                       f"store {spec.store} (K={store.attrs.get('views_per_image')} view sets per image)")
-        LOG.info(f"{'resuming at step ' + str(step) if spec.resume else 'starting'}: recipe {recipe.name} on "
-                 f"{world_size} x {device}; parameters: student {millions(model.student)}, decoder "
-                 f"{millions(model.decoder)}, EMA {millions(ema_student)}; {num_images} images, {source_text}; "
-                 f"global batch {global_batch} ({world_size} ranks x {optim.accum_steps} accumulation x "
-                 f"{micro_batch}); {plan.steps_per_epoch} steps per epoch x {optim.epochs} epochs = {total_steps} "
-                 f"steps, running to {last_step}; peak lr {peak_lr:.3g} after {warmup_steps} warm-up steps; "
-                 f"run folder {run_dir}")
-    plain_every = max(1, last_step // LOG_LINES_PER_RUN)
-    progress = None
-    if master and spec.progress and sys.stderr.isatty():
-        from tqdm import tqdm
-        progress = tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True,
-                        desc=f"{recipe.name} (global batch {global_batch})")
-
-    # ---------------------------------------------------------------- training loop
-    # The host reads a step's values (loss terms, grad norm) one step late, once the next step is queued
-    # behind them, so the device queue never runs dry; a checkpoint first settles the step it saves.
-    pending: StepValues | None = None
-
-    def settle() -> None:
-        """Read the pending step's values: stop the run if they are not finite, else log them."""
-        nonlocal pending
-        if pending is None:
-            return
-        done, pending = pending, None
-        *values, grad_norm = done.values.wait().tolist()
-        terms = LossTerms(*values)
-        if not all(math.isfinite(v) for v in values + [grad_norm]):
-            named = ", ".join(f"{name}={value}" for name, value in terms.by_name().items())
-            raise TrainingError(f"loss or gradient is not finite at step {done.step} (epoch {done.epoch}): "
-                                f"{named}, grad norm={grad_norm}; training stopped, {kept()}. Check the store's "
-                                f"targets and the learning rate.")
-        if log is not None:
-            log.log({"step": done.step, "epoch": done.epoch, **terms.by_name(),
-                     "lr": done.lr, "ema_momentum": done.momentum, "moe_weight": done.moe_weight,
-                     "grad_norm": grad_norm, "samples_per_s": global_batch / done.seconds,
-                     "data_wait_share": done.data_wait / done.seconds})
-        if progress is not None:
-            progress.set_postfix(loss=f"{terms.total:.4f}", lr=f"{done.lr:.2e}",
-                                 samples_s=f"{global_batch / done.seconds:.1f}", refresh=False)
-            progress.update(1)
-        elif master and (done.step % plain_every == 0 or done.step == last_step):
-            LOG.info(f"step {done.step}/{last_step} epoch {done.epoch}: loss {terms.total:.4f} lr {done.lr:.3g} "
-                     f"grad norm {grad_norm:.3g} {global_batch / done.seconds:.1f} samples/s")
-
-    # The stop vote is a host-side all-reduce (gloo) at every step boundary: ranks agree without a device sync.
-    stop_group = dist.new_group(backend="gloo") if world_size > 1 and device.type == "cuda" else None
-
-    def stop_voted() -> bool:
-        """Whether any rank was signalled."""
-        vote = torch.tensor([float(stop.signum is not None)])
-        if world_size > 1:
-            dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=stop_group)
-        return bool(vote.item() > 0)
-
-    ddp_model.train()
-    epoch, start_micro = divmod(step, plan.steps_per_epoch)
-    start_micro *= optim.accum_steps
-    step_start, data_wait = time.perf_counter(), 0.0
-    sums = None
-    micro_in_step = 0
-    batches = None
+        print(describe_view_set_reuse(recipe.optim.epochs, inputs.store.views_per_image) if inputs.store is not None
+              else "online teacher: every view set is new (used once)")
+    validation = open_validation(spec, recipe, inputs, device)
+    schedule = Schedule(recipe.optim, plan.steps_per_epoch, spec.lr if spec.lr is not None else
+                        recipe.optim.peak_lr(global_batch))
+    last_step = schedule.total_steps if spec.max_steps is None else min(schedule.total_steps, spec.max_steps)
+    if spec.max_steps is not None:
+        note_adjusted("--max-steps", spec.max_steps, last_step, f"the schedule has {schedule.total_steps} steps in all")
+    run_dir, run_id = claim_run(spec, held, recipe, global_batch, inputs, validation, device, world_size)
+    model, ema_student, optimizer, step = build_or_resume(spec, recipe, device, schedule.peak_lr, run_dir, run_id,
+                                                          rank=rank, world_size=world_size)
+    autocast = make_autocast(device, recipe.optim)
+    feed, source = open_feed(spec, recipe, inputs, plan, device)
+    trainer = Trainer(model, ema_student, optimizer, source, autocast, world_size)
+    folder = RunFolder(run_dir, run_id, spec, trainer, schedule, recipe=recipe.name, global_batch=global_batch,
+                       master=master, validation=validation, saved_step=step if spec.resume else None)
+    stop = StopRequest(folder.kept, world_size=world_size, device=device)
+    stop.install()  # from here on a signal stops at a step boundary, with a checkpoint
+    if master:
+        LOG.info(describe_start(spec, recipe, trainer, schedule, inputs, plan, step, last_step, run_dir))
+    log = StepLog(global_batch=global_batch, last_step=last_step, kept=folder.kept, plain_lines=master,
+                  metrics=MetricsLog(run_dir, resume_step=step if spec.resume else None,
+                                     validation=validation is not None) if master else None,
+                  progress=progress_bar(spec, recipe, global_batch, step, last_step) if master else None)
     try:
-        while step < last_step:
-            moe_loss_weight = moe_weight(epoch, optim)
-            # views of micro-batch N+1 are rendered (and its targets staged) while N computes
-            batches = render_ahead(feed.epoch(epoch, start_micro), recipe.views, device, source)
-            while step < last_step:
-                wait_start = time.perf_counter()
-                ready = next(batches, None)
-                data_wait += time.perf_counter() - wait_start
-                if ready is None:
-                    break
-                micro_in_step += 1
-                last_micro = micro_in_step == optim.accum_steps
-                sync = nullcontext() if last_micro or world_size == 1 else ddp_model.no_sync()
-                with sync:
-                    terms = forward_backward(ddp_model, ready, source, autocast, moe_loss_weight, optim.accum_steps)
-                sums = terms if sums is None else sums + terms
-                if not last_micro:
-                    continue
-
-                lr = learning_rate(step, peak=peak_lr, min_lr=optim.min_lr, warmup_steps=warmup_steps,
-                                   total_steps=total_steps)
-                momentum = ema_momentum(step, start=optim.ema_momentum[0], end=optim.ema_momentum[1],
-                                        total_steps=total_steps)
-                values = optimizer_step(optimizer, trained_params, student_params, ema_params, sums,
-                                        accum_steps=optim.accum_steps, lr=lr, momentum=momentum,
-                                        world_size=world_size)
-                step += 1
-                now = time.perf_counter()
-                settle()  # the step before this one
-                pending = StepValues(step, epoch, lr, momentum, moe_loss_weight, now - step_start, data_wait, values)
-                step_start, data_wait, sums, micro_in_step = now, 0.0, None, 0
-                stopping = stop_voted() and step < last_step
-                if spec.val_every and step % spec.val_every == 0 and step < last_step:
-                    validate()  # before the checkpoint: a resume from it never misses this row
-                if stopping or (spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < last_step):
-                    settle()  # no checkpoint after a step whose values were not checked
-                    state = checkpoint_state()
-                    if master:
-                        save_checkpoint(run_dir, state, run_id)
-                        keep_step_copy(run_dir, step, spec.keep_checkpoints)
-                    saved_step = step
-                if master and spec.export_every and step % spec.export_every == 0 and step < last_step:
-                    settle()  # exports only of checked steps
-                    export(model.student, ema_student)
-                if stopping:
-                    if world_size > 1:  # no rank exits (making torchrun stop the others) before the save is done
-                        dist.barrier()
-                        dist.destroy_process_group()
-                    signum = stop.signum or signal.SIGTERM  # a rank that was not signalled itself follows the others
-                    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint "
-                                              f"{run_dir / CHECKPOINT_NAME} written: continue with the same command "
-                                              f"and --resume")
-            batches.close()
-            epoch, start_micro = epoch + 1, 0
-        settle()
-        validate()
+        step = run_steps(trainer, schedule, rendered_ahead(feed, recipe.views, device, source), log, step=step,
+                         last_step=last_step, folder=folder, stop=stop)
     finally:
-        if batches is not None:
-            batches.close()
-        if progress is not None:
-            progress.close()
-        if log is not None:
-            log.close()
-
-    # ---------------------------------------------------------------- end: checkpoint, exports, plot
-    state = checkpoint_state()
-    if master:
-        save_checkpoint(run_dir, state, run_id)
-        keep_step_copy(run_dir, step, spec.keep_checkpoints)
-        export(model.student, ema_student)
-        plot_losses(run_dir / METRICS_CSV, run_dir / LOSS_PLOT)
-        LOG.info(f"finished {step} steps; run folder {run_dir}: {CHECKPOINT_NAME}, student/, student_ema/ (timm exports), "
-              f"{METRICS_CSV}, {LOSS_PLOT}, tensorboard/")
+        log.close()
+    folder.finish(step)
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
