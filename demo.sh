@@ -4,37 +4,37 @@
 # layout -> FFCV -> teacher cache (Zarr) -> verify/info -> student training -> export -> reload.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
-OUT=${DEMO_DIR:-demo_out}
-rm -rf "$OUT"  # every demo starts from scratch: inputs, store and run are regenerated
-mkdir -p "$OUT"
+DEMO=${DEMO_DIR:-demo_out}
+rm -rf "$DEMO"  # every demo starts from scratch: inputs, store and run are regenerated
+mkdir -p "$DEMO"
 step() { printf '\n=== %s\n' "$*"; }
 
 step "1/7 built-in inputs: synthetic persons, backgrounds, random PATH-B checkpoint"
-"$PY" -m cache_teacher demo-data "$OUT/inputs"
+"$PY" -m cache_teacher demo-data "$DEMO/inputs"
 
 step "2/7 pack images and backgrounds into FFCV"
-"$PY" -m cache_teacher pack "$OUT/inputs/persons" "$OUT/persons.beton"
-"$PY" -m cache_teacher pack "$OUT/inputs/backgrounds" "$OUT/backgrounds.beton"
+"$PY" -m cache_teacher pack "$DEMO/inputs/persons" "$DEMO/persons.beton"
+"$PY" -m cache_teacher pack "$DEMO/inputs/backgrounds" "$DEMO/backgrounds.beton"
 
 step "3/7 picture of what teacher and student see"
-"$PY" -m cache_teacher views grid --images "$OUT/persons.beton" --backgrounds "$OUT/backgrounds.beton" --out "$OUT/views.png"
+"$PY" -m cache_teacher views grid --images "$DEMO/persons.beton" --backgrounds "$DEMO/backgrounds.beton" --out "$DEMO/views.png"
 
 step "4/7 run the teacher once, write the target store"
-"$PY" -m cache_teacher run --teacher path-b --weights "$OUT/inputs/path-b.pth" \
-  --images "$OUT/persons.beton" --backgrounds "$OUT/backgrounds.beton" \
-  --views-per-image 2 --calibration-images 16 --out "$OUT/targets.zarr"
+"$PY" -m cache_teacher run --teacher path-b --weights "$DEMO/inputs/path-b.pth" \
+  --images "$DEMO/persons.beton" --backgrounds "$DEMO/backgrounds.beton" \
+  --views-per-image 2 --calibration-images 16 --out "$DEMO/targets.zarr"
 
 step "5/7 verify and describe the store"
-"$PY" -m cache_teacher verify "$OUT/targets.zarr" --weights "$OUT/inputs/path-b.pth"
-"$PY" -m cache_teacher info "$OUT/targets.zarr"
+"$PY" -m cache_teacher verify "$DEMO/targets.zarr" --weights "$DEMO/inputs/path-b.pth"
+"$PY" -m cache_teacher info "$DEMO/targets.zarr"
 
 step "6/7 train the default student (path-b_vit-ti) from the cache"
-"$PY" -m train_student --recipe path-b_vit-ti --store "$OUT/targets.zarr" \
-  --images "$OUT/persons.beton" --backgrounds "$OUT/backgrounds.beton" --out "$OUT/run" \
+"$PY" -m train_student --recipe path-b_vit-ti --store "$DEMO/targets.zarr" \
+  --images "$DEMO/persons.beton" --backgrounds "$DEMO/backgrounds.beton" --out "$DEMO/run" \
   --batch-size 2 --epochs 10 --warmup-epochs 1 --lr 5e-4  # 240 steps: a short real schedule on 2 CPU cores
 
 step "7/7 reload the exported student through timm (local-dir) and its torch.export program"
-"$PY" - "$OUT/run" <<'PYEOF'
+"$PY" - "$DEMO/run" <<'PYEOF'
 import sys, pathlib, torch, timm
 import dpal  # registers the students with timm
 run = pathlib.Path(sys.argv[1])
@@ -48,4 +48,4 @@ for name in ("student", "student_ema"):
     print(f"{name}: {type(model).__name__}, {sum(p.numel() for p in model.parameters())/1e6:.2f}M params, "
           f"features {tuple(out.shape)}, program matches: {same}")
 PYEOF
-printf '\nDemo finished. Outputs in %s (views.png, targets.zarr, run/ with loss plot and exports).\n' "$OUT"
+printf '\nDemo finished. Outputs in %s (views.png, targets.zarr, run/ with loss plot and exports).\n' "$DEMO"

@@ -17,8 +17,8 @@ packaging, typing-extensions, safetensors, matplotlib, tensorboard, pytest, and 
 distutils, which Python 3.12 has only through setuptools' shim).
 
 The folder also gets `requirements.txt` (exact pins, for `pip install --no-index --find-links DIR -r
-DIR/requirements.txt`). The build fails, naming the size, when the wheels exceed the limit (60 MiB: the
-device tool carries 64 MiB per call, checkout included).
+DIR/requirements.txt`). The build fails, naming the size, when the wheels exceed the limit (60 MiB, so that
+the folder and a checkout of the project copy to a GPU machine together as one small transfer).
 """
 from __future__ import annotations
 
