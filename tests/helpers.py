@@ -1,6 +1,7 @@
 """What several test modules share (test modules import from here, never from each other)."""
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import socket
@@ -111,3 +112,22 @@ def pack_demo_data(root: Path, *, persons: int) -> dict:
     for name in ("persons", "backgrounds"):
         assert cache_main(["pack", paths[name], str(root / f"{name}.beton")]) == 0
     return paths
+
+
+# Profiled aten operators that launch no device work: allocations and flag flips.
+_NO_LAUNCH_OPS = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::_unsafe_view",
+                  "aten::scalar_tensor", "aten::lift_fresh", "aten::resolve_conj", "aten::resolve_neg"}
+
+
+@functools.lru_cache(maxsize=None)
+def launches_device_work(name: str) -> bool:
+    """Whether the profiled operator `name` does device work itself: a kernel of its own (CPU or composite
+    explicit), not a view, an allocation or a composite that only calls other operators."""
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    if packet is None or name in _NO_LAUNCH_OPS:
+        return False
+    overloads = [getattr(packet, overload) for overload in packet.overloads()]
+    if any(op.is_view for op in overloads):
+        return False
+    return any(torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key)
+               for op in overloads for key in ("CPU", "CompositeExplicitAutograd"))

@@ -10,6 +10,8 @@ from kernels import cost_model, decoder_experts
 from dpal.config import DecoderSpec
 from kernels.sweep import decoder_launches, relation_launches
 
+from helpers import launches_device_work
+
 EXPERT_GEMM_PASSES = ("expert_stats", "expert_mix", "expert_grad_stats", "expert_grad")
 
 
@@ -91,7 +93,6 @@ def test_the_model_counts_the_launches_a_decoder_call_makes(monkeypatch):
     # of the plan's kernels, a cuBLAS GEMM or one of the small ops the model counts.
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from cache_teacher.views_cli import _launches
     from kernels._common import PlannedLaunch
 
     batch, dim, out_dim, tokens = 5, 24, 32, 7
@@ -120,8 +121,8 @@ def test_the_model_counts_the_launches_a_decoder_call_makes(monkeypatch):
         torch.autograd.backward((y, loss), (grad_y, grad_loss))
     decoder_experts.expert_plan.cache_clear()
 
-    def launches(event):  # an allocation (new_empty) launches nothing
-        return event.name == "triton kernel" or (_launches(event.name) and event.name != "aten::new_empty")
+    def launches(event):
+        return event.name == "triton kernel" or launches_device_work(event.name)
 
     def top_level(event):
         parent = event.cpu_parent
