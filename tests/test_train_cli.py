@@ -130,6 +130,7 @@ def test_int8_store_trains_like_the_float16_store(artefacts, reference_run):
     assert int8_row["relation"] != float16_row["relation"]  # the int8 targets were really read
 
 
+@pytest.mark.e2e
 def test_a_lossless_compact_store_trains_like_the_float16_store(artefacts, reference_run):
     """The compact format at its lossless knobs, decoded where the step's targets are staged, gives the float16
     store's first-step losses: the step itself does not change with the format."""
