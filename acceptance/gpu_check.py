@@ -50,7 +50,7 @@ from runtime.arguments import output_folder, real  # noqa: E402
 WHEELHOUSE_MODULES = {"ffcv": "ffcv", "zarr": "zarr", "numcodecs": "numcodecs", "google_crc32c": "google-crc32c"}
 STEP_KEYS = ("kernels", "train", "cuda-tests", "cache")  # for --only
 OLDEST_SUPPORTED = {"torch": (2, 11), "triton": (3, 6), "timm": (1, 0, 23)}  # requirements.txt's lower bounds
-TESTED_NUMPY = ((2, 0), (2, 5))  # requirements.txt's numpy range [low, high)
+TESTED_NUMPY = ((2, 0), (2, 6))  # requirements.txt's numpy range [low, high)
 # What the project imports at run time that the GPU image is assumed to have (not in the wheelhouse).
 IMAGE_MODULES = ("torch", "torchvision", "triton", "timm", "numpy", "numba", "cv2", "PIL", "safetensors", "tqdm",
                  "psutil", "yaml", "packaging", "matplotlib", "pytest")
@@ -322,7 +322,8 @@ def check_environment(runner: Runner, step: Step, wheelhouse: Path | None) -> No
     too_old = _too_old(info)
     runner.missing = dict(info["missing"]) | {name: f"too old: {why}" for name, why in too_old.items()}
     if "numpy" in info and not TESTED_NUMPY[0] <= _version(info["numpy"])[:2] < TESTED_NUMPY[1]:
-        notes.append(f"numpy {info['numpy']} is outside the tested range (>= 2.0, < 2.5)")
+        low, high = (".".join(map(str, bound)) for bound in TESTED_NUMPY)
+        notes.append(f"numpy {info['numpy']} is outside the tested range (>= {low}, < {high})")
     runner.report["environment"] = {**info, "machine": platform.machine(), "cpus": os.cpu_count()}
     step.figures = info
     step.detail = "; ".join(
