@@ -392,7 +392,8 @@ def _junit_counts(path: Path) -> dict | None:
 
 def run_cuda_tests(runner: Runner, step: Step, run_them: bool) -> None:
     """The CUDA cases, one pytest process per file; a file whose process dies without its results (a compiler
-    abort) is rerun one case per process. Each file's (or case's) JUnit XML lands in OUT/cuda_tests/ as it ends."""
+    abort) is rerun one case per process. Each file's (or case's) JUnit XML lands in OUT/cuda_tests/ as it ends.
+    Without a GPU (`run_them` False) one process only collects them all."""
     files = cuda_test_files()
     results = runner.out / "cuda_tests"
     results.mkdir(exist_ok=True)
@@ -400,15 +401,14 @@ def run_cuda_tests(runner: Runner, step: Step, run_them: bool) -> None:
     until = time.monotonic() + step.cap
     totals = {"files": len(files), "tests": 0, "failures": 0, "errors": 0, "skipped": 0, "collected": 0,
               "aborted": []}
-    for index, path in enumerate(files):
+    if not run_them:  # one process collects every file: what is checked here is the command, not the cases
+        rc, tail = runner.cli("cuda-tests-collect", [*base, "--collect-only", *files], until - time.monotonic())
+        collected = re.search(r"(\d+)(?:/\d+)? tests? collected", tail)
+        totals["collected"] = int(collected.group(1)) if collected else 0
+    for index, path in enumerate(files if run_them else []):
         name = Path(path).stem
         # An equal share of what is left per file still to run: one slow file cannot starve the others.
         share = (until - time.monotonic()) / (len(files) - index)
-        if not run_them:
-            rc, tail = runner.cli(f"cuda-tests-{name}", [*base, "--collect-only", path], until - time.monotonic())
-            collected = re.search(r"(\d+)(?:/\d+)? tests? collected", tail)
-            totals["collected"] += int(collected.group(1)) if collected else 0
-            continue
         junit = results / f"{name}.xml"
         rc, tail = runner.cli(f"cuda-tests-{name}", [*base, "-v", f"--junitxml={junit}", path], share)
         counts = _junit_counts(junit)
