@@ -137,8 +137,8 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
     for planned in expert["forward"] + expert["backward"]:
         name = planned.kernel.__name__.strip("_").removesuffix("_kernel")
         programs, c = math.prod(planned.grid), planned.config
-        if "BLOCK_T" in dict(c.tiles):  # per sample: its patterns' per-tile partials, read once or twice
-            partials = planned.scalars["n_tiles"] * (2 * patterns if name == "expert_stats_merge" else patterns + 2)
+        if "BLOCK_T" in dict(c.tiles):  # per sample: the merge reads its tile means twice and M2 once
+            partials = planned.scalars["n_tiles"] * (3 * patterns if name == "expert_stats_merge" else patterns + 2)
             plan.append(Launch(op, name, programs, PER_SAMPLE_PROGRAMS_PER_SM, partials * F32 * programs,
                                partials * F32 * programs))
             continue
@@ -171,11 +171,15 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
     gemm_tiles = batch * triton.cdiv(tokens, 128) * triton.cdiv(out_dim, 128)
     flops = 2.0 * batch * tokens * dim * out_dim
     plan.append(Launch(op, "cuBLAS output bmm (forward)", 1, 1, 0.0, h + mixed + z, flops, gemm_tiles=gemm_tiles))
-    plan.append(Launch(op, "gelu_layer_norm_fwd", triton.cdiv(batch * tokens, dec.ROW_BLOCK), 8, 2 * z, 2 * z))
+    # The row kernels: forward reads z and writes y, each program reading the LayerNorm's weight and bias;
+    # backward reads z and dy and writes dz, each program reading the weight and writing its dw, db partials.
+    params = out_dim * F32
+    programs = triton.cdiv(batch * tokens, dec.ROW_BLOCK)
+    plan.append(Launch(op, "gelu_layer_norm_fwd", programs, 8, 2 * z + 2 * params * programs, 2 * z))
     plan.append(Launch(op, "cuBLAS output bmm (backward: recompute, dh, dW_b)", 3, 1, 0.0,
                        3 * (h + mixed + z), 3 * flops, gemm_tiles=gemm_tiles))
     programs, _ = dec.row_programs(batch * tokens, SMS)
-    plan.append(Launch(op, "gelu_layer_norm_bwd", programs, 8, 3 * z, 3 * z))
+    plan.append(Launch(op, "gelu_layer_norm_bwd", programs, 8, 3 * z + 3 * params * programs, 3 * z))
     chunks = len(expert["backward"]) - 2  # after grad_stats and grad_constants, one du launch per chunk
     # What they move is mostly the expert weight's: the float32 parameter cast to bf16 in forward, and its
     # gradient copied out as float32 chunk by chunk in backward.

@@ -65,8 +65,8 @@ class CubinFacts:
     # comma-joined numbers of the loops around it ("" outside every loop). Per nest: instructions, MUFU
     # instructions (the special-function unit: 16 lanes per clock per SM, an eighth of the issue rate), and
     # the tensor cores' FLOPs by input type (HGMMA.MxNxK: 2MNK per warpgroup, issued by each of its 4 warps,
-    # so a quarter per warp instruction; HMMA.MNK: 2MNK per warp), and the bytes one warp instruction moves
-    # between global memory (L2) and the SM, all of it and the part cp.async copies (`global_bytes`).
+    # so a quarter per warp instruction; HMMA.MNK: 2MNK per warp), and the global-memory bytes of one warp's
+    # instructions by kind (`global_access`; for "uncounted", the number of instructions).
     loop_nests: dict = field(default_factory=dict)
 
     @property
@@ -136,28 +136,31 @@ def _mma_flops(line: str) -> tuple[str, float] | None:
 # Global-memory instructions: loads, cp.async copies into shared memory, stores, reductions and atomics.
 _GLOBAL = re.compile(r"\s((?:LDG|LDGSTS|STG|RED|ATOMG)(?:\.[A-Z0-9_]+)*)\s+(.*);")
 _WIDTHS = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}  # bytes per lane; no width suffix: 4
-# Instructions whose bytes the SASS does not say: the tensor-memory-accelerator copies (their box lives in a
-# tensor map), bulk copies.
-_UNCOUNTED = re.compile(r"\s(UTMALDG|UTMASTG|UTMAPF|UBLKCP|UBLKRED)[\s.]")
+# Copies whose bytes the SASS does not say: the tensor memory accelerator's (their box lives in a tensor map)
+# and bulk copies.
+_UNCOUNTED = re.compile(r"\s(UTMALDG|UTMASTG|UBLKCP|UBLKRED)[\s.]")
+GLOBAL_KINDS = ("load", "copy", "copy_bypass", "store", "uncounted")
 
 
-def global_bytes(line: str) -> tuple[int, bool]:
-    """(bytes one warp instruction of `line` moves between L2 and the SM: 32 lanes x its width, or 0 when it
-    is no global-memory access; whether it is a cp.async copy). What can be counted from the instruction alone:
-    every lane counts, so a lane masked off at run time (a ragged tile's edge) counts as if it moved its
-    bytes; a cp.async whose source predicate is the constant false (`!PT`: a pipeline stage past the last
-    iteration of an unrolled loop, which only zero-fills shared memory) moves nothing. A TMA or bulk copy's
-    bytes are in its tensor map, not in SASS: such an instruction raises rather than counting 0."""
+def global_access(line: str) -> tuple[str, int] | None:
+    """(kind, bytes one warp instruction moves: 32 lanes x its width) of a global-memory instruction, else None.
+    Kinds: "load" (LDG, through L1: replicated loads of a program may hit there), "copy" (cp.async, LDGSTS,
+    through L1), "copy_bypass" (LDGSTS.BYPASS, cp.async.cg: skips L1, so every byte comes from L2), "store"
+    (STG, RED, ATOMG: always reach L2), "uncounted" (a TMA or bulk copy, 0 bytes here: its size is in its
+    tensor map). Every lane counts, so a lane masked off at run time (a ragged tile's edge) counts as if it
+    moved its bytes; a cp.async whose source predicate is the constant false (`!PT`: a pipeline stage past the
+    last iteration of an unrolled loop, which only zero-fills shared memory) moves nothing."""
     if _UNCOUNTED.search(line):
-        raise ValueError(f"a TMA or bulk copy, whose bytes the SASS does not give: {line.strip()}")
+        return "uncounted", 0
     found = _GLOBAL.search(line)
     if found is None:
-        return 0, False
+        return None
     opcode, operands = found.groups()
-    if opcode.startswith("LDGSTS") and operands.replace(" ", "").endswith(",!PT"):
-        return 0, True
-    width = next((_WIDTHS[part] for part in opcode.split(".")[1:] if part in _WIDTHS), 4)
-    return 32 * width, opcode.startswith("LDGSTS")
+    width = 32 * next((_WIDTHS[part] for part in opcode.split(".")[1:] if part in _WIDTHS), 4)
+    if opcode.startswith("LDGSTS"):
+        moved = 0 if operands.replace(" ", "").endswith(",!PT") else width
+        return ("copy_bypass" if ".BYPASS" in opcode else "copy"), moved
+    return ("load" if opcode.startswith("LDG") else "store"), width
 
 
 def _loop_nests(sass: str) -> list[tuple[str, tuple[int, ...], str]]:
@@ -189,12 +192,12 @@ def cubin_facts(compiled) -> CubinFacts:
     for opcode, nest, line in instructions:
         counts[opcode] = counts.get(opcode, 0) + 1
         entry = nests.setdefault(",".join(map(str, nest)), {"instructions": 0, "mufu": 0, "mma_flops": {},
-                                                             "global_bytes": 0, "async_copy_bytes": 0})
+                                                             "global_bytes": dict.fromkeys(GLOBAL_KINDS, 0)})
         entry["instructions"] += 1
         entry["mufu"] += opcode == "MUFU"
-        moved, async_copy = global_bytes(line)
-        entry["global_bytes"] += moved
-        entry["async_copy_bytes"] += moved if async_copy else 0
+        if (access := global_access(line)) is not None:
+            kind, moved = access
+            entry["global_bytes"][kind] += moved if kind != "uncounted" else 1
         if (flops := _mma_flops(line)) is not None:
             entry["mma_flops"][flops[0]] = entry["mma_flops"].get(flops[0], 0.0) + flops[1]
     return CubinFacts(registers=int(resources["REG"]), stack_bytes=int(resources["STACK"]),
@@ -243,4 +246,5 @@ def sweep(launches: list[Launch], workers: int = 2, timeout_s: float = 600.0) ->
     return results
 
 
-__all__ = ["ARCH", "CubinFacts", "Launch", "compile_launch", "cubin_facts", "global_bytes", "specialization_key", "sweep"]
+__all__ = ["ARCH", "GLOBAL_KINDS", "CubinFacts", "Launch", "compile_launch", "cubin_facts", "global_access",
+           "specialization_key", "sweep"]

@@ -8,8 +8,10 @@
 No GPU is needed: each launch is compiled for sm_90 as Triton's JIT would compile it on an H100/H200
 (`kernels.sm90`), and its cubin is read. A launch fails on a compile error, on any local-memory
 instruction (a register spill), and, when its dots can use tensor cores, on SASS without HGMMA (wgmma).
-Exit status 1 if any launch fails; a table (kernel, operands, config, registers, spills, wgmma) is
-printed last.
+A table (kernel, operands, config, registers, spills, wgmma) is printed, then, for the Triton launches of
+the calls `kernels.cost_model` prices (those this sweep compiled), the model's L2 -> SM bytes per program
+against the global-memory bytes of the launch's SASS (`byte_check`). Exit status 1 if any launch fails or the
+model lies outside the SASS's bytes by more than BYTE_TOLERANCE.
 
 The launches are the ops' own launch plans (`decoder_experts.expert_plan` / `row_plan`,
 `relation_loss.launch_plan`), at the shapes of `kernels.shapes`:
@@ -29,6 +31,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from kernels import interpreter_selected, select_interpreter
 from runtime.arguments import output_file, usable_cores, worker_count
@@ -60,7 +63,8 @@ import triton  # noqa: E402  (after the choice above)
 from dpal.config import DecoderSpec  # noqa: E402
 from kernels import decoder_experts as dec, relation_loss as rel, shapes  # noqa: E402
 from kernels._common import PlannedLaunch  # noqa: E402
-from kernels.sm90 import CubinFacts, Launch, specialization_key, sweep  # noqa: E402
+from kernels import cost_model  # noqa: E402
+from kernels.sm90 import GLOBAL_KINDS, CubinFacts, Launch, specialization_key, sweep  # noqa: E402
 
 H100_SMS = 132  # H100 SXM and H200 alike: the row kernel's grid depends on it
 F32 = torch.float32
@@ -125,130 +129,117 @@ def all_launches(quick: bool) -> list[Launch]:
     return launches
 
 
-# Datasheet ceilings (H100 SXM, H200): memory bandwidth, and per SM at the 1.98 GHz boost clock: 4 warp
-# instructions issued per clock, 16 special-function (MUFU) lanes per clock, i.e. half a warp instruction,
-# and the dense tensor-core rate per input type (989 TF/s bf16/fp16, half that tf32); IEEE fp32 dots run on
-# the FMA units (128 lanes x 2 FLOPs per clock per SM).
-SMS, CLOCK = 132, 1.98e9
-CEILINGS = {"H100": {"bytes": 3.35e12}, "H200": {"bytes": 4.8e12}}
-ISSUE_RATE = SMS * 4 * CLOCK  # warp instructions per second
-SFU_RATE = SMS * 0.5 * CLOCK  # MUFU warp instructions per second
-TENSOR_FLOPS = {"BF16": 989e12, "F16": 989e12, "TF32": 494.7e12}  # by SASS input type
-DOT_FLOPS = {"bf16": 989e12, "fp16": 989e12, "fp32": SMS * 128 * 2 * CLOCK}  # by operand kind
+class Loop(NamedTuple):
+    trips: int
+    parent: int  # index of the loop it sits in, -1 for none
+    pipelined: bool = False  # Triton's software pipeline issues its cp.async copies num_stages - 1 trips ahead
 
 
-def _loop_trips(launch: Launch) -> list[list[tuple[int, int]]]:
+def _loop_trips(launch: Launch) -> list[list[Loop]]:
     """The kernel's possible loop structures in SASS, each a list of loops in code order (see `kernels.sm90.
-    CubinFacts.loop_nests`) given as (trip count, index of the loop it sits in or -1), from its arguments.
-    D is a constexpr, so the compiler may unroll a K loop (the expert passes' 3 steps, the relation tiles' 12 to
-    16 steps with bf16 operands) or keep it (the IEEE fp32 tiles' longer ones); `estimated_cost`
-    takes the structure the SASS has and fails on any other rather than price it wrong."""
+    CubinFacts.loop_nests`), from its arguments. D is a constexpr, so the compiler may unroll a K loop (the
+    expert passes' 3 steps, the relation tiles' 12 to 16 steps with bf16 operands) or keep it (the IEEE fp32
+    tiles' longer ones); `executed_counts` takes the structure the SASS has and fails on any other rather than
+    count it wrong. The K loops are the software-pipelined ones."""
     a, name = launch.args, launch.kernel_name
     k = triton.cdiv(a.get("D", 1), a.get("BLOCK_K", 1))
     if name in PER_SAMPLE_KERNELS:  # loops over the tiles' partials, one after another (patterns unrolled)
         tiles = triton.cdiv(a["n_tiles"], a["BLOCK_T"])
-        return [[(tiles, -1)] * loops for loops in range(1, 4 * a["P"] + 3)]
+        return [[Loop(tiles, -1)] * loops for loops in range(1, 4 * a["P"] + 3)]
     if name == "expert_grad":  # row blocks, the K loop inside (the patterns are unrolled in both)
         blocks = triton.cdiv(a["B"], a["BLOCK_B"])
-        return [[(blocks, -1), (k, 0)], [(blocks, -1)]]
-    if name.startswith("expert_"):  # the K loop (the patterns are unrolled inside it)
-        return [[(k, -1)], []]
-    if name == "relation_kl_fwd":  # one K loop for all column blocks (unrolled inside it), or none (unrolled)
-        return [[(k, -1)], []]
-    if name == "relation_kl_bwd":
-        return [[(k, -1)], []]
+        return [[Loop(blocks, -1), Loop(k, 0, True)], [Loop(blocks, -1)]]
+    if name.startswith(("expert_", "relation_kl")):  # the K loop (patterns, column blocks unrolled inside it)
+        return [[Loop(k, -1, True)], []]
     if name == "gelu_layer_norm_bwd":
-        return [[(a["blocks_per_program"], -1)]]
+        return [[Loop(a["blocks_per_program"], -1)]]
     return [[]]
 
 
-def _loop_structure(launch: Launch, facts: CubinFacts) -> list[tuple[int, int]]:
+def _loop_structure(launch: Launch, facts: CubinFacts) -> list[Loop]:
     """The structure of `_loop_trips` whose nests are exactly the SASS's (a nest lists a loop and its parents)."""
     def nests(loops):
         def chain(i):
-            return chain(loops[i][1]) + [i] if i >= 0 else []
+            return chain(loops[i].parent) + [i] if i >= 0 else []
         return {",".join(map(str, chain(i))) for i in range(len(loops))} | {""}
     found = set(facts.loop_nests)
     for loops in _loop_trips(launch):
         if found <= nests(loops) and len(found) == len(nests(loops)):
             return loops
     raise ValueError(f"{launch.kernel_name} ({launch.config}): its SASS has the loop nests {sorted(found)}, which no "
-                     f"structure the cost model knows has: update _loop_trips")
+                     f"structure the loop model knows has: update _loop_trips")
 
 
 def _work(launch: Launch) -> dict:
-    """Elements (of u, S or z), useful dot FLOPs and compulsory bytes of one launch."""
+    """Elements (of u, S or z) and useful dot FLOPs of one launch."""
     a, name = launch.args, launch.kernel_name
-    size = torch.empty((), dtype=a.get("q_ptr", a.get("y_ptr", a.get("z_ptr")))).element_size()
     if name in PER_SAMPLE_KERNELS:  # every per-tile partial of every sample, read once or twice
         partials = launch.programs * a["n_tiles"] * (2 * a["P"] if name == "expert_stats_merge" else a["P"] + 2)
-        return dict(elements=partials, flops=0.0, bytes=4.0 * partials)
+        return dict(elements=partials, flops=0.0)
     if name.startswith("expert_"):
-        batch, dim = a["B"], a["D"]
         columns = a["m_stop"] - a["m_start"] if name == "expert_grad" else a["M"]
-        rows = batch * a["P"]
-        moved = {"expert_stats": rows * dim + columns * dim, "expert_mix": rows * dim + columns * dim + batch * columns,
-                 "expert_grad_stats": rows * dim + columns * dim + 2 * batch * columns,
-                 "expert_grad": rows * dim + columns * dim + 2 * batch * columns + rows * columns}[name]
-        return dict(elements=rows * columns, flops=2.0 * rows * columns * dim, bytes=size * moved)
+        rows = a["B"] * a["P"]
+        return dict(elements=rows * columns, flops=2.0 * rows * columns * a["D"])
     if name.startswith("relation_kl"):
-        n, target_size = a["N"], torch.empty((), dtype=a["t_ptr"]).element_size()
+        n = a["N"]
         if name.endswith("fwd"):  # every (i, j) of its row blocks; S once per ordered pair
             batch = launch.programs // triton.cdiv(n, a["BLOCK_I"])
-            pairs, flops_per_pair, share = batch * n * n, 2.0 * a["D"], 1.0
-        else:  # the outputs of its tile pairs (full blocks, or the tail's); S once per unordered pair
-            full = n // a["BLOCK_I"] * a["BLOCK_I"]
-            tiles = rel.tile_pairs(n, a["BLOCK_I"], rel.tail_block(n, a["BLOCK_I"]))[1 if a["MASK_J"] else 0]
-            share = (n * n - full * full if a["MASK_J"] else full * full) / (n * n)
-            batch = launch.programs // len(tiles)
-            pairs, flops_per_pair = batch * n * n * share, 1.0 * a["D"]
-        gradient = size * n * n if name.endswith("bwd") else 0
-        moved = share * batch * (size * n * a["D"] + target_size * n * n + gradient)
-        return dict(elements=pairs, flops=flops_per_pair * pairs, bytes=moved)
-    rows = a.get("n_rows", launch.programs)
-    return dict(elements=rows * a["width"], flops=0.0, bytes=size * rows * a["width"] * (3 if "bwd" in name else 2))
+            return dict(elements=batch * n * n, flops=2.0 * a["D"] * batch * n * n)
+        # the outputs of its tile pairs (full blocks, or the tail's); S once per unordered pair
+        full = n // a["BLOCK_I"] * a["BLOCK_I"]
+        tiles = rel.tile_pairs(n, a["BLOCK_I"], rel.tail_block(n, a["BLOCK_I"]))[1 if a["MASK_J"] else 0]
+        pairs = launch.programs // len(tiles) * (n * n - full * full if a["MASK_J"] else full * full)
+        return dict(elements=pairs, flops=1.0 * a["D"] * pairs)
+    return dict(elements=a.get("n_rows", launch.programs) * a["width"], flops=0.0)
 
 
 def resident_warps(launch: Launch, facts: CubinFacts) -> int:
     """Warps an SM can hold of this kernel: CTAs limited by registers (65,536 per SM, allocated per warp in
-    units of 256), shared memory (228 KiB per SM, 1 KiB reserved per CTA), 32 CTAs and 64 warps. The
-    predicted times assume enough of them to hide latency; with 8 or fewer that is doubtful."""
+    units of 256), shared memory (228 KiB per SM, 1 KiB reserved per CTA), 32 CTAs and 64 warps."""
     per_warp = -(-facts.registers * 32 // 256) * 256
     ctas = min(32, 65536 // (per_warp * launch.num_warps), 233472 // (facts.shared_bytes + 1024))
     return min(64, ctas * launch.num_warps)
 
 
-def estimated_cost(launch: Launch, facts: CubinFacts) -> dict:
-    """Executed SASS (static counts per loop nest x trip counts x warps x programs) and the predicted time:
-    the largest of the issue-bound, special-function-bound, executed tensor-FLOP-bound, useful-FLOP-bound and
-    byte-bound times at the datasheet ceilings. Raises if the loop model undercounts the kernel's MMAs."""
-    trips = [count for count, _ in _loop_structure(launch, facts)]
+def _executed(launch: Launch, facts: CubinFacts, value) -> float:
+    """Sum over the SASS's loop nests of value(nest entry) x the trips of every loop around it."""
+    loops = _loop_structure(launch, facts)
+    return sum(value(entry) * math.prod(loops[int(k)].trips for k in nest.split(",") if k)
+               for nest, entry in facts.loop_nests.items())
+
+
+def executed_counts(launch: Launch, facts: CubinFacts) -> dict:
+    """Executed SASS of the launch (static counts per loop nest x trip counts x warps x programs): warp
+    instructions, MUFU instructions and tensor-core FLOPs, per element of its output. Raises if the loop model
+    undercounts the kernel's MMAs. Counts, not times: `kernels.cost_model` owns the predictions."""
     scale = launch.num_warps * launch.programs
-
-    def executed(field: str, kind: str | None = None) -> float:
-        return scale * sum((entry[field] if kind is None else entry[field].get(kind, 0.0))
-                           * math.prod(trips[int(k)] for k in nest.split(",") if k)
-                           for nest, entry in facts.loop_nests.items())
-
     work = _work(launch)
-    warp_instructions = executed("instructions")
-    mufu = executed("mufu")
-    tensor_flops = {kind: executed("mma_flops", kind) for kind in
-                    {kind for entry in facts.loop_nests.values() for kind in entry["mma_flops"]}}
-    if tensor_flops and sum(tensor_flops.values()) < work["flops"] * (1 - 1e-6):
-        raise ValueError(f"{launch.kernel_name}: {sum(tensor_flops.values()):.3g} tensor-core FLOPs counted, fewer "
-                         f"than the {work['flops']:.3g} the launch must do: the loop trip counts are wrong")
-    cost = dict(work, warps_per_sm=resident_warps(launch, facts), warp_instructions=warp_instructions,
+    warp_instructions = scale * _executed(launch, facts, lambda entry: entry["instructions"])
+    mufu = scale * _executed(launch, facts, lambda entry: entry["mufu"])
+    tensor_flops = scale * _executed(launch, facts, lambda entry: sum(entry["mma_flops"].values()))
+    if tensor_flops and tensor_flops < work["flops"] * (1 - 1e-6):
+        raise ValueError(f"{launch.kernel_name}: {tensor_flops:.3g} tensor-core FLOPs counted, fewer than the "
+                         f"{work['flops']:.3g} the launch must do: the loop trip counts are wrong")
+    return dict(work, warps_per_sm=resident_warps(launch, facts), warp_instructions=warp_instructions,
                 sass_per_element=warp_instructions * 32 / work["elements"],
-                mufu_per_element=mufu * 32 / work["elements"],
-                tensor_flops=sum(tensor_flops.values()),
-                issue_ms=1e3 * warp_instructions / ISSUE_RATE, sfu_ms=1e3 * mufu / SFU_RATE,
-                tensor_ms=1e3 * sum(f / TENSOR_FLOPS[kind] for kind, f in tensor_flops.items()))
-    dot_peak = DOT_FLOPS[operand_kind(launch)]
-    for gpu, ceiling in CEILINGS.items():
-        cost[f"floor_ms_{gpu}"] = 1e3 * max(work["flops"] / dot_peak, work["bytes"] / ceiling["bytes"])
-        cost[f"predicted_ms_{gpu}"] = max(cost[f"floor_ms_{gpu}"], cost["issue_ms"], cost["sfu_ms"], cost["tensor_ms"])
-    return cost
+                mufu_per_element=mufu * 32 / work["elements"], tensor_flops=tensor_flops)
+
+
+def sass_bytes_per_program(launch: Launch, facts: CubinFacts) -> dict[str, float]:
+    """Global-memory bytes one program's SASS moves, by kind (`kernels.sm90.global_access`): per loop nest, a
+    warp's bytes x the trips of the loops around it, x warps. A software-pipelined loop that the SASS keeps
+    issues in each trip the cp.async copies of the trip num_stages - 1 ahead, predicated off at run time in
+    its last num_stages - 1 trips (the first trips' copies sit before it): its copies count trips - (stages -
+    1) times. ("uncounted": TMA or bulk copies, instructions executed.)"""
+    loops = _loop_structure(launch, facts)
+
+    def executed(entry, nest: str, kind: str) -> float:
+        inside = [loops[int(k)] for k in nest.split(",") if k]
+        trips = [loop.trips - (launch.num_stages - 1 if loop.pipelined and kind.startswith("copy") else 0)
+                 for loop in inside]
+        return entry["global_bytes"][kind] * math.prod(max(0, t) for t in trips)
+    return {kind: launch.num_warps * sum(executed(entry, nest, kind) for nest, entry in facts.loop_nests.items())
+            for kind in GLOBAL_KINDS}
 
 
 @dataclass
@@ -287,17 +278,17 @@ def _operands(launch: Launch) -> str:
     return kind
 
 
-def run(launches: list[Launch], workers: int, costs: list | None = None) -> list[Row]:
-    """One row per distinct compile; `costs`, when given, receives (launch, facts, estimated_cost) per launch."""
+def run(launches: list[Launch], workers: int, counted: list | None = None) -> list[Row]:
+    """One row per distinct compile; `counted`, when given, receives (launch, facts, executed_counts) per launch."""
     groups: dict[tuple, list[Launch]] = {}
     for launch in launches:
         groups.setdefault(specialization_key(launch), []).append(launch)
     firsts = [group[0] for group in groups.values()]
     results = sweep(firsts, workers=workers)
-    if costs is not None:
-        costs.extend((launch, result, _cost_or_error(launch, result))
-                     for group, result in zip(groups.values(), results) if not isinstance(result, str)
-                     for launch in group)
+    if counted is not None:
+        counted.extend((launch, result, _counts_or_error(launch, result))
+                       for group, result in zip(groups.values(), results) if not isinstance(result, str)
+                       for launch in group)
     rows = []
     for group, result in zip(groups.values(), results):
         first = group[0]
@@ -307,25 +298,25 @@ def run(launches: list[Launch], workers: int, costs: list | None = None) -> list
     return rows
 
 
-def _cost_or_error(launch: Launch, facts: CubinFacts) -> dict:
-    """estimated_cost, or {"error": why} when the cost model does not fit the kernel's SASS (reported, so that
+def _counts_or_error(launch: Launch, facts: CubinFacts) -> dict:
+    """executed_counts, or {"error": why} when the loop model does not fit the kernel's SASS (reported, so that
     the compile checks of the other launches still run)."""
     try:
-        return estimated_cost(launch, facts)
+        return executed_counts(launch, facts)
     except ValueError as exc:
         return {"error": str(exc)}
 
 
-def aggregate_costs(costs: list) -> list[dict]:
-    """Per (kernel, operands, call): a call's launches (du chunks, backward's tile sets) in one row: times, work
-    and instructions summed, per-element figures weighted by elements, the most registers and spills and the
+def aggregate_counts(counted: list) -> list[dict]:
+    """Per (kernel, operands, call): a call's launches (du chunks, backward's tile sets) in one row: work and
+    instructions summed, per-element figures weighted by elements, the most registers and spills and the
     fewest resident warps of its binaries, the first launch's config."""
     calls: dict[tuple, dict] = {}
-    for launch, facts, cost in costs:
+    for launch, facts, counts in counted:
         key = (launch.kernel_name, _operands(launch), launch.case.split(" | ")[0])
-        if "error" in cost or "error" in calls.get(key, {}):
+        if "error" in counts or "error" in calls.get(key, {}):
             calls[key] = dict(kernel=key[0], operands=key[1], case=key[2], config=launch.config,
-                              error=cost.get("error") or calls[key]["error"])
+                              error=counts.get("error") or calls[key]["error"])
             continue
         total = calls.setdefault(key, dict(kernel=key[0], operands=key[1], case=key[2], config=launch.config,
                                            launches=0, registers=0, spills=0, hgmma=facts.hgmma, hmma=facts.hmma,
@@ -333,16 +324,96 @@ def aggregate_costs(costs: list) -> list[dict]:
         total["launches"] += 1
         total["registers"] = max(total["registers"], facts.registers)
         total["spills"] = max(total["spills"], facts.spills)
-        total["warps_per_sm"] = min(total["warps_per_sm"], cost["warps_per_sm"])
-        for name, value in cost.items():
+        total["warps_per_sm"] = min(total["warps_per_sm"], counts["warps_per_sm"])
+        for name, value in counts.items():
             if name.endswith("per_element"):
-                total["_" + name] = total.get("_" + name, 0.0) + value * cost["elements"]
+                total["_" + name] = total.get("_" + name, 0.0) + value * counts["elements"]
             elif name != "warps_per_sm":
                 total[name] = total.get(name, 0.0) + value
     for total in calls.values():
         for name in [k for k in total if k.startswith("_")]:
             total[name[1:]] = total.pop(name) / total["elements"]
     return list(calls.values())
+
+
+# How far the cost model's L2 -> SM bytes per program may lie outside what the SASS moves (`byte_check`): the
+# SASS counts the masked lanes of ragged tiles (N = 257 in blocks of 64 and a tail of 16: 6%) and a program's
+# small per-column and per-row loads and stores the model leaves out.
+BYTE_TOLERANCE = 0.10
+
+
+def _listed_launches(op: str, shape: tuple) -> list[Launch]:
+    """The sweep's launches of one `cost_model.CALLS` call (bf16 activations)."""
+    if op == "decoder":
+        batch, dim, out_dim, tokens = shape
+        return decoder_launches(batch, DecoderSpec.num_patterns, dim, out_dim, tokens, "bf16")
+    batch, n, dim, target = shape
+    return relation_launches(batch, n, dim, "bf16", target)
+
+
+def _triton_launches(call: str) -> list[cost_model.Launch]:
+    return [launch for launch in cost_model.plan(call, before=False) if not launch.small and not launch.gemm_tiles]
+
+
+def sass_bytes(compiled: dict) -> list[dict]:
+    """Per Triton launch of every `cost_model.CALLS` call whose binary is in `compiled` ({specialization_key:
+    CubinFacts}): the global-memory bytes one program's SASS moves (`sass_bytes_per_program`), as the bytes
+    certain to come from or go to L2 (cp.async.cg copies, which skip L1, and stores) and all of them (loads
+    through L1 counted as if each missed; replicated loads of a program's warps mostly hit there). A launch
+    repeated with the same binary and grid (the du chunks) is one row. The per-sample kernels are listed
+    unchecked: the compiler unrolls their run-time loops by four with the remainder outside, so static counts
+    x trips overcount them."""
+    rows, seen = [], set()
+    for call, (op, shape) in cost_model.CALLS.items():
+        for index, (model, launch) in enumerate(zip(_triton_launches(call), _listed_launches(op, shape), strict=True)):
+            if model.name.split(" ")[0] != launch.kernel_name or model.programs != launch.programs:
+                raise ValueError(f"{call}: the cost model's launch {index} is {model.name} x {model.programs}, the "
+                                 f"op's is {launch.kernel_name} x {launch.programs}")
+            key = specialization_key(launch)
+            if key not in compiled or (call, key, launch.programs) in seen:
+                continue
+            seen.add((call, key, launch.programs))
+            moved = sass_bytes_per_program(launch, compiled[key])
+            row = dict(call=call, index=index, launch=model.name, config=launch.config, programs=launch.programs,
+                       sass_l2_bytes=moved["copy_bypass"] + moved["store"],
+                       sass_all_bytes=sum(v for k, v in moved.items() if k != "uncounted"))
+            if launch.kernel_name in PER_SAMPLE_KERNELS:
+                row["unchecked"] = "run-time loops unrolled by the compiler"
+            elif moved["uncounted"]:
+                row["unchecked"] = "TMA or bulk copies, whose bytes the SASS does not give"
+            rows.append(row)
+    return rows
+
+
+def byte_check(rows: list[dict], tolerance: float = BYTE_TOLERANCE) -> list[dict]:
+    """`sass_bytes` rows with the cost model's L2 -> SM bytes per program of the same launch and a verdict: ok
+    when the model lies within [certain x (1 - tolerance), all x (1 + tolerance)] of the SASS's bytes."""
+    checked = []
+    for row in rows:
+        model = _triton_launches(row["call"])[row["index"]]
+        per_program = model.l2_bytes / model.programs
+        low, high = row["sass_l2_bytes"] * (1 - tolerance), row["sass_all_bytes"] * (1 + tolerance)
+        verdict = row.get("unchecked") or ("ok" if low <= per_program <= high else
+                                           f"FAILED: the model is outside [{low:.0f}, {high:.0f}] bytes")
+        checked.append(dict(row, model_bytes=per_program, verdict=verdict))
+    return checked
+
+
+def byte_check_failed(checked: list[dict]) -> list[dict]:
+    return [row for row in checked if row["verdict"].startswith("FAILED")]
+
+
+def print_byte_check(checked: list[dict]) -> None:
+    print(f"\nL2 -> SM bytes per program: kernels.cost_model against the SASS's global-memory instructions "
+          f"(sm_90; tolerance {BYTE_TOLERANCE:.0%})")
+    print(f"{'call':22} {'launch':24} {'config':18} {'progs':>6} {'model kB':>9} {'SASS L2 kB':>10} "
+          f"{'SASS all kB':>11}  verdict")
+    for row in checked:
+        print(f"{row['call']:22} {row['launch'][:24]:24} {row['config']:18} {row['programs']:6} "
+              f"{row['model_bytes'] / 1e3:9.1f} {row['sass_l2_bytes'] / 1e3:10.1f} {row['sass_all_bytes'] / 1e3:11.1f}"
+              f"  {row['verdict']}")
+    print("SASS L2: cp.async.cg copies and stores, which reach L2 whatever L1 holds; SASS all: every global load, "
+          "copy and store (loads through L1 as if each missed); masked lanes count")
 
 
 def print_table(rows: list[Row]) -> None:
@@ -374,19 +445,23 @@ def run_command(args: argparse.Namespace) -> int:
     if not launches:
         command_line().error("no launch of the sweep matches --kernel/--case; the kernels are "
                      + ", ".join(sorted({launch.kernel_name for launch in all_launches(args.quick)})))
-    costs: list = []
-    rows = run(launches, args.workers, costs)
+    counted: list = []
+    rows = run(launches, args.workers, counted)
     seconds = time.perf_counter() - start
     print_table(rows)
     failed = [r for r in rows if r.problems]
     print(f"\n{len(launches)} launches, {len(rows)} distinct compiles for sm_90 in {seconds:.0f} s "
           f"(triton {triton.__version__}); {len(failed)} failed")
+    checked = byte_check(sass_bytes({specialization_key(launch): facts for launch, facts, _ in counted}))
+    if checked:
+        print_byte_check(checked)
+        print(f"{len(byte_check_failed(checked))} of {len(checked)} launches outside the tolerance")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "seconds": seconds, "quick": args.quick,
                        "rows": [asdict(r) | {"problems": r.problems} for r in rows],
-                       "costs": aggregate_costs(costs)}, f, indent=2)
-    return 1 if failed else 0
+                       "executed": aggregate_counts(counted), "byte_check": checked}, f, indent=2)
+    return 1 if failed or byte_check_failed(checked) else 0
 
 
 if __name__ == "__main__":
