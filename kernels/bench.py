@@ -5,9 +5,13 @@ GPU; bf16 activations and fp32 parameters under bf16 autocast, as training runs,
 timed too; relation inputs as `relation_inputs` draws them, a KL of 0.01 to 1 per row) it times
 forward+backward (median, triton.testing.do_bench),
 measures peak memory, and reports achieved TFLOP/s and GB/s against ceilings measured on the same device
-(a large bf16 matmul, a large copy). It prints a table, a table of analytic floors at the ViT-Ti target
-shapes, and writes everything as JSON with --json. Without a GPU it runs the same code in Triton's
-interpreter at toy shapes and says so: those timings measure the interpreter, not the kernels.
+(a large bf16 matmul, a large copy, and the L2 -> SM read bandwidth: `kernels.l2_probe`). Every fused row
+carries `kernels.cost_model`'s prediction for its call priced at those measured ceilings (`predicted_ms`,
+and measured / predicted), printed next to the measurement. It prints a table, a table of analytic floors at
+the ViT-Ti target shapes, the cost model's report (each call whole and per launch; on a GPU at its measured
+ceilings, without one at the stated ceilings and labelled PREDICTED), and writes everything as JSON with
+--json. Without a GPU it runs the same code in Triton's interpreter at toy shapes and says so: those timings
+measure the interpreter, not the kernels, and no prediction stands beside them.
 
 On a GPU the implementations are: `eager` and `compile` (the reference in float32, as the plain method
 runs), `eager_autocast` and `compile_autocast` (the reference under bf16 autocast, as training runs it: the
@@ -16,13 +20,11 @@ accuracy: the largest error of its outputs and input gradients against the refer
 on the same inputs, relative to that output's largest magnitude (`max_rel_err`), and whether any NaN or
 infinity came out (`nan`).
 
-It also prints a static cost report that needs no GPU: each kernel at the ViT-Ti shapes compiled for
-sm_90 (`kernels.sweep --quick`), with registers, resident warps per SM, spills, wgmma counts, executed SASS
-and MUFU instructions per element (static counts per loop nest times trip counts) and the predicted time,
-the largest of the issue-bound, special-function-bound, executed-tensor-FLOP-bound, useful-FLOP-bound and
-byte-bound times at the H100 and H200 datasheet ceilings, then per call of the target recipe (each decoder
-call, relation forward + backward) the Triton kernels' predicted time against their floor (JSON key
-"static", with "totals").
+It also prints the compile facts that need no GPU: each kernel at the ViT-Ti shapes compiled for sm_90
+(`kernels.sweep --quick`), with registers, resident warps per SM, spills, wgmma counts, executed SASS and
+MUFU instructions per element (static counts per loop nest times trip counts), and the check of the cost
+model's L2 -> SM bytes per program against each launch's SASS (JSON key "static"). Predictions are the cost
+model's only (JSON key "predictions").
 
 FLOPs are the useful GEMM FLOPs (forward, plus twice that for backward) — what any implementation must do;
 the fused ops execute more (they recompute instead of storing), which is why both counts are reported.
@@ -83,8 +85,8 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--reps", type=POSITIVE, default=3,
                         help="timed repetitions without a GPU (>= 1, default 3; GPU: do_bench)")
     parser.add_argument("--no-static", action="store_true",
-                        help="skip the static cost report (registers, spills, SASS per element, predicted time "
-                             "from the sm_90 cubins; compiling takes a minute)")
+                        help="skip the compile facts (registers, spills, SASS per element, the cost model's bytes "
+                             "against the SASS, from the sm_90 cubins; compiling takes a minute)")
     return parser
 
 
@@ -153,6 +155,8 @@ class Result:
     gbps: float | None = None
     max_rel_err: float | None = None
     nan: bool | None = None
+    predicted_ms: float | None = None  # kernels.cost_model at this device's measured ceilings (fused rows, GPU)
+    measured_over_predicted: float | None = None
     error: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -396,9 +400,14 @@ def run_case(case: Case, impl: str, on_gpu: bool, reps: int) -> Result:
 
 
 def measure_ceilings(on_gpu: bool, device) -> dict:
-    """Achievable matmul TFLOP/s and copy GB/s on this device (the denominators of the % columns)."""
+    """Achievable matmul TFLOP/s and copy GB/s on this device (the denominators of the % columns); on a GPU
+    also the L2 -> SM read GB/s of `kernels.l2_probe`, measured first, and the SMs: the ceilings the cost model
+    prices this device at."""
     if on_gpu:
         import triton.testing
+
+        from kernels.l2_probe import l2_read_bytes_per_s
+        l2 = l2_read_bytes_per_s(device)
         n = 8192
         a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
         b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -408,7 +417,7 @@ def measure_ceilings(on_gpu: bool, device) -> dict:
         copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
         del a, b, src, dst
         torch.cuda.empty_cache()
-        return {"matmul_tflops": 2 * n ** 3 / (matmul_ms / 1e3) / 1e12, "matmul": f"bf16 {n}^3",
+        return {**l2, "matmul_tflops": 2 * n ** 3 / (matmul_ms / 1e3) / 1e12, "matmul": f"bf16 {n}^3",
                 "copy_gbps": 2 * 2 ** 30 / (copy_ms / 1e3) / 1e9, "copy": "1 GiB"}
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -426,14 +435,11 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def target_floors(ceilings: dict | None) -> list[dict]:
-    """FLOP and byte floors of the target recipe's calls (its batch, bf16), against measured ceilings or, without
-    a GPU, the H100 datasheet's (`kernels.sweep`)."""
-    from kernels.sweep import CEILINGS, DOT_FLOPS  # here: importing it imports triton, after main()'s choice
-
+def target_floors(gpu) -> list[dict]:
+    """FLOP and byte floors of the target recipe's calls (its batch, bf16) on `gpu`, a `kernels.cost_model.
+    Machine`: this device's measured ceilings, or without a GPU the H100's stated ones."""
     calls = RECIPES[TARGET_RECIPE].fused_calls()
-    tflops = ceilings["matmul_tflops"] if ceilings else DOT_FLOPS["bf16"] / 1e12
-    gbps = ceilings["copy_gbps"] if ceilings else CEILINGS["H100"]["bytes"] / 1e9
+    tflops, gbps = gpu.gemm / 1e12, gpu.hbm / 1e9
     rows = []
     for batch, tokens, dim, out_dim in calls.decoder:
         flops = decoder_flops(batch, dim, out_dim, tokens)
@@ -450,7 +456,7 @@ def target_floors(ceilings: dict | None) -> list[dict]:
         row["floor_ms_compute"] = row["gflop_useful"] / tflops
         row["floor_ms_fused_compute"] = row["gflop_fused"] / tflops
         row["floor_ms_memory"] = row["mb"] / gbps
-        row["ceilings"] = "measured here" if ceilings else f"H100 SXM datasheet ({tflops:.0f} TF/s bf16, {gbps:.0f} GB/s)"
+        row["ceilings"] = f"{gpu.name}, {gpu.source} ({tflops:.0f} TF/s bf16, {gbps:.0f} GB/s)"
     return rows
 
 
@@ -458,12 +464,15 @@ def _fmt(value, spec, missing="-"):
     return missing if value is None else format(value, spec)
 
 
-def print_table(results: list[Result], ceilings: dict) -> None:
+def print_table(results: list[Result], ceilings: dict, priced_on: str | None) -> None:
+    """The measured rows; `priced_on`: the machine the fused rows' predictions are priced on (None: no GPU,
+    no predictions)."""
     by_case: dict[str, dict[str, Result]] = {}
     for r in results:
         by_case.setdefault(json.dumps(r.shape, sort_keys=True) + r.op, {})[r.impl] = r
     header = (f"{'op':9} {'shape':44} {'impl':16} {'ms':>9} {'x compile':>9} {'peak MiB':>9} {'mem/eager':>9} "
-              f"{'TFLOP/s':>8} {'%peak':>6} {'GB/s':>8} {'%copy':>6} {'rel err':>8} {'NaN':>3}")
+              f"{'TFLOP/s':>8} {'%peak':>6} {'GB/s':>8} {'%copy':>6} {'rel err':>8} {'NaN':>3} {'pred ms':>8} "
+              f"{'x pred':>6}")
     print(header)
     print("-" * len(header))
     for impls in by_case.values():
@@ -483,10 +492,16 @@ def print_table(results: list[Result], ceilings: dict) -> None:
                   f"{_fmt(r.peak_mib, '9.1f'):>9} {_fmt(mem_ratio, '9.2f'):>9} {r.tflops:8.3f} "
                   f"{100 * r.tflops / ceilings['matmul_tflops']:6.1f} {r.gbps:8.2f} "
                   f"{100 * r.gbps / ceilings['copy_gbps']:6.1f} {_fmt(r.max_rel_err, '8.1e'):>8} "
-                  f"{'-' if r.nan is None else 'yes' if r.nan else 'no':>3}")
+                  f"{'-' if r.nan is None else 'yes' if r.nan else 'no':>3} {_fmt(r.predicted_ms, '8.3f'):>8} "
+                  f"{_fmt(r.measured_over_predicted, '6.2f'):>6}")
     print(f"ceilings: matmul {ceilings['matmul_tflops']:.2f} TFLOP/s ({ceilings['matmul']}), "
-          f"copy {ceilings['copy_gbps']:.1f} GB/s ({ceilings['copy']}); x compile: against "
-          "compile_autocast where timed; rel err: outputs and input gradients against float64")
+          f"copy {ceilings['copy_gbps']:.1f} GB/s ({ceilings['copy']})"
+          + (f", L2 -> SM read {ceilings['l2_gbps']:.0f} GB/s ({ceilings['l2']})" if "l2_gbps" in ceilings else "")
+          + "; x compile: against compile_autocast where timed; rel err: outputs and input gradients against float64")
+    print(f"pred ms: kernels.cost_model's prediction for the fused call, priced at {priced_on}'s measured ceilings; "
+          "x pred: measured / predicted" if priced_on else
+          "pred ms: none without a GPU (the cost model's report below is PREDICTED at the stated ceilings, with "
+          "the L2 -> SM bandwidth assumed: no probe ran)")
 
 
 def print_floors(rows: list[dict]) -> None:
@@ -498,36 +513,32 @@ def print_floors(rows: list[dict]) -> None:
               f"{r['floor_ms_compute']:8.3f} {r['floor_ms_fused_compute']:13.3f} {r['floor_ms_memory']:8.3f}")
 
 
-def static_calls() -> dict[str, tuple[str, str]]:
-    """The target recipe's calls as the sweep names its cases: {name: (op, case prefix)}."""
-    calls = RECIPES[TARGET_RECIPE].fused_calls()
-    named = {f"decoder B{b} L{t}": ("decoder", f"B{b} D{d} Do{o} L{t}") for b, t, d, o in calls.decoder}
-    batch, tokens, dim = calls.relation
-    return named | {f"relation {fmt} targets": ("relation", f"B{batch} N{tokens} D{dim} target {fmt}")
-                    for fmt in ("fp16", "int8")}
+def modelled_call(result: Result) -> tuple[str, tuple] | None:
+    """(op, shape) of a fused row as `kernels.cost_model.launches_of` takes it, else None (the model prices the
+    fused ops, in bf16)."""
+    shape = result.shape
+    if result.impl != "fused" or shape["dtype"] != str(torch.bfloat16):
+        return None
+    if result.op == "decoder":
+        return "decoder", (shape["batch"], shape["dim"], shape["out_dim"], shape["tokens"])
+    return "relation", (shape["batch"], shape["tokens"], shape["dim"], "fp16" if shape["target"] == "float16" else "int8")
 
 
-def static_totals(costs: list[dict]) -> list[dict]:
-    """Per call of `static_calls`: the floors and predicted times of its Triton kernels, summed, and their ratio."""
-    totals = []
-    op_kernels = {"decoder": ("expert", "gelu"), "relation": ("relation",)}
-    for name, (op, case) in static_calls().items():
-        rows = [c for c in costs if c["case"].startswith(case) and c["kernel"].startswith(op_kernels[op])]
-        if any("error" in c for c in rows):
-            totals.append(dict(call=name, error="; ".join(c["error"] for c in rows if "error" in c)))
-            continue
-        total = dict(call=name, kernels=len(rows))
-        for gpu in ("H100", "H200"):
-            floor, predicted = (sum(c[f"{k}_ms_{gpu}"] for c in rows) for k in ("floor", "predicted"))
-            total |= {f"floor_ms_{gpu}": floor, f"predicted_ms_{gpu}": predicted, f"ratio_{gpu}": predicted / floor}
-        totals.append(total)
-    return totals
+def add_prediction(result: Result, gpu) -> None:
+    """The cost model's prediction for a measured fused row, on `gpu` (this device at its measured ceilings)."""
+    from kernels import cost_model
+
+    call = modelled_call(result)
+    if call is None or result.ms is None:
+        return
+    result.predicted_ms = cost_model.predict(*call, gpu)["predicted_ms"]
+    result.measured_over_predicted = result.ms / result.predicted_ms
 
 
 def static_report(sweep: dict | None = None) -> dict:
-    """Compile facts and predicted times of every kernel at the ViT-Ti shapes (batch 256, and the stacked CLS
-    call at 768), from the sm_90 compile sweep: `sweep`, a `kernels.sweep --quick --json` report already made,
-    or else one made in a child process (no GPU needed)."""
+    """Compile facts of every kernel at the ViT-Ti shapes (batch 256, and the stacked CLS call at 768) and the
+    check of the cost model's bytes against their SASS, from the sm_90 compile sweep: `sweep`, a `kernels.sweep
+    --quick --json` report already made, or else one made in a child process (no GPU needed)."""
     if sweep is None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "sweep.json"
@@ -536,43 +547,28 @@ def static_report(sweep: dict | None = None) -> dict:
             if not path.exists():
                 return {"error": f"kernels.sweep exited {done.returncode}: {done.stderr.strip()[-300:]}"}
             sweep = json.loads(path.read_text())
-    report = dict(sweep)
-    report["totals"] = static_totals(report["costs"])
-    report["ceilings"] = ("datasheet: 3.35 TB/s (H100), 4.8 TB/s (H200); per SM at 1.98 GHz: 4 warp instructions "
-                          "issued, 16 MUFU lanes, dense tensor cores 989 TF/s bf16 (132 SMs)")
-    return report
+    return sweep
 
 
 def print_static(report: dict) -> None:
-    print("\nstatic cost at the path-b_vit-ti shapes, from the sm_90 cubins (no GPU; `make check-sm90` for all)")
+    print("\ncompile facts at the path-b_vit-ti shapes, from the sm_90 cubins (no GPU; `make check-sm90` for all)")
     if "error" in report:
         print(f"  unavailable: {report['error']}")
         return
     print(f"{'kernel':20} {'operands':17} {'call':24} {'config':15} {'regs':>4} {'warps':>5} {'spill':>5} "
-          f"{'HGMMA':>5} {'SASS/el':>7} {'MUFU/el':>7} {'issue':>6} {'SFU':>6} {'tensor':>6} {'floor H100':>10} "
-          f"{'pred H100':>9} {'floor H200':>10} {'pred H200':>9}")
-    for c in report["costs"]:
+          f"{'HGMMA':>5} {'SASS/el':>7} {'MUFU/el':>7} {'GFLOP tensor':>12}")
+    for c in report["executed"]:
         call = c["case"].replace(" Do768", "").replace(" D768", "")
         if "error" in c:
-            print(f"{c['kernel']:20} {c['operands']:17} {call:24} {c['config']:15} cost model error: {c['error']}")
+            print(f"{c['kernel']:20} {c['operands']:17} {call:24} {c['config']:15} loop model error: {c['error']}")
             continue
         print(f"{c['kernel']:20} {c['operands']:17} {call:24} {c['config']:15} {c['registers']:4} "
-              f"{c['warps_per_sm']:5.0f} {c['spills']:5} "
-              f"{c['hgmma']:5} {c['sass_per_element']:7.1f} {c['mufu_per_element']:7.2f} {c['issue_ms']:6.3f} "
-              f"{c['sfu_ms']:6.3f} {c['tensor_ms']:6.3f} {c['floor_ms_H100']:10.3f} {c['predicted_ms_H100']:9.3f} "
-              f"{c['floor_ms_H200']:10.3f} {c['predicted_ms_H200']:9.3f}")
-    print(f"ms; warps: resident warps per SM; floor = max(useful dot FLOPs, compulsory bytes) at the "
-          f"{report['ceilings']}; predicted = max(floor, executed SASS at the issue rate, MUFU at the SFU rate, "
-          "executed tensor-core FLOPs), which assumes enough resident warps to hide latency. cuBLAS GEMMs "
-          "(output projection, du products) are not included.")
-    print(f"\n{'Triton kernels of one call':26} {'floor H100':>10} {'pred H100':>9} {'ratio':>5} "
-          f"{'floor H200':>10} {'pred H200':>9} {'ratio':>5}")
-    for t in report["totals"]:
-        if "error" in t:
-            print(f"{t['call']:26} cost model error: {t['error']}")
-            continue
-        print(f"{t['call']:26} {t['floor_ms_H100']:10.3f} {t['predicted_ms_H100']:9.3f} {t['ratio_H100']:5.2f} "
-              f"{t['floor_ms_H200']:10.3f} {t['predicted_ms_H200']:9.3f} {t['ratio_H200']:5.2f}")
+              f"{c['warps_per_sm']:5.0f} {c['spills']:5} {c['hgmma']:5} {c['sass_per_element']:7.1f} "
+              f"{c['mufu_per_element']:7.2f} {c['tensor_flops'] / 1e9:12.1f}")
+    print("warps: resident warps per SM; SASS/el, MUFU/el: executed instructions (static counts per loop nest x "
+          "trip counts) per element of u, S or z; GFLOP tensor: executed by the HGMMAs, padding included")
+    from kernels.sweep import print_byte_check
+    print_byte_check(report["byte_check"])
 
 
 def _write_json(path: str, report: dict) -> None:
@@ -605,11 +601,15 @@ def run_command(args: argparse.Namespace) -> int:
         print("NO GPU: the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1) on the CPU at toy\n"
               "shapes, in float32. These timings measure the interpreter and the CPU, not the kernels; run on a\n"
               "CUDA machine for the recipe shapes.\n")
+    from kernels import cost_model  # here: it imports triton, after the interpreter's choice
+
     ceilings = measure_ceilings(on_gpu, device)
+    device_name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({platform.processor() or 'unknown'})"
+    # The machines predictions are priced on: this GPU at its measured ceilings, or the stated H100 and H200.
+    gpus = cost_model.machines(ceilings=ceilings, name=device_name) if on_gpu else cost_model.machines()
     cases = [c for c in build_cases(on_gpu, args.batch, not args.no_compile, device,
                                     [args.recipe] if args.recipe and on_gpu else None)
              if args.op in ("all", c.op) and (args.tokens is None or c.op != "decoder" or c.shape["tokens"] in args.tokens)]
-    device_name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({platform.processor() or 'unknown'})"
     report = {"device": device_name, "interpreted": not on_gpu, "torch": torch.__version__, "ceilings": ceilings,
               "complete": False, "results": []}
     results = []
@@ -618,14 +618,19 @@ def run_command(args: argparse.Namespace) -> int:
             if args.impls is not None and impl not in args.impls:
                 continue
             results.append(run_case(case, impl, on_gpu, args.reps))
+            if on_gpu:
+                add_prediction(results[-1], gpus[0])
             print(f"  {case.op} {case.shape} {impl}: "
                   + (results[-1].error or f"{results[-1].ms:.3f} ms"), file=sys.stderr, flush=True)
             if args.json:
                 report["results"].append(asdict(results[-1]))
                 _write_json(args.json, report)
-    print_table(results, ceilings)
-    report["target_floors"] = target_floors(ceilings if on_gpu else None)
+    print_table(results, ceilings, device_name if on_gpu else None)
+    report["target_floors"] = target_floors(gpus[0])
     print_floors(report["target_floors"])
+    report["predictions"] = cost_model.report(gpus)
+    print()
+    cost_model.print_report(report["predictions"])
     if not args.no_static:
         report["static"] = static_report()
         print_static(report["static"])

@@ -3,6 +3,7 @@ the times the acceptance run measures (it prints both side by side).
 
     python -m kernels.cost_model                       # both ops at the ViT-Ti shapes, H100 and H200
     python -m kernels.cost_model --l2-tbps 7.2         # with the L2 bandwidth a probe measured
+    (`python -m kernels.bench` on a GPU prices it at that GPU's measured ceilings, L2 probe included)
     python -m kernels.cost_model --json PATH           # also write every row as JSON
 
 No GPU and no compiler are needed: the launches, grids and tiles come from the ops' own config pickers and
@@ -37,11 +38,12 @@ from dpal.decoder import LAYER_NORM_EPS
 from kernels import decoder_experts as dec, relation_loss as rel
 from kernels.bench import decoder_bytes, decoder_flops, relation_bytes, relation_flops
 
-# Ceilings, measured on the GPUs the acceptance run uses (device-to-device copy, read + write; a bf16 8192^3
-# cuBLAS GEMM) and from the datasheet (L2 size, SMs). The L2 -> SM bandwidth has no datasheet figure:
-# L2_ASSUMED is the low end of published microbenchmarks, to be replaced by the acceptance run's probe
-# (`--l2-tbps`).
+# Stated ceilings, measured on the GPUs the acceptance run uses (device-to-device copy, read + write; a bf16
+# 8192^3 cuBLAS GEMM) and from the datasheet (SMs). The L2 -> SM bandwidth has no datasheet figure:
+# L2_ASSUMED is the low end of published microbenchmarks, replaced by the bench's probe where it runs.
 L2_ASSUMED = 5.5e12
+STATED = {"H100": dict(hbm=3.0e12, gemm=798e12), "H200": dict(hbm=4.3e12, gemm=788e12)}
+SMS = 132  # H100 SXM and H200 alike
 
 
 @dataclass(frozen=True)
@@ -50,15 +52,19 @@ class Machine:
     hbm: float  # bytes/s
     gemm: float  # bf16 FLOP/s
     l2: float  # L2 -> SM bytes/s
-    l2_bytes: float
     sms: int
+    source: str  # where the ceilings come from ("stated", "L2 assumed", "measured on ...")
 
 
-SMS = 132  # H100 SXM and H200 alike
-
-
-def machines(l2: float = L2_ASSUMED) -> list[Machine]:
-    return [Machine("H100", 3.0e12, 798e12, l2, 50e6, SMS), Machine("H200", 4.3e12, 788e12, l2, 50e6, SMS)]
+def machines(l2: float | None = None, ceilings: dict | None = None, name: str = "") -> list[Machine]:
+    """The machines a prediction is priced on: the H100 and H200 at their stated ceilings and the L2 bandwidth
+    `l2` (default L2_ASSUMED); or, given `ceilings` (the bench's `measure_ceilings` on a GPU: copy GB/s,
+    matmul TFLOP/s, L2 read GB/s of its probe, SMs), the one GPU `name` they were measured on."""
+    if ceilings is not None:
+        return [Machine(name, ceilings["copy_gbps"] * 1e9, ceilings["matmul_tflops"] * 1e12,
+                        ceilings["l2_gbps"] * 1e9, ceilings["sms"], f"measured on {name}")]
+    source = "stated; L2 " + ("given" if l2 else "assumed")
+    return [Machine(gpu, **rates, l2=l2 or L2_ASSUMED, sms=SMS, source=source) for gpu, rates in STATED.items()]
 
 
 # A small op (cast, reduction of partials, fill) costs at least this: a kernel's launch and ramp on a busy
@@ -247,15 +253,18 @@ CALLS = {"decoder B256 L257": ("decoder", (256, 192, 768, 257)),
          "relation int8 targets": ("relation", (256, 257, 768, "int8"))}
 
 
-def plan(call: str, before: bool) -> list[Launch]:
-    op, shape = CALLS[call]
+def launches_of(op: str, shape: tuple, before: bool = False) -> list[Launch]:
+    """The launches of one call of `op` ("decoder": (B, D, D_o, L); "relation": (B, N, D, target))."""
     return (decoder_launches if op == "decoder" else relation_launches)(*shape, before=before)
 
 
-def floor_seconds(call: str, m: Machine) -> float:
+def plan(call: str, before: bool) -> list[Launch]:
+    return launches_of(*CALLS[call], before=before)
+
+
+def floor_seconds(op: str, shape: tuple, m: Machine) -> float:
     """The call's floor: its useful FLOPs at the GEMM rate or its compulsory bytes at the HBM rate, whichever
-    is larger (`kernels.bench`'s counts, at this machine's measured ceilings)."""
-    op, shape = CALLS[call]
+    is larger (`kernels.bench`'s counts, at this machine's ceilings)."""
     if op == "decoder":
         flops, nbytes = decoder_flops(*shape)["useful"], decoder_bytes(*shape, BF16)
     else:
@@ -265,34 +274,48 @@ def floor_seconds(call: str, m: Machine) -> float:
     return max(flops / m.gemm, nbytes / m.hbm)
 
 
-def report(l2: float = L2_ASSUMED) -> dict:
+def predict(op: str, shape: tuple, m: Machine, before: bool = False) -> dict:
+    """One call priced on `m`: the whole (predicted and floor ms, their ratio, launches counted as kernels,
+    library calls and small ops, L2 -> SM GB) and its launches, each with its parts."""
+    launches = launches_of(op, shape, before)
+    priced = [launch.seconds(m) for launch in launches]
+    total, floor = sum(p["seconds"] for p in priced), floor_seconds(op, shape, m)
+    return dict(gpu=m.name, launches=sum(launch.programs if launch.small or launch.gemm_tiles else 1
+                                         for launch in launches),
+                l2_gb=sum(launch.l2_bytes for launch in launches) / 1e9, predicted_ms=1e3 * total,
+                floor_ms=1e3 * floor, ratio=total / floor,
+                parts=[dict(asdict(launch), **p) for launch, p in zip(launches, priced)])
+
+
+def report(gpus: list[Machine] | None = None) -> dict:
+    """Every call of CALLS, before and after, on each of `gpus` (default: `machines()`): "totals", one row per
+    call, kernels and GPU; "rows", the launches on the first GPU."""
+    gpus = gpus or machines()
     rows, totals = [], []
-    for call in CALLS:
+    for call, (op, shape) in CALLS.items():
         for before in (True, False):
-            launches = plan(call, before)
-            for m in machines(l2):
-                priced = [launch.seconds(m) for launch in launches]
-                if m.name == "H100":
-                    rows += [dict(call=call, kernels="before" if before else "after", **asdict(launch),
-                                  **{k: v for k, v in p.items()}) for launch, p in zip(launches, priced)]
-                floor = floor_seconds(call, m)
-                total = sum(p["seconds"] for p in priced)
-                totals.append(dict(call=call, kernels="before" if before else "after", gpu=m.name,
-                                   launches=sum(launch.programs if launch.small or launch.gemm_tiles else 1
-                                                for launch in launches),
-                                   l2_gb=sum(launch.l2_bytes for launch in launches) / 1e9,
-                                   predicted_ms=1e3 * total, floor_ms=1e3 * floor, ratio=total / floor))
-    return dict(l2_tbps=l2 / 1e12, rows=rows, totals=totals)
+            kernels = "before" if before else "after"
+            for m in gpus:
+                priced = predict(op, shape, m, before)
+                if m is gpus[0]:
+                    rows += [dict(call=call, kernels=kernels, **part) for part in priced.pop("parts")]
+                else:
+                    del priced["parts"]
+                totals.append(dict(call=call, kernels=kernels, **priced))
+    return dict(machines=[asdict(m) for m in gpus], rows=rows, totals=totals)
 
 
 def print_report(result: dict) -> None:
-    print(f"PREDICTED (not measured): one call, forward + backward, bf16; L2 -> SM at {result['l2_tbps']:.1f} TB/s")
-    print(f"{'call':24} {'kernels':7} {'gpu':4} {'launches':>8} {'L2 GB':>6} {'floor ms':>8} {'pred ms':>8} "
+    gpus = result["machines"]
+    print("PREDICTED (not measured) by kernels.cost_model: one call, forward + backward, bf16; ceilings "
+          + "; ".join(f"{m['name']} ({m['source']}): HBM {m['hbm'] / 1e12:.2f} TB/s, GEMM {m['gemm'] / 1e12:.0f} "
+                      f"TFLOP/s, L2 -> SM {m['l2'] / 1e12:.2f} TB/s" for m in gpus))
+    print(f"{'call':24} {'kernels':7} {'gpu':10} {'launches':>8} {'L2 GB':>6} {'floor ms':>8} {'pred ms':>8} "
           f"{'ratio':>5}")
     for t in result["totals"]:
-        print(f"{t['call']:24} {t['kernels']:7} {t['gpu']:4} {t['launches']:8} {t['l2_gb']:6.2f} "
+        print(f"{t['call']:24} {t['kernels']:7} {t['gpu'][:10]:10} {t['launches']:8} {t['l2_gb']:6.2f} "
               f"{t['floor_ms']:8.3f} {t['predicted_ms']:8.3f} {t['ratio']:5.2f}")
-    print("\nper launch, H100 (ms; waves over 132 SMs; bound: the largest part)")
+    print(f"\nper launch, {gpus[0]['name']} (predicted ms; waves over {gpus[0]['sms']} SMs; bound: the largest part)")
     print(f"{'call':24} {'kernels':7} {'launch':34} {'progs':>6} {'waves':>6} {'wgmma':>6} {'L2 GB':>6} "
           f"{'hbm':>6} {'l2':>6} {'tensor':>6} {'ms':>6}")
     for r in result["rows"]:
@@ -305,13 +328,13 @@ def print_report(result: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.cost_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--l2-tbps", type=float, default=L2_ASSUMED / 1e12,
+    parser.add_argument("--l2-tbps", type=float, default=None,
                         help=f"L2 -> SM bandwidth in TB/s (default {L2_ASSUMED / 1e12}: assumed, not measured)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and totals as JSON to PATH")
     args = parser.parse_args(argv)
-    if not args.l2_tbps > 0:
+    if args.l2_tbps is not None and not args.l2_tbps > 0:
         parser.error(f"--l2-tbps must be > 0, got {args.l2_tbps}")
-    result = report(args.l2_tbps * 1e12)
+    result = report(machines(args.l2_tbps and args.l2_tbps * 1e12))
     print_report(result)
     if args.json:
         with open(args.json, "w") as f:

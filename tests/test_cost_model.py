@@ -75,7 +75,7 @@ def test_cli_prints_predictions_and_refuses_a_bad_ceiling(tmp_path, capsys):
     assert cost_model.main(["--l2-tbps", "7", "--json", str(out)]) == 0
     assert "PREDICTED" in capsys.readouterr().out
     result = json.loads(out.read_text())
-    assert result["l2_tbps"] == 7
+    assert [(m["name"], m["l2"]) for m in result["machines"]] == [("H100", 7e12), ("H200", 7e12)]
     totals = {(t["call"], t["kernels"], t["gpu"]): t for t in result["totals"]}
     assert len(totals) == 16
     for (call, kernels, gpu), total in totals.items():
@@ -85,6 +85,41 @@ def test_cli_prints_predictions_and_refuses_a_bad_ceiling(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cost_model.main(["--l2-tbps", "0"])
     assert "--l2-tbps must be > 0, got 0.0" in capsys.readouterr().err
+
+
+def test_measured_ceilings_price_one_machine_and_more_l2_bandwidth_never_costs_time():
+    ceilings = {"copy_gbps": 3000.0, "matmul_tflops": 800.0, "l2_gbps": 6000.0, "sms": 132}
+    (gpu,) = cost_model.machines(ceilings=ceilings, name="NVIDIA H100 80GB HBM3")
+    assert (gpu.hbm, gpu.gemm, gpu.l2, gpu.sms) == (3e12, 8e14, 6e12, 132) and "measured" in gpu.source
+    faster = cost_model.machines(ceilings=dict(ceilings, l2_gbps=12000.0), name="faster L2")[0]
+    for call, (op, shape) in cost_model.CALLS.items():
+        slow, fast = (cost_model.predict(op, shape, m) for m in (gpu, faster))
+        assert fast["predicted_ms"] <= slow["predicted_ms"] and slow["floor_ms"] == fast["floor_ms"], call
+        assert sum(part["seconds"] for part in slow["parts"]) == pytest.approx(slow["predicted_ms"] / 1e3)
+
+
+def test_every_recipe_call_is_priced():
+    # The bench predicts every fused row it measures on a GPU, at every recipe's calls.
+    from kernels import shapes
+
+    (gpu,) = cost_model.machines(ceilings={"copy_gbps": 3000.0, "matmul_tflops": 800.0, "l2_gbps": 6000.0,
+                                           "sms": 132}, name="GPU")
+    for batch, _, dim, out_dim, tokens in shapes.decoder_calls():
+        assert cost_model.predict("decoder", (batch, dim, out_dim, tokens), gpu)["predicted_ms"] > 0
+    for batch, n, dim in shapes.relation_calls():
+        for target in ("fp16", "int8"):
+            assert cost_model.predict("relation", (batch, n, dim, target), gpu)["predicted_ms"] > 0
+
+
+def test_the_l2_probe_reads_the_whole_buffer_every_pass():
+    # In the interpreter on the CPU: what the probe's kernel reads, not its speed.
+    from kernels import l2_probe
+
+    programs, passes = 3, 4
+    x = torch.arange(l2_probe.buffer_for(programs, "cpu").numel(), dtype=torch.float32) % 7
+    sums = l2_probe.read_pass_sums(x, programs, passes)
+    blocks = x.view(programs, -1).sum(1)
+    assert sums.tolist() == [sum(blocks[(p + k) % programs].item() for k in range(passes)) for p in range(programs)]
 
 
 def test_the_model_counts_the_launches_a_decoder_call_makes(monkeypatch):
