@@ -14,7 +14,8 @@ Inputs, checkpoints and installed wheels go to a work folder beside OUT (--work)
    from the wheelhouse into the work folder (offline); what is still missing only skips the steps that need it;
 2. kernels at the path-b_vit-ti calls (170): `kernels.bench` for the decoder's L = 257 and stacked-CLS
    (B = 768, L = 1) calls and the relation loss with fp16 and int8 targets: eager, eager under bf16 autocast,
-   torch.compile under bf16 autocast, fused;
+   torch.compile under bf16 autocast, fused; the fused rows beside `kernels.cost_model`'s prediction priced at
+   the ceilings the bench measures first (L2 read probe, copy, GEMM);
 3. inputs (90): built-in persons and backgrounds, packed, and a random PATH-B checkpoint cached into a store;
 4. train path-b_vit-ti (120): `train_student bench`, the cached vs staged vs online step;
 5. CUDA tests (150): only the cases that run on CUDA (`pytest --cuda-cases`), one process per test file; a
@@ -529,14 +530,18 @@ def print_tables(runner: Runner) -> None:
     rows = runner.report.get("kernels") or []
     if rows:
         print(f"\nkernels (kernels.bench; {runner.report.get('kernels_meta', {}).get('device', '?')})")
-        print(f"{'op':9} {'shape':40} {'impl':16} {'ms':>9} {'peak MiB':>9} {'max rel err':>11} {'NaN':>4}  error")
+        print(f"{'op':9} {'shape':40} {'impl':16} {'ms':>9} {'pred ms':>8} {'x pred':>6} {'peak MiB':>9} "
+              f"{'max rel err':>11} {'NaN':>4}  error")
         for row in rows:  # in the order measured: the target recipe's first
             shape = " ".join(f"{k}={v}" for k, v in (row.get("shape") or {}).items() if k != "dtype")
             nan = row.get("nan")
             print(f"{row.get('op', '?'):9} {shape[:40]:40} {str(row.get('impl', '?'))[:16]:16} "
-                  f"{_num(row.get('ms'), '9.3f'):>9} {_num(row.get('peak_mib'), '9.1f'):>9} "
+                  f"{_num(row.get('ms'), '9.3f'):>9} {_num(row.get('predicted_ms'), '8.3f'):>8} "
+                  f"{_num(row.get('measured_over_predicted'), '6.2f'):>6} {_num(row.get('peak_mib'), '9.1f'):>9} "
                   f"{_num(row.get('max_rel_err'), '11.2e'):>11} {'-' if nan is None else 'yes' if nan else 'no':>4}  "
                   f"{row.get('error') or ''}")
+        print("pred ms: kernels.cost_model for the fused rows, at this GPU's measured ceilings (L2 probe, copy, "
+              "GEMM); x pred: measured / predicted")
     env = runner.report.get("environment", {})
     print(f"\ngpu-check ({runner.mode} mode): {env.get('gpu') or 'no GPU'}, Python {env.get('python', '?')}, "
           f"torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, timm {env.get('timm', '?')}, "
