@@ -32,6 +32,10 @@ def test_bench_without_gpu_says_so_and_writes_every_row(tmp_path):
     assert {row["shape"]["target"] for row in rows if row["op"] == "relation"} == {"float16", "int8"}
     # Every row is checked against the float64 reference (float32 in the interpreter: within rounding).
     assert all(row["nan"] is False and 0 <= row["max_rel_err"] < 1e-4 for row in rows)
+    # No GPU: no probe, no prediction beside interpreter timings; the cost model's report at stated ceilings.
+    assert "l2_gbps" not in result["ceilings"] and all(row["predicted_ms"] is None for row in rows)
+    assert "PREDICTED" in done.stdout and "no probe ran" in done.stdout
+    assert [m["source"] for m in result["predictions"]["machines"]] == ["stated; L2 assumed"] * 2
     floors = result["target_floors"]
     assert {row["op"] for row in floors} == {"decoder", "relation"}
     assert all(row["floor_ms_compute"] > 0 for row in floors)
