@@ -521,7 +521,8 @@ def modelled_call(result: Result) -> tuple[str, tuple] | None:
         return None
     if result.op == "decoder":
         return "decoder", (shape["batch"], shape["dim"], shape["out_dim"], shape["tokens"])
-    return "relation", (shape["batch"], shape["tokens"], shape["dim"], "fp16" if shape["target"] == "float16" else "int8")
+    target = "fp16" if shape["target"] == "float16" else "int8"
+    return "relation", (shape["batch"], shape["tokens"], shape["dim"], target)
 
 
 def add_prediction(result: Result, gpu) -> None:
