@@ -29,7 +29,7 @@ model's only (JSON key "predictions").
 FLOPs are the useful GEMM FLOPs (forward, plus twice that for backward) — what any implementation must do;
 the fused ops execute more (they recompute instead of storing), which is why both counts are reported.
 Bytes are the compulsory traffic of an implementation that keeps only W_b (decoder) or nothing N x N
-(relation) between forward and backward; see `decoder_bytes` / `relation_bytes`.
+(relation) between forward and backward; see `kernels.floors`.
 """
 from __future__ import annotations
 
@@ -97,39 +97,8 @@ import torch  # noqa: E402
 
 from dpal.decoder import LAYER_NORM_EPS, expert_path_reference  # noqa: E402
 from dpal.losses import quantize_relation, relation_kl_reference, relation_matrix  # noqa: E402
-from dpal.config import DecoderSpec  # noqa: E402
 from kernels import select_interpreter, shapes  # noqa: E402
-
-PATTERNS = DecoderSpec.num_patterns
-
-
-def decoder_flops(batch, dim, out_dim, tokens, patterns=PATTERNS) -> dict[str, float]:
-    expert = 2.0 * batch * patterns * dim * dim * out_dim
-    output = 2.0 * batch * tokens * dim * out_dim
-    # The fused op runs the expert GEMM six times (stats + mix forward; two recomputes + two cuBLAS
-    # GEMMs on du backward) and the output GEMM four times (z is recomputed in backward).
-    return {"useful": 3.0 * (expert + output), "fused_executed": 6.0 * expert + 4.0 * output}
-
-
-def decoder_bytes(batch, dim, out_dim, tokens, itemsize, patterns=PATTERNS) -> float:
-    features = dim * out_dim
-    weight = 3.0 * features * dim  # read forward, read backward, gradient written
-    mixed = 6.0 * batch * features  # W_b written, read by bmm, read twice in backward; dW_b written + read
-    tokens_in = 3.0 * batch * tokens * dim  # h read forward and backward, dh written
-    tokens_out = 4.0 * batch * tokens * out_dim  # z written + read back (the row kernel), y written, dy read
-    queries = 3.0 * batch * patterns * dim
-    return itemsize * (weight + mixed + tokens_in + tokens_out + queries)
-
-
-def relation_flops(batch, tokens, dim) -> dict[str, float]:
-    logits = 2.0 * batch * tokens * tokens * dim
-    # Useful: S forward, then dY = (G + G^T) Y once (S is symmetric). Fused also recomputes S backward.
-    return {"useful": 2.0 * logits, "fused_executed": 3.0 * logits}
-
-
-def relation_bytes(batch, tokens, dim, itemsize, target_itemsize) -> float:
-    return itemsize * 3.0 * batch * tokens * dim + target_itemsize * 2.0 * batch * tokens * tokens
-
+from kernels.floors import PATTERNS, decoder_bytes, decoder_flops, relation_bytes, relation_flops  # noqa: E402
 
 @dataclass
 class Case:

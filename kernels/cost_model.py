@@ -36,7 +36,7 @@ import triton
 from dpal.config import DecoderSpec
 from dpal.decoder import LAYER_NORM_EPS
 from kernels import decoder_experts as dec, relation_loss as rel
-from kernels.bench import decoder_bytes, decoder_flops, relation_bytes, relation_flops
+from kernels.floors import decoder_bytes, decoder_flops, relation_bytes, relation_flops
 
 # Stated ceilings, measured on the GPUs the acceptance run uses (device-to-device copy, read + write; a bf16
 # 8192^3 cuBLAS GEMM) and from the datasheet (SMs). The L2 -> SM bandwidth has no datasheet figure:
