@@ -61,7 +61,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402  (after the choice above)
 
 from dpal.config import DecoderSpec  # noqa: E402
-from kernels import decoder_experts as dec, relation_loss as rel, shapes  # noqa: E402
+from kernels import decoder_experts as dec, l2_probe, relation_loss as rel, shapes  # noqa: E402
 from kernels._common import PlannedLaunch  # noqa: E402
 from kernels import cost_model  # noqa: E402
 from kernels.sm90 import GLOBAL_KINDS, CubinFacts, Launch, specialization_key, sweep  # noqa: E402
@@ -103,6 +103,16 @@ def relation_launches(batch, n, dim, kind, target) -> list[Launch]:
     return [_launch("relation", planned, case, kind) for planned in (plan["forward"], *(p for p, _ in plan["backward"]))]
 
 
+def probe_launch() -> Launch:
+    """The L2 probe (`kernels.l2_probe`) as `kernels.bench` launches it on an H100 or H200 (Triton's default
+    pipeline depth: the probe sets none)."""
+    programs = l2_probe.PROGRAMS_PER_SM * H100_SMS
+    return Launch("probe", l2_probe._l2_read_kernel,
+                  dict(x_ptr=F32, sums_ptr=F32, programs=programs, PASSES=l2_probe.PASSES, BLOCK=l2_probe.BLOCK,
+                       BLOCKS_PER_PROGRAM=l2_probe.BLOCKS_PER_PROGRAM),
+                  l2_probe.WARPS, 3, "probe", f"{programs} programs", False, programs)
+
+
 def sweep_shapes(quick: bool) -> tuple[list[tuple], list[tuple]]:
     """(decoder (B, P, D, D_o, L), relation (B, N, D)) compiled: every recipe's calls at its batch, and every
     shape the kernel tests run on a GPU; quick: the target recipe's calls only."""
@@ -117,7 +127,7 @@ def sweep_shapes(quick: bool) -> tuple[list[tuple], list[tuple]]:
 
 def all_launches(quick: bool) -> list[Launch]:
     """The whole sweep, or (quick) bf16 activations at the target recipe's shapes with the fp32, fp16 and int8
-    target formats: each kernel once, with the config training picks."""
+    target formats: each kernel once, with the config training picks; and the bench's L2 probe in both."""
     launches = []
     decoder, relation = sweep_shapes(quick)
     for kind in ("bf16",) if quick else tuple(OPERANDS):
@@ -126,7 +136,7 @@ def all_launches(quick: bool) -> list[Launch]:
         for batch, n, dim in relation:
             for target in ("fp32", "fp16", "int8") if quick else TARGETS:
                 launches += relation_launches(batch, n, dim, kind, target)
-    return launches
+    return launches + [probe_launch()]
 
 
 class Loop(NamedTuple):
@@ -153,6 +163,8 @@ def _loop_trips(launch: Launch) -> list[list[Loop]]:
         return [[Loop(k, -1, True)], []]
     if name == "gelu_layer_norm_bwd":
         return [[Loop(a["blocks_per_program"], -1)]]
+    if name == "l2_read":  # the passes (a program's blocks unrolled inside)
+        return [[Loop(a["PASSES"], -1)]]
     return [[]]
 
 
@@ -190,6 +202,8 @@ def _work(launch: Launch) -> dict:
         tiles = rel.tile_pairs(n, a["BLOCK_I"], rel.tail_block(n, a["BLOCK_I"]))[1 if a["MASK_J"] else 0]
         pairs = launch.programs // len(tiles) * (n * n - full * full if a["MASK_J"] else full * full)
         return dict(elements=pairs, flops=1.0 * a["D"] * pairs)
+    if name == "l2_read":  # every value of every pass
+        return dict(elements=launch.programs * a["PASSES"] * a["BLOCKS_PER_PROGRAM"] * a["BLOCK"], flops=0.0)
     return dict(elements=a.get("n_rows", launch.programs) * a["width"], flops=0.0)
 
 

@@ -20,7 +20,8 @@ from kernels.sweep import all_launches, operand_kind
 
 COMPILED = dict(os.environ, TRITON_INTERPRET="0")
 KERNELS = {"expert_stats", "expert_stats_merge", "expert_mix", "expert_grad_stats", "expert_grad_constants",
-           "expert_grad", "gelu_layer_norm_fwd", "gelu_layer_norm_bwd", "relation_kl_fwd", "relation_kl_bwd"}
+           "expert_grad", "gelu_layer_norm_fwd", "gelu_layer_norm_bwd", "relation_kl_fwd", "relation_kl_bwd",
+           "l2_read"}  # the last: the bench's L2 probe
 
 
 @pytest.mark.e2e
