@@ -28,7 +28,10 @@ $(INSTALLED):
 # Two test tiers (docs/testing.md): `make test` the fast one (unit, interpreter and small-CLI tests),
 # `make test-all` the end-to-end one (marker e2e); `.ci/run` runs both. A tier whose markers select no test
 # (pytest's status 5) tests nothing: it fails, saying so, rather than passing or reading like a failed test.
-tier = $(PY) -m pytest -q --durations=15 -m "$(1)" tests; status=$$?; \
+# The test files run side by side, one file per worker (its module fixtures built once), TEST_WORKERS at a time:
+# most tests wait on one single-threaded child process at a time, so a 2-core machine runs two files at once.
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
+tier = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "$(1)" tests; status=$$?; \
   if [ $$status = 5 ]; then echo "make $@: no test is marked \"$(1)\" (see the markers in pyproject.toml)" >&2; fi; \
   exit $$status
 

@@ -3,6 +3,7 @@
 # interpreter runs the kernels on CPU tensors exactly when no CUDA device is visible; child processes inherit
 # the choice through the environment), then `runtime.startup.startup` (torch's threads across FFCV's import).
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,8 @@ from runtime.startup import startup
 
 select_interpreter()
 startup()
+
+from helpers import TRAIN_IMAGES, built_once, pack_demo_data, run_python, tiny_train_args  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -46,16 +49,45 @@ def restored_torch_settings():
 @pytest.fixture(scope="session")
 def quick_sweep(tmp_path_factory) -> dict:
     """The report of `kernels.sweep --quick` (the representative kernels compiled for sm_90; no GPU needed),
-    compiled once per session for every test that reads it."""
+    compiled once per test run for every test that reads it."""
     import json
     import os
     import subprocess
 
-    report = tmp_path_factory.mktemp("sweep") / "sweep.json"
-    done = subprocess.run([sys.executable, "-m", "kernels.sweep", "--quick", "--json", str(report)],
-                          env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return json.loads(report.read_text())
+    def compile_report(folder):
+        done = subprocess.run([sys.executable, "-m", "kernels.sweep", "--quick", "--json", str(folder / "sweep.json")],
+                              env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return json.loads((built_once(tmp_path_factory, "quick_sweep", compile_report) / "sweep.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def train_artefacts(tmp_path_factory) -> dict:
+    """The training tests' inputs, made once per test run: the demo data (TRAIN_IMAGES persons, 3 backgrounds,
+    a random PATH-B checkpoint) packed, and a float16 store of 2 view sets per image written by `cache_teacher
+    run` in-process (its own tests run it as a child process). Tests copy what they change."""
+    from cache_teacher.__main__ import main as cache_main
+
+    def cache(root):
+        paths = pack_demo_data(root, persons=TRAIN_IMAGES)
+        assert cache_main(["run", "--teacher", "path-b", "--weights", paths["weights"], "--images",
+                           str(root / "persons.beton"), "--backgrounds", str(root / "backgrounds.beton"), "-K", "2",
+                           "--chunk-images", "2", "--calibration-images", "2", "--out", str(root / "store.zarr"),
+                           "--no-progress"]) == 0
+    root = built_once(tmp_path_factory, "train", cache)
+    return {"root": root, "store": root / "store.zarr", "images": root / "persons.beton",
+            "backgrounds": root / "backgrounds.beton", "weights": str(root / "inputs" / "path-b.pth")}
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, train_artefacts) -> Path:
+    """The tiny training run (`tiny_train_args`) as one process runs it uninterrupted, its last two checkpoints
+    kept: what resumed, validated and multi-process runs are compared with. Tests copy what they change."""
+    def train(out):
+        done = run_python("-m", "train_student", *tiny_train_args(train_artefacts, out, "--keep-checkpoints", "2"))
+        assert done.returncode == 0, done.stderr
+    return built_once(tmp_path_factory, "reference_run", train)
 
 
 def pytest_addoption(parser):

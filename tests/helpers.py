@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -99,6 +101,66 @@ def write_packed_inputs(root: Path, *, persons: int, backgrounds: int, seed: int
     torch.manual_seed(0)
     torch.save(release_checkpoint(build_teacher(teacher_spec)), root / "tiny.pth")
     return root
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `name`, filled by `build(folder)` once per test run: under pytest-xdist every worker has its own
+    session, so the first worker to ask builds it, under a lock in the run's shared temporary folder, and the
+    others wait for it. A build that fails leaves no folder behind (the next one to ask tries again)."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the folder above the workers' own
+    folder = shared / name
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            try:
+                build(folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            (folder / ".built").touch()
+    return folder
+
+
+# The tiny training run of the training tests: 6 images, 2 view sets each, global batch 2, 4 steps.
+TRAIN_IMAGES = 6
+TRAIN_STEPS = 4
+TRAIN_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def tiny_train_args(artefacts: dict, out, *extra, store=None) -> list[str]:
+    """`train_student` arguments of the tiny run on `artefacts` (the `train_artefacts` fixture): a real lr from the
+    first step (no warm-up) so that every step moves the weights visibly, a checkpoint every 2 steps."""
+    return ["--recipe", "path-b_vit-ti", "--store", str(store or artefacts["store"]), "--images",
+            str(artefacts["images"]), "--backgrounds", str(artefacts["backgrounds"]), "--out", str(out),
+            "--batch-size", "2", "--lr", "1e-3", "--warmup-epochs", "0", "--epochs", "3", "--max-steps",
+            str(TRAIN_STEPS), "--checkpoint-every", "2", "--workers", "1", "--no-progress", *extra]
+
+
+def compared_columns(metrics_csv: Path) -> list[list[float]]:
+    """The columns of a run's metrics.csv that a resumed, validated or multi-process run must reproduce: the loss
+    terms and the schedule (samples/s and data wait are timings)."""
+    from train_student.metrics import LOSS_COLUMNS, read_metrics
+
+    columns = LOSS_COLUMNS + ("lr", "ema_momentum", "moe_weight", "grad_norm")
+    return [[row[key] for key in columns] for row in read_metrics(metrics_csv)]
+
+
+def train_refusal(capsys, argv: list[str]) -> tuple[int, str]:
+    """`train_student` run in this process: its exit status and what it wrote to stderr."""
+    from train_student.__main__ import main
+
+    status = main(argv)
+    return status, capsys.readouterr().err
+
+
+def run_python(*args, **kwargs) -> subprocess.CompletedProcess:
+    """`python ARGS` in a child process of this interpreter, output captured, unbuffered."""
+    return subprocess.run([sys.executable, *args], env=TRAIN_ENV, capture_output=True, text=True, **kwargs)
 
 
 def pack_demo_data(root: Path, *, persons: int) -> dict:

@@ -3,7 +3,6 @@
 on the run's checkpoint and exports, and the refusals of stores that do not fit.
 """
 import csv
-import os
 import signal
 import subprocess
 import sys
@@ -12,73 +11,43 @@ import time
 import pytest
 import torch
 
+from helpers import TRAIN_ENV, compared_columns, run_python, tiny_train_args
 from train_student.metrics import LOSS_COLUMNS, VALIDATION_CSV, read_metrics
-from helpers import pack_demo_data
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-NUM_IMAGES = 6
-STEPS = 4
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-COMPARED = LOSS_COLUMNS + ("lr", "ema_momentum", "moe_weight", "grad_norm")
-
-
-def _python(*args):
-    return subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True)
-
 
 @pytest.fixture(scope="module")
-def artefacts(tmp_path_factory):
+def artefacts(train_artefacts, tmp_path_factory):
+    """The training tests' inputs and store (`train_artefacts`), and a store of fresh views: the first 3 training
+    images cached with another seed."""
     from cache_teacher.__main__ import main as cache_main
 
-    root = tmp_path_factory.mktemp("validation")
-    paths = pack_demo_data(root, persons=NUM_IMAGES)
-    common = ["--teacher", "path-b", "--weights", paths["weights"], "--images", str(root / "persons.beton"),
-              "--backgrounds", str(root / "backgrounds.beton"), "--chunk-images", "2", "--calibration-images", "2",
-              "--no-progress"]
-    assert cache_main(["run", *common, "-K", "2", "--out", str(root / "train.zarr")]) == 0
-    # Fresh views: the first 3 training images cached with another seed.
-    assert cache_main(["run", *common, "-K", "1", "--seed", "7", "--limit-images", "3",
-                       "--out", str(root / "fresh.zarr")]) == 0
-    return {"root": root, "store": root / "train.zarr", "fresh": root / "fresh.zarr",
-            "images": root / "persons.beton", "backgrounds": root / "backgrounds.beton"}
-
-
-def _train_args(artefacts, out, *extra):
-    return ["-m", "train_student", "--recipe", "path-b_vit-ti", "--store", str(artefacts["store"]),
-            "--images", str(artefacts["images"]), "--backgrounds", str(artefacts["backgrounds"]), "--out", str(out),
-            "--batch-size", "2", "--lr", "1e-3", "--warmup-epochs", "0", "--epochs", "3",
-            "--max-steps", str(STEPS), "--checkpoint-every", "2", "--workers", "1", "--no-progress", *extra]
+    fresh = tmp_path_factory.mktemp("validation") / "fresh.zarr"
+    assert cache_main(["run", "--teacher", "path-b", "--weights", train_artefacts["weights"], "--images",
+                       str(train_artefacts["images"]), "--backgrounds", str(train_artefacts["backgrounds"]),
+                       "--chunk-images", "2", "--calibration-images", "2", "--no-progress", "-K", "1", "--seed", "7",
+                       "--limit-images", "3", "--out", str(fresh)]) == 0
+    return {**train_artefacts, "fresh": fresh}
 
 
 def _validated(artefacts, out, *extra):
-    return _train_args(artefacts, out, "--val-store", str(artefacts["fresh"]), "--val-every", "2", *extra)
+    return ["-m", "train_student", *tiny_train_args(artefacts, out, "--val-store", str(artefacts["fresh"]),
+                                                    "--val-every", "2", *extra)]
 
 
 @pytest.fixture(scope="module")
-def plain_run(artefacts):
-    out = artefacts["root"] / "plain"
-    done = _python(*_train_args(artefacts, out))
-    assert done.returncode == 0, done.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def validated_run(artefacts):
-    out = artefacts["root"] / "validated"
-    done = _python(*_validated(artefacts, out))
+def validated_run(artefacts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("validated") / "run"
+    done = run_python(*_validated(artefacts, out))
     assert done.returncode == 0, done.stderr
     assert "K = 2 view sets per image over 3 epochs: each view set is used 1 or 2 times" in done.stdout
     return out
 
 
-def _compared(path):
-    return [[row[key] for key in COMPARED] for row in read_metrics(path)]
-
-
 @pytest.mark.e2e
-def test_validation_is_logged_and_does_not_change_training(plain_run, validated_run):
-    assert _compared(validated_run / "metrics.csv") == _compared(plain_run / "metrics.csv")
+def test_validation_is_logged_and_does_not_change_training(reference_run, validated_run):
+    assert compared_columns(validated_run / "metrics.csv") == compared_columns(reference_run / "metrics.csv")
     rows = read_metrics(validated_run / VALIDATION_CSV)
     assert [row["step"] for row in rows] == [2.0, 4.0]  # every 2 steps, the last one once
     for row in rows:
@@ -90,13 +59,13 @@ def test_validation_is_logged_and_does_not_change_training(plain_run, validated_
     events.Reload()
     assert [event.step for event in events.Scalars("val/total")] == [2, 4]
     assert (validated_run / "loss.png").stat().st_size > 0
-    assert not (plain_run / VALIDATION_CSV).exists()
+    assert not (reference_run / VALIDATION_CSV).exists()
 
 
 @pytest.mark.e2e
-def test_killed_validated_run_resumes_to_the_same_losses_and_validation(artefacts, validated_run):
-    out = artefacts["root"] / "killed"
-    process = subprocess.Popen([sys.executable, *_validated(artefacts, out)], env=ENV,
+def test_killed_validated_run_resumes_to_the_same_losses_and_validation(artefacts, validated_run, tmp_path):
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, *_validated(artefacts, out)], env=TRAIN_ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     metrics = out / "metrics.csv"
@@ -108,9 +77,9 @@ def test_killed_validated_run_resumes_to_the_same_losses_and_validation(artefact
     process.wait()
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
 
-    resumed = _python(*_validated(artefacts, out, "--resume"))
+    resumed = run_python(*_validated(artefacts, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
-    assert _compared(out / "metrics.csv") == _compared(validated_run / "metrics.csv")
+    assert compared_columns(out / "metrics.csv") == compared_columns(validated_run / "metrics.csv")
     assert read_metrics(out / VALIDATION_CSV) == read_metrics(validated_run / VALIDATION_CSV)
 
 
@@ -165,7 +134,7 @@ def test_stores_that_do_not_fit_are_refused_in_one_line(artefacts, validated_run
     assert len(printed.err.strip().splitlines()) == 1
 
     out = tmp_path / "refused"
-    done = _python(*_train_args(artefacts, out, "--val-store", str(artefacts["store"])))
+    done = run_python("-m", "train_student", *tiny_train_args(artefacts, out, "--val-store", str(artefacts["store"])))
     assert done.returncode == 2 and "training store's --seed 0" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not out.exists()  # refused before anything was written
