@@ -68,6 +68,7 @@ class CubinFacts:
     # so a quarter per warp instruction; HMMA.MNK: 2MNK per warp), and the global-memory bytes of one warp's
     # instructions by kind (`global_access`; for "uncounted", the number of instructions).
     loop_nests: dict = field(default_factory=dict)
+    hgmma_shapes: dict = field(default_factory=dict)  # "MxNxK" of the HGMMA instructions -> static count
 
     @property
     def spills(self) -> int:
@@ -188,6 +189,7 @@ def cubin_facts(compiled) -> CubinFacts:
     resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     instructions = _loop_nests(sass)
     counts: dict[str, int] = {}
+    shapes: dict[str, int] = {}
     nests: dict[str, dict] = {}
     for opcode, nest, line in instructions:
         counts[opcode] = counts.get(opcode, 0) + 1
@@ -200,11 +202,14 @@ def cubin_facts(compiled) -> CubinFacts:
             entry["global_bytes"][kind] += moved if kind != "uncounted" else 1
         if (flops := _mma_flops(line)) is not None:
             entry["mma_flops"][flops[0]] = entry["mma_flops"].get(flops[0], 0.0) + flops[1]
+        if (wgmma := _HGMMA.search(line)) is not None:
+            shape = "x".join(wgmma.groups()[:3])
+            shapes[shape] = shapes.get(shape, 0) + 1
     return CubinFacts(registers=int(resources["REG"]), stack_bytes=int(resources["STACK"]),
                       local_loads=counts.get("LDL", 0), local_stores=counts.get("STL", 0),
                       hgmma=counts.get("HGMMA", 0), hmma=counts.get("HMMA", 0),
                       instructions=len(instructions), shared_bytes=compiled.metadata.shared, counts=counts,
-                      loop_nests=nests)
+                      loop_nests=nests, hgmma_shapes=shapes)
 
 
 def _compile_in_child(launch: Launch, conn) -> None:

@@ -10,8 +10,9 @@ No GPU is needed: each launch is compiled for sm_90 as Triton's JIT would compil
 instruction (a register spill), and, when its dots can use tensor cores, on SASS without HGMMA (wgmma).
 A table (kernel, operands, config, registers, spills, wgmma) is printed, then, for the Triton launches of
 the calls `kernels.cost_model` prices (those this sweep compiled), the model's L2 -> SM bytes per program
-against the global-memory bytes of the launch's SASS (`byte_check`). Exit status 1 if any launch fails or the
-model lies outside the SASS's bytes by more than BYTE_TOLERANCE.
+against the global-memory bytes of the launch's SASS, and the model's wgmma shape against the HGMMA emitted
+(`byte_check`). Exit status 1 if any launch fails, the model lies outside the SASS's bytes by more than
+BYTE_TOLERANCE, or prices another wgmma than the SASS has.
 
 The launches are the ops' own launch plans (`decoder_experts.expert_plan` / `row_plan`,
 `relation_loss.launch_plan`), at the shapes of `kernels.shapes`:
@@ -390,7 +391,8 @@ def sass_bytes(compiled: dict) -> list[dict]:
             moved = sass_bytes_per_program(launch, compiled[key])
             row = dict(call=call, index=index, launch=model.name, config=launch.config, programs=launch.programs,
                        sass_l2_bytes=moved["copy_bypass"] + moved["store"],
-                       sass_all_bytes=sum(v for k, v in moved.items() if k != "uncounted"))
+                       sass_all_bytes=sum(v for k, v in moved.items() if k != "uncounted"),
+                       sass_wgmma_n=sorted({int(shape.split("x")[1]) for shape in compiled[key].hgmma_shapes}))
             if launch.kernel_name in PER_SAMPLE_KERNELS:
                 row["unchecked"] = "run-time loops unrolled by the compiler"
             elif moved["uncounted"]:
@@ -400,16 +402,20 @@ def sass_bytes(compiled: dict) -> list[dict]:
 
 
 def byte_check(rows: list[dict], tolerance: float = BYTE_TOLERANCE) -> list[dict]:
-    """`sass_bytes` rows with the cost model's L2 -> SM bytes per program of the same launch and a verdict: ok
-    when the model lies within [certain x (1 - tolerance), all x (1 + tolerance)] of the SASS's bytes."""
+    """`sass_bytes` rows with the cost model's L2 -> SM bytes per program and wgmma N of the same launch, and a
+    verdict: ok when the model's bytes lie within [certain x (1 - tolerance), all x (1 + tolerance)] of the
+    SASS's, and the wgmma N the model prices its tensor-core time at is the largest N of the SASS's HGMMA (the
+    main product's; a kernel's smaller dots emit narrower ones), or both have none."""
     checked = []
     for row in rows:
         model = _triton_launches(row["call"])[row["index"]]
         per_program = model.l2_bytes / model.programs
         low, high = row["sass_l2_bytes"] * (1 - tolerance), row["sass_all_bytes"] * (1 + tolerance)
-        verdict = row.get("unchecked") or ("ok" if low <= per_program <= high else
-                                           f"FAILED: the model is outside [{low:.0f}, {high:.0f}] bytes")
-        checked.append(dict(row, model_bytes=per_program, verdict=verdict))
+        emitted = max(row["sass_wgmma_n"], default=0)
+        problems = ([] if low <= per_program <= high else [f"the model is outside [{low:.0f}, {high:.0f}] bytes"]) + \
+            ([] if model.wgmma == emitted else [f"the model prices wgmma 64x{model.wgmma}, the SASS's is 64x{emitted}"])
+        verdict = row.get("unchecked") or ("FAILED: " + "; ".join(problems) if problems else "ok")
+        checked.append(dict(row, model_bytes=per_program, model_wgmma_n=model.wgmma, verdict=verdict))
     return checked
 
 
@@ -421,11 +427,12 @@ def print_byte_check(checked: list[dict]) -> None:
     print(f"\nL2 -> SM bytes per program: kernels.cost_model against the SASS's global-memory instructions "
           f"(sm_90; tolerance {BYTE_TOLERANCE:.0%})")
     print(f"{'call':22} {'launch':24} {'config':18} {'progs':>6} {'model kB':>9} {'SASS L2 kB':>10} "
-          f"{'SASS all kB':>11}  verdict")
+          f"{'SASS all kB':>11} {'wgmma N':>7} {'SASS N':>7}  verdict")
     for row in checked:
+        emitted = ",".join(map(str, row["sass_wgmma_n"])) or "-"
         print(f"{row['call']:22} {row['launch'][:24]:24} {row['config']:18} {row['programs']:6} "
               f"{row['model_bytes'] / 1e3:9.1f} {row['sass_l2_bytes'] / 1e3:10.1f} {row['sass_all_bytes'] / 1e3:11.1f}"
-              f"  {row['verdict']}")
+              f" {row['model_wgmma_n'] or '-':>7} {emitted:>7}  {row['verdict']}")
     print("SASS L2: cp.async.cg copies and stores, which reach L2 whatever L1 holds; SASS all: every global load, "
           "copy and store (loads through L1 as if each missed); masked lanes count")
 

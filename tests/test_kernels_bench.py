@@ -101,3 +101,18 @@ def test_the_byte_check_fails_a_model_with_a_wrong_tile(quick_sweep, monkeypatch
     failed = byte_check_failed(byte_check(quick_sweep["byte_check"]))
     assert {(row["call"], row["launch"]) for row in failed} == {("decoder B256 L257", "expert_mix"),
                                                                 ("decoder CLS B768 L1", "expert_mix")}
+
+
+@pytest.mark.e2e
+def test_the_byte_check_fails_a_model_with_a_wgmma_the_sass_does_not_have(quick_sweep, monkeypatch):
+    # The model pricing the relation forward's tensor-core time at a wgmma twice as wide as the one emitted.
+    real = cost_model.relation_launches
+
+    def wider(*args, **kwargs):
+        return [replace(launch, wgmma=2 * launch.wgmma) if launch.name == "relation_kl_fwd" else launch
+                for launch in real(*args, **kwargs)]
+    monkeypatch.setattr(cost_model, "relation_launches", wider)
+    failed = byte_check_failed(byte_check(quick_sweep["byte_check"]))
+    assert {(row["call"], row["launch"]) for row in failed} == {("relation fp16 targets", "relation_kl_fwd"),
+                                                                ("relation int8 targets", "relation_kl_fwd")}
+    assert all("the SASS's is 64x" in row["verdict"] for row in failed)
