@@ -406,7 +406,12 @@ def run_cuda_tests(runner: Runner, step: Step, run_them: bool) -> None:
         rc, tail = runner.cli("cuda-tests-collect", [*base, "--collect-only", *files], until - time.monotonic())
         collected = re.search(r"(\d+)(?:/\d+)? tests? collected", tail)
         totals["collected"] = int(collected.group(1)) if collected else 0
-    for index, path in enumerate(files if run_them else []):
+        step.figures = totals
+        step.detail = f"collected only (no GPU): {totals['collected']} CUDA cases in {len(files)} files"
+        if not totals["collected"]:
+            step.status = "failed"
+        return
+    for index, path in enumerate(files):
         name = Path(path).stem
         # An equal share of what is left per file still to run: one slow file cannot starve the others.
         share = (until - time.monotonic()) / (len(files) - index)
@@ -422,17 +427,12 @@ def run_cuda_tests(runner: Runner, step: Step, run_them: bool) -> None:
         if rc == 124:
             totals["aborted"].append(f"{path} (budget)")
     step.figures = totals
-    if run_them:
-        failed = totals["failures"] + totals["errors"]
-        step.detail = (f"{totals['tests'] - failed - totals['skipped']} passed, {failed} failed, "
-                       f"{totals['skipped']} skipped in {len(files)} files"
-                       + (f"; cut short or aborted: {', '.join(totals['aborted'])}" if totals["aborted"] else ""))
-        if failed or totals["aborted"]:
-            step.status = "failed"
-    else:
-        step.detail = f"collected only (no GPU): {totals['collected']} CUDA cases in {len(files)} files"
-        if not totals["collected"]:
-            step.status = "failed"
+    failed = totals["failures"] + totals["errors"]
+    step.detail = (f"{totals['tests'] - failed - totals['skipped']} passed, {failed} failed, "
+                   f"{totals['skipped']} skipped in {len(files)} files"
+                   + (f"; cut short or aborted: {', '.join(totals['aborted'])}" if totals["aborted"] else ""))
+    if failed or totals["aborted"]:
+        step.status = "failed"
 
 
 def _verbose_counts(log: Path) -> dict:

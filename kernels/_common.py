@@ -155,6 +155,12 @@ class KernelConfig:
         return f"{tiles} w{self.num_warps} s{self.num_stages}"
 
 
+def kernel_name(kernel) -> str:
+    """A @triton.jit kernel's name in tables and plans: `_expert_grad_kernel` -> `expert_grad` (compiled or
+    interpreted alike: both wrap the Python function as `.fn`)."""
+    return kernel.fn.__name__.strip("_").removesuffix("_kernel")
+
+
 @dataclass(frozen=True)
 class PlannedLaunch:
     """One kernel launch of a fused op, planned from shapes and dtypes alone: the op issues it (`planned(**tensors)`)
@@ -167,6 +173,10 @@ class PlannedLaunch:
     tensors: dict
     scalars: dict
     part: str = ""
+
+    @property
+    def kernel_name(self) -> str:
+        return kernel_name(self.kernel)
 
     def __call__(self, **tensors: torch.Tensor) -> None:
         self.kernel[self.grid](**tensors, **self.scalars, **dict(self.config.tiles),

@@ -483,7 +483,7 @@ def print_floors(rows: list[dict]) -> None:
 
 
 def modelled_call(result: Result) -> tuple[str, tuple] | None:
-    """(op, shape) of a fused row as `kernels.cost_model.launches_of` takes it, else None (the model prices the
+    """(op, shape) of a fused row as `kernels.cost_model.predict` takes it, else None (the model prices the
     fused ops, in bf16)."""
     shape = result.shape
     if result.impl != "fused" or shape["dtype"] != str(torch.bfloat16):
@@ -555,10 +555,6 @@ def main(argv=None) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """Benchmark as the parsed options ask; prints the tables, writes the JSON."""
-    parser = command_line()
-    if args.batch is not None and args.batch < 1:
-        parser.error(f"--batch must be at least 1; got {args.batch}")
-
     interpreted = select_interpreter()  # before triton is imported: interpreted exactly when no GPU is visible
     on_gpu = torch.cuda.is_available() and not interpreted
     device = torch.device("cuda" if on_gpu else "cpu")

@@ -53,7 +53,7 @@ class Machine:
     gemm: float  # bf16 FLOP/s
     l2: float  # L2 -> SM bytes/s
     sms: int
-    source: str  # where the ceilings come from ("stated", "L2 assumed", "measured on ...")
+    source: str  # where the ceilings come from ("stated; L2 assumed", "stated; L2 given", "measured on ...")
 
 
 def machines(l2: float | None = None, ceilings: dict | None = None, name: str = "") -> list[Machine]:
@@ -141,9 +141,9 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
                              DecoderSpec.experts_loss_weight, LAYER_NORM_EPS)
     plan = []
     for planned in expert["forward"] + expert["backward"]:
-        name = planned.kernel.__name__.strip("_").removesuffix("_kernel")
+        name = planned.kernel_name
         programs, c = math.prod(planned.grid), planned.config
-        if "BLOCK_T" in dict(c.tiles):  # per sample: the merge reads its tile means twice and M2 once
+        if name in dec.PER_SAMPLE_KERNELS:  # per sample: the merge reads its tile means twice and M2 once
             partials = planned.scalars["n_tiles"] * (3 * patterns if name == "expert_stats_merge" else patterns + 2)
             plan.append(Launch(op, name, programs, PER_SAMPLE_PROGRAMS_PER_SM, partials * F32 * programs,
                                partials * F32 * programs))
@@ -264,7 +264,7 @@ def plan(call: str, before: bool) -> list[Launch]:
 
 def floor_seconds(op: str, shape: tuple, m: Machine) -> float:
     """The call's floor: its useful FLOPs at the GEMM rate or its compulsory bytes at the HBM rate, whichever
-    is larger (`kernels.bench`'s counts, at this machine's ceilings)."""
+    is larger (`kernels.floors`' counts, at this machine's ceilings)."""
     if op == "decoder":
         flops, nbytes = decoder_flops(*shape)["useful"], decoder_bytes(*shape, BF16)
     else:

@@ -48,8 +48,8 @@ import triton
 import triton.language as tl
 
 from kernels._common import (DOT_PRECISION, INTERPRETED, NAMESPACE, KernelConfig, PlannedLaunch, check_capability,
-                             check_device, check_dtype, check_shape, dot_operands, fast_exp2, fast_rcp, mma,
-                             multiprocessors, num_programs_for_rows)
+                             check_device, check_dtype, check_shape, dot_operands, fast_exp2, fast_rcp,
+                             kernel_name, mma, multiprocessors, num_programs_for_rows)
 
 OP = "fused expert path"
 
@@ -366,6 +366,10 @@ def _expert_grad_constants_kernel(partial_ptr, scores_ptr, mean_ptr, rstd_ptr, g
         c_sum += c
     tl.store(offset_ptr + b, offset)
     tl.store(c_sum_ptr + b, c_sum)
+
+
+# The kernels that run one program per sample over the per-tile partials (_PER_SAMPLE_CONFIG; no dots).
+PER_SAMPLE_KERNELS = (kernel_name(_expert_stats_merge_kernel), kernel_name(_expert_grad_constants_kernel))
 
 
 @triton.jit

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import triton
 
+from kernels._common import kernel_name
+
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 ARCH = 90
 
@@ -46,7 +48,7 @@ class Launch:
 
     @property
     def kernel_name(self) -> str:
-        return self.kernel.__name__.strip("_").removesuffix("_kernel")
+        return kernel_name(self.kernel)
 
 
 @dataclass

@@ -67,14 +67,12 @@ from kernels._common import PlannedLaunch  # noqa: E402
 from kernels import cost_model  # noqa: E402
 from kernels.sm90 import GLOBAL_KINDS, CubinFacts, Launch, specialization_key, sweep  # noqa: E402
 
-H100_SMS = 132  # H100 SXM and H200 alike: the row kernel's grid depends on it
+H100_SMS = cost_model.SMS  # the row kernel's grid depends on it
 F32 = torch.float32
 # Activation dtype per operand kind (`kernels._common.dot_operands`).
 OPERANDS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": F32}
 TARGETS = {"fp32": F32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 DECODER_EPS = 1e-6  # a runtime float argument: any value compiles the same binary
-# The decoder's kernels that run one program per sample over per-tile partials (no dots).
-PER_SAMPLE_KERNELS = ("expert_stats_merge", "expert_grad_constants")
 
 
 def _launch(op: str, planned: PlannedLaunch, case: str, kind: str) -> Launch:
@@ -154,7 +152,7 @@ def _loop_trips(launch: Launch) -> list[list[Loop]]:
     count it wrong. The K loops are the software-pipelined ones."""
     a, name = launch.args, launch.kernel_name
     k = triton.cdiv(a.get("D", 1), a.get("BLOCK_K", 1))
-    if name in PER_SAMPLE_KERNELS:  # loops over the tiles' partials, one after another (patterns unrolled)
+    if name in dec.PER_SAMPLE_KERNELS:  # loops over the tiles' partials, one after another (patterns unrolled)
         tiles = triton.cdiv(a["n_tiles"], a["BLOCK_T"])
         return [[Loop(tiles, -1)] * loops for loops in range(1, 4 * a["P"] + 3)]
     if name == "expert_grad":  # row blocks, the K loop inside (the patterns are unrolled in both)
@@ -186,7 +184,7 @@ def _loop_structure(launch: Launch, facts: CubinFacts) -> list[Loop]:
 def _work(launch: Launch) -> dict:
     """Elements (of u, S or z) and useful dot FLOPs of one launch."""
     a, name = launch.args, launch.kernel_name
-    if name in PER_SAMPLE_KERNELS:  # every per-tile partial of every sample, read once or twice
+    if name in dec.PER_SAMPLE_KERNELS:  # every per-tile partial of every sample, read once or twice
         partials = launch.programs * a["n_tiles"] * (2 * a["P"] if name == "expert_stats_merge" else a["P"] + 2)
         return dict(elements=partials, flops=0.0)
     if name.startswith("expert_"):
@@ -216,11 +214,13 @@ def resident_warps(launch: Launch, facts: CubinFacts) -> int:
     return min(64, ctas * launch.num_warps)
 
 
-def _executed(launch: Launch, facts: CubinFacts, value) -> float:
-    """Sum over the SASS's loop nests of value(nest entry) x the trips of every loop around it."""
-    loops = _loop_structure(launch, facts)
-    return sum(value(entry) * math.prod(loops[int(k)].trips for k in nest.split(",") if k)
-               for nest, entry in facts.loop_nests.items())
+def _executed(loops: list[Loop], facts: CubinFacts, value, lead: int = 0) -> float:
+    """Sum over the SASS's loop nests of value(nest entry) x the trips of every loop around it; a pipelined
+    loop's trips less `lead` (the trips whose prefetches are predicated off, for cp.async copies)."""
+    def trips(nest: str) -> int:
+        inside = [loops[int(k)] for k in nest.split(",") if k]
+        return math.prod(max(0, loop.trips - (lead if loop.pipelined else 0)) for loop in inside)
+    return sum(value(entry) * trips(nest) for nest, entry in facts.loop_nests.items())
 
 
 def executed_counts(launch: Launch, facts: CubinFacts) -> dict:
@@ -229,9 +229,10 @@ def executed_counts(launch: Launch, facts: CubinFacts) -> dict:
     undercounts the kernel's MMAs. Counts, not times: `kernels.cost_model` owns the predictions."""
     scale = launch.num_warps * launch.programs
     work = _work(launch)
-    warp_instructions = scale * _executed(launch, facts, lambda entry: entry["instructions"])
-    mufu = scale * _executed(launch, facts, lambda entry: entry["mufu"])
-    tensor_flops = scale * _executed(launch, facts, lambda entry: sum(entry["mma_flops"].values()))
+    loops = _loop_structure(launch, facts)
+    warp_instructions = scale * _executed(loops, facts, lambda entry: entry["instructions"])
+    mufu = scale * _executed(loops, facts, lambda entry: entry["mufu"])
+    tensor_flops = scale * _executed(loops, facts, lambda entry: sum(entry["mma_flops"].values()))
     if tensor_flops and tensor_flops < work["flops"] * (1 - 1e-6):
         raise ValueError(f"{launch.kernel_name}: {tensor_flops:.3g} tensor-core FLOPs counted, fewer than the "
                          f"{work['flops']:.3g} the launch must do: the loop trip counts are wrong")
@@ -247,13 +248,8 @@ def sass_bytes_per_program(launch: Launch, facts: CubinFacts) -> dict[str, float
     its last num_stages - 1 trips (the first trips' copies sit before it): its copies count trips - (stages -
     1) times. ("uncounted": TMA or bulk copies, instructions executed.)"""
     loops = _loop_structure(launch, facts)
-
-    def executed(entry, nest: str, kind: str) -> float:
-        inside = [loops[int(k)] for k in nest.split(",") if k]
-        trips = [loop.trips - (launch.num_stages - 1 if loop.pipelined and kind.startswith("copy") else 0)
-                 for loop in inside]
-        return entry["global_bytes"][kind] * math.prod(max(0, t) for t in trips)
-    return {kind: launch.num_warps * sum(executed(entry, nest, kind) for nest, entry in facts.loop_nests.items())
+    return {kind: launch.num_warps * _executed(loops, facts, lambda entry: entry["global_bytes"][kind],
+                                               launch.num_stages - 1 if kind.startswith("copy") else 0)
             for kind in GLOBAL_KINDS}
 
 
@@ -293,17 +289,23 @@ def _operands(launch: Launch) -> str:
     return kind
 
 
-def run(launches: list[Launch], workers: int, counted: list | None = None) -> list[Row]:
-    """One row per distinct compile; `counted`, when given, receives (launch, facts, executed_counts) per launch."""
+def run(launches: list[Launch], workers: int, counted: list | None = None,
+        compiled: dict | None = None) -> list[Row]:
+    """One row per distinct compile; `counted`, when given, receives (launch, facts, executed_counts) per launch,
+    and `compiled` {specialization_key: facts} of the binaries whose loop structure the counts fit."""
     groups: dict[tuple, list[Launch]] = {}
     for launch in launches:
         groups.setdefault(specialization_key(launch), []).append(launch)
     firsts = [group[0] for group in groups.values()]
     results = sweep(firsts, workers=workers)
     if counted is not None:
-        counted.extend((launch, result, _counts_or_error(launch, result))
-                       for group, result in zip(groups.values(), results) if not isinstance(result, str)
-                       for launch in group)
+        for key, group, result in zip(groups, groups.values(), results):
+            if isinstance(result, str):
+                continue
+            counts = [(launch, result, _counts_or_error(launch, result)) for launch in group]
+            counted.extend(counts)
+            if compiled is not None and not any("error" in c for _, _, c in counts):
+                compiled[key] = result
     rows = []
     for group, result in zip(groups.values(), results):
         first = group[0]
@@ -393,7 +395,7 @@ def sass_bytes(compiled: dict) -> list[dict]:
                        sass_l2_bytes=moved["copy_bypass"] + moved["store"],
                        sass_all_bytes=sum(v for k, v in moved.items() if k != "uncounted"),
                        sass_wgmma_n=sorted({int(shape.split("x")[1]) for shape in compiled[key].hgmma_shapes}))
-            if launch.kernel_name in PER_SAMPLE_KERNELS:
+            if launch.kernel_name in dec.PER_SAMPLE_KERNELS:
                 row["unchecked"] = "run-time loops unrolled by the compiler"
             elif moved["uncounted"]:
                 row["unchecked"] = "TMA or bulk copies, whose bytes the SASS does not give"
@@ -406,9 +408,9 @@ def byte_check(rows: list[dict], tolerance: float = BYTE_TOLERANCE) -> list[dict
     verdict: ok when the model's bytes lie within [certain x (1 - tolerance), all x (1 + tolerance)] of the
     SASS's, and the wgmma N the model prices its tensor-core time at is the largest N of the SASS's HGMMA (the
     main product's; a kernel's smaller dots emit narrower ones), or both have none."""
-    checked = []
+    checked, plans = [], {call: _triton_launches(call) for call in {row["call"] for row in rows}}
     for row in rows:
-        model = _triton_launches(row["call"])[row["index"]]
+        model = plans[row["call"]][row["index"]]
         per_program = model.l2_bytes / model.programs
         low, high = row["sass_l2_bytes"] * (1 - tolerance), row["sass_all_bytes"] * (1 + tolerance)
         emitted = max(row["sass_wgmma_n"], default=0)
@@ -467,13 +469,14 @@ def run_command(args: argparse.Namespace) -> int:
         command_line().error("no launch of the sweep matches --kernel/--case; the kernels are "
                      + ", ".join(sorted({launch.kernel_name for launch in all_launches(args.quick)})))
     counted: list = []
-    rows = run(launches, args.workers, counted)
+    compiled: dict = {}
+    rows = run(launches, args.workers, counted, compiled)
     seconds = time.perf_counter() - start
     print_table(rows)
     failed = [r for r in rows if r.problems]
     print(f"\n{len(launches)} launches, {len(rows)} distinct compiles for sm_90 in {seconds:.0f} s "
           f"(triton {triton.__version__}); {len(failed)} failed")
-    checked = byte_check(sass_bytes({specialization_key(launch): facts for launch, facts, _ in counted}))
+    checked = byte_check(sass_bytes(compiled))
     if checked:
         print_byte_check(checked)
         print(f"{len(byte_check_failed(checked))} of {len(checked)} launches outside the tolerance")

@@ -10,7 +10,7 @@ from kernels import cost_model, decoder_experts
 from dpal.config import DecoderSpec
 from kernels.sweep import decoder_launches, relation_launches
 
-from helpers import launches_device_work
+from helpers import MEASURED_CEILINGS, launches_device_work
 
 EXPERT_GEMM_PASSES = ("expert_stats", "expert_mix", "expert_grad_stats", "expert_grad")
 
@@ -88,10 +88,9 @@ def test_cli_prints_predictions_and_refuses_a_bad_ceiling(tmp_path, capsys):
 
 
 def test_measured_ceilings_price_one_machine_and_more_l2_bandwidth_never_costs_time():
-    ceilings = {"copy_gbps": 3000.0, "matmul_tflops": 800.0, "l2_gbps": 6000.0, "sms": 132}
-    (gpu,) = cost_model.machines(ceilings=ceilings, name="NVIDIA H100 80GB HBM3")
+    (gpu,) = cost_model.machines(ceilings=MEASURED_CEILINGS, name="NVIDIA H100 80GB HBM3")
     assert (gpu.hbm, gpu.gemm, gpu.l2, gpu.sms) == (3e12, 8e14, 6e12, 132) and "measured" in gpu.source
-    faster = cost_model.machines(ceilings=dict(ceilings, l2_gbps=12000.0), name="faster L2")[0]
+    faster = cost_model.machines(ceilings=dict(MEASURED_CEILINGS, l2_gbps=12000.0), name="faster L2")[0]
     for call, (op, shape) in cost_model.CALLS.items():
         slow, fast = (cost_model.predict(op, shape, m) for m in (gpu, faster))
         assert fast["predicted_ms"] <= slow["predicted_ms"] and slow["floor_ms"] == fast["floor_ms"], call
@@ -102,8 +101,7 @@ def test_every_recipe_call_is_priced():
     # The bench predicts every fused row it measures on a GPU, at every recipe's calls.
     from kernels import shapes
 
-    (gpu,) = cost_model.machines(ceilings={"copy_gbps": 3000.0, "matmul_tflops": 800.0, "l2_gbps": 6000.0,
-                                           "sms": 132}, name="GPU")
+    (gpu,) = cost_model.machines(ceilings=MEASURED_CEILINGS, name="GPU")
     for batch, _, dim, out_dim, tokens in shapes.decoder_calls():
         assert cost_model.predict("decoder", (batch, dim, out_dim, tokens), gpu)["predicted_ms"] > 0
     for batch, n, dim in shapes.relation_calls():

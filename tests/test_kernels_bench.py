@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pytest
 
+from helpers import MEASURED_CEILINGS
 from kernels import cost_model
 from kernels.bench import Result, add_prediction, print_static, print_table, static_report
 from kernels.sweep import byte_check, byte_check_failed
@@ -45,10 +46,7 @@ def test_fused_rows_carry_the_cost_models_prediction_beside_the_measurement(caps
     # What the bench does on a GPU after each row, here with ceilings as a GPU's measurement gives them.
     import torch
 
-    from kernels import cost_model
-
-    (gpu,) = cost_model.machines(ceilings={"copy_gbps": 3000.0, "matmul_tflops": 800.0, "l2_gbps": 6000.0,
-                                           "sms": 132}, name="GPU")
+    (gpu,) = cost_model.machines(ceilings=MEASURED_CEILINGS, name="GPU")
     shape = dict(batch=256, dim=192, out_dim=768, tokens=257, dtype=str(torch.bfloat16))
     fused, eager = (Result("decoder", shape, ["path-b_vit-ti"], impl, ms=2.0, tflops=1.0, gbps=1.0)
                     for impl in ("fused", "eager"))
@@ -57,8 +55,7 @@ def test_fused_rows_carry_the_cost_models_prediction_beside_the_measurement(caps
     assert fused.predicted_ms == pytest.approx(cost_model.predict("decoder", (256, 192, 768, 257), gpu)["predicted_ms"])
     assert fused.measured_over_predicted == pytest.approx(2.0 / fused.predicted_ms)
     assert eager.predicted_ms is None  # the model prices the fused op only
-    print_table([fused, eager], {"matmul_tflops": 800.0, "matmul": "bf16", "copy_gbps": 3000.0, "copy": "1 GiB",
-                                 "l2_gbps": 6000.0, "l2": "probe"}, "GPU")
+    print_table([fused, eager], dict(MEASURED_CEILINGS, matmul="bf16", copy="1 GiB", l2="probe"), "GPU")
     out = capsys.readouterr().out
     assert f"{fused.predicted_ms:8.3f}" in out and "measured / predicted" in out and "L2 -> SM read 6000" in out
 

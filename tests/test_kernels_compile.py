@@ -131,7 +131,7 @@ def _record_launches(monkeypatch) -> list:
     recorded, real = [], PlannedLaunch.__call__
 
     def record(planned, **tensors):
-        name = planned.kernel.fn.__name__.strip("_").removesuffix("_kernel")
+        name = planned.kernel_name
         recorded.append(_described(name, tensors | planned.scalars | dict(planned.config.tiles)))
         real(planned, **tensors)
     monkeypatch.setattr(PlannedLaunch, "__call__", record)
