@@ -22,7 +22,7 @@ import os
 import sys
 
 from dpal.config import TeacherSpec
-from dpal.recipes import TEACHERS, list_recipes
+from dpal.recipes import TEACHERS, TIMM_PREFIX, list_recipes
 
 
 def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.ArgumentParser:
@@ -61,8 +61,8 @@ def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.Argume
                               description="Draw K view sets per image (seeded by image index), render them, run the "
                               "teacher and write a compressed Zarr v3 store. Resumable (rerun the same command; "
                               "SIGINT/SIGTERM stop it cleanly); under torchrun the shards are split across ranks.")
-    run.add_argument("--teacher", required=True, type=backbone_name(teachers, "teacher"), metavar="NAME",
-                     help=teacher_help)
+    teacher_name = backbone_name(teachers, "teacher", TIMM_PREFIX)
+    run.add_argument("--teacher", required=True, type=teacher_name, metavar="NAME", help=teacher_help)
     run.add_argument("--weights", required=True, help=weights_help)
     run.add_argument("--images", required=True, help="person images .beton (from `pack`)")
     run.add_argument("--backgrounds", required=True, help="background pool .beton (from `pack`)")
@@ -148,8 +148,7 @@ def cache_parser(teachers: dict[str, TeacherSpec] = TEACHERS) -> argparse.Argume
     info.add_argument("store", help="store folder written by `run`")
 
     bench = commands.add_parser("bench", help="teacher-forward-only vs full caching pipeline throughput (table + JSON)")
-    bench.add_argument("--teacher", required=True, type=backbone_name(teachers, "teacher"), metavar="NAME",
-                       help=teacher_help)
+    bench.add_argument("--teacher", required=True, type=teacher_name, metavar="NAME", help=teacher_help)
     bench.add_argument("--weights", required=True, help=weights_help)
     bench.add_argument("--images", required=True, help="person images .beton (from `pack`)")
     bench.add_argument("--backgrounds", required=True, help="background pool .beton (from `pack`)")

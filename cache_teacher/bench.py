@@ -20,8 +20,7 @@ from dpal.config import TeacherSpec
 from dpal.recipes import TEACHERS
 from dpal.teachers import load_teacher, teacher_spec
 from formats.images import ImageFile
-from formats.teacher_side import BackgroundPool, TeacherSide
-from formats.view_records import image_view_params
+from formats.teacher_side import BackgroundPool, TeacherSide, first_view_sets
 
 
 def _sync(device: torch.device) -> None:
@@ -40,9 +39,9 @@ def bench(teacher: str, weights: str, images: str, backgrounds: str, *, batch_si
     side = TeacherSide(load_teacher(spec, weights, **(teacher_options or {})).to(dev), BackgroundPool(backgrounds),
                        cfg, dev, batch)
 
-    params = torch.stack([image_view_params(0, i % len(image_file), 1, len(side.backgrounds), cfg)[0]
-                          for i in range(batch)])
-    views = [torch.from_numpy(image_file.image(i % len(image_file))) for i in range(batch)]
+    indices = [i % len(image_file) for i in range(batch)]
+    params = first_view_sets(0, indices, 1, len(side.backgrounds), cfg)
+    views = [torch.from_numpy(image_file.image(i)) for i in indices]
     side.targets(views, params)  # warm-up (allocations, autotuning)
     rendered = side.render(views, params)
     _sync(dev)

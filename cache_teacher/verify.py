@@ -66,6 +66,7 @@ def verify(store_path: str, weights: str | None, *, images: str | None = None, b
     view_cfg = store.view_config  # parsed from the attributes once
     side = TeacherSide(load_teacher(spec, weights, **attrs["teacher_options"]).to(dev), BackgroundPool(backgrounds_path),
                        view_cfg, dev, batch_size)
+    side.compact = store.compact  # a compact store's coding, to recode the fresh outputs as it should hold them
     image_file = ImageFile(images_path)
     calibration = ShapeMaskCalibration.from_dict(attrs["mask_calibration"])
     k = store.views_per_image
@@ -88,7 +89,6 @@ def verify(store_path: str, weights: str | None, *, images: str | None = None, b
         fidelity_parts.append(fidelity(coded_batch, fresh_targets,
                                        {"global_view": views.global_view, "crowd_view": views.crowd}, probe))
         if store.compact is not None:  # what the store should hold: the fresh outputs in its own coding
-            side.compact = store.compact
             recoded = side.encode(fresh, calibration, "compact").decoded()
             fresh = fresh._replace(global_=recoded.global_target, local=recoded.local_target,
                                    relation=recoded.relation_target)

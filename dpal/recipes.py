@@ -46,6 +46,7 @@ _PAIRS = [
 
 
 PAIR_SEPARATOR = "+"  # a recipe named by its parts: TEACHER+STUDENT (timm names hold underscores, never a "+")
+TIMM_PREFIX = "timm:"  # a teacher or student named after a timm model: timm:NAME (`dpal.timm_backbones`)
 
 
 def pair_name(teacher: str, student: str) -> str:
@@ -79,6 +80,8 @@ def register_teacher(spec: TeacherSpec) -> TeacherSpec:
 def register_student(spec: StudentSpec) -> StudentSpec:
     """Make a student defined in code known by its name (`train_student --student NAME`) and to timm as
     `dpal_NAME` (`timm.create_model`, exports). `timm_name` names the timm model it is built from."""
+    if STUDENTS.get(spec.name) == spec:  # registered already, with timm too
+        return spec
     _register(STUDENTS, spec, "student", StudentSpec)
     if "dpal.timm_models" in sys.modules:  # registered with timm already: add this one (else at that import)
         sys.modules["dpal.timm_models"].register(spec.name)

@@ -21,8 +21,7 @@ from torch import nn
 from dpal.checkpoints import CheckpointError, load_checkpoint_file, load_exact
 from dpal.config import StudentSpec, TeacherSpec, ViewConfig
 from dpal.errors import UserError
-
-TIMM_PREFIX = "timm:"
+from dpal.recipes import TIMM_PREFIX
 ACCEPTED = ("a timm VisionTransformer or SwinTransformer name, e.g. timm:vit_small_patch16_224 or "
             "timm:swin_tiny_patch4_window7_224")
 TIMM_WEIGHTS_LAYOUT = ("a timm state dict of the model: a .safetensors file, or a torch file holding the state dict "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from dpal.config import TeacherSpec
+from dpal.recipes import TEACHERS
 from runtime.arguments import real
 
 # Defaults shown by `--help`; owned here so the parsers need neither zarr nor FFCV nor torch (the store's own
@@ -29,13 +30,13 @@ def add_teacher_option_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_teacher_options(parser: argparse.ArgumentParser, args: argparse.Namespace, teacher: str | TeacherSpec,
-                          teachers: dict[str, TeacherSpec] | None = None) -> dict:
+                          teachers: dict[str, TeacherSpec] = TEACHERS) -> dict:
     """The validated `load_teacher` options for this teacher (a name of `teachers`, default the registered ones, or
     `timm:NAME`); a usage error (exit 2) when they do not apply or the teacher cannot be used."""
     from dpal.teachers import teacher_options, teacher_spec
 
     try:
-        spec = teacher_spec(teacher) if teachers is None else teacher_spec(teacher, teachers)
+        spec = teacher_spec(teacher, teachers)
         return teacher_options(spec, solider_weights=args.solider_weights, semantic_weight=args.semantic_weight)
     except ValueError as exc:
         parser.error(str(exc))

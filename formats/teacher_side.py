@@ -11,12 +11,14 @@ The rules kept here:
 - calibration: the shape mask (and a compact store's token basis) is fitted on the global-view tokens of
   the first view set of a seeded sample of images (`TeacherSide.fit_calibration`); the online baseline,
   which stores nothing, calibrates as a one-view-set store of its images and seed would;
-- background images are decoded once and kept when the pool fits in memory (`BackgroundPool`).
+- background images are decoded once and kept when the pool fits in memory, else the most recently used
+  (`BackgroundPool`).
 """
 from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 
 import torch
 from tqdm import tqdm
@@ -39,13 +41,14 @@ def teacher_precision(device: torch.device) -> str:
 
 
 class BackgroundPool:
-    """Decoded background images by pool index (`pool[index]`, the background pool `render_view_sets` takes);
-    all kept decoded when they fit `cache_bytes`."""
+    """Decoded background images by pool index (`pool[index]`, the background pool `render_view_sets` takes):
+    all kept decoded when they fit `cache_bytes`, else the `recent_images` most recently used."""
 
-    def __init__(self, path, cache_bytes: int = 2 << 30):
+    def __init__(self, path, cache_bytes: int = 2 << 30, recent_images: int = 4096):
         self.file = ImageFile(path)
         decoded_bytes = int((self.file.heights * self.file.widths * 3).sum())
-        self._cache: dict[int, torch.Tensor] | None = {} if decoded_bytes <= cache_bytes else None
+        self._capacity = None if decoded_bytes <= cache_bytes else recent_images
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -54,12 +57,15 @@ class BackgroundPool:
     def __getitem__(self, index: int) -> torch.Tensor:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        if self._cache is not None and index in self._cache:
-            return self._cache[index]
+        with self._lock:
+            if (image := self._cache.get(index)) is not None:
+                self._cache.move_to_end(index)
+                return image
         image = torch.from_numpy(self.file.image(index))
-        if self._cache is not None:
-            with self._lock:
-                self._cache[index] = image
+        with self._lock:
+            self._cache[index] = image
+            if self._capacity is not None and len(self._cache) > self._capacity:
+                self._cache.popitem(last=False)
         return image
 
     def used_by(self, view_params: torch.Tensor) -> dict[int, torch.Tensor]:

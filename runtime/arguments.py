@@ -104,15 +104,16 @@ def output_folder(text: str) -> str:
     return text
 
 
-def backbone_name(known, role: str):
+def backbone_name(known, role: str, timm_prefix: str):
     """argparse `type=`: a teacher or student name, one of `known` (a mapping read when the command line is
-    parsed, so names registered in code count) or `timm:NAME`; timm checks NAME when the model is built, as
-    timm is too heavy to import for --help."""
+    parsed, so names registered in code count) or `timm_prefix` + NAME; timm checks NAME when the model is
+    built, as timm is too heavy to import for --help."""
     def parse(text: str) -> str:
-        if text in known or (text.startswith("timm:") and len(text) > len("timm:")):
+        if text in known or (text.startswith(timm_prefix) and len(text) > len(timm_prefix)):
             return text
-        raise argparse.ArgumentTypeError(f"unknown {role} {text!r}; accepted: {', '.join(known)}, or timm:NAME for "
-                                         f"a timm ViT or Swin (e.g. timm:vit_small_patch16_224)")
+        raise argparse.ArgumentTypeError(f"unknown {role} {text!r}; accepted: {', '.join(known)}, or "
+                                         f"{timm_prefix}NAME for a timm ViT or Swin (e.g. "
+                                         f"{timm_prefix}vit_small_patch16_224)")
 
     parse.__name__ = role
     return parse

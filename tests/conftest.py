@@ -13,7 +13,8 @@ from runtime.startup import startup
 select_interpreter()
 startup()
 
-from helpers import TRAIN_IMAGES, built_once, pack_demo_data, run_python, tiny_train_args  # noqa: E402
+from helpers import (TRAIN_IMAGES, built_once, pack_demo_data, run_python, tiny_cache_args,  # noqa: E402
+                     tiny_train_args)
 
 
 @pytest.fixture(autouse=True)
@@ -69,15 +70,14 @@ def train_artefacts(tmp_path_factory) -> dict:
     run` in-process (its own tests run it as a child process). Tests copy what they change."""
     from cache_teacher.__main__ import main as cache_main
 
+    def artefacts(root) -> dict:
+        return {"root": root, "store": root / "store.zarr", "images": root / "persons.beton",
+                "backgrounds": root / "backgrounds.beton", "weights": str(root / "inputs" / "path-b.pth")}
+
     def cache(root):
-        paths = pack_demo_data(root, persons=TRAIN_IMAGES)
-        assert cache_main(["run", "--teacher", "path-b", "--weights", paths["weights"], "--images",
-                           str(root / "persons.beton"), "--backgrounds", str(root / "backgrounds.beton"), "-K", "2",
-                           "--chunk-images", "2", "--calibration-images", "2", "--out", str(root / "store.zarr"),
-                           "--no-progress"]) == 0
-    root = built_once(tmp_path_factory, "train", cache)
-    return {"root": root, "store": root / "store.zarr", "images": root / "persons.beton",
-            "backgrounds": root / "backgrounds.beton", "weights": str(root / "inputs" / "path-b.pth")}
+        assert pack_demo_data(root, persons=TRAIN_IMAGES)["weights"] == artefacts(root)["weights"]
+        assert cache_main(tiny_cache_args(artefacts(root), root / "store.zarr")) == 0
+    return artefacts(built_once(tmp_path_factory, "train", cache))
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,11 @@ class RefAttention(nn.Module):
         return self.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
 
 
+# Ceilings as `kernels.bench.measure_ceilings` reports them on a GPU (copy, GEMM, its L2 probe, SMs), for pricing
+# the cost model without one.
+MEASURED_CEILINGS = {"copy_gbps": 3000.0, "matmul_tflops": 800.0, "l2_gbps": 6000.0, "sms": 132}
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now, for a test's rendezvous: fixed ports collide when test runs overlap."""
     with socket.socket() as probe:
@@ -139,6 +144,15 @@ def tiny_train_args(artefacts: dict, out, *extra, store=None) -> list[str]:
             str(artefacts["images"]), "--backgrounds", str(artefacts["backgrounds"]), "--out", str(out),
             "--batch-size", "2", "--lr", "1e-3", "--warmup-epochs", "0", "--epochs", "3", "--max-steps",
             str(TRAIN_STEPS), "--checkpoint-every", "2", "--workers", "1", "--no-progress", *extra]
+
+
+def tiny_cache_args(artefacts: dict, out, *extra, views_per_image: int = 2) -> list[str]:
+    """`cache_teacher run` arguments of the training tests' stores: the PATH-B checkpoint, images and backgrounds
+    of `artefacts` (its "weights", "images" and "backgrounds"), `views_per_image` view sets per image, chunks
+    and a calibration sample of 2 images."""
+    return ["run", "--teacher", "path-b", "--weights", str(artefacts["weights"]), "--images", str(artefacts["images"]),
+            "--backgrounds", str(artefacts["backgrounds"]), "-K", str(views_per_image), "--chunk-images", "2",
+            "--calibration-images", "2", "--no-progress", "--out", str(out), *extra]
 
 
 def compared_columns(metrics_csv: Path) -> list[list[float]]:

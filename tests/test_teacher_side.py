@@ -62,3 +62,17 @@ def test_online_baseline_trains_on_what_the_cache_stores(inputs, tmp_path, targe
     if target_format == "float16":
         for field, value in decoded.loss_arguments().items():
             assert torch.equal(value, targets[field].half().float()), field
+
+
+def test_a_pool_too_large_to_keep_keeps_its_most_recently_used_backgrounds(inputs):
+    whole = BackgroundPool(inputs / "backgrounds.beton")
+    first = whole[0]
+    assert all(whole[i] is whole[i] for i in range(len(whole))) and whole[0] is first  # all kept
+    recent = BackgroundPool(inputs / "backgrounds.beton", cache_bytes=0, recent_images=2)
+    first, _ = recent[0], recent[1]
+    assert recent[0] is first  # used again: 1 is now the least recently used
+    third = recent[2]  # 1 dropped for it
+    assert recent[0] is first and recent[2] is third
+    second = recent[1]  # decoded again; 0, the least recently used now, dropped for it
+    assert recent[1] is second and recent[0] is not first and torch.equal(recent[0], first)
+    assert all(torch.equal(recent[i], whole[i]) for i in range(len(whole)))

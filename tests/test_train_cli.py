@@ -12,7 +12,7 @@ import pytest
 import torch
 import zarr
 
-from helpers import (TRAIN_IMAGES, TRAIN_STEPS, compared_columns, run_python, tiny_train_args,
+from helpers import (TRAIN_IMAGES, TRAIN_STEPS, compared_columns, run_python, tiny_cache_args, tiny_train_args,
                      train_refusal)
 from train_student.__main__ import main
 from train_student.metrics import read_metrics
@@ -64,10 +64,7 @@ def test_int8_store_trains_like_the_float16_store(train_artefacts, reference_run
     from cache_teacher.__main__ import main as cache_main
 
     store = tmp_path / "int8.zarr"
-    assert cache_main(["run", "--teacher", "path-b", "--weights", train_artefacts["weights"], "--images",
-                       str(train_artefacts["images"]), "--backgrounds", str(train_artefacts["backgrounds"]), "-K", "2",
-                       "--chunk-images", "2", "--calibration-images", "2", "--format", "int8", "--out", str(store),
-                       "--no-progress"]) == 0
+    assert cache_main(tiny_cache_args(train_artefacts, store, "--format", "int8")) == 0
     out = tmp_path / "int8_run"
     done = run_python("-m", "train_student", *tiny_train_args(train_artefacts, out, "--max-steps", "1", store=store))
     assert done.returncode == 0, done.stderr
@@ -85,11 +82,8 @@ def test_a_lossless_compact_store_trains_like_the_float16_store(train_artefacts,
     from cache_teacher.__main__ import main as cache_main
 
     store = tmp_path / "compact.zarr"
-    assert cache_main(["run", "--teacher", "path-b", "--weights", train_artefacts["weights"], "--images",
-                       str(train_artefacts["images"]), "--backgrounds", str(train_artefacts["backgrounds"]), "-K", "2",
-                       "--chunk-images", "2", "--calibration-images", "2", "--format", "compact", "--token-rank", "768",
-                       "--token-bits", "16", "--relation-k", "257", "--relation-bits", "16", "--out", str(store),
-                       "--no-progress"]) == 0
+    assert cache_main(tiny_cache_args(train_artefacts, store, "--format", "compact", "--token-rank", "768",
+                                      "--token-bits", "16", "--relation-k", "257", "--relation-bits", "16")) == 0
     out = tmp_path / "compact_run"
     done = run_python("-m", "train_student", *tiny_train_args(train_artefacts, out, "--max-steps", "1", store=store))
     assert done.returncode == 0, done.stderr
@@ -235,10 +229,7 @@ def test_resume_refuses_a_store_rebuilt_at_the_same_path(train_artefacts, tmp_pa
     run = tmp_path / "run"
     assert main(tiny_train_args(train_artefacts, run, "--max-steps", "2", store=store)) == 0
     shutil.rmtree(store)
-    assert cache_main(["run", "--teacher", "path-b", "--weights", train_artefacts["weights"], "--images",
-                       str(train_artefacts["images"]), "--backgrounds", str(train_artefacts["backgrounds"]), "-K", "2",
-                       "--chunk-images", "2", "--calibration-images", "2", "--seed", "1", "--limit-images", "4",
-                       "--out", str(store), "--no-progress"]) == 0
+    assert cache_main(tiny_cache_args(train_artefacts, store, "--seed", "1", "--limit-images", "4")) == 0
     capsys.readouterr()
     status, err = train_refusal(capsys, tiny_train_args(train_artefacts, run, "--resume", store=store))
     assert status == 2 and "was started with other settings" in err

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import (TRAIN_ENV, TRAIN_STEPS, can_mount_tmpfs, compared_columns, free_port, run_python,
-                     tiny_train_args, train_refusal, two_node_launcher)
+                     tiny_cache_args, tiny_train_args, train_refusal, two_node_launcher)
 from runtime.arguments import usable_cores
 from train_student.__main__ import main
 from train_student.metrics import read_metrics
@@ -181,11 +181,7 @@ def test_full_disk_is_one_line_naming_the_file(train_artefacts, tmp_path):
     tiny_store_disk.mkdir()
     tiny_run_disk.mkdir()
     store, run = tiny_store_disk / "s.zarr", tiny_run_disk / "run"
-    cache = [sys.executable, "-m", "cache_teacher", "run", "--teacher", "path-b", "--weights",
-             train_artefacts["weights"], "--images", str(train_artefacts["images"]), "--backgrounds",
-             str(train_artefacts["backgrounds"]), "-K", "2",
-             "--chunk-images", "2", "--calibration-images", "2", "--out", str(store), "--skip-space-check",
-             "--no-progress"]
+    cache = [sys.executable, "-m", "cache_teacher", *tiny_cache_args(train_artefacts, store, "--skip-space-check")]
     train = [sys.executable, "-m", "train_student",
              *tiny_train_args(train_artefacts, run, "--checkpoint-every", "1", "--max-steps", "2")]
     script = (f'mount -t tmpfs -o size=8k tmpfs {tiny_store_disk} && mount -t tmpfs -o size=1m tmpfs {tiny_run_disk} '

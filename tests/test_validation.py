@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from helpers import TRAIN_ENV, compared_columns, run_python, tiny_train_args
+from helpers import TRAIN_ENV, compared_columns, run_python, tiny_cache_args, tiny_train_args
 from train_student.metrics import LOSS_COLUMNS, VALIDATION_CSV, read_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -24,10 +24,8 @@ def artefacts(train_artefacts, tmp_path_factory):
     from cache_teacher.__main__ import main as cache_main
 
     fresh = tmp_path_factory.mktemp("validation") / "fresh.zarr"
-    assert cache_main(["run", "--teacher", "path-b", "--weights", train_artefacts["weights"], "--images",
-                       str(train_artefacts["images"]), "--backgrounds", str(train_artefacts["backgrounds"]),
-                       "--chunk-images", "2", "--calibration-images", "2", "--no-progress", "-K", "1", "--seed", "7",
-                       "--limit-images", "3", "--out", str(fresh)]) == 0
+    assert cache_main(tiny_cache_args(train_artefacts, fresh, "--seed", "7", "--limit-images", "3",
+                                      views_per_image=1)) == 0
     return {**train_artefacts, "fresh": fresh}
 
 

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from runtime.arguments import backbone_name, recipe_name
-from dpal.recipes import PAIR_SEPARATOR, RECIPES, STUDENTS, TEACHERS, pair_name
+from dpal.recipes import PAIR_SEPARATOR, RECIPES, STUDENTS, TEACHERS, TIMM_PREFIX, pair_name
 from runtime.cli import ConfigError
 
 
@@ -69,10 +69,10 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", metavar="NAME", type=recipe_name(RECIPES, PAIR_SEPARATOR),
                         help=f"teacher_student recipe, one of: {', '.join(RECIPES)}; or TEACHER{PAIR_SEPARATOR}STUDENT "
                              f"(what --teacher with --student make)")
-    parser.add_argument("--teacher", metavar="NAME", type=backbone_name(TEACHERS, "teacher"),
+    parser.add_argument("--teacher", metavar="NAME", type=backbone_name(TEACHERS, "teacher", TIMM_PREFIX),
                         help=f"with --student instead of --recipe: {', '.join(TEACHERS)}, or timm:NAME for a timm "
                              f"ViT or Swin (the teacher of the store, or of --teacher-online)")
-    parser.add_argument("--student", metavar="NAME", type=backbone_name(STUDENTS, "student"),
+    parser.add_argument("--student", metavar="NAME", type=backbone_name(STUDENTS, "student", TIMM_PREFIX),
                         help=f"with --teacher instead of --recipe: {', '.join(STUDENTS)}, or timm:NAME for a timm ViT "
                              f"(patch 16) or Swin; the decoder maps its width onto the teacher's")
 
