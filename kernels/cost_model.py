@@ -130,15 +130,16 @@ def small_ops(op: str, count: int, nbytes: float = 0.0) -> Launch:
 
 def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before: bool) -> list[Launch]:
     """One decoder call (forward + backward) of the fused expert path at bf16: the Triton kernels of the op's
-    launch plan (`decoder_experts.expert_plan`, the one the op issues and the sweep compiles), each du chunk
-    followed by the two cuBLAS GEMMs that consume it, the output stage and the small ops. `before`: every
-    pattern's dot loads the weight tile again, and dq is one GEMM per chunk."""
+    launch plan (`decoder_experts.expert_plan`, the one the op issues and the sweep compiles), the output stage
+    and the small ops. `before`: the kernels as they were before they were priced by what they move (every
+    pattern's dot loading the weight tile again; backward's du made in column chunks, each consumed by two
+    cuBLAS GEMMs, see `_chunked_du_launches`)."""
     op, patterns, features = "decoder", DecoderSpec.num_patterns, dim * out_dim
     w_loads = patterns if before else 1
     rows = batch * patterns
     weight, queries = features * dim * BF16, rows * dim * BF16
     expert = dec.expert_plan(batch, patterns, dim, out_dim, torch.bfloat16, torch.float32, DecoderSpec.mix_divisor,
-                             DecoderSpec.experts_loss_weight, LAYER_NORM_EPS)
+                             DecoderSpec.experts_loss_weight, LAYER_NORM_EPS, SMS)
     plan = []
     for planned in expert["forward"] + expert["backward"]:
         name = planned.kernel_name
@@ -148,29 +149,20 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
             plan.append(Launch(op, name, programs, PER_SAMPLE_PROGRAMS_PER_SM, partials * F32 * programs,
                                partials * F32 * programs))
             continue
-        bb, bm = c["BLOCK_B"], c["BLOCK_M"]
-        if name != "expert_grad":
-            tile_io = {"expert_stats": 0, "expert_mix": bb * bm * BF16, "expert_grad_stats": 2 * bb * bm * BF16}[name]
-            per_program = bm * dim * BF16 * w_loads + bb * patterns * dim * BF16 + tile_io + 3 * bm * F32
-            plan.append(Launch(op, name, programs, _per_sm(c.num_warps), per_program * programs,
-                               weight + queries + tile_io // (bb * bm) * batch * features,
-                               2.0 * planned.grid[0] * bb * patterns * planned.grid[1] * bm * dim,
-                               wgmma_n(bb, bm, c.num_warps)))
+        if name in ("expert_weight_grad", "expert_query_grad"):
+            if before:
+                if name == "expert_weight_grad":
+                    plan += _chunked_du_launches(batch, dim, out_dim)
+                continue
+            plan.append(_flat_launch(planned, batch, dim, out_dim))
             continue
-        cols = planned.scalars["m_stop"] - planned.scalars["m_start"]
-        row_blocks = triton.cdiv(batch, bb)
-        per_program = row_blocks * (bm * dim * BF16 * w_loads + bb * patterns * dim * BF16 + 2 * bb * bm * BF16
-                                    + bb * patterns * bm * BF16)
+        bb, bm = c["BLOCK_B"], c["BLOCK_M"]
+        tile_io = {"expert_stats": 0, "expert_mix": bb * bm * BF16, "expert_grad_stats": 2 * bb * bm * BF16}[name]
+        per_program = bm * dim * BF16 * w_loads + bb * patterns * dim * BF16 + tile_io + 3 * bm * F32
         plan.append(Launch(op, name, programs, _per_sm(c.num_warps), per_program * programs,
-                           cols * dim * BF16 + queries + 2 * batch * cols * BF16 + rows * cols * BF16,
-                           2.0 * row_blocks * bb * patterns * programs * bm * dim, wgmma_n(bb, bm, c.num_warps)))
-        # dq += du W_chunk: output [3B, D], K = the chunk (split in `k_splits` slices after); dW_chunk = du^T q:
-        # output [chunk, D], K = 3B.
-        for gemm, out_rows, k, splits in (("dq", rows, cols, 1 if before else dec.k_splits(rows, cols, dim, SMS)),
-                                          ("dW", cols, rows, 1)):
-            plan.append(Launch(op, f"cuBLAS {gemm} GEMM", 1, 1, 0.0,
-                               (splits * out_rows * dim + out_rows * k + k * dim) * BF16, 2.0 * out_rows * dim * k,
-                               gemm_tiles=splits * triton.cdiv(out_rows, 128) * triton.cdiv(dim, 128)))
+                           weight + queries + tile_io // (bb * bm) * batch * features,
+                           2.0 * planned.grid[0] * bb * patterns * planned.grid[1] * bm * dim,
+                           wgmma_n(bb, bm, c.num_warps)))
     z = batch * tokens * out_dim * BF16
     h = batch * tokens * dim * BF16
     mixed = batch * features * BF16
@@ -186,25 +178,82 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
                        3 * (h + mixed + z), 3 * flops, gemm_tiles=gemm_tiles))
     programs, _ = dec.row_programs(batch * tokens, SMS)
     plan.append(Launch(op, "gelu_layer_norm_bwd", programs, 8, 3 * z + 3 * params * programs, 3 * z))
-    chunks = len(expert["backward"]) - 2  # after grad_stats and grad_constants, one du launch per chunk
-    # What they move is mostly the expert weight's: the float32 parameter cast to bf16 in forward, and its
-    # gradient copied out as float32 chunk by chunk in backward.
-    plan.append(small_ops(op, decoder_small_ops(chunks), 2 * (F32 + BF16) * features * dim))
+    if before:  # the weight cast, then each chunk's dW copied out as float32
+        chunks = triton.cdiv(features, _chunk_columns(batch, patterns, features))
+        plan.append(small_ops(op, 2 + 4 + chunks, 2 * (F32 + BF16) * features * dim))
+    else:  # the weight cast; summing dq's slices in float32 and casting dq
+        slices = expert["backward"][-1].grid[1]
+        plan.append(small_ops(op, DECODER_SMALL_OPS, (F32 + BF16) * features * dim
+                              + (slices + 1) * rows * dim * F32 + rows * dim * (F32 + BF16)))
+    return plan
+
+
+def _flat_launch(planned, batch: int, dim: int, out_dim: int) -> Launch:
+    """A flat backward pass (`expert_weight_grad` or `expert_query_grad`): per program, the operand it holds
+    (BLOCK_M weight rows, or BLOCK_R query rows) once, then per step of its loop (every block of query rows,
+    or its slice's column tiles) the other operand's tile, dW at the rows' samples and W_b (both bf16) and the
+    small per-row or per-column vectors; it writes its gradient (dW_expert rows float32 and three column sums,
+    or its float32 dq slice). Two GEMMs (u, then dW or dq) per step."""
+    name, c = planned.kernel_name, planned.config
+    patterns, features = DecoderSpec.num_patterns, dim * out_dim
+    rows = batch * patterns
+    programs = math.prod(planned.grid)
+    br, bm = c["BLOCK_R"], c["BLOCK_M"]
+    d_mixed = 2 * br * bm * BF16  # dL/dW_b and W_b
+    if name == "expert_weight_grad":
+        steps = triton.cdiv(rows, br)
+        per_program = (bm * dim * BF16 + 2 * bm * F32 + steps * (br * dim * BF16 + d_mixed + 6 * br * F32)
+                       + bm * dim * F32 + 3 * bm * F32)
+        hbm = features * dim * (BF16 + F32) + rows * dim * BF16 + 2 * batch * features * BF16
+    else:
+        slices = planned.grid[1]
+        steps = triton.cdiv(features, bm) / slices
+        per_program = br * dim * BF16 + 4 * br * F32 + steps * (bm * dim * BF16 + d_mixed + 2 * bm * F32) + br * dim * F32
+        hbm = features * dim * BF16 + rows * dim * BF16 + 2 * batch * features * BF16 + slices * rows * dim * F32
+    executed = 2 * 2.0 * programs * steps * br * bm * dim
+    return Launch("decoder", name, programs, _per_sm(c.num_warps), per_program * programs, hbm, executed,
+                  wgmma_n(br, bm, c.num_warps))
+
+
+# The kernels before: backward's du pass made du [3B, chunk] in bf16 chunks of at most 2^24 values (a multiple
+# of 128 columns), with 8-warp programs of 64 samples x 32 columns walking every block of samples, each chunk
+# consumed by a cuBLAS dq GEMM ([3B, chunk] @ [chunk, D]) and dW GEMM ([chunk, 3B] @ [3B, D]).
+_BEFORE_CHUNK_ELEMENTS = 1 << 24
+_BEFORE_DU_TILE = dict(BLOCK_B=64, BLOCK_M=32, warps=8)
+
+
+def _chunk_columns(batch: int, patterns: int, features: int) -> int:
+    return min(features, max(128, _BEFORE_CHUNK_ELEMENTS // (batch * patterns) // 128 * 128))
+
+
+def _chunked_du_launches(batch: int, dim: int, out_dim: int) -> list[Launch]:
+    op, patterns, features = "decoder", DecoderSpec.num_patterns, dim * out_dim
+    rows = batch * patterns
+    queries = rows * dim * BF16
+    bb, bm, warps = _BEFORE_DU_TILE["BLOCK_B"], _BEFORE_DU_TILE["BLOCK_M"], _BEFORE_DU_TILE["warps"]
+    row_blocks = triton.cdiv(batch, bb)
+    chunk = _chunk_columns(batch, patterns, features)
+    plan = []
+    for start in range(0, features, chunk):
+        cols = min(chunk, features - start)
+        programs = triton.cdiv(cols, bm)
+        per_program = row_blocks * (bm * dim * BF16 * patterns + bb * patterns * dim * BF16 + 2 * bb * bm * BF16
+                                    + bb * patterns * bm * BF16)
+        plan.append(Launch(op, "expert_grad", programs, _per_sm(warps), per_program * programs,
+                           cols * dim * BF16 + queries + 2 * batch * cols * BF16 + rows * cols * BF16,
+                           2.0 * row_blocks * bb * patterns * programs * bm * dim, wgmma_n(bb, bm, warps)))
+        for gemm, out_rows, k in (("dq", rows, cols), ("dW", cols, rows)):
+            plan.append(Launch(op, f"cuBLAS {gemm} GEMM", 1, 1, 0.0, (out_rows * dim + out_rows * k + k * dim) * BF16,
+                               2.0 * out_rows * dim * k, gemm_tiles=triton.cdiv(out_rows, 128) * triton.cdiv(dim, 128)))
     return plan
 
 
 # The small torch ops of one decoder call besides the kernels and GEMMs above, as an op trace of the call
 # lists them: forward 2 (casting the float32 expert weight, summing the loss partials), backward 4 (the output
-# stage's two partial sums, summing dq's slice products in float32, casting dq) plus 1 per du chunk (copying
-# dW out in the parameter's dtype).
-DECODER_SMALL_OPS = (2, 4, 1)
+# stage's two partial sums, summing dq's slices in float32, casting dq).
+DECODER_SMALL_OPS = 6
 # The per-sample kernels (4 warps, a few registers) fit many to an SM.
 PER_SAMPLE_PROGRAMS_PER_SM = 16
-
-
-def decoder_small_ops(chunks: int) -> int:
-    forward, backward, per_chunk = DECODER_SMALL_OPS
-    return forward + backward + per_chunk * chunks
 
 
 # ---------------------------------------------------------------------------------------------- relation

@@ -17,17 +17,18 @@ weight in the compute dtype, cast once in forward), (mu, r) [B, P] and W_b.
 
 Backward, with dW = dL/dW_b + 2 weight / B * dloss * W_b:
     A_e = sum_m dW gamma xhat_e = r_e (sum_m dW gamma g_e - mu_e Bs),  Bs = sum_m dW gamma,
-    C = sum_m dW beta                                                    (pass 1, recomputes u)
-    ds_e = (A_e + C) / mix_divisor                                       (per sample, from pass 1's partials)
-    du_e = GELU'(u) * r_e c_e (dW gamma - Bs / M - xhat_e A_e / M)          (pass 2, recomputes u)
-    dgamma = sum_b dW sum_e c_e xhat_e,  dbeta = sum_b dW sum_e c_e,  dbias = sum_{b,e} du_e
-                                                                       (pass 2 column sums)
-Pass 1 cannot be folded into pass 2: every du_e needs A_e, a sum over all M columns of a product with dW,
-which exists only in backward. Pass 2 gives each program a column tile and every row block, so its column
-sums are reduced across rows once. du exists only one column chunk at a time (at most
-`_DU_CHUNK_ELEMENTS` values) and is consumed by two cuBLAS GEMMs (dq's products over slices of the chunk's
-columns, so that its few output tiles fill the GPU (`k_splits`), kept and summed once after the last chunk;
-dW_expert[chunk] = du^T q) before the next chunk is made.
+    C = sum_m dW beta                                                    (grad_stats, recomputes u)
+    ds_e = (A_e + C) / mix_divisor                                       (per sample, from its partials)
+    du_e = GELU'(u) * r_e c_e (dW gamma - Bs / M - xhat_e A_e / M)          (both passes below, recomputing u)
+    dW_expert = du^T q,  dbias = sum_{b,e} du_e,
+    dgamma = sum_b dW sum_e c_e xhat_e,  dbeta = sum_b dW sum_e c_e      (weight_grad: columns x all rows)
+    dq = du W                                                            (query_grad: rows x a column slice)
+grad_stats cannot be folded into the others: every du_e needs A_e, a sum over all M columns of a product
+with dW, which exists only in backward. du is never written: the two passes that need it make it in
+registers, tile by tile, and consume it in a second dot. The weight-gradient pass owns column tiles and
+walks every block of (b, e) rows, so dW_expert rows and the column sums come out whole; the query-gradient
+pass owns blocks of rows and a slice of the columns (`query_grad_slices`: the [B*P, D] output alone would
+give too few programs to fill the GPU), and its float32 slices are summed after.
 
 GELU is the exact (erf) one, evaluated once per element per pass, GELU and GELU' from one evaluation of
 the normal tail (see `_normal_tail`).
@@ -36,8 +37,8 @@ The output stage is a batched cuBLAS GEMM z = h @ W_b and a fused GELU + LayerNo
 recomputes z (one GEMM) rather than keeping [B, L, D_o] alive, and overwrites it with dz in place.
 
 Memory kept from forward to backward: W_b [B, D*D_o], the compute-dtype expert weight when the parameter
-is float32, and [B, P] statistics, beyond the inputs. Backward adds the du chunk and dq's slice products
-([slices, B*P, D] in the compute dtype, slices = the chunks' `k_splits` summed).
+is float32, and [B, P] statistics, beyond the inputs. Backward adds dq's slices ([slices, B*P, D] float32)
+and [B, P] constants; one call launches 19 kernels, library GEMMs and small ops in all, whatever B.
 """
 from __future__ import annotations
 
@@ -60,26 +61,33 @@ OP = "fused expert path"
 # dot operands) from the sm_90 compile facts (`make check-sm90`; README "Kernel configurations on sm_90"),
 # never tuned at run time: the same shapes run the same code (and summation order) on every rank and resume.
 # Rule for shapes off the table: the default of the operand kind. Tensor-core tiles keep 64 rows (one wgmma M
-# per warpgroup) and 8 warps; the du pass takes 64 columns (its column sums and dW tile stay in registers; with
-# fp32 operands and the three pattern accumulators it spills there, so tf32 takes 32 columns, IEEE fp32 32 rows).
+# per warpgroup) and 8 warps.
+# The two backward passes that make du in registers walk the query rows (b, e) flat, BLOCK_R at a time, and
+# hold one operand whole (K_TILES tiles along D): the weight-gradient pass its BLOCK_M weight rows and a
+# [D, BLOCK_M] fp32 gradient; the query-gradient pass its BLOCK_R query rows and a [BLOCK_R, D] fp32 dq. One
+# warpgroup keeps each dot's N whole (wgmma N = BLOCK_M or BLOCK_K); wider column tiles spill. At D = 384 the
+# fp32 gradients take twice the registers: two warpgroups, and 32-column tiles for dq too.
 _BLOCK_M = 128
 _BF16_PASS = KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64)
+_BF16_WEIGHT_GRAD = KernelConfig.of(4, 2, BLOCK_R=64, BLOCK_M=32, BLOCK_K=64)
+_BF16_QUERY_GRAD = KernelConfig.of(4, 2, BLOCK_R=64, BLOCK_M=64, BLOCK_K=64)
 DEFAULT_CONFIGS = {
     "stats": {"bf16": _BF16_PASS, "fp16": _BF16_PASS,
               "fp32": KernelConfig.of(8, 3, BLOCK_B=32, BLOCK_K=32)},
-    "grad": {"bf16": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=32),
-             "fp16": KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64, BLOCK_M=32),
-             "fp32": KernelConfig.of(8, 3, BLOCK_B=32, BLOCK_K=16, BLOCK_M=64)}}
+    "weight_grad": {"bf16": _BF16_WEIGHT_GRAD, "fp16": _BF16_WEIGHT_GRAD,
+                    "fp32": KernelConfig.of(4, 1, BLOCK_R=16, BLOCK_M=16, BLOCK_K=32)},
+    "query_grad": {"bf16": _BF16_QUERY_GRAD, "fp16": _BF16_QUERY_GRAD,
+                   "fp32": KernelConfig.of(4, 1, BLOCK_R=32, BLOCK_M=32, BLOCK_K=16)}}
 DEFAULT_CONFIGS["mix"] = DEFAULT_CONFIGS["grad_stats"] = DEFAULT_CONFIGS["stats"]  # same GEMM, similar epilogues
+FLAT_KERNELS = ("weight_grad", "query_grad")  # their tiles are all in the config (no fixed _BLOCK_M)
 # The recipes' (D, D_o): ViT-Ti, ViT-B and the Swin students (192) or ViT-S (384), PATH-B (768) or
-# PATH-L / SOLIDER-B (1024) teachers. Every recipe shape has its operand kind's default: 32-column du tiles, which
-# compile without spills under Triton 3.6 and 3.8 (64 columns spill under 3.6, and at D = 384 under 3.8).
-PINNED_CONFIGS = {(kernel, dim, dim * out_dim, kind): config
+# PATH-L / SOLIDER-B (1024) teachers. Every recipe shape has its operand kind's default, but for the flat
+# backward passes' tensor-core tiles at D = 384.
+_WIDE_FLAT = KernelConfig.of(8, 2, BLOCK_R=64, BLOCK_M=32, BLOCK_K=64)
+PINNED_CONFIGS = {(kernel, dim, dim * out_dim, kind): _WIDE_FLAT if dim == 384 and kernel in FLAT_KERNELS
+                  and kind != "fp32" else config
                   for kernel, by_kind in DEFAULT_CONFIGS.items() for kind, config in by_kind.items()
                   for dim, out_dim in ((192, 768), (192, 1024), (384, 768))}
-# Largest transient du chunk in backward (values): 2^24 bf16 = 32 MiB, a small fraction of what eager
-# keeps, while chunks stay wide enough (>= thousands of columns) for the cuBLAS GEMMs that consume them.
-_DU_CHUNK_ELEMENTS = 1 << 24
 # The per-sample kernels (Chan's merge and the mix constants; backward's constants): one program per sample
 # walks its patterns' per-tile partials, BLOCK_T tiles at a time. No dots: a few float64 sums per sample.
 _PER_SAMPLE_CONFIG = KernelConfig.of(4, 1, BLOCK_T=256)
@@ -338,18 +346,18 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_
 
 @triton.jit
 def _expert_grad_constants_kernel(partial_ptr, scores_ptr, mean_ptr, rstd_ptr, grad_scores_ptr, row_shift_ptr,
-                                  alpha_ptr, du_const_ptr, du_slope_ptr, offset_ptr, c_sum_ptr, M, n_tiles,
-                                  mix_divisor, P: tl.constexpr, BLOCK_T: tl.constexpr):
+                                  alpha_ptr, du_const_ptr, du_slope_ptr, M, n_tiles, mix_divisor, P: tl.constexpr,
+                                  BLOCK_T: tl.constexpr):
     """One sample: the grad_stats pass's per-tile sums summed in float64, then ds_e = (A_e + C) / mix_divisor
     with A_e = r_e (sum dW gamma g_e - mu_e sum dW gamma) and C = sum dW beta, and the du pass's per-sample
-    constants (see `_expert_grad_kernel`)."""
+    constants: with base = dW gamma - row_shift (row_shift = sum_m dW gamma / M), the LayerNorm backward
+    du_e = GELU'(u) r_e c_e (dW gamma - sum dW gamma / M - xhat_e A_e / M) is
+    du_e = GELU'(u) (alpha_e base + du_const_e + du_slope_e g_e) (see `_pre_norm_grad`)."""
     b = tl.program_id(0)
     slots = partial_ptr + b * (P + 2) * n_tiles
     gamma_sum = _tile_sum(slots + P * n_tiles, n_tiles, BLOCK_T)
     beta_sum = _tile_sum(slots + (P + 1) * n_tiles, n_tiles, BLOCK_T).to(tl.float32)
     tl.store(row_shift_ptr + b, (gamma_sum / M).to(tl.float32))
-    offset = 0.0
-    c_sum = 0.0
     for e in tl.static_range(P):
         mean = tl.load(mean_ptr + b * P + e)
         rstd = tl.load(rstd_ptr + b * P + e)
@@ -362,10 +370,6 @@ def _expert_grad_constants_kernel(partial_ptr, scores_ptr, mean_ptr, rstd_ptr, g
         tl.store(alpha_ptr + b * P + e, alpha)
         tl.store(du_const_ptr + b * P + e, alpha * a_rstd * mean)
         tl.store(du_slope_ptr + b * P + e, -alpha * a_rstd)
-        offset += alpha * mean
-        c_sum += c
-    tl.store(offset_ptr + b, offset)
-    tl.store(c_sum_ptr + b, c_sum)
 
 
 # The kernels that run one program per sample over the per-tile partials (_PER_SAMPLE_CONFIG; no dots).
@@ -373,56 +377,132 @@ PER_SAMPLE_KERNELS = (kernel_name(_expert_stats_merge_kernel), kernel_name(_expe
 
 
 @triton.jit
-def _expert_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed_ptr, grad_loss_ptr,
-                        row_shift_ptr, alpha_ptr, du_const_ptr, du_slope_ptr, offset_ptr, c_sum_ptr,
-                        du_ptr, d_gamma_ptr, d_beta_ptr, d_bias_ptr, B, M, m_start, m_stop, du_row_stride, loss_scale,
-                        P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_K: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        INTERPRETED: tl.constexpr):
-    """du for columns [m_start, m_stop) into a chunk buffer (rows b*P+e, column m - m_start), and the column
-    sums dgamma, dbeta and the expert bias gradient. A program owns BLOCK_M columns and walks every row block,
-    so its column sums are accumulated elementwise and reduced across rows once, at the end.
+def _k_tiles(ptr, rows, row_ok, D: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr):
+    """Rows `rows` of a row-major [*, D] matrix as K_TILES tiles [len(rows), BLOCK_K] along D (0 outside row_ok
+    and past D): a whole operand held across a loop that uses it again and again."""
+    tiles = ()
+    for k in tl.static_range(K_TILES):
+        offs_k = k * BLOCK_K + tl.arange(0, BLOCK_K)
+        ok = row_ok[:, None] if D % BLOCK_K == 0 else row_ok[:, None] & (offs_k < D)[None, :]
+        tiles = tiles + (tl.load(ptr + rows[:, None] * D + offs_k[None, :], mask=ok, other=0.0),)
+    return tiles
 
-    With base = dW gamma - row_shift (row_shift = sum_m dW gamma / M), the LayerNorm backward
-    du_e = GELU'(u) r_e c_e (dW gamma - sum dW gamma / M - xhat_e A_e / M) is
-    du_e = GELU'(u) (alpha_e base + du_const_e + du_slope_e g_e), per-(b, e) constants from
-    `_expert_grad_constants_kernel`."""
-    offs_m = m_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+
+@triton.jit
+def _flat_preactivations(q_tiles, w_tiles, bias, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                         K_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """u = q W^T + bias for a tile of query rows (b, e) x output features, from their K tiles, fp32."""
+    u = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+    for k in tl.static_range(K_TILES):
+        u = mma(q_tiles[k], tl.trans(w_tiles[k]), u, DOT_PRECISION, INTERPRETED)
+    return u + bias[None, :]
+
+
+@triton.jit
+def _pre_norm_grad(u, d_mixed, gamma, row_shift, alpha, du_const, du_slope, INTERPRETED: tl.constexpr):
+    """(g, du) of a tile of query rows (b, e) x columns: g = GELU(u) and the LayerNorm backward
+    du = GELU'(u) (alpha base + du_const + du_slope g), base = dW gamma - row_shift (see `_expert_grad_constants_kernel`;
+    d_mixed is dW at each row's sample)."""
+    g, slope = _gelu_and_grad(u, INTERPRETED)
+    base = d_mixed * gamma[None, :] - row_shift[:, None]
+    return g, slope * (alpha[:, None] * base + du_const[:, None] + du_slope[:, None] * g)
+
+
+@triton.jit
+def _expert_weight_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed_ptr, grad_loss_ptr, scores_ptr,
+                               mean_ptr, row_shift_ptr, alpha_ptr, du_const_ptr, du_slope_ptr, d_weight_ptr,
+                               d_gamma_ptr, d_beta_ptr, d_bias_ptr, B, M, loss_scale, mix_divisor,
+                               P: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, EVEN_M: tl.constexpr,
+                               DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """The gradients of the expert parameters at BLOCK_M output features: the Linear's weight rows
+    dW_expert[m] = sum_rows du[row, m] q[row] and bias sum_rows du, and LN_E's dgamma = sum_b dW sum_e c_e xhat_e
+    = sum_rows dW alpha (g - mu) and dbeta = sum_b dW sum_e c_e = sum_rows dW c (rows are (b, e), alpha = c r).
+    The program keeps its weight tile and walks every block of query rows, recomputing u and du there; du never
+    leaves the registers."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_ok = offs_m < M
     loss_coef = _loss_coefficient(grad_loss_ptr, loss_scale)
-    bias = _columns(bias_ptr, offs_m, m_stop, EVEN_M)
-    gamma = _columns(gamma_ptr, offs_m, m_stop, EVEN_M)
-    d_gamma = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    d_beta = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    d_bias = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    for b0 in range(0, B, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        row_ok = offs_b < B
-        d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, offs_b, offs_m, B, M, m_stop, EVEN_M)
-        base = d_mixed * gamma[None, :] - _row_value(row_shift_ptr, offs_b, row_ok)[:, None]
-        mixed_hat = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)  # sum_e alpha_e g_e
-        ok = row_ok[:, None] if EVEN_M else row_ok[:, None] & (offs_m < m_stop)[None, :]
-        u = _expert_preactivations(q_ptr, w_ptr, bias, offs_b, offs_m, B, m_stop, P, D, BLOCK_B, BLOCK_M, BLOCK_K,
-                                   EVEN_M, DOT_PRECISION, INTERPRETED)
-        for e in tl.static_range(P):
-            rows = offs_b * P + e
-            alpha = _row_value(alpha_ptr, rows, row_ok)  # 0 past B: du, and every sum below, is 0 there
-            g, slope = _gelu_and_grad(u[e], INTERPRETED)
-            dg = alpha[:, None] * base + _row_value(du_const_ptr, rows, row_ok)[:, None] \
-                + _row_value(du_slope_ptr, rows, row_ok)[:, None] * g
-            du = dg * slope
-            if not EVEN_M:
-                du = tl.where(ok, du, 0.0)
-            tl.store(du_ptr + rows[:, None] * du_row_stride + (offs_m - m_start)[None, :],
-                     du.to(du_ptr.dtype.element_ty), mask=ok)
-            d_bias += du
-            mixed_hat += alpha[:, None] * g
-        # dgamma = sum_b dW sum_e c_e xhat_e = sum_b dW (mixed_hat - offset); dbeta = sum_b dW sum_e c_e.
-        d_gamma += d_mixed * (mixed_hat - _row_value(offset_ptr, offs_b, row_ok)[:, None])
-        d_beta += d_mixed * _row_value(c_sum_ptr, offs_b, row_ok)[:, None]
-    col_ok = offs_m < m_stop
-    tl.store(d_gamma_ptr + offs_m, tl.sum(d_gamma, axis=0), mask=col_ok)
-    tl.store(d_beta_ptr + offs_m, tl.sum(d_beta, axis=0), mask=col_ok)
-    tl.store(d_bias_ptr + offs_m, tl.sum(d_bias, axis=0), mask=col_ok)
+    bias = _columns(bias_ptr, offs_m, M, EVEN_M)
+    gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)
+    w_tiles = _k_tiles(w_ptr, offs_m, col_ok, D, BLOCK_K, K_TILES)
+    d_weight = ()  # transposed, [BLOCK_K, BLOCK_M] per K tile: the dot's 64 rows run along D
+    for k in tl.static_range(K_TILES):
+        d_weight = d_weight + (tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32),)
+    d_gamma = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    d_beta = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    d_bias = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for r0 in range(0, B * P, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < B * P
+        samples = rows // P
+        q_tiles = _k_tiles(q_ptr, rows, row_ok, D, BLOCK_K, K_TILES)
+        u = _flat_preactivations(q_tiles, w_tiles, bias, BLOCK_R, BLOCK_M, K_TILES, DOT_PRECISION, INTERPRETED)
+        d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, samples, offs_m, B, M, M, EVEN_M)
+        alpha = _row_value(alpha_ptr, rows, row_ok)  # 0 past the rows, as are du and every sum below
+        g, du = _pre_norm_grad(u, d_mixed, gamma, _row_value(row_shift_ptr, samples, row_ok), alpha,
+                               _row_value(du_const_ptr, rows, row_ok), _row_value(du_slope_ptr, rows, row_ok),
+                               INTERPRETED)
+        # Columns past M hold du != 0 but are never stored: every output below is per column.
+        d_bias += tl.sum(du, axis=0)
+        d_gamma += tl.sum(d_mixed * alpha[:, None] * (g - _row_value(mean_ptr, rows, row_ok)[:, None]), axis=0)
+        d_beta += tl.sum(d_mixed * (_row_value(scores_ptr, rows, row_ok) / mix_divisor)[:, None], axis=0)
+        du = du.to(q_ptr.dtype.element_ty)
+        stepped = ()
+        for k in tl.static_range(K_TILES):
+            stepped = stepped + (mma(tl.trans(q_tiles[k]), du, d_weight[k], DOT_PRECISION, INTERPRETED),)
+        d_weight = stepped
+    for k in tl.static_range(K_TILES):
+        offs_k = k * BLOCK_K + tl.arange(0, BLOCK_K)
+        ok = col_ok[:, None] if D % BLOCK_K == 0 else col_ok[:, None] & (offs_k < D)[None, :]
+        tl.store(d_weight_ptr + offs_m[:, None] * D + offs_k[None, :],
+                 tl.trans(d_weight[k]).to(d_weight_ptr.dtype.element_ty), mask=ok)
+    tl.store(d_gamma_ptr + offs_m, d_gamma, mask=col_ok)
+    tl.store(d_beta_ptr + offs_m, d_beta, mask=col_ok)
+    tl.store(d_bias_ptr + offs_m, d_bias, mask=col_ok)
+
+
+@triton.jit
+def _expert_query_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed_ptr, grad_loss_ptr, row_shift_ptr,
+                              alpha_ptr, du_const_ptr, du_slope_ptr, dq_partial_ptr, B, M, span, loss_scale,
+                              P: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, EVEN_M: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """One slice of dq = du W for BLOCK_R query rows (b, e): sum over the columns [split * span, (split + 1) *
+    span) of du[row, m] W[m], into dq_partial[split] (fp32; the caller sums the slices). The program keeps its
+    query rows and walks the slice's column tiles, recomputing u and du there (du never leaves the registers);
+    the slices give the [B*P, D] product enough programs to fill the GPU."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(1)
+    row_ok = rows < B * P
+    samples = rows // P
+    loss_coef = _loss_coefficient(grad_loss_ptr, loss_scale)
+    q_tiles = _k_tiles(q_ptr, rows, row_ok, D, BLOCK_K, K_TILES)
+    row_shift = _row_value(row_shift_ptr, samples, row_ok)
+    alpha = _row_value(alpha_ptr, rows, row_ok)  # 0 past the rows, as is du
+    du_const = _row_value(du_const_ptr, rows, row_ok)
+    du_slope = _row_value(du_slope_ptr, rows, row_ok)
+    dq = ()
+    for k in tl.static_range(K_TILES):
+        dq = dq + (tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32),)
+    for m0 in range(split * span, tl.minimum(split * span + span, M), BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        col_ok = offs_m < M
+        w_tiles = _k_tiles(w_ptr, offs_m, col_ok, D, BLOCK_K, K_TILES)  # 0 past M: those columns add nothing
+        u = _flat_preactivations(q_tiles, w_tiles, _columns(bias_ptr, offs_m, M, EVEN_M), BLOCK_R, BLOCK_M,
+                                 K_TILES, DOT_PRECISION, INTERPRETED)
+        d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, samples, offs_m, B, M, M, EVEN_M)
+        _, du = _pre_norm_grad(u, d_mixed, _columns(gamma_ptr, offs_m, M, EVEN_M), row_shift, alpha, du_const,
+                               du_slope, INTERPRETED)
+        du = du.to(q_ptr.dtype.element_ty)
+        stepped = ()
+        for k in tl.static_range(K_TILES):
+            stepped = stepped + (mma(du, w_tiles[k], dq[k], DOT_PRECISION, INTERPRETED),)
+        dq = stepped
+    for k in tl.static_range(K_TILES):
+        offs_k = k * BLOCK_K + tl.arange(0, BLOCK_K)
+        ok = row_ok[:, None] if D % BLOCK_K == 0 else row_ok[:, None] & (offs_k < D)[None, :]
+        tl.store(dq_partial_ptr + (split * B * P + rows)[:, None] * D + offs_k[None, :], dq[k], mask=ok)
 
 
 # The output LayerNorm rows: D_o = 768 is 3 x 256, so a row is held as NUM_SEG segments of SEG columns (a tuple
@@ -561,11 +641,12 @@ def _gelu_layer_norm_bwd_kernel(z_ptr, dy_ptr, w_ptr, dw_partial_ptr, db_partial
 
 
 def pick_config(kernel: str, dim: int, features: int, kind: str) -> KernelConfig:
-    """The pinned config of an expert kernel ("stats", "mix", "grad_stats", "grad") for D = dim, M = features
-    and dots on `kind` (`kernels._common.dot_operands`); the passes other than "grad" get BLOCK_M = _BLOCK_M."""
+    """The pinned config of an expert kernel ("stats", "mix", "grad_stats", "weight_grad", "query_grad") for
+    D = dim, M = features and dots on `kind` (`kernels._common.dot_operands`); the per-sample GEMM passes get
+    BLOCK_M = _BLOCK_M."""
     config = PINNED_CONFIGS.get((kernel, dim, features, kind), DEFAULT_CONFIGS[kernel][kind])
-    return config if kernel == "grad" else KernelConfig(config.tiles + (("BLOCK_M", _BLOCK_M),), config.num_warps,
-                                                        config.num_stages)
+    return config if kernel in FLAT_KERNELS else KernelConfig(config.tiles + (("BLOCK_M", _BLOCK_M),),
+                                                              config.num_warps, config.num_stages)
 
 
 def _expert_grid(batch: int, columns: int, config: KernelConfig) -> tuple[int, int]:
@@ -577,31 +658,15 @@ def even_columns(columns: int, config: KernelConfig) -> bool:
     return columns % config["BLOCK_M"] == 0
 
 
-def du_chunk_columns(batch: int, patterns: int, features: int) -> int:
-    """Columns of du made per backward chunk: at most _DU_CHUNK_ELEMENTS values, a multiple of _BLOCK_M."""
-    return min(features, max(_BLOCK_M, _DU_CHUNK_ELEMENTS // (batch * patterns) // _BLOCK_M * _BLOCK_M))
-
-
-def k_splits(rows: int, inner: int, columns: int, sm_count: int | None) -> int:
-    """Slices of the inner dimension of the [rows, inner] @ [inner, columns] product of a du chunk and the
-    weight (dq): cuBLAS gives it one CTA per 128 x 128 output tile, 12 at the recipes' [768, 192] against
-    132 SMs, so the inner dimension (the chunk's thousands of columns) is cut into enough slices (at least
-    _BLOCK_M wide, a divisor of it) for the tiles of all slices to fill the SMs (the interpreter: 4)."""
-    tiles = triton.cdiv(rows, 128) * triton.cdiv(columns, 128)
-    splits = max(1, min(triton.cdiv(sm_count or 4, tiles), inner // _BLOCK_M))
-    while inner % splits:
-        splits -= 1
-    return splits
-
-
-def _split_k_products(du: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
-    """The products of du @ weight over len(out) slices of the inner dimension, into out [slices, rows,
-    columns]: one batched GEMM (their sum is du @ weight)."""
-    splits = out.shape[0]
-    if splits == 1:
-        torch.mm(du, weight, out=out[0])
-    else:
-        torch.bmm(du.unflatten(1, (splits, -1)).transpose(0, 1), weight.unflatten(0, (splits, -1)), out=out)
+def query_grad_slices(rows: int, features: int, config: KernelConfig, sm_count: int | None) -> tuple[int, int]:
+    """(slices, columns per slice) of the query-gradient pass: its [rows, D] output has only rows / BLOCK_R
+    row blocks (12 at B = 256), so the column range is cut into slices of whole column tiles, enough for
+    row blocks x slices to fill the SMs once (the interpreter: 4 programs), each slice's product kept and
+    summed after."""
+    row_blocks = triton.cdiv(rows, config["BLOCK_R"])
+    tiles = triton.cdiv(features, config["BLOCK_M"])
+    span = triton.cdiv(tiles, max(1, min(tiles, (sm_count or 4) // row_blocks))) * config["BLOCK_M"]
+    return triton.cdiv(features, span), span
 
 
 # GELU + LayerNorm row kernels: blocks of ROW_BLOCK rows, one row per warp up to D_o = 768 (24 values per
@@ -634,11 +699,12 @@ _F32 = torch.float32
 
 @functools.lru_cache(maxsize=64)  # planned once per shape: the op asks at every call, forward and backward
 def expert_plan(batch: int, patterns: int, dim: int, out_dim: int, dtype: torch.dtype, scores_dtype: torch.dtype,
-                mix_divisor: float, loss_weight: float, eps: float) -> dict[str, list[PlannedLaunch]]:
+                mix_divisor: float, loss_weight: float, eps: float, sm_count: int | None
+                ) -> dict[str, list[PlannedLaunch]]:
     """The expert passes' launches for queries [batch, patterns, dim] in `dtype`, scores [batch, patterns] in
-    `scores_dtype` and D_o = out_dim: "forward" (stats, stats_merge, mix) and "backward" (grad_stats,
-    grad_constants, then grad once per du chunk). Parameters are float32, as training holds them (the op reads
-    the small vectors in whatever float dtype they have)."""
+    `scores_dtype` and D_o = out_dim, on a GPU with `sm_count` SMs (None: the interpreter): "forward" (stats,
+    stats_merge, mix) and "backward" (grad_stats, grad_constants, weight_grad, query_grad). Parameters are
+    float32, as training holds them (the op reads the small vectors in whatever float dtype they have)."""
     features = dim * out_dim
     kind = dot_operands(dtype)
     n_tiles = triton.cdiv(features, _BLOCK_M)
@@ -654,6 +720,12 @@ def expert_plan(batch: int, patterns: int, dim: int, out_dim: int, dtype: torch.
         return PlannedLaunch(kernel, (batch,), _PER_SAMPLE_CONFIG, dict(scores_ptr=scores_dtype) | tensors,
                              dict(M=features, n_tiles=n_tiles, mix_divisor=mix_divisor, P=patterns) | scalars)
 
+    def flat(kernel, name, grid, tensors, scalars, part):
+        config = pick_config(name, dim, features, kind)
+        return PlannedLaunch(kernel, grid(config), config, operands | tensors | du_inputs,
+                             constants | dict(K_TILES=triton.cdiv(dim, config["BLOCK_K"]), loss_scale=loss_scale,
+                                              EVEN_M=even_columns(features, config)) | scalars, part=part)
+
     forward = [whole(_expert_stats_kernel, "stats", dict(tile_mean_ptr=_F32, tile_m2_ptr=_F32)),
                per_sample(_expert_stats_merge_kernel,
                           dict(tile_mean_ptr=_F32, tile_m2_ptr=_F32, mean_ptr=_F32, rstd_ptr=_F32, alpha_ptr=_F32,
@@ -662,24 +734,21 @@ def expert_plan(batch: int, patterns: int, dim: int, out_dim: int, dtype: torch.
                                                       beta_ptr=_F32, mixed_ptr=dtype, sq_partial_ptr=_F32),
                      dict(loss_scale=loss_weight / batch))]
     loss_scale = 2.0 * loss_weight / batch  # of dW's experts-loss term, per unit of dloss
+    row_constants = dict(row_shift_ptr=_F32, alpha_ptr=_F32, du_const_ptr=_F32, du_slope_ptr=_F32)
+    du_inputs = dict(gamma_ptr=_F32, grad_ptr=dtype, mixed_ptr=dtype, grad_loss_ptr=_F32) | row_constants
+    rows = batch * patterns
+    slices, span = query_grad_slices(rows, features, pick_config("query_grad", dim, features, kind), sm_count)
     backward = [whole(_expert_grad_stats_kernel, "grad_stats",
                       dict(gamma_ptr=_F32, beta_ptr=_F32, grad_ptr=dtype, mixed_ptr=dtype, grad_loss_ptr=_F32,
                            partial_ptr=_F32), dict(loss_scale=loss_scale)),
                 per_sample(_expert_grad_constants_kernel,
-                           dict(partial_ptr=_F32, mean_ptr=_F32, rstd_ptr=_F32, grad_scores_ptr=scores_dtype,
-                                row_shift_ptr=_F32, alpha_ptr=_F32, du_const_ptr=_F32, du_slope_ptr=_F32,
-                                offset_ptr=_F32, c_sum_ptr=_F32), {})]
-    config = pick_config("grad", dim, features, kind)
-    chunk = du_chunk_columns(batch, patterns, features)
-    for m_start in range(0, features, chunk):
-        m_stop = min(m_start + chunk, features)
-        backward.append(PlannedLaunch(
-            _expert_grad_kernel, (triton.cdiv(m_stop - m_start, config["BLOCK_M"]),), config,
-            operands | dict(gamma_ptr=_F32, grad_ptr=dtype, mixed_ptr=dtype, grad_loss_ptr=_F32, row_shift_ptr=_F32,
-                            alpha_ptr=_F32, du_const_ptr=_F32, du_slope_ptr=_F32, offset_ptr=_F32, c_sum_ptr=_F32,
-                            du_ptr=dtype, d_gamma_ptr=_F32, d_beta_ptr=_F32, d_bias_ptr=_F32),
-            constants | dict(m_start=m_start, m_stop=m_stop, du_row_stride=chunk, loss_scale=loss_scale,
-                             EVEN_M=even_columns(m_stop - m_start, config)), part=f"du[{m_start}:]"))
+                           dict(partial_ptr=_F32, mean_ptr=_F32, rstd_ptr=_F32, grad_scores_ptr=scores_dtype)
+                           | row_constants, {}),
+                flat(_expert_weight_grad_kernel, "weight_grad", lambda c: (triton.cdiv(features, c["BLOCK_M"]),),
+                     dict(scores_ptr=scores_dtype, mean_ptr=_F32, d_weight_ptr=_F32, d_gamma_ptr=_F32,
+                          d_beta_ptr=_F32, d_bias_ptr=_F32), dict(mix_divisor=mix_divisor), ""),
+                flat(_expert_query_grad_kernel, "query_grad", lambda c: (triton.cdiv(rows, c["BLOCK_R"]), slices),
+                     dict(dq_partial_ptr=_F32), dict(span=span), f"{slices} slices of {span} columns")]
     return dict(forward=forward, backward=backward)
 
 
@@ -722,7 +791,8 @@ def expert_mix(queries: torch.Tensor, scores: torch.Tensor, weight: torch.Tensor
     n_tiles = triton.cdiv(features, _BLOCK_M)
     f32 = dict(device=queries.device, dtype=torch.float32)
     stats_launch, merge_launch, mix_launch = expert_plan(batch, patterns, dim, features // dim, queries.dtype,
-                                                         scores.dtype, mix_divisor, loss_weight, eps)["forward"]
+                                                         scores.dtype, mix_divisor, loss_weight, eps,
+                                                         multiprocessors(queries.device))["forward"]
 
     tile_mean = torch.empty(batch, patterns, n_tiles, **f32)
     tile_m2 = torch.empty(batch, patterns, n_tiles, **f32)
@@ -760,8 +830,9 @@ def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queri
     n_tiles = triton.cdiv(features, _BLOCK_M)
     f32 = dict(device=queries.device, dtype=torch.float32)
     grad_mixed = grad_mixed.contiguous()
-    grad_stats_launch, constants_launch, *grad_launches = expert_plan(
-        batch, patterns, dim, features // dim, queries.dtype, scores.dtype, mix_divisor, loss_weight, eps)["backward"]
+    grad_stats_launch, constants_launch, weight_grad_launch, query_grad_launch = expert_plan(
+        batch, patterns, dim, features // dim, queries.dtype, scores.dtype, mix_divisor, loss_weight, eps,
+        multiprocessors(queries.device))["backward"]
 
     partial = torch.empty(batch, patterns + 2, n_tiles, **f32)
     grad_stats_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, gamma_ptr=norm_weight,
@@ -770,36 +841,19 @@ def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queri
     grad_scores = torch.empty_like(scores)
     row_constants = dict(row_shift_ptr=torch.empty(batch, **f32), alpha_ptr=torch.empty(batch, patterns, **f32),
                          du_const_ptr=torch.empty(batch, patterns, **f32),
-                         du_slope_ptr=torch.empty(batch, patterns, **f32), offset_ptr=torch.empty(batch, **f32),
-                         c_sum_ptr=torch.empty(batch, **f32))
+                         du_slope_ptr=torch.empty(batch, patterns, **f32))
     constants_launch(partial_ptr=partial, scores_ptr=scores, mean_ptr=mean, rstd_ptr=rstd,
                      grad_scores_ptr=grad_scores, **row_constants)
 
+    du_inputs = dict(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, gamma_ptr=norm_weight, grad_ptr=grad_mixed,
+                     mixed_ptr=mixed, grad_loss_ptr=grad_loss, **row_constants)
     d_gamma, d_beta, d_bias = (torch.empty(features, **f32) for _ in range(3))
     grad_weight = torch.empty(features, dim, device=queries.device, dtype=weight_dtype)
-    rows = batch * patterns
-    q_rows = queries.view(rows, dim)
-    chunk = grad_launches[0].scalars["du_row_stride"]
-    du = torch.empty(rows, chunk, device=queries.device, dtype=queries.dtype)
-    # dq = du W as products over slices of M (each chunk's columns in `k_splits` slices, so that the GEMMs'
-    # few output tiles fill the GPU), summed once after the last chunk.
-    sm_count = multiprocessors(queries.device)
-    splits = [k_splits(rows, launch.scalars["m_stop"] - launch.scalars["m_start"], dim, sm_count)
-              for launch in grad_launches]
-    dq_products = torch.empty(sum(splits), rows, dim, device=queries.device, dtype=queries.dtype)
-    first_slice = 0
-    for grad_launch, chunk_splits in zip(grad_launches, splits):
-        m_start, m_stop = grad_launch.scalars["m_start"], grad_launch.scalars["m_stop"]
-        du_chunk = du[:, :m_stop - m_start]
-        grad_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, gamma_ptr=norm_weight,
-                    grad_ptr=grad_mixed, mixed_ptr=mixed, grad_loss_ptr=grad_loss, **row_constants,
-                    du_ptr=du_chunk, d_gamma_ptr=d_gamma, d_beta_ptr=d_beta, d_bias_ptr=d_bias)
-        _split_k_products(du_chunk, weight_compute[m_start:m_stop],
-                          dq_products[first_slice:first_slice + chunk_splits])
-        first_slice += chunk_splits
-        grad_weight[m_start:m_stop] = du_chunk.t() @ q_rows
-    grad_queries = dq_products.sum(0, dtype=torch.float32)
-    return (grad_queries.view_as(queries).to(queries.dtype), grad_scores, grad_weight,
+    weight_grad_launch(**du_inputs, scores_ptr=scores, mean_ptr=mean, d_weight_ptr=grad_weight, d_gamma_ptr=d_gamma,
+                       d_beta_ptr=d_beta, d_bias_ptr=d_bias)
+    dq_partial = torch.empty(query_grad_launch.grid[1], batch * patterns, dim, **f32)
+    query_grad_launch(**du_inputs, dq_partial_ptr=dq_partial)
+    return (dq_partial.sum(0).view_as(queries).to(queries.dtype), grad_scores, grad_weight,
             d_bias.to(bias.dtype), d_gamma.to(norm_weight.dtype), d_beta.to(norm_bias.dtype))
 
 

@@ -3,7 +3,7 @@
     python -m kernels.sweep              # everything (`make check-sm90`)
     python -m kernels.sweep --quick      # the representative part `make test` runs
     python -m kernels.sweep --json PATH  # also write the rows as JSON
-    python -m kernels.sweep --kernel expert_grad --case "B5 D20 Do30"  # only some launches
+    python -m kernels.sweep --kernel expert_query_grad --case "B5 D20 Do30"  # only some launches
 
 No GPU is needed: each launch is compiled for sm_90 as Triton's JIT would compile it on an H100/H200
 (`kernels.sm90`), and its cubin is read. A launch fails on a compile error, on any local-memory
@@ -46,7 +46,7 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", type=output_file,
                         help="also write every row as JSON to PATH (its folder must exist)")
     parser.add_argument("--kernel", action="append", metavar="NAME",
-                        help="only this kernel (e.g. expert_grad; repeat for several)")
+                        help="only this kernel (e.g. expert_query_grad; repeat for several)")
     parser.add_argument("--case", action="append", metavar="TEXT",
                         help='only the launches whose case contains TEXT (e.g. "B5 D20 Do30"; repeat for several)')
     parser.add_argument("--workers", type=worker_count, default=min(2, usable_cores()),
@@ -89,7 +89,7 @@ def decoder_launches(batch, patterns, dim, out_dim, tokens, kind, sm_count: int 
     case = f"B{batch} D{dim} Do{out_dim} L{tokens}"
     # Scores come from a softmax, float32 under autocast; the float arguments do not change the binary.
     plan = dec.expert_plan(batch, patterns, dim, out_dim, dtype, F32, DecoderSpec.mix_divisor,
-                           DecoderSpec.experts_loss_weight, DECODER_EPS)
+                           DecoderSpec.experts_loss_weight, DECODER_EPS, sm_count)
     rows = dec.row_plan(batch * tokens, out_dim, dtype, DECODER_EPS, sm_count)
     return [_launch("decoder", planned, case, kind)
             for planned in (*plan["forward"], *plan["backward"], rows["forward"], rows["backward"])]
@@ -155,9 +155,11 @@ def _loop_trips(launch: Launch) -> list[list[Loop]]:
     if name in dec.PER_SAMPLE_KERNELS:  # loops over the tiles' partials, one after another (patterns unrolled)
         tiles = triton.cdiv(a["n_tiles"], a["BLOCK_T"])
         return [[Loop(tiles, -1)] * loops for loops in range(1, 4 * a["P"] + 3)]
-    if name == "expert_grad":  # row blocks, the K loop inside (the patterns are unrolled in both)
-        blocks = triton.cdiv(a["B"], a["BLOCK_B"])
-        return [[Loop(blocks, -1), Loop(k, 0, True)], [Loop(blocks, -1)]]
+    if name == "expert_weight_grad":  # blocks of query rows (the K tiles unrolled)
+        return [[Loop(triton.cdiv(a["B"] * a["P"], a["BLOCK_R"]), -1, True)]]
+    if name == "expert_query_grad":  # a slice's column tiles, on average over the slices (the K tiles unrolled)
+        slices = launch.programs // triton.cdiv(a["B"] * a["P"], a["BLOCK_R"])
+        return [[Loop(triton.cdiv(a["M"], a["BLOCK_M"]) / slices, -1, True)]]
     if name.startswith(("expert_", "relation_kl")):  # the K loop (patterns, column blocks unrolled inside it)
         return [[Loop(k, -1, True)], []]
     if name == "gelu_layer_norm_bwd":
@@ -187,10 +189,10 @@ def _work(launch: Launch) -> dict:
     if name in dec.PER_SAMPLE_KERNELS:  # every per-tile partial of every sample, read once or twice
         partials = launch.programs * a["n_tiles"] * (2 * a["P"] if name == "expert_stats_merge" else a["P"] + 2)
         return dict(elements=partials, flops=0.0)
-    if name.startswith("expert_"):
-        columns = a["m_stop"] - a["m_start"] if name == "expert_grad" else a["M"]
+    if name.startswith("expert_"):  # u's elements; the flat passes' second GEMM (dW or dq) doubles the FLOPs
         rows = a["B"] * a["P"]
-        return dict(elements=rows * columns, flops=2.0 * rows * columns * a["D"])
+        gemms = 2 if name in ("expert_weight_grad", "expert_query_grad") else 1
+        return dict(elements=rows * a["M"], flops=2.0 * gemms * rows * a["M"] * a["D"])
     if name.startswith("relation_kl"):
         n = a["N"]
         if name.endswith("fwd"):  # every (i, j) of its row blocks; S once per ordered pair

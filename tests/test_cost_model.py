@@ -12,7 +12,7 @@ from kernels.sweep import decoder_launches, relation_launches
 
 from helpers import MEASURED_CEILINGS, launches_device_work
 
-EXPERT_GEMM_PASSES = ("expert_stats", "expert_mix", "expert_grad_stats", "expert_grad")
+EXPERT_GEMM_PASSES = ("expert_stats", "expert_mix", "expert_grad_stats")
 
 
 def test_wgmma_efficiency_follows_shared_memory_reads():
@@ -47,14 +47,20 @@ def test_model_prices_the_kernels_the_relation_op_launches(target):
 
 def test_before_and_after_differ_where_the_kernels_changed():
     before, after = (cost_model.decoder_launches(256, 192, 768, 257, before=b) for b in (True, False))
-    for old, new in zip(before, after):
-        assert old.name == new.name
+    names = [launch.name for launch in after]
+    # Backward's expert part: seven du chunks, each with its dq and dW GEMMs, became the two flat passes.
+    first, last = names.index("expert_weight_grad"), names.index("expert_query_grad")
+    assert last == first + 1
+    chunked = before[first:first + 21]
+    assert [launch.name for launch in chunked] == ["expert_grad", "cuBLAS dq GEMM", "cuBLAS dW GEMM"] * 7
+    unchanged_before, unchanged_after = before[:first] + before[first + 21:], after[:first] + after[last + 1:]
+    assert len(unchanged_before) == len(unchanged_after)
+    for old, new in zip(unchanged_before, unchanged_after):
         if old.name in EXPERT_GEMM_PASSES:  # three weight-tile loads per K step became one
             c = decoder_experts.pick_config(old.name.removeprefix("expert_"), 192, 192 * 768, "bf16")
-            weight_per_program = c["BLOCK_M"] * 192 * cost_model.BF16 * (1 if old.name != "expert_grad" else 4)
-            assert old.l2_bytes - new.l2_bytes == pytest.approx(2 * weight_per_program * old.programs)
-        elif old.name == "cuBLAS dq GEMM":  # split-K: the slices' tiles fill the SMs
-            assert old.gemm_tiles == 12 and new.gemm_tiles >= 120
+            assert old.l2_bytes - new.l2_bytes == pytest.approx(2 * c["BLOCK_M"] * 192 * cost_model.BF16 * old.programs)
+        elif old.small:  # a dW copy per chunk is gone; dq's slices are summed instead
+            assert (old.programs, new.programs) == (6 + 7, cost_model.DECODER_SMALL_OPS)
         else:
             assert old == new
     rel_before, rel_after = (cost_model.relation_launches(256, 257, 768, "int8", before=b) for b in (True, False))
@@ -62,12 +68,14 @@ def test_before_and_after_differ_where_the_kernels_changed():
     assert rel_before[1:] == rel_after[1:]
 
 
-def test_dq_splits_divide_the_chunk_and_fill_the_gpu():
-    chunk = decoder_experts.du_chunk_columns(256, 3, 192 * 768)
-    for columns in (chunk, 192 * 768 - 6 * chunk):
-        splits = decoder_experts.k_splits(768, columns, 192, 132)
-        assert columns % splits == 0 and 10 <= splits <= 11
-    assert decoder_experts.k_splits(768, 130, 192, 132) == 1  # too short to split
+def test_dq_slices_fill_the_gpu_with_whole_column_tiles():
+    config = decoder_experts.pick_config("query_grad", 192, 192 * 768, "bf16")
+    for rows, wanted in ((768, 11), (2304, 3)):  # B = 256 and the B = 768 CLS call: 12 and 36 row blocks
+        slices, span = decoder_experts.query_grad_slices(rows, 192 * 768, config, 132)
+        assert slices == wanted and span % config["BLOCK_M"] == 0 and (slices - 1) * span < 192 * 768 <= slices * span
+        assert slices * triton.cdiv(rows, config["BLOCK_R"]) <= 132
+    assert decoder_experts.query_grad_slices(768, 100, config, 132) == (2, 64)  # no more slices than column tiles
+    assert decoder_experts.query_grad_slices(15, 3 * 64, config, None) == (3, 64)  # the interpreter: a few programs
 
 
 def test_cli_prints_predictions_and_refuses_a_bad_ceiling(tmp_path, capsys):
@@ -122,19 +130,14 @@ def test_the_l2_probe_reads_the_whole_buffer_every_pass():
 
 def test_the_model_counts_the_launches_a_decoder_call_makes(monkeypatch):
     # An op trace of one call, forward and backward, as training makes it (bf16 activations, float32
-    # parameters and scores) with three du chunks: every top-level operator that launches device work is one
-    # of the plan's kernels, a cuBLAS GEMM or one of the small ops the model counts.
+    # parameters and scores): every top-level operator that launches device work is one of the plan's
+    # kernels, a cuBLAS GEMM or one of the small ops the model counts, and one call stays within 20 launches.
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from kernels._common import PlannedLaunch
 
     batch, dim, out_dim, tokens = 5, 24, 32, 7
     features = dim * out_dim
-    monkeypatch.setattr(decoder_experts, "_DU_CHUNK_ELEMENTS", batch * 3 * 256)
-    chunks = triton.cdiv(features, decoder_experts.du_chunk_columns(batch, 3, features))
-    # dq of each chunk in two slices, as at the recipes' shapes
-    assert chunks == 3 and decoder_experts.k_splits(batch * 3, 256, dim, None) == 2
-    decoder_experts.expert_plan.cache_clear()
     real = PlannedLaunch.__call__
 
     def traced(planned, **tensors):
@@ -152,7 +155,6 @@ def test_the_model_counts_the_launches_a_decoder_call_makes(monkeypatch):
     with profile(activities=[ProfilerActivity.CPU]) as trace:
         y, loss = decoder_experts.expert_path(*inputs)
         torch.autograd.backward((y, loss), (grad_y, grad_loss))
-    decoder_experts.expert_plan.cache_clear()
 
     def launches(event):
         return event.name == "triton kernel" or launches_device_work(event.name)
@@ -164,7 +166,10 @@ def test_the_model_counts_the_launches_a_decoder_call_makes(monkeypatch):
         return parent is None
     made = Counter(event.name for event in trace.events() if launches(event) and top_level(event))
     small = made.total() - made["triton kernel"] - made["aten::bmm"] - made["aten::mm"]
-    # stats, merge, mix; grad_stats, constants, a du pass per chunk; the two row kernels
-    assert made["triton kernel"] == 3 + 2 + chunks + 2
-    assert made["aten::bmm"] + made["aten::mm"] == 4 + 2 * chunks  # output stage; dq and dW per chunk
-    assert small == cost_model.decoder_small_ops(chunks)
+    # stats, merge, mix; grad_stats, constants, the weight and query gradient passes; the two row kernels
+    assert made["triton kernel"] == 3 + 4 + 2
+    assert made["aten::bmm"] + made["aten::mm"] == 4  # the output stage
+    assert small == cost_model.DECODER_SMALL_OPS
+    modelled = cost_model.decoder_launches(batch, dim, out_dim, tokens, before=False)
+    assert made.total() == cost_model.predict("decoder", (batch, dim, out_dim, tokens), cost_model.machines()[0])[
+        "launches"] == sum(launch.programs if launch.small or launch.gemm_tiles else 1 for launch in modelled) <= 20

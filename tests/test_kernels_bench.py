@@ -63,7 +63,7 @@ def test_fused_rows_carry_the_cost_models_prediction_beside_the_measurement(caps
 def _check_static(static: dict) -> None:
     executed = static["executed"]
     kernels = {row["kernel"] for row in executed}
-    assert {"expert_mix", "expert_grad", "relation_kl_fwd", "relation_kl_bwd", "gelu_layer_norm_bwd"} <= kernels
+    assert {"expert_mix", "expert_weight_grad", "expert_query_grad", "relation_kl_fwd", "relation_kl_bwd", "gelu_layer_norm_bwd"} <= kernels
     assert all(row["spills"] == 0 and row["sass_per_element"] > 0 for row in executed)
     assert not any(key.endswith("_ms") or "predicted" in key for row in executed for key in row)  # counts only
     # Every Triton launch of the cost model's calls is held against its SASS, and all but the per-sample
@@ -71,7 +71,8 @@ def _check_static(static: dict) -> None:
     checked = static["byte_check"]
     assert {row["call"] for row in checked} == set(cost_model.CALLS)
     assert {row["launch"] for row in checked if row["verdict"] == "ok"} >= {
-        "expert_stats", "expert_mix", "expert_grad_stats", "expert_grad", "gelu_layer_norm_fwd",
+        "expert_stats", "expert_mix", "expert_grad_stats", "expert_weight_grad", "expert_query_grad",
+        "gelu_layer_norm_fwd",
         "gelu_layer_norm_bwd", "relation_kl_fwd", "relation_kl_bwd", "relation_kl_bwd (tail)"}
     assert not byte_check_failed(checked)
 

@@ -20,7 +20,7 @@ from kernels.sweep import all_launches, operand_kind
 
 COMPILED = dict(os.environ, TRITON_INTERPRET="0")
 KERNELS = {"expert_stats", "expert_stats_merge", "expert_mix", "expert_grad_stats", "expert_grad_constants",
-           "expert_grad", "gelu_layer_norm_fwd", "gelu_layer_norm_bwd", "relation_kl_fwd", "relation_kl_bwd",
+           "expert_weight_grad", "expert_query_grad", "gelu_layer_norm_fwd", "gelu_layer_norm_bwd", "relation_kl_fwd", "relation_kl_bwd",
            "l2_read"}  # the last: the bench's L2 probe
 
 
@@ -71,7 +71,8 @@ def test_configs_are_pinned_and_shared_by_every_call():
     assert relation_loss.pick_config("fwd", 257, 768, "bf16") == relation_loss.PINNED_CONFIGS[("fwd", 257, 768, "bf16")]
     # Off the table: the operand kind's default.
     assert relation_loss.pick_config("bwd", 70, 40, "fp32") == relation_loss.DEFAULT_CONFIGS["bwd"]["fp32"]
-    assert decoder_experts.pick_config("grad", 24, 480, "fp32") == decoder_experts.DEFAULT_CONFIGS["grad"]["fp32"]
+    assert decoder_experts.pick_config("weight_grad", 24, 480, "fp32") == \
+        decoder_experts.DEFAULT_CONFIGS["weight_grad"]["fp32"]
     # Every config either table holds (pinned or default) is one the full sweep compiles, for that kernel
     # and operand kind.
     swept = {(launch.kernel_name, operand_kind(launch), 
@@ -106,13 +107,14 @@ def test_plans_read_no_process_global_precision_setting():
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     try:
         during = relation_loss.launch_plan(2, 70, 40, torch.float32, torch.float16)
-        decoder_plan = decoder_experts.expert_plan(5, 3, 24, 20, torch.float32, torch.float32, 256.0, 0.025, 1e-5)
+        decoder_plan = decoder_experts.expert_plan(5, 3, 24, 20, torch.float32, torch.float32, 256.0, 0.025, 1e-5,
+                                                   None)
     finally:
         torch.backends.cuda.matmul.fp32_precision = previous
     assert during == before and during["forward"].scalars["DOT_PRECISION"] == "ieee"
     assert during["forward"].config == relation_loss.DEFAULT_CONFIGS["fwd"]["fp32"]
     dotted = [p for p in decoder_plan["forward"] + decoder_plan["backward"] if "DOT_PRECISION" in p.scalars]
-    assert len(dotted) == 4 and all(p.scalars["DOT_PRECISION"] == "ieee" for p in dotted)
+    assert len(dotted) == 5 and all(p.scalars["DOT_PRECISION"] == "ieee" for p in dotted)
 
 
 def _described(kernel_name, args: dict) -> tuple:
@@ -157,7 +159,7 @@ def test_sweep_lists_what_the_ops_launch(monkeypatch):
     features = dim * out_dim
     inputs = [torch.randn(batch, 3, dim, dtype=torch.bfloat16), torch.rand(batch, 3).softmax(-1),
               torch.randn(batch, tokens, dim, dtype=torch.bfloat16),
-              torch.randn(features, dim, dtype=torch.bfloat16) / dim ** 0.5, torch.zeros(features),
+              torch.randn(features, dim) / dim ** 0.5, torch.zeros(features),  # float32, as training holds it
               torch.ones(features), torch.zeros(features), torch.ones(out_dim), torch.zeros(out_dim)]
     for t in inputs:
         t.requires_grad_()

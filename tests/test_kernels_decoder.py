@@ -70,30 +70,40 @@ def _check_against_reference(shape, dtype, device, seed=0, weight_dtype=None):
 
 
 # (B, P, D, D_o, L), kernels.shapes.DECODER_TEST_SHAPES: the first four for both dtypes, the last two for the
-# float32-weight and the chunked-backward cases.
+# float32-weight and the sliced-dq cases. On the CPU the kernels run in the interpreter at these small shapes
+# (half a minute in all: the end-to-end tier); with CUDA they run compiled (and `--cuda-cases` selects them).
 CPU_SHAPES = shapes.DECODER_TEST_SHAPES[:4]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.cuda
+@pytest.mark.e2e
+@pytest.mark.parametrize("device", [DEVICE])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_reference_small(shape, dtype):
-    _check_against_reference(shape, dtype, "cuda" if torch.cuda.is_available() else "cpu")
+def test_matches_reference_small(shape, dtype, device):
+    _check_against_reference(shape, dtype, device)
 
 
-@pytest.mark.cuda
-def test_float32_expert_weight_with_bf16_activations():
-    # The autocast layout: the fp32 parameter goes in as is and is rounded per tile inside the kernels.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+@pytest.mark.e2e
+@pytest.mark.parametrize("device", [DEVICE])
+def test_float32_expert_weight_with_bf16_activations(device):
+    # The autocast layout: the fp32 parameter goes in as is (rounded to bf16 once inside the op) and its
+    # gradient comes out float32, written by the weight-gradient pass.
     _check_against_reference(shapes.DECODER_TEST_SHAPES[4], torch.bfloat16, device, weight_dtype=torch.float32)
 
 
-@pytest.mark.cuda
-def test_chunked_backward_matches_reference(monkeypatch):
-    # Backward makes du one column chunk at a time; force several chunks, the last one ragged.
-    monkeypatch.setattr(decoder_experts, "_DU_CHUNK_ELEMENTS", 5 * 3 * 128)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    _check_against_reference(shapes.DECODER_TEST_SHAPES[5], torch.float32, device)
+@pytest.mark.e2e
+@pytest.mark.parametrize("device", [DEVICE])
+def test_sliced_query_gradient_matches_reference(device):
+    # dq is summed over slices of the columns; at this shape the plan cuts them into several, the last one
+    # ending in a ragged column tile.
+    batch, patterns, dim, out_dim, _ = shape = shapes.DECODER_TEST_SHAPES[5]
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else None
+    query_grad = decoder_experts.expert_plan(batch, patterns, dim, out_dim, torch.float32, torch.float32, 256.0,
+                                             0.025, EPS, sm_count)["backward"][-1]
+    slices, span = query_grad.grid[1], query_grad.scalars["span"]
+    assert slices > 1 and (dim * out_dim - (slices - 1) * span) % query_grad.config["BLOCK_M"] != 0
+    _check_against_reference(shape, torch.float32, device)
 
 
 def _recipe_shapes():
