@@ -123,6 +123,12 @@ def multiprocessors(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
+def resident_programs(num_warps: int) -> int:
+    """Programs of a tensor-core kernel an SM holds at once: their fp32 accumulators take 128 or more registers
+    per thread, so one 8-warp or two 4-warp programs."""
+    return 2 if num_warps <= 4 else 1
+
+
 def num_programs_for_rows(n_rows: int, sm_count: int | None) -> int:
     """Persistent-style grid for row reductions: a few programs per SM on a GPU, a handful when interpreted."""
     return max(1, min(n_rows, 4 * sm_count if sm_count else 4))

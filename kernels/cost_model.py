@@ -36,6 +36,7 @@ import triton
 from dpal.config import DecoderSpec
 from dpal.decoder import LAYER_NORM_EPS
 from kernels import decoder_experts as dec, relation_loss as rel
+from kernels._common import resident_programs
 from kernels.floors import decoder_bytes, decoder_flops, relation_bytes, relation_flops
 
 # Stated ceilings, measured on the GPUs the acceptance run uses (device-to-device copy, read + write; a bf16
@@ -116,12 +117,6 @@ class Launch:
         return dict(parts, waves=waves, seconds=max(SMALL_OP_S, max(parts.values()) * tail))
 
 
-def _per_sm(warps: int) -> int:
-    """Resident programs per SM of the tensor-core kernels: their 64 x 128 fp32 accumulators (and, now,
-    three of them) take 128 or more registers per thread, so one 8-warp or two 4-warp programs."""
-    return 2 if warps <= 4 else 1
-
-
 def small_ops(op: str, count: int, nbytes: float = 0.0) -> Launch:
     return Launch(op, f"{count} small torch ops", count, 1, 0.0, nbytes, small=True)
 
@@ -159,7 +154,7 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
         bb, bm = c["BLOCK_B"], c["BLOCK_M"]
         tile_io = {"expert_stats": 0, "expert_mix": bb * bm * BF16, "expert_grad_stats": 2 * bb * bm * BF16}[name]
         per_program = bm * dim * BF16 * w_loads + bb * patterns * dim * BF16 + tile_io + 3 * bm * F32
-        plan.append(Launch(op, name, programs, _per_sm(c.num_warps), per_program * programs,
+        plan.append(Launch(op, name, programs, resident_programs(c.num_warps), per_program * programs,
                            weight + queries + tile_io // (bb * bm) * batch * features,
                            2.0 * planned.grid[0] * bb * patterns * planned.grid[1] * bm * dim,
                            wgmma_n(bb, bm, c.num_warps)))
@@ -211,7 +206,7 @@ def _flat_launch(planned, batch: int, dim: int, out_dim: int) -> Launch:
         per_program = br * dim * BF16 + 4 * br * F32 + steps * (bm * dim * BF16 + d_mixed + 2 * bm * F32) + br * dim * F32
         hbm = features * dim * BF16 + rows * dim * BF16 + 2 * batch * features * BF16 + slices * rows * dim * F32
     executed = 2 * 2.0 * programs * steps * br * bm * dim
-    return Launch("decoder", name, programs, _per_sm(c.num_warps), per_program * programs, hbm, executed,
+    return Launch("decoder", name, programs, resident_programs(c.num_warps), per_program * programs, hbm, executed,
                   wgmma_n(br, bm, c.num_warps))
 
 
@@ -239,7 +234,7 @@ def _chunked_du_launches(batch: int, dim: int, out_dim: int) -> list[Launch]:
         programs = triton.cdiv(cols, bm)
         per_program = row_blocks * (bm * dim * BF16 * patterns + bb * patterns * dim * BF16 + 2 * bb * bm * BF16
                                     + bb * patterns * bm * BF16)
-        plan.append(Launch(op, "expert_grad", programs, _per_sm(warps), per_program * programs,
+        plan.append(Launch(op, "expert_grad", programs, resident_programs(warps), per_program * programs,
                            cols * dim * BF16 + queries + 2 * batch * cols * BF16 + rows * cols * BF16,
                            2.0 * row_blocks * bb * patterns * programs * bm * dim, wgmma_n(bb, bm, warps)))
         for gemm, out_rows, k in (("dq", rows, cols), ("dW", cols, rows)):
@@ -271,7 +266,7 @@ def relation_launches(batch: int, n: int, dim: int, target: str, *, before: bool
     per_program = bi * dim * BF16 * row_tile_loads + n * dim * BF16 + bi * n * t + 4 * bi * F32
     y, targets = batch * n * dim * BF16, batch * n * n * t
     executed = 2.0 * programs * bi * (n // bj * bj + tail) * dim
-    plan = [Launch(op, "relation_kl_fwd", programs, _per_sm(c.num_warps), per_program * programs,
+    plan = [Launch(op, "relation_kl_fwd", programs, resident_programs(c.num_warps), per_program * programs,
                    y + targets, executed, wgmma_n(bi, bj, c.num_warps))]
     c = rel.pick_config("bwd", n, dim, "bf16")
     block = c["BLOCK_I"]
@@ -282,7 +277,7 @@ def relation_launches(batch: int, n: int, dim: int, target: str, *, before: bool
             per_pair = (block + width) * dim * BF16 + tiles
             programs = len(pairs) * batch
             plan.append(Launch(op, "relation_kl_bwd" + (" (tail)" if width == tail else ""), programs,
-                               _per_sm(c.num_warps), per_pair * programs, tiles * programs + y / 2,
+                               resident_programs(c.num_warps), per_pair * programs, tiles * programs + y / 2,
                                2.0 * programs * block * width * dim, wgmma_n(block, width, c.num_warps)))
     plan.append(Launch(op, "cuBLAS dY = G Y", 1, 1, 0.0, batch * (n * n + 2 * n * dim) * BF16,
                        2.0 * batch * n * n * dim, gemm_tiles=batch * triton.cdiv(n, 128) * triton.cdiv(dim, 128)))

@@ -50,7 +50,8 @@ import triton.language as tl
 
 from kernels._common import (DOT_PRECISION, INTERPRETED, NAMESPACE, KernelConfig, PlannedLaunch, check_capability,
                              check_device, check_dtype, check_shape, dot_operands, fast_exp2, fast_rcp,
-                             kernel_name, mma, multiprocessors, num_programs_for_rows)
+                             kernel_name, mma, multiprocessors, num_programs_for_rows,
+                             resident_programs)
 
 OP = "fused expert path"
 
@@ -661,11 +662,12 @@ def even_columns(columns: int, config: KernelConfig) -> bool:
 def query_grad_slices(rows: int, features: int, config: KernelConfig, sm_count: int | None) -> tuple[int, int]:
     """(slices, columns per slice) of the query-gradient pass: its [rows, D] output has only rows / BLOCK_R
     row blocks (12 at B = 256), so the column range is cut into slices of whole column tiles, enough for
-    row blocks x slices to fill the SMs once (the interpreter: 4 programs), each slice's product kept and
-    summed after."""
+    row blocks x slices to fill the SMs once with the programs each holds (the interpreter: 4 SMs), each
+    slice's product kept and summed after."""
     row_blocks = triton.cdiv(rows, config["BLOCK_R"])
     tiles = triton.cdiv(features, config["BLOCK_M"])
-    span = triton.cdiv(tiles, max(1, min(tiles, (sm_count or 4) // row_blocks))) * config["BLOCK_M"]
+    programs = (sm_count or 4) * resident_programs(config.num_warps)
+    span = triton.cdiv(tiles, max(1, min(tiles, programs // row_blocks))) * config["BLOCK_M"]
     return triton.cdiv(features, span), span
 
 
