@@ -40,6 +40,7 @@ int8 format quantizes per row: q = round(x / s), s = max|row| / 127, x ~= q * s.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import itertools
@@ -47,7 +48,6 @@ import json
 import math
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.core.sync import sync as zarr_sync
 from zarr.storage import LocalStore
 
 from dpal.config import Recipe, TeacherSpec, ViewConfig, token_counts
@@ -325,6 +326,20 @@ def read_attrs(path: str | os.PathLike, option: str = "--store") -> dict:
     return attrs
 
 
+SETTLE_SECONDS = 30.0  # longest wait for zarr's writes in flight after a failed one
+
+
+def _settle_zarr_writes() -> None:
+    """Wait for the writes zarr still has in flight. Zarr writes a group's keys concurrently, each in a thread;
+    when one fails, the error reaches the caller while the others go on, and a late one would make its folder
+    again after the caller removed it."""
+    async def settle():
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        if others:  # bounded: a write stuck on a dead disk must not hang the refusal
+            await asyncio.wait(others, timeout=SETTLE_SECONDS)
+    zarr_sync(settle())
+
+
 class StoreWriter:
     """Creates a store atomically and writes whole shards, each durable before its marker."""
 
@@ -358,11 +373,8 @@ class StoreWriter:
             fsync_tree(staging)
             os.rename(staging, path)
         except OSError as exc:  # a full disk, a vanished folder: nothing is left behind, nothing was created
-            for _ in range(100):  # zarr's other metadata writes may still land for a moment after the failed one
-                shutil.rmtree(staging, ignore_errors=True)
-                if not staging.exists():
-                    break
-                time.sleep(0.02)
+            _settle_zarr_writes()
+            shutil.rmtree(staging, ignore_errors=True)
             raise StoreError(f"cannot create store {path}: {exc.strerror or exc}; nothing was created, fix that "
                              f"and run the same command again") from None
         fsync_path(path.parent)
