@@ -144,7 +144,7 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
             plan.append(Launch(op, name, programs, PER_SAMPLE_PROGRAMS_PER_SM, partials * F32 * programs,
                                partials * F32 * programs))
             continue
-        if name in ("expert_weight_grad", "expert_query_grad"):
+        if name in dec.FLAT_KERNEL_NAMES:
             if before:
                 if name == "expert_weight_grad":
                     plan += _chunked_du_launches(batch, dim, out_dim)

@@ -319,9 +319,9 @@ def _loss_coefficient(grad_loss_ptr, loss_scale):
 
 
 @triton.jit
-def _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, offs_b, offs_m, B, M, m_stop, EVEN_M: tl.constexpr):
-    """dW = dL/dW_b + (2 weight / B) dloss W_b for a tile of W_b [B, M] (zero outside rows < B, columns < m_stop)."""
-    ok = (offs_b < B)[:, None] if EVEN_M else (offs_b < B)[:, None] & (offs_m < m_stop)[None, :]
+def _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, offs_b, offs_m, B, M, EVEN_M: tl.constexpr):
+    """dW = dL/dW_b + (2 weight / B) dloss W_b for a tile of W_b [B, M] (zero outside rows < B, columns < M)."""
+    ok = (offs_b < B)[:, None] if EVEN_M else (offs_b < B)[:, None] & (offs_m < M)[None, :]
     at = offs_b[:, None] * M + offs_m[None, :]
     grad = tl.load(grad_ptr + at, mask=ok, other=0.0).to(tl.float32)
     mixed = tl.load(mixed_ptr + at, mask=ok, other=0.0).to(tl.float32)
@@ -342,7 +342,7 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_b < B
     d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, _loss_coefficient(grad_loss_ptr, loss_scale), offs_b, offs_m,
-                               B, M, M, EVEN_M)
+                               B, M, EVEN_M)
     bias = _columns(bias_ptr, offs_m, M, EVEN_M)
     gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)
     beta = _columns(beta_ptr, offs_m, M, EVEN_M)
@@ -451,7 +451,7 @@ def _expert_weight_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixe
         samples = rows // P
         q_tiles = _k_tiles(q_ptr, rows, row_ok, D, BLOCK_K, K_TILES)
         u = _flat_preactivations(q_tiles, w_tiles, bias, BLOCK_R, BLOCK_M, K_TILES, DOT_PRECISION, INTERPRETED)
-        d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, samples, offs_m, B, M, M, EVEN_M)
+        d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, samples, offs_m, B, M, EVEN_M)
         alpha = _row_value(alpha_ptr, rows, row_ok)  # 0 past the rows, as are du and every sum below
         g, du = _pre_norm_grad(u, d_mixed, gamma, _row_value(row_shift_ptr, samples, row_ok), alpha,
                                _row_value(du_const_ptr, rows, row_ok), _row_value(du_slope_ptr, rows, row_ok),
@@ -504,7 +504,7 @@ def _expert_query_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed
         w_tiles = _k_tiles(w_ptr, offs_m, col_ok, D, BLOCK_K, K_TILES)  # 0 past M: those columns add nothing
         u = _flat_preactivations(q_tiles, w_tiles, _columns(bias_ptr, offs_m, M, EVEN_M), BLOCK_R, BLOCK_M,
                                  K_TILES, DOT_PRECISION, INTERPRETED)
-        d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, samples, offs_m, B, M, M, EVEN_M)
+        d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, samples, offs_m, B, M, EVEN_M)
         _, du = _pre_norm_grad(u, d_mixed, _columns(gamma_ptr, offs_m, M, EVEN_M), row_shift, alpha, du_const,
                                du_slope, INTERPRETED)
         du = du.to(q_ptr.dtype.element_ty)
@@ -516,6 +516,10 @@ def _expert_query_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed
         offs_k = k * BLOCK_K + tl.arange(0, BLOCK_K)
         ok = row_ok[:, None] if D % BLOCK_K == 0 else row_ok[:, None] & (offs_k < D)[None, :]
         tl.store(dq_partial_ptr + (split * B * P + rows)[:, None] * D + offs_k[None, :], dq[k], mask=ok)
+
+
+# The flat backward passes (FLAT_KERNELS' configs): two GEMMs per step, u and then dW or dq.
+FLAT_KERNEL_NAMES = (kernel_name(_expert_weight_grad_kernel), kernel_name(_expert_query_grad_kernel))
 
 
 # The output LayerNorm rows: D_o = 768 is 3 x 256, so a row is held as NUM_SEG segments of SEG columns (a tuple

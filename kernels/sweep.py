@@ -191,7 +191,7 @@ def _work(launch: Launch) -> dict:
         return dict(elements=partials, flops=0.0)
     if name.startswith("expert_"):  # u's elements; the flat passes' second GEMM (dW or dq) doubles the FLOPs
         rows = a["B"] * a["P"]
-        gemms = 2 if name in ("expert_weight_grad", "expert_query_grad") else 1
+        gemms = 2 if name in dec.FLAT_KERNEL_NAMES else 1
         return dict(elements=rows * a["M"], flops=2.0 * gemms * rows * a["M"] * a["D"])
     if name.startswith("relation_kl"):
         n = a["N"]
