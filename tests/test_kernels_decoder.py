@@ -16,6 +16,7 @@ from dpal import decoder, dispatch, losses
 from dpal.decoder import DynamicPatternDecoder, expert_path_reference
 from dpal.recipes import RECIPES
 from kernels import decoder_experts, relation_loss, shapes
+from kernels._common import multiprocessors
 from kernels.decoder_experts import expert_path
 
 # Relative-error ceilings: fp32 kernels accumulate in fp32 (IEEE dots); bf16 outputs and the stored W_b
@@ -98,9 +99,8 @@ def test_sliced_query_gradient_matches_reference(device):
     # dq is summed over slices of the columns; at this shape the plan cuts them into several, the last one
     # ending in a ragged column tile.
     batch, patterns, dim, out_dim, _ = shape = shapes.DECODER_TEST_SHAPES[5]
-    sm_count = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else None
     query_grad = decoder_experts.expert_plan(batch, patterns, dim, out_dim, torch.float32, torch.float32, 256.0,
-                                             0.025, EPS, sm_count)["backward"][-1]
+                                             0.025, EPS, multiprocessors(torch.device(device)))["backward"][-1]
     slices, span = query_grad.grid[1], query_grad.scalars["span"]
     assert slices > 1 and (dim * out_dim - (slices - 1) * span) % query_grad.config["BLOCK_M"] != 0
     _check_against_reference(shape, torch.float32, device)
