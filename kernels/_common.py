@@ -156,8 +156,10 @@ class KernelConfig:
 
     @property
     def label(self) -> str:
-        """E.g. "B64 K64 M128 w8 s3": each BLOCK_X tile, then warps and pipeline stages."""
-        tiles = " ".join(f"{name.removeprefix('BLOCK').removeprefix('_')}{value}" for name, value in self.tiles)
+        """E.g. "B64 K64 M64 hold_queries w4 s2": each BLOCK_X tile, the switches that are on (other
+        constexprs, 0 or 1), then warps and pipeline stages."""
+        tiles = " ".join(f"{name.removeprefix('BLOCK_')}{value}" if name.startswith("BLOCK_") else name.lower()
+                         for name, value in self.tiles if name.startswith("BLOCK_") or value)
         return f"{tiles} w{self.num_warps} s{self.num_stages}"
 
 

@@ -127,12 +127,10 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
     """One decoder call (forward + backward) of the fused expert path at bf16: the Triton kernels of the op's
     launch plan (`decoder_experts.expert_plan`, the one the op issues and the sweep compiles), the output stage
     and the small ops. `before`: the kernels as they were before they were priced by what they move (every
-    pattern's dot loading the weight tile again; backward's du made in column chunks, each consumed by two
-    cuBLAS GEMMs, see `_chunked_du_launches`)."""
+    column tile loading its queries again and every pattern's dot the weight tile again, `_pass_launch`;
+    backward's du made in column chunks, each consumed by two cuBLAS GEMMs, `_chunked_du_launches`)."""
     op, patterns, features = "decoder", DecoderSpec.num_patterns, dim * out_dim
-    w_loads = patterns if before else 1
     rows = batch * patterns
-    weight, queries = features * dim * BF16, rows * dim * BF16
     expert = dec.expert_plan(batch, patterns, dim, out_dim, torch.bfloat16, torch.float32, DecoderSpec.mix_divisor,
                              DecoderSpec.experts_loss_weight, LAYER_NORM_EPS, SMS)
     plan = []
@@ -140,7 +138,8 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
         name = planned.kernel_name
         programs, c = math.prod(planned.grid), planned.config
         if name in dec.PER_SAMPLE_KERNELS:  # per sample: the merge reads its tile means twice and M2 once
-            partials = planned.scalars["n_tiles"] * (3 * patterns if name == "expert_stats_merge" else patterns + 2)
+            n_tiles = triton.cdiv(features, _BEFORE_PASS_TILE["BLOCK_M"]) if before else planned.scalars["n_tiles"]
+            partials = n_tiles * (3 * patterns if name == "expert_stats_merge" else patterns + 2)
             plan.append(Launch(op, name, programs, PER_SAMPLE_PROGRAMS_PER_SM, partials * F32 * programs,
                                partials * F32 * programs))
             continue
@@ -151,13 +150,7 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
                 continue
             plan.append(_flat_launch(planned, batch, dim, out_dim))
             continue
-        bb, bm = c["BLOCK_B"], c["BLOCK_M"]
-        tile_io = {"expert_stats": 0, "expert_mix": bb * bm * BF16, "expert_grad_stats": 2 * bb * bm * BF16}[name]
-        per_program = bm * dim * BF16 * w_loads + bb * patterns * dim * BF16 + tile_io + 3 * bm * F32
-        plan.append(Launch(op, name, programs, resident_programs(c.num_warps), per_program * programs,
-                           weight + queries + tile_io // (bb * bm) * batch * features,
-                           2.0 * planned.grid[0] * bb * patterns * planned.grid[1] * bm * dim,
-                           wgmma_n(bb, bm, c.num_warps)))
+        plan.append(_pass_launch(name, batch, dim, out_dim, planned.grid, c, before))
     z = batch * tokens * out_dim * BF16
     h = batch * tokens * dim * BF16
     mixed = batch * features * BF16
@@ -181,6 +174,36 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
         plan.append(small_ops(op, DECODER_SMALL_OPS, (F32 + BF16) * features * dim
                               + (slices + 1) * rows * dim * F32 + rows * dim * (F32 + BF16)))
     return plan
+
+
+def _pass_launch(name: str, batch: int, dim: int, out_dim: int, grid: tuple, config, before: bool) -> Launch:
+    """A pass over (samples x column tiles) with one accumulator per pattern (`expert_stats`, `expert_mix`,
+    `expert_grad_stats`). After: each program holds its BLOCK_B samples' queries (all patterns; loaded again for
+    each tile unless HOLD_QUERIES) and walks its slice of column tiles, per tile loading the W tile once for the
+    P dots, the small per-column vectors and what the pass reads or writes per element (W_b written by mix; dW_b
+    and W_b read by grad_stats). Before:
+    one program per (sample block, column tile) of _BEFORE_PASS_TILE, reloading its queries for each tile and
+    the W tile for each pattern."""
+    patterns, features = DecoderSpec.num_patterns, dim * out_dim
+    if before:
+        bb, bm, warps = _BEFORE_PASS_TILE["BLOCK_B"], _BEFORE_PASS_TILE["BLOCK_M"], _BEFORE_PASS_TILE["warps"]
+        row_blocks, tiles = triton.cdiv(batch, bb), triton.cdiv(features, bm)
+        programs, tiles_per_program, w_loads = row_blocks * tiles, 1, patterns
+    else:
+        bb, bm, warps = config["BLOCK_B"], config["BLOCK_M"], config.num_warps
+        row_blocks, tiles = grid[0], triton.cdiv(features, bm)
+        programs, tiles_per_program, w_loads = math.prod(grid), tiles / grid[1], 1
+    query_loads = 1 if before or config["HOLD_QUERIES"] else tiles_per_program
+    tile_io = {"expert_stats": 0, "expert_mix": bb * bm * BF16, "expert_grad_stats": 2 * bb * bm * BF16}[name]
+    per_program = (bb * patterns * dim * BF16 * query_loads
+                   + tiles_per_program * (bm * dim * BF16 * w_loads + tile_io + 3 * bm * F32))
+    hbm = features * dim * BF16 + batch * patterns * dim * BF16 + tile_io // (bb * bm) * batch * features
+    return Launch("decoder", name, programs, resident_programs(warps), per_program * programs, hbm,
+                  2.0 * row_blocks * bb * patterns * tiles * bm * dim, wgmma_n(bb, bm, warps))
+
+
+# The passes before: one 8-warp program per 64 samples x 128 columns.
+_BEFORE_PASS_TILE = dict(BLOCK_B=64, BLOCK_M=128, warps=8)
 
 
 def _flat_launch(planned, batch: int, dim: int, out_dim: int) -> Launch:

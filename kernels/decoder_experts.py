@@ -8,7 +8,8 @@ reciprocal std r_e of g over all M values, xhat = (g - mu_e) r_e):
     y        = LN_o(GELU(h @ W_b))
 
 Forward: two passes of one GEMM-shaped kernel over tiles (samples x M), each recomputing u from q and W
-in registers: pass 1 writes per-tile variance partials (mean, M2), pass 2 writes W_b [B, M] and per-tile
+in registers (each program holds its samples' queries and walks a slice of the column tiles, so that the
+queries are read once per program and W once per block of samples): pass 1 writes per-tile variance partials (mean, M2), pass 2 writes W_b [B, M] and per-tile
 sums of W_b^2. Between them a per-sample kernel merges the partials (Chan's formula, float64) into (mu, r)
 and forms pass 2's per-sample constants (alpha_e = c_e r_e, sum_e alpha_e mu_e, sum_e c_e), so the passes'
 per-element work is the dot's epilogue, one GELU and a few FMAs, and no torch op runs between them.
@@ -58,24 +59,28 @@ OP = "fused expert path"
 # Expert GEMM passes: rows are samples (one tl.dot and one accumulator per pattern query, each K step's W tile
 # loaded once for the three; P = 3 rows per sample would not make a power-of-two tile), columns the D * D_o
 # output features in tiles of _BLOCK_M (fixed: per-tile partial statistics are indexed by it), K the query
-# width (D is a constexpr: no bounds checks when BLOCK_K divides it). Configs are pinned per (kernel, D, M,
-# dot operands) from the sm_90 compile facts (`make check-sm90`; README "Kernel configurations on sm_90"),
-# never tuned at run time: the same shapes run the same code (and summation order) on every rank and resume.
-# Rule for shapes off the table: the default of the operand kind. Tensor-core tiles keep 64 rows (one wgmma M
-# per warpgroup) and 8 warps.
+# width (D is a constexpr: no bounds checks when BLOCK_K divides it). Each program holds its BLOCK_B samples'
+# queries (HOLD_QUERIES; Triton keeps them in shared memory) and walks a slice of the column tiles
+# (`column_slices`), so the queries are read once per program and W once per block of samples. Configs are
+# pinned per (kernel, D, M, dot operands) from the sm_90 compile facts (`make check-sm90`; README "Kernel
+# configurations on sm_90"), never tuned at run time: the same shapes run the same code (and summation order)
+# on every rank and resume. Rule for shapes off the table: the default of the operand kind. Tensor-core tiles
+# keep 64 rows (one wgmma M per warpgroup); the passes take one warpgroup (with two, Triton gives the unrolled
+# K steps' accumulators two layouts and converts between them) and 64 columns (128 spill). At D = 384 the held
+# queries with the unrolled K steps spill: they are loaded at each K step of a K loop instead.
 # The two backward passes that make du in registers walk the query rows (b, e) flat, BLOCK_R at a time, and
 # hold one operand whole (K_TILES tiles along D): the weight-gradient pass its BLOCK_M weight rows and a
 # [D, BLOCK_M] fp32 gradient; the query-gradient pass its BLOCK_R query rows and a [BLOCK_R, D] fp32 dq. One
 # warpgroup keeps each dot's N whole (wgmma N = BLOCK_M or BLOCK_K); wider column tiles spill. At D = 384 the
 # fp32 gradients take twice the registers: two warpgroups, and 32-column tiles for dq too.
-_BLOCK_M = 128
-_BF16_PASS = KernelConfig.of(8, 3, BLOCK_B=64, BLOCK_K=64)
+_BLOCK_M = 64
+_BF16_PASS = KernelConfig.of(4, 2, BLOCK_B=64, BLOCK_K=64, HOLD_QUERIES=1)
 _BF16_WEIGHT_GRAD = KernelConfig.of(4, 2, BLOCK_R=64, BLOCK_M=32, BLOCK_K=64)
 _BF16_QUERY_GRAD = KernelConfig.of(4, 2, BLOCK_R=64, BLOCK_M=64, BLOCK_K=64)
 _FP32_FLAT = KernelConfig.of(4, 1, BLOCK_R=32, BLOCK_M=64, BLOCK_K=32)
 DEFAULT_CONFIGS = {
     "stats": {"bf16": _BF16_PASS, "fp16": _BF16_PASS,
-              "fp32": KernelConfig.of(8, 3, BLOCK_B=32, BLOCK_K=32)},
+              "fp32": KernelConfig.of(8, 3, BLOCK_B=32, BLOCK_K=32, HOLD_QUERIES=1)},
     "weight_grad": {"bf16": _BF16_WEIGHT_GRAD, "fp16": _BF16_WEIGHT_GRAD,
                     "fp32": _FP32_FLAT},
     "query_grad": {"bf16": _BF16_QUERY_GRAD, "fp16": _BF16_QUERY_GRAD,
@@ -83,19 +88,26 @@ DEFAULT_CONFIGS = {
 DEFAULT_CONFIGS["mix"] = DEFAULT_CONFIGS["grad_stats"] = DEFAULT_CONFIGS["stats"]  # same GEMM, similar epilogues
 FLAT_KERNELS = ("weight_grad", "query_grad")  # their tiles are all in the config (no fixed _BLOCK_M)
 # The recipes' (D, D_o): ViT-Ti, ViT-B and the Swin students (192) or ViT-S (384), PATH-B (768) or
-# PATH-L / SOLIDER-B (1024) teachers. Every recipe shape has its operand kind's default, but for the flat
-# backward passes: at D = 384 their tensor-core tiles take two warpgroups and 32 columns, and in IEEE fp32 (which
-# only the GPU tests run at these shapes) they keep narrow tiles, where the default's wider ones, chosen for the
-# tests' small shapes and the interpreter's time, spill.
+# PATH-L / SOLIDER-B (1024) teachers. Every recipe shape has its operand kind's default, but at D = 384 (the
+# passes load their queries at each K step; the flat backward passes' tensor-core tiles take two warpgroups and
+# 32 columns), and for the flat passes in IEEE fp32 (which only the GPU tests run at these shapes): they keep
+# narrow tiles, where the default's wider ones, chosen for the tests' small shapes and the interpreter's time,
+# spill.
 _RECIPE_FLAT = {("weight_grad", "fp32"): KernelConfig.of(4, 1, BLOCK_R=16, BLOCK_M=16, BLOCK_K=32),
                 ("query_grad", "fp32"): KernelConfig.of(4, 1, BLOCK_R=32, BLOCK_M=32, BLOCK_K=16)}
 _WIDE_FLAT = KernelConfig.of(8, 2, BLOCK_R=64, BLOCK_M=32, BLOCK_K=64)
 
 
 def _recipe_config(kernel: str, dim: int, kind: str) -> KernelConfig:
+    default = DEFAULT_CONFIGS[kernel][kind]
     if kernel in FLAT_KERNELS and kind == "fp32":
         return _RECIPE_FLAT[kernel, kind]
-    return _WIDE_FLAT if kernel in FLAT_KERNELS and dim == 384 else DEFAULT_CONFIGS[kernel][kind]
+    if dim != 384:
+        return default
+    if kernel in FLAT_KERNELS:
+        return _WIDE_FLAT
+    return KernelConfig(tuple((name, 0 if name == "HOLD_QUERIES" else value) for name, value in default.tiles),
+                        default.num_warps, default.num_stages)
 
 
 PINNED_CONFIGS = {(kernel, dim, dim * out_dim, kind): _recipe_config(kernel, dim, kind)
@@ -145,40 +157,6 @@ def _gelu_and_grad(u, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _expert_preactivations(q_ptr, w_ptr, bias, offs_b, offs_m, B, M, P: tl.constexpr, D: tl.constexpr,
-                           BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                           EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """(u_0, ..., u_{P-1}), u_e = q[b, e] . W[m] + bias[m], for a tile of samples x output features, fp32.
-    One accumulator per pattern: each K step loads the W tile once and feeds it to the P dots, so a program
-    reads its W columns once, not once per pattern. D is a constexpr: the K loop's bounds checks vanish when
-    BLOCK_K divides D."""
-    accs = ()
-    for e in tl.static_range(P):
-        accs = accs + (tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32),)
-    w_rows = offs_m * D
-    row_ok = (offs_b < B)[:, None]
-    col_ok = (offs_m < M)[None, :]
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        w_at = w_ptr + w_rows[None, :] + offs_k[:, None]
-        if EVEN_M and D % BLOCK_K == 0:
-            w = tl.load(w_at)
-        else:
-            w_mask = col_ok if D % BLOCK_K == 0 else (offs_k < D)[:, None] & col_ok
-            w = tl.load(w_at, mask=w_mask, other=0.0)
-        q_mask = row_ok & (offs_k < D)[None, :] if D % BLOCK_K else row_ok
-        stepped = ()
-        for e in tl.static_range(P):
-            q = tl.load(q_ptr + ((offs_b * P + e) * D)[:, None] + offs_k[None, :], mask=q_mask, other=0.0)
-            stepped = stepped + (mma(q, w, accs[e], DOT_PRECISION, INTERPRETED),)
-        accs = stepped
-    preactivations = ()
-    for e in tl.static_range(P):
-        preactivations = preactivations + (accs[e] + bias[None, :],)
-    return preactivations
-
-
-@triton.jit
 def _columns(ptr, offs_m, M, EVEN_M: tl.constexpr):
     """A slice of a per-column vector at columns offs_m, as fp32 (0 past M unless EVEN_M says none is)."""
     if EVEN_M:
@@ -195,32 +173,89 @@ def _row_value(ptr, offs_b, row_ok):
 
 
 @triton.jit
-def _expert_stats_kernel(q_ptr, w_ptr, bias_ptr, tile_mean_ptr, tile_m2_ptr, B, M, n_tiles,
-                         P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_K: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         INTERPRETED: tl.constexpr):
-    """Per (b, e, column tile): mean and sum of squared deviations of GELU(u) over the tile's columns."""
-    pid_b = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_b < B
-    col_ok = (offs_m < M)[None, :]
-    count = BLOCK_M if EVEN_M else tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-    bias = _columns(bias_ptr, offs_m, M, EVEN_M)
-    u = _expert_preactivations(q_ptr, w_ptr, bias, offs_b, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K, EVEN_M,
-                               DOT_PRECISION, INTERPRETED)
+def _held_queries(q_ptr, offs_b, row_ok, P: tl.constexpr, D: tl.constexpr, BLOCK_K: tl.constexpr,
+                  K_TILES: tl.constexpr, HOLD_QUERIES: tl.constexpr):
+    """The queries of samples offs_b, all P patterns, as P * K_TILES tiles [BLOCK_B, BLOCK_K] (pattern-major;
+    0 past B and past D), held by a program while it walks its column tiles; () unless HOLD_QUERIES."""
+    tiles = ()
+    if HOLD_QUERIES:
+        for e in tl.static_range(P):
+            tiles = tiles + _k_tiles(q_ptr + e * D, offs_b * P, row_ok, D, BLOCK_K, K_TILES)
+    return tiles
+
+
+@triton.jit
+def _preactivations(held, q_ptr, w_ptr, bias, offs_b, offs_m, B, M, P: tl.constexpr, D: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
+                    HOLD_QUERIES: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    INTERPRETED: tl.constexpr):
+    """(u_0, ..., u_{P-1}), u_e = q[b, e] . W[m] + bias[m], for samples offs_b x the column tile offs_m, fp32.
+    One accumulator per pattern: each K step loads the W tile once and feeds it to the P dots. The queries come
+    from `held` (`_held_queries`; K unrolled), or, unless HOLD_QUERIES, are loaded at each K step of a K loop
+    (where holding them would take more registers than there are: D = 384)."""
+    accs = ()
     for e in tl.static_range(P):
-        g = _gelu(u[e], INTERPRETED)
-        if not EVEN_M:
-            g = tl.where(col_ok, g, 0.0)
-        tile_mean = tl.sum(g, axis=1) / count
-        dev = g - tile_mean[:, None]
-        if not EVEN_M:
-            dev = tl.where(col_ok, dev, 0.0)
-        out = (offs_b * P + e) * n_tiles + pid_m
-        tl.store(tile_mean_ptr + out, tile_mean, mask=row_ok)
-        tl.store(tile_m2_ptr + out, tl.sum(dev * dev, axis=1), mask=row_ok)
+        accs = accs + (tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32),)
+    col_ok = (offs_m < M)[None, :]
+    if HOLD_QUERIES:
+        for k in tl.static_range(K_TILES):
+            w = _weight_tile(w_ptr, offs_m, col_ok, k * BLOCK_K + tl.arange(0, BLOCK_K), D, BLOCK_K, EVEN_M)
+            stepped = ()
+            for e in tl.static_range(P):
+                stepped = stepped + (mma(held[e * K_TILES + k], w, accs[e], DOT_PRECISION, INTERPRETED),)
+            accs = stepped
+    else:
+        row_ok = (offs_b < B)[:, None]
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            w = _weight_tile(w_ptr, offs_m, col_ok, offs_k, D, BLOCK_K, EVEN_M)
+            q_mask = row_ok & (offs_k < D)[None, :] if D % BLOCK_K else row_ok
+            stepped = ()
+            for e in tl.static_range(P):
+                q = tl.load(q_ptr + ((offs_b * P + e) * D)[:, None] + offs_k[None, :], mask=q_mask, other=0.0)
+                stepped = stepped + (mma(q, w, accs[e], DOT_PRECISION, INTERPRETED),)
+            accs = stepped
+    preactivations = ()
+    for e in tl.static_range(P):
+        preactivations = preactivations + (accs[e] + bias[None, :],)
+    return preactivations
+
+
+@triton.jit
+def _weight_tile(w_ptr, offs_m, col_ok, offs_k, D: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_M: tl.constexpr):
+    """W[offs_m, offs_k] transposed, [BLOCK_K, BLOCK_M] (0 past M and past D)."""
+    w_at = w_ptr + (offs_m * D)[None, :] + offs_k[:, None]
+    if EVEN_M and D % BLOCK_K == 0:
+        return tl.load(w_at)
+    return tl.load(w_at, mask=col_ok if D % BLOCK_K == 0 else (offs_k < D)[:, None] & col_ok, other=0.0)
+
+
+@triton.jit
+def _expert_stats_kernel(q_ptr, w_ptr, bias_ptr, tile_mean_ptr, tile_m2_ptr, B, M, n_tiles, span,
+                         P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, HOLD_QUERIES: tl.constexpr,
+                         EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Per (b, e, column tile): mean and sum of squared deviations of GELU(u) over the tile's columns."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = offs_b < B
+    held = _held_queries(q_ptr, offs_b, row_ok, P, D, BLOCK_K, K_TILES, HOLD_QUERIES)
+    for tile in range(tl.program_id(1) * span, tl.minimum(tl.program_id(1) * span + span, n_tiles)):
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        col_ok = (offs_m < M)[None, :]
+        count = BLOCK_M if EVEN_M else tl.minimum(M - tile * BLOCK_M, BLOCK_M).to(tl.float32)
+        u = _preactivations(held, q_ptr, w_ptr, _columns(bias_ptr, offs_m, M, EVEN_M), offs_b, offs_m, B, M, P, D,
+                            BLOCK_B, BLOCK_M, BLOCK_K, K_TILES, HOLD_QUERIES, EVEN_M, DOT_PRECISION, INTERPRETED)
+        for e in tl.static_range(P):
+            g = _gelu(u[e], INTERPRETED)
+            if not EVEN_M:
+                g = tl.where(col_ok, g, 0.0)
+            tile_mean = tl.sum(g, axis=1) / count
+            dev = g - tile_mean[:, None]
+            if not EVEN_M:
+                dev = tl.where(col_ok, dev, 0.0)
+            out = (offs_b * P + e) * n_tiles + tile
+            tl.store(tile_mean_ptr + out, tile_mean, mask=row_ok)
+            tl.store(tile_m2_ptr + out, tl.sum(dev * dev, axis=1), mask=row_ok)
 
 
 @triton.jit
@@ -279,37 +314,40 @@ def _expert_stats_merge_kernel(tile_mean_ptr, tile_m2_ptr, scores_ptr, mean_ptr,
 
 @triton.jit
 def _expert_mix_kernel(q_ptr, w_ptr, bias_ptr, alpha_ptr, offset_ptr, c_sum_ptr, gamma_ptr, beta_ptr,
-                       mixed_ptr, sq_partial_ptr, B, M, n_tiles, loss_scale,
+                       mixed_ptr, sq_partial_ptr, B, M, n_tiles, span, loss_scale,
                        P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_K: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       INTERPRETED: tl.constexpr):
+                       BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, HOLD_QUERIES: tl.constexpr,
+                       EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """W_b tile = gamma * (sum_e alpha_e g_e - offset) + beta * c_sum, plus per-tile row sums of W_b^2 times
     loss_scale = weight / B (so that the loss is the sum of the partials), with
     alpha_e = c_e r_e, offset = sum_e alpha_e mu_e and c_sum = sum_e c_e per sample (so that
     sum_e alpha_e g_e - offset = sum_e c_e xhat_e)."""
-    pid_b = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = offs_b < B
-    bias = _columns(bias_ptr, offs_m, M, EVEN_M)
-    acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-    u = _expert_preactivations(q_ptr, w_ptr, bias, offs_b, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K, EVEN_M,
-                               DOT_PRECISION, INTERPRETED)
+    held = _held_queries(q_ptr, offs_b, row_ok, P, D, BLOCK_K, K_TILES, HOLD_QUERIES)
+    alphas = ()
     for e in tl.static_range(P):
-        alpha = _row_value(alpha_ptr, offs_b * P + e, row_ok)
-        acc += alpha[:, None] * _gelu(u[e], INTERPRETED)
-    gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)
-    beta = _columns(beta_ptr, offs_m, M, EVEN_M)
+        alphas = alphas + (_row_value(alpha_ptr, offs_b * P + e, row_ok),)
     offset = _row_value(offset_ptr, offs_b, row_ok)
     c_sum = _row_value(c_sum_ptr, offs_b, row_ok)
-    mixed = ((acc - offset[:, None]) * gamma[None, :] + c_sum[:, None] * beta[None, :]).to(mixed_ptr.dtype.element_ty)
-    ok = row_ok[:, None] if EVEN_M else row_ok[:, None] & (offs_m < M)[None, :]
-    tl.store(mixed_ptr + offs_b[:, None] * M + offs_m[None, :], mixed, mask=ok)
-    # The loss is taken of the stored (rounded) W_b, the same values backward differentiates through; rows
-    # past B hold c_sum = offset = 0, so W_b = 0 there, and columns past M have gamma = beta = 0.
-    stored = mixed.to(tl.float32)
-    tl.store(sq_partial_ptr + offs_b * n_tiles + pid_m, tl.sum(stored * stored, axis=1) * loss_scale, mask=row_ok)
+    for tile in range(tl.program_id(1) * span, tl.minimum(tl.program_id(1) * span + span, n_tiles)):
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        u = _preactivations(held, q_ptr, w_ptr, _columns(bias_ptr, offs_m, M, EVEN_M), offs_b, offs_m, B, M, P, D,
+                            BLOCK_B, BLOCK_M, BLOCK_K, K_TILES, HOLD_QUERIES, EVEN_M, DOT_PRECISION, INTERPRETED)
+        acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+        for e in tl.static_range(P):
+            acc += alphas[e][:, None] * _gelu(u[e], INTERPRETED)
+        gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)
+        beta = _columns(beta_ptr, offs_m, M, EVEN_M)
+        mixed = ((acc - offset[:, None]) * gamma[None, :] + c_sum[:, None] * beta[None, :]).to(
+            mixed_ptr.dtype.element_ty)
+        ok = row_ok[:, None] if EVEN_M else row_ok[:, None] & (offs_m < M)[None, :]
+        tl.store(mixed_ptr + offs_b[:, None] * M + offs_m[None, :], mixed, mask=ok)
+        # The loss is taken of the stored (rounded) W_b, the same values backward differentiates through; rows
+        # past B hold c_sum = offset = 0, so W_b = 0 there, and columns past M have gamma = beta = 0.
+        stored = mixed.to(tl.float32)
+        tl.store(sq_partial_ptr + offs_b * n_tiles + tile, tl.sum(stored * stored, axis=1) * loss_scale,
+                 mask=row_ok)
 
 
 @triton.jit
@@ -330,31 +368,29 @@ def _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, offs_b, offs_m, B, M, EVEN_
 
 @triton.jit
 def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_ptr, mixed_ptr, grad_loss_ptr,
-                              partial_ptr, B, M, n_tiles, loss_scale,
+                              partial_ptr, B, M, n_tiles, span, loss_scale,
                               P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_K: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                              INTERPRETED: tl.constexpr):
+                              BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, HOLD_QUERIES: tl.constexpr,
+                              EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """Per (b, column tile): sum dW gamma g_e (slots 0..P-1), sum dW gamma (P), sum dW beta (P+1). The caller
     forms A_e = sum dW gamma xhat_e = r_e (slot e - mu_e slot P)."""
-    pid_b = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = offs_b < B
-    d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, _loss_coefficient(grad_loss_ptr, loss_scale), offs_b, offs_m,
-                               B, M, EVEN_M)
-    bias = _columns(bias_ptr, offs_m, M, EVEN_M)
-    gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)
-    beta = _columns(beta_ptr, offs_m, M, EVEN_M)
-    d_gamma_scaled = d_mixed * gamma[None, :]  # zero past M (gamma) and past B (d_mixed)
-    slot = offs_b * (P + 2) * n_tiles + pid_m
-    tl.store(partial_ptr + slot + P * n_tiles, tl.sum(d_gamma_scaled, axis=1), mask=row_ok)
-    tl.store(partial_ptr + slot + (P + 1) * n_tiles, tl.sum(d_mixed * beta[None, :], axis=1), mask=row_ok)
-    u = _expert_preactivations(q_ptr, w_ptr, bias, offs_b, offs_m, B, M, P, D, BLOCK_B, BLOCK_M, BLOCK_K, EVEN_M,
-                               DOT_PRECISION, INTERPRETED)
-    for e in tl.static_range(P):
-        tl.store(partial_ptr + slot + e * n_tiles, tl.sum(d_gamma_scaled * _gelu(u[e], INTERPRETED), axis=1),
-                 mask=row_ok)
+    loss_coef = _loss_coefficient(grad_loss_ptr, loss_scale)
+    held = _held_queries(q_ptr, offs_b, row_ok, P, D, BLOCK_K, K_TILES, HOLD_QUERIES)
+    for tile in range(tl.program_id(1) * span, tl.minimum(tl.program_id(1) * span + span, n_tiles)):
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, offs_b, offs_m, B, M, EVEN_M)
+        d_gamma_scaled = d_mixed * _columns(gamma_ptr, offs_m, M, EVEN_M)[None, :]  # zero past M and past B
+        slot = offs_b * (P + 2) * n_tiles + tile
+        tl.store(partial_ptr + slot + P * n_tiles, tl.sum(d_gamma_scaled, axis=1), mask=row_ok)
+        tl.store(partial_ptr + slot + (P + 1) * n_tiles,
+                 tl.sum(d_mixed * _columns(beta_ptr, offs_m, M, EVEN_M)[None, :], axis=1), mask=row_ok)
+        u = _preactivations(held, q_ptr, w_ptr, _columns(bias_ptr, offs_m, M, EVEN_M), offs_b, offs_m, B, M, P, D,
+                            BLOCK_B, BLOCK_M, BLOCK_K, K_TILES, HOLD_QUERIES, EVEN_M, DOT_PRECISION, INTERPRETED)
+        for e in tl.static_range(P):
+            tl.store(partial_ptr + slot + e * n_tiles, tl.sum(d_gamma_scaled * _gelu(u[e], INTERPRETED), axis=1),
+                     mask=row_ok)
 
 
 @triton.jit
@@ -518,6 +554,9 @@ def _expert_query_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed
         tl.store(dq_partial_ptr + (split * B * P + rows)[:, None] * D + offs_k[None, :], dq[k], mask=ok)
 
 
+# The passes that hold their samples' queries and walk a slice of column tiles (`column_slices`).
+HELD_KERNEL_NAMES = (kernel_name(_expert_stats_kernel), kernel_name(_expert_mix_kernel),
+                     kernel_name(_expert_grad_stats_kernel))
 # The flat backward passes (FLAT_KERNELS' configs): two GEMMs per step, u and then dW or dq.
 FLAT_KERNEL_NAMES = (kernel_name(_expert_weight_grad_kernel), kernel_name(_expert_query_grad_kernel))
 
@@ -666,25 +705,28 @@ def pick_config(kernel: str, dim: int, features: int, kind: str) -> KernelConfig
                                                               config.num_warps, config.num_stages)
 
 
-def _expert_grid(batch: int, columns: int, config: KernelConfig) -> tuple[int, int]:
-    return triton.cdiv(batch, config["BLOCK_B"]), triton.cdiv(columns, config["BLOCK_M"])
-
-
 def even_columns(columns: int, config: KernelConfig) -> bool:
     """EVEN_M of an expert launch over `columns` features: no column tile is ragged, so no column masks."""
     return columns % config["BLOCK_M"] == 0
 
 
+def column_slices(row_blocks: int, tiles: int, config: KernelConfig, sm_count: int | None) -> tuple[int, int]:
+    """(slices, column tiles per slice) of a pass whose programs each hold one block of rows and walk a slice
+    of the `tiles` column tiles: enough slices for row blocks x slices to fill the SMs once with the programs
+    each holds (the interpreter: 4 SMs), and no more, so that each program reloads its rows as rarely as
+    the GPU's width allows."""
+    programs = (sm_count or 4) * resident_programs(config.num_warps)
+    span = triton.cdiv(tiles, max(1, min(tiles, programs // row_blocks)))
+    return triton.cdiv(tiles, span), span
+
+
 def query_grad_slices(rows: int, features: int, config: KernelConfig, sm_count: int | None) -> tuple[int, int]:
     """(slices, columns per slice) of the query-gradient pass: its [rows, D] output has only rows / BLOCK_R
-    row blocks (12 at B = 256), so the column range is cut into slices of whole column tiles, enough for
-    row blocks x slices to fill the SMs once with the programs each holds (the interpreter: 4 SMs), each
-    slice's product kept and summed after."""
-    row_blocks = triton.cdiv(rows, config["BLOCK_R"])
-    tiles = triton.cdiv(features, config["BLOCK_M"])
-    programs = (sm_count or 4) * resident_programs(config.num_warps)
-    span = triton.cdiv(tiles, max(1, min(tiles, programs // row_blocks))) * config["BLOCK_M"]
-    return triton.cdiv(features, span), span
+    row blocks (12 at B = 256), so the column range is cut into slices (`column_slices`), each slice's product
+    kept and summed after."""
+    slices, span = column_slices(triton.cdiv(rows, config["BLOCK_R"]), triton.cdiv(features, config["BLOCK_M"]),
+                                 config, sm_count)
+    return slices, span * config["BLOCK_M"]
 
 
 # GELU + LayerNorm row kernels: blocks of ROW_BLOCK rows, one row per warp up to D_o = 768 (24 values per
@@ -729,10 +771,14 @@ def expert_plan(batch: int, patterns: int, dim: int, out_dim: int, dtype: torch.
     operands = dict(q_ptr=dtype, w_ptr=dtype, bias_ptr=_F32)
     constants = dict(B=batch, M=features, P=patterns, D=dim, DOT_PRECISION=DOT_PRECISION, INTERPRETED=INTERPRETED)
 
-    def whole(kernel, name, tensors, scalars=None):
+    def held(kernel, name, tensors, scalars=None):
         config = pick_config(name, dim, features, kind)
-        return PlannedLaunch(kernel, _expert_grid(batch, features, config), config, operands | tensors,
-                             constants | dict(n_tiles=n_tiles, EVEN_M=even_columns(features, config)) | (scalars or {}))
+        row_blocks = triton.cdiv(batch, config["BLOCK_B"])
+        slices, span = column_slices(row_blocks, n_tiles, config, sm_count)
+        return PlannedLaunch(kernel, (row_blocks, slices), config, operands | tensors,
+                             constants | dict(n_tiles=n_tiles, span=span, K_TILES=triton.cdiv(dim, config["BLOCK_K"]),
+                                              EVEN_M=even_columns(features, config)) | (scalars or {}),
+                             part=f"{slices} slices of {span} tiles")
 
     def per_sample(kernel, tensors, scalars):
         return PlannedLaunch(kernel, (batch,), _PER_SAMPLE_CONFIG, dict(scores_ptr=scores_dtype) | tensors,
@@ -744,11 +790,11 @@ def expert_plan(batch: int, patterns: int, dim: int, out_dim: int, dtype: torch.
                              constants | dict(K_TILES=triton.cdiv(dim, config["BLOCK_K"]), loss_scale=loss_scale,
                                               EVEN_M=even_columns(features, config)) | scalars, part=part)
 
-    forward = [whole(_expert_stats_kernel, "stats", dict(tile_mean_ptr=_F32, tile_m2_ptr=_F32)),
+    forward = [held(_expert_stats_kernel, "stats", dict(tile_mean_ptr=_F32, tile_m2_ptr=_F32)),
                per_sample(_expert_stats_merge_kernel,
                           dict(tile_mean_ptr=_F32, tile_m2_ptr=_F32, mean_ptr=_F32, rstd_ptr=_F32, alpha_ptr=_F32,
                                offset_ptr=_F32, c_sum_ptr=_F32), dict(eps=eps, TILE_COLUMNS=_BLOCK_M)),
-               whole(_expert_mix_kernel, "mix", dict(alpha_ptr=_F32, offset_ptr=_F32, c_sum_ptr=_F32, gamma_ptr=_F32,
+               held(_expert_mix_kernel, "mix", dict(alpha_ptr=_F32, offset_ptr=_F32, c_sum_ptr=_F32, gamma_ptr=_F32,
                                                       beta_ptr=_F32, mixed_ptr=dtype, sq_partial_ptr=_F32),
                      dict(loss_scale=loss_weight / batch))]
     loss_scale = 2.0 * loss_weight / batch  # of dW's experts-loss term, per unit of dloss
@@ -756,7 +802,7 @@ def expert_plan(batch: int, patterns: int, dim: int, out_dim: int, dtype: torch.
     du_inputs = dict(gamma_ptr=_F32, grad_ptr=dtype, mixed_ptr=dtype, grad_loss_ptr=_F32) | row_constants
     rows = batch * patterns
     slices, span = query_grad_slices(rows, features, pick_config("query_grad", dim, features, kind), sm_count)
-    backward = [whole(_expert_grad_stats_kernel, "grad_stats",
+    backward = [held(_expert_grad_stats_kernel, "grad_stats",
                       dict(gamma_ptr=_F32, beta_ptr=_F32, grad_ptr=dtype, mixed_ptr=dtype, grad_loss_ptr=_F32,
                            partial_ptr=_F32), dict(loss_scale=loss_scale)),
                 per_sample(_expert_grad_constants_kernel,

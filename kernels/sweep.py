@@ -157,10 +157,16 @@ def _loop_trips(launch: Launch) -> list[list[Loop]]:
         return [[Loop(tiles, -1)] * loops for loops in range(1, 4 * a["P"] + 3)]
     if name == "expert_weight_grad":  # blocks of query rows (the K tiles unrolled)
         return [[Loop(triton.cdiv(a["B"] * a["P"], a["BLOCK_R"]), -1, True)]]
+    if name in dec.HELD_KERNEL_NAMES:  # a slice's column tiles, on average over the slices; the K tiles unrolled
+        # with held queries, else a K loop inside (or unrolled)
+        slices = launch.programs // triton.cdiv(a["B"], a["BLOCK_B"])
+        tiles = a["n_tiles"] / slices
+        return [[Loop(tiles, -1, True)]] if a["HOLD_QUERIES"] else [[Loop(tiles, -1), Loop(k, 0, True)],
+                                                                     [Loop(tiles, -1, True)]]
     if name == "expert_query_grad":  # a slice's column tiles, on average over the slices (the K tiles unrolled)
         slices = launch.programs // triton.cdiv(a["B"] * a["P"], a["BLOCK_R"])
         return [[Loop(triton.cdiv(a["M"], a["BLOCK_M"]) / slices, -1, True)]]
-    if name.startswith(("expert_", "relation_kl")):  # the K loop (patterns, column blocks unrolled inside it)
+    if name.startswith("relation_kl"):  # the K loop (column blocks unrolled inside it)
         return [[Loop(k, -1, True)], []]
     if name == "gelu_layer_norm_bwd":
         return [[Loop(a["blocks_per_program"], -1)]]

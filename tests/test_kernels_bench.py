@@ -88,13 +88,18 @@ def test_static_report_from_the_sm90_sweep(quick_sweep, capsys):
 
 @pytest.mark.e2e
 def test_the_byte_check_fails_a_model_with_a_wrong_tile(quick_sweep, monkeypatch):
-    # The model's expert_mix counting one pattern's query rows instead of three (its bytes per program a
-    # third lower): the check against the SASS must refuse it, and only it.
+    # The model's expert_mix loading its 64 samples' queries again for every column tile of 64, as if it did
+    # not hold them: the check against the SASS must refuse it, and only it.
     real = cost_model.decoder_launches
+    queries = 64 * 3 * 192 * cost_model.BF16
 
-    def wrong_tile(*args, **kwargs):
-        return [replace(launch, l2_bytes=launch.l2_bytes - 2 * 64 * 192 * cost_model.BF16 * launch.programs)
-                if launch.name == "expert_mix" else launch for launch in real(*args, **kwargs)]
+    def reloading(launch, batch):
+        tiles_per_program = (batch // 64) * (192 * 768 // 64) / launch.programs
+        return replace(launch, l2_bytes=launch.l2_bytes + (tiles_per_program - 1) * queries * launch.programs)
+
+    def wrong_tile(batch, *args, **kwargs):
+        return [reloading(launch, batch) if launch.name == "expert_mix" else launch
+                for launch in real(batch, *args, **kwargs)]
     monkeypatch.setattr(cost_model, "decoder_launches", wrong_tile)
     failed = byte_check_failed(byte_check(quick_sweep["byte_check"]))
     assert {(row["call"], row["launch"]) for row in failed} == {("decoder B256 L257", "expert_mix"),

@@ -75,8 +75,8 @@ def test_configs_are_pinned_and_shared_by_every_call():
         decoder_experts.DEFAULT_CONFIGS["weight_grad"]["fp32"]
     # Every config either table holds (pinned or default) is one the full sweep compiles, for that kernel
     # and operand kind.
-    swept = {(launch.kernel_name, operand_kind(launch), 
-              tuple(sorted((k, v) for k, v in launch.args.items() if k.startswith("BLOCK_") and k != "BLOCK")),
+    swept = {(launch.kernel_name, operand_kind(launch),
+              tuple(sorted((k, v) for k, v in launch.args.items() if k.startswith(("BLOCK_", "HOLD_")))),
               launch.num_warps, launch.num_stages) for launch in all_launches(quick=False)}
 
     def assert_swept(kernel_name, kind, config):

@@ -106,6 +106,28 @@ def test_sliced_query_gradient_matches_reference(device):
     _check_against_reference(shape, torch.float32, device)
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_passes_that_load_their_queries_at_each_k_step_match_reference(dtype, device, monkeypatch):
+    # At D = 384 the GEMM passes load their queries at each step of a K loop instead of holding them: their
+    # configs pinned there, run at a test shape with ragged column tiles.
+    batch, patterns, dim, out_dim, _ = shape = shapes.DECODER_TEST_SHAPES[2]
+    kind = "fp32" if dtype == torch.float32 else "bf16"
+    for kernel in ("stats", "mix", "grad_stats"):
+        loaded = decoder_experts.PINNED_CONFIGS[(kernel, 384, 384 * 768, kind)]
+        assert loaded["HOLD_QUERIES"] == 0
+        monkeypatch.setitem(decoder_experts.PINNED_CONFIGS, (kernel, dim, dim * out_dim, kind), loaded)
+    decoder_experts.expert_plan.cache_clear()
+    try:
+        forward = decoder_experts.expert_plan(batch, patterns, dim, out_dim, dtype, torch.float32, 256.0, 0.025, EPS,
+                                              multiprocessors(torch.device(device)))["forward"]
+        assert forward[0].config["HOLD_QUERIES"] == 0 and (dim * out_dim) % forward[0].config["BLOCK_M"]
+        _check_against_reference(shape, dtype, device)
+    finally:
+        decoder_experts.expert_plan.cache_clear()
+
+
 def _recipe_shapes():
     """Every decoder call the recipes make, at the tests' batch."""
     return sorted(shapes.decoder_calls(shapes.CUDA_TEST_BATCH))
