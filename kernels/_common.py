@@ -129,11 +129,6 @@ def resident_programs(num_warps: int) -> int:
     return 2 if num_warps <= 4 else 1
 
 
-def num_programs_for_rows(n_rows: int, sm_count: int | None) -> int:
-    """Persistent-style grid for row reductions: a few programs per SM on a GPU, a handful when interpreted."""
-    return max(1, min(n_rows, 4 * sm_count if sm_count else 4))
-
-
 @dataclass(frozen=True)
 class KernelConfig:
     """Tile sizes (constexprs), warps and pipeline stages of one kernel launch.

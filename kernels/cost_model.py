@@ -164,8 +164,9 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
     plan.append(Launch(op, "gelu_layer_norm_fwd", programs, 8, 2 * z + 2 * params * programs, 2 * z))
     plan.append(Launch(op, "cuBLAS output bmm (backward: recompute, dh, dW_b)", 3, 1, 0.0,
                        3 * (h + mixed + z), 3 * flops, gemm_tiles=gemm_tiles))
-    programs, _ = dec.row_programs(batch * tokens, SMS)
-    plan.append(Launch(op, "gelu_layer_norm_bwd", programs, 8, 3 * z + 3 * params * programs, 3 * z))
+    programs, _ = dec.row_programs(batch * tokens, out_dim, SMS)
+    plan.append(Launch(op, "gelu_layer_norm_bwd", programs, dec.row_bwd_programs_per_sm(out_dim),
+                       3 * z + 3 * params * programs, 3 * z))
     if before:  # the weight cast, then each chunk's dW copied out as float32
         chunks = triton.cdiv(features, _chunk_columns(batch, patterns, features))
         plan.append(small_ops(op, 2 + 4 + chunks, 2 * (F32 + BF16) * features * dim))

@@ -51,8 +51,7 @@ import triton.language as tl
 
 from kernels._common import (DOT_PRECISION, INTERPRETED, NAMESPACE, KernelConfig, PlannedLaunch, check_capability,
                              check_device, check_dtype, check_shape, dot_operands, fast_exp2, fast_rcp,
-                             kernel_name, mma, multiprocessors, num_programs_for_rows,
-                             resident_programs)
+                             kernel_name, mma, multiprocessors, resident_programs)
 
 OP = "fused expert path"
 
@@ -66,15 +65,17 @@ OP = "fused expert path"
 # configurations on sm_90"), never tuned at run time: the same shapes run the same code (and summation order)
 # on every rank and resume. Rule for shapes off the table: the default of the operand kind. Tensor-core tiles
 # keep 64 rows (one wgmma M per warpgroup); the passes take one warpgroup (with two, Triton gives the unrolled
-# K steps' accumulators two layouts and converts between them) and 64 columns (128 spill). At D = 384 the held
-# queries with the unrolled K steps spill: they are loaded at each K step of a K loop instead.
+# K steps' accumulators two layouts and converts between them), 64 columns (128 spill) and one pipeline stage
+# (with two, the held queries and the weight tiles' buffers leave shared memory for one program per SM, not the
+# two `column_slices` plans). At D = 384 the held queries with the unrolled K steps spill: they are loaded at
+# each K step of a K loop instead.
 # The two backward passes that make du in registers walk the query rows (b, e) flat, BLOCK_R at a time, and
 # hold one operand whole (K_TILES tiles along D): the weight-gradient pass its BLOCK_M weight rows and a
 # [D, BLOCK_M] fp32 gradient; the query-gradient pass its BLOCK_R query rows and a [BLOCK_R, D] fp32 dq. One
 # warpgroup keeps each dot's N whole (wgmma N = BLOCK_M or BLOCK_K); wider column tiles spill. At D = 384 the
 # fp32 gradients take twice the registers: two warpgroups, and 32-column tiles for dq too.
 _BLOCK_M = 64
-_BF16_PASS = KernelConfig.of(4, 2, BLOCK_B=64, BLOCK_K=64, HOLD_QUERIES=1)
+_BF16_PASS = KernelConfig.of(4, 1, BLOCK_B=64, BLOCK_K=64, HOLD_QUERIES=1)
 _BF16_WEIGHT_GRAD = KernelConfig.of(4, 2, BLOCK_R=64, BLOCK_M=32, BLOCK_K=64)
 _BF16_QUERY_GRAD = KernelConfig.of(4, 2, BLOCK_R=64, BLOCK_M=64, BLOCK_K=64)
 _FP32_FLAT = KernelConfig.of(4, 1, BLOCK_R=32, BLOCK_M=64, BLOCK_K=32)
@@ -746,10 +747,22 @@ def row_layout(width: int) -> dict:
     return dict(SEG=block, NUM_SEG=1, EVEN_W=width == block)
 
 
-def row_programs(rows: int, sm_count: int | None) -> tuple[int, int]:
-    """(programs, row blocks per program) of the GELU + LayerNorm backward row kernel."""
+# The backward row kernel holds 128 to 255 registers per thread (sm_90, Triton 3.6 and 3.8; 168 at D_o = 768
+# on one warp per row, up to 176 at D_o = 1024 on two): an SM holds 12 of its warps at the most (three 4-warp
+# programs, one 8-warp one), and a grid of more programs per SM would run a second, partial wave.
+ROW_BWD_WARPS_PER_SM = 12
+
+
+def row_bwd_programs_per_sm(width: int) -> int:
+    """Programs of the backward row kernel an SM holds at once, for rows of `width`."""
+    return max(1, ROW_BWD_WARPS_PER_SM // row_config(width).num_warps)
+
+
+def row_programs(rows: int, width: int, sm_count: int | None) -> tuple[int, int]:
+    """(programs, row blocks per program) of the GELU + LayerNorm backward row kernel for rows of `width`: as
+    many programs as the SMs hold at once (the interpreter: 4), each walking its share of the row blocks."""
     blocks = triton.cdiv(rows, ROW_BLOCK)
-    programs = num_programs_for_rows(blocks, sm_count)
+    programs = max(1, min(blocks, row_bwd_programs_per_sm(width) * sm_count if sm_count else 4))
     per_program = triton.cdiv(blocks, programs)
     return triton.cdiv(blocks, per_program), per_program
 
@@ -822,7 +835,7 @@ def row_plan(rows: int, width: int, dtype: torch.dtype, eps: float, sm_count: in
     on a GPU with `sm_count` SMs (None: the interpreter); LayerNorm parameters float32."""
     config = row_config(width)
     scalars = dict(n_rows=rows, width=width, eps=eps, INTERPRETED=INTERPRETED) | row_layout(width)
-    programs, blocks_per_program = row_programs(rows, sm_count)
+    programs, blocks_per_program = row_programs(rows, width, sm_count)
     return dict(
         forward=PlannedLaunch(_gelu_layer_norm_fwd_kernel, (triton.cdiv(rows, ROW_BLOCK),), config,
                               dict(z_ptr=dtype, y_ptr=dtype, w_ptr=_F32, b_ptr=_F32), scalars),

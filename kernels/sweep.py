@@ -402,7 +402,8 @@ def sass_bytes(compiled: dict) -> list[dict]:
             row = dict(call=call, index=index, launch=model.name, config=launch.config, programs=launch.programs,
                        sass_l2_bytes=moved["copy_bypass"] + moved["store"],
                        sass_all_bytes=sum(v for k, v in moved.items() if k != "uncounted"),
-                       sass_wgmma_n=sorted({int(shape.split("x")[1]) for shape in compiled[key].hgmma_shapes}))
+                       sass_wgmma_n=sorted({int(shape.split("x")[1]) for shape in compiled[key].hgmma_shapes}),
+                       sass_programs_per_sm=resident_warps(launch, compiled[key]) // launch.num_warps)
             if launch.kernel_name in dec.PER_SAMPLE_KERNELS:
                 row["unchecked"] = "run-time loops unrolled by the compiler"
             elif moved["uncounted"]:
@@ -412,10 +413,13 @@ def sass_bytes(compiled: dict) -> list[dict]:
 
 
 def byte_check(rows: list[dict], tolerance: float = BYTE_TOLERANCE) -> list[dict]:
-    """`sass_bytes` rows with the cost model's L2 -> SM bytes per program and wgmma N of the same launch, and a
-    verdict: ok when the model's bytes lie within [certain x (1 - tolerance), all x (1 + tolerance)] of the
-    SASS's, and the wgmma N the model prices its tensor-core time at is the largest N of the SASS's HGMMA (the
-    main product's; a kernel's smaller dots emit narrower ones), or both have none."""
+    """`sass_bytes` rows with the cost model's L2 -> SM bytes per program, wgmma N and programs per SM of the
+    same launch, and a verdict: ok when the model's bytes lie within [certain x (1 - tolerance), all x (1 +
+    tolerance)] of the SASS's, the wgmma N the model prices its tensor-core time at is the largest N of the
+    SASS's HGMMA (the main product's; a kernel's smaller dots emit narrower ones), or both have none, and the
+    programs an SM holds by the binary's registers and shared memory give the launch no more waves than the
+    model counts (a model that holds more programs per SM than fit undercounts its waves and tail; one that
+    holds fewer is reported beside it)."""
     checked, plans = [], {call: _triton_launches(call) for call in {row["call"] for row in rows}}
     for row in rows:
         model = plans[row["call"]][row["index"]]
@@ -424,8 +428,14 @@ def byte_check(rows: list[dict], tolerance: float = BYTE_TOLERANCE) -> list[dict
         emitted = max(row["sass_wgmma_n"], default=0)
         problems = ([] if low <= per_program <= high else [f"the model is outside [{low:.0f}, {high:.0f}] bytes"]) + \
             ([] if model.wgmma == emitted else [f"the model prices wgmma 64x{model.wgmma}, the SASS's is 64x{emitted}"])
+        waves = [math.ceil(model.programs / (cost_model.SMS * per_sm))
+                 for per_sm in (model.per_sm, row["sass_programs_per_sm"])]
+        if waves[1] > waves[0]:
+            problems.append(f"the model holds {model.per_sm} programs per SM, the SASS's registers and shared memory "
+                            f"{row['sass_programs_per_sm']}: {waves[1]} waves, not {waves[0]}")
         verdict = row.get("unchecked") or ("FAILED: " + "; ".join(problems) if problems else "ok")
-        checked.append(dict(row, model_bytes=per_program, model_wgmma_n=model.wgmma, verdict=verdict))
+        checked.append(dict(row, model_bytes=per_program, model_wgmma_n=model.wgmma,
+                            model_programs_per_sm=model.per_sm, verdict=verdict))
     return checked
 
 
@@ -437,14 +447,16 @@ def print_byte_check(checked: list[dict]) -> None:
     print(f"\nL2 -> SM bytes per program: kernels.cost_model against the SASS's global-memory instructions "
           f"(sm_90; tolerance {BYTE_TOLERANCE:.0%})")
     print(f"{'call':22} {'launch':24} {'config':18} {'progs':>6} {'model kB':>9} {'SASS L2 kB':>10} "
-          f"{'SASS all kB':>11} {'wgmma N':>7} {'SASS N':>7}  verdict")
+          f"{'SASS all kB':>11} {'wgmma N':>7} {'SASS N':>7} {'per SM':>6} {'SASS':>4}  verdict")
     for row in checked:
         emitted = ",".join(map(str, row["sass_wgmma_n"])) or "-"
         print(f"{row['call']:22} {row['launch'][:24]:24} {row['config']:18} {row['programs']:6} "
               f"{row['model_bytes'] / 1e3:9.1f} {row['sass_l2_bytes'] / 1e3:10.1f} {row['sass_all_bytes'] / 1e3:11.1f}"
-              f" {row['model_wgmma_n'] or '-':>7} {emitted:>7}  {row['verdict']}")
+              f" {row['model_wgmma_n'] or '-':>7} {emitted:>7} {row['model_programs_per_sm']:6} "
+              f"{row['sass_programs_per_sm']:4}  {row['verdict']}")
     print("SASS L2: cp.async.cg copies and stores, which reach L2 whatever L1 holds; SASS all: every global load, "
-          "copy and store (loads through L1 as if each missed); masked lanes count")
+          "copy and store (loads through L1 as if each missed); masked lanes count; per SM: programs an SM holds, "
+          "the model's and by the binary's registers and shared memory")
 
 
 def print_table(rows: list[Row]) -> None:

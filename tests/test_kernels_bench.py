@@ -107,6 +107,22 @@ def test_the_byte_check_fails_a_model_with_a_wrong_tile(quick_sweep, monkeypatch
 
 
 @pytest.mark.e2e
+def test_the_byte_check_fails_a_model_that_holds_more_programs_per_sm_than_fit(quick_sweep, monkeypatch):
+    # The model holding four weight-gradient programs per SM where the binary's registers leave room for two:
+    # half the waves (9 instead of 18 for 4608 programs). The check must refuse it, and only it.
+    real = cost_model.decoder_launches
+
+    def crowded(*args, **kwargs):
+        return [replace(launch, per_sm=4) if launch.name == "expert_weight_grad" else launch
+                for launch in real(*args, **kwargs)]
+    monkeypatch.setattr(cost_model, "decoder_launches", crowded)
+    failed = byte_check_failed(byte_check(quick_sweep["byte_check"]))
+    assert {(row["call"], row["launch"]) for row in failed} == {("decoder B256 L257", "expert_weight_grad"),
+                                                                ("decoder CLS B768 L1", "expert_weight_grad")}
+    assert all("18 waves, not 9" in row["verdict"] for row in failed)
+
+
+@pytest.mark.e2e
 def test_the_byte_check_fails_a_model_with_a_wgmma_the_sass_does_not_have(quick_sweep, monkeypatch):
     # The model pricing the relation forward's tensor-core time at a wgmma twice as wide as the one emitted.
     real = cost_model.relation_launches
