@@ -86,52 +86,45 @@ def test_static_report_from_the_sm90_sweep(quick_sweep, capsys):
     _check_static(static)
 
 
+def _failed_with(quick_sweep, monkeypatch, op, name, change) -> dict:
+    """The byte check's failed rows, {(call, launch): verdict}, when the cost model's launches named `name` of
+    `op` ("decoder" or "relation") are changed by `change(launch, batch)`."""
+    real = getattr(cost_model, f"{op}_launches")
+
+    def changed(batch, *args, **kwargs):
+        return [change(launch, batch) if launch.name == name else launch for launch in real(batch, *args, **kwargs)]
+    monkeypatch.setattr(cost_model, f"{op}_launches", changed)
+    return {(row["call"], row["launch"]): row["verdict"]
+            for row in byte_check_failed(byte_check(quick_sweep["byte_check"]))}
+
+
 @pytest.mark.e2e
 def test_the_byte_check_fails_a_model_with_a_wrong_tile(quick_sweep, monkeypatch):
     # The model's expert_mix loading its 64 samples' queries again for every column tile of 64, as if it did
     # not hold them: the check against the SASS must refuse it, and only it.
-    real = cost_model.decoder_launches
     queries = 64 * 3 * 192 * cost_model.BF16
 
     def reloading(launch, batch):
         tiles_per_program = (batch // 64) * (192 * 768 // 64) / launch.programs
         return replace(launch, l2_bytes=launch.l2_bytes + (tiles_per_program - 1) * queries * launch.programs)
-
-    def wrong_tile(batch, *args, **kwargs):
-        return [reloading(launch, batch) if launch.name == "expert_mix" else launch
-                for launch in real(batch, *args, **kwargs)]
-    monkeypatch.setattr(cost_model, "decoder_launches", wrong_tile)
-    failed = byte_check_failed(byte_check(quick_sweep["byte_check"]))
-    assert {(row["call"], row["launch"]) for row in failed} == {("decoder B256 L257", "expert_mix"),
-                                                                ("decoder CLS B768 L1", "expert_mix")}
+    failed = _failed_with(quick_sweep, monkeypatch, "decoder", "expert_mix", reloading)
+    assert set(failed) == {("decoder B256 L257", "expert_mix"), ("decoder CLS B768 L1", "expert_mix")}
 
 
 @pytest.mark.e2e
 def test_the_byte_check_fails_a_model_that_holds_more_programs_per_sm_than_fit(quick_sweep, monkeypatch):
     # The model holding four weight-gradient programs per SM where the binary's registers leave room for two:
     # half the waves (9 instead of 18 for 4608 programs). The check must refuse it, and only it.
-    real = cost_model.decoder_launches
-
-    def crowded(*args, **kwargs):
-        return [replace(launch, per_sm=4) if launch.name == "expert_weight_grad" else launch
-                for launch in real(*args, **kwargs)]
-    monkeypatch.setattr(cost_model, "decoder_launches", crowded)
-    failed = byte_check_failed(byte_check(quick_sweep["byte_check"]))
-    assert {(row["call"], row["launch"]) for row in failed} == {("decoder B256 L257", "expert_weight_grad"),
-                                                                ("decoder CLS B768 L1", "expert_weight_grad")}
-    assert all("18 waves, not 9" in row["verdict"] for row in failed)
+    failed = _failed_with(quick_sweep, monkeypatch, "decoder", "expert_weight_grad",
+                          lambda launch, batch: replace(launch, per_sm=4))
+    assert set(failed) == {("decoder B256 L257", "expert_weight_grad"), ("decoder CLS B768 L1", "expert_weight_grad")}
+    assert all("18 waves, not 9" in verdict for verdict in failed.values())
 
 
 @pytest.mark.e2e
 def test_the_byte_check_fails_a_model_with_a_wgmma_the_sass_does_not_have(quick_sweep, monkeypatch):
     # The model pricing the relation forward's tensor-core time at a wgmma twice as wide as the one emitted.
-    real = cost_model.relation_launches
-
-    def wider(*args, **kwargs):
-        return [replace(launch, wgmma=2 * launch.wgmma) if launch.name == "relation_kl_fwd" else launch
-                for launch in real(*args, **kwargs)]
-    monkeypatch.setattr(cost_model, "relation_launches", wider)
-    failed = byte_check_failed(byte_check(quick_sweep["byte_check"]))
-    assert {(row["call"], row["launch"]) for row in failed} == {("relation fp16 targets", "relation_kl_fwd"),
-                                                                ("relation int8 targets", "relation_kl_fwd")}
-    assert all("the SASS's is 64x" in row["verdict"] for row in failed)
+    failed = _failed_with(quick_sweep, monkeypatch, "relation", "relation_kl_fwd",
+                          lambda launch, batch: replace(launch, wgmma=2 * launch.wgmma))
+    assert set(failed) == {("relation fp16 targets", "relation_kl_fwd"), ("relation int8 targets", "relation_kl_fwd")}
+    assert all("the SASS's is 64x" in verdict for verdict in failed.values())
