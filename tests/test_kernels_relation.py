@@ -61,12 +61,18 @@ def _check_against_reference(shape, dtype, fmt, device, seed=0):
         f"{loss_ref.item():.4g}), dY relative error {grad_error:.3g} (bound {GRAD_TOLERANCE[dtype]})")
 
 
-@pytest.mark.cuda
+# On the CPU the kernels run in the interpreter at the small shapes (the end-to-end tier); with CUDA they run
+# compiled (and `--cuda-cases` selects them).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("device", [DEVICE])
 @pytest.mark.parametrize("fmt", TARGET_FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", shapes.RELATION_TEST_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_reference_small(shape, dtype, fmt):
-    _check_against_reference(shape, dtype, fmt, "cuda" if torch.cuda.is_available() else "cpu")
+def test_matches_reference_small(shape, dtype, fmt, device):
+    _check_against_reference(shape, dtype, fmt, device)
 
 
 @pytest.mark.cuda  # recipe shapes
@@ -78,15 +84,15 @@ def test_matches_reference_recipe_shapes(shape, dtype, fmt):
     _check_against_reference(shape, dtype, fmt, "cuda")
 
 
-@pytest.mark.cuda
-def test_near_one_hot_rows_are_resolved_to_float32():
+@pytest.mark.e2e
+@pytest.mark.parametrize("device", [DEVICE])
+def test_near_one_hot_rows_are_resolved_to_float32(device):
     # Each row nearly one-hot on its diagonal (logit ~ sqrt(768) ~ 28): the true KL (~1e-9 per row) is below
     # what float32 resolves next to an lse of ~28, so the loss is checked absolutely, to a few epsilons of
     # the lse; dKL/dS = softmax - p is a difference of two near-one-hot rows whose softmax entries come from
     # exponents S - lse resolved to a few epsilons of the lse, so dY's error is bounded by that times
     # sum_j |Y_j| / (B N sqrt D), twice (G + G^T).
     batch, n, dim = 2, 64, 768
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     y64, probs = near_one_hot_relation_inputs(batch, n, dim, torch.Generator().manual_seed(0))
     loss, loss_ref, grad, grad_ref, mean_lse = _run_both(y64, probs, torch.float32, "float32", device)
     assert loss_ref.item() < 1e-6  # the degenerate case it stands for
