@@ -149,6 +149,11 @@ class KernelConfig:
     def __getitem__(self, name: str) -> int:
         return dict(self.tiles)[name]
 
+    def with_tiles(self, **tiles: int) -> "KernelConfig":
+        """This config with `tiles` set: a tile it has takes the new value in place, a new one comes last."""
+        kept = tuple((name, tiles.pop(name, value)) for name, value in self.tiles)
+        return KernelConfig(kept + tuple(tiles.items()), self.num_warps, self.num_stages)
+
     @property
     def label(self) -> str:
         """E.g. "B64 K64 M64 hold_queries w4 s2": each BLOCK_X tile, the switches that are on (other

@@ -182,9 +182,8 @@ def _pass_launch(name: str, batch: int, dim: int, out_dim: int, grid: tuple, con
     `expert_grad_stats`). After: each program holds its BLOCK_B samples' queries (all patterns; loaded again for
     each tile unless HOLD_QUERIES) and walks its slice of column tiles, per tile loading the W tile once for the
     P dots, the small per-column vectors and what the pass reads or writes per element (W_b written by mix; dW_b
-    and W_b read by grad_stats). Before:
-    one program per (sample block, column tile) of _BEFORE_PASS_TILE, reloading its queries for each tile and
-    the W tile for each pattern."""
+    and W_b read by grad_stats). Before: one program per (sample block, column tile) of _BEFORE_PASS_TILE,
+    reloading its queries for each tile and the W tile for each pattern."""
     patterns, features = DecoderSpec.num_patterns, dim * out_dim
     if before:
         bb, bm, warps = _BEFORE_PASS_TILE["BLOCK_B"], _BEFORE_PASS_TILE["BLOCK_M"], _BEFORE_PASS_TILE["warps"]

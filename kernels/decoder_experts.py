@@ -107,8 +107,7 @@ def _recipe_config(kernel: str, dim: int, kind: str) -> KernelConfig:
         return default
     if kernel in FLAT_KERNELS:
         return _WIDE_FLAT
-    return KernelConfig(tuple((name, 0 if name == "HOLD_QUERIES" else value) for name, value in default.tiles),
-                        default.num_warps, default.num_stages)
+    return default.with_tiles(HOLD_QUERIES=0)
 
 
 PINNED_CONFIGS = {(kernel, dim, dim * out_dim, kind): _recipe_config(kernel, dim, kind)
@@ -171,6 +170,14 @@ def _columns(ptr, offs_m, M, EVEN_M: tl.constexpr):
 def _row_value(ptr, offs_b, row_ok):
     """One fp32 value per sample of a per-sample buffer (0 past B)."""
     return tl.load(ptr + offs_b, mask=row_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _slice(span, stop):
+    """[start, end) of this program's slice of the columns (or column tiles): the one of width `span` at
+    program_id(1), cut at `stop`."""
+    start = tl.program_id(1) * span
+    return start, tl.minimum(start + span, stop)
 
 
 @triton.jit
@@ -240,7 +247,8 @@ def _expert_stats_kernel(q_ptr, w_ptr, bias_ptr, tile_mean_ptr, tile_m2_ptr, B, 
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = offs_b < B
     held = _held_queries(q_ptr, offs_b, row_ok, P, D, BLOCK_K, K_TILES, HOLD_QUERIES)
-    for tile in range(tl.program_id(1) * span, tl.minimum(tl.program_id(1) * span + span, n_tiles)):
+    first, end = _slice(span, n_tiles)
+    for tile in range(first, end):
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         col_ok = (offs_m < M)[None, :]
         count = BLOCK_M if EVEN_M else tl.minimum(M - tile * BLOCK_M, BLOCK_M).to(tl.float32)
@@ -331,7 +339,8 @@ def _expert_mix_kernel(q_ptr, w_ptr, bias_ptr, alpha_ptr, offset_ptr, c_sum_ptr,
         alphas = alphas + (_row_value(alpha_ptr, offs_b * P + e, row_ok),)
     offset = _row_value(offset_ptr, offs_b, row_ok)
     c_sum = _row_value(c_sum_ptr, offs_b, row_ok)
-    for tile in range(tl.program_id(1) * span, tl.minimum(tl.program_id(1) * span + span, n_tiles)):
+    first, end = _slice(span, n_tiles)
+    for tile in range(first, end):
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         u = _preactivations(held, q_ptr, w_ptr, _columns(bias_ptr, offs_m, M, EVEN_M), offs_b, offs_m, B, M, P, D,
                             BLOCK_B, BLOCK_M, BLOCK_K, K_TILES, HOLD_QUERIES, EVEN_M, DOT_PRECISION, INTERPRETED)
@@ -379,7 +388,8 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_
     row_ok = offs_b < B
     loss_coef = _loss_coefficient(grad_loss_ptr, loss_scale)
     held = _held_queries(q_ptr, offs_b, row_ok, P, D, BLOCK_K, K_TILES, HOLD_QUERIES)
-    for tile in range(tl.program_id(1) * span, tl.minimum(tl.program_id(1) * span + span, n_tiles)):
+    first, end = _slice(span, n_tiles)
+    for tile in range(first, end):
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, offs_b, offs_m, B, M, EVEN_M)
         d_gamma_scaled = d_mixed * _columns(gamma_ptr, offs_m, M, EVEN_M)[None, :]  # zero past M and past B
@@ -535,7 +545,8 @@ def _expert_query_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed
     dq = ()
     for k in tl.static_range(K_TILES):
         dq = dq + (tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32),)
-    for m0 in range(split * span, tl.minimum(split * span + span, M), BLOCK_M):
+    first, end = _slice(span, M)
+    for m0 in range(first, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         col_ok = offs_m < M
         w_tiles = _k_tiles(w_ptr, offs_m, col_ok, D, BLOCK_K, K_TILES)  # 0 past M: those columns add nothing
@@ -702,8 +713,7 @@ def pick_config(kernel: str, dim: int, features: int, kind: str) -> KernelConfig
     D = dim, M = features and dots on `kind` (`kernels._common.dot_operands`); the per-sample GEMM passes get
     BLOCK_M = _BLOCK_M."""
     config = PINNED_CONFIGS.get((kernel, dim, features, kind), DEFAULT_CONFIGS[kernel][kind])
-    return config if kernel in FLAT_KERNELS else KernelConfig(config.tiles + (("BLOCK_M", _BLOCK_M),),
-                                                              config.num_warps, config.num_stages)
+    return config if kernel in FLAT_KERNELS else config.with_tiles(BLOCK_M=_BLOCK_M)
 
 
 def even_columns(columns: int, config: KernelConfig) -> bool:

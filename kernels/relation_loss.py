@@ -294,8 +294,7 @@ def launch_plan(batch: int, n: int, dim: int, dtype: torch.dtype, target_dtype: 
     for pairs, block_j, ragged in zip(tile_pairs(n, block, tail), (block, tail), (False, True)):
         if pairs:
             backward.append((PlannedLaunch(
-                _relation_kl_bwd_kernel, (len(pairs), batch), KernelConfig(bwd.tiles + (("BLOCK_J", block_j),),
-                                                                          bwd.num_warps, bwd.num_stages),
+                _relation_kl_bwd_kernel, (len(pairs), batch), bwd.with_tiles(BLOCK_J=block_j),
                 operands | dict(pairs_ptr=torch.int32, grad_ptr=f32, out_ptr=dtype), constants | dict(MASK_J=ragged),
                 part="tail tiles" if ragged else "full tiles"), tuple(pairs)))
     return dict(forward=forward, backward=backward)

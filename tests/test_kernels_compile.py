@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kernels import decoder_experts, relation_loss
-from kernels._common import KernelConfig, PlannedLaunch
+from kernels._common import PlannedLaunch
 from kernels.sweep import all_launches, operand_kind
 
 COMPILED = dict(os.environ, TRITON_INTERPRET="0")
@@ -75,18 +75,16 @@ def test_configs_are_pinned_and_shared_by_every_call():
         decoder_experts.DEFAULT_CONFIGS["weight_grad"]["fp32"]
     # Every config either table holds (pinned or default) is one the full sweep compiles, for that kernel
     # and operand kind.
-    swept = {(launch.kernel_name, operand_kind(launch),
-              tuple(sorted((k, v) for k, v in launch.args.items() if k.startswith(("BLOCK_", "HOLD_")))),
-              launch.num_warps, launch.num_stages) for launch in all_launches(quick=False)}
+    swept = {(launch.kernel_name, operand_kind(launch), launch.config) for launch in all_launches(quick=False)}
 
     def assert_swept(kernel_name, kind, config):
-        key = (kernel_name, kind, tuple(sorted(config.tiles)), config.num_warps, config.num_stages)
+        key = (kernel_name, kind, config.label)
         assert key in swept, key
 
     def relation_tiles(kernel, config):  # backward's tiles are square: its launches add BLOCK_J = BLOCK_I
         if kernel == "fwd":
             return config
-        return KernelConfig(config.tiles + (("BLOCK_J", config["BLOCK_I"]),), config.num_warps, config.num_stages)
+        return config.with_tiles(BLOCK_J=config["BLOCK_I"])
 
     for (kernel, n, dim, kind), config in relation_loss.PINNED_CONFIGS.items():
         assert_swept(f"relation_kl_{kernel}", kind, relation_tiles(kernel, config))
