@@ -194,7 +194,9 @@ def _pass_launch(name: str, batch: int, dim: int, out_dim: int, grid: tuple, con
         row_blocks, tiles = grid[0], triton.cdiv(features, bm)
         programs, tiles_per_program, w_loads = math.prod(grid), tiles / grid[1], 1
     query_loads = 1 if before or config["HOLD_QUERIES"] else tiles_per_program
-    tile_io = {"expert_stats": 0, "expert_mix": bb * bm * BF16, "expert_grad_stats": 2 * bb * bm * BF16}[name]
+    # Per element: W_b written by mix; dL/dW_b and W_b read by grad_stats, and after, dW written by it for the du
+    # passes.
+    tile_io = {"expert_stats": 0, "expert_mix": 1, "expert_grad_stats": 2 if before else 3}[name] * bb * bm * BF16
     per_program = (bb * patterns * dim * BF16 * query_loads
                    + tiles_per_program * (bm * dim * BF16 * w_loads + tile_io + 3 * bm * F32))
     hbm = features * dim * BF16 + batch * patterns * dim * BF16 + tile_io // (bb * bm) * batch * features
@@ -209,25 +211,25 @@ _BEFORE_PASS_TILE = dict(BLOCK_B=64, BLOCK_M=128, warps=8)
 def _flat_launch(planned, batch: int, dim: int, out_dim: int) -> Launch:
     """A flat backward pass (`expert_weight_grad` or `expert_query_grad`): per program, the operand it holds
     (BLOCK_M weight rows, or BLOCK_R query rows) once, then per step of its loop (every block of query rows,
-    or its slice's column tiles) the other operand's tile, dW at the rows' samples and W_b (both bf16) and the
-    small per-row or per-column vectors; it writes its gradient (dW_expert rows float32 and three column sums,
+    or its slice's column tiles) the other operand's tile, dW at the rows' samples (bf16, as grad_stats stored it)
+    and the small per-row or per-column vectors; it writes its gradient (dW_expert rows float32 and three column sums,
     or its float32 dq slice). Two GEMMs (u, then dW or dq) per step."""
     name, c = planned.kernel_name, planned.config
     patterns, features = DecoderSpec.num_patterns, dim * out_dim
     rows = batch * patterns
     programs = math.prod(planned.grid)
     br, bm = c["BLOCK_R"], c["BLOCK_M"]
-    d_mixed = 2 * br * bm * BF16  # dL/dW_b and W_b
+    d_mixed = br * bm * BF16
     if name == "expert_weight_grad":
         steps = triton.cdiv(rows, br)
         per_program = (bm * dim * BF16 + 2 * bm * F32 + steps * (br * dim * BF16 + d_mixed + 6 * br * F32)
                        + bm * dim * F32 + 3 * bm * F32)
-        hbm = features * dim * (BF16 + F32) + rows * dim * BF16 + 2 * batch * features * BF16
+        hbm = features * dim * (BF16 + F32) + rows * dim * BF16 + batch * features * BF16
     else:
         slices = planned.grid[1]
         steps = triton.cdiv(features, bm) / slices
         per_program = br * dim * BF16 + 4 * br * F32 + steps * (bm * dim * BF16 + d_mixed + 2 * bm * F32) + br * dim * F32
-        hbm = features * dim * BF16 + rows * dim * BF16 + 2 * batch * features * BF16 + slices * rows * dim * F32
+        hbm = features * dim * BF16 + rows * dim * BF16 + batch * features * BF16 + slices * rows * dim * F32
     executed = 2 * 2.0 * programs * steps * br * bm * dim
     return Launch("decoder", name, programs, resident_programs(c.num_warps), per_program * programs, hbm, executed,
                   wgmma_n(br, bm, c.num_warps))

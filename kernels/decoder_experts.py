@@ -25,11 +25,13 @@ Backward, with dW = dL/dW_b + 2 weight / B * dloss * W_b:
     dgamma = sum_b dW sum_e c_e xhat_e,  dbeta = sum_b dW sum_e c_e      (weight_grad: columns x all rows)
     dq = du W                                                            (query_grad: rows x a column slice)
 grad_stats cannot be folded into the others: every du_e needs A_e, a sum over all M columns of a product
-with dW, which exists only in backward. du is never written: the two passes that need it make it in
-registers, tile by tile, and consume it in a second dot. The weight-gradient pass owns column tiles and
-walks every block of (b, e) rows, so dW_expert rows and the column sums come out whole; the query-gradient
-pass owns blocks of rows and a slice of the columns (`query_grad_slices`: the [B*P, D] output alone would
-give too few programs to fill the GPU), and its float32 slices are summed after.
+with dW, which exists only in backward. grad_stats also stores dW [B, M] in the compute dtype, so that the
+two du passes read one array instead of dL/dW_b and W_b (its own sums use dW before that rounding). du is
+never written: the two passes that need it make it in registers, tile by tile, and consume it in a second
+dot. The weight-gradient pass owns column tiles and walks every block of (b, e) rows, so dW_expert rows and
+the column sums come out whole; the query-gradient pass owns blocks of rows and a slice of the columns
+(`query_grad_slices`: the [B*P, D] output alone would give too few programs to fill the GPU), and its
+float32 slices are summed after.
 
 GELU is the exact (erf) one, evaluated once per element per pass, GELU and GELU' from one evaluation of
 the normal tail (see `_normal_tail`).
@@ -38,8 +40,9 @@ The output stage is a batched cuBLAS GEMM z = h @ W_b and a fused GELU + LayerNo
 recomputes z (one GEMM) rather than keeping [B, L, D_o] alive, and overwrites it with dz in place.
 
 Memory kept from forward to backward: W_b [B, D*D_o], the compute-dtype expert weight when the parameter
-is float32, and [B, P] statistics, beyond the inputs. Backward adds dq's slices ([slices, B*P, D] float32)
-and [B, P] constants; one call launches 19 kernels, library GEMMs and small ops in all, whatever B.
+is float32, and [B, P] statistics, beyond the inputs. Backward adds dW ([B, M], compute dtype), dq's slices
+([slices, B*P, D] float32) and [B, P] constants; one call launches 19 kernels, library GEMMs and small ops in
+all, whatever B.
 """
 from __future__ import annotations
 
@@ -78,31 +81,30 @@ _BLOCK_M = 64
 _BF16_PASS = KernelConfig.of(4, 1, BLOCK_B=64, BLOCK_K=64, HOLD_QUERIES=1)
 _BF16_WEIGHT_GRAD = KernelConfig.of(4, 2, BLOCK_R=64, BLOCK_M=32, BLOCK_K=64)
 _BF16_QUERY_GRAD = KernelConfig.of(4, 2, BLOCK_R=64, BLOCK_M=64, BLOCK_K=64)
-_FP32_FLAT = KernelConfig.of(4, 1, BLOCK_R=32, BLOCK_M=64, BLOCK_K=32)
 DEFAULT_CONFIGS = {
     "stats": {"bf16": _BF16_PASS, "fp16": _BF16_PASS,
               "fp32": KernelConfig.of(8, 3, BLOCK_B=32, BLOCK_K=32, HOLD_QUERIES=1)},
     "weight_grad": {"bf16": _BF16_WEIGHT_GRAD, "fp16": _BF16_WEIGHT_GRAD,
-                    "fp32": _FP32_FLAT},
+                    "fp32": KernelConfig.of(4, 1, BLOCK_R=16, BLOCK_M=16, BLOCK_K=32)},
     "query_grad": {"bf16": _BF16_QUERY_GRAD, "fp16": _BF16_QUERY_GRAD,
-                   "fp32": _FP32_FLAT}}
+                   "fp32": KernelConfig.of(4, 1, BLOCK_R=32, BLOCK_M=64, BLOCK_K=32)}}
 DEFAULT_CONFIGS["mix"] = DEFAULT_CONFIGS["grad_stats"] = DEFAULT_CONFIGS["stats"]  # same GEMM, similar epilogues
 FLAT_KERNELS = ("weight_grad", "query_grad")  # their tiles are all in the config (no fixed _BLOCK_M)
 # The recipes' (D, D_o): ViT-Ti, ViT-B and the Swin students (192) or ViT-S (384), PATH-B (768) or
 # PATH-L / SOLIDER-B (1024) teachers. Every recipe shape has its operand kind's default, but at D = 384 (the
 # passes load their queries at each K step; the flat backward passes' tensor-core tiles take two warpgroups and
-# 32 columns), and for the flat passes in IEEE fp32 (which only the GPU tests run at these shapes): they keep
-# narrow tiles, where the default's wider ones, chosen for the tests' small shapes and the interpreter's time,
-# spill.
-_RECIPE_FLAT = {("weight_grad", "fp32"): KernelConfig.of(4, 1, BLOCK_R=16, BLOCK_M=16, BLOCK_K=32),
-                ("query_grad", "fp32"): KernelConfig.of(4, 1, BLOCK_R=32, BLOCK_M=32, BLOCK_K=16)}
+# 32 columns), and for the query-gradient pass in IEEE fp32 (which only the GPU tests run at these shapes): it
+# keeps narrow tiles, where the default's wider ones, chosen for the tests' small shapes and the interpreter's
+# time, spill. (The weight-gradient pass in IEEE fp32 has narrow tiles at every shape: wider ones spill under
+# Triton 3.6 at some of the tests' shapes too.)
+_RECIPE_FP32_QUERY_GRAD = KernelConfig.of(4, 1, BLOCK_R=32, BLOCK_M=32, BLOCK_K=16)
 _WIDE_FLAT = KernelConfig.of(8, 2, BLOCK_R=64, BLOCK_M=32, BLOCK_K=64)
 
 
 def _recipe_config(kernel: str, dim: int, kind: str) -> KernelConfig:
     default = DEFAULT_CONFIGS[kernel][kind]
     if kernel in FLAT_KERNELS and kind == "fp32":
-        return _RECIPE_FLAT[kernel, kind]
+        return _RECIPE_FP32_QUERY_GRAD if kernel == "query_grad" else default
     if dim != 384:
         return default
     if kernel in FLAT_KERNELS:
@@ -367,23 +369,29 @@ def _loss_coefficient(grad_loss_ptr, loss_scale):
 
 
 @triton.jit
-def _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, offs_b, offs_m, B, M, EVEN_M: tl.constexpr):
-    """dW = dL/dW_b + (2 weight / B) dloss W_b for a tile of W_b [B, M] (zero outside rows < B, columns < M)."""
+def _mixed_offsets(offs_b, offs_m, B, M, EVEN_M: tl.constexpr):
+    """(offsets, mask) of a tile of a [B, M] array at rows offs_b (samples, repeats allowed), columns offs_m."""
     ok = (offs_b < B)[:, None] if EVEN_M else (offs_b < B)[:, None] & (offs_m < M)[None, :]
-    at = offs_b[:, None] * M + offs_m[None, :]
-    grad = tl.load(grad_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    mixed = tl.load(mixed_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    return grad + loss_coef * mixed
+    return offs_b[:, None] * M + offs_m[None, :], ok
+
+
+@triton.jit
+def _load_mixed_grad(d_mixed_ptr, offs_b, offs_m, B, M, EVEN_M: tl.constexpr):
+    """The tile of dW (as grad_stats stored it) at rows offs_b, columns offs_m, fp32 (zero outside B and M)."""
+    at, ok = _mixed_offsets(offs_b, offs_m, B, M, EVEN_M)
+    return tl.load(d_mixed_ptr + at, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_ptr, mixed_ptr, grad_loss_ptr,
-                              partial_ptr, B, M, n_tiles, span, loss_scale,
+                              d_mixed_ptr, partial_ptr, B, M, n_tiles, span, loss_scale,
                               P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, HOLD_QUERIES: tl.constexpr,
                               EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Per (b, column tile): sum dW gamma g_e (slots 0..P-1), sum dW gamma (P), sum dW beta (P+1). The caller
-    forms A_e = sum dW gamma xhat_e = r_e (slot e - mu_e slot P)."""
+    """Per (b, column tile): dW = dL/dW_b + (2 weight / B) dloss W_b, stored in the compute dtype for the du
+    passes, and the sums sum dW gamma g_e (slots 0..P-1), sum dW gamma (P), sum dW beta (P+1) in fp32 (before
+    the rounding: A_e is a difference of two sums, which the rounding's error would dominate). The caller forms
+    A_e = sum dW gamma xhat_e = r_e (slot e - mu_e slot P)."""
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = offs_b < B
     loss_coef = _loss_coefficient(grad_loss_ptr, loss_scale)
@@ -391,7 +399,10 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_
     first, end = _slice(span, n_tiles)
     for tile in range(first, end):
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, offs_b, offs_m, B, M, EVEN_M)
+        at, ok = _mixed_offsets(offs_b, offs_m, B, M, EVEN_M)
+        d_mixed = (tl.load(grad_ptr + at, mask=ok, other=0.0).to(tl.float32)
+                   + loss_coef * tl.load(mixed_ptr + at, mask=ok, other=0.0).to(tl.float32))
+        tl.store(d_mixed_ptr + at, d_mixed.to(d_mixed_ptr.dtype.element_ty), mask=ok)
         d_gamma_scaled = d_mixed * _columns(gamma_ptr, offs_m, M, EVEN_M)[None, :]  # zero past M and past B
         slot = offs_b * (P + 2) * n_tiles + tile
         tl.store(partial_ptr + slot + P * n_tiles, tl.sum(d_gamma_scaled, axis=1), mask=row_ok)
@@ -469,9 +480,9 @@ def _pre_norm_grad(u, d_mixed, gamma, row_shift, alpha, du_const, du_slope, INTE
 
 
 @triton.jit
-def _expert_weight_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed_ptr, grad_loss_ptr, scores_ptr,
-                               mean_ptr, row_shift_ptr, alpha_ptr, du_const_ptr, du_slope_ptr, d_weight_ptr,
-                               d_gamma_ptr, d_beta_ptr, d_bias_ptr, B, M, loss_scale, mix_divisor,
+def _expert_weight_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, d_mixed_ptr, scores_ptr, mean_ptr, row_shift_ptr,
+                               alpha_ptr, du_const_ptr, du_slope_ptr, d_weight_ptr, d_gamma_ptr, d_beta_ptr,
+                               d_bias_ptr, B, M, mix_divisor,
                                P: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, EVEN_M: tl.constexpr,
                                DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
@@ -482,7 +493,6 @@ def _expert_weight_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixe
     leaves the registers."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_ok = offs_m < M
-    loss_coef = _loss_coefficient(grad_loss_ptr, loss_scale)
     bias = _columns(bias_ptr, offs_m, M, EVEN_M)
     gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)
     w_tiles = _k_tiles(w_ptr, offs_m, col_ok, D, BLOCK_K, K_TILES)
@@ -498,7 +508,7 @@ def _expert_weight_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixe
         samples = rows // P
         q_tiles = _k_tiles(q_ptr, rows, row_ok, D, BLOCK_K, K_TILES)
         u = _flat_preactivations(q_tiles, w_tiles, bias, BLOCK_R, BLOCK_M, K_TILES, DOT_PRECISION, INTERPRETED)
-        d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, samples, offs_m, B, M, EVEN_M)
+        d_mixed = _load_mixed_grad(d_mixed_ptr, samples, offs_m, B, M, EVEN_M)
         alpha = _row_value(alpha_ptr, rows, row_ok)  # 0 past the rows, as are du and every sum below
         g, du = _pre_norm_grad(u, d_mixed, gamma, _row_value(row_shift_ptr, samples, row_ok), alpha,
                                _row_value(du_const_ptr, rows, row_ok), _row_value(du_slope_ptr, rows, row_ok),
@@ -523,8 +533,8 @@ def _expert_weight_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixe
 
 
 @triton.jit
-def _expert_query_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed_ptr, grad_loss_ptr, row_shift_ptr,
-                              alpha_ptr, du_const_ptr, du_slope_ptr, dq_partial_ptr, B, M, span, loss_scale,
+def _expert_query_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, d_mixed_ptr, row_shift_ptr, alpha_ptr,
+                              du_const_ptr, du_slope_ptr, dq_partial_ptr, B, M, span,
                               P: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, EVEN_M: tl.constexpr,
                               DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
@@ -536,7 +546,6 @@ def _expert_query_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed
     split = tl.program_id(1)
     row_ok = rows < B * P
     samples = rows // P
-    loss_coef = _loss_coefficient(grad_loss_ptr, loss_scale)
     q_tiles = _k_tiles(q_ptr, rows, row_ok, D, BLOCK_K, K_TILES)
     row_shift = _row_value(row_shift_ptr, samples, row_ok)
     alpha = _row_value(alpha_ptr, rows, row_ok)  # 0 past the rows, as is du
@@ -552,7 +561,7 @@ def _expert_query_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, grad_ptr, mixed
         w_tiles = _k_tiles(w_ptr, offs_m, col_ok, D, BLOCK_K, K_TILES)  # 0 past M: those columns add nothing
         u = _flat_preactivations(q_tiles, w_tiles, _columns(bias_ptr, offs_m, M, EVEN_M), BLOCK_R, BLOCK_M,
                                  K_TILES, DOT_PRECISION, INTERPRETED)
-        d_mixed = _load_mixed_grad(grad_ptr, mixed_ptr, loss_coef, samples, offs_m, B, M, EVEN_M)
+        d_mixed = _load_mixed_grad(d_mixed_ptr, samples, offs_m, B, M, EVEN_M)
         _, du = _pre_norm_grad(u, d_mixed, _columns(gamma_ptr, offs_m, M, EVEN_M), row_shift, alpha, du_const,
                                du_slope, INTERPRETED)
         du = du.to(q_ptr.dtype.element_ty)
@@ -810,7 +819,7 @@ def expert_plan(batch: int, patterns: int, dim: int, out_dim: int, dtype: torch.
     def flat(kernel, name, grid, tensors, scalars, part):
         config = pick_config(name, dim, features, kind)
         return PlannedLaunch(kernel, grid(config), config, operands | tensors | du_inputs,
-                             constants | dict(K_TILES=triton.cdiv(dim, config["BLOCK_K"]), loss_scale=loss_scale,
+                             constants | dict(K_TILES=triton.cdiv(dim, config["BLOCK_K"]),
                                               EVEN_M=even_columns(features, config)) | scalars, part=part)
 
     forward = [held(_expert_stats_kernel, "stats", dict(tile_mean_ptr=_F32, tile_m2_ptr=_F32)),
@@ -822,12 +831,12 @@ def expert_plan(batch: int, patterns: int, dim: int, out_dim: int, dtype: torch.
                      dict(loss_scale=loss_weight / batch))]
     loss_scale = 2.0 * loss_weight / batch  # of dW's experts-loss term, per unit of dloss
     row_constants = dict(row_shift_ptr=_F32, alpha_ptr=_F32, du_const_ptr=_F32, du_slope_ptr=_F32)
-    du_inputs = dict(gamma_ptr=_F32, grad_ptr=dtype, mixed_ptr=dtype, grad_loss_ptr=_F32) | row_constants
+    du_inputs = dict(gamma_ptr=_F32, d_mixed_ptr=dtype) | row_constants
     rows = batch * patterns
     slices, span = query_grad_slices(rows, features, pick_config("query_grad", dim, features, kind), sm_count)
     backward = [held(_expert_grad_stats_kernel, "grad_stats",
                       dict(gamma_ptr=_F32, beta_ptr=_F32, grad_ptr=dtype, mixed_ptr=dtype, grad_loss_ptr=_F32,
-                           partial_ptr=_F32), dict(loss_scale=loss_scale)),
+                           d_mixed_ptr=dtype, partial_ptr=_F32), dict(loss_scale=loss_scale)),
                 per_sample(_expert_grad_constants_kernel,
                            dict(partial_ptr=_F32, mean_ptr=_F32, rstd_ptr=_F32, grad_scores_ptr=scores_dtype)
                            | row_constants, {}),
@@ -922,9 +931,10 @@ def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queri
         multiprocessors(queries.device))["backward"]
 
     partial = torch.empty(batch, patterns + 2, n_tiles, **f32)
+    d_mixed = torch.empty_like(mixed)  # dW in the compute dtype: the du passes read it instead of two arrays
     grad_stats_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, gamma_ptr=norm_weight,
                       beta_ptr=norm_bias, grad_ptr=grad_mixed, mixed_ptr=mixed, grad_loss_ptr=grad_loss,
-                      partial_ptr=partial)
+                      d_mixed_ptr=d_mixed, partial_ptr=partial)
     grad_scores = torch.empty_like(scores)
     row_constants = dict(row_shift_ptr=torch.empty(batch, **f32), alpha_ptr=torch.empty(batch, patterns, **f32),
                          du_const_ptr=torch.empty(batch, patterns, **f32),
@@ -932,8 +942,8 @@ def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queri
     constants_launch(partial_ptr=partial, scores_ptr=scores, mean_ptr=mean, rstd_ptr=rstd,
                      grad_scores_ptr=grad_scores, **row_constants)
 
-    du_inputs = dict(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, gamma_ptr=norm_weight, grad_ptr=grad_mixed,
-                     mixed_ptr=mixed, grad_loss_ptr=grad_loss, **row_constants)
+    du_inputs = dict(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, gamma_ptr=norm_weight, d_mixed_ptr=d_mixed,
+                     **row_constants)
     d_gamma, d_beta, d_bias = (torch.empty(features, **f32) for _ in range(3))
     grad_weight = torch.empty(features, dim, device=queries.device, dtype=weight_dtype)
     weight_grad_launch(**du_inputs, scores_ptr=scores, mean_ptr=mean, d_weight_ptr=grad_weight, d_gamma_ptr=d_gamma,
