@@ -170,10 +170,12 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
     if before:  # the weight cast, then each chunk's dW copied out as float32
         chunks = triton.cdiv(features, _chunk_columns(batch, patterns, features))
         plan.append(small_ops(op, 2 + 4 + chunks, 2 * (F32 + BF16) * features * dim))
-    else:  # the weight cast; summing dq's slices in float32 and casting dq
-        slices = expert["backward"][-1].grid[1]
+    else:  # the weight cast; summing dq's slices in float32 and casting dq; summing the per-column partials
+        row_blocks, slices = expert["backward"][-1].grid
+        sample_blocks = expert["backward"][0].grid[0]
         plan.append(small_ops(op, DECODER_SMALL_OPS, (F32 + BF16) * features * dim
-                              + (slices + 1) * rows * dim * F32 + rows * dim * (F32 + BF16)))
+                              + (slices + 1) * rows * dim * F32 + rows * dim * (F32 + BF16)
+                              + (2 * sample_blocks + row_blocks + 3) * features * F32))
     return plan
 
 
@@ -182,8 +184,9 @@ def _pass_launch(name: str, batch: int, dim: int, out_dim: int, grid: tuple, con
     `expert_grad_stats`). After: each program holds its BLOCK_B samples' queries (all patterns; loaded again for
     each tile unless HOLD_QUERIES) and walks its slice of column tiles, per tile loading the W tile once for the
     P dots, the small per-column vectors and what the pass reads or writes per element (W_b written by mix; dW_b
-    and W_b read by grad_stats). Before: one program per (sample block, column tile) of _BEFORE_PASS_TILE,
-    reloading its queries for each tile and the W tile for each pattern."""
+    and W_b read by grad_stats; after, also sum_e c_e xhat_e written by mix and read by grad_stats, dW gamma
+    written by grad_stats, and its two per-column partials per tile). Before: one program per (sample block,
+    column tile) of _BEFORE_PASS_TILE, reloading its queries for each tile and the W tile for each pattern."""
     patterns, features = DecoderSpec.num_patterns, dim * out_dim
     if before:
         bb, bm, warps = _BEFORE_PASS_TILE["BLOCK_B"], _BEFORE_PASS_TILE["BLOCK_M"], _BEFORE_PASS_TILE["warps"]
@@ -194,12 +197,13 @@ def _pass_launch(name: str, batch: int, dim: int, out_dim: int, grid: tuple, con
         row_blocks, tiles = grid[0], triton.cdiv(features, bm)
         programs, tiles_per_program, w_loads = math.prod(grid), tiles / grid[1], 1
     query_loads = 1 if before or config["HOLD_QUERIES"] else tiles_per_program
-    # Per element: W_b written by mix; dL/dW_b and W_b read by grad_stats, and after, dW written by it for the du
-    # passes.
-    tile_io = {"expert_stats": 0, "expert_mix": 1, "expert_grad_stats": 2 if before else 3}[name] * bb * bm * BF16
+    per_element = {"expert_stats": 0, "expert_mix": 1 if before else 2, "expert_grad_stats": 2 if before else 4}
+    tile_io = per_element[name] * bb * bm * BF16
+    column_partials = 2 * bm * F32 if name == "expert_grad_stats" and not before else 0
     per_program = (bb * patterns * dim * BF16 * query_loads
-                   + tiles_per_program * (bm * dim * BF16 * w_loads + tile_io + 3 * bm * F32))
+                   + tiles_per_program * (bm * dim * BF16 * w_loads + tile_io + 3 * bm * F32 + column_partials))
     hbm = features * dim * BF16 + batch * patterns * dim * BF16 + tile_io // (bb * bm) * batch * features
+    hbm += row_blocks * features * column_partials // bm
     return Launch("decoder", name, programs, resident_programs(warps), per_program * programs, hbm,
                   2.0 * row_blocks * bb * patterns * tiles * bm * dim, wgmma_n(bb, bm, warps))
 
@@ -211,9 +215,10 @@ _BEFORE_PASS_TILE = dict(BLOCK_B=64, BLOCK_M=128, warps=8)
 def _flat_launch(planned, batch: int, dim: int, out_dim: int) -> Launch:
     """A flat backward pass (`expert_weight_grad` or `expert_query_grad`): per program, the operand it holds
     (BLOCK_M weight rows, or BLOCK_R query rows) once, then per step of its loop (every block of query rows,
-    or its slice's column tiles) the other operand's tile, dW at the rows' samples (bf16, as grad_stats stored it)
-    and the small per-row or per-column vectors; it writes its gradient (dW_expert rows float32 and three column sums,
-    or its float32 dq slice). Two GEMMs (u, then dW or dq) per step."""
+    or its slice's column tiles) the other operand's tile, dW gamma at the rows' samples (bf16, as grad_stats
+    stored it) and the small per-row or per-column vectors (the query-gradient pass also stores its rows' bias
+    partial per column tile); it writes its gradient (dW_expert rows float32, or its float32 dq slice). Two GEMMs
+    (u, then dW or dq) per step."""
     name, c = planned.kernel_name, planned.config
     patterns, features = DecoderSpec.num_patterns, dim * out_dim
     rows = batch * patterns
@@ -222,14 +227,14 @@ def _flat_launch(planned, batch: int, dim: int, out_dim: int) -> Launch:
     d_mixed = br * bm * BF16
     if name == "expert_weight_grad":
         steps = triton.cdiv(rows, br)
-        per_program = (bm * dim * BF16 + 2 * bm * F32 + steps * (br * dim * BF16 + d_mixed + 6 * br * F32)
-                       + bm * dim * F32 + 3 * bm * F32)
+        per_program = bm * dim * BF16 + bm * F32 + steps * (br * dim * BF16 + d_mixed + 4 * br * F32) + bm * dim * F32
         hbm = features * dim * (BF16 + F32) + rows * dim * BF16 + batch * features * BF16
     else:
         slices = planned.grid[1]
         steps = triton.cdiv(features, bm) / slices
         per_program = br * dim * BF16 + 4 * br * F32 + steps * (bm * dim * BF16 + d_mixed + 2 * bm * F32) + br * dim * F32
-        hbm = features * dim * BF16 + rows * dim * BF16 + batch * features * BF16 + slices * rows * dim * F32
+        hbm = (features * dim * BF16 + rows * dim * BF16 + batch * features * BF16 + slices * rows * dim * F32
+               + planned.grid[0] * features * F32)
     executed = 2 * 2.0 * programs * steps * br * bm * dim
     return Launch("decoder", name, programs, resident_programs(c.num_warps), per_program * programs, hbm, executed,
                   wgmma_n(br, bm, c.num_warps))
@@ -269,9 +274,10 @@ def _chunked_du_launches(batch: int, dim: int, out_dim: int) -> list[Launch]:
 
 
 # The small torch ops of one decoder call besides the kernels and GEMMs above, as an op trace of the call
-# lists them: forward 2 (casting the float32 expert weight, summing the loss partials), backward 4 (the output
-# stage's two partial sums, summing dq's slices in float32, casting dq).
-DECODER_SMALL_OPS = 6
+# lists them: forward 2 (casting the float32 expert weight, summing the loss partials), backward 5 (summing the
+# partials of the output LayerNorm's parameter gradients, of LN_E's and of the expert bias's, summing dq's
+# slices in float32, casting dq).
+DECODER_SMALL_OPS = 7
 # The per-sample kernels (4 warps, a few registers) fit many to an SM.
 PER_SAMPLE_PROGRAMS_PER_SM = 16
 

@@ -9,29 +9,31 @@ reciprocal std r_e of g over all M values, xhat = (g - mu_e) r_e):
 
 Forward: two passes of one GEMM-shaped kernel over tiles (samples x M), each recomputing u from q and W
 in registers (each program holds its samples' queries and walks a slice of the column tiles, so that the
-queries are read once per program and W once per block of samples): pass 1 writes per-tile variance partials (mean, M2), pass 2 writes W_b [B, M] and per-tile
-sums of W_b^2. Between them a per-sample kernel merges the partials (Chan's formula, float64) into (mu, r)
-and forms pass 2's per-sample constants (alpha_e = c_e r_e, sum_e alpha_e mu_e, sum_e c_e), so the passes'
-per-element work is the dot's epilogue, one GELU and a few FMAs, and no torch op runs between them.
-Nothing of size [B, P, M] is written, and none is saved: backward keeps q, s, the parameters (the expert
-weight in the compute dtype, cast once in forward), (mu, r) [B, P] and W_b.
+queries are read once per program and W once per block of samples): pass 1 writes per-tile variance
+partials (mean, M2); pass 2 writes W_b [B, M], per-tile sums of W_b^2, and X = sum_e c_e xhat_e [B, M]
+(compute dtype) for backward's dgamma. Between them a per-sample kernel merges the partials (Chan's
+formula, float64) into (mu, r) and forms pass 2's per-sample constants (alpha_e = c_e r_e, sum_e alpha_e mu_e,
+sum_e c_e), so the passes' per-element work is the dot's epilogue, one GELU and a few FMAs, and no torch op
+runs between them. Nothing of size [B, P, M] is written, and none is saved: backward keeps q, s, the
+parameters (the expert weight in the compute dtype, cast once in forward), (mu, r) [B, P], W_b and X.
 
 Backward, with dW = dL/dW_b + 2 weight / B * dloss * W_b:
     A_e = sum_m dW gamma xhat_e = r_e (sum_m dW gamma g_e - mu_e Bs),  Bs = sum_m dW gamma,
-    C = sum_m dW beta                                                    (grad_stats, recomputes u)
+    C = sum_m dW beta,                                                   (grad_stats, recomputes u)
+    dgamma = sum_b dW X,  dbeta = sum_b dW sum_e c_e                     (grad_stats, per block of samples)
     ds_e = (A_e + C) / mix_divisor                                       (per sample, from its partials)
     du_e = GELU'(u) * r_e c_e (dW gamma - Bs / M - xhat_e A_e / M)          (both passes below, recomputing u)
-    dW_expert = du^T q,  dbias = sum_{b,e} du_e,
-    dgamma = sum_b dW sum_e c_e xhat_e,  dbeta = sum_b dW sum_e c_e      (weight_grad: columns x all rows)
-    dq = du W                                                            (query_grad: rows x a column slice)
+    dW_expert = du^T q                                                   (weight_grad: columns x all rows)
+    dq = du W,  dbias = sum_{b,e} du_e                                   (query_grad: rows x a column slice)
 grad_stats cannot be folded into the others: every du_e needs A_e, a sum over all M columns of a product
-with dW, which exists only in backward. grad_stats also stores dW [B, M] in the compute dtype, so that the
-two du passes read one array instead of dL/dW_b and W_b (its own sums use dW before that rounding). du is
-never written: the two passes that need it make it in registers, tile by tile, and consume it in a second
-dot. The weight-gradient pass owns column tiles and walks every block of (b, e) rows, so dW_expert rows and
-the column sums come out whole; the query-gradient pass owns blocks of rows and a slice of the columns
-(`query_grad_slices`: the [B*P, D] output alone would give too few programs to fill the GPU), and its
-float32 slices are summed after.
+with dW, which exists only in backward. grad_stats also stores dW gamma [B, M] in the compute dtype, the
+two du passes' only use of dW and gamma (its own sums use dW before that rounding). du is never written:
+the two passes that need it make it in registers, tile by tile, and consume it in a second dot. The
+weight-gradient pass owns column tiles and walks every block of (b, e) rows, so dW_expert rows come out
+whole; it holds nothing else per column (the per-column sums are the other passes', which store them per
+block of rows, summed after), so that its 64-column tiles fit the registers. The query-gradient pass owns
+blocks of rows and a slice of the columns (`query_grad_slices`: the [B*P, D] output alone would give too few
+programs to fill the GPU), and its float32 slices are summed after.
 
 GELU is the exact (erf) one, evaluated once per element per pass, GELU and GELU' from one evaluation of
 the normal tail (see `_normal_tail`).
@@ -39,10 +41,11 @@ the normal tail (see `_normal_tail`).
 The output stage is a batched cuBLAS GEMM z = h @ W_b and a fused GELU + LayerNorm row kernel; backward
 recomputes z (one GEMM) rather than keeping [B, L, D_o] alive, and overwrites it with dz in place.
 
-Memory kept from forward to backward: W_b [B, D*D_o], the compute-dtype expert weight when the parameter
-is float32, and [B, P] statistics, beyond the inputs. Backward adds dW ([B, M], compute dtype), dq's slices
-([slices, B*P, D] float32) and [B, P] constants; one call launches 19 kernels, library GEMMs and small ops in
-all, whatever B.
+Memory kept from forward to backward: W_b and X ([B, D*D_o] each, compute dtype), the compute-dtype expert
+weight when the parameter is float32, and [B, P] statistics, beyond the inputs. Backward adds dW gamma
+([B, M], compute dtype), dq's slices ([slices, B*P, D] float32), the per-column partials (2 rows per block of
+samples and 1 per block of (b, e) rows, of M float32) and [B, P] constants; one call launches 20 kernels,
+library GEMMs and small ops in all, whatever B.
 """
 from __future__ import annotations
 
@@ -75,11 +78,12 @@ OP = "fused expert path"
 # The two backward passes that make du in registers walk the query rows (b, e) flat, BLOCK_R at a time, and
 # hold one operand whole (K_TILES tiles along D): the weight-gradient pass its BLOCK_M weight rows and a
 # [D, BLOCK_M] fp32 gradient; the query-gradient pass its BLOCK_R query rows and a [BLOCK_R, D] fp32 dq. One
-# warpgroup keeps each dot's N whole (wgmma N = BLOCK_M or BLOCK_K); wider column tiles spill. At D = 384 the
-# fp32 gradients take twice the registers: two warpgroups, and 32-column tiles for dq too.
+# warpgroup keeps each dot's N whole (wgmma N = BLOCK_M or BLOCK_K); wider column tiles spill, and 64 columns
+# fit the weight-gradient pass only while it holds nothing else per column (no column sums, no gamma). At
+# D = 384 the fp32 gradients take twice the registers: two warpgroups, and 32-column tiles.
 _BLOCK_M = 64
 _BF16_PASS = KernelConfig.of(4, 1, BLOCK_B=64, BLOCK_K=64, HOLD_QUERIES=1)
-_BF16_WEIGHT_GRAD = KernelConfig.of(4, 2, BLOCK_R=64, BLOCK_M=32, BLOCK_K=64)
+_BF16_WEIGHT_GRAD = KernelConfig.of(4, 2, BLOCK_R=64, BLOCK_M=64, BLOCK_K=64)
 _BF16_QUERY_GRAD = KernelConfig.of(4, 2, BLOCK_R=64, BLOCK_M=64, BLOCK_K=64)
 DEFAULT_CONFIGS = {
     "stats": {"bf16": _BF16_PASS, "fp16": _BF16_PASS,
@@ -87,25 +91,20 @@ DEFAULT_CONFIGS = {
     "weight_grad": {"bf16": _BF16_WEIGHT_GRAD, "fp16": _BF16_WEIGHT_GRAD,
                     "fp32": KernelConfig.of(4, 1, BLOCK_R=16, BLOCK_M=16, BLOCK_K=32)},
     "query_grad": {"bf16": _BF16_QUERY_GRAD, "fp16": _BF16_QUERY_GRAD,
-                   "fp32": KernelConfig.of(4, 1, BLOCK_R=32, BLOCK_M=64, BLOCK_K=32)}}
+                   "fp32": KernelConfig.of(4, 1, BLOCK_R=32, BLOCK_M=32, BLOCK_K=16)}}
 DEFAULT_CONFIGS["mix"] = DEFAULT_CONFIGS["grad_stats"] = DEFAULT_CONFIGS["stats"]  # same GEMM, similar epilogues
 FLAT_KERNELS = ("weight_grad", "query_grad")  # their tiles are all in the config (no fixed _BLOCK_M)
 # The recipes' (D, D_o): ViT-Ti, ViT-B and the Swin students (192) or ViT-S (384), PATH-B (768) or
-# PATH-L / SOLIDER-B (1024) teachers. Every recipe shape has its operand kind's default, but at D = 384 (the
+# PATH-L / SOLIDER-B (1024) teachers. Every recipe shape has its operand kind's default, but at D = 384: the
 # passes load their queries at each K step; the flat backward passes' tensor-core tiles take two warpgroups and
-# 32 columns), and for the query-gradient pass in IEEE fp32 (which only the GPU tests run at these shapes): it
-# keeps narrow tiles, where the default's wider ones, chosen for the tests' small shapes and the interpreter's
-# time, spill. (The weight-gradient pass in IEEE fp32 has narrow tiles at every shape: wider ones spill under
-# Triton 3.6 at some of the tests' shapes too.)
-_RECIPE_FP32_QUERY_GRAD = KernelConfig.of(4, 1, BLOCK_R=32, BLOCK_M=32, BLOCK_K=16)
+# 32 columns. (The flat passes in IEEE fp32 keep narrow tiles at every shape: wider ones spill at the recipes'
+# shapes, and at some of the tests' small ones under one Triton or the other.)
 _WIDE_FLAT = KernelConfig.of(8, 2, BLOCK_R=64, BLOCK_M=32, BLOCK_K=64)
 
 
 def _recipe_config(kernel: str, dim: int, kind: str) -> KernelConfig:
     default = DEFAULT_CONFIGS[kernel][kind]
-    if kernel in FLAT_KERNELS and kind == "fp32":
-        return _RECIPE_FP32_QUERY_GRAD if kernel == "query_grad" else default
-    if dim != 384:
+    if dim != 384 or (kernel in FLAT_KERNELS and kind == "fp32"):
         return default
     if kernel in FLAT_KERNELS:
         return _WIDE_FLAT
@@ -325,14 +324,15 @@ def _expert_stats_merge_kernel(tile_mean_ptr, tile_m2_ptr, scores_ptr, mean_ptr,
 
 @triton.jit
 def _expert_mix_kernel(q_ptr, w_ptr, bias_ptr, alpha_ptr, offset_ptr, c_sum_ptr, gamma_ptr, beta_ptr,
-                       mixed_ptr, sq_partial_ptr, B, M, n_tiles, span, loss_scale,
+                       mixed_ptr, normalized_ptr, sq_partial_ptr, B, M, n_tiles, span, loss_scale,
                        P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, HOLD_QUERIES: tl.constexpr,
                        EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """W_b tile = gamma * (sum_e alpha_e g_e - offset) + beta * c_sum, plus per-tile row sums of W_b^2 times
     loss_scale = weight / B (so that the loss is the sum of the partials), with
     alpha_e = c_e r_e, offset = sum_e alpha_e mu_e and c_sum = sum_e c_e per sample (so that
-    sum_e alpha_e g_e - offset = sum_e c_e xhat_e)."""
+    sum_e alpha_e g_e - offset = sum_e c_e xhat_e). It also stores that mix of the normalized experts,
+    sum_e c_e xhat_e, in the compute dtype: backward's LN_E weight gradient is its sum weighted by dW."""
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = offs_b < B
     held = _held_queries(q_ptr, offs_b, row_ok, P, D, BLOCK_K, K_TILES, HOLD_QUERIES)
@@ -351,10 +351,11 @@ def _expert_mix_kernel(q_ptr, w_ptr, bias_ptr, alpha_ptr, offset_ptr, c_sum_ptr,
             acc += alphas[e][:, None] * _gelu(u[e], INTERPRETED)
         gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)
         beta = _columns(beta_ptr, offs_m, M, EVEN_M)
-        mixed = ((acc - offset[:, None]) * gamma[None, :] + c_sum[:, None] * beta[None, :]).to(
-            mixed_ptr.dtype.element_ty)
-        ok = row_ok[:, None] if EVEN_M else row_ok[:, None] & (offs_m < M)[None, :]
-        tl.store(mixed_ptr + offs_b[:, None] * M + offs_m[None, :], mixed, mask=ok)
+        normalized = acc - offset[:, None]
+        mixed = (normalized * gamma[None, :] + c_sum[:, None] * beta[None, :]).to(mixed_ptr.dtype.element_ty)
+        at, ok = _mixed_offsets(offs_b, offs_m, B, M, EVEN_M)
+        tl.store(mixed_ptr + at, mixed, mask=ok)
+        tl.store(normalized_ptr + at, normalized.to(normalized_ptr.dtype.element_ty), mask=ok)
         # The loss is taken of the stored (rounded) W_b, the same values backward differentiates through; rows
         # past B hold c_sum = offset = 0, so W_b = 0 there, and columns past M have gamma = beta = 0.
         stored = mixed.to(tl.float32)
@@ -376,34 +377,47 @@ def _mixed_offsets(offs_b, offs_m, B, M, EVEN_M: tl.constexpr):
 
 
 @triton.jit
-def _load_mixed_grad(d_mixed_ptr, offs_b, offs_m, B, M, EVEN_M: tl.constexpr):
-    """The tile of dW (as grad_stats stored it) at rows offs_b, columns offs_m, fp32 (zero outside B and M)."""
+def _load_scaled_grad(scaled_grad_ptr, offs_b, offs_m, B, M, EVEN_M: tl.constexpr):
+    """The tile of dW gamma (as grad_stats stored it) at rows offs_b, columns offs_m, fp32 (0 outside B and M)."""
     at, ok = _mixed_offsets(offs_b, offs_m, B, M, EVEN_M)
-    return tl.load(d_mixed_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    return tl.load(scaled_grad_ptr + at, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_ptr, mixed_ptr, grad_loss_ptr,
-                              d_mixed_ptr, partial_ptr, B, M, n_tiles, span, loss_scale,
+def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_ptr, mixed_ptr, normalized_ptr,
+                              grad_loss_ptr, scores_ptr, scaled_grad_ptr, partial_ptr, column_partial_ptr,
+                              B, M, n_tiles, span, loss_scale, mix_divisor,
                               P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, HOLD_QUERIES: tl.constexpr,
                               EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Per (b, column tile): dW = dL/dW_b + (2 weight / B) dloss W_b, stored in the compute dtype for the du
-    passes, and the sums sum dW gamma g_e (slots 0..P-1), sum dW gamma (P), sum dW beta (P+1) in fp32 (before
-    the rounding: A_e is a difference of two sums, which the rounding's error would dominate). The caller forms
-    A_e = sum dW gamma xhat_e = r_e (slot e - mu_e slot P)."""
+    """Per (b, column tile), with dW = dL/dW_b + (2 weight / B) dloss W_b: the sums sum dW gamma g_e (slots
+    0..P-1), sum dW gamma (P), sum dW beta (P+1), from which the caller forms A_e = sum dW gamma xhat_e =
+    r_e (slot e - mu_e slot P); dW gamma stored in the compute dtype for the du passes (their only use of dW and
+    gamma); and this block of samples' share of LN_E's parameter gradients, into column_partial[s, block] (fp32;
+    the caller sums the blocks): s = 0 dgamma = sum_b dW sum_e c_e xhat_e (the mix pass stored the last sum),
+    s = 1 dbeta = sum_b dW sum_e c_e. The sums use dW in fp32, before the stored value's rounding (A_e is a
+    difference of two sums, which that rounding's error would dominate)."""
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = offs_b < B
     loss_coef = _loss_coefficient(grad_loss_ptr, loss_scale)
     held = _held_queries(q_ptr, offs_b, row_ok, P, D, BLOCK_K, K_TILES, HOLD_QUERIES)
+    c_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for e in tl.static_range(P):
+        c_sum += _row_value(scores_ptr, offs_b * P + e, row_ok) / mix_divisor
+    column_rows = column_partial_ptr + tl.program_id(0) * M
     first, end = _slice(span, n_tiles)
     for tile in range(first, end):
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        col_ok = offs_m < M
         at, ok = _mixed_offsets(offs_b, offs_m, B, M, EVEN_M)
         d_mixed = (tl.load(grad_ptr + at, mask=ok, other=0.0).to(tl.float32)
-                   + loss_coef * tl.load(mixed_ptr + at, mask=ok, other=0.0).to(tl.float32))
-        tl.store(d_mixed_ptr + at, d_mixed.to(d_mixed_ptr.dtype.element_ty), mask=ok)
-        d_gamma_scaled = d_mixed * _columns(gamma_ptr, offs_m, M, EVEN_M)[None, :]  # zero past M and past B
+                   + loss_coef * tl.load(mixed_ptr + at, mask=ok, other=0.0).to(tl.float32))  # 0 past B and M
+        normalized = tl.load(normalized_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        tl.store(column_rows + offs_m, tl.sum(d_mixed * normalized, axis=0), mask=col_ok)
+        tl.store(column_rows + tl.num_programs(0) * M + offs_m, tl.sum(d_mixed * c_sum[:, None], axis=0),
+                 mask=col_ok)
+        d_gamma_scaled = d_mixed * _columns(gamma_ptr, offs_m, M, EVEN_M)[None, :]
+        tl.store(scaled_grad_ptr + at, d_gamma_scaled.to(scaled_grad_ptr.dtype.element_ty), mask=ok)
         slot = offs_b * (P + 2) * n_tiles + tile
         tl.store(partial_ptr + slot + P * n_tiles, tl.sum(d_gamma_scaled, axis=1), mask=row_ok)
         tl.store(partial_ptr + slot + (P + 1) * n_tiles,
@@ -470,53 +484,43 @@ def _flat_preactivations(q_tiles, w_tiles, bias, BLOCK_R: tl.constexpr, BLOCK_M:
 
 
 @triton.jit
-def _pre_norm_grad(u, d_mixed, gamma, row_shift, alpha, du_const, du_slope, INTERPRETED: tl.constexpr):
-    """(g, du) of a tile of query rows (b, e) x columns: g = GELU(u) and the LayerNorm backward
-    du = GELU'(u) (alpha base + du_const + du_slope g), base = dW gamma - row_shift (see `_expert_grad_constants_kernel`;
-    d_mixed is dW at each row's sample)."""
+def _pre_norm_grad(u, scaled_grad, row_shift, alpha, du_const, du_slope, INTERPRETED: tl.constexpr):
+    """du of a tile of query rows (b, e) x columns, the LayerNorm backward du = GELU'(u) (alpha base + du_const +
+    du_slope GELU(u)), base = dW gamma - row_shift (see `_expert_grad_constants_kernel`; scaled_grad is dW gamma
+    at each row's sample)."""
     g, slope = _gelu_and_grad(u, INTERPRETED)
-    base = d_mixed * gamma[None, :] - row_shift[:, None]
-    return g, slope * (alpha[:, None] * base + du_const[:, None] + du_slope[:, None] * g)
+    base = scaled_grad - row_shift[:, None]
+    return slope * (alpha[:, None] * base + du_const[:, None] + du_slope[:, None] * g)
 
 
 @triton.jit
-def _expert_weight_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, d_mixed_ptr, scores_ptr, mean_ptr, row_shift_ptr,
-                               alpha_ptr, du_const_ptr, du_slope_ptr, d_weight_ptr, d_gamma_ptr, d_beta_ptr,
-                               d_bias_ptr, B, M, mix_divisor,
+def _expert_weight_grad_kernel(q_ptr, w_ptr, bias_ptr, scaled_grad_ptr, row_shift_ptr, alpha_ptr, du_const_ptr,
+                               du_slope_ptr, d_weight_ptr, B, M,
                                P: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, EVEN_M: tl.constexpr,
                                DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """The gradients of the expert parameters at BLOCK_M output features: the Linear's weight rows
-    dW_expert[m] = sum_rows du[row, m] q[row] and bias sum_rows du, and LN_E's dgamma = sum_b dW sum_e c_e xhat_e
-    = sum_rows dW alpha (g - mu) and dbeta = sum_b dW sum_e c_e = sum_rows dW c (rows are (b, e), alpha = c r).
-    The program keeps its weight tile and walks every block of query rows, recomputing u and du there; du never
-    leaves the registers."""
+    """The Linear's weight rows dW_expert[m] = sum_rows du[row, m] q[row] at BLOCK_M output features (rows are
+    (b, e)). The program keeps its weight tile and walks every block of query rows, recomputing u and du there;
+    du never leaves the registers. The per-column sums are the other passes' (the bias's the query-gradient
+    pass's, LN_E's grad_stats'): their accumulators, and a held gamma, would take the registers that 64-column
+    tiles need."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_ok = offs_m < M
     bias = _columns(bias_ptr, offs_m, M, EVEN_M)
-    gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)
     w_tiles = _k_tiles(w_ptr, offs_m, col_ok, D, BLOCK_K, K_TILES)
     d_weight = ()  # transposed, [BLOCK_K, BLOCK_M] per K tile: the dot's 64 rows run along D
     for k in tl.static_range(K_TILES):
         d_weight = d_weight + (tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32),)
-    d_gamma = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    d_beta = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    d_bias = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for r0 in range(0, B * P, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         row_ok = rows < B * P
         samples = rows // P
         q_tiles = _k_tiles(q_ptr, rows, row_ok, D, BLOCK_K, K_TILES)
         u = _flat_preactivations(q_tiles, w_tiles, bias, BLOCK_R, BLOCK_M, K_TILES, DOT_PRECISION, INTERPRETED)
-        d_mixed = _load_mixed_grad(d_mixed_ptr, samples, offs_m, B, M, EVEN_M)
-        alpha = _row_value(alpha_ptr, rows, row_ok)  # 0 past the rows, as are du and every sum below
-        g, du = _pre_norm_grad(u, d_mixed, gamma, _row_value(row_shift_ptr, samples, row_ok), alpha,
-                               _row_value(du_const_ptr, rows, row_ok), _row_value(du_slope_ptr, rows, row_ok),
-                               INTERPRETED)
-        # Columns past M hold du != 0 but are never stored: every output below is per column.
-        d_bias += tl.sum(du, axis=0)
-        d_gamma += tl.sum(d_mixed * alpha[:, None] * (g - _row_value(mean_ptr, rows, row_ok)[:, None]), axis=0)
-        d_beta += tl.sum(d_mixed * (_row_value(scores_ptr, rows, row_ok) / mix_divisor)[:, None], axis=0)
+        du = _pre_norm_grad(u, _load_scaled_grad(scaled_grad_ptr, samples, offs_m, B, M, EVEN_M),
+                            _row_value(row_shift_ptr, samples, row_ok), _row_value(alpha_ptr, rows, row_ok),
+                            _row_value(du_const_ptr, rows, row_ok), _row_value(du_slope_ptr, rows, row_ok),
+                            INTERPRETED)  # 0 past the rows
         du = du.to(q_ptr.dtype.element_ty)
         stepped = ()
         for k in tl.static_range(K_TILES):
@@ -527,21 +531,19 @@ def _expert_weight_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, d_mixed_ptr, s
         ok = col_ok[:, None] if D % BLOCK_K == 0 else col_ok[:, None] & (offs_k < D)[None, :]
         tl.store(d_weight_ptr + offs_m[:, None] * D + offs_k[None, :],
                  tl.trans(d_weight[k]).to(d_weight_ptr.dtype.element_ty), mask=ok)
-    tl.store(d_gamma_ptr + offs_m, d_gamma, mask=col_ok)
-    tl.store(d_beta_ptr + offs_m, d_beta, mask=col_ok)
-    tl.store(d_bias_ptr + offs_m, d_bias, mask=col_ok)
 
 
 @triton.jit
-def _expert_query_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, d_mixed_ptr, row_shift_ptr, alpha_ptr,
-                              du_const_ptr, du_slope_ptr, dq_partial_ptr, B, M, span,
+def _expert_query_grad_kernel(q_ptr, w_ptr, bias_ptr, scaled_grad_ptr, row_shift_ptr, alpha_ptr, du_const_ptr,
+                              du_slope_ptr, dq_partial_ptr, bias_partial_ptr, B, M, span,
                               P: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, EVEN_M: tl.constexpr,
                               DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """One slice of dq = du W for BLOCK_R query rows (b, e): sum over the columns [split * span, (split + 1) *
     span) of du[row, m] W[m], into dq_partial[split] (fp32; the caller sums the slices). The program keeps its
     query rows and walks the slice's column tiles, recomputing u and du there (du never leaves the registers);
-    the slices give the [B*P, D] product enough programs to fill the GPU."""
+    the slices give the [B*P, D] product enough programs to fill the GPU. Each column tile also stores its rows'
+    share of the expert bias gradient, sum_rows du, into bias_partial[row block] (fp32; the caller sums them)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     split = tl.program_id(1)
     row_ok = rows < B * P
@@ -561,9 +563,9 @@ def _expert_query_grad_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, d_mixed_ptr, ro
         w_tiles = _k_tiles(w_ptr, offs_m, col_ok, D, BLOCK_K, K_TILES)  # 0 past M: those columns add nothing
         u = _flat_preactivations(q_tiles, w_tiles, _columns(bias_ptr, offs_m, M, EVEN_M), BLOCK_R, BLOCK_M,
                                  K_TILES, DOT_PRECISION, INTERPRETED)
-        d_mixed = _load_mixed_grad(d_mixed_ptr, samples, offs_m, B, M, EVEN_M)
-        _, du = _pre_norm_grad(u, d_mixed, _columns(gamma_ptr, offs_m, M, EVEN_M), row_shift, alpha, du_const,
-                               du_slope, INTERPRETED)
+        du = _pre_norm_grad(u, _load_scaled_grad(scaled_grad_ptr, samples, offs_m, B, M, EVEN_M), row_shift, alpha,
+                            du_const, du_slope, INTERPRETED)
+        tl.store(bias_partial_ptr + tl.program_id(0) * M + offs_m, tl.sum(du, axis=0), mask=col_ok)
         du = du.to(q_ptr.dtype.element_ty)
         stepped = ()
         for k in tl.static_range(K_TILES):
@@ -827,24 +829,27 @@ def expert_plan(batch: int, patterns: int, dim: int, out_dim: int, dtype: torch.
                           dict(tile_mean_ptr=_F32, tile_m2_ptr=_F32, mean_ptr=_F32, rstd_ptr=_F32, alpha_ptr=_F32,
                                offset_ptr=_F32, c_sum_ptr=_F32), dict(eps=eps, TILE_COLUMNS=_BLOCK_M)),
                held(_expert_mix_kernel, "mix", dict(alpha_ptr=_F32, offset_ptr=_F32, c_sum_ptr=_F32, gamma_ptr=_F32,
-                                                      beta_ptr=_F32, mixed_ptr=dtype, sq_partial_ptr=_F32),
+                                                      beta_ptr=_F32, mixed_ptr=dtype, normalized_ptr=dtype,
+                                                      sq_partial_ptr=_F32),
                      dict(loss_scale=loss_weight / batch))]
     loss_scale = 2.0 * loss_weight / batch  # of dW's experts-loss term, per unit of dloss
     row_constants = dict(row_shift_ptr=_F32, alpha_ptr=_F32, du_const_ptr=_F32, du_slope_ptr=_F32)
-    du_inputs = dict(gamma_ptr=_F32, d_mixed_ptr=dtype) | row_constants
+    du_inputs = dict(scaled_grad_ptr=dtype) | row_constants
     rows = batch * patterns
     slices, span = query_grad_slices(rows, features, pick_config("query_grad", dim, features, kind), sm_count)
     backward = [held(_expert_grad_stats_kernel, "grad_stats",
-                      dict(gamma_ptr=_F32, beta_ptr=_F32, grad_ptr=dtype, mixed_ptr=dtype, grad_loss_ptr=_F32,
-                           d_mixed_ptr=dtype, partial_ptr=_F32), dict(loss_scale=loss_scale)),
+                      dict(gamma_ptr=_F32, beta_ptr=_F32, grad_ptr=dtype, mixed_ptr=dtype, normalized_ptr=dtype,
+                           grad_loss_ptr=_F32, scores_ptr=scores_dtype, scaled_grad_ptr=dtype, partial_ptr=_F32,
+                           column_partial_ptr=_F32),
+                      dict(loss_scale=loss_scale, mix_divisor=mix_divisor)),
                 per_sample(_expert_grad_constants_kernel,
                            dict(partial_ptr=_F32, mean_ptr=_F32, rstd_ptr=_F32, grad_scores_ptr=scores_dtype)
                            | row_constants, {}),
                 flat(_expert_weight_grad_kernel, "weight_grad", lambda c: (triton.cdiv(features, c["BLOCK_M"]),),
-                     dict(scores_ptr=scores_dtype, mean_ptr=_F32, d_weight_ptr=_F32, d_gamma_ptr=_F32,
-                          d_beta_ptr=_F32, d_bias_ptr=_F32), dict(mix_divisor=mix_divisor), ""),
+                     dict(d_weight_ptr=_F32), {}, ""),
                 flat(_expert_query_grad_kernel, "query_grad", lambda c: (triton.cdiv(rows, c["BLOCK_R"]), slices),
-                     dict(dq_partial_ptr=_F32), dict(span=span), f"{slices} slices of {span} columns")]
+                     dict(dq_partial_ptr=_F32, bias_partial_ptr=_F32), dict(span=span),
+                     f"{slices} slices of {span} columns")]
     return dict(forward=forward, backward=backward)
 
 
@@ -873,9 +878,11 @@ def _compute_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @torch.library.custom_op(f"{NAMESPACE}::expert_mix", mutates_args=())
 def expert_mix(queries: torch.Tensor, scores: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                norm_weight: torch.Tensor, norm_bias: torch.Tensor, mix_divisor: float, loss_weight: float,
-               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor]:
     """(queries, scores, expert Linear, LN_E) -> (W_b [B, D*D_o], experts_loss, mean [B, P], rstd [B, P],
-    rounded weight); see the module docstring. The last three are what backward needs beyond the inputs."""
+    rounded weight, sum_e c_e xhat_e [B, D*D_o]); see the module docstring. The last four are what backward
+    needs beyond the inputs."""
     check_capability(OP, queries.device)
     # A float32 expert weight (the parameter, under autocast) is rounded to the compute dtype once here and
     # the copy is kept for backward: one cast per call instead of one per pass. (Rounding tile by tile inside
@@ -898,29 +905,33 @@ def expert_mix(queries: torch.Tensor, scores: torch.Tensor, weight: torch.Tensor
     merge_launch(tile_mean_ptr=tile_mean, tile_m2_ptr=tile_m2, scores_ptr=scores, mean_ptr=mean, rstd_ptr=rstd,
                  alpha_ptr=alpha, offset_ptr=offset, c_sum_ptr=c_sum)
     mixed = torch.empty(batch, features, device=queries.device, dtype=queries.dtype)
+    normalized = torch.empty_like(mixed)
     sq_partial = torch.empty(batch, n_tiles, **f32)
     mix_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, alpha_ptr=alpha, offset_ptr=offset,
-               c_sum_ptr=c_sum, gamma_ptr=norm_weight, beta_ptr=norm_bias, mixed_ptr=mixed, sq_partial_ptr=sq_partial)
+               c_sum_ptr=c_sum, gamma_ptr=norm_weight, beta_ptr=norm_bias, mixed_ptr=mixed, normalized_ptr=normalized,
+               sq_partial_ptr=sq_partial)
     experts_loss = sq_partial.sum()  # float32, whatever the compute dtype: the partials carry weight / B
-    return mixed, experts_loss, mean, rstd, rounded
+    return mixed, experts_loss, mean, rstd, rounded, normalized
 
 
 @expert_mix.register_fake
 def _(queries, scores, weight, bias, norm_weight, norm_bias, mix_divisor, loss_weight, eps):
     batch, patterns, _ = queries.shape
     stats = queries.new_empty(batch, patterns, dtype=torch.float32)
-    return (queries.new_empty(batch, weight.shape[0]), queries.new_empty((), dtype=torch.float32), stats,
-            torch.empty_like(stats), _compute_weight(weight, queries.dtype))
+    mixed = queries.new_empty(batch, weight.shape[0])
+    return (mixed, queries.new_empty((), dtype=torch.float32), stats, torch.empty_like(stats),
+            _compute_weight(weight, queries.dtype), torch.empty_like(mixed))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::expert_mix_backward", mutates_args=())
 def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queries: torch.Tensor,
                         scores: torch.Tensor, weight_compute: torch.Tensor, bias: torch.Tensor,
                         norm_weight: torch.Tensor, norm_bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                        mixed: torch.Tensor, mix_divisor: float, loss_weight: float, eps: float,
-                        weight_dtype: torch.dtype,
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `expert_mix`'s (W_b, experts_loss) with respect to its six tensor inputs."""
+                        mixed: torch.Tensor, normalized: torch.Tensor, mix_divisor: float, loss_weight: float,
+                        eps: float, weight_dtype: torch.dtype,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `expert_mix`'s (W_b, experts_loss) with respect to its six tensor inputs, LN_E's two as one
+    float32 [2, M] tensor (gamma's, beta's: one sum makes both)."""
     batch, patterns, dim = queries.shape
     features = weight_compute.shape[0]
     n_tiles = triton.cdiv(features, _BLOCK_M)
@@ -931,10 +942,12 @@ def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queri
         multiprocessors(queries.device))["backward"]
 
     partial = torch.empty(batch, patterns + 2, n_tiles, **f32)
-    d_mixed = torch.empty_like(mixed)  # dW in the compute dtype: the du passes read it instead of two arrays
+    scaled_grad = torch.empty_like(mixed)  # dW gamma in the compute dtype: what the du passes read of dW
+    column_partial = torch.empty(2, grad_stats_launch.grid[0], features, **f32)
     grad_stats_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, gamma_ptr=norm_weight,
-                      beta_ptr=norm_bias, grad_ptr=grad_mixed, mixed_ptr=mixed, grad_loss_ptr=grad_loss,
-                      d_mixed_ptr=d_mixed, partial_ptr=partial)
+                      beta_ptr=norm_bias, grad_ptr=grad_mixed, mixed_ptr=mixed, normalized_ptr=normalized,
+                      grad_loss_ptr=grad_loss, scores_ptr=scores, scaled_grad_ptr=scaled_grad, partial_ptr=partial,
+                      column_partial_ptr=column_partial)
     grad_scores = torch.empty_like(scores)
     row_constants = dict(row_shift_ptr=torch.empty(batch, **f32), alpha_ptr=torch.empty(batch, patterns, **f32),
                          du_const_ptr=torch.empty(batch, patterns, **f32),
@@ -942,41 +955,42 @@ def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queri
     constants_launch(partial_ptr=partial, scores_ptr=scores, mean_ptr=mean, rstd_ptr=rstd,
                      grad_scores_ptr=grad_scores, **row_constants)
 
-    du_inputs = dict(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, gamma_ptr=norm_weight, d_mixed_ptr=d_mixed,
+    du_inputs = dict(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, scaled_grad_ptr=scaled_grad,
                      **row_constants)
-    d_gamma, d_beta, d_bias = (torch.empty(features, **f32) for _ in range(3))
     grad_weight = torch.empty(features, dim, device=queries.device, dtype=weight_dtype)
-    weight_grad_launch(**du_inputs, scores_ptr=scores, mean_ptr=mean, d_weight_ptr=grad_weight, d_gamma_ptr=d_gamma,
-                       d_beta_ptr=d_beta, d_bias_ptr=d_bias)
-    dq_partial = torch.empty(query_grad_launch.grid[1], batch * patterns, dim, **f32)
-    query_grad_launch(**du_inputs, dq_partial_ptr=dq_partial)
+    weight_grad_launch(**du_inputs, d_weight_ptr=grad_weight)
+    row_blocks, slices = query_grad_launch.grid
+    dq_partial = torch.empty(slices, batch * patterns, dim, **f32)
+    bias_partial = torch.empty(row_blocks, features, **f32)
+    query_grad_launch(**du_inputs, dq_partial_ptr=dq_partial, bias_partial_ptr=bias_partial)
     return (dq_partial.sum(0).view_as(queries).to(queries.dtype), grad_scores, grad_weight,
-            d_bias.to(bias.dtype), d_gamma.to(norm_weight.dtype), d_beta.to(norm_bias.dtype))
+            bias_partial.sum(0).to(bias.dtype), column_partial.sum(1))
 
 
 @expert_mix_backward.register_fake
 def _(grad_mixed, grad_loss, queries, scores, weight_compute, bias, norm_weight, norm_bias, mean, rstd, mixed,
-      mix_divisor, loss_weight, eps, weight_dtype):
+      normalized, mix_divisor, loss_weight, eps, weight_dtype):
     return (torch.empty_like(queries), torch.empty_like(scores), torch.empty_like(weight_compute, dtype=weight_dtype),
-            torch.empty_like(bias), torch.empty_like(norm_weight), torch.empty_like(norm_bias))
+            torch.empty_like(bias), norm_weight.new_empty(2, norm_weight.shape[0], dtype=torch.float32))
 
 
 def _expert_mix_setup(ctx, inputs, output):
     queries, scores, weight, bias, norm_weight, norm_bias, mix_divisor, loss_weight, eps = inputs
-    mixed, _, mean, rstd, rounded = output
+    mixed, _, mean, rstd, rounded, normalized = output
     ctx.save_for_backward(queries, scores, weight if weight.dtype == queries.dtype else rounded, bias, norm_weight,
-                          norm_bias, mean, rstd, mixed)
+                          norm_bias, mean, rstd, mixed, normalized)
     ctx.mix_divisor, ctx.loss_weight, ctx.eps, ctx.weight_dtype = mix_divisor, loss_weight, eps, weight.dtype
     ctx.set_materialize_grads(False)  # no zero gradients made for the statistics (nothing differentiates them)
 
 
 def _expert_mix_grad(ctx, grad_mixed, grad_loss, *_):
-    queries, mixed = ctx.saved_tensors[0], ctx.saved_tensors[-1]
+    queries, mixed = ctx.saved_tensors[0], ctx.saved_tensors[-2]
     grad_mixed = torch.zeros_like(mixed) if grad_mixed is None else grad_mixed
     grad_loss = queries.new_zeros((), dtype=torch.float32) if grad_loss is None else grad_loss
-    grads = expert_mix_backward(grad_mixed, grad_loss, *ctx.saved_tensors, ctx.mix_divisor, ctx.loss_weight,
-                                ctx.eps, ctx.weight_dtype)
-    return (*grads, None, None, None)
+    *grads, grad_norm = expert_mix_backward(grad_mixed, grad_loss, *ctx.saved_tensors, ctx.mix_divisor,
+                                            ctx.loss_weight, ctx.eps, ctx.weight_dtype)
+    norm_weight, norm_bias = ctx.saved_tensors[4:6]
+    return (*grads, grad_norm[0].to(norm_weight.dtype), grad_norm[1].to(norm_bias.dtype), None, None, None)
 
 
 expert_mix.register_autograd(_expert_mix_grad, setup_context=_expert_mix_setup)
@@ -1006,22 +1020,21 @@ def _(h, mixed, weight, bias, eps):
 
 @torch.library.custom_op(f"{NAMESPACE}::output_projection_backward", mutates_args=())
 def output_projection_backward(grad_y: torch.Tensor, h: torch.Tensor, mixed: torch.Tensor, weight: torch.Tensor,
-                               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d h, d W_b, d weight, d bias) of `output_projection`."""
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d h, d W_b, [d weight, d bias] as one float32 [2, D_o] tensor) of `output_projection`."""
     dz = torch.bmm(h, mixed)
     rows, width = dz.numel() // dz.shape[-1], dz.shape[-1]
     backward = row_plan(rows, width, dz.dtype, eps, multiprocessors(dz.device))["backward"]
-    dw_partial = torch.empty(backward.grid[0], width, device=dz.device, dtype=torch.float32)
-    db_partial = torch.empty_like(dw_partial)
-    backward(z_ptr=dz, dy_ptr=grad_y.contiguous(), w_ptr=weight, dw_partial_ptr=dw_partial, db_partial_ptr=db_partial)
+    partial = torch.empty(2, backward.grid[0], width, device=dz.device, dtype=torch.float32)  # dw, db: one sum
+    backward(z_ptr=dz, dy_ptr=grad_y.contiguous(), w_ptr=weight, dw_partial_ptr=partial[0], db_partial_ptr=partial[1])
     grad_h = torch.bmm(dz, mixed.transpose(1, 2))
     grad_mixed = torch.bmm(h.transpose(1, 2), dz)
-    return grad_h, grad_mixed, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
+    return grad_h, grad_mixed, partial.sum(1)
 
 
 @output_projection_backward.register_fake
 def _(grad_y, h, mixed, weight, eps):
-    return torch.empty_like(h), torch.empty_like(mixed), torch.empty_like(weight), torch.empty_like(weight)
+    return torch.empty_like(h), torch.empty_like(mixed), weight.new_empty(2, weight.shape[0], dtype=torch.float32)
 
 
 def _output_projection_setup(ctx, inputs, output):
@@ -1031,7 +1044,9 @@ def _output_projection_setup(ctx, inputs, output):
 
 
 def _output_projection_grad(ctx, grad_y):
-    return (*output_projection_backward(grad_y, *ctx.saved_tensors, ctx.eps), None)
+    grad_h, grad_mixed, grad_norm = output_projection_backward(grad_y, *ctx.saved_tensors, ctx.eps)
+    weight = ctx.saved_tensors[2]
+    return grad_h, grad_mixed, grad_norm[0].to(weight.dtype), grad_norm[1].to(weight.dtype), None
 
 
 output_projection.register_autograd(_output_projection_grad, setup_context=_output_projection_setup)
@@ -1094,7 +1109,7 @@ def expert_path(queries: torch.Tensor, scores: torch.Tensor, h: torch.Tensor,
     batch, _, dim = queries.shape
     out_dim = out_norm_weight.shape[0]
     with torch.autocast(queries.device.type, enabled=False):
-        mixed, experts_loss, _, _, _ = expert_mix(
+        mixed, experts_loss, *_ = expert_mix(
             queries.contiguous(), scores.contiguous(), expert_weight.contiguous(), expert_bias.contiguous(),
             expert_norm_weight.contiguous(), expert_norm_bias.contiguous(), float(mix_divisor),
             float(experts_loss_weight), float(eps))
