@@ -80,7 +80,8 @@ OP = "fused expert path"
 # [D, BLOCK_M] fp32 gradient; the query-gradient pass its BLOCK_R query rows and a [BLOCK_R, D] fp32 dq. One
 # warpgroup keeps each dot's N whole (wgmma N = BLOCK_M or BLOCK_K); wider column tiles spill, and 64 columns
 # fit the weight-gradient pass only while it holds nothing else per column (no column sums, no gamma). At
-# D = 384 the fp32 gradients take twice the registers: two warpgroups, and 32-column tiles.
+# D = 384 the fp32 gradients take twice the registers: two warpgroups, with 64-column tiles for the weight
+# gradient and 32-column ones for dq.
 _BLOCK_M = 64
 _BF16_PASS = KernelConfig.of(4, 1, BLOCK_B=64, BLOCK_K=64, HOLD_QUERIES=1)
 _BF16_WEIGHT_GRAD = KernelConfig.of(4, 2, BLOCK_R=64, BLOCK_M=64, BLOCK_K=64)
@@ -96,10 +97,11 @@ DEFAULT_CONFIGS["mix"] = DEFAULT_CONFIGS["grad_stats"] = DEFAULT_CONFIGS["stats"
 FLAT_KERNELS = ("weight_grad", "query_grad")  # their tiles are all in the config (no fixed _BLOCK_M)
 # The recipes' (D, D_o): ViT-Ti, ViT-B and the Swin students (192) or ViT-S (384), PATH-B (768) or
 # PATH-L / SOLIDER-B (1024) teachers. Every recipe shape has its operand kind's default, but at D = 384: the
-# passes load their queries at each K step; the flat backward passes' tensor-core tiles take two warpgroups and
-# 32 columns. (The flat passes in IEEE fp32 keep narrow tiles at every shape: wider ones spill at the recipes'
+# passes load their queries at each K step; the flat backward passes' tensor-core tiles take two warpgroups
+# (and dq's 32 columns). (The flat passes in IEEE fp32 keep narrow tiles at every shape: wider ones spill at the recipes'
 # shapes, and at some of the tests' small ones under one Triton or the other.)
-_WIDE_FLAT = KernelConfig.of(8, 2, BLOCK_R=64, BLOCK_M=32, BLOCK_K=64)
+_WIDE_FLAT = {"weight_grad": KernelConfig.of(8, 2, BLOCK_R=64, BLOCK_M=64, BLOCK_K=64),
+              "query_grad": KernelConfig.of(8, 2, BLOCK_R=64, BLOCK_M=32, BLOCK_K=64)}
 
 
 def _recipe_config(kernel: str, dim: int, kind: str) -> KernelConfig:
@@ -107,7 +109,7 @@ def _recipe_config(kernel: str, dim: int, kind: str) -> KernelConfig:
     if dim != 384 or (kernel in FLAT_KERNELS and kind == "fp32"):
         return default
     if kernel in FLAT_KERNELS:
-        return _WIDE_FLAT
+        return _WIDE_FLAT[kernel]
     return default.with_tiles(HOLD_QUERIES=0)
 
 
