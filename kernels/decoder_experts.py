@@ -77,15 +77,17 @@ OP = "fused expert path"
 # each K step of a K loop instead.
 # The two backward passes that make du in registers walk the query rows (b, e) flat, BLOCK_R at a time, and
 # hold one operand whole (K_TILES tiles along D): the weight-gradient pass its BLOCK_M weight rows and a
-# [D, BLOCK_M] fp32 gradient; the query-gradient pass its BLOCK_R query rows and a [BLOCK_R, D] fp32 dq. One
-# warpgroup keeps each dot's N whole (wgmma N = BLOCK_M or BLOCK_K); wider column tiles spill, and 64 columns
-# fit the weight-gradient pass only while it holds nothing else per column (no column sums, no gamma). At
-# D = 384 the fp32 gradients take twice the registers: two warpgroups, with 64-column tiles for the weight
+# [D, BLOCK_M] fp32 gradient; the query-gradient pass its BLOCK_R query rows and a [BLOCK_R, D] fp32 dq. The
+# weight-gradient pass takes one warpgroup, which keeps each dot's N whole (wgmma N = BLOCK_M or BLOCK_K);
+# wider column tiles spill, and 64 columns fit only while it holds nothing else per column (no column sums, no
+# gamma). The query-gradient pass takes two warpgroups on 128-row blocks (one 64-row wgmma M each), which
+# halves its reads of the weight; it has room for them since it too holds no gamma. At D = 384 the fp32
+# gradients take twice the registers: two warpgroups, 64-row blocks, with 64-column tiles for the weight
 # gradient and 32-column ones for dq.
 _BLOCK_M = 64
 _BF16_PASS = KernelConfig.of(4, 1, BLOCK_B=64, BLOCK_K=64, HOLD_QUERIES=1)
 _BF16_WEIGHT_GRAD = KernelConfig.of(4, 2, BLOCK_R=64, BLOCK_M=64, BLOCK_K=64)
-_BF16_QUERY_GRAD = KernelConfig.of(4, 2, BLOCK_R=64, BLOCK_M=64, BLOCK_K=64)
+_BF16_QUERY_GRAD = KernelConfig.of(8, 2, BLOCK_R=128, BLOCK_M=64, BLOCK_K=64)
 DEFAULT_CONFIGS = {
     "stats": {"bf16": _BF16_PASS, "fp16": _BF16_PASS,
               "fp32": KernelConfig.of(8, 3, BLOCK_B=32, BLOCK_K=32, HOLD_QUERIES=1)},

@@ -7,6 +7,7 @@ import torch
 import triton
 
 from kernels import cost_model, decoder_experts
+from kernels._common import resident_programs
 from dpal.config import DecoderSpec
 from kernels.sweep import decoder_launches, relation_launches
 
@@ -82,11 +83,12 @@ def test_before_and_after_differ_where_the_kernels_changed():
 
 def test_dq_slices_fill_the_gpu_with_whole_column_tiles():
     config = decoder_experts.pick_config("query_grad", 192, 192 * 768, "bf16")
-    # B = 256 and the B = 768 CLS call (12 and 36 row blocks) on 132 SMs, two 4-warp programs each
+    per_sm = resident_programs(config.num_warps)
+    # B = 256 and the B = 768 CLS call (6 and 18 row blocks of 128) on 132 SMs, one 8-warp program each
     for rows, wanted in ((768, 22), (2304, 7)):
         slices, span = decoder_experts.query_grad_slices(rows, 192 * 768, config, 132)
         assert slices == wanted and span % config["BLOCK_M"] == 0 and (slices - 1) * span < 192 * 768 <= slices * span
-        assert 0.9 * 2 * 132 <= slices * triton.cdiv(rows, config["BLOCK_R"]) <= 2 * 132
+        assert 0.9 * per_sm * 132 <= slices * triton.cdiv(rows, config["BLOCK_R"]) <= per_sm * 132
     assert decoder_experts.query_grad_slices(768, 100, config, 132) == (2, 64)  # no more slices than column tiles
     assert decoder_experts.query_grad_slices(15, 3 * 64, config, None) == (3, 64)  # the interpreter: a few programs
 
