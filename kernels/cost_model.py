@@ -224,15 +224,17 @@ def _flat_launch(planned, batch: int, dim: int, out_dim: int) -> Launch:
     rows = batch * patterns
     programs = math.prod(planned.grid)
     br, bm = c["BLOCK_R"], c["BLOCK_M"]
-    d_mixed = br * bm * BF16
+    scaled_grad = br * bm * BF16  # a tile of dW gamma
     if name == "expert_weight_grad":
         steps = triton.cdiv(rows, br)
-        per_program = bm * dim * BF16 + bm * F32 + steps * (br * dim * BF16 + d_mixed + 4 * br * F32) + bm * dim * F32
+        per_program = (bm * dim * BF16 + bm * F32 + steps * (br * dim * BF16 + scaled_grad + 4 * br * F32)
+                       + bm * dim * F32)
         hbm = features * dim * (BF16 + F32) + rows * dim * BF16 + batch * features * BF16
     else:
         slices = planned.grid[1]
         steps = triton.cdiv(features, bm) / slices
-        per_program = br * dim * BF16 + 4 * br * F32 + steps * (bm * dim * BF16 + d_mixed + 2 * bm * F32) + br * dim * F32
+        per_program = (br * dim * BF16 + 4 * br * F32 + steps * (bm * dim * BF16 + scaled_grad + 2 * bm * F32)
+                       + br * dim * F32)
         hbm = (features * dim * BF16 + rows * dim * BF16 + batch * features * BF16 + slices * rows * dim * F32
                + planned.grid[0] * features * F32)
     executed = 2 * 2.0 * programs * steps * br * bm * dim

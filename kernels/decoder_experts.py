@@ -100,8 +100,8 @@ FLAT_KERNELS = ("weight_grad", "query_grad")  # their tiles are all in the confi
 # The recipes' (D, D_o): ViT-Ti, ViT-B and the Swin students (192) or ViT-S (384), PATH-B (768) or
 # PATH-L / SOLIDER-B (1024) teachers. Every recipe shape has its operand kind's default, but at D = 384: the
 # passes load their queries at each K step; the flat backward passes' tensor-core tiles take two warpgroups
-# (and dq's 32 columns). (The flat passes in IEEE fp32 keep narrow tiles at every shape: wider ones spill at the recipes'
-# shapes, and at some of the tests' small ones under one Triton or the other.)
+# (and dq's 32 columns). (The flat passes in IEEE fp32 keep narrow tiles at every shape: wider ones spill at
+# the recipes' shapes, and at some of the tests' small ones under one Triton or the other.)
 _WIDE_FLAT = {"weight_grad": KernelConfig.of(8, 2, BLOCK_R=64, BLOCK_M=64, BLOCK_K=64),
               "query_grad": KernelConfig.of(8, 2, BLOCK_R=64, BLOCK_M=32, BLOCK_K=64)}
 
@@ -381,10 +381,11 @@ def _mixed_offsets(offs_b, offs_m, B, M, EVEN_M: tl.constexpr):
 
 
 @triton.jit
-def _load_scaled_grad(scaled_grad_ptr, offs_b, offs_m, B, M, EVEN_M: tl.constexpr):
-    """The tile of dW gamma (as grad_stats stored it) at rows offs_b, columns offs_m, fp32 (0 outside B and M)."""
+def _load_mixed_tile(ptr, offs_b, offs_m, B, M, EVEN_M: tl.constexpr):
+    """A tile of a [B, M] array (W_b, dL/dW_b, X, dW gamma) at rows offs_b, columns offs_m, fp32 (0 outside B
+    and M)."""
     at, ok = _mixed_offsets(offs_b, offs_m, B, M, EVEN_M)
-    return tl.load(scaled_grad_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    return tl.load(ptr + at, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -413,14 +414,14 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_
     for tile in range(first, end):
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         col_ok = offs_m < M
-        at, ok = _mixed_offsets(offs_b, offs_m, B, M, EVEN_M)
-        d_mixed = (tl.load(grad_ptr + at, mask=ok, other=0.0).to(tl.float32)
-                   + loss_coef * tl.load(mixed_ptr + at, mask=ok, other=0.0).to(tl.float32))  # 0 past B and M
-        normalized = tl.load(normalized_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        d_mixed = (_load_mixed_tile(grad_ptr, offs_b, offs_m, B, M, EVEN_M)
+                   + loss_coef * _load_mixed_tile(mixed_ptr, offs_b, offs_m, B, M, EVEN_M))  # 0 past B and M
+        normalized = _load_mixed_tile(normalized_ptr, offs_b, offs_m, B, M, EVEN_M)
         tl.store(column_rows + offs_m, tl.sum(d_mixed * normalized, axis=0), mask=col_ok)
         tl.store(column_rows + tl.num_programs(0) * M + offs_m, tl.sum(d_mixed * c_sum[:, None], axis=0),
                  mask=col_ok)
         d_gamma_scaled = d_mixed * _columns(gamma_ptr, offs_m, M, EVEN_M)[None, :]
+        at, ok = _mixed_offsets(offs_b, offs_m, B, M, EVEN_M)
         tl.store(scaled_grad_ptr + at, d_gamma_scaled.to(scaled_grad_ptr.dtype.element_ty), mask=ok)
         slot = offs_b * (P + 2) * n_tiles + tile
         tl.store(partial_ptr + slot + P * n_tiles, tl.sum(d_gamma_scaled, axis=1), mask=row_ok)
@@ -521,7 +522,7 @@ def _expert_weight_grad_kernel(q_ptr, w_ptr, bias_ptr, scaled_grad_ptr, row_shif
         samples = rows // P
         q_tiles = _k_tiles(q_ptr, rows, row_ok, D, BLOCK_K, K_TILES)
         u = _flat_preactivations(q_tiles, w_tiles, bias, BLOCK_R, BLOCK_M, K_TILES, DOT_PRECISION, INTERPRETED)
-        du = _pre_norm_grad(u, _load_scaled_grad(scaled_grad_ptr, samples, offs_m, B, M, EVEN_M),
+        du = _pre_norm_grad(u, _load_mixed_tile(scaled_grad_ptr, samples, offs_m, B, M, EVEN_M),
                             _row_value(row_shift_ptr, samples, row_ok), _row_value(alpha_ptr, rows, row_ok),
                             _row_value(du_const_ptr, rows, row_ok), _row_value(du_slope_ptr, rows, row_ok),
                             INTERPRETED)  # 0 past the rows
@@ -567,7 +568,7 @@ def _expert_query_grad_kernel(q_ptr, w_ptr, bias_ptr, scaled_grad_ptr, row_shift
         w_tiles = _k_tiles(w_ptr, offs_m, col_ok, D, BLOCK_K, K_TILES)  # 0 past M: those columns add nothing
         u = _flat_preactivations(q_tiles, w_tiles, _columns(bias_ptr, offs_m, M, EVEN_M), BLOCK_R, BLOCK_M,
                                  K_TILES, DOT_PRECISION, INTERPRETED)
-        du = _pre_norm_grad(u, _load_scaled_grad(scaled_grad_ptr, samples, offs_m, B, M, EVEN_M), row_shift, alpha,
+        du = _pre_norm_grad(u, _load_mixed_tile(scaled_grad_ptr, samples, offs_m, B, M, EVEN_M), row_shift, alpha,
                             du_const, du_slope, INTERPRETED)
         tl.store(bias_partial_ptr + tl.program_id(0) * M + offs_m, tl.sum(du, axis=0), mask=col_ok)
         du = du.to(q_ptr.dtype.element_ty)
@@ -988,12 +989,11 @@ def _expert_mix_setup(ctx, inputs, output):
 
 
 def _expert_mix_grad(ctx, grad_mixed, grad_loss, *_):
-    queries, mixed = ctx.saved_tensors[0], ctx.saved_tensors[-2]
+    queries, _, _, _, norm_weight, norm_bias, _, _, mixed, _ = ctx.saved_tensors
     grad_mixed = torch.zeros_like(mixed) if grad_mixed is None else grad_mixed
     grad_loss = queries.new_zeros((), dtype=torch.float32) if grad_loss is None else grad_loss
     *grads, grad_norm = expert_mix_backward(grad_mixed, grad_loss, *ctx.saved_tensors, ctx.mix_divisor,
                                             ctx.loss_weight, ctx.eps, ctx.weight_dtype)
-    norm_weight, norm_bias = ctx.saved_tensors[4:6]
     return (*grads, grad_norm[0].to(norm_weight.dtype), grad_norm[1].to(norm_bias.dtype), None, None, None)
 
 
