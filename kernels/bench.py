@@ -27,7 +27,8 @@ model's L2 -> SM bytes per program against each launch's SASS (JSON key "static"
 model's only (JSON key "predictions").
 
 FLOPs are the useful GEMM FLOPs (forward, plus twice that for backward) — what any implementation must do;
-the fused ops execute more (they recompute instead of storing), which is why both counts are reported.
+the fused ops execute more (they recompute instead of storing): the floors table reports both, the executed
+count from the cost model's launch plans.
 Bytes are the compulsory traffic of an implementation that keeps only W_b (decoder) or nothing N x N
 (relation) between forward and backward; see `kernels.floors`.
 """
@@ -108,7 +109,7 @@ class Case:
     make_inputs: Callable[[], tuple[list[torch.Tensor], list[torch.Tensor]]]  # (inputs, grads of outputs)
     impls: dict[str, Callable]
     reference: Callable  # the plain-PyTorch reference, evaluated in float64 for every row's accuracy
-    flops: dict[str, float]
+    flops: float  # useful GEMM FLOPs
     bytes: float
 
 
@@ -356,7 +357,7 @@ def run_case(case: Case, impl: str, on_gpu: bool, reps: int) -> Result:
             result.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
         result.ms = _time_ms(step, leaves, on_gpu, reps)
         seconds = result.ms / 1e3
-        result.tflops = case.flops["useful"] / seconds / 1e12
+        result.tflops = case.flops / seconds / 1e12
         result.gbps = case.bytes / seconds / 1e9
     except torch.cuda.OutOfMemoryError:
         result.error = "out of memory"
@@ -406,20 +407,23 @@ def _seconds(fn) -> float:
 
 def target_floors(gpu) -> list[dict]:
     """FLOP and byte floors of the target recipe's calls (its batch, bf16) on `gpu`, a `kernels.cost_model.
-    Machine`: this device's measured ceilings, or without a GPU the H100's stated ones."""
+    Machine`: this device's measured ceilings, or without a GPU the H100's stated ones. The fused FLOPs are
+    what the fused ops' launches execute (`kernels.cost_model.executed_flops`: recomputes and padding in)."""
+    from kernels import cost_model
+
     calls = RECIPES[TARGET_RECIPE].fused_calls()
     tflops, gbps = gpu.gemm / 1e12, gpu.hbm / 1e9
     rows = []
     for batch, tokens, dim, out_dim in calls.decoder:
-        flops = decoder_flops(batch, dim, out_dim, tokens)
         rows.append(dict(op="decoder", shape=f"B{batch} D{dim} Do{out_dim} L{tokens}",
-                         gflop_useful=flops["useful"] / 1e9, gflop_fused=flops["fused_executed"] / 1e9,
+                         gflop_useful=decoder_flops(batch, dim, out_dim, tokens) / 1e9,
+                         gflop_fused=cost_model.executed_flops("decoder", (batch, dim, out_dim, tokens)) / 1e9,
                          mb=decoder_bytes(batch, dim, out_dim, tokens, 2) / 1e6))
     batch, tokens, dim = calls.relation
-    for fmt, t_size in (("float16", 2), ("int8", 1)):
-        flops = relation_flops(batch, tokens, dim)
+    for fmt, target, t_size in (("float16", "fp16", 2), ("int8", "int8", 1)):
         rows.append(dict(op="relation", shape=f"B{batch} N{tokens} D{dim} {fmt}",
-                         gflop_useful=flops["useful"] / 1e9, gflop_fused=flops["fused_executed"] / 1e9,
+                         gflop_useful=relation_flops(batch, tokens, dim) / 1e9,
+                         gflop_fused=cost_model.executed_flops("relation", (batch, tokens, dim, target)) / 1e9,
                          mb=relation_bytes(batch, tokens, dim, 2, t_size) / 1e6))
     for row in rows:
         row["floor_ms_compute"] = row["gflop_useful"] / tflops

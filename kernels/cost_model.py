@@ -339,28 +339,42 @@ def plan(call: str, before: bool) -> list[Launch]:
     return launches_of(*CALLS[call], before=before)
 
 
+def floor_counts(op: str, shape: tuple) -> tuple[float, float]:
+    """(useful FLOPs, compulsory bytes) of one call, `kernels.floors`' counts."""
+    if op == "decoder":
+        return decoder_flops(*shape), decoder_bytes(*shape, BF16)
+    batch, n, dim, target = shape
+    return relation_flops(batch, n, dim), relation_bytes(batch, n, dim, BF16, TARGET_BYTES[target])
+
+
 def floor_seconds(op: str, shape: tuple, m: Machine) -> float:
     """The call's floor: its useful FLOPs at the GEMM rate or its compulsory bytes at the HBM rate, whichever
-    is larger (`kernels.floors`' counts, at this machine's ceilings)."""
-    if op == "decoder":
-        flops, nbytes = decoder_flops(*shape)["useful"], decoder_bytes(*shape, BF16)
-    else:
-        batch, n, dim, target = shape
-        flops = relation_flops(batch, n, dim)["useful"]
-        nbytes = relation_bytes(batch, n, dim, BF16, TARGET_BYTES[target])
+    is larger (at this machine's ceilings)."""
+    flops, nbytes = floor_counts(op, shape)
     return max(flops / m.gemm, nbytes / m.hbm)
+
+
+def executed_flops(op: str, shape: tuple, before: bool = False) -> float:
+    """The tensor-core FLOPs one call's launches execute: recomputes, padded tiles and library GEMMs included."""
+    return sum(launch.flops for launch in launches_of(op, shape, before))
 
 
 def predict(op: str, shape: tuple, m: Machine, before: bool = False) -> dict:
     """One call priced on `m`: the whole (predicted and floor ms, their ratio, launches counted as kernels,
-    library calls and small ops, L2 -> SM GB) and its launches, each with its parts."""
+    library calls and small ops, L2 -> SM GB, and the least ms) and its launches, each with its parts.
+
+    least: the FLOPs the launches execute at the dense GEMM rate, or the call's compulsory bytes at the HBM
+    rate, whichever is larger; what these launches take if nothing else cost anything (every wgmma at full
+    rate, no L2 limit, no tail, no launch cost). No tiling of the same work beats it: a target below it needs
+    less work (fewer recomputes), not better tiles."""
     launches = launches_of(op, shape, before)
     priced = [launch.seconds(m) for launch in launches]
     total, floor = sum(p["seconds"] for p in priced), floor_seconds(op, shape, m)
+    least = max(sum(launch.flops for launch in launches) / m.gemm, floor_counts(op, shape)[1] / m.hbm)
     return dict(gpu=m.name, launches=sum(launch.programs if launch.small or launch.gemm_tiles else 1
                                          for launch in launches),
                 l2_gb=sum(launch.l2_bytes for launch in launches) / 1e9, predicted_ms=1e3 * total,
-                floor_ms=1e3 * floor, ratio=total / floor,
+                floor_ms=1e3 * floor, ratio=total / floor, least_ms=1e3 * least, least_ratio=least / floor,
                 parts=[dict(asdict(launch), **p) for launch, p in zip(launches, priced)])
 
 
@@ -387,11 +401,14 @@ def print_report(result: dict) -> None:
     print("PREDICTED (not measured) by kernels.cost_model: one call, forward + backward, bf16; ceilings "
           + "; ".join(f"{m['name']} ({m['source']}): HBM {m['hbm'] / 1e12:.2f} TB/s, GEMM {m['gemm'] / 1e12:.0f} "
                       f"TFLOP/s, L2 -> SM {m['l2'] / 1e12:.2f} TB/s" for m in gpus))
+    print("ratio: predicted / floor; least: the launches' executed tensor-core FLOPs at the dense GEMM rate or the "
+          "compulsory bytes at HBM's, whichever is larger (no tiling of the same work beats it)")
     print(f"{'call':24} {'kernels':7} {'gpu':10} {'launches':>8} {'L2 GB':>6} {'floor ms':>8} {'pred ms':>8} "
-          f"{'ratio':>5}")
+          f"{'ratio':>5} {'least ms':>8} {'ratio':>5}")
     for t in result["totals"]:
         print(f"{t['call']:24} {t['kernels']:7} {t['gpu'][:10]:10} {t['launches']:8} {t['l2_gb']:6.2f} "
-              f"{t['floor_ms']:8.3f} {t['predicted_ms']:8.3f} {t['ratio']:5.2f}")
+              f"{t['floor_ms']:8.3f} {t['predicted_ms']:8.3f} {t['ratio']:5.2f} {t['least_ms']:8.3f} "
+              f"{t['least_ratio']:5.2f}")
     print(f"\nper launch, {gpus[0]['name']} (predicted ms; waves over {gpus[0]['sms']} SMs; bound: the largest part)")
     print(f"{'call':24} {'kernels':7} {'launch':34} {'progs':>6} {'waves':>6} {'wgmma':>6} {'L2 GB':>6} "
           f"{'hbm':>6} {'l2':>6} {'tensor':>6} {'ms':>6}")

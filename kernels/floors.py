@@ -1,10 +1,10 @@
 """The useful FLOPs and compulsory HBM bytes of one call of each fused op, forward and backward: the floors
 that `kernels.bench` holds its measurements against and `kernels.cost_model` its predictions.
 
-FLOPs are the useful GEMM FLOPs (forward, plus twice that for backward), what any implementation must do,
-beside what the fused kernels execute (they recompute instead of storing). Bytes are the compulsory traffic
-of an implementation that keeps only W_b (decoder) or nothing N x N (relation) between forward and backward.
-Pure arithmetic: no torch, no triton.
+FLOPs are the useful GEMM FLOPs (forward, plus twice that for backward), what any implementation must do;
+what the fused kernels execute (they recompute instead of storing) is the cost model's count, from their launch
+plans. Bytes are the compulsory traffic of an implementation that keeps only W_b (decoder) or nothing N x N
+(relation) between forward and backward. Pure arithmetic: no torch, no triton.
 """
 from __future__ import annotations
 
@@ -13,12 +13,10 @@ from dpal.config import DecoderSpec
 PATTERNS = DecoderSpec.num_patterns
 
 
-def decoder_flops(batch, dim, out_dim, tokens, patterns=PATTERNS) -> dict[str, float]:
+def decoder_flops(batch, dim, out_dim, tokens, patterns=PATTERNS) -> float:
     expert = 2.0 * batch * patterns * dim * dim * out_dim
     output = 2.0 * batch * tokens * dim * out_dim
-    # The fused op runs the expert GEMM six times (stats + mix forward; two recomputes + two cuBLAS
-    # GEMMs on du backward) and the output GEMM four times (z is recomputed in backward).
-    return {"useful": 3.0 * (expert + output), "fused_executed": 6.0 * expert + 4.0 * output}
+    return 3.0 * (expert + output)
 
 
 def decoder_bytes(batch, dim, out_dim, tokens, itemsize, patterns=PATTERNS) -> float:
@@ -31,10 +29,9 @@ def decoder_bytes(batch, dim, out_dim, tokens, itemsize, patterns=PATTERNS) -> f
     return itemsize * (weight + mixed + tokens_in + tokens_out + queries)
 
 
-def relation_flops(batch, tokens, dim) -> dict[str, float]:
-    logits = 2.0 * batch * tokens * tokens * dim
-    # Useful: S forward, then dY = (G + G^T) Y once (S is symmetric). Fused also recomputes S backward.
-    return {"useful": 2.0 * logits, "fused_executed": 3.0 * logits}
+def relation_flops(batch, tokens, dim) -> float:
+    # S forward, then dY = (G + G^T) Y once (S is symmetric).
+    return 2.0 * 2.0 * batch * tokens * tokens * dim
 
 
 def relation_bytes(batch, tokens, dim, itemsize, target_itemsize) -> float:

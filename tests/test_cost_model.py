@@ -120,6 +120,23 @@ def test_measured_ceilings_price_one_machine_and_more_l2_bandwidth_never_costs_t
         assert sum(part["seconds"] for part in slow["parts"]) == pytest.approx(slow["predicted_ms"] / 1e3)
 
 
+def test_least_time_counts_the_work_the_kernels_do_and_bounds_the_prediction():
+    # u = q W^T + b is made at each of its five uses (LN_E's stats, the mix, grad_stats' sums, the dW and dq
+    # passes), plus the two products with du; the output GEMM four times (forward, z again in backward, dh, dW_b).
+    batch, dim, out_dim, tokens = shape = (256, 192, 768, 257)
+    expert = 2.0 * batch * DecoderSpec.num_patterns * dim * dim * out_dim
+    output = 2.0 * batch * tokens * dim * out_dim
+    assert cost_model.executed_flops("decoder", shape) == pytest.approx(7 * expert + 4 * output)
+    for m in cost_model.machines():
+        for call, (op, call_shape) in cost_model.CALLS.items():
+            priced = cost_model.predict(op, call_shape, m)
+            assert priced["floor_ms"] <= priced["least_ms"] <= priced["predicted_ms"], (call, m.name)
+            flops, nbytes = cost_model.floor_counts(op, call_shape)
+            executed = cost_model.executed_flops(op, call_shape)
+            assert executed >= flops  # the kernels do at least the useful work
+            assert priced["least_ms"] == pytest.approx(1e3 * max(executed / m.gemm, nbytes / m.hbm))
+
+
 def test_every_recipe_call_is_priced():
     # The bench predicts every fused row it measures on a GPU, at every recipe's calls.
     from kernels import shapes
