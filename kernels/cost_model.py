@@ -184,9 +184,10 @@ def _pass_launch(name: str, batch: int, dim: int, out_dim: int, grid: tuple, con
     `expert_grad_stats`). After: each program holds its BLOCK_B samples' queries (all patterns; loaded again for
     each tile unless HOLD_QUERIES) and walks its slice of column tiles, per tile loading the W tile once for the
     P dots, the small per-column vectors and what the pass reads or writes per element (W_b written by mix; dW_b
-    and W_b read by grad_stats; after, also sum_e c_e xhat_e written by mix and read by grad_stats, dW gamma
-    written by grad_stats, and its two per-column partials per tile). Before: one program per (sample block,
-    column tile) of _BEFORE_PASS_TILE, reloading its queries for each tile and the W tile for each pattern."""
+    and W_b read by grad_stats; after, also sum_e c_e xhat_e written by mix and read by grad_stats in place of
+    W_b, dW gamma written by grad_stats, and its two per-column partials per tile). Before: one program per
+    (sample block, column tile) of _BEFORE_PASS_TILE, reloading its queries for each tile and the W tile for
+    each pattern."""
     patterns, features = DecoderSpec.num_patterns, dim * out_dim
     if before:
         bb, bm, warps = _BEFORE_PASS_TILE["BLOCK_B"], _BEFORE_PASS_TILE["BLOCK_M"], _BEFORE_PASS_TILE["warps"]
@@ -197,7 +198,7 @@ def _pass_launch(name: str, batch: int, dim: int, out_dim: int, grid: tuple, con
         row_blocks, tiles = grid[0], triton.cdiv(features, bm)
         programs, tiles_per_program, w_loads = math.prod(grid), tiles / grid[1], 1
     query_loads = 1 if before or config["HOLD_QUERIES"] else tiles_per_program
-    per_element = {"expert_stats": 0, "expert_mix": 1 if before else 2, "expert_grad_stats": 2 if before else 4}
+    per_element = {"expert_stats": 0, "expert_mix": 1 if before else 2, "expert_grad_stats": 2 if before else 3}
     tile_io = per_element[name] * bb * bm * BF16
     column_partials = 2 * bm * F32 if name == "expert_grad_stats" and not before else 0
     per_program = (bb * patterns * dim * BF16 * query_loads

@@ -15,7 +15,8 @@ partials (mean, M2); pass 2 writes W_b [B, M], per-tile sums of W_b^2, and X = s
 formula, float64) into (mu, r) and forms pass 2's per-sample constants (alpha_e = c_e r_e, sum_e alpha_e mu_e,
 sum_e c_e), so the passes' per-element work is the dot's epilogue, one GELU and a few FMAs, and no torch op
 runs between them. Nothing of size [B, P, M] is written, and none is saved: backward keeps q, s, the
-parameters (the expert weight in the compute dtype, cast once in forward), (mu, r) [B, P], W_b and X.
+parameters (the expert weight in the compute dtype, cast once in forward), (mu, r) [B, P] and X (it makes
+W_b again from X where dW needs it; the output stage keeps W_b).
 
 Backward, with dW = dL/dW_b + 2 weight / B * dloss * W_b:
     A_e = sum_m dW gamma xhat_e = r_e (sum_m dW gamma g_e - mu_e Bs),  Bs = sum_m dW gamma,
@@ -389,8 +390,8 @@ def _load_mixed_tile(ptr, offs_b, offs_m, B, M, EVEN_M: tl.constexpr):
 
 
 @triton.jit
-def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_ptr, mixed_ptr, normalized_ptr,
-                              grad_loss_ptr, scores_ptr, scaled_grad_ptr, partial_ptr, column_partial_ptr,
+def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_ptr, normalized_ptr, grad_loss_ptr,
+                               scores_ptr, scaled_grad_ptr, partial_ptr, column_partial_ptr,
                               B, M, n_tiles, span, loss_scale, mix_divisor,
                               P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, HOLD_QUERIES: tl.constexpr,
@@ -401,7 +402,9 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_
     gamma); and this block of samples' share of LN_E's parameter gradients, into column_partial[s, block] (fp32;
     the caller sums the blocks): s = 0 dgamma = sum_b dW sum_e c_e xhat_e (the mix pass stored the last sum),
     s = 1 dbeta = sum_b dW sum_e c_e. The sums use dW in fp32, before the stored value's rounding (A_e is a
-    difference of two sums, which that rounding's error would dominate)."""
+    difference of two sums, which that rounding's error would dominate). W_b is not read: it is made again from
+    X = sum_e c_e xhat_e as the mix pass made it, gamma X + beta sum_e c_e (from X rounded to the compute dtype,
+    which differs from the stored W_b's rounding by about one unit in the last place of each)."""
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = offs_b < B
     loss_coef = _loss_coefficient(grad_loss_ptr, loss_scale)
@@ -414,19 +417,20 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_
     for tile in range(first, end):
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         col_ok = offs_m < M
-        d_mixed = (_load_mixed_tile(grad_ptr, offs_b, offs_m, B, M, EVEN_M)
-                   + loss_coef * _load_mixed_tile(mixed_ptr, offs_b, offs_m, B, M, EVEN_M))  # 0 past B and M
+        gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)[None, :]
+        beta = _columns(beta_ptr, offs_m, M, EVEN_M)[None, :]
         normalized = _load_mixed_tile(normalized_ptr, offs_b, offs_m, B, M, EVEN_M)
+        mixed = normalized * gamma + c_sum[:, None] * beta  # W_b; 0 past B (X and c_sum are) and M (gamma, beta)
+        d_mixed = _load_mixed_tile(grad_ptr, offs_b, offs_m, B, M, EVEN_M) + loss_coef * mixed
         tl.store(column_rows + offs_m, tl.sum(d_mixed * normalized, axis=0), mask=col_ok)
         tl.store(column_rows + tl.num_programs(0) * M + offs_m, tl.sum(d_mixed * c_sum[:, None], axis=0),
                  mask=col_ok)
-        d_gamma_scaled = d_mixed * _columns(gamma_ptr, offs_m, M, EVEN_M)[None, :]
+        d_gamma_scaled = d_mixed * gamma
         at, ok = _mixed_offsets(offs_b, offs_m, B, M, EVEN_M)
         tl.store(scaled_grad_ptr + at, d_gamma_scaled.to(scaled_grad_ptr.dtype.element_ty), mask=ok)
         slot = offs_b * (P + 2) * n_tiles + tile
         tl.store(partial_ptr + slot + P * n_tiles, tl.sum(d_gamma_scaled, axis=1), mask=row_ok)
-        tl.store(partial_ptr + slot + (P + 1) * n_tiles,
-                 tl.sum(d_mixed * _columns(beta_ptr, offs_m, M, EVEN_M)[None, :], axis=1), mask=row_ok)
+        tl.store(partial_ptr + slot + (P + 1) * n_tiles, tl.sum(d_mixed * beta, axis=1), mask=row_ok)
         u = _preactivations(held, q_ptr, w_ptr, _columns(bias_ptr, offs_m, M, EVEN_M), offs_b, offs_m, B, M, P, D,
                             BLOCK_B, BLOCK_M, BLOCK_K, K_TILES, HOLD_QUERIES, EVEN_M, DOT_PRECISION, INTERPRETED)
         for e in tl.static_range(P):
@@ -843,7 +847,7 @@ def expert_plan(batch: int, patterns: int, dim: int, out_dim: int, dtype: torch.
     rows = batch * patterns
     slices, span = query_grad_slices(rows, features, pick_config("query_grad", dim, features, kind), sm_count)
     backward = [held(_expert_grad_stats_kernel, "grad_stats",
-                      dict(gamma_ptr=_F32, beta_ptr=_F32, grad_ptr=dtype, mixed_ptr=dtype, normalized_ptr=dtype,
+                      dict(gamma_ptr=_F32, beta_ptr=_F32, grad_ptr=dtype, normalized_ptr=dtype,
                            grad_loss_ptr=_F32, scores_ptr=scores_dtype, scaled_grad_ptr=dtype, partial_ptr=_F32,
                            column_partial_ptr=_F32),
                       dict(loss_scale=loss_scale, mix_divisor=mix_divisor)),
@@ -932,7 +936,7 @@ def _(queries, scores, weight, bias, norm_weight, norm_bias, mix_divisor, loss_w
 def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queries: torch.Tensor,
                         scores: torch.Tensor, weight_compute: torch.Tensor, bias: torch.Tensor,
                         norm_weight: torch.Tensor, norm_bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                        mixed: torch.Tensor, normalized: torch.Tensor, mix_divisor: float, loss_weight: float,
+                        normalized: torch.Tensor, mix_divisor: float, loss_weight: float,
                         eps: float, weight_dtype: torch.dtype,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `expert_mix`'s (W_b, experts_loss) with respect to its six tensor inputs, LN_E's two as one
@@ -947,10 +951,10 @@ def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queri
         multiprocessors(queries.device))["backward"]
 
     partial = torch.empty(batch, patterns + 2, n_tiles, **f32)
-    scaled_grad = torch.empty_like(mixed)  # dW gamma in the compute dtype: what the du passes read of dW
+    scaled_grad = torch.empty_like(normalized)  # dW gamma in the compute dtype: what the du passes read of dW
     column_partial = torch.empty(2, grad_stats_launch.grid[0], features, **f32)
     grad_stats_launch(q_ptr=queries, w_ptr=weight_compute, bias_ptr=bias, gamma_ptr=norm_weight,
-                      beta_ptr=norm_bias, grad_ptr=grad_mixed, mixed_ptr=mixed, normalized_ptr=normalized,
+                      beta_ptr=norm_bias, grad_ptr=grad_mixed, normalized_ptr=normalized,
                       grad_loss_ptr=grad_loss, scores_ptr=scores, scaled_grad_ptr=scaled_grad, partial_ptr=partial,
                       column_partial_ptr=column_partial)
     grad_scores = torch.empty_like(scores)
@@ -973,24 +977,24 @@ def expert_mix_backward(grad_mixed: torch.Tensor, grad_loss: torch.Tensor, queri
 
 
 @expert_mix_backward.register_fake
-def _(grad_mixed, grad_loss, queries, scores, weight_compute, bias, norm_weight, norm_bias, mean, rstd, mixed,
-      normalized, mix_divisor, loss_weight, eps, weight_dtype):
+def _(grad_mixed, grad_loss, queries, scores, weight_compute, bias, norm_weight, norm_bias, mean, rstd, normalized,
+      mix_divisor, loss_weight, eps, weight_dtype):
     return (torch.empty_like(queries), torch.empty_like(scores), torch.empty_like(weight_compute, dtype=weight_dtype),
             torch.empty_like(bias), norm_weight.new_empty(2, norm_weight.shape[0], dtype=torch.float32))
 
 
 def _expert_mix_setup(ctx, inputs, output):
     queries, scores, weight, bias, norm_weight, norm_bias, mix_divisor, loss_weight, eps = inputs
-    mixed, _, mean, rstd, rounded, normalized = output
+    _, _, mean, rstd, rounded, normalized = output
     ctx.save_for_backward(queries, scores, weight if weight.dtype == queries.dtype else rounded, bias, norm_weight,
-                          norm_bias, mean, rstd, mixed, normalized)
+                          norm_bias, mean, rstd, normalized)
     ctx.mix_divisor, ctx.loss_weight, ctx.eps, ctx.weight_dtype = mix_divisor, loss_weight, eps, weight.dtype
     ctx.set_materialize_grads(False)  # no zero gradients made for the statistics (nothing differentiates them)
 
 
 def _expert_mix_grad(ctx, grad_mixed, grad_loss, *_):
-    queries, _, _, _, norm_weight, norm_bias, _, _, mixed, _ = ctx.saved_tensors
-    grad_mixed = torch.zeros_like(mixed) if grad_mixed is None else grad_mixed
+    queries, _, _, _, norm_weight, norm_bias, _, _, normalized = ctx.saved_tensors
+    grad_mixed = torch.zeros_like(normalized) if grad_mixed is None else grad_mixed
     grad_loss = queries.new_zeros((), dtype=torch.float32) if grad_loss is None else grad_loss
     *grads, grad_norm = expert_mix_backward(grad_mixed, grad_loss, *ctx.saved_tensors, ctx.mix_divisor,
                                             ctx.loss_weight, ctx.eps, ctx.weight_dtype)
