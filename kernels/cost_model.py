@@ -162,8 +162,10 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
     params = out_dim * F32
     programs = triton.cdiv(batch * tokens, dec.ROW_BLOCK)
     plan.append(Launch(op, "gelu_layer_norm_fwd", programs, 8, 2 * z + 2 * params * programs, 2 * z))
-    plan.append(Launch(op, "cuBLAS output bmm (backward: recompute, dh, dW_b)", 3, 1, 0.0,
-                       3 * (h + mixed + z), 3 * flops, gemm_tiles=gemm_tiles))
+    kept = not before and dec.keeps_output(tokens, dim)  # backward copies z instead of recomputing it
+    gemms = "dh, dW_b" if kept else "recompute, dh, dW_b"
+    plan.append(Launch(op, f"cuBLAS output bmm (backward: {gemms})", 2 + (not kept), 1, 0.0,
+                       (2 + (not kept)) * (h + mixed + z), (2 + (not kept)) * flops, gemm_tiles=gemm_tiles))
     programs, _ = dec.row_programs(batch * tokens, out_dim, SMS)
     plan.append(Launch(op, "gelu_layer_norm_bwd", programs, dec.row_bwd_programs_per_sm(out_dim),
                        3 * z + 3 * params * programs, 3 * z))
@@ -173,9 +175,9 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
     else:  # the weight cast; summing dq's slices in float32 and casting dq; summing the per-column partials
         row_blocks, slices = expert["backward"][-1].grid
         sample_blocks = expert["backward"][0].grid[0]
-        plan.append(small_ops(op, DECODER_SMALL_OPS, (F32 + BF16) * features * dim
+        plan.append(small_ops(op, DECODER_SMALL_OPS + kept, (F32 + BF16) * features * dim
                               + (slices + 1) * rows * dim * F32 + rows * dim * (F32 + BF16)
-                              + (2 * sample_blocks + row_blocks + 3) * features * F32))
+                              + (2 * sample_blocks + row_blocks + 3) * features * F32 + 2 * kept * z))
     return plan
 
 
@@ -279,7 +281,7 @@ def _chunked_du_launches(batch: int, dim: int, out_dim: int) -> list[Launch]:
 # The small torch ops of one decoder call besides the kernels and GEMMs above, as an op trace of the call
 # lists them: forward 2 (casting the float32 expert weight, summing the loss partials), backward 5 (summing the
 # partials of the output LayerNorm's parameter gradients, of LN_E's and of the expert bias's, summing dq's
-# slices in float32, casting dq).
+# slices in float32, casting dq); one more where backward copies the kept z instead of recomputing it.
 DECODER_SMALL_OPS = 7
 # The per-sample kernels (4 warps, a few registers) fit many to an SM.
 PER_SAMPLE_PROGRAMS_PER_SM = 16

@@ -40,13 +40,14 @@ GELU is the exact (erf) one, evaluated once per element per pass, GELU and GELU'
 the normal tail (see `_normal_tail`).
 
 The output stage is a batched cuBLAS GEMM z = h @ W_b and a fused GELU + LayerNorm row kernel; backward
-recomputes z (one GEMM) rather than keeping [B, L, D_o] alive, and overwrites it with dz in place.
+recomputes z (one GEMM) rather than keeping [B, L, D_o] alive, unless z is small beside W_b (`keeps_output`:
+L = 1, the stacked CLS call), and overwrites (a copy of) it with dz in place.
 
 Memory kept from forward to backward: W_b and X ([B, D*D_o] each, compute dtype), the compute-dtype expert
-weight when the parameter is float32, and [B, P] statistics, beyond the inputs. Backward adds dW gamma
-([B, M], compute dtype), dq's slices ([slices, B*P, D] float32), the per-column partials (2 rows per block of
-samples and 1 per block of (b, e) rows, of M float32) and [B, P] constants; one call launches 20 kernels,
-library GEMMs and small ops in all, whatever B.
+weight when the parameter is float32, [B, P] statistics, and z where it is kept, beyond the inputs. Backward
+adds dW gamma ([B, M], compute dtype), dq's slices ([slices, B*P, D] float32), the per-column partials (2 rows
+per block of samples and 1 per block of (b, e) rows, of M float32) and [B, P] constants; one call launches 20
+kernels, library GEMMs and small ops in all, whatever B.
 """
 from __future__ import annotations
 
@@ -1004,33 +1005,47 @@ def _expert_mix_grad(ctx, grad_mixed, grad_loss, *_):
 expert_mix.register_autograd(_expert_mix_grad, setup_context=_expert_mix_setup)
 
 
-# The output stage: y = LayerNorm(GELU(h @ W_b)) with h [B, L, D], W_b [B, D, D_o]; backward saves only h and
-# W_b, recomputes z = h @ W_b (one batched GEMM, cheaper than keeping [B, L, D_o] alive until backward) and
-# turns it into dz in place, so the output stage adds no activation memory of its own.
+# The output stage: y = LayerNorm(GELU(h @ W_b)) with h [B, L, D], W_b [B, D, D_o]. Backward needs z = h @ W_b
+# again, and turns it into dz in place. Recomputing it (one batched GEMM) reads h and W_b; keeping it costs
+# [B, L, D_o] of memory until backward. So z is kept only where it is small beside W_b, which the op keeps
+# anyway (`keeps_output`: at most a sixteenth of it, as in the stacked CLS call, L = 1, where recomputing
+# would read all of W_b for [B, 1, D_o]); elsewhere it is recomputed, and the output stage adds no activation
+# memory of its own.
+KEPT_OUTPUT_SHARE = 16
+
+
+def keeps_output(tokens: int, dim: int) -> bool:
+    """Whether the output stage keeps z [B, tokens, D_o] for backward rather than recomputing it from h [B,
+    tokens, dim] and W_b [B, dim, D_o]: when z is at most 1 / KEPT_OUTPUT_SHARE of W_b."""
+    return tokens * KEPT_OUTPUT_SHARE <= dim
+
 
 @torch.library.custom_op(f"{NAMESPACE}::output_projection", mutates_args=())
 def output_projection(h: torch.Tensor, mixed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                      eps: float) -> torch.Tensor:
-    """y = LN_o(GELU(h @ W_b)) * weight + bias."""
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, z): y = LN_o(GELU(z)) * weight + bias with z = h @ W_b, which backward keeps where `keeps_output`."""
     check_capability(OP, h.device)
     z = torch.bmm(h, mixed)
     rows, width = z.numel() // z.shape[-1], z.shape[-1]
     y = torch.empty_like(z)
     row_plan(rows, width, z.dtype, eps, multiprocessors(z.device))["forward"](z_ptr=z, y_ptr=y, w_ptr=weight,
                                                                              b_ptr=bias)
-    return y
+    return y, z
 
 
 @output_projection.register_fake
 def _(h, mixed, weight, bias, eps):
-    return h.new_empty(h.shape[0], h.shape[1], mixed.shape[2])
+    y = h.new_empty(h.shape[0], h.shape[1], mixed.shape[2])
+    return y, torch.empty_like(y)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::output_projection_backward", mutates_args=())
 def output_projection_backward(grad_y: torch.Tensor, h: torch.Tensor, mixed: torch.Tensor, weight: torch.Tensor,
-                               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d h, d W_b, [d weight, d bias] as one float32 [2, D_o] tensor) of `output_projection`."""
-    dz = torch.bmm(h, mixed)
+                               kept: torch.Tensor | None, eps: float
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d h, d W_b, [d weight, d bias] as one float32 [2, D_o] tensor) of `output_projection`; `kept`: z as
+    forward made it, or None to recompute it."""
+    dz = torch.bmm(h, mixed) if kept is None else kept.clone()  # the row kernel overwrites it with dz
     rows, width = dz.numel() // dz.shape[-1], dz.shape[-1]
     backward = row_plan(rows, width, dz.dtype, eps, multiprocessors(dz.device))["backward"]
     partial = torch.empty(2, backward.grid[0], width, device=dz.device, dtype=torch.float32)  # dw, db: one sum
@@ -1041,17 +1056,18 @@ def output_projection_backward(grad_y: torch.Tensor, h: torch.Tensor, mixed: tor
 
 
 @output_projection_backward.register_fake
-def _(grad_y, h, mixed, weight, eps):
+def _(grad_y, h, mixed, weight, kept, eps):
     return torch.empty_like(h), torch.empty_like(mixed), weight.new_empty(2, weight.shape[0], dtype=torch.float32)
 
 
 def _output_projection_setup(ctx, inputs, output):
     h, mixed, weight, _, eps = inputs
-    ctx.save_for_backward(h, mixed, weight)
+    ctx.save_for_backward(h, mixed, weight, output[1] if keeps_output(h.shape[1], h.shape[2]) else None)
     ctx.eps = eps
+    ctx.set_materialize_grads(False)  # z is returned for backward's sake; nothing differentiates it
 
 
-def _output_projection_grad(ctx, grad_y):
+def _output_projection_grad(ctx, grad_y, _):
     grad_h, grad_mixed, grad_norm = output_projection_backward(grad_y, *ctx.saved_tensors, ctx.eps)
     weight = ctx.saved_tensors[2]
     return grad_h, grad_mixed, grad_norm[0].to(weight.dtype), grad_norm[1].to(weight.dtype), None
@@ -1121,6 +1137,6 @@ def expert_path(queries: torch.Tensor, scores: torch.Tensor, h: torch.Tensor,
             queries.contiguous(), scores.contiguous(), expert_weight.contiguous(), expert_bias.contiguous(),
             expert_norm_weight.contiguous(), expert_norm_bias.contiguous(), float(mix_divisor),
             float(experts_loss_weight), float(eps))
-        y = output_projection(h.contiguous(), mixed.view(batch, dim, out_dim), out_norm_weight.contiguous(),
-                              out_norm_bias.contiguous(), float(eps))
+        y, _ = output_projection(h.contiguous(), mixed.view(batch, dim, out_dim), out_norm_weight.contiguous(),
+                                 out_norm_bias.contiguous(), float(eps))
     return y, experts_loss

@@ -40,6 +40,12 @@ def test_expert_ops_pass_opcheck(weight_dtype):
     mixed = _randn(g, batch, dim, out_dim, requires_grad=True)
     norm = [_randn(g, out_dim, requires_grad=True) for _ in range(2)]
     torch.library.opcheck(decoder_experts.output_projection, (h, mixed, *norm, 1e-6))
+    # One token against a wider W_b: backward uses the z forward kept instead of recomputing it.
+    wide = 2 * dim
+    assert decoder_experts.keeps_output(1, wide) and not decoder_experts.keeps_output(3, dim)
+    torch.library.opcheck(decoder_experts.output_projection, (
+        _randn(g, batch, 1, wide, requires_grad=True), _randn(g, batch, wide, out_dim, requires_grad=True),
+        *norm, 1e-6))
 
 
 @pytest.mark.parametrize("fmt", ["float32", "int8"])
