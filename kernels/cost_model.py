@@ -291,7 +291,7 @@ PER_SAMPLE_PROGRAMS_PER_SM = 16
 
 def relation_launches(batch: int, n: int, dim: int, target: str, *, before: bool) -> list[Launch]:
     """One relation call (forward + backward) at bf16 with `target` ("fp16" or "int8") targets. `before`:
-    the forward reloads its row tile for every column block."""
+    the forward reloads its row tile for every column block, and torch ops finish the loss."""
     op, t = "relation", TARGET_BYTES[target]
     c = rel.pick_config("fwd", n, dim, "bf16")
     bi, bj = c["BLOCK_I"], c["BLOCK_J"]
@@ -317,13 +317,18 @@ def relation_launches(batch: int, n: int, dim: int, target: str, *, before: bool
                                2.0 * programs * block * width * dim, wgmma_n(block, width, c.num_warps)))
     plan.append(Launch(op, "cuBLAS dY = G Y", 1, 1, 0.0, batch * (n * n + 2 * n * dim) * BF16,
                        2.0 * batch * n * n * dim, gemm_tiles=batch * triton.cdiv(n, 128) * triton.cdiv(dim, 128)))
-    plan.append(small_ops(op, RELATION_SMALL_OPS[target == "int8"], 16 * batch * n))
+    if before:
+        plan.append(small_ops(op, _BEFORE_RELATION_SMALL_OPS[target == "int8"], 16 * batch * n))
+    else:
+        plan.append(small_ops(op, RELATION_SMALL_OPS, F32 * batch * n))
     return plan
 
 
-# Small torch ops of one relation call (forward and backward; the two tile-pair tables copied to the device
-# included), as an op trace lists them: float targets 10, int8 codes 15.
-RELATION_SMALL_OPS = (10, 15)
+# Small torch ops of one relation call, forward and backward, as an op trace lists them: the sum of the rows'
+# shares of the loss. Before: 10 with float targets, 15 with int8 codes (finishing the loss and the int8 rows'
+# normaliser from the forward's per-row values, scaling the incoming gradient, the tile-pair tables' copies).
+RELATION_SMALL_OPS = 1
+_BEFORE_RELATION_SMALL_OPS = (10, 15)
 
 # The calls reported: the issue's targets at ViT-Ti shapes (B = 256, decoder D = 192, D_o = 768, relation
 # N = 257 teacher tokens).

@@ -11,17 +11,18 @@ Forward: one program per (block of rows, sample), the row blocks of a sample adj
 stays in L2), makes its logits against all columns at once, each K step loading its row tile once for every
 column block, then sweeps the column blocks with an online logsumexp (flash-attention style); S tiles live
 only in registers. Columns go in full blocks, then what is left in one narrow tail block (N = 257:
-4 x 64 + 16, where 5 x 64 spent a fifth of the work on padding). It writes cross_i = sum_j xlogy(p, p) - p S per row
-(the loss is sum_i cross_i + P_i lse_i, formed outside) and keeps lse, P and the int8 rows' normaliser
-[B, N] for backward. For int8 targets the normaliser is a second online logsumexp in the same sweep,
-over z = q * scale: with A = sum_j 2^(z - m) (z - s), cross_i = ln 2 (A / sum_j 2^(z - m) - lse_t) and
-P_i = 1, so no pre-pass reads the row first.
+4 x 64 + 16, where 5 x 64 spent a fifth of the work on padding). It writes each row's share of the loss,
+KL_i / (B N), so that the loss is one sum, and keeps lse, P and the int8 rows' normaliser [B, N] for
+backward. For int8 targets the normaliser is a second online logsumexp in the same sweep, over z = q * scale:
+with A = sum_j 2^(z - m) (z - s), sum_j xlogy(p, p) - p S = ln 2 (A / sum_j 2^(z - m) - lse_t) and P_i = 1, so
+no pre-pass reads the row first.
 Backward: dKL/dS_ij = P_i softmax_ij - p_ij =: G_ij, and since S is symmetric,
 dY = (G + G^T) Y / sqrt(D) (times the incoming gradient / (B N)). (G + G^T) is symmetric too, so one
 program per tile pair I <= J (and sample) recomputes S_IJ, forms (G_IJ + G_JI^T) scaled — G_JI^T from the
 same S tile with the column rows' lse and the transposed target tile — and writes it at (I, J) and its
 transpose at (J, I): each unordered pair of tiles is computed once. The tail columns pair with every
-row block in a second launch of narrow tiles. A batched cuBLAS GEMM multiplies the result by Y. The only
+row block in a second launch of narrow tiles; each program reads the incoming gradient itself. A batched
+cuBLAS GEMM multiplies the result by Y. One call runs no torch op but the loss's sum and that GEMM. The only
 N x N buffer is that gradient, in Y's dtype, the size of the target itself, alive during backward only.
 """
 from __future__ import annotations
@@ -164,16 +165,17 @@ def _kl_block(s2, t_ptr, row_scale2, offs_i, j0, N, state, QUANTIZED: tl.constex
 
 
 @triton.jit
-def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, cross_ptr, lse2_ptr, mass_ptr, target_lse2_ptr, N,
-                            logit_scale2, D: tl.constexpr, QUANTIZED: tl.constexpr, BLOCK_I: tl.constexpr,
-                            BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, NUM_J: tl.constexpr,
+def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, row_loss_ptr, lse2_ptr, mass_ptr, target_lse2_ptr, N,
+                            logit_scale2, row_weight, D: tl.constexpr, QUANTIZED: tl.constexpr,
+                            BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, NUM_J: tl.constexpr,
                             TAIL_J: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Per row: log2 of sum_j exp(S) (lse2); for float targets cross = sum_j p log p - p S and P; for int8
-    codes the raw A, sum_j 2^z2 and max z2 of `_kl_block` in (cross, mass, target_lse2), finished by the
-    caller, as is KL_i = cross_i + P_i lse2_i ln 2. The program's logits are made first, for all columns at
-    once (`_row_logits`: NUM_J = N // BLOCK_J full blocks, then the N mod BLOCK_J left in one block of TAIL_J;
-    N = 257: 4 x 64 + 16), so the registers hold BLOCK_I x N fp32 values: the recipes' N (257, 64) fit, a
-    much larger N would spill. The online pass then takes the tail block first, then the full ones."""
+    """Per row: row_loss = KL_i * row_weight (1 / (B N)), KL_i = sum_j p log p - p S + P lse in nats; lse2 =
+    log2 of sum_j exp(S); P = sum_j p (1 for int8 codes); for int8 codes the target normaliser target_lse2 =
+    log2 sum_j 2^z2 (p = 2^(z2 - target_lse2)), for float targets 0. The program's logits are made first, for
+    all columns at once (`_row_logits`: NUM_J = N // BLOCK_J full blocks, then the N mod BLOCK_J left in one
+    block of TAIL_J; N = 257: 4 x 64 + 16), so the registers hold BLOCK_I x N fp32 values: the recipes' N
+    (257, 64) fit, a much larger N would spill. The online pass then takes the tail block first, then the full
+    ones."""
     offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     b = tl.program_id(1).to(tl.int64)
     y_ptr += b * N * D
@@ -194,24 +196,29 @@ def _relation_kl_fwd_kernel(y_ptr, t_ptr, row_scale_ptr, cross_ptr, lse2_ptr, ma
         state = _kl_block(logits[j] * logit_scale2, t_ptr, row_scale2, offs_i, j * BLOCK_J, N, state, QUANTIZED,
                           BLOCK_J, False, INTERPRETED)
     running_max, running_sum, acc, mass, target_max, target_sum = state
-    out = b * N + offs_i
-    tl.store(lse2_ptr + out, running_max + fast_log2(running_sum, INTERPRETED), mask=row_ok)
-    if QUANTIZED:
-        tl.store(cross_ptr + out, acc, mask=row_ok)
-        tl.store(mass_ptr + out, target_sum, mask=row_ok)
-        tl.store(target_lse2_ptr + out, target_max, mask=row_ok)
+    lse2 = running_max + fast_log2(running_sum, INTERPRETED)
+    if QUANTIZED:  # p = 2^(z2 - target_lse2): sum_j p (log2 p - s2) = A / sum_j 2^(z2 - m) - target_lse2, P = 1
+        target_lse2 = target_max + fast_log2(target_sum, INTERPRETED)
+        kl2 = acc / target_sum - target_lse2 + lse2
+        mass = tl.full((BLOCK_I,), 1.0, dtype=tl.float32)
     else:
-        tl.store(cross_ptr + out, acc * _LN2, mask=row_ok)
-        tl.store(mass_ptr + out, mass, mask=row_ok)
+        target_lse2 = tl.zeros((BLOCK_I,), dtype=tl.float32)
+        kl2 = acc + mass * lse2
+    out = b * N + offs_i
+    tl.store(row_loss_ptr + out, kl2 * (_LN2 * row_weight), mask=row_ok)
+    tl.store(lse2_ptr + out, lse2, mask=row_ok)
+    tl.store(mass_ptr + out, mass, mask=row_ok)
+    tl.store(target_lse2_ptr + out, target_lse2, mask=row_ok)
 
 
 @triton.jit
 def _relation_kl_bwd_kernel(y_ptr, t_ptr, row_scale_ptr, lse2_ptr, mass_ptr, target_lse2_ptr, pairs_ptr, grad_ptr,
-                            out_ptr, N, logit_scale2, D: tl.constexpr, QUANTIZED: tl.constexpr,
+                            out_ptr, N, logit_scale2, grad_scale, D: tl.constexpr, QUANTIZED: tl.constexpr,
                             BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
                             MASK_J: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """For the tile pair (I, J) at pairs[program] (I <= J): out[b, I, J] = d loss / d S_IJ + (d loss / d S_JI)^T,
-    multiplied by the scale of S, and out[b, J, I], its transpose (the gradient of a symmetric S is taken
+    """For the tile pair (I, J) at pairs[program] (I <= J): out[b, I, J] = d loss / d S_IJ + (d loss / d S_JI)^T
+    times the incoming gradient (grad_ptr) and grad_scale (1 / (B N) of the mean, times the scale of S), and
+    out[b, J, I], its transpose (the gradient of a symmetric S is taken
     symmetric), so each unordered pair of tiles is computed once."""
     pair = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -243,7 +250,7 @@ def _relation_kl_bwd_kernel(y_ptr, t_ptr, row_scale_ptr, lse2_ptr, mass_ptr, tar
                         True, QUANTIZED, INTERPRETED)
     g = mass_i[:, None] * fast_exp2(s2 - lse2_i[:, None], INTERPRETED) + \
         mass_j[None, :] * fast_exp2(s2 - lse2_j[None, :], INTERPRETED) - p_ij - tl.trans(p_ji)
-    g = (g * tl.load(grad_ptr)).to(out_ptr.dtype.element_ty)
+    g = (g * (tl.load(grad_ptr).to(tl.float32) * grad_scale)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs_i[:, None] * N + offs_j[None, :], g, mask=row_ok[:, None] & col_ok[None, :])
     if i0 != j0:
         tl.store(out_ptr + offs_j[:, None] * N + offs_i[None, :], tl.trans(g), mask=col_ok[:, None] & row_ok[None, :])
@@ -286,7 +293,9 @@ def launch_plan(batch: int, n: int, dim: int, dtype: torch.dtype, target_dtype: 
                      DOT_PRECISION=DOT_PRECISION, INTERPRETED=INTERPRETED)
     fwd = pick_config("fwd", n, dim, kind)
     forward = PlannedLaunch(_relation_kl_fwd_kernel, (triton.cdiv(n, fwd["BLOCK_I"]), batch), fwd,
-                            operands | dict(cross_ptr=f32), constants | dict(NUM_J=n // fwd["BLOCK_J"], TAIL_J=tail_block(n, fwd["BLOCK_J"])))
+                            operands | dict(row_loss_ptr=f32),
+                            constants | dict(row_weight=1.0 / (batch * n), NUM_J=n // fwd["BLOCK_J"],
+                                             TAIL_J=tail_block(n, fwd["BLOCK_J"])))
     bwd = pick_config("bwd", n, dim, kind)
     block = bwd["BLOCK_I"]
     tail = tail_block(n, block)
@@ -295,7 +304,9 @@ def launch_plan(batch: int, n: int, dim: int, dtype: torch.dtype, target_dtype: 
         if pairs:
             backward.append((PlannedLaunch(
                 _relation_kl_bwd_kernel, (len(pairs), batch), bwd.with_tiles(BLOCK_J=block_j),
-                operands | dict(pairs_ptr=torch.int32, grad_ptr=f32, out_ptr=dtype), constants | dict(MASK_J=ragged),
+                operands | dict(pairs_ptr=torch.int32, grad_ptr=f32, out_ptr=dtype),
+                # the mean's 1 / (B N), times the scale of S (dS / dY = (. + .^T) Y / sqrt(D))
+                constants | dict(grad_scale=1.0 / (batch * n * math.sqrt(dim)), MASK_J=ragged),
                 part="tail tiles" if ragged else "full tiles"), tuple(pairs)))
     return dict(forward=forward, backward=backward)
 
@@ -316,16 +327,11 @@ def relation_kl_forward(y: torch.Tensor, target: torch.Tensor, row_scale: torch.
     quantized = row_scale is not None
     row_scale_arg = row_scale if quantized else target  # never read when not quantized
     forward = launch_plan(batch, n, dim, y.dtype, target.dtype, row_scale_arg.dtype)["forward"]
-    f32 = dict(device=y.device, dtype=torch.float32)
-    cross, lse2, mass = (torch.empty(batch, n, **f32) for _ in range(3))
-    target_lse2 = (torch.empty if quantized else torch.zeros)(batch, n, **f32)  # float targets: unused, defined
-    forward(y_ptr=y, t_ptr=target, row_scale_ptr=row_scale_arg, cross_ptr=cross, lse2_ptr=lse2, mass_ptr=mass,
-            target_lse2_ptr=target_lse2)
-    if quantized:  # p = 2^z2 / sum 2^z2: normaliser lse_t2 = max + log2 sum, cross = ln 2 (A / sum - lse_t2), P = 1
-        target_lse2 = target_lse2 + mass.log2()
-        cross = math.log(2.0) * (cross / mass - target_lse2)
-        mass = torch.ones_like(mass)
-    return (cross + mass * lse2 * math.log(2.0)).sum() / (batch * n), lse2, mass, target_lse2
+    row_loss, lse2, mass, target_lse2 = (torch.empty(batch, n, device=y.device, dtype=torch.float32)
+                                         for _ in range(4))
+    forward(y_ptr=y, t_ptr=target, row_scale_ptr=row_scale_arg, row_loss_ptr=row_loss, lse2_ptr=lse2,
+            mass_ptr=mass, target_lse2_ptr=target_lse2)
+    return row_loss.sum(), lse2, mass, target_lse2
 
 
 @relation_kl_forward.register_fake
@@ -342,12 +348,10 @@ def relation_kl_backward(grad_loss: torch.Tensor, y: torch.Tensor, target: torch
     batch, n, dim = y.shape
     quantized = row_scale is not None
     row_scale_arg = row_scale if quantized else target
-    # d loss / d S, times the scale of S (dS / dY = (. + .^T) Y / sqrt(D)), times the incoming gradient.
-    grad_scaled = (grad_loss.float() / (batch * n * math.sqrt(dim))).reshape(())
     grad_logits = torch.empty(batch, n, n, device=y.device, dtype=y.dtype)
     for planned, pairs in launch_plan(batch, n, dim, y.dtype, target.dtype, row_scale_arg.dtype)["backward"]:
         planned(y_ptr=y, t_ptr=target, row_scale_ptr=row_scale_arg, lse2_ptr=lse2, mass_ptr=mass,
-                target_lse2_ptr=target_lse2, pairs_ptr=_pairs_on(pairs, y.device), grad_ptr=grad_scaled,
+                target_lse2_ptr=target_lse2, pairs_ptr=_pairs_on(pairs, y.device), grad_ptr=grad_loss.float(),
                 out_ptr=grad_logits)
     return torch.bmm(grad_logits, y)
 

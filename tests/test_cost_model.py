@@ -78,7 +78,9 @@ def test_before_and_after_differ_where_the_kernels_changed():
             assert old == new
     rel_before, rel_after = (cost_model.relation_launches(256, 257, 768, "int8", before=b) for b in (True, False))
     assert rel_before[0].l2_bytes - rel_after[0].l2_bytes == pytest.approx(4 * 64 * 768 * 2 * rel_before[0].programs)
-    assert rel_before[1:] == rel_after[1:]
+    assert rel_before[1:-1] == rel_after[1:-1]  # backward's kernels and GEMM
+    # The forward now finishes each row's share of the loss and backward scales the gradient in the kernels.
+    assert (rel_before[-1].programs, rel_after[-1].programs) == (15, cost_model.RELATION_SMALL_OPS)
 
 
 def test_dq_slices_fill_the_gpu_with_whole_column_tiles():
@@ -118,6 +120,31 @@ def test_measured_ceilings_price_one_machine_and_more_l2_bandwidth_never_costs_t
         slow, fast = (cost_model.predict(op, shape, m) for m in (gpu, faster))
         assert fast["predicted_ms"] <= slow["predicted_ms"] and slow["floor_ms"] == fast["floor_ms"], call
         assert sum(part["seconds"] for part in slow["parts"]) == pytest.approx(slow["predicted_ms"] / 1e3)
+
+
+@pytest.mark.parametrize("target", ["fp16", "int8"])
+def test_the_model_counts_the_launches_a_relation_call_makes(traced_kernels, target):
+    # As for the decoder: an op trace of one call, forward and backward (N = 70: full tiles and a tail).
+    from torch.profiler import ProfilerActivity, profile
+
+    from dpal.losses import quantize_relation, relation_matrix
+    from kernels import relation_loss
+
+    batch, n, dim = 2, 70, 16
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randn(batch, n, dim, generator=generator).bfloat16().requires_grad_()
+    probs = relation_matrix(torch.randn(batch, n, dim, generator=generator))
+    targets, scale = quantize_relation(probs) if target == "int8" else (probs.half(), None)
+    relation_loss.relation_kl(y, targets, scale).backward()  # the tile-pair tables are uploaded once per shape
+    y.grad, grad_loss = None, torch.ones(())
+    with profile(activities=[ProfilerActivity.CPU]) as trace:
+        loss = relation_loss.relation_kl(y, targets, scale)
+        torch.autograd.backward(loss, grad_loss)
+    made = _top_level_launches(trace)
+    assert made["triton kernel"] == 3 and made["aten::bmm"] == 1  # forward; full and tail tiles; dY = G Y
+    assert made.total() - 4 == cost_model.RELATION_SMALL_OPS
+    assert made.total() == cost_model.predict("relation", (batch, n, dim, target), cost_model.machines()[0])[
+        "launches"]
 
 
 def test_least_time_counts_the_work_the_kernels_do_and_bounds_the_prediction():
@@ -160,26 +187,47 @@ def test_the_l2_probe_reads_the_whole_buffer_every_pass():
     assert sums.tolist() == [sum(blocks[(p + k) % programs].item() for k in range(passes)) for p in range(programs)]
 
 
-@pytest.mark.parametrize("tokens", [7, 1], ids=["z-recomputed", "z-kept"])
-def test_the_model_counts_the_launches_a_decoder_call_makes(monkeypatch, tokens):
-    # An op trace of one call, forward and backward, as training makes it (bf16 activations, float32
-    # parameters and scores): every top-level operator that launches device work is one of the plan's
-    # kernels, a cuBLAS GEMM or one of the small ops the model counts, and one call stays within 20 launches.
-    # With one token z is small beside W_b: backward copies it instead of recomputing it with a GEMM.
-    from torch.profiler import ProfilerActivity, profile, record_function
+@pytest.fixture
+def traced_kernels(monkeypatch):
+    """Each launch of a planned Triton kernel shows in a profiler trace as one "triton kernel" event."""
+    from torch.profiler import record_function
 
     from kernels._common import PlannedLaunch
 
-    batch, dim, out_dim = 5, 24, 32
-    kept = decoder_experts.keeps_output(tokens, dim)
-    assert kept == (tokens == 1)
-    features = dim * out_dim
     real = PlannedLaunch.__call__
 
     def traced(planned, **tensors):
         with record_function("triton kernel"):
             real(planned, **tensors)
     monkeypatch.setattr(PlannedLaunch, "__call__", traced)
+
+
+def _top_level_launches(trace) -> Counter:
+    """The operators of a profiler trace that launch device work (the plan's kernels, recorded as "triton
+    kernel", or a torch op with a kernel of its own), not counting those inside another such operator."""
+    def launches(event):
+        return event.name == "triton kernel" or launches_device_work(event.name)
+
+    def top_level(event):
+        parent = event.cpu_parent
+        while parent is not None and not launches(parent):
+            parent = parent.cpu_parent
+        return parent is None
+    return Counter(event.name for event in trace.events() if launches(event) and top_level(event))
+
+
+@pytest.mark.parametrize("tokens", [7, 1], ids=["z-recomputed", "z-kept"])
+def test_the_model_counts_the_launches_a_decoder_call_makes(traced_kernels, tokens):
+    # An op trace of one call, forward and backward, as training makes it (bf16 activations, float32
+    # parameters and scores): every top-level operator that launches device work is one of the plan's
+    # kernels, a cuBLAS GEMM or one of the small ops the model counts, and one call stays within 20 launches.
+    # With one token z is small beside W_b: backward copies it instead of recomputing it with a GEMM.
+    from torch.profiler import ProfilerActivity, profile
+
+    batch, dim, out_dim = 5, 24, 32
+    kept = decoder_experts.keeps_output(tokens, dim)
+    assert kept == (tokens == 1)
+    features = dim * out_dim
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(batch, 3, dim, generator=generator).bfloat16(), torch.rand(batch, 3).softmax(-1),
               torch.randn(batch, tokens, dim, generator=generator).bfloat16(),
@@ -192,15 +240,7 @@ def test_the_model_counts_the_launches_a_decoder_call_makes(monkeypatch, tokens)
         y, loss = decoder_experts.expert_path(*inputs)
         torch.autograd.backward((y, loss), (grad_y, grad_loss))
 
-    def launches(event):
-        return event.name == "triton kernel" or launches_device_work(event.name)
-
-    def top_level(event):
-        parent = event.cpu_parent
-        while parent is not None and not launches(parent):
-            parent = parent.cpu_parent
-        return parent is None
-    made = Counter(event.name for event in trace.events() if launches(event) and top_level(event))
+    made = _top_level_launches(trace)
     small = made.total() - made["triton kernel"] - made["aten::bmm"] - made["aten::mm"]
     # stats, merge, mix; grad_stats, constants, the weight and query gradient passes; the two row kernels
     assert made["triton kernel"] == 3 + 4 + 2
