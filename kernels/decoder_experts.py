@@ -392,7 +392,7 @@ def _load_mixed_tile(ptr, offs_b, offs_m, B, M, EVEN_M: tl.constexpr):
 
 @triton.jit
 def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_ptr, normalized_ptr, grad_loss_ptr,
-                               scores_ptr, scaled_grad_ptr, partial_ptr, column_partial_ptr,
+                              scores_ptr, scaled_grad_ptr, partial_ptr, column_partial_ptr,
                               B, M, n_tiles, span, loss_scale, mix_divisor,
                               P: tl.constexpr, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, HOLD_QUERIES: tl.constexpr,

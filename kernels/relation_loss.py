@@ -218,8 +218,8 @@ def _relation_kl_bwd_kernel(y_ptr, t_ptr, row_scale_ptr, lse2_ptr, mass_ptr, tar
                             MASK_J: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """For the tile pair (I, J) at pairs[program] (I <= J): out[b, I, J] = d loss / d S_IJ + (d loss / d S_JI)^T
     times the incoming gradient (grad_ptr) and grad_scale (1 / (B N) of the mean, times the scale of S), and
-    out[b, J, I], its transpose (the gradient of a symmetric S is taken
-    symmetric), so each unordered pair of tiles is computed once."""
+    out[b, J, I], its transpose (the gradient of a symmetric S is taken symmetric), so each unordered pair of
+    tiles is computed once."""
     pair = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     i0 = tl.load(pairs_ptr + 2 * pair)
