@@ -163,9 +163,9 @@ def decoder_launches(batch: int, dim: int, out_dim: int, tokens: int, *, before:
     programs = triton.cdiv(batch * tokens, dec.ROW_BLOCK)
     plan.append(Launch(op, "gelu_layer_norm_fwd", programs, 8, 2 * z + 2 * params * programs, 2 * z))
     kept = not before and dec.keeps_output(tokens, dim)  # backward copies z instead of recomputing it
-    gemms = "dh, dW_b" if kept else "recompute, dh, dW_b"
-    plan.append(Launch(op, f"cuBLAS output bmm (backward: {gemms})", 2 + (not kept), 1, 0.0,
-                       (2 + (not kept)) * (h + mixed + z), (2 + (not kept)) * flops, gemm_tiles=gemm_tiles))
+    calls = 3 - kept
+    plan.append(Launch(op, f"cuBLAS output bmm (backward: {'dh, dW_b' if kept else 'recompute, dh, dW_b'})", calls,
+                       1, 0.0, calls * (h + mixed + z), calls * flops, gemm_tiles=gemm_tiles))
     programs, _ = dec.row_programs(batch * tokens, out_dim, SMS)
     plan.append(Launch(op, "gelu_layer_norm_bwd", programs, dec.row_bwd_programs_per_sm(out_dim),
                        3 * z + 3 * params * programs, 3 * z))
@@ -355,13 +355,6 @@ def floor_counts(op: str, shape: tuple) -> tuple[float, float]:
     return relation_flops(batch, n, dim), relation_bytes(batch, n, dim, BF16, TARGET_BYTES[target])
 
 
-def floor_seconds(op: str, shape: tuple, m: Machine) -> float:
-    """The call's floor: its useful FLOPs at the GEMM rate or its compulsory bytes at the HBM rate, whichever
-    is larger (at this machine's ceilings)."""
-    flops, nbytes = floor_counts(op, shape)
-    return max(flops / m.gemm, nbytes / m.hbm)
-
-
 def executed_flops(op: str, shape: tuple, before: bool = False) -> float:
     """The tensor-core FLOPs one call's launches execute: recomputes, padded tiles and library GEMMs included."""
     return sum(launch.flops for launch in launches_of(op, shape, before))
@@ -371,14 +364,18 @@ def predict(op: str, shape: tuple, m: Machine, before: bool = False) -> dict:
     """One call priced on `m`: the whole (predicted and floor ms, their ratio, launches counted as kernels,
     library calls and small ops, L2 -> SM GB, and the least ms) and its launches, each with its parts.
 
+    floor: the call's useful FLOPs at the GEMM rate or its compulsory bytes at the HBM rate, whichever is
+    larger (`floor_counts`).
+
     least: the FLOPs the launches execute at the dense GEMM rate, or the call's compulsory bytes at the HBM
     rate, whichever is larger; what these launches take if nothing else cost anything (every wgmma at full
     rate, no L2 limit, no tail, no launch cost). No tiling of the same work beats it: a target below it needs
     less work (fewer recomputes), not better tiles."""
     launches = launches_of(op, shape, before)
     priced = [launch.seconds(m) for launch in launches]
-    total, floor = sum(p["seconds"] for p in priced), floor_seconds(op, shape, m)
-    least = max(sum(launch.flops for launch in launches) / m.gemm, floor_counts(op, shape)[1] / m.hbm)
+    useful, compulsory = floor_counts(op, shape)
+    total, floor = sum(p["seconds"] for p in priced), max(useful / m.gemm, compulsory / m.hbm)
+    least = max(sum(launch.flops for launch in launches) / m.gemm, compulsory / m.hbm)
     return dict(gpu=m.name, launches=sum(launch.programs if launch.small or launch.gemm_tiles else 1
                                          for launch in launches),
                 l2_gb=sum(launch.l2_bytes for launch in launches) / 1e9, predicted_ms=1e3 * total,

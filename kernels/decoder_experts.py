@@ -358,7 +358,7 @@ def _expert_mix_kernel(q_ptr, w_ptr, bias_ptr, alpha_ptr, offset_ptr, c_sum_ptr,
         gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)
         beta = _columns(beta_ptr, offs_m, M, EVEN_M)
         normalized = acc - offset[:, None]
-        mixed = (normalized * gamma[None, :] + c_sum[:, None] * beta[None, :]).to(mixed_ptr.dtype.element_ty)
+        mixed = _mixed_weight(normalized, gamma, beta, c_sum).to(mixed_ptr.dtype.element_ty)
         at, ok = _mixed_offsets(offs_b, offs_m, B, M, EVEN_M)
         tl.store(mixed_ptr + at, mixed, mask=ok)
         tl.store(normalized_ptr + at, normalized.to(normalized_ptr.dtype.element_ty), mask=ok)
@@ -367,6 +367,13 @@ def _expert_mix_kernel(q_ptr, w_ptr, bias_ptr, alpha_ptr, offset_ptr, c_sum_ptr,
         stored = mixed.to(tl.float32)
         tl.store(sq_partial_ptr + offs_b * n_tiles + tile, tl.sum(stored * stored, axis=1) * loss_scale,
                  mask=row_ok)
+
+
+@triton.jit
+def _mixed_weight(normalized, gamma, beta, c_sum):
+    """W_b = gamma * X + beta * sum_e c_e for a tile of X = sum_e c_e xhat_e (rows: samples, columns: gamma's and
+    beta's), fp32: the mix pass makes it to store it, grad_stats again from the stored X instead of reading it."""
+    return normalized * gamma[None, :] + c_sum[:, None] * beta[None, :]
 
 
 @triton.jit
@@ -418,20 +425,20 @@ def _expert_grad_stats_kernel(q_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, grad_
     for tile in range(first, end):
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         col_ok = offs_m < M
-        gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)[None, :]
-        beta = _columns(beta_ptr, offs_m, M, EVEN_M)[None, :]
+        gamma = _columns(gamma_ptr, offs_m, M, EVEN_M)
+        beta = _columns(beta_ptr, offs_m, M, EVEN_M)
         normalized = _load_mixed_tile(normalized_ptr, offs_b, offs_m, B, M, EVEN_M)
-        mixed = normalized * gamma + c_sum[:, None] * beta  # W_b; 0 past B (X and c_sum are) and M (gamma, beta)
+        mixed = _mixed_weight(normalized, gamma, beta, c_sum)  # 0 past B (X and c_sum are) and M (gamma, beta are)
         d_mixed = _load_mixed_tile(grad_ptr, offs_b, offs_m, B, M, EVEN_M) + loss_coef * mixed
         tl.store(column_rows + offs_m, tl.sum(d_mixed * normalized, axis=0), mask=col_ok)
         tl.store(column_rows + tl.num_programs(0) * M + offs_m, tl.sum(d_mixed * c_sum[:, None], axis=0),
                  mask=col_ok)
-        d_gamma_scaled = d_mixed * gamma
+        d_gamma_scaled = d_mixed * gamma[None, :]
         at, ok = _mixed_offsets(offs_b, offs_m, B, M, EVEN_M)
         tl.store(scaled_grad_ptr + at, d_gamma_scaled.to(scaled_grad_ptr.dtype.element_ty), mask=ok)
         slot = offs_b * (P + 2) * n_tiles + tile
         tl.store(partial_ptr + slot + P * n_tiles, tl.sum(d_gamma_scaled, axis=1), mask=row_ok)
-        tl.store(partial_ptr + slot + (P + 1) * n_tiles, tl.sum(d_mixed * beta, axis=1), mask=row_ok)
+        tl.store(partial_ptr + slot + (P + 1) * n_tiles, tl.sum(d_mixed * beta[None, :], axis=1), mask=row_ok)
         u = _preactivations(held, q_ptr, w_ptr, _columns(bias_ptr, offs_m, M, EVEN_M), offs_b, offs_m, B, M, P, D,
                             BLOCK_B, BLOCK_M, BLOCK_K, K_TILES, HOLD_QUERIES, EVEN_M, DOT_PRECISION, INTERPRETED)
         for e in tl.static_range(P):
